@@ -1,0 +1,48 @@
+# lymph_cv: `make demo` runs the whole pipeline on generated data, `make test` runs the suite.
+# Both set up everything they need (a venv in $(VENV), and Debian packages for the test cluster).
+
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO_DIR ?= demo_work
+PYTEST_ARGS ?=
+# Debian packages the scheduler tests need (a one-node Slurm cluster with Torque wrappers).
+SYSDEPS := slurm-wlm slurm-wlm-torque munge
+
+.PHONY: venv sysdeps test demo proto bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	# The CPU wheel on this machine's disk; an unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(STAMP)
+
+sysdeps:
+	@missing=""; for p in $(SYSDEPS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+test: venv sysdeps
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: venv
+	$(VENV)/bin/lymph-cv run $(DEMO_DIR) --demo
+
+proto: venv
+	cd lymph_cv/caffe && ../../$(PY) -m grpc_tools.protoc -I. --python_out=. caffe.proto
+
+bench: venv
+	$(PY) benchmarks/bench_dbs.py
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_eval.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info $(DEMO_DIR)

@@ -1,0 +1,1 @@
+"""Caffe's file formats: the schema, blobs, datums, models, prototxt."""

@@ -1,0 +1,86 @@
+"""The ``lymph-cv`` command: a Click group with one thin subcommand per stage.
+
+Subcommands live in ``lymph_cv.commands.*`` and are imported only when used, so
+``lymph-cv inspect`` does not pay for importing torch.  Library errors
+(:class:`lymph_cv.errors.LymphCVError`) become one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import sys
+from typing import Optional, Sequence
+
+import click
+
+from lymph_cv import __version__
+from lymph_cv.errors import LymphCVError
+
+#: command name → "module:attribute" of its click command.
+COMMANDS = {
+    "synth": "lymph_cv.commands.data:synth",
+    "patches": "lymph_cv.commands.data:patches",
+    "folds": "lymph_cv.commands.data:folds",
+    "dbs": "lymph_cv.commands.data:dbs",
+    "render": "lymph_cv.commands.train:render",
+    "train": "lymph_cv.commands.train:train",
+    "submit": "lymph_cv.commands.jobs:submit",
+    "jobs": "lymph_cv.commands.jobs:jobs",
+    "evaluate": "lymph_cv.commands.evaluate:evaluate",
+    "report": "lymph_cv.commands.evaluate:report",
+    "run": "lymph_cv.commands.run:run",
+    "inspect": "lymph_cv.commands.inspect:inspect",
+}
+
+
+class UserError(click.ClickException):
+    """A library error shown as ``error: <message>`` with exit status 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:  # noqa: D401 - click's signature
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def _available(name: str) -> bool:
+    module = COMMANDS[name].split(":")[0]
+    return importlib.util.find_spec(module) is not None
+
+
+class LazyGroup(click.Group):
+    """Imports a subcommand's module on first use; turns library errors into :class:`UserError`."""
+
+    def list_commands(self, ctx):
+        return sorted(name for name in COMMANDS if _available(name))
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS or not _available(name):
+            return None
+        module, attribute = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(module), attribute)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LymphCVError as exc:
+            raise UserError(str(exc)) from exc
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lymph-cv")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+def cli(verbose: int, quiet: bool) -> None:
+    """Janowczyk's lymphoma sub-type tutorial, end to end, Caffe-compatible."""
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Entry point of ``lymph-cv``; ``argv`` defaults to ``sys.argv[1:]``."""
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="lymph-cv")
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,1 @@
+"""A pycaffe-compatible module: ``import lymph_cv.pycaffe as caffe``."""

@@ -1,0 +1,35 @@
+"""Locations of the files we ship: the Caffe schema and the Jinja2 templates.
+
+Installed, they are package data (``lymph_cv.prototxt_templates``, ``lymph_cv.job_templates``);
+in a source checkout they are the repository's ``prototxt_templates/`` and ``jobs/`` folders.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _package_dir(package: str, repo_folder: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            if Path(location).is_dir():
+                return Path(location)
+    return _REPO_ROOT / repo_folder
+
+
+def prototxt_template_dir() -> Path:
+    """Folder holding the solver/net/deploy Jinja2 templates."""
+    return _package_dir("lymph_cv.prototxt_templates", "prototxt_templates")
+
+
+def job_template_dir() -> Path:
+    """Folder holding the PBS/Slurm job script templates."""
+    return _package_dir("lymph_cv.job_templates", "jobs")
+
+
+def caffe_proto_path() -> Path:
+    """Our ``caffe.proto`` schema."""
+    return Path(__file__).resolve().parent / "caffe" / "caffe.proto"

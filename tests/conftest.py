@@ -1,0 +1,46 @@
+"""Fixtures shared by every test module."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def reference_dir() -> Path:
+    """The published tutorial models: ``$LYMPH_CV_REFERENCE`` or ``../shared/reference/...``."""
+    env = os.environ.get("LYMPH_CV_REFERENCE")
+    if env:
+        return Path(env)
+    return REPO_ROOT.parent / "shared" / "reference" / "janowczyk-uc7" / "models"
+
+
+@pytest.fixture(scope="session")
+def reference() -> Path:
+    """Folder of the published models; fails under CI when missing, skips elsewhere."""
+    path = reference_dir()
+    if not path.is_dir():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"reference folder missing: {path}")
+        pytest.skip(f"reference folder missing: {path} (set LYMPH_CV_REFERENCE)")
+    return path
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    """Click's in-process runner, with stderr kept apart from stdout."""
+    try:
+        return CliRunner(mix_stderr=False)
+    except TypeError:  # click >= 8.2 always separates the streams
+        return CliRunner()
+
+
+@pytest.fixture
+def cli():
+    """The ``lymph-cv`` click group, for ``runner.invoke(cli, [...])``."""
+    from lymph_cv.cli import cli as group
+
+    return group
