@@ -23,7 +23,7 @@ COMMANDS = {
     "patches": "lymph_cv.commands.data:patches",
     "folds": "lymph_cv.commands.data:folds",
     "dbs": "lymph_cv.commands.data:dbs",
-    "render": "lymph_cv.commands.train:render",
+    "render": "lymph_cv.commands.render:render",
     "train": "lymph_cv.commands.train:train",
     "submit": "lymph_cv.commands.jobs:submit",
     "jobs": "lymph_cv.commands.jobs:jobs",
