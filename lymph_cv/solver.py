@@ -1,0 +1,310 @@
+"""Caffe's solvers and learning-rate policies on plain torch tensors.
+
+The updates follow Caffe's ``sgd_solver.cpp`` family operation by operation (float32, same order),
+so a step here equals a step of ``caffe train``: the learning rate is computed from the number of
+updates already done, gradients are clipped by their global L2 norm, normalised by ``iter_size``,
+regularised (``weight_decay · decay_mult``) and then turned into the update by the solver type,
+with ``base rate · lr_mult`` per parameter.  ``torch.optim`` is deliberately not used: its SGD keeps
+the learning rate outside the momentum history and its state layout is not Caffe's solverstate.
+
+History blobs are kept in Caffe's order (one per learnable parameter in net order; AdaDelta and Adam
+append a second set), so they round-trip through ``.solverstate`` files.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from lymph_cv.caffe import caffe_pb2
+from lymph_cv.errors import ConfigError, TrainingError
+
+log = logging.getLogger(__name__)
+
+LR_POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
+REGULARIZATION_TYPES = ("L2", "L1")
+
+#: SolverParameter.solver_type enum value → the ``type`` string that replaced it.
+SOLVER_TYPE_NAMES = {
+    caffe_pb2.SolverParameter.SGD: "SGD",
+    caffe_pb2.SolverParameter.NESTEROV: "Nesterov",
+    caffe_pb2.SolverParameter.ADAGRAD: "AdaGrad",
+    caffe_pb2.SolverParameter.RMSPROP: "RMSProp",
+    caffe_pb2.SolverParameter.ADADELTA: "AdaDelta",
+    caffe_pb2.SolverParameter.ADAM: "Adam",
+}
+
+
+def solver_type(param: caffe_pb2.SolverParameter, path=None) -> str:
+    """The solver's type string; the deprecated ``solver_type`` enum is mapped like Caffe's upgrade."""
+    if param.HasField("solver_type"):
+        if param.HasField("type") and param.type != SOLVER_TYPE_NAMES[param.solver_type]:
+            raise ConfigError("both solver_type and type are set; keep only type", path)
+        return SOLVER_TYPE_NAMES[param.solver_type]
+    return param.type
+
+
+class LearningRate:
+    """Caffe's ``GetLearningRate``: the rate for a given number of completed updates.
+
+    ``current_step`` is the solverstate's field: it advances for ``step`` and ``multistep``.
+    """
+
+    def __init__(self, param: caffe_pb2.SolverParameter, path=None):
+        self.param = param
+        self.policy = param.lr_policy
+        self.current_step = 0
+        if not param.HasField("lr_policy"):
+            raise ConfigError("lr_policy is not set", path, valid=LR_POLICIES)
+        if self.policy not in LR_POLICIES:
+            raise ConfigError(f"unknown lr_policy {self.policy!r}", path, valid=LR_POLICIES)
+        if self.policy == "step" and param.stepsize <= 0:
+            raise ConfigError("lr_policy step needs stepsize > 0", path)
+        if self.policy == "poly" and param.max_iter <= 0:
+            raise ConfigError("lr_policy poly needs max_iter > 0", path)
+
+    def __call__(self, iteration: int) -> float:
+        p = self.param
+        if self.policy == "fixed":
+            return p.base_lr
+        if self.policy == "step":
+            self.current_step = iteration // p.stepsize
+            return p.base_lr * p.gamma ** self.current_step
+        if self.policy == "exp":
+            return p.base_lr * p.gamma ** iteration
+        if self.policy == "inv":
+            return p.base_lr * (1.0 + p.gamma * iteration) ** (-p.power)
+        if self.policy == "multistep":
+            if self.current_step < len(p.stepvalue) and iteration >= p.stepvalue[self.current_step]:
+                self.current_step += 1
+                log.info("MultiStep Status: Iteration %d, step = %d", iteration, self.current_step)
+            return p.base_lr * p.gamma ** self.current_step
+        if self.policy == "poly":
+            return p.base_lr * (1.0 - iteration / p.max_iter) ** p.power
+        return p.base_lr * (1.0 / (1.0 + math.exp(-p.gamma * (iteration - p.stepsize))))
+
+
+@dataclass
+class Learnable:
+    """One learnable blob as the solver sees it: the tensor and its multipliers."""
+
+    param: torch.Tensor
+    lr_mult: float = 1.0
+    decay_mult: float = 1.0
+    name: str = ""
+
+
+class Solver(ABC):
+    """Base class: the update pipeline shared by every solver type (clip → normalise → decay → update)."""
+
+    #: how many history sets the solverstate carries (one blob per parameter each).
+    history_sets = 1
+
+    def __init__(self, param: caffe_pb2.SolverParameter, learnables: Sequence[Learnable], path=None):
+        self.param = param
+        self.path = path
+        self.learnables: List[Learnable] = list(learnables)
+        self.lr = LearningRate(param, path)
+        if param.regularization_type not in REGULARIZATION_TYPES:
+            raise ConfigError(f"unknown regularization_type {param.regularization_type!r}", path,
+                              valid=REGULARIZATION_TYPES)
+        if param.iter_size < 1:
+            raise ConfigError("iter_size must be >= 1", path)
+        self.history: List[torch.Tensor] = [
+            torch.zeros_like(item.param, memory_format=torch.contiguous_format)
+            for _ in range(self.history_sets) for item in self.learnables]
+        self.iter = 0
+        #: called with each log message of the update (clipping); set by the training loop.
+        self.on_message: Callable[[str], None] = log.info
+
+    # ------------------------------------------------------------------ state
+    @property
+    def current_step(self) -> int:
+        return self.lr.current_step
+
+    def history_arrays(self) -> List[np.ndarray]:
+        """History blobs in Caffe's order, as float32 arrays of the parameter shapes."""
+        return [h.detach().cpu().numpy().astype(np.float32, copy=True) for h in self.history]
+
+    def restore(self, iteration: int, current_step: int, history: Sequence[np.ndarray]) -> None:
+        """Continue from a solverstate: completed updates, lr step and history blobs."""
+        if len(history) != len(self.history):
+            raise TrainingError(f"solverstate has {len(history)} history blobs, this solver and net "
+                                f"need {len(self.history)}", self.path)
+        for i, (target, values) in enumerate(zip(self.history, history)):
+            values = np.asarray(values, dtype=np.float32)
+            if values.size != target.numel():
+                raise TrainingError(f"history blob {i} has {values.size} values, expected "
+                                    f"{target.numel()} (shape {tuple(target.shape)})", self.path)
+            target.copy_(torch.from_numpy(values.reshape(tuple(target.shape))))
+        self.iter = int(iteration)
+        self.lr.current_step = int(current_step)
+
+    # ----------------------------------------------------------------- update
+    def grad(self, item: Learnable) -> torch.Tensor:
+        """The parameter's diff (zeros when autograd produced none, as Caffe's cleared diff)."""
+        if item.param.grad is None:
+            item.param.grad = torch.zeros_like(item.param)
+        return item.param.grad
+
+    def clip_gradients(self) -> None:
+        clip = self.param.clip_gradients
+        if clip < 0:
+            return
+        sumsq = sum(float(torch.sum(self.grad(item).double() ** 2)) for item in self.learnables)
+        norm = math.sqrt(sumsq)
+        if norm > clip:
+            factor = clip / norm
+            self.on_message(f"Gradient clipping: scaling down gradients (L2 norm {norm:g} > {clip:g}) "
+                            f"by scale factor {factor:g}")
+            for item in self.learnables:
+                self.grad(item).mul_(factor)
+
+    def regularize(self, item: Learnable, diff: torch.Tensor) -> None:
+        local_decay = np.float32(self.param.weight_decay) * np.float32(item.decay_mult)
+        if local_decay == 0:
+            return
+        if self.param.regularization_type == "L2":
+            diff.add_(item.param.detach(), alpha=float(local_decay))
+        else:
+            diff.add_(torch.sign(item.param.detach()), alpha=float(local_decay))
+
+    def apply_update(self) -> float:
+        """One Caffe ``ApplyUpdate``: returns the base rate used; parameters change in place."""
+        rate = self.lr(self.iter)
+        self.clip_gradients()
+        with torch.no_grad():
+            for i, item in enumerate(self.learnables):
+                diff = self.grad(item)
+                if self.param.iter_size > 1:
+                    diff.mul_(1.0 / self.param.iter_size)
+                self.regularize(item, diff)
+                local_rate = float(np.float32(rate) * np.float32(item.lr_mult))
+                self.compute_update(i, diff, local_rate)
+                item.param.sub_(diff)
+        self.iter += 1
+        return rate
+
+    def zero_grad(self) -> None:
+        for item in self.learnables:
+            if item.param.grad is not None:
+                item.param.grad.zero_()
+
+    @abstractmethod
+    def compute_update(self, i: int, diff: torch.Tensor, local_rate: float) -> None:
+        """Turn the regularised gradient ``diff`` of parameter ``i`` into its update, in place."""
+
+
+class SGDSolver(Solver):
+    """V = momentum·V + local_rate·g; W −= V."""
+
+    def compute_update(self, i, diff, local_rate):
+        h = self.history[i]
+        h.mul_(self.param.momentum).add_(diff, alpha=local_rate)
+        diff.copy_(h)
+
+
+class NesterovSolver(Solver):
+    """Caffe's Nesterov: update = (1+m)·V_new − m·V_old."""
+
+    def compute_update(self, i, diff, local_rate):
+        h = self.history[i]
+        momentum = self.param.momentum
+        previous = h.clone()
+        h.mul_(momentum).add_(diff, alpha=local_rate)
+        diff.copy_(h * (1.0 + momentum) - previous * momentum)
+
+
+class AdaGradSolver(Solver):
+    """h += g²; update = local_rate · g / (sqrt(h) + delta)."""
+
+    def __init__(self, param, learnables, path=None):
+        if param.momentum != 0:
+            raise ConfigError("momentum must be 0 for AdaGrad (Caffe's CHECK)", path)
+        super().__init__(param, learnables, path)
+
+    def compute_update(self, i, diff, local_rate):
+        h = self.history[i]
+        h.add_(diff * diff)
+        update = torch.sqrt(h).add_(self.param.delta)
+        diff.div_(update).mul_(local_rate)
+
+
+class RMSPropSolver(Solver):
+    """h = rms_decay·h + (1−rms_decay)·g²; update = local_rate · g / (sqrt(h) + delta)."""
+
+    def compute_update(self, i, diff, local_rate):
+        h = self.history[i]
+        decay = self.param.rms_decay
+        h.mul_(decay).add_(diff * diff, alpha=1.0 - decay)
+        update = torch.sqrt(h).add_(self.param.delta)
+        diff.div_(update).mul_(local_rate)
+
+
+class AdaDeltaSolver(Solver):
+    """Caffe's AdaDelta: running means of g² (first history set) and of updates² (second set)."""
+
+    history_sets = 2
+
+    def compute_update(self, i, diff, local_rate):
+        n = len(self.learnables)
+        grad_history, update_history = self.history[i], self.history[n + i]
+        momentum, delta = self.param.momentum, self.param.delta
+        grad_history.mul_(momentum).add_(diff * diff, alpha=1.0 - momentum)
+        ratio = (update_history + delta).div_(grad_history + delta).sqrt_()
+        diff.mul_(ratio)
+        update_history.mul_(momentum).add_(diff * diff, alpha=1.0 - momentum)
+        diff.mul_(local_rate)
+
+
+class AdamSolver(Solver):
+    """Caffe's Adam: m and v (two history sets), bias correction with t = iter + 1."""
+
+    history_sets = 2
+
+    def compute_update(self, i, diff, local_rate):
+        n = len(self.learnables)
+        m, v = self.history[i], self.history[n + i]
+        beta1, beta2 = self.param.momentum, self.param.momentum2
+        t = self.iter + 1
+        correction = math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
+        m.mul_(beta1).add_(diff, alpha=1.0 - beta1)
+        v.mul_(beta2).add_(diff * diff, alpha=1.0 - beta2)
+        diff.copy_(m / (torch.sqrt(v).add_(self.param.delta))).mul_(local_rate * correction)
+
+
+SOLVERS: Dict[str, type] = {
+    "SGD": SGDSolver,
+    "Nesterov": NesterovSolver,
+    "AdaGrad": AdaGradSolver,
+    "RMSProp": RMSPropSolver,
+    "AdaDelta": AdaDeltaSolver,
+    "Adam": AdamSolver,
+}
+
+
+def make_solver(param: caffe_pb2.SolverParameter, learnables: Sequence[Learnable],
+                path=None) -> Solver:
+    """The solver named by ``param`` (``type``, or the legacy ``solver_type`` enum)."""
+    name = solver_type(param, path)
+    if name not in SOLVERS:
+        raise ConfigError(f"unknown solver type {name!r}", path, valid=SOLVERS)
+    return SOLVERS[name](param, learnables, path)
+
+
+def learnables_of(net) -> List[Learnable]:
+    """The solver's view of a built net's ``learnable`` list (layer, index, param, lr_mult, decay_mult)."""
+    return [Learnable(param, float(lr_mult), float(decay_mult), f"{layer}[{index}]")
+            for layer, index, param, lr_mult, decay_mult in net.learnable]
+
+
+def snapshot_names(prefix: str, iteration: int) -> tuple[str, str]:
+    """Caffe's snapshot file names: ``<prefix>_iter_<N>.caffemodel`` and ``.solverstate``."""
+    stem = f"{prefix}_iter_{iteration}"
+    return stem + ".caffemodel", stem + ".solverstate"
+
