@@ -1,0 +1,131 @@
+"""Caffe ``BlobProto`` ⇄ numpy, and mean files (``.binaryproto``).
+
+Caffe's reading rule: if any legacy dimension (num, channels, height, width) is present the
+blob is 4-D with those dimensions, otherwise its shape is ``shape.dim``; values come from
+``double_data`` when that is non-empty, else from ``data``.  ``compute_image_mean`` writes
+the legacy form (1 × C × H × W, no ``shape``), and so does :func:`write_mean`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence, Tuple, Union
+
+import numpy as np
+
+from lymph_cv.caffe import caffe_pb2
+from lymph_cv.errors import FormatError
+from lymph_cv.fsutil import atomic_write_bytes
+
+LEGACY_FIELDS = ("num", "channels", "height", "width")
+LEGACY_NDIM = len(LEGACY_FIELDS)
+#: What a mean file must look like, for error messages.
+MEAN_EXPECTED = "expected a Caffe mean file (BlobProto, 1 x C x H x W)"
+
+
+def has_legacy_dims(blob: caffe_pb2.BlobProto) -> bool:
+    """True when any of num/channels/height/width is present (then they define the shape)."""
+    return any(blob.HasField(name) for name in LEGACY_FIELDS)
+
+
+def blob_shape(blob: caffe_pb2.BlobProto) -> Tuple[int, ...]:
+    """The blob's shape by Caffe's rule (legacy 4-D dims win over ``shape``)."""
+    if has_legacy_dims(blob):
+        return tuple(int(getattr(blob, name)) for name in LEGACY_FIELDS)
+    return tuple(int(d) for d in blob.shape.dim)
+
+
+def blob_to_array(blob: caffe_pb2.BlobProto) -> np.ndarray:
+    """Blob values as an array of the blob's shape (float32, or float64 from ``double_data``)."""
+    shape = blob_shape(blob)
+    if len(blob.double_data):
+        values = np.asarray(blob.double_data, dtype=np.float64)
+    else:
+        values = np.asarray(blob.data, dtype=np.float32)
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 0
+    if any(d < 0 for d in shape) or values.size != count:
+        raise FormatError(f"blob holds {values.size} values but its shape {shape} needs {count}")
+    return values.reshape(shape)
+
+
+def set_blob_shape(blob: caffe_pb2.BlobProto, shape: Sequence[int], legacy: bool) -> None:
+    """Write ``shape`` into ``blob`` as legacy 4-D dims (left-padded with 1) or as ``shape.dim``."""
+    shape = tuple(int(d) for d in shape)
+    if legacy:
+        if len(shape) > LEGACY_NDIM:
+            raise FormatError(f"a legacy blob has at most {LEGACY_NDIM} dimensions, got {shape}")
+        padded = (1,) * (LEGACY_NDIM - len(shape)) + shape
+        for name, dim in zip(LEGACY_FIELDS, padded):
+            setattr(blob, name, dim)
+    else:
+        blob.shape.dim.extend(shape)
+
+
+def array_to_blob(array: np.ndarray, legacy: bool = False, shape: Sequence[int] = ()) -> caffe_pb2.BlobProto:
+    """A BlobProto holding ``array`` as float32 ``data``.
+
+    ``legacy`` writes num/channels/height/width (as compute_image_mean and the tutorial-era
+    Caffe did) instead of ``shape``; ``shape`` overrides the dimensions written (same count).
+    """
+    array = np.asarray(array)
+    dims = tuple(shape) if len(shape) else array.shape
+    if int(np.prod(dims, dtype=np.int64)) != array.size:
+        raise FormatError(f"shape {tuple(dims)} does not fit an array of {array.size} values")
+    blob = caffe_pb2.BlobProto()
+    set_blob_shape(blob, dims, legacy)
+    blob.data.extend(np.ascontiguousarray(array, dtype=np.float32).ravel())
+    return blob
+
+
+def parse_blob(data: bytes, path: Union[str, os.PathLike, None] = None) -> caffe_pb2.BlobProto:
+    """Parse serialized BlobProto bytes (FormatError naming ``path`` when they are not one)."""
+    blob = caffe_pb2.BlobProto()
+    try:
+        blob.ParseFromString(data)
+    except Exception as exc:  # DecodeError / RuntimeError, depending on the protobuf runtime
+        raise FormatError(f"{MEAN_EXPECTED}; cannot parse ({exc})", path) from exc
+    return blob
+
+
+def _read_bytes(path: Union[str, os.PathLike]) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError as exc:
+        raise FormatError("no such file", path) from exc
+    except IsADirectoryError as exc:
+        raise FormatError(f"is a directory; {MEAN_EXPECTED}", path) from exc
+    except OSError as exc:
+        raise FormatError(f"cannot read ({exc.strerror})", path) from exc
+
+
+def mean_array(blob: caffe_pb2.BlobProto, path: Union[str, os.PathLike, None] = None) -> np.ndarray:
+    """The (C, H, W) float32 mean of a mean-file blob; FormatError when it is not one."""
+    try:
+        array = blob_to_array(blob)
+    except FormatError as exc:
+        raise FormatError(f"{MEAN_EXPECTED}; {exc.detail}", path) from exc
+    if array.ndim == LEGACY_NDIM and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 3 or array.size == 0:
+        raise FormatError(f"{MEAN_EXPECTED}; got shape {blob_shape(blob)}", path)
+    return array.astype(np.float32, copy=False)
+
+
+def read_mean(path: Union[str, os.PathLike]) -> np.ndarray:
+    """Read a mean ``.binaryproto`` as a float32 (C, H, W) array (channels in BGR order)."""
+    return mean_array(parse_blob(_read_bytes(path), path), path)
+
+
+def mean_to_bytes(array: np.ndarray) -> bytes:
+    """Serialized mean blob of a (C, H, W) or (1, C, H, W) array, exactly as compute_image_mean writes it."""
+    array = np.asarray(array)
+    if array.ndim == LEGACY_NDIM and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 3:
+        raise FormatError(f"a mean must be (C, H, W), got shape {array.shape}")
+    return array_to_blob(array, legacy=True).SerializeToString()
+
+
+def write_mean(path: Union[str, os.PathLike], array: np.ndarray) -> None:
+    """Write a mean file (legacy 1 × C × H × W BlobProto) atomically."""
+    atomic_write_bytes(path, mean_to_bytes(array))

@@ -1,0 +1,299 @@
+"""LevelDB and LMDB key/value stores behind one small interface, with Caffe's keys and options.
+
+Writers build the database under a temporary sibling name and rename it onto the final
+name only when closed successfully, so an interrupted build never leaves a database that
+looks finished.  Readers iterate records in key order (which is Caffe's order too).
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Iterator, List, Optional, Tuple, Union
+
+from lymph_cv.errors import FormatError, StoreError
+from lymph_cv.fsutil import PathLike, remove_path, replace_path, temp_sibling
+
+log = logging.getLogger(__name__)
+
+LEVELDB = "leveldb"
+LMDB = "lmdb"
+BACKENDS = (LEVELDB, LMDB)
+
+#: Caffe commits a write transaction every this many records (convert_imageset).
+COMMIT_EVERY = 1000
+#: Caffe's LevelDB options (util/db_leveldb.cpp).
+LEVELDB_OPTIONS = dict(
+    block_size=65536,
+    write_buffer_size=256 * 1024 * 1024,
+    max_open_files=100,
+    compression="snappy",
+)
+#: Starting LMDB map size; doubled (and the transaction retried) whenever it fills, as Caffe does.
+LMDB_INITIAL_MAP_SIZE = 1 << 30
+#: LMDB's data file; its presence marks an LMDB directory.
+LMDB_DATA_FILE = "data.mdb"
+#: Files that mark a LevelDB directory.
+LEVELDB_MARKERS = ("CURRENT", "LOG")
+LEVELDB_TABLE_SUFFIXES = (".ldb", ".sst")
+#: Caffe's key: zero-padded line index, underscore, the list's file name.
+KEY_FORMAT = "%08d_%s"
+
+Key = Union[bytes, str]
+
+
+def make_key(index: int, name: str) -> bytes:
+    """Caffe's database key for list line ``index`` naming ``name`` (``00000042_name``)."""
+    return (KEY_FORMAT % (index, name)).encode("utf-8")
+
+
+def _as_bytes(key: Key) -> bytes:
+    return key.encode("utf-8") if isinstance(key, str) else bytes(key)
+
+
+def detect_backend(path: PathLike) -> str:
+    """``"lmdb"`` or ``"leveldb"`` judged by the directory's files (never by its name)."""
+    path = Path(path)
+    expected = "expected a LevelDB directory (CURRENT, LOG, *.ldb) or an LMDB directory (data.mdb)"
+    if not path.is_dir():
+        raise FormatError(f"not a directory; {expected}", path)
+    names = set(os.listdir(path))
+    if LMDB_DATA_FILE in names:
+        return LMDB
+    if "CURRENT" in names or any(n.endswith(LEVELDB_TABLE_SUFFIXES) for n in names):
+        return LEVELDB
+    raise FormatError(expected, path)
+
+
+def check_backend(backend: str) -> str:
+    """Validate a backend name (case-insensitive) and return it in lower case."""
+    name = str(backend).lower()
+    if name not in BACKENDS:
+        raise StoreError(f"unknown database backend {backend!r} (valid: {', '.join(BACKENDS)})")
+    return name
+
+
+# --------------------------------------------------------------------------- writers
+
+
+class _Writer(abc.ABC):
+    """Buffers puts and commits them in batches; subclasses do the backend work."""
+
+    def __init__(self, path: Path, commit_every: int):
+        self.path = path
+        self.commit_every = max(1, int(commit_every))
+        self.count = 0
+        self._pending: List[Tuple[bytes, bytes]] = []
+
+    def put(self, key: Key, value: bytes) -> None:
+        """Add one record; a commit happens every ``commit_every`` records."""
+        self._pending.append((_as_bytes(key), bytes(value)))
+        self.count += 1
+        if len(self._pending) >= self.commit_every:
+            self.commit()
+
+    def __len__(self) -> int:
+        return self.count
+
+    def commit(self) -> None:
+        """Write the pending records in one transaction."""
+        if self._pending:
+            self._write(self._pending)
+            self._pending = []
+
+    @abc.abstractmethod
+    def _write(self, records: List[Tuple[bytes, bytes]]) -> None:
+        """Store ``records`` in one transaction."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close the underlying database (does not commit)."""
+
+
+class _LevelDBWriter(_Writer):
+    def __init__(self, path: Path, commit_every: int):
+        super().__init__(path, commit_every)
+        import plyvel
+
+        try:
+            self._db = plyvel.DB(
+                os.fspath(path), create_if_missing=True, error_if_exists=True, **LEVELDB_OPTIONS
+            )
+        except plyvel.Error as exc:
+            raise StoreError(f"cannot create LevelDB: {exc}", path) from exc
+
+    def _write(self, records):
+        with self._db.write_batch() as batch:
+            for key, value in records:
+                batch.put(key, value)
+
+    def close(self):
+        self._db.close()
+
+
+class _LMDBWriter(_Writer):
+    def __init__(self, path: Path, commit_every: int, map_size: int = LMDB_INITIAL_MAP_SIZE):
+        super().__init__(path, commit_every)
+        import lmdb
+
+        self._lmdb = lmdb
+        path.mkdir(mode=0o755)
+        self._env = lmdb.open(os.fspath(path), map_size=map_size, subdir=True, sync=True)
+
+    def _write(self, records):
+        while True:
+            try:
+                with self._env.begin(write=True) as txn:
+                    for key, value in records:
+                        txn.put(key, value)
+                return
+            except self._lmdb.MapFullError:
+                new_size = self._env.info()["map_size"] * 2
+                log.debug("LMDB map full; growing to %d bytes and retrying", new_size)
+                self._env.set_mapsize(new_size)
+
+    def close(self):
+        self._env.close()
+
+
+@contextlib.contextmanager
+def open_writer(
+    path: PathLike,
+    backend: str,
+    overwrite: bool = False,
+    commit_every: int = COMMIT_EVERY,
+    lmdb_map_size: int = LMDB_INITIAL_MAP_SIZE,
+) -> Iterator[_Writer]:
+    """Create a new database at ``path``; use ``.put(key, value)`` inside the ``with``.
+
+    The database is built under a temporary sibling name and renamed onto ``path`` when the
+    block ends without an exception.  An existing ``path`` is an error unless ``overwrite``,
+    in which case it is replaced only at that successful end.  ``lmdb_map_size`` is LMDB's
+    starting map size; it doubles whenever a transaction does not fit.
+    """
+    path = Path(path)
+    backend = check_backend(backend)
+    if path.exists() and not overwrite:
+        raise StoreError("already exists; pass --overwrite to replace it", path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = temp_sibling(path)
+    if backend == LEVELDB:
+        writer: _Writer = _LevelDBWriter(temp, commit_every)
+    else:
+        writer = _LMDBWriter(temp, commit_every, lmdb_map_size)
+    try:
+        yield writer
+        writer.commit()
+        writer.close()
+        replace_path(temp, path)
+    except BaseException:
+        writer.close()
+        remove_path(temp)
+        raise
+    log.debug("wrote %d records to %s (%s)", writer.count, path, backend)
+
+
+# --------------------------------------------------------------------------- readers
+
+
+class Reader:
+    """A read-only view of a database: iterate ``(key, value)`` in key order, ``len()``."""
+
+    def __init__(self, path: Path, backend: str):
+        self.path = path
+        self.backend = backend
+        self._length: Optional[int] = None
+        if backend == LEVELDB:
+            import plyvel
+
+            try:
+                self._db = plyvel.DB(os.fspath(path), create_if_missing=False)
+            except plyvel.Error as exc:
+                raise StoreError(f"cannot open LevelDB: {exc}", path) from exc
+        else:
+            import lmdb
+
+            try:
+                self._env = lmdb.open(
+                    os.fspath(path), readonly=True, lock=False, subdir=True, readahead=False
+                )
+            except lmdb.Error as exc:
+                raise StoreError(f"cannot open LMDB: {exc}", path) from exc
+
+    def __iter__(self) -> Iterator[Tuple[bytes, bytes]]:
+        """All records ``(key, value)`` in key order."""
+        if self.backend == LEVELDB:
+            with self._db.iterator() as iterator:
+                yield from iterator
+        else:
+            with self._env.begin(buffers=False) as txn:
+                yield from txn.cursor().iternext(keys=True, values=True)
+
+    def keys(self, limit: Optional[int] = None) -> List[bytes]:
+        """The first ``limit`` keys (all when None), in key order."""
+        result: List[bytes] = []
+        if limit is not None and limit <= 0:
+            return result
+        if self.backend == LEVELDB:
+            with self._db.iterator(include_value=False) as iterator:
+                for key in iterator:
+                    result.append(key)
+                    if limit is not None and len(result) >= limit:
+                        break
+        else:
+            with self._env.begin(buffers=False) as txn:
+                for key in txn.cursor().iternext(keys=True, values=False):
+                    result.append(key)
+                    if limit is not None and len(result) >= limit:
+                        break
+        return result
+
+    def values(self) -> Iterator[bytes]:
+        """All values in key order."""
+        if self.backend == LEVELDB:
+            with self._db.iterator(include_key=False) as iterator:
+                yield from iterator
+        else:
+            with self._env.begin(buffers=False) as txn:
+                yield from txn.cursor().iternext(keys=False, values=True)
+
+    def get(self, key: Key) -> Optional[bytes]:
+        """The value stored under ``key``, or None."""
+        key = _as_bytes(key)
+        if self.backend == LEVELDB:
+            return self._db.get(key)
+        with self._env.begin(buffers=False) as txn:
+            return txn.get(key)
+
+    def __len__(self) -> int:
+        if self._length is None:
+            if self.backend == LMDB:
+                self._length = int(self._env.stat()["entries"])
+            else:
+                # LevelDB keeps no record count: count once by iterating the keys.
+                with self._db.iterator(include_value=False) as iterator:
+                    self._length = sum(1 for _ in iterator)
+        return self._length
+
+    def close(self) -> None:
+        """Release the database (LevelDB holds a lock file while open)."""
+        if self.backend == LEVELDB:
+            self._db.close()
+        else:
+            self._env.close()
+
+
+@contextlib.contextmanager
+def open_reader(path: PathLike, backend: Optional[str] = None) -> Iterator[Reader]:
+    """Open an existing database read-only; ``backend`` is detected from its files when None."""
+    path = Path(path)
+    found = detect_backend(path)
+    if backend is not None and check_backend(backend) != found:
+        raise StoreError(f"is a {found} database, not {check_backend(backend)}", path)
+    reader = Reader(path, found)
+    try:
+        yield reader
+    finally:
+        reader.close()

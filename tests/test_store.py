@@ -1,0 +1,97 @@
+"""LevelDB and LMDB stores: real files on disk, Caffe's keys, key order, overwrite rules."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from lymph_cv.errors import FormatError, StoreError
+from lymph_cv.store import BACKENDS, detect_backend, make_key, open_reader, open_writer
+
+
+def _records(n):
+    # Written in a shuffled order: the reader must return them sorted by key.
+    order = [(i * 7) % n for i in range(n)]
+    return [(make_key(i, f"CLL/img_{i}.tif"), bytes([i % 256]) * (i % 5 + 1)) for i in order]
+
+
+def test_make_key_is_caffes_format():
+    assert make_key(42, "CLL_x_sub_3.tif") == b"00000042_CLL_x_sub_3.tif"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_round_trip_in_key_order(tmp_path, backend):
+    path = tmp_path / f"DB_{backend}"
+    records = _records(2503)
+    with open_writer(path, backend, commit_every=1000) as writer:
+        for key, value in records:
+            writer.put(key, value)
+        assert not path.exists()  # built under a temporary name
+    assert len(writer) == len(records)
+    assert detect_backend(path) == backend
+    with open_reader(path) as reader:
+        assert reader.backend == backend
+        assert len(reader) == len(records)
+        items = list(reader)
+        assert items == sorted(records)
+        assert reader.keys(3) == [key for key, _ in sorted(records)[:3]]
+        assert list(reader.values()) == [value for _, value in sorted(records)]
+        assert reader.get(make_key(5, "CLL/img_5.tif")) == dict(records)[make_key(5, "CLL/img_5.tif")]
+        assert reader.get(b"missing") is None
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_lmdb_files_and_map_growth(tmp_path):
+    path = tmp_path / "lmdb"
+    value = os.urandom(64 * 1024)
+    small = 1 << 20  # far too small: the map must grow several times
+    with open_writer(path, "lmdb", commit_every=50, lmdb_map_size=small) as writer:
+        for i in range(100):
+            writer.put(make_key(i, "x"), value)
+    assert {"data.mdb", "lock.mdb"} <= set(os.listdir(path))
+    assert (path / "data.mdb").stat().st_size > 4 * small
+    with open_reader(path, "lmdb") as reader:
+        assert len(reader) == 100 and reader.get(make_key(99, "x")) == value
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_existing_db_refused_unless_overwrite(tmp_path, backend):
+    path = tmp_path / "db"
+    with open_writer(path, backend) as writer:
+        writer.put(b"a", b"1")
+    with pytest.raises(StoreError, match="--overwrite") as info:
+        with open_writer(path, backend):
+            pass
+    assert str(path) in str(info.value)
+    # A failing overwrite keeps the old database intact.
+    with pytest.raises(RuntimeError):
+        with open_writer(path, backend, overwrite=True) as writer:
+            writer.put(b"b", b"2")
+            raise RuntimeError("crash")
+    with open_reader(path) as reader:
+        assert list(reader) == [(b"a", b"1")]
+    with open_writer(path, backend, overwrite=True) as writer:
+        writer.put(b"b", b"2")
+    with open_reader(path) as reader:
+        assert list(reader) == [(b"b", b"2")]
+    assert [p.name for p in tmp_path.iterdir()] == ["db"]
+
+
+def test_detect_backend_rejects_other_things(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_bytes(b"x")
+    for name in ("empty", "file", "missing"):
+        with pytest.raises(FormatError, match="LevelDB .* LMDB"):
+            detect_backend(tmp_path / name)
+
+
+def test_reader_backend_mismatch_and_bad_backend(tmp_path):
+    path = tmp_path / "db"
+    with open_writer(path, "leveldb") as writer:
+        writer.put(b"k", b"v")
+    with pytest.raises(StoreError, match="leveldb"):
+        with open_reader(path, "lmdb"):
+            pass
+    with pytest.raises(StoreError, match="valid: leveldb, lmdb"):
+        with open_writer(tmp_path / "other", "rocksdb"):
+            pass
