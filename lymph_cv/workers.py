@@ -1,0 +1,83 @@
+"""Process pools for the data stages: ordered results, a tqdm bar, one worker runs inline.
+
+Work is split over images or folds (never over single patches), so the per-task cost of a
+process pool is negligible next to the work.  Results come back in submission order, which
+keeps every output deterministic whatever the number of workers.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
+
+from tqdm import tqdm
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def resolve_workers(workers: Optional[int], tasks: int) -> int:
+    """Number of processes to use: ``workers`` (``None``/0 = all cores), at most one per task."""
+    if workers is None or workers <= 0:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(workers, tasks))
+
+
+def _init_worker() -> None:
+    # One OpenCV thread per process: the pool already uses every core.
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    # Forking a process that has started torch's thread pools can deadlock; fork otherwise
+    # (fast, and the task function need not be re-imported).
+    return multiprocessing.get_context("forkserver" if "torch" in sys.modules else "fork")
+
+
+def imap(
+    function: Callable[[T], R],
+    items: Sequence[T],
+    *,
+    workers: Optional[int] = None,
+    desc: Optional[str] = None,
+    unit: str = "it",
+    weights: Optional[Sequence[int]] = None,
+) -> Iterator[R]:
+    """Yield ``function(item)`` for every item, in order, using up to ``workers`` processes.
+
+    ``weights`` (one number per item) advance the progress bar instead of 1 per item, e.g.
+    patches per image.  ``function`` must be a module-level function (picklable).
+    """
+    count = resolve_workers(workers, len(items))
+    total = sum(weights) if weights is not None else len(items)
+    steps: Iterable[int] = weights if weights is not None else [1] * len(items)
+    with tqdm(total=total, desc=desc, unit=unit, disable=desc is None, leave=False) as bar:
+        if count == 1:
+            for item, step in zip(items, steps):
+                yield function(item)
+                bar.update(step)
+            return
+        pool = ProcessPoolExecutor(max_workers=count, mp_context=_context(), initializer=_init_worker)
+        try:
+            # Bounded look-ahead keeps memory flat for large inputs.
+            pending = []
+            iterator = iter(zip(items, steps))
+            for item, step in iterator:
+                pending.append((pool.submit(function, item), step))
+                if len(pending) >= 4 * count:
+                    break
+            while pending:
+                future, step = pending.pop(0)
+                result = future.result()
+                following = next(iterator, None)
+                if following is not None:
+                    pending.append((pool.submit(function, following[0]), following[1]))
+                bar.update(step)
+                yield result
+        finally:
+            # On an error (or an abandoned generator) queued work is dropped, not finished.
+            pool.shutdown(wait=True, cancel_futures=True)
