@@ -1,0 +1,370 @@
+"""A parsed Caffe net → a torch module with Caffe's semantics (:class:`CaffeNet`).
+
+``build_net(net_param, phase)`` keeps the layers whose include/exclude rules match the phase,
+builds each through the layer registry (:mod:`lymph_cv.net.layers`) with shapes inferred from
+the inputs, and returns a :class:`CaffeNet`.  Its interface, relied on by training, evaluation and
+pycaffe:
+
+* ``net.input_blobs`` — tops of Data/Input layers and declared ``input`` blobs, in order;
+  ``net.data_layers`` — the ``LayerParameter`` of every Data layer;
+  ``net.output_blobs`` — blobs produced and never consumed, sorted by name as Caffe's
+  ``std::set`` orders them (tutorial TEST net: accuracy, loss);
+  ``net.loss_weights`` — blob → loss weight (loss layers' first top default 1);
+  ``net.blob_shapes`` — blob → shape at build time.
+* ``net.forward(inputs)`` — ``inputs`` maps input blob names to float32 tensors (N×C×H×W data,
+  N labels); returns every blob by name (in-place tops hold the final value, as in Caffe).
+* ``net.learnable`` — :class:`Learnable` entries (layer, blob index, parameter, lr_mult,
+  decay_mult) in Caffe's order: layer by layer, weights then bias.
+* ``net.init_params(generator)`` — Caffe's fillers (no filler = constant 0).
+* ``net.load_weights(net_param)`` — copy blobs by layer name from a caffemodel's NetParameter
+  (V1 or V2, legacy 4-D dims accepted); ``net.export_weights(legacy_dims=True)`` — the
+  NetParameter Caffe would snapshot (layer parameters as given, blobs filled).
+* ``net.share_weights_from(other)`` — use ``other``'s parameter tensors for same-named layers,
+  as Caffe's test nets share the train net's blobs.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from lymph_cv.caffe import caffe_pb2
+from lymph_cv.caffe.blob import LEGACY_NDIM, array_to_blob, blob_shape, blob_to_array, has_legacy_dims
+from lymph_cv.errors import ConfigError, FormatError, LymphCVError
+from lymph_cv.net.fillers import fill
+from lymph_cv.net.layers import BuildContext, Layer, Shape, layer_class
+
+PathLike = Union[str, os.PathLike]
+
+#: Dimensions per declared input in the legacy ``input_dim`` list (N, C, H, W).
+INPUT_DIMS = 4
+
+
+@dataclass
+class Learnable:
+    """One learnable blob and its Caffe multipliers."""
+
+    layer: str
+    index: int
+    param: nn.Parameter
+    lr_mult: float
+    decay_mult: float
+
+
+def resolve_net_path(path: PathLike, base_dir: Optional[PathLike] = None) -> Path:
+    """A path from a net or solver file: as given (Caffe: against the current directory), else
+    against ``base_dir`` (the file's own folder) when it exists only there."""
+    candidate = Path(path)
+    if candidate.is_absolute() or base_dir is None or candidate.exists():
+        return candidate
+    beside = Path(base_dir) / candidate
+    return beside if beside.exists() else candidate
+
+
+def _rule_met(rule: caffe_pb2.NetStateRule, phase: int, level: int, stages: Sequence[str]) -> bool:
+    if rule.HasField("phase") and rule.phase != phase:
+        return False
+    if rule.HasField("min_level") and level < rule.min_level:
+        return False
+    if rule.HasField("max_level") and level > rule.max_level:
+        return False
+    if any(stage not in stages for stage in rule.stage):
+        return False
+    return not any(stage in stages for stage in rule.not_stage)
+
+
+def layer_included(layer: caffe_pb2.LayerParameter, phase: int, level: int = 0,
+                   stages: Sequence[str] = ()) -> bool:
+    """Caffe's NetState filter: include rules → any must match; exclude rules → none may match."""
+    if layer.include and layer.exclude:
+        raise ConfigError(f"layer {layer.name!r}: give include or exclude rules, not both")
+    if layer.include:
+        return any(_rule_met(rule, phase, level, stages) for rule in layer.include)
+    return not any(_rule_met(rule, phase, level, stages) for rule in layer.exclude)
+
+
+def _v2(net_param: caffe_pb2.NetParameter) -> caffe_pb2.NetParameter:
+    if len(net_param.layers) == 0:
+        return net_param
+    from lymph_cv.caffe.prototxt import upgrade_net  # the V1 → V2 upgrade lives with the formats
+
+    return upgrade_net(net_param)
+
+
+def _declared_inputs(net_param: caffe_pb2.NetParameter) -> List[Tuple[str, Shape]]:
+    names = list(net_param.input)
+    if len(net_param.input_shape):
+        if len(net_param.input_shape) != len(names):
+            raise ConfigError(f"net {net_param.name!r}: {len(names)} inputs but {len(net_param.input_shape)} input_shape")
+        shapes = [tuple(int(d) for d in s.dim) for s in net_param.input_shape]
+    else:
+        dims = list(net_param.input_dim)
+        if len(dims) != INPUT_DIMS * len(names):
+            raise ConfigError(f"net {net_param.name!r}: {len(names)} inputs need {INPUT_DIMS * len(names)} "
+                              f"input_dim values, got {len(dims)}")
+        shapes = [tuple(dims[i * INPUT_DIMS:(i + 1) * INPUT_DIMS]) for i in range(len(names))]
+    return list(zip(names, shapes))
+
+
+def data_layer_shapes(layer: caffe_pb2.LayerParameter, base_dir: Optional[PathLike] = None) -> Dict[str, Shape]:
+    """Top shapes of a Data layer: batch × C × H × W from the first datum of its DB (or its mean
+    file when the DB is absent), H and W replaced by ``crop_size``; labels are (batch,)."""
+    batch = int(layer.data_param.batch_size)
+    if batch < 1:
+        raise ConfigError(f"layer {layer.name!r}: data_param.batch_size must be positive")
+    crop = int(layer.transform_param.crop_size)
+    chw = None
+    source = resolve_net_path(layer.data_param.source, base_dir)
+    if layer.data_param.source and source.exists():
+        from lymph_cv.caffe.datum import parse_datum
+        from lymph_cv.store import open_reader
+
+        with open_reader(source) as reader:
+            for _key, value in reader:
+                chw = parse_datum(value)[0].shape
+                break
+        if chw is None:
+            raise ConfigError(f"layer {layer.name!r}: data source is empty", path=source)
+    elif layer.transform_param.mean_file:
+        from lymph_cv.caffe.blob import read_mean
+
+        chw = read_mean(resolve_net_path(layer.transform_param.mean_file, base_dir)).shape
+    else:
+        raise ConfigError(f"layer {layer.name!r}: data source not found, cannot infer the input shape",
+                          path=source)
+    c, h, w = chw
+    if crop:
+        if crop > h or crop > w:
+            raise ConfigError(f"layer {layer.name!r}: crop_size {crop} exceeds the {h}x{w} images")
+        h = w = crop
+    shapes = {layer.top[0]: (batch, c, h, w)}
+    if len(layer.top) > 1:
+        shapes[layer.top[1]] = (batch,)
+    return shapes
+
+
+class CaffeNet(nn.Module):
+    """A Caffe net as a torch module; see the module docstring for the interface."""
+
+    def __init__(self, name: str, phase: int, layer_params: List[caffe_pb2.LayerParameter],
+                 layers: List[Layer], blob_shapes: Dict[str, Shape], input_blobs: List[str]):
+        super().__init__()
+        self.name = name
+        self.phase = phase
+        self.layer_params = layer_params
+        self.layers = nn.ModuleList(layers)
+        self.blob_shapes = blob_shapes
+        self.input_blobs = input_blobs
+        self.data_layers = [p for p in layer_params if p.type == "Data"]
+        self.layer_names = [p.name for p in layer_params]
+        self._by_name = {layer.name: layer for layer in layers}
+        self.output_blobs = self._outputs()
+        self.loss_weights = self._loss_weights()
+        self.learnable = self._learnable()
+
+    # -- structure ---------------------------------------------------------------------------
+
+    def _outputs(self) -> List[str]:
+        available = set(self.input_blobs)
+        for param in self.layer_params:
+            available.difference_update(param.bottom)
+            available.update(param.top)
+        return sorted(available)
+
+    def _loss_weights(self) -> Dict[str, float]:
+        weights: Dict[str, float] = {}
+        for layer in self.layers:
+            given = list(layer.param.loss_weight)
+            if given and len(given) != len(layer.param.top):
+                raise ConfigError(f"layer {layer.name!r}: {len(given)} loss_weight values for "
+                                  f"{len(layer.param.top)} tops")
+            if not given:
+                given = [1.0 if (layer.is_loss and i == 0) else 0.0 for i in range(len(layer.param.top))]
+            for top, weight in zip(layer.param.top, given):
+                if weight:
+                    weights[top] = float(weight)
+        return weights
+
+    def _learnable(self) -> List[Learnable]:
+        entries = []
+        for layer in self.layers:
+            specs = list(layer.param.param)
+            if len(specs) > len(layer.blobs):
+                raise ConfigError(f"layer {layer.name!r}: {len(specs)} param specs for {len(layer.blobs)} blobs")
+            for index, blob in enumerate(layer.blobs):
+                spec = specs[index] if index < len(specs) else caffe_pb2.ParamSpec()
+                if spec.name:
+                    raise ConfigError(f"layer {layer.name!r}: named (shared) parameters are not supported")
+                entries.append(Learnable(layer.name, index, blob, float(spec.lr_mult), float(spec.decay_mult)))
+        return entries
+
+    def layer(self, name: str) -> Layer:
+        """The layer module called ``name``."""
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise ConfigError(f"net {self.name!r} has no layer {name!r}", valid=self.layer_names) from None
+
+    def params(self) -> Dict[str, List[nn.Parameter]]:
+        """Layer name → its learnable blobs, for layers that have any (net order)."""
+        return {layer.name: list(layer.blobs) for layer in self.layers if len(layer.blobs)}
+
+    # -- computation -------------------------------------------------------------------------
+
+    def forward(self, inputs: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Run every layer; ``inputs`` holds the input blobs. Returns all blobs by name."""
+        missing = [name for name in self.input_blobs if name not in inputs]
+        if missing:
+            raise ConfigError(f"net {self.name!r}: missing input blob(s) {', '.join(missing)}",
+                              valid=self.input_blobs)
+        blobs: Dict[str, torch.Tensor] = dict(inputs)
+        for layer in self.layers:
+            if layer.is_input:
+                continue
+            tops = layer(*[blobs[name] for name in layer.param.bottom])
+            for name, value in zip(layer.param.top, tops):
+                blobs[name] = value
+        return blobs
+
+    def loss(self, blobs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Σ loss_weight · blob over the loss blobs of a forward result."""
+        total = None
+        for name, weight in self.loss_weights.items():
+            term = blobs[name].sum() * weight
+            total = term if total is None else total + term
+        if total is None:
+            raise ConfigError(f"net {self.name!r} has no loss layer")
+        return total
+
+    # -- weights -----------------------------------------------------------------------------
+
+    def init_params(self, generator: Optional[torch.Generator] = None) -> None:
+        """Fill every learnable blob with its layer's filler, layer by layer, weights then bias."""
+        if generator is None:
+            generator = torch.Generator()
+        for layer in self.layers:
+            for blob, filler in zip(layer.blobs, layer.fillers):
+                fill(blob.data, filler, generator)
+
+    def load_weights(self, source: caffe_pb2.NetParameter, path: Optional[PathLike] = None) -> List[str]:
+        """Copy blobs by layer name (Caffe's CopyTrainedLayersFrom); returns the layers with blobs copied.
+
+        Source layers unknown here are ignored; layers absent from the source keep their values.
+        """
+        copied = []
+        source_layers = list(source.layer) if len(source.layer) else list(source.layers)
+        for src in source_layers:
+            if src.name not in self._by_name:
+                continue
+            target = self._by_name[src.name]
+            if len(src.blobs) != len(target.blobs):
+                raise FormatError(f"layer {src.name!r}: the model has {len(src.blobs)} blobs, "
+                                  f"the net expects {len(target.blobs)}", path)
+            arrays = []
+            for index, (blob, param) in enumerate(zip(src.blobs, target.blobs)):
+                if not _shape_compatible(blob, tuple(param.shape)):
+                    raise FormatError(f"layer {src.name!r} blob {index}: the model has shape "
+                                      f"{blob_shape(blob)}, the net expects {tuple(param.shape)}", path)
+                try:
+                    arrays.append(blob_to_array(blob).reshape(tuple(param.shape)))
+                except LymphCVError as exc:
+                    raise FormatError(f"layer {src.name!r} blob {index}: {exc.detail}", path) from exc
+            with torch.no_grad():
+                for array, param in zip(arrays, target.blobs):
+                    param.copy_(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)))
+            if len(src.blobs):
+                copied.append(src.name)
+        return copied
+
+    def export_weights(self, legacy_dims: bool = True) -> caffe_pb2.NetParameter:
+        """The NetParameter Caffe snapshots: name, every layer's parameters with its blobs.
+
+        ``legacy_dims`` writes num/channels/height/width (right-aligned, 1-padded) like the
+        tutorial-era Caffe; otherwise ``shape`` as Caffe since 2015-03.
+        """
+        out = caffe_pb2.NetParameter(name=self.name)
+        for param, layer in zip(self.layer_params, self.layers):
+            entry = out.layer.add()
+            entry.CopyFrom(param)
+            del entry.blobs[:]
+            if layer.is_loss and not len(entry.loss_weight):
+                # Caffe's loss layers record their implicit weight at setup, so snapshots carry it.
+                entry.loss_weight.append(1.0)
+            for blob in layer.blobs:
+                entry.blobs.append(array_to_blob(blob.detach().cpu().numpy(), legacy=legacy_dims))
+        return out
+
+    def share_weights_from(self, other: "CaffeNet") -> None:
+        """Use ``other``'s parameter tensors for every same-named layer (shapes must agree)."""
+        for layer in self.layers:
+            if not len(layer.blobs) or layer.name not in other._by_name:
+                continue
+            theirs = other._by_name[layer.name].blobs
+            if len(theirs) != len(layer.blobs) or any(a.shape != b.shape for a, b in zip(theirs, layer.blobs)):
+                raise ConfigError(f"layer {layer.name!r}: cannot share blobs of different shapes")
+            for index, param in enumerate(theirs):
+                layer.blobs[index] = param
+        self.learnable = self._learnable()
+
+
+def _shape_compatible(blob: caffe_pb2.BlobProto, shape: Shape) -> bool:
+    """Caffe's check: legacy dims match when right-aligned with 1-padding; else exact shape."""
+    given = blob_shape(blob)
+    if has_legacy_dims(blob):
+        if len(shape) > LEGACY_NDIM:
+            return False
+        return given == (1,) * (LEGACY_NDIM - len(shape)) + tuple(shape)
+    return given == tuple(shape)
+
+
+def build_net(net_param: caffe_pb2.NetParameter, phase: int, *, level: int = 0, stages: Iterable[str] = (),
+              input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
+              base_dir: Optional[PathLike] = None, accuracy_ties: str = "higher_index") -> CaffeNet:
+    """Build the layers of ``net_param`` that the NetState (phase, level, stages) includes.
+
+    ``input_shapes`` fixes input blob shapes (else: declared inputs, Data layers' DB or mean file,
+    resolved against the current directory, then ``base_dir``).  ``accuracy_ties``: see
+    :data:`lymph_cv.net.layers.ACCURACY_TIES`.
+    """
+    net_param = _v2(net_param)
+    stages = tuple(stages)
+    known: Dict[str, Shape] = {k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
+    ctx = BuildContext(phase=phase, accuracy_ties=accuracy_ties, input_shapes=known)
+    blob_shapes: Dict[str, Shape] = {}
+    input_blobs: List[str] = []
+    for name, shape in _declared_inputs(net_param):
+        blob_shapes[name] = known.get(name, shape)
+        input_blobs.append(name)
+
+    layer_params: List[caffe_pb2.LayerParameter] = []
+    layers: List[Layer] = []
+    seen = set()
+    for param in net_param.layer:
+        if not layer_included(param, phase, level, stages):
+            continue
+        if param.name in seen:
+            raise ConfigError(f"net {net_param.name!r}: duplicate layer name {param.name!r}")
+        seen.add(param.name)
+        cls = layer_class(param)
+        if cls.is_input and param.type == "Data":
+            missing = [top for top in param.top if top not in known]
+            if missing:
+                known.update({k: v for k, v in data_layer_shapes(param, base_dir).items() if k not in known})
+        bottoms = []
+        for name in param.bottom:
+            if name not in blob_shapes:
+                raise ConfigError(f"layer {param.name!r}: unknown bottom blob {name!r}")
+            bottoms.append(blob_shapes[name])
+        layer = cls(param, bottoms, ctx)
+        for name, shape in zip(param.top, layer.top_shapes):
+            blob_shapes[name] = tuple(shape)
+        if cls.is_input:
+            input_blobs.extend(param.top)
+        layer_params.append(param)
+        layers.append(layer)
+    return CaffeNet(net_param.name, phase, layer_params, layers, blob_shapes, input_blobs)
