@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -84,6 +84,8 @@ def parse_blob(data: bytes, path: Union[str, os.PathLike, None] = None) -> caffe
         blob.ParseFromString(data)
     except Exception as exc:  # DecodeError / RuntimeError, depending on the protobuf runtime
         raise FormatError(f"{MEAN_EXPECTED}; cannot parse ({exc})", path) from exc
+    if has_unknown_fields(blob):
+        raise FormatError(f"{MEAN_EXPECTED}; holds fields a BlobProto does not have", path)
     return blob
 
 
@@ -129,3 +131,31 @@ def mean_to_bytes(array: np.ndarray) -> bytes:
 def write_mean(path: Union[str, os.PathLike], array: np.ndarray) -> None:
     """Write a mean file (legacy 1 × C × H × W BlobProto) atomically."""
     atomic_write_bytes(path, mean_to_bytes(array))
+
+
+def store_array(blob: caffe_pb2.BlobProto, array: np.ndarray, legacy: Optional[bool] = None) -> None:
+    """Put ``array``'s values into ``blob``, keeping the blob's dimension convention.
+
+    A blob whose current shape has the same element count keeps its dims unchanged (so a
+    decoded legacy 1×1×M×K weight is written back as exactly that); otherwise the dims are
+    rewritten as legacy 4-D when ``legacy`` (default: when the blob already used legacy dims).
+    """
+    array = np.asarray(array)
+    use_legacy = has_legacy_dims(blob) if legacy is None else legacy
+    old_shape = blob_shape(blob)
+    keep = old_shape and int(np.prod(old_shape, dtype=np.int64)) == array.size and legacy is None
+    if not keep:
+        for name in LEGACY_FIELDS:
+            blob.ClearField(name)
+        blob.ClearField("shape")
+        set_blob_shape(blob, array.shape, use_legacy)
+    blob.ClearField("double_data")
+    blob.ClearField("data")
+    blob.data.extend(np.ascontiguousarray(array, dtype=np.float32).ravel())
+
+
+def has_unknown_fields(message) -> bool:
+    """True when ``message`` carries top-level fields our schema does not know (a wrong-kind hint)."""
+    from google.protobuf import unknown_fields
+
+    return len(unknown_fields.UnknownFieldSet(message)) > 0
