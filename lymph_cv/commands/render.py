@@ -1,0 +1,41 @@
+"""``lymph-cv render``: per-fold solver, train/test net and deploy net (tutorial step 4, configs)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import click
+
+from lymph_cv import render as render_module
+from lymph_cv.errors import ConfigError
+
+
+def _folds(ctx: click.Context, param: click.Parameter, value: Optional[str]):
+    if value is None:
+        return None
+    try:
+        return render_module.parse_fold_spec(value)
+    except ConfigError as exc:
+        raise click.BadParameter(exc.detail) from None
+
+
+def _set_help() -> str:
+    names = ", ".join(name for name, _default, _help in render_module.describe_variables())
+    return f"Override a template variable, KEY=VALUE (repeatable). Keys: {names}."
+
+
+@click.command()
+@click.argument("workdir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--folds", callback=_folds, default=None, help="Folds to render, e.g. 1-5 or 1,3 (default: all).")
+@click.option("--dropout", is_flag=True, help="The dropout variant (relu+dropout after ip1 and ip2).")
+@click.option("--legacy-v1", is_flag=True, help="The tutorial's V1 syntax (layers {...}, solver_type).")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help=_set_help())
+@click.option("--device", type=click.Choice(sorted(render_module.DEVICES)), default="cpu", show_default=True,
+              help="solver_mode: CPU or GPU.")
+def render(workdir: Path, folds, dropout: bool, legacy_v1: bool, settings: Sequence[str], device: str) -> None:
+    """Render WORKDIR/K/ solver, net and deploy prototxt for every fold."""
+    overrides = render_module.parse_overrides(settings)
+    rendered = render_module.render_folds(workdir, folds, dropout=dropout, legacy_v1=legacy_v1,
+                                          overrides=overrides, device=device)
+    for fold in rendered:
+        click.echo(f"fold {fold.fold}: {fold.solver} {fold.net} {fold.deploy}")

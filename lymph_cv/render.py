@@ -1,0 +1,358 @@
+"""Step 4a: render the per-fold solver, train/test net and deploy net from Jinja2 templates.
+
+For fold K the files go to ``WORKDIR/K/`` under the tutorial's names
+(``K-alexnet_solver_ada.prototxt``, ``K-alexnet_traing_32w_db.prototxt``,
+``deploy_train32.prototxt``), with paths relative to that folder (``../DB_train_K``…), plus
+``render.json`` recording every template variable used.  Values the data decides are derived:
+``test_iter`` = lines of ``test_w32_K.txt`` // batch size, the number of classes from the labels
+in the fold's lists, the DB backend from ``dbs.json``, the channel count from the mean file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import jinja2
+from google.protobuf import text_format
+
+from lymph_cv.caffe import caffe_pb2
+from lymph_cv.errors import ConfigError, FormatError, InputError
+from lymph_cv.fsutil import atomic_write_json, atomic_write_text
+from lymph_cv.resources import prototxt_template_dir
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+SOLVER_NAME = "{fold}-alexnet_solver_ada.prototxt"
+NET_NAME = "{fold}-alexnet_traing_32w_db.prototxt"
+DEPLOY_NAME = "deploy_train32.prototxt"
+RENDER_JSON = "render.json"
+TRAIN_LIST = "train_w32_{fold}.txt"
+TEST_LIST = "test_w32_{fold}.txt"
+TRAIN_DB = "DB_train_{fold}"
+TEST_DB = "DB_test_{fold}"
+MEAN_FILE = "DB_train_w32_{fold}.binaryproto"
+DBS_JSON = "dbs.json"
+TEST_LIST_PATTERN = re.compile(r"^test_w32_(\d+)\.txt$")
+
+SOLVER_TEMPLATE = "solver.prototxt.j2"
+NET_TEMPLATE = "train_net.prototxt.j2"
+DEPLOY_TEMPLATE = "deploy.prototxt.j2"
+
+#: --device → solver_mode.
+DEVICES = {"cpu": "CPU", "cuda": "GPU"}
+#: Solver type string (V2 ``type``) → V1 ``solver_type`` enum name.
+SOLVER_TYPES = {"SGD": "SGD", "Nesterov": "NESTEROV", "AdaGrad": "ADAGRAD", "RMSProp": "RMSPROP",
+                "AdaDelta": "ADADELTA", "Adam": "ADAM"}
+LR_POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
+BACKENDS = {"leveldb": "LEVELDB", "lmdb": "LMDB"}
+#: V2 layer type → V1 LayerType enum name, for the legacy syntax.
+V1_TYPES = {"Data": "DATA", "Convolution": "CONVOLUTION", "Pooling": "POOLING", "ReLU": "RELU",
+            "InnerProduct": "INNER_PRODUCT", "Dropout": "DROPOUT", "Accuracy": "ACCURACY",
+            "SoftmaxWithLoss": "SOFTMAX_LOSS", "Softmax": "SOFTMAX"}
+#: The deploy net classifies Classifier.predict's 10 oversampled crops in one batch.
+DEPLOY_BATCH = 10
+#: Image channels when no mean file exists yet to tell (the DBs hold BGR colour patches).
+DEFAULT_CHANNELS = 3
+
+
+@dataclass(frozen=True)
+class Variable:
+    """A template variable settable with ``--set name=value``."""
+
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be >= 0")
+    return value
+
+
+def _choice(options: Iterable[str]) -> Callable[[str], str]:
+    options = tuple(options)
+
+    def parse(text: str) -> str:
+        if text not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return text
+
+    return parse
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise ValueError("must be in [0, 1)")
+    return value
+
+
+#: Everything ``--set`` may change, with the tutorial's values as defaults (None = derived or unset).
+VARIABLES: Dict[str, Variable] = {
+    "test_iter": Variable(_positive_int, None, "test batches per test pass (default: test list lines // batch)"),
+    "test_interval": Variable(_non_negative_int, 10000, "iterations between tests"),
+    "base_lr": Variable(float, 0.001, "base learning rate"),
+    "lr_policy": Variable(_choice(LR_POLICIES), "fixed", "learning-rate policy"),
+    "gamma": Variable(float, None, "lr policy gamma"),
+    "power": Variable(float, None, "lr policy power"),
+    "stepsize": Variable(_positive_int, None, "lr policy step size"),
+    "momentum": Variable(float, None, "momentum (SGD family)"),
+    "random_seed": Variable(int, None, "solver random seed"),
+    "display": Variable(_non_negative_int, 1000, "iterations between log lines"),
+    "max_iter": Variable(_positive_int, 600000, "training iterations"),
+    "weight_decay": Variable(float, 0.004, "L2 weight decay"),
+    "snapshot": Variable(_non_negative_int, 10000, "iterations between snapshots"),
+    "snapshot_prefix": Variable(str, None, "snapshot file prefix (default K_caffenet_train_w32)"),
+    "solver_type": Variable(_choice(SOLVER_TYPES), "AdaGrad", "solver"),
+    "batch_size": Variable(_positive_int, 128, "train and test batch size"),
+    "crop_size": Variable(_positive_int, 32, "random/centre crop of the patches"),
+    "dropout_ratio": Variable(_ratio, 0.5, "dropout ratio of the dropout variant"),
+    "num_classes": Variable(_positive_int, None, "classes (default: from the list labels)"),
+    "backend": Variable(_choice(BACKENDS), None, "database backend (default: dbs.json, else leveldb)"),
+    "net_name": Variable(str, "CIFAR10_quick", "net name"),
+    "weight_lr_mult": Variable(float, 1.0, "lr multiplier of weights"),
+    "bias_lr_mult": Variable(float, 2.0, "lr multiplier of biases"),
+}
+#: Solver fields written only when set, in this order.
+OPTIONAL_SOLVER_FIELDS = ("gamma", "power", "stepsize", "momentum", "random_seed")
+
+
+@dataclass(frozen=True)
+class RenderedFold:
+    """The files rendered for one fold."""
+
+    fold: int
+    solver: Path
+    net: Path
+    deploy: Path
+    variables: Dict[str, Any]
+
+
+def parse_overrides(pairs: Iterable[str]) -> Dict[str, str]:
+    """``["key=value", ...]`` → dict; ConfigError on a malformed pair or unknown key."""
+    overrides: Dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r}: expected key=value")
+        overrides[key] = value.strip()
+    return overrides
+
+
+def resolve_variables(overrides: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """Defaults with ``overrides`` applied (string values parsed by the variable's type)."""
+    values = {name: var.default for name, var in VARIABLES.items()}
+    for key, raw in (overrides or {}).items():
+        if key not in VARIABLES:
+            raise ConfigError(f"--set: unknown template variable {key!r}", valid=sorted(VARIABLES))
+        try:
+            values[key] = VARIABLES[key].parse(str(raw))
+        except ValueError as exc:
+            raise ConfigError(f"--set {key}={raw}: {exc}") from exc
+    return values
+
+
+def read_list_labels(path: Path) -> List[int]:
+    """Labels of a ``<patch file><whitespace><label>`` list, one per non-empty line."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise InputError("list file not found (run `lymph-cv folds` first)", path) from None
+    except OSError as exc:
+        raise InputError(f"cannot read list file ({exc.strerror})", path) from exc
+    labels = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        try:
+            if len(parts) < 2:
+                raise ValueError
+            labels.append(int(parts[-1]))
+        except ValueError:
+            raise InputError(f"line {number}: expected '<patch file>\\t<integer label>', got {line!r}",
+                             path) from None
+    return labels
+
+
+def fold_numbers(workdir: PathLike) -> List[int]:
+    """Folds present in ``workdir``: the K of every ``test_w32_K.txt``, sorted."""
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise InputError("work directory not found", workdir)
+    folds = sorted(int(m.group(1)) for p in workdir.iterdir() if (m := TEST_LIST_PATTERN.match(p.name)))
+    if not folds:
+        raise InputError("no test_w32_K.txt lists found (run `lymph-cv folds` first)", workdir)
+    return folds
+
+
+def _backend(workdir: Path) -> str:
+    path = workdir / DBS_JSON
+    if not path.exists():
+        return "leveldb"
+    try:
+        backend = json.loads(path.read_text()).get("backend", "leveldb")
+    except (ValueError, AttributeError) as exc:
+        raise FormatError(f"expected a JSON object with a 'backend' key ({exc})", path) from None
+    if backend not in BACKENDS:
+        raise FormatError(f"unknown backend {backend!r}", path)
+    return backend
+
+
+def _channels(workdir: Path, fold: int) -> int:
+    path = workdir / MEAN_FILE.format(fold=fold)
+    if not path.exists():
+        return DEFAULT_CHANNELS
+    from lymph_cv.caffe.blob import read_mean
+
+    return int(read_mean(path).shape[0])
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(prototxt_template_dir())),
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                             autoescape=False)
+    env.globals["v1_types"] = V1_TYPES
+    return env
+
+
+def _number(value: Any) -> str:
+    """Numbers as protobuf text: integral floats without a needless fraction (1 not 1.0)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _check_parses(text: str, message, path: Path) -> None:
+    try:
+        text_format.Parse(text, message)
+    except text_format.ParseError as exc:  # a template bug, never user input
+        raise FormatError(f"rendered file does not parse as {type(message).__name__}: {exc}", path) from exc
+
+
+def fold_context(workdir: PathLike, fold: int, *, dropout: bool = False, legacy_v1: bool = False,
+                 overrides: Optional[Mapping[str, Any]] = None, device: str = "cpu") -> Dict[str, Any]:
+    """Every template variable for ``fold``: defaults, derived values, then ``overrides``."""
+    workdir = Path(workdir)
+    if device not in DEVICES:
+        raise ConfigError(f"unknown device {device!r}", valid=sorted(DEVICES))
+    values = resolve_variables(overrides)
+    test_list = workdir / TEST_LIST.format(fold=fold)
+    test_labels = read_list_labels(test_list)
+    train_labels = read_list_labels(workdir / TRAIN_LIST.format(fold=fold))
+    labels = test_labels + train_labels
+    if values["test_iter"] is None:
+        if len(test_labels) < values["batch_size"]:
+            log.warning("%s: %d lines, fewer than one batch of %d; test_iter set to 1",
+                        test_list, len(test_labels), values["batch_size"])
+        values["test_iter"] = max(1, len(test_labels) // values["batch_size"])
+    if values["num_classes"] is None:
+        if not labels or min(labels) < 0:
+            raise InputError("lists need non-negative integer labels", test_list)
+        values["num_classes"] = max(labels) + 1
+    if values["backend"] is None:
+        values["backend"] = _backend(workdir)
+    if values["snapshot_prefix"] is None:
+        values["snapshot_prefix"] = f"{fold}_caffenet_train_w32"
+    if values["solver_type"] == "AdaGrad" and values["momentum"]:
+        raise ConfigError("AdaGrad takes no momentum (Caffe requires momentum 0)")
+    values.update(
+        fold=fold, dropout=dropout, legacy_v1=legacy_v1, device=device,
+        solver_mode=DEVICES[device], solver_enum=SOLVER_TYPES[values["solver_type"]],
+        net_file=NET_NAME.format(fold=fold),
+        mean_file=f"../{MEAN_FILE.format(fold=fold)}",
+        deploy_shape=[DEPLOY_BATCH, _channels(workdir, fold), values["crop_size"], values["crop_size"]],
+    )
+    return values
+
+
+def render_fold(workdir: PathLike, fold: int, *, dropout: bool = False, legacy_v1: bool = False,
+                overrides: Optional[Mapping[str, Any]] = None, device: str = "cpu") -> RenderedFold:
+    """Render fold ``fold``'s solver, train/test net and deploy net into ``WORKDIR/fold/``."""
+    workdir = Path(workdir)
+    values = fold_context(workdir, fold, dropout=dropout, legacy_v1=legacy_v1, overrides=overrides,
+                          device=device)
+    context = dict(values)
+    context["backend"] = BACKENDS[values["backend"]]
+    for key in ("base_lr", "weight_decay", "dropout_ratio", "weight_lr_mult", "bias_lr_mult"):
+        context[key] = _number(values[key])
+    context["optional_solver_fields"] = {key: _number(values[key]) for key in OPTIONAL_SOLVER_FIELDS
+                                         if values[key] is not None}
+    context["data_layers"] = [
+        {"name": "cifar_train", "source": f"../{TRAIN_DB.format(fold=fold)}", "mirror": True, "phase": "TRAIN"},
+        {"name": "cifar_test", "source": f"../{TEST_DB.format(fold=fold)}", "mirror": False, "phase": "TEST"},
+    ]
+    env = _environment()
+    out_dir = workdir / str(fold)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {
+        "solver": (out_dir / SOLVER_NAME.format(fold=fold), SOLVER_TEMPLATE, caffe_pb2.SolverParameter()),
+        "net": (out_dir / NET_NAME.format(fold=fold), NET_TEMPLATE, caffe_pb2.NetParameter()),
+        "deploy": (out_dir / DEPLOY_NAME, DEPLOY_TEMPLATE, caffe_pb2.NetParameter()),
+    }
+    texts = {}
+    for key, (path, template, message) in files.items():
+        text = env.get_template(template).render(context)
+        _check_parses(text, message, path)
+        texts[key] = text
+    for key, (path, _template, _message) in files.items():
+        atomic_write_text(path, texts[key])
+    record = {key: values[key] for key in sorted(values)}
+    atomic_write_json(out_dir / RENDER_JSON, record)
+    log.debug("fold %d: rendered %s", fold, ", ".join(p.name for p, _t, _m in files.values()))
+    return RenderedFold(fold, files["solver"][0], files["net"][0], files["deploy"][0], record)
+
+
+def render_folds(workdir: PathLike, folds: Optional[Sequence[int]] = None, **options) -> List[RenderedFold]:
+    """Render every fold (default: each K with a ``test_w32_K.txt``); options as :func:`render_fold`."""
+    present = fold_numbers(workdir)
+    if folds is None:
+        folds = present
+    missing = [k for k in folds if k not in present]
+    if missing:
+        raise InputError(f"no test_w32_K.txt for fold(s) {', '.join(map(str, missing))}",
+                         Path(workdir))
+    return [render_fold(workdir, fold, **options) for fold in folds]
+
+
+def parse_fold_spec(spec: str) -> List[int]:
+    """``"1-5"``, ``"1,3"``, ``"2"`` or mixes like ``"1-2,4"`` → sorted fold numbers."""
+    folds = set()
+    for part in spec.split(","):
+        part = part.strip()
+        low, dash, high = part.partition("-")
+        try:
+            if dash:
+                a, b = int(low), int(high)
+                if a > b:
+                    raise ValueError
+                folds.update(range(a, b + 1))
+            else:
+                folds.add(int(part))
+        except ValueError:
+            raise ConfigError(f"--folds {spec!r}: expected fold numbers like 1-5 or 1,3") from None
+    if not folds or min(folds) < 1:
+        raise ConfigError(f"--folds {spec!r}: fold numbers start at 1")
+    return sorted(folds)
+
+
+def describe_variables() -> List[Tuple[str, Any, str]]:
+    """(name, default, help) of every ``--set`` variable, for the command's help."""
+    return [(name, var.default, var.help) for name, var in VARIABLES.items()]
