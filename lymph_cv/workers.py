@@ -55,7 +55,8 @@ def imap(
     count = resolve_workers(workers, len(items))
     total = sum(weights) if weights is not None else len(items)
     steps: Iterable[int] = weights if weights is not None else [1] * len(items)
-    with tqdm(total=total, desc=desc, unit=unit, disable=desc is None, leave=False) as bar:
+    # disable=None: a bar only on a terminal, so logs and captured stderr stay clean.
+    with tqdm(total=total, desc=desc, unit=unit, disable=True if desc is None else None, leave=False) as bar:
         if count == 1:
             for item, step in zip(items, steps):
                 yield function(item)

@@ -56,3 +56,26 @@ def synth(out: Path, per_class, cases_per_class: int, width: int, height: int, s
         seed=seed, classes=classes, workers=workers,
     )
     click.echo(f"{len(paths)} images in {out}")
+
+
+_SKIP_BAD = click.option("--skip-bad", is_flag=True, help="Warn about and skip bad inputs instead of stopping.")
+
+
+@click.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@_CLASSES
+@click.option("--patch-size", type=click.IntRange(min=1), default=36, show_default=True)
+@click.option("--step", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--mat", "write_mat", is_flag=True, help="Also write Matlab's class_struct.mat.")
+@_SKIP_BAD
+@_WORKERS
+def patches(data: Path, out: Path, classes: list[str], patch_size: int, step: int, write_mat: bool, skip_bad: bool, workers) -> None:
+    """Step 1: rotated patches of every image of DATA/<class>/ into OUT (with manifest.json)."""
+    from lymph_cv import patches as patches_module
+
+    manifest = patches_module.extract_patches(
+        data, out, classes=classes, patch_size=patch_size, step=step,
+        workers=workers, write_mat=write_mat, skip_bad=skip_bad,
+    )
+    click.echo(f"{len(manifest.images)} images, {manifest.total_patches} patches in {out}")

@@ -1,0 +1,451 @@
+"""Step 1: rotated patches on the tutorial's grid, their names, and the manifest.
+
+For an image of H × W pixels the tutorial (Matlab) loops ``rr = 1:32:H-36`` and
+``cc = 1:32:W-36`` and cuts rows ``rr+1 .. rr+36``, columns ``cc+1 .. cc+36`` (1-based), i.e.
+0-based windows starting at row ``rr`` and column ``cc``: origins 1, 33, 65, … up to H − 36.
+Each window is written twice, as is and rotated 90° counter-clockwise (``imrotate(x, 90)``),
+numbered from 1 in row-major window order: odd numbers are 0°, even numbers 90°.
+Names are ``<image stem>_sub_<i>.tif``, all in one output folder (the tutorial's ``subs/``).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import cv2
+import numpy as np
+
+from lymph_cv.errors import ConfigError, FormatError, InputError, LymphCVError
+from lymph_cv.fsutil import atomic_write_json, temp_sibling
+from lymph_cv.synth import DEFAULT_CLASSES
+from lymph_cv.workers import imap
+
+log = logging.getLogger(__name__)
+
+PATCH_SIZE = 36
+STEP = 32
+#: Matlab's loops start at 1 (``rr = 1:step:H-size``): the first window starts at 0-based row 1.
+FIRST_ORIGIN = 1
+#: Windows are written at these rotations (degrees counter-clockwise), in this order.
+ROTATIONS = (0, 90)
+PATCH_SUFFIX = ".tif"
+PATCH_NAME = "{stem}_sub_{index}" + PATCH_SUFFIX
+MANIFEST_NAME = "manifest.json"
+MAT_NAME = "class_struct.mat"
+#: Case (patient) id = image stem minus its trailing ``_NNN`` image number.
+DEFAULT_CASE_REGEX = r"^(?P<case>.+)_\d+$"
+#: Patch files are uncompressed TIFFs: they decode about 3x faster than LZW ones.
+_TIFF_PARAMS = [cv2.IMWRITE_TIFF_COMPRESSION, 1]
+
+# A bad file is reported once, by us; OpenCV's own decoder chatter on stderr would add lines.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+
+
+def window_origins(height: int, width: int, patch_size: int = PATCH_SIZE, step: int = STEP) -> np.ndarray:
+    """0-based (row, col) of every window, row-major, per Matlab ``rr = 1:step:H-size``."""
+    rows = np.arange(FIRST_ORIGIN, height - patch_size + 1, step)
+    cols = np.arange(FIRST_ORIGIN, width - patch_size + 1, step)
+    grid = np.stack(np.meshgrid(rows, cols, indexing="ij"), -1)
+    return grid.reshape(-1, 2)
+
+
+def patch_count(height: int, width: int, patch_size: int = PATCH_SIZE, step: int = STEP) -> int:
+    """Number of patches of an image (windows × rotations)."""
+    return len(window_origins(height, width, patch_size, step)) * len(ROTATIONS)
+
+
+def patch_names(stem: str, count: int) -> list[str]:
+    """``<stem>_sub_1.tif`` … ``<stem>_sub_<count>.tif``."""
+    return [PATCH_NAME.format(stem=stem, index=i) for i in range(1, count + 1)]
+
+
+def extract(image: np.ndarray, patch_size: int = PATCH_SIZE, step: int = STEP) -> np.ndarray:
+    """All patches of an (H, W, C) image in name order: (N, size, size, C), 0° then 90° per window."""
+    origins = window_origins(image.shape[0], image.shape[1], patch_size, step)
+    windows = np.lib.stride_tricks.sliding_window_view(image, (patch_size, patch_size), axis=(0, 1))
+    # sliding_window_view puts the window axes last: (rows, cols, C, size, size).
+    picked = windows[origins[:, 0], origins[:, 1]].transpose(0, 2, 3, 1)
+    out = np.empty((len(origins), len(ROTATIONS), patch_size, patch_size, image.shape[2]), image.dtype)
+    out[:, 0] = picked
+    out[:, 1] = np.rot90(picked, 1, axes=(1, 2))
+    return out.reshape(-1, patch_size, patch_size, image.shape[2])
+
+
+def case_of(stem: str, case_regex: str = DEFAULT_CASE_REGEX) -> str:
+    """The case (patient) id of an image stem; the whole stem when the regex does not match."""
+    match = re.match(case_regex, stem)
+    if not match:
+        return stem
+    return match.group("case") if "case" in match.re.groupindex else match.group(1)
+
+
+def compile_case_regex(case_regex: str) -> str:
+    """Validate a case regex (a ``case`` group or one group) and return it."""
+    try:
+        compiled = re.compile(case_regex)
+    except re.error as exc:
+        raise ConfigError(f"--case-regex {case_regex!r} is not a regular expression ({exc})") from exc
+    if "case" not in compiled.groupindex and compiled.groups < 1:
+        raise ConfigError(f"--case-regex {case_regex!r} needs a group, named 'case' or the first one")
+    return case_regex
+
+
+# --------------------------------------------------------------------------- reading images
+
+
+@dataclass(frozen=True)
+class ReadImage:
+    """An image read as OpenCV's colour ``imread`` reads it (8-bit BGR) and what was converted."""
+
+    bgr: np.ndarray
+    conversion: Optional[str]  # "grayscale", "RGBA", "16-bit", … or None
+
+
+def read_color(path: Union[str, Path]) -> ReadImage:
+    """Read an image as 8-bit 3-channel BGR exactly like ``cv2.imread(path, IMREAD_COLOR)``.
+
+    Raises InputError naming the file when it is not an image OpenCV can read.
+    """
+    path = Path(path)
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        raise InputError(f"cannot read file ({exc.strerror})", path) from exc
+    if data.size == 0:
+        raise InputError("empty file, expected an image", path)
+    raw = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if raw is None or raw.size == 0:
+        raise InputError("not an image OpenCV can read (unreadable, truncated or another kind of file)", path)
+    if raw.dtype == np.uint8 and raw.ndim == 3 and raw.shape[2] == 3:
+        return ReadImage(raw, None)
+    kinds = []
+    if raw.dtype != np.uint8:
+        kinds.append(f"{raw.dtype.itemsize * 8}-bit")
+    channels = 1 if raw.ndim == 2 else raw.shape[2]
+    kinds.append({1: "grayscale", 2: "grayscale+alpha", 4: "RGBA"}.get(channels, f"{channels}-channel"))
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise InputError("not an image OpenCV can read as colour", path)
+    return ReadImage(bgr, " ".join(kinds))
+
+
+# --------------------------------------------------------------------------- the manifest
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One source image: its class, case and patch count (patch names follow from its stem)."""
+
+    cls: str
+    label: int
+    name: str
+    case: str
+    height: int
+    width: int
+    patches: int
+
+    @property
+    def stem(self) -> str:
+        return Path(self.name).stem
+
+    @property
+    def parent_name(self) -> str:
+        """``CLASS/file.tif``, as in the published parent lists."""
+        return f"{self.cls}/{self.name}"
+
+    def patch_names(self) -> list[str]:
+        return patch_names(self.stem, self.patches)
+
+
+@dataclass
+class Manifest:
+    """What step 1 produced: classes → cases → images (→ patch names), and its parameters."""
+
+    classes: list[str]
+    images: list[ImageEntry]
+    patch_size: int = PATCH_SIZE
+    step: int = STEP
+    data_dir: Optional[str] = None
+    skipped: list[dict] = field(default_factory=list)
+    path: Optional[Path] = None  # where it was read from / written to
+
+    @property
+    def total_patches(self) -> int:
+        return sum(image.patches for image in self.images)
+
+    def by_class(self) -> dict[str, list[ImageEntry]]:
+        grouped: dict[str, list[ImageEntry]] = {name: [] for name in self.classes}
+        for image in self.images:
+            grouped[image.cls].append(image)
+        return grouped
+
+    def to_json(self) -> dict:
+        tree: dict = {}
+        for name, images in self.by_class().items():
+            cases: dict = defaultdict(dict)
+            for image in images:
+                cases[image.case][image.name] = {"height": image.height, "width": image.width, "patches": image.patches}
+            tree[name] = {"label": self.classes.index(name), "cases": dict(cases)}
+        return {
+            "classes": self.classes,
+            "tree": tree,
+            "patch_size": self.patch_size,
+            "step": self.step,
+            "rotations": list(ROTATIONS),
+            "patch_name": PATCH_NAME,
+            "case_regex": DEFAULT_CASE_REGEX,
+            "data_dir": self.data_dir,
+            "images": len(self.images),
+            "total_patches": self.total_patches,
+            "skipped": self.skipped,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict, path: Optional[Path] = None) -> "Manifest":
+        try:
+            classes = list(obj["classes"])
+            images = []
+            for label, name in enumerate(classes):
+                for case, entries in obj["tree"][name]["cases"].items():
+                    for image_name, info in entries.items():
+                        images.append(ImageEntry(name, label, image_name, case, int(info["height"]), int(info["width"]), int(info["patches"])))
+            images.sort(key=lambda e: (e.label, e.name))
+            return cls(classes, images, int(obj["patch_size"]), int(obj["step"]), obj.get("data_dir"), list(obj.get("skipped", [])), path)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise FormatError(f"not a lymph-cv patch manifest ({type(exc).__name__}: {exc})", path) from exc
+
+
+def load_manifest(path: Union[str, Path]) -> Manifest:
+    """Read ``manifest.json`` (or the folder holding it)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise InputError("no such file; expected the manifest.json written by `lymph-cv patches`", path) from exc
+    except (OSError, ValueError) as exc:
+        raise FormatError(f"cannot read as JSON ({exc})", path) from exc
+    return Manifest.from_json(obj, path)
+
+
+# --------------------------------------------------------------------------- scanning a data set
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    """An image file found in a class folder."""
+
+    path: Path
+    cls: str
+    label: int
+
+
+def scan_images(data_dir: Union[str, Path], classes: Sequence[str] = DEFAULT_CLASSES) -> list[SourceImage]:
+    """Every (non-hidden) file of every class folder, class by class, names sorted as Matlab's ``dir``.
+
+    Raises InputError for a missing or empty class folder and for image stems that occur in
+    two folders (their patch names would collide in the single output folder).
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise InputError("no such data folder; expected one sub-folder per class", data_dir)
+    found: list[SourceImage] = []
+    for label, name in enumerate(classes):
+        folder = data_dir / name
+        if not folder.is_dir():
+            raise InputError(f"class folder missing (classes: {', '.join(classes)})", folder)
+        files = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
+        if not files:
+            raise InputError("empty class folder, expected image files", folder)
+        found.extend(SourceImage(p, name, label) for p in files)
+    stems = Counter(image.path.stem for image in found)
+    clashes = [image for image in found if stems[image.path.stem] > 1]
+    if clashes:
+        raise InputError(f"image name {clashes[0].path.stem!r} occurs more than once; patch names would collide", clashes[0].path)
+    return found
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+@dataclass(frozen=True)
+class _Job:
+    source: SourceImage
+    out_dir: Path
+    patch_size: int
+    step: int
+
+
+@dataclass(frozen=True)
+class _Done:
+    entry: Optional[ImageEntry]
+    written: int = 0
+    conversion: Optional[str] = None
+    problem: Optional[str] = None  # a bad-input message (skippable)
+    fatal: Optional[str] = None  # e.g. the disk is full (never skipped)
+
+
+def load_windows(source: SourceImage, patch_size: int, step: int) -> tuple[np.ndarray, tuple[int, int], Optional[str]]:
+    """The image's patches (N, size, size, 3) BGR in name order, its (H, W), and any colour conversion."""
+    read = read_color(source.path)
+    height, width = read.bgr.shape[:2]
+    if len(window_origins(height, width, patch_size, step)) == 0:
+        needed = FIRST_ORIGIN + patch_size
+        raise InputError(f"image is {width}x{height}, smaller than one patch window (needs at least {needed}x{needed})", source.path)
+    return extract(read.bgr, patch_size, step), (height, width), read.conversion
+
+
+def image_entry(source: SourceImage, shape: tuple[int, int], count: int) -> ImageEntry:
+    """The manifest entry of a source image of (H, W) ``shape`` with ``count`` patches."""
+    return ImageEntry(source.cls, source.label, source.path.name, case_of(source.path.stem), int(shape[0]), int(shape[1]), count)
+
+
+def _extract_one(job: _Job) -> _Done:
+    source = job.source
+    try:
+        patches, shape, conversion = load_windows(source, job.patch_size, job.step)
+    except LymphCVError as exc:
+        return _Done(None, problem=str(exc))
+    entry = image_entry(source, shape, len(patches))
+    names = entry.patch_names()
+    if all((job.out_dir / n).is_file() for n in names):
+        return _Done(entry, 0, conversion)
+    try:
+        for name, patch in zip(names, patches):
+            ok, encoded = cv2.imencode(PATCH_SUFFIX, patch, _TIFF_PARAMS)
+            final = job.out_dir / name
+            temp = temp_sibling(final)
+            try:
+                encoded.tofile(temp)
+                os.replace(temp, final)
+            except BaseException:
+                temp.unlink(missing_ok=True)
+                raise
+    except OSError as exc:
+        reason = "no space left on device" if exc.errno == errno.ENOSPC else f"cannot write patch ({exc.strerror})"
+        return _Done(None, fatal=f"{job.out_dir}: {reason}")
+    return _Done(entry, len(names), conversion)
+
+
+class BadInputs:
+    """Collects skippable problems: raise at once, or (``skip_bad``) warn and count."""
+
+    def __init__(self, skip_bad: bool):
+        self.skip_bad = skip_bad
+        self.problems: list[str] = []
+        self._conversions: dict[str, list[str]] = defaultdict(list)
+
+    def problem(self, message: str) -> None:
+        if not self.skip_bad:
+            raise InputError(message)
+        log.warning("warning: skipped: %s", message)
+        self.problems.append(message)
+
+    def converted(self, kind: Optional[str], path: Union[str, Path]) -> None:
+        if kind:
+            self._conversions[kind].append(str(path))
+
+    def finish(self, what: str) -> None:
+        """Log one line per conversion kind, and the count of skipped inputs."""
+        for kind, paths in self._conversions.items():
+            log.warning("warning: %d %s image(s) converted to 8-bit BGR as OpenCV's colour imread does (first: %s)", len(paths), kind, paths[0])
+        if self.problems:
+            log.warning("warning: %d bad input(s) skipped while %s", len(self.problems), what)
+
+
+def extract_patches(
+    data_dir: Union[str, Path],
+    out_dir: Union[str, Path],
+    *,
+    classes: Sequence[str] = DEFAULT_CLASSES,
+    patch_size: int = PATCH_SIZE,
+    step: int = STEP,
+    workers: Optional[int] = None,
+    write_mat: bool = False,
+    skip_bad: bool = False,
+) -> Manifest:
+    """Step 1: write every image's rotated patches to ``out_dir`` and ``out_dir/manifest.json``.
+
+    Args:
+        data_dir: folder with one sub-folder per class (``CLL/``, ``FL/``, ``MCL/``).
+        out_dir: the single patch folder (the tutorial's ``subs/``).
+        classes: class folder names in label order.
+        patch_size, step: window size and grid step (the tutorial's 36 and 32).
+        workers: processes, one image at a time each (``None`` = all cores).
+        write_mat: also write Matlab's ``class_struct.mat`` next to the manifest.
+        skip_bad: warn about and skip unreadable or too-small images instead of stopping.
+
+    Images whose patches are all present already are not rewritten (resumable).
+    """
+    if patch_size < 1 or step < 1:
+        raise ConfigError(f"patch size and step must be positive, got {patch_size} and {step}")
+    out_dir = Path(out_dir)
+    sources = scan_images(data_dir, classes)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bad = BadInputs(skip_bad)
+    entries: list[ImageEntry] = []
+    written = 0
+    jobs = [_Job(s, out_dir, patch_size, step) for s in sources]
+    for done in imap(_extract_one, jobs, workers=workers, desc="patches", unit="img"):
+        if done.fatal:
+            raise LymphCVError(done.fatal)
+        if done.problem:
+            bad.problem(done.problem)
+            continue
+        assert done.entry is not None
+        bad.converted(done.conversion, Path(data_dir) / done.entry.parent_name)
+        entries.append(done.entry)
+        written += done.written
+    bad.finish("extracting patches")
+    if not entries:
+        raise InputError("no usable images", data_dir)
+    manifest = Manifest(list(classes), entries, patch_size, step, os.fspath(Path(data_dir).resolve()),
+                        [{"problem": p} for p in bad.problems], out_dir / MANIFEST_NAME)
+    atomic_write_json(manifest.path, manifest.to_json())
+    if write_mat:
+        write_class_struct(manifest, out_dir / MAT_NAME)
+    log.info("patches: %d images, %d patches (%d written) in %s", len(entries), manifest.total_patches, written, out_dir)
+    return manifest
+
+
+def iter_image_patches(manifest: Manifest, data_dir: Union[str, Path, None] = None) -> Iterator[tuple[ImageEntry, np.ndarray]]:
+    """(image, its patches) for every manifest image, read from the source images (no patch files)."""
+    root = Path(data_dir or manifest.data_dir or ".")
+    for entry in manifest.images:
+        source = SourceImage(root / entry.cls / entry.name, entry.cls, entry.label)
+        patches, _, _ = load_windows(source, manifest.patch_size, manifest.step)
+        yield entry, patches
+
+
+def write_class_struct(manifest: Manifest, path: Union[str, Path]) -> None:
+    """Matlab's ``class_struct.mat`` as step 1 saves it, for users of the original step 2.
+
+    ``class_struct{c}`` is a struct array with one "patient" per image (the tutorial's
+    split of file names at '.'): ``base`` (the stem) and ``sub_file`` with ``base`` (the
+    file name) and ``fnames_subs`` (a cell row of patch names).
+    """
+    from scipy.io import savemat
+
+    from lymph_cv.fsutil import atomic_path
+
+    cells = np.empty((1, len(manifest.classes)), dtype=object)
+    for index, images in enumerate(manifest.by_class().values()):
+        patients = np.empty((1, len(images)), dtype=[("base", object), ("sub_file", object)])
+        for i, image in enumerate(images):
+            sub = np.empty((1, 1), dtype=[("base", object), ("fnames_subs", object)])
+            names = np.empty((1, image.patches), dtype=object)
+            names[0, :] = image.patch_names()
+            sub[0, 0] = (image.name, names)
+            patients[0, i] = (image.stem, sub)
+        cells[0, index] = patients
+    with atomic_path(path) as temp:
+        with open(temp, "wb") as handle:
+            savemat(handle, {"class_struct": cells}, do_compression=True)
