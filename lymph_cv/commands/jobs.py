@@ -1,0 +1,104 @@
+"""``lymph-cv submit`` and ``lymph-cv jobs``: fold training jobs on PBS, Slurm or this machine."""
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Optional, Sequence
+
+import click
+
+from lymph_cv import jobs as jobs_module
+from lymph_cv import render
+from lymph_cv.errors import ConfigError, SchedulerError
+
+_WORKDIR = click.argument("workdir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+
+
+def _folds(ctx: click.Context, param: click.Parameter, value: Optional[str]):
+    if value is None:
+        return None
+    try:
+        return render.parse_fold_spec(value)
+    except ConfigError as exc:
+        raise click.BadParameter(exc.detail) from None
+
+
+def _shown(submission: jobs_module.Submission) -> str:
+    """The command as a user would type it (submission runs from the script's folder)."""
+    return f"cd {shlex.quote(str(submission.script.parent))} && {shlex.join(submission.command)}"
+
+
+@click.command()
+@_WORKDIR
+@click.option("--scheduler", type=click.Choice(jobs_module.SCHEDULERS), required=True,
+              help="Torque/PBS (qsub), Slurm (sbatch) or a local worker pool.")
+@click.option("--folds", callback=_folds, default=None, help="Folds to submit, e.g. 1-5 or 1,3 (default: all).")
+@click.option("--dry-run", is_flag=True, help="Write the job scripts and print the commands; submit nothing.")
+@click.option("--walltime", default=jobs_module.DEFAULT_WALLTIME, show_default=True, help="[D-]HH:MM:SS per job.")
+@click.option("--queue", default=None, help="PBS queue / Slurm partition.")
+@click.option("--ppn", type=click.IntRange(min=1), default=jobs_module.DEFAULT_PPN, show_default=True,
+              help="Cores per job (PBS ppn, Slurm cpus-per-task, OMP_NUM_THREADS).")
+@click.option("--gpus", type=click.IntRange(min=0), default=jobs_module.DEFAULT_GPUS, show_default=True,
+              help="GPUs per job (PBS gpus=N:exclusive_process, Slurm --gres=gpu:N).")
+@click.option("--after", multiple=True, help="Start only after this job id succeeded (afterok); repeatable.")
+@click.option("--mail", default=None, help="Mail address for begin/end/abort notices.")
+@click.option("--resubmit", is_flag=True, help="Submit folds again even if jobs.json records them.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Local runner: jobs run at once (default: cores // ppn).")
+@click.option("--evaluate", "then_evaluate", is_flag=True,
+              help="Also submit `lymph-cv evaluate WORKDIR` to run after every fold succeeded.")
+def submit(workdir: Path, scheduler: str, folds: Optional[Sequence[int]], dry_run: bool, walltime: str,
+           queue: Optional[str], ppn: int, gpus: int, after: tuple, mail: Optional[str], resubmit: bool,
+           workers: Optional[int], then_evaluate: bool) -> None:
+    """Write one job script per fold next to its configs and submit it; record jobs in WORKDIR/jobs.json."""
+    options = jobs_module.JobOptions(walltime=walltime, queue=queue, ppn=ppn, gpus=gpus, mail=mail,
+                                     after=tuple(after), workers=workers)
+    submissions = jobs_module.submit_folds(workdir, scheduler, folds, options, dry_run=dry_run, resubmit=resubmit)
+    if then_evaluate:
+        evaluation_options = jobs_module.JobOptions(walltime=walltime, queue=queue, ppn=ppn, mail=mail,
+                                                    workers=workers)
+        if dry_run:
+            click.echo("# the evaluation job depends (afterok) on the fold jobs, whose ids exist once submitted")
+        submissions.append(jobs_module.submit_evaluation(workdir, scheduler, evaluation_options,
+                                                         after=[] if dry_run else None, dry_run=dry_run))
+    for submission in submissions:
+        what = f"fold {submission.fold}" if submission.fold is not None else "evaluate"
+        if dry_run:
+            click.echo(_shown(submission))
+        elif submission.skipped:
+            click.echo(f"{what}: already submitted as job {submission.job_id} (--resubmit to submit again)")
+        else:
+            click.echo(f"{what}: job {submission.job_id} ({submission.script})")
+
+
+def format_states(states: Sequence[jobs_module.JobStatus]) -> str:
+    """A table: task, fold, scheduler, job id, state (exit code), log path."""
+    rows = [("TASK", "FOLD", "SCHEDULER", "JOB", "STATE", "LOG")]
+    for status in states:
+        state = status.state if status.exit_code in (None, 0) else f"{status.state}({status.exit_code})"
+        rows.append((status.record.task, "-" if status.record.fold is None else str(status.record.fold),
+                     status.record.scheduler, status.record.job_id, state, str(status.log)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1]
+                     for row in rows)
+
+
+@click.command()
+@_WORKDIR
+@click.option("--all", "all_tasks", is_flag=True, help="Every recorded job, not only the fold training jobs.")
+@click.option("--wait", is_flag=True, help="Wait until every job has finished; fail unless all completed.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=None, help="Seconds to wait at most (--wait).")
+def jobs(workdir: Path, all_tasks: bool, wait: bool, timeout: Optional[float]) -> None:
+    """Show each recorded job's id, scheduler, state and log path."""
+    task = None if all_tasks else jobs_module.TRAIN_TASK
+    if wait:
+        jobs_module.wait_for_jobs(workdir, task=task, timeout=timeout)
+    states = jobs_module.job_states(workdir, task=task)
+    if not states:
+        click.echo(f"no jobs recorded in {workdir / jobs_module.JOBS_FILE}")
+        return
+    click.echo(format_states(states))
+    unfinished = [s for s in states if s.state != jobs_module.COMPLETED]
+    if wait and unfinished:
+        raise SchedulerError("not every job completed: " + ", ".join(
+            f"{s.record.task} {s.record.fold or ''} {s.state}".replace("  ", " ") for s in unfinished))

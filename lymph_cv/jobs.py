@@ -1,0 +1,630 @@
+"""Fold training jobs on Torque/PBS, Slurm or this machine, recorded in ``WORKDIR/jobs.json``.
+
+Each fold gets a job script next to its rendered configs (``WORKDIR/K/K_train.pbs``,
+``.slurm`` or ``.sh``) that ``cd``s to the fold's folder, runs ``<python> -m lymph_cv train``
+on the fold's solver and, as its last step, writes its exit status to ``K/K_train.exit``.
+That file makes a job's outcome readable without the scheduler's accounting, which
+Torque forgets soon and Slurm keeps only with a database.
+
+Submission commands run without a shell, from the job's folder, with fold-relative file
+names: Debian's Torque ``qsub`` wrapper rebuilds its ``sbatch`` call as a shell string, so
+only names we build ourselves (digits, ``_``, ``.``) ever reach it, and option values that
+must reach it (queue, walltime, mail, job ids) are checked against strict patterns first.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import jinja2
+
+from lymph_cv import render
+from lymph_cv.errors import ConfigError, SchedulerError
+from lymph_cv.fsutil import atomic_write_json, atomic_write_text
+from lymph_cv.resources import job_template_dir
+
+log = logging.getLogger(__name__)
+
+SCHEDULERS = ("pbs", "slurm", "local")
+JOBS_FILE = "jobs.json"
+JOBS_VERSION = 1
+TRAIN_TASK = "train"
+EVALUATE_TASK = "evaluate"
+#: The tutorial's Torque request (BASE-qsub.pbs): 320 hours, one core, one exclusive GPU.
+DEFAULT_WALLTIME = "320:00:00"
+DEFAULT_PPN = 1
+DEFAULT_GPUS = 0
+SCRIPT_SUFFIX = {"pbs": ".pbs", "slurm": ".slurm", "local": ".sh"}
+SUBMIT_COMMAND = {"pbs": "qsub", "slurm": "sbatch", "local": "bash"}
+#: Seconds between scheduler polls while waiting for jobs.
+POLL_S = 2.0
+#: Longest scheduler message kept in an error line.
+MESSAGE_CHARS = 400
+#: Hidden folder of the local runner: one state file per job, one lock file per worker slot.
+LOCAL_DIR = ".local_jobs"
+LOCK_FILE = ".jobs.lock"
+
+PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, UNKNOWN = (
+    "PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "UNKNOWN")
+#: Scheduler states after which a job never runs again.
+FINISHED_STATES = frozenset({COMPLETED, FAILED, CANCELLED, "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+                             "BOOT_FAIL", "DEADLINE", "PREEMPTED"})
+#: Torque's one-letter ``job_state`` → our names (``C`` is resolved with the exit file).
+PBS_STATES = {"Q": PENDING, "H": PENDING, "W": PENDING, "T": PENDING, "R": RUNNING, "E": RUNNING,
+              "S": "SUSPENDED", "C": COMPLETED}
+
+# Values that reach Debian's qsub wrapper unquoted (it builds a shell string): keep them plain.
+_WALLTIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
+_QUEUE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]*$")
+_MAIL_RE = re.compile(r"^[A-Za-z0-9_.+-]+@[A-Za-z0-9.-]+(,[A-Za-z0-9_.+-]+@[A-Za-z0-9.-]+)*$")
+_JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\[\]-]*$")
+_SBATCH_ID_RE = re.compile(r"^(\d+)(;\S+)?$")
+_QSUB_ID_RE = re.compile(r"^\d+(\[\d*\])?(\.[A-Za-z0-9_.-]+)?$")
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """Resources and chaining for the submitted jobs (the tutorial's Torque request by default)."""
+
+    walltime: str = DEFAULT_WALLTIME
+    queue: Optional[str] = None
+    ppn: int = DEFAULT_PPN
+    gpus: int = DEFAULT_GPUS
+    mail: Optional[str] = None
+    after: tuple = ()
+    #: Local runner only: jobs run at once (default: cores // ppn).
+    workers: Optional[int] = None
+
+    def validate(self) -> "JobOptions":
+        """Raise :class:`ConfigError` naming the option whose value is not plain enough."""
+        checks = [("--walltime", self.walltime, _WALLTIME_RE, "[D-]HH[:MM[:SS]]"),
+                  ("--queue", self.queue, _QUEUE_RE, "letters, digits, _ . @ -"),
+                  ("--mail", self.mail, _MAIL_RE, "user@host[,user@host]")]
+        checks += [("--after", job, _JOB_ID_RE, "a job id") for job in self.after]
+        for option, value, pattern, expected in checks:
+            if value is not None and not pattern.match(value):
+                raise ConfigError(f"{option} {value!r}: expected {expected}")
+        if self.ppn < 1 or self.gpus < 0 or (self.workers is not None and self.workers < 1):
+            raise ConfigError(f"--ppn {self.ppn}, --gpus {self.gpus}, --workers {self.workers}: "
+                              "expected ppn >= 1, gpus >= 0, workers >= 1")
+        return self
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One job: what it runs (``lymph-cv`` arguments), where, and which files it writes."""
+
+    task: str
+    fold: Optional[int]
+    directory: Path
+    name: str
+    script: Path
+    output: Path
+    exit_file: Path
+    argv: tuple
+
+
+@dataclass
+class JobRecord:
+    """One submitted job as stored in ``jobs.json`` (paths relative to the work directory)."""
+
+    task: str
+    fold: Optional[int]
+    scheduler: str
+    job_id: str
+    script: str
+    output: str
+    exit_file: str
+    command: List[str]
+    submitted: str
+    after: List[str] = field(default_factory=list)
+
+
+@dataclass
+class JobStatus:
+    """A recorded job with its current state (``PENDING``, ``RUNNING``, ``COMPLETED``, …)."""
+
+    record: JobRecord
+    state: str
+    exit_code: Optional[int]
+    log: Path
+
+
+@dataclass
+class Submission:
+    """What :func:`submit_folds` did for one fold."""
+
+    fold: Optional[int]
+    script: Path
+    command: List[str]
+    job_id: Optional[str]
+    skipped: bool = False
+
+
+# -- fold selection and paths -------------------------------------------------------------
+def solver_path(workdir: Path, fold: int) -> Path:
+    """The fold's rendered solver, ``WORKDIR/K/K-alexnet_solver_ada.prototxt``."""
+    return Path(workdir) / str(fold) / render.SOLVER_NAME.format(fold=fold)
+
+
+def train_spec(workdir: Path, fold: int, scheduler: str) -> JobSpec:
+    """The training job of one fold, named like the tutorial's (``K_TASK``)."""
+    directory = Path(workdir).resolve() / str(fold)
+    return JobSpec(
+        task=TRAIN_TASK, fold=fold, directory=directory, name=f"{fold}_TASK",
+        script=directory / f"{fold}_{TRAIN_TASK}{SCRIPT_SUFFIX[scheduler]}",
+        output=directory / f"{fold}_TASK_output.out",
+        exit_file=directory / f"{fold}_{TRAIN_TASK}.exit",
+        argv=(TRAIN_TASK, "--solver", solver_path(workdir, fold).name),
+    )
+
+
+def evaluate_spec(workdir: Path, scheduler: str, args: Sequence[str] = ()) -> JobSpec:
+    """The evaluation job: ``lymph-cv evaluate WORKDIR ARGS…`` run in the work directory."""
+    directory = Path(workdir).resolve()
+    return JobSpec(
+        task=EVALUATE_TASK, fold=None, directory=directory, name="EVAL_TASK",
+        script=directory / f"{EVALUATE_TASK}{SCRIPT_SUFFIX[scheduler]}",
+        output=directory / "EVAL_TASK_output.out",
+        exit_file=directory / f"{EVALUATE_TASK}.exit",
+        argv=(EVALUATE_TASK, str(directory), *args),
+    )
+
+
+# -- scripts ------------------------------------------------------------------------------
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(job_template_dir())),
+        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False,
+    )
+    env.filters["q"] = lambda value: shlex.quote(str(value))
+    env.filters["qjoin"] = lambda values: shlex.join(str(v) for v in values)
+    return env
+
+
+def render_script(spec: JobSpec, scheduler: str, options: JobOptions, python: str = sys.executable) -> str:
+    """The job script for ``spec`` on ``scheduler`` (every path shell-quoted)."""
+    template = _environment().get_template(f"{scheduler}.j2")
+    return template.render(
+        name=spec.name, task=spec.task, fold=spec.fold, directory=spec.directory,
+        output_name=os.path.relpath(spec.output, spec.directory), exit_file=spec.exit_file,
+        command=[python, "-m", "lymph_cv", *spec.argv], walltime=options.walltime, queue=options.queue,
+        ppn=options.ppn, gpus=options.gpus, mail=options.mail,
+    )
+
+
+def _slurm_path(path: Path) -> str:
+    # sbatch expands %j, %a, … in file names; "%%" is a literal "%".
+    return str(path).replace("%", "%%")
+
+
+def submit_command(spec: JobSpec, scheduler: str, options: JobOptions) -> List[str]:
+    """The argv that submits ``spec``'s script; it runs from ``spec.directory``.
+
+    qsub gets the key directives on its command line too (wrappers ignore some ``#PBS``
+    lines), with fold-relative file names; sbatch gets absolute ones.
+    """
+    after = list(options.after)
+    if scheduler == "pbs":
+        resources = f"walltime={options.walltime},nodes=1:ppn={options.ppn}"
+        if options.gpus:
+            resources += f":gpus={options.gpus}:exclusive_process"
+        argv = ["qsub", "-N", spec.name, "-o", os.path.relpath(spec.output, spec.directory), "-j", "oe",
+                "-l", resources]
+        if options.queue:
+            argv += ["-q", options.queue]
+        if options.mail:
+            argv += ["-M", options.mail, "-m", "bea"]
+        if after:
+            argv += ["-W", "depend=afterok:" + ":".join(after)]
+        return argv + [spec.script.name]
+    if scheduler == "slurm":
+        argv = ["sbatch", "--parsable", f"--job-name={spec.name}", f"--time={options.walltime}",
+                f"--cpus-per-task={options.ppn}", f"--chdir={spec.directory}",
+                f"--output={_slurm_path(spec.output)}"]
+        if options.gpus:
+            argv.append(f"--gres=gpu:{options.gpus}")
+        if options.queue:
+            argv.append(f"--partition={options.queue}")
+        if options.mail:
+            argv += [f"--mail-user={options.mail}", "--mail-type=BEGIN,END,FAIL"]
+        if after:
+            argv.append("--dependency=afterok:" + ":".join(after))
+        return argv + [str(spec.script)]
+    if scheduler == "local":
+        return ["bash", str(spec.script)]
+    raise ConfigError(f"unknown scheduler {scheduler!r}", valid=SCHEDULERS)
+
+
+def _one_line(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= MESSAGE_CHARS else line[:MESSAGE_CHARS] + "…"
+
+
+def _run_scheduler(argv: Sequence[str], cwd: Path) -> str:
+    """Run a scheduler command; its stdout, or :class:`SchedulerError` with its message."""
+    if shutil.which(argv[0]) is None:
+        raise SchedulerError(f"{argv[0]}: command not found on PATH (is this a {argv[0]} submit host?)")
+    try:
+        result = subprocess.run(list(argv), cwd=cwd, capture_output=True, text=True,
+                                stdin=subprocess.DEVNULL, check=False)
+    except OSError as exc:
+        raise SchedulerError(f"{argv[0]}: {exc.strerror}") from exc
+    if result.returncode != 0:
+        message = _one_line(result.stderr) or _one_line(result.stdout) or "no message"
+        raise SchedulerError(f"{argv[0]} failed (exit {result.returncode}): {message}")
+    return result.stdout
+
+
+def parse_job_id(scheduler: str, stdout: str) -> str:
+    """The job id printed by ``sbatch --parsable`` or ``qsub`` (last non-empty line)."""
+    lines = [line.strip() for line in stdout.splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    if scheduler == "slurm":
+        match = _SBATCH_ID_RE.match(last)
+        if match:
+            return match.group(1)
+    elif _QSUB_ID_RE.match(last):
+        return last
+    raise SchedulerError(f"{SUBMIT_COMMAND[scheduler]} printed no job id: {_one_line(stdout) or '(nothing)'!r}")
+
+
+# -- jobs.json ----------------------------------------------------------------------------
+@contextlib.contextmanager
+def _locked(workdir: Path) -> Iterator[None]:
+    """Serialise read-modify-write of ``jobs.json`` between concurrent submissions."""
+    with open(Path(workdir) / LOCK_FILE, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def load_jobs(workdir: Path) -> List[JobRecord]:
+    """The recorded jobs (empty when nothing was submitted)."""
+    path = Path(workdir) / JOBS_FILE
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text())
+        return [JobRecord(**entry) for entry in data["jobs"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"not a lymph-cv jobs file ({exc})", path) from exc
+
+
+def _save_jobs(workdir: Path, records: List[JobRecord]) -> None:
+    atomic_write_json(Path(workdir) / JOBS_FILE,
+                      {"version": JOBS_VERSION, "jobs": [asdict(record) for record in records]})
+
+
+def _record(workdir: Path, record: JobRecord) -> None:
+    """Add ``record`` to ``jobs.json``, replacing an older job of the same task and fold."""
+    with _locked(workdir):
+        records = [r for r in load_jobs(workdir) if (r.task, r.fold) != (record.task, record.fold)]
+        _save_jobs(workdir, records + [record])
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# -- submission ---------------------------------------------------------------------------
+def _submit_spec(workdir: Path, spec: JobSpec, scheduler: str, options: JobOptions,
+                 dry_run: bool) -> Submission:
+    atomic_write_text(spec.script, render_script(spec, scheduler, options))
+    spec.script.chmod(0o755)
+    command = submit_command(spec, scheduler, options)
+    if dry_run:
+        return Submission(spec.fold, spec.script, command, None)
+    # A stale exit file from an earlier run would make the new job look finished.
+    spec.exit_file.unlink(missing_ok=True)
+    if scheduler == "local":
+        job_id = _local_submit(workdir, spec, options)
+    else:
+        job_id = parse_job_id(scheduler, _run_scheduler(command, cwd=spec.directory))
+    rel = lambda path: os.path.relpath(path, Path(workdir).resolve())  # noqa: E731
+    _record(workdir, JobRecord(
+        task=spec.task, fold=spec.fold, scheduler=scheduler, job_id=job_id, script=rel(spec.script),
+        output=rel(spec.output), exit_file=rel(spec.exit_file), command=command, submitted=_now(),
+        after=list(options.after),
+    ))
+    log.info("%s %s: submitted as %s job %s", spec.task, spec.fold if spec.fold else "", scheduler, job_id)
+    return Submission(spec.fold, spec.script, command, job_id)
+
+
+def _check_scheduler(scheduler: str) -> None:
+    if scheduler not in SCHEDULERS:
+        raise ConfigError(f"unknown scheduler {scheduler!r}", valid=SCHEDULERS)
+
+
+def _ensure_configs(workdir: Path, folds: Sequence[int]) -> None:
+    """Render the folds whose solver is missing, then check every fold has one."""
+    missing = [fold for fold in folds if not solver_path(workdir, fold).is_file()]
+    if missing:
+        log.info("rendering configs of folds %s", ", ".join(map(str, missing)))
+        render.render_folds(workdir, folds=missing)
+    for fold in folds:
+        if not solver_path(workdir, fold).is_file():
+            raise ConfigError(f"fold {fold}: solver missing (run `lymph-cv render`)", solver_path(workdir, fold))
+
+
+def submit_folds(workdir: Path, scheduler: str, folds: Optional[Sequence[int]] = None,
+                 options: JobOptions = JobOptions(), dry_run: bool = False,
+                 resubmit: bool = False) -> List[Submission]:
+    """Write and submit one training job per fold; record each in ``jobs.json`` as it goes.
+
+    Folds already recorded are skipped unless ``resubmit``; ``dry_run`` writes the scripts
+    and returns the commands without submitting or recording anything.
+    """
+    workdir = Path(workdir)
+    _check_scheduler(scheduler)
+    options.validate()
+    if not workdir.is_dir():
+        raise ConfigError("work directory not found", workdir)
+    folds = list(folds) if folds else render.fold_numbers(workdir)
+    _ensure_configs(workdir, folds)
+    done = {r.fold: r for r in load_jobs(workdir) if r.task == TRAIN_TASK}
+    submissions = []
+    for fold in folds:
+        spec = train_spec(workdir, fold, scheduler)
+        if fold in done and not resubmit and not dry_run:
+            previous = done[fold]
+            log.info("fold %d: already submitted as %s job %s (use --resubmit)", fold,
+                     previous.scheduler, previous.job_id)
+            submissions.append(Submission(fold, workdir / previous.script, previous.command,
+                                          previous.job_id, skipped=True))
+            continue
+        submissions.append(_submit_spec(workdir, spec, scheduler, options, dry_run))
+    return submissions
+
+
+def training_job_ids(workdir: Path, scheduler: Optional[str] = None) -> List[str]:
+    """Job ids of the recorded training jobs (of one scheduler when given)."""
+    return [r.job_id for r in load_jobs(workdir)
+            if r.task == TRAIN_TASK and (scheduler is None or r.scheduler == scheduler)]
+
+
+def submit_evaluation(workdir: Path, scheduler: str, options: JobOptions = JobOptions(),
+                      after: Optional[Sequence[str]] = None, args: Sequence[str] = (),
+                      dry_run: bool = False) -> Submission:
+    """Submit ``lymph-cv evaluate WORKDIR ARGS…`` to run once the training jobs succeeded.
+
+    ``after`` defaults to every recorded training job of ``scheduler`` (``afterok``).
+    """
+    _check_scheduler(scheduler)
+    after = training_job_ids(workdir, scheduler) if after is None else list(after)
+    options = JobOptions(**{**asdict(options), "after": tuple(after)}).validate()
+    return _submit_spec(Path(workdir), evaluate_spec(workdir, scheduler, args), scheduler, options, dry_run)
+
+
+def submit_lymph_cv(workdir: Path, task: str, argv: Sequence[str], scheduler: str,
+                    options: JobOptions = JobOptions(), dry_run: bool = False) -> Submission:
+    """Submit any ``lymph-cv ARGV…`` as a job named ``task`` run in the work directory."""
+    _check_scheduler(scheduler)
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", task) or task == TRAIN_TASK:
+        raise ConfigError(f"job task {task!r}: expected a plain name other than {TRAIN_TASK!r}")
+    directory = Path(workdir).resolve()
+    spec = JobSpec(task=task, fold=None, directory=directory, name=f"{task.upper()}_TASK",
+                   script=directory / f"{task}{SCRIPT_SUFFIX[scheduler]}",
+                   output=directory / f"{task.upper()}_TASK_output.out",
+                   exit_file=directory / f"{task}.exit", argv=tuple(argv))
+    return _submit_spec(Path(workdir), spec, scheduler, options.validate(), dry_run)
+
+
+# -- states -------------------------------------------------------------------------------
+def _read_exit(path: Path) -> Optional[int]:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _scheduler_state(record: JobRecord, cwd: Path) -> Optional[str]:
+    """The scheduler's view of a job; ``None`` when it no longer knows the job."""
+    if record.scheduler == "slurm":
+        try:
+            out = _run_scheduler(["squeue", "--noheader", f"--jobs={record.job_id}", "--format=%T"], cwd).strip()
+        except SchedulerError as exc:
+            if "not found on PATH" in str(exc):
+                raise
+            out = ""
+        if out:
+            return out.split()[0]
+        try:  # gone from squeue: scontrol remembers finished jobs for MinJobAge seconds
+            out = _run_scheduler(["scontrol", "show", "job", record.job_id], cwd)
+        except SchedulerError:
+            return None
+        match = re.search(r"\bJobState=(\w+)", out)
+        return match.group(1) if match else None
+    try:
+        out = _run_scheduler(["qstat", "-f", record.job_id], cwd)
+    except SchedulerError as exc:
+        if "not found on PATH" in str(exc):
+            raise
+        return None
+    match = re.search(r"job_state\s*=\s*(\w)", out)
+    if not match:
+        return None
+    state = PBS_STATES.get(match.group(1), UNKNOWN)
+    status = re.search(r"exit_status\s*=\s*(-?\d+)", out)
+    if state == COMPLETED and status and int(status.group(1)) != 0:
+        return FAILED
+    return state
+
+
+def job_status(workdir: Path, record: JobRecord) -> JobStatus:
+    """The current state of one recorded job.
+
+    The job's exit file decides first (written by the script as its last step); then the
+    scheduler (squeue/scontrol, qstat, the local state file); a job the scheduler no longer
+    lists and that wrote no exit file ended before finishing its script: ``FAILED``.
+    """
+    workdir = Path(workdir)
+    output = workdir / record.output
+    exit_code = _read_exit(workdir / record.exit_file)
+    if exit_code is not None:
+        return JobStatus(record, COMPLETED if exit_code == 0 else FAILED, exit_code, output)
+    if record.scheduler == "local":
+        state = _local_state(workdir, record.job_id)
+    else:
+        state = _scheduler_state(record, workdir)
+    if state is None or state == COMPLETED:
+        # Finished without writing its exit file: killed, out of time, or the script failed early.
+        state = FAILED
+    return JobStatus(record, state, None, output)
+
+
+def job_states(workdir: Path, task: Optional[str] = TRAIN_TASK) -> List[JobStatus]:
+    """States of the recorded jobs of ``task`` (all tasks when ``None``), folds in order."""
+    records = [r for r in load_jobs(workdir) if task is None or r.task == task]
+    records.sort(key=lambda r: (r.task != TRAIN_TASK, r.task, r.fold or 0))
+    return [job_status(workdir, record) for record in records]
+
+
+def wait_for_jobs(workdir: Path, task: Optional[str] = TRAIN_TASK, timeout: Optional[float] = None,
+                  poll: float = POLL_S) -> Dict[Optional[int], str]:
+    """Poll until every recorded job of ``task`` has finished; fold → final state.
+
+    Raises :class:`SchedulerError` when ``timeout`` seconds pass first.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        states = {s.record.fold: s.state for s in job_states(workdir, task)}
+        if not states:
+            raise SchedulerError(f"no {task or ''} jobs recorded (run `lymph-cv submit`)", Path(workdir) / JOBS_FILE)
+        waiting = {fold: state for fold, state in states.items() if state not in FINISHED_STATES}
+        if not waiting:
+            return states
+        if deadline is not None and time.monotonic() >= deadline:
+            pending = ", ".join(f"{fold}: {state}" for fold, state in sorted(waiting.items(), key=str))
+            raise SchedulerError(f"timed out after {timeout:.0f}s waiting for jobs ({pending})")
+        time.sleep(poll)
+
+
+# -- the local runner ---------------------------------------------------------------------
+def _local_dir(workdir: Path) -> Path:
+    path = Path(workdir).resolve() / LOCAL_DIR
+    (path / "slots").mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _local_state_path(workdir: Path, job_id: str) -> Path:
+    return _local_dir(workdir) / f"{job_id}.json"
+
+
+def _new_local_id(workdir: Path) -> str:
+    """The next free integer id; the state file is created exclusively to claim it."""
+    folder = _local_dir(workdir)
+    number = 1 + max((int(p.stem) for p in folder.glob("*.json") if p.stem.isdigit()), default=0)
+    while True:
+        try:
+            with open(folder / f"{number}.json", "x") as handle:
+                json.dump({"state": PENDING}, handle)
+            return str(number)
+        except FileExistsError:
+            number += 1
+
+
+def _local_submit(workdir: Path, spec: JobSpec, options: JobOptions) -> str:
+    """Start a detached worker that waits for its dependencies and a free slot, then runs the script."""
+    job_id = _new_local_id(workdir)
+    workers = options.workers or max(1, (os.cpu_count() or 1) // options.ppn)
+    argv = [sys.executable, "-m", "lymph_cv.jobs", str(_local_state_path(workdir, job_id)), str(spec.script),
+            str(workers), *options.after]
+    with open(spec.output, "ab") as out:
+        subprocess.Popen(argv, cwd=spec.directory, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                         start_new_session=True, close_fds=True)
+    return job_id
+
+
+def _pid_alive(pid: Optional[int]) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _local_state(workdir: Path, job_id: str) -> Optional[str]:
+    path = Path(workdir).resolve() / LOCAL_DIR / f"{job_id}.json"
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if state.get("state") in (PENDING, RUNNING) and "pid" in state and not _pid_alive(state["pid"]):
+        return FAILED  # the worker died without recording an end
+    return state.get("state")
+
+
+def _write_local_state(path: Path, **values) -> None:
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        state = {}
+    state.update(values)
+    atomic_write_json(path, state)
+
+
+@contextlib.contextmanager
+def _slot(slots: Path, workers: int) -> Iterator[int]:
+    """Hold one of ``workers`` lock files; the kernel frees it if this process dies."""
+    while True:
+        for index in range(workers):
+            handle = open(slots / f"slot-{index}.lock", "a")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            try:
+                yield index
+            finally:
+                handle.close()
+            return
+        time.sleep(POLL_S / 4)
+
+
+def _local_worker(state_path: Path, script: Path, workers: int, after: Sequence[str]) -> int:
+    """Body of a detached local job: dependencies (afterok), a slot, then ``bash script``."""
+    _write_local_state(state_path, pid=os.getpid(), script=str(script), after=list(after), submitted=_now())
+    folder = state_path.parent
+    for dependency in after:
+        while (state := _local_state(folder.parent, dependency)) not in FINISHED_STATES:
+            if state is None:
+                break
+            time.sleep(POLL_S / 4)
+        if state != COMPLETED:
+            _write_local_state(state_path, state=CANCELLED, reason=f"dependency {dependency}: {state}", ended=_now())
+            return 1
+    with _slot(folder / "slots", workers) as slot:
+        _write_local_state(state_path, state=RUNNING, slot=slot, started=_now())
+        code = subprocess.run(["bash", str(script)], stdin=subprocess.DEVNULL, check=False).returncode
+    _write_local_state(state_path, state=COMPLETED if code == 0 else FAILED, exit_code=code, ended=_now())
+    return code
+
+
+def _local_main(argv: Sequence[str]) -> int:
+    state_path, script, workers, *after = argv
+    return _local_worker(Path(state_path), Path(script), int(workers), after)
+
+
+if __name__ == "__main__":
+    sys.exit(_local_main(sys.argv[1:]))
