@@ -42,7 +42,7 @@ def blob_to_array(blob: caffe_pb2.BlobProto) -> np.ndarray:
         values = np.asarray(blob.double_data, dtype=np.float64)
     else:
         values = np.asarray(blob.data, dtype=np.float32)
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 0
+    count = int(np.prod(shape, dtype=np.int64))  # 1 for a 0-axis (scalar) blob, as in Caffe
     if any(d < 0 for d in shape) or values.size != count:
         raise FormatError(f"blob holds {values.size} values but its shape {shape} needs {count}")
     return values.reshape(shape)

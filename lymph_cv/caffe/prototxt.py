@@ -19,8 +19,8 @@ from lymph_cv.caffe import caffe_pb2
 from lymph_cv.errors import FormatError
 
 PathLike = Union[str, os.PathLike]
-NET_EXPECTED = "expected a Caffe net prototxt (NetParameter text format)"
-SOLVER_EXPECTED = "expected a Caffe solver prototxt (SolverParameter text format)"
+NET_EXPECTED = "expected a Caffe net prototxt (NetParameter in text format)"
+SOLVER_EXPECTED = "expected a Caffe solver prototxt (SolverParameter in text format)"
 
 _V1 = caffe_pb2.V1LayerParameter
 #: V1 layer type enum → V2 type string (Caffe's UpgradeV1LayerType).
@@ -113,7 +113,7 @@ def _parse_text(text: str, message, path: Optional[PathLike], expected: str):
         line, column = exc.GetLine(), exc.GetColumn()
         detail = _LINE_RE.sub("", str(exc))
         where = f"line {line}, column {column}: " if line else ""
-        raise FormatError(f"{where}{detail} ({expected})", path) from exc
+        raise FormatError(f"{where}{detail.rstrip('.')}; {expected}", path) from exc
     return message
 
 
@@ -184,10 +184,10 @@ def upgrade_net(net: caffe_pb2.NetParameter, path: Optional[PathLike] = None) ->
     return upgraded
 
 
-def parse_net_text(text: str, path: Optional[PathLike] = None) -> caffe_pb2.NetParameter:
-    """Parse net prototxt text and upgrade it to V2."""
+def parse_net_text(text: str, path: Optional[PathLike] = None, upgrade: bool = True) -> caffe_pb2.NetParameter:
+    """Parse net prototxt text and (unless ``upgrade`` is false) upgrade it to V2."""
     net = _parse_text(text, caffe_pb2.NetParameter(), path, NET_EXPECTED)
-    return upgrade_net(net, path)
+    return upgrade_net(net, path) if upgrade else net
 
 
 def read_net_prototxt(path: PathLike) -> caffe_pb2.NetParameter:

@@ -1,0 +1,27 @@
+"""``lymph-cv inspect PATH``: what a Caffe file or database holds."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from lymph_cv.inspect import DEFAULT_KEY_LIMIT, describe, format_description
+
+
+@click.command("inspect")
+@click.argument("path", type=click.Path(path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=DEFAULT_KEY_LIMIT,
+    show_default=True,
+    help="How many database keys to list.",
+)
+def inspect(path: str, as_json: bool, limit: int) -> None:
+    """Describe a caffemodel, solverstate, mean binaryproto, net/solver prototxt or LevelDB/LMDB."""
+    info = describe(path, limit=limit)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        click.echo(format_description(info), nl=False)

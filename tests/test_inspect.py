@@ -1,0 +1,111 @@
+"""``lymph-cv inspect``: recognition by contents, text and JSON output, one-line errors."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from lymph_cv.caffe.datum import serialize_datum
+from lymph_cv.store import BACKENDS, make_key, open_writer
+
+FOLD1_CHANNEL_MEANS = (119.34, 97.27, 118.56)  # B, G, R
+MODEL = "1_caffenet_train_w32_iter_600000.caffemodel"
+MEAN = "DB_train_w32_1.binaryproto"
+
+
+def _ok(runner, cli, *args):
+    result = runner.invoke(cli, ["inspect", *map(str, args)])
+    assert result.exit_code == 0, result.stderr
+    return result.stdout
+
+
+def _fails(runner, cli, path, *, contains=""):
+    result = runner.invoke(cli, ["inspect", str(path)])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: "), result.stderr
+    assert contains in lines[0]
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    return lines[0]
+
+
+def test_caffemodel_layer_table(runner, cli, reference):
+    out = _ok(runner, cli, reference / MODEL)
+    assert "net: CIFAR10_quick" in out
+    rows = {line.split()[0]: line for line in out.splitlines()}
+    assert "32x3x5x5, 32" in rows["conv1"] and rows["conv1"].endswith("2,432")
+    assert "64x1024, 64" in rows["ip1"] and "3x64, 3" in rows["ip2"]
+    assert rows["total"].endswith("145,123")
+    info = json.loads(_ok(runner, cli, "--json", reference / MODEL))
+    assert info["kind"] == "caffemodel" and info["total_params"] == 145_123
+
+
+def test_mean_json_channel_means(runner, cli, reference):
+    info = json.loads(_ok(runner, cli, "--json", reference / MEAN))
+    assert info["kind"] == "mean" and info["shape"] == [3, 36, 36] and info["channel_order"] == "BGR"
+    np.testing.assert_allclose(info["channel_means"], FOLD1_CHANNEL_MEANS, atol=0.006)
+    assert "channel means (B, G, R): 119.338, 97.267, 118.565" in _ok(runner, cli, reference / MEAN)
+
+
+def test_solverstate(runner, cli, reference):
+    info = json.loads(_ok(runner, cli, "--json", reference / "1_caffenet_train_w32_iter_600000.solverstate"))
+    assert (info["kind"], info["iter"], info["history_count"], info["current_step"]) == ("solverstate", 600000, 10, 5)
+    assert info["learned_net"].endswith(MODEL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_database(runner, cli, tmp_path, backend):
+    path = tmp_path / "DB_train_1"  # recognised by its files, not its name
+    rng = np.random.default_rng(0)
+    labels = [0, 1, 2, 2, 1, 2, 0]
+    with open_writer(path, backend) as writer:
+        for index, label in enumerate(labels):
+            patch = rng.integers(0, 256, (3, 36, 36), dtype=np.uint8)
+            writer.put(make_key(index, f"CLL/x_{index}.tif"), serialize_datum(patch, label))
+    info = json.loads(_ok(runner, cli, "--json", "--limit", "2", path))
+    assert info["kind"] == "db" and info["backend"] == backend and info["records"] == len(labels)
+    assert info["first_keys"] == ["00000000_CLL/x_0.tif", "00000001_CLL/x_1.tif"]
+    assert info["datum_shape"] == [3, 36, 36]
+    assert info["label_histogram"] == {"0": 2, "1": 2, "2": 3}
+    text = _ok(runner, cli, path)
+    assert "records: 7" in text and "labels: 0: 2, 1: 2, 2: 3" in text
+
+
+def test_net_and_solver_prototxt(runner, cli, tmp_path):
+    net = tmp_path / "net.prototxt"
+    net.write_text(
+        'name: "q"\nlayers { name: "d" type: DATA top: "data" top: "label" include { phase: TRAIN } }\n'
+        'layers { name: "ip" type: INNER_PRODUCT bottom: "data" top: "ip" }\n'
+    )
+    info = json.loads(_ok(runner, cli, "--json", net))
+    assert info["kind"] == "net" and info["format"] == "V1"
+    assert [(l["name"], l["type"], l["phase"]) for l in info["layers"]] == [("d", "Data", "TRAIN"), ("ip", "InnerProduct", None)]
+    solver = tmp_path / "solver.prototxt"
+    solver.write_text('net: "net.prototxt"\nbase_lr: 0.001\nsolver_type: ADAGRAD\n')
+    info = json.loads(_ok(runner, cli, "--json", solver))
+    assert info["kind"] == "solver" and info["fields"]["type"] == "AdaGrad"
+    assert 'type: "AdaGrad"' in _ok(runner, cli, solver)
+
+
+def test_bad_inputs_give_one_line_errors(runner, cli, reference, tmp_path):
+    model = (reference / MODEL).read_bytes()
+    (tmp_path / "cut.caffemodel").write_bytes(model[: len(model) // 2])
+    _fails(runner, cli, tmp_path / "cut.caffemodel", contains="expected a Caffe model")
+    mean = (reference / MEAN).read_bytes()
+    (tmp_path / "cut.binaryproto").write_bytes(mean[:-7])
+    _fails(runner, cli, tmp_path / "cut.binaryproto", contains="mean file")
+    (tmp_path / "noise.bin").write_bytes(np.random.default_rng(0).bytes(4096))
+    _fails(runner, cli, tmp_path / "noise.bin", contains="not a recognised Caffe file")
+    (tmp_path / "empty").write_bytes(b"")
+    _fails(runner, cli, tmp_path / "empty", contains="not a recognised Caffe file")
+    _fails(runner, cli, reference / "train_w32_parent_1.txt", contains="not a recognised Caffe file")
+    (tmp_path / "bad.prototxt").write_text('name: "x"\nlayer {\n  nme: "a"\n}\n')
+    _fails(runner, cli, tmp_path / "bad.prototxt", contains="line 3")
+    _fails(runner, cli, tmp_path / "missing.caffemodel", contains="no such file")
+    (tmp_path / "dir").mkdir()
+    _fails(runner, cli, tmp_path / "dir", contains="LevelDB")
+    with open_writer(tmp_path / "notdatum", "lmdb") as writer:
+        writer.put(b"k", os.urandom(64))
+    _fails(runner, cli, tmp_path / "notdatum", contains="record 0")
