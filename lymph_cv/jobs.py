@@ -496,21 +496,25 @@ def job_states(workdir: Path, task: Optional[str] = TRAIN_TASK) -> List[JobStatu
 
 
 def wait_for_jobs(workdir: Path, task: Optional[str] = TRAIN_TASK, timeout: Optional[float] = None,
-                  poll: float = POLL_S) -> Dict[Optional[int], str]:
-    """Poll until every recorded job of ``task`` has finished; fold → final state.
+                  poll: float = POLL_S) -> Dict:
+    """Poll until every recorded job of ``task`` has finished; return the final states.
 
-    Raises :class:`SchedulerError` when ``timeout`` seconds pass first.
+    Keys are folds for one task (``None`` for a job without a fold), ``(task, fold)`` pairs
+    when ``task`` is ``None``.  Raises :class:`SchedulerError` when ``timeout`` seconds
+    pass first.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        states = {s.record.fold: s.state for s in job_states(workdir, task)}
-        if not states:
-            raise SchedulerError(f"no {task or ''} jobs recorded (run `lymph-cv submit`)", Path(workdir) / JOBS_FILE)
-        waiting = {fold: state for fold, state in states.items() if state not in FINISHED_STATES}
+        statuses = job_states(workdir, task)
+        if not statuses:
+            raise SchedulerError(f"no {task or ''} jobs recorded (run `lymph-cv submit`)".replace("  ", " "),
+                                 Path(workdir) / JOBS_FILE)
+        waiting = [s for s in statuses if s.state not in FINISHED_STATES]
         if not waiting:
-            return states
+            return {(s.record.fold if task else (s.record.task, s.record.fold)): s.state for s in statuses}
         if deadline is not None and time.monotonic() >= deadline:
-            pending = ", ".join(f"{fold}: {state}" for fold, state in sorted(waiting.items(), key=str))
+            pending = ", ".join(f"{s.record.task} {s.record.fold or ''}: {s.state}".replace(" :", ":")
+                                for s in waiting)
             raise SchedulerError(f"timed out after {timeout:.0f}s waiting for jobs ({pending})")
         time.sleep(poll)
 
