@@ -282,6 +282,7 @@ class _Job:
     out_dir: Path
     patch_size: int
     step: int
+    write: bool
 
 
 @dataclass(frozen=True)
@@ -316,7 +317,7 @@ def _extract_one(job: _Job) -> _Done:
         return _Done(None, problem=str(exc))
     entry = image_entry(source, shape, len(patches))
     names = entry.patch_names()
-    if all((job.out_dir / n).is_file() for n in names):
+    if not job.write or all((job.out_dir / n).is_file() for n in names):
         return _Done(entry, 0, conversion)
     try:
         for name, patch in zip(names, patches):
@@ -371,6 +372,7 @@ def extract_patches(
     workers: Optional[int] = None,
     write_mat: bool = False,
     skip_bad: bool = False,
+    write_patches: bool = True,
 ) -> Manifest:
     """Step 1: write every image's rotated patches to ``out_dir`` and ``out_dir/manifest.json``.
 
@@ -382,6 +384,8 @@ def extract_patches(
         workers: processes, one image at a time each (``None`` = all cores).
         write_mat: also write Matlab's ``class_struct.mat`` next to the manifest.
         skip_bad: warn about and skip unreadable or too-small images instead of stopping.
+        write_patches: False writes only the manifest (for building the databases straight
+            from the images, see :func:`lymph_cv.dbs.build_dbs`).
 
     Images whose patches are all present already are not rewritten (resumable).
     """
@@ -393,7 +397,7 @@ def extract_patches(
     bad = BadInputs(skip_bad)
     entries: list[ImageEntry] = []
     written = 0
-    jobs = [_Job(s, out_dir, patch_size, step) for s in sources]
+    jobs = [_Job(s, out_dir, patch_size, step, write_patches) for s in sources]
     for done in imap(_extract_one, jobs, workers=workers, desc="patches", unit="img"):
         if done.fatal:
             raise LymphCVError(done.fatal)

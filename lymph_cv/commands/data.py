@@ -68,14 +68,69 @@ _SKIP_BAD = click.option("--skip-bad", is_flag=True, help="Warn about and skip b
 @click.option("--patch-size", type=click.IntRange(min=1), default=36, show_default=True)
 @click.option("--step", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--mat", "write_mat", is_flag=True, help="Also write Matlab's class_struct.mat.")
+@click.option("--manifest-only", is_flag=True, help="Write only manifest.json, no patch files (for `dbs --images`).")
 @_SKIP_BAD
 @_WORKERS
-def patches(data: Path, out: Path, classes: list[str], patch_size: int, step: int, write_mat: bool, skip_bad: bool, workers) -> None:
+def patches(data: Path, out: Path, classes: list[str], patch_size: int, step: int, write_mat: bool,
+            manifest_only: bool, skip_bad: bool, workers) -> None:
     """Step 1: rotated patches of every image of DATA/<class>/ into OUT (with manifest.json)."""
     from lymph_cv import patches as patches_module
 
     manifest = patches_module.extract_patches(
         data, out, classes=classes, patch_size=patch_size, step=step,
-        workers=workers, write_mat=write_mat, skip_bad=skip_bad,
+        workers=workers, write_mat=write_mat, skip_bad=skip_bad, write_patches=not manifest_only,
     )
     click.echo(f"{len(manifest.images)} images, {manifest.total_patches} patches in {out}")
+
+
+class _DefaultCommandGroup(click.Group):
+    """A group whose arguments, when they do not start with a subcommand, go to ``default``."""
+
+    default = "make"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = [self.default, *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_DefaultCommandGroup)
+def folds() -> None:
+    """Step 2: `folds MANIFEST OUT` writes the k-fold lists; `folds check DIR` looks for leaks."""
+
+
+@folds.command("make")
+@click.argument("manifest", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--k", type=click.IntRange(min=2), default=5, show_default=True, help="Number of folds.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--group-by", type=click.Choice(["image", "case"]), default="image", show_default=True,
+              help="image: the tutorial (each image its own patient); case: a case's images stay together.")
+@click.option("--case-regex", default=None, help="Case id from an image stem (group 'case'; default '<case>_NNN').")
+@click.option("--from-parent-lists", "parent_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Reproduce the split of these train/test_w32_parent_K.txt lists.")
+def make_folds(manifest: Path, out: Path, k: int, seed: int, group_by: str, case_regex, parent_dir) -> None:
+    """Write train/test patch and parent lists per fold to OUT (MANIFEST: subs/manifest.json or subs/)."""
+    from lymph_cv import folds as folds_module
+    from lymph_cv.patches import DEFAULT_CASE_REGEX
+
+    if parent_dir is not None:
+        fold_set = folds_module.folds_from_parent_lists(manifest, parent_dir, out)
+    else:
+        fold_set = folds_module.make_folds(manifest, out, k=k, seed=seed, group_by=group_by,
+                                           case_regex=case_regex or DEFAULT_CASE_REGEX)
+    click.echo(folds_module.describe(fold_set))
+
+
+@folds.command("check")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--case-regex", default=None, help="Case id from an image stem (default: folds.json's, else '<case>_NNN').")
+@click.option("--strict", is_flag=True, help="Exit with status 1 when any case or image is on both sides of a fold.")
+def check(directory: Path, case_regex, strict: bool) -> None:
+    """Report per fold the cases found on both sides and the class balance."""
+    from lymph_cv import folds as folds_module
+
+    report = folds_module.check_folds(directory, case_regex)
+    click.echo(folds_module.format_check(report))
+    if strict and report.leaks:
+        raise click.exceptions.Exit(1)

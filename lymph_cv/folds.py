@@ -1,0 +1,394 @@
+"""Step 2: k-fold train/test lists (patch lists and parent lists), the published split, leak checks.
+
+Per fold K the tutorial's four files: ``train_w32_K.txt`` / ``test_w32_K.txt`` with one
+``<patch file><TAB><label>`` per line, and ``train_w32_parent_K.txt`` / ``test_w32_parent_K.txt``
+with one ``CLASS/file.tif`` per line; plus ``folds.json`` with the parameters.
+
+The split mirrors Matlab's ``crossvalind('Kfold', N, k)`` applied class by class: within each
+class the groups (images, or cases with ``group_by="case"``) are taken in name order, permuted
+with a generator seeded by ``(seed, class index)``, and the j-th group of the permutation goes
+to test fold ``j mod k + 1``.  Every class is therefore spread over all folds, fold sizes per
+class differ by at most one group, and the result depends only on the seed and the names.
+Lines are written in the tutorial's order: class by class, image by image (name order), each
+image's patches in number order.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from lymph_cv.errors import ConfigError, FormatError, InputError
+from lymph_cv.fsutil import atomic_write_json, atomic_write_text
+from lymph_cv.patches import DEFAULT_CASE_REGEX, ImageEntry, Manifest, case_of, compile_case_regex, load_manifest
+
+log = logging.getLogger(__name__)
+
+TRAIN_LIST = "train_w32_{fold}.txt"
+TEST_LIST = "test_w32_{fold}.txt"
+TRAIN_PARENT = "train_w32_parent_{fold}.txt"
+TEST_PARENT = "test_w32_parent_{fold}.txt"
+FOLDS_JSON = "folds.json"
+GROUP_BY = ("image", "case")
+DEFAULT_K = 5
+_PARENT_PATTERN = re.compile(r"^(train|test)_w32_parent_(\d+)\.txt$")
+_LIST_PATTERN = re.compile(r"^(train|test)_w32_(\d+)\.txt$")
+_LABEL_PATTERN = re.compile(rb"\s(-?\d+)\r?\n")
+
+
+@dataclass
+class Fold:
+    """One train/test split (``index`` counts from 1, as in the file names)."""
+
+    index: int
+    train: list[ImageEntry]
+    test: list[ImageEntry]
+
+
+@dataclass
+class FoldSet:
+    """The k folds and how they were made."""
+
+    folds: list[Fold]
+    classes: list[str]
+    k: int
+    seed: Optional[int]
+    group_by: str
+    case_regex: str
+    source: str  # "crossvalind" or the parent-list folder
+    out_dir: Optional[Path] = None
+
+    def to_json(self) -> dict:
+        return {
+            "k": self.k,
+            "seed": self.seed,
+            "group_by": self.group_by,
+            "case_regex": self.case_regex,
+            "source": self.source,
+            "classes": self.classes,
+            "folds": [
+                {
+                    "fold": f.index,
+                    "train_images": len(f.train),
+                    "test_images": len(f.test),
+                    "train_patches": sum(e.patches for e in f.train),
+                    "test_patches": sum(e.patches for e in f.test),
+                }
+                for f in self.folds
+            ],
+        }
+
+
+def _as_manifest(manifest: Union[Manifest, str, os.PathLike]) -> Manifest:
+    return manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+
+
+def assign_folds(count: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """crossvalind('Kfold')-style fold numbers (1..k) for ``count`` groups of one class."""
+    folds = np.empty(count, dtype=np.int64)
+    folds[rng.permutation(count)] = np.arange(count) % k + 1
+    return folds
+
+
+def make_folds(
+    manifest: Union[Manifest, str, os.PathLike],
+    out_dir: Union[str, os.PathLike],
+    *,
+    k: int = DEFAULT_K,
+    seed: int = 0,
+    group_by: str = "image",
+    case_regex: str = DEFAULT_CASE_REGEX,
+) -> FoldSet:
+    """Split the manifest's images into ``k`` folds class by class and write the lists to ``out_dir``.
+
+    Args:
+        manifest: a :class:`Manifest` or the path of ``manifest.json`` (or its folder).
+        out_dir: the work folder; gets the four lists per fold and ``folds.json``.
+        k: number of folds (at least 2).
+        seed: seeds the per-class permutations (recorded in ``folds.json``).
+        group_by: ``"image"`` (the tutorial: each image its own patient) or ``"case"`` (all
+            images of a case on the same side, so no patient leaks between train and test).
+        case_regex: how to get the case id from an image stem (group ``case`` or the first).
+    """
+    manifest = _as_manifest(manifest)
+    if k < 2:
+        raise ConfigError(f"--k must be at least 2, got {k}")
+    if group_by not in GROUP_BY:
+        raise ConfigError(f"unknown --group-by {group_by!r}", valid=GROUP_BY)
+    case_regex = compile_case_regex(case_regex)
+    fold_of: dict[str, int] = {}
+    for label, (name, images) in enumerate(manifest.by_class().items()):
+        keys = [image.name if group_by == "image" else case_of(image.stem, case_regex) for image in images]
+        groups = sorted(set(keys))
+        if len(groups) < k:
+            log.warning("warning: class %s has %d %s(s), fewer than %d folds: some test folds lack it", name, len(groups), group_by, k)
+        numbers = assign_folds(len(groups), k, np.random.default_rng([seed, label]))
+        group_fold = dict(zip(groups, numbers.tolist()))
+        for image, key in zip(images, keys):
+            fold_of[image.parent_name] = group_fold[key]
+    folds = [
+        Fold(
+            index,
+            [e for e in manifest.images if fold_of[e.parent_name] != index],
+            [e for e in manifest.images if fold_of[e.parent_name] == index],
+        )
+        for index in range(1, k + 1)
+    ]
+    fold_set = FoldSet(folds, list(manifest.classes), k, seed, group_by, case_regex, "crossvalind")
+    write_folds(fold_set, manifest, out_dir)
+    return fold_set
+
+
+def read_list_lines(path: Path) -> list[str]:
+    """Non-empty lines of a text list (InputError naming the file when it cannot be read)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise InputError("list file not found", path) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read list file ({exc})", path) from exc
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def parent_list_folds(parent_dir: Union[str, os.PathLike]) -> list[int]:
+    """Fold numbers that have both a train and a test parent list in ``parent_dir``."""
+    parent_dir = Path(parent_dir)
+    if not parent_dir.is_dir():
+        raise InputError("no such folder; expected train_w32_parent_K.txt / test_w32_parent_K.txt lists", parent_dir)
+    sides: dict[int, set[str]] = defaultdict(set)
+    for name in os.listdir(parent_dir):
+        match = _PARENT_PATTERN.match(name)
+        if match:
+            sides[int(match.group(2))].add(match.group(1))
+    incomplete = sorted(f for f, s in sides.items() if len(s) < 2)
+    if incomplete:
+        raise InputError(f"fold {incomplete[0]} has only one of its train/test parent lists", parent_dir)
+    if not sides:
+        raise InputError("no train_w32_parent_K.txt / test_w32_parent_K.txt lists found", parent_dir)
+    return sorted(sides)
+
+
+def _resolve_parent(line: str, number: int, path: Path, by_name: dict[str, ImageEntry]) -> ImageEntry:
+    if "/" not in line:
+        raise InputError(f"line {number}: {line!r} is not CLASS/file.tif", path)
+    entry = by_name.get(line) or by_name.get(line + ".tif")
+    if entry is None:
+        stem_key = line.rsplit(".", 1)[0] if line.lower().endswith((".tif", ".tiff")) else line
+        entry = by_name.get(stem_key)
+    if entry is None:
+        raise InputError(f"line {number}: {line!r} is not an image of the manifest", path)
+    return entry
+
+
+def folds_from_parent_lists(
+    manifest: Union[Manifest, str, os.PathLike],
+    parent_dir: Union[str, os.PathLike],
+    out_dir: Union[str, os.PathLike],
+) -> FoldSet:
+    """Reproduce a published split: folds from ``train/test_w32_parent_K.txt`` in ``parent_dir``.
+
+    The parent lists are written back unchanged in content and order (one ``CLASS/file.tif``
+    per line), and the patch lists follow the parent lists' image order.
+    """
+    manifest = _as_manifest(manifest)
+    parent_dir = Path(parent_dir)
+    by_name: dict[str, ImageEntry] = {}
+    for entry in manifest.images:
+        by_name[entry.parent_name] = entry
+        by_name[f"{entry.cls}/{entry.stem}"] = entry
+    folds = []
+    for index in parent_list_folds(parent_dir):
+        sides = []
+        for template in (TRAIN_PARENT, TEST_PARENT):
+            path = parent_dir / template.format(fold=index)
+            sides.append([_resolve_parent(line, n, path, by_name) for n, line in enumerate(read_list_lines(path), 1)])
+        train, test = sides
+        both = {e.parent_name for e in train} & {e.parent_name for e in test}
+        if both:
+            raise InputError(f"fold {index}: {sorted(both)[0]} is in both the train and the test parent list", parent_dir)
+        folds.append(Fold(index, train, test))
+    fold_set = FoldSet(folds, list(manifest.classes), len(folds), None, "image", DEFAULT_CASE_REGEX, os.fspath(parent_dir.resolve()))
+    write_folds(fold_set, manifest, out_dir)
+    return fold_set
+
+
+def _patch_prefix(manifest: Manifest, out_dir: Path) -> str:
+    """Patch names in the lists are relative to the work folder (``subs/…``), so ``./`` is the root."""
+    if manifest.path is None:
+        return ""
+    relative = os.path.relpath(manifest.path.parent.resolve(), out_dir.resolve())
+    return "" if relative == "." else relative.replace(os.sep, "/") + "/"
+
+
+def write_folds(fold_set: FoldSet, manifest: Manifest, out_dir: Union[str, os.PathLike]) -> None:
+    """Write the four lists of every fold and ``folds.json`` (each file atomically)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = _patch_prefix(manifest, out)
+    lines_of: dict[str, str] = {}
+    for entry in manifest.images:
+        lines_of[entry.parent_name] = "".join(f"{prefix}{name}\t{entry.label}\n" for name in entry.patch_names())
+    for fold in fold_set.folds:
+        for side, patch_template, parent_template in (
+            (fold.train, TRAIN_LIST, TRAIN_PARENT),
+            (fold.test, TEST_LIST, TEST_PARENT),
+        ):
+            atomic_write_text(out / patch_template.format(fold=fold.index), "".join(lines_of[e.parent_name] for e in side))
+            atomic_write_text(out / parent_template.format(fold=fold.index), "".join(f"{e.parent_name}\n" for e in side))
+    atomic_write_json(out / FOLDS_JSON, fold_set.to_json())
+    fold_set.out_dir = out
+    log.info("folds: %d folds (%s) written to %s", fold_set.k, fold_set.group_by, out)
+
+
+# --------------------------------------------------------------------------- checking
+
+
+@dataclass
+class FoldCheck:
+    """What ``folds check`` finds for one fold."""
+
+    index: int
+    train_images: Counter  # class → images
+    test_images: Counter
+    train_patches: Optional[Counter]  # label → patches (None when the patch list is absent)
+    test_patches: Optional[Counter]
+    leaked_cases: list[str]  # cases with images on both sides
+    leaked_images: list[str]  # images on both sides (never acceptable)
+
+
+@dataclass
+class CheckReport:
+    """Per-fold leaks and class balance, plus images never tested / tested twice."""
+
+    folds: list[FoldCheck]
+    classes: list[str]
+    case_regex: str
+    untested: list[str] = field(default_factory=list)
+    tested_twice: list[str] = field(default_factory=list)
+
+    @property
+    def leaks(self) -> bool:
+        return any(f.leaked_cases or f.leaked_images for f in self.folds)
+
+
+def _count_labels(path: Path) -> Optional[Counter]:
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data += b"\n"
+    return Counter(int(m) for m in _LABEL_PATTERN.findall(data))
+
+
+def _cases(parent_lines: Sequence[str], regex: str) -> set[str]:
+    return {case_of(Path(line.split("/", 1)[1]).stem, regex) for line in parent_lines}
+
+
+def check_folds(directory: Union[str, os.PathLike], case_regex: Optional[str] = None) -> CheckReport:
+    """Check the folds in ``directory``: cases on both sides of a fold, class balance, coverage.
+
+    The parent lists say which image is on which side; the case of an image is its stem
+    matched by ``case_regex`` (default: the one in ``folds.json``, else ``<case>_NNN``).
+    Class balance counts images per class from the parent lists and patches per label from
+    the patch lists when present.
+    """
+    directory = Path(directory)
+    record = {}
+    if (directory / FOLDS_JSON).is_file():
+        try:
+            record = json.loads((directory / FOLDS_JSON).read_text())
+        except ValueError as exc:
+            raise FormatError(f"not JSON ({exc})", directory / FOLDS_JSON) from exc
+    regex = compile_case_regex(case_regex or record.get("case_regex") or DEFAULT_CASE_REGEX)
+    checks = []
+    tested: Counter = Counter()
+    everything: set[str] = set()
+    class_names: list[str] = list(record.get("classes") or [])
+    for index in parent_list_folds(directory):
+        sides = []
+        for template in (TRAIN_PARENT, TEST_PARENT):
+            path = directory / template.format(fold=index)
+            lines = read_list_lines(path)
+            for n, line in enumerate(lines, 1):
+                if "/" not in line:
+                    raise InputError(f"line {n}: {line!r} is not CLASS/file.tif", path)
+            sides.append(lines)
+        train, test = sides
+        everything.update(train, test)
+        tested.update(test)
+        leaked_cases = sorted(_cases(train, regex) & _cases(test, regex))
+        leaked_images = sorted(set(train) & set(test))
+        for line in train + test:
+            cls = line.split("/", 1)[0]
+            if cls not in class_names:
+                class_names.append(cls)
+        checks.append(FoldCheck(
+            index,
+            Counter(x.split("/", 1)[0] for x in train),
+            Counter(x.split("/", 1)[0] for x in test),
+            _count_labels(directory / TRAIN_LIST.format(fold=index)),
+            _count_labels(directory / TEST_LIST.format(fold=index)),
+            leaked_cases,
+            leaked_images,
+        ))
+    return CheckReport(
+        checks, class_names, regex,
+        untested=sorted(everything - set(tested)),
+        tested_twice=sorted(x for x, n in tested.items() if n > 1),
+    )
+
+
+def format_check(report: CheckReport) -> str:
+    """The check as a plain-text table, one fold per line, then the leaks."""
+    lines = [f"case id regex: {report.case_regex}"]
+    header = "fold  " + "  ".join(f"{c:>13}" for c in report.classes) + "  leaked cases"
+    lines.append(header)
+    lines.append(" " * 6 + "  ".join(f"{'train/test':>13}" for _ in report.classes))
+    for fold in report.folds:
+        cells = "  ".join(f"{fold.train_images[c]:>6}/{fold.test_images[c]:<6}" for c in report.classes)
+        lines.append(f"{fold.index:>4}  {cells}  {len(fold.leaked_cases)}")
+        if fold.train_patches is not None and fold.test_patches is not None:
+            patches = "  ".join(
+                f"{fold.train_patches[label]:>6}/{fold.test_patches[label]:<6}" for label in range(len(report.classes))
+            )
+            lines.append(f"{'patches':>4}  {patches}")
+    for fold in report.folds:
+        if fold.leaked_cases:
+            lines.append(f"fold {fold.index}: {len(fold.leaked_cases)} case(s) on both sides: {', '.join(fold.leaked_cases)}")
+        if fold.leaked_images:
+            lines.append(f"fold {fold.index}: {len(fold.leaked_images)} image(s) on both sides: {', '.join(fold.leaked_images)}")
+    if report.untested:
+        lines.append(f"{len(report.untested)} image(s) in no test fold, e.g. {report.untested[0]}")
+    if report.tested_twice:
+        lines.append(f"{len(report.tested_twice)} image(s) in several test folds, e.g. {report.tested_twice[0]}")
+    lines.append("leaks: " + ("yes" if report.leaks else "none"))
+    return "\n".join(lines)
+
+
+def list_folds(workdir: Union[str, os.PathLike]) -> list[int]:
+    """Fold numbers whose ``train_w32_K.txt`` and ``test_w32_K.txt`` both exist in ``workdir``."""
+    workdir = Path(workdir)
+    sides: dict[int, set[str]] = defaultdict(set)
+    for name in os.listdir(workdir) if workdir.is_dir() else []:
+        match = _LIST_PATTERN.match(name)
+        if match:
+            sides[int(match.group(2))].add(match.group(1))
+    return sorted(f for f, s in sides.items() if len(s) == 2)
+
+
+def describe(fold_set: FoldSet) -> str:
+    """One line per fold: images and patches on each side."""
+    rows = []
+    for f in fold_set.folds:
+        rows.append(
+            f"fold {f.index}: train {len(f.train)} images / {sum(e.patches for e in f.train)} patches, "
+            f"test {len(f.test)} images / {sum(e.patches for e in f.test)} patches"
+        )
+    return "\n".join(rows)
