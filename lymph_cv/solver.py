@@ -299,8 +299,8 @@ def make_solver(param: caffe_pb2.SolverParameter, learnables: Sequence[Learnable
 
 def learnables_of(net) -> List[Learnable]:
     """The solver's view of a built net's ``learnable`` list (layer, index, param, lr_mult, decay_mult)."""
-    return [Learnable(param, float(lr_mult), float(decay_mult), f"{layer}[{index}]")
-            for layer, index, param, lr_mult, decay_mult in net.learnable]
+    return [Learnable(entry.param, float(entry.lr_mult), float(entry.decay_mult),
+                      f"{entry.layer}[{entry.index}]") for entry in net.learnable]
 
 
 def snapshot_names(prefix: str, iteration: int) -> tuple[str, str]:

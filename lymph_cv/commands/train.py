@@ -1,0 +1,38 @@
+"""``lymph-cv train``: train one fold's solver like ``caffe train``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from lymph_cv.train import DEVICES
+
+
+@click.command()
+@click.option("--solver", "solver", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Solver prototxt, e.g. WORKDIR/1/1-alexnet_solver_ada.prototxt.")
+@click.option("--snapshot", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Resume from this .solverstate.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Fine-tune from this .caffemodel (layers copied by name).")
+@click.option("--device", type=click.Choice(DEVICES, case_sensitive=False), default=None,
+              help="Where to train; default: the solver's solver_mode as a hint (GPU → auto).")
+@click.option("--seed", type=int, default=None,
+              help="Seed for initialisation, crops, mirrors and dropout (default: the solver's random_seed).")
+@click.option("--max-iter", type=click.IntRange(min=0), default=None, help="Override the solver's max_iter.")
+def train(solver: Path, snapshot: Optional[Path], weights: Optional[Path], device: Optional[str],
+          seed: Optional[int], max_iter: Optional[int]) -> None:
+    """Train SOLVER's net; snapshots and train.log go to the solver's base directory."""
+    from lymph_cv.train import train as run_training
+
+    if snapshot is not None and weights is not None:
+        raise click.BadParameter("give --snapshot or --weights, not both", param_hint="--snapshot/--weights")
+    result = run_training(solver, snapshot=snapshot, weights=[weights] if weights else (), device=device,
+                          seed=seed, max_iter=max_iter)
+    state = "stopped early at" if result.stopped_early else "finished at"
+    click.echo(f"{state} iteration {result.iterations} (seed {result.seed}, {result.device})")
+    for name, value in result.test_scores.items():
+        click.echo(f"test {name} = {value:g}")
+    if result.snapshots:
+        click.echo(f"last snapshot: {result.snapshots[-1]}")

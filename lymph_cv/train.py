@@ -1,0 +1,478 @@
+"""The training loop of ``caffe train``: tests, display, updates, snapshots, resume and fine-tuning.
+
+The schedule follows Caffe's ``Solver::Solve``/``Step`` (caffe-facts §7–§9): a test before the update
+of every iteration that is a multiple of ``test_interval`` (iteration 0 too when
+``test_initialization``), display lines every ``display`` iterations, a snapshot after every
+``snapshot``-th update and at the end (``snapshot_after_train``), then the final display forward and
+test, and ``Optimization Done.``.  The log is Caffe's glog format, on stderr and in ``train.log`` in
+the base directory.
+
+Paths inside the solver and net resolve like Caffe's, against the current directory, and when not
+found there against the solver file's folder; that folder (or the current directory, when the net
+was found there) is the *base directory* that receives the snapshots and the log.  The process's
+working directory is never changed.
+
+Determinism (a deliberate improvement over Caffe): batch ``b`` of every data layer and the dropout
+masks of iteration ``i`` are pure functions of the seed and ``b``/``i`` (see
+:mod:`lymph_cv.datalayer`), and the test cursor is a function of the iteration.  So on the CPU a run
+resumed from a snapshot ends with exactly the weights of an uninterrupted run with the same seed.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from lymph_cv import caffelog
+from lymph_cv.caffe import caffe_pb2
+from lymph_cv.caffe.model import (history_arrays, read_caffemodel, read_solverstate, set_history,
+                                  write_caffemodel, write_solverstate)
+from lymph_cv.caffe.prototxt import read_net_prototxt, read_solver
+from lymph_cv.caffelog import CaffeLog, fmt
+from lymph_cv.datalayer import DataLayer, RecordCache
+from lymph_cv.errors import ConfigError, TrainingError, UnsupportedError
+from lymph_cv.fsutil import atomic_write_json
+from lymph_cv.net.build import CaffeNet, build_net, resolve_net_path
+from lymph_cv.solver import Solver, learnables_of, make_solver, snapshot_names, solver_type
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("cpu", "cuda", "auto")
+LOG_NAME = "train.log"
+RECORD_NAME = "train.json"
+#: sub-streams of the run seed: which random draws a derived seed is for.
+STREAM_DROPOUT = 2
+STREAM_INIT = 3
+#: Caffe's requested actions on a signal.
+ACTION_NONE, ACTION_STOP, ACTION_SNAPSHOT = "none", "stop", "snapshot"
+SIGNAL_ACTIONS = (ACTION_STOP, ACTION_SNAPSHOT, ACTION_NONE)
+
+
+@dataclass
+class TrainResult:
+    """What a training run did."""
+
+    iterations: int
+    start_iteration: int
+    snapshots: List[Path] = field(default_factory=list)
+    test_scores: Dict[str, float] = field(default_factory=dict)
+    last_loss: float = float("nan")
+    stopped_early: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    base_dir: Path = Path(".")
+    log_path: Optional[Path] = None
+
+
+def derived_seed(seed: int, stream: int, index: int) -> int:
+    """A 63-bit seed for random stream ``stream`` at position ``index`` of a run seeded ``seed``."""
+    state = np.random.SeedSequence([seed & 0xFFFFFFFFFFFFFFFF, stream, index]).generate_state(2, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+def resolve_device(device: Optional[str], solver_mode: int) -> torch.device:
+    """``cpu``/``cuda``/``auto``; without a choice, the solver's ``solver_mode`` is a hint."""
+    if device is None:
+        wanted = "auto" if solver_mode == caffe_pb2.SolverParameter.GPU else "cpu"
+    else:
+        wanted = device.lower()
+    if wanted not in DEVICES:
+        raise ConfigError(f"unknown device {device!r}", valid=DEVICES)
+    if wanted == "auto":
+        wanted = "cuda" if torch.cuda.is_available() else "cpu"
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available", valid=("cpu", "auto"))
+    return torch.device(wanted)
+
+
+def run_seed(seed: Optional[int], param: caffe_pb2.SolverParameter) -> int:
+    """The run's seed: given, else the solver's ``random_seed`` (≥ 0), else a fresh one (recorded)."""
+    if seed is not None:
+        return int(seed)
+    if param.random_seed >= 0:
+        return int(param.random_seed)
+    return int.from_bytes(os.urandom(8), "little") >> 1
+
+
+class SolverFiles:
+    """Where the solver's relative paths lead: current directory first, then the solver's folder."""
+
+    def __init__(self, solver_path: Path, param: caffe_pb2.SolverParameter):
+        self.solver_path = Path(solver_path)
+        self.folder = self.solver_path.parent
+        net = param.net or param.train_net
+        found_in_cwd = bool(net) and not Path(net).is_absolute() and Path(net).exists()
+        at_home = self.folder.resolve() == Path.cwd().resolve()
+        self.base_dir = Path(".") if found_in_cwd or at_home else self.folder
+
+    def input(self, path: str) -> Path:
+        """An input path as written in the solver/net: Caffe's, else beside the solver file."""
+        return resolve_net_path(path, self.folder)
+
+    def output(self, path: str) -> Path:
+        """An output path (snapshot prefix, log) inside the base directory."""
+        return Path(path) if Path(path).is_absolute() else self.base_dir / path
+
+
+def _net_params(param: caffe_pb2.SolverParameter, files: SolverFiles
+                ) -> Tuple[caffe_pb2.NetParameter, List[caffe_pb2.NetParameter]]:
+    """(train net, one net per test) as Caffe's Solver::InitTrainNet/InitTestNets choose them."""
+    sources = [name for name in ("net", "net_param", "train_net", "train_net_param") if param.HasField(name)]
+    if len(sources) != 1:
+        raise ConfigError(f"the solver must give exactly one of net, net_param, train_net, train_net_param "
+                          f"(got {', '.join(sources) or 'none'})", files.solver_path)
+
+    def load(name: str) -> caffe_pb2.NetParameter:
+        return read_net_prototxt(files.input(name))
+
+    general = None
+    if param.HasField("net"):
+        general = load(param.net)
+        train = general
+    elif param.HasField("net_param"):
+        general = param.net_param
+        train = general
+    elif param.HasField("train_net"):
+        train = load(param.train_net)
+    else:
+        train = param.train_net_param
+    tests = list(param.test_net_param) + [load(name) for name in param.test_net]
+    if general is not None and len(param.test_iter) > len(tests):
+        tests += [general] * (len(param.test_iter) - len(tests))
+    if len(tests) != len(param.test_iter):
+        raise ConfigError(f"{len(tests)} test nets but {len(param.test_iter)} test_iter values",
+                          files.solver_path)
+    if tests and param.test_interval <= 0:
+        raise ConfigError("test nets are given but test_interval is not positive", files.solver_path)
+    return train, tests
+
+
+def _state(param: caffe_pb2.SolverParameter, field_name: str, index: Optional[int] = None):
+    states = getattr(param, field_name)
+    if index is None:
+        return states if param.HasField(field_name) else None
+    return states[index] if index < len(states) else None
+
+
+def _build(net_param: caffe_pb2.NetParameter, phase: int, state, files: SolverFiles) -> CaffeNet:
+    level = state.level if state is not None else 0
+    stages = tuple(state.stage) if state is not None else ()
+    return build_net(net_param, phase, level=level, stages=stages, base_dir=files.folder)
+
+
+@contextlib.contextmanager
+def signal_actions(sigint: str = ACTION_STOP, sighup: str = ACTION_SNAPSHOT) -> Iterator[List[str]]:
+    """Caffe's SignalHandler: SIGINT/SIGTERM and SIGHUP queue an action the loop polls after each
+    iteration.  Outside the main thread nothing is installed."""
+    pending: List[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield pending
+        return
+    effects = {signal.SIGINT: sigint, signal.SIGTERM: sigint, signal.SIGHUP: sighup}
+
+    def handler(signum, _frame):
+        pending.append(effects[signum])
+
+    previous = {sig: signal.signal(sig, handler) for sig in effects}
+    try:
+        yield pending
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+class Trainer:
+    """One ``caffe train`` run; :meth:`solve` runs it."""
+
+    def __init__(self, solver_path: os.PathLike, *, snapshot: Optional[os.PathLike] = None,
+                 weights: Sequence[os.PathLike] = (), device: Optional[str] = None,
+                 seed: Optional[int] = None, max_iter: Optional[int] = None):
+        self.solver_path = Path(solver_path)
+        if snapshot is not None and weights:
+            raise ConfigError("give either a snapshot to resume or weights to fine-tune, not both")
+        param = read_solver(self.solver_path)
+        if param.snapshot_format == caffe_pb2.SolverParameter.HDF5 and param.HasField("snapshot_format"):
+            raise UnsupportedError("snapshot_format HDF5 is not supported", self.solver_path,
+                                   valid=("BINARYPROTO",))
+        if max_iter is not None:
+            if max_iter < 0:
+                raise ConfigError(f"max_iter must be >= 0, got {max_iter}")
+            param.max_iter = int(max_iter)
+        self.param = param
+        self.type = solver_type(param, self.solver_path)
+        self.files = SolverFiles(self.solver_path, param)
+        self.seed = run_seed(seed, param)
+        self.device = resolve_device(device, param.solver_mode)
+        self.snapshot_path = Path(snapshot) if snapshot is not None else None
+        self.weights = [Path(w) for w in weights]
+
+        train_param, test_params = _net_params(param, self.files)
+        torch.manual_seed(derived_seed(self.seed, STREAM_INIT, 0))
+        self.net = _build(train_param, caffe_pb2.TRAIN, _state(param, "train_state"), self.files)
+        self.net.init_params(torch.Generator().manual_seed(derived_seed(self.seed, STREAM_INIT, 1)))
+        self.net.to(self.device)
+        self.test_nets = []
+        for i, test_param in enumerate(test_params):
+            test_net = _build(test_param, caffe_pb2.TEST, _state(param, "test_state", i), self.files)
+            test_net.to(self.device)
+            test_net.share_weights_from(self.net)
+            self.test_nets.append(test_net)
+        cache = RecordCache()
+        self.train_data = self._data_layers(self.net, caffe_pb2.TRAIN, cache)
+        self.test_data = [self._data_layers(net, caffe_pb2.TEST, cache) for net in self.test_nets]
+        self.solver: Solver = make_solver(param, learnables_of(self.net), self.solver_path)
+        self.result = TrainResult(iterations=0, start_iteration=0, seed=self.seed, device=self.device.type,
+                                  base_dir=self.files.base_dir)
+        self.losses: deque = deque(maxlen=max(1, param.average_loss))
+        self.log: Optional[CaffeLog] = None
+        self.pending: List[str] = []
+
+    def _data_layers(self, net: CaffeNet, phase: int, cache: RecordCache) -> List[DataLayer]:
+        layers = [DataLayer(p, phase, self.seed, self.files.input, cache) for p in net.data_layers]
+        missing = [b for b in net.input_blobs if not any(b in layer.tops for layer in layers)]
+        if missing:
+            raise ConfigError(f"net {net.name!r}: input blob(s) {', '.join(missing)} have no Data layer "
+                              "to feed them while training")
+        return layers
+
+    # ------------------------------------------------------------------ weights and state
+    def restore(self, path: Path) -> None:
+        """Resume from a ``.solverstate``: iteration, lr step, history and the learned net."""
+        if path.suffix == ".h5":
+            raise UnsupportedError("HDF5 solverstates are not supported", path, valid=(".solverstate",))
+        state = read_solverstate(path)
+        model = Path(state.learned_net)
+        candidates = [model, path.parent / model.name, self.files.output(state.learned_net)]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise TrainingError(f"learned_net {state.learned_net!r} not found (looked in the current "
+                                f"directory, beside the solverstate and in {self.files.base_dir})", path)
+        self.net.load_weights(read_caffemodel(found), found)
+        shapes = [tuple(item.param.shape) for item in self.solver.learnables] * self.solver.history_sets
+        try:
+            arrays = history_arrays(state, shapes)
+        except Exception as exc:
+            raise TrainingError(f"history does not fit this solver and net: {exc}", path) from exc
+        self.solver.restore(state.iter, state.current_step, arrays)
+
+    def snapshot(self) -> None:
+        """Write ``<prefix>_iter_<N>.caffemodel`` and ``.solverstate`` (atomically)."""
+        prefix = self.param.snapshot_prefix or str(self.solver_path.with_suffix("").name)
+        model_name, state_name = snapshot_names(prefix, self.solver.iter)
+        model_path, state_path = self.files.output(model_name), self.files.output(state_name)
+        model_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log.info(f"Snapshotting to binary proto file {model_name}", caffelog.SRC_SNAPSHOT)
+        write_caffemodel(model_path, self.net.export_weights(legacy_dims=True))
+        self.log.info(f"Snapshotting solver state to binary proto file {state_name}",
+                      caffelog.SRC_SNAPSHOT_STATE)
+        state = caffe_pb2.SolverState(iter=self.solver.iter, learned_net=model_name,
+                                      current_step=self.solver.current_step)
+        set_history(state, self.solver.history_arrays(), legacy=True)
+        write_solverstate(state_path, state)
+        self.result.snapshots.append(model_path)
+        self._record()
+
+    def _record(self, finished: bool = False) -> None:
+        record = {"solver": str(self.solver_path), "seed": self.seed, "device": self.device.type,
+                  "solver_type": self.type, "max_iter": self.param.max_iter,
+                  "start_iteration": self.result.start_iteration, "iteration": self.solver.iter,
+                  "resumed_from": str(self.snapshot_path) if self.snapshot_path else None,
+                  "weights": [str(w) for w in self.weights],
+                  "snapshots": [str(p) for p in self.result.snapshots],
+                  "stopped_early": self.result.stopped_early, "finished": finished,
+                  "torch": torch.__version__}
+        atomic_write_json(self.files.output(RECORD_NAME), record)
+
+    # ------------------------------------------------------------------ forward passes
+    def _inputs(self, layers: Sequence[DataLayer], batch: int) -> Dict[str, torch.Tensor]:
+        inputs: Dict[str, torch.Tensor] = {}
+        for layer in layers:
+            inputs.update(layer.batch(batch, self.device))
+        return inputs
+
+    def forward_backward(self, batch: int, backward: bool = True) -> Tuple[float, Dict[str, torch.Tensor]]:
+        """One TRAIN forward (and backward) on batch number ``batch``: (loss, output blobs)."""
+        torch.manual_seed(derived_seed(self.seed, STREAM_DROPOUT, batch))
+        inputs = self._inputs(self.train_data, batch)
+        with torch.set_grad_enabled(backward):
+            blobs = self.net(inputs)
+            loss = self.net.loss(blobs)
+            if backward:
+                loss.backward()
+        return float(loss.detach()), {name: blobs[name].detach() for name in self.net.output_blobs}
+
+    def tests_before(self, iteration: int) -> int:
+        """How many test passes an uninterrupted run has done before ``iteration``'s test."""
+        interval = self.param.test_interval
+        if interval <= 0 or iteration <= 0:
+            return 0
+        passes = (iteration - 1) // interval + 1  # multiples of the interval in [0, iteration)
+        return passes if self.param.test_initialization else passes - 1
+
+    def test_all(self) -> None:
+        first_batch = self.tests_before(self.solver.iter)
+        for index, (net, layers) in enumerate(zip(self.test_nets, self.test_data)):
+            self.log.info(f"Iteration {self.solver.iter}, Testing net (#{index})", caffelog.SRC_TEST)
+            iterations = self.param.test_iter[index]
+            sums: Dict[str, torch.Tensor] = {}
+            total_loss = 0.0
+            with torch.no_grad():
+                for k in range(iterations):
+                    blobs = net(self._inputs(layers, first_batch * iterations + k))
+                    if self.param.test_compute_loss:
+                        total_loss += float(net.loss(blobs))
+                    for name in net.output_blobs:
+                        value = blobs[name].detach().reshape(-1).double()
+                        sums[name] = sums[name] + value if name in sums else value
+            if self.param.test_compute_loss:
+                self.log.info(f"Test loss: {fmt(total_loss / max(iterations, 1))}", caffelog.SRC_TEST)
+            scores = _output_lines(net, {n: (v / max(iterations, 1)).cpu().numpy() for n, v in sums.items()})
+            for number, (name, value, suffix) in enumerate(scores):
+                self.log.info(f"    Test net output #{number}: {name} = {fmt(value)}{suffix}",
+                              caffelog.SRC_TEST_OUTPUT)
+                self.result.test_scores[name if index == 0 else f"{name}#{index}"] = float(value)
+            if self.pending and self.pending[-1] == ACTION_STOP:
+                break
+
+    # ------------------------------------------------------------------ the loop
+    def _display(self, iteration: int, outputs: Dict[str, torch.Tensor]) -> None:
+        smoothed = sum(self.losses) / len(self.losses)
+        self.log.info(f"Iteration {iteration}, loss = {fmt(smoothed)}", caffelog.SRC_DISPLAY)
+        values = {name: value.reshape(-1).double().cpu().numpy() for name, value in outputs.items()}
+        for number, (name, value, suffix) in enumerate(_output_lines(self.net, values)):
+            self.log.info(f"    Train net output #{number}: {name} = {fmt(value)}{suffix}",
+                          caffelog.SRC_TRAIN_OUTPUT)
+
+    def _check(self, loss: float, iteration: int) -> None:
+        if not math.isfinite(loss):
+            raise TrainingError(f"loss is {loss} at iteration {iteration}; lower base_lr or check the data",
+                                self.solver_path)
+
+    def step(self, stop_iter: int, progress) -> None:
+        param = self.param
+        iter_size = param.iter_size
+        while self.solver.iter < stop_iter:
+            iteration = self.solver.iter
+            self.solver.zero_grad()
+            if (param.test_interval > 0 and iteration % param.test_interval == 0
+                    and (iteration > 0 or param.test_initialization) and self.test_nets):
+                self.test_all()
+                if self.pending and self.pending[-1] == ACTION_STOP:
+                    self.result.stopped_early = True
+                    break
+            display = param.display > 0 and iteration % param.display == 0
+            loss = 0.0
+            outputs: Dict[str, torch.Tensor] = {}
+            for k in range(iter_size):
+                part, outputs = self.forward_backward(iteration * iter_size + k)
+                loss += part
+            loss /= iter_size
+            self._check(loss, iteration)
+            self.losses.append(loss)
+            self.result.last_loss = loss
+            if display:
+                self._display(iteration, outputs)
+            rate = self.solver.apply_update()
+            if display:
+                self.log.info(f"Iteration {iteration}, lr = {fmt(rate)}", caffelog.SRC_LR)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss:.4g}", refresh=False)
+            action = self.pending.pop(0) if self.pending else ACTION_NONE
+            if (param.snapshot > 0 and self.solver.iter % param.snapshot == 0) or action == ACTION_SNAPSHOT:
+                self.snapshot()
+            if action == ACTION_STOP:
+                self.result.stopped_early = True
+                break
+
+    def solve(self, *, progress: Optional[bool] = None, log_file: bool = True,
+              sigint_effect: str = ACTION_STOP, sighup_effect: str = ACTION_SNAPSHOT) -> TrainResult:
+        """Train to ``max_iter`` (or until a signal asks to stop); returns what happened."""
+        for effect in (sigint_effect, sighup_effect):
+            if effect not in SIGNAL_ACTIONS:
+                raise ConfigError(f"unknown signal effect {effect!r}", valid=SIGNAL_ACTIONS)
+        if progress is None:
+            progress = sys.stderr.isatty()
+        log_path = self.files.output(LOG_NAME) if log_file else None
+        resumed = self.snapshot_path is not None
+        with caffelog.caffe_log(log_path, append=resumed, through_tqdm=progress) as clog, \
+                signal_actions(sigint_effect, sighup_effect) as pending:
+            self.log, self.pending = clog, pending
+            self.solver.on_message = lambda message: clog.info(message, caffelog.SRC_LR)
+            self.result.log_path = log_path
+            clog.info(f"Using {self.device.type.upper()} device, seed {self.seed}", caffelog.SRC_TOOL)
+            if resumed:
+                clog.info(f"Resuming from {self.snapshot_path}", caffelog.SRC_RESTORE)
+                self.restore(self.snapshot_path)
+            for weights in self.weights:
+                clog.info(f"Finetuning from {weights}", caffelog.SRC_TOOL)
+                self.net.load_weights(read_caffemodel(weights), weights)
+            self.result.start_iteration = self.solver.iter
+            clog.info(f"Solving {self.net.name}", caffelog.SRC_SOLVE)
+            clog.info(f"Learning Rate Policy: {self.param.lr_policy}", caffelog.SRC_POLICY)
+            bar = None
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=self.param.max_iter, initial=self.solver.iter, unit="iter",
+                           file=sys.stderr, dynamic_ncols=True)
+            try:
+                self._solve(bar)
+            finally:
+                if bar is not None:
+                    bar.close()
+            self.result.iterations = self.solver.iter
+            self._record(finished=not self.result.stopped_early)
+        return self.result
+
+    def _solve(self, bar) -> None:
+        param = self.param
+        self.step(param.max_iter, bar)
+        if param.snapshot_after_train and (param.snapshot <= 0 or self.solver.iter % param.snapshot != 0):
+            self.snapshot()
+        if self.result.stopped_early:
+            self.log.info("Optimization stopped early.", caffelog.SRC_STOPPED)
+            return
+        iteration = self.solver.iter
+        if param.display > 0 and iteration % param.display == 0:
+            # Caffe's extra TRAIN forward after the last update (consumes a batch, no update).
+            loss, _ = self.forward_backward(iteration * param.iter_size, backward=False)
+            self._check(loss, iteration)
+            self.log.info(f"Iteration {iteration}, loss = {fmt(loss)}", caffelog.SRC_DISPLAY)
+        if param.test_interval > 0 and iteration % param.test_interval == 0 and self.test_nets:
+            self.test_all()
+        self.log.info("Optimization Done.", caffelog.SRC_DONE)
+
+
+def _output_lines(net: CaffeNet, values: Dict[str, np.ndarray]) -> List[Tuple[str, float, str]]:
+    """(name, value, loss suffix) per output element, in output-blob order, as Caffe prints them."""
+    lines = []
+    for name in net.output_blobs:
+        weight = net.loss_weights.get(name, 0.0)
+        for value in np.asarray(values[name]).reshape(-1):
+            suffix = f" (* {fmt(weight)} = {fmt(weight * value)} loss)" if weight else ""
+            lines.append((name, float(value), suffix))
+    return lines
+
+
+def train(solver_path: os.PathLike, *, snapshot: Optional[os.PathLike] = None,
+          weights: Sequence[os.PathLike] = (), device: Optional[str] = None, seed: Optional[int] = None,
+          max_iter: Optional[int] = None, progress: Optional[bool] = None, log_file: bool = True,
+          sigint_effect: str = ACTION_STOP, sighup_effect: str = ACTION_SNAPSHOT) -> TrainResult:
+    """Train the solver's net like ``caffe train`` (see the module docstring); returns a summary."""
+    trainer = Trainer(solver_path, snapshot=snapshot, weights=weights, device=device, seed=seed,
+                      max_iter=max_iter)
+    return trainer.solve(progress=progress, log_file=log_file, sigint_effect=sigint_effect,
+                         sighup_effect=sighup_effect)
