@@ -34,10 +34,13 @@ import torch
 from torch import nn
 
 from lymph_cv.caffe import caffe_pb2
-from lymph_cv.caffe.blob import LEGACY_NDIM, array_to_blob, blob_shape, blob_to_array, has_legacy_dims
+from lymph_cv.caffe.blob import LEGACY_NDIM, array_to_blob, blob_shape, blob_to_array, has_legacy_dims, read_mean
+from lymph_cv.caffe.datum import parse_datum
+from lymph_cv.caffe.prototxt import filter_net
 from lymph_cv.errors import ConfigError, FormatError, LymphCVError
 from lymph_cv.net.fillers import fill
 from lymph_cv.net.layers import BuildContext, Layer, Shape, layer_class
+from lymph_cv.store import open_reader
 
 PathLike = Union[str, os.PathLike]
 
@@ -66,36 +69,6 @@ def resolve_net_path(path: PathLike, base_dir: Optional[PathLike] = None) -> Pat
     return beside if beside.exists() else candidate
 
 
-def _rule_met(rule: caffe_pb2.NetStateRule, phase: int, level: int, stages: Sequence[str]) -> bool:
-    if rule.HasField("phase") and rule.phase != phase:
-        return False
-    if rule.HasField("min_level") and level < rule.min_level:
-        return False
-    if rule.HasField("max_level") and level > rule.max_level:
-        return False
-    if any(stage not in stages for stage in rule.stage):
-        return False
-    return not any(stage in stages for stage in rule.not_stage)
-
-
-def layer_included(layer: caffe_pb2.LayerParameter, phase: int, level: int = 0,
-                   stages: Sequence[str] = ()) -> bool:
-    """Caffe's NetState filter: include rules → any must match; exclude rules → none may match."""
-    if layer.include and layer.exclude:
-        raise ConfigError(f"layer {layer.name!r}: give include or exclude rules, not both")
-    if layer.include:
-        return any(_rule_met(rule, phase, level, stages) for rule in layer.include)
-    return not any(_rule_met(rule, phase, level, stages) for rule in layer.exclude)
-
-
-def _v2(net_param: caffe_pb2.NetParameter) -> caffe_pb2.NetParameter:
-    if len(net_param.layers) == 0:
-        return net_param
-    from lymph_cv.caffe.prototxt import upgrade_net  # the V1 → V2 upgrade lives with the formats
-
-    return upgrade_net(net_param)
-
-
 def _declared_inputs(net_param: caffe_pb2.NetParameter) -> List[Tuple[str, Shape]]:
     names = list(net_param.input)
     if len(net_param.input_shape):
@@ -121,9 +94,6 @@ def data_layer_shapes(layer: caffe_pb2.LayerParameter, base_dir: Optional[PathLi
     chw = None
     source = resolve_net_path(layer.data_param.source, base_dir)
     if layer.data_param.source and source.exists():
-        from lymph_cv.caffe.datum import parse_datum
-        from lymph_cv.store import open_reader
-
         with open_reader(source) as reader:
             for _key, value in reader:
                 chw = parse_datum(value)[0].shape
@@ -131,8 +101,6 @@ def data_layer_shapes(layer: caffe_pb2.LayerParameter, base_dir: Optional[PathLi
         if chw is None:
             raise ConfigError(f"layer {layer.name!r}: data source is empty", path=source)
     elif layer.transform_param.mean_file:
-        from lymph_cv.caffe.blob import read_mean
-
         chw = read_mean(resolve_net_path(layer.transform_param.mean_file, base_dir)).shape
     else:
         raise ConfigError(f"layer {layer.name!r}: data source not found, cannot infer the input shape",
@@ -331,8 +299,7 @@ def build_net(net_param: caffe_pb2.NetParameter, phase: int, *, level: int = 0, 
     resolved against the current directory, then ``base_dir``).  ``accuracy_ties``: see
     :data:`lymph_cv.net.layers.ACCURACY_TIES`.
     """
-    net_param = _v2(net_param)
-    stages = tuple(stages)
+    net_param = filter_net(net_param, phase, level, stages)
     known: Dict[str, Shape] = {k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
     ctx = BuildContext(phase=phase, accuracy_ties=accuracy_ties, input_shapes=known)
     blob_shapes: Dict[str, Shape] = {}
@@ -345,8 +312,6 @@ def build_net(net_param: caffe_pb2.NetParameter, phase: int, *, level: int = 0, 
     layers: List[Layer] = []
     seen = set()
     for param in net_param.layer:
-        if not layer_included(param, phase, level, stages):
-            continue
         if param.name in seen:
             raise ConfigError(f"net {net_param.name!r}: duplicate layer name {param.name!r}")
         seen.add(param.name)
