@@ -608,7 +608,7 @@ def _slot(slots: Path, workers: int) -> Iterator[int]:
 
 def _local_worker(state_path: Path, script: Path, workers: int, after: Sequence[str]) -> int:
     """Body of a detached local job: dependencies (afterok), a slot, then ``bash script``."""
-    _write_local_state(state_path, pid=os.getpid(), script=str(script), after=list(after), submitted=_now())
+    _write_local_state(state_path, pid=os.getpid(), script=str(script), after=list(after), submitted=time.time())
     folder = state_path.parent
     for dependency in after:
         while (state := _local_state(folder.parent, dependency)) not in FINISHED_STATES:
@@ -616,12 +616,12 @@ def _local_worker(state_path: Path, script: Path, workers: int, after: Sequence[
                 break
             time.sleep(POLL_S / 4)
         if state != COMPLETED:
-            _write_local_state(state_path, state=CANCELLED, reason=f"dependency {dependency}: {state}", ended=_now())
+            _write_local_state(state_path, state=CANCELLED, reason=f"dependency {dependency}: {state}", ended=time.time())
             return 1
     with _slot(folder / "slots", workers) as slot:
-        _write_local_state(state_path, state=RUNNING, slot=slot, started=_now())
+        _write_local_state(state_path, state=RUNNING, slot=slot, started=time.time())
         code = subprocess.run(["bash", str(script)], stdin=subprocess.DEVNULL, check=False).returncode
-    _write_local_state(state_path, state=COMPLETED if code == 0 else FAILED, exit_code=code, ended=_now())
+        _write_local_state(state_path, state=COMPLETED if code == 0 else FAILED, exit_code=code, ended=time.time())
     return code
 
 

@@ -180,3 +180,33 @@ def test_jobs_file_is_checked(configured):
     (configured / jobs.JOBS_FILE).write_text("[1, 2]")
     with pytest.raises(ConfigError, match="not a lymph-cv jobs file"):
         jobs.load_jobs(configured)
+
+
+# -- the local runner ---------------------------------------------------------------------
+def test_local_runner_runs_jobs_with_states_and_afterok(tmp_path):
+    workdir = tmp_path / "a b$c $(touch INJECTED)"
+    workdir.mkdir()
+    options = jobs.JobOptions(workers=1)
+    first = jobs.submit_lymph_cv(workdir, "first", ["--version"], "local", options)
+    failing = jobs.submit_lymph_cv(workdir, "failing", ["no-such-command"], "local", options)
+    after_ok = jobs.submit_lymph_cv(workdir, "second", ["--version"], "local",
+                                    jobs.JobOptions(workers=1, after=(first.job_id,)))
+    after_failed = jobs.submit_lymph_cv(workdir, "never", ["--version"], "local",
+                                        jobs.JobOptions(workers=1, after=(failing.job_id,)))
+    states = jobs.wait_for_jobs(workdir, task=None, timeout=JOB_TIMEOUT_S, poll=POLL_S)
+    assert states == {("first", None): "COMPLETED", ("failing", None): "FAILED",
+                      ("second", None): "COMPLETED", ("never", None): "CANCELLED"}
+    assert len({first.job_id, failing.job_id, after_ok.job_id, after_failed.job_id}) == 4
+    by_task = {status.record.task: status for status in jobs.job_states(workdir, task=None)}
+    assert by_task["failing"].exit_code == 2
+    assert "lymph-cv, version" in by_task["second"].log.read_text()
+    assert "No such command" in by_task["failing"].log.read_text()
+    # afterok: the dependent job started only once the first had ended.
+    state = lambda s: json.loads((workdir / jobs.LOCAL_DIR / f"{s.job_id}.json").read_text())  # noqa: E731
+    assert state(after_ok)["started"] >= state(first)["ended"]
+    assert "started" not in state(after_failed)
+    # One worker: the jobs that ran never overlapped.
+    spans = sorted((state(s)["started"], state(s)["ended"]) for s in (first, failing, after_ok))
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))
+    assert not list(tmp_path.rglob("INJECTED"))
+
