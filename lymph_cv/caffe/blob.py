@@ -23,6 +23,11 @@ LEGACY_NDIM = len(LEGACY_FIELDS)
 MEAN_EXPECTED = "expected a Caffe mean file (BlobProto, 1 x C x H x W)"
 
 
+def _float32_list(array: np.ndarray) -> list:
+    """Values as float32-exact Python floats (a list extends a repeated field ~6x faster than numpy)."""
+    return np.asarray(array, dtype=np.float32).ravel().tolist()
+
+
 def has_legacy_dims(blob: caffe_pb2.BlobProto) -> bool:
     """True when any of num/channels/height/width is present (then they define the shape)."""
     return any(blob.HasField(name) for name in LEGACY_FIELDS)
@@ -73,7 +78,7 @@ def array_to_blob(array: np.ndarray, legacy: bool = False, shape: Sequence[int] 
         raise FormatError(f"shape {tuple(dims)} does not fit an array of {array.size} values")
     blob = caffe_pb2.BlobProto()
     set_blob_shape(blob, dims, legacy)
-    blob.data.extend(np.ascontiguousarray(array, dtype=np.float32).ravel())
+    blob.data.extend(_float32_list(array))
     return blob
 
 
@@ -151,7 +156,7 @@ def store_array(blob: caffe_pb2.BlobProto, array: np.ndarray, legacy: Optional[b
         set_blob_shape(blob, array.shape, use_legacy)
     blob.ClearField("double_data")
     blob.ClearField("data")
-    blob.data.extend(np.ascontiguousarray(array, dtype=np.float32).ravel())
+    blob.data.extend(_float32_list(array))
 
 
 def has_unknown_fields(message) -> bool:
