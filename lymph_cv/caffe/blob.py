@@ -8,12 +8,12 @@ the legacy form (1 × C × H × W, no ``shape``), and so does :func:`write_mean`
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from lymph_cv.caffe import caffe_pb2
+from lymph_cv.caffe.files import parse_binary, read_bytes
 from lymph_cv.errors import FormatError
 from lymph_cv.fsutil import atomic_write_bytes
 
@@ -84,25 +84,7 @@ def array_to_blob(array: np.ndarray, legacy: bool = False, shape: Sequence[int] 
 
 def parse_blob(data: bytes, path: Union[str, os.PathLike, None] = None) -> caffe_pb2.BlobProto:
     """Parse serialized BlobProto bytes (FormatError naming ``path`` when they are not one)."""
-    blob = caffe_pb2.BlobProto()
-    try:
-        blob.ParseFromString(data)
-    except Exception as exc:  # DecodeError / RuntimeError, depending on the protobuf runtime
-        raise FormatError(f"{MEAN_EXPECTED}; cannot parse ({exc})", path) from exc
-    if has_unknown_fields(blob):
-        raise FormatError(f"{MEAN_EXPECTED}; holds fields a BlobProto does not have", path)
-    return blob
-
-
-def _read_bytes(path: Union[str, os.PathLike]) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError as exc:
-        raise FormatError("no such file", path) from exc
-    except IsADirectoryError as exc:
-        raise FormatError(f"is a directory; {MEAN_EXPECTED}", path) from exc
-    except OSError as exc:
-        raise FormatError(f"cannot read ({exc.strerror})", path) from exc
+    return parse_binary(caffe_pb2.BlobProto, data, path, MEAN_EXPECTED)
 
 
 def mean_array(blob: caffe_pb2.BlobProto, path: Union[str, os.PathLike, None] = None) -> np.ndarray:
@@ -120,7 +102,7 @@ def mean_array(blob: caffe_pb2.BlobProto, path: Union[str, os.PathLike, None] = 
 
 def read_mean(path: Union[str, os.PathLike]) -> np.ndarray:
     """Read a mean ``.binaryproto`` as a float32 (C, H, W) array (channels in BGR order)."""
-    return mean_array(parse_blob(_read_bytes(path), path), path)
+    return mean_array(parse_blob(read_bytes(path, MEAN_EXPECTED), path), path)
 
 
 def mean_to_bytes(array: np.ndarray) -> bytes:
@@ -158,9 +140,3 @@ def store_array(blob: caffe_pb2.BlobProto, array: np.ndarray, legacy: Optional[b
     blob.ClearField("data")
     blob.data.extend(_float32_list(array))
 
-
-def has_unknown_fields(message) -> bool:
-    """True when ``message`` carries top-level fields our schema does not know (a wrong-kind hint)."""
-    from google.protobuf import unknown_fields
-
-    return len(unknown_fields.UnknownFieldSet(message)) > 0

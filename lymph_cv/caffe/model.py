@@ -9,13 +9,13 @@ the file already uses, so decode → encode reproduces the file byte for byte.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from lymph_cv.caffe import caffe_pb2
-from lymph_cv.caffe.blob import blob_to_array, has_unknown_fields, store_array
+from lymph_cv.caffe.blob import blob_to_array, store_array
+from lymph_cv.caffe.files import parse_binary, read_bytes
 from lymph_cv.caffe.prototxt import v1_type_name
 from lymph_cv.errors import FormatError
 from lymph_cv.fsutil import atomic_write_bytes
@@ -34,29 +34,6 @@ BIAS_INDEX = 1
 Layer = Union[caffe_pb2.LayerParameter, caffe_pb2.V1LayerParameter]
 
 
-def read_bytes(path: PathLike, expected: str) -> bytes:
-    """A file's bytes; FormatError naming the file when it is missing or unreadable."""
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError as exc:
-        raise FormatError(f"no such file; {expected}", path) from exc
-    except IsADirectoryError as exc:
-        raise FormatError(f"is a directory; {expected}", path) from exc
-    except OSError as exc:
-        raise FormatError(f"cannot read ({exc.strerror}); {expected}", path) from exc
-
-
-def _parse(message_class, data: bytes, path: Optional[PathLike], expected: str):
-    message = message_class()
-    try:
-        message.ParseFromString(data)
-    except Exception as exc:  # DecodeError / RuntimeError, depending on the protobuf runtime
-        raise FormatError(f"{expected}; cannot parse ({exc})", path) from exc
-    if has_unknown_fields(message):
-        raise FormatError(f"{expected}; holds fields a {message_class.__name__} does not have", path)
-    return message
-
-
 def net_layers(net: caffe_pb2.NetParameter) -> Sequence[Layer]:
     """The net's layers: V2 ``layer`` or, for legacy nets, V1 ``layers``."""
     return net.layer if len(net.layer) else net.layers
@@ -71,7 +48,7 @@ def layer_type(layer: Layer) -> str:
 
 def parse_caffemodel(data: bytes, path: Optional[PathLike] = None) -> caffe_pb2.NetParameter:
     """Parse caffemodel bytes, checking they look like one (layers, names, no stray fields)."""
-    net = _parse(caffe_pb2.NetParameter, data, path, CAFFEMODEL_EXPECTED)
+    net = parse_binary(caffe_pb2.NetParameter, data, path, CAFFEMODEL_EXPECTED)
     if len(net.layer) and len(net.layers):
         raise FormatError("has both 'layer' and legacy 'layers' fields; use one of them", path)
     layers = net_layers(net)
@@ -149,7 +126,7 @@ def write_caffemodel(path: PathLike, net: caffe_pb2.NetParameter) -> None:
 
 def parse_solverstate(data: bytes, path: Optional[PathLike] = None) -> caffe_pb2.SolverState:
     """Parse solverstate bytes, checking they look like one (an ``iter`` field, valid history)."""
-    state = _parse(caffe_pb2.SolverState, data, path, SOLVERSTATE_EXPECTED)
+    state = parse_binary(caffe_pb2.SolverState, data, path, SOLVERSTATE_EXPECTED)
     if not state.HasField("iter"):
         raise FormatError(f"{SOLVERSTATE_EXPECTED}; no iteration number", path)
     for index, blob in enumerate(state.history):

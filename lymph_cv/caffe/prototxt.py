@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 from typing import Iterable, Optional, Union
 
 from google.protobuf import text_format
 
 from lymph_cv.caffe import caffe_pb2
+from lymph_cv.caffe.files import read_text
 from lymph_cv.errors import FormatError
 
 PathLike = Union[str, os.PathLike]
@@ -91,19 +91,6 @@ def v1_type_name(value: int) -> str:
         return V1_TYPE_NAMES[value]
     except KeyError as exc:
         raise FormatError(f"unknown V1 layer type {value}") from exc
-
-
-def _read_text(path: PathLike, expected: str) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise FormatError(f"no such file; {expected}", path) from exc
-    except IsADirectoryError as exc:
-        raise FormatError(f"is a directory; {expected}", path) from exc
-    except UnicodeDecodeError as exc:
-        raise FormatError(f"is not a text file; {expected}", path) from exc
-    except OSError as exc:
-        raise FormatError(f"cannot read ({exc.strerror}); {expected}", path) from exc
 
 
 def _parse_text(text: str, message, path: Optional[PathLike], expected: str):
@@ -192,7 +179,7 @@ def parse_net_text(text: str, path: Optional[PathLike] = None, upgrade: bool = T
 
 def read_net_prototxt(path: PathLike) -> caffe_pb2.NetParameter:
     """Read a net ``.prototxt`` (V1 or V2) as a V2 NetParameter."""
-    return parse_net_text(_read_text(path, NET_EXPECTED), path)
+    return parse_net_text(read_text(path, NET_EXPECTED), path)
 
 
 def _rule_met(rule: caffe_pb2.NetStateRule, phase: int, level: int, stages: Iterable[str]) -> bool:
@@ -258,7 +245,7 @@ def parse_solver_text(text: str, path: Optional[PathLike] = None) -> caffe_pb2.S
 
 def read_solver(path: PathLike) -> caffe_pb2.SolverParameter:
     """Read a solver ``.prototxt``; ``solver_type`` becomes the ``type`` string."""
-    return parse_solver_text(_read_text(path, SOLVER_EXPECTED), path)
+    return parse_solver_text(read_text(path, SOLVER_EXPECTED), path)
 
 
 # --------------------------------------------------------------------------- printing
