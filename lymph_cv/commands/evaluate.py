@@ -1,0 +1,85 @@
+"""``lymph-cv evaluate`` (step 5 for one fold) and ``lymph-cv report`` (all evaluated folds pooled)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from lymph_cv.evaluate import (AGGREGATE_CHOICES, DEFAULT_BATCH_SIZE, MEAN_MODES, evaluate_fold, fold_output_dir,
+                               parse_aggregate)
+from lymph_cv.errors import ConfigError
+from lymph_cv.report import build_report, format_fold, format_report, write_fold, write_report
+
+log = logging.getLogger(__name__)
+
+_FILE = click.Path(dir_okay=False, path_type=Path)
+_DIR = click.Path(file_okay=False, path_type=Path)
+
+
+def _aggregate(ctx, param, value: str):
+    try:
+        return parse_aggregate(value)
+    except ConfigError as exc:
+        raise click.BadParameter(exc.detail, ctx=ctx, param=param) from exc
+
+
+def _classes(ctx, param, value: Optional[str]):
+    if value is None:
+        return None
+    names = [name.strip() for name in value.split(",")]
+    if len(names) < 2 or not all(names) or len(set(names)) != len(names):
+        raise click.BadParameter("expected two or more distinct comma-separated class names, e.g. CLL,FL,MCL",
+                                 ctx=ctx, param=param)
+    return names
+
+
+@click.command()
+@click.argument("workdir", type=_DIR)
+@click.option("--fold", "-k", type=click.IntRange(min=1), required=True, help="Fold K to evaluate.")
+@click.option("--model", type=_FILE, help="Trained .caffemodel [default: the highest WORKDIR/K/*_iter_N.caffemodel].")
+@click.option("--deploy", type=_FILE, help="Deploy net [default: WORKDIR/K/deploy_train32.prototxt].")
+@click.option("--mean", type=_FILE, help="Mean .binaryproto [default: WORKDIR/DB_train_w32_K.binaryproto].")
+@click.option("--parent-list", type=_FILE, help="Test images, one per line [default: WORKDIR/test_w32_parent_K.txt].")
+@click.option("--images", type=_DIR, help="Folder the parent list's entries are under [default: the data folder in WORKDIR/subs/manifest.json].")
+@click.option("--classes", callback=_classes, help="Class names in label order, e.g. CLL,FL,MCL [default: from the workdir, else the parent list's class folders sorted].")
+@click.option("--out", type=_DIR, help="Output folder [default: WORKDIR/eval/fold_K].")
+@click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda or cuda:N.")
+@click.option("--oversample/--no-oversample", default=True, show_default=True, help="10 crops per window (4 corners, centre, mirrored) or the centre crop only.")
+@click.option("--mean-mode", type=click.Choice(MEAN_MODES), default="resize", show_default=True,
+              help="resize: the tutorial pycaffe's mean resized to the net input; crop: training's mean at each crop's offset.")
+@click.option("--aggregate", default="vote", show_default=True, callback=_aggregate,
+              help=f"Window probabilities → image label: {', '.join(AGGREGATE_CHOICES)}.")
+@click.option("--window", type=click.IntRange(min=2), help="Window size [default: the manifest's patch size, else 36].")
+@click.option("--stride", type=click.IntRange(min=1), help="Window grid step [default: the manifest's step, else 32].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True, help="Crops per forward call.")
+@click.option("--heatmaps", is_flag=True, help="Also write a PNG overlay per image (eval/fold_K/heatmaps/).")
+@click.option("--legacy-layout", is_flag=True, help="Print the matrix as the tutorial did: rows predicted, columns actual.")
+def evaluate(workdir: Path, fold: int, model, deploy, mean, parent_list, images, classes, out, device, oversample,
+             mean_mode, aggregate, window, stride, batch_size, heatmaps, legacy_layout) -> None:
+    """Step 5: label every test image of fold K by voting over its windows; write metrics,
+    matrices and PNGs to WORKDIR/eval/fold_K.
+
+    Without a full workdir give --model, --deploy, --mean, --parent-list and --images (WORKDIR is
+    then only where eval/fold_K is written)."""
+    result = evaluate_fold(workdir, fold, model=model, deploy=deploy, mean=mean, parent_list=parent_list,
+                           images=images, classes=classes, device=device, oversample=oversample,
+                           mean_mode=mean_mode, aggregate=aggregate, window=window, stride=stride,
+                           batch_size=batch_size)
+    out_dir = out or fold_output_dir(workdir, fold)
+    record = write_fold(result, out_dir, legacy_layout=legacy_layout, heatmaps=heatmaps)
+    click.echo(format_fold(record, legacy_layout), nl=False)
+    log.info("wrote %s", out_dir)
+
+
+@click.command()
+@click.argument("workdir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--legacy-layout", is_flag=True, help="Print the matrix as the tutorial did: rows predicted, columns actual.")
+def report(workdir: Path, legacy_layout: bool) -> None:
+    """Pool every evaluated fold of WORKDIR: matrix, per-fold mean ± sd, per-class metrics,
+    eval/report.md, report.json, report.txt and confusion.png."""
+    result = build_report(workdir)
+    paths = write_report(result, legacy_layout)
+    click.echo(format_report(result, legacy_layout), nl=False)
+    log.info("wrote %s", ", ".join(str(p) for p in paths))

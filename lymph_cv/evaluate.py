@@ -1,0 +1,665 @@
+"""Step 5: classify whole test images by voting over sliding windows, as the tutorial's step 5 does.
+
+For every image of a fold's ``test_w32_parent_K.txt`` the tutorial cuts 36×36 windows centred on a
+32-pixel grid, predicts each with pycaffe's ``Classifier.predict`` (10 oversampled 32×32 crops,
+softmax probabilities averaged), gives each window one vote for its most probable class and labels
+the image with the most-voted class.  We reproduce those decisions exactly but batch thousands of
+crops per forward call (across windows and images), so a full-size image takes seconds on a CPU.
+
+Preprocessing, as ``caffe.io.load_image`` + the tutorial-era ``Classifier`` (caffe-facts §10):
+pixels become float32 ``u/255`` (RGB), are channel-swapped to BGR and multiplied by 255, and a mean
+is subtracted.  Two mean conventions (``mean_mode``):
+
+* ``"resize"`` (default, what the tutorial's predictions used): the 36×36 mean is resized to the
+  32×32 net input with ``caffe.io.resize_image`` (min/max normalised bilinear, half-pixel centres)
+  and that one 32×32 mean is subtracted from every crop, mirrored or not;
+* ``"crop"`` (what training and ``caffe test`` used, §4): the 36×36 mean is subtracted from the
+  36×36 window before cropping, i.e. each crop gets the mean at its own offset (the centre crop the
+  mean's centre 32×32) and mirrored crops are mirrored after the subtraction.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from lymph_cv.errors import ConfigError, EvaluationError, InputError, LymphCVError
+from lymph_cv.report import confusion_matrix
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, Path]
+
+#: The tutorial's window (step 1 patch size) and grid step, used when the workdir records none.
+WINDOW_SIZE = 36
+WINDOW_STRIDE = 32
+#: Extension the tutorial appends to every parent-list entry.
+IMAGE_SUFFIX = ".tif"
+MEAN_MODES = ("resize", "crop")
+AGGREGATE_CHOICES = ("vote", "mean", "topk:K")
+#: pycaffe's oversampling: 4 corners and the centre, then the same 5 mirrored left-right.
+OVERSAMPLE_CROPS = 10
+#: Crops per forward call (a multiple of OVERSAMPLE_CROPS keeps windows whole).
+DEFAULT_BATCH_SIZE = 2560
+#: Caffe's raw scale for images read as [0, 1] floats.
+RAW_SCALE = 255.0
+#: Channel swap RGB → BGR (the order of Caffe's Datum and mean files).
+CHANNEL_SWAP = (2, 1, 0)
+
+# Workdir layout (see DESIGN / the tutorial).
+DEPLOY_NAME = "deploy_train32.prototxt"
+MEAN_TEMPLATE = "DB_train_w32_{fold}.binaryproto"
+PARENT_LIST_TEMPLATE = "test_w32_parent_{fold}.txt"
+EVAL_DIR = "eval"
+FOLD_DIR_TEMPLATE = "fold_{fold}"
+MANIFEST = Path("subs") / "manifest.json"
+FOLDS_JSON = "folds.json"
+_SNAPSHOT = re.compile(r"_iter_(\d+)\.caffemodel$")
+
+
+# ----------------------------------------------------------------------------- geometry
+def window_centres(height: int, width: int, size: int = WINDOW_SIZE, stride: int = WINDOW_STRIDE) -> Tuple[np.ndarray, np.ndarray]:
+    """Row and column centres of the tutorial's windows: ``hwsize+1, hwsize+1+stride, …`` while
+    the centre stays below ``extent − hwsize`` (``hwsize = size // 2``); the window of centre ``c``
+    covers ``[c − hwsize, c + hwsize)``, so the grid starts at pixel 1 and a border may be left out."""
+    half = size // 2
+    rows = np.arange(half + 1, height - half, stride, dtype=np.int64)
+    cols = np.arange(half + 1, width - half, stride, dtype=np.int64)
+    return rows, cols
+
+
+def window_grid(height: int, width: int, size: int = WINDOW_SIZE, stride: int = WINDOW_STRIDE) -> np.ndarray:
+    """(N, 2) window centres (row, col) in the tutorial's visiting order (row-major)."""
+    rows, cols = window_centres(height, width, size, stride)
+    grid = np.stack(np.meshgrid(rows, cols, indexing="ij"), axis=-1)
+    return grid.reshape(-1, 2)
+
+
+@dataclass(frozen=True)
+class Crop:
+    """One oversampling crop of a window: top-left offset and whether it is mirrored left-right."""
+
+    top: int
+    left: int
+    mirrored: bool
+
+
+def crop_boxes(height: int, width: int, crop: int, oversample: bool = True) -> List[Crop]:
+    """The crops pycaffe's ``Classifier.predict`` takes from an ``height × width`` input.
+
+    Oversampling (``caffe.io.oversample``): corners row-major over ``{0, H−c} × {0, W−c}``, then the
+    centre ``(int(H/2 − c/2), int(W/2 − c/2))``, then those five again mirrored.  Without it, the
+    centre crop alone."""
+    if crop > height or crop > width:
+        raise EvaluationError(f"net input {crop}×{crop} is larger than the {height}×{width} window")
+    centre = Crop(int(height / 2 - crop / 2), int(width / 2 - crop / 2), False)
+    if not oversample:
+        return [centre]
+    plain = [Crop(top, left, False) for top in (0, height - crop) for left in (0, width - crop)] + [centre]
+    return plain + [Crop(c.top, c.left, True) for c in plain]
+
+
+def extract_windows(image: np.ndarray, centres: np.ndarray, size: int = WINDOW_SIZE) -> np.ndarray:
+    """(N, C, size, size) windows of a (C, H, W) image at the given centres (a strided gather)."""
+    half = size // 2
+    views = np.lib.stride_tricks.sliding_window_view(image, (size, size), axis=(1, 2))
+    # views[c, y, x] is the window whose top-left is (y, x): move channels next to the pixels.
+    tops = centres[:, 0] - half
+    lefts = centres[:, 1] - half
+    return np.ascontiguousarray(views[:, tops, lefts].transpose(1, 0, 2, 3))
+
+
+def make_crops(windows: np.ndarray, crops: Sequence[Crop], size: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """(N·len(crops), C, size, size): each window's crops, consecutive, in ``crops`` order."""
+    n, channels = windows.shape[:2]
+    if out is None:
+        out = np.empty((n * len(crops), channels, size, size), dtype=np.float32)
+    grouped = out.reshape(n, len(crops), channels, size, size)
+    for index, box in enumerate(crops):
+        piece = windows[:, :, box.top : box.top + size, box.left : box.left + size]
+        grouped[:, index] = piece[..., ::-1] if box.mirrored else piece
+    return out
+
+
+# ----------------------------------------------------------------------------- pixels and means
+def _bilinear_axis(extent_in: int, extent_out: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # Half-pixel centres, as skimage.transform.resize(order=1) maps them; edges clamped.
+    src = (np.arange(extent_out, dtype=np.float64) + 0.5) * (extent_in / extent_out) - 0.5
+    src = np.clip(src, 0.0, extent_in - 1)
+    low = np.floor(src).astype(np.int64)
+    high = np.minimum(low + 1, extent_in - 1)
+    return low, high, src - low
+
+
+def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``caffe.io.resize_image`` for an H×W×C float image: min/max normalise, bilinear resize,
+    de-normalise, float32 (a constant image stays constant)."""
+    image = np.asarray(image, dtype=np.float64)
+    low_value, high_value = image.min(), image.max()
+    if high_value == low_value:
+        return np.full((height, width) + image.shape[2:], low_value, dtype=np.float32)
+    unit = (image - low_value) / (high_value - low_value)
+    r0, r1, rw = _bilinear_axis(image.shape[0], height)
+    c0, c1, cw = _bilinear_axis(image.shape[1], width)
+    rw = rw.reshape((-1,) + (1,) * (image.ndim - 1))
+    rows = unit[r0] * (1 - rw) + unit[r1] * rw
+    cw = cw.reshape((1, -1) + (1,) * (image.ndim - 2))
+    both = rows[:, c0] * (1 - cw) + rows[:, c1] * cw
+    return (both * (high_value - low_value) + low_value).astype(np.float32)
+
+
+def prepare_mean(mean: np.ndarray, channels: int, window: int, crop: int, mode: str, path: Optional[PathLike] = None) -> np.ndarray:
+    """The mean as it is subtracted: (C, crop, crop) for ``"resize"``, (C, window, window) for ``"crop"``.
+
+    The mean must be (C, window, window) with C the deploy net's input channels."""
+    if mode not in MEAN_MODES:
+        raise ConfigError(f"unknown mean mode {mode!r}", valid=MEAN_MODES)
+    expected = (channels, window, window)
+    if tuple(mean.shape) != expected:
+        raise EvaluationError(f"mean has shape {tuple(mean.shape)}, expected {expected} (deploy channels × window size)", path)
+    if mode == "crop" or window == crop:
+        return np.ascontiguousarray(mean, dtype=np.float32)
+    # pycaffe (≤ 2015-02-17) Net.set_mean(mode='elementwise'): resize the whole mean as H×W×C.
+    return np.ascontiguousarray(resize_image(mean.transpose(1, 2, 0), crop, crop).transpose(2, 0, 1))
+
+
+def _unit_scale(dtype: np.dtype) -> float:
+    # skimage.img_as_float: integers divide by their type's maximum, floats are kept.
+    if np.issubdtype(dtype, np.integer):
+        return float(np.iinfo(dtype).max)
+    return 1.0
+
+
+def load_image(path: PathLike) -> np.ndarray:
+    """An image as the tutorial's pycaffe sees it after ``load_image``, channel swap and raw scale:
+    float32 (3, H, W), BGR, ``float32(u / max) · 255``."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("image not found", path)
+    pixels = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
+    if pixels is None or pixels.ndim != 3 or pixels.size == 0:
+        raise InputError("cannot read the image (expected a TIFF/PNG/JPEG file)", path)
+    scale = _unit_scale(pixels.dtype)
+    if pixels.dtype == np.uint8:
+        table = (np.arange(256, dtype=np.float64) / scale).astype(np.float32) * np.float32(RAW_SCALE)
+        values = table[pixels]
+    else:
+        values = (pixels.astype(np.float64) / scale).astype(np.float32) * np.float32(RAW_SCALE)
+    # OpenCV already delivers BGR, the order CHANNEL_SWAP produces from load_image's RGB.
+    return np.ascontiguousarray(values.transpose(2, 0, 1))
+
+
+# ----------------------------------------------------------------------------- aggregation
+@dataclass(frozen=True)
+class Aggregate:
+    """How window probabilities become an image label: ``vote``, ``mean`` or ``topk`` (with ``k``)."""
+
+    kind: str
+    k: int = 0
+
+    def __str__(self) -> str:
+        return f"topk:{self.k}" if self.kind == "topk" else self.kind
+
+
+def parse_aggregate(text: str) -> Aggregate:
+    """``"vote"``, ``"mean"`` or ``"topk:K"`` (K ≥ 1) as an :class:`Aggregate`."""
+    match = re.fullmatch(r"topk:(\d+)", text)
+    if match and int(match.group(1)) >= 1:
+        return Aggregate("topk", int(match.group(1)))
+    if text in ("vote", "mean"):
+        return Aggregate(text)
+    raise ConfigError(f"unknown aggregation {text!r}", valid=AGGREGATE_CHOICES)
+
+
+def vote_counts(window_probs: np.ndarray, n_classes: int) -> np.ndarray:
+    """Votes per class: each window votes for its argmax (ties → the lowest class index)."""
+    return np.bincount(np.argmax(window_probs, axis=1), minlength=n_classes).astype(np.int64)
+
+
+def aggregate_scores(window_probs: np.ndarray, aggregate: Aggregate) -> np.ndarray:
+    """Per-class image scores: vote fractions, mean probabilities, or the mean of each class's K
+    highest window probabilities (the multiple-instance view)."""
+    n_windows, n_classes = window_probs.shape
+    if aggregate.kind == "vote":
+        return vote_counts(window_probs, n_classes) / float(n_windows)
+    if aggregate.kind == "mean":
+        return window_probs.mean(axis=0, dtype=np.float64)
+    k = min(aggregate.k, n_windows)
+    top = -np.partition(-window_probs, k - 1, axis=0)[:k]
+    return top.mean(axis=0, dtype=np.float64)
+
+
+def decide(scores: np.ndarray) -> int:
+    """The winning class: argmax, ties to the lowest index (the tutorial's ``np.argmax``)."""
+    return int(np.argmax(scores))
+
+
+# ----------------------------------------------------------------------------- parent lists
+@dataclass(frozen=True)
+class ParentEntry:
+    """One line of a parent list: the entry as written, its resolved image and its true label."""
+
+    line: int
+    entry: str
+    path: Path
+    label: int
+
+
+def _class_of(entry: str, classes: Sequence[str], where: str) -> int:
+    parts = PurePosixPath(entry).parts
+    if len(parts) > 1 and parts[0] in classes:
+        return list(classes).index(parts[0])
+    initials = [name[:1].upper() for name in classes]
+    letter = entry[:1].upper()
+    if letter and initials.count(letter) == 1:
+        return initials.index(letter)
+    raise InputError(f"{where}: cannot tell the class of {entry!r} (expected a class folder or a first letter of {', '.join(classes)})")
+
+
+def _resolve_image(root: Path, entry: str, where: str) -> Path:
+    relative = PurePosixPath(entry)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise InputError(f"{where}: {entry!r} must be a path inside the image folder")
+    candidates = [relative] if relative.suffix.lower() == IMAGE_SUFFIX else [PurePosixPath(entry + IMAGE_SUFFIX), relative]
+    root_resolved = root.resolve()
+    for candidate in candidates:
+        path = root / candidate
+        if path.is_file():
+            if not path.resolve().is_relative_to(root_resolved):
+                raise InputError(f"{where}: {entry!r} leads outside the image folder {root}")
+            return path
+    raise InputError(f"{where}: image not found under {root} (tried {', '.join(str(c) for c in candidates)})")
+
+
+def read_parent_list(path: PathLike, images: PathLike, classes: Sequence[str]) -> List[ParentEntry]:
+    """Entries of a parent list (``CLASS/name[.tif]`` or ``name[.tif]`` per line), resolved under
+    ``images``; the label comes from the class folder, or else from the name's first letter."""
+    path, root = Path(path), Path(images)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError as exc:
+        raise InputError("parent list not found", path) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read the parent list ({exc})", path) from exc
+    if not root.is_dir():
+        raise InputError("image folder not found", root)
+    entries = []
+    for number, raw in enumerate(lines, start=1):
+        entry = raw.strip()
+        if not entry:
+            continue
+        where = f"{path}:{number}"
+        label = _class_of(entry, classes, where)
+        entries.append(ParentEntry(number, entry, _resolve_image(root, entry, where), label))
+    if not entries:
+        raise EvaluationError("the parent list is empty (expected one image per line)", path)
+    return entries
+
+
+# ----------------------------------------------------------------------------- the net
+class WindowClassifier:
+    """A deploy net with trained weights, predicting batches of preprocessed crops."""
+
+    def __init__(self, deploy: PathLike, model: PathLike, device: str = "cpu"):
+        import torch
+
+        from lymph_cv.caffe import caffe_pb2
+        from lymph_cv.caffe.model import read_caffemodel
+        from lymph_cv.caffe.prototxt import read_net_prototxt
+        from lymph_cv.net.build import build_net
+
+        self._torch = torch
+        self.device = _torch_device(device)
+        net_param = read_net_prototxt(deploy)
+        weights = read_caffemodel(model)
+        self.net = build_net(net_param, caffe_pb2.TEST)
+        if len(self.net.input_blobs) != 1:
+            raise EvaluationError(f"deploy net must have one input blob, has {len(self.net.input_blobs)}", deploy)
+        self.input = self.net.input_blobs[0]
+        shape = tuple(self.net.blob_shapes[self.input])
+        if len(shape) != 4 or shape[2] != shape[3]:
+            raise EvaluationError(f"deploy net input must be N×C×S×S, got {shape}", deploy)
+        self.channels, self.crop = int(shape[1]), int(shape[2])
+        self.output = self.net.output_blobs[0]
+        mismatch = f"model {model} does not fit deploy net {deploy}"
+        try:
+            copied = set(self.net.load_weights(weights, model))
+        except LymphCVError as exc:
+            raise EvaluationError(f"{mismatch}: {exc.detail}") from exc
+        missing = [name for name in self.net.params() if name not in copied]
+        if missing:
+            raise EvaluationError(f"{mismatch}: no weights for layer(s) {', '.join(missing)}")
+        self.net.to(self.device).eval()
+        out_shape = self.net.blob_shapes[self.output]
+        self.n_classes = int(np.prod(out_shape[1:]))
+
+    def predict(self, crops: np.ndarray) -> np.ndarray:
+        """(N, classes) float32 first-output values (``prob``) for N preprocessed crops."""
+        torch = self._torch
+        with torch.inference_mode():
+            blobs = self.net.forward({self.input: torch.from_numpy(crops).to(self.device)})
+            out = blobs[self.output]
+        return out.reshape(out.shape[0], -1).float().cpu().numpy()
+
+
+def _torch_device(name: str):
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"unknown device {name!r}", valid=("cpu", "cuda", "cuda:N")) from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}: CUDA is not available here", valid=("cpu",))
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unsupported device {name!r}", valid=("cpu", "cuda", "cuda:N"))
+    return device
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass
+class ImageResult:
+    """One test image's windows, their probabilities and the image's decision."""
+
+    entry: str
+    path: Path
+    label: int
+    predicted: int
+    votes: np.ndarray  # (classes,) int
+    scores: np.ndarray  # (classes,) aggregate scores the decision was taken on
+    centres: np.ndarray  # (windows, 2) row, col
+    probs: np.ndarray  # (windows, classes) float32, averaged over the crops
+
+    @property
+    def correct(self) -> bool:
+        return self.predicted == self.label
+
+
+@dataclass
+class FoldResult:
+    """A fold's evaluation: per-image results, the confusion matrix and the settings used."""
+
+    fold: int
+    classes: List[str]
+    images: List[ImageResult]
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def confusion(self) -> np.ndarray:
+        """Counts with rows = true class, columns = predicted class."""
+        return confusion_matrix([r.label for r in self.images], [r.predicted for r in self.images], len(self.classes))
+
+    @property
+    def misclassified(self) -> List[ImageResult]:
+        return [r for r in self.images if not r.correct]
+
+
+# ----------------------------------------------------------------------------- workdir defaults
+def latest_snapshot(folder: PathLike) -> Path:
+    """The ``*_iter_N.caffemodel`` with the highest N in ``folder``."""
+    folder = Path(folder)
+    found = [(int(m.group(1)), p) for p in folder.glob("*.caffemodel") if (m := _SNAPSHOT.search(p.name))]
+    if not found:
+        raise InputError("no snapshot *_iter_N.caffemodel found (train the fold or pass --model)", folder)
+    return max(found)[1]
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read JSON ({exc})", path) from exc
+
+
+def workdir_info(workdir: PathLike) -> dict:
+    """What the earlier stages recorded (``subs/manifest.json``, ``folds.json``): ``classes``,
+    ``images`` (the data folder), ``window`` (patch size) and ``stride`` (grid step), where known."""
+    workdir = Path(workdir)
+    manifest = _read_json(workdir / MANIFEST) or {}
+    folds = _read_json(workdir / FOLDS_JSON) or {}
+    found = {
+        "classes": manifest.get("classes") or folds.get("classes"),
+        "images": manifest.get("data_dir"),
+        "window": manifest.get("patch_size"),
+        "stride": manifest.get("step"),
+    }
+    return {key: value for key, value in found.items() if value}
+
+
+def default_classes(entries: Iterable[str]) -> List[str]:
+    """Class names when no workdir records them: the parent list's class folders, sorted (the
+    tutorial's labels CLL=0, FL=1, MCL=2 are in that order)."""
+    folders = sorted({PurePosixPath(e.strip()).parts[0] for e in entries if len(PurePosixPath(e.strip()).parts) > 1})
+    return folders
+
+
+# ----------------------------------------------------------------------------- evaluation
+def _prefetch(paths: Sequence[Path]) -> Iterator[Tuple[int, np.ndarray]]:
+    """Load images one ahead in a thread (OpenCV decodes without the GIL) while the net runs."""
+    if not paths:
+        return
+    holder: dict = {}
+
+    def load(index: int) -> None:
+        try:
+            holder[index] = load_image(paths[index])
+        except BaseException as exc:  # re-raised in the consumer
+            holder[index] = exc
+
+    thread = threading.Thread(target=load, args=(0,))
+    thread.start()
+    for index in range(len(paths)):
+        thread.join()
+        item = holder.pop(index)
+        if index + 1 < len(paths):
+            thread = threading.Thread(target=load, args=(index + 1,))
+            thread.start()
+        if isinstance(item, BaseException):
+            with contextlib.suppress(RuntimeError):
+                thread.join()
+            raise item
+        yield index, item
+
+
+def _batches(pieces: Iterable[Tuple[int, np.ndarray]], per_batch: int) -> Iterator[List[Tuple[int, int, np.ndarray]]]:
+    """Group (owner, windows) pieces into lists of (owner, start, windows) with ``per_batch`` windows
+    each (the last may be smaller); a batch spans image boundaries."""
+    pending: List[Tuple[int, int, np.ndarray]] = []
+    size = 0
+    for owner, windows in pieces:
+        start = 0
+        while start < len(windows):
+            take = min(per_batch - size, len(windows) - start)
+            pending.append((owner, start, windows[start : start + take]))
+            size += take
+            start += take
+            if size == per_batch:
+                yield pending
+                pending, size = [], 0
+    if pending:
+        yield pending
+
+
+def classify_windows(
+    classifier: WindowClassifier,
+    images: Iterable[Tuple[int, np.ndarray]],
+    mean: np.ndarray,
+    *,
+    window: int,
+    oversample: bool,
+    mean_mode: str,
+    batch_size: int,
+) -> dict:
+    """Window probabilities per owner for a stream of (owner, (N, C, window, window)) windows.
+
+    ``mean`` is :func:`prepare_mean`'s.  The result maps owner → (N, classes) float32 probabilities
+    averaged over the crops, as ``Classifier.predict`` returns them."""
+    crop = classifier.crop
+    boxes = crop_boxes(window, window, crop, oversample)
+    per_batch = max(1, batch_size // len(boxes))
+    parts: dict = {}
+    buffer = np.empty((per_batch * len(boxes), classifier.channels, crop, crop), dtype=np.float32)
+    for batch in _batches(images, per_batch):
+        total = sum(len(w) for _, _, w in batch)
+        out = buffer[: total * len(boxes)]
+        offset = 0
+        for _, _, windows in batch:
+            if mean_mode == "crop":
+                windows = windows - mean  # each crop then carries the mean at its own offset
+            make_crops(windows, boxes, crop, out[offset : offset + len(windows) * len(boxes)])
+            offset += len(windows) * len(boxes)
+        if mean_mode == "resize":
+            out -= mean
+        probs = classifier.predict(out).reshape(total, len(boxes), -1).mean(axis=1)
+        offset = 0
+        for owner, _, windows in batch:
+            parts.setdefault(owner, []).append(probs[offset : offset + len(windows)])
+            offset += len(windows)
+    return {owner: np.concatenate(chunks) for owner, chunks in parts.items()}
+
+
+def evaluate_images(
+    classifier: WindowClassifier,
+    entries: Sequence[ParentEntry],
+    mean: np.ndarray,
+    *,
+    window: int = WINDOW_SIZE,
+    stride: int = WINDOW_STRIDE,
+    oversample: bool = True,
+    mean_mode: str = "resize",
+    aggregate: Aggregate = Aggregate("vote"),
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+) -> List[ImageResult]:
+    """Classify every entry's image by its windows; one forward call per batch of crops."""
+    mean = prepare_mean(mean, classifier.channels, window, classifier.crop, mean_mode)
+    centres: dict = {}
+    bar = tqdm(total=len(entries), desc="evaluate", unit="img", disable=not progress, leave=False)
+
+    def stream() -> Iterator[Tuple[int, np.ndarray]]:
+        for index, image in _prefetch([e.path for e in entries]):
+            if image.shape[0] != classifier.channels:
+                raise EvaluationError(f"image has {image.shape[0]} channels, the net expects {classifier.channels}", entries[index].path)
+            grid = window_grid(image.shape[1], image.shape[2], window, stride)
+            if not len(grid):
+                raise InputError(f"image of {image.shape[2]}×{image.shape[1]} pixels holds no {window}-pixel window", entries[index].path)
+            centres[index] = grid
+            yield index, extract_windows(image, grid, window)
+            bar.update(1)
+
+    try:
+        probs = classify_windows(classifier, stream(), mean, window=window, oversample=oversample,
+                                 mean_mode=mean_mode, batch_size=batch_size)
+    finally:
+        bar.close()
+    results = []
+    for index, entry in enumerate(entries):
+        window_probs = probs[index]
+        scores = aggregate_scores(window_probs, aggregate)
+        results.append(ImageResult(entry.entry, entry.path, entry.label, decide(scores),
+                                   vote_counts(window_probs, classifier.n_classes), scores, centres[index], window_probs))
+    return results
+
+
+
+def _existing(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise InputError(f"{what} not found", path)
+    return path
+
+
+def fold_output_dir(workdir: PathLike, fold: int) -> Path:
+    """``WORKDIR/eval/fold_K``."""
+    return Path(workdir) / EVAL_DIR / FOLD_DIR_TEMPLATE.format(fold=fold)
+
+
+def evaluate_fold(
+    workdir: PathLike,
+    fold: int,
+    *,
+    model: Optional[PathLike] = None,
+    deploy: Optional[PathLike] = None,
+    mean: Optional[PathLike] = None,
+    parent_list: Optional[PathLike] = None,
+    images: Optional[PathLike] = None,
+    classes: Optional[Sequence[str]] = None,
+    device: str = "cpu",
+    oversample: bool = True,
+    mean_mode: str = "resize",
+    aggregate: Union[str, Aggregate] = "vote",
+    window: Optional[int] = None,
+    stride: Optional[int] = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+) -> FoldResult:
+    """Evaluate fold ``fold`` of ``workdir`` the tutorial's way; nothing is written.
+
+    Defaults follow the workdir layout: model = the highest ``K/*_iter_N.caffemodel``, deploy =
+    ``K/deploy_train32.prototxt``, mean = ``DB_train_w32_K.binaryproto``, parent list =
+    ``test_w32_parent_K.txt``, images / classes / window / stride = what ``folds.json`` and
+    ``subs/manifest.json`` record.  With all of model, deploy, mean, parent list and images given
+    (and classes, or class folders in the parent list) the workdir need not exist."""
+    workdir = Path(workdir)
+    fold_dir = workdir / str(fold)
+    if mean_mode not in MEAN_MODES:
+        raise ConfigError(f"unknown mean mode {mean_mode!r}", valid=MEAN_MODES)
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be positive, got {batch_size}")
+    aggregate = parse_aggregate(aggregate) if isinstance(aggregate, str) else aggregate
+    info = workdir_info(workdir) if workdir.is_dir() else {}
+    parent_list = _existing(Path(parent_list) if parent_list else workdir / PARENT_LIST_TEMPLATE.format(fold=fold), "parent list")
+    if images is None:
+        if "images" not in info:
+            raise ConfigError("no image folder recorded in the workdir (subs/manifest.json); pass --images", workdir)
+        images = info["images"]
+    if classes is None:
+        classes = info.get("classes")
+    if not classes:
+        try:
+            classes = default_classes(parent_list.read_text(encoding="utf-8").splitlines())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read the parent list ({exc})", parent_list) from exc
+    if not classes:
+        raise ConfigError("class names unknown: the workdir records none and the parent list has no class folders; pass --classes")
+    classes = list(classes)
+    window = int(window or info.get("window") or WINDOW_SIZE)
+    stride = int(stride or info.get("stride") or WINDOW_STRIDE)
+    if window < 2 or window % 2 or stride < 1:
+        raise ConfigError(f"window must be an even size ≥ 2 and stride ≥ 1, got window {window}, stride {stride}")
+    entries = read_parent_list(parent_list, images, classes)
+
+    deploy = _existing(Path(deploy) if deploy else fold_dir / DEPLOY_NAME, "deploy net")
+    model = _existing(Path(model), "model") if model else latest_snapshot(fold_dir)
+    mean_path = _existing(Path(mean) if mean else workdir / MEAN_TEMPLATE.format(fold=fold), "mean file")
+    from lymph_cv.caffe.blob import read_mean
+
+    mean_array = read_mean(mean_path)
+    classifier = WindowClassifier(deploy, model, device)
+    if classifier.n_classes != len(classes):
+        raise EvaluationError(f"deploy net {deploy} outputs {classifier.n_classes} values per window, "
+                              f"but there are {len(classes)} classes ({', '.join(classes)})")
+    if mean_array.shape[0] != classifier.channels or mean_array.shape[1:] != (window, window):
+        raise EvaluationError(f"mean has shape {tuple(mean_array.shape)}, expected "
+                              f"{(classifier.channels, window, window)} (deploy channels × window size)", mean_path)
+    log.info("fold %d: %d images, model %s, %s crops per window, mean %s, aggregate %s",
+             fold, len(entries), model, OVERSAMPLE_CROPS if oversample else 1, mean_mode, aggregate)
+    results = evaluate_images(classifier, entries, mean_array, window=window, stride=stride, oversample=oversample,
+                              mean_mode=mean_mode, aggregate=aggregate, batch_size=batch_size, progress=progress)
+    settings = {
+        "model": str(model), "deploy": str(deploy), "mean": str(mean_path), "parent_list": str(parent_list),
+        "images": str(images), "device": device, "mean_mode": mean_mode, "oversample": oversample,
+        "crops": len(crop_boxes(window, window, classifier.crop, oversample)), "aggregate": str(aggregate),
+        "window": window, "stride": stride, "crop": classifier.crop, "batch_size": batch_size,
+    }
+    return FoldResult(fold, classes, results, settings)

@@ -1,0 +1,471 @@
+"""Metrics, confusion matrices, PNGs and the Markdown summary of step 5.
+
+Confusion matrices are counts with rows = true class and columns = predicted class; the tutorial
+printed the transpose (predicted × actual), available as the *legacy layout* when formatting.
+Computing (metrics, pooled results) is kept apart from formatting (text, CSV, Markdown) and from
+drawing (OpenCV PNGs); writing a fold's or the report's files is one atomic step each.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, List, Optional, Sequence, Union
+
+import cv2
+import numpy as np
+
+from lymph_cv.errors import EvaluationError, InputError
+from lymph_cv.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:  # evaluate imports this module at run time
+    from lymph_cv.evaluate import FoldResult, ImageResult
+
+PathLike = Union[str, Path]
+
+#: File names inside ``eval/fold_K/`` and ``eval/``.
+METRICS_JSON = "metrics.json"
+SUMMARY_TXT = "summary.txt"
+IMAGES_CSV = "images.csv"
+CONFUSION_PNG = "confusion.png"
+HEATMAP_DIR = "heatmaps"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+REPORT_TXT = "report.txt"
+_FOLD_DIR = re.compile(r"fold_(\d+)$")
+LAYOUT = "rows = true class, columns = predicted class"
+LEGACY_LAYOUT = "rows = predicted class, columns = true class (the tutorial's layout)"
+#: Decimal places of metrics in text and Markdown.
+DIGITS = 3
+#: How many misclassified images the one-page summary names before abbreviating.
+MD_MISCLASSIFIED_MAX = 12
+
+# Drawing (OpenCV, BGR).
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+_CELL = 96  # confusion-matrix cell size in pixels
+_MARGIN = 130  # room for class names and axis titles
+_WHITE = (255, 255, 255)
+_BLACK = (0, 0, 0)
+_FULL = np.array([150, 60, 20], dtype=np.float64)  # colour of a 100 % cell (dark blue)
+#: Class colours of the heatmaps (BGR), cycled when there are more classes.
+PALETTE = ((60, 60, 230), (60, 190, 60), (230, 120, 40), (40, 200, 230), (200, 60, 200), (200, 200, 60))
+#: Most opaque a heatmap cell gets (at probability 1).
+HEATMAP_MAX_ALPHA = 0.6
+
+
+# ----------------------------------------------------------------------------- metrics
+def confusion_matrix(true: Sequence[int], predicted: Sequence[int], n_classes: int) -> np.ndarray:
+    """(n_classes, n_classes) int64 counts, rows = true class, columns = predicted class."""
+    matrix = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(true, dtype=np.int64), np.asarray(predicted, dtype=np.int64)), 1)
+    return matrix
+
+
+def _ratio(numerator: float, denominator: float) -> Optional[float]:
+    return float(numerator) / float(denominator) if denominator else None
+
+
+def class_metrics(matrix: np.ndarray, classes: Sequence[str]) -> dict:
+    """Per class: precision, recall, F1 (``None`` where undefined: nothing predicted / no true
+    image) and support (true images)."""
+    matrix = np.asarray(matrix)
+    result = {}
+    for index, name in enumerate(classes):
+        hits = matrix[index, index]
+        precision = _ratio(hits, matrix[:, index].sum())
+        recall = _ratio(hits, matrix[index].sum())
+        f1 = None
+        if precision is not None and recall is not None:
+            f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        result[name] = {"precision": precision, "recall": recall, "f1": f1, "support": int(matrix[index].sum())}
+    return result
+
+
+def accuracy(matrix: np.ndarray) -> float:
+    """Fraction of images on the diagonal (0 for an empty matrix)."""
+    total = np.asarray(matrix).sum()
+    return float(np.trace(matrix)) / total if total else 0.0
+
+
+def balanced_accuracy(matrix: np.ndarray) -> float:
+    """Mean recall over the classes that have true images."""
+    matrix = np.asarray(matrix)
+    support = matrix.sum(axis=1)
+    present = support > 0
+    if not present.any():
+        return 0.0
+    return float(np.mean(np.diag(matrix)[present] / support[present]))
+
+
+def summary_metrics(matrix: np.ndarray, classes: Sequence[str]) -> dict:
+    """Accuracy, balanced accuracy and per-class metrics of one confusion matrix."""
+    return {
+        "accuracy": accuracy(matrix),
+        "balanced_accuracy": balanced_accuracy(matrix),
+        "per_class": class_metrics(matrix, classes),
+    }
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, Optional[float]]:
+    """Mean and sample standard deviation (ddof 1; ``None`` for a single value)."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.mean()), (float(values.std(ddof=1)) if len(values) > 1 else None)
+
+
+# ----------------------------------------------------------------------------- text formatting
+def _num(value: Optional[float], digits: int = DIGITS) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def format_confusion(matrix: np.ndarray, classes: Sequence[str], legacy: bool = False) -> str:
+    """A labelled text matrix; ``legacy`` prints the tutorial's predicted × actual orientation."""
+    matrix = np.asarray(matrix)
+    rows_title, cols_title = ("predicted", "actual") if legacy else ("true", "predicted")
+    shown = matrix.T if legacy else matrix
+    width = max(6, max(len(c) for c in classes) + 1, len(str(int(matrix.max(initial=0)))) + 1)
+    label_width = max(len(rows_title), max(len(c) for c in classes)) + 2
+    lines = [" " * label_width + cols_title.center(width * len(classes))]
+    lines.append(rows_title.ljust(label_width) + "".join(c.rjust(width) for c in classes))
+    for name, row in zip(classes, shown):
+        lines.append(("  " + name).ljust(label_width) + "".join(str(int(v)).rjust(width) for v in row))
+    return "\n".join(lines)
+
+
+def format_class_table(per_class: dict) -> str:
+    """Precision / recall / F1 / support, one class a line."""
+    width = max(5, max(len(name) for name in per_class)) + 2
+    lines = ["class".ljust(width) + "precision    recall        f1   support"]
+    for name, m in per_class.items():
+        lines.append(name.ljust(width) + f"{_num(m['precision']):>9} {_num(m['recall']):>9} {_num(m['f1']):>9} {m['support']:>9}")
+    return "\n".join(lines)
+
+
+def _votes_text(votes: Sequence[int], classes: Sequence[str]) -> str:
+    return " ".join(f"{c}={int(v)}" for c, v in zip(classes, votes))
+
+
+def fold_record(result: "FoldResult") -> dict:
+    """The JSON-ready record of a fold's evaluation (``metrics.json``)."""
+    matrix = result.confusion
+    classes = result.classes
+    return {
+        "fold": result.fold,
+        "classes": list(classes),
+        "images": len(result.images),
+        "layout": LAYOUT,
+        "confusion": matrix.tolist(),
+        **summary_metrics(matrix, classes),
+        "misclassified": [
+            {"image": r.entry, "true": classes[r.label], "predicted": classes[r.predicted],
+             "votes": {c: int(v) for c, v in zip(classes, r.votes)}, "windows": int(len(r.probs))}
+            for r in result.misclassified
+        ],
+        "settings": result.settings,
+    }
+
+
+def format_fold(record: dict, legacy: bool = False) -> str:
+    """The human summary of a fold: header, matrix, per-class table, misclassified images."""
+    classes = record["classes"]
+    settings = record.get("settings", {})
+    lines = [
+        f"fold {record['fold']}: {record['images']} images, accuracy {_num(record['accuracy'])}, "
+        f"balanced accuracy {_num(record['balanced_accuracy'])}",
+        f"(aggregate {settings.get('aggregate', '?')}, {settings.get('crops', '?')} crops per window, "
+        f"mean {settings.get('mean_mode', '?')}, model {settings.get('model', '?')})",
+        "",
+        format_confusion(np.array(record["confusion"]), classes, legacy),
+        "",
+        format_class_table(record["per_class"]),
+        "",
+        f"misclassified: {len(record['misclassified'])}",
+    ]
+    for item in record["misclassified"]:
+        votes = _votes_text([item["votes"][c] for c in classes], classes)
+        lines.append(f"  {item['image']}  true {item['true']}  predicted {item['predicted']}  votes {votes}")
+    return "\n".join(lines) + "\n"
+
+
+def images_csv(result: "FoldResult") -> str:
+    """Per image: truth, decision, windows, votes, vote fractions and the aggregate's scores."""
+    classes = result.classes
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image", "true", "predicted", "correct", "windows"]
+                    + [f"votes_{c}" for c in classes] + [f"fraction_{c}" for c in classes] + [f"score_{c}" for c in classes])
+    for r in result.images:
+        n = len(r.probs)
+        writer.writerow([r.entry, classes[r.label], classes[r.predicted], int(r.correct), n]
+                        + [int(v) for v in r.votes] + [f"{v / n:.6f}" for v in r.votes] + [f"{s:.6f}" for s in r.scores])
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------- drawing
+def _text_size(text: str, scale: float, thickness: int) -> tuple[int, int]:
+    (w, h), _ = cv2.getTextSize(text, _FONT, scale, thickness)
+    return w, h
+
+
+def _put_centred(canvas: np.ndarray, text: str, centre: tuple[int, int], scale: float, color, thickness: int = 1) -> None:
+    w, h = _text_size(text, scale, thickness)
+    cv2.putText(canvas, text, (int(centre[0] - w / 2), int(centre[1] + h / 2)), _FONT, scale, color, thickness, cv2.LINE_AA)
+
+
+def draw_confusion(matrix: np.ndarray, classes: Sequence[str], title: str = "") -> np.ndarray:
+    """A BGR image of the matrix: rows = true class, columns = predicted; cells shaded by the
+    row fraction, labelled with count and percentage."""
+    matrix = np.asarray(matrix)
+    n = len(classes)
+    size = _MARGIN + n * _CELL + _CELL // 2
+    canvas = np.full((size + 40, size, 3), 255, dtype=np.uint8)
+    top, left = _MARGIN, _MARGIN
+    rows = matrix.sum(axis=1, keepdims=True)
+    fractions = np.divide(matrix, rows, out=np.zeros(matrix.shape, dtype=np.float64), where=rows > 0)
+    for i in range(n):
+        for j in range(n):
+            color = tuple(int(v) for v in 255 - fractions[i, j] * (255 - _FULL))
+            y, x = top + i * _CELL, left + j * _CELL
+            cv2.rectangle(canvas, (x, y), (x + _CELL, y + _CELL), color, -1)
+            cv2.rectangle(canvas, (x, y), (x + _CELL, y + _CELL), _BLACK, 1)
+            ink = _WHITE if fractions[i, j] > 0.5 else _BLACK
+            _put_centred(canvas, str(int(matrix[i, j])), (x + _CELL // 2, y + _CELL // 2 - 10), 0.8, ink, 2)
+            _put_centred(canvas, f"{100 * fractions[i, j]:.0f}%", (x + _CELL // 2, y + _CELL // 2 + 18), 0.45, ink)
+    for k, name in enumerate(classes):
+        _put_centred(canvas, name, (left + k * _CELL + _CELL // 2, top - 18), 0.55, _BLACK)
+        w, _ = _text_size(name, 0.55, 1)
+        cv2.putText(canvas, name, (left - 12 - w, top + k * _CELL + _CELL // 2 + 6), _FONT, 0.55, _BLACK, 1, cv2.LINE_AA)
+    _put_centred(canvas, "predicted class", (left + n * _CELL // 2, top - 55), 0.6, _BLACK, 1)
+    # The row axis title is drawn horizontally on a strip and rotated into place.
+    label = "true class"
+    w, h = _text_size(label, 0.6, 1)
+    strip = np.full((h + 12, w + 8, 3), 255, dtype=np.uint8)
+    cv2.putText(strip, label, (4, h + 4), _FONT, 0.6, _BLACK, 1, cv2.LINE_AA)
+    strip = cv2.rotate(strip, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    y0 = max(0, top + n * _CELL // 2 - strip.shape[0] // 2)
+    canvas[y0 : y0 + strip.shape[0], 10 : 10 + strip.shape[1]] = strip[: canvas.shape[0] - y0]
+    if title:
+        cv2.putText(canvas, title, (10, canvas.shape[0] - 15), _FONT, 0.5, _BLACK, 1, cv2.LINE_AA)
+    return canvas
+
+
+def draw_heatmap(image_bgr: np.ndarray, centres: np.ndarray, probs: np.ndarray, stride: int, classes: Sequence[str]) -> np.ndarray:
+    """The image with each window's stride×stride cell tinted by its predicted class, opacity
+    growing with its probability above chance; a legend strip below."""
+    height, width = image_bgr.shape[:2]
+    n_classes = probs.shape[1]
+    chance = 1.0 / n_classes
+    winner = probs.argmax(axis=1)
+    confidence = np.clip((probs.max(axis=1) - chance) / (1.0 - chance), 0.0, 1.0)
+    colors = np.array([PALETTE[k % len(PALETTE)] for k in range(n_classes)], dtype=np.float32)
+    tint = np.zeros((height, width, 3), dtype=np.float32)
+    alpha = np.zeros((height, width, 1), dtype=np.float32)
+    half = stride // 2
+    for (row, col), cls, conf in zip(centres, winner, confidence):
+        y0, x0 = max(0, row - half), max(0, col - half)
+        y1, x1 = min(height, row - half + stride), min(width, col - half + stride)
+        tint[y0:y1, x0:x1] = colors[cls]
+        alpha[y0:y1, x0:x1] = HEATMAP_MAX_ALPHA * conf
+    blended = image_bgr.astype(np.float32) * (1 - alpha) + tint * alpha
+    legend = np.full((36, width, 3), 255, dtype=np.uint8)
+    x = 8
+    for k, name in enumerate(classes):
+        cv2.rectangle(legend, (x, 8), (x + 20, 28), tuple(int(v) for v in colors[k]), -1)
+        cv2.putText(legend, name, (x + 26, 25), _FONT, 0.55, _BLACK, 1, cv2.LINE_AA)
+        x += 40 + _text_size(name, 0.55, 1)[0]
+    return np.vstack([np.clip(blended + 0.5, 0, 255).astype(np.uint8), legend])
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """PNG bytes of a BGR uint8 image."""
+    ok, data = cv2.imencode(".png", image)
+    if not ok:
+        raise EvaluationError("OpenCV could not encode a PNG")
+    return data.tobytes()
+
+
+def _display_image(path: Path) -> np.ndarray:
+    from lymph_cv.evaluate import load_image
+
+    return np.clip(load_image(path).transpose(1, 2, 0) + 0.5, 0, 255).astype(np.uint8)
+
+
+def heatmap_name(entry: str) -> str:
+    """A flat PNG name for a parent-list entry (``CLL/x.tif`` → ``CLL__x.png``)."""
+    stem = re.sub(r"\.tif{1,2}$", "", entry, flags=re.IGNORECASE)
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", stem.replace("/", "__")) + ".png"
+
+
+# ----------------------------------------------------------------------------- writing a fold
+def write_fold(result: "FoldResult", out_dir: PathLike, *, legacy_layout: bool = False, heatmaps: bool = False) -> dict:
+    """Write a fold's outputs into ``out_dir`` (built under a temporary name, renamed when
+    complete): metrics.json, summary.txt, images.csv, confusion.png and optional heatmaps/.
+    Returns the JSON record."""
+    record = fold_record(result)
+    out_dir = Path(out_dir)
+    with atomic_path(out_dir) as temp:
+        temp.mkdir()
+        (temp / METRICS_JSON).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (temp / SUMMARY_TXT).write_text(format_fold(record, legacy_layout), encoding="utf-8")
+        (temp / IMAGES_CSV).write_text(images_csv(result), encoding="utf-8")
+        title = f"fold {result.fold}: accuracy {_num(record['accuracy'])}, balanced {_num(record['balanced_accuracy'])}"
+        (temp / CONFUSION_PNG).write_bytes(encode_png(draw_confusion(result.confusion, result.classes, title)))
+        if heatmaps:
+            (temp / HEATMAP_DIR).mkdir()
+            stride = int(result.settings.get("stride", 0)) or _grid_step(result.images[0].centres)
+            for image in result.images:
+                picture = draw_heatmap(_display_image(image.path), image.centres, image.probs, stride, result.classes)
+                (temp / HEATMAP_DIR / heatmap_name(image.entry)).write_bytes(encode_png(picture))
+    return record
+
+
+def _grid_step(centres: np.ndarray) -> int:
+    steps = np.diff(np.unique(centres[:, 1]))
+    return int(steps[0]) if len(steps) else 1
+
+
+# ----------------------------------------------------------------------------- the pooled report
+@dataclass
+class Report:
+    """Pooled results over the evaluated folds of a workdir."""
+
+    workdir: Path
+    classes: List[str]
+    folds: List[dict]  # the folds' metrics.json records, in fold order
+    confusion: np.ndarray
+
+    @property
+    def metrics(self) -> dict:
+        return summary_metrics(self.confusion, self.classes)
+
+    def spread(self, key: str) -> tuple[float, Optional[float]]:
+        """Mean and sample sd over folds of ``accuracy`` or ``balanced_accuracy``."""
+        return mean_sd([f[key] for f in self.folds])
+
+
+def build_report(workdir: PathLike) -> Report:
+    """Collect ``eval/fold_K/metrics.json`` of every evaluated fold and pool their matrices."""
+    workdir = Path(workdir)
+    eval_dir = workdir / "eval"
+    found = sorted((int(m.group(1)), p) for p in eval_dir.glob("fold_*") if (m := _FOLD_DIR.match(p.name)) and p.is_dir())
+    records = []
+    for _, folder in found:
+        path = folder / METRICS_JSON
+        try:
+            records.append(json.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read the fold's metrics ({exc})", path) from exc
+    if not records:
+        raise EvaluationError("no evaluated fold found (expected eval/fold_K/metrics.json; run `lymph-cv evaluate` first)", workdir)
+    classes = records[0]["classes"]
+    for record in records[1:]:
+        if record["classes"] != classes:
+            raise EvaluationError(f"fold {record['fold']} has classes {record['classes']}, fold {records[0]['fold']} has {classes}", eval_dir)
+    pooled = sum(np.array(r["confusion"], dtype=np.int64) for r in records)
+    return Report(workdir, list(classes), records, pooled)
+
+
+def report_record(report: Report) -> dict:
+    """JSON-ready pooled results."""
+    acc_mean, acc_sd = report.spread("accuracy")
+    bal_mean, bal_sd = report.spread("balanced_accuracy")
+    return {
+        "classes": report.classes,
+        "folds": [r["fold"] for r in report.folds],
+        "images": int(report.confusion.sum()),
+        "layout": LAYOUT,
+        "confusion": report.confusion.tolist(),
+        **report.metrics,
+        "fold_accuracy": {"mean": acc_mean, "sd": acc_sd, "values": [r["accuracy"] for r in report.folds]},
+        "fold_balanced_accuracy": {"mean": bal_mean, "sd": bal_sd, "values": [r["balanced_accuracy"] for r in report.folds]},
+    }
+
+
+def _pm(mean: float, sd: Optional[float]) -> str:
+    return f"{_num(mean)} ± {_num(sd)}" if sd is not None else f"{_num(mean)} (one fold)"
+
+
+def format_report(report: Report, legacy: bool = False) -> str:
+    """The pooled results as plain text (what ``lymph-cv report`` prints)."""
+    record = report_record(report)
+    lines = [
+        f"{record['images']} images over folds {', '.join(str(f) for f in record['folds'])}: "
+        f"pooled accuracy {_num(record['accuracy'])}, balanced accuracy {_num(record['balanced_accuracy'])}",
+        f"per-fold accuracy {_pm(record['fold_accuracy']['mean'], record['fold_accuracy']['sd'])}, "
+        f"balanced accuracy {_pm(record['fold_balanced_accuracy']['mean'], record['fold_balanced_accuracy']['sd'])}",
+        "",
+        format_confusion(report.confusion, report.classes, legacy),
+        "",
+        format_class_table(record["per_class"]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _md_row(cells: Sequence[object]) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def format_markdown(report: Report) -> str:
+    """A one-page Markdown summary: pooled matrix, per-fold table, per-class table, errors."""
+    record = report_record(report)
+    classes = report.classes
+    first = report.folds[0].get("settings", {})
+    lines = [
+        "# Lymphoma sub-type classification: evaluation",
+        "",
+        f"{record['images']} test images, {len(report.folds)} fold(s) ({', '.join(str(f) for f in record['folds'])}), "
+        f"classes {', '.join(classes)}. Image label = {first.get('aggregate', 'vote')} over "
+        f"{first.get('window', '?')}-pixel windows at stride {first.get('stride', '?')}, "
+        f"{first.get('crops', '?')} crops per window, mean mode {first.get('mean_mode', '?')}.",
+        "",
+        f"**Pooled accuracy {_num(record['accuracy'])}, balanced accuracy {_num(record['balanced_accuracy'])}; "
+        f"per fold {_pm(record['fold_accuracy']['mean'], record['fold_accuracy']['sd'])} "
+        f"(balanced {_pm(record['fold_balanced_accuracy']['mean'], record['fold_balanced_accuracy']['sd'])}, mean ± sd).**",
+        "",
+        "## Pooled confusion matrix (rows = true class, columns = predicted class)",
+        "",
+        _md_row(["true \\ predicted", *classes, "recall"]),
+        _md_row(["---"] * (len(classes) + 2)),
+    ]
+    for name, row in zip(classes, report.confusion):
+        lines.append(_md_row([f"**{name}**", *[int(v) for v in row], _num(record["per_class"][name]["recall"])]))
+    lines += ["", f"![pooled confusion matrix]({CONFUSION_PNG})", "", "## Per fold", "",
+              _md_row(["fold", "images", "accuracy", "balanced accuracy", "misclassified", "model"]),
+              _md_row(["---"] * 6)]
+    for fold in report.folds:
+        model = Path(fold.get("settings", {}).get("model", "?")).name
+        lines.append(_md_row([fold["fold"], fold["images"], _num(fold["accuracy"]), _num(fold["balanced_accuracy"]),
+                              len(fold["misclassified"]), f"`{model}`"]))
+    lines.append(_md_row(["mean ± sd", "", _pm(record["fold_accuracy"]["mean"], record["fold_accuracy"]["sd"]),
+                          _pm(record["fold_balanced_accuracy"]["mean"], record["fold_balanced_accuracy"]["sd"]), "", ""]))
+    lines += ["", "## Per class (pooled)", "", _md_row(["class", "precision", "recall", "F1", "support"]), _md_row(["---"] * 5)]
+    for name, m in record["per_class"].items():
+        lines.append(_md_row([name, _num(m["precision"]), _num(m["recall"]), _num(m["f1"]), m["support"]]))
+    wrong = [(f["fold"], item) for f in report.folds for item in f["misclassified"]]
+    lines += ["", f"## Misclassified images ({len(wrong)})", ""]
+    for fold, item in wrong[:MD_MISCLASSIFIED_MAX]:
+        votes = _votes_text([item["votes"][c] for c in classes], classes)
+        lines.append(f"- fold {fold}: `{item['image']}`: true {item['true']}, predicted {item['predicted']} (votes {votes})")
+    if len(wrong) > MD_MISCLASSIFIED_MAX:
+        lines.append(f"- … and {len(wrong) - MD_MISCLASSIFIED_MAX} more (see `eval/fold_K/{SUMMARY_TXT}`)")
+    if not wrong:
+        lines.append("None.")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: Report, legacy_layout: bool = False) -> List[Path]:
+    """Write ``eval/report.json``, ``report.txt``, ``confusion.png`` and ``report.md``; each atomically."""
+    eval_dir = report.workdir / "eval"
+    paths = [eval_dir / REPORT_JSON, eval_dir / REPORT_TXT, eval_dir / CONFUSION_PNG, eval_dir / REPORT_MD]
+    acc_mean, acc_sd = report.spread("accuracy")
+    title = f"{len(report.folds)} fold(s) pooled: accuracy {_num(accuracy(report.confusion))}, per fold {_pm(acc_mean, acc_sd)}"
+    atomic_write_json(paths[0], report_record(report))
+    atomic_write_text(paths[1], format_report(report, legacy_layout))
+    atomic_write_bytes(paths[2], encode_png(draw_confusion(report.confusion, report.classes, title)))
+    atomic_write_text(paths[3], format_markdown(report))
+    return paths
