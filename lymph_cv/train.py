@@ -55,6 +55,8 @@ RECORD_NAME = "train.json"
 #: sub-streams of the run seed: which random draws a derived seed is for.
 STREAM_DROPOUT = 2
 STREAM_INIT = 3
+#: layer types whose TRAIN forward uses torch's random generator.
+STOCHASTIC_LAYERS = ("Dropout",)
 #: Caffe's requested actions on a signal.
 ACTION_NONE, ACTION_STOP, ACTION_SNAPSHOT = "none", "stop", "snapshot"
 SIGNAL_ACTIONS = (ACTION_STOP, ACTION_SNAPSHOT, ACTION_NONE)
@@ -223,6 +225,8 @@ class Trainer:
         self.net = _build(train_param, caffe_pb2.TRAIN, _state(param, "train_state"), self.files)
         self.net.init_params(torch.Generator().manual_seed(derived_seed(self.seed, STREAM_INIT, 1)))
         self.net.to(self.device)
+        #: whether TRAIN forwards draw random numbers (dropout masks) that must be seeded per batch.
+        self.stochastic = any(p.type in STOCHASTIC_LAYERS for p in self.net.layer_params)
         self.test_nets = []
         for i, test_param in enumerate(test_params):
             test_net = _build(test_param, caffe_pb2.TEST, _state(param, "test_state", i), self.files)
@@ -302,9 +306,17 @@ class Trainer:
             inputs.update(layer.batch(batch, self.device))
         return inputs
 
+    def _seed_dropout(self, seed: int) -> None:
+        # torch.manual_seed would also reseed every CUDA device (slow); seed only the one in use.
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(seed)
+        else:
+            torch.default_generator.manual_seed(seed)
+
     def forward_backward(self, batch: int, backward: bool = True) -> Tuple[float, Dict[str, torch.Tensor]]:
         """One TRAIN forward (and backward) on batch number ``batch``: (loss, output blobs)."""
-        torch.manual_seed(derived_seed(self.seed, STREAM_DROPOUT, batch))
+        if self.stochastic:
+            self._seed_dropout(derived_seed(self.seed, STREAM_DROPOUT, batch))
         inputs = self._inputs(self.train_data, batch)
         with torch.set_grad_enabled(backward):
             blobs = self.net(inputs)

@@ -1,0 +1,194 @@
+"""The training loop: learning, Caffe's schedule and log, snapshots, resume, signals, errors."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lymph_cv.caffe.model import net_params, read_caffemodel, read_solverstate
+from lymph_cv.errors import ConfigError, TrainingError
+from lymph_cv.train import train
+from trainutil import make_dataset, make_fold
+
+# caffe-facts §9: the regexes of Caffe's tools/extra/parse_log.py.
+ITERATION = re.compile(r"Iteration (\d+)")
+TRAIN_OUTPUT = re.compile(r"Train net output #(\d+): (\S+) = ([\.\deE+-]+)")
+TEST_OUTPUT = re.compile(r"Test net output #(\d+): (\S+) = ([\.\deE+-]+)")
+LEARNING_RATE = re.compile(r"lr = ([-+]?[0-9]*\.?[0-9]+([eE]?[-+]?[0-9]+)?)")
+GLOG_PREFIX = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ [\w.]+:\d+\] ")
+
+
+def parse_caffe_log(path: Path):
+    """A re-implementation of parse_log.py's logic: (train rows, test rows) keyed by iteration."""
+    lines = path.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if "Solving" in line)
+    train_rows, test_rows = {}, {}
+    iteration, rate = None, None
+    for line in lines[start:]:
+        tokens = line.split()
+        datetime.strptime(tokens[0][1:] + " " + tokens[1], "%m%d %H:%M:%S.%f")  # raises if malformed
+        found = ITERATION.search(line)
+        if found:
+            iteration = int(found.group(1))
+        if iteration is None:
+            continue
+        found = LEARNING_RATE.search(line)
+        if found:
+            rate = float(found.group(1))
+        for regex, rows in ((TRAIN_OUTPUT, train_rows), (TEST_OUTPUT, test_rows)):
+            found = regex.search(line)
+            if found:
+                row = rows.setdefault(iteration, {"lr": rate})
+                row[found.group(2)] = float(found.group(3))
+    return train_rows, test_rows
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("train") / "work")
+
+
+def fold_copy(data_root: Path, tmp_path: Path, **kwargs) -> Path:
+    """A fresh fold folder beside the shared databases (solver files in ``tmp_path``/1)."""
+    work = tmp_path / "work"
+    work.mkdir(parents=True)
+    for name in ("DB_train_1", "DB_test_1", "DB_train_w32_1.binaryproto"):
+        os.symlink(data_root / name, work / name)
+    return make_fold(work, **kwargs)
+
+
+def weights_of(path: Path):
+    return {name: [a.copy() for a in arrays] for name, arrays in net_params(read_caffemodel(path)).items()}
+
+
+def test_training_learns_and_logs_like_caffe(data_root, tmp_path):
+    solver = fold_copy(data_root, tmp_path, max_iter=300, test_interval=100, display=50, snapshot=150,
+                       base_lr=0.002)
+    result = train(solver, progress=False)
+    fold = solver.parent
+    assert result.iterations == 300 and not result.stopped_early
+    assert [p.name for p in result.snapshots] == ["1_caffenet_train_w32_iter_150.caffemodel",
+                                                  "1_caffenet_train_w32_iter_300.caffemodel"]
+    for n in (150, 300):
+        state = read_solverstate(fold / f"1_caffenet_train_w32_iter_{n}.solverstate")
+        assert state.iter == n and state.learned_net == f"1_caffenet_train_w32_iter_{n}.caffemodel"
+        assert len(state.history) == 4 and all(np.all(np.asarray(h.data) >= 0) for h in state.history)
+
+    train_rows, test_rows = parse_caffe_log(fold / "train.log")
+    assert sorted(test_rows) == [0, 100, 200, 300]
+    assert sorted(train_rows) == [0, 50, 100, 150, 200, 250]
+    assert all(row["lr"] == pytest.approx(0.002) for row in train_rows.values() if row["lr"] is not None)
+    assert test_rows[0]["accuracy"] < 0.5 < 0.9 < test_rows[300]["accuracy"]  # 3 classes: chance 1/3
+    assert test_rows[300]["loss"] < test_rows[0]["loss"] / 3
+    assert train_rows[250]["loss"] < train_rows[0]["loss"]
+    assert result.test_scores["accuracy"] == test_rows[300]["accuracy"]
+
+    text = (fold / "train.log").read_text()
+    lines = text.splitlines()
+    after_solving = lines[next(i for i, line in enumerate(lines) if "Solving" in line):]
+    assert all(GLOG_PREFIX.match(line) for line in after_solving)
+    assert "Learning Rate Policy: fixed" in text and text.rstrip().endswith("Optimization Done.")
+    assert re.search(r"    Test net output #1: loss = \S+ \(\* 1 = \S+ loss\)", text)
+    # Caffe's order at a snapshot + test iteration: snapshot files, then the test, then the display.
+    assert text.index("iter_300.caffemodel") < text.rindex("Iteration 300, loss") < text.rindex(
+        "Iteration 300, Testing net")
+
+
+def test_resume_gives_the_uninterrupted_weights(data_root, tmp_path):
+    kwargs = dict(max_iter=40, snapshot=20, test_interval=15, display=10, dropout=True,
+                  solver_extra="momentum: 0.0\n")
+    solver = fold_copy(data_root, tmp_path / "a", **kwargs)
+    train(solver, progress=False)
+    full = weights_of(solver.parent / "1_caffenet_train_w32_iter_40.caffemodel")
+
+    resumed = fold_copy(data_root, tmp_path / "b", **kwargs)
+    train(resumed, max_iter=20, progress=False)
+    result = train(resumed, snapshot=resumed.parent / "1_caffenet_train_w32_iter_20.solverstate",
+                   progress=False)
+    assert result.start_iteration == 20 and result.iterations == 40
+    again = weights_of(resumed.parent / "1_caffenet_train_w32_iter_40.caffemodel")
+    for name in full:
+        for a, b in zip(full[name], again[name]):
+            np.testing.assert_array_equal(a, b)
+    log = (resumed.parent / "train.log").read_text()
+    assert log.count("Solving tiny") == 2 and "Resuming from" in log  # the resumed run appends
+
+
+def test_finetune_copies_weights_and_rejects_snapshot_with_weights(data_root, tmp_path):
+    source = fold_copy(data_root, tmp_path / "src", max_iter=10, snapshot=0, test_interval=10)
+    train(source, progress=False)
+    model = source.parent / "1_caffenet_train_w32_iter_10.caffemodel"
+    tuned = fold_copy(data_root, tmp_path / "ft", max_iter=1, snapshot=0, test_interval=10, base_lr=0.0)
+    result = train(tuned, weights=[model], progress=False)
+    assert result.start_iteration == 0
+    got = weights_of(tuned.parent / "1_caffenet_train_w32_iter_1.caffemodel")
+    for name, arrays in weights_of(model).items():
+        for a, b in zip(arrays, got[name]):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(ConfigError, match="not both"):
+        train(tuned, weights=[model], snapshot=model, progress=False)
+
+
+def test_nan_loss_names_the_iteration(data_root, tmp_path):
+    solver = fold_copy(data_root, tmp_path, max_iter=50, snapshot=0, test_interval=100, base_lr=1e30,
+                       solver_extra="")
+    text = solver.read_text().replace("solver_type: ADAGRAD", "solver_type: SGD")
+    solver.write_text(text)
+    with pytest.raises(TrainingError, match=r"loss is (nan|inf) at iteration \d+"):
+        train(solver, progress=False)
+
+
+def test_sigint_snapshots_and_stops(data_root, tmp_path):
+    solver = fold_copy(data_root, tmp_path, max_iter=10 ** 6, snapshot=0, test_interval=10 ** 5,
+                       display=100)
+    log = solver.parent / "train.log"
+    process = subprocess.Popen([sys.executable, "-m", "lymph_cv", "train", "--solver", str(solver),
+                                "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and "Iteration 200, lr" not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr.decode()
+    text = log.read_text()
+    assert text.rstrip().endswith("Optimization stopped early.")
+    states = list(solver.parent.glob("*.solverstate"))
+    assert len(states) == 1
+    stopped_at = read_solverstate(states[0]).iter
+    assert stopped_at >= 200 and states[0].name == f"1_caffenet_train_w32_iter_{stopped_at}.solverstate"
+    assert f"stopped early at iteration {stopped_at}" in stdout.decode()
+
+
+def test_cli_errors_are_one_line(runner, cli, data_root, tmp_path):
+    solver = fold_copy(data_root, tmp_path, max_iter=2)
+    model = solver.parent / "x.caffemodel"
+    model.write_bytes(b"")
+    result = runner.invoke(cli, ["train", "--solver", str(solver), "--weights", str(model),
+                                 "--snapshot", str(model)])
+    assert result.exit_code == 2 and "not both" in result.stderr
+    result = runner.invoke(cli, ["train", "--solver", str(solver), "--device", "tpu"])
+    assert result.exit_code == 2 and "cpu" in result.stderr
+    bad = solver.parent / "bad.prototxt"
+    bad.write_text(solver.read_text().replace('lr_policy: "fixed"', 'lr_policy: "cosine"'))
+    result = runner.invoke(cli, ["train", "--solver", str(bad)])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [f"error: {bad}: unknown lr_policy 'cosine' (valid: fixed, "
+                                                  "step, exp, inv, multistep, poly, sigmoid)"]
+
+
+def test_cli_trains_from_another_directory(runner, cli, data_root, tmp_path, monkeypatch):
+    solver = fold_copy(data_root, tmp_path, max_iter=5, snapshot=0, test_interval=5, display=0)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(cli, ["train", "--solver", str(solver), "--seed", "3", "--max-iter", "4"])
+    assert result.exit_code == 0, result.stderr
+    assert "finished at iteration 4 (seed 3, cpu)" in result.output
+    assert (solver.parent / "1_caffenet_train_w32_iter_4.caffemodel").is_file()
+    assert not list(tmp_path.glob("*.caffemodel"))
