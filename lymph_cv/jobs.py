@@ -71,6 +71,7 @@ _WALLTIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
 _QUEUE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]*$")
 _MAIL_RE = re.compile(r"^[A-Za-z0-9_.+-]+@[A-Za-z0-9.-]+(,[A-Za-z0-9_.+-]+@[A-Za-z0-9.-]+)*$")
 _JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\[\]-]*$")
+_LOCAL_ARRAY = "--array needs a cluster scheduler (pbs or slurm); the local runner pools single jobs"
 _SBATCH_ID_RE = re.compile(r"^(\d+)(;\S+)?$")
 _QSUB_ID_RE = re.compile(r"^\d+(\[\d*\])?(\.[A-Za-z0-9_.-]+)?$")
 
@@ -131,6 +132,8 @@ class JobRecord:
     command: List[str]
     submitted: str
     after: List[str] = field(default_factory=list)
+    #: The array job this fold is a task of (``--array``), else ``None``.
+    array_id: Optional[str] = None
 
 
 @dataclass
@@ -172,6 +175,35 @@ def train_spec(workdir: Path, fold: int, scheduler: str) -> JobSpec:
     )
 
 
+def array_spec(workdir: Path, scheduler: str) -> JobSpec:
+    """The array job training several folds (its tasks are the folds' :func:`train_spec`)."""
+    directory = Path(workdir).resolve()
+    return JobSpec(
+        task=TRAIN_TASK, fold=None, directory=directory, name="TRAIN_TASK",
+        script=directory / f"{TRAIN_TASK}_array{SCRIPT_SUFFIX[scheduler]}",
+        output=directory / "TRAIN_TASK_output.out", exit_file=directory / f"{TRAIN_TASK}_array.exit",
+        argv=(),
+    )
+
+
+def array_range(folds: Sequence[int]) -> str:
+    """Folds as an array index list, ``1-5`` or ``1,3-4`` (qsub -t / sbatch --array)."""
+    parts: List[str] = []
+    for fold in sorted(set(folds)):
+        if parts and parts[-1].split("-")[-1] == str(fold - 1):
+            parts[-1] = f"{parts[-1].split('-')[0]}-{fold}"
+        else:
+            parts.append(str(fold))
+    return ",".join(parts)
+
+
+def array_task_id(scheduler: str, array_id: str, fold: int) -> str:
+    """One fold's id in an array job: Torque's ``123[K].server``, else Slurm's ``123_K``."""
+    if "[]" in array_id:
+        return array_id.replace("[]", f"[{fold}]", 1)
+    return f"{array_id}_{fold}"
+
+
 def evaluate_spec(workdir: Path, scheduler: str, args: Sequence[str] = ()) -> JobSpec:
     """The evaluation job: ``lymph-cv evaluate WORKDIR ARGS…`` run in the work directory."""
     directory = Path(workdir).resolve()
@@ -195,14 +227,20 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def render_script(spec: JobSpec, scheduler: str, options: JobOptions, python: str = sys.executable) -> str:
-    """The job script for ``spec`` on ``scheduler`` (every path shell-quoted)."""
+def render_script(spec: JobSpec, scheduler: str, options: JobOptions,
+                  tasks: Optional[Sequence[JobSpec]] = None, python: str = sys.executable) -> str:
+    """The job script for ``spec`` on ``scheduler`` (every path shell-quoted).
+
+    With ``tasks`` (per-fold specs) it is an array job whose index picks the fold.
+    """
     template = _environment().get_template(f"{scheduler}.j2")
+    context = [{"fold": t.fold, "directory": t.directory, "exit_name": os.path.relpath(t.exit_file, t.directory),
+                "output_name": os.path.relpath(t.output, t.directory),
+                "command": [python, "-m", "lymph_cv", *t.argv]} for t in (tasks or [spec])]
     return template.render(
-        name=spec.name, task=spec.task, fold=spec.fold, directory=spec.directory,
-        output_name=os.path.relpath(spec.output, spec.directory), exit_file=spec.exit_file,
-        command=[python, "-m", "lymph_cv", *spec.argv], walltime=options.walltime, queue=options.queue,
-        ppn=options.ppn, gpus=options.gpus, mail=options.mail,
+        name=spec.name, task=spec.task, tasks=context, output_name=os.path.relpath(spec.output, spec.directory),
+        array=array_range([t.fold for t in tasks]) if tasks else None, walltime=options.walltime,
+        queue=options.queue, ppn=options.ppn, gpus=options.gpus, mail=options.mail,
     )
 
 
@@ -211,11 +249,11 @@ def _slurm_path(path: Path) -> str:
     return str(path).replace("%", "%%")
 
 
-def submit_command(spec: JobSpec, scheduler: str, options: JobOptions) -> List[str]:
-    """The argv that submits ``spec``'s script; it runs from ``spec.directory``.
+def submit_command(spec: JobSpec, scheduler: str, options: JobOptions, array: Optional[str] = None) -> List[str]:
+    """The argv that submits ``spec``'s script (an array job over ``array`` when given).
 
-    qsub gets the key directives on its command line too (wrappers ignore some ``#PBS``
-    lines), with fold-relative file names; sbatch gets absolute ones.
+    It runs from ``spec.directory``.  qsub gets the key directives on its command line too
+    (wrappers ignore some ``#PBS`` lines), with relative file names; sbatch gets absolute ones.
     """
     after = list(options.after)
     if scheduler == "pbs":
@@ -230,6 +268,8 @@ def submit_command(spec: JobSpec, scheduler: str, options: JobOptions) -> List[s
             argv += ["-M", options.mail, "-m", "bea"]
         if after:
             argv += ["-W", "depend=afterok:" + ":".join(after)]
+        if array:
+            argv += ["-t", array]
         return argv + [spec.script.name]
     if scheduler == "slurm":
         argv = ["sbatch", "--parsable", f"--job-name={spec.name}", f"--time={options.walltime}",
@@ -243,9 +283,13 @@ def submit_command(spec: JobSpec, scheduler: str, options: JobOptions) -> List[s
             argv += [f"--mail-user={options.mail}", "--mail-type=BEGIN,END,FAIL"]
         if after:
             argv.append("--dependency=afterok:" + ":".join(after))
+        if array:
+            argv.append(f"--array={array}")
         return argv + [str(spec.script)]
-    if scheduler == "local":
+    if scheduler == "local" and not array:
         return ["bash", str(spec.script)]
+    if scheduler == "local":
+        raise ConfigError(_LOCAL_ARRAY)
     raise ConfigError(f"unknown scheduler {scheduler!r}", valid=SCHEDULERS)
 
 
@@ -311,11 +355,12 @@ def _save_jobs(workdir: Path, records: List[JobRecord]) -> None:
                       {"version": JOBS_VERSION, "jobs": [asdict(record) for record in records]})
 
 
-def _record(workdir: Path, record: JobRecord) -> None:
-    """Add ``record`` to ``jobs.json``, replacing an older job of the same task and fold."""
+def _record(workdir: Path, new: Sequence[JobRecord]) -> None:
+    """Add ``new`` records to ``jobs.json``, replacing older jobs of the same task and fold."""
+    keys = {(record.task, record.fold) for record in new}
     with _locked(workdir):
-        records = [r for r in load_jobs(workdir) if (r.task, r.fold) != (record.task, record.fold)]
-        _save_jobs(workdir, records + [record])
+        records = [r for r in load_jobs(workdir) if (r.task, r.fold) not in keys]
+        _save_jobs(workdir, records + list(new))
 
 
 def _now() -> str:
@@ -323,27 +368,34 @@ def _now() -> str:
 
 
 # -- submission ---------------------------------------------------------------------------
-def _submit_spec(workdir: Path, spec: JobSpec, scheduler: str, options: JobOptions,
-                 dry_run: bool) -> Submission:
-    atomic_write_text(spec.script, render_script(spec, scheduler, options))
+def _submit_spec(workdir: Path, spec: JobSpec, scheduler: str, options: JobOptions, dry_run: bool,
+                 tasks: Optional[Sequence[JobSpec]] = None) -> List[Submission]:
+    """Write ``spec``'s script, submit it (an array job over ``tasks`` when given) and record it."""
+    atomic_write_text(spec.script, render_script(spec, scheduler, options, tasks))
     spec.script.chmod(0o755)
-    command = submit_command(spec, scheduler, options)
+    command = submit_command(spec, scheduler, options, array_range([t.fold for t in tasks]) if tasks else None)
     if dry_run:
-        return Submission(spec.fold, spec.script, command, None)
-    # A stale exit file from an earlier run would make the new job look finished.
-    spec.exit_file.unlink(missing_ok=True)
+        return [Submission(spec.fold, spec.script, command, None)]
+    members = list(tasks) if tasks else [spec]
+    for member in members:
+        # A stale exit file from an earlier run would make the new job look finished.
+        member.exit_file.unlink(missing_ok=True)
     if scheduler == "local":
         job_id = _local_submit(workdir, spec, options)
     else:
         job_id = parse_job_id(scheduler, _run_scheduler(command, cwd=spec.directory))
-    rel = lambda path: os.path.relpath(path, Path(workdir).resolve())  # noqa: E731
-    _record(workdir, JobRecord(
-        task=spec.task, fold=spec.fold, scheduler=scheduler, job_id=job_id, script=rel(spec.script),
-        output=rel(spec.output), exit_file=rel(spec.exit_file), command=command, submitted=_now(),
-        after=list(options.after),
-    ))
-    log.info("%s %s: submitted as %s job %s", spec.task, spec.fold if spec.fold else "", scheduler, job_id)
-    return Submission(spec.fold, spec.script, command, job_id)
+    base = Path(workdir).resolve()
+    records = [JobRecord(
+        task=member.task, fold=member.fold, scheduler=scheduler,
+        job_id=array_task_id(scheduler, job_id, member.fold) if tasks else job_id,
+        script=os.path.relpath(spec.script, base), output=os.path.relpath(member.output, base),
+        exit_file=os.path.relpath(member.exit_file, base), command=command, submitted=_now(),
+        after=list(options.after), array_id=job_id if tasks else None,
+    ) for member in members]
+    _record(workdir, records)
+    for record in records:
+        log.info("%s %s: submitted as %s job %s", record.task, record.fold or "", scheduler, record.job_id)
+    return [Submission(record.fold, spec.script, command, record.job_id) for record in records]
 
 
 def _check_scheduler(scheduler: str) -> None:
@@ -364,11 +416,12 @@ def _ensure_configs(workdir: Path, folds: Sequence[int]) -> None:
 
 def submit_folds(workdir: Path, scheduler: str, folds: Optional[Sequence[int]] = None,
                  options: JobOptions = JobOptions(), dry_run: bool = False,
-                 resubmit: bool = False) -> List[Submission]:
+                 resubmit: bool = False, array: bool = False) -> List[Submission]:
     """Write and submit one training job per fold; record each in ``jobs.json`` as it goes.
 
     Folds already recorded are skipped unless ``resubmit``; ``dry_run`` writes the scripts
-    and returns the commands without submitting or recording anything.
+    and returns the commands without submitting or recording anything; ``array`` submits
+    the folds as the tasks of one array job (Slurm ``--array``, Torque ``-t``).
     """
     workdir = Path(workdir)
     _check_scheduler(scheduler)
@@ -378,24 +431,31 @@ def submit_folds(workdir: Path, scheduler: str, folds: Optional[Sequence[int]] =
     folds = list(folds) if folds else render.fold_numbers(workdir)
     _ensure_configs(workdir, folds)
     done = {r.fold: r for r in load_jobs(workdir) if r.task == TRAIN_TASK}
-    submissions = []
+    if array and scheduler == "local":
+        raise ConfigError(_LOCAL_ARRAY)
+    submissions, todo = [], []
     for fold in folds:
-        spec = train_spec(workdir, fold, scheduler)
         if fold in done and not resubmit and not dry_run:
             previous = done[fold]
             log.info("fold %d: already submitted as %s job %s (use --resubmit)", fold,
                      previous.scheduler, previous.job_id)
             submissions.append(Submission(fold, workdir / previous.script, previous.command,
                                           previous.job_id, skipped=True))
-            continue
-        submissions.append(_submit_spec(workdir, spec, scheduler, options, dry_run))
-    return submissions
+        else:
+            todo.append(train_spec(workdir, fold, scheduler))
+    if array and todo:
+        submissions += _submit_spec(workdir, array_spec(workdir, scheduler), scheduler, options, dry_run, todo)
+    else:
+        for spec in todo:
+            submissions += _submit_spec(workdir, spec, scheduler, options, dry_run)
+    return sorted(submissions, key=lambda s: s.fold or 0)
 
 
 def training_job_ids(workdir: Path, scheduler: Optional[str] = None) -> List[str]:
     """Job ids of the recorded training jobs (of one scheduler when given)."""
-    return [r.job_id for r in load_jobs(workdir)
-            if r.task == TRAIN_TASK and (scheduler is None or r.scheduler == scheduler)]
+    ids = [r.array_id or r.job_id for r in load_jobs(workdir)
+           if r.task == TRAIN_TASK and (scheduler is None or r.scheduler == scheduler)]
+    return list(dict.fromkeys(ids))
 
 
 def submit_evaluation(workdir: Path, scheduler: str, options: JobOptions = JobOptions(),
@@ -408,7 +468,7 @@ def submit_evaluation(workdir: Path, scheduler: str, options: JobOptions = JobOp
     _check_scheduler(scheduler)
     after = training_job_ids(workdir, scheduler) if after is None else list(after)
     options = JobOptions(**{**asdict(options), "after": tuple(after)}).validate()
-    return _submit_spec(Path(workdir), evaluate_spec(workdir, scheduler, args), scheduler, options, dry_run)
+    return _submit_spec(Path(workdir), evaluate_spec(workdir, scheduler, args), scheduler, options, dry_run)[0]
 
 
 def submit_lymph_cv(workdir: Path, task: str, argv: Sequence[str], scheduler: str,
@@ -422,7 +482,7 @@ def submit_lymph_cv(workdir: Path, task: str, argv: Sequence[str], scheduler: st
                    script=directory / f"{task}{SCRIPT_SUFFIX[scheduler]}",
                    output=directory / f"{task.upper()}_TASK_output.out",
                    exit_file=directory / f"{task}.exit", argv=tuple(argv))
-    return _submit_spec(Path(workdir), spec, scheduler, options.validate(), dry_run)
+    return _submit_spec(Path(workdir), spec, scheduler, options.validate(), dry_run)[0]
 
 
 # -- states -------------------------------------------------------------------------------
@@ -450,8 +510,8 @@ def _scheduler_state(record: JobRecord, cwd: Path) -> Optional[str]:
             return None
         match = re.search(r"\bJobState=(\w+)", out)
         return match.group(1) if match else None
-    try:
-        out = _run_scheduler(["qstat", "-f", record.job_id], cwd)
+    try:  # Torque's wrappers may not know array task ids: the array's own state stands for them
+        out = _run_scheduler(["qstat", "-f", record.array_id or record.job_id], cwd)
     except SchedulerError as exc:
         if "not found on PATH" in str(exc):
             raise

@@ -42,18 +42,20 @@ def _shown(submission: jobs_module.Submission) -> str:
               help="GPUs per job (PBS gpus=N:exclusive_process, Slurm --gres=gpu:N).")
 @click.option("--after", multiple=True, help="Start only after this job id succeeded (afterok); repeatable.")
 @click.option("--mail", default=None, help="Mail address for begin/end/abort notices.")
+@click.option("--array", is_flag=True, help="One array job for the folds (Slurm --array, PBS -t).")
 @click.option("--resubmit", is_flag=True, help="Submit folds again even if jobs.json records them.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Local runner: jobs run at once (default: cores // ppn).")
 @click.option("--evaluate", "then_evaluate", is_flag=True,
               help="Also submit `lymph-cv evaluate WORKDIR` to run after every fold succeeded.")
 def submit(workdir: Path, scheduler: str, folds: Optional[Sequence[int]], dry_run: bool, walltime: str,
-           queue: Optional[str], ppn: int, gpus: int, after: tuple, mail: Optional[str], resubmit: bool,
+           queue: Optional[str], ppn: int, gpus: int, after: tuple, mail: Optional[str], array: bool, resubmit: bool,
            workers: Optional[int], then_evaluate: bool) -> None:
     """Write one job script per fold next to its configs and submit it; record jobs in WORKDIR/jobs.json."""
     options = jobs_module.JobOptions(walltime=walltime, queue=queue, ppn=ppn, gpus=gpus, mail=mail,
                                      after=tuple(after), workers=workers)
-    submissions = jobs_module.submit_folds(workdir, scheduler, folds, options, dry_run=dry_run, resubmit=resubmit)
+    submissions = jobs_module.submit_folds(workdir, scheduler, folds, options, dry_run=dry_run, resubmit=resubmit,
+                                           array=array)
     if then_evaluate:
         evaluation_options = jobs_module.JobOptions(walltime=walltime, queue=queue, ppn=ppn, mail=mail,
                                                     workers=workers)
