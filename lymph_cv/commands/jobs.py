@@ -8,19 +8,11 @@ from typing import Optional, Sequence
 import click
 
 from lymph_cv import jobs as jobs_module
-from lymph_cv import render
-from lymph_cv.errors import ConfigError, SchedulerError
+# The same --folds syntax and checks as `lymph-cv render`.
+from lymph_cv.commands.render import _folds
+from lymph_cv.errors import SchedulerError
 
 _WORKDIR = click.argument("workdir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-
-
-def _folds(ctx: click.Context, param: click.Parameter, value: Optional[str]):
-    if value is None:
-        return None
-    try:
-        return render.parse_fold_spec(value)
-    except ConfigError as exc:
-        raise click.BadParameter(exc.detail) from None
 
 
 def _shown(submission: jobs_module.Submission) -> str:
