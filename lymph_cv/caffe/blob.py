@@ -123,14 +123,15 @@ def write_mean(path: Union[str, os.PathLike], array: np.ndarray) -> None:
 def store_array(blob: caffe_pb2.BlobProto, array: np.ndarray, legacy: Optional[bool] = None) -> None:
     """Put ``array``'s values into ``blob``, keeping the blob's dimension convention.
 
-    A blob whose current shape has the same element count keeps its dims unchanged (so a
-    decoded legacy 1×1×M×K weight is written back as exactly that); otherwise the dims are
-    rewritten as legacy 4-D when ``legacy`` (default: when the blob already used legacy dims).
+    With ``legacy`` None, a blob whose current shape has the same element count keeps its
+    dims unchanged (so a decoded legacy 1×1×M×K weight is written back as exactly that), and
+    other blobs get ``array``'s shape in the convention they already used.  An explicit
+    ``legacy`` always rewrites the dims: legacy 4-D when true, ``shape`` when false.
     """
     array = np.asarray(array)
     use_legacy = has_legacy_dims(blob) if legacy is None else legacy
     old_shape = blob_shape(blob)
-    keep = old_shape and int(np.prod(old_shape, dtype=np.int64)) == array.size and legacy is None
+    keep = legacy is None and bool(old_shape) and int(np.prod(old_shape, dtype=np.int64)) == array.size
     if not keep:
         for name in LEGACY_FIELDS:
             blob.ClearField(name)

@@ -94,6 +94,17 @@ def net_params(net: caffe_pb2.NetParameter, path: Optional[PathLike] = None) -> 
     return params
 
 
+def _fill_blobs(blobs, arrays: Sequence[np.ndarray], legacy: Optional[bool]) -> None:
+    """Existing blobs (same number) keep their dims convention; new ones follow ``legacy``."""
+    if len(blobs) != len(arrays):
+        del blobs[:]
+    for index, array in enumerate(arrays):
+        if index < len(blobs):
+            store_array(blobs[index], array)
+        else:
+            store_array(blobs.add(), array, bool(legacy))
+
+
 def set_net_params(
     net: caffe_pb2.NetParameter, params: Mapping[str, Sequence[np.ndarray]], legacy: Optional[bool] = None
 ) -> None:
@@ -106,12 +117,7 @@ def set_net_params(
     for name, arrays in params.items():
         if name not in layers:
             raise FormatError(f"net {net.name!r} has no layer named {name!r}")
-        blobs = layers[name].blobs
-        if len(blobs) != len(arrays):
-            del blobs[:]
-        for index, array in enumerate(arrays):
-            blob = blobs[index] if index < len(blobs) else blobs.add()
-            store_array(blob, array, legacy if legacy is not None and not blob.ByteSize() else None)
+        _fill_blobs(layers[name].blobs, arrays, legacy)
 
 
 def caffemodel_bytes(net: caffe_pb2.NetParameter) -> bytes:
@@ -161,11 +167,7 @@ def history_arrays(
 
 def set_history(state: caffe_pb2.SolverState, arrays: Sequence[np.ndarray], legacy: Optional[bool] = None) -> None:
     """Store history arrays into ``state`` in place (existing blobs keep their dims convention)."""
-    if len(state.history) != len(arrays):
-        del state.history[:]
-    for index, array in enumerate(arrays):
-        blob = state.history[index] if index < len(state.history) else state.history.add()
-        store_array(blob, array, legacy if legacy is not None and not blob.ByteSize() else None)
+    _fill_blobs(state.history, arrays, legacy)
 
 
 def write_solverstate(path: PathLike, state: caffe_pb2.SolverState) -> None:
