@@ -171,8 +171,8 @@ def describe_db(path: PathLike, limit: int = DEFAULT_KEY_LIMIT) -> Description:
 
 _BinaryParser = Tuple[str, Callable[[bytes, Path], Any], Callable[[Any, Path], Description]]
 _BINARY_KINDS: List[_BinaryParser] = [
-    ("caffemodel", lambda data, path: parse_caffemodel(data, path), _describe_caffemodel),
-    ("solverstate", lambda data, path: parse_solverstate(data, path), _describe_solverstate),
+    ("caffemodel", parse_caffemodel, _describe_caffemodel),
+    ("solverstate", parse_solverstate, _describe_solverstate),
     ("mean", lambda data, path: _checked_mean(data, path), _describe_mean),
 ]
 #: File suffix → kind, used only to choose which error to report for unrecognised files.
