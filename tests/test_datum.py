@@ -66,3 +66,16 @@ def test_bad_inputs():
         serialize_datum(np.zeros((1, 2, 2), np.float32), 0)
     with pytest.raises(FormatError, match="C, H, W"):
         serialize_datum(np.zeros((2, 2), np.uint8), 0)
+
+
+def test_packed_and_unpacked_float_data_both_read():
+    import struct
+
+    values = [0.5, -1.0, 2.0, 3.0]
+    header = b"\x08\x01\x10\x02\x18\x02"  # channels 1, height 2, width 2
+    packed = header + b"\x32\x10" + struct.pack("<4f", *values) + b"\x28\x01"
+    unpacked = header + b"".join(b"\x35" + struct.pack("<f", v) for v in values) + b"\x28\x01"
+    for data in (packed, unpacked):
+        pixels, label = parse_datum(data)
+        assert label == 1
+        np.testing.assert_array_equal(pixels, np.float32(values).reshape(1, 2, 2))

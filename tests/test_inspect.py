@@ -109,3 +109,18 @@ def test_bad_inputs_give_one_line_errors(runner, cli, reference, tmp_path):
     with open_writer(tmp_path / "notdatum", "lmdb") as writer:
         writer.put(b"k", os.urandom(64))
     _fails(runner, cli, tmp_path / "notdatum", contains="record 0")
+
+
+def test_database_of_encoded_datums(runner, cli, tmp_path):
+    import cv2
+
+    from lymph_cv.caffe.datum import encoded_datum
+
+    path = tmp_path / "enc"
+    ok, png = cv2.imencode(".png", np.zeros((4, 6, 3), np.uint8))
+    assert ok
+    with open_writer(path, "leveldb") as writer:
+        for index in range(3):
+            writer.put(make_key(index, "a.png"), encoded_datum(png.tobytes(), index).SerializeToString())
+    info = json.loads(_ok(runner, cli, "--json", path))
+    assert info["encoded"] == 3 and info["datum_shape"] == [3, 4, 6] and info["records"] == 3

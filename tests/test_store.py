@@ -95,3 +95,18 @@ def test_reader_backend_mismatch_and_bad_backend(tmp_path):
     with pytest.raises(StoreError, match="valid: leveldb, lmdb"):
         with open_writer(tmp_path / "other", "rocksdb"):
             pass
+
+
+def test_leveldb_held_by_a_writer_cannot_be_read(tmp_path):
+    import plyvel
+
+    path = tmp_path / "db"
+    with open_writer(path, "leveldb") as writer:
+        writer.put(b"k", b"v")
+    holder = plyvel.DB(str(path))  # LevelDB allows one process-wide opener at a time
+    try:
+        with pytest.raises(StoreError, match="cannot open LevelDB"):
+            with open_reader(path):
+                pass
+    finally:
+        holder.close()
