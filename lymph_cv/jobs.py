@@ -106,7 +106,7 @@ class JobOptions:
 
 @dataclass(frozen=True)
 class JobSpec:
-    """One job: what it runs (``lymph-cv`` arguments), where, and which files it writes."""
+    """One job: what it runs (``lymph-cv`` argument lists, in order), where, and which files it writes."""
 
     task: str
     fold: Optional[int]
@@ -115,7 +115,7 @@ class JobSpec:
     script: Path
     output: Path
     exit_file: Path
-    argv: tuple
+    commands: tuple
 
 
 @dataclass
@@ -171,7 +171,7 @@ def train_spec(workdir: Path, fold: int, scheduler: str) -> JobSpec:
         script=directory / f"{fold}_{TRAIN_TASK}{SCRIPT_SUFFIX[scheduler]}",
         output=directory / f"{fold}_TASK_output.out",
         exit_file=directory / f"{fold}_{TRAIN_TASK}.exit",
-        argv=(TRAIN_TASK, "--solver", solver_path(workdir, fold).name),
+        commands=((TRAIN_TASK, "--solver", solver_path(workdir, fold).name),),
     )
 
 
@@ -182,7 +182,7 @@ def array_spec(workdir: Path, scheduler: str) -> JobSpec:
         task=TRAIN_TASK, fold=None, directory=directory, name="TRAIN_TASK",
         script=directory / f"{TRAIN_TASK}_array{SCRIPT_SUFFIX[scheduler]}",
         output=directory / "TRAIN_TASK_output.out", exit_file=directory / f"{TRAIN_TASK}_array.exit",
-        argv=(),
+        commands=(),
     )
 
 
@@ -204,15 +204,18 @@ def array_task_id(scheduler: str, array_id: str, fold: int) -> str:
     return f"{array_id}_{fold}"
 
 
-def evaluate_spec(workdir: Path, scheduler: str, args: Sequence[str] = ()) -> JobSpec:
-    """The evaluation job: ``lymph-cv evaluate WORKDIR ARGS…`` run in the work directory."""
+def evaluate_spec(workdir: Path, scheduler: str, folds: Optional[Sequence[int]] = None,
+                  args: Sequence[str] = ()) -> JobSpec:
+    """The evaluation job: ``lymph-cv evaluate WORKDIR -k K ARGS…`` per fold, then ``lymph-cv report``."""
     directory = Path(workdir).resolve()
+    folds = list(folds) if folds else render.fold_numbers(directory)
+    evaluations = tuple((EVALUATE_TASK, str(directory), "-k", str(fold), *args) for fold in folds)
     return JobSpec(
         task=EVALUATE_TASK, fold=None, directory=directory, name="EVAL_TASK",
         script=directory / f"{EVALUATE_TASK}{SCRIPT_SUFFIX[scheduler]}",
         output=directory / "EVAL_TASK_output.out",
         exit_file=directory / f"{EVALUATE_TASK}.exit",
-        argv=(EVALUATE_TASK, str(directory), *args),
+        commands=evaluations + (("report", str(directory)),),
     )
 
 
@@ -236,7 +239,7 @@ def render_script(spec: JobSpec, scheduler: str, options: JobOptions,
     template = _environment().get_template(f"{scheduler}.j2")
     context = [{"fold": t.fold, "directory": t.directory, "exit_name": os.path.relpath(t.exit_file, t.directory),
                 "output_name": os.path.relpath(t.output, t.directory),
-                "command": [python, "-m", "lymph_cv", *t.argv]} for t in (tasks or [spec])]
+                "commands": [[python, "-m", "lymph_cv", *argv] for argv in t.commands]} for t in (tasks or [spec])]
     return template.render(
         name=spec.name, task=spec.task, tasks=context, output_name=os.path.relpath(spec.output, spec.directory),
         array=array_range([t.fold for t in tasks]) if tasks else None, walltime=options.walltime,
@@ -459,16 +462,18 @@ def training_job_ids(workdir: Path, scheduler: Optional[str] = None) -> List[str
 
 
 def submit_evaluation(workdir: Path, scheduler: str, options: JobOptions = JobOptions(),
-                      after: Optional[Sequence[str]] = None, args: Sequence[str] = (),
-                      dry_run: bool = False) -> Submission:
-    """Submit ``lymph-cv evaluate WORKDIR ARGS…`` to run once the training jobs succeeded.
+                      after: Optional[Sequence[str]] = None, folds: Optional[Sequence[int]] = None,
+                      args: Sequence[str] = (), dry_run: bool = False) -> Submission:
+    """Submit the evaluation of every fold (``lymph-cv evaluate … ARGS``, then ``report``) as one job.
 
-    ``after`` defaults to every recorded training job of ``scheduler`` (``afterok``).
+    It runs once the training jobs succeeded: ``after`` defaults to every recorded
+    training job of ``scheduler`` (``afterok``).
     """
     _check_scheduler(scheduler)
     after = training_job_ids(workdir, scheduler) if after is None else list(after)
     options = JobOptions(**{**asdict(options), "after": tuple(after)}).validate()
-    return _submit_spec(Path(workdir), evaluate_spec(workdir, scheduler, args), scheduler, options, dry_run)[0]
+    spec = evaluate_spec(workdir, scheduler, folds, args)
+    return _submit_spec(Path(workdir), spec, scheduler, options, dry_run)[0]
 
 
 def submit_lymph_cv(workdir: Path, task: str, argv: Sequence[str], scheduler: str,
@@ -481,7 +486,7 @@ def submit_lymph_cv(workdir: Path, task: str, argv: Sequence[str], scheduler: st
     spec = JobSpec(task=task, fold=None, directory=directory, name=f"{task.upper()}_TASK",
                    script=directory / f"{task}{SCRIPT_SUFFIX[scheduler]}",
                    output=directory / f"{task.upper()}_TASK_output.out",
-                   exit_file=directory / f"{task}.exit", argv=tuple(argv))
+                   exit_file=directory / f"{task}.exit", commands=(tuple(argv),))
     return _submit_spec(Path(workdir), spec, scheduler, options.validate(), dry_run)[0]
 
 

@@ -39,7 +39,7 @@ def _shown(submission: jobs_module.Submission) -> str:
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Local runner: jobs run at once (default: cores // ppn).")
 @click.option("--evaluate", "then_evaluate", is_flag=True,
-              help="Also submit `lymph-cv evaluate WORKDIR` to run after every fold succeeded.")
+              help="Also submit the evaluation (evaluate each fold, then report) to run after every fold succeeded.")
 def submit(workdir: Path, scheduler: str, folds: Optional[Sequence[int]], dry_run: bool, walltime: str,
            queue: Optional[str], ppn: int, gpus: int, after: tuple, mail: Optional[str], array: bool, resubmit: bool,
            workers: Optional[int], then_evaluate: bool) -> None:
@@ -54,7 +54,8 @@ def submit(workdir: Path, scheduler: str, folds: Optional[Sequence[int]], dry_ru
         if dry_run:
             click.echo("# the evaluation job depends (afterok) on the fold jobs, whose ids exist once submitted")
         submissions.append(jobs_module.submit_evaluation(workdir, scheduler, evaluation_options,
-                                                         after=[] if dry_run else None, dry_run=dry_run))
+                                                         after=[] if dry_run else None, folds=folds,
+                                                         dry_run=dry_run))
     for submission in submissions:
         what = f"fold {submission.fold}" if submission.fold is not None else "evaluate"
         if dry_run:
