@@ -242,7 +242,12 @@ def write_folds(fold_set: FoldSet, manifest: Manifest, out_dir: Union[str, os.Pa
         ):
             atomic_write_text(out / patch_template.format(fold=fold.index), "".join(lines_of[e.parent_name] for e in side))
             atomic_write_text(out / parent_template.format(fold=fold.index), "".join(f"{e.parent_name}\n" for e in side))
-    atomic_write_json(out / FOLDS_JSON, fold_set.to_json())
+    record = fold_set.to_json()
+    if manifest.path is not None:
+        # Where the images and patch sizes are recorded, for building DBs straight from images.
+        record["manifest"] = os.path.relpath(manifest.path.resolve(), out.resolve()).replace(os.sep, "/")
+    record["data_dir"] = manifest.data_dir
+    atomic_write_json(out / FOLDS_JSON, record)
     fold_set.out_dir = out
     log.info("folds: %d folds (%s) written to %s", fold_set.k, fold_set.group_by, out)
 

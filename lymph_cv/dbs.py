@@ -1,0 +1,682 @@
+"""Step 3: image lists → LevelDB/LMDB databases of Caffe Datums, and mean files.
+
+Two ways to the same databases:
+
+* from patch files, as Caffe's ``convert_imageset`` does: each list line ``<file> <label>``
+  names an image under a root folder, read as OpenCV's colour ``imread`` reads it (BGR);
+* straight from the source images (``images=``): the patches named in the lists are cut from
+  the images in memory (via a temporary array file), never written as files.
+
+Both give byte-identical databases for the same lists and seed: record ``i`` is list line
+``order[i]`` where ``order`` is a seeded permutation (numpy ``default_rng(seed).permutation``;
+Caffe's own ``-shuffle`` is unseeded), stored under Caffe's key ``%08d_<file>`` as a raw
+Datum (uint8, channel-major C × H × W, ``encoded: false``).  The mean file is computed as
+``compute_image_mean`` does: a float32 running sum in database order, then divided by the
+count (see :class:`MeanAccumulator`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Iterable, Iterator, Optional, Sequence, Union
+
+import cv2
+import numpy as np
+
+from lymph_cv import store
+from lymph_cv.caffe.blob import write_mean
+from lymph_cv.caffe.datum import encoded_datum, serialize_datum
+from lymph_cv.errors import ConfigError, InputError, LymphCVError, StoreError
+from lymph_cv.fsutil import atomic_write_json, remove_path, temp_sibling
+from lymph_cv.patches import (
+    BadInputs, Manifest, SourceImage, load_manifest, load_windows, read_color, MANIFEST_NAME,
+)
+from lymph_cv.workers import imap
+
+log = logging.getLogger(__name__)
+
+DB_TRAIN = "DB_train_{fold}"
+DB_TEST = "DB_test_{fold}"
+MEAN_FILE = "DB_train_w32_{fold}.binaryproto"
+TRAIN_LIST = "train_w32_{fold}.txt"
+TEST_LIST = "test_w32_{fold}.txt"
+DBS_JSON = "dbs.json"
+FOLDS_JSON = "folds.json"
+DEFAULT_BACKEND = store.LEVELDB
+DEFAULT_SEED = 0
+#: Integers up to 2^24 are exact in float32: below it a batched integer sum equals Caffe's running sum.
+FLOAT32_EXACT = 1 << 24
+MAX_PIXEL = 255
+#: Records gathered per batch (mean accumulation, gathering from the patch array).
+BATCH = 1024
+_PATCH_NAME = re.compile(r"^(?P<stem>.+)_sub_(?P<index>\d+)\.[A-Za-z0-9]+$")
+_LIST_LINE = re.compile(r"^(?P<name>.*?\S)\s+(?P<label>\S+)$")
+
+
+# --------------------------------------------------------------------------- lists
+
+
+@dataclass(frozen=True)
+class ListEntry:
+    """One list line: the file name (relative to the root), its label, its line number."""
+
+    name: str
+    label: int
+    line: int
+
+
+def check_relative(name: str) -> bool:
+    """True when ``name`` is a relative path that stays under its root (no ``..``, not absolute)."""
+    pure = PurePosixPath(name.replace("\\", "/"))
+    return bool(name) and not pure.is_absolute() and ".." not in pure.parts and not re.match(r"^[A-Za-z]:", name)
+
+
+def read_image_list(path: Union[str, os.PathLike], num_labels: Optional[int] = None) -> list[ListEntry]:
+    """Parse a ``<file> <label>`` list; the split is at the last run of whitespace (TAB or spaces).
+
+    Blank lines are ignored.  A line without a label, a non-integer label, a label outside
+    ``0 .. num_labels-1`` (when given) or a name escaping the root is an InputError naming the
+    file and line.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise InputError("list file not found", path) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read list file ({exc})", path) from exc
+    entries = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        match = _LIST_LINE.match(line)
+        label: Optional[int] = None
+        if match:
+            try:
+                label = int(match.group("label"))
+            except ValueError:
+                label = None
+        if match is None or label is None:
+            raise InputError(f"line {number}: expected '<file><TAB or space><integer label>', got {line!r}", path)
+        name = match.group("name")
+        if num_labels is not None and not 0 <= label < num_labels:
+            raise InputError(f"line {number}: label {label} is outside the {num_labels} classes (0..{num_labels - 1})", path)
+        if not check_relative(name):
+            raise InputError(f"line {number}: {name!r} must be a relative path inside the root folder", path)
+        entries.append(ListEntry(name, label, number))
+    if not entries:
+        raise InputError("list is empty, expected '<file> <label>' lines", path)
+    return entries
+
+
+def shuffled_order(count: int, seed: Optional[int]) -> np.ndarray:
+    """Record order: identity without a seed, else ``default_rng(seed).permutation(count)``."""
+    if seed is None:
+        return np.arange(count)
+    return np.random.default_rng(seed).permutation(count)
+
+
+# --------------------------------------------------------------------------- the mean
+
+
+class MeanAccumulator:
+    """``compute_image_mean``'s float32 running sum over records in database order.
+
+    Caffe adds every pixel to a float32 sum, record after record, then divides by the count
+    (float32).  While no sum can pass 2^24, integer batch sums are exact and equal to that;
+    beyond it records are added one at a time in float32, reproducing Caffe's rounding.
+    """
+
+    def __init__(self) -> None:
+        self.sum: Optional[np.ndarray] = None
+        self.count = 0
+        self.shape: Optional[tuple[int, ...]] = None
+        self._buffer: Optional[np.ndarray] = None
+        self._filled = 0
+
+    def _start(self, shape: tuple[int, ...]) -> None:
+        self.shape = tuple(shape)
+        size = int(np.prod(shape))
+        self.sum = np.zeros(size, np.float32)
+        self._buffer = np.empty((BATCH, size), np.uint8)
+
+    def add(self, pixels: np.ndarray) -> None:
+        """Add one uint8 (C, H, W) record (buffered)."""
+        if self.sum is None:
+            self._start(pixels.shape)
+        elif pixels.shape != self.shape:
+            raise InputError(f"record is {'x'.join(map(str, pixels.shape))}, the first was {'x'.join(map(str, self.shape))}")
+        self._buffer[self._filled] = pixels.reshape(-1)
+        self._filled += 1
+        if self._filled == BATCH:
+            self.flush()
+
+    def add_batch(self, batch: np.ndarray, shape: tuple[int, ...]) -> None:
+        """Add uint8 records (B, C·H·W) of ``shape`` (C, H, W), in order."""
+        self.flush()
+        if self.sum is None:
+            self._start(shape)
+        self._add_rows(batch)
+
+    def flush(self) -> None:
+        if self._filled:
+            self._add_rows(self._buffer[: self._filled])
+            self._filled = 0
+
+    def _add_rows(self, rows: np.ndarray) -> None:
+        start = 0
+        while start < len(rows):
+            exact = int((FLOAT32_EXACT - float(self.sum.max())) // MAX_PIXEL)
+            if exact < 1:
+                for row in rows[start:]:
+                    self.sum += row  # float32 += uint8: one rounding per record, as in Caffe
+                break
+            chunk = rows[start : start + exact]
+            self.sum += chunk.sum(0, dtype=np.int64).astype(np.float32)
+            start += len(chunk)
+        self.count += len(rows)
+
+    def mean(self) -> np.ndarray:
+        """The (C, H, W) float32 mean (sum / count in float32)."""
+        self.flush()
+        if self.sum is None or self.count == 0:
+            raise InputError("no records to average")
+        return (self.sum / np.float32(self.count)).reshape(self.shape)
+
+
+def channel_means(mean: np.ndarray) -> list[float]:
+    """Per-channel values as compute_image_mean logs them (float32 running sum / H·W)."""
+    flat = mean.reshape(mean.shape[0], -1).astype(np.float32)
+    return [float(np.cumsum(row, dtype=np.float32)[-1] / np.float32(row.size)) for row in flat]
+
+
+# --------------------------------------------------------------------------- reading images
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """``convert_imageset``'s image options."""
+
+    gray: bool = False
+    resize_width: int = 0
+    resize_height: int = 0
+    encoded: bool = False
+    encode_type: str = ""
+    check_size: bool = False
+
+    @property
+    def resize(self) -> bool:
+        return self.resize_width > 0 and self.resize_height > 0
+
+
+PLAIN = ImageOptions()
+
+
+def _read_pixels(path: Path, options: ImageOptions) -> tuple[np.ndarray, Optional[str]]:
+    """(H, W, C) uint8 as Caffe's ReadImageToCVMat gives it, and any colour conversion."""
+    if options.gray:
+        image = cv2.imread(os.fspath(path), cv2.IMREAD_GRAYSCALE)
+        if image is None:
+            raise InputError("not an image OpenCV can read", path)
+        conversion = None
+    else:
+        read = read_color(path)
+        image, conversion = read.bgr, read.conversion
+    if options.resize:
+        image = cv2.resize(image, (options.resize_width, options.resize_height))
+    if image.ndim == 2:
+        image = image[:, :, None]
+    return image, conversion
+
+
+def record_value(path: Path, label: int, options: ImageOptions = PLAIN) -> tuple[bytes, Optional[np.ndarray], Optional[str]]:
+    """Serialized Datum of one image file, its (C, H, W) pixels (None when encoded), any conversion."""
+    if not options.encoded:
+        image, conversion = _read_pixels(path, options)
+        chw = image.transpose(2, 0, 1)
+        return serialize_datum(chw, label), chw, conversion
+    encoding = options.encode_type or path.suffix.lstrip(".").lower()
+    image, conversion = _read_pixels(path, options)
+    same_kind = (image.shape[2] == 3) == (not options.gray)
+    if same_kind and not options.resize and _same_extension(path, encoding):
+        data = path.read_bytes()  # Caffe stores the file verbatim in this case
+    else:
+        ok, buffer = cv2.imencode("." + encoding, image)
+        if not ok:
+            raise ConfigError(f"OpenCV cannot encode images as {encoding!r}")
+        data = buffer.tobytes()
+    return encoded_datum(data, label).SerializeToString(), None, conversion
+
+
+def _same_extension(path: Path, encoding: str) -> bool:
+    ext = path.suffix.lstrip(".").lower()
+    aliases = {"jpeg": "jpg"}
+    return aliases.get(ext, ext) == aliases.get(encoding.lower(), encoding.lower())
+
+
+# --------------------------------------------------------------------------- writing one database
+
+
+@dataclass
+class DbResult:
+    """What building one database produced."""
+
+    path: str
+    records: int
+    lines: int
+    seconds: float
+    mean_path: Optional[str] = None
+    channel_means: Optional[list[float]] = None
+    problems: list[str] = field(default_factory=list)
+    conversions: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    return getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc)
+
+
+def write_db(
+    db_path: Union[str, os.PathLike],
+    backend: str,
+    records: Iterable[tuple[bytes, bytes, Optional[np.ndarray]]],
+    *,
+    overwrite: bool = False,
+    accumulator: Optional[MeanAccumulator] = None,
+    check_size: bool = False,
+    progress_every: int = store.COMMIT_EVERY,
+    progress=None,
+) -> int:
+    """Write ``(key, value, pixels)`` records to a new database and return how many.
+
+    ``accumulator`` receives every record's pixels (for the mean file); ``check_size``
+    rejects a record whose pixel count differs from the first's (Caffe's ``-check_size``);
+    ``progress(count)`` is called every ``progress_every`` records.  An empty result or an
+    error leaves nothing under ``db_path``.
+    """
+    count = 0
+    first_size: Optional[int] = None
+    try:
+        with store.open_writer(db_path, backend, overwrite=overwrite) as writer:
+            for key, value, pixels in records:
+                if check_size and pixels is not None:
+                    if first_size is None:
+                        first_size = pixels.size
+                    elif pixels.size != first_size:
+                        raise InputError(f"record {key.decode(errors='replace')} has {pixels.size} values, the first had {first_size} (-check_size)")
+                writer.put(key, value)
+                if accumulator is not None:
+                    if pixels is None:
+                        raise ConfigError("a mean needs raw (not encoded) records")
+                    accumulator.add(pixels)
+                count += 1
+                if progress is not None and count % progress_every == 0:
+                    progress(count)
+            if count == 0:
+                raise InputError("no readable record; nothing to write", db_path)
+    except LymphCVError:
+        raise
+    except Exception as exc:
+        if _disk_full(exc):
+            raise StoreError("no space left on device", db_path) from exc
+        if isinstance(exc, OSError):
+            raise StoreError(f"cannot write database ({exc.strerror or exc})", db_path) from exc
+        raise
+    return count
+
+
+def save_mean(path: Union[str, os.PathLike], accumulator: MeanAccumulator) -> list[float]:
+    """Write the accumulated mean as a Caffe mean file; return compute_image_mean's channel values."""
+    mean = accumulator.mean()
+    try:
+        write_mean(path, mean)
+    except OSError as exc:
+        raise StoreError("no space left on device" if _disk_full(exc) else f"cannot write ({exc.strerror})", path) from exc
+    return channel_means(mean)
+
+
+def _file_records(
+    root: Path, list_path: Path, entries: Sequence[ListEntry], order: np.ndarray, options: ImageOptions, bad: BadInputs,
+) -> Iterator[tuple[bytes, bytes, Optional[np.ndarray]]]:
+    for index, position in enumerate(order.tolist()):
+        entry = entries[position]
+        path = root / entry.name
+        try:
+            value, pixels, conversion = record_value(path, entry.label, options)
+        except InputError as exc:
+            # Caffe also skips such a line and still consumes its index (keys have gaps).
+            bad.problem(f"{exc} (named in {list_path} line {entry.line})")
+            continue
+        bad.converted(conversion, path)
+        yield store.make_key(index, entry.name), value, pixels
+
+
+def convert_list(
+    root: Union[str, os.PathLike],
+    list_path: Union[str, os.PathLike],
+    db_path: Union[str, os.PathLike],
+    *,
+    backend: str = store.LMDB,
+    seed: Optional[int] = None,
+    options: ImageOptions = PLAIN,
+    mean_path: Union[str, os.PathLike, None] = None,
+    num_labels: Optional[int] = None,
+    overwrite: bool = False,
+    skip_bad: bool = False,
+    progress=None,
+) -> DbResult:
+    """``convert_imageset``: the images of a list (under ``root``) into a new database.
+
+    ``seed`` None keeps the list order; otherwise records are shuffled by that seed.
+    ``root`` is joined to each name like Caffe's plain string concatenation of ``ROOT/``.
+    Bad inputs raise InputError, or with ``skip_bad`` are skipped and returned as problems.
+    """
+    started = time.perf_counter()
+    list_path = Path(list_path)
+    entries = read_image_list(list_path, num_labels)
+    order = shuffled_order(len(entries), seed)
+    bad = BadInputs(skip_bad)
+    records = _file_records(Path(root), list_path, entries, order, options, bad)
+    accumulator = MeanAccumulator() if mean_path is not None else None
+    count = write_db(db_path, backend, records, overwrite=overwrite, accumulator=accumulator,
+                     check_size=options.check_size, progress=progress)
+    means = None if accumulator is None else save_mean(mean_path, accumulator)
+    return DbResult(os.fspath(db_path), count, len(entries), time.perf_counter() - started,
+                    None if mean_path is None else os.fspath(mean_path), means, bad.problems, dict(bad.conversions))
+
+
+# --------------------------------------------------------------------------- databases of a work folder
+
+
+@dataclass(frozen=True)
+class _DbTask:
+    fold: int
+    side: str  # "train" or "test"
+    list_path: Path
+    db_path: Path
+    mean_path: Optional[Path]
+    backend: str
+    seed: int
+    root: Path
+    num_labels: Optional[int]
+    overwrite: bool
+    skip_bad: bool
+    cache: Optional["_PatchCache"] = None
+
+
+def _build_from_files(task: _DbTask) -> DbResult:
+    return convert_list(task.root, task.list_path, task.db_path, backend=task.backend, seed=task.seed,
+                        mean_path=task.mean_path, num_labels=task.num_labels, overwrite=True,
+                        skip_bad=task.skip_bad)
+
+
+def _folds_record(workdir: Path) -> dict:
+    path = workdir / FOLDS_JSON
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise InputError(f"not JSON ({exc})", path) from exc
+
+
+def _list_signature(path: Path) -> dict:
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def build_dbs(
+    workdir: Union[str, os.PathLike],
+    *,
+    folds: Optional[Sequence[int]] = None,
+    backend: str = DEFAULT_BACKEND,
+    seed: int = DEFAULT_SEED,
+    root: Union[str, os.PathLike, None] = None,
+    images: Union[str, os.PathLike, None] = None,
+    overwrite: bool = False,
+    workers: Optional[int] = None,
+    skip_bad: bool = False,
+) -> list[DbResult]:
+    """Step 3: ``DB_train_K``, ``DB_test_K`` and ``DB_train_w32_K.binaryproto`` for every fold.
+
+    Args:
+        workdir: holds ``train_w32_K.txt`` / ``test_w32_K.txt`` (folds found from these files).
+        folds: only these fold numbers.
+        backend: ``"leveldb"`` (the tutorial's) or ``"lmdb"``.
+        seed: shuffles every database (recorded in ``dbs.json``); same seed, same order.
+        root: folder the list names are relative to (default ``workdir``).
+        images: build straight from the source images in this folder (``CLASS/file.tif``)
+            instead of reading patch files; needs the manifest named in ``folds.json``.
+        overwrite: replace existing databases; without it an existing database is an error,
+            unless ``dbs.json`` shows it was built from the same list, backend and seed (kept).
+        workers: processes, one database at a time each (``None`` = all cores).
+        skip_bad: skip unreadable/missing images with a warning instead of stopping.
+    """
+    workdir = Path(workdir)
+    backend = store.check_backend(backend)
+    from lymph_cv.folds import list_folds
+
+    found = list_folds(workdir)
+    if not found:
+        raise InputError("no train_w32_K.txt / test_w32_K.txt lists found (run `lymph-cv folds` first)", workdir)
+    selected = list(found if folds is None else folds)
+    missing = [k for k in selected if k not in found]
+    if missing:
+        raise ConfigError(f"fold {missing[0]} has no lists in {workdir}", valid=[str(k) for k in found])
+    record = _folds_record(workdir)
+    classes = record.get("classes")
+    num_labels = len(classes) if classes else None
+    root_dir = Path(root) if root is not None else workdir
+    previous = _read_dbs_json(workdir)
+    same_settings = previous.get("backend") == backend and previous.get("seed") == seed
+
+    tasks: list[_DbTask] = []
+    kept: list[DbResult] = []
+    for side, list_template, db_template in (("train", TRAIN_LIST, DB_TRAIN), ("test", TEST_LIST, DB_TEST)):
+        for fold in selected:
+            list_path = workdir / list_template.format(fold=fold)
+            db_path = workdir / db_template.format(fold=fold)
+            mean_path = workdir / MEAN_FILE.format(fold=fold) if side == "train" else None
+            if db_path.exists() and not overwrite:
+                done = previous.get("dbs", {}).get(db_path.name)
+                if (same_settings and done and done.get("list") == _list_signature(list_path)
+                        and (mean_path is None or mean_path.is_file())):
+                    log.info("dbs: keeping %s (built from the same list, backend and seed)", db_path)
+                    kept.append(DbResult(os.fspath(db_path), done["records"], done["lines"], 0.0,
+                                         None if mean_path is None else os.fspath(mean_path)))
+                    continue
+                raise StoreError("already exists; pass --overwrite to replace it", db_path)
+            tasks.append(_DbTask(fold, side, list_path, db_path, mean_path, backend, seed, root_dir, num_labels, overwrite, skip_bad))
+
+    bad = BadInputs(skip_bad)
+    results: list[DbResult] = list(kept)
+    dbs_record = {"backend": backend, "seed": seed, "shuffle": True,
+                  "source": "files" if images is None else "images",
+                  "root": os.fspath(root_dir), "images": None if images is None else os.fspath(images),
+                  "dbs": dict(previous.get("dbs", {})) if same_settings else {}}
+    cache = None
+    try:
+        if images is not None and tasks:
+            cache = _PatchCache.build(workdir, Path(images), [(t.list_path, t.num_labels) for t in tasks], record, workers, bad)
+            tasks = [dataclasses.replace(t, cache=cache) for t in tasks]
+        function = _build_from_files if cache is None else _build_from_cache
+        weights = [t.list_path.stat().st_size for t in tasks]
+        for task, result in zip(tasks, imap(function, tasks, workers=workers, desc="dbs", unit="B", weights=weights)):
+            bad.merge(result.problems, result.conversions)
+            results.append(result)
+            dbs_record["dbs"][task.db_path.name] = {
+                "fold": task.fold, "side": task.side, "records": result.records, "lines": result.lines,
+                "list": _list_signature(task.list_path),
+                "mean": None if task.mean_path is None else task.mean_path.name,
+                "channel_means": result.channel_means,
+            }
+            # Recorded after every database, so a rerun after an interruption keeps finished ones.
+            atomic_write_json(workdir / DBS_JSON, dbs_record)
+    finally:
+        if cache is not None:
+            cache.remove()
+    bad.finish("building databases")
+    atomic_write_json(workdir / DBS_JSON, dbs_record)
+    for result in sorted(results, key=lambda r: r.path):
+        log.info("dbs: %s: %d records", result.path, result.records)
+    return results
+
+
+def _read_dbs_json(workdir: Path) -> dict:
+    try:
+        return json.loads((workdir / DBS_JSON).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# --------------------------------------------------------------------------- straight from the images
+
+
+@dataclass(frozen=True)
+class _PatchCache:
+    """Every patch the lists need, cut from the source images into one uint8 array file.
+
+    Row ``offsets[stem] + i - 1`` holds patch ``<stem>_sub_<i>`` as C·H·W bytes; rows of
+    images that could not be read (``skip_bad``) are listed in ``unreadable``.
+    """
+
+    path: Path
+    rows: int
+    shape: tuple[int, int, int]
+    offsets: dict[str, int]
+    counts: dict[str, int]
+    unreadable: frozenset
+
+    @property
+    def row_size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def open(self, mode: str = "r") -> np.memmap:
+        return np.memmap(self.path, np.uint8, mode, shape=(self.rows, self.row_size))
+
+    def remove(self) -> None:
+        remove_path(self.path)
+
+    def row_of(self, name: str) -> Optional[int]:
+        """Row of a patch file name, or None when it is not a patch of a known image."""
+        match = _PATCH_NAME.match(PurePosixPath(name).name)
+        if not match:
+            return None
+        stem, index = match.group("stem"), int(match.group("index"))
+        if stem not in self.offsets or not 1 <= index <= self.counts[stem]:
+            return None
+        return self.offsets[stem] + index - 1
+
+    @classmethod
+    def build(cls, workdir: Path, images: Path, lists: Sequence[tuple[Path, Optional[int]]], record: dict,
+              workers: Optional[int], bad: BadInputs) -> "_PatchCache":
+        manifest = _manifest_for(workdir, record)
+        needed: set[str] = set()
+        for list_path, num_labels in lists:
+            for entry in read_image_list(list_path, num_labels):
+                match = _PATCH_NAME.match(PurePosixPath(entry.name).name)
+                if not match:
+                    raise InputError(f"line {entry.line}: {entry.name!r} is not a patch name (<image>_sub_<i>.tif)", list_path)
+                needed.add(match.group("stem"))
+        by_stem = {e.stem: e for e in manifest.images}
+        unknown = sorted(needed - set(by_stem))
+        if unknown:
+            raise InputError(f"patches of {unknown[0]!r} are listed but the image is not in the manifest", manifest.path)
+        chosen = [by_stem[s] for s in sorted(needed, key=lambda s: (by_stem[s].label, by_stem[s].name))]
+        size = manifest.patch_size
+        shape = (3, size, size)
+        offsets, counts, total = {}, {}, 0
+        for entry in chosen:
+            offsets[entry.stem], counts[entry.stem] = total, entry.patches
+            total += entry.patches
+        path = temp_sibling(workdir / "patch-cache.u8")
+        cache = cls(path, total, shape, offsets, counts, frozenset())
+        try:
+            np.memmap(path, np.uint8, "w+", shape=(max(total, 1), cache.row_size)).flush()
+            jobs = [(cache, SourceImage(images / e.cls / e.name, e.cls, e.label), e.stem, manifest.step) for e in chosen]
+            unreadable = set()
+            for (_, source, stem, _), (problem, conversion) in zip(jobs, imap(_cut_image, jobs, workers=workers, desc="cut", unit="img")):
+                if problem:
+                    bad.problem(problem)
+                    unreadable.add(stem)
+                bad.converted(conversion, source.path)
+        except BaseException:
+            cache.remove()
+            raise
+        return cls(path, total, shape, offsets, counts, frozenset(unreadable))
+
+
+def _manifest_for(workdir: Path, record: dict) -> Manifest:
+    relative = record.get("manifest")
+    path = workdir / relative if relative else workdir / "subs" / MANIFEST_NAME
+    return load_manifest(path)
+
+
+def _cut_image(job: tuple["_PatchCache", SourceImage, str, int]) -> tuple[Optional[str], Optional[str]]:
+    cache, source, stem, step = job
+    try:
+        patches, _, conversion = load_windows(source, cache.shape[1], step)
+    except LymphCVError as exc:
+        return str(exc), None
+    count = cache.counts[stem]
+    if len(patches) != count:
+        return f"{source.path}: has {len(patches)} patches now, {count} when the manifest was written", None
+    array = cache.open("r+")
+    array[cache.offsets[stem] : cache.offsets[stem] + count] = patches.transpose(0, 3, 1, 2).reshape(count, -1)
+    array.flush()
+    return None, conversion
+
+
+def _cache_rows(task: _DbTask, entries: Sequence[ListEntry], bad: BadInputs) -> np.ndarray:
+    """Array row of every list entry; -1 for patches of unreadable images (skipped)."""
+    cache = task.cache
+    rows = np.empty(len(entries), np.int64)
+    for position, entry in enumerate(entries):
+        row = cache.row_of(entry.name)
+        if row is None:
+            raise InputError(f"line {entry.line}: {entry.name!r} is not a patch of an image in the manifest", task.list_path)
+        if _PATCH_NAME.match(PurePosixPath(entry.name).name).group("stem") in cache.unreadable:
+            bad.problem(f"{task.list_path}: line {entry.line}: {entry.name} skipped, its image is unreadable")
+            row = -1
+        rows[position] = row
+    return rows
+
+
+def _cache_records(
+    cache: _PatchCache, entries: Sequence[ListEntry], order: np.ndarray, rows: np.ndarray,
+    accumulator: Optional[MeanAccumulator],
+) -> Iterator[tuple[bytes, bytes, None]]:
+    array = cache.open("r")
+    for start in range(0, len(order), BATCH):
+        positions = order[start : start + BATCH]
+        wanted = rows[positions]
+        keep = wanted >= 0
+        # Skipped lines still consume their index, as with missing patch files.
+        indices = np.arange(start, start + len(positions))[keep]
+        positions, wanted = positions[keep], wanted[keep]
+        block = np.asarray(array[wanted])
+        if accumulator is not None and len(block):
+            accumulator.add_batch(block, cache.shape)
+        for index, position, row in zip(indices.tolist(), positions.tolist(), block):
+            entry = entries[position]
+            yield store.make_key(index, entry.name), serialize_datum(row.reshape(cache.shape), entry.label), None
+
+
+def _build_from_cache(task: _DbTask) -> DbResult:
+    started = time.perf_counter()
+    entries = read_image_list(task.list_path, task.num_labels)
+    order = shuffled_order(len(entries), task.seed)
+    bad = BadInputs(task.skip_bad)
+    rows = _cache_rows(task, entries, bad)
+    accumulator = MeanAccumulator() if task.mean_path is not None else None
+    count = write_db(task.db_path, task.backend, _cache_records(task.cache, entries, order, rows, accumulator), overwrite=True)
+    means = None if accumulator is None else save_mean(task.mean_path, accumulator)
+    return DbResult(os.fspath(task.db_path), count, len(entries), time.perf_counter() - started,
+                    None if task.mean_path is None else os.fspath(task.mean_path), means, bad.problems, dict(bad.conversions))
