@@ -30,7 +30,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -244,12 +244,7 @@ class Trainer:
         self.pending: List[str] = []
 
     def _data_layers(self, net: CaffeNet, phase: int, cache: RecordCache) -> List[DataLayer]:
-        layers = [DataLayer(p, phase, self.seed, self.files.input, cache) for p in net.data_layers]
-        missing = [b for b in net.input_blobs if not any(b in layer.tops for layer in layers)]
-        if missing:
-            raise ConfigError(f"net {net.name!r}: input blob(s) {', '.join(missing)} have no Data layer "
-                              "to feed them while training")
-        return layers
+        return data_layers(net, phase, self.seed, self.files.input, cache)
 
     # ------------------------------------------------------------------ weights and state
     def restore(self, path: Path) -> None:
@@ -301,10 +296,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ forward passes
     def _inputs(self, layers: Sequence[DataLayer], batch: int) -> Dict[str, torch.Tensor]:
-        inputs: Dict[str, torch.Tensor] = {}
-        for layer in layers:
-            inputs.update(layer.batch(batch, self.device))
-        return inputs
+        return feed(layers, batch, self.device)
 
     def _seed_dropout(self, seed: int) -> None:
         # torch.manual_seed would also reseed every CUDA device (slow); seed only the one in use.
@@ -468,6 +460,25 @@ class Trainer:
         self.log.info("Optimization Done.", caffelog.SRC_DONE)
 
 
+def data_layers(net: CaffeNet, phase: int, seed: int, resolve: Callable[[str], Path],
+                cache: Optional[RecordCache] = None) -> List[DataLayer]:
+    """The DataLayer readers feeding ``net``'s input blobs (every input must have one)."""
+    layers = [DataLayer(p, phase, seed, resolve, cache) for p in net.data_layers]
+    missing = [b for b in net.input_blobs if not any(b in layer.tops for layer in layers)]
+    if missing:
+        raise ConfigError(f"net {net.name!r}: input blob(s) {', '.join(missing)} have no Data layer "
+                          "to feed them")
+    return layers
+
+
+def feed(layers: Sequence[DataLayer], batch: int, device: torch.device) -> Dict[str, torch.Tensor]:
+    """The input blobs of batch number ``batch`` from every data layer."""
+    inputs: Dict[str, torch.Tensor] = {}
+    for layer in layers:
+        inputs.update(layer.batch(batch, device))
+    return inputs
+
+
 def _output_lines(net: CaffeNet, values: Dict[str, np.ndarray]) -> List[Tuple[str, float, str]]:
     """(name, value, loss suffix) per output element, in output-blob order, as Caffe prints them."""
     lines = []
@@ -488,3 +499,50 @@ def train(solver_path: os.PathLike, *, snapshot: Optional[os.PathLike] = None,
                       max_iter=max_iter)
     return trainer.solve(progress=progress, log_file=log_file, sigint_effect=sigint_effect,
                          sighup_effect=sighup_effect)
+
+
+@dataclass
+class TestResult:
+    """What ``caffe test`` reports: per-batch output values, their means and the mean loss."""
+
+    batches: List[List[Tuple[str, float]]]
+    scores: List[Tuple[str, float, str]]
+    loss: float
+
+
+def test_model(model: os.PathLike, weights: Sequence[os.PathLike], iterations: int, *,
+               device: Optional[str] = "cpu", seed: int = 0, log: Optional[CaffeLog] = None) -> TestResult:
+    """``caffe test``: the TEST-phase net of ``model`` with ``weights``, ``iterations`` batches from its
+    data layers (centre crops, records in key order from the first)."""
+    if iterations < 1:
+        raise ConfigError(f"iterations must be >= 1, got {iterations}")
+    model = Path(model)
+    target = resolve_device(device, caffe_pb2.SolverParameter.CPU)
+    net = build_net(read_net_prototxt(model), caffe_pb2.TEST, base_dir=model.parent)
+    for path in weights:
+        net.load_weights(read_caffemodel(path), path)
+    net.to(target)
+    layers = data_layers(net, caffe_pb2.TEST, seed, lambda p: resolve_net_path(p, model.parent))
+    say = log.info if log is not None else (lambda message, src=None: None)
+    say(f"Running for {iterations} iterations.", caffelog.SRC_TOOL)
+    batches: List[List[Tuple[str, float]]] = []
+    sums: Dict[str, np.ndarray] = {}
+    total_loss = 0.0
+    with torch.no_grad():
+        for i in range(iterations):
+            blobs = net(feed(layers, i, target))
+            total_loss += float(net.loss(blobs)) if net.loss_weights else 0.0
+            row = []
+            for name in net.output_blobs:
+                values = blobs[name].detach().reshape(-1).double().cpu().numpy()
+                sums[name] = sums[name] + values if name in sums else values
+                for value in values:
+                    say(f"Batch {i}, {name} = {fmt(value)}", caffelog.SRC_TOOL)
+                    row.append((name, float(value)))
+            batches.append(row)
+    loss = total_loss / iterations
+    say(f"Loss: {fmt(loss)}", caffelog.SRC_TOOL)
+    scores = _output_lines(net, {name: values / iterations for name, values in sums.items()})
+    for name, value, suffix in scores:
+        say(f"{name} = {fmt(value)}{suffix}", caffelog.SRC_TOOL)
+    return TestResult(batches, scores, loss)

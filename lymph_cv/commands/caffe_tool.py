@@ -1,0 +1,174 @@
+"""``tools/caffe``: a drop-in for Caffe's ``caffe`` tool (train, test, time, device_query).
+
+Same gflags syntax as Caffe (``-solver x``, ``--solver=x``, flags anywhere), same glog-format log on
+stderr.  ``-gpu`` picks CUDA (any id, or ``all``: the first device is used); empty ``-gpu`` lets the
+solver's ``solver_mode`` decide, and ``-gpu -1`` (the 2015 default) means the CPU.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable, Dict, List, Optional, Sequence
+
+from lymph_cv import gflags
+from lymph_cv.errors import ConfigError, LymphCVError
+
+PROGRAM = "caffe"
+SYNOPSIS = ("command line brew\nusage: caffe <command> <args>\n\ncommands:\n"
+            "  train           train or finetune a model\n"
+            "  test            score a model\n"
+            "  device_query    show GPU diagnostic information\n"
+            "  time            benchmark model execution time")
+PHASES = ("TRAIN", "TEST")
+F = gflags.Flag
+FLAGS: Dict[str, gflags.Flag] = {
+    "solver": F(str, "", "The solver definition protocol buffer text file."),
+    "model": F(str, "", "The model definition protocol buffer text file."),
+    "weights": F(str, "", "Optional; the pretrained weights to initialize finetuning, separated by ','. "
+                          "Cannot be set simultaneously with snapshot."),
+    "snapshot": F(str, "", "Optional; the snapshot solver state to resume training."),
+    "iterations": F(int, 50, "The number of iterations to run."),
+    "gpu": F(str, "", "Optional; run in GPU mode on the given device id ('all': the first device)."),
+    "phase": F(str, "", "Optional; network phase (TRAIN or TEST). Only used for 'time'."),
+    "level": F(int, 0, "Optional; network level."),
+    "stage": F(str, "", "Optional; network stages (not to be confused with phase), separated by ','."),
+    "sigint_effect": F(str, "stop", "Optional; action to take when a SIGINT signal is received: "
+                                    "snapshot, stop or none."),
+    "sighup_effect": F(str, "snapshot", "Optional; action to take when a SIGHUP signal is received: "
+                                        "snapshot, stop or none."),
+}
+
+
+def _device(gpu: str) -> Optional[str]:
+    """``-gpu`` → our device choice: None (solver decides), "cpu" or "cuda"."""
+    text = gpu.strip()
+    if not text:
+        return None
+    if text == "all":
+        return "cuda"
+    ids = text.split(",")
+    try:
+        numbers = [int(i) for i in ids]
+    except ValueError:
+        raise ConfigError(f"-gpu {gpu!r}: expected device ids like 0 or 0,1, or 'all'") from None
+    if numbers == [-1]:
+        return "cpu"
+    if any(n < 0 for n in numbers):
+        raise ConfigError(f"-gpu {gpu!r}: device ids are >= 0")
+    if numbers[0] != 0 or len(numbers) > 1:
+        import torch
+
+        if torch.cuda.is_available() and numbers[0] < torch.cuda.device_count():
+            torch.cuda.set_device(numbers[0])
+        if len(numbers) > 1:
+            logging.getLogger(__name__).warning("-gpu %s: training uses one device, %d", gpu, numbers[0])
+    return "cuda"
+
+
+def _require(flags: dict, name: str, command: str) -> str:
+    if not flags[name]:
+        raise ConfigError(f"need -{name} for caffe {command}")
+    return flags[name]
+
+
+def _weights(flags: dict) -> List[str]:
+    return [w for w in flags["weights"].split(",") if w]
+
+
+def _phase(flags: dict, default: str) -> int:
+    from lymph_cv.caffe import caffe_pb2
+
+    name = (flags["phase"] or default).upper()
+    if name not in PHASES:
+        raise ConfigError(f"-phase {flags['phase']!r}", valid=PHASES)
+    return caffe_pb2.TRAIN if name == "TRAIN" else caffe_pb2.TEST
+
+
+def cmd_train(flags: dict) -> int:
+    from lymph_cv.train import train
+
+    solver = _require(flags, "solver", "train")
+    if flags["snapshot"] and flags["weights"]:
+        raise ConfigError("give -snapshot or -weights, but not both")
+    train(solver, snapshot=flags["snapshot"] or None, weights=_weights(flags), device=_device(flags["gpu"]),
+          sigint_effect=flags["sigint_effect"], sighup_effect=flags["sighup_effect"])
+    return 0
+
+
+def cmd_test(flags: dict) -> int:
+    from lymph_cv import caffelog
+    from lymph_cv.train import test_model
+
+    model = _require(flags, "model", "test")
+    weights = _weights(flags)
+    if not weights:
+        raise ConfigError("need model weights to score (-weights)")
+    with caffelog.caffe_log() as log:
+        test_model(model, weights, flags["iterations"], device=_device(flags["gpu"]) or "cpu", log=log)
+    return 0
+
+
+def cmd_time(flags: dict) -> int:
+    from lymph_cv import caffelog
+    from lymph_cv.timing import time_model
+
+    model = _require(flags, "model", "time")
+    with caffelog.caffe_log() as log:
+        time_model(model, flags["iterations"], phase=_phase(flags, "TRAIN"),
+                   device=_device(flags["gpu"]) or "cpu", log=log)
+    return 0
+
+
+def cmd_device_query(flags: dict) -> int:
+    import torch
+
+    from lymph_cv import caffelog
+
+    if not torch.cuda.is_available():
+        raise ConfigError("no CUDA device is available")
+    with caffelog.caffe_log() as log:
+        ids = range(torch.cuda.device_count()) if flags["gpu"] in ("", "all") else \
+            [int(i) for i in flags["gpu"].split(",")]
+        for i in ids:
+            props = torch.cuda.get_device_properties(i)
+            log.info(f"Querying GPU {i}")
+            log.info(f"Device id:                     {i}")
+            log.info(f"Major revision number:         {props.major}")
+            log.info(f"Minor revision number:         {props.minor}")
+            log.info(f"Name:                          {props.name}")
+            log.info(f"Total global memory:           {props.total_memory}")
+            log.info(f"Number of multiprocessors:     {props.multi_processor_count}")
+    return 0
+
+
+COMMANDS: Dict[str, Callable[[dict], int]] = {
+    "train": cmd_train, "test": cmd_test, "time": cmd_time, "device_query": cmd_device_query}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``caffe <command> [flags]``; returns the exit status (2 with one error line on failure)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(message)s", stream=sys.stderr)
+    logging.getLogger().setLevel(logging.INFO)  # Caffe logs INFO lines to stderr (alsologtostderr)
+    try:
+        flags, positional = gflags.parse(argv, FLAGS)
+    except gflags.HelpRequested:
+        print(gflags.usage(PROGRAM, SYNOPSIS, FLAGS), file=sys.stderr)
+        return 0
+    except LymphCVError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if len(positional) != 1 or positional[0] not in COMMANDS:
+        given = " ".join(positional) or "(none)"
+        print(f"error: unknown action {given}; available caffe actions: {', '.join(COMMANDS)}",
+              file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[positional[0]](flags)
+    except LymphCVError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
