@@ -18,6 +18,10 @@ FOLDS = 5
 #: Seconds a test waits for its jobs: a tiny fold trains in a few seconds.
 JOB_TIMEOUT_S = 150
 POLL_S = 0.5
+#: The tiny training run of every fold: a few iterations, one test pass, a final snapshot.
+MAX_ITER = 4
+TINY_SOLVER = {"max_iter": MAX_ITER, "test_iter": 1, "test_interval": MAX_ITER, "snapshot": MAX_ITER,
+               "display": 1, "batch_size": 8}
 
 
 # -- fixtures -----------------------------------------------------------------------------
@@ -34,6 +38,47 @@ def slurm_cluster():
             patch.setenv(name, value)
         yield cluster
     cluster.stop()
+
+
+def _invoke(runner, cli, *args: str) -> None:
+    result = runner.invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 0, f"lymph-cv {' '.join(map(str, args))}: {result.stderr}"
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(tmp_path_factory) -> Path:
+    """A synthetic work directory through step 4 (patches, 5 folds, DBs, rendered configs), built once."""
+    from click.testing import CliRunner
+
+    from lymph_cv.cli import cli
+
+    runner = CliRunner()
+    root = tmp_path_factory.mktemp("tiny")
+    data, workdir = root / "data", root / "work"
+    _invoke(runner, cli, "synth", data, "--per-class", 2, "--cases-per-class", 2, "--width", 200, "--height", 150,
+            "--seed", 3)
+    _invoke(runner, cli, "patches", data, workdir / "subs")
+    _invoke(runner, cli, "folds", "make", workdir / "subs", workdir, "--k", FOLDS)
+    _invoke(runner, cli, "dbs", workdir)
+    settings = [arg for key, value in TINY_SOLVER.items() for arg in ("--set", f"{key}={value}")]
+    _invoke(runner, cli, "render", workdir, *settings)
+    return workdir
+
+
+def _copy(workdir: Path, target: Path) -> Path:
+    shutil.copytree(workdir, target, symlinks=True)
+    return target
+
+
+def _check_trained(workdir: Path, folds=range(1, FOLDS + 1)) -> None:
+    """Every fold wrote its final snapshot, train.log and job output where the job script said."""
+    for fold in folds:
+        folder = workdir / str(fold)
+        assert (folder / f"{fold}_caffenet_train_w32_iter_{MAX_ITER}.caffemodel").is_file()
+        assert (folder / f"{fold}_caffenet_train_w32_iter_{MAX_ITER}.solverstate").is_file()
+        assert "Optimization Done." in (folder / "train.log").read_text()
+        assert (folder / f"{fold}_TASK_output.out").is_file()
+        assert (folder / f"{fold}_train.exit").read_text().strip() == "0"
 
 
 @pytest.fixture
@@ -106,10 +151,14 @@ def test_slurm_script_has_its_directives(configured):
 
 
 def test_evaluation_job_depends_on_the_training_jobs(configured):
-    submission = jobs.submit_evaluation(configured, "slurm", after=["11", "12"], args=["--oversample"], dry_run=True)
+    submission = jobs.submit_evaluation(configured, "slurm", after=["11", "12"], args=["--no-oversample"],
+                                        dry_run=True)
     assert "--dependency=afterok:11:12" in submission.command
     text = submission.script.read_text()
-    assert f"-m lymph_cv evaluate {configured.resolve()} --oversample" in text
+    for fold in range(1, FOLDS + 1):
+        assert f"-m lymph_cv evaluate {configured.resolve()} -k {fold} --no-oversample || status=$?" in text
+    assert f"-m lymph_cv report {configured.resolve()} || status=$?" in text
+    assert subprocess.run(["bash", "-n", str(submission.script)]).returncode == 0
 
 
 @pytest.mark.parametrize("option, value", [("--walltime", "1h; touch x"), ("--queue", "q$(id)"),
@@ -210,3 +259,97 @@ def test_local_runner_runs_jobs_with_states_and_afterok(tmp_path):
     assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))
     assert not list(tmp_path.rglob("INJECTED"))
 
+
+
+# -- real jobs on the Slurm cluster -------------------------------------------------------
+@pytest.mark.parametrize("scheduler", ["pbs", "slurm"])
+def test_five_folds_train_as_cluster_jobs(slurm_cluster, tiny_workdir, tmp_path, runner, cli, scheduler):
+    workdir = _copy(tiny_workdir, tmp_path / "work")
+    result = runner.invoke(cli, ["submit", str(workdir), "--scheduler", scheduler, "--walltime", "00:10:00"])
+    assert result.exit_code == 0, result.stderr
+    recorded = _recorded(workdir)
+    assert sorted(recorded) == list(range(1, FOLDS + 1))
+    assert len({r.job_id for r in recorded.values()}) == FOLDS
+    assert all(r.scheduler == scheduler for r in recorded.values())
+
+    states = jobs.wait_for_jobs(workdir, timeout=JOB_TIMEOUT_S, poll=POLL_S)
+    assert states == {fold: "COMPLETED" for fold in range(1, FOLDS + 1)}
+    _check_trained(workdir)
+
+    shown = runner.invoke(cli, ["jobs", str(workdir)])
+    assert shown.exit_code == 0, shown.stderr
+    rows = shown.stdout.strip().splitlines()[1:]
+    assert len(rows) == FOLDS and all("COMPLETED" in row and scheduler in row for row in rows)
+    assert str(workdir / "3" / "3_TASK_output.out") in shown.stdout
+
+    again = runner.invoke(cli, ["submit", str(workdir), "--scheduler", scheduler])
+    assert again.exit_code == 0 and again.stdout.count("already submitted") == FOLDS
+    assert _recorded(workdir) == recorded
+
+
+def _check_job(workdir: Path, after: list, scheduler: str) -> jobs.Submission:
+    """A job running ``lymph-cv jobs WORKDIR`` once ``after`` succeeded: its log shows what it saw."""
+    return jobs.submit_lymph_cv(workdir, "check", ["jobs", str(workdir)], scheduler,
+                                jobs.JobOptions(walltime="00:10:00", after=tuple(after)))
+
+
+def _rows_seen_by(workdir: Path, submission: jobs.Submission) -> list:
+    output = workdir / "CHECK_TASK_output.out"
+    return [line.split() for line in output.read_text().splitlines()[1:] if line.strip()]
+
+
+def test_pbs_afterok_chain_in_a_workdir_named_with_shell_characters(slurm_cluster, tiny_workdir, tmp_path,
+                                                                     runner, cli):
+    workdir = _copy(tiny_workdir, tmp_path / "a b$c")
+    result = runner.invoke(cli, ["submit", str(workdir), "--scheduler", "pbs", "--folds", "1-2",
+                                 "--walltime", "00:10:00"])
+    assert result.exit_code == 0, result.stderr
+    check = _check_job(workdir, jobs.training_job_ids(workdir), "pbs")
+    assert check.command[check.command.index("-W") + 1].startswith("depend=afterok:")
+
+    states = jobs.wait_for_jobs(workdir, task=None, timeout=JOB_TIMEOUT_S, poll=POLL_S)
+    assert set(states.values()) == {"COMPLETED"}
+    _check_trained(workdir, folds=(1, 2))
+    # The chained job ran after both folds had finished: it saw them completed.
+    assert [(row[1], row[4]) for row in _rows_seen_by(workdir, check)] == [("1", "COMPLETED"), ("2", "COMPLETED")]
+    # Nothing was expanded: no "a b" folder, no stray files beside the work directory.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a b$c"]
+
+
+def test_slurm_array_job_then_afterok_chain(slurm_cluster, tiny_workdir, tmp_path, runner, cli):
+    workdir = _copy(tiny_workdir, tmp_path / "work")
+    result = runner.invoke(cli, ["submit", str(workdir), "--scheduler", "slurm", "--folds", "3-4", "--array",
+                                 "--walltime", "00:10:00"])
+    assert result.exit_code == 0, result.stderr
+    recorded = _recorded(workdir)
+    array_id = recorded[3].array_id
+    assert array_id and recorded[4].array_id == array_id
+    assert (recorded[3].job_id, recorded[4].job_id) == (f"{array_id}_3", f"{array_id}_4")
+    assert "--array=3-4" in recorded[3].command
+    assert jobs.training_job_ids(workdir) == [array_id]
+    check = _check_job(workdir, [array_id], "slurm")
+    assert f"--dependency=afterok:{array_id}" in check.command
+
+    states = jobs.wait_for_jobs(workdir, task=None, timeout=JOB_TIMEOUT_S, poll=POLL_S)
+    assert set(states.values()) == {"COMPLETED"}
+    _check_trained(workdir, folds=(3, 4))
+    assert [(row[1], row[4]) for row in _rows_seen_by(workdir, check)] == [("3", "COMPLETED"), ("4", "COMPLETED")]
+
+
+def test_failed_dependency_cancels_the_chained_slurm_job(slurm_cluster, configured):
+    # The solver of fold 1 is not a real one: its training fails, so its dependant never runs.
+    (submission,) = jobs.submit_folds(configured, "slurm", folds=[1], options=jobs.JobOptions(walltime="00:05:00"))
+    check = _check_job(configured, [submission.job_id], "slurm")
+    states = jobs.wait_for_jobs(configured, task=None, timeout=JOB_TIMEOUT_S, poll=POLL_S)
+    assert states == {("train", 1): "FAILED", ("check", None): "CANCELLED"}
+    (failed,) = jobs.job_states(configured)
+    assert failed.exit_code == 2 and "error: " in failed.log.read_text()
+    assert not (configured / "CHECK_TASK_output.out").exists() and check.job_id
+
+
+def test_local_runner_trains_a_fold(tiny_workdir, tmp_path, runner, cli):
+    workdir = _copy(tiny_workdir, tmp_path / "work")
+    result = runner.invoke(cli, ["submit", str(workdir), "--scheduler", "local", "--folds", "5"])
+    assert result.exit_code == 0, result.stderr
+    assert jobs.wait_for_jobs(workdir, timeout=JOB_TIMEOUT_S, poll=POLL_S) == {5: "COMPLETED"}
+    _check_trained(workdir, folds=(5,))
