@@ -134,6 +134,9 @@ class CaffeNet(nn.Module):
         self.output_blobs = self._outputs()
         self.loss_weights = self._loss_weights()
         self.learnable = self._learnable()
+        #: Run 4-D blobs channels-last: the same values, about 1.6x faster convolutions on CPU
+        #: (benchmarks/bench_net.py).
+        self.channels_last = True
 
     # -- structure ---------------------------------------------------------------------------
 
@@ -191,6 +194,10 @@ class CaffeNet(nn.Module):
             raise ConfigError(f"net {self.name!r}: missing input blob(s) {', '.join(missing)}",
                               valid=self.input_blobs)
         blobs: Dict[str, torch.Tensor] = dict(inputs)
+        if self.channels_last:
+            for name, value in blobs.items():
+                if value.dim() == 4:
+                    blobs[name] = value.contiguous(memory_format=torch.channels_last)
         for layer in self.layers:
             if layer.is_input:
                 continue
