@@ -179,3 +179,19 @@ def test_tutorial_step5_flow_runs_with_only_the_import_changed(tmp_path, referen
             assert prediction.shape == (1, CLASSES) and prediction.sum() == pytest.approx(1, abs=1e-5)
             counts[prediction[0].argmax()] += 1
     assert sum(counts) == 2 * 3  # rows 19, 51; columns 19, 51, 83
+
+
+def test_net_with_data_layers_reads_batches_in_order(tmp_path):
+    from trainutil import CLASSES as TINY_CLASSES
+    from trainutil import CROP, make_dataset, make_fold
+
+    make_dataset(tmp_path, n_train=20, n_test=20)
+    net_file = make_fold(tmp_path, batch=8).parent / "1-net.prototxt"
+    net = caffe.Net(str(net_file), caffe.TEST)
+    assert net.inputs == ["data", "label"] and net.outputs == ["accuracy", "loss"]
+    first = net.forward()
+    data_1, labels_1 = net.blobs["data"].data.copy(), net.blobs["label"].data.copy()
+    assert data_1.shape == (8, 3, CROP, CROP) and set(labels_1) <= set(range(TINY_CLASSES))
+    assert 0.0 <= float(first["accuracy"]) <= 1.0 and float(first["loss"]) > 0
+    net.forward()
+    assert not np.array_equal(net.blobs["data"].data, data_1)  # the next 8 records, not the same batch
