@@ -148,6 +148,10 @@ class MeanAccumulator:
         self.sum = np.zeros(size, np.float32)
         self._buffer = np.empty((BATCH, size), np.uint8)
 
+    def __len__(self) -> int:
+        """Records added so far."""
+        return self.count + self._filled
+
     def add(self, pixels: np.ndarray) -> None:
         """Add one uint8 (C, H, W) record (buffered)."""
         if self.sum is None:
@@ -165,6 +169,16 @@ class MeanAccumulator:
         if self.sum is None:
             self._start(shape)
         self._add_rows(batch)
+
+    def add_float(self, values: np.ndarray) -> None:
+        """Add one float_data record (C, H, W), summed in float32 as Caffe does."""
+        self.flush()
+        if self.sum is None:
+            self._start(values.shape)
+        elif values.shape != self.shape:
+            raise InputError(f"record is {'x'.join(map(str, values.shape))}, the first was {'x'.join(map(str, self.shape))}")
+        self.sum += values.reshape(-1).astype(np.float32)
+        self.count += 1
 
     def flush(self) -> None:
         if self._filled:
@@ -196,6 +210,33 @@ def channel_means(mean: np.ndarray) -> list[float]:
     """Per-channel values as compute_image_mean logs them (float32 running sum / H·W)."""
     flat = mean.reshape(mean.shape[0], -1).astype(np.float32)
     return [float(np.cumsum(row, dtype=np.float32)[-1] / np.float32(row.size)) for row in flat]
+
+
+def mean_of_db(path: Union[str, os.PathLike], backend: Optional[str] = None, progress=None, progress_every: int = 10000) -> tuple[np.ndarray, int]:
+    """compute_image_mean: the float32 (C, H, W) mean of every Datum of a database, in key order.
+
+    Encoded datums are decoded (native channels); float datums are summed as floats.  Every
+    record must have the first one's size.  ``progress(count)`` every ``progress_every`` records.
+    """
+    from lymph_cv.caffe.datum import parse_datum
+
+    accumulator = MeanAccumulator()
+    with store.open_reader(path, backend) as reader:
+        for count, value in enumerate(reader.values(), 1):
+            try:
+                pixels, _ = parse_datum(value)
+                if pixels.dtype == np.uint8:
+                    accumulator.add(pixels)
+                else:
+                    accumulator.add_float(pixels)
+            except LymphCVError as exc:
+                raise InputError(f"record {count}: {exc.detail}", path) from exc
+            if progress is not None and count % progress_every == 0:
+                progress(count)
+    if not len(accumulator):
+        raise InputError("database is empty; no mean to compute", path)
+    mean = accumulator.mean()
+    return mean, accumulator.count
 
 
 # --------------------------------------------------------------------------- reading images
@@ -343,11 +384,12 @@ def save_mean(path: Union[str, os.PathLike], accumulator: MeanAccumulator) -> li
 
 
 def _file_records(
-    root: Path, list_path: Path, entries: Sequence[ListEntry], order: np.ndarray, options: ImageOptions, bad: BadInputs,
+    root: Union[str, os.PathLike], concat_root: bool, list_path: Path, entries: Sequence[ListEntry],
+    order: np.ndarray, options: ImageOptions, bad: BadInputs,
 ) -> Iterator[tuple[bytes, bytes, Optional[np.ndarray]]]:
     for index, position in enumerate(order.tolist()):
         entry = entries[position]
-        path = root / entry.name
+        path = Path(f"{os.fspath(root)}{entry.name}") if concat_root else Path(root) / entry.name
         try:
             value, pixels, conversion = record_value(path, entry.label, options)
         except InputError as exc:
@@ -371,19 +413,23 @@ def convert_list(
     overwrite: bool = False,
     skip_bad: bool = False,
     progress=None,
+    concat_root: bool = False,
+    entries: Optional[Sequence[ListEntry]] = None,
 ) -> DbResult:
     """``convert_imageset``: the images of a list (under ``root``) into a new database.
 
     ``seed`` None keeps the list order; otherwise records are shuffled by that seed.
-    ``root`` is joined to each name like Caffe's plain string concatenation of ``ROOT/``.
-    Bad inputs raise InputError, or with ``skip_bad`` are skipped and returned as problems.
+    ``concat_root`` joins ``root`` and each name as Caffe does (plain string concatenation,
+    so ``ROOT/`` needs its slash); otherwise as paths.  ``entries`` are the already-parsed
+    list.  Bad inputs raise InputError, or with ``skip_bad`` are skipped and returned as problems.
     """
     started = time.perf_counter()
     list_path = Path(list_path)
-    entries = read_image_list(list_path, num_labels)
+    if entries is None:
+        entries = read_image_list(list_path, num_labels)
     order = shuffled_order(len(entries), seed)
     bad = BadInputs(skip_bad)
-    records = _file_records(Path(root), list_path, entries, order, options, bad)
+    records = _file_records(root, concat_root, list_path, entries, order, options, bad)
     accumulator = MeanAccumulator() if mean_path is not None else None
     count = write_db(db_path, backend, records, overwrite=overwrite, accumulator=accumulator,
                      check_size=options.check_size, progress=progress)

@@ -1,0 +1,106 @@
+"""``convert_imageset``: Caffe's tool, same flags — a list of images into a LevelDB/LMDB of Datums.
+
+    convert_imageset [FLAGS] ROOTFOLDER/ LISTFILE DB_NAME
+
+Each list line is ``<file> <label>`` (split at the last run of whitespace); the image read is
+ROOTFOLDER + file (plain concatenation, as Caffe does; the file must stay under the root).
+Flags as in Caffe (``-flag value``, ``--flag=value``, ``-noflag``), plus ``-seed`` (Caffe's
+``-shuffle`` is unseeded; ours is repeatable), ``-overwrite`` and ``-skip_bad``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Optional, Sequence
+
+from lymph_cv import gflags
+from lymph_cv.caffelog import caffe_log
+from lymph_cv.errors import LymphCVError
+
+PROGRAM = "convert_imageset"
+SYNOPSIS = ("Convert a set of images to the leveldb/lmdb format used as input for Caffe.\n"
+            f"Usage:\n    {PROGRAM} [FLAGS] ROOTFOLDER/ LISTFILE DB_NAME")
+SRC = "convert_imageset.cpp:{}"
+
+FLAGS = {
+    "gray": gflags.Flag(bool, False, "read images as single-channel grayscale"),
+    "shuffle": gflags.Flag(bool, False, "shuffle the list before writing (seeded by -seed)"),
+    "backend": gflags.Flag(str, "lmdb", "database kind: lmdb or leveldb"),
+    "resize_width": gflags.Flag(int, 0, "resize to this width (needs -resize_height too)"),
+    "resize_height": gflags.Flag(int, 0, "resize to this height (needs -resize_width too)"),
+    "check_size": gflags.Flag(bool, False, "require every datum to have the first one's size"),
+    "encoded": gflags.Flag(bool, False, "store compressed image bytes instead of pixels"),
+    "encode_type": gflags.Flag(str, "", "format of -encoded data (png, jpg, ...; default: the file's extension)"),
+    "seed": gflags.Flag(int, 0, "seed of -shuffle (lymph_cv; Caffe's shuffle is not repeatable)"),
+    "overwrite": gflags.Flag(bool, False, "replace an existing DB_NAME (lymph_cv)"),
+    "skip_bad": gflags.Flag(bool, False, "skip unreadable images with a warning, as Caffe does (lymph_cv)"),
+}
+
+
+def info_level() -> None:
+    """Let INFO lines through: Caffe's tools log to stderr at INFO."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(format="%(message)s", stream=sys.stderr)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+
+
+def run(argv: Sequence[str]) -> int:
+    """Parse Caffe-style flags and convert; raises LymphCVError on bad input."""
+    from lymph_cv import dbs
+
+    values, positional = gflags.parse(argv, FLAGS)
+    if len(positional) != 3:
+        raise LymphCVError(f"expected ROOTFOLDER/ LISTFILE DB_NAME, got {len(positional)} argument(s); see {PROGRAM} -help")
+    root, list_file, db_name = positional
+    backend = dbs.store.check_backend(values["backend"])
+    if os.path.exists(db_name) and not values["overwrite"]:
+        raise LymphCVError("already exists; pass -overwrite to replace it", db_name)
+    options = dbs.ImageOptions(
+        gray=values["gray"],
+        resize_width=max(0, values["resize_width"]),
+        resize_height=max(0, values["resize_height"]),
+        encoded=values["encoded"],
+        encode_type=values["encode_type"],
+        check_size=values["check_size"],
+    )
+    with caffe_log() as log:
+        if values["shuffle"]:
+            log.info(f"Shuffling data (seed {values['seed']})", SRC.format(86))
+        entries = dbs.read_image_list(list_file)
+        log.info(f"A total of {len(entries)} images.", SRC.format(89))
+        result = dbs.convert_list(
+            root, list_file, db_name,
+            backend=backend,
+            seed=values["seed"] if values["shuffle"] else None,
+            options=options,
+            overwrite=values["overwrite"],
+            skip_bad=values["skip_bad"],
+            progress=lambda count: log.info(f"Processed {count} files.", SRC.format(146)),
+            concat_root=True,
+            entries=entries,
+        )
+        for problem in result.problems:
+            log.warning(problem, SRC.format(121))
+        if result.records % dbs.store.COMMIT_EVERY:
+            log.info(f"Processed {result.records} files.", SRC.format(152))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``tools/convert_imageset``: exit status 0, or 2 with one error line."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    info_level()
+    try:
+        return run(argv)
+    except gflags.HelpRequested:
+        print(gflags.usage(PROGRAM, SYNOPSIS, FLAGS))
+        return 0
+    except LymphCVError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

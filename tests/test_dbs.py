@@ -1,0 +1,197 @@
+"""Step 3: databases from patch files and straight from images, mean files, bad inputs."""
+from __future__ import annotations
+
+import errno
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from lymph_cv import dbs, folds, patches, store, synth
+from lymph_cv.caffe.blob import read_mean
+from lymph_cv.caffe.datum import parse_datum
+from lymph_cv.errors import InputError, StoreError
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A 2-fold work folder: 6 synthetic images of 120×100 → 12 patches each, lists, no DBs."""
+    root = tmp_path_factory.mktemp("work")
+    synth.generate(root / "data", per_class=2, cases_per_class=1, width=120, height=100, workers=1)
+    manifest = patches.extract_patches(root / "data", root / "subs", workers=1)
+    folds.make_folds(manifest, root, k=2, seed=0)
+    return root
+
+
+def _fresh(workdir, tmp_path):
+    """A copy of the work folder's lists (not its patches) so each test builds its own DBs."""
+    import shutil
+
+    for name in workdir.iterdir():
+        if name.suffix == ".txt" or name.name == "folds.json":
+            shutil.copy(name, tmp_path / name.name)
+    (tmp_path / "subs").symlink_to(workdir / "subs")
+    return tmp_path
+
+
+def _records(path):
+    with store.open_reader(path) as reader:
+        return list(reader)
+
+
+def _patch(workdir, name):
+    return cv2.imread(str(workdir / name), cv2.IMREAD_COLOR).transpose(2, 0, 1)
+
+
+def test_unshuffled_db_is_the_list_in_order(workdir, tmp_path):
+    entries = dbs.read_image_list(workdir / "train_w32_1.txt")
+    result = dbs.convert_list(workdir, workdir / "train_w32_1.txt", tmp_path / "db", backend="leveldb")
+    assert result.records == len(entries)
+    records = _records(tmp_path / "db")
+    assert [k for k, _ in records] == [store.make_key(i, e.name) for i, e in enumerate(entries)]
+    for (key, value), entry in zip(records[:5], entries):
+        pixels, label = parse_datum(value)
+        assert label == entry.label and pixels.shape == (3, 36, 36)
+        assert np.array_equal(pixels, _patch(workdir, entry.name))
+
+
+def test_build_dbs_shuffled_permutation_and_mean(workdir, tmp_path):
+    work = _fresh(workdir, tmp_path)
+    results = dbs.build_dbs(work, seed=7, workers=1)
+    assert len(results) == 4
+    record = json.loads((work / "dbs.json").read_text())
+    assert record["seed"] == 7 and record["backend"] == "leveldb"
+    for fold in (1, 2):
+        for side in ("train", "test"):
+            entries = dbs.read_image_list(work / f"{side}_w32_{fold}.txt")
+            records = _records(work / f"DB_{side}_{fold}")
+            assert len(records) == len(entries)  # record count = list length
+            names = [k.split(b"_", 1)[1].decode() for k, _ in records]
+            assert names != [e.name for e in entries] and sorted(names) == sorted(e.name for e in entries)
+            order = dbs.shuffled_order(len(entries), 7)
+            assert names == [entries[j].name for j in order]
+            assert [parse_datum(v)[1] for _, v in records] == [entries[j].label for j in order]
+        train = dbs.read_image_list(work / f"train_w32_{fold}.txt")
+        stack = np.stack([_patch(workdir, e.name) for e in train]).astype(np.float64)
+        mean = read_mean(work / f"DB_train_w32_{fold}.binaryproto")
+        assert mean.dtype == np.float32 and mean.shape == (3, 36, 36)
+        assert np.abs(mean - stack.mean(0)).max() < 1e-4
+    (tmp_path / "again").mkdir()
+    again = _fresh(workdir, tmp_path / "again")
+    dbs.build_dbs(again, seed=7, workers=2)
+    assert _records(again / "DB_train_2") == _records(work / "DB_train_2")
+
+
+def test_direct_from_images_equals_files_path(workdir, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    files = _fresh(workdir, tmp_path / "a")
+    direct = _fresh(workdir, tmp_path / "b")
+    dbs.build_dbs(files, seed=3, workers=1, backend="lmdb")
+    dbs.build_dbs(direct, seed=3, workers=2, backend="lmdb", images=workdir / "data")
+    assert store.detect_backend(direct / "DB_test_1") == "lmdb"
+    for fold in (1, 2):
+        for side in ("train", "test"):
+            assert _records(files / f"DB_{side}_{fold}") == _records(direct / f"DB_{side}_{fold}")
+        mean = f"DB_train_w32_{fold}.binaryproto"
+        assert (files / mean).read_bytes() == (direct / mean).read_bytes()
+    assert json.loads((direct / "dbs.json").read_text())["source"] == "images"
+    assert not [p for p in direct.iterdir() if p.name.startswith(".")]  # the patch array is gone
+
+
+def test_mean_accumulator_matches_caffe_float32_running_sum():
+    rng = np.random.default_rng(0)
+    rows = rng.integers(230, 256, (90000, 4), dtype=np.uint8)  # passes 2^24 after ~69k bright rows
+    accumulator = dbs.MeanAccumulator()
+    accumulator.add_batch(rows[:1000], (1, 2, 2))
+    for row in rows[1000:1010]:
+        accumulator.add(row.reshape(1, 2, 2))
+    accumulator.add_batch(rows[1010:], (1, 2, 2))
+    expected = np.zeros(4, np.float32)
+    for row in rows:
+        expected += row  # one float32 rounding per record, as compute_image_mean
+    assert expected.max() > 2**24
+    assert np.array_equal(accumulator.sum, expected)
+    assert np.array_equal(accumulator.mean().ravel(), expected / np.float32(90000))
+    assert not np.array_equal(expected, rows.sum(0, dtype=np.int64).astype(np.float32))
+
+
+def test_channel_means_like_compute_image_mean():
+    mean = np.arange(2 * 3 * 3, dtype=np.float32).reshape(2, 3, 3)
+    assert dbs.channel_means(mean) == [4.0, 13.0]
+
+
+@pytest.mark.parametrize("line, words", [
+    ("justaname.tif", "expected '<file><TAB or space><integer label>'"),
+    ("subs/a.tif\tx", "expected '<file><TAB or space><integer label>'"),
+    ("subs/a.tif\t7", "label 7 is outside the 3 classes (0..2)"),
+    ("../escape.tif\t0", "must be a relative path inside the root folder"),
+    ("/abs/a.tif\t0", "must be a relative path inside the root folder"),
+])
+def test_bad_list_lines(workdir, tmp_path, runner, cli, line, words):
+    work = _fresh(workdir, tmp_path)
+    listed = work / "test_w32_2.txt"
+    listed.write_text(listed.read_text() + line + "\n")
+    result = runner.invoke(cli, ["dbs", str(work), "--workers", "1"])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "test_w32_2.txt" in lines[0] and words in lines[0]
+    assert not (work / "DB_test_2").exists()
+
+
+def test_list_split_at_last_whitespace_run(tmp_path):
+    listed = tmp_path / "list.txt"
+    listed.write_text("a b.tif \t 1\nc.tif 2\n\n  d.tif\t0  \n")
+    assert [(e.name, e.label, e.line) for e in dbs.read_image_list(listed)] == [("a b.tif", 1, 1), ("c.tif", 2, 2), ("d.tif", 0, 4)]
+    listed.write_text("\n")
+    with pytest.raises(InputError, match="list is empty"):
+        dbs.read_image_list(listed)
+
+
+def test_missing_patch_file_and_skip_bad(workdir, tmp_path, runner, cli, caplog):
+    work = _fresh(workdir, tmp_path)
+    listed = work / "train_w32_1.txt"
+    listed.write_text("subs/not_there_sub_1.tif\t0\n" + listed.read_text())
+    result = runner.invoke(cli, ["dbs", str(work), "--workers", "1"])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not_there_sub_1.tif" in lines[0] and "train_w32_1.txt line 1" in lines[0]
+    assert not (work / "DB_train_1").exists() and not (work / "DB_train_w32_1.binaryproto").exists()
+    skipped = runner.invoke(cli, ["dbs", str(work), "--workers", "1", "--skip-bad", "--overwrite"])
+    assert skipped.exit_code == 0, skipped.stderr
+    assert any("1 bad input(s) skipped" in r.getMessage() for r in caplog.records)
+    lines = len(dbs.read_image_list(listed))
+    assert len(_records(work / "DB_train_1")) == lines - 1
+
+
+def test_existing_db_needs_overwrite_but_finished_work_is_kept(workdir, tmp_path, runner, cli):
+    work = _fresh(workdir, tmp_path)
+    assert runner.invoke(cli, ["dbs", str(work), "--workers", "1"]).exit_code == 0
+    stamp = (work / "DB_train_1" / "CURRENT").stat().st_mtime_ns
+    # Same lists, backend and seed: the finished databases are kept, not an error.
+    assert runner.invoke(cli, ["dbs", str(work), "--workers", "1"]).exit_code == 0
+    assert (work / "DB_train_1" / "CURRENT").stat().st_mtime_ns == stamp
+    other = runner.invoke(cli, ["dbs", str(work), "--workers", "1", "--seed", "5"])
+    assert other.exit_code == 2 and "DB_train_1: already exists; pass --overwrite" in other.stderr
+    replaced = runner.invoke(cli, ["dbs", str(work), "--workers", "1", "--seed", "5", "--overwrite", "--fold", "2"])
+    assert replaced.exit_code == 0, replaced.stderr
+    assert "DB_test_2: " in replaced.output and "DB_test_1" not in replaced.output
+
+
+def test_no_space_left(workdir, tmp_path, monkeypatch):
+    work = _fresh(workdir, tmp_path)
+
+    def full(self, records):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store._LevelDBWriter, "_write", full)
+    with pytest.raises(StoreError, match="DB_train_1: no space left on device"):
+        dbs.build_dbs(work, workers=1)
+    assert not (work / "DB_train_1").exists()
+    assert not [p for p in work.iterdir() if p.name.startswith(".")]
+
+
+def test_no_lists(tmp_path, runner, cli):
+    result = runner.invoke(cli, ["dbs", str(tmp_path)])
+    assert result.exit_code == 2 and "no train_w32_K.txt" in result.stderr
