@@ -55,7 +55,7 @@ def tiny_workdir(tmp_path_factory) -> Path:
     runner = CliRunner()
     root = tmp_path_factory.mktemp("tiny")
     data, workdir = root / "data", root / "work"
-    _invoke(runner, cli, "synth", data, "--per-class", 2, "--cases-per-class", 2, "--width", 200, "--height", 150,
+    _invoke(runner, cli, "synth", data, "--per-class", FOLDS, "--cases-per-class", 2, "--width", 200, "--height", 150,
             "--seed", 3)
     _invoke(runner, cli, "patches", data, workdir / "subs")
     _invoke(runner, cli, "folds", "make", workdir / "subs", workdir, "--k", FOLDS)
