@@ -13,7 +13,7 @@ from lymph_cv.caffe import caffe_pb2
 from lymph_cv.caffe.blob import read_mean
 from lymph_cv.caffe.model import read_caffemodel
 from lymph_cv.caffe.prototxt import parse_net_text, read_net_prototxt
-from lymph_cv.errors import ConfigError, FormatError, UnsupportedError
+from lymph_cv.errors import ConfigError, FormatError, InputError, UnsupportedError
 from lymph_cv.net.build import build_net
 from lymph_cv.net.fillers import fill
 from lymph_cv.net.layers import pooled_size
@@ -227,6 +227,8 @@ def test_softmax_loss_and_accuracy_semantics():
         assert out["ign"].item() == pytest.approx((nll[1] + nll[2]).item() / 4, rel=1e-6)
     assert net.loss_weights == {"loss": 1.0, "ign": 0.5} and net.output_blobs == ["acc", "acc2", "ign", "loss"]
     assert out["acc2"].item() == pytest.approx(2 / 4)
+    with pytest.raises(InputError, match=r"labels must be in 0..2 for 3 classes, got 1..3"):
+        net({"s": scores, "y": labels + 1})
 
 
 def test_lrn_matches_numpy():

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lymph_cv.caffe import caffe_pb2
-from lymph_cv.errors import ConfigError, UnsupportedError
+from lymph_cv.errors import ConfigError, InputError, UnsupportedError
 
 Shape = Tuple[int, ...]
 
@@ -396,14 +396,21 @@ class SoftmaxLayer(Layer):
 # Losses and metrics
 
 
-def _scores_and_labels(scores: torch.Tensor, labels: torch.Tensor, axis: int):
-    """(M, C) scores with the class axis last and (M,) integer labels, M = outer·inner positions."""
+def _scores_and_labels(scores: torch.Tensor, labels: torch.Tensor, axis: int, ignore_label: Optional[int]):
+    """(M, C) scores with the class axis last, (M,) integer labels (ignored ones replaced by 0, a
+    valid index) and the (M,) mask of labels that count; M = outer·inner positions."""
     classes = scores.shape[axis]
     moved = scores.movedim(axis, -1).reshape(-1, classes)
     flat = labels.reshape(-1)
     if flat.numel() != moved.shape[0]:
         raise ConfigError(f"label count {flat.numel()} does not match {moved.shape[0]} predictions")
-    return moved, flat.to(torch.long)
+    target = flat.to(torch.long)
+    valid = torch.ones_like(target, dtype=torch.bool) if ignore_label is None else target != ignore_label
+    target = torch.where(valid, target, torch.zeros_like(target))
+    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= classes):
+        raise InputError(f"labels must be in 0..{classes - 1} for {classes} classes, "
+                         f"got {int(target.min())}..{int(target.max())}")
+    return moved, target, valid
 
 
 @register("SoftmaxWithLoss")
@@ -431,11 +438,7 @@ class SoftmaxWithLossLayer(Layer):
             self.top_shapes.append(tuple(bottom_shapes[0]))
 
     def forward(self, scores, labels):
-        flat, target = _scores_and_labels(scores, labels, self.axis)
-        valid = torch.ones_like(target, dtype=torch.bool)
-        if self.ignore_label is not None:
-            valid = target != self.ignore_label
-        safe_target = torch.where(valid, target, torch.zeros_like(target))
+        flat, safe_target, valid = _scores_and_labels(scores, labels, self.axis, self.ignore_label)
         log_p = torch.log_softmax(flat, dim=1).gather(1, safe_target[:, None])[:, 0]
         nll = -log_p
         # Caffe clamps p at FLT_MIN in the value but its gradient is p − onehot unclamped.
@@ -444,7 +447,7 @@ class SoftmaxWithLossLayer(Layer):
         total = (nll * valid).sum()
         outer = math.prod(scores.shape[:self.axis])
         if self.normalization == "FULL":
-            norm = float(target.numel())
+            norm = float(valid.numel())
         elif self.normalization == "VALID":
             norm = float(valid.sum().item())
         elif self.normalization == "BATCH_SIZE":
@@ -479,11 +482,7 @@ class AccuracyLayer(Layer):
 
     @torch.no_grad()
     def forward(self, scores, labels):
-        flat, target = _scores_and_labels(scores, labels, self.axis)
-        valid = torch.ones_like(target, dtype=torch.bool)
-        if self.ignore_label is not None:
-            valid = target != self.ignore_label
-        safe_target = torch.where(valid, target, torch.zeros_like(target))
+        flat, safe_target, valid = _scores_and_labels(scores, labels, self.axis, self.ignore_label)
         own = flat.gather(1, safe_target[:, None])
         index = torch.arange(flat.shape[1], device=flat.device)[None, :]
         if self.ties == "higher_index":
