@@ -321,3 +321,26 @@ def test_unknown_or_unsupported_layers_list_valid_values():
         _net(base + 'layer { name: "r" type: "ReLU" bottom: "nope" top: "y" }')
     with pytest.raises(ConfigError, match="missing input blob"):
         _net(base + 'layer { name: "r" type: "ReLU" bottom: "x" top: "y" }')({})
+
+
+def test_input_layer_and_v1_caffemodel(tmp_path):
+    files = rendered(tmp_path)
+    deploy = read_net_prototxt(files.deploy)
+    modern = caffe_pb2.NetParameter()
+    modern.CopyFrom(deploy)
+    for field in ("input", "input_dim"):
+        modern.ClearField(field)
+    data = caffe_pb2.LayerParameter(name="data", type="Input", top=["data"])
+    data.input_param.shape.add().dim.extend([2, 3, 32, 32])
+    del modern.layer[:]
+    modern.layer.extend([data] + list(deploy.layer))
+    net = build_net(modern, TEST)
+    assert net.input_blobs == ["data"] and net.blob_shapes["pool3"] == (2, 64, 4, 4)
+    source = build_net(deploy, TEST)
+    source.init_params(torch.Generator().manual_seed(1))
+    v1 = caffe_pb2.NetParameter()
+    for layer in source.export_weights().layer:
+        v1.layers.add(name=layer.name, blobs=layer.blobs)
+    net.load_weights(caffe_pb2.NetParameter.FromString(v1.SerializeToString()))
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(net({"data": x})["prob"], source({"data": x})["prob"])

@@ -110,9 +110,6 @@ class Layer(nn.Module):
     def unsupported(self, what: str, valid: Sequence[str]) -> UnsupportedError:
         return UnsupportedError(f"layer {self.name!r} ({self.type_name}): {what}", valid=valid)
 
-    def forward(self, *bottoms: torch.Tensor) -> List[torch.Tensor]:  # pragma: no cover - abstract
-        raise TypeError(f"{type(self).__name__} does not compute")
-
 
 def _filler_or_none(message, field_name: str) -> Optional[caffe_pb2.FillerParameter]:
     return getattr(message, field_name) if message.HasField(field_name) else None
