@@ -353,3 +353,12 @@ def test_local_runner_trains_a_fold(tiny_workdir, tmp_path, runner, cli):
     assert result.exit_code == 0, result.stderr
     assert jobs.wait_for_jobs(workdir, timeout=JOB_TIMEOUT_S, poll=POLL_S) == {5: "COMPLETED"}
     _check_trained(workdir, folds=(5,))
+
+
+def test_missing_fold_configs_are_rendered(tiny_workdir, tmp_path, runner, cli):
+    workdir = _copy(tiny_workdir, tmp_path / "work")
+    shutil.rmtree(workdir / "2")
+    result = runner.invoke(cli, ["submit", str(workdir), "--scheduler", "slurm", "--folds", "2", "--dry-run"])
+    assert result.exit_code == 0, result.stderr
+    assert jobs.solver_path(workdir, 2).is_file() and (workdir / "2" / "2_train.slurm").is_file()
+    assert result.stdout.startswith(f"cd {workdir / '2'} && sbatch --parsable --job-name=2_TASK")
