@@ -192,3 +192,30 @@ def test_cli_trains_from_another_directory(runner, cli, data_root, tmp_path, mon
     assert "finished at iteration 4 (seed 3, cpu)" in result.output
     assert (solver.parent / "1_caffenet_train_w32_iter_4.caffemodel").is_file()
     assert not list(tmp_path.glob("*.caffemodel"))
+
+
+def test_snapshot_reloads_with_pycaffe_and_inspect(data_root, tmp_path, runner, cli):
+    import json
+
+    import lymph_cv.pycaffe as caffe
+
+    solver = fold_copy(data_root, tmp_path, max_iter=60, snapshot=0, test_interval=60, display=0)
+    result = train(solver, progress=False)
+    model = solver.parent / "1_caffenet_train_w32_iter_60.caffemodel"
+    net = caffe.Net(str(solver.parent / "1-net.prototxt"), str(model), caffe.TEST)
+    saved = weights_of(model)
+    for name in ("conv1", "ip1"):
+        for blob, array in zip(net.params[name], saved[name]):
+            np.testing.assert_array_equal(blob.data, array)
+    # one TEST batch through pycaffe (centre crops from the first key): far above chance (1/3)
+    out = net.forward()
+    assert out["accuracy"] > 0.6 and result.test_scores["accuracy"] > 0.6
+
+    info = runner.invoke(cli, ["inspect", "--json", str(model)])
+    assert info.exit_code == 0, info.stderr
+    layers = {layer["name"]: layer for layer in json.loads(info.output)["layers"]}
+    assert layers["conv1"]["blobs"] == [[8, 3, 3, 3], [8]]
+    state = runner.invoke(cli, ["inspect", "--json", str(model.with_suffix(".solverstate"))])
+    described = json.loads(state.output)
+    assert described["iter"] == 60 and described["history_count"] == 4
+    assert described["learned_net"] == model.name

@@ -1,0 +1,99 @@
+"""Training throughput of the tutorial's 32w net: ms per iteration at batch 128 (not run in CI).
+
+Renders fold 1 with the real templates over a random 36×36 database, builds the training run as
+``lymph-cv train`` does, and times each part of an iteration: batch assembly from the in-memory
+database (crop, mirror, mean), forward, backward, the AdaGrad update, and the total, on the CPU
+(and CUDA when present).  Caffe's reference on this machine kind (2 cores, OpenBLAS, ``caffe time``)
+is about 450 ms per forward+backward; the ratio is printed.
+
+    .venv/bin/python benchmarks/bench_train.py [--iterations 20] [--batch 128] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lymph_cv.caffe.blob import write_mean
+from lymph_cv.caffe.datum import serialize_datum
+from lymph_cv.render import render_fold
+from lymph_cv.store import make_key, open_writer
+from lymph_cv.train import Trainer, feed
+
+CAFFE_FORWARD_BACKWARD_MS = 450.0  # caffe time, 32w train net, batch 128, 2 cores (issue 4)
+CLASSES = 3
+PATCH = (3, 36, 36)
+
+
+def make_workdir(root: Path, records: int, batch: int) -> Path:
+    """Lists, databases and mean of a one-fold work directory with random patches."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (records,) + PATCH, dtype=np.uint8)
+    labels = rng.integers(0, CLASSES, records)
+    for kind in ("train", "test"):
+        (root / f"{kind}_w32_1.txt").write_text("".join(f"p{i}.png\t{labels[i]}\n" for i in range(records)))
+        with open_writer(root / f"DB_{kind}_1", "leveldb") as writer:
+            for i in range(records):
+                writer.put(make_key(i, f"p{i}.png"), serialize_datum(images[i], int(labels[i])))
+    write_mean(root / "DB_train_w32_1.binaryproto", images.mean(axis=0, dtype=np.float64).astype(np.float32))
+    render_fold(root, 1, overrides={"batch_size": batch})
+    return root / "1" / "1-alexnet_solver_ada.prototxt"
+
+
+def bench(solver: Path, device: str, iterations: int) -> dict:
+    trainer = Trainer(solver, device=device, seed=0)
+    target = trainer.device
+    sync = torch.cuda.synchronize if target.type == "cuda" else (lambda: None)
+    parts = {"data": [], "forward": [], "backward": [], "update": []}
+    for i in range(iterations + 2):  # two warm-up iterations
+        t0 = time.perf_counter()
+        inputs = feed(trainer.train_data, i, target)
+        sync()
+        t1 = time.perf_counter()
+        loss = trainer.net.loss(trainer.net(inputs))
+        sync()
+        t2 = time.perf_counter()
+        loss.backward()
+        sync()
+        t3 = time.perf_counter()
+        trainer.solver.apply_update()
+        trainer.solver.zero_grad()
+        sync()
+        t4 = time.perf_counter()
+        if i >= 2:
+            for key, value in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                parts[key].append(value * 1000.0)
+    return {key: statistics.median(values) for key, values in parts.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--records", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    with tempfile.TemporaryDirectory() as tmp:
+        solver = make_workdir(Path(tmp), args.records, args.batch)
+        print(f"32w train net, batch {args.batch}, {args.iterations} iterations (median ms), "
+              f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+        for device in devices:
+            ms = bench(solver, device, args.iterations)
+            total = sum(ms.values())
+            fwd_bwd = ms["forward"] + ms["backward"]
+            print(f"{device:4s} data {ms['data']:7.2f}  forward {ms['forward']:7.2f}  backward {ms['backward']:7.2f}  "
+                  f"update {ms['update']:6.2f}  total {total:7.2f} ms/iter  ({1000.0 / total:6.1f} iter/s)")
+            print(f"{device:4s} forward+backward {fwd_bwd:.1f} ms vs Caffe's ~{CAFFE_FORWARD_BACKWARD_MS:.0f} ms: "
+                  f"{CAFFE_FORWARD_BACKWARD_MS / fwd_bwd:.2f}x faster")
+
+
+if __name__ == "__main__":
+    main()
