@@ -67,13 +67,14 @@ PBS_STATES = {"Q": PENDING, "H": PENDING, "W": PENDING, "T": PENDING, "R": RUNNI
               "S": "SUSPENDED", "C": COMPLETED}
 
 # Values that reach Debian's qsub wrapper unquoted (it builds a shell string): keep them plain.
-_WALLTIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
-_QUEUE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]*$")
-_MAIL_RE = re.compile(r"^[A-Za-z0-9_.+-]+@[A-Za-z0-9.-]+(,[A-Za-z0-9_.+-]+@[A-Za-z0-9.-]+)*$")
-_JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\[\]-]*$")
+# Always used with fullmatch (a "$" anchor would let a trailing newline through).
+_WALLTIME_RE = re.compile(r"(\d+-)?\d+(:\d{1,2}){0,2}")
+_QUEUE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]*")
+_MAIL_RE = re.compile(r"[A-Za-z0-9_.+-]+@[A-Za-z0-9.-]+(,[A-Za-z0-9_.+-]+@[A-Za-z0-9.-]+)*")
+_JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\[\]-]*")
 _LOCAL_ARRAY = "--array needs a cluster scheduler (pbs or slurm); the local runner pools single jobs"
-_SBATCH_ID_RE = re.compile(r"^(\d+)(;\S+)?$")
-_QSUB_ID_RE = re.compile(r"^\d+(\[\d*\])?(\.[A-Za-z0-9_.-]+)?$")
+_SBATCH_ID_RE = re.compile(r"(\d+)(;\S+)?")
+_QSUB_ID_RE = re.compile(r"\d+(\[\d*\])?(\.[A-Za-z0-9_.-]+)?")
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class JobOptions:
                   ("--mail", self.mail, _MAIL_RE, "user@host[,user@host]")]
         checks += [("--after", job, _JOB_ID_RE, "a job id") for job in self.after]
         for option, value, pattern, expected in checks:
-            if value is not None and not pattern.match(value):
+            if value is not None and not pattern.fullmatch(value):
                 raise ConfigError(f"{option} {value!r}: expected {expected}")
         if self.ppn < 1 or self.gpus < 0 or (self.workers is not None and self.workers < 1):
             raise ConfigError(f"--ppn {self.ppn}, --gpus {self.gpus}, --workers {self.workers}: "
@@ -197,7 +198,7 @@ def array_range(folds: Sequence[int]) -> str:
     return ",".join(parts)
 
 
-def array_task_id(scheduler: str, array_id: str, fold: int) -> str:
+def array_task_id(array_id: str, fold: int) -> str:
     """One fold's id in an array job: Torque's ``123[K].server``, else Slurm's ``123_K``."""
     if "[]" in array_id:
         return array_id.replace("[]", f"[{fold}]", 1)
@@ -301,10 +302,14 @@ def _one_line(text: str) -> str:
     return line if len(line) <= MESSAGE_CHARS else line[:MESSAGE_CHARS] + "…"
 
 
+def _require(command: str) -> None:
+    if shutil.which(command) is None:
+        raise SchedulerError(f"{command}: command not found on PATH (is this a {command} submit host?)")
+
+
 def _run_scheduler(argv: Sequence[str], cwd: Path) -> str:
     """Run a scheduler command; its stdout, or :class:`SchedulerError` with its message."""
-    if shutil.which(argv[0]) is None:
-        raise SchedulerError(f"{argv[0]}: command not found on PATH (is this a {argv[0]} submit host?)")
+    _require(argv[0])
     try:
         result = subprocess.run(list(argv), cwd=cwd, capture_output=True, text=True,
                                 stdin=subprocess.DEVNULL, check=False)
@@ -321,10 +326,10 @@ def parse_job_id(scheduler: str, stdout: str) -> str:
     lines = [line.strip() for line in stdout.splitlines() if line.strip()]
     last = lines[-1] if lines else ""
     if scheduler == "slurm":
-        match = _SBATCH_ID_RE.match(last)
+        match = _SBATCH_ID_RE.fullmatch(last)
         if match:
             return match.group(1)
-    elif _QSUB_ID_RE.match(last):
+    elif _QSUB_ID_RE.fullmatch(last):
         return last
     raise SchedulerError(f"{SUBMIT_COMMAND[scheduler]} printed no job id: {_one_line(stdout) or '(nothing)'!r}")
 
@@ -390,7 +395,7 @@ def _submit_spec(workdir: Path, spec: JobSpec, scheduler: str, options: JobOptio
     base = Path(workdir).resolve()
     records = [JobRecord(
         task=member.task, fold=member.fold, scheduler=scheduler,
-        job_id=array_task_id(scheduler, job_id, member.fold) if tasks else job_id,
+        job_id=array_task_id(job_id, member.fold) if tasks else job_id,
         script=os.path.relpath(spec.script, base), output=os.path.relpath(member.output, base),
         exit_file=os.path.relpath(member.exit_file, base), command=command, submitted=_now(),
         after=list(options.after), array_id=job_id if tasks else None,
@@ -501,25 +506,22 @@ def _read_exit(path: Path) -> Optional[int]:
 def _scheduler_state(record: JobRecord, cwd: Path) -> Optional[str]:
     """The scheduler's view of a job; ``None`` when it no longer knows the job."""
     if record.scheduler == "slurm":
-        try:
-            out = _run_scheduler(["squeue", "--noheader", f"--jobs={record.job_id}", "--format=%T"], cwd).strip()
-        except SchedulerError as exc:
-            if "not found on PATH" in str(exc):
-                raise
-            out = ""
-        if out:
-            return out.split()[0]
+        for command in ("squeue", "scontrol"):
+            _require(command)
+        with contextlib.suppress(SchedulerError):  # squeue fails on ids it has forgotten
+            out = _run_scheduler(["squeue", "--noheader", f"--jobs={record.job_id}", "--format=%T"], cwd).split()
+            if out:
+                return out[0]
         try:  # gone from squeue: scontrol remembers finished jobs for MinJobAge seconds
             out = _run_scheduler(["scontrol", "show", "job", record.job_id], cwd)
         except SchedulerError:
             return None
         match = re.search(r"\bJobState=(\w+)", out)
         return match.group(1) if match else None
+    _require("qstat")
     try:  # Torque's wrappers may not know array task ids: the array's own state stands for them
         out = _run_scheduler(["qstat", "-f", record.array_id or record.job_id], cwd)
-    except SchedulerError as exc:
-        if "not found on PATH" in str(exc):
-            raise
+    except SchedulerError:
         return None
     match = re.search(r"job_state\s*=\s*(\w)", out)
     if not match:

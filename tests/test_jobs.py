@@ -162,7 +162,7 @@ def test_evaluation_job_depends_on_the_training_jobs(configured):
 
 
 @pytest.mark.parametrize("option, value", [("--walltime", "1h; touch x"), ("--queue", "q$(id)"),
-                                           ("--mail", "a b@c"), ("--after", "1;2")])
+                                           ("--queue", "batch\n"), ("--mail", "a b@c"), ("--after", "1;2")])
 def test_unsafe_option_values_are_refused(configured, runner, cli, option, value):
     result = runner.invoke(cli, ["submit", str(configured), "--scheduler", "pbs", "--dry-run", option, value])
     assert result.exit_code == 2
@@ -225,6 +225,18 @@ def test_fold_without_configs_is_an_error(configured, runner, cli):
     assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
 
 
+def test_waiting_times_out_with_the_unfinished_jobs(configured, monkeypatch, tmp_path):
+    bin_dir = tmp_path / "bin"
+    _fake_command(bin_dir, "sbatch", 'echo "41;lymphcv"')
+    _fake_command(bin_dir, "squeue", 'echo PENDING')
+    _fake_command(bin_dir, "scontrol", 'exit 1')
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    jobs.submit_folds(configured, "slurm", folds=[2])
+    assert _recorded(configured)[2].job_id == "41"
+    with pytest.raises(SchedulerError, match=r"timed out after 0s waiting for jobs \(train 2: PENDING\)"):
+        jobs.wait_for_jobs(configured, timeout=0, poll=0)
+
+
 def test_jobs_file_is_checked(configured):
     (configured / jobs.JOBS_FILE).write_text("[1, 2]")
     with pytest.raises(ConfigError, match="not a lymph-cv jobs file"):
@@ -272,11 +284,14 @@ def test_five_folds_train_as_cluster_jobs(slurm_cluster, tiny_workdir, tmp_path,
     assert len({r.job_id for r in recorded.values()}) == FOLDS
     assert all(r.scheduler == scheduler for r in recorded.values())
 
-    states = jobs.wait_for_jobs(workdir, timeout=JOB_TIMEOUT_S, poll=POLL_S)
-    assert states == {fold: "COMPLETED" for fold in range(1, FOLDS + 1)}
+    if scheduler == "slurm":
+        states = jobs.wait_for_jobs(workdir, timeout=JOB_TIMEOUT_S, poll=POLL_S)
+        assert states == {fold: "COMPLETED" for fold in range(1, FOLDS + 1)}
+        shown = runner.invoke(cli, ["jobs", str(workdir)])
+    else:
+        shown = runner.invoke(cli, ["jobs", str(workdir), "--wait", "--timeout", str(JOB_TIMEOUT_S)])
     _check_trained(workdir)
 
-    shown = runner.invoke(cli, ["jobs", str(workdir)])
     assert shown.exit_code == 0, shown.stderr
     rows = shown.stdout.strip().splitlines()[1:]
     assert len(rows) == FOLDS and all("COMPLETED" in row and scheduler in row for row in rows)
