@@ -24,7 +24,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import cv2
@@ -57,7 +57,6 @@ MAX_PIXEL = 255
 #: Records gathered per batch (mean accumulation, gathering from the patch array).
 BATCH = 1024
 _PATCH_NAME = re.compile(r"^(?P<stem>.+)_sub_(?P<index>\d+)\.[A-Za-z0-9]+$")
-_LIST_LINE = re.compile(r"^(?P<name>.*?\S)\s+(?P<label>\S+)$")
 
 
 # --------------------------------------------------------------------------- lists
@@ -74,8 +73,10 @@ class ListEntry:
 
 def check_relative(name: str) -> bool:
     """True when ``name`` is a relative path that stays under its root (no ``..``, not absolute)."""
-    pure = PurePosixPath(name.replace("\\", "/"))
-    return bool(name) and not pure.is_absolute() and ".." not in pure.parts and not re.match(r"^[A-Za-z]:", name)
+    # Plain string tests: this runs once per list line (millions).
+    if not name or name[0] in "/\\" or (len(name) > 1 and name[1] == ":"):
+        return False
+    return ".." not in name or ".." not in re.split(r"[/\\]", name)
 
 
 def read_image_list(path: Union[str, os.PathLike], num_labels: Optional[int] = None) -> list[ListEntry]:
@@ -94,19 +95,16 @@ def read_image_list(path: Union[str, os.PathLike], num_labels: Optional[int] = N
         raise InputError(f"cannot read list file ({exc})", path) from exc
     entries = []
     for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line:
+        parts = line.rsplit(None, 1)  # the last run of whitespace (TAB or spaces)
+        if not parts:
             continue
-        match = _LIST_LINE.match(line)
-        label: Optional[int] = None
-        if match:
-            try:
-                label = int(match.group("label"))
-            except ValueError:
-                label = None
-        if match is None or label is None:
-            raise InputError(f"line {number}: expected '<file><TAB or space><integer label>', got {line!r}", path)
-        name = match.group("name")
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            label = int(parts[1])
+        except ValueError:
+            raise InputError(f"line {number}: expected '<file><TAB or space><integer label>', got {line.strip()!r}", path) from None
+        name = parts[0].strip()
         if num_labels is not None and not 0 <= label < num_labels:
             raise InputError(f"line {number}: label {label} is outside the {num_labels} classes (0..{num_labels - 1})", path)
         if not check_relative(name):
@@ -261,7 +259,7 @@ class ImageOptions:
 PLAIN = ImageOptions()
 
 
-def _read_pixels(path: Path, options: ImageOptions) -> tuple[np.ndarray, Optional[str]]:
+def _read_pixels(path: Union[str, Path], options: ImageOptions) -> tuple[np.ndarray, Optional[str]]:
     """(H, W, C) uint8 as Caffe's ReadImageToCVMat gives it, and any colour conversion."""
     if options.gray:
         image = cv2.imread(os.fspath(path), cv2.IMREAD_GRAYSCALE)
@@ -278,12 +276,13 @@ def _read_pixels(path: Path, options: ImageOptions) -> tuple[np.ndarray, Optiona
     return image, conversion
 
 
-def record_value(path: Path, label: int, options: ImageOptions = PLAIN) -> tuple[bytes, Optional[np.ndarray], Optional[str]]:
+def record_value(path: Union[str, Path], label: int, options: ImageOptions = PLAIN) -> tuple[bytes, Optional[np.ndarray], Optional[str]]:
     """Serialized Datum of one image file, its (C, H, W) pixels (None when encoded), any conversion."""
     if not options.encoded:
         image, conversion = _read_pixels(path, options)
         chw = image.transpose(2, 0, 1)
         return serialize_datum(chw, label), chw, conversion
+    path = Path(path)
     encoding = options.encode_type or path.suffix.lstrip(".").lower()
     image, conversion = _read_pixels(path, options)
     same_kind = (image.shape[2] == 3) == (not options.gray)
@@ -387,9 +386,10 @@ def _file_records(
     root: Union[str, os.PathLike], concat_root: bool, list_path: Path, entries: Sequence[ListEntry],
     order: np.ndarray, options: ImageOptions, bad: BadInputs,
 ) -> Iterator[tuple[bytes, bytes, Optional[np.ndarray]]]:
+    root = os.fspath(root)
     for index, position in enumerate(order.tolist()):
         entry = entries[position]
-        path = Path(f"{os.fspath(root)}{entry.name}") if concat_root else Path(root) / entry.name
+        path = root + entry.name if concat_root else os.path.join(root, entry.name)
         try:
             value, pixels, conversion = record_value(path, entry.label, options)
         except InputError as exc:
@@ -612,7 +612,7 @@ class _PatchCache:
 
     def row_of(self, name: str) -> Optional[int]:
         """Row of a patch file name, or None when it is not a patch of a known image."""
-        match = _PATCH_NAME.match(PurePosixPath(name).name)
+        match = _PATCH_NAME.match(name.rsplit("/", 1)[-1])
         if not match:
             return None
         stem, index = match.group("stem"), int(match.group("index"))
@@ -627,7 +627,7 @@ class _PatchCache:
         needed: set[str] = set()
         for list_path, num_labels in lists:
             for entry in read_image_list(list_path, num_labels):
-                match = _PATCH_NAME.match(PurePosixPath(entry.name).name)
+                match = _PATCH_NAME.match(entry.name.rsplit("/", 1)[-1])
                 if not match:
                     raise InputError(f"line {entry.line}: {entry.name!r} is not a patch name (<image>_sub_<i>.tif)", list_path)
                 needed.add(match.group("stem"))
@@ -688,7 +688,7 @@ def _cache_rows(task: _DbTask, entries: Sequence[ListEntry], bad: BadInputs) -> 
         row = cache.row_of(entry.name)
         if row is None:
             raise InputError(f"line {entry.line}: {entry.name!r} is not a patch of an image in the manifest", task.list_path)
-        if _PATCH_NAME.match(PurePosixPath(entry.name).name).group("stem") in cache.unreadable:
+        if cache.unreadable and _PATCH_NAME.match(entry.name.rsplit("/", 1)[-1]).group("stem") in cache.unreadable:
             bad.problem(f"{task.list_path}: line {entry.line}: {entry.name} skipped, its image is unreadable")
             row = -1
         rows[position] = row

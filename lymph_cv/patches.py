@@ -113,7 +113,6 @@ def read_color(path: Union[str, Path]) -> ReadImage:
 
     Raises InputError naming the file when it is not an image OpenCV can read.
     """
-    path = Path(path)
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
