@@ -471,11 +471,20 @@ def submit_evaluation(workdir: Path, scheduler: str, options: JobOptions = JobOp
                       args: Sequence[str] = (), dry_run: bool = False) -> Submission:
     """Submit the evaluation of every fold (``lymph-cv evaluate … ARGS``, then ``report``) as one job.
 
-    It runs once the training jobs succeeded: ``after`` defaults to every recorded
-    training job of ``scheduler`` (``afterok``).
+    It runs once the training jobs succeeded: ``after`` defaults to the recorded training
+    jobs of ``scheduler`` that have not finished yet (``afterok``; a scheduler may refuse a
+    dependency on a job it has forgotten).  A training job that ended unsuccessfully is an
+    error: resubmit its fold first.
     """
     _check_scheduler(scheduler)
-    after = training_job_ids(workdir, scheduler) if after is None else list(after)
+    if after is None:
+        statuses = [s for s in job_states(workdir) if s.record.scheduler == scheduler]
+        failed = [s for s in statuses if s.state in FINISHED_STATES and s.state != COMPLETED]
+        if failed:
+            raise SchedulerError("training did not succeed for " + ", ".join(
+                f"fold {s.record.fold} ({s.state})" for s in failed) + ": resubmit with --resubmit --folds …")
+        after = list(dict.fromkeys(s.record.array_id or s.record.job_id
+                                   for s in statuses if s.state not in FINISHED_STATES))
     options = JobOptions(**{**asdict(options), "after": tuple(after)}).validate()
     spec = evaluate_spec(workdir, scheduler, folds, args)
     return _submit_spec(Path(workdir), spec, scheduler, options, dry_run)[0]

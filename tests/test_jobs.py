@@ -331,13 +331,14 @@ def test_pbs_afterok_chain_in_a_workdir_named_with_shell_characters(slurm_cluste
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a b$c"]
 
 
-def test_slurm_array_job_then_afterok_chain(slurm_cluster, tiny_workdir, tmp_path, runner, cli):
+def test_slurm_array_job_then_afterok_chains(slurm_cluster, tiny_workdir, tmp_path, runner, cli):
     workdir = _copy(tiny_workdir, tmp_path / "work")
     result = runner.invoke(cli, ["submit", str(workdir), "--scheduler", "slurm", "--folds", "3-4", "--array",
-                                 "--walltime", "00:10:00"])
+                                 "--walltime", "00:10:00", "--evaluate"])
     assert result.exit_code == 0, result.stderr
     recorded = _recorded(workdir)
     array_id = recorded[3].array_id
+    assert f"--dependency=afterok:{array_id}" in recorded[None].command and recorded[None].task == "evaluate"
     assert array_id and recorded[4].array_id == array_id
     assert (recorded[3].job_id, recorded[4].job_id) == (f"{array_id}_3", f"{array_id}_4")
     assert "--array=3-4" in recorded[3].command
@@ -349,6 +350,9 @@ def test_slurm_array_job_then_afterok_chain(slurm_cluster, tiny_workdir, tmp_pat
     assert set(states.values()) == {"COMPLETED"}
     _check_trained(workdir, folds=(3, 4))
     assert [(row[1], row[4]) for row in _rows_seen_by(workdir, check)] == [("3", "COMPLETED"), ("4", "COMPLETED")]
+    # The evaluation job evaluated both folds, then pooled them.
+    assert (workdir / "eval" / "fold_3").is_dir() and (workdir / "eval" / "fold_4").is_dir()
+    assert (workdir / "eval" / "report.md").is_file()
 
 
 def test_failed_dependency_cancels_the_chained_slurm_job(slurm_cluster, configured):
@@ -360,6 +364,8 @@ def test_failed_dependency_cancels_the_chained_slurm_job(slurm_cluster, configur
     (failed,) = jobs.job_states(configured)
     assert failed.exit_code == 2 and "error: " in failed.log.read_text()
     assert not (configured / "CHECK_TASK_output.out").exists() and check.job_id
+    with pytest.raises(SchedulerError, match=r"training did not succeed for fold 1 \(FAILED\)"):
+        jobs.submit_evaluation(configured, "slurm")
 
 
 def test_local_runner_trains_a_fold(tiny_workdir, tmp_path, runner, cli):
