@@ -86,13 +86,9 @@ def read_image_list(path: Union[str, os.PathLike], num_labels: Optional[int] = N
     ``0 .. num_labels-1`` (when given) or a name escaping the root is an InputError naming the
     file and line.
     """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise InputError("list file not found", path) from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read list file ({exc})", path) from exc
+    from lymph_cv.folds import read_list_text
+
+    text = read_list_text(path)
     entries = []
     for number, line in enumerate(text.splitlines(), 1):
         parts = line.rsplit(None, 1)  # the last run of whitespace (TAB or spaces)

@@ -146,15 +146,19 @@ def make_folds(
     return fold_set
 
 
-def read_list_lines(path: Path) -> list[str]:
-    """Non-empty lines of a text list (InputError naming the file when it cannot be read)."""
+def read_list_text(path: Union[str, os.PathLike]) -> str:
+    """A list file's text (InputError naming the file when it is missing or unreadable)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise InputError("list file not found", path) from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read list file ({exc})", path) from exc
-    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def read_list_lines(path: Union[str, os.PathLike]) -> list[str]:
+    """Non-empty, stripped lines of a text list."""
+    return [line.strip() for line in read_list_text(path).splitlines() if line.strip()]
 
 
 def parent_list_folds(parent_dir: Union[str, os.PathLike]) -> list[int]:

@@ -8,7 +8,7 @@ Flags may appear anywhere among the positional arguments, with one or two dashes
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from lymph_cv.errors import ConfigError
 
@@ -100,3 +100,39 @@ def usage(program: str, synopsis: str, flags: Mapping[str, Flag]) -> str:
         default = str(flag.default).lower() if flag.is_bool else repr(flag.default) if flag.type is str else flag.default
         lines.append(f"    -{name} ({flag.help}) type: {_type_name(flag)} default: {default}")
     return "\n".join(lines)
+
+
+def run_tool(
+    run: Callable[[dict[str, Any], list[str]], int],
+    argv: Optional[Sequence[str]],
+    program: str,
+    synopsis: str,
+    flags: Mapping[str, Flag],
+) -> int:
+    """Main of a drop-in Caffe tool: parse ``argv`` (default ``sys.argv[1:]``), call ``run(values, positional)``.
+
+    INFO log lines reach stderr as with Caffe's tools; ``-help`` prints the usage; a library
+    error becomes one ``error: …`` line and exit status 2.
+    """
+    import logging
+    import sys
+
+    from lymph_cv.errors import LymphCVError
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(format="%(message)s", stream=sys.stderr)
+    root.setLevel(logging.INFO)  # Caffe's tools log INFO lines to stderr
+    try:
+        values, positional = parse(argv, flags)
+        return run(values, positional)
+    except HelpRequested:
+        print(usage(program, synopsis, flags))
+        return 0
+    except LymphCVError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

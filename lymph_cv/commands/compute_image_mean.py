@@ -8,12 +8,10 @@ Sums every record in key order in a float32 blob, divides by the count, writes a
 """
 from __future__ import annotations
 
-import sys
 from typing import Optional, Sequence
 
 from lymph_cv import gflags
 from lymph_cv.caffelog import caffe_log, fmt
-from lymph_cv.commands.convert_imageset import info_level
 from lymph_cv.errors import LymphCVError
 
 PROGRAM = "compute_image_mean"
@@ -28,13 +26,12 @@ FLAGS = {
 }
 
 
-def run(argv: Sequence[str]) -> int:
-    """Parse Caffe-style flags and compute the mean; raises LymphCVError on bad input."""
+def run(values: dict, positional: list[str]) -> int:
+    """Compute the mean with parsed flags; raises LymphCVError on bad input."""
     from lymph_cv import dbs
     from lymph_cv.caffe.blob import write_mean
     from lymph_cv.store import check_backend
 
-    values, positional = gflags.parse(argv, FLAGS)
     if len(positional) not in (1, 2):
         raise LymphCVError(f"expected INPUT_DB [OUTPUT_FILE], got {len(positional)} argument(s); see {PROGRAM} -help")
     backend = check_backend(values["backend"])
@@ -55,16 +52,4 @@ def run(argv: Sequence[str]) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``tools/compute_image_mean``: exit status 0, or 2 with one error line."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    info_level()
-    try:
-        return run(argv)
-    except gflags.HelpRequested:
-        print(gflags.usage(PROGRAM, SYNOPSIS, FLAGS))
-        return 0
-    except LymphCVError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    return gflags.run_tool(run, argv, PROGRAM, SYNOPSIS, FLAGS)

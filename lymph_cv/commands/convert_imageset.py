@@ -9,9 +9,7 @@ Flags as in Caffe (``-flag value``, ``--flag=value``, ``-noflag``), plus ``-seed
 """
 from __future__ import annotations
 
-import logging
 import os
-import sys
 from typing import Optional, Sequence
 
 from lymph_cv import gflags
@@ -38,20 +36,10 @@ FLAGS = {
 }
 
 
-def info_level() -> None:
-    """Let INFO lines through: Caffe's tools log to stderr at INFO."""
-    root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(format="%(message)s", stream=sys.stderr)
-    if root.level > logging.INFO or root.level == logging.NOTSET:
-        root.setLevel(logging.INFO)
-
-
-def run(argv: Sequence[str]) -> int:
-    """Parse Caffe-style flags and convert; raises LymphCVError on bad input."""
+def run(values: dict, positional: list[str]) -> int:
+    """Convert with parsed flags; raises LymphCVError on bad input."""
     from lymph_cv import dbs
 
-    values, positional = gflags.parse(argv, FLAGS)
     if len(positional) != 3:
         raise LymphCVError(f"expected ROOTFOLDER/ LISTFILE DB_NAME, got {len(positional)} argument(s); see {PROGRAM} -help")
     root, list_file, db_name = positional
@@ -91,16 +79,4 @@ def run(argv: Sequence[str]) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``tools/convert_imageset``: exit status 0, or 2 with one error line."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    info_level()
-    try:
-        return run(argv)
-    except gflags.HelpRequested:
-        print(gflags.usage(PROGRAM, SYNOPSIS, FLAGS))
-        return 0
-    except LymphCVError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    return gflags.run_tool(run, argv, PROGRAM, SYNOPSIS, FLAGS)
