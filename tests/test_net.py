@@ -344,3 +344,40 @@ def test_input_layer_and_v1_caffemodel(tmp_path):
     net.load_weights(caffe_pb2.NetParameter.FromString(v1.SerializeToString()))
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(net({"data": x})["prob"], source({"data": x})["prob"])
+
+
+def test_grouped_dilated_convolution_matches_numpy():
+    text = """name: "n" input: "x" input_dim: 2 input_dim: 4 input_dim: 9 input_dim: 9
+    layer { name: "c" type: "Convolution" bottom: "x" top: "y" convolution_param { num_output: 6
+            kernel_h: 3 kernel_w: 2 stride: 2 pad: 1 dilation: 2 group: 2 weight_filler { type: "xavier" }
+            bias_filler { type: "uniform" } } }"""
+    net = _net(text)
+    net.init_params(torch.Generator().manual_seed(0))
+    weight, bias = (b.detach().numpy().astype(np.float64) for b in net.layer("c").blobs)
+    assert weight.shape == (6, 2, 3, 2)
+    x = np.random.default_rng(0).normal(size=(2, 4, 9, 9))
+    dilated = np.zeros((6, 2, 5, 3))
+    dilated[:, :, ::2, ::2] = weight
+    halves = [np_conv(x[:, 2 * g:2 * g + 2], dilated[3 * g:3 * g + 3], bias[3 * g:3 * g + 3], 1)[:, :, ::2, ::2]
+              for g in range(2)]
+    out = net({"x": torch.from_numpy(x.astype(np.float32))})["y"].detach().numpy()
+    assert net.blob_shapes["y"] == (2, 6, 4, 5)
+    np.testing.assert_allclose(out, np.concatenate(halves, axis=1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode, divisor", [("FULL", 8), ("VALID", 6), ("BATCH_SIZE", 2), ("NONE", 1)])
+def test_softmax_loss_normalization_over_positions(mode, divisor):
+    text = f"""name: "l" input: "s" input_dim: 2 input_dim: 3 input_dim: 2 input_dim: 2
+    input: "y" input_dim: 2 input_dim: 1 input_dim: 2 input_dim: 2
+    layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "s" bottom: "y" top: "loss" top: "prob"
+            loss_param {{ ignore_label: 1 normalization: {mode} }} }}"""
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(2, 3, 2, 2))
+    labels = np.array([0, 1, 2, 2, 1, 0, 0, 2], dtype=np.float64).reshape(2, 1, 2, 2)
+    out = _net(text)({"s": torch.from_numpy(scores.astype(np.float32)),
+                      "y": torch.from_numpy(labels.astype(np.float32))})
+    p = np.exp(scores) / np.exp(scores).sum(axis=1, keepdims=True)
+    picked = np.take_along_axis(p, labels.astype(int), axis=1)
+    expected = -np.log(picked[labels != 1]).sum() / divisor
+    assert out["loss"].item() == pytest.approx(expected, rel=1e-5)
+    np.testing.assert_allclose(out["prob"].numpy(), p, rtol=1e-5)
