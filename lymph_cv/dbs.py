@@ -445,7 +445,7 @@ class _DbTask:
     db_path: Path
     mean_path: Optional[Path]
     backend: str
-    seed: int
+    seed: Optional[int]
     root: Path
     num_labels: Optional[int]
     overwrite: bool
@@ -479,7 +479,7 @@ def build_dbs(
     *,
     folds: Optional[Sequence[int]] = None,
     backend: str = DEFAULT_BACKEND,
-    seed: int = DEFAULT_SEED,
+    seed: Optional[int] = DEFAULT_SEED,
     root: Union[str, os.PathLike, None] = None,
     images: Union[str, os.PathLike, None] = None,
     overwrite: bool = False,
@@ -492,7 +492,8 @@ def build_dbs(
         workdir: holds ``train_w32_K.txt`` / ``test_w32_K.txt`` (folds found from these files).
         folds: only these fold numbers.
         backend: ``"leveldb"`` (the tutorial's) or ``"lmdb"``.
-        seed: shuffles every database (recorded in ``dbs.json``); same seed, same order.
+        seed: shuffles every database (recorded in ``dbs.json``); same seed, same order;
+            None keeps the list order (no shuffle).
         root: folder the list names are relative to (default ``workdir``).
         images: build straight from the source images in this folder (``CLASS/file.tif``)
             instead of reading patch files; needs the manifest named in ``folds.json``.
@@ -539,7 +540,7 @@ def build_dbs(
 
     bad = BadInputs(skip_bad)
     results: list[DbResult] = list(kept)
-    dbs_record = {"backend": backend, "seed": seed, "shuffle": True,
+    dbs_record = {"backend": backend, "seed": seed, "shuffle": seed is not None,
                   "source": "files" if images is None else "images",
                   "root": os.fspath(root_dir), "images": None if images is None else os.fspath(images),
                   "dbs": dict(previous.get("dbs", {})) if same_settings else {}}

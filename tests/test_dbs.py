@@ -85,9 +85,13 @@ def test_build_dbs_shuffled_permutation_and_mean(workdir, tmp_path):
 
 def test_direct_from_images_equals_files_path(workdir, tmp_path):
     (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
     files = _fresh(workdir, tmp_path / "a")
-    direct = _fresh(workdir, tmp_path / "b")
+    # The direct work folder has a manifest but no patch files at all.
+    direct = tmp_path / "b"
+    manifest = patches.extract_patches(workdir / "data", direct / "subs", workers=1, write_patches=False)
+    assert [p.name for p in (direct / "subs").iterdir()] == [patches.MANIFEST_NAME]
+    folds.make_folds(manifest, direct, k=2, seed=0)
+    assert (direct / "test_w32_2.txt").read_text() == (files / "test_w32_2.txt").read_text()
     dbs.build_dbs(files, seed=3, workers=1, backend="lmdb")
     dbs.build_dbs(direct, seed=3, workers=2, backend="lmdb", images=workdir / "data")
     assert store.detect_backend(direct / "DB_test_1") == "lmdb"
@@ -98,6 +102,15 @@ def test_direct_from_images_equals_files_path(workdir, tmp_path):
         assert (files / mean).read_bytes() == (direct / mean).read_bytes()
     assert json.loads((direct / "dbs.json").read_text())["source"] == "images"
     assert not [p for p in direct.iterdir() if p.name.startswith(".")]  # the patch array is gone
+
+
+def test_unshuffled_build(workdir, tmp_path, runner, cli):
+    work = _fresh(workdir, tmp_path)
+    result = runner.invoke(cli, ["dbs", str(work), "--no-shuffle", "--workers", "1", "--fold", "1"])
+    assert result.exit_code == 0, result.stderr
+    entries = dbs.read_image_list(work / "test_w32_1.txt")
+    assert [k for k, _ in _records(work / "DB_test_1")] == [store.make_key(i, e.name) for i, e in enumerate(entries)]
+    assert json.loads((work / "dbs.json").read_text())["shuffle"] is False
 
 
 def test_mean_accumulator_matches_caffe_float32_running_sum():

@@ -162,3 +162,19 @@ def test_cli_patches(tmp_path, runner, cli):
     result = runner.invoke(cli, ["patches", str(data), str(tmp_path / "subs"), "--workers", "1"])
     assert result.exit_code == 0, result.stderr
     assert "3 images" in result.output and "24 patches" in result.output
+
+
+def test_no_space_left_for_patches(tmp_path, runner, cli, monkeypatch):
+    import errno
+    import os
+
+    data = _dataset(tmp_path / "data", sizes=((80, 80),))
+
+    def full(source, target):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(patches.os, "replace", full)
+    result = runner.invoke(cli, ["patches", str(data), str(tmp_path / "subs"), "--workers", "1"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'subs'}: no space left on device"]
+    assert not os.listdir(tmp_path / "subs")  # no temporaries, no patches, no manifest

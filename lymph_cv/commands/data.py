@@ -140,6 +140,7 @@ def check(directory: Path, case_regex, strict: bool) -> None:
 @click.argument("workdir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--backend", type=click.Choice(["leveldb", "lmdb"]), default="leveldb", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Shuffle seed (recorded in dbs.json).")
+@click.option("--no-shuffle", is_flag=True, help="Keep the list order (Caffe without -shuffle).")
 @click.option("--fold", "folds", type=click.IntRange(min=1), multiple=True, help="Only this fold (repeatable; default: every fold with lists).")
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None, help="Folder the list names are relative to (default: WORKDIR).")
 @click.option("--images", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -147,11 +148,13 @@ def check(directory: Path, case_regex, strict: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace existing databases.")
 @_SKIP_BAD
 @_WORKERS
-def dbs(workdir: Path, backend: str, seed: int, folds, root, images, overwrite: bool, skip_bad: bool, workers) -> None:
+def dbs(workdir: Path, backend: str, seed: int, no_shuffle: bool, folds, root, images, overwrite: bool,
+        skip_bad: bool, workers) -> None:
     """Step 3: DB_train_K, DB_test_K and DB_train_w32_K.binaryproto for every fold of WORKDIR."""
     from lymph_cv import dbs as dbs_module
 
-    results = dbs_module.build_dbs(workdir, folds=list(folds) or None, backend=backend, seed=seed, root=root,
+    results = dbs_module.build_dbs(workdir, folds=list(folds) or None, backend=backend,
+                                   seed=None if no_shuffle else seed, root=root,
                                    images=images, overwrite=overwrite, workers=workers, skip_bad=skip_bad)
     for result in sorted(results, key=lambda r: r.path):
         click.echo(f"{result.path}: {result.records} records")
