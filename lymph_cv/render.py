@@ -18,9 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import jinja2
-from google.protobuf import text_format
-
-from lymph_cv.caffe import caffe_pb2
+from lymph_cv.caffe.prototxt import parse_net_text, parse_solver_text
 from lymph_cv.errors import ConfigError, FormatError, InputError
 from lymph_cv.fsutil import atomic_write_json, atomic_write_text
 from lymph_cv.resources import prototxt_template_dir
@@ -96,6 +94,13 @@ def _choice(options: Iterable[str]) -> Callable[[str], str]:
     return parse
 
 
+def _quoted(text: str) -> str:
+    """A value written inside a prototxt string: no quotes, backslashes or line breaks."""
+    if not text or any(c in text for c in '"\\\n\r'):
+        raise ValueError("must be non-empty, without quotes, backslashes or line breaks")
+    return text
+
+
 def _ratio(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
@@ -118,14 +123,14 @@ VARIABLES: Dict[str, Variable] = {
     "max_iter": Variable(_positive_int, 600000, "training iterations"),
     "weight_decay": Variable(float, 0.004, "L2 weight decay"),
     "snapshot": Variable(_non_negative_int, 10000, "iterations between snapshots"),
-    "snapshot_prefix": Variable(str, None, "snapshot file prefix (default K_caffenet_train_w32)"),
+    "snapshot_prefix": Variable(_quoted, None, "snapshot file prefix (default K_caffenet_train_w32)"),
     "solver_type": Variable(_choice(SOLVER_TYPES), "AdaGrad", "solver"),
     "batch_size": Variable(_positive_int, 128, "train and test batch size"),
     "crop_size": Variable(_positive_int, 32, "random/centre crop of the patches"),
     "dropout_ratio": Variable(_ratio, 0.5, "dropout ratio of the dropout variant"),
     "num_classes": Variable(_positive_int, None, "classes (default: from the list labels)"),
     "backend": Variable(_choice(BACKENDS), None, "database backend (default: dbs.json, else leveldb)"),
-    "net_name": Variable(str, "CIFAR10_quick", "net name"),
+    "net_name": Variable(_quoted, "CIFAR10_quick", "net name"),
     "weight_lr_mult": Variable(float, 1.0, "lr multiplier of weights"),
     "bias_lr_mult": Variable(float, 2.0, "lr multiplier of biases"),
 }
@@ -240,13 +245,6 @@ def _number(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def _check_parses(text: str, message, path: Path) -> None:
-    try:
-        text_format.Parse(text, message)
-    except text_format.ParseError as exc:  # a template bug, never user input
-        raise FormatError(f"rendered file does not parse as {type(message).__name__}: {exc}", path) from exc
-
-
 def fold_context(workdir: PathLike, fold: int, *, dropout: bool = False, legacy_v1: bool = False,
                  overrides: Optional[Mapping[str, Any]] = None, device: str = "cpu") -> Dict[str, Any]:
     """Every template variable for ``fold``: defaults, derived values, then ``overrides``."""
@@ -303,20 +301,19 @@ def render_fold(workdir: PathLike, fold: int, *, dropout: bool = False, legacy_v
     out_dir = workdir / str(fold)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {
-        "solver": (out_dir / SOLVER_NAME.format(fold=fold), SOLVER_TEMPLATE, caffe_pb2.SolverParameter()),
-        "net": (out_dir / NET_NAME.format(fold=fold), NET_TEMPLATE, caffe_pb2.NetParameter()),
-        "deploy": (out_dir / DEPLOY_NAME, DEPLOY_TEMPLATE, caffe_pb2.NetParameter()),
+        "solver": (out_dir / SOLVER_NAME.format(fold=fold), SOLVER_TEMPLATE, parse_solver_text),
+        "net": (out_dir / NET_NAME.format(fold=fold), NET_TEMPLATE, parse_net_text),
+        "deploy": (out_dir / DEPLOY_NAME, DEPLOY_TEMPLATE, parse_net_text),
     }
     texts = {}
-    for key, (path, template, message) in files.items():
-        text = env.get_template(template).render(context)
-        _check_parses(text, message, path)
-        texts[key] = text
-    for key, (path, _template, _message) in files.items():
+    for key, (path, template, parse) in files.items():
+        texts[key] = env.get_template(template).render(context)
+        parse(texts[key], path)  # every file must read back with our schema before any is written
+    for key, (path, _template, _parse) in files.items():
         atomic_write_text(path, texts[key])
     record = {key: values[key] for key in sorted(values)}
     atomic_write_json(out_dir / RENDER_JSON, record)
-    log.debug("fold %d: rendered %s", fold, ", ".join(p.name for p, _t, _m in files.values()))
+    log.debug("fold %d: rendered %s", fold, ", ".join(p.name for p, _t, _p in files.values()))
     return RenderedFold(fold, files["solver"][0], files["net"][0], files["deploy"][0], record)
 
 

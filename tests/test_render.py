@@ -191,6 +191,7 @@ def test_cli_renders_every_fold_with_overrides(tmp_path, runner, cli):
     (["--set", "max_iter=abc"], "max_iter=abc"),
     (["--set", "lr_policy=cosine"], "must be one of fixed, step"),
     (["--set", "noequals"], "expected key=value"),
+    (["--set", "snapshot_prefix=a\"b"], "without quotes"),
     (["--folds", "9"], "no test_w32_K.txt for fold(s) 9"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, runner, cli, args, expected):
