@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import jinja2
+from lymph_cv.caffe.blob import read_mean
 from lymph_cv.caffe.prototxt import parse_net_text, parse_solver_text
 from lymph_cv.errors import ConfigError, FormatError, InputError
 from lymph_cv.fsutil import atomic_write_json, atomic_write_text
@@ -31,6 +32,9 @@ SOLVER_NAME = "{fold}-alexnet_solver_ada.prototxt"
 NET_NAME = "{fold}-alexnet_traing_32w_db.prototxt"
 DEPLOY_NAME = "deploy_train32.prototxt"
 RENDER_JSON = "render.json"
+#: Snapshot prefixes as the published models are named (…_w32_iter_N, …_w32_dropout_iter_N).
+SNAPSHOT_PREFIX = "{fold}_caffenet_train_w32"
+DROPOUT_SNAPSHOT_PREFIX = "{fold}_caffenet_train_w32_dropout"
 TRAIN_LIST = "train_w32_{fold}.txt"
 TEST_LIST = "test_w32_{fold}.txt"
 TRAIN_DB = "DB_train_{fold}"
@@ -123,7 +127,7 @@ VARIABLES: Dict[str, Variable] = {
     "max_iter": Variable(_positive_int, 600000, "training iterations"),
     "weight_decay": Variable(float, 0.004, "L2 weight decay"),
     "snapshot": Variable(_non_negative_int, 10000, "iterations between snapshots"),
-    "snapshot_prefix": Variable(_quoted, None, "snapshot file prefix (default K_caffenet_train_w32)"),
+    "snapshot_prefix": Variable(_quoted, None, "snapshot file prefix (default K_caffenet_train_w32[_dropout])"),
     "solver_type": Variable(_choice(SOLVER_TYPES), "AdaGrad", "solver"),
     "batch_size": Variable(_positive_int, 128, "train and test batch size"),
     "crop_size": Variable(_positive_int, 32, "random/centre crop of the patches"),
@@ -225,8 +229,6 @@ def _channels(workdir: Path, fold: int) -> int:
     path = workdir / MEAN_FILE.format(fold=fold)
     if not path.exists():
         return DEFAULT_CHANNELS
-    from lymph_cv.caffe.blob import read_mean
-
     return int(read_mean(path).shape[0])
 
 
@@ -268,7 +270,7 @@ def fold_context(workdir: PathLike, fold: int, *, dropout: bool = False, legacy_
     if values["backend"] is None:
         values["backend"] = _backend(workdir)
     if values["snapshot_prefix"] is None:
-        values["snapshot_prefix"] = f"{fold}_caffenet_train_w32"
+        values["snapshot_prefix"] = (DROPOUT_SNAPSHOT_PREFIX if dropout else SNAPSHOT_PREFIX).format(fold=fold)
     if values["solver_type"] == "AdaGrad" and values["momentum"]:
         raise ConfigError("AdaGrad takes no momentum (Caffe requires momentum 0)")
     values.update(

@@ -142,7 +142,7 @@ def test_legacy_v1_matches_published_templates_field_by_field(tmp_path, dropout)
     assert solver.net == "2-alexnet_traing_32w_db.prototxt"
     assert list(solver.test_iter) == [TEST_LINES // 128]
     _check_fields(solver, PUBLISHED_SOLVER)
-    assert solver.snapshot_prefix == "2_caffenet_train_w32"
+    assert solver.snapshot_prefix == "2_caffenet_train_w32" + ("_dropout" if dropout else "")
     assert solver.solver_mode == caffe_pb2.SolverParameter.GPU
     assert solver.solver_type == caffe_pb2.SolverParameter.ADAGRAD and not solver.HasField("type")
     for field in ("momentum", "gamma", "stepsize", "delta"):
