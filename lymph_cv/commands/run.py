@@ -1,0 +1,98 @@
+"""``lymph-cv run``: steps 1–5 and the report in one resumable command."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+import click
+
+from lymph_cv.commands.render import _folds
+from lymph_cv.run import EXECUTORS, STAGES, DemoData, RunOptions, run_pipeline
+
+log = logging.getLogger(__name__)
+
+#: ``--demo`` trains this many iterations per fold unless --max-iter says otherwise.
+DEMO_MAX_ITER = 300
+
+
+def _pairs(ctx, param, values: Sequence[str]) -> dict:
+    pairs = {}
+    for value in values:
+        key, sep, text = value.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected key=value, got {value!r}", ctx=ctx, param=param)
+        pairs[key.strip()] = text.strip()
+    return pairs
+
+
+def _classes(ctx, param, value: str):
+    names = [name.strip() for name in value.split(",")]
+    if len(names) < 2 or not all(names) or len(set(names)) != len(names):
+        raise click.BadParameter("expected two or more distinct comma-separated class folders, e.g. CLL,FL,MCL",
+                                 ctx=ctx, param=param)
+    return tuple(names)
+
+
+@click.command()
+@click.argument("workdir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path),
+              help="Images, one sub-folder per class [default with --demo: WORKDIR/data, generated].")
+@click.option("--demo", is_flag=True, help="Generate a small synthetic data set and train briefly (the quickstart).")
+@click.option("--classes", default="CLL,FL,MCL", show_default=True, callback=_classes,
+              help="Class folders in label order.")
+@click.option("--k", type=click.IntRange(min=2), default=5, show_default=True, help="Number of folds.")
+@click.option("--folds", callback=_folds, default=None, help="Only these folds, e.g. 1-5 or 1,3 (default: all).")
+@click.option("--group-by", type=click.Choice(["image", "case"]), default="image", show_default=True,
+              help="image: the tutorial's split; case: all images of a patient on one side.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds folds, DB shuffles and training.")
+@click.option("--backend", type=click.Choice(["leveldb", "lmdb"]), default="leveldb", show_default=True)
+@click.option("--direct", is_flag=True, help="Build the databases straight from the images (no patch files).")
+@click.option("--max-iter", type=click.IntRange(min=1), default=None,
+              help=f"Training iterations per fold [default: the tutorial's 600000; {DEMO_MAX_ITER} with --demo].")
+@click.option("--dropout", is_flag=True, help="Train the dropout variant of the net.")
+@click.option("--set", "overrides", multiple=True, callback=_pairs, metavar="KEY=VALUE",
+              help="Template variable for the rendered solver/net (see `lymph-cv render --help`); repeatable.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (training and evaluation).")
+@click.option("--executor", type=click.Choice(EXECUTORS), default="local", show_default=True,
+              help="Train folds here, or as PBS / Slurm jobs (evaluation waits for them).")
+@click.option("--walltime", default=None, help="Cluster jobs: [D-]HH:MM:SS.")
+@click.option("--queue", default=None, help="Cluster jobs: PBS queue / Slurm partition.")
+@click.option("--job-timeout", type=float, default=None, help="Cluster jobs: give up waiting after this many seconds.")
+@click.option("--aggregate", default="vote", show_default=True, help="Image label from windows: vote, mean, topk:K.")
+@click.option("--no-oversample", is_flag=True, help="Evaluate the centre crop of each window only.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes for patches/DBs [default: all cores].")
+@click.option("--from", "from_stage", type=click.Choice(STAGES), default=None,
+              help="Redo this stage and everything after it.")
+def run(workdir: Path, data: Optional[Path], demo: bool, classes, k: int, folds, group_by: str, seed: int,
+        backend: str, direct: bool, max_iter: Optional[int], dropout: bool, overrides: dict, device: str,
+        executor: str, walltime, queue, job_timeout, aggregate: str, no_oversample: bool, workers, from_stage) -> None:
+    """Steps 1–5 and the report: images → patches → folds → DBs → training → confusion matrices.
+
+    Resumable: each stage is recorded in WORKDIR/run.json and skipped when its outputs are
+    complete and its parameters unchanged; rerun after an interruption to continue."""
+    if data is None and not demo:
+        raise click.UsageError("give --data DIR (one sub-folder per class) or --demo")
+    job_options = None
+    if executor != "local":
+        from lymph_cv.jobs import JobOptions
+
+        job_options = JobOptions(**{k_: v for k_, v in (("walltime", walltime), ("queue", queue)) if v is not None})
+    options = RunOptions(
+        workdir=workdir, data=data, demo=DemoData() if demo else None, classes=classes, k=k, folds=folds,
+        group_by=group_by, seed=seed, backend=backend, direct=direct,
+        max_iter=max_iter if max_iter is not None else (DEMO_MAX_ITER if demo else None),
+        dropout=dropout, overrides=overrides, device=device, executor=executor, job_options=job_options,
+        job_timeout=job_timeout, oversample=not no_oversample, aggregate=aggregate, workers=workers,
+        from_stage=from_stage)
+
+    def announce(name: str, action: str) -> None:
+        verb = {"skip": "up to date, skipped", "resume": "resuming", "run": "running"}[action]
+        click.echo(f"== {name}: {verb}", err=True)
+
+    result = run_pipeline(options, on_stage=announce)
+    if result.report is not None:
+        from lymph_cv.report import format_report
+
+        click.echo(format_report(result.report), nl=False)
+        click.echo(f"report: {Path(workdir) / 'eval' / 'report.md'}")

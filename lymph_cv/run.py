@@ -1,0 +1,478 @@
+"""The end-to-end orchestrator: images → patches → folds → DBs → configs → training → evaluation → report.
+
+Every stage is a plain call into the stage's library module.  Its parameters, together with
+the key of the stage before it (and, for the first stage, a fingerprint of the input images),
+make the stage's *key*, recorded in ``WORKDIR/run.json`` when the stage completes:
+
+* same key, stage recorded complete and its outputs present → skipped;
+* same key, not recorded complete (interrupted) → resumed: the stage keeps what it finished
+  (patch files, databases recorded in ``dbs.json``, snapshots, evaluated folds);
+* different key (a changed parameter here or upstream), or ``--from`` this stage → redone
+  from scratch, and so is every stage after it (their keys chain to this one).
+
+Nothing is ever half-written under a final name (each stage writes atomically), so killing a
+run at any moment and starting it again loses nothing that was complete.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+from lymph_cv import DEFAULT_CLASSES
+from lymph_cv.errors import ConfigError, LymphCVError, TrainingError
+from lymph_cv.fsutil import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+RUN_JSON = "run.json"
+DATA_DIR = "data"
+PATCH_DIR = "subs"
+EVAL_DIR = "eval"
+STAGES = ("synth", "patches", "folds", "dbs", "render", "train", "evaluate", "report")
+EXECUTORS = ("local", "pbs", "slurm")
+#: Image suffixes whose files make up the input fingerprint.
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+_SNAPSHOT = re.compile(r"_iter_(\d+)\.(caffemodel|solverstate)$")
+
+
+@dataclass(frozen=True)
+class DemoData:
+    """The synthetic data set ``--demo`` generates (small enough for minutes on 2 cores)."""
+
+    per_class: int = 15
+    cases_per_class: int = 5
+    width: int = 420
+    height: int = 320
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything that decides what ``lymph-cv run`` computes."""
+
+    workdir: Path
+    data: Optional[Path] = None
+    demo: Optional[DemoData] = None
+    classes: Sequence[str] = DEFAULT_CLASSES
+    k: int = 5
+    folds: Optional[Sequence[int]] = None
+    group_by: str = "image"
+    seed: int = 0
+    backend: str = "leveldb"
+    direct: bool = False
+    max_iter: Optional[int] = None
+    dropout: bool = False
+    overrides: Dict[str, str] = field(default_factory=dict)
+    device: str = "cpu"
+    executor: str = "local"
+    job_options: Optional[object] = None
+    job_timeout: Optional[float] = None
+    oversample: bool = True
+    aggregate: str = "vote"
+    workers: Optional[int] = None
+    from_stage: Optional[str] = None
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.data) if self.data is not None else Path(self.workdir) / DATA_DIR
+
+    @property
+    def fold_list(self) -> List[int]:
+        return list(self.folds) if self.folds else list(range(1, self.k + 1))
+
+
+@dataclass
+class StageOutcome:
+    """What happened to one stage in this run."""
+
+    name: str
+    action: str  # "skipped", "resumed", "ran"
+    seconds: float = 0.0
+
+
+@dataclass
+class RunResult:
+    """The stages' outcomes and the final report (``lymph_cv.report.Report``)."""
+
+    stages: List[StageOutcome]
+    report: object = None
+
+
+# --------------------------------------------------------------------------- the record
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def input_fingerprint(data_dir: Path, classes: Sequence[str]) -> str:
+    """A digest of the class folders' image names, sizes and modification times."""
+    rows = []
+    for name in classes:
+        folder = data_dir / name
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                stat = path.stat()
+                rows.append((name, path.name, stat.st_size, stat.st_mtime_ns))
+    return _digest(rows)
+
+
+def load_record(workdir: Path) -> dict:
+    """``run.json``, or an empty record when there is none yet."""
+    path = Path(workdir) / RUN_JSON
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {"stages": {}}
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"unreadable run record ({exc}); delete it to start over", path) from exc
+    record.setdefault("stages", {})
+    return record
+
+
+# --------------------------------------------------------------------------- the stages
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage: its parameters, whether its outputs are all there, and how to run it."""
+
+    name: str
+    params: Callable[[RunOptions], dict]
+    complete: Callable[[RunOptions], bool]
+    run: Callable[[RunOptions, bool], object]  # (options, fresh) → anything
+    enabled: Callable[[RunOptions], bool] = lambda options: True
+    fingerprint: Callable[[RunOptions], str] = lambda options: ""
+
+
+def _synth_params(o: RunOptions) -> dict:
+    return {**dataclasses.asdict(o.demo), "seed": o.seed, "classes": list(o.classes), "data": os.fspath(o.data_dir)}
+
+
+def _synth_complete(o: RunOptions) -> bool:
+    return (o.data_dir / "synth.json").is_file()
+
+
+def _synth_run(o: RunOptions, fresh: bool) -> None:
+    from lymph_cv import synth
+
+    if fresh and o.data_dir.exists() and (o.data_dir / "synth.json").is_file():
+        shutil.rmtree(o.data_dir)
+    demo = o.demo
+    synth.generate(o.data_dir, per_class=demo.per_class, cases_per_class=demo.cases_per_class,
+                   width=demo.width, height=demo.height, seed=o.seed, classes=o.classes, workers=o.workers)
+
+
+def _patch_dir(o: RunOptions) -> Path:
+    return Path(o.workdir) / PATCH_DIR
+
+
+def _patches_params(o: RunOptions) -> dict:
+    return {"data": os.fspath(o.data_dir.resolve()), "classes": list(o.classes), "direct": o.direct}
+
+
+def _patches_complete(o: RunOptions) -> bool:
+    return (_patch_dir(o) / "manifest.json").is_file()
+
+
+def _patches_run(o: RunOptions, fresh: bool) -> None:
+    from lymph_cv.patches import extract_patches
+
+    if fresh and _patch_dir(o).exists():
+        shutil.rmtree(_patch_dir(o))
+    extract_patches(o.data_dir, _patch_dir(o), classes=o.classes, workers=o.workers, write_patches=not o.direct)
+
+
+def _folds_params(o: RunOptions) -> dict:
+    return {"k": o.k, "seed": o.seed, "group_by": o.group_by}
+
+
+def _folds_complete(o: RunOptions) -> bool:
+    from lymph_cv.folds import list_folds
+
+    return set(o.fold_list) <= set(list_folds(o.workdir))
+
+
+def _folds_run(o: RunOptions, fresh: bool) -> None:
+    from lymph_cv.folds import describe, make_folds
+
+    fold_set = make_folds(_patch_dir(o) / "manifest.json", o.workdir, k=o.k, seed=o.seed, group_by=o.group_by)
+    log.info("%s", describe(fold_set))
+
+
+def _db_paths(o: RunOptions, fold: int) -> List[Path]:
+    w = Path(o.workdir)
+    return [w / f"DB_train_{fold}", w / f"DB_test_{fold}", w / f"DB_train_w32_{fold}.binaryproto"]
+
+
+def _dbs_params(o: RunOptions) -> dict:
+    return {"backend": o.backend, "seed": o.seed, "direct": o.direct, "folds": o.fold_list}
+
+
+def _dbs_complete(o: RunOptions) -> bool:
+    return all(p.exists() for fold in o.fold_list for p in _db_paths(o, fold))
+
+
+def _dbs_run(o: RunOptions, fresh: bool) -> None:
+    from lymph_cv.dbs import build_dbs
+
+    build_dbs(o.workdir, folds=o.fold_list, backend=o.backend, seed=o.seed,
+              images=o.data_dir if o.direct else None, overwrite=fresh, workers=o.workers)
+
+
+def training_overrides(o: RunOptions) -> Dict[str, str]:
+    """Template variables for ``render``: ``--max-iter`` scales the schedule, ``--set`` wins."""
+    values: Dict[str, str] = {"random_seed": str(o.seed)}
+    if o.max_iter is not None:
+        values["max_iter"] = str(o.max_iter)
+        # Test at the start and the end only, snapshot four times (so an interrupted run resumes
+        # close to where it stopped), and log twenty times: the tutorial's cadence scaled down.
+        values["test_interval"] = str(o.max_iter)
+        values["snapshot"] = str(max(1, o.max_iter // 4))
+        values["display"] = str(max(1, o.max_iter // 20))
+    values.update(o.overrides)
+    return values
+
+
+def _render_params(o: RunOptions) -> dict:
+    return {"overrides": training_overrides(o), "dropout": o.dropout, "folds": o.fold_list,
+            "device": _solver_device(o)}
+
+
+def _solver_device(o: RunOptions) -> str:
+    return "cuda" if o.device.startswith("cuda") else "cpu"
+
+
+def _render_complete(o: RunOptions) -> bool:
+    from lymph_cv.render import DEPLOY_NAME, NET_NAME, SOLVER_NAME
+
+    w = Path(o.workdir)
+    return all((w / str(k) / name.format(fold=k)).is_file()
+               for k in o.fold_list for name in (SOLVER_NAME, NET_NAME, DEPLOY_NAME))
+
+
+def _render_run(o: RunOptions, fresh: bool) -> None:
+    from lymph_cv.render import render_folds
+
+    render_folds(o.workdir, o.fold_list, dropout=o.dropout, overrides=training_overrides(o),
+                 device=_solver_device(o))
+
+
+def _solver(o: RunOptions, fold: int) -> Path:
+    from lymph_cv.render import SOLVER_NAME
+
+    return Path(o.workdir) / str(fold) / SOLVER_NAME.format(fold=fold)
+
+
+def _snapshots(folder: Path, suffix: str) -> Dict[int, Path]:
+    found = {}
+    for path in folder.glob(f"*_iter_*.{suffix}"):
+        match = _SNAPSHOT.search(path.name)
+        if match:
+            found[int(match.group(1))] = path
+    return found
+
+
+def _final_iteration(o: RunOptions, fold: int) -> int:
+    from lymph_cv.caffe.prototxt import read_solver
+
+    return int(read_solver(_solver(o, fold)).max_iter)
+
+
+def _fold_trained(o: RunOptions, fold: int) -> bool:
+    solver = _solver(o, fold)
+    return solver.is_file() and _final_iteration(o, fold) in _snapshots(solver.parent, "caffemodel")
+
+
+def _train_params(o: RunOptions) -> dict:
+    return {"seed": o.seed, "device": o.device, "folds": o.fold_list}
+
+
+def _train_complete(o: RunOptions) -> bool:
+    return all(_fold_trained(o, k) for k in o.fold_list)
+
+
+def _clear_snapshots(folder: Path) -> None:
+    for suffix in ("caffemodel", "solverstate"):
+        for path in _snapshots(folder, suffix).values():
+            path.unlink()
+
+
+def _train_run(o: RunOptions, fresh: bool) -> None:
+    if fresh:
+        for k in o.fold_list:
+            _clear_snapshots(_solver(o, k).parent)
+    todo = [k for k in o.fold_list if not _fold_trained(o, k)]
+    if not todo:
+        return
+    if o.executor == "local":
+        _train_here(o, todo)
+    else:
+        _train_on_cluster(o, todo)
+    unfinished = [k for k in todo if not _fold_trained(o, k)]
+    if unfinished:
+        raise TrainingError(f"fold(s) {', '.join(map(str, unfinished))} stopped before their last snapshot; "
+                            "rerun `lymph-cv run` to resume", o.workdir)
+
+
+def _train_here(o: RunOptions, folds: Sequence[int]) -> None:
+    from lymph_cv.train import train
+
+    for k in folds:
+        solver = _solver(o, k)
+        states = _snapshots(solver.parent, "solverstate")
+        resume = states[max(states)] if states else None
+        log.info("fold %d: training%s", k, f" (resuming from {resume.name})" if resume else "")
+        result = train(solver, snapshot=resume, device=o.device)
+        if result.stopped_early:
+            raise TrainingError(f"fold {k} stopped early at iteration {result.iterations}; rerun to resume", solver)
+
+
+def _train_on_cluster(o: RunOptions, folds: Sequence[int]) -> None:
+    from lymph_cv import jobs
+
+    options = o.job_options or jobs.JobOptions()
+    jobs.submit_folds(Path(o.workdir), o.executor, folds, options=options, resubmit=True)
+    states = jobs.wait_for_jobs(Path(o.workdir), jobs.TRAIN_TASK, timeout=o.job_timeout)
+    failed = {k: s for k, s in states.items() if k in folds and s != jobs.COMPLETED}
+    if failed:
+        detail = ", ".join(f"fold {k}: {s}" for k, s in sorted(failed.items()))
+        raise TrainingError(f"training jobs did not complete ({detail}); see `lymph-cv jobs {o.workdir}`")
+
+
+def _eval_metrics(o: RunOptions, fold: int) -> Path:
+    from lymph_cv.evaluate import fold_output_dir
+
+    return fold_output_dir(o.workdir, fold) / "metrics.json"
+
+
+def _evaluate_params(o: RunOptions) -> dict:
+    return {"oversample": o.oversample, "aggregate": o.aggregate, "device": o.device, "folds": o.fold_list}
+
+
+def _evaluate_complete(o: RunOptions) -> bool:
+    return all(_eval_metrics(o, k).is_file() for k in o.fold_list)
+
+
+def _evaluate_run(o: RunOptions, fresh: bool) -> None:
+    from lymph_cv.evaluate import evaluate_fold, fold_output_dir
+    from lymph_cv.report import write_fold
+
+    for k in o.fold_list:
+        if not fresh and _eval_metrics(o, k).is_file():
+            continue
+        result = evaluate_fold(o.workdir, k, device=o.device, oversample=o.oversample, aggregate=o.aggregate)
+        record = write_fold(result, fold_output_dir(o.workdir, k))
+        log.info("fold %d: accuracy %.3f on %d test images", k, record["accuracy"], len(result.images))
+
+
+def _report_complete(o: RunOptions) -> bool:
+    return (Path(o.workdir) / EVAL_DIR / "report.md").is_file()
+
+
+def _report_run(o: RunOptions, fresh: bool):
+    from lymph_cv.report import build_report, write_report
+
+    report = build_report(o.workdir)
+    write_report(report)
+    return report
+
+
+PIPELINE: Sequence[Stage] = (
+    Stage("synth", _synth_params, _synth_complete, _synth_run, enabled=lambda o: o.demo is not None),
+    Stage("patches", _patches_params, _patches_complete, _patches_run,
+          fingerprint=lambda o: input_fingerprint(o.data_dir, o.classes)),
+    Stage("folds", _folds_params, _folds_complete, _folds_run),
+    Stage("dbs", _dbs_params, _dbs_complete, _dbs_run),
+    Stage("render", _render_params, _render_complete, _render_run),
+    Stage("train", _train_params, _train_complete, _train_run),
+    Stage("evaluate", _evaluate_params, _evaluate_complete, _evaluate_run),
+    Stage("report", lambda o: {}, _report_complete, _report_run),
+)
+assert tuple(s.name for s in PIPELINE) == STAGES
+
+
+def check_options(o: RunOptions) -> None:
+    """Raise :class:`ConfigError` for options that cannot work together."""
+    if o.executor not in EXECUTORS:
+        raise ConfigError(f"unknown executor {o.executor!r}", valid=EXECUTORS)
+    if o.from_stage is not None and o.from_stage not in STAGES:
+        raise ConfigError(f"unknown stage {o.from_stage!r} for --from", valid=STAGES)
+    if o.k < 2:
+        raise ConfigError(f"--k must be at least 2, got {o.k}")
+    bad = [k for k in o.fold_list if not 1 <= k <= o.k]
+    if bad:
+        raise ConfigError(f"fold {bad[0]} is outside 1..{o.k}", valid=[str(k) for k in range(1, o.k + 1)])
+    if o.max_iter is not None and o.max_iter < 1:
+        raise ConfigError(f"--max-iter must be positive, got {o.max_iter}")
+    if o.demo is None and not o.data_dir.is_dir():
+        raise ConfigError("data folder not found (expected one sub-folder per class, or use --demo)", o.data_dir)
+
+
+def run_pipeline(options: RunOptions, on_stage: Optional[Callable[[str, str], None]] = None) -> RunResult:
+    """Run (or skip, or resume) every stage in order; returns what each did and the report.
+
+    ``on_stage(name, action)`` is called before each stage with "skip", "resume" or "run".
+    """
+    check_options(options)
+    workdir = Path(options.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    record = load_record(workdir)
+    outcomes: List[StageOutcome] = []
+    previous_key = ""
+    forced = False
+    report = None
+    for stage in PIPELINE:
+        if not stage.enabled(options):
+            continue
+        params = stage.params(options)
+        key = _digest({"stage": stage.name, "params": params, "input": stage.fingerprint(options),
+                       "previous": previous_key})
+        previous_key = key
+        done = record["stages"].get(stage.name, {})
+        forced = forced or options.from_stage == stage.name
+        same = done.get("key") == key and not forced
+        if same and done.get("complete") and stage.complete(options):
+            action = "skip"
+        else:
+            action = "resume" if same else "run"
+        if on_stage is not None:
+            on_stage(stage.name, action)
+        if action == "skip":
+            outcomes.append(StageOutcome(stage.name, "skipped"))
+            if stage.name == "report":
+                from lymph_cv.report import build_report
+
+                report = build_report(workdir)
+            continue
+        # Record the stage as started (not complete) first: a crash mid-stage then resumes it.
+        record["stages"][stage.name] = {"key": key, "params": params, "complete": False}
+        for later in STAGES[STAGES.index(stage.name) + 1:]:
+            record["stages"].get(later, {})["complete"] = False
+        atomic_write_json(workdir / RUN_JSON, record)
+        started = time.monotonic()
+        value = stage.run(options, action == "run")
+        seconds = time.monotonic() - started
+        record["stages"][stage.name].update(complete=True, seconds=round(seconds, 1),
+                                            finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        atomic_write_json(workdir / RUN_JSON, record)
+        outcomes.append(StageOutcome(stage.name, "ran" if action == "run" else "resumed", seconds))
+        if stage.name == "report":
+            report = value
+        # A stage that ran anew makes every later stage run anew too: their inputs changed.
+        forced = forced or action == "run"
+    return RunResult(outcomes, report)
+
+
+__all__ = ["RunOptions", "DemoData", "RunResult", "StageOutcome", "run_pipeline", "check_options", "STAGES",
+           "EXECUTORS", "training_overrides", "input_fingerprint", "load_record", "LymphCVError"]
