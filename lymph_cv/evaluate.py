@@ -48,8 +48,9 @@ MEAN_MODES = ("resize", "crop")
 AGGREGATE_CHOICES = ("vote", "mean", "topk:K")
 #: pycaffe's oversampling: 4 corners and the centre, then the same 5 mirrored left-right.
 OVERSAMPLE_CROPS = 10
-#: Crops per forward call (a multiple of OVERSAMPLE_CROPS keeps windows whole).
-DEFAULT_BATCH_SIZE = 2560
+#: Crops per forward call by device type: on a CPU small batches stay in cache (measured best
+#: around 320 in benchmarks/bench_eval.py); a GPU wants many.
+DEFAULT_BATCH_SIZES = {"cpu": 320, "cuda": 5120}
 #: Caffe's raw scale for images read as [0, 1] floats.
 RAW_SCALE = 255.0
 #: Channel swap RGB → BGR (the order of Caffe's Datum and mean files).
@@ -265,6 +266,10 @@ def _class_of(entry: str, classes: Sequence[str], where: str) -> int:
     raise InputError(f"{where}: cannot tell the class of {entry!r} (expected a class folder or a first letter of {', '.join(classes)})")
 
 
+class _MissingImage(InputError):
+    """A listed image that does not exist (skippable with ``skip_missing``)."""
+
+
 def _resolve_image(root: Path, entry: str, where: str) -> Path:
     relative = PurePosixPath(entry)
     if relative.is_absolute() or ".." in relative.parts:
@@ -277,12 +282,23 @@ def _resolve_image(root: Path, entry: str, where: str) -> Path:
             if not path.resolve().is_relative_to(root_resolved):
                 raise InputError(f"{where}: {entry!r} leads outside the image folder {root}")
             return path
-    raise InputError(f"{where}: image not found under {root} (tried {', '.join(str(c) for c in candidates)})")
+    raise _MissingImage(f"{where}: image not found under {root} (tried {', '.join(str(c) for c in candidates)})")
 
 
-def read_parent_list(path: PathLike, images: PathLike, classes: Sequence[str]) -> List[ParentEntry]:
+@dataclass
+class ParentList:
+    """A parent list's usable entries and, when skipping was asked for, the entries not found."""
+
+    entries: List[ParentEntry]
+    missing: List[str]
+
+
+def read_parent_list(path: PathLike, images: PathLike, classes: Sequence[str], skip_missing: bool = False) -> ParentList:
     """Entries of a parent list (``CLASS/name[.tif]`` or ``name[.tif]`` per line), resolved under
-    ``images``; the label comes from the class folder, or else from the name's first letter."""
+    ``images``; the label comes from the class folder, or else from the name's first letter.
+
+    A listed image that does not exist is an error, or with ``skip_missing`` left out and named
+    in ``missing`` (to run a published list on the images one has)."""
     path, root = Path(path), Path(images)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -292,17 +308,26 @@ def read_parent_list(path: PathLike, images: PathLike, classes: Sequence[str]) -
         raise InputError(f"cannot read the parent list ({exc})", path) from exc
     if not root.is_dir():
         raise InputError("image folder not found", root)
-    entries = []
+    entries, missing = [], []
     for number, raw in enumerate(lines, start=1):
         entry = raw.strip()
         if not entry:
             continue
         where = f"{path}:{number}"
         label = _class_of(entry, classes, where)
-        entries.append(ParentEntry(number, entry, _resolve_image(root, entry, where), label))
-    if not entries:
+        try:
+            entries.append(ParentEntry(number, entry, _resolve_image(root, entry, where), label))
+        except _MissingImage:
+            if not skip_missing:
+                raise
+            missing.append(entry)
+    if not entries and not missing:
         raise EvaluationError("the parent list is empty (expected one image per line)", path)
-    return entries
+    if not entries:
+        raise InputError(f"none of the {len(missing)} listed images is under {root}", path)
+    if missing:
+        log.warning("%s: %d of %d listed images not under %s, skipped", path, len(missing), len(missing) + len(entries), root)
+    return ParentList(entries, missing)
 
 
 # ----------------------------------------------------------------------------- the net
@@ -339,6 +364,10 @@ class WindowClassifier:
         if missing:
             raise EvaluationError(f"{mismatch}: no weights for layer(s) {', '.join(missing)}")
         self.net.to(self.device).eval()
+        # NHWC is markedly faster for oneDNN's CPU convolutions and pooling; same values.
+        self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        self.net.to(memory_format=self.memory_format)
+        self.default_batch_size = DEFAULT_BATCH_SIZES[self.device.type]
         out_shape = self.net.blob_shapes[self.output]
         self.n_classes = int(np.prod(out_shape[1:]))
 
@@ -346,7 +375,8 @@ class WindowClassifier:
         """(N, classes) float32 first-output values (``prob``) for N preprocessed crops."""
         torch = self._torch
         with torch.inference_mode():
-            blobs = self.net.forward({self.input: torch.from_numpy(crops).to(self.device)})
+            batch = torch.from_numpy(crops).to(self.device).contiguous(memory_format=self.memory_format)
+            blobs = self.net.forward({self.input: batch})
             out = blobs[self.output]
         return out.reshape(out.shape[0], -1).float().cpu().numpy()
 
@@ -539,11 +569,12 @@ def evaluate_images(
     oversample: bool = True,
     mean_mode: str = "resize",
     aggregate: Aggregate = Aggregate("vote"),
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: Optional[int] = None,
     progress: bool = True,
 ) -> List[ImageResult]:
     """Classify every entry's image by its windows; one forward call per batch of crops."""
     mean = prepare_mean(mean, classifier.channels, window, classifier.crop, mean_mode)
+    batch_size = batch_size or classifier.default_batch_size
     centres: dict = {}
     bar = tqdm(total=len(entries), desc="evaluate", unit="img", disable=not progress, leave=False)
 
@@ -594,13 +625,14 @@ def evaluate_fold(
     parent_list: Optional[PathLike] = None,
     images: Optional[PathLike] = None,
     classes: Optional[Sequence[str]] = None,
+    skip_missing: bool = False,
     device: str = "cpu",
     oversample: bool = True,
     mean_mode: str = "resize",
     aggregate: Union[str, Aggregate] = "vote",
     window: Optional[int] = None,
     stride: Optional[int] = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: Optional[int] = None,
     progress: bool = True,
 ) -> FoldResult:
     """Evaluate fold ``fold`` of ``workdir`` the tutorial's way; nothing is written.
@@ -609,12 +641,14 @@ def evaluate_fold(
     ``K/deploy_train32.prototxt``, mean = ``DB_train_w32_K.binaryproto``, parent list =
     ``test_w32_parent_K.txt``, images / classes / window / stride = what ``folds.json`` and
     ``subs/manifest.json`` record.  With all of model, deploy, mean, parent list and images given
-    (and classes, or class folders in the parent list) the workdir need not exist."""
+    (and classes, or class folders in the parent list) the workdir need not exist.
+    ``skip_missing`` evaluates the listed images that exist (e.g. a published parent list over a
+    partial image folder) instead of failing on the first missing one."""
     workdir = Path(workdir)
     fold_dir = workdir / str(fold)
     if mean_mode not in MEAN_MODES:
         raise ConfigError(f"unknown mean mode {mean_mode!r}", valid=MEAN_MODES)
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ConfigError(f"batch size must be positive, got {batch_size}")
     aggregate = parse_aggregate(aggregate) if isinstance(aggregate, str) else aggregate
     info = workdir_info(workdir) if workdir.is_dir() else {}
@@ -637,7 +671,8 @@ def evaluate_fold(
     stride = int(stride or info.get("stride") or WINDOW_STRIDE)
     if window < 2 or window % 2 or stride < 1:
         raise ConfigError(f"window must be an even size ≥ 2 and stride ≥ 1, got window {window}, stride {stride}")
-    entries = read_parent_list(parent_list, images, classes)
+    listed = read_parent_list(parent_list, images, classes, skip_missing)
+    entries = listed.entries
 
     deploy = _existing(Path(deploy) if deploy else fold_dir / DEPLOY_NAME, "deploy net")
     model = _existing(Path(model), "model") if model else latest_snapshot(fold_dir)
@@ -658,8 +693,9 @@ def evaluate_fold(
                               mean_mode=mean_mode, aggregate=aggregate, batch_size=batch_size, progress=progress)
     settings = {
         "model": str(model), "deploy": str(deploy), "mean": str(mean_path), "parent_list": str(parent_list),
-        "images": str(images), "device": device, "mean_mode": mean_mode, "oversample": oversample,
+        "images": str(images), "skipped_missing": listed.missing, "device": device, "mean_mode": mean_mode, "oversample": oversample,
         "crops": len(crop_boxes(window, window, classifier.crop, oversample)), "aggregate": str(aggregate),
-        "window": window, "stride": stride, "crop": classifier.crop, "batch_size": batch_size,
+        "window": window, "stride": stride, "crop": classifier.crop,
+        "batch_size": batch_size or classifier.default_batch_size,
     }
     return FoldResult(fold, classes, results, settings)

@@ -187,6 +187,9 @@ def format_fold(record: dict, legacy: bool = False) -> str:
     for item in record["misclassified"]:
         votes = _votes_text([item["votes"][c] for c in classes], classes)
         lines.append(f"  {item['image']}  true {item['true']}  predicted {item['predicted']}  votes {votes}")
+    skipped = settings.get("skipped_missing") or []
+    if skipped:
+        lines.append(f"not evaluated (not under {settings.get('images')}): {len(skipped)} listed images")
     return "\n".join(lines) + "\n"
 
 
@@ -387,7 +390,7 @@ def report_record(report: Report) -> dict:
 
 
 def _pm(mean: float, sd: Optional[float]) -> str:
-    return f"{_num(mean)} ± {_num(sd)}" if sd is not None else f"{_num(mean)} (one fold)"
+    return f"{_num(mean)} ± {_num(sd)}"
 
 
 def format_report(report: Report, legacy: bool = False) -> str:

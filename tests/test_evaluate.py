@@ -136,7 +136,7 @@ def test_parent_list_entries(tmp_path):
     _touch_images(tmp_path / "img", ["CLL/a.tif", "FL/b.tif", "MCL/c.tif", "Mx.tif"])
     listing = tmp_path / "list.txt"
     listing.write_text("CLL/a.tif\nFL/b\n\nMCL/c.tif\nMx\n")
-    entries = read_parent_list(listing, tmp_path / "img", CLASSES)
+    entries = read_parent_list(listing, tmp_path / "img", CLASSES).entries
     assert [(e.line, e.label, e.path.name) for e in entries] == [(1, 0, "a.tif"), (2, 1, "b.tif"), (4, 2, "c.tif"), (5, 2, "Mx.tif")]
 
 
@@ -152,3 +152,258 @@ def test_parent_list_errors(tmp_path, text, message):
     listing.write_text(text)
     with pytest.raises((InputError, EvaluationError), match=message):
         read_parent_list(listing, tmp_path / "img", CLASSES)
+
+
+# ----------------------------------------------------------------------------- fixtures with nets
+SMALL_W, SMALL_H = 150, 118  # 4 × 3 windows per image
+
+TINY_LAYERS = """
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 16 pad: 2 kernel_size: 5 stride: 2
+    weight_filler { type: "xavier" } bias_filler { type: "constant" } } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1" pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
+layer { name: "conv2" type: "Convolution" bottom: "pool1" top: "conv2"
+  convolution_param { num_output: 16 pad: 1 kernel_size: 3
+    weight_filler { type: "xavier" } bias_filler { type: "constant" } } }
+layer { name: "relu2" type: "ReLU" bottom: "conv2" top: "conv2" }
+layer { name: "pool2" type: "Pooling" bottom: "conv2" top: "pool2" pooling_param { pool: AVE kernel_size: 8 stride: 8 } }
+layer { name: "ip1" type: "InnerProduct" bottom: "pool2" top: "ip1"
+  inner_product_param { num_output: 3 weight_filler { type: "xavier" } bias_filler { type: "constant" } } }
+"""
+TINY_TRAIN = """name: "tiny"
+layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TRAIN }
+  transform_param { mirror: true crop_size: 32 mean_file: "../DB_train_w32_1.binaryproto" }
+  data_param { source: "../DB_train_1" batch_size: 32 } }
+layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TEST }
+  transform_param { crop_size: 32 mean_file: "../DB_train_w32_1.binaryproto" }
+  data_param { source: "../DB_test_1" batch_size: 32 } }
+""" + TINY_LAYERS + """
+layer { name: "accuracy" type: "Accuracy" bottom: "ip1" bottom: "label" top: "accuracy" include { phase: TEST } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip1" bottom: "label" top: "loss" }
+"""
+TINY_DEPLOY = """name: "tiny"
+input: "data"
+input_dim: 10
+input_dim: 3
+input_dim: 32
+input_dim: 32
+""" + TINY_LAYERS + """
+layer { name: "prob" type: "Softmax" bottom: "ip1" top: "prob" }
+"""
+TINY_SOLVER = """net: "tiny_train.prototxt"
+test_iter: 4
+test_interval: 1000
+base_lr: 0.001
+momentum: 0.9
+lr_policy: "fixed"
+display: 100
+max_iter: {iters}
+weight_decay: 0.0005
+snapshot: 0
+snapshot_prefix: "1_tiny"
+solver_mode: CPU
+random_seed: 1
+"""
+TINY_ITERS = 250
+
+
+def _render_deploy(folder, **overrides):
+    """The tutorial's deploy net, rendered by lymph_cv.render (num_classes from one-line lists)."""
+    from lymph_cv.render import render_fold
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = "".join(f"x_{label}.tif\t{label}\n" for label in range(len(CLASSES)))
+    for name in ("train_w32_1.txt", "test_w32_1.txt"):
+        (folder / name).write_text(lines)
+    return render_fold(folder, 1, overrides=overrides).deploy
+
+
+@pytest.fixture(scope="module")
+def published(reference, tmp_path_factory):
+    """Synthetic images named like the first real test images of each class in fold 1's
+    published parent list, the rendered deploy net, and the published model and mean."""
+    from lymph_cv.synth import generate
+
+    root = tmp_path_factory.mktemp("published")
+    generate(root / "synth", per_class=1, cases_per_class=1, width=SMALL_W, height=SMALL_H, seed=3, workers=1)
+    listed = (reference / "test_w32_parent_1.txt").read_text().split()
+    names = [next(n for n in listed if n.startswith(c + "/")) for c in CLASSES]
+    for name, cls in zip(names, CLASSES):
+        target = root / "images" / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        next((root / "synth" / cls).glob("*.tif")).rename(target)
+    return {
+        "root": root, "names": names, "images": root / "images", "deploy": _render_deploy(root / "render"),
+        "model": reference / "1_caffenet_train_w32_iter_600000.caffemodel",
+        "mean": reference / "DB_train_w32_1.binaryproto", "parent_list": reference / "test_w32_parent_1.txt",
+    }
+
+
+def _published_args(published, out, **changes):
+    options = {"--model": published["model"], "--deploy": published["deploy"], "--mean": published["mean"],
+               "--parent-list": published["parent_list"], "--images": published["images"], **changes}
+    args = ["evaluate", str(out), "--fold", "1"]
+    for key, value in options.items():
+        args += [key, str(value)]
+    return args
+
+
+def test_published_model_on_the_images_present(published, runner, cli, tmp_path):
+    import json
+
+    out = tmp_path / "w"
+    result = runner.invoke(cli, _published_args(published, out) + ["--skip-missing"])
+    assert result.exit_code == 0, result.stderr
+    record = json.loads((out / "eval" / "fold_1" / "metrics.json").read_text())
+    assert record["classes"] == CLASSES  # the parent list's class folders, sorted
+    assert record["images"] == 3 and sum(map(sum, record["confusion"])) == 3
+    assert [row.sum() for row in np.array(record["confusion"])] == [1, 1, 1]
+    listed = [line for line in published["parent_list"].read_text().split() if line]
+    assert len(record["settings"]["skipped_missing"]) == len(listed) - 3
+    assert record["settings"]["crops"] == 10 and record["settings"]["window"] == 36
+    assert "predicted" in result.stdout and "not evaluated" in result.stdout
+    csv_lines = (out / "eval" / "fold_1" / "images.csv").read_text().splitlines()
+    assert len(csv_lines) == 4 and csv_lines[1].split(",")[4] == "12"  # 4 × 3 windows
+
+
+def test_pycaffe_classifier_and_evaluate_agree(published):
+    """Our batched path gives the tutorial loop's per-window probabilities (pycaffe.Classifier)."""
+    from lymph_cv import pycaffe
+    from lymph_cv.caffe.blob import read_mean
+    from lymph_cv.evaluate import ParentEntry, WindowClassifier, evaluate_images
+    from lymph_cv.pycaffe import io
+
+    mean = read_mean(published["mean"])
+    path = published["images"] / published["names"][1]
+    entry = ParentEntry(1, published["names"][1], path, 1)
+    classifier = WindowClassifier(published["deploy"], published["model"])
+    net = pycaffe.Classifier(str(published["deploy"]), str(published["model"]), image_dims=(36, 36),
+                             mean=mean, channel_swap=(2, 1, 0), raw_scale=255)
+    image = io.load_image(path)
+    for oversample in (True, False):
+        ours = evaluate_images(classifier, [entry], mean, oversample=oversample, batch_size=50, progress=False)[0]
+        expected = []
+        for row, col in window_grid(*image.shape[:2]):  # the tutorial's loop, one window per call
+            expected.append(net.predict([image[row - 18 : row + 18, col - 18 : col + 18, :]], oversample=oversample)[0])
+        expected = np.array(expected)
+        np.testing.assert_allclose(ours.probs, expected, rtol=0, atol=2e-5)
+        assert ours.probs.argmax(1).tolist() == expected.argmax(1).tolist()
+        assert ours.votes.tolist() == np.bincount(expected.argmax(1), minlength=3).tolist()
+
+
+def test_mean_mode_crop_uses_the_training_convention(published):
+    """--mean-mode crop, centre crop only = the net on window − mean, both cropped at (2, 2)."""
+    from lymph_cv.caffe.blob import read_mean
+    from lymph_cv.evaluate import ParentEntry, WindowClassifier, evaluate_images
+
+    mean = read_mean(published["mean"])
+    path = published["images"] / published["names"][2]
+    classifier = WindowClassifier(published["deploy"], published["model"])
+    ours = evaluate_images(classifier, [ParentEntry(1, "x", path, 2)], mean, oversample=False, mean_mode="crop",
+                           progress=False)[0]
+    image = load_image(path)
+    grid = window_grid(image.shape[1], image.shape[2])
+    crops = np.stack([image[:, r - 16 : r + 16, c - 16 : c + 16] - mean[:, 2:34, 2:34] for r, c in grid])
+    np.testing.assert_allclose(ours.probs, classifier.predict(crops.astype(np.float32)), rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- bad input
+def _assert_clean_failure(result, out, message):
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (out / "eval").exists()
+
+
+def test_bad_inputs_fail_cleanly(published, runner, cli, tmp_path):
+    from lymph_cv.caffe.blob import write_mean
+
+    out = tmp_path / "w"
+    # The published list names 75 images; only 3 are here.
+    _assert_clean_failure(runner.invoke(cli, _published_args(published, out)), out, "image not found under")
+
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(published["names"]) + "\n")
+    broken = tmp_path / "images"
+    for name in published["names"]:
+        (broken / name).parent.mkdir(parents=True, exist_ok=True)
+        (broken / name).write_bytes((published["images"] / name).read_bytes())
+    (broken / published["names"][2]).write_bytes(b"not a tiff")
+    _assert_clean_failure(runner.invoke(cli, _published_args(published, out, **{"--parent-list": listing, "--images": broken})),
+                          out, "cannot read the image")
+
+    two_classes = _render_deploy(tmp_path / "two", num_classes=2)
+    _assert_clean_failure(runner.invoke(cli, _published_args(published, out, **{"--parent-list": listing, "--deploy": two_classes})),
+                          out, "does not fit deploy net")
+
+    small_mean = tmp_path / "mean32.binaryproto"
+    write_mean(small_mean, np.zeros((3, 32, 32), np.float32))
+    _assert_clean_failure(runner.invoke(cli, _published_args(published, out, **{"--parent-list": listing, "--mean": small_mean})),
+                          out, "mean has shape (3, 32, 32), expected (3, 36, 36)")
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    _assert_clean_failure(runner.invoke(cli, _published_args(published, out, **{"--parent-list": empty, "--classes": "CLL,FL,MCL"})),
+                          out, "the parent list is empty")
+
+    _assert_clean_failure(runner.invoke(cli, _published_args(published, out, **{"--parent-list": listing, "--model": tmp_path / "none.caffemodel"})),
+                          out, "model not found")
+    result = runner.invoke(cli, _published_args(published, out, **{"--parent-list": listing, "--aggregate": "median"}))
+    assert result.exit_code == 2 and "valid: vote, mean, topk:K" in result.stderr
+
+
+# ----------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-fold synthetic workdir (steps 1-3 by lymph_cv) and a small net trained on fold 1 by
+    lymph_cv.train (the tutorial's net takes minutes to learn; evaluation does not care which)."""
+    from lymph_cv.dbs import build_dbs
+    from lymph_cv.folds import make_folds
+    from lymph_cv.patches import extract_patches
+    from lymph_cv.synth import generate
+    from lymph_cv.train import train
+
+    root = tmp_path_factory.mktemp("e2e")
+    work = root / "work"
+    generate(root / "data", per_class=4, cases_per_class=2, width=240, height=200, seed=0, workers=1)
+    manifest = extract_patches(root / "data", work / "subs", workers=1)
+    make_folds(manifest, work, k=2, seed=0)
+    build_dbs(work, folds=[1], workers=1)
+    fold = work / "1"
+    fold.mkdir()
+    (fold / "tiny_train.prototxt").write_text(TINY_TRAIN)
+    (fold / "deploy_train32.prototxt").write_text(TINY_DEPLOY)
+    (fold / "solver.prototxt").write_text(TINY_SOLVER.format(iters=TINY_ITERS))
+    train(fold / "solver.prototxt", progress=False)
+    return work
+
+
+def test_end_to_end_evaluate_and_report(trained, runner, cli):
+    import json
+
+    result = runner.invoke(cli, ["evaluate", str(trained), "--fold", "1", "--heatmaps"])
+    assert result.exit_code == 0, result.stderr
+    fold_dir = trained / "eval" / "fold_1"
+    record = json.loads((fold_dir / "metrics.json").read_text())
+    assert record["settings"]["model"].endswith(f"1_tiny_iter_{TINY_ITERS}.caffemodel")  # the latest snapshot
+    tested = [line for line in (trained / "test_w32_parent_1.txt").read_text().split() if line]
+    assert record["images"] == len(tested)
+    assert record["accuracy"] > 1 / len(CLASSES)  # above chance
+    assert sorted(p.name for p in (fold_dir / "heatmaps").iterdir()) == sorted(
+        n.replace("/", "__").replace(".tif", ".png") for n in tested)
+    heat = cv2.imread(str(next((fold_dir / "heatmaps").iterdir())))
+    assert heat.shape[1] == 240 and heat.shape[0] > 200  # the image plus the legend strip
+    assert cv2.imread(str(fold_dir / "confusion.png")) is not None
+
+    for aggregate in ("mean", "topk:5"):
+        other = runner.invoke(cli, ["evaluate", str(trained), "--fold", "1", "--aggregate", aggregate,
+                                    "--out", str(trained / f"eval_{aggregate[:4]}")])
+        assert other.exit_code == 0, other.stderr
+        assert json.loads((trained / f"eval_{aggregate[:4]}" / "metrics.json").read_text())["settings"]["aggregate"] == aggregate
+
+    report = runner.invoke(cli, ["report", str(trained)])
+    assert report.exit_code == 0, report.stderr
+    assert (trained / "eval" / "report.md").read_text().startswith("# ")
+    assert json.loads((trained / "eval" / "report.json").read_text())["confusion"] == record["confusion"]

@@ -7,7 +7,7 @@ from typing import Optional
 
 import click
 
-from lymph_cv.evaluate import (AGGREGATE_CHOICES, DEFAULT_BATCH_SIZE, MEAN_MODES, evaluate_fold, fold_output_dir,
+from lymph_cv.evaluate import (AGGREGATE_CHOICES, DEFAULT_BATCH_SIZES, MEAN_MODES, evaluate_fold, fold_output_dir,
                                parse_aggregate)
 from lymph_cv.errors import ConfigError
 from lymph_cv.report import build_report, format_fold, format_report, write_fold, write_report
@@ -44,6 +44,7 @@ def _classes(ctx, param, value: Optional[str]):
 @click.option("--parent-list", type=_FILE, help="Test images, one per line [default: WORKDIR/test_w32_parent_K.txt].")
 @click.option("--images", type=_DIR, help="Folder the parent list's entries are under [default: the data folder in WORKDIR/subs/manifest.json].")
 @click.option("--classes", callback=_classes, help="Class names in label order, e.g. CLL,FL,MCL [default: from the workdir, else the parent list's class folders sorted].")
+@click.option("--skip-missing", is_flag=True, help="Evaluate the listed images that exist, skipping (and recording) the others.")
 @click.option("--out", type=_DIR, help="Output folder [default: WORKDIR/eval/fold_K].")
 @click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda or cuda:N.")
 @click.option("--oversample/--no-oversample", default=True, show_default=True, help="10 crops per window (4 corners, centre, mirrored) or the centre crop only.")
@@ -53,10 +54,11 @@ def _classes(ctx, param, value: Optional[str]):
               help=f"Window probabilities → image label: {', '.join(AGGREGATE_CHOICES)}.")
 @click.option("--window", type=click.IntRange(min=2), help="Window size [default: the manifest's patch size, else 36].")
 @click.option("--stride", type=click.IntRange(min=1), help="Window grid step [default: the manifest's step, else 32].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True, help="Crops per forward call.")
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help=f"Crops per forward call [default: {', '.join(f'{k} {v}' for k, v in DEFAULT_BATCH_SIZES.items())}].")
 @click.option("--heatmaps", is_flag=True, help="Also write a PNG overlay per image (eval/fold_K/heatmaps/).")
 @click.option("--legacy-layout", is_flag=True, help="Print the matrix as the tutorial did: rows predicted, columns actual.")
-def evaluate(workdir: Path, fold: int, model, deploy, mean, parent_list, images, classes, out, device, oversample,
+def evaluate(workdir: Path, fold: int, model, deploy, mean, parent_list, images, classes, skip_missing, out, device, oversample,
              mean_mode, aggregate, window, stride, batch_size, heatmaps, legacy_layout) -> None:
     """Step 5: label every test image of fold K by voting over its windows; write metrics,
     matrices and PNGs to WORKDIR/eval/fold_K.
@@ -64,7 +66,7 @@ def evaluate(workdir: Path, fold: int, model, deploy, mean, parent_list, images,
     Without a full workdir give --model, --deploy, --mean, --parent-list and --images (WORKDIR is
     then only where eval/fold_K is written)."""
     result = evaluate_fold(workdir, fold, model=model, deploy=deploy, mean=mean, parent_list=parent_list,
-                           images=images, classes=classes, device=device, oversample=oversample,
+                           images=images, classes=classes, skip_missing=skip_missing, device=device, oversample=oversample,
                            mean_mode=mean_mode, aggregate=aggregate, window=window, stride=stride,
                            batch_size=batch_size)
     out_dir = out or fold_output_dir(workdir, fold)

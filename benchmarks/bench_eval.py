@@ -1,0 +1,110 @@
+"""Step-5 throughput: our batched window classifier vs the tutorial's one-window-per-call loop.
+
+Builds a throw-away fold (a synthetic full-size 1388×1040 image, the tutorial's deploy net rendered
+by ``lymph_cv.render``, the published fold-1 model and mean when the reference folder is present,
+else the deploy net's filler weights and a flat mean) and prints windows/s for
+
+* ``batched``: :func:`lymph_cv.evaluate.evaluate_images`, 10 crops per window, many windows per
+  forward call (the whole image, the 1,376 windows = 13,760 crops the tutorial computes);
+* ``per-window``: the original's way, ``lymph_cv.pycaffe.Classifier.predict([patch])`` once per
+  window (timed on the first ``--loop-windows`` windows and extrapolated),
+
+and their ratio.  Usage: ``python benchmarks/bench_eval.py [--threads 2] [--loop-windows 100]``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lymph_cv.caffe import caffe_pb2
+from lymph_cv.caffe.blob import read_mean, write_mean
+from lymph_cv.caffe.model import write_caffemodel
+from lymph_cv.caffe.prototxt import read_net_prototxt
+from lymph_cv.evaluate import (WINDOW_SIZE, WindowClassifier, evaluate_images, load_image, parse_aggregate,
+                               read_parent_list, window_grid)
+from lymph_cv.net.build import build_net
+from lymph_cv.render import render_fold
+from lymph_cv.synth import DEFAULT_CLASSES, REAL_HEIGHT, REAL_WIDTH, generate
+
+REFERENCE = Path(os.environ.get("LYMPH_CV_REFERENCE", Path(__file__).resolve().parents[2] / "shared" / "reference" / "janowczyk-uc7" / "models"))
+MODEL = "1_caffenet_train_w32_iter_600000.caffemodel"
+MEAN = "DB_train_w32_1.binaryproto"
+#: Grey level of the stand-in mean when the published one is absent.
+FLAT_MEAN = 110.0
+
+
+def prepare(root: Path) -> tuple[Path, Path, Path, Path]:
+    """A synthetic image, its parent list, a deploy net, a model and a mean under ``root``."""
+    generate(root / "data", per_class=1, cases_per_class=1, seed=0, workers=1)
+    # render_fold derives the class count from the fold's lists: one line per class suffices.
+    lines = "".join(f"x_{label}.tif\t{label}\n" for label in range(len(DEFAULT_CLASSES)))
+    for name in ("train_w32_1.txt", "test_w32_1.txt"):
+        (root / name).write_text(lines)
+    deploy = render_fold(root, 1).deploy
+    parent = root / "parents.txt"
+    parent.write_text(f"{DEFAULT_CLASSES[0]}/{next((root / 'data' / DEFAULT_CLASSES[0]).glob('*.tif')).name}\n")
+    if (REFERENCE / MODEL).is_file():
+        return deploy, REFERENCE / MODEL, REFERENCE / MEAN, parent
+    net = build_net(read_net_prototxt(deploy), caffe_pb2.TEST)
+    net.init_params(torch.Generator().manual_seed(0))
+    model, mean = root / "model.caffemodel", root / "mean.binaryproto"
+    write_caffemodel(model, net.export_weights())
+    write_mean(mean, np.full((3, WINDOW_SIZE, WINDOW_SIZE), FLAT_MEAN, np.float32))
+    return deploy, model, mean, parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the target machine has 2 cores)")
+    parser.add_argument("--loop-windows", type=int, default=100, help="windows timed for the per-window loop")
+    parser.add_argument("--repeats", type=int, default=3, help="batched runs (the best is reported)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=None, help="crops per forward call (default: evaluate's)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from lymph_cv import pycaffe
+    from lymph_cv.pycaffe import io
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        deploy, model, mean_path, parent = prepare(root)
+        classifier = WindowClassifier(deploy, model, args.device)
+        entries = read_parent_list(parent, root / "data", list(DEFAULT_CLASSES))
+        mean = read_mean(mean_path)
+        n_windows = len(window_grid(REAL_HEIGHT, REAL_WIDTH))
+        print(f"image {REAL_WIDTH}x{REAL_HEIGHT}: {n_windows} windows x 10 crops; model {model.name}; "
+              f"device {args.device}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
+
+        best = float("inf")
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            result = evaluate_images(classifier, entries, mean, aggregate=parse_aggregate("vote"),
+                                     batch_size=args.batch_size, progress=False)
+            best = min(best, time.perf_counter() - started)
+        batched = n_windows / best
+        print(f"batched    : {best:6.2f} s per image (incl. reading it), {batched:8.1f} windows/s, "
+              f"{10 * batched:8.1f} crops/s; votes {result[0].votes.tolist()}")
+
+        # The tutorial's loop: one Classifier.predict call (10 crops) per 36×36 window.
+        net = pycaffe.Classifier(str(deploy), str(model), image_dims=(WINDOW_SIZE, WINDOW_SIZE),
+                                 mean=mean, channel_swap=(2, 1, 0), raw_scale=255)
+        image = io.load_image(entries[0].path)
+        half = WINDOW_SIZE // 2
+        grid = window_grid(*image.shape[:2])[: args.loop_windows]
+        started = time.perf_counter()
+        for row, col in grid:
+            net.predict([image[row - half : row + half, col - half : col + half, :]])
+        looped = len(grid) / (time.perf_counter() - started)
+        print(f"per-window : {n_windows / looped:6.2f} s per image (extrapolated from {len(grid)} windows), "
+              f"{looped:8.1f} windows/s")
+        print(f"ratio      : batched / per-window = {batched / looped:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
