@@ -1,0 +1,145 @@
+"""Metrics, matrix orientation and formatting, fold outputs and the pooled report (no net needed)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from lymph_cv.errors import EvaluationError
+from lymph_cv.evaluate import FoldResult, ImageResult, window_grid
+from lymph_cv.report import (IMAGES_CSV, METRICS_JSON, SUMMARY_TXT, accuracy, balanced_accuracy, build_report,
+                             class_metrics, confusion_matrix, draw_confusion, draw_heatmap, format_confusion,
+                             format_markdown, mean_sd, write_fold, write_report)
+
+CLASSES = ["CLL", "FL", "MCL"]
+# rows = true: 5 CLL all right; FL 4 right, 1 called CLL; MCL 4 right, 1 called FL.
+HAND = np.array([[5, 0, 0], [1, 4, 0], [0, 1, 4]])
+
+
+def test_confusion_matrix_rows_are_true_columns_predicted():
+    matrix = confusion_matrix([0, 0, 1, 2, 2], [0, 1, 1, 2, 0], 3)
+    assert matrix.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 1]]
+    assert matrix[0, 1] == 1  # a true CLL predicted FL
+
+
+def test_metrics_on_a_hand_made_matrix():
+    assert accuracy(HAND) == pytest.approx(13 / 15)
+    assert balanced_accuracy(HAND) == pytest.approx((1 + 0.8 + 0.8) / 3)
+    per_class = class_metrics(HAND, CLASSES)
+    assert per_class["CLL"]["precision"] == pytest.approx(5 / 6)
+    assert per_class["CLL"]["recall"] == pytest.approx(1.0)
+    assert per_class["CLL"]["f1"] == pytest.approx(2 * (5 / 6) / (5 / 6 + 1))
+    assert per_class["FL"]["precision"] == pytest.approx(0.8) and per_class["FL"]["recall"] == pytest.approx(0.8)
+    assert per_class["MCL"]["precision"] == pytest.approx(1.0) and per_class["MCL"]["support"] == 5
+    # A class never predicted has no precision; one without true images no recall.
+    lopsided = class_metrics(np.array([[2, 0], [1, 0]]), ["a", "b"])
+    assert lopsided["b"]["precision"] is None and lopsided["b"]["f1"] is None and lopsided["b"]["recall"] == 0.0
+    assert balanced_accuracy(np.array([[3, 1], [0, 0]])) == pytest.approx(0.75)  # mean over classes present
+    assert mean_sd([0.8, 0.9, 1.0]) == (pytest.approx(0.9), pytest.approx(0.1))
+    assert mean_sd([0.7]) == (0.7, None)
+
+
+def test_format_confusion_orientations():
+    lines = format_confusion(HAND, CLASSES).splitlines()
+    assert "predicted" in lines[0] and lines[1].startswith("true")
+    assert lines[3].split() == ["FL", "1", "4", "0"]  # row = the true FL images
+    legacy = format_confusion(HAND, CLASSES, legacy=True).splitlines()
+    assert "actual" in legacy[0] and legacy[1].startswith("predicted")
+    assert legacy[2].split() == ["CLL", "5", "1", "0"]  # row = predicted CLL: 5 true CLL, 1 true FL
+
+
+def _image(rng, entry, label, predicted_bias, size=(118, 150)):
+    grid = window_grid(*size)
+    probs = rng.dirichlet(np.ones(3), len(grid)).astype(np.float32)
+    probs[:, predicted_bias] += 1.0
+    probs /= probs.sum(axis=1, keepdims=True)
+    votes = np.bincount(probs.argmax(1), minlength=3)
+    return ImageResult(entry, Path("/nonexistent") / entry, label, int(np.argmax(votes)), votes, votes / len(grid), grid, probs)
+
+
+def _fold(fold, pairs, seed=0):
+    rng = np.random.default_rng(seed)
+    images = [_image(rng, f"{CLASSES[t]}/img{fold}_{i}.tif", t, p) for i, (t, p) in enumerate(pairs)]
+    return FoldResult(fold, list(CLASSES), images, {"aggregate": "vote", "crops": 10, "mean_mode": "resize",
+                                                    "window": 36, "stride": 32, "model": f"{fold}_x_iter_9.caffemodel"})
+
+
+def test_write_fold_outputs(tmp_path):
+    result = _fold(1, [(0, 0), (1, 1), (1, 0), (2, 2)])
+    out = tmp_path / "eval" / "fold_1"
+    record = write_fold(result, out, legacy_layout=True)
+    assert sorted(p.name for p in out.iterdir()) == ["confusion.png", IMAGES_CSV, METRICS_JSON, SUMMARY_TXT]
+    saved = json.loads((out / METRICS_JSON).read_text())
+    assert saved == json.loads(json.dumps(record))
+    assert saved["confusion"] == [[1, 0, 0], [1, 1, 0], [0, 0, 1]] and saved["accuracy"] == 0.75
+    assert saved["misclassified"][0]["image"] == "FL/img1_2.tif" and saved["misclassified"][0]["predicted"] == "CLL"
+    assert sum(saved["misclassified"][0]["votes"].values()) == 12
+    summary = (out / SUMMARY_TXT).read_text()
+    assert "actual" in summary and "FL/img1_2.tif  true FL  predicted CLL" in summary
+    rows = (out / IMAGES_CSV).read_text().splitlines()
+    assert rows[0].startswith("image,true,predicted,correct,windows,votes_CLL,votes_FL,votes_MCL,fraction_CLL")
+    assert rows[3].split(",")[:5] == ["FL/img1_2.tif", "FL", "CLL", "0", "12"]
+    png = cv2.imread(str(out / "confusion.png"))
+    assert png is not None and png.shape[0] > 300
+    # A rerun replaces the folder as a whole; no temporary folder is left beside it.
+    write_fold(_fold(1, [(0, 1)]), out)
+    assert json.loads((out / METRICS_JSON).read_text())["images"] == 1
+    assert [p.name for p in out.parent.iterdir()] == ["fold_1"]
+
+
+def test_report_pools_folds(tmp_path, runner, cli):
+    work = tmp_path / "work"
+    write_fold(_fold(1, [(0, 0), (1, 1), (2, 2), (2, 1)]), work / "eval" / "fold_1")
+    write_fold(_fold(2, [(0, 0), (1, 0), (2, 2)], seed=1), work / "eval" / "fold_2")
+    report = build_report(work)
+    assert [f["fold"] for f in report.folds] == [1, 2]
+    assert report.confusion.tolist() == [[2, 0, 0], [1, 1, 0], [0, 1, 2]]
+    mean, sd = report.spread("accuracy")
+    assert mean == pytest.approx((0.75 + 2 / 3) / 2) and sd == pytest.approx(np.std([0.75, 2 / 3], ddof=1))
+    markdown = format_markdown(report)
+    assert "| **FL** | 1 | 1 | 0 | 0.500 |" in markdown and "## Per fold" in markdown
+    assert f"{mean:.3f} ± {sd:.3f}" in markdown and "(confusion.png)" in markdown
+
+    result = runner.invoke(cli, ["report", str(work)])
+    assert result.exit_code == 0, result.stderr
+    assert "pooled accuracy 0.714" in result.stdout  # 5 of 7 images
+    for name in ("report.md", "report.json", "report.txt", "confusion.png"):
+        assert (work / "eval" / name).is_file()
+    assert json.loads((work / "eval" / "report.json").read_text())["fold_accuracy"]["values"] == [0.75, pytest.approx(2 / 3)]
+    legacy = runner.invoke(cli, ["report", str(work), "--legacy-layout"])
+    assert "actual" in legacy.stdout
+
+
+def test_report_errors(tmp_path, runner, cli):
+    (tmp_path / "eval").mkdir()
+    result = runner.invoke(cli, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "no evaluated fold found" in result.stderr
+    write_fold(_fold(1, [(0, 0)]), tmp_path / "eval" / "fold_1")
+    other = _fold(2, [(0, 0)])
+    other.classes = ["A", "B", "C"]
+    write_fold(other, tmp_path / "eval" / "fold_2")
+    with pytest.raises(EvaluationError, match="fold 2 has classes"):
+        build_report(tmp_path)
+    (tmp_path / "eval" / "fold_2" / METRICS_JSON).write_text("{not json")
+    result = runner.invoke(cli, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "cannot read the fold's metrics" in result.stderr
+
+
+def test_drawings():
+    picture = draw_confusion(HAND, CLASSES, "title")
+    assert picture.dtype == np.uint8 and picture.ndim == 3
+    # The CLL→CLL cell (100 % of its row) is dark, the CLL→FL cell (0 %) white.
+    assert picture[130 + 5, 130 + 5].tolist() != [255, 255, 255]
+    assert picture[130 + 5, 130 + 96 + 5].tolist() == [255, 255, 255]
+    image = np.full((118, 150, 3), 200, np.uint8)
+    grid = window_grid(118, 150)
+    probs = np.tile(np.array([[1.0, 0.0, 0.0]], np.float32), (len(grid), 1))
+    probs[0] = [1 / 3, 1 / 3, 1 / 3]  # at chance: left untinted
+    heat = draw_heatmap(image, grid, probs, 32, CLASSES)
+    assert heat.shape[1] == 150 and heat.shape[0] > 118
+    assert heat[19, 19].tolist() == [200, 200, 200]
+    assert heat[51, 51].tolist() != [200, 200, 200]
+    assert heat[0, 0].tolist() == [200, 200, 200]  # outside every window's cell
