@@ -26,7 +26,7 @@ from lymph_cv.caffe import caffe_pb2
 from lymph_cv.caffe.blob import read_mean, write_mean
 from lymph_cv.caffe.model import write_caffemodel
 from lymph_cv.caffe.prototxt import read_net_prototxt
-from lymph_cv.evaluate import (WINDOW_SIZE, WindowClassifier, evaluate_images, load_image, parse_aggregate,
+from lymph_cv.evaluate import (WINDOW_SIZE, WindowClassifier, evaluate_images, parse_aggregate,
                                read_parent_list, window_grid)
 from lymph_cv.net.build import build_net
 from lymph_cv.render import render_fold

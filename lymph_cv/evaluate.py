@@ -19,11 +19,10 @@ is subtracted.  Two mean conventions (``mean_mode``):
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -477,29 +476,13 @@ def default_classes(entries: Iterable[str]) -> List[str]:
 # ----------------------------------------------------------------------------- evaluation
 def _prefetch(paths: Sequence[Path]) -> Iterator[Tuple[int, np.ndarray]]:
     """Load images one ahead in a thread (OpenCV decodes without the GIL) while the net runs."""
-    if not paths:
-        return
-    holder: dict = {}
-
-    def load(index: int) -> None:
-        try:
-            holder[index] = load_image(paths[index])
-        except BaseException as exc:  # re-raised in the consumer
-            holder[index] = exc
-
-    thread = threading.Thread(target=load, args=(0,))
-    thread.start()
-    for index in range(len(paths)):
-        thread.join()
-        item = holder.pop(index)
-        if index + 1 < len(paths):
-            thread = threading.Thread(target=load, args=(index + 1,))
-            thread.start()
-        if isinstance(item, BaseException):
-            with contextlib.suppress(RuntimeError):
-                thread.join()
-            raise item
-        yield index, item
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(load_image, paths[0]) if paths else None
+        for index in range(len(paths)):
+            image = pending.result()
+            if index + 1 < len(paths):
+                pending = pool.submit(load_image, paths[index + 1])
+            yield index, image
 
 
 def _batches(pieces: Iterable[Tuple[int, np.ndarray]], per_batch: int) -> Iterator[List[Tuple[int, int, np.ndarray]]]:
@@ -684,9 +667,7 @@ def evaluate_fold(
     if classifier.n_classes != len(classes):
         raise EvaluationError(f"deploy net {deploy} outputs {classifier.n_classes} values per window, "
                               f"but there are {len(classes)} classes ({', '.join(classes)})")
-    if mean_array.shape[0] != classifier.channels or mean_array.shape[1:] != (window, window):
-        raise EvaluationError(f"mean has shape {tuple(mean_array.shape)}, expected "
-                              f"{(classifier.channels, window, window)} (deploy channels × window size)", mean_path)
+    prepare_mean(mean_array, classifier.channels, window, classifier.crop, mean_mode, mean_path)  # checks the shape
     log.info("fold %d: %d images, model %s, %s crops per window, mean %s, aggregate %s",
              fold, len(entries), model, OVERSAMPLE_CROPS if oversample else 1, mean_mode, aggregate)
     results = evaluate_images(classifier, entries, mean_array, window=window, stride=stride, oversample=oversample,

@@ -23,7 +23,7 @@ from lymph_cv.errors import EvaluationError, InputError
 from lymph_cv.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:  # evaluate imports this module at run time
-    from lymph_cv.evaluate import FoldResult, ImageResult
+    from lymph_cv.evaluate import FoldResult
 
 PathLike = Union[str, Path]
 

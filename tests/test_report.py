@@ -12,7 +12,7 @@ from lymph_cv.errors import EvaluationError
 from lymph_cv.evaluate import FoldResult, ImageResult, window_grid
 from lymph_cv.report import (IMAGES_CSV, METRICS_JSON, SUMMARY_TXT, accuracy, balanced_accuracy, build_report,
                              class_metrics, confusion_matrix, draw_confusion, draw_heatmap, format_confusion,
-                             format_markdown, mean_sd, write_fold, write_report)
+                             format_markdown, mean_sd, write_fold)
 
 CLASSES = ["CLL", "FL", "MCL"]
 # rows = true: 5 CLL all right; FL 4 right, 1 called CLL; MCL 4 right, 1 called FL.
