@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from lymph_cv.caffe import caffe_pb2
+from lymph_cv.caffe.prototxt import upgrade_solver
 from lymph_cv.errors import ConfigError, TrainingError
 
 log = logging.getLogger(__name__)
@@ -29,24 +30,11 @@ log = logging.getLogger(__name__)
 LR_POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
 REGULARIZATION_TYPES = ("L2", "L1")
 
-#: SolverParameter.solver_type enum value → the ``type`` string that replaced it.
-SOLVER_TYPE_NAMES = {
-    caffe_pb2.SolverParameter.SGD: "SGD",
-    caffe_pb2.SolverParameter.NESTEROV: "Nesterov",
-    caffe_pb2.SolverParameter.ADAGRAD: "AdaGrad",
-    caffe_pb2.SolverParameter.RMSPROP: "RMSProp",
-    caffe_pb2.SolverParameter.ADADELTA: "AdaDelta",
-    caffe_pb2.SolverParameter.ADAM: "Adam",
-}
-
-
 def solver_type(param: caffe_pb2.SolverParameter, path=None) -> str:
     """The solver's type string; the deprecated ``solver_type`` enum is mapped like Caffe's upgrade."""
-    if param.HasField("solver_type"):
-        if param.HasField("type") and param.type != SOLVER_TYPE_NAMES[param.solver_type]:
-            raise ConfigError("both solver_type and type are set; keep only type", path)
-        return SOLVER_TYPE_NAMES[param.solver_type]
-    return param.type
+    upgraded = caffe_pb2.SolverParameter()
+    upgraded.CopyFrom(param)
+    return upgrade_solver(upgraded, path).type
 
 
 class LearningRate:

@@ -4,8 +4,9 @@ The schedule follows Caffe's ``Solver::Solve``/``Step`` (caffe-facts §7–§9):
 of every iteration that is a multiple of ``test_interval`` (iteration 0 too when
 ``test_initialization``), display lines every ``display`` iterations, a snapshot after every
 ``snapshot``-th update and at the end (``snapshot_after_train``), then the final display forward and
-test, and ``Optimization Done.``.  The log is Caffe's glog format, on stderr and in ``train.log`` in
-the base directory.
+test, and ``Optimization Done.``.  One addition: a run shortened with ``max_iter=`` (``--max-iter``)
+always ends with a test, so its accuracy is reported even off the ``test_interval`` grid.  The log
+is Caffe's glog format, on stderr and in ``train.log`` in the base directory.
 
 Paths inside the solver and net resolve like Caffe's, against the current directory, and when not
 found there against the solver file's folder; that folder (or the current directory, when the net
@@ -212,6 +213,8 @@ class Trainer:
             if max_iter < 0:
                 raise ConfigError(f"max_iter must be >= 0, got {max_iter}")
             param.max_iter = int(max_iter)
+        #: a shortened run (--max-iter) always ends with a test, even off the test_interval grid.
+        self.max_iter_override = max_iter is not None
         self.param = param
         self.type = solver_type(param, self.solver_path)
         self.files = SolverFiles(self.solver_path, param)
@@ -455,7 +458,8 @@ class Trainer:
             loss, _ = self.forward_backward(iteration * param.iter_size, backward=False)
             self._check(loss, iteration)
             self.log.info(f"Iteration {iteration}, loss = {fmt(loss)}", caffelog.SRC_DISPLAY)
-        if param.test_interval > 0 and iteration % param.test_interval == 0 and self.test_nets:
+        on_grid = param.test_interval > 0 and iteration % param.test_interval == 0
+        if self.test_nets and (on_grid or self.max_iter_override):
             self.test_all()
         self.log.info("Optimization Done.", caffelog.SRC_DONE)
 

@@ -101,5 +101,5 @@ def test_errors_are_one_line_with_status_2(argv, message, capsys):
 
 def test_help_lists_flags(capsys):
     assert main(["--help"]) == 0
-    err = capsys.readouterr().err
-    assert "-solver" in err and "-iterations" in err and "default: 50" in err
+    out = capsys.readouterr().out
+    assert "-solver" in out and "-iterations" in out and "default: 50" in out

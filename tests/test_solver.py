@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lymph_cv.caffe import caffe_pb2
-from lymph_cv.errors import ConfigError, TrainingError
+from lymph_cv.errors import ConfigError, FormatError, TrainingError
 from lymph_cv.solver import LR_POLICIES, LearningRate, Learnable, make_solver, solver_type
 
 N, K, C = 6, 4, 3  # samples, inputs, classes of the tiny softmax net
@@ -174,5 +174,5 @@ def test_config_errors_name_valid_values():
         make_solver(solver_param(type="LBFGS"), [])
     with pytest.raises(ConfigError, match="momentum must be 0"):
         make_solver(solver_param(type="AdaGrad", momentum=0.9), [])
-    with pytest.raises(ConfigError, match="both solver_type and type"):
+    with pytest.raises(FormatError, match="both 'solver_type' and 'type'"):
         solver_type(solver_param(type="SGD", solver_type=caffe_pb2.SolverParameter.ADAM))

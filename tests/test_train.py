@@ -190,6 +190,7 @@ def test_cli_trains_from_another_directory(runner, cli, data_root, tmp_path, mon
     result = runner.invoke(cli, ["train", "--solver", str(solver), "--seed", "3", "--max-iter", "4"])
     assert result.exit_code == 0, result.stderr
     assert "finished at iteration 4 (seed 3, cpu)" in result.output
+    assert "test accuracy = " in result.output  # --max-iter off the test grid still ends with a test
     assert (solver.parent / "1_caffenet_train_w32_iter_4.caffemodel").is_file()
     assert not list(tmp_path.glob("*.caffemodel"))
 

@@ -7,11 +7,10 @@ solver's ``solver_mode`` decide, and ``-gpu -1`` (the 2015 default) means the CP
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Callable, Dict, List, Optional, Sequence
 
 from lymph_cv import gflags
-from lymph_cv.errors import ConfigError, LymphCVError
+from lymph_cv.errors import ConfigError
 
 PROGRAM = "caffe"
 SYNOPSIS = ("command line brew\nusage: caffe <command> <args>\n\ncommands:\n"
@@ -145,30 +144,14 @@ COMMANDS: Dict[str, Callable[[dict], int]] = {
     "train": cmd_train, "test": cmd_test, "time": cmd_time, "device_query": cmd_device_query}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run ``caffe <command> [flags]``; returns the exit status (2 with one error line on failure)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(format="%(message)s", stream=sys.stderr)
-    logging.getLogger().setLevel(logging.INFO)  # Caffe logs INFO lines to stderr (alsologtostderr)
-    try:
-        flags, positional = gflags.parse(argv, FLAGS)
-    except gflags.HelpRequested:
-        print(gflags.usage(PROGRAM, SYNOPSIS, FLAGS), file=sys.stderr)
-        return 0
-    except LymphCVError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def run(flags: dict, positional: List[str]) -> int:
+    """Dispatch ``caffe <command>`` to its function."""
     if len(positional) != 1 or positional[0] not in COMMANDS:
         given = " ".join(positional) or "(none)"
-        print(f"error: unknown action {given}; available caffe actions: {', '.join(COMMANDS)}",
-              file=sys.stderr)
-        return 2
-    try:
-        return COMMANDS[positional[0]](flags)
-    except LymphCVError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+        raise ConfigError(f"unknown action {given}; available caffe actions: {', '.join(COMMANDS)}")
+    return COMMANDS[positional[0]](flags)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``caffe <command> [flags]``; returns the exit status (2 with one error line on failure)."""
+    return gflags.run_tool(run, argv, PROGRAM, SYNOPSIS, FLAGS)
