@@ -52,7 +52,9 @@ DEVICES = {"cpu": "CPU", "cuda": "GPU"}
 #: Solver type string (V2 ``type``) → V1 ``solver_type`` enum name.
 SOLVER_TYPES = {"SGD": "SGD", "Nesterov": "NESTEROV", "AdaGrad": "ADAGRAD", "RMSProp": "RMSPROP",
                 "AdaDelta": "ADADELTA", "Adam": "ADAM"}
-LR_POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
+#: lr_policy → the solver fields its formula needs (Caffe's lr policies).
+LR_POLICIES = {"fixed": (), "step": ("gamma", "stepsize"), "exp": ("gamma",), "inv": ("gamma", "power"),
+               "multistep": ("gamma", "stepvalue"), "poly": ("power",), "sigmoid": ("gamma", "stepsize")}
 BACKENDS = {"leveldb": "LEVELDB", "lmdb": "LMDB"}
 #: V2 layer type → V1 LayerType enum name, for the legacy syntax.
 V1_TYPES = {"Data": "DATA", "Convolution": "CONVOLUTION", "Pooling": "POOLING", "ReLU": "RELU",
@@ -105,6 +107,13 @@ def _quoted(text: str) -> str:
     return text
 
 
+def _int_list(text: str) -> List[int]:
+    values = [int(part) for part in text.split(",") if part.strip()]
+    if not values or values != sorted(values) or values[0] < 1:
+        raise ValueError("must be increasing positive integers separated by commas")
+    return values
+
+
 def _ratio(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
@@ -121,6 +130,7 @@ VARIABLES: Dict[str, Variable] = {
     "gamma": Variable(float, None, "lr policy gamma"),
     "power": Variable(float, None, "lr policy power"),
     "stepsize": Variable(_positive_int, None, "lr policy step size"),
+    "stepvalue": Variable(_int_list, None, "multistep iterations, e.g. 1000,5000"),
     "momentum": Variable(float, None, "momentum (SGD family)"),
     "random_seed": Variable(int, None, "solver random seed"),
     "display": Variable(_non_negative_int, 1000, "iterations between log lines"),
@@ -139,7 +149,7 @@ VARIABLES: Dict[str, Variable] = {
     "bias_lr_mult": Variable(float, 2.0, "lr multiplier of biases"),
 }
 #: Solver fields written only when set, in this order.
-OPTIONAL_SOLVER_FIELDS = ("gamma", "power", "stepsize", "momentum", "random_seed")
+OPTIONAL_SOLVER_FIELDS = ("gamma", "power", "stepsize", "stepvalue", "momentum", "random_seed")
 
 
 @dataclass(frozen=True)
@@ -271,6 +281,9 @@ def fold_context(workdir: PathLike, fold: int, *, dropout: bool = False, legacy_
         values["backend"] = _backend(workdir)
     if values["snapshot_prefix"] is None:
         values["snapshot_prefix"] = (DROPOUT_SNAPSHOT_PREFIX if dropout else SNAPSHOT_PREFIX).format(fold=fold)
+    needed = [key for key in LR_POLICIES[values["lr_policy"]] if values[key] is None]
+    if needed:
+        raise ConfigError(f"lr_policy {values['lr_policy']} needs --set " + ", ".join(f"{key}=..." for key in needed))
     if values["solver_type"] == "AdaGrad" and values["momentum"]:
         raise ConfigError("AdaGrad takes no momentum (Caffe requires momentum 0)")
     values.update(
@@ -293,8 +306,9 @@ def render_fold(workdir: PathLike, fold: int, *, dropout: bool = False, legacy_v
     context["backend"] = BACKENDS[values["backend"]]
     for key in ("base_lr", "weight_decay", "dropout_ratio", "weight_lr_mult", "bias_lr_mult"):
         context[key] = _number(values[key])
-    context["optional_solver_fields"] = {key: _number(values[key]) for key in OPTIONAL_SOLVER_FIELDS
-                                         if values[key] is not None}
+    context["optional_solver_fields"] = [
+        (key, _number(value)) for key in OPTIONAL_SOLVER_FIELDS if values[key] is not None
+        for value in (values[key] if isinstance(values[key], list) else [values[key]])]
     context["data_layers"] = [
         {"name": "cifar_train", "source": f"../{TRAIN_DB.format(fold=fold)}", "mirror": True, "phase": "TRAIN"},
         {"name": "cifar_test", "source": f"../{TEST_DB.format(fold=fold)}", "mirror": False, "phase": "TEST"},

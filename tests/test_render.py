@@ -182,8 +182,12 @@ def test_cli_renders_every_fold_with_overrides(tmp_path, runner, cli):
         assert list(solver.test_iter) == [TEST_LINES // 64]
         net = read_net_prototxt(tmp_path / str(fold) / f"{fold}-alexnet_traing_32w_db.prototxt")
         assert [layer.data_param.batch_size for layer in net.layer[:2]] == [64, 64]
-    result = runner.invoke(cli, ["render", str(tmp_path)])
+    result = runner.invoke(cli, ["render", str(tmp_path), "--set", "lr_policy=multistep", "--set", "gamma=0.1",
+                                 "--set", "stepvalue=100,300", "--set", "solver_type=SGD", "--set", "momentum=0.9"])
     assert result.exit_code == 0 and (tmp_path / "3" / "deploy_train32.prototxt").exists()
+    solver = read_solver(tmp_path / "3" / "3-alexnet_solver_ada.prototxt")
+    assert (solver.lr_policy, list(solver.stepvalue), solver.type) == ("multistep", [100, 300], "SGD")
+    assert solver.gamma == pytest.approx(0.1) and solver.momentum == pytest.approx(0.9)
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -191,6 +195,7 @@ def test_cli_renders_every_fold_with_overrides(tmp_path, runner, cli):
     (["--set", "max_iter=abc"], "max_iter=abc"),
     (["--set", "lr_policy=cosine"], "must be one of fixed, step"),
     (["--set", "noequals"], "expected key=value"),
+    (["--set", "lr_policy=step"], "lr_policy step needs --set gamma=..., stepsize=..."),
     (["--set", "snapshot_prefix=a\"b"], "without quotes"),
     (["--folds", "9"], "no test_w32_K.txt for fold(s) 9"),
 ])
