@@ -11,19 +11,24 @@ is about 450 ms per forward+backward; the ratio is printed.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+from lymph_cv.threads import configure_openmp
 
-from lymph_cv.caffe.blob import write_mean
-from lymph_cv.caffe.datum import serialize_datum
-from lymph_cv.render import render_fold
-from lymph_cv.store import make_key, open_writer
-from lymph_cv.train import Trainer, feed
+configure_openmp()  # as lymph-cv train does, before torch loads (override with OMP_WAIT_POLICY=...)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from lymph_cv.caffe.blob import write_mean  # noqa: E402
+from lymph_cv.caffe.datum import serialize_datum  # noqa: E402
+from lymph_cv.render import render_fold  # noqa: E402
+from lymph_cv.store import make_key, open_writer  # noqa: E402
+from lymph_cv.train import Trainer, feed  # noqa: E402
 
 CAFFE_FORWARD_BACKWARD_MS = 450.0  # caffe time, 32w train net, batch 128, 2 cores (issue 4)
 CLASSES = 3
@@ -84,7 +89,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         solver = make_workdir(Path(tmp), args.records, args.batch)
         print(f"32w train net, batch {args.batch}, {args.iterations} iterations (median ms), "
-              f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+              f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
         for device in devices:
             ms = bench(solver, device, args.iterations)
             total = sum(ms.values())

@@ -11,6 +11,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from lymph_cv import gflags
 from lymph_cv.errors import ConfigError
+from lymph_cv.threads import configure_openmp
+
+configure_openmp()  # the commands import torch lazily, after this
 
 PROGRAM = "caffe"
 SYNOPSIS = ("command line brew\nusage: caffe <command> <args>\n\ncommands:\n"

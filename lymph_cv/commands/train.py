@@ -6,7 +6,11 @@ from typing import Optional
 
 import click
 
-from lymph_cv.train import DEVICES
+from lymph_cv.threads import configure_openmp
+
+configure_openmp()  # before lymph_cv.train imports torch
+
+from lymph_cv.train import DEVICES  # noqa: E402
 
 
 @click.command()
