@@ -11,13 +11,14 @@ Its records are ``b·batch_size …`` (mod the record count) and its crop/mirror
 seeded with ``(seed, phase, b)``.  So a run resumed from a snapshot sees exactly the batches an
 uninterrupted run would have seen (Caffe restarts its cursor at the first key instead).
 
-The database is decoded once into one uint8 array held in memory; batches are gathered with
-vectorised numpy indexing (no per-sample Python loop).
+The database is decoded once into one uint8 array held in memory (a memory-mapped scratch file when
+it does not fit); batches are gathered with vectorised numpy indexing (no per-sample Python loop).
 """
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 #: protobuf DataParameter.DB enum → our store backend names.
 BACKEND_NAMES = {caffe_pb2.DataParameter.LEVELDB: "leveldb", caffe_pb2.DataParameter.LMDB: "lmdb"}
-#: fraction of the currently available memory a decoded database may take.
+#: fraction of the currently available memory a decoded database may take before it is memory-mapped.
 MEMORY_FRACTION = 0.8
 
 
@@ -59,6 +60,23 @@ def available_memory() -> Optional[int]:
         return None
 
 
+def _allocate(shape: Tuple[int, ...], dtype: np.dtype, source: Path) -> np.ndarray:
+    """Room for a decoded database: in memory when it fits, else a memory-mapped scratch file
+    (deleted at once, so it disappears with the process) that the page cache serves."""
+    need = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    free = available_memory()
+    if free is None or need <= MEMORY_FRACTION * free:
+        return np.empty(shape, dtype=dtype)
+    log.warning("%s: %.1f GiB decoded exceed the %.1f GiB of free memory; using a memory-mapped "
+                "scratch file in %s", source, need / 2**30, free / 2**30, tempfile.gettempdir())
+    try:
+        with tempfile.NamedTemporaryFile(prefix="lymph_cv_records_", suffix=".u8") as scratch:
+            return np.lib.format.open_memmap(scratch.name, mode="w+", dtype=dtype, shape=shape)
+    except OSError as exc:
+        raise StoreError(f"cannot hold the decoded database ({need / 2**30:.1f} GiB) in memory or in "
+                         f"{tempfile.gettempdir()}: {exc.strerror}", source) from exc
+
+
 def load_records(path: os.PathLike, backend: Optional[str] = None) -> Records:
     """Decode every Datum of a database into memory, in key order."""
     path = Path(path)
@@ -74,12 +92,7 @@ def load_records(path: os.PathLike, backend: Optional[str] = None) -> Records:
             except FormatError as exc:
                 raise FormatError(f"record {key.decode(errors='replace')}: {exc.detail}", path) from exc
             if images is None:
-                need = count * pixels.nbytes
-                free = available_memory()
-                if free is not None and need > MEMORY_FRACTION * free:
-                    raise StoreError(f"database needs {need / 2**30:.1f} GiB in memory, only "
-                                     f"{free / 2**30:.1f} GiB available", path)
-                images = np.empty((count,) + pixels.shape, dtype=pixels.dtype)
+                images = _allocate((count,) + pixels.shape, pixels.dtype, path)
             elif pixels.shape != images.shape[1:]:
                 raise FormatError(f"record {key.decode(errors='replace')} has shape {pixels.shape}, "
                                   f"the first record {images.shape[1:]}", path)

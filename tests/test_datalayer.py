@@ -138,3 +138,14 @@ def test_mean_value_per_channel_and_errors(db):
         param = layer(source="db")
         param.data_param.backend = caffe_pb2.DataParameter.LMDB
         DataLayer(param, caffe_pb2.TRAIN, 0, resolve=lambda p: root / p)
+
+
+def test_database_larger_than_memory_is_memory_mapped(db, monkeypatch):
+    import lymph_cv.datalayer as datalayer
+
+    root, images, labels, _ = db
+    monkeypatch.setattr(datalayer, "available_memory", lambda: 1000)  # far less than 5 × 300 bytes
+    records = datalayer.load_records(root / "db")
+    assert isinstance(records.images, np.memmap)
+    np.testing.assert_array_equal(records.images, images)
+    np.testing.assert_array_equal(records.labels, labels)
