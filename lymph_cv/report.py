@@ -309,6 +309,9 @@ def write_fold(result: "FoldResult", out_dir: PathLike, *, legacy_layout: bool =
     Returns the JSON record."""
     record = fold_record(result)
     out_dir = Path(out_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / METRICS_JSON).is_file():
+        # The folder is replaced as a whole: never one that holds something else.
+        raise EvaluationError(f"output folder exists and is not an evaluation folder (no {METRICS_JSON}); choose another", out_dir)
     with atomic_path(out_dir) as temp:
         temp.mkdir()
         (temp / METRICS_JSON).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")

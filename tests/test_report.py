@@ -88,6 +88,12 @@ def test_write_fold_outputs(tmp_path):
     write_fold(_fold(1, [(0, 1)]), out)
     assert json.loads((out / METRICS_JSON).read_text())["images"] == 1
     assert [p.name for p in out.parent.iterdir()] == ["fold_1"]
+    # A folder holding anything else is never replaced.
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "thesis.tex").write_text("x")
+    with pytest.raises(EvaluationError, match="not an evaluation folder"):
+        write_fold(result, tmp_path / "precious")
+    assert (tmp_path / "precious" / "thesis.tex").read_text() == "x"
 
 
 def test_report_pools_folds(tmp_path, runner, cli):
