@@ -89,3 +89,30 @@ def atomic_write_text(path: PathLike, text: str) -> None:
 def atomic_write_json(path: PathLike, obj: Any) -> None:
     """Write ``obj`` as indented, key-sorted JSON (with a final newline) atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: PathLike) -> list[Path]:
+    """Delete temporaries in ``folder`` left by killed processes (their pid is gone); returns them."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        name = path.name
+        if not name.startswith(".") or TEMP_MARKER not in name:
+            continue
+        pid_text = name.rsplit(TEMP_MARKER, 1)[1].split("-", 1)[0]
+        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            remove_path(path)
+            removed.append(path)
+    return removed

@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from lymph_cv import DEFAULT_CLASSES
 from lymph_cv.errors import ConfigError, LymphCVError, TrainingError
-from lymph_cv.fsutil import atomic_write_json
+from lymph_cv.fsutil import atomic_write_json, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +155,14 @@ class Stage:
     fingerprint: Callable[[RunOptions], str] = lambda options: ""
 
 
+def _where(o: RunOptions, path: Path) -> str:
+    """``path`` relative to the workdir when inside it, so a moved workdir stays current."""
+    path, workdir = Path(path).resolve(), Path(o.workdir).resolve()
+    return os.fspath(path.relative_to(workdir)) if path.is_relative_to(workdir) else os.fspath(path)
+
+
 def _synth_params(o: RunOptions) -> dict:
-    return {**dataclasses.asdict(o.demo), "seed": o.seed, "classes": list(o.classes), "data": os.fspath(o.data_dir)}
+    return {**dataclasses.asdict(o.demo), "seed": o.seed, "classes": list(o.classes), "data": _where(o, o.data_dir)}
 
 
 def _synth_complete(o: RunOptions) -> bool:
@@ -178,7 +184,7 @@ def _patch_dir(o: RunOptions) -> Path:
 
 
 def _patches_params(o: RunOptions) -> dict:
-    return {"data": os.fspath(o.data_dir.resolve()), "classes": list(o.classes), "direct": o.direct}
+    return {"data": _where(o, o.data_dir), "classes": list(o.classes), "direct": o.direct}
 
 
 def _patches_complete(o: RunOptions) -> bool:
@@ -428,6 +434,10 @@ def run_pipeline(options: RunOptions, on_stage: Optional[Callable[[str, str], No
     workdir = Path(options.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     record = load_record(workdir)
+    # Leftovers of a killed run: temporaries never renamed into place (their writer is gone).
+    for folder in [workdir, *(workdir / str(k) for k in options.fold_list)]:
+        for path in remove_stale_temporaries(folder):
+            log.info("removed %s, left by an interrupted run", path)
     outcomes: List[StageOutcome] = []
     previous_key = ""
     forced = False

@@ -52,3 +52,22 @@ def test_nothing_written_is_an_error(tmp_path):
         with atomic_path(tmp_path / "never"):
             pass
     assert list(tmp_path.iterdir()) == []
+
+
+def test_remove_stale_temporaries_keeps_live_writers(tmp_path):
+    import os
+    import subprocess
+
+    from lymph_cv.fsutil import remove_stale_temporaries, temp_sibling
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = tmp_path / f".DB_train_1.tmp-{gone.pid}-deadbeef"
+    stale.mkdir()
+    live = temp_sibling(tmp_path / "DB_test_1")
+    live.mkdir()
+    plain = tmp_path / "DB_train_2"
+    plain.mkdir()
+    assert remove_stale_temporaries(tmp_path) == [stale]
+    assert live.exists() and plain.exists() and not stale.exists()
+    assert str(os.getpid()) in live.name

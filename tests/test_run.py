@@ -1,0 +1,154 @@
+"""``lymph-cv run``: end to end on a tiny synthetic set, skipping, partial reruns, interruptions."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lymph_cv.errors import ConfigError
+from lymph_cv.run import STAGES, DemoData, RunOptions, run_pipeline
+from lymph_cv.store import open_reader
+
+TINY = DemoData(per_class=3, cases_per_class=3, width=168, height=136)
+FOLDS = 3
+MAX_ITER = 16
+#: Small batches keep each iteration cheap; two test batches per pass.
+#: The stages a run on existing data goes through (no synthetic data to make).
+PIPELINE = [name for name in STAGES if name != "synth"]
+TRAIN_SET = {"batch_size": "32", "test_iter": "2"}
+RUN_ARGS = ["--k", str(FOLDS), "--max-iter", str(MAX_ITER), "--workers", "1"] + [
+    arg for key, value in TRAIN_SET.items() for arg in ("--set", f"{key}={value}")]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """A tiny synthetic data set in the real layout, shared by the runs below."""
+    from lymph_cv.synth import generate
+
+    data = tmp_path_factory.mktemp("data")
+    generate(data, per_class=TINY.per_class, cases_per_class=TINY.cases_per_class, width=TINY.width,
+             height=TINY.height, seed=0, workers=1)
+    return data
+
+
+def tiny_options(workdir: Path, data: Path, **changes) -> RunOptions:
+    options = RunOptions(workdir=workdir, data=data, k=FOLDS, max_iter=MAX_ITER, overrides=dict(TRAIN_SET), workers=1)
+    return dataclasses.replace(options, **changes)
+
+
+def run_logged(options: RunOptions) -> dict:
+    actions = {}
+    result = run_pipeline(options, on_stage=lambda name, action: actions.__setitem__(name, action))
+    assert result.report is not None
+    return actions
+
+
+def outputs_digest(workdir: Path) -> dict:
+    """What a finished run produced: DB records, final snapshots, per-fold metrics."""
+    digest = {}
+    for fold in range(1, FOLDS + 1):
+        for side in ("train", "test"):
+            with open_reader(workdir / f"DB_{side}_{fold}") as db:
+                digest[f"db_{side}_{fold}"] = hashlib.sha256(b"".join(k + v for k, v in db)).hexdigest()
+        digest[f"mean_{fold}"] = hashlib.sha256((workdir / f"DB_train_w32_{fold}.binaryproto").read_bytes()).hexdigest()
+        model = workdir / str(fold) / f"{fold}_caffenet_train_w32_iter_{MAX_ITER}.caffemodel"
+        digest[f"model_{fold}"] = hashlib.sha256(model.read_bytes()).hexdigest()
+        metrics = json.loads((workdir / "eval" / f"fold_{fold}" / "metrics.json").read_text())
+        digest[f"confusion_{fold}"] = metrics["confusion"]
+    return digest
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_data: Path) -> Path:
+    """One uninterrupted tiny run, shared by the tests below."""
+    workdir = tmp_path_factory.mktemp("run") / "work"
+    actions = run_logged(tiny_options(workdir, tiny_data))
+    assert actions == {name: "run" for name in PIPELINE}
+    return workdir
+
+
+def test_end_to_end_outputs(finished: Path):
+    record = json.loads((finished / "run.json").read_text())
+    assert all(record["stages"][name]["complete"] for name in PIPELINE)
+    assert (finished / "eval" / "report.md").is_file()
+    assert (finished / "eval" / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((finished / "eval" / "report.json").read_text())
+    assert sum(map(sum, report["confusion"])) == 3 * TINY.per_class
+    assert record["stages"]["folds"]["params"]["seed"] == 0
+
+
+def test_rerun_skips_every_stage(finished: Path, tiny_data: Path):
+    assert run_logged(tiny_options(finished, tiny_data)) == {name: "skip" for name in PIPELINE}
+
+
+def test_changed_parameter_reruns_from_its_stage(tmp_path: Path, finished: Path, tiny_data: Path):
+    import shutil
+
+    workdir = tmp_path / "work"
+    shutil.copytree(finished, workdir)
+    actions = run_logged(tiny_options(workdir, tiny_data, aggregate="mean"))
+    assert [actions[s] for s in PIPELINE] == ["skip"] * 5 + ["run"] * 2
+    actions = run_logged(tiny_options(workdir, tiny_data, aggregate="mean", backend="lmdb"))
+    assert [actions[s] for s in PIPELINE] == ["skip"] * 2 + ["run"] * 5
+    assert (workdir / "DB_train_1" / "data.mdb").is_file()
+    actions = run_logged(tiny_options(workdir, tiny_data, aggregate="mean", backend="lmdb", from_stage="train"))
+    assert [actions[s] for s in PIPELINE] == ["skip"] * 4 + ["run"] * 3
+
+
+def test_bad_options_name_the_problem(tmp_path: Path):
+    with pytest.raises(ConfigError, match="outside 1..3"):
+        run_pipeline(tiny_options(tmp_path, tmp_path, folds=[4]))
+    with pytest.raises(ConfigError, match="data folder not found"):
+        run_pipeline(RunOptions(workdir=tmp_path, data=tmp_path / "missing"))
+
+
+def test_cli_rejects_missing_data(runner, cli, tmp_path: Path):
+    result = runner.invoke(cli, ["run", str(tmp_path / "w"), "--data", str(tmp_path / "nope")])
+    assert result.exit_code == 2
+    assert "data folder not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def _run_until(workdir: Path, data: Path, ready) -> None:
+    """Start `lymph-cv run` in a subprocess and SIGKILL it as soon as ``ready(workdir)`` holds."""
+    process = subprocess.Popen([sys.executable, "-m", "lymph_cv", "run", str(workdir), "--data", str(data), *RUN_ARGS],
+                               stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        while process.poll() is None and not ready(workdir):
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=120)
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be interrupted"
+
+
+def _some_dbs_built(workdir: Path) -> bool:
+    """At least one fold database finished, but not all of them."""
+    built = [p for p in workdir.glob("DB_t*_[0-9]") if p.is_dir()]
+    return 0 < len(built) < 2 * FOLDS
+
+
+def _first_fold_snapshotted(workdir: Path) -> bool:
+    return any((workdir / "1").glob("*_iter_*.solverstate")) and not (workdir / "1" / f"1_caffenet_train_w32_iter_{MAX_ITER}.solverstate").exists()
+
+
+@pytest.mark.parametrize("ready", [_some_dbs_built, _first_fold_snapshotted], ids=["during-dbs", "during-training"])
+def test_interrupted_run_completes_with_the_same_results(tmp_path: Path, finished: Path, tiny_data: Path, ready):
+    workdir = tmp_path / "work"
+    _run_until(workdir, tiny_data, ready)
+    assert ready(workdir), "killed at the wrong moment"
+    record = json.loads((workdir / "run.json").read_text())
+    assert not record["stages"].get("report", {}).get("complete")
+    completed = subprocess.run([sys.executable, "-m", "lymph_cv", "run", str(workdir), "--data", str(tiny_data),
+                                *RUN_ARGS], capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "resuming" in completed.stderr
+    assert not list(workdir.glob(".*.tmp-*")), "temporaries of the killed run were left behind"
+    assert outputs_digest(workdir) == outputs_digest(finished)
