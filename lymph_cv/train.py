@@ -27,7 +27,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,6 +208,9 @@ class Trainer:
         if param.snapshot_format == caffe_pb2.SolverParameter.HDF5 and param.HasField("snapshot_format"):
             raise UnsupportedError("snapshot_format HDF5 is not supported", self.solver_path,
                                    valid=("BINARYPROTO",))
+        if param.snapshot_diff:
+            raise UnsupportedError("snapshot_diff is not supported (snapshots hold the weights only)",
+                                   self.solver_path)
         if max_iter is not None:
             if max_iter < 0:
                 raise ConfigError(f"max_iter must be >= 0, got {max_iter}")
