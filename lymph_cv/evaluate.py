@@ -452,14 +452,15 @@ def _read_json(path: Path) -> Optional[dict]:
 
 
 def workdir_info(workdir: PathLike) -> dict:
-    """What the earlier stages recorded (``subs/manifest.json``, ``folds.json``): ``classes``,
-    ``images`` (the data folder), ``window`` (patch size) and ``stride`` (grid step), where known."""
+    """What the earlier stages recorded (``folds.json`` and the manifest it names, by default
+    ``subs/manifest.json``): ``classes``, ``images`` (the data folder), ``window`` (patch size)
+    and ``stride`` (grid step), where known."""
     workdir = Path(workdir)
-    manifest = _read_json(workdir / MANIFEST) or {}
     folds = _read_json(workdir / FOLDS_JSON) or {}
+    manifest = _read_json(workdir / folds.get("manifest", MANIFEST)) or {}
     found = {
         "classes": manifest.get("classes") or folds.get("classes"),
-        "images": manifest.get("data_dir"),
+        "images": manifest.get("data_dir") or folds.get("data_dir"),
         "window": manifest.get("patch_size"),
         "stride": manifest.get("step"),
     }
