@@ -266,6 +266,13 @@ def test_published_model_on_the_images_present(published, runner, cli, tmp_path)
     csv_lines = (out / "eval" / "fold_1" / "images.csv").read_text().splitlines()
     assert len(csv_lines) == 4 and csv_lines[1].split(",")[4] == "12"  # 4 × 3 windows
 
+    result = runner.invoke(cli, _published_args(published, out) + ["--skip-missing", "--no-oversample", "--mean-mode",
+                                                                    "crop", "--legacy-layout"])
+    assert result.exit_code == 0, result.stderr
+    settings = json.loads((out / "eval" / "fold_1" / "metrics.json").read_text())["settings"]
+    assert (settings["crops"], settings["mean_mode"], settings["oversample"]) == (1, "crop", False)
+    assert "actual" in result.stdout.splitlines()[3]
+
 
 def test_pycaffe_classifier_and_evaluate_agree(published):
     """Our batched path gives the tutorial loop's per-window probabilities (pycaffe.Classifier)."""
