@@ -161,7 +161,8 @@ def fold_record(result: "FoldResult") -> dict:
         **summary_metrics(matrix, classes),
         "misclassified": [
             {"image": r.entry, "true": classes[r.label], "predicted": classes[r.predicted],
-             "votes": {c: int(v) for c, v in zip(classes, r.votes)}, "windows": int(len(r.probs))}
+             "votes": {c: int(v) for c, v in zip(classes, r.votes)}, "windows": int(len(r.probs)),
+             "scores": {c: round(float(v), 6) for c, v in zip(classes, r.scores)}}
             for r in result.misclassified
         ],
         "settings": result.settings,
