@@ -51,6 +51,8 @@ IMAGE_SUFFIX = ".tif"
 _HAEMATOXYLIN = np.array([0.650, 0.704, 0.286])
 _EOSIN = np.array([0.072, 0.990, 0.105])
 _MAX_OD = 3.0  # keeps exp(−OD) away from pure black
+# Uneven staining within an image: relative amplitude, length scale (pixels), lowest factor.
+_UNEVEN, _UNEVEN_SCALE, _UNEVEN_FLOOR = 0.25, 90.0, 0.4
 
 
 @dataclass(frozen=True)
@@ -81,15 +83,17 @@ def _unit(vector: np.ndarray) -> np.ndarray:
 
 def draw_stain(rng: np.random.Generator) -> Stain:
     """A random H&E stain; the same distribution is used for every class."""
-    h = _unit(np.clip(_HAEMATOXYLIN + rng.normal(0, 0.06, 3), 0.02, None))
-    e = _unit(np.clip(_EOSIN + rng.normal(0, 0.06, 3), 0.02, None))
-    tint = rng.normal(0, 4, 3)
-    background = np.clip(rng.uniform(228, 250) + tint, 200, 255)
+    # Moderate spread (one lab, one scanner): cases differ in colour less than patches of
+    # one slide do (see _UNEVEN), so colour is no shortcut for the CNN.
+    h = _unit(np.clip(_HAEMATOXYLIN + rng.normal(0, 0.03, 3), 0.02, None))
+    e = _unit(np.clip(_EOSIN + rng.normal(0, 0.03, 3), 0.02, None))
+    tint = rng.normal(0, 2, 3)
+    background = np.clip(rng.uniform(234, 246) + tint, 200, 255)
     return Stain(
         haematoxylin=tuple(float(v) for v in h),
         eosin=tuple(float(v) for v in e),
-        h_level=float(rng.uniform(0.22, 0.42)),
-        e_level=float(rng.uniform(0.18, 0.36)),
+        h_level=float(rng.uniform(0.27, 0.35)),
+        e_level=float(rng.uniform(0.22, 0.30)),
         background=tuple(float(v) for v in background),
         noise=float(rng.uniform(1.5, 4.0)),
     )
@@ -187,23 +191,23 @@ def _nucleoli(rng: np.random.Generator, canvas: np.ndarray, centres: np.ndarray,
 
 
 def _draw_cll(rng: np.random.Generator, h: int, w: int, nuclei: np.ndarray, eosin: np.ndarray) -> None:
-    centres = _centres(rng, h, w, 10.5, 0.93)
-    prolymph = rng.random(len(centres)) < 0.05
-    small = _polygons(rng, centres[~prolymph], (3.6, 4.6), (1.0, 1.12), 0.06)
+    centres = _centres(rng, h, w, 8.0, 0.95)
+    prolymph = rng.random(len(centres)) < 0.04
+    small = _polygons(rng, centres[~prolymph], (2.8, 3.4), (1.0, 1.1), 0.06)
     _fill(nuclei, small, rng.uniform(0.85, 1.0, len(small)))
-    large = _polygons(rng, centres[prolymph], (5.5, 6.5), (1.0, 1.1), 0.05)
+    large = _polygons(rng, centres[prolymph], (4.5, 5.2), (1.0, 1.1), 0.05)
     _fill(nuclei, large, rng.uniform(0.45, 0.6, len(large)))
     _nucleoli(rng, nuclei, centres[prolymph], 1.5, 0.95)
     # Clumped ("soccer-ball") chromatin: coarse dark blotches inside the nuclei.
-    nuclei *= 0.75 + 0.25 * np.clip(_smooth_noise(rng, (h, w), 1.2), -1.5, 1.5)
+    nuclei *= 0.6 + 0.4 * np.clip(_smooth_noise(rng, (h, w), 1.0), -1.5, 1.5)
     eosin += 0.35
 
 
 def _draw_fl(rng: np.random.Generator, h: int, w: int, nuclei: np.ndarray, eosin: np.ndarray) -> None:
     follicles = np.clip(0.7 + 0.4 * _smooth_noise(rng, (h, w), 60.0), 0.35, 1.0)
     centres = _centres(rng, h, w, 14.5, follicles)
-    blast = rng.random(len(centres)) < 0.4
-    cytes = _polygons(rng, centres[~blast], (4.5, 6.5), (1.2, 1.6), 0.12, notch=0.8)
+    blast = rng.random(len(centres)) < 0.5
+    cytes = _polygons(rng, centres[~blast], (3.6, 4.8), (1.1, 1.4), 0.12, notch=0.8)
     _fill(nuclei, cytes, rng.uniform(0.75, 0.95, len(cytes)))
     blasts = _polygons(rng, centres[blast], (8.0, 10.5), (1.0, 1.2), 0.05)
     # Vesicular nuclei: pale interior, dark membrane, nucleoli near the membrane.
@@ -216,14 +220,14 @@ def _draw_fl(rng: np.random.Generator, h: int, w: int, nuclei: np.ndarray, eosin
 
 
 def _draw_mcl(rng: np.random.Generator, h: int, w: int, nuclei: np.ndarray, eosin: np.ndarray) -> None:
-    centres = _centres(rng, h, w, 13.5, 0.9)
-    histio = rng.random(len(centres)) < 0.03
+    centres = _centres(rng, h, w, 16.0, 0.92)
+    histio = rng.random(len(centres)) < 0.04
     cells = _polygons(rng, centres[histio], (11.0, 15.0), (1.0, 1.3), 0.15, vertices=9)
     _fill(eosin, cells, rng.uniform(0.2, 0.35, len(cells)))
     cells = _polygons(rng, centres[histio], (3.0, 4.0), (1.3, 1.6), 0.05)
     _fill(nuclei, cells, rng.uniform(0.35, 0.5, len(cells)))
-    shapes = _polygons(rng, centres[~histio], (5.0, 6.2), (1.15, 1.4), 0.25, vertices=7)
-    _fill(nuclei, shapes, rng.uniform(0.6, 0.75, len(shapes)))
+    shapes = _polygons(rng, centres[~histio], (6.0, 7.5), (1.35, 1.8), 0.3, notch=0.5, vertices=8)
+    _fill(nuclei, shapes, rng.uniform(0.55, 0.7, len(shapes)))
     # Fine, evenly dispersed chromatin.
     nuclei *= 0.92 + 0.08 * np.clip(_smooth_noise(rng, (h, w), 0.6), -2, 2)
     eosin += 0.45
@@ -246,6 +250,10 @@ def render_image(name: str, label: int, width: int, height: int, stain: Stain, r
     eosin *= 1 - np.clip(nuclei, 0, 1)
     nuclei *= stain.h_level / max(float(nuclei.mean()), 1e-6)
     eosin *= stain.e_level / max(float(eosin.mean()), 1e-6)
+    # Uneven staining across the slide: slow fields around the case's levels, so the colour
+    # of a patch varies as much within a case as between cases and says little about its class.
+    nuclei *= np.clip(1 + _UNEVEN * _smooth_noise(rng, (height, width), _UNEVEN_SCALE), _UNEVEN_FLOOR, None)
+    eosin *= np.clip(1 + _UNEVEN * _smooth_noise(rng, (height, width), _UNEVEN_SCALE), _UNEVEN_FLOOR, None)
     od = nuclei[..., None] * np.asarray(stain.haematoxylin, np.float32)
     od += eosin[..., None] * np.asarray(stain.eosin, np.float32)
     np.minimum(od, _MAX_OD, out=od)

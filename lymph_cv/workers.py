@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 
@@ -33,9 +32,13 @@ def _init_worker() -> None:
 
 
 def _context() -> multiprocessing.context.BaseContext:
-    # Forking a process that has started torch's thread pools can deadlock; fork otherwise
-    # (fast, and the task function need not be re-imported).
-    return multiprocessing.get_context("forkserver" if "torch" in sys.modules else "fork")
+    # fork where there is one: workers start at once, the task function need not be importable
+    # from __main__ (spawn/forkserver re-run an unguarded script), and large arguments are not
+    # pickled.  The workers run numpy/OpenCV only, never torch, so a parent that imported torch
+    # is safe to fork.
+    if "fork" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context()
 
 
 def imap(
