@@ -220,3 +220,13 @@ def test_snapshot_reloads_with_pycaffe_and_inspect(data_root, tmp_path, runner, 
     described = json.loads(state.output)
     assert described["iter"] == 60 and described["history_count"] == 4
     assert described["learned_net"] == model.name
+
+
+def test_schedule_without_initial_test_and_with_iter_size(data_root, tmp_path):
+    solver = fold_copy(data_root, tmp_path, max_iter=40, snapshot=0, test_interval=20, display=20,
+                       solver_extra="test_initialization: false\niter_size: 2\naverage_loss: 4\n")
+    result = train(solver, progress=False)
+    train_rows, test_rows = parse_caffe_log(solver.parent / "train.log")
+    assert sorted(test_rows) == [20, 40] and sorted(train_rows) == [0, 20]
+    assert result.iterations == 40
+    assert [p.name for p in result.snapshots] == ["1_caffenet_train_w32_iter_40.caffemodel"]
