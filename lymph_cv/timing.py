@@ -68,6 +68,9 @@ def forward_backward_by_layer(net: CaffeNet, inputs: Mapping[str, torch.Tensor],
     """One forward and backward, layer by layer: (loss, forward seconds, backward seconds) per layer
     of ``net.layers`` (input layers take 0)."""
     blobs: Dict[str, torch.Tensor] = dict(inputs)
+    if getattr(net, "channels_last", False):  # the memory layout CaffeNet.forward gives its inputs
+        blobs = {name: value.contiguous(memory_format=torch.channels_last) if value.dim() == 4 else value
+                 for name, value in blobs.items()}
     records = []
     forward = [0.0] * len(net.layers)
     backward = [0.0] * len(net.layers)
