@@ -24,6 +24,8 @@ from lymph_cv.render import render_fold
 
 CLASSES = 3
 PATCH = 36
+#: Rounds of interleaved NCHW / channels-last timings (medians reported).
+ROUNDS = 5
 
 
 def _lists(workdir: Path, batch: int) -> None:
@@ -60,14 +62,18 @@ def bench_train_net(net_file: Path, batch: int, repeat: int, device: torch.devic
         net.loss(net(inputs)).backward()
         sync()
 
-    results = {}
-    for channels_last in (False, True):
-        net.channels_last = channels_last
-        results[channels_last] = (_time(forward, repeat), _time(forward_backward, repeat))
+    # Interleave the layouts over several rounds and keep medians: a shared machine is noisy.
+    samples = {False: [], True: []}
+    for _ in range(ROUNDS):
+        for channels_last in (False, True):
+            net.channels_last = channels_last
+            samples[channels_last].append((_time(forward, repeat), _time(forward_backward, repeat)))
+    results = {layout: tuple(float(np.median(column)) for column in zip(*rows)) for layout, rows in samples.items()}
     for channels_last, (fwd, fwdbwd) in results.items():
         layout = "channels-last" if channels_last else "NCHW         "
         print(f"{device.type:4s} {layout} batch {batch}: forward {fwd:7.1f} ms, forward+backward {fwdbwd:7.1f} ms")
     print(f"{device.type:4s} channels-last speed-up (forward+backward): {results[False][1] / results[True][1]:.2f}x")
+    net.channels_last = True
 
 
 def bench_classifier(deploy: Path, repeat: int) -> None:
