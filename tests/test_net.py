@@ -381,3 +381,20 @@ def test_softmax_loss_normalization_over_positions(mode, divisor):
     expected = -np.log(picked[labels != 1]).sum() / divisor
     assert out["loss"].item() == pytest.approx(expected, rel=1e-5)
     np.testing.assert_allclose(out["prob"].numpy(), p, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["plain", "dropout"])
+def test_export_reproduces_published_caffemodel_bytes(tmp_path, reference, dropout):
+    """Our V1 template + the published weights, snapshotted, is the published file byte for byte
+    (once the data layers carry the author's absolute paths)."""
+    files = rendered(tmp_path, dropout=dropout, legacy_v1=True)
+    param = read_net_prototxt(files.net)
+    author = "/home/axj232/code/lymphoma/"
+    for layer in param.layer:
+        if layer.type == "Data":
+            layer.data_param.source = author + layer.data_param.source.removeprefix("../")
+            layer.transform_param.mean_file = author + layer.transform_param.mean_file.removeprefix("../")
+    published = reference / f"1_caffenet_train_w32{'_dropout' if dropout else ''}_iter_600000.caffemodel"
+    net = build_net(param, TRAIN, input_shapes=INPUT_SHAPES)
+    net.load_weights(read_caffemodel(published))
+    assert net.export_weights().SerializeToString() == published.read_bytes()
