@@ -22,7 +22,7 @@ from lymph_cv.caffe.prototxt import read_net_prototxt
 from lymph_cv.caffelog import CaffeLog, fmt
 from lymph_cv.datalayer import DataLayer
 from lymph_cv.errors import ConfigError
-from lymph_cv.net.build import CaffeNet, build_net, resolve_net_path
+from lymph_cv.net.build import CaffeNet, build_net
 
 
 @dataclass
@@ -142,14 +142,14 @@ def time_model(model: os.PathLike, iterations: int, *, phase: int = caffe_pb2.TR
     blobs without one stay zero, as Caffe's fresh blobs are) and time ``iterations`` passes."""
     if iterations < 1:
         raise ConfigError(f"iterations must be >= 1, got {iterations}")
-    from lymph_cv.train import derived_seed, feed, resolve_device, STREAM_INIT
+    from lymph_cv.train import STREAM_INIT, derived_seed, feed, find_input, resolve_device
 
     model = Path(model)
     target = resolve_device(device, caffe_pb2.SolverParameter.CPU)
     net = build_net(read_net_prototxt(model), phase, base_dir=model.parent)
     net.init_params(torch.Generator().manual_seed(derived_seed(seed, STREAM_INIT, 1)))
     net.to(target)
-    readers = [DataLayer(p, phase, seed, lambda path: resolve_net_path(path, model.parent))
+    readers = [DataLayer(p, phase, seed, lambda path: find_input(path, model.parent))
                for p in net.data_layers]
     fed = {top for reader in readers for top in reader.tops}
     zeros = {name: torch.zeros(net.blob_shapes[name], device=target)

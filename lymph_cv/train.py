@@ -42,7 +42,7 @@ from lymph_cv.caffe.model import (history_arrays, read_caffemodel, read_solverst
 from lymph_cv.caffe.prototxt import read_net_prototxt, read_solver
 from lymph_cv.caffelog import CaffeLog, fmt
 from lymph_cv.datalayer import DataLayer, RecordCache
-from lymph_cv.errors import ConfigError, TrainingError, UnsupportedError
+from lymph_cv.errors import ConfigError, InputError, TrainingError, UnsupportedError
 from lymph_cv.fsutil import atomic_write_json
 from lymph_cv.net.build import CaffeNet, build_net, resolve_net_path
 from lymph_cv.solver import Solver, learnables_of, make_solver, snapshot_names, solver_type
@@ -108,6 +108,15 @@ def run_seed(seed: Optional[int], param: caffe_pb2.SolverParameter) -> int:
     return int.from_bytes(os.urandom(8), "little") >> 1
 
 
+def find_input(path: str, folder: Path) -> Path:
+    """An input named in a solver/net file: as Caffe opens it (current directory), else in ``folder``
+    (the file's own folder); InputError naming both places when it is in neither."""
+    found = resolve_net_path(path, folder)
+    if not found.exists():
+        raise InputError(f"not found in the current directory nor in {folder}", path)
+    return found
+
+
 class SolverFiles:
     """Where the solver's relative paths lead: current directory first, then the solver's folder."""
 
@@ -121,7 +130,7 @@ class SolverFiles:
 
     def input(self, path: str) -> Path:
         """An input path as written in the solver/net: Caffe's, else beside the solver file."""
-        return resolve_net_path(path, self.folder)
+        return find_input(path, self.folder)
 
     def output(self, path: str) -> Path:
         """An output path (snapshot prefix, log) inside the base directory."""
@@ -528,7 +537,7 @@ def test_model(model: os.PathLike, weights: Sequence[os.PathLike], iterations: i
     for path in weights:
         net.load_weights(read_caffemodel(path), path)
     net.to(target)
-    layers = data_layers(net, caffe_pb2.TEST, seed, lambda p: resolve_net_path(p, model.parent))
+    layers = data_layers(net, caffe_pb2.TEST, seed, lambda p: find_input(p, model.parent))
     say = log.info if log is not None else (lambda message, src=None: None)
     say(f"Running for {iterations} iterations.", caffelog.SRC_TOOL)
     batches: List[List[Tuple[str, float]]] = []

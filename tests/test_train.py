@@ -176,6 +176,10 @@ def test_cli_errors_are_one_line(runner, cli, data_root, tmp_path):
     assert result.exit_code == 2 and "not both" in result.stderr
     result = runner.invoke(cli, ["train", "--solver", str(solver), "--device", "tpu"])
     assert result.exit_code == 2 and "cpu" in result.stderr
+    (solver.parent.parent / "DB_test_1").unlink()  # the symlink to the shared test DB
+    result = runner.invoke(cli, ["train", "--solver", str(solver)])
+    assert result.exit_code == 2
+    assert f"error: ../DB_test_1: not found in the current directory nor in {solver.parent}" in result.stderr
     bad = solver.parent / "bad.prototxt"
     bad.write_text(solver.read_text().replace('lr_policy: "fixed"', 'lr_policy: "cosine"'))
     result = runner.invoke(cli, ["train", "--solver", str(bad)])
