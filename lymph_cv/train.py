@@ -239,6 +239,8 @@ class Trainer:
         self.net = _build(train_param, caffe_pb2.TRAIN, _state(param, "train_state"), self.files)
         self.net.init_params(torch.Generator().manual_seed(derived_seed(self.seed, STREAM_INIT, 1)))
         self.net.to(self.device)
+        # the solver checks its settings before the (slow) databases load
+        self.solver: Solver = make_solver(param, learnables_of(self.net), self.solver_path)
         #: whether TRAIN forwards draw random numbers (dropout masks) that must be seeded per batch.
         self.stochastic = any(p.type in STOCHASTIC_LAYERS for p in self.net.layer_params)
         self.test_nets = []
@@ -250,7 +252,6 @@ class Trainer:
         cache = RecordCache()
         self.train_data = self._data_layers(self.net, caffe_pb2.TRAIN, cache)
         self.test_data = [self._data_layers(net, caffe_pb2.TEST, cache) for net in self.test_nets]
-        self.solver: Solver = make_solver(param, learnables_of(self.net), self.solver_path)
         self.result = TrainResult(iterations=0, start_iteration=0, seed=self.seed, device=self.device.type,
                                   base_dir=self.files.base_dir)
         self.losses: deque = deque(maxlen=max(1, param.average_loss))
