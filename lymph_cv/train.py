@@ -186,7 +186,7 @@ def _build(net_param: caffe_pb2.NetParameter, phase: int, state, files: SolverFi
 @contextlib.contextmanager
 def signal_actions(sigint: str = ACTION_STOP, sighup: str = ACTION_SNAPSHOT) -> Iterator[List[str]]:
     """Caffe's SignalHandler: SIGINT/SIGTERM and SIGHUP queue an action the loop polls after each
-    iteration.  Outside the main thread nothing is installed."""
+    iteration; a second stop request interrupts at once.  Outside the main thread nothing is installed."""
     pending: List[str] = []
     if threading.current_thread() is not threading.main_thread():
         yield pending
@@ -194,6 +194,8 @@ def signal_actions(sigint: str = ACTION_STOP, sighup: str = ACTION_SNAPSHOT) -> 
     effects = {signal.SIGINT: sigint, signal.SIGTERM: sigint, signal.SIGHUP: sighup}
 
     def handler(signum, _frame):
+        if effects[signum] == ACTION_STOP and ACTION_STOP in pending:
+            raise KeyboardInterrupt  # a second stop request: give up without the snapshot
         pending.append(effects[signum])
 
     previous = {sig: signal.signal(sig, handler) for sig in effects}
@@ -362,7 +364,7 @@ class Trainer:
                 self.log.info(f"    Test net output #{number}: {name} = {fmt(value)}{suffix}",
                               caffelog.SRC_TEST_OUTPUT)
                 self.result.test_scores[name if index == 0 else f"{name}#{index}"] = float(value)
-            if self.pending and self.pending[-1] == ACTION_STOP:
+            if ACTION_STOP in self.pending:
                 break
 
     # ------------------------------------------------------------------ the loop
@@ -388,7 +390,7 @@ class Trainer:
             if (param.test_interval > 0 and iteration % param.test_interval == 0
                     and (iteration > 0 or param.test_initialization) and self.test_nets):
                 self.test_all()
-                if self.pending and self.pending[-1] == ACTION_STOP:
+                if ACTION_STOP in self.pending:
                     self.result.stopped_early = True
                     break
             display = param.display > 0 and iteration % param.display == 0

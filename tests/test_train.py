@@ -146,7 +146,8 @@ def test_nan_loss_names_the_iteration(data_root, tmp_path):
         train(solver, progress=False)
 
 
-def test_sigint_snapshots_and_stops(data_root, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_snapshots_and_stops(data_root, tmp_path, signum):
     solver = fold_copy(data_root, tmp_path, max_iter=10 ** 6, snapshot=0, test_interval=10 ** 5,
                        display=100)
     log = solver.parent / "train.log"
@@ -155,7 +156,7 @@ def test_sigint_snapshots_and_stops(data_root, tmp_path):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and "Iteration 200, lr" not in (log.read_text() if log.exists() else ""):
         time.sleep(0.1)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr.decode()
     text = log.read_text()
