@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import shutil
 import sys
 import tempfile
@@ -28,9 +29,17 @@ CAFFE_MEAN = 20000 / 0.3
 FOLDS = 5
 
 
+def _cpu() -> float:
+    """CPU seconds of this process and its finished worker processes."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def _timed(function, *args, **kwargs):
-    started = time.perf_counter()
+    """(result, wall seconds); the CPU seconds are kept in _timed.cpu (shared machines make wall time noisy)."""
+    started, cpu = time.perf_counter(), _cpu()
     result = function(*args, **kwargs)
+    _timed.cpu = _cpu() - cpu
     return result, time.perf_counter() - started
 
 
@@ -59,37 +68,44 @@ def main(argv=None) -> int:
     try:
         classes = len(synth.DEFAULT_CLASSES)
         per_class = [args.images // classes + (1 if i < args.images % classes else 0) for i in range(classes)]
+        cpu = {}
         _, t_synth = _timed(synth.generate, base / "data", per_class=per_class, cases_per_class=2,
                             width=args.width, height=args.height, workers=args.workers)
+        cpu["synth"] = _timed.cpu
         manifest, t_patch = _timed(patches.extract_patches, base / "data", work / "subs", workers=args.workers)
+        cpu["patch"] = _timed.cpu
         n_patches = manifest.total_patches
         folds.make_folds(manifest, work, k=FOLDS, seed=0)
         direct = base / "direct"
         _copy_lists(work, direct)
 
         results, t_files = _timed(dbs.build_dbs, work, backend=args.backend, workers=args.workers)
+        cpu["files"] = _timed.cpu
         n_records = sum(r.records for r in results)
         results, t_direct = _timed(dbs.build_dbs, direct, backend=args.backend, workers=args.workers, images=base / "data")
+        cpu["direct"] = _timed.cpu
         assert sum(r.records for r in results) == n_records
         single, t_single = _timed(dbs.convert_list, work, work / "train_w32_1.txt", base / "single_db",
                                   backend=args.backend, seed=0)
+        cpu["single"] = _timed.cpu
         (_, n_mean), t_mean = _timed(dbs.mean_of_db, work / "DB_train_1")
+        cpu["mean"] = _timed.cpu
 
         rows = [
-            ("synthetic images", args.images, t_synth, None),
-            ("extraction to patch files", n_patches, t_patch, None),
-            (f"files -> {args.backend}, one list, 1 process", single.records, t_single, CAFFE_CONVERT),
-            (f"files -> {args.backend}, {FOLDS} folds", n_records, t_files, CAFFE_CONVERT),
-            (f"images -> {args.backend} directly, {FOLDS} folds", n_records, t_direct, CAFFE_CONVERT),
-            ("mean of one train DB", n_mean, t_mean, CAFFE_MEAN),
+            ("synthetic images", args.images, t_synth, cpu["synth"], None),
+            ("extraction to patch files", n_patches, t_patch, cpu["patch"], None),
+            (f"files -> {args.backend}, one list, 1 process", single.records, t_single, cpu["single"], CAFFE_CONVERT),
+            (f"files -> {args.backend}, {FOLDS} folds", n_records, t_files, cpu["files"], CAFFE_CONVERT),
+            (f"images -> {args.backend} directly, {FOLDS} folds", n_records, t_direct, cpu["direct"], CAFFE_CONVERT),
+            ("mean of one train DB", n_mean, t_mean, cpu["mean"], CAFFE_MEAN),
         ]
         workers = resolve_workers(args.workers, 1 << 30)
         print(f"{args.images} images of {args.width}x{args.height}, {n_patches} patches, "
               f"{n_records} DB records over {FOLDS} folds, {workers} worker(s)")
-        print(f"{'stage':<44} {'items':>9} {'seconds':>8} {'items/s':>10} {'vs Caffe':>9}")
-        for name, count, seconds, reference in rows:
+        print(f"{'stage':<44} {'items':>9} {'seconds':>8} {'items/s':>10} {'vs Caffe':>9} {'CPU s':>7}")
+        for name, count, seconds, cpu_seconds, reference in rows:
             ratio = f"{count / seconds / reference:8.2f}x" if reference else ""
-            print(f"{name:<44} {count:>9} {seconds:>8.2f} {count / seconds:>10.0f} {ratio:>9}")
+            print(f"{name:<44} {count:>9} {seconds:>8.2f} {count / seconds:>10.0f} {ratio:>9} {cpu_seconds:>7.2f}")
         print(f"direct / files (5 folds): {t_files / t_direct:.2f}x")
     finally:
         if args.keep is None:

@@ -16,10 +16,12 @@ count (see :class:`MeanAccumulator`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
 import logging
+import mmap
 import os
 import re
 import time
@@ -36,9 +38,9 @@ from lymph_cv.caffe.datum import encoded_datum, serialize_datum
 from lymph_cv.errors import ConfigError, InputError, LymphCVError, StoreError
 from lymph_cv.fsutil import atomic_write_json, remove_path, temp_sibling
 from lymph_cv.patches import (
-    BadInputs, Manifest, SourceImage, load_manifest, load_windows, read_color, MANIFEST_NAME,
+    MANIFEST_NAME, BadInputs, Manifest, SourceImage, extract, load_manifest, patch_count, read_color, read_for_patches,
 )
-from lymph_cv.workers import imap
+from lymph_cv.workers import fork_available, imap
 
 log = logging.getLogger(__name__)
 
@@ -582,30 +584,59 @@ def _read_dbs_json(workdir: Path) -> dict:
 # --------------------------------------------------------------------------- straight from the images
 
 
+#: Anonymous shared memory blocks by token: created before the worker pools fork, so the
+#: workers write and read the same pages (no file, no disk writeback).
+_SHARED: dict[str, mmap.mmap] = {}
+#: Colour patches: OpenCV's colour imread gives 3 channels.
+COLOR_CHANNELS = 3
+#: Use shared memory when the patch array takes at most this share of the free memory.
+SHARED_MEMORY_SHARE = 0.5
+
+
+def _free_memory() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 @dataclass(frozen=True)
 class _PatchCache:
-    """Every patch the lists need, cut from the source images into one uint8 array file.
+    """Every patch the lists need, cut from the source images into one uint8 array.
 
     Row ``offsets[stem] + i - 1`` holds patch ``<stem>_sub_<i>`` as C·H·W bytes; rows of
-    images that could not be read (``skip_bad``) are listed in ``unreadable``.
+    images that could not be read (``skip_bad``) are listed in ``unreadable``.  The array
+    lives in shared memory (``token`` in ``_SHARED``; workers are forked) or, when it would
+    not fit, in a temporary file (``token`` is its path).
     """
 
-    path: Path
+    token: str
+    in_memory: bool
     rows: int
     shape: tuple[int, int, int]
     offsets: dict[str, int]
     counts: dict[str, int]
-    unreadable: frozenset
+    unreadable: frozenset = frozenset()
 
     @property
     def row_size(self) -> int:
         return int(np.prod(self.shape))
 
-    def open(self, mode: str = "r") -> np.memmap:
-        return np.memmap(self.path, np.uint8, mode, shape=(self.rows, self.row_size))
+    def open(self, writable: bool = False) -> np.ndarray:
+        """The (rows, C·H·W) array."""
+        shape = (self.rows, self.row_size)
+        if self.in_memory:
+            return np.frombuffer(_SHARED[self.token], np.uint8, count=self.rows * self.row_size).reshape(shape)
+        return np.memmap(self.token, np.uint8, "r+" if writable else "r", shape=shape)
 
     def remove(self) -> None:
-        remove_path(self.path)
+        if self.in_memory:
+            block = _SHARED.pop(self.token, None)
+            if block is not None:
+                with contextlib.suppress(BufferError):  # a view still alive: freed with it
+                    block.close()
+        else:
+            remove_path(Path(self.token))
 
     def row_of(self, name: str) -> Optional[int]:
         """Row of a patch file name, or None when it is not a patch of a known image."""
@@ -633,16 +664,21 @@ class _PatchCache:
         if unknown:
             raise InputError(f"patches of {unknown[0]!r} are listed but the image is not in the manifest", manifest.path)
         chosen = [by_stem[s] for s in sorted(needed, key=lambda s: (by_stem[s].label, by_stem[s].name))]
-        size = manifest.patch_size
-        shape = (3, size, size)
+        shape = (COLOR_CHANNELS, manifest.patch_size, manifest.patch_size)
         offsets, counts, total = {}, {}, 0
         for entry in chosen:
             offsets[entry.stem], counts[entry.stem] = total, entry.patches
             total += entry.patches
-        path = temp_sibling(workdir / "patch-cache.u8")
-        cache = cls(path, total, shape, offsets, counts, frozenset())
+        size = max(total, 1) * int(np.prod(shape))
+        in_memory = fork_available() and size <= SHARED_MEMORY_SHARE * _free_memory()
+        if in_memory:
+            token = f"patches-{os.getpid()}-{len(_SHARED)}-{time.monotonic_ns()}"
+            _SHARED[token] = mmap.mmap(-1, size)
+        else:
+            token = os.fspath(temp_sibling(workdir / "patch-cache.u8"))
+            np.memmap(token, np.uint8, "w+", shape=(size,)).flush()
+        cache = cls(token, in_memory, total, shape, offsets, counts)
         try:
-            np.memmap(path, np.uint8, "w+", shape=(max(total, 1), cache.row_size)).flush()
             jobs = [(cache, SourceImage(images / e.cls / e.name, e.cls, e.label), e.stem, manifest.step) for e in chosen]
             unreadable = set()
             for (_, source, stem, _), (problem, conversion) in zip(jobs, imap(_cut_image, jobs, workers=workers, desc="cut", unit="img")):
@@ -653,7 +689,7 @@ class _PatchCache:
         except BaseException:
             cache.remove()
             raise
-        return cls(path, total, shape, offsets, counts, frozenset(unreadable))
+        return dataclasses.replace(cache, unreadable=frozenset(unreadable))
 
 
 def _manifest_for(workdir: Path, record: dict) -> Manifest:
@@ -663,18 +699,19 @@ def _manifest_for(workdir: Path, record: dict) -> Manifest:
 
 
 def _cut_image(job: tuple["_PatchCache", SourceImage, str, int]) -> tuple[Optional[str], Optional[str]]:
+    """Cut one image's patches straight into its rows of the shared array."""
     cache, source, stem, step = job
     try:
-        patches, _, conversion = load_windows(source, cache.shape[1], step)
+        read = read_for_patches(source, cache.shape[1], step)
     except LymphCVError as exc:
         return str(exc), None
     count = cache.counts[stem]
-    if len(patches) != count:
-        return f"{source.path}: has {len(patches)} patches now, {count} when the manifest was written", None
-    array = cache.open("r+")
-    array[cache.offsets[stem] : cache.offsets[stem] + count] = patches.transpose(0, 3, 1, 2).reshape(count, -1)
-    array.flush()
-    return None, conversion
+    found = patch_count(read.bgr.shape[0], read.bgr.shape[1], cache.shape[1], step)
+    if found != count:
+        return f"{source.path}: has {found} patches now, {count} when the manifest was written", None
+    rows = cache.open(writable=True)[cache.offsets[stem] : cache.offsets[stem] + count]
+    extract(read.bgr, cache.shape[1], step, channels_first=True, out=rows)
+    return None, read.conversion
 
 
 def _cache_rows(task: _DbTask, entries: Sequence[ListEntry], bad: BadInputs) -> np.ndarray:
@@ -696,7 +733,7 @@ def _cache_records(
     cache: _PatchCache, entries: Sequence[ListEntry], order: np.ndarray, rows: np.ndarray,
     accumulator: Optional[MeanAccumulator],
 ) -> Iterator[tuple[bytes, bytes, None]]:
-    array = cache.open("r")
+    array = cache.open()
     for start in range(0, len(order), BATCH):
         positions = order[start : start + BATCH]
         wanted = rows[positions]

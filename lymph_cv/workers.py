@@ -31,12 +31,17 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)
 
 
+def fork_available() -> bool:
+    """True where worker processes are forked (they then share memory mapped before the fork)."""
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
 def _context() -> multiprocessing.context.BaseContext:
     # fork where there is one: workers start at once, the task function need not be importable
     # from __main__ (spawn/forkserver re-run an unguarded script), and large arguments are not
     # pickled.  The workers run numpy/OpenCV only, never torch, so a parent that imported torch
     # is safe to fork.
-    if "fork" in multiprocessing.get_all_start_methods():
+    if fork_available():
         return multiprocessing.get_context("fork")
     return multiprocessing.get_context()
 
