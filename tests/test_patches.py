@@ -111,7 +111,7 @@ def test_odd_images_converted_like_opencv(tmp_path, kind, expected, caplog):
     assert len(manifest.images) == 4
     ours = cv2.imread(str(tmp_path / "subs" / "sj-09-1_002_sub_1.tif"), cv2.IMREAD_UNCHANGED)
     assert np.array_equal(ours, cv2.imread(str(odd), cv2.IMREAD_COLOR)[1:37, 1:37])
-    warnings = [r.getMessage() for r in caplog.records if "converted" in r.getMessage()]
+    warnings = [r.getMessage() for r in caplog.records if "image(s) converted" in r.getMessage()]
     assert len(warnings) == 1 and expected in warnings[0]
 
 
