@@ -92,6 +92,8 @@ class Solver(ABC):
 
     #: how many history sets the solverstate carries (one blob per parameter each).
     history_sets = 1
+    #: history sets that accumulate squares, so a valid state never holds a negative value there.
+    squared_sets: tuple = ()
 
     def __init__(self, param: caffe_pb2.SolverParameter, learnables: Sequence[Learnable], path=None):
         self.param = param
@@ -129,6 +131,10 @@ class Solver(ABC):
             if values.size != target.numel():
                 raise TrainingError(f"history blob {i} has {values.size} values, expected "
                                     f"{target.numel()} (shape {tuple(target.shape)})", self.path)
+            if i // len(self.learnables) in self.squared_sets and np.any(values < 0):
+                raise TrainingError(f"history blob {i} has negative values, impossible for {type(self).__name__}"
+                                    " (was the state written by another solver type, e.g. SGD momentum?)",
+                                    self.path)
             target.copy_(torch.from_numpy(values.reshape(tuple(target.shape))))
         self.iter = int(iteration)
         self.lr.current_step = int(current_step)
@@ -211,6 +217,8 @@ class NesterovSolver(Solver):
 class AdaGradSolver(Solver):
     """h += g²; update = local_rate · g / (sqrt(h) + delta)."""
 
+    squared_sets = (0,)
+
     def __init__(self, param, learnables, path=None):
         if param.momentum != 0:
             raise ConfigError("momentum must be 0 for AdaGrad (Caffe's CHECK)", path)
@@ -226,6 +234,8 @@ class AdaGradSolver(Solver):
 class RMSPropSolver(Solver):
     """h = rms_decay·h + (1−rms_decay)·g²; update = local_rate · g / (sqrt(h) + delta)."""
 
+    squared_sets = (0,)
+
     def compute_update(self, i, diff, local_rate):
         h = self.history[i]
         decay = self.param.rms_decay
@@ -238,6 +248,7 @@ class AdaDeltaSolver(Solver):
     """Caffe's AdaDelta: running means of g² (first history set) and of updates² (second set)."""
 
     history_sets = 2
+    squared_sets = (0, 1)
 
     def compute_update(self, i, diff, local_rate):
         n = len(self.learnables)
@@ -254,6 +265,7 @@ class AdamSolver(Solver):
     """Caffe's Adam: m and v (two history sets), bias correction with t = iter + 1."""
 
     history_sets = 2
+    squared_sets = (1,)
 
     def compute_update(self, i, diff, local_rate):
         n = len(self.learnables)

@@ -42,7 +42,7 @@ from lymph_cv.caffe.model import (history_arrays, read_caffemodel, read_solverst
 from lymph_cv.caffe.prototxt import read_net_prototxt, read_solver
 from lymph_cv.caffelog import CaffeLog, fmt
 from lymph_cv.datalayer import DataLayer, RecordCache
-from lymph_cv.errors import ConfigError, InputError, TrainingError, UnsupportedError
+from lymph_cv.errors import ConfigError, FormatError, InputError, TrainingError, UnsupportedError
 from lymph_cv.fsutil import atomic_write_json
 from lymph_cv.net.build import CaffeNet, build_net, resolve_net_path
 from lymph_cv.solver import Solver, learnables_of, make_solver, snapshot_names, solver_type
@@ -279,8 +279,8 @@ class Trainer:
         shapes = [tuple(item.param.shape) for item in self.solver.learnables] * self.solver.history_sets
         try:
             arrays = history_arrays(state, shapes)
-        except Exception as exc:
-            raise TrainingError(f"history does not fit this solver and net: {exc}", path) from exc
+        except FormatError as exc:
+            raise TrainingError(f"history does not fit this solver and net: {exc.detail}", path) from exc
         self.solver.restore(state.iter, state.current_step, arrays)
 
     def snapshot(self) -> None:

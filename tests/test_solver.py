@@ -135,8 +135,11 @@ def test_restore_checks_history_count():
     _, _, solver = torch_step(dict(type="SGD"), *tiny_problem())
     with pytest.raises(TrainingError, match="history blobs"):
         solver.restore(5, 0, [np.zeros((C, K), np.float32)])
-    solver.restore(7, 2, [np.ones((C, K), np.float32), np.ones(C, np.float32)])
+    solver.restore(7, 2, [np.ones((C, K), np.float32), -np.ones(C, np.float32)])  # SGD: any sign
     assert solver.iter == 7 and solver.current_step == 2
+    _, _, adagrad = torch_step(dict(type="AdaGrad"), *tiny_problem())
+    with pytest.raises(TrainingError, match="blob 1 has negative values"):
+        adagrad.restore(7, 0, [np.ones((C, K), np.float32), -np.ones(C, np.float32)])
 
 
 def rates(policy, iterations, **fields):

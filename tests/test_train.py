@@ -235,3 +235,37 @@ def test_schedule_without_initial_test_and_with_iter_size(data_root, tmp_path):
     assert sorted(test_rows) == [20, 40] and sorted(train_rows) == [0, 20]
     assert result.iterations == 40
     assert [p.name for p in result.snapshots] == ["1_caffenet_train_w32_iter_40.caffemodel"]
+
+
+def test_resumes_from_the_published_caffe_solverstate(reference, tmp_path):
+    """Caffe's own files load here: the tutorial's fold-1 solverstate resumes the rendered 32w net."""
+    from lymph_cv.caffe.blob import write_mean
+    from lymph_cv.render import render_fold
+    from trainutil import write_db
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (48, 3, 36, 36), dtype=np.uint8)
+    labels = np.arange(48) % 3
+    for kind in ("train", "test"):
+        (tmp_path / f"{kind}_w32_1.txt").write_text("".join(f"p{i}.png\t{l}\n" for i, l in enumerate(labels)))
+        write_db(tmp_path / f"DB_{kind}_1", images, labels)
+    write_mean(tmp_path / "DB_train_w32_1.binaryproto", images.mean(axis=0).astype(np.float32))
+    state = reference / "1_caffenet_train_w32_iter_600000.solverstate"
+    adagrad = render_fold(tmp_path, 1, overrides={"batch_size": 16}).solver
+    with pytest.raises(TrainingError, match="negative values, impossible for AdaGradSolver"):
+        train(adagrad, snapshot=state, progress=False)  # its history is SGD momentum (caffe-facts §12)
+    overrides = {"batch_size": 16, "base_lr": 1e-6, "solver_type": "SGD", "momentum": 0.9}
+    solver = render_fold(tmp_path, 1, overrides=overrides).solver
+    result = train(solver, snapshot=state, max_iter=600002, progress=False)
+    assert result.start_iteration == 600000 and result.iterations == 600002
+    published = weights_of(reference / "1_caffenet_train_w32_iter_600000.caffemodel")
+    ours = weights_of(solver.parent / "1_caffenet_train_w32_iter_600002.caffemodel")
+    assert set(ours) == set(published)
+    for name in published:
+        for a, b in zip(published[name], ours[name]):
+            assert a.shape == b.shape
+            np.testing.assert_allclose(a, b, atol=1e-3)
+    log = (solver.parent / "train.log").read_text()
+    assert "Iteration 600000, Testing net (#0)" in log  # 600000 is on the test_interval grid
+    saved = read_solverstate(solver.parent / "1_caffenet_train_w32_iter_600002.solverstate")
+    assert saved.current_step == 5 and len(saved.history) == 10  # carried over from Caffe's state
