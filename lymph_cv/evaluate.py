@@ -3,8 +3,9 @@
 For every image of a fold's ``test_w32_parent_K.txt`` the tutorial cuts 36×36 windows centred on a
 32-pixel grid, predicts each with pycaffe's ``Classifier.predict`` (10 oversampled 32×32 crops,
 softmax probabilities averaged), gives each window one vote for its most probable class and labels
-the image with the most-voted class.  We reproduce those decisions exactly but batch thousands of
-crops per forward call (across windows and images), so a full-size image takes seconds on a CPU.
+the image with the most-voted class.  We take the same decisions (window probabilities agree with
+pycaffe's to float rounding) but batch hundreds (CPU) or thousands (GPU) of crops per forward call,
+across windows and images, so a full-size image takes a few seconds on two CPU cores.
 
 Preprocessing, as ``caffe.io.load_image`` + the tutorial-era ``Classifier`` (caffe-facts §10):
 pixels become float32 ``u/255`` (RGB), are channel-swapped to BGR and multiplied by 255, and a mean
