@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 #: protobuf DataParameter.DB enum → our store backend names.
 BACKEND_NAMES = {caffe_pb2.DataParameter.LEVELDB: "leveldb", caffe_pb2.DataParameter.LMDB: "lmdb"}
+#: key of the rand_skip draw among a layer's random streams (batches use 0, 1, 2, …, never this).
+SKIP_STREAM = 2 ** 64 - 1
 #: fraction of the currently available memory a decoded database may take before it is memory-mapped.
 MEMORY_FRACTION = 0.8
 
@@ -152,9 +154,6 @@ class DataLayer:
             raise ConfigError(f"layer {layer.name}: data_param.source is not set")
         if data.batch_size <= 0:
             raise ConfigError(f"layer {layer.name}: data_param.batch_size must be > 0")
-        for field in ("rand_skip",):
-            if data.HasField(field) and getattr(data, field):
-                raise UnsupportedError(f"layer {layer.name}: data_param.{field} is not supported")
         for field in ("force_color", "force_gray"):
             if getattr(transform, field):
                 raise UnsupportedError(f"layer {layer.name}: transform_param.{field} is not supported")
@@ -170,6 +169,9 @@ class DataLayer:
         self.mirror = bool(transform.mirror)
         self.scale = float(transform.scale)
         self.mean = _mean_for(transform, (channels, height, width), resolve, layer.name)
+        #: Caffe's rand_skip: the cursor starts a random 0..rand_skip−1 records in (seeded here).
+        self.skip = int(np.random.default_rng([seed & 0xFFFFFFFFFFFFFFFF, phase, SKIP_STREAM])
+                        .integers(data.rand_skip)) if data.rand_skip else 0
         out = self.crop or None
         self.output_shape = (self.batch_size, channels, out or height, out or width)
 
@@ -182,7 +184,7 @@ class DataLayer:
 
     def indices(self, batch: int) -> np.ndarray:
         """Record indices of batch ``batch``: consecutive in key order, wrapping at the end."""
-        start = batch * self.batch_size
+        start = self.skip + batch * self.batch_size
         return (start + np.arange(self.batch_size, dtype=np.int64)) % len(self.records)
 
     def offsets(self, batch: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -226,7 +228,7 @@ class DataLayer:
     def batch_arrays(self, batch: int) -> Tuple[np.ndarray, np.ndarray]:
         """(data float32 N×C×H'×W', labels int64 N) of batch number ``batch``."""
         rows = self.indices(batch)
-        if rows[0] + self.batch_size > len(self.records):
+        if rows[0] > rows[-1]:
             log.debug("%s: restarting data prefetching from start", self.name)
         flip, h_off, w_off = self.offsets(batch)
         return self.transform(self.records.images[rows], flip, h_off, w_off), self.records.labels[rows]

@@ -149,3 +149,16 @@ def test_database_larger_than_memory_is_memory_mapped(db, monkeypatch):
     assert isinstance(records.images, np.memmap)
     np.testing.assert_array_equal(records.images, images)
     np.testing.assert_array_equal(records.labels, labels)
+
+
+def test_rand_skip_offsets_the_cursor_reproducibly(db):
+    root, _, labels, _ = db
+    param = layer(mean_file="")
+    param.data_param.rand_skip = 4
+    skips = {DataLayer(param, caffe_pb2.TRAIN, seed, resolve=lambda p: root / p).skip for seed in range(20)}
+    assert skips <= set(range(4)) and len(skips) > 1
+    data = DataLayer(param, caffe_pb2.TRAIN, 5, resolve=lambda p: root / p)
+    again = DataLayer(param, caffe_pb2.TRAIN, 5, resolve=lambda p: root / p)
+    assert data.skip == again.skip
+    expected = [labels[(data.skip + i) % 5] for i in range(3)]
+    assert data.batch_arrays(0)[1].tolist() == expected
