@@ -414,3 +414,27 @@ def test_end_to_end_evaluate_and_report(trained, runner, cli):
     assert report.exit_code == 0, report.stderr
     assert (trained / "eval" / "report.md").read_text().startswith("# ")
     assert json.loads((trained / "eval" / "report.json").read_text())["confusion"] == record["confusion"]
+
+
+def test_latest_snapshot_is_the_highest_iteration(tmp_path):
+    from lymph_cv.evaluate import latest_snapshot
+
+    for n in (900, 10000, 2000):
+        (tmp_path / f"1_caffenet_train_w32_iter_{n}.caffemodel").write_bytes(b"")
+    (tmp_path / "other.caffemodel").write_bytes(b"")
+    assert latest_snapshot(tmp_path).name == "1_caffenet_train_w32_iter_10000.caffemodel"  # numeric, not text
+    with pytest.raises(InputError, match="no snapshot"):
+        latest_snapshot(tmp_path / "none")
+
+
+def test_load_image_16_bit_and_grey(tmp_path):
+    deep = np.full((3, 4, 3), 65535, np.uint16)
+    deep[..., 0] = 0  # blue channel in OpenCV's order
+    cv2.imwrite(str(tmp_path / "deep.tif"), deep)
+    image = load_image(tmp_path / "deep.tif")
+    assert image[:, 0, 0].tolist() == [0.0, 255.0, 255.0]  # skimage's img_as_float divides by 65535
+    cv2.imwrite(str(tmp_path / "grey.png"), np.full((3, 4), 51, np.uint8))
+    grey = load_image(tmp_path / "grey.png")
+    assert grey.shape == (3, 3, 4) and np.all(grey == grey[0, 0, 0])  # grey tiled to three channels
+    with pytest.raises(InputError, match="image not found"):
+        load_image(tmp_path / "missing.tif")
