@@ -95,7 +95,7 @@ def resolve_device(device: Optional[str], solver_mode: int) -> torch.device:
     if wanted == "auto":
         wanted = "cuda" if torch.cuda.is_available() else "cpu"
     if wanted == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available", valid=("cpu", "auto"))
+        raise ConfigError("CUDA was asked for but no CUDA device is available", valid=("cpu", "auto"))
     return torch.device(wanted)
 
 

@@ -103,3 +103,13 @@ def test_help_lists_flags(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "-solver" in out and "-iterations" in out and "default: 50" in out
+
+
+def test_gpu_flag_without_cuda_is_one_error_line(trained, capsys):
+    if torch.cuda.is_available():
+        assert main(["test", "-model", str(trained.parent / "1-net.prototxt"), "-gpu", "0", "-weights",
+                     str(trained.parent / "1_caffenet_train_w32_iter_20.caffemodel"), "-iterations", "1"]) == 0
+        return
+    assert main(["train", "-solver", str(trained), "-gpu", "0"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: CUDA was asked for but no CUDA device is available "
+                                               "(valid: cpu, auto)")

@@ -40,3 +40,5 @@ def train(solver: Path, snapshot: Optional[Path], weights: Optional[Path], devic
         click.echo(f"test {name} = {value:g}")
     if result.snapshots:
         click.echo(f"last snapshot: {result.snapshots[-1]}")
+    if result.log_path is not None:
+        click.echo(f"log: {result.log_path}")
