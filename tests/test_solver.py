@@ -179,3 +179,43 @@ def test_config_errors_name_valid_values():
         make_solver(solver_param(type="AdaGrad", momentum=0.9), [])
     with pytest.raises(FormatError, match="both 'solver_type' and 'type'"):
         solver_type(solver_param(type="SGD", solver_type=caffe_pb2.SolverParameter.ADAM))
+
+
+TINY_NET = """name: "tiny"
+input: "data" input_dim: %d input_dim: %d input_dim: 1 input_dim: 1
+input: "label" input_dim: %d input_dim: 1 input_dim: 1 input_dim: 1
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+  param { lr_mult: 1 decay_mult: 1 } param { lr_mult: 2 decay_mult: 0 }
+  inner_product_param { num_output: %d weight_filler { type: "gaussian" std: 0.5 }
+    bias_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+""" % (N, K, N, C)
+
+
+@pytest.mark.parametrize("kind", ["SGD", "AdaGrad"])
+def test_step_on_a_built_net_uses_its_param_specs(kind):
+    from lymph_cv.caffe.prototxt import parse_net_text
+    from lymph_cv.net.build import build_net
+    from lymph_cv.solver import learnables_of
+
+    net = build_net(parse_net_text(TINY_NET), caffe_pb2.TRAIN)
+    net.init_params(torch.Generator().manual_seed(0))
+    x, labels, _, _ = tiny_problem(4)
+    weight = net.learnable[0].param.detach().numpy().reshape(C, K).astype(np.float64)
+    bias = net.learnable[1].param.detach().numpy().astype(np.float64)
+    lr, decay, momentum = 0.1, 0.01, (0.9 if kind == "SGD" else 0.0)
+    solver = make_solver(solver_param(type=kind, base_lr=lr, weight_decay=decay, momentum=momentum),
+                         learnables_of(net))
+    inputs = {"data": torch.from_numpy(x.reshape(N, K, 1, 1)), "label": torch.from_numpy(labels.astype(np.float32))}
+    net.loss(net(inputs)).backward()
+    solver.apply_update()
+    gw, gb = numpy_gradients(x, labels, weight, bias)
+    gw = gw + decay * weight          # decay_mult 1; the bias has decay_mult 0
+    if kind == "SGD":
+        expected_w, expected_b = weight - lr * gw, bias - 2 * lr * gb
+    else:
+        expected_w = weight - lr * gw / (np.abs(gw) + 1e-8)
+        expected_b = bias - 2 * lr * gb / (np.abs(gb) + 1e-8)
+    np.testing.assert_allclose(net.learnable[0].param.detach().numpy().reshape(C, K), expected_w, rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(net.learnable[1].param.detach().numpy(), expected_b, rtol=1e-5, atol=1e-6)
