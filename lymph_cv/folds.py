@@ -356,18 +356,17 @@ def check_folds(directory: Union[str, os.PathLike], case_regex: Optional[str] = 
 
 def format_check(report: CheckReport) -> str:
     """The check as a plain-text table, one fold per line, then the leaks."""
-    lines = [f"case id regex: {report.case_regex}"]
-    header = "fold  " + "  ".join(f"{c:>13}" for c in report.classes) + "  leaked cases"
-    lines.append(header)
-    lines.append(" " * 6 + "  ".join(f"{'train/test':>13}" for _ in report.classes))
+    table = [["fold", "counts", *[f"{c} train/test" for c in report.classes], "cases on both sides"]]
     for fold in report.folds:
-        cells = "  ".join(f"{fold.train_images[c]:>6}/{fold.test_images[c]:<6}" for c in report.classes)
-        lines.append(f"{fold.index:>4}  {cells}  {len(fold.leaked_cases)}")
+        table.append([str(fold.index), "images",
+                      *[f"{fold.train_images[c]}/{fold.test_images[c]}" for c in report.classes],
+                      str(len(fold.leaked_cases))])
         if fold.train_patches is not None and fold.test_patches is not None:
-            patches = "  ".join(
-                f"{fold.train_patches[label]:>6}/{fold.test_patches[label]:<6}" for label in range(len(report.classes))
-            )
-            lines.append(f"{'patches':>4}  {patches}")
+            table.append(["", "patches",
+                          *[f"{fold.train_patches[k]}/{fold.test_patches[k]}" for k in range(len(report.classes))], ""])
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines = [f"case id regex: {report.case_regex}"]
+    lines += ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)).rstrip() for row in table]
     for fold in report.folds:
         if fold.leaked_cases:
             lines.append(f"fold {fold.index}: {len(fold.leaked_cases)} case(s) on both sides: {', '.join(fold.leaked_cases)}")
