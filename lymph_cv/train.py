@@ -6,7 +6,8 @@ of every iteration that is a multiple of ``test_interval`` (iteration 0 too when
 ``snapshot``-th update and at the end (``snapshot_after_train``), then the final display forward and
 test, and ``Optimization Done.``.  One addition: a run shortened with ``max_iter=`` (``--max-iter``)
 always ends with a test, so its accuracy is reported even off the ``test_interval`` grid.  The log
-is Caffe's glog format, on stderr and in ``train.log`` in the base directory.
+is Caffe's glog format, on stderr and in ``train.log`` in the base directory (a resumed run appends
+to it; a fresh run first moves an earlier one aside as ``train.log.1``, ``.2``, …).
 
 Paths inside the solver and net resolve like Caffe's, against the current directory, and when not
 found there against the solver file's folder; that folder (or the current directory, when the net
@@ -428,6 +429,8 @@ class Trainer:
             progress = sys.stderr.isatty()
         log_path = self.files.output(LOG_NAME) if log_file else None
         resumed = self.snapshot_path is not None
+        if log_path is not None and not resumed:
+            keep_previous(log_path)
         with caffelog.caffe_log(log_path, append=resumed, through_tqdm=progress) as clog, \
                 signal_actions(sigint_effect, sighup_effect) as pending:
             self.log, self.pending = clog, pending
@@ -476,6 +479,18 @@ class Trainer:
         if self.test_nets and (on_grid or self.max_iter_override):
             self.test_all()
         self.log.info("Optimization Done.", caffelog.SRC_DONE)
+
+
+def keep_previous(path: Path) -> Optional[Path]:
+    """Move an earlier run's file aside as ``<name>.1``, ``.2``, … (first free); returns where."""
+    if not path.exists():
+        return None
+    number = 1
+    while path.with_name(f"{path.name}.{number}").exists():
+        number += 1
+    moved = path.with_name(f"{path.name}.{number}")
+    path.rename(moved)
+    return moved
 
 
 def data_layers(net: CaffeNet, phase: int, seed: int, resolve: Callable[[str], Path],

@@ -129,6 +129,8 @@ def test_finetune_copies_weights_and_rejects_snapshot_with_weights(data_root, tm
     tuned = fold_copy(data_root, tmp_path / "ft", max_iter=1, snapshot=0, test_interval=10, base_lr=0.0)
     result = train(tuned, weights=[model], progress=False)
     assert result.start_iteration == 0
+    train(tuned, weights=[model], progress=False)  # a fresh rerun keeps the earlier log aside
+    assert (tuned.parent / "train.log.1").read_text().count("Finetuning from") == 1
     got = weights_of(tuned.parent / "1_caffenet_train_w32_iter_1.caffemodel")
     for name, arrays in weights_of(model).items():
         for a, b in zip(arrays, got[name]):
