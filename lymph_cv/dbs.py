@@ -5,7 +5,8 @@ Two ways to the same databases:
 * from patch files, as Caffe's ``convert_imageset`` does: each list line ``<file> <label>``
   names an image under a root folder, read as OpenCV's colour ``imread`` reads it (BGR);
 * straight from the source images (``images=``): the patches named in the lists are cut from
-  the images in memory (via a temporary array file), never written as files.
+  the images into one array in shared memory (a temporary file when it would not fit),
+  never written as files.
 
 Both give byte-identical databases for the same lists and seed: record ``i`` is list line
 ``order[i]`` where ``order`` is a seeded permutation (numpy ``default_rng(seed).permutation``;
@@ -34,8 +35,9 @@ import numpy as np
 
 from lymph_cv import store
 from lymph_cv.caffe.blob import write_mean
-from lymph_cv.caffe.datum import encoded_datum, serialize_datum
+from lymph_cv.caffe.datum import encoded_datum, parse_datum, serialize_datum
 from lymph_cv.errors import ConfigError, InputError, LymphCVError, StoreError
+from lymph_cv.folds import FOLDS_JSON, TEST_LIST, TRAIN_LIST, list_folds, read_list_text
 from lymph_cv.fsutil import atomic_write_json, remove_path, temp_sibling
 from lymph_cv.patches import (
     MANIFEST_NAME, BadInputs, Manifest, SourceImage, extract, load_manifest, patch_count, read_color, read_for_patches,
@@ -47,10 +49,7 @@ log = logging.getLogger(__name__)
 DB_TRAIN = "DB_train_{fold}"
 DB_TEST = "DB_test_{fold}"
 MEAN_FILE = "DB_train_w32_{fold}.binaryproto"
-TRAIN_LIST = "train_w32_{fold}.txt"
-TEST_LIST = "test_w32_{fold}.txt"
 DBS_JSON = "dbs.json"
-FOLDS_JSON = "folds.json"
 DEFAULT_BACKEND = store.LEVELDB
 DEFAULT_SEED = 0
 #: Integers up to 2^24 are exact in float32: below it a batched integer sum equals Caffe's running sum.
@@ -58,6 +57,10 @@ FLOAT32_EXACT = 1 << 24
 MAX_PIXEL = 255
 #: Records gathered per batch (mean accumulation, gathering from the patch array).
 BATCH = 1024
+#: compute_image_mean logs its progress every this many records.
+MEAN_PROGRESS_EVERY = 10000
+#: File extensions that name the same encoding.
+_SAME_ENCODING = {"jpeg": "jpg", "tiff": "tif"}
 _PATCH_NAME = re.compile(r"^(?P<stem>.+)_sub_(?P<index>\d+)\.[A-Za-z0-9]+$")
 
 
@@ -88,8 +91,6 @@ def read_image_list(path: Union[str, os.PathLike], num_labels: Optional[int] = N
     ``0 .. num_labels-1`` (when given) or a name escaping the root is an InputError naming the
     file and line.
     """
-    from lymph_cv.folds import read_list_text
-
     text = read_list_text(path)
     entries = []
     for number, line in enumerate(text.splitlines(), 1):
@@ -148,12 +149,15 @@ class MeanAccumulator:
         """Records added so far."""
         return self.count + self._filled
 
+    def _check(self, shape: tuple[int, ...]) -> None:
+        if self.sum is None:
+            self._start(shape)
+        elif shape != self.shape:
+            raise InputError(f"record is {'x'.join(map(str, shape))}, the first was {'x'.join(map(str, self.shape))}")
+
     def add(self, pixels: np.ndarray) -> None:
         """Add one uint8 (C, H, W) record (buffered)."""
-        if self.sum is None:
-            self._start(pixels.shape)
-        elif pixels.shape != self.shape:
-            raise InputError(f"record is {'x'.join(map(str, pixels.shape))}, the first was {'x'.join(map(str, self.shape))}")
+        self._check(pixels.shape)
         self._buffer[self._filled] = pixels.reshape(-1)
         self._filled += 1
         if self._filled == BATCH:
@@ -169,10 +173,7 @@ class MeanAccumulator:
     def add_float(self, values: np.ndarray) -> None:
         """Add one float_data record (C, H, W), summed in float32 as Caffe does."""
         self.flush()
-        if self.sum is None:
-            self._start(values.shape)
-        elif values.shape != self.shape:
-            raise InputError(f"record is {'x'.join(map(str, values.shape))}, the first was {'x'.join(map(str, self.shape))}")
+        self._check(values.shape)
         self.sum += values.reshape(-1).astype(np.float32)
         self.count += 1
 
@@ -208,14 +209,14 @@ def channel_means(mean: np.ndarray) -> list[float]:
     return [float(np.cumsum(row, dtype=np.float32)[-1] / np.float32(row.size)) for row in flat]
 
 
-def mean_of_db(path: Union[str, os.PathLike], backend: Optional[str] = None, progress=None, progress_every: int = 10000) -> tuple[np.ndarray, int]:
+def mean_of_db(
+    path: Union[str, os.PathLike], backend: Optional[str] = None, progress=None, progress_every: int = MEAN_PROGRESS_EVERY,
+) -> tuple[np.ndarray, int]:
     """compute_image_mean: the float32 (C, H, W) mean of every Datum of a database, in key order.
 
     Encoded datums are decoded (native channels); float datums are summed as floats.  Every
     record must have the first one's size.  ``progress(count)`` every ``progress_every`` records.
     """
-    from lymph_cv.caffe.datum import parse_datum
-
     accumulator = MeanAccumulator()
     with store.open_reader(path, backend) as reader:
         for count, value in enumerate(reader.values(), 1):
@@ -296,8 +297,7 @@ def record_value(path: Union[str, Path], label: int, options: ImageOptions = PLA
 
 def _same_extension(path: Path, encoding: str) -> bool:
     ext = path.suffix.lstrip(".").lower()
-    aliases = {"jpeg": "jpg"}
-    return aliases.get(ext, ext) == aliases.get(encoding.lower(), encoding.lower())
+    return _SAME_ENCODING.get(ext, ext) == _SAME_ENCODING.get(encoding.lower(), encoding.lower())
 
 
 # --------------------------------------------------------------------------- writing one database
@@ -450,7 +450,6 @@ class _DbTask:
     seed: Optional[int]
     root: Path
     num_labels: Optional[int]
-    overwrite: bool
     skip_bad: bool
     cache: Optional["_PatchCache"] = None
 
@@ -506,8 +505,6 @@ def build_dbs(
     """
     workdir = Path(workdir)
     backend = store.check_backend(backend)
-    from lymph_cv.folds import list_folds
-
     found = list_folds(workdir)
     if not found:
         raise InputError("no train_w32_K.txt / test_w32_K.txt lists found (run `lymph-cv folds` first)", workdir)
@@ -538,7 +535,7 @@ def build_dbs(
                                          None if mean_path is None else os.fspath(mean_path)))
                     continue
                 raise StoreError("already exists; pass --overwrite to replace it", db_path)
-            tasks.append(_DbTask(fold, side, list_path, db_path, mean_path, backend, seed, root_dir, num_labels, overwrite, skip_bad))
+            tasks.append(_DbTask(fold, side, list_path, db_path, mean_path, backend, seed, root_dir, num_labels, skip_bad))
 
     bad = BadInputs(skip_bad)
     results: list[DbResult] = list(kept)

@@ -208,3 +208,22 @@ def test_no_space_left(workdir, tmp_path, monkeypatch):
 def test_no_lists(tmp_path, runner, cli):
     result = runner.invoke(cli, ["dbs", str(tmp_path)])
     assert result.exit_code == 2 and "no train_w32_K.txt" in result.stderr
+
+
+def test_direct_path_with_an_unreadable_image(workdir, tmp_path, caplog):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(workdir / "data", data)
+    broken = sorted((data / "FL").iterdir())[0]
+    broken.write_bytes(broken.read_bytes()[:100])
+    work = tmp_path / "w"
+    manifest = patches.extract_patches(workdir / "data", work / "subs", workers=1, write_patches=False)
+    folds.make_folds(manifest, work, k=2, seed=0)
+    with pytest.raises(InputError, match=f"{broken.name}: not an image"):
+        dbs.build_dbs(work, images=data, workers=1)
+    assert not (work / "DB_train_1").exists() and not (work / "DB_test_1").exists()
+    results = dbs.build_dbs(work, images=data, workers=1, skip_bad=True)
+    lost = patches.patch_count(100, 120)
+    assert sum(r.records for r in results) == 2 * (manifest.total_patches - lost)
+    assert any("bad input(s) skipped" in r.getMessage() for r in caplog.records)

@@ -18,8 +18,6 @@ PROGRAM = "compute_image_mean"
 SYNOPSIS = ("Compute the mean image of a set of images given by a leveldb/lmdb.\n"
             f"Usage:\n    {PROGRAM} [FLAGS] INPUT_DB [OUTPUT_FILE]")
 SRC = "compute_image_mean.cpp:{}"
-#: compute_image_mean logs its progress every this many records.
-PROGRESS_EVERY = 10000
 
 FLAGS = {
     "backend": gflags.Flag(str, "lmdb", "database kind: lmdb or leveldb"),
@@ -37,9 +35,8 @@ def run(values: dict, positional: list[str]) -> int:
     backend = check_backend(values["backend"])
     with caffe_log() as log:
         log.info("Starting iteration", SRC.format(71))
-        mean, count = dbs.mean_of_db(positional[0], backend, progress=lambda n: log.info(f"Processed {n} files.", SRC.format(100)),
-                                     progress_every=PROGRESS_EVERY)
-        if count % PROGRESS_EVERY:
+        mean, count = dbs.mean_of_db(positional[0], backend, progress=lambda n: log.info(f"Processed {n} files.", SRC.format(100)))
+        if count % dbs.MEAN_PROGRESS_EVERY:
             log.info(f"Processed {count} files.", SRC.format(105))
         if len(positional) == 2:
             log.info(f"Write to {positional[1]}", SRC.format(113))
