@@ -436,7 +436,10 @@ class Trainer:
             self.log, self.pending = clog, pending
             self.solver.on_message = lambda message: clog.info(message, caffelog.SRC_LR)
             self.result.log_path = log_path
-            clog.info(f"Using {self.device.type.upper()} device, seed {self.seed}", caffelog.SRC_TOOL)
+            # caffe.cpp's device line, then the seed every random draw of this run derives from
+            clog.info("Use CPU." if self.device.type == "cpu" else
+                      f"Use GPU with device ID {self.device.index or 0}", caffelog.SRC_TOOL)
+            clog.info(f"Random seed: {self.seed}", caffelog.SRC_TOOL)
             if resumed:
                 clog.info(f"Resuming from {self.snapshot_path}", caffelog.SRC_RESTORE)
                 self.restore(self.snapshot_path)
