@@ -3,7 +3,8 @@
 Semantics (caffe-facts §4): records are read in key order and the reading wraps around at the end
 (possibly in the middle of a batch), with no reshuffling; the mean file (the full C×H×W mean) is
 subtracted at the crop offset, then the crop is mirrored; TRAIN takes random crop offsets in
-0..H−crop inclusive, TEST the centre; ``mirror`` flips at random in either phase, as Caffe does;
+0..H−crop inclusive, TEST the centre (Caffe since 2015-02-17; the tutorial's older build also
+cropped at random in its in-training tests); ``mirror`` flips at random in either phase, as Caffe does;
 ``scale`` multiplies after the mean subtraction; ``mean_value`` is the per-channel alternative.
 
 One deliberate improvement over Caffe: batch ``b`` of a layer is a pure function of ``(b, seed, phase)``.
