@@ -9,9 +9,9 @@ cropped at random in its in-training tests); ``mirror`` flips at random in eithe
 
 One deliberate improvement over Caffe: batch ``b`` of a layer is a pure function of ``(b, seed, phase)``.
 Its records are ``skip + b·batch_size …`` (mod the record count; ``skip`` is Caffe's seeded ``rand_skip``
-draw, 0 by default) and its crop/mirror draws come from an RNG
-seeded with ``(seed, phase, b)``.  So a run resumed from a snapshot sees exactly the batches an
-uninterrupted run would have seen (Caffe restarts its cursor at the first key instead).
+draw, 0 by default) and its crop/mirror draws come from an RNG seeded with ``(seed, phase, b)``.  So a
+run resumed from a snapshot sees exactly the batches an uninterrupted run would have seen (Caffe
+restarts its cursor at the first key instead).
 
 The database is decoded once into one uint8 array held in memory (a memory-mapped scratch file when
 it does not fit); batches are gathered with vectorised numpy indexing (no per-sample Python loop).
