@@ -17,7 +17,7 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import cv2
 import numpy as np
@@ -165,6 +165,7 @@ class ImageEntry:
 
     @property
     def stem(self) -> str:
+        """The file name without its extension (patch names start with it)."""
         return Path(self.name).stem
 
     @property
@@ -173,6 +174,7 @@ class ImageEntry:
         return f"{self.cls}/{self.name}"
 
     def patch_names(self) -> list[str]:
+        """This image's patch file names, in number order."""
         return patch_names(self.stem, self.patches)
 
 
@@ -190,15 +192,18 @@ class Manifest:
 
     @property
     def total_patches(self) -> int:
+        """Patches of all images."""
         return sum(image.patches for image in self.images)
 
     def by_class(self) -> dict[str, list[ImageEntry]]:
+        """Images per class, in label order (images in name order)."""
         grouped: dict[str, list[ImageEntry]] = {name: [] for name in self.classes}
         for image in self.images:
             grouped[image.cls].append(image)
         return grouped
 
     def to_json(self) -> dict:
+        """The manifest.json object: classes → cases → images with their patch counts, and the parameters."""
         tree: dict = {}
         for name, images in self.by_class().items():
             cases: dict = defaultdict(dict)
@@ -221,6 +226,7 @@ class Manifest:
 
     @classmethod
     def from_json(cls, obj: dict, path: Optional[Path] = None) -> "Manifest":
+        """Inverse of :meth:`to_json`; FormatError naming ``path`` when ``obj`` is not a manifest."""
         try:
             classes = list(obj["classes"])
             images = []
@@ -447,15 +453,6 @@ def extract_patches(
         write_class_struct(manifest, out_dir / MAT_NAME)
     log.info("patches: %d images, %d patches (%d written) in %s", len(entries), manifest.total_patches, written, out_dir)
     return manifest
-
-
-def iter_image_patches(manifest: Manifest, data_dir: Union[str, Path, None] = None) -> Iterator[tuple[ImageEntry, np.ndarray]]:
-    """(image, its patches) for every manifest image, read from the source images (no patch files)."""
-    root = Path(data_dir or manifest.data_dir or ".")
-    for entry in manifest.images:
-        source = SourceImage(root / entry.cls / entry.name, entry.cls, entry.label)
-        patches, _, _ = load_windows(source, manifest.patch_size, manifest.step)
-        yield entry, patches
 
 
 def write_class_struct(manifest: Manifest, path: Union[str, Path]) -> None:
