@@ -231,6 +231,18 @@ def _patch_prefix(manifest: Manifest, out_dir: Path) -> str:
     return "" if relative == "." else relative.replace(os.sep, "/") + "/"
 
 
+def _write_if_changed(path: Path, text: str) -> None:
+    """Write atomically unless the file already holds ``text`` (a same-seed rerun keeps the
+    lists' dates, so databases built from them are still recognised as current)."""
+    data = text.encode("utf-8")
+    try:
+        if path.stat().st_size == len(data) and path.read_bytes() == data:
+            return
+    except OSError:
+        pass
+    atomic_write_text(path, text)
+
+
 def write_folds(fold_set: FoldSet, manifest: Manifest, out_dir: Union[str, os.PathLike]) -> None:
     """Write the four lists of every fold and ``folds.json`` (each file atomically)."""
     out = Path(out_dir)
@@ -244,8 +256,8 @@ def write_folds(fold_set: FoldSet, manifest: Manifest, out_dir: Union[str, os.Pa
             (fold.train, TRAIN_LIST, TRAIN_PARENT),
             (fold.test, TEST_LIST, TEST_PARENT),
         ):
-            atomic_write_text(out / patch_template.format(fold=fold.index), "".join(lines_of[e.parent_name] for e in side))
-            atomic_write_text(out / parent_template.format(fold=fold.index), "".join(f"{e.parent_name}\n" for e in side))
+            _write_if_changed(out / patch_template.format(fold=fold.index), "".join(lines_of[e.parent_name] for e in side))
+            _write_if_changed(out / parent_template.format(fold=fold.index), "".join(f"{e.parent_name}\n" for e in side))
     record = fold_set.to_json()
     if manifest.path is not None:
         # Where the images and patch sizes are recorded, for building DBs straight from images.

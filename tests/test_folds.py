@@ -156,3 +156,17 @@ def test_parent_list_problems(tmp_path, runner, cli):
         folds.check_folds(tmp_path)
     missing = runner.invoke(cli, ["folds", str(tmp_path / "nope.json"), str(tmp_path)])
     assert missing.exit_code == 2 and "nope.json" in missing.stderr
+
+
+def test_rerun_keeps_unchanged_lists(tmp_path):
+    manifest = _manifest()
+    folds.make_folds(manifest, tmp_path, k=3, seed=2)
+    listed = tmp_path / "train_w32_1.txt"
+    stamp = listed.stat().st_mtime_ns
+    folds.make_folds(manifest, tmp_path, k=3, seed=2)
+    assert listed.stat().st_mtime_ns == stamp
+    folds.make_folds(manifest, tmp_path, k=3, seed=3)  # a different split is written
+    folds.make_folds(manifest, tmp_path / "fresh", k=3, seed=3)
+    for k in (1, 2, 3):
+        for name in (f"train_w32_{k}.txt", f"test_w32_parent_{k}.txt"):
+            assert (tmp_path / name).read_text() == (tmp_path / "fresh" / name).read_text()
