@@ -567,7 +567,7 @@ def build_dbs(
     bad.finish("building databases")
     atomic_write_json(workdir / DBS_JSON, dbs_record)
     for result in sorted(results, key=lambda r: r.path):
-        log.info("dbs: %s: %d records", result.path, result.records)
+        log.debug("dbs: %s: %d records", result.path, result.records)
     return results
 
 
