@@ -7,6 +7,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from lymph_cv.threads import configure_openmp
+
+# Sleeping OpenMP waits, set before any test module imports torch (see lymph_cv.threads).
+configure_openmp()
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
