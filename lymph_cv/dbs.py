@@ -209,6 +209,14 @@ def channel_means(mean: np.ndarray) -> list[float]:
     return [float(np.cumsum(row, dtype=np.float32)[-1] / np.float32(row.size)) for row in flat]
 
 
+def _raw_prefix(shape: tuple[int, ...]) -> bytes:
+    """The bytes before the pixels in a raw Datum of ``shape`` (channels, height, width, data tag, length)."""
+    size = int(np.prod(shape))
+    template = serialize_datum(np.zeros(shape, np.uint8), 0)
+    # Varints of positive numbers hold no zero byte: the first run of `size` zeros is the pixels.
+    return template[: template.index(bytes(size))]
+
+
 def mean_of_db(
     path: Union[str, os.PathLike], backend: Optional[str] = None, progress=None, progress_every: int = MEAN_PROGRESS_EVERY,
 ) -> tuple[np.ndarray, int]:
@@ -216,20 +224,37 @@ def mean_of_db(
 
     Encoded datums are decoded (native channels); float datums are summed as floats.  Every
     record must have the first one's size.  ``progress(count)`` every ``progress_every`` records.
+    Raw datums laid out as Caffe writes them are sliced without a protobuf parse.
     """
     accumulator = MeanAccumulator()
+    prefix, size, rows = b"", 0, []
+
+    def flush_rows() -> None:
+        if rows:
+            accumulator.add_batch(np.frombuffer(b"".join(rows), np.uint8).reshape(len(rows), size), accumulator.shape)
+            rows.clear()
+
     with store.open_reader(path, backend) as reader:
         for count, value in enumerate(reader.values(), 1):
-            try:
-                pixels, _ = parse_datum(value)
-                if pixels.dtype == np.uint8:
-                    accumulator.add(pixels)
-                else:
-                    accumulator.add_float(pixels)
-            except LymphCVError as exc:
-                raise InputError(f"record {count}: {exc.detail}", path) from exc
+            if prefix and value.startswith(prefix) and len(value) >= len(prefix) + size:
+                rows.append(value[len(prefix) : len(prefix) + size])
+                if len(rows) == BATCH:
+                    flush_rows()
+            else:
+                flush_rows()
+                try:
+                    pixels, _ = parse_datum(value)
+                    if pixels.dtype == np.uint8:
+                        accumulator.add(pixels)
+                        if not prefix:
+                            prefix, size = _raw_prefix(pixels.shape), pixels.size
+                    else:
+                        accumulator.add_float(pixels)
+                except LymphCVError as exc:
+                    raise InputError(f"record {count}: {exc.detail}", path) from exc
             if progress is not None and count % progress_every == 0:
                 progress(count)
+        flush_rows()
     if not len(accumulator):
         raise InputError("database is empty; no mean to compute", path)
     mean = accumulator.mean()

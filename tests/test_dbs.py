@@ -227,3 +227,24 @@ def test_direct_path_with_an_unreadable_image(workdir, tmp_path, caplog):
     lost = patches.patch_count(100, 120)
     assert sum(r.records for r in results) == 2 * (manifest.total_patches - lost)
     assert any("bad input(s) skipped" in r.getMessage() for r in caplog.records)
+
+
+def test_mean_of_db_mixed_records(tmp_path):
+    from lymph_cv.caffe.datum import array_to_datum, encoded_datum, serialize_datum
+
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (5, 3, 4, 6), dtype=np.uint8)
+    with store.open_writer(tmp_path / "db", "lmdb") as writer:
+        writer.put(store.make_key(0, "a"), serialize_datum(images[0], 0))
+        ok, png = cv2.imencode(".png", images[1].transpose(1, 2, 0))
+        writer.put(store.make_key(1, "b"), encoded_datum(png.tobytes(), 1).SerializeToString())
+        writer.put(store.make_key(2, "c"), array_to_datum(images[2].astype(np.float32), 2).SerializeToString())
+        writer.put(store.make_key(3, "d"), serialize_datum(images[3], 0))
+        writer.put(store.make_key(4, "e"), serialize_datum(images[4], 1))
+    mean, count = dbs.mean_of_db(tmp_path / "db")
+    assert count == 5 and np.allclose(mean, images.astype(np.float64).mean(0), atol=1e-4)
+    with store.open_writer(tmp_path / "bad", "lmdb") as writer:
+        writer.put(store.make_key(0, "a"), serialize_datum(images[0], 0))
+        writer.put(store.make_key(1, "b"), serialize_datum(images[0][:, :2], 0))
+    with pytest.raises(InputError, match="record 2: record is 3x2x6, the first was 3x4x6"):
+        dbs.mean_of_db(tmp_path / "bad")
