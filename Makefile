@@ -40,7 +40,9 @@ proto: venv
 	cd lymph_cv/caffe && ../../$(PY) -m grpc_tools.protoc -I. --python_out=. caffe.proto
 
 bench: venv
+	$(PY) benchmarks/bench_formats.py
 	$(PY) benchmarks/bench_dbs.py
+	$(PY) benchmarks/bench_net.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_eval.py
 
