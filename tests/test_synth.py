@@ -6,6 +6,7 @@ import re
 
 import cv2
 import numpy as np
+import pytest
 
 from lymph_cv import synth
 
@@ -77,3 +78,15 @@ def test_cli_synth(tmp_path, runner, cli):
     assert len(list(tmp_path.rglob("*.tif"))) == 4
     bad = runner.invoke(cli, ["synth", str(tmp_path), "--per-class", "x"])
     assert bad.exit_code == 2 and "--per-class" in bad.stderr
+
+
+def test_image_counts():
+    from lymph_cv.errors import ConfigError
+
+    assert synth._images_per_class(None, synth.DEFAULT_CLASSES) == [113, 139, 122]  # the published set: 374
+    assert synth._images_per_class(4, ["A", "B"]) == [4, 4]
+    with pytest.raises(ConfigError, match="do not match the 3 classes"):
+        synth._images_per_class([1, 2], synth.DEFAULT_CLASSES)
+    with pytest.raises(ConfigError, match="give --per-class"):
+        synth._images_per_class(None, ["A", "B"])
+    assert synth._split(11, 3) == [4, 4, 3]
