@@ -574,18 +574,24 @@ def build_dbs(
             cache = _PatchCache.build(workdir, Path(images), [(t.list_path, t.num_labels) for t in tasks], record, workers, bad)
             tasks = [dataclasses.replace(t, cache=cache) for t in tasks]
         function = _build_from_files if cache is None else _build_from_cache
-        weights = [t.list_path.stat().st_size for t in tasks]
-        for task, result in zip(tasks, imap(function, tasks, workers=workers, desc="dbs", unit="B", weights=weights)):
-            bad.merge(result.problems, result.conversions)
-            results.append(result)
+
+        def record(task: _DbTask, result: DbResult) -> None:
+            # Written after every database (and for those finished when another failed), so a
+            # rerun keeps finished databases instead of asking for --overwrite.
             dbs_record["dbs"][task.db_path.name] = {
                 "fold": task.fold, "side": task.side, "records": result.records, "lines": result.lines,
                 "list": _list_signature(task.list_path),
                 "mean": None if task.mean_path is None else task.mean_path.name,
                 "channel_means": result.channel_means,
             }
-            # Recorded after every database, so a rerun after an interruption keeps finished ones.
             atomic_write_json(workdir / DBS_JSON, dbs_record)
+
+        weights = [t.list_path.stat().st_size for t in tasks]
+        for task, result in zip(tasks, imap(function, tasks, workers=workers, desc="dbs", unit="B", weights=weights,
+                                            salvage=record)):
+            bad.merge(result.problems, result.conversions)
+            results.append(result)
+            record(task, result)
     finally:
         if cache is not None:
             cache.remove()

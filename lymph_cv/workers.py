@@ -54,11 +54,14 @@ def imap(
     desc: Optional[str] = None,
     unit: str = "it",
     weights: Optional[Sequence[int]] = None,
+    salvage: Optional[Callable[[T, R], None]] = None,
 ) -> Iterator[R]:
     """Yield ``function(item)`` for every item, in order, using up to ``workers`` processes.
 
     ``weights`` (one number per item) advance the progress bar instead of 1 per item, e.g.
     patches per image.  ``function`` must be a module-level function (picklable).
+    When an error stops the iteration, queued items are dropped, running ones finish, and
+    ``salvage(item, result)`` is called for each of those that succeeded but was not yielded.
     """
     count = resolve_workers(workers, len(items))
     total = sum(weights) if weights is not None else len(items)
@@ -76,17 +79,22 @@ def imap(
             pending = []
             iterator = iter(zip(items, steps))
             for item, step in iterator:
-                pending.append((pool.submit(function, item), step))
+                pending.append((item, pool.submit(function, item), step))
                 if len(pending) >= 4 * count:
                     break
             while pending:
-                future, step = pending.pop(0)
+                item, future, step = pending[0]
                 result = future.result()
+                pending.pop(0)
                 following = next(iterator, None)
                 if following is not None:
-                    pending.append((pool.submit(function, following[0]), following[1]))
+                    pending.append((following[0], pool.submit(function, following[0]), following[1]))
                 bar.update(step)
                 yield result
         finally:
             # On an error (or an abandoned generator) queued work is dropped, not finished.
             pool.shutdown(wait=True, cancel_futures=True)
+            if salvage is not None:
+                for item, future, _ in pending:
+                    if future.done() and not future.cancelled() and future.exception() is None:
+                        salvage(item, future.result())

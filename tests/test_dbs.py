@@ -248,3 +248,17 @@ def test_mean_of_db_mixed_records(tmp_path):
         writer.put(store.make_key(1, "b"), serialize_datum(images[0][:, :2], 0))
     with pytest.raises(InputError, match="record 2: record is 3x2x6, the first was 3x4x6"):
         dbs.mean_of_db(tmp_path / "bad")
+
+
+def test_rerun_after_a_failure_keeps_the_databases_that_finished(workdir, tmp_path, runner, cli):
+    work = _fresh(workdir, tmp_path)
+    listed = work / "train_w32_1.txt"
+    good = listed.read_text()
+    listed.write_text(good + "subs/missing_sub_1.tif\t0\n")
+    failed = runner.invoke(cli, ["dbs", str(work), "--workers", "2"])
+    assert failed.exit_code == 2 and "missing_sub_1.tif" in failed.stderr
+    listed.write_text(good)
+    # Databases finished beside the failing one are recorded, so no --overwrite is needed.
+    again = runner.invoke(cli, ["dbs", str(work), "--workers", "2"])
+    assert again.exit_code == 0, again.stderr
+    assert json.loads((work / "dbs.json").read_text())["dbs"].keys() == {"DB_train_1", "DB_train_2", "DB_test_1", "DB_test_2"}
