@@ -102,7 +102,8 @@ def read_image_list(path: Union[str, os.PathLike], num_labels: Optional[int] = N
                 raise ValueError
             label = int(parts[1])
         except ValueError:
-            raise InputError(f"line {number}: expected '<file><TAB or space><integer label>', got {line.strip()!r}", path) from None
+            raise InputError(f"line {number}: expected '<file><TAB or space><integer label>', "
+                             f"got {line.strip()!r}", path) from None
         name = parts[0].strip()
         if num_labels is not None and not 0 <= label < num_labels:
             raise InputError(f"line {number}: label {label} is outside the {num_labels} classes (0..{num_labels - 1})", path)
@@ -300,7 +301,9 @@ def _read_pixels(path: Union[str, Path], options: ImageOptions) -> tuple[np.ndar
     return image, conversion
 
 
-def record_value(path: Union[str, Path], label: int, options: ImageOptions = PLAIN) -> tuple[bytes, Optional[np.ndarray], Optional[str]]:
+def record_value(
+    path: Union[str, Path], label: int, options: ImageOptions = PLAIN,
+) -> tuple[bytes, Optional[np.ndarray], Optional[str]]:
     """Serialized Datum of one image file, its (C, H, W) pixels (None when encoded), any conversion."""
     if not options.encoded:
         image, conversion = _read_pixels(path, options)
@@ -373,7 +376,8 @@ def write_db(
                     if first_size is None:
                         first_size = pixels.size
                     elif pixels.size != first_size:
-                        raise InputError(f"record {key.decode(errors='replace')} has {pixels.size} values, the first had {first_size} (-check_size)")
+                        raise InputError(f"record {key.decode(errors='replace')} has {pixels.size} values, "
+                                         f"the first had {first_size} (-check_size)")
                 writer.put(key, value)
                 if accumulator is not None:
                     if pixels is None:
@@ -709,7 +713,8 @@ class _PatchCache:
         try:
             jobs = [(cache, SourceImage(images / e.cls / e.name, e.cls, e.label), e.stem, manifest.step) for e in chosen]
             unreadable = set()
-            for (_, source, stem, _), (problem, conversion) in zip(jobs, imap(_cut_image, jobs, workers=workers, desc="cut", unit="img")):
+            done = imap(_cut_image, jobs, workers=workers, desc="cut", unit="img")
+            for (_, source, stem, _), (problem, conversion) in zip(jobs, done):
                 if problem:
                     bad.problem(problem)
                     unreadable.add(stem)

@@ -128,7 +128,8 @@ def make_folds(
         keys = [image.name if group_by == "image" else case_of(image.stem, case_regex) for image in images]
         groups = sorted(set(keys))
         if len(groups) < k:
-            log.warning("warning: class %s has %d %s(s), fewer than %d folds: some test folds lack it", name, len(groups), group_by, k)
+            log.warning("warning: class %s has %d %s(s), fewer than %d folds: some test folds lack it",
+                        name, len(groups), group_by, k)
         numbers = assign_folds(len(groups), k, np.random.default_rng([seed, label]))
         group_fold = dict(zip(groups, numbers.tolist()))
         for image, key in zip(images, keys):
@@ -218,7 +219,8 @@ def folds_from_parent_lists(
         if both:
             raise InputError(f"fold {index}: {sorted(both)[0]} is in both the train and the test parent list", parent_dir)
         folds.append(Fold(index, train, test))
-    fold_set = FoldSet(folds, list(manifest.classes), len(folds), None, "image", DEFAULT_CASE_REGEX, os.fspath(parent_dir.resolve()))
+    fold_set = FoldSet(folds, list(manifest.classes), len(folds), None, "image", DEFAULT_CASE_REGEX,
+                       os.fspath(parent_dir.resolve()))
     write_folds(fold_set, manifest, out_dir)
     return fold_set
 

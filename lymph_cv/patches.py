@@ -233,9 +233,11 @@ class Manifest:
             for label, name in enumerate(classes):
                 for case, entries in obj["tree"][name]["cases"].items():
                     for image_name, info in entries.items():
-                        images.append(ImageEntry(name, label, image_name, case, int(info["height"]), int(info["width"]), int(info["patches"])))
+                        images.append(ImageEntry(name, label, image_name, case, int(info["height"]),
+                                                 int(info["width"]), int(info["patches"])))
             images.sort(key=lambda e: (e.label, e.name))
-            return cls(classes, images, int(obj["patch_size"]), int(obj["step"]), obj.get("data_dir"), list(obj.get("skipped", [])), path)
+            return cls(classes, images, int(obj["patch_size"]), int(obj["step"]), obj.get("data_dir"),
+                       list(obj.get("skipped", [])), path)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise FormatError(f"not a lymph-cv patch manifest ({type(exc).__name__}: {exc})", path) from exc
 
@@ -318,7 +320,8 @@ def read_for_patches(source: SourceImage, patch_size: int, step: int) -> ReadIma
     height, width = read.bgr.shape[:2]
     if len(window_origins(height, width, patch_size, step)) == 0:
         needed = FIRST_ORIGIN + patch_size
-        raise InputError(f"image is {width}x{height}, smaller than one patch window (needs at least {needed}x{needed})", source.path)
+        raise InputError(f"image is {width}x{height}, smaller than one patch window "
+                         f"(needs at least {needed}x{needed})", source.path)
     return read
 
 

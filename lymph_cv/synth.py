@@ -341,7 +341,8 @@ def generate(
     log.info("synth: %d images (%d already present) in %s", len(tasks), len(tasks) - len(todo), out)
     for _ in imap(_render_task, todo, workers=workers, desc="synth", unit="img"):
         pass
-    atomic_write_json(record, {**params, "images": len(tasks), "cases": {c: ids[i * cases_per_class : (i + 1) * cases_per_class] for i, c in enumerate(classes)}})
+    cases = {c: ids[i * cases_per_class : (i + 1) * cases_per_class] for i, c in enumerate(classes)}
+    atomic_write_json(record, {**params, "images": len(tasks), "cases": cases})
     return [t.path for t in tasks]
 
 

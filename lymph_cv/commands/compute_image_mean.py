@@ -35,7 +35,8 @@ def run(values: dict, positional: list[str]) -> int:
     backend = check_backend(values["backend"])
     with caffe_log() as log:
         log.info("Starting iteration", SRC.format(71))
-        mean, count = dbs.mean_of_db(positional[0], backend, progress=lambda n: log.info(f"Processed {n} files.", SRC.format(100)))
+        mean, count = dbs.mean_of_db(positional[0], backend,
+                                     progress=lambda n: log.info(f"Processed {n} files.", SRC.format(100)))
         if count % dbs.MEAN_PROGRESS_EVERY:
             log.info(f"Processed {count} files.", SRC.format(105))
         if len(positional) == 2:

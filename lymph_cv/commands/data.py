@@ -42,7 +42,8 @@ _CLASSES = click.option(
 
 @click.command()
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--per-class", callback=_counts, default=None, help="Images per class: N, or N1,N2,N3 (default: the published 113,139,122).")
+@click.option("--per-class", callback=_counts, default=None,
+              help="Images per class: N, or N1,N2,N3 (default: the published 113,139,122).")
 @click.option("--cases-per-class", type=click.IntRange(min=1), default=synth_module.REAL_CASES_PER_CLASS, show_default=True)
 @click.option("--width", type=click.IntRange(min=1), default=synth_module.REAL_WIDTH, show_default=True)
 @click.option("--height", type=click.IntRange(min=1), default=synth_module.REAL_HEIGHT, show_default=True)
@@ -141,8 +142,10 @@ def check(directory: Path, case_regex, strict: bool) -> None:
 @click.option("--backend", type=click.Choice(["leveldb", "lmdb"]), default="leveldb", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Shuffle seed (recorded in dbs.json).")
 @click.option("--no-shuffle", is_flag=True, help="Keep the list order (Caffe without -shuffle).")
-@click.option("--fold", "folds", type=click.IntRange(min=1), multiple=True, help="Only this fold (repeatable; default: every fold with lists).")
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None, help="Folder the list names are relative to (default: WORKDIR).")
+@click.option("--fold", "folds", type=click.IntRange(min=1), multiple=True,
+              help="Only this fold (repeatable; default: every fold with lists).")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder the list names are relative to (default: WORKDIR).")
 @click.option("--images", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Build straight from the source images in this folder (no patch files needed).")
 @click.option("--overwrite", is_flag=True, help="Replace existing databases.")
