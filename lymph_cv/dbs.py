@@ -524,7 +524,8 @@ def build_dbs(
         backend: ``"leveldb"`` (the tutorial's) or ``"lmdb"``.
         seed: shuffles every database (recorded in ``dbs.json``); same seed, same order;
             None keeps the list order (no shuffle).
-        root: folder the list names are relative to (default ``workdir``).
+        root: folder the list names are relative to (default: ``list_root`` of ``folds.json``,
+            i.e. ``workdir`` when the patch folder is inside it).
         images: build straight from the source images in this folder (``CLASS/file.tif``)
             instead of reading patch files; needs the manifest named in ``folds.json``.
         overwrite: replace existing databases; without it an existing database is an error,
@@ -544,7 +545,7 @@ def build_dbs(
     record = _folds_record(workdir)
     classes = record.get("classes")
     num_labels = len(classes) if classes else None
-    root_dir = Path(root) if root is not None else workdir
+    root_dir = Path(root) if root is not None else workdir / record.get("list_root", ".")
     previous = _read_dbs_json(workdir)
     same_settings = previous.get("backend") == backend and previous.get("seed") == seed
 

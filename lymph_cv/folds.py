@@ -225,12 +225,20 @@ def folds_from_parent_lists(
     return fold_set
 
 
-def _patch_prefix(manifest: Manifest, out_dir: Path) -> str:
-    """Patch names in the lists are relative to the work folder (``subs/…``), so ``./`` is the root."""
+def _list_root(manifest: Manifest, out_dir: Path) -> tuple[str, str]:
+    """(prefix of the patch names in the lists, the folder they are relative to).
+
+    Names are relative to the work folder (``subs/…``, so the tutorial's ``./`` root works)
+    when the patch folder lies inside it; otherwise plain names relative to the patch folder
+    (names may not climb out of their root with ``..``).
+    """
     if manifest.path is None:
-        return ""
-    relative = os.path.relpath(manifest.path.parent.resolve(), out_dir.resolve())
-    return "" if relative == "." else relative.replace(os.sep, "/") + "/"
+        return "", "."
+    patch_dir, out = manifest.path.parent.resolve(), out_dir.resolve()
+    if not patch_dir.is_relative_to(out):
+        return "", os.fspath(patch_dir)
+    relative = patch_dir.relative_to(out).as_posix()
+    return ("" if relative == "." else relative + "/"), "."
 
 
 def _write_if_changed(path: Path, text: str) -> None:
@@ -249,7 +257,7 @@ def write_folds(fold_set: FoldSet, manifest: Manifest, out_dir: Union[str, os.Pa
     """Write the four lists of every fold and ``folds.json`` (each file atomically)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    prefix = _patch_prefix(manifest, out)
+    prefix, list_root = _list_root(manifest, out)
     lines_of: dict[str, str] = {}
     for entry in manifest.images:
         lines_of[entry.parent_name] = "".join(f"{prefix}{name}\t{entry.label}\n" for name in entry.patch_names())
@@ -265,6 +273,7 @@ def write_folds(fold_set: FoldSet, manifest: Manifest, out_dir: Union[str, os.Pa
         # Where the images and patch sizes are recorded, for building DBs straight from images.
         record["manifest"] = os.path.relpath(manifest.path.resolve(), out.resolve()).replace(os.sep, "/")
     record["data_dir"] = manifest.data_dir
+    record["list_root"] = list_root  # the folder the patch lists' names are relative to
     atomic_write_json(out / FOLDS_JSON, record)
     fold_set.out_dir = out
     log.info("folds: %d folds (%s) written to %s", fold_set.k, fold_set.group_by, out)

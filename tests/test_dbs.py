@@ -262,3 +262,11 @@ def test_rerun_after_a_failure_keeps_the_databases_that_finished(workdir, tmp_pa
     again = runner.invoke(cli, ["dbs", str(work), "--workers", "2"])
     assert again.exit_code == 0, again.stderr
     assert json.loads((work / "dbs.json").read_text())["dbs"].keys() == {"DB_train_1", "DB_train_2", "DB_test_1", "DB_test_2"}
+
+
+def test_patch_folder_outside_the_work_folder(workdir, tmp_path):
+    work = tmp_path / "work"
+    manifest = patches.load_manifest(workdir / "subs")  # patches live in another folder
+    folds.make_folds(manifest, work, k=2, seed=0)
+    results = dbs.build_dbs(work, workers=1, folds=[2])
+    assert sum(r.records for r in results) == manifest.total_patches

@@ -170,3 +170,14 @@ def test_rerun_keeps_unchanged_lists(tmp_path):
     for k in (1, 2, 3):
         for name in (f"train_w32_{k}.txt", f"test_w32_parent_{k}.txt"):
             assert (tmp_path / name).read_text() == (tmp_path / "fresh" / name).read_text()
+
+
+def test_patch_folder_outside_the_work_folder(tmp_path):
+    manifest = _manifest(path=tmp_path / "elsewhere" / MANIFEST_NAME)
+    folds.make_folds(manifest, tmp_path / "work", k=2, seed=0)
+    first = _lines(tmp_path / "work" / "test_w32_1.txt")[0]
+    assert "/" not in first.split("\t")[0]  # no '../elsewhere/' climbing out of the root
+    record = json.loads((tmp_path / "work" / "folds.json").read_text())
+    assert record["list_root"] == str((tmp_path / "elsewhere").resolve())
+    folds.make_folds(_manifest(path=tmp_path / "work" / "subs" / MANIFEST_NAME), tmp_path / "work", k=2, seed=0)
+    assert json.loads((tmp_path / "work" / "folds.json").read_text())["list_root"] == "."
