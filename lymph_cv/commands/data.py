@@ -6,6 +6,9 @@ from typing import Optional
 
 import click
 
+from lymph_cv import folds as folds_module
+from lymph_cv import patches as patches_module
+from lymph_cv import store
 from lymph_cv import synth as synth_module
 
 _WORKERS = click.option("--workers", type=click.IntRange(min=0), default=None, help="Processes (default: all cores).")
@@ -66,8 +69,8 @@ _SKIP_BAD = click.option("--skip-bad", is_flag=True, help="Warn about and skip b
 @click.argument("data", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @_CLASSES
-@click.option("--patch-size", type=click.IntRange(min=1), default=36, show_default=True)
-@click.option("--step", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--patch-size", type=click.IntRange(min=1), default=patches_module.PATCH_SIZE, show_default=True)
+@click.option("--step", type=click.IntRange(min=1), default=patches_module.STEP, show_default=True)
 @click.option("--mat", "write_mat", is_flag=True, help="Also write Matlab's class_struct.mat.")
 @click.option("--manifest-only", is_flag=True, help="Write only manifest.json, no patch files (for `dbs --images`).")
 @_SKIP_BAD
@@ -75,8 +78,6 @@ _SKIP_BAD = click.option("--skip-bad", is_flag=True, help="Warn about and skip b
 def patches(data: Path, out: Path, classes: list[str], patch_size: int, step: int, write_mat: bool,
             manifest_only: bool, skip_bad: bool, workers) -> None:
     """Step 1: rotated patches of every image of DATA/<class>/ into OUT (with manifest.json)."""
-    from lymph_cv import patches as patches_module
-
     manifest = patches_module.extract_patches(
         data, out, classes=classes, patch_size=patch_size, step=step,
         workers=workers, write_mat=write_mat, skip_bad=skip_bad, write_patches=not manifest_only,
@@ -103,23 +104,20 @@ def folds() -> None:
 @folds.command("make")
 @click.argument("manifest", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--k", type=click.IntRange(min=2), default=5, show_default=True, help="Number of folds.")
+@click.option("--k", type=click.IntRange(min=2), default=folds_module.DEFAULT_K, show_default=True, help="Number of folds.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--group-by", type=click.Choice(["image", "case"]), default="image", show_default=True,
+@click.option("--group-by", type=click.Choice(folds_module.GROUP_BY), default=folds_module.GROUP_BY[0], show_default=True,
               help="image: the tutorial (each image its own patient); case: a case's images stay together.")
 @click.option("--case-regex", default=None, help="Case id from an image stem (group 'case'; default '<case>_NNN').")
 @click.option("--from-parent-lists", "parent_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Reproduce the split of these train/test_w32_parent_K.txt lists.")
 def make_folds(manifest: Path, out: Path, k: int, seed: int, group_by: str, case_regex, parent_dir) -> None:
     """Write train/test patch and parent lists per fold to OUT (MANIFEST: subs/manifest.json or subs/)."""
-    from lymph_cv import folds as folds_module
-    from lymph_cv.patches import DEFAULT_CASE_REGEX
-
     if parent_dir is not None:
         fold_set = folds_module.folds_from_parent_lists(manifest, parent_dir, out)
     else:
         fold_set = folds_module.make_folds(manifest, out, k=k, seed=seed, group_by=group_by,
-                                           case_regex=case_regex or DEFAULT_CASE_REGEX)
+                                           case_regex=case_regex or patches_module.DEFAULT_CASE_REGEX)
     click.echo(folds_module.describe(fold_set))
 
 
@@ -129,8 +127,6 @@ def make_folds(manifest: Path, out: Path, k: int, seed: int, group_by: str, case
 @click.option("--strict", is_flag=True, help="Exit with status 1 when any case or image is on both sides of a fold.")
 def check(directory: Path, case_regex, strict: bool) -> None:
     """Report per fold the cases found on both sides and the class balance."""
-    from lymph_cv import folds as folds_module
-
     report = folds_module.check_folds(directory, case_regex)
     click.echo(folds_module.format_check(report))
     if strict and report.leaks:
@@ -139,7 +135,7 @@ def check(directory: Path, case_regex, strict: bool) -> None:
 
 @click.command()
 @click.argument("workdir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--backend", type=click.Choice(["leveldb", "lmdb"]), default="leveldb", show_default=True)
+@click.option("--backend", type=click.Choice(store.BACKENDS), default=store.LEVELDB, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Shuffle seed (recorded in dbs.json).")
 @click.option("--no-shuffle", is_flag=True, help="Keep the list order (Caffe without -shuffle).")
 @click.option("--fold", "folds", type=click.IntRange(min=1), multiple=True,
