@@ -45,6 +45,8 @@ REAL_CASES_PER_CLASS = 10
 REAL_WIDTH, REAL_HEIGHT = 1388, 1040
 #: Record of the parameters, written next to the class folders.
 SYNTH_JSON = "synth.json"
+#: Bumped whenever the drawing changes, so a rerun does not keep images drawn the old way.
+RENDER_VERSION = 2
 IMAGE_SUFFIX = ".tif"
 #: OpenCV's TIFF options for uncompressed files, like the published images (1388×1040×3 ≈ 4.3 MB).
 TIFF_UNCOMPRESSED = [cv2.IMWRITE_TIFF_COMPRESSION, 1]
@@ -323,6 +325,7 @@ def generate(
         "width": width,
         "height": height,
         "seed": seed,
+        "render_version": RENDER_VERSION,
     }
     record = out / SYNTH_JSON
     resumable = _same_params(record, params)
@@ -341,7 +344,11 @@ def generate(
     log.info("synth: %d images (%d already present) in %s", len(tasks), len(tasks) - len(todo), out)
     for _ in imap(_render_task, todo, workers=workers, desc="synth", unit="img"):
         pass
-    cases = {c: ids[i * cases_per_class : (i + 1) * cases_per_class] for i, c in enumerate(classes)}
+    cases: dict[str, list[str]] = {name: [] for name in classes}
+    for task in tasks:  # cases that got images (more cases than images leaves some empty)
+        case = task.path.stem.rsplit("_", 1)[0]
+        if case not in cases[task.path.parent.name]:
+            cases[task.path.parent.name].append(case)
     atomic_write_json(record, {**params, "images": len(tasks), "cases": cases})
     return [t.path for t in tasks]
 
