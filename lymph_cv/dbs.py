@@ -43,13 +43,10 @@ from lymph_cv.patches import (
     MANIFEST_NAME, BadInputs, Manifest, SourceImage, extract, load_manifest, patch_count, read_color, read_for_patches,
 )
 from lymph_cv.workers import fork_available, imap
+from lymph_cv.layout import DB_TEST, DB_TRAIN, DBS_JSON, MEAN_FILE, PATCH_DIR
 
 log = logging.getLogger(__name__)
 
-DB_TRAIN = "DB_train_{fold}"
-DB_TEST = "DB_test_{fold}"
-MEAN_FILE = "DB_train_w32_{fold}.binaryproto"
-DBS_JSON = "dbs.json"
 DEFAULT_BACKEND = store.LEVELDB
 DEFAULT_SEED = 0
 #: Integers up to 2^24 are exact in float32: below it a batched integer sum equals Caffe's running sum.
@@ -728,7 +725,7 @@ class _PatchCache:
 
 def _manifest_for(workdir: Path, record: dict) -> Manifest:
     relative = record.get("manifest")
-    path = workdir / relative if relative else workdir / "subs" / MANIFEST_NAME
+    path = workdir / relative if relative else workdir / PATCH_DIR / MANIFEST_NAME
     return load_manifest(path)
 
 

@@ -33,6 +33,10 @@ import numpy as np
 from tqdm import tqdm
 
 from lymph_cv.errors import ConfigError, EvaluationError, InputError, LymphCVError
+from lymph_cv.layout import DEPLOY_NAME, EVAL_DIR, FOLDS_JSON, MANIFEST_NAME, PATCH_DIR
+from lymph_cv.layout import EVAL_FOLD_DIR as FOLD_DIR_TEMPLATE
+from lymph_cv.layout import MEAN_FILE as MEAN_TEMPLATE
+from lymph_cv.layout import TEST_PARENT as PARENT_LIST_TEMPLATE
 from lymph_cv.report import confusion_matrix
 
 log = logging.getLogger(__name__)
@@ -56,14 +60,7 @@ RAW_SCALE = 255.0
 #: Channel swap RGB → BGR (the order of Caffe's Datum and mean files).
 CHANNEL_SWAP = (2, 1, 0)
 
-# Workdir layout (see DESIGN / the tutorial).
-DEPLOY_NAME = "deploy_train32.prototxt"
-MEAN_TEMPLATE = "DB_train_w32_{fold}.binaryproto"
-PARENT_LIST_TEMPLATE = "test_w32_parent_{fold}.txt"
-EVAL_DIR = "eval"
-FOLD_DIR_TEMPLATE = "fold_{fold}"
-MANIFEST = Path("subs") / "manifest.json"
-FOLDS_JSON = "folds.json"
+MANIFEST = Path(PATCH_DIR) / MANIFEST_NAME
 _SNAPSHOT = re.compile(r"_iter_(\d+)\.caffemodel$")
 
 

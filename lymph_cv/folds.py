@@ -1,5 +1,4 @@
 """Step 2: k-fold train/test lists (patch lists and parent lists), the published split, leak checks.
-
 Per fold K the tutorial's four files: ``train_w32_K.txt`` / ``test_w32_K.txt`` with one
 ``<patch file><TAB><label>`` per line, and ``train_w32_parent_K.txt`` / ``test_w32_parent_K.txt``
 with one ``CLASS/file.tif`` per line; plus ``folds.json`` with the parameters.
@@ -28,14 +27,10 @@ import numpy as np
 from lymph_cv.errors import ConfigError, FormatError, InputError
 from lymph_cv.fsutil import atomic_write_json, atomic_write_text
 from lymph_cv.patches import DEFAULT_CASE_REGEX, ImageEntry, Manifest, case_of, compile_case_regex, load_manifest
+from lymph_cv.layout import FOLDS_JSON, TEST_LIST, TEST_PARENT, TRAIN_LIST, TRAIN_PARENT
 
 log = logging.getLogger(__name__)
 
-TRAIN_LIST = "train_w32_{fold}.txt"
-TEST_LIST = "test_w32_{fold}.txt"
-TRAIN_PARENT = "train_w32_parent_{fold}.txt"
-TEST_PARENT = "test_w32_parent_{fold}.txt"
-FOLDS_JSON = "folds.json"
 GROUP_BY = ("image", "case")
 DEFAULT_K = 5
 _PARENT_PATTERN = re.compile(r"^(train|test)_w32_parent_(\d+)\.txt$")

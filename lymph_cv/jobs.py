@@ -35,11 +35,12 @@ from lymph_cv import render
 from lymph_cv.errors import ConfigError, SchedulerError
 from lymph_cv.fsutil import atomic_write_json, atomic_write_text
 from lymph_cv.resources import job_template_dir
+from lymph_cv.layout import JOBS_JSON
 
 log = logging.getLogger(__name__)
 
 SCHEDULERS = ("pbs", "slurm", "local")
-JOBS_FILE = "jobs.json"
+JOBS_FILE = JOBS_JSON
 JOBS_VERSION = 1
 TRAIN_TASK = "train"
 EVALUATE_TASK = "evaluate"

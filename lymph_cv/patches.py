@@ -26,6 +26,7 @@ from lymph_cv.errors import ConfigError, FormatError, InputError, LymphCVError
 from lymph_cv.fsutil import atomic_write_json, temp_sibling
 from lymph_cv.synth import DEFAULT_CLASSES, TIFF_UNCOMPRESSED
 from lymph_cv.workers import imap
+from lymph_cv.layout import MANIFEST_NAME
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,6 @@ FIRST_ORIGIN = 1
 ROTATIONS = (0, 90)
 PATCH_SUFFIX = ".tif"
 PATCH_NAME = "{stem}_sub_{index}" + PATCH_SUFFIX
-MANIFEST_NAME = "manifest.json"
 MAT_NAME = "class_struct.mat"
 #: Case (patient) id = image stem minus its trailing ``_NNN`` image number.
 DEFAULT_CASE_REGEX = r"^(?P<case>.+)_\d+$"

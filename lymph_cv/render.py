@@ -23,24 +23,18 @@ from lymph_cv.caffe.prototxt import parse_net_text, parse_solver_text
 from lymph_cv.errors import ConfigError, FormatError, InputError
 from lymph_cv.fsutil import atomic_write_json, atomic_write_text
 from lymph_cv.resources import prototxt_template_dir
+from lymph_cv.layout import (DBS_JSON, DEPLOY_NAME, DROPOUT_SNAPSHOT_PREFIX, MEAN_FILE,
+                             NET_NAME, SNAPSHOT_PREFIX, SOLVER_NAME, TEST_LIST, TRAIN_LIST)
+from lymph_cv.layout import DB_TEST as TEST_DB
+from lymph_cv.layout import DB_TRAIN as TRAIN_DB
 
 log = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
-SOLVER_NAME = "{fold}-alexnet_solver_ada.prototxt"
-NET_NAME = "{fold}-alexnet_traing_32w_db.prototxt"
-DEPLOY_NAME = "deploy_train32.prototxt"
+
 RENDER_JSON = "render.json"
 #: Snapshot prefixes as the published models are named (…_w32_iter_N, …_w32_dropout_iter_N).
-SNAPSHOT_PREFIX = "{fold}_caffenet_train_w32"
-DROPOUT_SNAPSHOT_PREFIX = "{fold}_caffenet_train_w32_dropout"
-TRAIN_LIST = "train_w32_{fold}.txt"
-TEST_LIST = "test_w32_{fold}.txt"
-TRAIN_DB = "DB_train_{fold}"
-TEST_DB = "DB_test_{fold}"
-MEAN_FILE = "DB_train_w32_{fold}.binaryproto"
-DBS_JSON = "dbs.json"
 TEST_LIST_PATTERN = re.compile(r"^test_w32_(\d+)\.txt$")
 
 SOLVER_TEMPLATE = "solver.prototxt.j2"

@@ -21,6 +21,7 @@ import numpy as np
 
 from lymph_cv.errors import EvaluationError, InputError
 from lymph_cv.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
+from lymph_cv.layout import EVAL_DIR, REPORT_MD
 
 if TYPE_CHECKING:  # evaluate imports this module at run time
     from lymph_cv.evaluate import FoldResult
@@ -34,7 +35,6 @@ IMAGES_CSV = "images.csv"
 CONFUSION_PNG = "confusion.png"
 HEATMAP_DIR = "heatmaps"
 REPORT_JSON = "report.json"
-REPORT_MD = "report.md"
 REPORT_TXT = "report.txt"
 _FOLD_DIR = re.compile(r"fold_(\d+)$")
 LAYOUT = "rows = true class, columns = predicted class"
@@ -356,7 +356,7 @@ class Report:
 def build_report(workdir: PathLike) -> Report:
     """Collect ``eval/fold_K/metrics.json`` of every evaluated fold and pool their matrices."""
     workdir = Path(workdir)
-    eval_dir = workdir / "eval"
+    eval_dir = workdir / EVAL_DIR
     found = sorted((int(m.group(1)), p) for p in eval_dir.glob("fold_*") if (m := _FOLD_DIR.match(p.name)) and p.is_dir())
     records = []
     for _, folder in found:
@@ -467,7 +467,7 @@ def format_markdown(report: Report) -> str:
 
 def write_report(report: Report, legacy_layout: bool = False) -> List[Path]:
     """Write ``eval/report.json``, ``report.txt``, ``confusion.png`` and ``report.md``; each atomically."""
-    eval_dir = report.workdir / "eval"
+    eval_dir = report.workdir / EVAL_DIR
     paths = [eval_dir / REPORT_JSON, eval_dir / REPORT_TXT, eval_dir / CONFUSION_PNG, eval_dir / REPORT_MD]
     acc_mean, acc_sd = report.spread("accuracy")
     title = f"{len(report.folds)} fold(s) pooled: accuracy {_num(accuracy(report.confusion))}, per fold {_pm(acc_mean, acc_sd)}"

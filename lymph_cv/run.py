@@ -30,13 +30,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 from lymph_cv import DEFAULT_CLASSES
 from lymph_cv.errors import ConfigError, LymphCVError, TrainingError
 from lymph_cv.fsutil import atomic_write_json, remove_stale_temporaries
+from lymph_cv.layout import (DB_TEST, DB_TRAIN, DEPLOY_NAME, EVAL_DIR, MANIFEST_NAME, MEAN_FILE, NET_NAME,
+                             PATCH_DIR, REPORT_MD, RUN_JSON, SOLVER_NAME)
 
 log = logging.getLogger(__name__)
 
-RUN_JSON = "run.json"
+#: Where ``--demo`` writes its synthetic images.
 DATA_DIR = "data"
-PATCH_DIR = "subs"
-EVAL_DIR = "eval"
 STAGES = ("synth", "patches", "folds", "dbs", "render", "train", "evaluate", "report")
 EXECUTORS = ("local", "pbs", "slurm")
 #: Image suffixes whose files make up the input fingerprint.
@@ -188,7 +188,7 @@ def _patches_params(o: RunOptions) -> dict:
 
 
 def _patches_complete(o: RunOptions) -> bool:
-    return (_patch_dir(o) / "manifest.json").is_file()
+    return (_patch_dir(o) / MANIFEST_NAME).is_file()
 
 
 def _patches_run(o: RunOptions, fresh: bool) -> None:
@@ -212,13 +212,13 @@ def _folds_complete(o: RunOptions) -> bool:
 def _folds_run(o: RunOptions, fresh: bool) -> None:
     from lymph_cv.folds import describe, make_folds
 
-    fold_set = make_folds(_patch_dir(o) / "manifest.json", o.workdir, k=o.k, seed=o.seed, group_by=o.group_by)
+    fold_set = make_folds(_patch_dir(o) / MANIFEST_NAME, o.workdir, k=o.k, seed=o.seed, group_by=o.group_by)
     log.info("%s", describe(fold_set))
 
 
 def _db_paths(o: RunOptions, fold: int) -> List[Path]:
     w = Path(o.workdir)
-    return [w / f"DB_train_{fold}", w / f"DB_test_{fold}", w / f"DB_train_w32_{fold}.binaryproto"]
+    return [w / name.format(fold=fold) for name in (DB_TRAIN, DB_TEST, MEAN_FILE)]
 
 
 def _dbs_params(o: RunOptions) -> dict:
@@ -260,8 +260,6 @@ def _solver_device(o: RunOptions) -> str:
 
 
 def _render_complete(o: RunOptions) -> bool:
-    from lymph_cv.render import DEPLOY_NAME, NET_NAME, SOLVER_NAME
-
     w = Path(o.workdir)
     return all((w / str(k) / name.format(fold=k)).is_file()
                for k in o.fold_list for name in (SOLVER_NAME, NET_NAME, DEPLOY_NAME))
@@ -275,8 +273,6 @@ def _render_run(o: RunOptions, fresh: bool) -> None:
 
 
 def _solver(o: RunOptions, fold: int) -> Path:
-    from lymph_cv.render import SOLVER_NAME
-
     return Path(o.workdir) / str(fold) / SOLVER_NAME.format(fold=fold)
 
 
@@ -383,7 +379,7 @@ def _evaluate_run(o: RunOptions, fresh: bool) -> None:
 
 
 def _report_complete(o: RunOptions) -> bool:
-    return (Path(o.workdir) / EVAL_DIR / "report.md").is_file()
+    return (Path(o.workdir) / EVAL_DIR / REPORT_MD).is_file()
 
 
 def _report_run(o: RunOptions, fresh: bool):

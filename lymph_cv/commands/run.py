@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 import click
 
 from lymph_cv.commands.render import _folds
+from lymph_cv.layout import EVAL_DIR, REPORT_MD
 from lymph_cv.run import EXECUTORS, STAGES, DemoData, RunOptions, run_pipeline
 
 log = logging.getLogger(__name__)
@@ -95,4 +96,4 @@ def run(workdir: Path, data: Optional[Path], demo: bool, classes, k: int, folds,
         from lymph_cv.report import format_report
 
         click.echo(format_report(result.report), nl=False)
-        click.echo(f"report: {Path(workdir) / 'eval' / 'report.md'}")
+        click.echo(f"report: {Path(workdir) / EVAL_DIR / REPORT_MD}")

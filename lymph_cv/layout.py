@@ -1,0 +1,33 @@
+"""The work directory's file names, defined once (they mirror the tutorial's).
+
+``{fold}`` is the fold number K (1-based).  See README.md, "The work directory".
+"""
+from __future__ import annotations
+
+#: Step 1: the patch folder (the tutorial's ``subs/``) and its manifest.
+PATCH_DIR = "subs"
+MANIFEST_NAME = "manifest.json"
+#: Step 2: patch lists (``<patch>\t<label>``), parent lists (``CLASS/file.tif``), the record.
+TRAIN_LIST = "train_w32_{fold}.txt"
+TEST_LIST = "test_w32_{fold}.txt"
+TRAIN_PARENT = "train_w32_parent_{fold}.txt"
+TEST_PARENT = "test_w32_parent_{fold}.txt"
+FOLDS_JSON = "folds.json"
+#: Step 3: databases, mean files and their record.
+DB_TRAIN = "DB_train_{fold}"
+DB_TEST = "DB_test_{fold}"
+MEAN_FILE = "DB_train_w32_{fold}.binaryproto"
+DBS_JSON = "dbs.json"
+#: Step 4, inside ``WORKDIR/{fold}/``: rendered configs and snapshot prefixes (as published).
+SOLVER_NAME = "{fold}-alexnet_solver_ada.prototxt"
+NET_NAME = "{fold}-alexnet_traing_32w_db.prototxt"
+DEPLOY_NAME = "deploy_train32.prototxt"
+SNAPSHOT_PREFIX = "{fold}_caffenet_train_w32"
+DROPOUT_SNAPSHOT_PREFIX = "{fold}_caffenet_train_w32_dropout"
+JOBS_JSON = "jobs.json"
+#: Step 5: evaluation outputs (``eval/fold_{fold}/`` and the pooled report).
+EVAL_DIR = "eval"
+EVAL_FOLD_DIR = "fold_{fold}"
+REPORT_MD = "report.md"
+#: The orchestrator's record.
+RUN_JSON = "run.json"
