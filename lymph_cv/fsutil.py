@@ -91,7 +91,10 @@ def atomic_write_json(path: PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid) -> bool:
+    """Whether a process with this pid exists (``None`` or 0: no)."""
+    if not pid:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -112,7 +115,7 @@ def remove_stale_temporaries(folder: PathLike) -> list[Path]:
         if not name.startswith(".") or TEMP_MARKER not in name:
             continue
         pid_text = name.rsplit(TEMP_MARKER, 1)[1].split("-", 1)[0]
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+        if pid_text.isdigit() and not pid_alive(int(pid_text)):
             remove_path(path)
             removed.append(path)
     return removed

@@ -33,7 +33,7 @@ import jinja2
 
 from lymph_cv import render
 from lymph_cv.errors import ConfigError, SchedulerError
-from lymph_cv.fsutil import atomic_write_json, atomic_write_text
+from lymph_cv.fsutil import atomic_write_json, atomic_write_text, pid_alive
 from lymph_cv.resources import job_template_dir
 from lymph_cv.layout import JOBS_JSON
 
@@ -632,25 +632,13 @@ def _local_submit(workdir: Path, spec: JobSpec, options: JobOptions) -> str:
     return job_id
 
 
-def _pid_alive(pid: Optional[int]) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _local_state(workdir: Path, job_id: str) -> Optional[str]:
     path = Path(workdir).resolve() / LOCAL_DIR / f"{job_id}.json"
     try:
         state = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if state.get("state") in (PENDING, RUNNING) and "pid" in state and not _pid_alive(state["pid"]):
+    if state.get("state") in (PENDING, RUNNING) and "pid" in state and not pid_alive(state["pid"]):
         return FAILED  # the worker died without recording an end
     return state.get("state")
 
