@@ -262,6 +262,10 @@ def mean_of_db(
 # --------------------------------------------------------------------------- reading images
 
 
+#: Image formats offered in the -encode_type error (those this OpenCV can write).
+_ENCODE_TYPES = ("bmp", "jpg", "jpeg", "jpe", "png", "tif", "tiff", "webp", "ppm", "pgm", "pbm", "pnm", "sr", "ras", "jp2")
+
+
 @dataclass(frozen=True)
 class ImageOptions:
     """``convert_imageset``'s image options."""
@@ -272,6 +276,11 @@ class ImageOptions:
     encoded: bool = False
     encode_type: str = ""
     check_size: bool = False
+
+    def __post_init__(self):
+        if self.encode_type and not cv2.haveImageWriter("x." + self.encode_type):
+            raise ConfigError(f"-encode_type: OpenCV cannot encode images as {self.encode_type!r}",
+                              valid=[kind for kind in _ENCODE_TYPES if cv2.haveImageWriter("x." + kind)])
 
     @property
     def resize(self) -> bool:
@@ -313,7 +322,10 @@ def record_value(
     if same_kind and not options.resize and _same_extension(path, encoding):
         data = path.read_bytes()  # Caffe stores the file verbatim in this case
     else:
-        ok, buffer = cv2.imencode("." + encoding, image)
+        try:
+            ok, buffer = cv2.imencode("." + encoding, image)
+        except cv2.error:
+            ok = False
         if not ok:
             raise ConfigError(f"OpenCV cannot encode images as {encoding!r}")
         data = buffer.tobytes()

@@ -25,7 +25,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from lymph_cv.errors import ConfigError, FormatError, InputError
-from lymph_cv.fsutil import atomic_write_json, atomic_write_text
+from lymph_cv.fsutil import atomic_write_json, atomic_write_text, make_dirs
 from lymph_cv.patches import DEFAULT_CASE_REGEX, ImageEntry, Manifest, case_of, compile_case_regex, load_manifest
 from lymph_cv.layout import FOLDS_JSON, TEST_LIST, TEST_PARENT, TRAIN_LIST, TRAIN_PARENT
 
@@ -251,7 +251,7 @@ def _write_if_changed(path: Path, text: str) -> None:
 def write_folds(fold_set: FoldSet, manifest: Manifest, out_dir: Union[str, os.PathLike]) -> None:
     """Write the four lists of every fold and ``folds.json`` (each file atomically)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     prefix, list_root = _list_root(manifest, out)
     lines_of: dict[str, str] = {}
     for entry in manifest.images:

@@ -13,6 +13,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator, Union
 
+from lymph_cv.errors import LymphCVError
+
 PathLike = Union[str, os.PathLike]
 
 #: Marker in temporary names, so leftovers of a killed process are recognisable.
@@ -34,9 +36,34 @@ def remove_path(path: Path) -> None:
             path.unlink()
 
 
+def make_dirs(folder: PathLike) -> Path:
+    """Create ``folder`` and its parents if missing; a failure is one :class:`LymphCVError` line."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise LymphCVError("is a file; expected a folder", folder) from None
+    except OSError as exc:
+        raise LymphCVError(f"cannot create folder ({exc.strerror or exc})", folder) from None
+    return folder
+
+
+def check_kind(final: PathLike, folder: bool) -> None:
+    """Refuse to replace a folder by a file or a file by a folder (never delete the wrong kind)."""
+    final = Path(final)
+    if folder and final.exists() and not final.is_dir():
+        raise LymphCVError("is a file; expected a folder (or a new name)", final)
+    if not folder and final.is_dir():
+        raise LymphCVError("is a folder; expected a file name", final)
+
+
 def replace_path(source: PathLike, final: PathLike) -> None:
-    """Move ``source`` onto ``final``; an existing directory at ``final`` is replaced."""
+    """Move ``source`` onto ``final``; an existing directory at ``final`` is replaced by a directory.
+
+    A file never replaces a directory nor a directory a file (:class:`LymphCVError`).
+    """
     source, final = Path(source), Path(final)
+    check_kind(final, folder=source.is_dir() and not source.is_symlink())
     if final.is_dir() and not final.is_symlink():
         # os.replace cannot overwrite a non-empty directory: move the old one aside first,
         # so that ``final`` is missing only for the instant between the two renames.
@@ -60,7 +87,7 @@ def atomic_path(final: PathLike) -> Iterator[Path]:
     temporary is removed and ``final`` is left untouched.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(final.parent)
     temp = temp_sibling(final)
     try:
         yield temp
@@ -74,11 +101,15 @@ def atomic_path(final: PathLike) -> Iterator[Path]:
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (fsynced before the rename)."""
+    check_kind(path, folder=False)
     with atomic_path(path) as temp:
-        with open(temp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with open(temp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            raise LymphCVError(f"cannot write file ({exc.strerror or exc})", path) from None
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from lymph_cv.errors import ConfigError, FormatError, InputError, LymphCVError
-from lymph_cv.fsutil import atomic_write_json, temp_sibling
+from lymph_cv.fsutil import atomic_write_json, make_dirs, temp_sibling
 from lymph_cv.synth import DEFAULT_CLASSES, TIFF_UNCOMPRESSED
 from lymph_cv.workers import imap
 from lymph_cv.layout import MANIFEST_NAME
@@ -431,7 +431,7 @@ def extract_patches(
         raise ConfigError(f"patch size and step must be positive, got {patch_size} and {step}")
     out_dir = Path(out_dir)
     sources = scan_images(data_dir, classes)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir)
     bad = BadInputs(skip_bad)
     entries: list[ImageEntry] = []
     written = 0

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Tuple, Union
 
 from lymph_cv.errors import FormatError, StoreError
-from lymph_cv.fsutil import PathLike, remove_path, replace_path, temp_sibling
+from lymph_cv.fsutil import PathLike, check_kind, make_dirs, remove_path, replace_path, temp_sibling
 
 log = logging.getLogger(__name__)
 
@@ -177,12 +177,18 @@ def open_writer(
     backend = check_backend(backend)
     if path.exists() and not overwrite:
         raise StoreError("already exists; pass --overwrite to replace it", path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_kind(path, folder=True)
+    make_dirs(path.parent)
     temp = temp_sibling(path)
-    if backend == LEVELDB:
-        writer: _Writer = _LevelDBWriter(temp, commit_every)
-    else:
-        writer = _LMDBWriter(temp, commit_every, lmdb_map_size)
+    try:
+        if backend == LEVELDB:
+            writer: _Writer = _LevelDBWriter(temp, commit_every)
+        else:
+            writer = _LMDBWriter(temp, commit_every, lmdb_map_size)
+    except Exception as exc:  # plyvel/lmdb/OS errors name the temporary: report the final name
+        remove_path(temp)
+        detail = exc.detail if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"
+        raise StoreError(f"cannot create {backend} database ({detail})", path) from None
     try:
         yield writer
         writer.commit()

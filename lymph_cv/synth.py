@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 
 from lymph_cv.errors import ConfigError, InputError
-from lymph_cv.fsutil import atomic_write_bytes, atomic_write_json
+from lymph_cv.fsutil import atomic_write_bytes, atomic_write_json, make_dirs
 from lymph_cv.workers import imap
 
 log = logging.getLogger(__name__)
@@ -333,7 +333,7 @@ def generate(
     ids = case_ids(cases_per_class * len(classes), np.random.default_rng([seed, 0xCA5E]))
     tasks: list[_Task] = []
     for label, name in enumerate(classes):
-        (out / name).mkdir(parents=True, exist_ok=True)
+        make_dirs(out / name)
         cases = ids[label * cases_per_class : (label + 1) * cases_per_class]
         for case_index, (case, images) in enumerate(zip(cases, _split(counts[label], cases_per_class))):
             stain = draw_stain(np.random.default_rng([seed, label, case_index]))

@@ -140,6 +140,23 @@ def test_compute_image_mean(work, tmp_path, capsys):
     assert "Number of channels: 3" in err
     assert compute_image_mean.main(["--backend=lmdb", str(tmp_path / "db")]) == 2
     assert "is a leveldb database, not lmdb" in capsys.readouterr().err
+    (tmp_path / "folder" / "keep").mkdir(parents=True)
+    assert compute_image_mean.main(["-backend", "leveldb", str(tmp_path / "db"), str(tmp_path / "folder")]) == 2
+    assert "folder: is a folder; expected a file name" in capsys.readouterr().err.splitlines()[-1]
+    assert (tmp_path / "folder" / "keep").is_dir()  # never replaced by the mean file
+
+
+def test_convert_imageset_bad_output_and_encode_type(work, tmp_path, capsys):
+    root, lst = f"{work}/", str(work / "test_w32_1.txt")
+    assert convert_imageset.main(["-encoded", "-encode_type", "xyz", root, lst, str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: -encode_type:") and "valid: bmp, jpg" in err and "\n" not in err
+    (tmp_path / "file").write_text("x")
+    assert convert_imageset.main(["-overwrite", root, lst, str(tmp_path / "file")]) == 2
+    assert "file: is a file; expected a folder" in capsys.readouterr().err
+    assert convert_imageset.main([root, lst, str(tmp_path / "file" / "db")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("file: is a file; expected a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 STEP3 = """#!/bin/bash

@@ -71,3 +71,26 @@ def test_remove_stale_temporaries_keeps_live_writers(tmp_path):
     assert remove_stale_temporaries(tmp_path) == [stale]
     assert live.exists() and plain.exists() and not stale.exists()
     assert str(os.getpid()) in live.name
+
+
+def test_a_file_never_replaces_a_folder_nor_a_folder_a_file(tmp_path):
+    from lymph_cv.errors import LymphCVError
+    from lymph_cv.fsutil import make_dirs
+
+    folder = tmp_path / "images"
+    (folder / "CLL").mkdir(parents=True)
+    (folder / "CLL" / "a.tif").write_bytes(b"keep")
+    with pytest.raises(LymphCVError, match="is a folder; expected a file name"):
+        atomic_write_bytes(folder, b"mean")
+    assert (folder / "CLL" / "a.tif").read_bytes() == b"keep"
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    with pytest.raises(LymphCVError, match="is a file; expected a folder"):
+        atomic_write_bytes(plain / "m.binaryproto", b"mean")
+    with pytest.raises(LymphCVError, match="is a file; expected a folder"):
+        with atomic_path(plain) as temp:
+            temp.mkdir()
+    assert plain.read_text() == "x"
+    with pytest.raises(LymphCVError, match="cannot create folder"):
+        make_dirs("/proc/no-such-folder/x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "plain"]
