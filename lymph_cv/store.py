@@ -204,6 +204,37 @@ def open_writer(
 # --------------------------------------------------------------------------- readers
 
 
+_LMDB_MAGIC = 0xBEEFC0DE
+
+
+def _check_lmdb_size(path: Path) -> None:
+    """Refuse an LMDB whose data.mdb is shorter than its newest meta page says.
+
+    LMDB maps the file and would die of SIGBUS on the first page past its end (a truncated
+    copy); the meta pages (0 and 1) give the page size and the last page in use.
+    """
+    import struct
+
+    data_file = Path(path) / "data.mdb"
+    try:
+        with open(data_file, "rb") as handle:
+            head = handle.read(160)
+            if len(head) < 160 or struct.unpack_from("<I", head, 16)[0] != _LMDB_MAGIC:
+                return  # not an LMDB file: lmdb.open says so
+            page_size = struct.unpack_from("<I", head, 40)[0]
+            handle.seek(page_size)
+            second = handle.read(160)
+            size = os.fstat(handle.fileno()).st_size
+    except OSError as exc:
+        raise StoreError(f"cannot read LMDB ({exc.strerror or exc})", data_file) from None
+    metas = [head] + ([second] if len(second) == 160 and struct.unpack_from("<I", second, 16)[0] == _LMDB_MAGIC else [])
+    newest = max(metas, key=lambda meta: struct.unpack_from("<Q", meta, 144)[0])  # highest txnid
+    last_page = struct.unpack_from("<Q", newest, 136)[0]
+    needed = (last_page + 1) * page_size
+    if size < needed:
+        raise FormatError(f"truncated LMDB: {size} bytes, its meta page needs {needed}", data_file)
+
+
 class Reader:
     """A read-only view of a database: iterate ``(key, value)`` in key order, ``len()``.
 
@@ -225,6 +256,7 @@ class Reader:
         else:
             import lmdb
 
+            _check_lmdb_size(path)
             try:
                 self._env = lmdb.open(
                     os.fspath(path), readonly=True, lock=False, subdir=True, readahead=False

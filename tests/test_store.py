@@ -110,3 +110,19 @@ def test_leveldb_held_by_a_writer_cannot_be_read(tmp_path):
                 pass
     finally:
         holder.close()
+
+
+def test_truncated_lmdb_is_a_format_error_not_a_crash(tmp_path):
+    path = tmp_path / "lmdb"
+    with open_writer(path, "lmdb") as writer:
+        for i in range(300):
+            writer.put(make_key(i, "x"), os.urandom(1000))
+    data = (path / "data.mdb").read_bytes()
+    (path / "data.mdb").write_bytes(data[:3 * 4096])  # both meta pages kept, the records cut off
+    # Without the check LMDB maps past the end of the file and the process dies of SIGBUS.
+    with pytest.raises(FormatError, match="truncated LMDB"):
+        with open_reader(path, "lmdb"):
+            pass
+    (path / "data.mdb").write_bytes(data)
+    with open_reader(path, "lmdb") as reader:
+        assert len(reader) == 300
