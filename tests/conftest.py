@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from cluster import ClusterError, SlurmCluster
 from lymph_cv.threads import configure_openmp
 
 # Sleeping OpenMP waits, set before any test module imports torch (see lymph_cv.threads).
@@ -49,3 +50,18 @@ def cli():
     from lymph_cv.cli import cli as group
 
     return group
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A running one-node Slurm cluster; ``SLURM_CONF`` points the client commands at it."""
+    cluster = SlurmCluster()
+    try:
+        cluster.start()
+    except ClusterError as exc:
+        pytest.fail(f"the Slurm test cluster did not start: {exc}")
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in cluster.env.items():
+            patch.setenv(name, value)
+        yield cluster
+    cluster.stop()

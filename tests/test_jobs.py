@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from cluster import ClusterError, SlurmCluster
 from lymph_cv import jobs
 from lymph_cv.errors import ConfigError, SchedulerError
 
@@ -25,21 +24,6 @@ TINY_SOLVER = {"max_iter": MAX_ITER, "test_iter": 1, "test_interval": MAX_ITER, 
 
 
 # -- fixtures -----------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    """A running one-node Slurm cluster; ``SLURM_CONF`` points the client commands at it."""
-    cluster = SlurmCluster()
-    try:
-        cluster.start()
-    except ClusterError as exc:
-        pytest.fail(f"the Slurm test cluster did not start: {exc}")
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in cluster.env.items():
-            patch.setenv(name, value)
-        yield cluster
-    cluster.stop()
-
-
 def _invoke(runner, cli, *args: str) -> None:
     result = runner.invoke(cli, [str(a) for a in args])
     assert result.exit_code == 0, f"lymph-cv {' '.join(map(str, args))}: {result.stderr}"

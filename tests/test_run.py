@@ -152,3 +152,42 @@ def test_interrupted_run_completes_with_the_same_results(tmp_path: Path, finishe
     assert "resuming" in completed.stderr
     assert not list(workdir.glob(".*.tmp-*")), "temporaries of the killed run were left behind"
     assert outputs_digest(workdir) == outputs_digest(finished)
+
+
+def test_cluster_executor_trains_folds_as_slurm_jobs(tmp_path: Path, tiny_data: Path, slurm_cluster):
+    """`--executor slurm`: every fold is a real Slurm job; evaluation waits for them."""
+    from lymph_cv import jobs
+
+    workdir = tmp_path / "work"
+    actions = run_logged(tiny_options(workdir, tiny_data, executor="slurm", job_timeout=300))
+    assert actions == {name: "run" for name in PIPELINE}
+    records = [r for r in jobs.load_jobs(workdir) if r.task == jobs.TRAIN_TASK]
+    assert sorted(r.fold for r in records) == list(range(1, FOLDS + 1))
+    assert {r.scheduler for r in records} == {"slurm"}
+    assert all(s.state == jobs.COMPLETED for s in jobs.job_states(workdir))
+    for fold in range(1, FOLDS + 1):
+        assert (workdir / str(fold) / f"{fold}_caffenet_train_w32_iter_{MAX_ITER}.caffemodel").is_file()
+    report = json.loads((workdir / "eval" / "report.json").read_text())
+    assert sum(map(sum, report["confusion"])) == 3 * TINY.per_class
+
+
+def test_resume_rebuilds_a_database_left_unrecorded(tmp_path: Path, finished: Path, tiny_data: Path):
+    """A kill between a database's rename into place and its dbs.json record: the rerun rebuilds it
+    (it used to stop with 'already exists; pass --overwrite')."""
+    import shutil
+
+    workdir = tmp_path / "work"
+    shutil.copytree(finished, workdir)
+    dbs_json = workdir / "dbs.json"
+    dbs_record = json.loads(dbs_json.read_text())
+    del dbs_record["dbs"]["DB_test_2"]
+    dbs_json.write_text(json.dumps(dbs_record))
+    run_json = workdir / "run.json"
+    record = json.loads(run_json.read_text())
+    for name in PIPELINE[PIPELINE.index("dbs"):]:
+        record["stages"][name]["complete"] = False
+    run_json.write_text(json.dumps(record))
+    actions = run_logged(tiny_options(workdir, tiny_data))
+    assert actions["dbs"] == "resume"
+    assert "DB_test_2" in json.loads(dbs_json.read_text())["dbs"]
+    assert outputs_digest(workdir) == outputs_digest(finished)
