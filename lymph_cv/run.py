@@ -229,9 +229,34 @@ def _dbs_complete(o: RunOptions) -> bool:
     return all(p.exists() for fold in o.fold_list for p in _db_paths(o, fold))
 
 
+def _drop_unrecorded_dbs(o: RunOptions) -> None:
+    """Before resuming: remove this stage's databases that ``dbs.json`` does not record as built
+    from their current list (an interruption can land between a database's rename into place and
+    its record), so ``build_dbs`` rebuilds them instead of refusing to overwrite them."""
+    from lymph_cv.dbs import _list_signature, _read_dbs_json
+    from lymph_cv.layout import TEST_LIST, TRAIN_LIST
+
+    w = Path(o.workdir)
+    previous = _read_dbs_json(w)
+    same_settings = previous.get("backend") == o.backend and previous.get("seed") == o.seed
+    recorded = previous.get("dbs", {}) if same_settings else {}
+    for fold in o.fold_list:
+        train_db, test_db, mean = _db_paths(o, fold)
+        for db, lst, needs_mean in ((train_db, TRAIN_LIST, True), (test_db, TEST_LIST, False)):
+            list_path = w / lst.format(fold=fold)
+            done = recorded.get(db.name)
+            kept = (done is not None and list_path.is_file() and done.get("list") == _list_signature(list_path)
+                    and (not needs_mean or mean.is_file()))
+            if db.is_dir() and not kept:
+                log.info("removing %s: left unrecorded by an interrupted run", db)
+                shutil.rmtree(db)
+
+
 def _dbs_run(o: RunOptions, fresh: bool) -> None:
     from lymph_cv.dbs import build_dbs
 
+    if not fresh:
+        _drop_unrecorded_dbs(o)
     build_dbs(o.workdir, folds=o.fold_list, backend=o.backend, seed=o.seed,
               images=o.data_dir if o.direct else None, overwrite=fresh, workers=o.workers)
 
