@@ -92,11 +92,12 @@ def extract(
 
 
 def case_of(stem: str, case_regex: str = DEFAULT_CASE_REGEX) -> str:
-    """The case (patient) id of an image stem; the whole stem when the regex does not match."""
+    """The case (patient) id of an image stem; the whole stem when the regex (or its group) does not match."""
     match = re.match(case_regex, stem)
     if not match:
         return stem
-    return match.group("case") if "case" in match.re.groupindex else match.group(1)
+    case = match.group("case") if "case" in match.re.groupindex else match.group(1)
+    return stem if case is None else case
 
 
 def compile_case_regex(case_regex: str) -> str:

@@ -82,11 +82,30 @@ def test_group_by_case_never_leaks(tmp_path):
 
 def test_custom_case_regex(tmp_path):
     manifest = _manifest()
-    # Group by the year part only: "sj-03", "sj-04", "sj-05" → one case per class.
-    result = folds.make_folds(manifest, tmp_path, k=2, seed=0, group_by="case", case_regex=r"^(sj-\d+)-")
+    # Group by the "-R2" suffix only: two "cases" per class, each kept on one side.
+    result = folds.make_folds(manifest, tmp_path, k=2, seed=0, group_by="case", case_regex=r"^sj-\d+-\d+(-R2|)_")
     for fold in result.folds:
+        assert fold.train and fold.test
         for cls in CLASSES:
-            assert not ({e for e in fold.train if e.cls == cls} and {e for e in fold.test if e.cls == cls})
+            def suffixes(side):
+                return {e.stem.split("_")[0].endswith("-R2") for e in side if e.cls == cls}
+            assert len(suffixes(fold.train)) == len(suffixes(fold.test)) == 1
+            assert suffixes(fold.train) != suffixes(fold.test)
+
+
+@pytest.mark.parametrize("k, regex, words", [
+    (8, None, "--k: 8 folds need at least 8 cases in some class, the largest class has 7 (use --k 7 or less)"),
+    (2, r"^(sj-\d+)-", "--k: every class has a single case"),
+])
+def test_more_folds_than_groups_is_refused_before_writing(tmp_path, k, regex, words):
+    from lymph_cv.errors import ConfigError
+
+    with pytest.raises(ConfigError) as raised:
+        folds.make_folds(_manifest(), tmp_path / "w", k=k, group_by="case", case_regex=regex or folds.DEFAULT_CASE_REGEX)
+    assert str(raised.value).startswith(words)
+    assert not (tmp_path / "w").exists()
+    # A group the regex leaves unset falls back to the stem instead of a None case id.
+    assert case_of("sj-03-100_001", r"^(x)?") == "sj-03-100_001"
 
 
 def _reference_manifest(reference) -> Manifest:
