@@ -119,11 +119,19 @@ def make_folds(
         raise ConfigError(f"unknown --group-by {group_by!r}", valid=GROUP_BY)
     case_regex = compile_case_regex(case_regex)
     fold_of: dict[str, int] = {}
-    most_groups = 0
+    keys_of = {}
+    for name, images in manifest.by_class().items():
+        keys_of[name] = [image.name if group_by == "image" else case_of(image.stem, case_regex) for image in images]
+    most_groups = max((len(set(keys)) for keys in keys_of.values()), default=0)
+    if most_groups < k:
+        # crossvalind numbers a class's groups 1, 2, …: fold k would have no test image at all
+        # (and its databases nothing to hold), so refuse before writing any list.
+        raise ConfigError(f"--k: {k} folds need at least {k} {group_by}s in some class, the largest class has "
+                          f"{most_groups} (use --k {most_groups} or less)" if most_groups >= 2 else
+                          f"--k: every class has a single {group_by}; at least 2 are needed for a train/test split")
     for label, (name, images) in enumerate(manifest.by_class().items()):
-        keys = [image.name if group_by == "image" else case_of(image.stem, case_regex) for image in images]
+        keys = keys_of[name]
         groups = sorted(set(keys))
-        most_groups = max(most_groups, len(groups))
         if len(groups) < k:
             log.warning("warning: class %s has %d %s(s), fewer than %d folds: some test folds lack it",
                         name, len(groups), group_by, k)
@@ -131,12 +139,6 @@ def make_folds(
         group_fold = dict(zip(groups, numbers.tolist()))
         for image, key in zip(images, keys):
             fold_of[image.parent_name] = group_fold[key]
-    if most_groups < k:
-        # crossvalind numbers a class's groups 1, 2, …: fold k would have no test image at all
-        # (and its databases nothing to hold), so refuse before writing any list.
-        raise ConfigError(f"--k: {k} folds need at least {k} {group_by}s in some class, the largest class has "
-                          f"{most_groups} (use --k {most_groups} or less)" if most_groups >= 2 else
-                          f"--k: every class has a single {group_by}; at least 2 are needed for a train/test split")
     folds = [
         Fold(
             index,

@@ -97,13 +97,13 @@ def test_custom_case_regex(tmp_path):
     (8, None, "--k: 8 folds need at least 8 cases in some class, the largest class has 7 (use --k 7 or less)"),
     (2, r"^(sj-\d+)-", "--k: every class has a single case"),
 ])
-def test_more_folds_than_groups_is_refused_before_writing(tmp_path, k, regex, words):
+def test_more_folds_than_groups_is_refused_before_writing(tmp_path, k, regex, words, caplog):
     from lymph_cv.errors import ConfigError
 
     with pytest.raises(ConfigError) as raised:
         folds.make_folds(_manifest(), tmp_path / "w", k=k, group_by="case", case_regex=regex or folds.DEFAULT_CASE_REGEX)
     assert str(raised.value).startswith(words)
-    assert not (tmp_path / "w").exists()
+    assert not (tmp_path / "w").exists() and not caplog.records  # the error is the only line
     # A group the regex leaves unset falls back to the stem instead of a None case id.
     assert case_of("sj-03-100_001", r"^(x)?") == "sj-03-100_001"
 
