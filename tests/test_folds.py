@@ -158,6 +158,9 @@ def test_cli_folds_direct_and_from_parent_lists(tmp_path, runner, cli):
         assert (copy / f"test_w32_parent_{k}.txt").read_text() == (tmp_path / f"test_w32_parent_{k}.txt").read_text()
     bad = runner.invoke(cli, ["folds", str(subs), str(tmp_path), "--group-by", "patient"])
     assert bad.exit_code == 2 and "image" in bad.stderr and "case" in bad.stderr
+    ignored = runner.invoke(cli, ["folds", str(subs), str(tmp_path / "x"), "--from-parent-lists", str(tmp_path), "--k", "5"])
+    assert ignored.exit_code == 2 and "--k does not apply with --from-parent-lists" in ignored.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def test_parent_list_problems(tmp_path, runner, cli):

@@ -11,7 +11,7 @@ from lymph_cv import patches as patches_module
 from lymph_cv import store
 from lymph_cv import synth as synth_module
 
-_WORKERS = click.option("--workers", type=click.IntRange(min=0), default=None, help="Processes (default: all cores).")
+_WORKERS = click.option("--workers", type=click.IntRange(min=0), default=None, help="Processes (default or 0: all cores).")
 
 
 def _counts(ctx: click.Context, param: click.Parameter, value: Optional[str]):
@@ -111,9 +111,15 @@ def folds() -> None:
 @click.option("--case-regex", default=None, help="Case id from an image stem (group 'case'; default '<case>_NNN').")
 @click.option("--from-parent-lists", "parent_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Reproduce the split of these train/test_w32_parent_K.txt lists.")
-def make_folds(manifest: Path, out: Path, k: int, seed: int, group_by: str, case_regex, parent_dir) -> None:
+@click.pass_context
+def make_folds(ctx: click.Context, manifest: Path, out: Path, k: int, seed: int, group_by: str, case_regex,
+               parent_dir) -> None:
     """Write train/test patch and parent lists per fold to OUT (MANIFEST: subs/manifest.json or subs/)."""
     if parent_dir is not None:
+        given = [f"--{name.replace('_', '-')}" for name in ("k", "seed", "group_by", "case_regex")
+                 if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+        if given:
+            raise click.UsageError(f"{given[0]} does not apply with --from-parent-lists (the lists fix the split)")
         fold_set = folds_module.folds_from_parent_lists(manifest, parent_dir, out)
     else:
         fold_set = folds_module.make_folds(manifest, out, k=k, seed=seed, group_by=group_by,
@@ -141,7 +147,7 @@ def check(directory: Path, case_regex, strict: bool) -> None:
 @click.option("--fold", "folds", type=click.IntRange(min=1), multiple=True,
               help="Only this fold (repeatable; default: every fold with lists).")
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder the list names are relative to (default: WORKDIR).")
+              help="Folder the list names are relative to (default: folds.json's list_root, normally WORKDIR).")
 @click.option("--images", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Build straight from the source images in this folder (no patch files needed).")
 @click.option("--overwrite", is_flag=True, help="Replace existing databases.")
