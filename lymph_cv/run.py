@@ -442,6 +442,19 @@ def check_options(o: RunOptions) -> None:
         raise ConfigError(f"fold {bad[0]} is outside 1..{o.k}", valid=[str(k) for k in range(1, o.k + 1)])
     if o.max_iter is not None and o.max_iter < 1:
         raise ConfigError(f"--max-iter must be positive, got {o.max_iter}")
+    # Checked here, not hours later when training or evaluation first uses them.
+    from lymph_cv.evaluate import _torch_device, parse_aggregate
+    from lymph_cv.train import resolve_device
+
+    try:
+        parse_aggregate(o.aggregate)
+    except ConfigError as exc:
+        raise ConfigError(exc.detail, "--aggregate") from None
+    try:
+        _torch_device(o.device)  # evaluation's choices: cpu, cuda, cuda:N
+        resolve_device(o.device, 0)
+    except ConfigError as exc:
+        raise ConfigError(exc.detail, "--device") from None
     if o.demo is None and not o.data_dir.is_dir():
         raise ConfigError("data folder not found (expected one sub-folder per class, or use --demo)", o.data_dir)
 

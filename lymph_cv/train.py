@@ -91,13 +91,18 @@ def resolve_device(device: Optional[str], solver_mode: int) -> torch.device:
         wanted = "auto" if solver_mode == caffe_pb2.SolverParameter.GPU else "cpu"
     else:
         wanted = device.lower()
+    index = None
+    if wanted.startswith("cuda:") and wanted[5:].isdigit():  # cuda:N, as `lymph-cv run --device` offers
+        wanted, index = "cuda", int(wanted[5:])
     if wanted not in DEVICES:
-        raise ConfigError(f"unknown device {device!r}", valid=DEVICES)
+        raise ConfigError(f"unknown device {device!r}", valid=DEVICES + ("cuda:N",))
     if wanted == "auto":
         wanted = "cuda" if torch.cuda.is_available() else "cpu"
     if wanted == "cuda" and not torch.cuda.is_available():
         raise ConfigError("CUDA was asked for but no CUDA device is available", valid=("cpu", "auto"))
-    return torch.device(wanted)
+    if index is not None and index >= torch.cuda.device_count():
+        raise ConfigError(f"no CUDA device {index} (this machine has {torch.cuda.device_count()})")
+    return torch.device(wanted, index) if index is not None else torch.device(wanted)
 
 
 def run_seed(seed: Optional[int], param: caffe_pb2.SolverParameter) -> int:
@@ -319,7 +324,8 @@ class Trainer:
     def _seed_dropout(self, seed: int) -> None:
         # torch.manual_seed would also reseed every CUDA device (slow); seed only the one in use.
         if self.device.type == "cuda":
-            torch.cuda.manual_seed(seed)
+            with torch.cuda.device(self.device):  # manual_seed seeds the current device (cuda:N)
+                torch.cuda.manual_seed(seed)
         else:
             torch.default_generator.manual_seed(seed)
 

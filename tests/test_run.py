@@ -191,3 +191,13 @@ def test_resume_rebuilds_a_database_left_unrecorded(tmp_path: Path, finished: Pa
     assert actions["dbs"] == "resume"
     assert "DB_test_2" in json.loads(dbs_json.read_text())["dbs"]
     assert outputs_digest(workdir) == outputs_digest(finished)
+
+
+@pytest.mark.parametrize("change, option", [({"aggregate": "bogus"}, "--aggregate"), ({"device": "foo"}, "--device"),
+                                            ({"device": "auto"}, "--device")])
+def test_bad_evaluation_or_device_options_fail_before_any_stage(tmp_path: Path, tiny_data: Path, change, option):
+    """They used to fail only when training or evaluation first used them, after every stage before."""
+    workdir = tmp_path / "work"
+    with pytest.raises(ConfigError, match=f"^{option}: .*valid: "):
+        run_pipeline(tiny_options(workdir, tiny_data, **change))
+    assert not workdir.exists()

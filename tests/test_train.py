@@ -271,3 +271,17 @@ def test_resumes_from_the_published_caffe_solverstate(reference, tmp_path):
     assert "Iteration 600000, Testing net (#0)" in log  # 600000 is on the test_interval grid
     saved = read_solverstate(solver.parent / "1_caffenet_train_w32_iter_600002.solverstate")
     assert saved.current_step == 5 and len(saved.history) == 10  # carried over from Caffe's state
+
+
+def test_resolve_device_takes_cuda_n_like_run_and_evaluate():
+    import torch
+
+    from lymph_cv.train import resolve_device
+
+    if torch.cuda.is_available():
+        assert resolve_device("cuda:0", 0) == torch.device("cuda", 0)
+    else:
+        with pytest.raises(ConfigError, match="no CUDA device is available"):
+            resolve_device("cuda:0", 0)
+    with pytest.raises(ConfigError, match=r"unknown device 'cuda:x' \(valid: cpu, cuda, auto, cuda:N\)"):
+        resolve_device("cuda:x", 0)
