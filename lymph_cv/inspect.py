@@ -315,7 +315,8 @@ def format_description(info: Description) -> str:
         lines += [f"  {key}" for key in info["first_keys"]]
     elif kind == "net":
         lines.append(f"net prototxt: {info['path']}")
-        lines.append(f"net: {info['name']} ({info['format']} syntax, upgraded)")
+        upgraded = ", upgraded to V2" if info["format"] == "V1" else ""
+        lines.append(f"net: {info['name'] or '-'} ({info['format']} syntax{upgraded})")
         if info["inputs"]:
             lines.append(f"inputs: {', '.join(info['inputs'])} {_shape_text(info['input_dims'])}")
         rows = [

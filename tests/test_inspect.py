@@ -82,6 +82,9 @@ def test_net_and_solver_prototxt(runner, cli, tmp_path):
     info = json.loads(_ok(runner, cli, "--json", net))
     assert info["kind"] == "net" and info["format"] == "V1"
     assert [(l["name"], l["type"], l["phase"]) for l in info["layers"]] == [("d", "Data", "TRAIN"), ("ip", "InnerProduct", None)]
+    assert "net: q (V1 syntax, upgraded to V2)" in _ok(runner, cli, net)
+    (tmp_path / "v2.prototxt").write_text('layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" }\n')
+    assert "net: - (V2 syntax)\n" in _ok(runner, cli, tmp_path / "v2.prototxt")
     solver = tmp_path / "solver.prototxt"
     solver.write_text('net: "net.prototxt"\nbase_lr: 0.001\nsolver_type: ADAGRAD\n')
     info = json.loads(_ok(runner, cli, "--json", solver))
