@@ -310,14 +310,14 @@ def generate(
     """
     out = Path(out_dir)
     classes = list(classes)
-    counts = _images_per_class(per_class, classes)
-    if cases_per_class < 1:
-        raise ConfigError(f"cases per class must be at least 1, got {cases_per_class}")
-    if width < 1 or height < 1:
-        raise ConfigError(f"image size must be positive, got {width}x{height}")
     for name in classes:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith("."):
-            raise ConfigError(f"class name {name!r} is not a plain folder name")
+            raise ConfigError(f"--classes: {name!r} is not a plain folder name")
+    counts = _images_per_class(per_class, classes)
+    if cases_per_class < 1:
+        raise ConfigError(f"--cases-per-class: must be at least 1, got {cases_per_class}")
+    if width < 1 or height < 1:
+        raise ConfigError(f"--width/--height: image size must be positive, got {width}x{height}")
     params = {
         "classes": classes,
         "images_per_class": counts,
@@ -340,6 +340,7 @@ def generate(
             for number in range(1, images + 1):
                 path = out / name / f"{case}_{number:03d}{IMAGE_SUFFIX}"
                 tasks.append(_Task(path, label, (seed, label, case_index, number), width, height, stain))
+    _refuse_foreign_images(out, classes, {t.path for t in tasks})
     todo = [t for t in tasks if not (resumable and t.path.is_file())]
     log.info("synth: %d images (%d already present) in %s", len(tasks), len(tasks) - len(todo), out)
     for _ in imap(_render_task, todo, workers=workers, desc="synth", unit="img"):
@@ -353,16 +354,32 @@ def generate(
     return [t.path for t in tasks]
 
 
+def _refuse_foreign_images(out: Path, classes: Sequence[str], ours: set) -> None:
+    """Refuse a folder whose class folders hold files this set would not write.
+
+    They would mix with the new images (an earlier set with other parameters, or real data):
+    ``patches`` would cut them all and ``synth.json`` would not describe the folder.
+    """
+    for name in classes:
+        folder = out / name
+        if not folder.is_dir():
+            continue
+        foreign = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and p not in ours)
+        if foreign:
+            raise ConfigError(f"{name}/{foreign[0]} and {len(foreign) - 1} more file(s) are not part of this set "
+                              "and would mix with it; use an empty or new folder", out)
+
+
 def _images_per_class(per_class: Union[int, Sequence[int], None], classes: Sequence[str]) -> list[int]:
     if per_class is None:
         if len(classes) != len(REAL_IMAGES_PER_CLASS):
-            raise ConfigError(f"give --per-class for {len(classes)} classes (the published counts are for 3)")
+            raise ConfigError(f"--per-class: give --per-class for {len(classes)} classes (the published counts are for 3)")
         return list(REAL_IMAGES_PER_CLASS)
     counts = [int(per_class)] * len(classes) if isinstance(per_class, int) else [int(c) for c in per_class]
     if len(counts) != len(classes):
-        raise ConfigError(f"per-class counts {counts} do not match the {len(classes)} classes {list(classes)}")
+        raise ConfigError(f"--per-class: counts {counts} do not match the {len(classes)} classes {list(classes)}")
     if min(counts) < 1:
-        raise ConfigError(f"every class needs at least one image, got {counts}")
+        raise ConfigError(f"--per-class: every class needs at least one image, got {counts}")
     return counts
 
 

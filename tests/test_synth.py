@@ -90,3 +90,19 @@ def test_image_counts():
     with pytest.raises(ConfigError, match="give --per-class"):
         synth._images_per_class(None, ["A", "B"])
     assert synth._split(11, 3) == [4, 4, 3]
+
+
+def test_a_folder_with_other_images_is_refused(tmp_path, runner, cli):
+    small = ["--per-class", "2", "--cases-per-class", "1", "--width", "40", "--height", "40", "--workers", "1"]
+    assert runner.invoke(cli, ["synth", str(tmp_path), *small]).exit_code == 0
+    before = sorted(p.name for p in tmp_path.rglob("*.tif"))
+    # Fewer images, or another seed, would leave the earlier images mixed in with the new set.
+    for change in (["--per-class", "1"], ["--seed", "4"]):
+        result = runner.invoke(cli, ["synth", str(tmp_path), *small, *change])
+        assert result.exit_code == 2 and "not part of this set" in result.stderr
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+        assert sorted(p.name for p in tmp_path.rglob("*.tif")) == before
+    again = runner.invoke(cli, ["synth", str(tmp_path), *small])  # the same set: kept, nothing redrawn
+    assert again.exit_code == 0 and sorted(p.name for p in tmp_path.rglob("*.tif")) == before
+    bad = runner.invoke(cli, ["synth", str(tmp_path / "n"), "--classes", "A/B,C"])
+    assert bad.exit_code == 2 and bad.stderr.startswith("error: --classes: 'A/B' is not a plain folder name")
