@@ -550,7 +550,7 @@ def build_dbs(
     selected = list(found if folds is None else folds)
     missing = [k for k in selected if k not in found]
     if missing:
-        raise ConfigError(f"fold {missing[0]} has no lists in {workdir}", valid=[str(k) for k in found])
+        raise ConfigError(f"--fold: fold {missing[0]} has no lists in {workdir}", valid=[str(k) for k in found])
     record = _folds_record(workdir)
     classes = record.get("classes")
     num_labels = len(classes) if classes else None

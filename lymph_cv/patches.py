@@ -105,9 +105,9 @@ def compile_case_regex(case_regex: str) -> str:
     try:
         compiled = re.compile(case_regex)
     except re.error as exc:
-        raise ConfigError(f"--case-regex {case_regex!r} is not a regular expression ({exc})") from exc
+        raise ConfigError(f"--case-regex: {case_regex!r} is not a regular expression ({exc})") from exc
     if "case" not in compiled.groupindex and compiled.groups < 1:
-        raise ConfigError(f"--case-regex {case_regex!r} needs a group, named 'case' or the first one")
+        raise ConfigError(f"--case-regex: {case_regex!r} needs a group, named 'case' or the first one")
     return case_regex
 
 
