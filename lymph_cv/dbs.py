@@ -95,12 +95,14 @@ def read_image_list(path: Union[str, os.PathLike], num_labels: Optional[int] = N
         if not parts:
             continue
         try:
-            if len(parts) != 2:
+            if len(parts) != 2 or not _LABEL.fullmatch(parts[1]):
                 raise ValueError
             label = int(parts[1])
         except ValueError:
             raise InputError(f"line {number}: expected '<file><TAB or space><integer label>', "
                              f"got {line.strip()!r}", path) from None
+        if not -2**31 <= label < 2**31:
+            raise InputError(f"line {number}: label {label} does not fit Caffe's int32 label", path)
         name = parts[0].strip()
         if num_labels is not None and not 0 <= label < num_labels:
             raise InputError(f"line {number}: label {label} is outside the {num_labels} classes (0..{num_labels - 1})", path)
@@ -110,6 +112,10 @@ def read_image_list(path: Union[str, os.PathLike], num_labels: Optional[int] = N
     if not entries:
         raise InputError("list is empty, expected '<file> <label>' lines", path)
     return entries
+
+
+#: A label as Caffe's atoi-era lists hold it: ASCII digits, optionally signed (no '1_0', no '٣').
+_LABEL = re.compile(r"[+-]?[0-9]+")
 
 
 def shuffled_order(count: int, seed: Optional[int]) -> np.ndarray:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import re
 import json
 
 import cv2
@@ -273,3 +274,17 @@ def test_patch_folder_outside_the_work_folder(workdir, tmp_path):
     folds.make_folds(manifest, work, k=2, seed=0)
     results = dbs.build_dbs(work, workers=1, folds=[2])
     assert sum(r.records for r in results) == manifest.total_patches
+
+
+@pytest.mark.parametrize("label, words", [
+    ("99999999999", "label 99999999999 does not fit Caffe's int32 label"),  # was stored wrapped
+    ("1_0", "expected '<file><TAB or space><integer label>'"),  # Python's int() reads 10
+    ("\u0663", "expected '<file><TAB or space><integer label>'"),  # an Arabic-Indic three
+])
+def test_labels_are_ascii_int32(tmp_path, label, words):
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"a.tif\t-1\nb.tif {label}\n", encoding="utf-8")
+    with pytest.raises(InputError, match="line 2: " + re.escape(words)):
+        dbs.read_image_list(listed)
+    listed.write_text("a.tif\t-1\nb.tif +2\n")
+    assert [e.label for e in dbs.read_image_list(listed)] == [-1, 2]
