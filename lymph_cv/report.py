@@ -353,6 +353,22 @@ class Report:
         return mean_sd([f[key] for f in self.folds])
 
 
+def _check_metrics(record, path: Path) -> None:
+    """InputError unless ``record`` looks like a fold's metrics.json (as ``write_fold`` writes it)."""
+    expected = ("expected a fold's metrics as `lymph-cv evaluate` writes them (fold, classes, a square "
+                "confusion matrix, accuracy, balanced_accuracy)")
+    try:
+        classes = record["classes"]
+        confusion = np.array(record["confusion"], dtype=np.int64)
+        ok = (isinstance(record["fold"], int) and isinstance(classes, list) and len(classes) >= 1
+              and all(isinstance(c, str) for c in classes) and confusion.shape == (len(classes), len(classes))
+              and all(isinstance(record[k], (int, float)) for k in ("accuracy", "balanced_accuracy")))
+    except (KeyError, TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise InputError(expected, path)
+
+
 def build_report(workdir: PathLike) -> Report:
     """Collect ``eval/fold_K/metrics.json`` of every evaluated fold and pool their matrices."""
     workdir = Path(workdir)
@@ -362,11 +378,13 @@ def build_report(workdir: PathLike) -> Report:
     for _, folder in found:
         path = folder / METRICS_JSON
         try:
-            records.append(json.loads(path.read_text(encoding="utf-8")))
+            record = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             continue
         except (OSError, ValueError) as exc:
             raise InputError(f"cannot read the fold's metrics ({exc})", path) from exc
+        _check_metrics(record, path)
+        records.append(record)
     if not records:
         raise EvaluationError("no evaluated fold found (expected eval/fold_K/metrics.json; run `lymph-cv evaluate` first)", workdir)
     classes = records[0]["classes"]

@@ -149,3 +149,15 @@ def test_drawings():
     assert heat[19, 19].tolist() == [200, 200, 200]
     assert heat[51, 51].tolist() != [200, 200, 200]
     assert heat[0, 0].tolist() == [200, 200, 200]  # outside every window's cell
+
+
+@pytest.mark.parametrize("text", ["[]", "{}", '{"fold": 1, "classes": ["A", "B"], "confusion": [[1]], "accuracy": 1, '
+                                  '"balanced_accuracy": 1}'])
+def test_report_of_wrong_kind_of_metrics_is_one_line(tmp_path, runner, cli, text):
+    """JSON that is not a fold's metrics used to end in a KeyError/TypeError traceback."""
+    write_fold(_fold(1, [(0, 0)]), tmp_path / "eval" / "fold_1")
+    (tmp_path / "eval" / "fold_2").mkdir()
+    (tmp_path / "eval" / "fold_2" / METRICS_JSON).write_text(text)
+    result = runner.invoke(cli, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and "fold_2/metrics.json: expected a fold's metrics" in result.stderr
