@@ -258,6 +258,16 @@ def _write_if_changed(path: Path, text: str) -> None:
     atomic_write_text(path, text)
 
 
+def _remove_other_folds(out: Path, keep: set) -> None:
+    """Delete the lists of folds an earlier run with a larger k wrote (``dbs`` and ``render``
+    take every fold with lists, so a stale fold 5 next to a new 4-fold split would be built)."""
+    for name in sorted(os.listdir(out)):
+        match = _LIST_PATTERN.match(name) or _PARENT_PATTERN.match(name)
+        if match and int(match.group(2)) not in keep:
+            (out / name).unlink()
+            log.info("folds: removed %s (not a fold of this split)", out / name)
+
+
 def write_folds(fold_set: FoldSet, manifest: Manifest, out_dir: Union[str, os.PathLike]) -> None:
     """Write the four lists of every fold and ``folds.json`` (each file atomically)."""
     out = Path(out_dir)
@@ -273,6 +283,7 @@ def write_folds(fold_set: FoldSet, manifest: Manifest, out_dir: Union[str, os.Pa
         ):
             _write_if_changed(out / patch_template.format(fold=fold.index), "".join(lines_of[e.parent_name] for e in side))
             _write_if_changed(out / parent_template.format(fold=fold.index), "".join(f"{e.parent_name}\n" for e in side))
+    _remove_other_folds(out, {fold.index for fold in fold_set.folds})
     record = fold_set.to_json()
     if manifest.path is not None:
         # Where the images and patch sizes are recorded, for building DBs straight from images.

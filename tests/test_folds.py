@@ -192,6 +192,14 @@ def test_rerun_keeps_unchanged_lists(tmp_path):
     for k in (1, 2, 3):
         for name in (f"train_w32_{k}.txt", f"test_w32_parent_{k}.txt"):
             assert (tmp_path / name).read_text() == (tmp_path / "fresh" / name).read_text()
+    # Fewer folds: the lists of folds 4 and 5 of an earlier 5-fold split must not survive
+    # (dbs and render take every fold with lists).
+    folds.make_folds(manifest, tmp_path / "k", k=5, seed=3)
+    (tmp_path / "k" / "notes_w32_4.txt").write_text("mine")
+    folds.make_folds(manifest, tmp_path / "k", k=3, seed=3)
+    assert folds.list_folds(tmp_path / "k") == [1, 2, 3]
+    assert sorted(p.name for p in (tmp_path / "k").glob("*_4.txt")) == ["notes_w32_4.txt"]
+    assert not list((tmp_path / "k").glob("*_5.txt"))
 
 
 def test_patch_folder_outside_the_work_folder(tmp_path):
