@@ -46,7 +46,9 @@ def _convert(name: str, flag: Flag, text: str) -> Any:
             return False
     else:
         try:
-            return flag.type(text)
+            value = flag.type(text)
+            if flag.type is not int or -2**31 <= value < 2**31:  # int32, as gflags checks
+                return value
         except ValueError:
             pass
     raise ConfigError(f"illegal value '{text}' specified for {_type_name(flag)} flag '{name}'")

@@ -42,6 +42,7 @@ def test_gflags_syntax(argv, expected):
     (["-resize_width", "x"], "illegal value 'x' specified for int32 flag 'resize_width'"),
     (["-shuffle=maybe"], "illegal value 'maybe' specified for bool flag 'shuffle'"),
     (["-backend"], "flag '-backend' is missing its argument"),
+    (["-resize_width=2147483648"], "illegal value '2147483648' specified for int32 flag 'resize_width'"),
 ])
 def test_gflags_errors(argv, words):
     with pytest.raises(ConfigError, match=words):
