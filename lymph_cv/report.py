@@ -369,11 +369,14 @@ def _check_metrics(record, path: Path) -> None:
         raise InputError(expected, path)
 
 
-def build_report(workdir: PathLike) -> Report:
-    """Collect ``eval/fold_K/metrics.json`` of every evaluated fold and pool their matrices."""
+def build_report(workdir: PathLike, folds: Optional[Sequence[int]] = None) -> Report:
+    """Collect ``eval/fold_K/metrics.json`` of every evaluated fold (or only of ``folds``) and pool
+    their matrices."""
     workdir = Path(workdir)
     eval_dir = workdir / EVAL_DIR
     found = sorted((int(m.group(1)), p) for p in eval_dir.glob("fold_*") if (m := _FOLD_DIR.match(p.name)) and p.is_dir())
+    if folds is not None:
+        found = [(k, p) for k, p in found if k in set(folds)]
     records = []
     for _, folder in found:
         path = folder / METRICS_JSON

@@ -410,7 +410,8 @@ def _report_complete(o: RunOptions) -> bool:
 def _report_run(o: RunOptions, fresh: bool):
     from lymph_cv.report import build_report, write_report
 
-    report = build_report(o.workdir)
+    # Only this run's folds: eval/fold_K of other folds may come from another split or other settings.
+    report = build_report(o.workdir, o.fold_list)
     write_report(report)
     return report
 
@@ -497,7 +498,7 @@ def run_pipeline(options: RunOptions, on_stage: Optional[Callable[[str, str], No
             if stage.name == "report":
                 from lymph_cv.report import build_report
 
-                report = build_report(workdir)
+                report = build_report(workdir, options.fold_list)
             continue
         # Record the stage as started (not complete) first: a crash mid-stage then resumes it.
         record["stages"][stage.name] = {"key": key, "params": params, "complete": False}

@@ -201,3 +201,19 @@ def test_bad_evaluation_or_device_options_fail_before_any_stage(tmp_path: Path, 
     with pytest.raises(ConfigError, match=f"^{option}: .*valid: "):
         run_pipeline(tiny_options(workdir, tiny_data, **change))
     assert not workdir.exists()
+
+
+def test_report_pools_only_the_folds_of_this_run(tmp_path: Path, finished: Path, tiny_data: Path):
+    """eval/fold_K left by other runs (another split, other folds) used to be pooled into run's report."""
+    import shutil
+
+    workdir = tmp_path / "work"
+    shutil.copytree(finished, workdir)
+    stale = workdir / "eval" / "fold_9"
+    shutil.copytree(workdir / "eval" / "fold_1", stale)
+    metrics = json.loads((stale / "metrics.json").read_text())
+    (stale / "metrics.json").write_text(json.dumps({**metrics, "fold": 9}))
+    result = run_pipeline(tiny_options(workdir, tiny_data, from_stage="report"))
+    assert [f["fold"] for f in result.report.folds] == [1, 2, 3]
+    assert json.loads((workdir / "eval" / "report.json").read_text())["folds"] == [1, 2, 3]
+    assert sum(map(sum, result.report.confusion.tolist())) == 3 * TINY.per_class
