@@ -241,6 +241,12 @@ class Trainer:
         self.device = resolve_device(device, param.solver_mode)
         self.snapshot_path = Path(snapshot) if snapshot is not None else None
         self.weights = [Path(w) for w in weights]
+        # Read before anything is written (the log of an earlier run is moved aside at the start):
+        # a wrong or corrupt file is an error that leaves the base directory as it was.
+        self.weights_data = [read_caffemodel(w) for w in self.weights]
+        if self.snapshot_path is not None and self.snapshot_path.suffix == ".h5":
+            raise UnsupportedError("HDF5 solverstates are not supported", self.snapshot_path, valid=(".solverstate",))
+        self.state = read_solverstate(self.snapshot_path) if self.snapshot_path is not None else None
 
         train_param, test_params = _net_params(param, self.files)
         torch.manual_seed(derived_seed(self.seed, STREAM_INIT, 0))
@@ -274,7 +280,7 @@ class Trainer:
         """Resume from a ``.solverstate``: iteration, lr step, history and the learned net."""
         if path.suffix == ".h5":
             raise UnsupportedError("HDF5 solverstates are not supported", path, valid=(".solverstate",))
-        state = read_solverstate(path)
+        state = self.state if path == self.snapshot_path and self.state is not None else read_solverstate(path)
         model = Path(state.learned_net)
         candidates = [model, path.parent / model.name, self.files.output(state.learned_net)]
         found = next((c for c in candidates if c.is_file()), None)
@@ -449,9 +455,9 @@ class Trainer:
             if resumed:
                 clog.info(f"Resuming from {self.snapshot_path}", caffelog.SRC_RESTORE)
                 self.restore(self.snapshot_path)
-            for weights in self.weights:
+            for weights, data in zip(self.weights, self.weights_data):
                 clog.info(f"Finetuning from {weights}", caffelog.SRC_TOOL)
-                self.net.load_weights(read_caffemodel(weights), weights)
+                self.net.load_weights(data, weights)
             self.result.start_iteration = self.solver.iter
             clog.info(f"Solving {self.net.name}", caffelog.SRC_SOLVE)
             clog.info(f"Learning Rate Policy: {self.param.lr_policy}", caffelog.SRC_POLICY)

@@ -285,3 +285,18 @@ def test_resolve_device_takes_cuda_n_like_run_and_evaluate():
             resolve_device("cuda:0", 0)
     with pytest.raises(ConfigError, match=r"unknown device 'cuda:x' \(valid: cpu, cuda, auto, cuda:N\)"):
         resolve_device("cuda:x", 0)
+
+
+def test_corrupt_weights_or_snapshot_leave_the_earlier_log_in_place(data_root, tmp_path, runner, cli):
+    """A bad --weights/--snapshot used to fail only after the earlier train.log was moved aside
+    (fresh run) or after lines were appended to it (resume)."""
+    solver = fold_copy(data_root, tmp_path, max_iter=2)
+    log_path = solver.parent / "train.log"
+    log_path.write_text("earlier run\n")
+    junk = tmp_path / "junk.caffemodel"
+    junk.write_bytes(b"\xff\x00junk")
+    for option in ("--weights", "--snapshot"):
+        result = runner.invoke(cli, ["train", "--solver", str(solver), option, str(junk)])
+        assert result.exit_code == 2 and result.stderr.startswith(f"error: {junk}: expected a Caffe")
+        assert log_path.read_text() == "earlier run\n"
+        assert sorted(p.name for p in solver.parent.iterdir() if p.name.startswith("train.")) == ["train.log"]
