@@ -509,9 +509,14 @@ def _folds_record(workdir: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except ValueError as exc:
         raise InputError(f"not JSON ({exc})", path) from exc
+    fields = {"classes": list, "list_root": str, "manifest": str}
+    if not isinstance(record, dict) or any(
+            record.get(name) is not None and not isinstance(record[name], kind) for name, kind in fields.items()):
+        raise InputError("not a folds.json written by `lymph-cv folds`", path)
+    return record
 
 
 def _list_signature(path: Path) -> dict:
@@ -624,9 +629,11 @@ def build_dbs(
 
 def _read_dbs_json(workdir: Path) -> dict:
     try:
-        return json.loads((workdir / DBS_JSON).read_text())
+        record = json.loads((workdir / DBS_JSON).read_text())
     except (OSError, ValueError):
         return {}
+    # Anything else than our record: nothing is known to be current (databases are rebuilt or refused).
+    return record if isinstance(record, dict) and isinstance(record.get("dbs", {}), dict) else {}
 
 
 # --------------------------------------------------------------------------- straight from the images

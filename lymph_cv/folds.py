@@ -352,9 +352,18 @@ def check_folds(directory: Union[str, os.PathLike], case_regex: Optional[str] = 
     if (directory / FOLDS_JSON).is_file():
         try:
             record = json.loads((directory / FOLDS_JSON).read_text())
-        except ValueError as exc:
+        except (ValueError, OSError) as exc:
             raise FormatError(f"not JSON ({exc})", directory / FOLDS_JSON) from exc
-    regex = compile_case_regex(case_regex or record.get("case_regex") or DEFAULT_CASE_REGEX)
+        if (not isinstance(record, dict) or not isinstance(record.get("case_regex", ""), str)
+                or not isinstance(record.get("classes", []), list)):
+            raise FormatError("not a folds.json written by `lymph-cv folds`", directory / FOLDS_JSON)
+    if case_regex:
+        regex = compile_case_regex(case_regex)
+    else:
+        try:
+            regex = compile_case_regex(record.get("case_regex") or DEFAULT_CASE_REGEX)
+        except ConfigError as exc:
+            raise FormatError(f"case_regex: {exc.detail.split(': ', 1)[1]}", directory / FOLDS_JSON) from None
     checks = []
     tested: Counter = Counter()
     everything: set[str] = set()

@@ -288,3 +288,12 @@ def test_labels_are_ascii_int32(tmp_path, label, words):
         dbs.read_image_list(listed)
     listed.write_text("a.tif\t-1\nb.tif +2\n")
     assert [e.label for e in dbs.read_image_list(listed)] == [-1, 2]
+
+
+@pytest.mark.parametrize("record", ["[1, 2]", '{"list_root": 5}', '{"manifest": 7}'])
+def test_a_foreign_folds_json_is_refused(tmp_path, record):
+    (tmp_path / "folds.json").write_text(record)
+    with pytest.raises(InputError, match="folds.json: not a folds.json written by `lymph-cv folds`"):
+        dbs._folds_record(tmp_path)
+    (tmp_path / "dbs.json").write_text("[3]")
+    assert dbs._read_dbs_json(tmp_path) == {}

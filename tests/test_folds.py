@@ -211,3 +211,20 @@ def test_patch_folder_outside_the_work_folder(tmp_path):
     assert record["list_root"] == str((tmp_path / "elsewhere").resolve())
     folds.make_folds(_manifest(path=tmp_path / "work" / "subs" / MANIFEST_NAME), tmp_path / "work", k=2, seed=0)
     assert json.loads((tmp_path / "work" / "folds.json").read_text())["list_root"] == "."
+
+
+@pytest.mark.parametrize("record, words", [
+    ("[1, 2]", "not a folds.json written by `lymph-cv folds`"),
+    ('{"case_regex": 5}', "not a folds.json written by `lymph-cv folds`"),
+    ('{"case_regex": "("}', "case_regex: '(' is not a regular expression"),
+])
+def test_check_with_a_foreign_folds_json(tmp_path, record, words):
+    from lymph_cv.errors import FormatError
+
+    folds.make_folds(_manifest(), tmp_path, k=2, seed=0)
+    (tmp_path / "folds.json").write_text(record)
+    with pytest.raises(FormatError) as raised:
+        folds.check_folds(tmp_path)
+    assert str(raised.value).startswith(f"{tmp_path / 'folds.json'}: {words}")
+    if "(" in record:  # an explicit --case-regex replaces the record's
+        assert folds.check_folds(tmp_path, r"^(sj-\d+)").folds
