@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -69,15 +70,33 @@ class Variable:
     help: str
 
 
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"expected an integer, got {text!r}") from None
+
+
+def _finite(text: str) -> float:
+    """A finite number (``nan``/``inf`` would render a solver Caffe cannot train with)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value < 1:
         raise ValueError("must be a positive integer")
     return value
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value < 0:
         raise ValueError("must be >= 0")
     return value
@@ -102,14 +121,14 @@ def _quoted(text: str) -> str:
 
 
 def _int_list(text: str) -> List[int]:
-    values = [int(part) for part in text.split(",") if part.strip()]
+    values = [_integer(part) for part in text.split(",") if part.strip()]
     if not values or values != sorted(values) or values[0] < 1:
         raise ValueError("must be increasing positive integers separated by commas")
     return values
 
 
 def _ratio(text: str) -> float:
-    value = float(text)
+    value = _finite(text)
     if not 0.0 <= value < 1.0:
         raise ValueError("must be in [0, 1)")
     return value
@@ -119,17 +138,17 @@ def _ratio(text: str) -> float:
 VARIABLES: Dict[str, Variable] = {
     "test_iter": Variable(_positive_int, None, "test batches per test pass (default: test list lines // batch)"),
     "test_interval": Variable(_non_negative_int, 10000, "iterations between tests"),
-    "base_lr": Variable(float, 0.001, "base learning rate"),
+    "base_lr": Variable(_finite, 0.001, "base learning rate"),
     "lr_policy": Variable(_choice(LR_POLICIES), "fixed", "learning-rate policy"),
-    "gamma": Variable(float, None, "lr policy gamma"),
-    "power": Variable(float, None, "lr policy power"),
+    "gamma": Variable(_finite, None, "lr policy gamma"),
+    "power": Variable(_finite, None, "lr policy power"),
     "stepsize": Variable(_positive_int, None, "lr policy step size"),
     "stepvalue": Variable(_int_list, None, "multistep iterations, e.g. 1000,5000"),
-    "momentum": Variable(float, None, "momentum (SGD family)"),
-    "random_seed": Variable(int, None, "solver random seed"),
+    "momentum": Variable(_finite, None, "momentum (SGD family)"),
+    "random_seed": Variable(_integer, None, "solver random seed"),
     "display": Variable(_non_negative_int, 1000, "iterations between log lines"),
     "max_iter": Variable(_positive_int, 600000, "training iterations"),
-    "weight_decay": Variable(float, 0.004, "L2 weight decay"),
+    "weight_decay": Variable(_finite, 0.004, "L2 weight decay"),
     "snapshot": Variable(_non_negative_int, 10000, "iterations between snapshots"),
     "snapshot_prefix": Variable(_quoted, None, "snapshot file prefix (default K_caffenet_train_w32[_dropout])"),
     "solver_type": Variable(_choice(SOLVER_TYPES), "AdaGrad", "solver"),
@@ -139,8 +158,8 @@ VARIABLES: Dict[str, Variable] = {
     "num_classes": Variable(_positive_int, None, "classes (default: from the list labels)"),
     "backend": Variable(_choice(BACKENDS), None, "database backend (default: dbs.json, else leveldb)"),
     "net_name": Variable(_quoted, "CIFAR10_quick", "net name"),
-    "weight_lr_mult": Variable(float, 1.0, "lr multiplier of weights"),
-    "bias_lr_mult": Variable(float, 2.0, "lr multiplier of biases"),
+    "weight_lr_mult": Variable(_finite, 1.0, "lr multiplier of weights"),
+    "bias_lr_mult": Variable(_finite, 2.0, "lr multiplier of biases"),
 }
 #: Solver fields written only when set, in this order.
 OPTIONAL_SOLVER_FIELDS = ("gamma", "power", "stepsize", "stepvalue", "momentum", "random_seed")

@@ -447,6 +447,9 @@ def check_options(o: RunOptions) -> None:
     from lymph_cv.evaluate import _torch_device, parse_aggregate
     from lymph_cv.train import resolve_device
 
+    from lymph_cv.render import resolve_variables
+
+    resolve_variables(training_overrides(o))  # --set KEY=VALUE: known keys, values of their type
     try:
         parse_aggregate(o.aggregate)
     except ConfigError as exc:

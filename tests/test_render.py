@@ -8,6 +8,7 @@ from google.protobuf import text_format
 
 from lymph_cv.caffe import caffe_pb2
 from lymph_cv.caffe.prototxt import read_net_prototxt, read_solver
+from lymph_cv.errors import ConfigError
 from lymph_cv.render import render_fold
 from netutil import CLASSES, TEST_LINES, rendered, write_lists
 
@@ -240,3 +241,19 @@ def test_backend_and_channels_derived_from_workdir(tmp_path):
         assert list(deploy.input_dim) == [10, 1, 32, 32]
         ip2 = [layer for layer in net.layer if layer.name == "ip2"][0]
         assert ip2.inner_product_param.num_output == 5
+
+
+@pytest.mark.parametrize("pair, message", [
+    ("max_iter=abc", "--set max_iter=abc: expected an integer, got 'abc'"),
+    ("stepvalue=1,a", "--set stepvalue=1,a: expected an integer, got 'a'"),
+    ("base_lr=x", "--set base_lr=x: expected a number, got 'x'"),
+    ("base_lr=nan", "--set base_lr=nan: expected a finite number, got 'nan'"),
+    ("dropout_ratio=inf", "--set dropout_ratio=inf: expected a finite number, got 'inf'"),
+])
+def test_set_values_of_the_wrong_type_say_what_was_expected(pair, message):
+    """They used to print Python's 'invalid literal for int()', render nan, or (inf ratio) crash."""
+    from lymph_cv.render import parse_overrides, resolve_variables
+
+    with pytest.raises(ConfigError) as caught:
+        resolve_variables(parse_overrides([pair]))
+    assert str(caught.value) == message

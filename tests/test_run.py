@@ -194,7 +194,8 @@ def test_resume_rebuilds_a_database_left_unrecorded(tmp_path: Path, finished: Pa
 
 
 @pytest.mark.parametrize("change, option", [({"aggregate": "bogus"}, "--aggregate"), ({"device": "foo"}, "--device"),
-                                            ({"device": "auto"}, "--device")])
+                                            ({"device": "auto"}, "--device"),
+                                            ({"overrides": {"foo": "1"}}, "--set")])
 def test_bad_evaluation_or_device_options_fail_before_any_stage(tmp_path: Path, tiny_data: Path, change, option):
     """They used to fail only when training or evaluation first used them, after every stage before."""
     workdir = tmp_path / "work"
