@@ -44,6 +44,12 @@ class UserError(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
+class Interrupted(UserError):
+    """Ctrl-C: ``error: interrupted``, exit status 130 (Click would print ``Aborted!`` and exit 1)."""
+
+    exit_code = 130
+
+
 def _available(name: str) -> bool:
     module = COMMANDS[name].split(":")[0]
     return importlib.util.find_spec(module) is not None
@@ -66,6 +72,8 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except LymphCVError as exc:
             raise UserError(str(exc)) from exc
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted") from None
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

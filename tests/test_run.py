@@ -218,3 +218,15 @@ def test_report_pools_only_the_folds_of_this_run(tmp_path: Path, finished: Path,
     assert [f["fold"] for f in result.report.folds] == [1, 2, 3]
     assert json.loads((workdir / "eval" / "report.json").read_text())["folds"] == [1, 2, 3]
     assert sum(map(sum, result.report.confusion.tolist())) == 3 * TINY.per_class
+
+
+def test_ctrl_c_is_one_error_line_and_status_130(runner, cli, tmp_path: Path, monkeypatch):
+    """Click's own handling printed 'Aborted!' with status 1; the group's 'error: interrupted' was dead code."""
+    import lymph_cv.commands.run as run_command
+
+    def interrupted(options, on_stage=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_command, "run_pipeline", interrupted)
+    result = runner.invoke(cli, ["run", str(tmp_path / "w"), "--demo"])
+    assert result.exit_code == 130 and result.stderr == "error: interrupted\n"
