@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import json
 import logging
 import mmap
@@ -549,7 +550,7 @@ def build_dbs(
         images: build straight from the source images in this folder (``CLASS/file.tif``)
             instead of reading patch files; needs the manifest named in ``folds.json``.
         overwrite: replace existing databases; without it an existing database is an error,
-            unless ``dbs.json`` shows it was built from the same list, backend and seed (kept).
+            unless ``dbs.json`` shows it was built from the same list, patches, backend and seed (kept).
         workers: processes, one database at a time each (``None`` = all cores).
         skip_bad: skip unreadable/missing images with a warning instead of stopping.
     """
@@ -568,6 +569,7 @@ def build_dbs(
     root_dir = Path(root) if root is not None else workdir / record.get("list_root", ".")
     previous = _read_dbs_json(workdir)
     same_settings = previous.get("backend") == backend and previous.get("seed") == seed
+    manifest_digest = _manifest_digest(workdir, record)
 
     tasks: list[_DbTask] = []
     kept: list[DbResult] = []
@@ -578,12 +580,15 @@ def build_dbs(
             mean_path = workdir / MEAN_FILE.format(fold=fold) if side == "train" else None
             if db_path.exists() and not overwrite:
                 done = previous.get("dbs", {}).get(db_path.name)
-                if (same_settings and done and done.get("list") == _list_signature(list_path)
-                        and (mean_path is None or mean_path.is_file())):
-                    log.info("dbs: keeping %s (built from the same list, backend and seed)", db_path)
+                if (same_settings and isinstance(done, dict) and done.get("list") == _list_signature(list_path)
+                        and done.get("manifest") == manifest_digest and (mean_path is None or mean_path.is_file())):
+                    log.info("dbs: keeping %s (built from the same list, patches, backend and seed)", db_path)
                     kept.append(DbResult(os.fspath(db_path), done["records"], done["lines"], 0.0,
                                          None if mean_path is None else os.fspath(mean_path)))
                     continue
+                if isinstance(done, dict):
+                    raise StoreError("was built from another list, patch set, backend or seed; "
+                                     "pass --overwrite to rebuild it", db_path)
                 raise StoreError("already exists; pass --overwrite to replace it", db_path)
             tasks.append(_DbTask(fold, side, list_path, db_path, mean_path, backend, seed, root_dir, num_labels, skip_bad))
 
@@ -605,7 +610,7 @@ def build_dbs(
             # rerun keeps finished databases instead of asking for --overwrite.
             dbs_record["dbs"][task.db_path.name] = {
                 "fold": task.fold, "side": task.side, "records": result.records, "lines": result.lines,
-                "list": _list_signature(task.list_path),
+                "list": _list_signature(task.list_path), "manifest": manifest_digest,
                 "mean": None if task.mean_path is None else task.mean_path.name,
                 "channel_means": result.channel_means,
             }
@@ -746,6 +751,20 @@ class _PatchCache:
             cache.remove()
             raise
         return dataclasses.replace(cache, unreadable=frozenset(unreadable))
+
+
+def _manifest_digest(workdir: Path, record: dict) -> Optional[str]:
+    """SHA-256 of the patch manifest the lists come from (None without one).
+
+    The lists name patches only; a rerun of ``patches`` with another window size rewrites
+    the files under the same names, so a database is current only for the same manifest.
+    """
+    relative = record.get("manifest")
+    path = workdir / relative if relative else workdir / PATCH_DIR / MANIFEST_NAME
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def _manifest_for(workdir: Path, record: dict) -> Manifest:

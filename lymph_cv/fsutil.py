@@ -6,6 +6,7 @@ and a rerun never sees a partial output as finished work.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -102,14 +103,16 @@ def atomic_path(final: PathLike) -> Iterator[Path]:
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (fsynced before the rename)."""
     check_kind(path, folder=False)
-    with atomic_path(path) as temp:
-        try:
+    try:
+        with atomic_path(path) as temp:
             with open(temp, "wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
-        except OSError as exc:
-            raise LymphCVError(f"cannot write file ({exc.strerror or exc})", path) from None
+    except OSError as exc:  # a full disk, a read-only file system: one line, the final name
+        if exc.errno == errno.ENOSPC:
+            raise LymphCVError("no space left on device", path) from None
+        raise LymphCVError(f"cannot write file ({exc.strerror or exc})", path) from None
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:

@@ -10,7 +10,9 @@ Names are ``<image stem>_sub_<i>.tif``, all in one output folder (the tutorial's
 from __future__ import annotations
 
 import errno
+import contextlib
 import json
+import time
 import logging
 import os
 import re
@@ -304,6 +306,7 @@ class _Job:
     patch_size: int
     step: int
     write: bool
+    reuse: bool = False  # patch files present from a run with the same parameters and source may stay
 
 
 @dataclass(frozen=True)
@@ -345,7 +348,7 @@ def _extract_one(job: _Job) -> _Done:
         return _Done(None, problem=str(exc))
     entry = image_entry(source, shape, len(patches))
     names = entry.patch_names()
-    if not job.write or all((job.out_dir / n).is_file() for n in names):
+    if not job.write or (job.reuse and all((job.out_dir / n).is_file() for n in names)):
         return _Done(entry, 0, conversion)
     try:
         for name, patch in zip(names, patches):
@@ -433,20 +436,26 @@ def extract_patches(
     out_dir = Path(out_dir)
     sources = scan_images(data_dir, classes)
     make_dirs(out_dir)
+    record = _WrittenRecord(out_dir, sources, patch_size, step)
     bad = BadInputs(skip_bad)
     entries: list[ImageEntry] = []
     written = 0
-    jobs = [_Job(s, out_dir, patch_size, step, write_patches) for s in sources]
-    for done in imap(_extract_one, jobs, workers=workers, desc="patches", unit="img"):
-        if done.fatal:
-            raise LymphCVError(done.fatal)
-        if done.problem:
-            bad.problem(done.problem)
-            continue
-        assert done.entry is not None
-        bad.converted(done.conversion, Path(data_dir) / done.entry.parent_name)
-        entries.append(done.entry)
-        written += done.written
+    jobs = [_Job(s, out_dir, patch_size, step, write_patches, s.path.name in record.reusable) for s in sources]
+    try:
+        for done in imap(_extract_one, jobs, workers=workers, desc="patches", unit="img"):
+            if done.fatal:
+                raise LymphCVError(done.fatal)
+            if done.problem:
+                bad.problem(done.problem)
+                continue
+            assert done.entry is not None
+            bad.converted(done.conversion, Path(data_dir) / done.entry.parent_name)
+            entries.append(done.entry)
+            written += done.written
+            if write_patches:
+                record.add(done.entry.name)
+    finally:
+        record.save_at_exit()
     bad.finish("extracting patches")
     if not entries:
         raise InputError("no usable images", data_dir)
@@ -457,6 +466,61 @@ def extract_patches(
         write_class_struct(manifest, out_dir / MAT_NAME)
     log.info("patches: %d images, %d patches (%d written) in %s", len(entries), manifest.total_patches, written, out_dir)
     return manifest
+
+
+#: In the patch folder: the parameters and source files of the run that writes its patches.
+PARAMS_NAME = ".patches.json"
+
+
+def _source_signature(path: Path) -> list:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+class _WrittenRecord:
+    """``.patches.json``: the parameters, and the source files whose patches are all written.
+
+    Patch files already present are kept only when they were written with the same patch
+    size and step from the same source file (size and date), so a rerun resumes an
+    interrupted one but never keeps patches of another window size or of a replaced image.
+    """
+
+    def __init__(self, out_dir: Path, sources: Sequence[SourceImage], patch_size: int, step: int):
+        self.path = out_dir / PARAMS_NAME
+        self.params = {"patch_size": patch_size, "step": step, "rotations": list(ROTATIONS)}
+        self.signature = {s.path.name: _source_signature(s.path) for s in sources}
+        previous = None
+        try:
+            previous = json.loads(self.path.read_text())
+            old = previous["sources"] if previous.get("params") == self.params else {}
+            self.written = {name: sig for name, sig in self.signature.items() if old.get(name) == sig}
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            self.written = {}
+        self.reusable = set(self.written)
+        self.saved_at = 0.0
+        self.dirty = False
+        if previous is not None and previous != self._content():
+            self.save()  # before any file is rewritten: the old record must not vouch for it
+
+    def _content(self) -> dict:
+        return {"params": self.params, "sources": self.written}
+
+    def add(self, name: str) -> None:
+        self.written[name] = self.signature[name]
+        self.dirty = True
+        if time.monotonic() - self.saved_at > 1.0:  # an interrupted run loses at most a second of work
+            self.save()
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self._content())
+        self.saved_at = time.monotonic()
+        self.dirty = False
+
+    def save_at_exit(self) -> None:
+        """Save what was written; a failure here (a full disk) only means those images are redone."""
+        if self.dirty:
+            with contextlib.suppress(LymphCVError, OSError):
+                self.save()
 
 
 def write_class_struct(manifest: Manifest, path: Union[str, Path]) -> None:

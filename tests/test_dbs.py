@@ -190,7 +190,7 @@ def test_existing_db_needs_overwrite_but_finished_work_is_kept(workdir, tmp_path
     assert runner.invoke(cli, ["dbs", str(work), "--workers", "1"]).exit_code == 0
     assert (work / "DB_train_1" / "CURRENT").stat().st_mtime_ns == stamp
     other = runner.invoke(cli, ["dbs", str(work), "--workers", "1", "--seed", "5"])
-    assert other.exit_code == 2 and "DB_train_1: already exists; pass --overwrite" in other.stderr
+    assert other.exit_code == 2 and "DB_train_1: was built from another list, patch set, backend or seed" in other.stderr
     replaced = runner.invoke(cli, ["dbs", str(work), "--workers", "1", "--seed", "5", "--overwrite", "--fold", "2"])
     assert replaced.exit_code == 0, replaced.stderr
     assert "DB_test_2: " in replaced.output and "DB_test_1" not in replaced.output
@@ -297,3 +297,20 @@ def test_a_foreign_folds_json_is_refused(tmp_path, record):
         dbs._folds_record(tmp_path)
     (tmp_path / "dbs.json").write_text("[3]")
     assert dbs._read_dbs_json(tmp_path) == {}
+
+
+def test_patches_of_another_window_size_are_not_kept(tmp_path):
+    synth.generate(tmp_path / "data", per_class=2, cases_per_class=1, width=110, height=90, workers=1)
+    work = tmp_path / "w"
+    patches.extract_patches(tmp_path / "data", work / "subs", workers=1)
+    folds.make_folds(work / "subs", work, k=2, seed=0)
+    dbs.build_dbs(work, workers=1, folds=[1])
+    # Same names and counts with 34-pixel windows: the lists stay byte-identical.
+    listed = (work / "train_w32_1.txt").read_bytes()
+    patches.extract_patches(tmp_path / "data", work / "subs", workers=1, patch_size=34)
+    folds.make_folds(work / "subs", work, k=2, seed=0)
+    assert (work / "train_w32_1.txt").read_bytes() == listed
+    with pytest.raises(StoreError, match="was built from another list, patch set, backend or seed"):
+        dbs.build_dbs(work, workers=1, folds=[1])
+    dbs.build_dbs(work, workers=1, folds=[1], overwrite=True)
+    assert read_mean(work / "DB_train_w32_1.binaryproto").shape == (3, 34, 34)

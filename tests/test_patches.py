@@ -83,7 +83,17 @@ def test_rerun_skips_complete_images_and_redoes_incomplete(tmp_path):
     missing.unlink()
     patches.extract_patches(data, tmp_path / "subs", workers=1)
     assert kept.stat().st_mtime_ns == stamp and missing.is_file()
-    assert not [p for p in (tmp_path / "subs").iterdir() if p.name.startswith(".")]
+    assert not [p for p in (tmp_path / "subs").iterdir() if p.name.startswith(".") and p.name != patches.PARAMS_NAME]
+    # Another window size rewrites the files under the same names (they were kept before).
+    patches.extract_patches(data, tmp_path / "subs", workers=1, patch_size=34)
+    assert cv2.imread(str(kept)).shape == (34, 34, 3)
+    # A source image replaced under the same name is cut again; the others are kept.
+    other = tmp_path / "subs" / "sj-04-101_001_sub_1.tif"
+    stamp, other_stamp = kept.stat().st_mtime_ns, other.stat().st_mtime_ns
+    source = data / "CLL" / "sj-03-100_001.tif"
+    cv2.imwrite(str(source), 255 - cv2.imread(str(source)))
+    patches.extract_patches(data, tmp_path / "subs", workers=1, patch_size=34)
+    assert kept.stat().st_mtime_ns != stamp and other.stat().st_mtime_ns == other_stamp
 
 
 def test_case_regex():
