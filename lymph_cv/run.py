@@ -10,6 +10,10 @@ make the stage's *key*, recorded in ``WORKDIR/run.json`` when the stage complete
 * different key (a changed parameter here or upstream), or ``--from`` this stage → redone
   from scratch, and so is every stage after it (their keys chain to this one).
 
+``--folds`` is not part of the key of the per-fold stages (dbs, render, train, evaluate): each
+records the folds started under its key, so asking for more folds later runs the new ones from
+scratch and keeps (or resumes) the others instead of retraining them.
+
 Nothing is ever half-written under a final name (each stage writes atomically), so killing a
 run at any moment and starting it again loses nothing that was complete.
 """
@@ -153,6 +157,9 @@ class Stage:
     run: Callable[[RunOptions, bool], object]  # (options, fresh) → anything
     enabled: Callable[[RunOptions], bool] = lambda options: True
     fingerprint: Callable[[RunOptions], str] = lambda options: ""
+    #: Outputs per fold: the fold list is not part of the key; folds first asked for under the key
+    #: run fresh, folds already started under it resume (so adding a fold keeps the others' work).
+    per_fold: bool = False
 
 
 def _where(o: RunOptions, path: Path) -> str:
@@ -421,11 +428,11 @@ PIPELINE: Sequence[Stage] = (
     Stage("patches", _patches_params, _patches_complete, _patches_run,
           fingerprint=lambda o: input_fingerprint(o.data_dir, o.classes)),
     Stage("folds", _folds_params, _folds_complete, _folds_run),
-    Stage("dbs", _dbs_params, _dbs_complete, _dbs_run),
-    Stage("render", _render_params, _render_complete, _render_run),
-    Stage("train", _train_params, _train_complete, _train_run),
-    Stage("evaluate", _evaluate_params, _evaluate_complete, _evaluate_run),
-    Stage("report", lambda o: {}, _report_complete, _report_run),
+    Stage("dbs", _dbs_params, _dbs_complete, _dbs_run, per_fold=True),
+    Stage("render", _render_params, _render_complete, _render_run, per_fold=True),
+    Stage("train", _train_params, _train_complete, _train_run, per_fold=True),
+    Stage("evaluate", _evaluate_params, _evaluate_complete, _evaluate_run, per_fold=True),
+    Stage("report", lambda o: {"folds": o.fold_list}, _report_complete, _report_run),
 )
 assert tuple(s.name for s in PIPELINE) == STAGES
 
@@ -484,13 +491,17 @@ def run_pipeline(options: RunOptions, on_stage: Optional[Callable[[str, str], No
         if not stage.enabled(options):
             continue
         params = stage.params(options)
-        key = _digest({"stage": stage.name, "params": params, "input": stage.fingerprint(options),
+        keyed = {n: v for n, v in params.items() if n != "folds"} if stage.per_fold else params
+        key = _digest({"stage": stage.name, "params": keyed, "input": stage.fingerprint(options),
                        "previous": previous_key})
         previous_key = key
         done = record["stages"].get(stage.name, {})
         forced = forced or options.from_stage == stage.name
         same = done.get("key") == key and not forced
-        if same and done.get("complete") and stage.complete(options):
+        wanted = list(options.fold_list)
+        started = set(done.get("folds_started", done.get("params", {}).get("folds", []))) if same else set()
+        have_folds = set(wanted) <= started or not stage.per_fold
+        if same and done.get("complete") and have_folds and stage.complete(options):
             action = "skip"
         else:
             action = "resume" if same else "run"
@@ -505,12 +516,24 @@ def run_pipeline(options: RunOptions, on_stage: Optional[Callable[[str, str], No
             continue
         # Record the stage as started (not complete) first: a crash mid-stage then resumes it.
         record["stages"][stage.name] = {"key": key, "params": params, "complete": False}
+        if stage.per_fold:
+            record["stages"][stage.name]["folds_started"] = sorted(started | set(wanted))
         for later in STAGES[STAGES.index(stage.name) + 1:]:
             record["stages"].get(later, {})["complete"] = False
         atomic_write_json(workdir / RUN_JSON, record)
-        started = time.monotonic()
-        value = stage.run(options, action == "run")
-        seconds = time.monotonic() - started
+        clock = time.monotonic()
+        if stage.per_fold:
+            # Folds new to this key start afresh (outputs on disk are another key's); the others resume.
+            fresh = [k for k in wanted if k not in started]
+            kept = [k for k in wanted if k in started]
+            value = None
+            if fresh:
+                value = stage.run(dataclasses.replace(options, folds=fresh), True)
+            if kept:
+                value = stage.run(dataclasses.replace(options, folds=kept), False)
+        else:
+            value = stage.run(options, action == "run")
+        seconds = time.monotonic() - clock
         record["stages"][stage.name].update(complete=True, seconds=round(seconds, 1),
                                             finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
         atomic_write_json(workdir / RUN_JSON, record)

@@ -230,3 +230,27 @@ def test_ctrl_c_is_one_error_line_and_status_130(runner, cli, tmp_path: Path, mo
     monkeypatch.setattr(run_command, "run_pipeline", interrupted)
     result = runner.invoke(cli, ["run", str(tmp_path / "w"), "--demo"])
     assert result.exit_code == 130 and result.stderr == "error: interrupted\n"
+
+
+def test_adding_a_fold_keeps_the_folds_already_trained(tmp_path: Path, finished: Path, tiny_data: Path):
+    """`--folds 1` then `--folds 1,2` used to rebuild and retrain fold 1 too (the fold list was in every key)."""
+    import shutil
+
+    workdir = tmp_path / "work"
+    shutil.copytree(finished, workdir)
+    run_json = workdir / "run.json"
+    record = json.loads(run_json.read_text())
+    for name in ("dbs", "render", "train", "evaluate"):  # as a run with --folds 1 leaves them
+        record["stages"][name]["folds_started"] = [1]
+    run_json.write_text(json.dumps(record))
+    model_1 = workdir / "1" / f"1_caffenet_train_w32_iter_{MAX_ITER}.caffemodel"
+    model_2 = workdir / "2" / f"2_caffenet_train_w32_iter_{MAX_ITER}.caffemodel"
+    os.utime(model_1, ns=(0, 0))
+    os.utime(model_2, ns=(0, 0))
+    actions = run_logged(tiny_options(workdir, tiny_data, folds=[1, 2]))
+    assert [actions[s] for s in PIPELINE] == ["skip"] * 2 + ["resume"] * 4 + ["run"]
+    assert model_1.stat().st_mtime_ns == 0, "fold 1 was retrained"
+    assert model_2.stat().st_mtime_ns != 0, "fold 2 (new to these settings) was not retrained"
+    assert model_2.read_bytes() == (finished / "2" / model_2.name).read_bytes()
+    assert json.loads(run_json.read_text())["stages"]["train"]["folds_started"] == [1, 2]
+    assert run_logged(tiny_options(workdir, tiny_data, folds=[1, 2])) == {name: "skip" for name in PIPELINE}
