@@ -140,7 +140,12 @@ def load_record(workdir: Path) -> dict:
         return {"stages": {}}
     except (OSError, ValueError) as exc:
         raise ConfigError(f"unreadable run record ({exc}); delete it to start over", path) from exc
-    record.setdefault("stages", {})
+    if isinstance(record, dict):
+        record.setdefault("stages", {})
+    if not (isinstance(record, dict) and isinstance(record["stages"], dict)
+            and all(isinstance(stage, dict) for stage in record["stages"].values())):
+        raise ConfigError("not a lymph-cv run record (expected {\"stages\": {name: {...}}}); delete it to start over",
+                          path)
     return record
 
 

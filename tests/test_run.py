@@ -254,3 +254,13 @@ def test_adding_a_fold_keeps_the_folds_already_trained(tmp_path: Path, finished:
     assert model_2.read_bytes() == (finished / "2" / model_2.name).read_bytes()
     assert json.loads(run_json.read_text())["stages"]["train"]["folds_started"] == [1, 2]
     assert run_logged(tiny_options(workdir, tiny_data, folds=[1, 2])) == {name: "skip" for name in PIPELINE}
+
+
+@pytest.mark.parametrize("text", ["[]", '{"stages": []}', '{"stages": {"patches": 5}}'])
+def test_run_record_of_the_wrong_shape_is_one_error_line(runner, cli, tmp_path: Path, tiny_data: Path, text):
+    """It used to end in an AttributeError traceback."""
+    (tmp_path / "run.json").write_text(text)
+    result = runner.invoke(cli, ["run", str(tmp_path), "--data", str(tiny_data)])
+    assert result.exit_code == 2
+    assert result.stderr == f"error: {tmp_path / 'run.json'}: not a lymph-cv run record (expected " \
+                            '{"stages": {name: {...}}}); delete it to start over\n'
