@@ -442,11 +442,14 @@ def latest_snapshot(folder: PathLike) -> Path:
 
 def _read_json(path: Path) -> Optional[dict]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot read JSON ({exc})", path) from exc
+    if not isinstance(data, dict):
+        raise InputError("expected a JSON object as the earlier stage writes it", path)
+    return data
 
 
 def workdir_info(workdir: PathLike) -> dict:

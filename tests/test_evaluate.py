@@ -438,3 +438,13 @@ def test_load_image_16_bit_and_grey(tmp_path):
     assert grey.shape == (3, 3, 4) and np.all(grey == grey[0, 0, 0])  # grey tiled to three channels
     with pytest.raises(InputError, match="image not found"):
         load_image(tmp_path / "missing.tif")
+
+
+def test_workdir_records_of_the_wrong_shape_are_one_error(tmp_path):
+    """A folds.json holding a list used to end in an AttributeError traceback."""
+    from lymph_cv.errors import InputError
+    from lymph_cv.evaluate import workdir_info
+
+    (tmp_path / "folds.json").write_text("[]")
+    with pytest.raises(InputError, match=r"folds.json: expected a JSON object"):
+        workdir_info(tmp_path)
