@@ -20,6 +20,7 @@ run at any moment and starting it again loses nothing that was complete.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import logging
@@ -313,11 +314,20 @@ def _solver(o: RunOptions, fold: int) -> Path:
     return Path(o.workdir) / str(fold) / SOLVER_NAME.format(fold=fold)
 
 
-def _snapshots(folder: Path, suffix: str) -> Dict[int, Path]:
+def _snapshots(o: RunOptions, fold: int, suffix: str) -> Dict[int, Path]:
+    """The fold's ``<snapshot_prefix>_iter_N.<suffix>`` files by N: only the rendered solver's prefix,
+    so the other variant's snapshots (plain vs ``_dropout``) are neither resumed, evaluated nor deleted."""
+    from lymph_cv.caffe.prototxt import read_solver
+
+    solver = _solver(o, fold)
+    if not solver.is_file():
+        return {}
+    prefix = read_solver(solver).snapshot_prefix or solver.with_suffix("").name
+    stem = solver.parent / prefix
     found = {}
-    for path in folder.glob(f"*_iter_*.{suffix}"):
+    for path in stem.parent.glob(f"{glob.escape(stem.name)}_iter_*.{suffix}"):
         match = _SNAPSHOT.search(path.name)
-        if match:
+        if match and path.name == f"{stem.name}_iter_{match.group(1)}.{suffix}":
             found[int(match.group(1))] = path
     return found
 
@@ -330,7 +340,7 @@ def _final_iteration(o: RunOptions, fold: int) -> int:
 
 def _fold_trained(o: RunOptions, fold: int) -> bool:
     solver = _solver(o, fold)
-    return solver.is_file() and _final_iteration(o, fold) in _snapshots(solver.parent, "caffemodel")
+    return solver.is_file() and _final_iteration(o, fold) in _snapshots(o, fold, "caffemodel")
 
 
 def _train_params(o: RunOptions) -> dict:
@@ -341,16 +351,16 @@ def _train_complete(o: RunOptions) -> bool:
     return all(_fold_trained(o, k) for k in o.fold_list)
 
 
-def _clear_snapshots(folder: Path) -> None:
+def _clear_snapshots(o: RunOptions, fold: int) -> None:
     for suffix in ("caffemodel", "solverstate"):
-        for path in _snapshots(folder, suffix).values():
+        for path in _snapshots(o, fold, suffix).values():
             path.unlink()
 
 
 def _train_run(o: RunOptions, fresh: bool) -> None:
     if fresh:
         for k in o.fold_list:
-            _clear_snapshots(_solver(o, k).parent)
+            _clear_snapshots(o, k)
     todo = [k for k in o.fold_list if not _fold_trained(o, k)]
     if not todo:
         return
@@ -369,7 +379,7 @@ def _train_here(o: RunOptions, folds: Sequence[int]) -> None:
 
     for k in folds:
         solver = _solver(o, k)
-        states = _snapshots(solver.parent, "solverstate")
+        states = _snapshots(o, k, "solverstate")
         resume = states[max(states)] if states else None
         log.info("fold %d: training%s", k, f" (resuming from {resume.name})" if resume else "")
         result = train(solver, snapshot=resume, device=o.device)
@@ -410,7 +420,11 @@ def _evaluate_run(o: RunOptions, fresh: bool) -> None:
     for k in o.fold_list:
         if not fresh and _eval_metrics(o, k).is_file():
             continue
-        result = evaluate_fold(o.workdir, k, device=o.device, oversample=o.oversample, aggregate=o.aggregate)
+        model = _snapshots(o, k, "caffemodel").get(_final_iteration(o, k))
+        if model is None:
+            raise TrainingError(f"fold {k} has no final snapshot; rerun `lymph-cv run` to train it", _solver(o, k))
+        result = evaluate_fold(o.workdir, k, model=model, device=o.device, oversample=o.oversample,
+                               aggregate=o.aggregate)
         record = write_fold(result, fold_output_dir(o.workdir, k))
         log.info("fold %d: accuracy %.3f on %d test images", k, record["accuracy"], len(result.images))
 

@@ -264,3 +264,20 @@ def test_run_record_of_the_wrong_shape_is_one_error_line(runner, cli, tmp_path: 
     assert result.exit_code == 2
     assert result.stderr == f"error: {tmp_path / 'run.json'}: not a lymph-cv run record (expected " \
                             '{"stages": {name: {...}}}); delete it to start over\n'
+
+
+def test_dropout_variant_keeps_the_plain_snapshots(tmp_path: Path, finished: Path, tiny_data: Path):
+    """Switching to --dropout used to delete the plain net's snapshots (every *_iter_N file of the
+    fold) and evaluate whichever variant had the highest iteration."""
+    import shutil
+
+    workdir = tmp_path / "work"
+    shutil.copytree(finished, workdir)
+    plain = workdir / "1" / f"1_caffenet_train_w32_iter_{MAX_ITER}.caffemodel"
+    before = plain.read_bytes()
+    run_logged(tiny_options(workdir, tiny_data, dropout=True, folds=[1]))
+    assert plain.read_bytes() == before
+    dropout = workdir / "1" / f"1_caffenet_train_w32_dropout_iter_{MAX_ITER}.caffemodel"
+    assert dropout.is_file()
+    metrics = json.loads((workdir / "eval" / "fold_1" / "metrics.json").read_text())
+    assert Path(metrics["settings"]["model"]).name == dropout.name
