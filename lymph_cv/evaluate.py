@@ -432,12 +432,33 @@ class FoldResult:
 
 # ----------------------------------------------------------------------------- workdir defaults
 def latest_snapshot(folder: PathLike) -> Path:
-    """The ``*_iter_N.caffemodel`` with the highest N in ``folder``."""
+    """The ``*_iter_N.caffemodel`` with the highest N in ``folder``; of several snapshot series (the
+    plain and the dropout net), the one the fold's rendered solver names, else an InputError."""
     folder = Path(folder)
     found = [(int(m.group(1)), p) for p in folder.glob("*.caffemodel") if (m := _SNAPSHOT.search(p.name))]
     if not found:
         raise InputError("no snapshot *_iter_N.caffemodel found (train the fold or pass --model)", folder)
+    series = {p.name[:_SNAPSHOT.search(p.name).start()] for _, p in found}
+    if len(series) > 1:
+        prefix = _solver_prefix(folder)
+        if prefix not in series:
+            raise InputError(f"snapshots of several nets ({', '.join(sorted(series))}); pass --model", folder)
+        found = [(n, p) for n, p in found if p.name[:_SNAPSHOT.search(p.name).start()] == prefix]
     return max(found)[1]
+
+
+def _solver_prefix(folder: Path) -> Optional[str]:
+    """``snapshot_prefix`` of the fold's rendered solver (``K-alexnet_solver_ada.prototxt``), if any."""
+    from lymph_cv.caffe.prototxt import read_solver
+    from lymph_cv.layout import SOLVER_NAME
+
+    solver = folder / SOLVER_NAME.format(fold=folder.name)
+    if not solver.is_file():
+        return None
+    try:
+        return read_solver(solver).snapshot_prefix or None
+    except LymphCVError:
+        return None
 
 
 def _read_json(path: Path) -> Optional[dict]:

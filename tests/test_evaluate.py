@@ -448,3 +448,22 @@ def test_workdir_records_of_the_wrong_shape_are_one_error(tmp_path):
     (tmp_path / "folds.json").write_text("[]")
     with pytest.raises(InputError, match=r"folds.json: expected a JSON object"):
         workdir_info(tmp_path)
+
+
+def test_latest_snapshot_takes_the_rendered_solvers_series(tmp_path):
+    """With plain and dropout snapshots in one fold folder it used to take whichever sorted last."""
+    from lymph_cv.errors import InputError
+    from lymph_cv.evaluate import latest_snapshot
+
+    fold = tmp_path / "1"
+    fold.mkdir()
+    for name in ("1_caffenet_train_w32_iter_20", "1_caffenet_train_w32_dropout_iter_20",
+                 "1_caffenet_train_w32_dropout_iter_10"):
+        (fold / f"{name}.caffemodel").write_bytes(b"")
+    with pytest.raises(InputError, match="snapshots of several nets .*; pass --model"):
+        latest_snapshot(fold)
+    (fold / "1-alexnet_solver_ada.prototxt").write_text('net: "n"\nsnapshot_prefix: "1_caffenet_train_w32_dropout"\n')
+    assert latest_snapshot(fold).name == "1_caffenet_train_w32_dropout_iter_20.caffemodel"
+    (fold / "1_caffenet_train_w32_dropout_iter_20.caffemodel").unlink()
+    (fold / "1_caffenet_train_w32_iter_20.caffemodel").unlink()
+    assert latest_snapshot(fold).name == "1_caffenet_train_w32_dropout_iter_10.caffemodel"
