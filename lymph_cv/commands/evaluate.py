@@ -38,7 +38,8 @@ def _classes(ctx, param, value: Optional[str]):
 @click.command()
 @click.argument("workdir", type=_DIR)
 @click.option("--fold", "-k", type=click.IntRange(min=1), required=True, help="Fold K to evaluate.")
-@click.option("--model", type=_FILE, help="Trained .caffemodel [default: the highest WORKDIR/K/*_iter_N.caffemodel; of several series, the one the fold's solver names].")
+@click.option("--model", type=_FILE, help="Trained .caffemodel [default: the highest WORKDIR/K/*_iter_N.caffemodel; "
+                                          "of several series, the one the fold's solver names].")
 @click.option("--deploy", type=_FILE, help="Deploy net [default: WORKDIR/K/deploy_train32.prototxt].")
 @click.option("--mean", type=_FILE, help="Mean .binaryproto [default: WORKDIR/DB_train_w32_K.binaryproto].")
 @click.option("--parent-list", type=_FILE, help="Test images, one per line [default: WORKDIR/test_w32_parent_K.txt].")
