@@ -112,6 +112,9 @@ def _describe_net(net: caffe_pb2.NetParameter, path: Path, legacy: bool) -> Desc
         "format": "V1" if legacy else "V2",
         "inputs": list(net.input),
         "input_dims": list(net.input_dim),
+        # One shape per input: input_shape, or input_dim in fours (N, C, H, W) as Caffe reads them.
+        "input_shapes": ([list(shape.dim) for shape in net.input_shape] if len(net.input_shape)
+                         else [list(net.input_dim[i:i + 4]) for i in range(0, len(net.input_dim), 4)]),
         "layers": [
             {
                 "name": layer.name,
@@ -318,7 +321,9 @@ def format_description(info: Description) -> str:
         upgraded = ", upgraded to V2" if info["format"] == "V1" else ""
         lines.append(f"net: {info['name'] or '-'} ({info['format']} syntax{upgraded})")
         if info["inputs"]:
-            lines.append(f"inputs: {', '.join(info['inputs'])} {_shape_text(info['input_dims'])}")
+            shapes = info["input_shapes"] + [[]] * (len(info["inputs"]) - len(info["input_shapes"]))
+            lines.append("inputs: " + ", ".join(f"{name} {_shape_text(shape) or '?'}"
+                                                for name, shape in zip(info["inputs"], shapes)))
         rows = [
             [layer["name"], layer["type"], ",".join(layer["bottom"]) or "-", ",".join(layer["top"]) or "-", layer["phase"] or "all"]
             for layer in info["layers"]

@@ -85,6 +85,12 @@ def test_net_and_solver_prototxt(runner, cli, tmp_path):
     assert "net: q (V1 syntax, upgraded to V2)" in _ok(runner, cli, net)
     (tmp_path / "v2.prototxt").write_text('layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" }\n')
     assert "net: - (V2 syntax)\n" in _ok(runner, cli, tmp_path / "v2.prototxt")
+    (tmp_path / "inputs.prototxt").write_text(
+        'input: "data"\ninput_shape { dim: 10 dim: 3 dim: 32 dim: 32 }\ninput: "label"\ninput_shape { dim: 10 }\n'
+        'layer { name: "r" type: "ReLU" bottom: "data" top: "data" }\n')
+    assert "inputs: data 10x3x32x32, label 10\n" in _ok(runner, cli, tmp_path / "inputs.prototxt")
+    (tmp_path / "dims.prototxt").write_text('input: "a"\ninput: "b"\n' + "input_dim: 1\ninput_dim: 3\ninput_dim: 8\ninput_dim: 8\n" * 2)
+    assert "inputs: a 1x3x8x8, b 1x3x8x8\n" in _ok(runner, cli, tmp_path / "dims.prototxt")
     solver = tmp_path / "solver.prototxt"
     solver.write_text('net: "net.prototxt"\nbase_lr: 0.001\nsolver_type: ADAGRAD\n')
     info = json.loads(_ok(runner, cli, "--json", solver))
