@@ -9,9 +9,12 @@ from __future__ import annotations
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 
 from tqdm import tqdm
+
+from lymph_cv.errors import LymphCVError
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -84,7 +87,11 @@ def imap(
                     break
             while pending:
                 item, future, step = pending[0]
-                result = future.result()
+                try:
+                    result = future.result()
+                except BrokenProcessPool:
+                    raise LymphCVError(f"{desc or 'workers'}: a worker process died (out of memory or killed); "
+                                       "run again (finished work is kept), or with --workers 1") from None
                 pending.pop(0)
                 following = next(iterator, None)
                 if following is not None:
