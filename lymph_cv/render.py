@@ -22,7 +22,7 @@ import jinja2
 from lymph_cv.caffe.blob import read_mean
 from lymph_cv.caffe.prototxt import parse_net_text, parse_solver_text
 from lymph_cv.errors import ConfigError, FormatError, InputError
-from lymph_cv.fsutil import atomic_write_json, atomic_write_text
+from lymph_cv.fsutil import atomic_write_json, atomic_write_text, make_dirs
 from lymph_cv.resources import prototxt_template_dir
 from lymph_cv.layout import (DBS_JSON, DEPLOY_NAME, DROPOUT_SNAPSHOT_PREFIX, MEAN_FILE,
                              NET_NAME, SNAPSHOT_PREFIX, SOLVER_NAME, TEST_LIST, TRAIN_LIST)
@@ -328,7 +328,7 @@ def render_fold(workdir: PathLike, fold: int, *, dropout: bool = False, legacy_v
     ]
     env = _environment()
     out_dir = workdir / str(fold)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir)
     files = {
         "solver": (out_dir / SOLVER_NAME.format(fold=fold), SOLVER_TEMPLATE, parse_solver_text),
         "net": (out_dir / NET_NAME.format(fold=fold), NET_TEMPLATE, parse_net_text),

@@ -34,7 +34,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from lymph_cv import DEFAULT_CLASSES
 from lymph_cv.errors import ConfigError, LymphCVError, TrainingError
-from lymph_cv.fsutil import atomic_write_json, remove_stale_temporaries
+from lymph_cv.fsutil import atomic_write_json, make_dirs, remove_stale_temporaries
 from lymph_cv.layout import (DB_TEST, DB_TRAIN, DEPLOY_NAME, EVAL_DIR, MANIFEST_NAME, MEAN_FILE, NET_NAME,
                              PATCH_DIR, REPORT_MD, RUN_JSON, SOLVER_NAME)
 
@@ -496,7 +496,7 @@ def run_pipeline(options: RunOptions, on_stage: Optional[Callable[[str, str], No
     """
     check_options(options)
     workdir = Path(options.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    make_dirs(workdir)
     record = load_record(workdir)
     # Leftovers of a killed run: temporaries never renamed into place (their writer is gone).
     for folder in [workdir, *(workdir / str(k) for k in options.fold_list)]:

@@ -44,7 +44,7 @@ from lymph_cv.caffe.prototxt import read_net_prototxt, read_solver
 from lymph_cv.caffelog import CaffeLog, fmt
 from lymph_cv.datalayer import DataLayer, RecordCache
 from lymph_cv.errors import ConfigError, FormatError, InputError, TrainingError, UnsupportedError
-from lymph_cv.fsutil import atomic_write_json
+from lymph_cv.fsutil import atomic_write_json, make_dirs
 from lymph_cv.net.build import CaffeNet, build_net, resolve_net_path
 from lymph_cv.solver import Solver, learnables_of, make_solver, snapshot_names, solver_type
 
@@ -300,7 +300,7 @@ class Trainer:
         prefix = self.param.snapshot_prefix or str(self.solver_path.with_suffix("").name)
         model_name, state_name = snapshot_names(prefix, self.solver.iter)
         model_path, state_path = self.files.output(model_name), self.files.output(state_name)
-        model_path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(model_path.parent)
         self.log.info(f"Snapshotting to binary proto file {model_name}", caffelog.SRC_SNAPSHOT)
         write_caffemodel(model_path, self.net.export_weights(legacy_dims=True))
         self.log.info(f"Snapshotting solver state to binary proto file {state_name}",

@@ -257,3 +257,11 @@ def test_set_values_of_the_wrong_type_say_what_was_expected(pair, message):
     with pytest.raises(ConfigError) as caught:
         resolve_variables(parse_overrides([pair]))
     assert str(caught.value) == message
+
+
+def test_fold_folder_that_is_a_file_is_one_error_line(tmp_path, runner, cli):
+    """It used to end in a FileExistsError traceback."""
+    write_lists(tmp_path)
+    (tmp_path / "1").write_text("not a folder")
+    result = runner.invoke(cli, ["render", str(tmp_path)])
+    assert result.exit_code == 2 and result.stderr == f"error: {tmp_path / '1'}: is a file; expected a folder\n"
