@@ -60,6 +60,8 @@ def test_bad_inputs():
     bad = caffe_pb2.Datum(channels=3, height=2, width=2, data=b"123", label=0)
     with pytest.raises(FormatError, match="expected C\\*H\\*W = 12"):
         datum_to_array(bad)
+    with pytest.raises(FormatError, match="negative dimensions"):  # was numpy's ValueError
+        datum_to_array(caffe_pb2.Datum(channels=-1, height=-1, width=1, data=b"1"))
     with pytest.raises(FormatError, match="cannot decode"):
         datum_to_array(encoded_datum(b"not an image", 0))
     with pytest.raises(FormatError, match="uint8"):

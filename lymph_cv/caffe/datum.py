@@ -116,6 +116,8 @@ def datum_to_array(datum: caffe_pb2.Datum) -> np.ndarray:
     if datum.encoded:
         return decode_image(datum.data)
     shape = (datum.channels, datum.height, datum.width)
+    if min(shape) < 0:
+        raise FormatError(f"datum has negative dimensions {shape}")
     count = shape[0] * shape[1] * shape[2]
     if datum.data:
         if len(datum.data) != count:
