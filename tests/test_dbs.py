@@ -112,6 +112,8 @@ def test_unshuffled_build(workdir, tmp_path, runner, cli):
     entries = dbs.read_image_list(work / "test_w32_1.txt")
     assert [k for k, _ in _records(work / "DB_test_1")] == [store.make_key(i, e.name) for i, e in enumerate(entries)]
     assert json.loads((work / "dbs.json").read_text())["shuffle"] is False
+    both = runner.invoke(cli, ["dbs", str(work), "--images", str(work), "--root", str(work)])
+    assert both.exit_code == 2 and "--root does not apply with --images" in both.stderr
     absent = runner.invoke(cli, ["dbs", str(work), "--workers", "1", "--fold", "9"])
     assert absent.exit_code == 2 and absent.stderr.startswith("error: --fold: fold 9 has no lists")
     assert "(valid: 1, 2)" in absent.stderr

@@ -158,6 +158,8 @@ def dbs(workdir: Path, backend: str, seed: int, no_shuffle: bool, folds, root, i
     """Step 3: DB_train_K, DB_test_K and DB_train_w32_K.binaryproto for every fold of WORKDIR."""
     from lymph_cv import dbs as dbs_module
 
+    if images is not None and root is not None:
+        raise click.UsageError("--root does not apply with --images (patches are cut from the images, no files are read)")
     results = dbs_module.build_dbs(workdir, folds=list(folds) or None, backend=backend,
                                    seed=None if no_shuffle else seed, root=root,
                                    images=images, overwrite=overwrite, workers=workers, skip_bad=skip_bad)
