@@ -22,6 +22,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -683,11 +684,77 @@ def _local_worker(state_path: Path, script: Path, workers: int, after: Sequence[
         if state != COMPLETED:
             _write_local_state(state_path, state=CANCELLED, reason=f"dependency {dependency}: {state}", ended=time.time())
             return 1
-    with _slot(folder / "slots", workers) as slot:
+    with _slot(folder / "slots", workers) as slot, _forwarded_signals() as job:
         _write_local_state(state_path, state=RUNNING, slot=slot, started=time.time())
-        code = subprocess.run(["bash", str(script)], stdin=subprocess.DEVNULL, check=False).returncode
-        _write_local_state(state_path, state=COMPLETED if code == 0 else FAILED, exit_code=code, ended=time.time())
+        code = job.run(["bash", str(script)])
+        if job.signals:
+            # A stopped training exits 0 after its snapshot (Caffe's way); the job still did not finish.
+            _write_local_state(state_path, state=CANCELLED, reason=f"signal {job.signals[0]}", exit_code=code,
+                               ended=time.time())
+        else:
+            _write_local_state(state_path, state=COMPLETED if code == 0 else FAILED, exit_code=code,
+                               ended=time.time())
     return code
+
+
+#: How long a signalled job's processes get to finish (a training writes its snapshot first).
+LOCAL_STOP_GRACE_S = 120.0
+
+
+class _Job:
+    """The script of a local job in its own process group; a signal to the runner goes to all of it."""
+
+    def __init__(self):
+        self.signals: List[int] = []
+        self.group: Optional[int] = None
+
+    def forward(self, signum, _frame) -> None:
+        self.signals.append(signum)
+        if self.group is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.group, signum)
+
+    def run(self, argv: Sequence[str]) -> int:
+        if self.signals:
+            return 128 + self.signals[0]
+        _become_subreaper()
+        child = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, process_group=0)
+        self.group = child.pid
+        code = child.wait()
+        # bash dies of the signal at once; its training goes on to its snapshot: wait for the group
+        # (its orphans are ours to reap, as a subreaper).
+        deadline = time.monotonic() + LOCAL_STOP_GRACE_S
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                    pass
+            try:
+                os.killpg(self.group, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        return code
+
+
+def _become_subreaper() -> None:
+    """Linux: orphaned descendants are re-parented to this process (so it can reap and wait for them)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
+
+@contextlib.contextmanager
+def _forwarded_signals() -> Iterator[_Job]:
+    """While the job runs, SIGTERM/SIGINT/SIGHUP to the runner reach the job's processes (before,
+    killing the runner left the training running, unseen, and freed its slot for another job)."""
+    job = _Job()
+    previous = {sig: signal.signal(sig, job.forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        yield job
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _local_main(argv: Sequence[str]) -> int:

@@ -367,3 +367,34 @@ def test_missing_fold_configs_are_rendered(tiny_workdir, tmp_path, runner, cli):
     assert result.exit_code == 0, result.stderr
     assert jobs.solver_path(workdir, 2).is_file() and (workdir / "2" / "2_train.slurm").is_file()
     assert result.stdout.startswith(f"cd {workdir / '2'} && sbatch --parsable --job-name=2_TASK")
+
+
+def test_local_runner_stopped_by_a_signal_stops_its_job_and_records_cancelled(tmp_path):
+    """SIGTERM to a local runner used to leave the job's training running, unseen, after the slot
+    was freed for the next job; now the job's processes get the signal and the runner waits for them."""
+    import signal
+    import sys
+    import time
+
+    folder = tmp_path / jobs.LOCAL_DIR
+    (folder / "slots").mkdir(parents=True)
+    state_path = folder / "1.json"
+    state_path.write_text("{}")
+    script = tmp_path / "job.sh"
+    # like a training: on SIGTERM it finishes its snapshot, then exits 0; bash itself dies at once
+    script.write_text(f"{sys.executable} -c 'import signal, sys, time\n"
+                      "def stop(*_):\n    time.sleep(0.3); open(\"snapshot\", \"w\").close(); sys.exit(0)\n"
+                      "signal.signal(signal.SIGTERM, stop)\nopen(\"started\", \"w\").close()\ntime.sleep(60)'\n")
+    runner = subprocess.Popen([sys.executable, "-m", "lymph_cv.jobs", str(state_path), str(script), "1"], cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        runner.send_signal(signal.SIGTERM)
+        runner.wait(timeout=30)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    state = json.loads(state_path.read_text())
+    assert state["state"] == jobs.CANCELLED and state["reason"] == f"signal {int(signal.SIGTERM)}"
+    assert (tmp_path / "snapshot").exists(), "the runner did not wait for the job to finish its snapshot"
