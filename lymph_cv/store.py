@@ -178,6 +178,12 @@ def open_writer(
     if path.exists() and not overwrite:
         raise StoreError("already exists; pass --overwrite to replace it", path)
     check_kind(path, folder=True)
+    if path.is_dir() and any(path.iterdir()):
+        try:
+            detect_backend(path)
+        except FormatError:
+            # --overwrite replaces a database, never a folder of other files (a mistyped name).
+            raise StoreError("is a folder but not a LevelDB/LMDB database; refusing to replace it", path) from None
     make_dirs(path.parent)
     temp = temp_sibling(path)
     try:

@@ -126,3 +126,17 @@ def test_truncated_lmdb_is_a_format_error_not_a_crash(tmp_path):
     (path / "data.mdb").write_bytes(data)
     with open_reader(path, "lmdb") as reader:
         assert len(reader) == 300
+
+
+def test_overwrite_never_replaces_a_folder_that_is_not_a_database(tmp_path):
+    folder = tmp_path / "work"
+    (folder / "subs").mkdir(parents=True)
+    (folder / "subs" / "a.tif").write_bytes(b"precious")
+    with pytest.raises(StoreError, match="not a LevelDB/LMDB database; refusing to replace it"):
+        with open_writer(folder, "leveldb", overwrite=True) as writer:
+            writer.put(b"a", b"1")
+    assert (folder / "subs" / "a.tif").read_bytes() == b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+    (tmp_path / "empty").mkdir()
+    with open_writer(tmp_path / "empty", "lmdb", overwrite=True) as writer:  # an empty folder may be used
+        writer.put(b"a", b"1")
