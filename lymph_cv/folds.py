@@ -283,7 +283,8 @@ def write_folds(fold_set: FoldSet, manifest: Manifest, out_dir: Union[str, os.Pa
         ):
             _write_if_changed(out / patch_template.format(fold=fold.index), "".join(lines_of[e.parent_name] for e in side))
             _write_if_changed(out / parent_template.format(fold=fold.index), "".join(f"{e.parent_name}\n" for e in side))
-    _remove_other_folds(out, {fold.index for fold in fold_set.folds})
+    if (out / FOLDS_JSON).is_file():  # only in a folder an earlier `folds` wrote (never other lists)
+        _remove_other_folds(out, {fold.index for fold in fold_set.folds})
     record = fold_set.to_json()
     if manifest.path is not None:
         # Where the images and patch sizes are recorded, for building DBs straight from images.
