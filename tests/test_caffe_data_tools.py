@@ -199,3 +199,21 @@ def test_tutorial_step3_script_runs_with_our_tools(work, tmp_path):
             assert script_db == _records(tmp_path / "ours" / f"DB_{side}_{k}")
         mean = f"DB_train_w32_{k}.binaryproto"
         assert (script_dir / mean).read_bytes() == (tmp_path / "ours" / mean).read_bytes()
+
+
+@pytest.mark.parametrize("tool", ["convert_imageset", "compute_image_mean"])
+def test_checkout_tools_run_without_an_active_venv(tmp_path, tool):
+    import shutil
+
+    # `python -S` cannot import lymph_cv's dependencies, like a system python3 with no venv active.
+    (tmp_path / "tools").mkdir()
+    shutil.copy(REPO_ROOT / "tools" / tool, tmp_path / "tools" / tool)
+    alone = subprocess.run([sys.executable, "-S", str(tmp_path / "tools" / tool), "-help"],
+                           capture_output=True, text=True, timeout=60)
+    assert alone.returncode == 2 and alone.stderr.count("\n") == 1
+    assert "cannot import lymph_cv" in alone.stderr and "Traceback" not in alone.stderr
+    # Next to a checkout's .venv the tool runs with that venv's python instead.
+    (tmp_path / ".venv").symlink_to(os.path.dirname(os.path.dirname(sys.executable)))
+    found = subprocess.run([sys.executable, "-S", str(tmp_path / "tools" / tool), "-help"],
+                           capture_output=True, text=True, timeout=60)
+    assert found.returncode == 0 and f"{tool}: " in found.stdout
