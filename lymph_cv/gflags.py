@@ -130,7 +130,12 @@ def run_tool(
         values, positional = parse(argv, flags)
         return run(values, positional)
     except HelpRequested:
-        print(usage(program, synopsis, flags))
+        try:
+            print(usage(program, synopsis, flags), flush=True)
+        except BrokenPipeError:  # `-help | head`: the reader left, as with any Unix tool
+            import os
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except LymphCVError as exc:
         print(f"error: {exc}", file=sys.stderr)

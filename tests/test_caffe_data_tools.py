@@ -217,3 +217,11 @@ def test_checkout_tools_run_without_an_active_venv(tmp_path, tool):
     found = subprocess.run([sys.executable, "-S", str(tmp_path / "tools" / tool), "-help"],
                            capture_output=True, text=True, timeout=60)
     assert found.returncode == 0 and f"{tool}: " in found.stdout
+
+
+def test_help_into_a_closed_pipe_is_quiet():
+    tool = subprocess.Popen([sys.executable, "-c", "import sys; from lymph_cv.commands import convert_imageset as c;"
+                             "sys.exit(c.main(['-help']))"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    tool.stdout.close()  # like `-help | head -0`: closed long before the interpreter has started
+    err = tool.stderr.read().decode()
+    assert tool.wait(timeout=60) == 0 and "Traceback" not in err, err
