@@ -39,7 +39,7 @@ from lymph_cv.caffe.blob import write_mean
 from lymph_cv.caffe.datum import encoded_datum, parse_datum, serialize_datum
 from lymph_cv.errors import ConfigError, InputError, LymphCVError, StoreError
 from lymph_cv.folds import FOLDS_JSON, TEST_LIST, TRAIN_LIST, list_folds, read_list_text
-from lymph_cv.fsutil import atomic_write_json, remove_path, temp_sibling
+from lymph_cv.fsutil import atomic_write_json, remove_path, remove_stale_temporaries, temp_sibling
 from lymph_cv.patches import (
     MANIFEST_NAME, BadInputs, Manifest, SourceImage, extract, load_manifest, patch_count, read_color, read_for_patches,
 )
@@ -567,6 +567,8 @@ def build_dbs(
     classes = record.get("classes")
     num_labels = len(classes) if classes else None
     root_dir = Path(root) if root is not None else workdir / record.get("list_root", ".")
+    for path in remove_stale_temporaries(workdir):  # databases of a killed run (they can be large)
+        log.info("dbs: removed %s, left by an interrupted run", path)
     previous = _read_dbs_json(workdir)
     same_settings = previous.get("backend") == backend and previous.get("seed") == seed
     manifest_digest = _manifest_digest(workdir, record)

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from lymph_cv.errors import ConfigError, FormatError, InputError, LymphCVError
-from lymph_cv.fsutil import atomic_write_json, make_dirs, temp_sibling
+from lymph_cv.fsutil import atomic_write_json, make_dirs, remove_stale_temporaries, temp_sibling
 from lymph_cv.synth import DEFAULT_CLASSES, TIFF_UNCOMPRESSED
 from lymph_cv.workers import imap
 from lymph_cv.layout import MANIFEST_NAME
@@ -436,6 +436,8 @@ def extract_patches(
     out_dir = Path(out_dir)
     sources = scan_images(data_dir, classes)
     make_dirs(out_dir)
+    for path in remove_stale_temporaries(out_dir):  # patches of a killed run never renamed into place
+        log.debug("removed %s, left by an interrupted run", path)
     record = _WrittenRecord(out_dir, sources, patch_size, step)
     bad = BadInputs(skip_bad)
     entries: list[ImageEntry] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import re
 import json
+import os
 
 import cv2
 import numpy as np
@@ -316,3 +317,13 @@ def test_patches_of_another_window_size_are_not_kept(tmp_path):
         dbs.build_dbs(work, workers=1, folds=[1])
     dbs.build_dbs(work, workers=1, folds=[1], overwrite=True)
     assert read_mean(work / "DB_train_w32_1.binaryproto").shape == (3, 34, 34)
+
+
+def test_temporaries_of_a_killed_run_are_swept(workdir, tmp_path):
+    work = _fresh(workdir, tmp_path)
+    dead = work / ".DB_train_1.tmp-999999999-abcdef12"  # no such pid: its writer is gone
+    (dead / "x").mkdir(parents=True)
+    alive = work / f".DB_test_1.tmp-{os.getpid()}-abcdef12"  # a running writer's: kept
+    alive.mkdir()
+    dbs.build_dbs(work, workers=1, folds=[1])
+    assert not dead.exists() and alive.is_dir()
