@@ -165,6 +165,9 @@ def test_empty_or_missing_class_folder(tmp_path, runner, cli):
     assert result.exit_code == 2 and "class folder missing" in result.stderr and "XX" in result.stderr
     with pytest.raises(InputError, match="empty class folder"):
         patches.scan_images(data)
+    (data / "MCL" / "sj-05\n1_001.tif").write_bytes((data / "CLL" / "sj-03-100_001.tif").read_bytes())
+    result = runner.invoke(cli, ["patches", str(data), str(tmp_path / "subs")])
+    assert result.exit_code == 2 and result.stderr == f"error: {data / 'MCL'}: image name 'sj-05\\n1_001.tif' holds a line break; rename it\n"
 
 
 def test_cli_patches(tmp_path, runner, cli):
