@@ -288,9 +288,13 @@ def scan_images(data_dir: Union[str, Path], classes: Sequence[str] = DEFAULT_CLA
         files = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
         if not files:
             raise InputError("empty class folder, expected image files", folder)
-        broken = [p for p in files if "\n" in p.name or "\r" in p.name]
-        if broken:  # one list line per patch: a line break in a name would split it
-            raise InputError(f"image name {broken[0].name!r} holds a line break; rename it", folder)
+        for p in files:
+            if "\n" in p.name or "\r" in p.name:  # one list line per patch: a line break would split it
+                raise InputError(f"image name {p.name!r} holds a line break; rename it", folder)
+            try:
+                p.name.encode("utf-8")  # the lists and manifest are UTF-8 text
+            except UnicodeEncodeError:
+                raise InputError(f"image name {p.name!r} is not valid UTF-8; rename it", folder) from None
         found.extend(SourceImage(p, name, label) for p in files)
     stems = Counter(image.path.stem for image in found)
     clashes = [image for image in found if stems[image.path.stem] > 1]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import cv2
 import numpy as np
@@ -168,6 +169,9 @@ def test_empty_or_missing_class_folder(tmp_path, runner, cli):
     (data / "MCL" / "sj-05\n1_001.tif").write_bytes((data / "CLL" / "sj-03-100_001.tif").read_bytes())
     result = runner.invoke(cli, ["patches", str(data), str(tmp_path / "subs")])
     assert result.exit_code == 2 and result.stderr == f"error: {data / 'MCL'}: image name 'sj-05\\n1_001.tif' holds a line break; rename it\n"
+    os.rename(data / "MCL" / "sj-05\n1_001.tif", os.fsdecode(os.fsencode(data / "MCL") + b"/sj-05\xff_001.tif"))
+    result = runner.invoke(cli, ["patches", str(data), str(tmp_path / "subs")])
+    assert result.exit_code == 2 and "is not valid UTF-8; rename it" in result.stderr
 
 
 def test_cli_patches(tmp_path, runner, cli):
