@@ -425,6 +425,16 @@ def save_mean(path: Union[str, os.PathLike], accumulator: MeanAccumulator) -> li
     return channel_means(mean)
 
 
+def _save_mean_or_drop(mean_path, accumulator: MeanAccumulator, db_path) -> list[float]:
+    """Write the mean of a database just built; if that fails, remove the database too, so a
+    rerun rebuilds the pair instead of finding a database without its mean (and asking for --overwrite)."""
+    try:
+        return save_mean(mean_path, accumulator)
+    except BaseException:
+        remove_path(Path(db_path))
+        raise
+
+
 def _file_records(
     root: Union[str, os.PathLike], concat_root: bool, list_path: Path, entries: Sequence[ListEntry],
     order: np.ndarray, options: ImageOptions, bad: BadInputs,
@@ -476,7 +486,7 @@ def convert_list(
     accumulator = MeanAccumulator() if mean_path is not None else None
     count = write_db(db_path, backend, records, overwrite=overwrite, accumulator=accumulator,
                      check_size=options.check_size, progress=progress)
-    means = None if accumulator is None else save_mean(mean_path, accumulator)
+    means = None if accumulator is None else _save_mean_or_drop(mean_path, accumulator, db_path)
     return DbResult(os.fspath(db_path), count, len(entries), time.perf_counter() - started,
                     None if mean_path is None else os.fspath(mean_path), means, bad.problems, dict(bad.conversions))
 
@@ -834,6 +844,6 @@ def _build_from_cache(task: _DbTask) -> DbResult:
     rows = _cache_rows(task, entries, bad)
     accumulator = MeanAccumulator() if task.mean_path is not None else None
     count = write_db(task.db_path, task.backend, _cache_records(task.cache, entries, order, rows, accumulator), overwrite=True)
-    means = None if accumulator is None else save_mean(task.mean_path, accumulator)
+    means = None if accumulator is None else _save_mean_or_drop(task.mean_path, accumulator, task.db_path)
     return DbResult(os.fspath(task.db_path), count, len(entries), time.perf_counter() - started,
                     None if task.mean_path is None else os.fspath(task.mean_path), means, bad.problems, dict(bad.conversions))

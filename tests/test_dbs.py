@@ -13,7 +13,7 @@ import pytest
 from lymph_cv import dbs, folds, patches, store, synth
 from lymph_cv.caffe.blob import read_mean
 from lymph_cv.caffe.datum import parse_datum
-from lymph_cv.errors import InputError, StoreError
+from lymph_cv.errors import InputError, LymphCVError, StoreError
 
 
 @pytest.fixture(scope="module")
@@ -327,3 +327,13 @@ def test_temporaries_of_a_killed_run_are_swept(workdir, tmp_path):
     alive.mkdir()
     dbs.build_dbs(work, workers=1, folds=[1])
     assert not dead.exists() and alive.is_dir()
+
+
+def test_a_mean_that_cannot_be_written_takes_its_database_with_it(workdir, tmp_path, monkeypatch):
+    work = _fresh(workdir, tmp_path)
+    (work / "DB_train_w32_1.binaryproto").mkdir()  # the mean's name is taken by a folder
+    with pytest.raises(LymphCVError, match="DB_train_w32_1.binaryproto: is a folder"):
+        dbs.build_dbs(work, workers=1, folds=[1])
+    assert not (work / "DB_train_1").exists()  # else the rerun would ask for --overwrite
+    (work / "DB_train_w32_1.binaryproto").rmdir()
+    assert len(dbs.build_dbs(work, workers=1, folds=[1])) == 2
