@@ -569,7 +569,7 @@ def build_dbs(
     found = list_folds(workdir)
     if not found:
         raise InputError("no train_w32_K.txt / test_w32_K.txt lists found (run `lymph-cv folds` first)", workdir)
-    selected = list(found if folds is None else folds)
+    selected = list(found if folds is None else dict.fromkeys(folds))  # `--fold 1 --fold 1`: built once
     missing = [k for k in selected if k not in found]
     if missing:
         raise ConfigError(f"--fold: fold {missing[0]} has no lists in {workdir}", valid=[str(k) for k in found])

@@ -108,8 +108,9 @@ def test_direct_from_images_equals_files_path(workdir, tmp_path):
 
 def test_unshuffled_build(workdir, tmp_path, runner, cli):
     work = _fresh(workdir, tmp_path)
-    result = runner.invoke(cli, ["dbs", str(work), "--no-shuffle", "--workers", "1", "--fold", "1"])
+    result = runner.invoke(cli, ["dbs", str(work), "--no-shuffle", "--workers", "1", "--fold", "1", "--fold", "1"])
     assert result.exit_code == 0, result.stderr
+    assert result.output.count("DB_train_1:") == 1  # a repeated --fold is built once
     entries = dbs.read_image_list(work / "test_w32_1.txt")
     assert [k for k, _ in _records(work / "DB_test_1")] == [store.make_key(i, e.name) for i, e in enumerate(entries)]
     assert json.loads((work / "dbs.json").read_text())["shuffle"] is False
