@@ -566,6 +566,8 @@ def build_dbs(
     """
     workdir = Path(workdir)
     backend = store.check_backend(backend)
+    if seed is not None and seed < 0:  # numpy's generators take non-negative seeds only
+        raise ConfigError(f"--seed: must be a non-negative integer, got {seed}")
     found = list_folds(workdir)
     if not found:
         raise InputError("no train_w32_K.txt / test_w32_K.txt lists found (run `lymph-cv folds` first)", workdir)

@@ -112,12 +112,14 @@ def make_folds(
             images of a case on the same side, so no patient leaks between train and test).
         case_regex: how to get the case id from an image stem (group ``case`` or the first).
     """
-    manifest = _as_manifest(manifest)
     if k < 2:
         raise ConfigError(f"--k must be at least 2, got {k}")
+    if seed < 0:  # numpy's generators take non-negative seeds only
+        raise ConfigError(f"--seed: must be a non-negative integer, got {seed}")
     if group_by not in GROUP_BY:
         raise ConfigError(f"unknown --group-by {group_by!r}", valid=GROUP_BY)
     case_regex = compile_case_regex(case_regex)
+    manifest = _as_manifest(manifest)
     fold_of: dict[str, int] = {}
     keys_of = {}
     for name, images in manifest.by_class().items():

@@ -310,6 +310,8 @@ def generate(
     """
     out = Path(out_dir)
     classes = list(classes)
+    if seed < 0:  # numpy's generators take non-negative seeds only
+        raise ConfigError(f"--seed: must be a non-negative integer, got {seed}")
     for name in classes:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith("."):
             raise ConfigError(f"--classes: {name!r} is not a plain folder name")

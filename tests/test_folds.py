@@ -228,3 +228,14 @@ def test_check_with_a_foreign_folds_json(tmp_path, record, words):
     assert str(raised.value).startswith(f"{tmp_path / 'folds.json'}: {words}")
     if "(" in record:  # an explicit --case-regex replaces the record's
         assert folds.check_folds(tmp_path, r"^(sj-\d+)").folds
+
+
+def test_negative_seeds_are_one_line_errors(tmp_path, runner, cli):
+    from lymph_cv.commands import convert_imageset
+
+    for args in (["synth", str(tmp_path / "s")], ["folds", str(tmp_path), str(tmp_path / "w")],
+                 ["dbs", str(tmp_path)]):
+        result = runner.invoke(cli, [*args, "--seed", "-1"])  # numpy raised ValueError: a traceback
+        assert result.exit_code == 2 and result.stderr == "error: --seed: must be a non-negative integer, got -1\n"
+    assert convert_imageset.main(["-shuffle", "-seed", "-1", f"{tmp_path}/", "l.txt", str(tmp_path / "db")]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

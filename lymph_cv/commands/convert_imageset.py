@@ -44,6 +44,8 @@ def run(values: dict, positional: list[str]) -> int:
         raise LymphCVError(f"expected ROOTFOLDER/ LISTFILE DB_NAME, got {len(positional)} argument(s); see {PROGRAM} -help")
     root, list_file, db_name = positional
     backend = dbs.store.check_backend(values["backend"])
+    if values["seed"] < 0:
+        raise LymphCVError(f"-seed: must be a non-negative integer, got {values['seed']}")
     if os.path.exists(db_name) and not values["overwrite"]:
         raise LymphCVError("already exists; pass -overwrite to replace it", db_name)
     options = dbs.ImageOptions(
