@@ -256,7 +256,7 @@ def mean_of_db(
                     else:
                         accumulator.add_float(pixels)
                 except LymphCVError as exc:
-                    raise InputError(f"record {count}: {exc.detail}", path) from exc
+                    raise InputError(f"record {count - 1}: {exc.detail}", path) from exc  # 0-based, as keys and inspect
             if progress is not None and count % progress_every == 0:
                 progress(count)
         flush_rows()

@@ -254,7 +254,7 @@ def test_mean_of_db_mixed_records(tmp_path):
     with store.open_writer(tmp_path / "bad", "lmdb") as writer:
         writer.put(store.make_key(0, "a"), serialize_datum(images[0], 0))
         writer.put(store.make_key(1, "b"), serialize_datum(images[0][:, :2], 0))
-    with pytest.raises(InputError, match="record 2: record is 3x2x6, the first was 3x4x6"):
+    with pytest.raises(InputError, match="record 1: record is 3x2x6, the first was 3x4x6"):
         dbs.mean_of_db(tmp_path / "bad")
 
 
