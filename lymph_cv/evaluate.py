@@ -342,6 +342,11 @@ class WindowClassifier:
         self._torch = torch
         self.device = _torch_device(device)
         net_param = read_net_prototxt(deploy)
+        data = sorted({layer.type for layer in net_param.layer if layer.type.endswith("Data")})
+        if data:
+            # (building it would open the layers' databases and mean files, relative to the cwd)
+            raise EvaluationError(f"expected a deploy net (an input blob, no data layers), got one with "
+                                  f"{', '.join(data)} layers: a train/test net?", deploy)
         weights = read_caffemodel(model)
         self.net = build_net(net_param, caffe_pb2.TEST)
         if len(self.net.input_blobs) != 1:

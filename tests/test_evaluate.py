@@ -467,3 +467,13 @@ def test_latest_snapshot_takes_the_rendered_solvers_series(tmp_path):
     (fold / "1_caffenet_train_w32_dropout_iter_20.caffemodel").unlink()
     (fold / "1_caffenet_train_w32_iter_20.caffemodel").unlink()
     assert latest_snapshot(fold).name == "1_caffenet_train_w32_dropout_iter_10.caffemodel"
+
+
+def test_train_net_given_as_deploy_is_named_as_such(published):
+    """It used to fail on the net's mean_file (opened relative to the cwd), not on the net."""
+    from lymph_cv.errors import EvaluationError
+    from lymph_cv.evaluate import WindowClassifier
+
+    train_net = published["deploy"].parent / "1-alexnet_traing_32w_db.prototxt"
+    with pytest.raises(EvaluationError, match=r"expected a deploy net .* got one with Data layers"):
+        WindowClassifier(train_net, published["model"])
