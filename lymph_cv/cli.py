@@ -84,6 +84,9 @@ def cli(verbose: int, quiet: bool) -> None:
     """Janowczyk's lymphoma sub-type tutorial, end to end, Caffe-compatible."""
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    # torch's own logging setup runs at the end of its import; a Ctrl-C during that import left its
+    # atexit INFO lines ("FakeTensor cache stats: ...") to our handler, after "error: interrupted".
+    logging.getLogger("torch").setLevel(logging.WARNING)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
