@@ -469,11 +469,12 @@ def check_options(o: RunOptions) -> None:
         raise ConfigError(f"fold {bad[0]} is outside 1..{o.k}", valid=[str(k) for k in range(1, o.k + 1)])
     if o.max_iter is not None and o.max_iter < 1:
         raise ConfigError(f"--max-iter must be positive, got {o.max_iter}")
+    if o.seed < 0:
+        raise ConfigError(f"must be a non-negative integer, got {o.seed}", "--seed")
     # Checked here, not hours later when training or evaluation first uses them.
     from lymph_cv.evaluate import _torch_device, parse_aggregate
-    from lymph_cv.train import resolve_device
-
     from lymph_cv.render import resolve_variables
+    from lymph_cv.train import resolve_device
 
     resolve_variables(training_overrides(o))  # --set KEY=VALUE: known keys, values of their type
     try:

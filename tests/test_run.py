@@ -106,6 +106,8 @@ def test_changed_parameter_reruns_from_its_stage(tmp_path: Path, finished: Path,
 def test_bad_options_name_the_problem(tmp_path: Path):
     with pytest.raises(ConfigError, match="outside 1..3"):
         run_pipeline(tiny_options(tmp_path, tmp_path, folds=[4]))
+    with pytest.raises(ConfigError, match="--seed: must be a non-negative integer"):
+        run_pipeline(tiny_options(tmp_path, tmp_path, seed=-1))
     with pytest.raises(ConfigError, match="data folder not found"):
         run_pipeline(RunOptions(workdir=tmp_path, data=tmp_path / "missing"))
 
