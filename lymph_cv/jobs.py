@@ -718,7 +718,7 @@ class _Job:
         if self.signals:
             return 128 + self.signals[0]
         _become_subreaper()
-        child = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, process_group=0)
+        child = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, start_new_session=True)  # own group
         self.group = child.pid
         code = child.wait()
         # bash dies of the signal at once; its training goes on to its snapshot: wait for the group
