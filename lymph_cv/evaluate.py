@@ -672,9 +672,12 @@ def evaluate_fold(
         classes = info.get("classes")
     if not classes:
         try:
-            classes = default_classes(parent_list.read_text(encoding="utf-8").splitlines())
+            lines = parent_list.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
             raise InputError(f"cannot read the parent list ({exc})", parent_list) from exc
+        if not any(line.strip() for line in lines):
+            raise InputError("the parent list is empty (expected one image per line)", parent_list)
+        classes = default_classes(lines)
     if not classes:
         raise ConfigError("class names unknown: the workdir records none and the parent list has no class folders; pass --classes")
     classes = list(classes)

@@ -477,3 +477,14 @@ def test_train_net_given_as_deploy_is_named_as_such(published):
     train_net = published["deploy"].parent / "1-alexnet_traing_32w_db.prototxt"
     with pytest.raises(EvaluationError, match=r"expected a deploy net .* got one with Data layers"):
         WindowClassifier(train_net, published["model"])
+
+
+def test_empty_parent_list_without_classes_says_it_is_empty(tmp_path, published, runner, cli):
+    """It used to say 'class names unknown ... pass --classes'."""
+    empty = tmp_path / "test_w32_parent_1.txt"
+    empty.write_text("\n")
+    result = runner.invoke(cli, ["evaluate", str(tmp_path / "w"), "--fold", "1", "--model", str(published["model"]),
+                                 "--deploy", str(published["deploy"]), "--mean", str(published["mean"]),
+                                 "--parent-list", str(empty), "--images", str(published["images"])])
+    assert result.exit_code == 2
+    assert result.stderr == f"error: {empty}: the parent list is empty (expected one image per line)\n"
