@@ -174,7 +174,7 @@ def train_spec(workdir: Path, fold: int, scheduler: str) -> JobSpec:
         script=directory / f"{fold}_{TRAIN_TASK}{SCRIPT_SUFFIX[scheduler]}",
         output=directory / f"{fold}_TASK_output.out",
         exit_file=directory / f"{fold}_{TRAIN_TASK}.exit",
-        commands=((TRAIN_TASK, "--solver", solver_path(workdir, fold).name),),
+        commands=((TRAIN_TASK, "--solver", solver_path(workdir, fold).name, "--resume"),),
     )
 
 

@@ -20,7 +20,6 @@ run at any moment and starting it again loses nothing that was complete.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
 import logging
@@ -46,7 +45,6 @@ STAGES = ("synth", "patches", "folds", "dbs", "render", "train", "evaluate", "re
 EXECUTORS = ("local", "pbs", "slurm")
 #: Image suffixes whose files make up the input fingerprint.
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
-_SNAPSHOT = re.compile(r"_iter_(\d+)\.(caffemodel|solverstate)$")
 
 
 @dataclass(frozen=True)
@@ -315,21 +313,12 @@ def _solver(o: RunOptions, fold: int) -> Path:
 
 
 def _snapshots(o: RunOptions, fold: int, suffix: str) -> Dict[int, Path]:
-    """The fold's ``<snapshot_prefix>_iter_N.<suffix>`` files by N: only the rendered solver's prefix,
-    so the other variant's snapshots (plain vs ``_dropout``) are neither resumed, evaluated nor deleted."""
-    from lymph_cv.caffe.prototxt import read_solver
+    """The fold's snapshots of the rendered solver's own series by N (plain vs ``_dropout``: the other
+    variant's files are neither resumed, evaluated nor deleted)."""
+    from lymph_cv.train import solver_snapshots
 
     solver = _solver(o, fold)
-    if not solver.is_file():
-        return {}
-    prefix = read_solver(solver).snapshot_prefix or solver.with_suffix("").name
-    stem = solver.parent / prefix
-    found = {}
-    for path in stem.parent.glob(f"{glob.escape(stem.name)}_iter_*.{suffix}"):
-        match = _SNAPSHOT.search(path.name)
-        if match and path.name == f"{stem.name}_iter_{match.group(1)}.{suffix}":
-            found[int(match.group(1))] = path
-    return found
+    return solver_snapshots(solver, suffix) if solver.is_file() else {}
 
 
 def _final_iteration(o: RunOptions, fold: int) -> int:

@@ -22,6 +22,7 @@ resumed from a snapshot ends with exactly the weights of an uninterrupted run wi
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import math
 import os
@@ -536,6 +537,27 @@ def _output_lines(net: CaffeNet, values: Dict[str, np.ndarray]) -> List[Tuple[st
             suffix = f" (* {fmt(weight)} = {fmt(weight * value)} loss)" if weight else ""
             lines.append((name, float(value), suffix))
     return lines
+
+
+def solver_snapshots(solver_path: os.PathLike, suffix: str = "solverstate") -> Dict[int, Path]:
+    """This solver's own ``<snapshot_prefix>_iter_N.<suffix>`` files by N, where :meth:`Trainer.snapshot`
+    writes them (another series in the same folder, e.g. the ``_dropout`` one, is not included)."""
+    solver_path = Path(solver_path)
+    param = read_solver(solver_path)
+    prefix = SolverFiles(solver_path, param).output(param.snapshot_prefix or solver_path.with_suffix("").name)
+    found = {}
+    for path in prefix.parent.glob(f"{glob.escape(prefix.name)}_iter_*.{suffix}"):
+        iteration = path.name[len(prefix.name) + len("_iter_"):-len(suffix) - 1]
+        if iteration.isdigit():
+            found[int(iteration)] = path
+    return found
+
+
+def latest_solverstate(solver_path: os.PathLike) -> Optional[Path]:
+    """The solver's newest snapshot state, or None: what ``train --resume`` (and a resubmitted
+    cluster job) continues from after an interruption or a walltime limit."""
+    states = solver_snapshots(solver_path)
+    return states[max(states)] if states else None
 
 
 def train(solver_path: os.PathLike, *, snapshot: Optional[os.PathLike] = None,

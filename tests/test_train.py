@@ -300,3 +300,23 @@ def test_corrupt_weights_or_snapshot_leave_the_earlier_log_in_place(data_root, t
         assert result.exit_code == 2 and result.stderr.startswith(f"error: {junk}: expected a Caffe")
         assert log_path.read_text() == "earlier run\n"
         assert sorted(p.name for p in solver.parent.iterdir() if p.name.startswith("train.")) == ["train.log"]
+
+
+def test_train_resume_flag_continues_from_the_newest_own_snapshot(data_root, tmp_path, runner, cli):
+    """`train --resume` (what cluster jobs run): the newest snapshot of this solver's series, else a start."""
+    from lymph_cv.train import latest_solverstate, solver_snapshots
+
+    solver = fold_copy(data_root, tmp_path / "r", max_iter=12, snapshot=4, test_interval=12, display=4)
+    assert latest_solverstate(solver) is None
+    result = runner.invoke(cli, ["train", "--solver", str(solver), "--resume", "--max-iter", "8"])
+    assert result.exit_code == 0, result.stderr
+    assert sorted(solver_snapshots(solver)) == [4, 8]
+    other = solver.parent / "1_caffenet_train_w32_dropout_iter_100.solverstate"  # another series: ignored
+    other.write_bytes((solver.parent / "1_caffenet_train_w32_iter_8.solverstate").read_bytes())
+    assert latest_solverstate(solver) == solver.parent / "1_caffenet_train_w32_iter_8.solverstate"
+    result = runner.invoke(cli, ["train", "--solver", str(solver), "--resume"])
+    assert result.exit_code == 0, result.stderr
+    assert "resuming from" in result.stderr and "iter_8.solverstate" in result.stderr
+    assert "finished at iteration 12" in result.stdout
+    bad = runner.invoke(cli, ["train", "--solver", str(solver), "--resume", "--snapshot", str(other)])
+    assert bad.exit_code == 2 and "--resume" in bad.stderr

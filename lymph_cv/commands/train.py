@@ -18,6 +18,8 @@ from lymph_cv.train import DEVICES  # noqa: E402
               help="Solver prototxt, e.g. WORKDIR/1/1-alexnet_solver_ada.prototxt.")
 @click.option("--snapshot", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Resume from this .solverstate.")
+@click.option("--resume", is_flag=True,
+              help="Resume from the solver's newest <prefix>_iter_N.solverstate if there is one (else start).")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Fine-tune from this .caffemodel (layers copied by name).")
 @click.option("--device", type=click.Choice(DEVICES, case_sensitive=False), default=None,
@@ -25,13 +27,20 @@ from lymph_cv.train import DEVICES  # noqa: E402
 @click.option("--seed", type=int, default=None,
               help="Seed for initialisation, crops, mirrors and dropout (default: the solver's random_seed).")
 @click.option("--max-iter", type=click.IntRange(min=0), default=None, help="Override the solver's max_iter.")
-def train(solver: Path, snapshot: Optional[Path], weights: Optional[Path], device: Optional[str],
+def train(solver: Path, snapshot: Optional[Path], resume: bool, weights: Optional[Path], device: Optional[str],
           seed: Optional[int], max_iter: Optional[int]) -> None:
     """Train SOLVER's net; snapshots and train.log go to the solver's base directory."""
+    from lymph_cv.train import latest_solverstate
     from lymph_cv.train import train as run_training
 
     if snapshot is not None and weights is not None:
         raise click.BadParameter("give --snapshot or --weights, not both", param_hint="--snapshot/--weights")
+    if resume and (snapshot is not None or weights is not None):
+        raise click.BadParameter("--resume finds the snapshot itself; drop --snapshot/--weights", param_hint="--resume")
+    if resume:
+        snapshot = latest_solverstate(solver)
+        if snapshot is not None:
+            click.echo(f"resuming from {snapshot}", err=True)
     result = run_training(solver, snapshot=snapshot, weights=[weights] if weights else (), device=device,
                           seed=seed, max_iter=max_iter)
     state = "stopped early at" if result.stopped_early else "finished at"
