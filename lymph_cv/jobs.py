@@ -53,6 +53,9 @@ SCRIPT_SUFFIX = {"pbs": ".pbs", "slurm": ".slurm", "local": ".sh"}
 SUBMIT_COMMAND = {"pbs": "qsub", "slurm": "sbatch", "local": "bash"}
 #: Seconds between scheduler polls while waiting for jobs.
 POLL_S = 2.0
+#: A failure inferred without an exit file (the scheduler does not list the job, or its query failed)
+#: must be seen this many polls in a row: one failed qstat/squeue call under load is not a failed job.
+CONFIRM_POLLS = 3
 #: Longest scheduler message kept in an error line.
 MESSAGE_CHARS = 400
 #: Hidden folder of the local runner: one state file per job, one lock file per worker slot.
@@ -582,12 +585,24 @@ def wait_for_jobs(workdir: Path, task: Optional[str] = TRAIN_TASK, timeout: Opti
     pass first.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
+    inferred_failures: Dict = {}
     while True:
         statuses = job_states(workdir, task)
         if not statuses:
             raise SchedulerError(f"no {task or ''} jobs recorded (run `lymph-cv submit`)".replace("  ", " "),
                                  Path(workdir) / JOBS_FILE)
-        waiting = [s for s in statuses if s.state not in FINISHED_STATES]
+        waiting = []
+        for s in statuses:
+            key = (s.record.task, s.record.fold, s.record.job_id)
+            if s.state == FAILED and s.exit_code is None:
+                inferred_failures[key] = inferred_failures.get(key, 0) + 1
+                if inferred_failures[key] < CONFIRM_POLLS:
+                    waiting.append(s)
+                    continue
+            else:
+                inferred_failures.pop(key, None)
+            if s.state not in FINISHED_STATES:
+                waiting.append(s)
         if not waiting:
             return {(s.record.fold if task else (s.record.task, s.record.fold)): s.state for s in statuses}
         if deadline is not None and time.monotonic() >= deadline:

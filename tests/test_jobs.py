@@ -221,6 +221,25 @@ def test_waiting_times_out_with_the_unfinished_jobs(configured, monkeypatch, tmp
         jobs.wait_for_jobs(configured, timeout=0, poll=0)
 
 
+def test_a_failed_scheduler_query_is_not_a_failed_job(configured, monkeypatch, tmp_path):
+    """squeue/scontrol failing once under load must not end the wait with FAILED; a job that stays
+    unknown without an exit file is FAILED after CONFIRM_POLLS polls."""
+    bin_dir = tmp_path / "bin"
+    _fake_command(bin_dir, "sbatch", 'echo "43;lymphcv"')
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    jobs.submit_folds(configured, "slurm", folds=[3])
+    counter = tmp_path / "polls"
+    # First query fails (the job looks gone), the second shows it running, then it finishes.
+    _fake_command(bin_dir, "squeue", f'n=$(cat {counter} 2>/dev/null || echo 0); echo $((n+1)) > {counter}; '
+                                     f'[ "$n" -ge 1 ] && echo RUNNING; [ "$n" -ge 2 ] && echo 0 > '
+                                     f'"{configured}/3/3_train.exit"; exit 0')
+    _fake_command(bin_dir, "scontrol", "exit 1")
+    assert jobs.wait_for_jobs(configured, timeout=30, poll=0) == {3: "COMPLETED"}
+    (configured / "3" / "3_train.exit").unlink()
+    _fake_command(bin_dir, "squeue", "exit 0")  # never listed again, no exit file: really failed
+    assert jobs.wait_for_jobs(configured, timeout=30, poll=0) == {3: "FAILED"}
+
+
 def test_jobs_file_is_checked(configured):
     (configured / jobs.JOBS_FILE).write_text("[1, 2]")
     with pytest.raises(ConfigError, match="not a lymph-cv jobs file"):
