@@ -124,7 +124,7 @@ def _run_until(workdir: Path, data: Path, ready) -> None:
                                stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     try:
         while process.poll() is None and not ready(workdir):
-            time.sleep(0.02)
+            time.sleep(0.002)  # the tiny DB stage lasts ~0.1 s: poll often enough to land inside it
         process.send_signal(signal.SIGKILL)
     finally:
         process.wait(timeout=120)
