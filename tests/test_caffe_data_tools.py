@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
-from lymph_cv import dbs, folds, gflags, patches, store, synth
+from datautil import list_workdir
+from lymph_cv import dbs, folds, gflags, store
 from lymph_cv.caffe import caffe_pb2
 from lymph_cv.caffe.datum import parse_datum
 from lymph_cv.commands import compute_image_mean, convert_imageset
@@ -54,11 +55,7 @@ def test_gflags_errors(argv, words):
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """A 2-fold work folder from 6 synthetic images of 100×80 (8 patches each), lists only."""
-    root = tmp_path_factory.mktemp("tools")
-    synth.generate(root / "data", per_class=2, cases_per_class=1, width=100, height=80, workers=1)
-    manifest = patches.extract_patches(root / "data", root / "subs", workers=1)
-    folds.make_folds(manifest, root, k=2, seed=0)
-    return root
+    return list_workdir(tmp_path_factory.mktemp("tools"), width=100, height=80)
 
 
 def _records(path):

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
+from datautil import list_workdir
 from lymph_cv import dbs, folds, patches, store, synth
 from lymph_cv.caffe.blob import read_mean
 from lymph_cv.caffe.datum import parse_datum
@@ -19,11 +20,7 @@ from lymph_cv.errors import InputError, LymphCVError, StoreError
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A 2-fold work folder: 6 synthetic images of 120×100 → 12 patches each, lists, no DBs."""
-    root = tmp_path_factory.mktemp("work")
-    synth.generate(root / "data", per_class=2, cases_per_class=1, width=120, height=100, workers=1)
-    manifest = patches.extract_patches(root / "data", root / "subs", workers=1)
-    folds.make_folds(manifest, root, k=2, seed=0)
-    return root
+    return list_workdir(tmp_path_factory.mktemp("work"), width=120, height=100)
 
 
 def _fresh(workdir, tmp_path):
