@@ -37,7 +37,7 @@ demo: venv
 	$(VENV)/bin/lymph-cv run $(DEMO_DIR) --demo
 
 proto: venv
-	cd lymph_cv/caffe && ../../$(PY) -m grpc_tools.protoc -I. --python_out=. caffe.proto
+	cd lymph_cv/formats/caffe && ../../../$(PY) -m grpc_tools.protoc -I. --python_out=. caffe.proto
 
 bench: venv
 	$(PY) benchmarks/bench_formats.py

@@ -20,8 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from lymph_cv import dbs, folds, patches, synth
-from lymph_cv.workers import resolve_workers
+from lymph_cv.stages import dbs, folds, patches, synth
+from lymph_cv.core.workers import resolve_workers
 
 #: Caffe's reference figures on this machine kind (patches per second).
 CAFFE_CONVERT = 20000 / 0.96

@@ -1,10 +1,10 @@
 """Step-5 throughput: our batched window classifier vs the tutorial's one-window-per-call loop.
 
 Builds a throw-away fold (a synthetic full-size 1388×1040 image, the tutorial's deploy net rendered
-by ``lymph_cv.render``, the published fold-1 model and mean when the reference folder is present,
+by ``lymph_cv.stages.render``, the published fold-1 model and mean when the reference folder is present,
 else the deploy net's filler weights and a flat mean) and prints windows/s for
 
-* ``batched``: :func:`lymph_cv.evaluate.evaluate_images`, 10 crops per window, many windows per
+* ``batched``: :func:`lymph_cv.stages.evaluate.evaluate_images`, 10 crops per window, many windows per
   forward call (the whole image, the 1,376 windows = 13,760 crops the tutorial computes);
 * ``per-window``: the original's way, ``lymph_cv.pycaffe.Classifier.predict([patch])`` once per
   window (timed on the first ``--loop-windows`` windows and extrapolated),
@@ -23,15 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lymph_cv.caffe import caffe_pb2
-from lymph_cv.caffe.blob import read_mean, write_mean
-from lymph_cv.caffe.model import write_caffemodel
-from lymph_cv.caffe.prototxt import read_net_prototxt
-from lymph_cv.evaluate import (WINDOW_SIZE, WindowClassifier, evaluate_images, parse_aggregate,
+from lymph_cv.formats.caffe import caffe_pb2
+from lymph_cv.formats.caffe.blob import read_mean, write_mean
+from lymph_cv.formats.caffe.model import write_caffemodel
+from lymph_cv.formats.caffe.prototxt import read_net_prototxt
+from lymph_cv.stages.evaluate import (WINDOW_SIZE, WindowClassifier, evaluate_images, parse_aggregate,
                                read_parent_list, window_grid)
 from lymph_cv.net.build import build_net
-from lymph_cv.render import render_fold
-from lymph_cv.synth import DEFAULT_CLASSES, REAL_HEIGHT, REAL_WIDTH, generate
+from lymph_cv.stages.render import render_fold
+from lymph_cv.stages.synth import DEFAULT_CLASSES, REAL_HEIGHT, REAL_WIDTH, generate
 
 REFERENCE = Path(os.environ.get("LYMPH_CV_REFERENCE", Path(__file__).resolve().parents[2] / "shared" / "reference" / "janowczyk-uc7" / "models"))
 MODEL = "1_caffenet_train_w32_iter_600000.caffemodel"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lymph_cv.caffe.datum import array_to_datum, parse_datum, serialize_datum
-from lymph_cv.store import BACKENDS, make_key, open_reader, open_writer
+from lymph_cv.formats.caffe.datum import array_to_datum, parse_datum, serialize_datum
+from lymph_cv.formats.store import BACKENDS, make_key, open_reader, open_writer
 
 PATCH_SHAPE = (3, 36, 36)  # the tutorial's patches
 LABELS = 3

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 import lymph_cv.pycaffe as caffe
-from lymph_cv.caffe import caffe_pb2
-from lymph_cv.caffe.prototxt import read_net_prototxt
+from lymph_cv.formats.caffe import caffe_pb2
+from lymph_cv.formats.caffe.prototxt import read_net_prototxt
 from lymph_cv.net.build import build_net
-from lymph_cv.render import render_fold
+from lymph_cv.stages.render import render_fold
 
 CLASSES = 3
 PATCH = 36

@@ -17,18 +17,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from lymph_cv.threads import configure_openmp
+from lymph_cv.core.threads import configure_openmp
 
 configure_openmp()  # as lymph-cv train does, before torch loads (override with OMP_WAIT_POLICY=...)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lymph_cv.caffe.blob import write_mean  # noqa: E402
-from lymph_cv.caffe.datum import serialize_datum  # noqa: E402
-from lymph_cv.render import render_fold  # noqa: E402
-from lymph_cv.store import make_key, open_writer  # noqa: E402
-from lymph_cv.train import Trainer, feed  # noqa: E402
+from lymph_cv.formats.caffe.blob import write_mean  # noqa: E402
+from lymph_cv.formats.caffe.datum import serialize_datum  # noqa: E402
+from lymph_cv.stages.render import render_fold  # noqa: E402
+from lymph_cv.formats.store import make_key, open_writer  # noqa: E402
+from lymph_cv.stages.train import Trainer, feed  # noqa: E402
 
 CAFFE_FORWARD_BACKWARD_MS = 450.0  # caffe time, 32w train net, batch 128, 2 cores (issue 4)
 CLASSES = 3

@@ -16,7 +16,7 @@ import click
 
 from lymph_cv import __version__
 from lymph_cv.errors import LymphCVError
-from lymph_cv.threads import configure_openmp
+from lymph_cv.core.threads import configure_openmp
 
 #: command name → "module:attribute" of its click command.
 COMMANDS = {
@@ -91,7 +91,7 @@ def cli(verbose: int, quiet: bool) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Entry point of ``lymph-cv``; ``argv`` defaults to ``sys.argv[1:]``."""
-    # Before any subcommand imports torch: every stage may run the net (see lymph_cv.threads).
+    # Before any subcommand imports torch: every stage may run the net (see lymph_cv.core.threads).
     configure_openmp()
     try:
         cli.main(args=list(argv) if argv is not None else None, prog_name="lymph-cv")

@@ -8,9 +8,9 @@ import pytest
 from click.testing import CliRunner
 
 from cluster import ClusterError, SlurmCluster
-from lymph_cv.threads import configure_openmp
+from lymph_cv.core.threads import configure_openmp
 
-# Sleeping OpenMP waits, set before any test module imports torch (see lymph_cv.threads).
+# Sleeping OpenMP waits, set before any test module imports torch (see lymph_cv.core.threads).
 configure_openmp()
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

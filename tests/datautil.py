@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lymph_cv import folds, patches, synth
+from lymph_cv.stages import folds, patches, synth
 
 
 def list_workdir(root: Path, width: int, height: int, k: int = 2) -> Path:

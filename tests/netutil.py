@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from lymph_cv.render import RenderedFold, render_fold
+from lymph_cv.stages.render import RenderedFold, render_fold
 
 CLASSES = 3
 TRAIN_LINES = 300

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lymph_cv.caffe import caffe_pb2
-from lymph_cv.caffe.blob import (
+from lymph_cv.formats.caffe import caffe_pb2
+from lymph_cv.formats.caffe.blob import (
     array_to_blob,
     blob_to_array,
     mean_to_bytes,

@@ -11,9 +11,10 @@ import pytest
 
 from conftest import REPO_ROOT
 from datautil import list_workdir
-from lymph_cv import dbs, folds, gflags, store
-from lymph_cv.caffe import caffe_pb2
-from lymph_cv.caffe.datum import parse_datum
+from lymph_cv.stages import dbs, folds
+from lymph_cv.formats import gflags, store
+from lymph_cv.formats.caffe import caffe_pb2
+from lymph_cv.formats.caffe.datum import parse_datum
 from lymph_cv.commands import compute_image_mean, convert_imageset
 from lymph_cv.errors import ConfigError
 

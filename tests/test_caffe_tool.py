@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from lymph_cv.caffe import caffe_pb2
-from lymph_cv.caffe.model import read_solverstate
-from lymph_cv.caffe.prototxt import read_net_prototxt
+from lymph_cv.formats.caffe import caffe_pb2
+from lymph_cv.formats.caffe.model import read_solverstate
+from lymph_cv.formats.caffe.prototxt import read_net_prototxt
 from lymph_cv.commands.caffe_tool import main
 from lymph_cv.net.build import build_net
-from lymph_cv.timing import forward_backward_by_layer
-from lymph_cv import train as training
+from lymph_cv.stages.timing import forward_backward_by_layer
+from lymph_cv.stages import train as training
 from trainutil import make_dataset, make_fold
 
 from conftest import REPO_ROOT

@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lymph_cv.caffe import caffe_pb2
-from lymph_cv.caffe.blob import write_mean
-from lymph_cv.datalayer import DataLayer, RecordCache
+from lymph_cv.formats.caffe import caffe_pb2
+from lymph_cv.formats.caffe.blob import write_mean
+from lymph_cv.net.datalayer import DataLayer, RecordCache
 from lymph_cv.errors import ConfigError, StoreError
 from trainutil import write_db
 
@@ -141,7 +141,7 @@ def test_mean_value_per_channel_and_errors(db):
 
 
 def test_database_larger_than_memory_is_memory_mapped(db, monkeypatch):
-    import lymph_cv.datalayer as datalayer
+    import lymph_cv.net.datalayer as datalayer
 
     root, images, labels, _ = db
     monkeypatch.setattr(datalayer, "available_memory", lambda: 1000)  # far less than 5 × 300 bytes

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lymph_cv.caffe import caffe_pb2
-from lymph_cv.caffe.datum import (
+from lymph_cv.formats.caffe import caffe_pb2
+from lymph_cv.formats.caffe.datum import (
     array_to_datum,
     datum_to_array,
     encoded_datum,

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from datautil import list_workdir
-from lymph_cv import dbs, folds, patches, store, synth
-from lymph_cv.caffe.blob import read_mean
-from lymph_cv.caffe.datum import parse_datum
+from lymph_cv.stages import dbs, folds, patches, synth
+from lymph_cv.formats import store
+from lymph_cv.formats.caffe.blob import read_mean
+from lymph_cv.formats.caffe.datum import parse_datum
 from lymph_cv.errors import InputError, LymphCVError, StoreError
 
 
@@ -235,7 +236,7 @@ def test_direct_path_with_an_unreadable_image(workdir, tmp_path, caplog):
 
 
 def test_mean_of_db_mixed_records(tmp_path):
-    from lymph_cv.caffe.datum import array_to_datum, encoded_datum, serialize_datum
+    from lymph_cv.formats.caffe.datum import array_to_datum, encoded_datum, serialize_datum
 
     rng = np.random.default_rng(4)
     images = rng.integers(0, 256, (5, 3, 4, 6), dtype=np.uint8)

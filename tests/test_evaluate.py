@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lymph_cv.errors import ConfigError, EvaluationError, InputError
-from lymph_cv.evaluate import (Aggregate, Crop, aggregate_scores, crop_boxes, decide, extract_windows, load_image,
+from lymph_cv.stages.evaluate import (Aggregate, Crop, aggregate_scores, crop_boxes, decide, extract_windows, load_image,
                                make_crops, parse_aggregate, prepare_mean, read_parent_list, resize_image, vote_counts,
                                window_centres, window_grid)
 
@@ -209,8 +209,8 @@ TINY_ITERS = 250
 
 
 def _render_deploy(folder, **overrides):
-    """The tutorial's deploy net, rendered by lymph_cv.render (num_classes from one-line lists)."""
-    from lymph_cv.render import render_fold
+    """The tutorial's deploy net, rendered by lymph_cv.stages.render (num_classes from one-line lists)."""
+    from lymph_cv.stages.render import render_fold
 
     folder.mkdir(parents=True, exist_ok=True)
     lines = "".join(f"x_{label}.tif\t{label}\n" for label in range(len(CLASSES)))
@@ -223,7 +223,7 @@ def _render_deploy(folder, **overrides):
 def published(reference, tmp_path_factory):
     """Synthetic images named like the first real test images of each class in fold 1's
     published parent list, the rendered deploy net, and the published model and mean."""
-    from lymph_cv.synth import generate
+    from lymph_cv.stages.synth import generate
 
     root = tmp_path_factory.mktemp("published")
     generate(root / "synth", per_class=1, cases_per_class=1, width=SMALL_W, height=SMALL_H, seed=3, workers=1)
@@ -277,8 +277,8 @@ def test_published_model_on_the_images_present(published, runner, cli, tmp_path)
 def test_pycaffe_classifier_and_evaluate_agree(published):
     """Our batched path gives the tutorial loop's per-window probabilities (pycaffe.Classifier)."""
     from lymph_cv import pycaffe
-    from lymph_cv.caffe.blob import read_mean
-    from lymph_cv.evaluate import ParentEntry, WindowClassifier, evaluate_images
+    from lymph_cv.formats.caffe.blob import read_mean
+    from lymph_cv.stages.evaluate import ParentEntry, WindowClassifier, evaluate_images
     from lymph_cv.pycaffe import io
 
     mean = read_mean(published["mean"])
@@ -301,8 +301,8 @@ def test_pycaffe_classifier_and_evaluate_agree(published):
 
 def test_mean_mode_crop_uses_the_training_convention(published):
     """--mean-mode crop, centre crop only = the net on window − mean, both cropped at (2, 2)."""
-    from lymph_cv.caffe.blob import read_mean
-    from lymph_cv.evaluate import ParentEntry, WindowClassifier, evaluate_images
+    from lymph_cv.formats.caffe.blob import read_mean
+    from lymph_cv.stages.evaluate import ParentEntry, WindowClassifier, evaluate_images
 
     mean = read_mean(published["mean"])
     path = published["images"] / published["names"][2]
@@ -325,7 +325,7 @@ def _assert_clean_failure(result, out, message):
 
 
 def test_bad_inputs_fail_cleanly(published, runner, cli, tmp_path):
-    from lymph_cv.caffe.blob import write_mean
+    from lymph_cv.formats.caffe.blob import write_mean
 
     out = tmp_path / "w"
     # The published list names 75 images; only 3 are here.
@@ -365,12 +365,12 @@ def test_bad_inputs_fail_cleanly(published, runner, cli, tmp_path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 2-fold synthetic workdir (steps 1-3 by lymph_cv) and a small net trained on fold 1 by
-    lymph_cv.train (the tutorial's net takes minutes to learn; evaluation does not care which)."""
-    from lymph_cv.dbs import build_dbs
-    from lymph_cv.folds import make_folds
-    from lymph_cv.patches import extract_patches
-    from lymph_cv.synth import generate
-    from lymph_cv.train import train
+    lymph_cv.stages.train (the tutorial's net takes minutes to learn; evaluation does not care which)."""
+    from lymph_cv.stages.dbs import build_dbs
+    from lymph_cv.stages.folds import make_folds
+    from lymph_cv.stages.patches import extract_patches
+    from lymph_cv.stages.synth import generate
+    from lymph_cv.stages.train import train
 
     root = tmp_path_factory.mktemp("e2e")
     work = root / "work"
@@ -417,7 +417,7 @@ def test_end_to_end_evaluate_and_report(trained, runner, cli):
 
 
 def test_latest_snapshot_is_the_highest_iteration(tmp_path):
-    from lymph_cv.evaluate import latest_snapshot
+    from lymph_cv.stages.evaluate import latest_snapshot
 
     for n in (900, 10000, 2000):
         (tmp_path / f"1_caffenet_train_w32_iter_{n}.caffemodel").write_bytes(b"")
@@ -443,7 +443,7 @@ def test_load_image_16_bit_and_grey(tmp_path):
 def test_workdir_records_of_the_wrong_shape_are_one_error(tmp_path):
     """A folds.json holding a list used to end in an AttributeError traceback."""
     from lymph_cv.errors import InputError
-    from lymph_cv.evaluate import workdir_info
+    from lymph_cv.stages.evaluate import workdir_info
 
     (tmp_path / "folds.json").write_text("[]")
     with pytest.raises(InputError, match=r"folds.json: expected a JSON object"):
@@ -453,7 +453,7 @@ def test_workdir_records_of_the_wrong_shape_are_one_error(tmp_path):
 def test_latest_snapshot_takes_the_rendered_solvers_series(tmp_path):
     """With plain and dropout snapshots in one fold folder it used to take whichever sorted last."""
     from lymph_cv.errors import InputError
-    from lymph_cv.evaluate import latest_snapshot
+    from lymph_cv.stages.evaluate import latest_snapshot
 
     fold = tmp_path / "1"
     fold.mkdir()
@@ -472,7 +472,7 @@ def test_latest_snapshot_takes_the_rendered_solvers_series(tmp_path):
 def test_train_net_given_as_deploy_is_named_as_such(published):
     """It used to fail on the net's mean_file (opened relative to the cwd), not on the net."""
     from lymph_cv.errors import EvaluationError
-    from lymph_cv.evaluate import WindowClassifier
+    from lymph_cv.stages.evaluate import WindowClassifier
 
     train_net = published["deploy"].parent / "1-alexnet_traing_32w_db.prototxt"
     with pytest.raises(EvaluationError, match=r"expected a deploy net .* got one with Data layers"):

@@ -6,9 +6,9 @@ from collections import Counter
 
 import pytest
 
-from lymph_cv import folds
+from lymph_cv.stages import folds
 from lymph_cv.errors import InputError
-from lymph_cv.patches import MANIFEST_NAME, ImageEntry, Manifest, case_of
+from lymph_cv.stages.patches import MANIFEST_NAME, ImageEntry, Manifest, case_of
 
 CLASSES = ["CLL", "FL", "MCL"]
 PATCHES = 4  # per image: enough to see the order, small enough to count by hand

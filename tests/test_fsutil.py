@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from lymph_cv.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
+from lymph_cv.core.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 
 def test_atomic_write_bytes_and_text_replace_the_file(tmp_path):
@@ -58,7 +58,7 @@ def test_remove_stale_temporaries_keeps_live_writers(tmp_path):
     import os
     import subprocess
 
-    from lymph_cv.fsutil import remove_stale_temporaries, temp_sibling
+    from lymph_cv.core.fsutil import remove_stale_temporaries, temp_sibling
 
     gone = subprocess.Popen(["true"])
     gone.wait()
@@ -75,7 +75,7 @@ def test_remove_stale_temporaries_keeps_live_writers(tmp_path):
 
 def test_a_file_never_replaces_a_folder_nor_a_folder_a_file(tmp_path):
     from lymph_cv.errors import LymphCVError
-    from lymph_cv.fsutil import make_dirs
+    from lymph_cv.core.fsutil import make_dirs
 
     folder = tmp_path / "images"
     (folder / "CLL").mkdir(parents=True)

@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from lymph_cv.caffe.datum import serialize_datum
-from lymph_cv.store import BACKENDS, make_key, open_writer
+from lymph_cv.formats.caffe.datum import serialize_datum
+from lymph_cv.formats.store import BACKENDS, make_key, open_writer
 
 FOLD1_CHANNEL_MEANS = (119.34, 97.27, 118.56)  # B, G, R
 MODEL = "1_caffenet_train_w32_iter_600000.caffemodel"
@@ -123,7 +123,7 @@ def test_bad_inputs_give_one_line_errors(runner, cli, reference, tmp_path):
 def test_database_of_encoded_datums(runner, cli, tmp_path):
     import cv2
 
-    from lymph_cv.caffe.datum import encoded_datum
+    from lymph_cv.formats.caffe.datum import encoded_datum
 
     path = tmp_path / "enc"
     ok, png = cv2.imencode(".png", np.zeros((4, 6, 3), np.uint8))

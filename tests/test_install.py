@@ -26,7 +26,7 @@ def test_pip_install_outside_the_repository(tmp_path, reference):
         text=True,
     )
     package = target / "lymph_cv"
-    assert (package / "caffe" / "caffe.proto").is_file()
+    assert (package / "formats" / "caffe" / "caffe.proto").is_file()
     for repo_folder, name in TEMPLATE_PACKAGES.items():
         shipped = {p.name for p in (package / name).glob("*.j2")}
         in_repo = {p.name for p in (REPO_ROOT / repo_folder).glob("*.j2")}
@@ -36,7 +36,7 @@ def test_pip_install_outside_the_repository(tmp_path, reference):
     outside.mkdir()
     env = {**os.environ, "PYTHONPATH": str(target)}
     probe = (
-        "import json, lymph_cv, lymph_cv.resources as r;"
+        "import json, lymph_cv, lymph_cv.core.resources as r;"
         "print(json.dumps([lymph_cv.__file__, str(r.prototxt_template_dir()), str(r.job_template_dir()),"
         " str(r.caffe_proto_path())]))"
     )

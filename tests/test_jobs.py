@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lymph_cv import jobs
+from lymph_cv.cluster import jobs
 from lymph_cv.errors import ConfigError, SchedulerError
 
 FOLDS = 5
@@ -404,7 +404,7 @@ def test_local_runner_stopped_by_a_signal_stops_its_job_and_records_cancelled(tm
     script.write_text(f"{sys.executable} -c 'import signal, sys, time\n"
                       "def stop(*_):\n    time.sleep(0.3); open(\"snapshot\", \"w\").close(); sys.exit(0)\n"
                       "signal.signal(signal.SIGTERM, stop)\nopen(\"started\", \"w\").close()\ntime.sleep(60)'\n")
-    runner = subprocess.Popen([sys.executable, "-m", "lymph_cv.jobs", str(state_path), str(script), "1"], cwd=tmp_path)
+    runner = subprocess.Popen([sys.executable, "-m", "lymph_cv.cluster.jobs", str(state_path), str(script), "1"], cwd=tmp_path)
     try:
         deadline = time.monotonic() + 30
         while not (tmp_path / "started").exists() and time.monotonic() < deadline:

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lymph_cv.caffe import caffe_pb2
-from lymph_cv.caffe.blob import array_to_blob
-from lymph_cv.caffe.model import (
+from lymph_cv.formats.caffe import caffe_pb2
+from lymph_cv.formats.caffe.blob import array_to_blob
+from lymph_cv.formats.caffe.model import (
     history_arrays,
     net_params,
     parse_caffemodel,

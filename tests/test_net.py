@@ -9,10 +9,10 @@ import torch
 from google.protobuf import text_format
 from numpy.lib.stride_tricks import sliding_window_view
 
-from lymph_cv.caffe import caffe_pb2
-from lymph_cv.caffe.blob import read_mean
-from lymph_cv.caffe.model import read_caffemodel
-from lymph_cv.caffe.prototxt import parse_net_text, read_net_prototxt
+from lymph_cv.formats.caffe import caffe_pb2
+from lymph_cv.formats.caffe.blob import read_mean
+from lymph_cv.formats.caffe.model import read_caffemodel
+from lymph_cv.formats.caffe.prototxt import parse_net_text, read_net_prototxt
 from lymph_cv.errors import ConfigError, FormatError, InputError, UnsupportedError
 from lymph_cv.net.build import build_net
 from lymph_cv.net.fillers import fill

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from lymph_cv import patches
+from lymph_cv.stages import patches
 from lymph_cv.errors import InputError
 
 

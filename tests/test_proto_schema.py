@@ -6,10 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lymph_cv.caffe import caffe_pb2
-from lymph_cv.resources import caffe_proto_path
+from lymph_cv.formats.caffe import caffe_pb2
+from lymph_cv.core.resources import caffe_proto_path
 
-STALE = "lymph_cv/caffe/caffe_pb2.py is stale: run `make proto`"
+STALE = "lymph_cv/formats/caffe/caffe_pb2.py is stale: run `make proto`"
 
 
 def _serialized_descriptor(module_source: str) -> bytes:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from lymph_cv.caffe import caffe_pb2
-from lymph_cv.caffe.prototxt import (
+from lymph_cv.formats.caffe import caffe_pb2
+from lymph_cv.formats.caffe.prototxt import (
     filter_net,
     format_text,
     parse_net_text,

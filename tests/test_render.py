@@ -6,10 +6,10 @@ import json
 import pytest
 from google.protobuf import text_format
 
-from lymph_cv.caffe import caffe_pb2
-from lymph_cv.caffe.prototxt import read_net_prototxt, read_solver
+from lymph_cv.formats.caffe import caffe_pb2
+from lymph_cv.formats.caffe.prototxt import read_net_prototxt, read_solver
 from lymph_cv.errors import ConfigError
-from lymph_cv.render import render_fold
+from lymph_cv.stages.render import render_fold
 from netutil import CLASSES, TEST_LINES, rendered, write_lists
 
 # The tutorial's published templates (choosehappy/public, "DL tutorial Code/common/"), as data.
@@ -228,7 +228,7 @@ def test_bad_list_line_names_file_and_line(tmp_path):
 def test_backend_and_channels_derived_from_workdir(tmp_path):
     import numpy as np
 
-    from lymph_cv.caffe.blob import write_mean
+    from lymph_cv.formats.caffe.blob import write_mean
 
     write_lists(tmp_path, classes=5)
     (tmp_path / "dbs.json").write_text(json.dumps({"backend": "lmdb"}))
@@ -252,7 +252,7 @@ def test_backend_and_channels_derived_from_workdir(tmp_path):
 ])
 def test_set_values_of_the_wrong_type_say_what_was_expected(pair, message):
     """They used to print Python's 'invalid literal for int()', render nan, or (inf ratio) crash."""
-    from lymph_cv.render import parse_overrides, resolve_variables
+    from lymph_cv.stages.render import parse_overrides, resolve_variables
 
     with pytest.raises(ConfigError) as caught:
         resolve_variables(parse_overrides([pair]))

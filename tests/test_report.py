@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from lymph_cv.errors import EvaluationError
-from lymph_cv.evaluate import FoldResult, ImageResult, window_grid
-from lymph_cv.report import (IMAGES_CSV, METRICS_JSON, SUMMARY_TXT, accuracy, balanced_accuracy, build_report,
+from lymph_cv.stages.evaluate import FoldResult, ImageResult, window_grid
+from lymph_cv.stages.report import (IMAGES_CSV, METRICS_JSON, SUMMARY_TXT, accuracy, balanced_accuracy, build_report,
                              class_metrics, confusion_matrix, draw_confusion, draw_heatmap, format_confusion,
                              format_markdown, mean_sd, write_fold)
 

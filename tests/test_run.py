@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from lymph_cv.errors import ConfigError
-from lymph_cv.run import STAGES, DemoData, RunOptions, run_pipeline
-from lymph_cv.store import open_reader
+from lymph_cv.pipeline import STAGES, DemoData, RunOptions, run_pipeline
+from lymph_cv.formats.store import open_reader
 
 TINY = DemoData(per_class=3, cases_per_class=3, width=168, height=136)
 FOLDS = 3
@@ -31,7 +31,7 @@ RUN_ARGS = ["--k", str(FOLDS), "--max-iter", str(MAX_ITER), "--workers", "1"] + 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
     """A tiny synthetic data set in the real layout, shared by the runs below."""
-    from lymph_cv.synth import generate
+    from lymph_cv.stages.synth import generate
 
     data = tmp_path_factory.mktemp("data")
     generate(data, per_class=TINY.per_class, cases_per_class=TINY.cases_per_class, width=TINY.width,
@@ -158,7 +158,7 @@ def test_interrupted_run_completes_with_the_same_results(tmp_path: Path, finishe
 
 def test_cluster_executor_trains_folds_as_slurm_jobs(tmp_path: Path, tiny_data: Path, slurm_cluster):
     """`--executor slurm`: every fold is a real Slurm job; evaluation waits for them."""
-    from lymph_cv import jobs
+    from lymph_cv.cluster import jobs
 
     workdir = tmp_path / "work"
     actions = run_logged(tiny_options(workdir, tiny_data, executor="slurm", job_timeout=300))

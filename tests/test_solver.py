@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from lymph_cv.caffe import caffe_pb2
+from lymph_cv.formats.caffe import caffe_pb2
 from lymph_cv.errors import ConfigError, FormatError, TrainingError
-from lymph_cv.solver import LR_POLICIES, LearningRate, Learnable, make_solver, solver_type
+from lymph_cv.net.solver import LR_POLICIES, LearningRate, Learnable, make_solver, solver_type
 
 N, K, C = 6, 4, 3  # samples, inputs, classes of the tiny softmax net
 
@@ -194,9 +194,9 @@ layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "
 
 @pytest.mark.parametrize("kind", ["SGD", "AdaGrad"])
 def test_step_on_a_built_net_uses_its_param_specs(kind):
-    from lymph_cv.caffe.prototxt import parse_net_text
+    from lymph_cv.formats.caffe.prototxt import parse_net_text
     from lymph_cv.net.build import build_net
-    from lymph_cv.solver import learnables_of
+    from lymph_cv.net.solver import learnables_of
 
     net = build_net(parse_net_text(TINY_NET), caffe_pb2.TRAIN)
     net.init_params(torch.Generator().manual_seed(0))

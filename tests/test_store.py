@@ -6,7 +6,7 @@ import os
 import pytest
 
 from lymph_cv.errors import FormatError, StoreError
-from lymph_cv.store import BACKENDS, detect_backend, make_key, open_reader, open_writer
+from lymph_cv.formats.store import BACKENDS, detect_backend, make_key, open_reader, open_writer
 
 
 def _records(n):

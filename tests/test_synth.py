@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from lymph_cv import synth
+from lymph_cv.stages import synth
 
 SMALL = dict(per_class=3, cases_per_class=2, width=160, height=120)
 NAME = re.compile(r"sj-0[3-5]-\d+(-R\d+)?_\d{3}\.tif")

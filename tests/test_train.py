@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lymph_cv.caffe.model import net_params, read_caffemodel, read_solverstate
+from lymph_cv.formats.caffe.model import net_params, read_caffemodel, read_solverstate
 from lymph_cv.errors import ConfigError, TrainingError
-from lymph_cv.train import train
+from lymph_cv.stages.train import train
 from trainutil import make_dataset, make_fold
 
 # caffe-facts §9: the regexes of Caffe's tools/extra/parse_log.py.
@@ -241,8 +241,8 @@ def test_schedule_without_initial_test_and_with_iter_size(data_root, tmp_path):
 
 def test_resumes_from_the_published_caffe_solverstate(reference, tmp_path):
     """Caffe's own files load here: the tutorial's fold-1 solverstate resumes the rendered 32w net."""
-    from lymph_cv.caffe.blob import write_mean
-    from lymph_cv.render import render_fold
+    from lymph_cv.formats.caffe.blob import write_mean
+    from lymph_cv.stages.render import render_fold
     from trainutil import write_db
 
     rng = np.random.default_rng(0)
@@ -276,7 +276,7 @@ def test_resumes_from_the_published_caffe_solverstate(reference, tmp_path):
 def test_resolve_device_takes_cuda_n_like_run_and_evaluate():
     import torch
 
-    from lymph_cv.train import resolve_device
+    from lymph_cv.stages.train import resolve_device
 
     if torch.cuda.is_available():
         assert resolve_device("cuda:0", 0) == torch.device("cuda", 0)
@@ -304,7 +304,7 @@ def test_corrupt_weights_or_snapshot_leave_the_earlier_log_in_place(data_root, t
 
 def test_train_resume_flag_continues_from_the_newest_own_snapshot(data_root, tmp_path, runner, cli):
     """`train --resume` (what cluster jobs run): the newest snapshot of this solver's series, else a start."""
-    from lymph_cv.train import latest_solverstate, solver_snapshots
+    from lymph_cv.stages.train import latest_solverstate, solver_snapshots
 
     solver = fold_copy(data_root, tmp_path / "r", max_iter=12, snapshot=4, test_interval=12, display=4)
     assert latest_solverstate(solver) is None

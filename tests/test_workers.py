@@ -6,7 +6,7 @@ import os
 import pytest
 
 from lymph_cv.errors import LymphCVError
-from lymph_cv.workers import imap
+from lymph_cv.core.workers import imap
 
 
 def _square_or_die(n: int) -> int:

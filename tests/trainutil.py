@@ -6,9 +6,9 @@ from typing import Sequence
 
 import numpy as np
 
-from lymph_cv.caffe.blob import write_mean
-from lymph_cv.caffe.datum import serialize_datum
-from lymph_cv.store import make_key, open_writer
+from lymph_cv.formats.caffe.blob import write_mean
+from lymph_cv.formats.caffe.datum import serialize_datum
+from lymph_cv.formats.store import make_key, open_writer
 
 SIZE = 12        # datum height/width of the tiny databases
 CROP = 8         # crop size of the tiny nets

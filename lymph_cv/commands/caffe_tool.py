@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 from typing import Callable, Dict, List, Optional, Sequence
 
-from lymph_cv import gflags
+from lymph_cv.formats import gflags
 from lymph_cv.errors import ConfigError
-from lymph_cv.threads import configure_openmp
+from lymph_cv.core.threads import configure_openmp
 
 configure_openmp()  # the commands import torch lazily, after this
 
@@ -78,7 +78,7 @@ def _weights(flags: dict) -> List[str]:
 
 
 def _phase(flags: dict, default: str) -> int:
-    from lymph_cv.caffe import caffe_pb2
+    from lymph_cv.formats.caffe import caffe_pb2
 
     name = (flags["phase"] or default).upper()
     if name not in PHASES:
@@ -87,7 +87,7 @@ def _phase(flags: dict, default: str) -> int:
 
 
 def cmd_train(flags: dict) -> int:
-    from lymph_cv.train import train
+    from lymph_cv.stages.train import train
 
     solver = _require(flags, "solver", "train")
     if flags["snapshot"] and flags["weights"]:
@@ -98,8 +98,8 @@ def cmd_train(flags: dict) -> int:
 
 
 def cmd_test(flags: dict) -> int:
-    from lymph_cv import caffelog
-    from lymph_cv.train import test_model
+    from lymph_cv.formats import caffelog
+    from lymph_cv.stages.train import test_model
 
     model = _require(flags, "model", "test")
     weights = _weights(flags)
@@ -111,8 +111,8 @@ def cmd_test(flags: dict) -> int:
 
 
 def cmd_time(flags: dict) -> int:
-    from lymph_cv import caffelog
-    from lymph_cv.timing import time_model
+    from lymph_cv.formats import caffelog
+    from lymph_cv.stages.timing import time_model
 
     model = _require(flags, "model", "time")
     with caffelog.caffe_log() as log:
@@ -124,7 +124,7 @@ def cmd_time(flags: dict) -> int:
 def cmd_device_query(flags: dict) -> int:
     import torch
 
-    from lymph_cv import caffelog
+    from lymph_cv.formats import caffelog
 
     if not torch.cuda.is_available():
         raise ConfigError("no CUDA device is available")

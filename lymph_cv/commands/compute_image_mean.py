@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from lymph_cv import gflags
-from lymph_cv.caffelog import caffe_log, fmt
+from lymph_cv.formats import gflags
+from lymph_cv.formats.caffelog import caffe_log, fmt
 from lymph_cv.errors import LymphCVError
 
 PROGRAM = "compute_image_mean"
@@ -26,9 +26,9 @@ FLAGS = {
 
 def run(values: dict, positional: list[str]) -> int:
     """Compute the mean with parsed flags; raises LymphCVError on bad input."""
-    from lymph_cv import dbs
-    from lymph_cv.caffe.blob import write_mean
-    from lymph_cv.store import check_backend
+    from lymph_cv.stages import dbs
+    from lymph_cv.formats.caffe.blob import write_mean
+    from lymph_cv.formats.store import check_backend
 
     if len(positional) not in (1, 2):
         raise LymphCVError(f"expected INPUT_DB [OUTPUT_FILE], got {len(positional)} argument(s); see {PROGRAM} -help")

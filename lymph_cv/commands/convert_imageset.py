@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence
 
-from lymph_cv import gflags
-from lymph_cv.caffelog import caffe_log
+from lymph_cv.formats import gflags
+from lymph_cv.formats.caffelog import caffe_log
 from lymph_cv.errors import LymphCVError
 
 PROGRAM = "convert_imageset"
@@ -38,7 +38,7 @@ FLAGS = {
 
 def run(values: dict, positional: list[str]) -> int:
     """Convert with parsed flags; raises LymphCVError on bad input."""
-    from lymph_cv import dbs
+    from lymph_cv.stages import dbs
 
     if len(positional) != 3:
         raise LymphCVError(f"expected ROOTFOLDER/ LISTFILE DB_NAME, got {len(positional)} argument(s); see {PROGRAM} -help")

@@ -6,10 +6,10 @@ from typing import Optional
 
 import click
 
-from lymph_cv import folds as folds_module
-from lymph_cv import patches as patches_module
-from lymph_cv import store
-from lymph_cv import synth as synth_module
+from lymph_cv.stages import folds as folds_module
+from lymph_cv.stages import patches as patches_module
+from lymph_cv.formats import store
+from lymph_cv.stages import synth as synth_module
 
 _WORKERS = click.option("--workers", type=click.IntRange(min=0), default=None, help="Processes (default or 0: all cores).")
 
@@ -156,7 +156,7 @@ def check(directory: Path, case_regex, strict: bool) -> None:
 def dbs(workdir: Path, backend: str, seed: int, no_shuffle: bool, folds, root, images, overwrite: bool,
         skip_bad: bool, workers) -> None:
     """Step 3: DB_train_K, DB_test_K and DB_train_w32_K.binaryproto for every fold of WORKDIR."""
-    from lymph_cv import dbs as dbs_module
+    from lymph_cv.stages import dbs as dbs_module
 
     if images is not None and root is not None:
         raise click.UsageError("--root does not apply with --images (patches are cut from the images, no files are read)")

@@ -7,10 +7,10 @@ from typing import Optional
 
 import click
 
-from lymph_cv.evaluate import (AGGREGATE_CHOICES, DEFAULT_BATCH_SIZES, MEAN_MODES, evaluate_fold, fold_output_dir,
+from lymph_cv.stages.evaluate import (AGGREGATE_CHOICES, DEFAULT_BATCH_SIZES, MEAN_MODES, evaluate_fold, fold_output_dir,
                                parse_aggregate)
 from lymph_cv.errors import ConfigError
-from lymph_cv.report import build_report, format_fold, format_report, write_fold, write_report
+from lymph_cv.stages.report import build_report, format_fold, format_report, write_fold, write_report
 
 log = logging.getLogger(__name__)
 

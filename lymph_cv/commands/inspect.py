@@ -5,7 +5,7 @@ import json
 
 import click
 
-from lymph_cv.inspect import DEFAULT_KEY_LIMIT, describe, format_description
+from lymph_cv.formats.inspect import DEFAULT_KEY_LIMIT, describe, format_description
 
 
 @click.command("inspect")

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 import click
 
-from lymph_cv import jobs as jobs_module
+from lymph_cv.cluster import jobs as jobs_module
 # The same --folds syntax and checks as `lymph-cv render`.
 from lymph_cv.commands.render import _folds
 from lymph_cv.errors import SchedulerError

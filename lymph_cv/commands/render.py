@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 import click
 
-from lymph_cv import render as render_module
+from lymph_cv.stages import render as render_module
 from lymph_cv.errors import ConfigError
 
 

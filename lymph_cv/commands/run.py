@@ -8,8 +8,8 @@ from typing import Optional, Sequence
 import click
 
 from lymph_cv.commands.render import _folds
-from lymph_cv.layout import EVAL_DIR, REPORT_MD
-from lymph_cv.run import EXECUTORS, STAGES, DemoData, RunOptions, run_pipeline
+from lymph_cv.workdir.layout import EVAL_DIR, REPORT_MD
+from lymph_cv.pipeline import EXECUTORS, STAGES, DemoData, RunOptions, run_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def run(workdir: Path, data: Optional[Path], demo: bool, classes, k: int, folds,
         raise click.UsageError("give --data DIR (one sub-folder per class) or --demo")
     job_options = None
     if executor != "local":
-        from lymph_cv.jobs import JobOptions
+        from lymph_cv.cluster.jobs import JobOptions
 
         job_options = JobOptions(**{k_: v for k_, v in (("walltime", walltime), ("queue", queue)) if v is not None})
     options = RunOptions(
@@ -93,7 +93,7 @@ def run(workdir: Path, data: Optional[Path], demo: bool, classes, k: int, folds,
 
     result = run_pipeline(options, on_stage=announce)
     if result.report is not None:
-        from lymph_cv.report import format_report
+        from lymph_cv.stages.report import format_report
 
         click.echo(format_report(result.report), nl=False)
         click.echo(f"report: {Path(workdir) / EVAL_DIR / REPORT_MD}")

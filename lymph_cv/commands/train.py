@@ -6,11 +6,11 @@ from typing import Optional
 
 import click
 
-from lymph_cv.threads import configure_openmp
+from lymph_cv.core.threads import configure_openmp
 
-configure_openmp()  # before lymph_cv.train imports torch
+configure_openmp()  # before lymph_cv.stages.train imports torch
 
-from lymph_cv.train import DEVICES  # noqa: E402
+from lymph_cv.stages.train import DEVICES  # noqa: E402
 
 
 @click.command()
@@ -30,8 +30,8 @@ from lymph_cv.train import DEVICES  # noqa: E402
 def train(solver: Path, snapshot: Optional[Path], resume: bool, weights: Optional[Path], device: Optional[str],
           seed: Optional[int], max_iter: Optional[int]) -> None:
     """Train SOLVER's net; snapshots and train.log go to the solver's base directory."""
-    from lymph_cv.train import latest_solverstate
-    from lymph_cv.train import train as run_training
+    from lymph_cv.stages.train import latest_solverstate
+    from lymph_cv.stages.train import train as run_training
 
     if snapshot is not None and weights is not None:
         raise click.BadParameter("give --snapshot or --weights, not both", param_hint="--snapshot/--weights")

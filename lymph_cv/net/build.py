@@ -33,14 +33,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from lymph_cv.caffe import caffe_pb2
-from lymph_cv.caffe.blob import LEGACY_NDIM, array_to_blob, blob_shape, blob_to_array, has_legacy_dims, read_mean
-from lymph_cv.caffe.datum import parse_datum
-from lymph_cv.caffe.prototxt import filter_net
+from lymph_cv.formats.caffe import caffe_pb2
+from lymph_cv.formats.caffe.blob import LEGACY_NDIM, array_to_blob, blob_shape, blob_to_array, has_legacy_dims, read_mean
+from lymph_cv.formats.caffe.datum import parse_datum
+from lymph_cv.formats.caffe.prototxt import filter_net
 from lymph_cv.errors import ConfigError, FormatError, LymphCVError
 from lymph_cv.net.fillers import fill
 from lymph_cv.net.layers import BuildContext, Layer, Shape, layer_class
-from lymph_cv.store import open_reader
+from lymph_cv.formats.store import open_reader
 
 PathLike = Union[str, os.PathLike]
 

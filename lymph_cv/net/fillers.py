@@ -12,7 +12,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from lymph_cv.caffe import caffe_pb2
+from lymph_cv.formats.caffe import caffe_pb2
 from lymph_cv.errors import UnsupportedError
 
 FillerFn = Callable[[torch.Tensor, caffe_pb2.FillerParameter, torch.Generator], None]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lymph_cv.caffe import caffe_pb2
+from lymph_cv.formats.caffe import caffe_pb2
 from lymph_cv.errors import ConfigError, InputError, UnsupportedError
 
 Shape = Tuple[int, ...]
@@ -146,7 +146,7 @@ def _opt(message, field_name: str) -> Optional[int]:
 
 @register("Data")
 class DataLayer(Layer):
-    """DB-backed input; batches are fed by the data layer reader (``lymph_cv.datalayer``)."""
+    """DB-backed input; batches are fed by the data layer reader (``lymph_cv.net.datalayer``)."""
 
     is_input = True
     bottoms_range = (0, 0)

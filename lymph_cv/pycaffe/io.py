@@ -17,10 +17,10 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from lymph_cv.caffe import caffe_pb2  # noqa: F401 - pycaffe exposes the messages as caffe.io.caffe_pb2
-from lymph_cv.caffe.blob import array_to_blob, blob_shape, has_legacy_dims
-from lymph_cv.caffe.datum import array_to_datum as _array_to_datum
-from lymph_cv.caffe.datum import datum_to_array
+from lymph_cv.formats.caffe import caffe_pb2  # noqa: F401 - pycaffe exposes the messages as caffe.io.caffe_pb2
+from lymph_cv.formats.caffe.blob import array_to_blob, blob_shape, has_legacy_dims
+from lymph_cv.formats.caffe.datum import array_to_datum as _array_to_datum
+from lymph_cv.formats.caffe.datum import datum_to_array
 from lymph_cv.errors import ConfigError, InputError
 
 __all__ = ["caffe_pb2", "load_image", "resize_image", "oversample", "Transformer", "blobproto_to_array",

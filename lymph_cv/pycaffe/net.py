@@ -10,9 +10,9 @@ from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from lymph_cv.caffe import caffe_pb2
-from lymph_cv.caffe.model import read_caffemodel, write_caffemodel
-from lymph_cv.caffe.prototxt import read_net_prototxt
+from lymph_cv.formats.caffe import caffe_pb2
+from lymph_cv.formats.caffe.model import read_caffemodel, write_caffemodel
+from lymph_cv.formats.caffe.prototxt import read_net_prototxt
 from lymph_cv.errors import ConfigError
 from lymph_cv.net.build import CaffeNet, build_net, resolve_net_path
 
@@ -159,7 +159,7 @@ class Net:
     def _make_data_layers(self):
         if not self._net.data_layers:
             return []
-        from lymph_cv.datalayer import DataLayer
+        from lymph_cv.net.datalayer import DataLayer
 
         def resolve(path: str) -> Path:
             return resolve_net_path(path, self._base_dir)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Tuple, Union
 
 from lymph_cv.errors import FormatError, StoreError
-from lymph_cv.fsutil import PathLike, check_kind, make_dirs, remove_path, replace_path, temp_sibling
+from lymph_cv.core.fsutil import PathLike, check_kind, make_dirs, remove_path, replace_path, temp_sibling
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from lymph_cv.caffe import caffe_pb2
-from lymph_cv.caffe.files import parse_binary, read_bytes
+from lymph_cv.formats.caffe import caffe_pb2
+from lymph_cv.formats.caffe.files import parse_binary, read_bytes
 from lymph_cv.errors import FormatError
-from lymph_cv.fsutil import atomic_write_bytes
+from lymph_cv.core.fsutil import atomic_write_bytes
 
 LEGACY_FIELDS = ("num", "channels", "height", "width")
 LEGACY_NDIM = len(LEGACY_FIELDS)

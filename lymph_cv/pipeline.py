@@ -33,8 +33,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from lymph_cv import DEFAULT_CLASSES
 from lymph_cv.errors import ConfigError, LymphCVError, TrainingError
-from lymph_cv.fsutil import atomic_write_json, make_dirs, remove_stale_temporaries
-from lymph_cv.layout import (DB_TEST, DB_TRAIN, DEPLOY_NAME, EVAL_DIR, MANIFEST_NAME, MEAN_FILE, NET_NAME,
+from lymph_cv.core.fsutil import atomic_write_json, make_dirs, remove_stale_temporaries
+from lymph_cv.workdir.layout import (DB_TEST, DB_TRAIN, DEPLOY_NAME, EVAL_DIR, MANIFEST_NAME, MEAN_FILE, NET_NAME,
                              PATCH_DIR, REPORT_MD, RUN_JSON, SOLVER_NAME)
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class StageOutcome:
 
 @dataclass
 class RunResult:
-    """The stages' outcomes and the final report (``lymph_cv.report.Report``)."""
+    """The stages' outcomes and the final report (``lymph_cv.stages.report.Report``)."""
 
     stages: List[StageOutcome]
     report: object = None
@@ -181,7 +181,7 @@ def _synth_complete(o: RunOptions) -> bool:
 
 
 def _synth_run(o: RunOptions, fresh: bool) -> None:
-    from lymph_cv import synth
+    from lymph_cv.stages import synth
 
     if fresh and o.data_dir.exists() and (o.data_dir / "synth.json").is_file():
         shutil.rmtree(o.data_dir)
@@ -203,7 +203,7 @@ def _patches_complete(o: RunOptions) -> bool:
 
 
 def _patches_run(o: RunOptions, fresh: bool) -> None:
-    from lymph_cv.patches import extract_patches
+    from lymph_cv.stages.patches import extract_patches
 
     if fresh and _patch_dir(o).exists():
         shutil.rmtree(_patch_dir(o))
@@ -215,13 +215,13 @@ def _folds_params(o: RunOptions) -> dict:
 
 
 def _folds_complete(o: RunOptions) -> bool:
-    from lymph_cv.folds import list_folds
+    from lymph_cv.stages.folds import list_folds
 
     return set(o.fold_list) <= set(list_folds(o.workdir))
 
 
 def _folds_run(o: RunOptions, fresh: bool) -> None:
-    from lymph_cv.folds import describe, make_folds
+    from lymph_cv.stages.folds import describe, make_folds
 
     fold_set = make_folds(_patch_dir(o) / MANIFEST_NAME, o.workdir, k=o.k, seed=o.seed, group_by=o.group_by)
     log.info("%s", describe(fold_set))
@@ -244,8 +244,8 @@ def _drop_unrecorded_dbs(o: RunOptions) -> None:
     """Before resuming: remove this stage's databases that ``dbs.json`` does not record as built
     from their current list (an interruption can land between a database's rename into place and
     its record), so ``build_dbs`` rebuilds them instead of refusing to overwrite them."""
-    from lymph_cv.dbs import _list_signature, _read_dbs_json
-    from lymph_cv.layout import TEST_LIST, TRAIN_LIST
+    from lymph_cv.stages.dbs import _list_signature, _read_dbs_json
+    from lymph_cv.workdir.layout import TEST_LIST, TRAIN_LIST
 
     w = Path(o.workdir)
     previous = _read_dbs_json(w)
@@ -264,7 +264,7 @@ def _drop_unrecorded_dbs(o: RunOptions) -> None:
 
 
 def _dbs_run(o: RunOptions, fresh: bool) -> None:
-    from lymph_cv.dbs import build_dbs
+    from lymph_cv.stages.dbs import build_dbs
 
     if not fresh:
         _drop_unrecorded_dbs(o)
@@ -302,7 +302,7 @@ def _render_complete(o: RunOptions) -> bool:
 
 
 def _render_run(o: RunOptions, fresh: bool) -> None:
-    from lymph_cv.render import render_folds
+    from lymph_cv.stages.render import render_folds
 
     render_folds(o.workdir, o.fold_list, dropout=o.dropout, overrides=training_overrides(o),
                  device=_solver_device(o))
@@ -315,14 +315,14 @@ def _solver(o: RunOptions, fold: int) -> Path:
 def _snapshots(o: RunOptions, fold: int, suffix: str) -> Dict[int, Path]:
     """The fold's snapshots of the rendered solver's own series by N (plain vs ``_dropout``: the other
     variant's files are neither resumed, evaluated nor deleted)."""
-    from lymph_cv.train import solver_snapshots
+    from lymph_cv.stages.train import solver_snapshots
 
     solver = _solver(o, fold)
     return solver_snapshots(solver, suffix) if solver.is_file() else {}
 
 
 def _final_iteration(o: RunOptions, fold: int) -> int:
-    from lymph_cv.caffe.prototxt import read_solver
+    from lymph_cv.formats.caffe.prototxt import read_solver
 
     return int(read_solver(_solver(o, fold)).max_iter)
 
@@ -364,7 +364,7 @@ def _train_run(o: RunOptions, fresh: bool) -> None:
 
 
 def _train_here(o: RunOptions, folds: Sequence[int]) -> None:
-    from lymph_cv.train import train
+    from lymph_cv.stages.train import train
 
     for k in folds:
         solver = _solver(o, k)
@@ -377,7 +377,7 @@ def _train_here(o: RunOptions, folds: Sequence[int]) -> None:
 
 
 def _train_on_cluster(o: RunOptions, folds: Sequence[int]) -> None:
-    from lymph_cv import jobs
+    from lymph_cv.cluster import jobs
 
     options = o.job_options or jobs.JobOptions()
     jobs.submit_folds(Path(o.workdir), o.executor, folds, options=options, resubmit=True)
@@ -389,7 +389,7 @@ def _train_on_cluster(o: RunOptions, folds: Sequence[int]) -> None:
 
 
 def _eval_metrics(o: RunOptions, fold: int) -> Path:
-    from lymph_cv.evaluate import fold_output_dir
+    from lymph_cv.stages.evaluate import fold_output_dir
 
     return fold_output_dir(o.workdir, fold) / "metrics.json"
 
@@ -403,8 +403,8 @@ def _evaluate_complete(o: RunOptions) -> bool:
 
 
 def _evaluate_run(o: RunOptions, fresh: bool) -> None:
-    from lymph_cv.evaluate import evaluate_fold, fold_output_dir
-    from lymph_cv.report import write_fold
+    from lymph_cv.stages.evaluate import evaluate_fold, fold_output_dir
+    from lymph_cv.stages.report import write_fold
 
     for k in o.fold_list:
         if not fresh and _eval_metrics(o, k).is_file():
@@ -423,7 +423,7 @@ def _report_complete(o: RunOptions) -> bool:
 
 
 def _report_run(o: RunOptions, fresh: bool):
-    from lymph_cv.report import build_report, write_report
+    from lymph_cv.stages.report import build_report, write_report
 
     # Only this run's folds: eval/fold_K of other folds may come from another split or other settings.
     report = build_report(o.workdir, o.fold_list)
@@ -461,9 +461,9 @@ def check_options(o: RunOptions) -> None:
     if o.seed < 0:
         raise ConfigError(f"must be a non-negative integer, got {o.seed}", "--seed")
     # Checked here, not hours later when training or evaluation first uses them.
-    from lymph_cv.evaluate import _torch_device, parse_aggregate
-    from lymph_cv.render import resolve_variables
-    from lymph_cv.train import resolve_device
+    from lymph_cv.stages.evaluate import _torch_device, parse_aggregate
+    from lymph_cv.stages.render import resolve_variables
+    from lymph_cv.stages.train import resolve_device
 
     resolve_variables(training_overrides(o))  # --set KEY=VALUE: known keys, values of their type
     try:
@@ -519,7 +519,7 @@ def run_pipeline(options: RunOptions, on_stage: Optional[Callable[[str, str], No
         if action == "skip":
             outcomes.append(StageOutcome(stage.name, "skipped"))
             if stage.name == "report":
-                from lymph_cv.report import build_report
+                from lymph_cv.stages.report import build_report
 
                 report = build_report(workdir, options.fold_list)
             continue

@@ -25,9 +25,9 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from lymph_cv.errors import ConfigError, FormatError, InputError
-from lymph_cv.fsutil import atomic_write_json, atomic_write_text, make_dirs
-from lymph_cv.patches import DEFAULT_CASE_REGEX, ImageEntry, Manifest, case_of, compile_case_regex, load_manifest
-from lymph_cv.layout import FOLDS_JSON, TEST_LIST, TEST_PARENT, TRAIN_LIST, TRAIN_PARENT
+from lymph_cv.core.fsutil import atomic_write_json, atomic_write_text, make_dirs
+from lymph_cv.stages.patches import DEFAULT_CASE_REGEX, ImageEntry, Manifest, case_of, compile_case_regex, load_manifest
+from lymph_cv.workdir.layout import FOLDS_JSON, TEST_LIST, TEST_PARENT, TRAIN_LIST, TRAIN_PARENT
 
 log = logging.getLogger(__name__)
 

@@ -34,17 +34,17 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 import cv2
 import numpy as np
 
-from lymph_cv import store
-from lymph_cv.caffe.blob import write_mean
-from lymph_cv.caffe.datum import encoded_datum, parse_datum, serialize_datum
+from lymph_cv.formats import store
+from lymph_cv.formats.caffe.blob import write_mean
+from lymph_cv.formats.caffe.datum import encoded_datum, parse_datum, serialize_datum
 from lymph_cv.errors import ConfigError, InputError, LymphCVError, StoreError
-from lymph_cv.folds import FOLDS_JSON, TEST_LIST, TRAIN_LIST, list_folds, read_list_text
-from lymph_cv.fsutil import atomic_write_json, remove_path, remove_stale_temporaries, temp_sibling
-from lymph_cv.patches import (
+from lymph_cv.stages.folds import FOLDS_JSON, TEST_LIST, TRAIN_LIST, list_folds, read_list_text
+from lymph_cv.core.fsutil import atomic_write_json, remove_path, remove_stale_temporaries, temp_sibling
+from lymph_cv.stages.patches import (
     MANIFEST_NAME, BadInputs, Manifest, SourceImage, extract, load_manifest, patch_count, read_color, read_for_patches,
 )
-from lymph_cv.workers import fork_available, imap
-from lymph_cv.layout import DB_TEST, DB_TRAIN, DBS_JSON, MEAN_FILE, PATCH_DIR
+from lymph_cv.core.workers import fork_available, imap
+from lymph_cv.workdir.layout import DB_TEST, DB_TRAIN, DBS_JSON, MEAN_FILE, PATCH_DIR
 
 log = logging.getLogger(__name__)
 

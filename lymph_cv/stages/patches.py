@@ -25,10 +25,10 @@ import cv2
 import numpy as np
 
 from lymph_cv.errors import ConfigError, FormatError, InputError, LymphCVError
-from lymph_cv.fsutil import atomic_write_json, make_dirs, remove_stale_temporaries, temp_sibling
-from lymph_cv.synth import DEFAULT_CLASSES, TIFF_UNCOMPRESSED
-from lymph_cv.workers import imap
-from lymph_cv.layout import MANIFEST_NAME
+from lymph_cv.core.fsutil import atomic_write_json, make_dirs, remove_stale_temporaries, temp_sibling
+from lymph_cv.stages.synth import DEFAULT_CLASSES, TIFF_UNCOMPRESSED
+from lymph_cv.core.workers import imap
+from lymph_cv.workdir.layout import MANIFEST_NAME
 
 log = logging.getLogger(__name__)
 
@@ -434,7 +434,7 @@ def extract_patches(
         write_mat: also write Matlab's ``class_struct.mat`` next to the manifest.
         skip_bad: warn about and skip unreadable or too-small images instead of stopping.
         write_patches: False writes only the manifest (for building the databases straight
-            from the images, see :func:`lymph_cv.dbs.build_dbs`).
+            from the images, see :func:`lymph_cv.stages.dbs.build_dbs`).
 
     Images whose patches are all present already are not rewritten (resumable).
     """
@@ -541,7 +541,7 @@ def write_class_struct(manifest: Manifest, path: Union[str, Path]) -> None:
     """
     from scipy.io import savemat
 
-    from lymph_cv.fsutil import atomic_path
+    from lymph_cv.core.fsutil import atomic_path
 
     cells = np.empty((1, len(manifest.classes)), dtype=object)
     for index, images in enumerate(manifest.by_class().values()):

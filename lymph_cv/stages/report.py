@@ -20,11 +20,11 @@ import cv2
 import numpy as np
 
 from lymph_cv.errors import EvaluationError, InputError
-from lymph_cv.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
-from lymph_cv.layout import EVAL_DIR, REPORT_MD
+from lymph_cv.core.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
+from lymph_cv.workdir.layout import EVAL_DIR, REPORT_MD
 
 if TYPE_CHECKING:  # evaluate imports this module at run time
-    from lymph_cv.evaluate import FoldResult
+    from lymph_cv.stages.evaluate import FoldResult
 
 PathLike = Union[str, Path]
 
@@ -292,7 +292,7 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 def _display_image(path: Path) -> np.ndarray:
-    from lymph_cv.evaluate import load_image
+    from lymph_cv.stages.evaluate import load_image
 
     return np.clip(load_image(path).transpose(1, 2, 0) + 0.5, 0, 255).astype(np.uint8)
 

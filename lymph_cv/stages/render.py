@@ -19,15 +19,15 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import jinja2
-from lymph_cv.caffe.blob import read_mean
-from lymph_cv.caffe.prototxt import parse_net_text, parse_solver_text
+from lymph_cv.formats.caffe.blob import read_mean
+from lymph_cv.formats.caffe.prototxt import parse_net_text, parse_solver_text
 from lymph_cv.errors import ConfigError, FormatError, InputError
-from lymph_cv.fsutil import atomic_write_json, atomic_write_text, make_dirs
-from lymph_cv.resources import prototxt_template_dir
-from lymph_cv.layout import (DBS_JSON, DEPLOY_NAME, DROPOUT_SNAPSHOT_PREFIX, MEAN_FILE,
+from lymph_cv.core.fsutil import atomic_write_json, atomic_write_text, make_dirs
+from lymph_cv.core.resources import prototxt_template_dir
+from lymph_cv.workdir.layout import (DBS_JSON, DEPLOY_NAME, DROPOUT_SNAPSHOT_PREFIX, MEAN_FILE,
                              NET_NAME, SNAPSHOT_PREFIX, SOLVER_NAME, TEST_LIST, TRAIN_LIST)
-from lymph_cv.layout import DB_TEST as TEST_DB
-from lymph_cv.layout import DB_TRAIN as TRAIN_DB
+from lymph_cv.workdir.layout import DB_TEST as TEST_DB
+from lymph_cv.workdir.layout import DB_TRAIN as TRAIN_DB
 
 log = logging.getLogger(__name__)
 

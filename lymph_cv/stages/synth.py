@@ -30,8 +30,8 @@ import cv2
 import numpy as np
 
 from lymph_cv.errors import ConfigError, InputError
-from lymph_cv.fsutil import atomic_write_bytes, atomic_write_json, make_dirs
-from lymph_cv.workers import imap
+from lymph_cv.core.fsutil import atomic_write_bytes, atomic_write_json, make_dirs
+from lymph_cv.core.workers import imap
 
 log = logging.getLogger(__name__)
 

@@ -32,11 +32,11 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import jinja2
 
-from lymph_cv import render
+from lymph_cv.stages import render
 from lymph_cv.errors import ConfigError, SchedulerError
-from lymph_cv.fsutil import atomic_write_json, atomic_write_text, pid_alive
-from lymph_cv.resources import job_template_dir
-from lymph_cv.layout import JOBS_JSON
+from lymph_cv.core.fsutil import atomic_write_json, atomic_write_text, pid_alive
+from lymph_cv.core.resources import job_template_dir
+from lymph_cv.workdir.layout import JOBS_JSON
 
 log = logging.getLogger(__name__)
 
@@ -640,7 +640,7 @@ def _local_submit(workdir: Path, spec: JobSpec, options: JobOptions) -> str:
     """Start a detached worker that waits for its dependencies and a free slot, then runs the script."""
     job_id = _new_local_id(workdir)
     workers = options.workers or max(1, (os.cpu_count() or 1) // options.ppn)
-    argv = [sys.executable, "-m", "lymph_cv.jobs", str(_local_state_path(workdir, job_id)), str(spec.script),
+    argv = [sys.executable, "-m", "lymph_cv.cluster.jobs", str(_local_state_path(workdir, job_id)), str(spec.script),
             str(workers), *options.after]
     with open(spec.output, "ab") as out:
         subprocess.Popen(argv, cwd=spec.directory, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,

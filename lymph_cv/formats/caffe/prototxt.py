@@ -14,8 +14,8 @@ from typing import Iterable, Optional, Union
 
 from google.protobuf import text_format
 
-from lymph_cv.caffe import caffe_pb2
-from lymph_cv.caffe.files import read_text
+from lymph_cv.formats.caffe import caffe_pb2
+from lymph_cv.formats.caffe.files import read_text
 from lymph_cv.errors import FormatError
 
 PathLike = Union[str, os.PathLike]
@@ -258,6 +258,6 @@ def format_text(message) -> str:
 
 def write_prototxt(path: PathLike, message) -> None:
     """Write a message as a ``.prototxt`` atomically."""
-    from lymph_cv.fsutil import atomic_write_text
+    from lymph_cv.core.fsutil import atomic_write_text
 
     atomic_write_text(path, format_text(message))

@@ -16,11 +16,11 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from lymph_cv import caffelog
-from lymph_cv.caffe import caffe_pb2
-from lymph_cv.caffe.prototxt import read_net_prototxt
-from lymph_cv.caffelog import CaffeLog, fmt
-from lymph_cv.datalayer import DataLayer
+from lymph_cv.formats import caffelog
+from lymph_cv.formats.caffe import caffe_pb2
+from lymph_cv.formats.caffe.prototxt import read_net_prototxt
+from lymph_cv.formats.caffelog import CaffeLog, fmt
+from lymph_cv.net.datalayer import DataLayer
 from lymph_cv.errors import ConfigError
 from lymph_cv.net.build import CaffeNet, build_net
 
@@ -142,7 +142,7 @@ def time_model(model: os.PathLike, iterations: int, *, phase: int = caffe_pb2.TR
     blobs without one stay zero, as Caffe's fresh blobs are) and time ``iterations`` passes."""
     if iterations < 1:
         raise ConfigError(f"iterations must be >= 1, got {iterations}")
-    from lymph_cv.train import STREAM_INIT, derived_seed, feed, find_input, resolve_device
+    from lymph_cv.stages.train import STREAM_INIT, derived_seed, feed, find_input, resolve_device
 
     model = Path(model)
     target = resolve_device(device, caffe_pb2.SolverParameter.CPU)

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from lymph_cv.caffe import caffe_pb2
+from lymph_cv.formats.caffe import caffe_pb2
 from lymph_cv.errors import FormatError
 
 # Tags (field number << 3 | wire type) of the Datum fields, as in caffe.proto.

@@ -13,12 +13,12 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from lymph_cv.caffe import caffe_pb2
-from lymph_cv.caffe.blob import blob_to_array, store_array
-from lymph_cv.caffe.files import parse_binary, read_bytes
-from lymph_cv.caffe.prototxt import v1_type_name
+from lymph_cv.formats.caffe import caffe_pb2
+from lymph_cv.formats.caffe.blob import blob_to_array, store_array
+from lymph_cv.formats.caffe.files import parse_binary, read_bytes
+from lymph_cv.formats.caffe.prototxt import v1_type_name
 from lymph_cv.errors import FormatError
-from lymph_cv.fsutil import atomic_write_bytes
+from lymph_cv.core.fsutil import atomic_write_bytes
 
 PathLike = Union[str, os.PathLike]
 CAFFEMODEL_EXPECTED = "expected a Caffe model (.caffemodel: binary NetParameter with named layers)"

@@ -8,10 +8,14 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _package_dir(package: str, repo_folder: str) -> Path:
+    # A source checkout uses its own folders first: with several checkouts (worktrees) on one
+    # editable install, the package-data mapping points at the installed checkout, not this one.
+    if (_REPO_ROOT / "setup.cfg").is_file() and (_REPO_ROOT / repo_folder).is_dir():
+        return _REPO_ROOT / repo_folder
     spec = importlib.util.find_spec(package)
     if spec is not None and spec.submodule_search_locations:
         for location in spec.submodule_search_locations:
@@ -32,4 +36,4 @@ def job_template_dir() -> Path:
 
 def caffe_proto_path() -> Path:
     """Our ``caffe.proto`` schema."""
-    return Path(__file__).resolve().parent / "caffe" / "caffe.proto"
+    return Path(__file__).resolve().parents[1] / "formats" / "caffe" / "caffe.proto"

@@ -16,13 +16,13 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 from google.protobuf import json_format
 
-from lymph_cv.caffe import caffe_pb2
-from lymph_cv.caffe.blob import blob_shape, has_legacy_dims, mean_array, parse_blob
-from lymph_cv.caffe.datum import decode_image, parse_datum_message
-from lymph_cv.caffe.model import layer_type, net_layers, net_params, parse_caffemodel, parse_solverstate
-from lymph_cv.caffe.prototxt import format_text, parse_net_text, parse_solver_text, upgrade_net
+from lymph_cv.formats.caffe import caffe_pb2
+from lymph_cv.formats.caffe.blob import blob_shape, has_legacy_dims, mean_array, parse_blob
+from lymph_cv.formats.caffe.datum import decode_image, parse_datum_message
+from lymph_cv.formats.caffe.model import layer_type, net_layers, net_params, parse_caffemodel, parse_solverstate
+from lymph_cv.formats.caffe.prototxt import format_text, parse_net_text, parse_solver_text, upgrade_net
 from lymph_cv.errors import FormatError
-from lymph_cv.store import detect_backend, open_reader
+from lymph_cv.formats.store import detect_backend, open_reader
 
 PathLike = Union[str, os.PathLike]
 Description = Dict[str, Any]

@@ -3,7 +3,7 @@
 A line is ``I1122 13:39:22.381027 25210 solver.cpp:204] message``: severity and month/day, local time
 with microseconds, the thread id right-aligned in five columns, Caffe's source location, and the
 message.  Numbers print like a C++ stream with its default precision (6 significant digits, %g-like).
-The lines go through :mod:`logging` (logger ``lymph_cv.caffe.log``) to stderr and, when asked, to a
+The lines go through :mod:`logging` (logger ``lymph_cv.formats.caffe.log``) to stderr and, when asked, to a
 log file; when stderr is a terminal they are written above a tqdm progress bar.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional, TextIO
 
-LOGGER_NAME = "lymph_cv.caffe.log"
+LOGGER_NAME = "lymph_cv.formats.caffe.log"
 
 #: Caffe's source locations of the messages we mimic ([HEAD] line numbers); tools only need the form.
 SRC_SOLVE = "solver.cpp:288"

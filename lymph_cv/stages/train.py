@@ -16,7 +16,7 @@ working directory is never changed.
 
 Determinism (a deliberate improvement over Caffe): batch ``b`` of every data layer and the dropout
 masks of iteration ``i`` are pure functions of the seed and ``b``/``i`` (see
-:mod:`lymph_cv.datalayer`), and the test cursor is a function of the iteration.  So on the CPU a run
+:mod:`lymph_cv.net.datalayer`), and the test cursor is a function of the iteration.  So on the CPU a run
 resumed from a snapshot ends with exactly the weights of an uninterrupted run with the same seed.
 """
 from __future__ import annotations
@@ -37,17 +37,17 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from lymph_cv import caffelog
-from lymph_cv.caffe import caffe_pb2
-from lymph_cv.caffe.model import (history_arrays, read_caffemodel, read_solverstate, set_history,
+from lymph_cv.formats import caffelog
+from lymph_cv.formats.caffe import caffe_pb2
+from lymph_cv.formats.caffe.model import (history_arrays, read_caffemodel, read_solverstate, set_history,
                                   write_caffemodel, write_solverstate)
-from lymph_cv.caffe.prototxt import read_net_prototxt, read_solver
-from lymph_cv.caffelog import CaffeLog, fmt
-from lymph_cv.datalayer import DataLayer, RecordCache
+from lymph_cv.formats.caffe.prototxt import read_net_prototxt, read_solver
+from lymph_cv.formats.caffelog import CaffeLog, fmt
+from lymph_cv.net.datalayer import DataLayer, RecordCache
 from lymph_cv.errors import ConfigError, FormatError, InputError, TrainingError, UnsupportedError
-from lymph_cv.fsutil import atomic_write_json, make_dirs
+from lymph_cv.core.fsutil import atomic_write_json, make_dirs
 from lymph_cv.net.build import CaffeNet, build_net, resolve_net_path
-from lymph_cv.solver import Solver, learnables_of, make_solver, snapshot_names, solver_type
+from lymph_cv.net.solver import Solver, learnables_of, make_solver, snapshot_names, solver_type
 
 log = logging.getLogger(__name__)
 

@@ -33,11 +33,11 @@ import numpy as np
 from tqdm import tqdm
 
 from lymph_cv.errors import ConfigError, EvaluationError, InputError, LymphCVError
-from lymph_cv.layout import DEPLOY_NAME, EVAL_DIR, FOLDS_JSON, MANIFEST_NAME, PATCH_DIR
-from lymph_cv.layout import EVAL_FOLD_DIR as FOLD_DIR_TEMPLATE
-from lymph_cv.layout import MEAN_FILE as MEAN_TEMPLATE
-from lymph_cv.layout import TEST_PARENT as PARENT_LIST_TEMPLATE
-from lymph_cv.report import confusion_matrix
+from lymph_cv.workdir.layout import DEPLOY_NAME, EVAL_DIR, FOLDS_JSON, MANIFEST_NAME, PATCH_DIR
+from lymph_cv.workdir.layout import EVAL_FOLD_DIR as FOLD_DIR_TEMPLATE
+from lymph_cv.workdir.layout import MEAN_FILE as MEAN_TEMPLATE
+from lymph_cv.workdir.layout import TEST_PARENT as PARENT_LIST_TEMPLATE
+from lymph_cv.stages.report import confusion_matrix
 
 log = logging.getLogger(__name__)
 
@@ -334,9 +334,9 @@ class WindowClassifier:
     def __init__(self, deploy: PathLike, model: PathLike, device: str = "cpu"):
         import torch
 
-        from lymph_cv.caffe import caffe_pb2
-        from lymph_cv.caffe.model import read_caffemodel
-        from lymph_cv.caffe.prototxt import read_net_prototxt
+        from lymph_cv.formats.caffe import caffe_pb2
+        from lymph_cv.formats.caffe.model import read_caffemodel
+        from lymph_cv.formats.caffe.prototxt import read_net_prototxt
         from lymph_cv.net.build import build_net
 
         self._torch = torch
@@ -454,8 +454,8 @@ def latest_snapshot(folder: PathLike) -> Path:
 
 def _solver_prefix(folder: Path) -> Optional[str]:
     """``snapshot_prefix`` of the fold's rendered solver (``K-alexnet_solver_ada.prototxt``), if any."""
-    from lymph_cv.caffe.prototxt import read_solver
-    from lymph_cv.layout import SOLVER_NAME
+    from lymph_cv.formats.caffe.prototxt import read_solver
+    from lymph_cv.workdir.layout import SOLVER_NAME
 
     solver = folder / SOLVER_NAME.format(fold=folder.name)
     if not solver.is_file():
@@ -691,7 +691,7 @@ def evaluate_fold(
     deploy = _existing(Path(deploy) if deploy else fold_dir / DEPLOY_NAME, "deploy net")
     model = _existing(Path(model), "model") if model else latest_snapshot(fold_dir)
     mean_path = _existing(Path(mean) if mean else workdir / MEAN_TEMPLATE.format(fold=fold), "mean file")
-    from lymph_cv.caffe.blob import read_mean
+    from lymph_cv.formats.caffe.blob import read_mean
 
     mean_array = read_mean(mean_path)
     classifier = WindowClassifier(deploy, model, device)

@@ -21,8 +21,8 @@ from typing import Callable, Dict, List, Sequence
 import numpy as np
 import torch
 
-from lymph_cv.caffe import caffe_pb2
-from lymph_cv.caffe.prototxt import upgrade_solver
+from lymph_cv.formats.caffe import caffe_pb2
+from lymph_cv.formats.caffe.prototxt import upgrade_solver
 from lymph_cv.errors import ConfigError, TrainingError
 
 log = logging.getLogger(__name__)

@@ -28,11 +28,11 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from lymph_cv.caffe import caffe_pb2
-from lymph_cv.caffe.blob import read_mean
-from lymph_cv.caffe.datum import parse_datum
+from lymph_cv.formats.caffe import caffe_pb2
+from lymph_cv.formats.caffe.blob import read_mean
+from lymph_cv.formats.caffe.datum import parse_datum
 from lymph_cv.errors import ConfigError, FormatError, StoreError, UnsupportedError
-from lymph_cv.store import open_reader
+from lymph_cv.formats.store import open_reader
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Job submission to PBS/Torque, Slurm and the local runner."""

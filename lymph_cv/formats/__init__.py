@@ -1,0 +1,1 @@
+"""File formats: Caffe's protobufs and prototxt, LevelDB/LMDB stores, flags and logs."""

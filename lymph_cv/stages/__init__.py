@@ -1,0 +1,1 @@
+"""The pipeline's stages: each module computes one step and exports its Stage."""

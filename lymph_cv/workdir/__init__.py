@@ -1,0 +1,1 @@
+"""The work directory: its file names and records."""
