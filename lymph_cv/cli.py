@@ -30,6 +30,7 @@ COMMANDS = {
     "jobs": "lymph_cv.commands.jobs:jobs",
     "evaluate": "lymph_cv.commands.evaluate:evaluate",
     "report": "lymph_cv.commands.evaluate:report",
+    "plot-log": "lymph_cv.commands.plot_log:plot_log",
     "run": "lymph_cv.commands.run:run",
     "inspect": "lymph_cv.commands.inspect:inspect",
 }

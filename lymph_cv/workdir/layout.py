@@ -24,10 +24,13 @@ NET_NAME = "{fold}-alexnet_traing_32w_db.prototxt"
 DEPLOY_NAME = "deploy_train32.prototxt"
 SNAPSHOT_PREFIX = "{fold}_caffenet_train_w32"
 DROPOUT_SNAPSHOT_PREFIX = "{fold}_caffenet_train_w32_dropout"
+#: The training log (glog format, as `caffe train` writes it) beside the snapshots.
+TRAIN_LOG = "train.log"
 JOBS_JSON = "jobs.json"
 #: Step 5: evaluation outputs (``eval/fold_{fold}/`` and the pooled report).
 EVAL_DIR = "eval"
 EVAL_FOLD_DIR = "fold_{fold}"
 REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
 #: The orchestrator's record.
 RUN_JSON = "run.json"
