@@ -33,6 +33,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from lymph_cv import DEFAULT_CLASSES
 from lymph_cv.errors import ConfigError, LymphCVError, TrainingError
+from lymph_cv.core.devices import resolve_device
 from lymph_cv.core.fsutil import atomic_write_json, make_dirs, remove_stale_temporaries
 from lymph_cv.workdir.layout import (DB_TEST, DB_TRAIN, DEPLOY_NAME, EVAL_DIR, MANIFEST_NAME, MEAN_FILE, NET_NAME,
                              PATCH_DIR, REPORT_MD, RUN_JSON, SOLVER_NAME)
@@ -461,9 +462,8 @@ def check_options(o: RunOptions) -> None:
     if o.seed < 0:
         raise ConfigError(f"must be a non-negative integer, got {o.seed}", "--seed")
     # Checked here, not hours later when training or evaluation first uses them.
-    from lymph_cv.stages.evaluate import _torch_device, parse_aggregate
+    from lymph_cv.stages.evaluate import parse_aggregate
     from lymph_cv.stages.render import resolve_variables
-    from lymph_cv.stages.train import resolve_device
 
     resolve_variables(training_overrides(o))  # --set KEY=VALUE: known keys, values of their type
     try:
@@ -471,8 +471,7 @@ def check_options(o: RunOptions) -> None:
     except ConfigError as exc:
         raise ConfigError(exc.detail, "--aggregate") from None
     try:
-        _torch_device(o.device)  # evaluation's choices: cpu, cuda, cuda:N
-        resolve_device(o.device, 0)
+        resolve_device(o.device)
     except ConfigError as exc:
         raise ConfigError(exc.detail, "--device") from None
     if o.demo is None and not o.data_dir.is_dir():

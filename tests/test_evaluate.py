@@ -7,8 +7,8 @@ import pytest
 
 from lymph_cv.errors import ConfigError, EvaluationError, InputError
 from lymph_cv.stages.evaluate import (Aggregate, Crop, aggregate_scores, crop_boxes, decide, extract_windows, load_image,
-                               make_crops, parse_aggregate, prepare_mean, read_parent_list, resize_image, vote_counts,
-                               window_centres, window_grid)
+                               make_crops, parse_aggregate, prepare_mean, read_parent_list, resize_image, vote_counts)
+from lymph_cv.core.grid import window_centres, window_grid
 
 CLASSES = ["CLL", "FL", "MCL"]
 

@@ -42,7 +42,7 @@ FLAGS: Dict[str, gflags.Flag] = {
 
 
 def _device(gpu: str) -> Optional[str]:
-    """``-gpu`` → our device choice: None (solver decides), "cpu" or "cuda"."""
+    """``-gpu`` → our device choice: None (solver decides), "cpu", "cuda" or "cuda:N"."""
     text = gpu.strip()
     if not text:
         return None
@@ -57,14 +57,9 @@ def _device(gpu: str) -> Optional[str]:
         return "cpu"
     if any(n < 0 for n in numbers):
         raise ConfigError(f"-gpu {gpu!r}: device ids are >= 0")
-    if numbers[0] != 0 or len(numbers) > 1:
-        import torch
-
-        if torch.cuda.is_available() and numbers[0] < torch.cuda.device_count():
-            torch.cuda.set_device(numbers[0])
-        if len(numbers) > 1:
-            logging.getLogger(__name__).warning("-gpu %s: training uses one device, %d", gpu, numbers[0])
-    return "cuda"
+    if len(numbers) > 1:
+        logging.getLogger(__name__).warning("-gpu %s: training uses one device, %d", gpu, numbers[0])
+    return "cuda" if numbers[0] == 0 else f"cuda:{numbers[0]}"
 
 
 def _require(flags: dict, name: str, command: str) -> str:

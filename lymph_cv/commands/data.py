@@ -6,6 +6,8 @@ from typing import Optional
 
 import click
 
+from lymph_cv import DEFAULT_CLASSES
+from lymph_cv.core.grid import WINDOW_SIZE, WINDOW_STEP
 from lymph_cv.stages import folds as folds_module
 from lymph_cv.stages import patches as patches_module
 from lymph_cv.formats import store
@@ -36,7 +38,7 @@ def _classes(ctx: click.Context, param: click.Parameter, value: str) -> list[str
 
 _CLASSES = click.option(
     "--classes",
-    default=",".join(synth_module.DEFAULT_CLASSES),
+    default=",".join(DEFAULT_CLASSES),
     show_default=True,
     callback=_classes,
     help="Class folders in label order (label = position).",
@@ -69,8 +71,8 @@ _SKIP_BAD = click.option("--skip-bad", is_flag=True, help="Warn about and skip b
 @click.argument("data", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @_CLASSES
-@click.option("--patch-size", type=click.IntRange(min=1), default=patches_module.PATCH_SIZE, show_default=True)
-@click.option("--step", type=click.IntRange(min=1), default=patches_module.STEP, show_default=True)
+@click.option("--patch-size", type=click.IntRange(min=1), default=WINDOW_SIZE, show_default=True)
+@click.option("--step", type=click.IntRange(min=1), default=WINDOW_STEP, show_default=True)
 @click.option("--mat", "write_mat", is_flag=True, help="Also write Matlab's class_struct.mat.")
 @click.option("--manifest-only", is_flag=True, help="Write only manifest.json, no patch files (for `dbs --images`).")
 @_SKIP_BAD

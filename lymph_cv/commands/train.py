@@ -10,7 +10,7 @@ from lymph_cv.core.threads import configure_openmp
 
 configure_openmp()  # before lymph_cv.stages.train imports torch
 
-from lymph_cv.stages.train import DEVICES  # noqa: E402
+from lymph_cv.core.devices import DEVICE_CHOICES  # noqa: E402
 
 
 @click.command()
@@ -22,7 +22,7 @@ from lymph_cv.stages.train import DEVICES  # noqa: E402
               help="Resume from the solver's newest <prefix>_iter_N.solverstate if there is one (else start).")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Fine-tune from this .caffemodel (layers copied by name).")
-@click.option("--device", type=click.Choice(DEVICES, case_sensitive=False), default=None,
+@click.option("--device", type=click.Choice(DEVICE_CHOICES, case_sensitive=False), default=None,
               help="Where to train; default: the solver's solver_mode as a hint (GPU → auto).")
 @click.option("--seed", type=int, default=None,
               help="Seed for initialisation, crops, mirrors and dropout (default: the solver's random_seed).")

@@ -21,6 +21,7 @@ from lymph_cv.formats.caffe import caffe_pb2  # noqa: F401 - pycaffe exposes the
 from lymph_cv.formats.caffe.blob import array_to_blob, blob_shape, has_legacy_dims
 from lymph_cv.formats.caffe.datum import array_to_datum as _array_to_datum
 from lymph_cv.formats.caffe.datum import datum_to_array
+from lymph_cv.core.images import read_unit
 from lymph_cv.errors import ConfigError, InputError
 
 __all__ = ["caffe_pb2", "load_image", "resize_image", "oversample", "Transformer", "blobproto_to_array",
@@ -37,28 +38,9 @@ _CV2_MAX_CHANNELS = 512
 
 def load_image(filename: str | os.PathLike, color: bool = True) -> np.ndarray:
     """An image file as float32 H×W×3 RGB in [0, 1] (H×W×1 when ``color`` is False)."""
-    raw = cv2.imread(os.fspath(filename), cv2.IMREAD_UNCHANGED)
-    if raw is None:
-        raise InputError("cannot read image (missing or not an image)", filename)
-    if raw.dtype == np.uint8:
-        image = raw.astype(np.float32) / np.float32(np.iinfo(np.uint8).max)
-    elif raw.dtype == np.uint16:
-        image = raw.astype(np.float32) / np.float32(np.iinfo(np.uint16).max)
-    else:
-        image = raw.astype(np.float32)
-    if image.ndim == 2:
-        image = image[:, :, None]
-    if image.shape[2] == 4:
-        image = image[:, :, :3]
-    if image.shape[2] == 3:
-        image = image[:, :, ::-1]  # OpenCV reads BGR; skimage (and pycaffe) give RGB
-        if not color:
-            gray = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
-            return gray[:, :, None].astype(np.float32)
-        return np.ascontiguousarray(image)
-    if color:
-        image = np.tile(image, (1, 1, 3))
-    return image
+    if not color:
+        return read_unit(filename, gray=True)
+    return np.ascontiguousarray(read_unit(filename)[:, :, ::-1])  # the reader gives BGR; skimage (and pycaffe) RGB
 
 
 def resize_image(im: np.ndarray, new_dims: Sequence[int], interp_order: int = 1) -> np.ndarray:

@@ -13,6 +13,7 @@ import torch
 from lymph_cv.formats.caffe import caffe_pb2
 from lymph_cv.formats.caffe.model import read_caffemodel, write_caffemodel
 from lymph_cv.formats.caffe.prototxt import read_net_prototxt
+from lymph_cv.core.devices import resolve_device
 from lymph_cv.errors import ConfigError
 from lymph_cv.net.build import CaffeNet, build_net, resolve_net_path
 
@@ -51,8 +52,8 @@ def set_random_seed(seed: int) -> None:
 
 def _device() -> torch.device:
     if _state["device"] == "cuda":
-        return torch.device("cuda", _state["gpu_id"])
-    return torch.device("cpu")
+        return resolve_device(f"cuda:{_state['gpu_id']}")
+    return resolve_device("cpu")
 
 
 class Blob:

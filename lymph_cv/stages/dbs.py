@@ -41,8 +41,9 @@ from lymph_cv.errors import ConfigError, InputError, LymphCVError, StoreError
 from lymph_cv.stages.folds import FOLDS_JSON, TEST_LIST, TRAIN_LIST, list_folds, read_list_text
 from lymph_cv.core.fsutil import atomic_write_json, remove_path, remove_stale_temporaries, temp_sibling
 from lymph_cv.stages.patches import (
-    MANIFEST_NAME, BadInputs, Manifest, SourceImage, extract, load_manifest, patch_count, read_color, read_for_patches,
+    MANIFEST_NAME, BadInputs, Manifest, SourceImage, extract, load_manifest, patch_count, read_for_patches,
 )
+from lymph_cv.core.images import read_gray, read_image
 from lymph_cv.core.workers import fork_available, imap
 from lymph_cv.workdir.layout import DB_TEST, DB_TRAIN, DBS_JSON, MEAN_FILE, PATCH_DIR
 
@@ -300,12 +301,10 @@ PLAIN = ImageOptions()
 def _read_pixels(path: Union[str, Path], options: ImageOptions) -> tuple[np.ndarray, Optional[str]]:
     """(H, W, C) uint8 as Caffe's ReadImageToCVMat gives it, and any colour conversion."""
     if options.gray:
-        image = cv2.imread(os.fspath(path), cv2.IMREAD_GRAYSCALE)
-        if image is None:
-            raise InputError("not an image OpenCV can read", path)
+        image = read_gray(path)
         conversion = None
     else:
-        read = read_color(path)
+        read = read_image(path)
         image, conversion = read.bgr, read.conversion
     if options.resize:
         image = cv2.resize(image, (options.resize_width, options.resize_height))

@@ -32,6 +32,9 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from lymph_cv.core.devices import resolve_device
+from lymph_cv.core.grid import WINDOW_SIZE, WINDOW_STEP, window_grid
+from lymph_cv.core.images import ColourTransform, read_unit
 from lymph_cv.errors import ConfigError, EvaluationError, InputError, LymphCVError
 from lymph_cv.workdir.layout import DEPLOY_NAME, EVAL_DIR, FOLDS_JSON, MANIFEST_NAME, PATCH_DIR
 from lymph_cv.workdir.layout import EVAL_FOLD_DIR as FOLD_DIR_TEMPLATE
@@ -43,9 +46,6 @@ log = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
 
-#: The tutorial's window (step 1 patch size) and grid step, used when the workdir records none.
-WINDOW_SIZE = 36
-WINDOW_STRIDE = 32
 #: Extension the tutorial appends to every parent-list entry.
 IMAGE_SUFFIX = ".tif"
 MEAN_MODES = ("resize", "crop")
@@ -65,23 +65,6 @@ _SNAPSHOT = re.compile(r"_iter_(\d+)\.caffemodel$")
 
 
 # ----------------------------------------------------------------------------- geometry
-def window_centres(height: int, width: int, size: int = WINDOW_SIZE, stride: int = WINDOW_STRIDE) -> Tuple[np.ndarray, np.ndarray]:
-    """Row and column centres of the tutorial's windows: ``hwsize+1, hwsize+1+stride, …`` while
-    the centre stays below ``extent − hwsize`` (``hwsize = size // 2``); the window of centre ``c``
-    covers ``[c − hwsize, c + hwsize)``, so the grid starts at pixel 1 and a border may be left out."""
-    half = size // 2
-    rows = np.arange(half + 1, height - half, stride, dtype=np.int64)
-    cols = np.arange(half + 1, width - half, stride, dtype=np.int64)
-    return rows, cols
-
-
-def window_grid(height: int, width: int, size: int = WINDOW_SIZE, stride: int = WINDOW_STRIDE) -> np.ndarray:
-    """(N, 2) window centres (row, col) in the tutorial's visiting order (row-major)."""
-    rows, cols = window_centres(height, width, size, stride)
-    grid = np.stack(np.meshgrid(rows, cols, indexing="ij"), axis=-1)
-    return grid.reshape(-1, 2)
-
-
 @dataclass(frozen=True)
 class Crop:
     """One oversampling crop of a window: top-left offset and whether it is mirrored left-right."""
@@ -170,29 +153,11 @@ def prepare_mean(mean: np.ndarray, channels: int, window: int, crop: int, mode: 
     return np.ascontiguousarray(resize_image(mean.transpose(1, 2, 0), crop, crop).transpose(2, 0, 1))
 
 
-def _unit_scale(dtype: np.dtype) -> float:
-    # skimage.img_as_float: integers divide by their type's maximum, floats are kept.
-    if np.issubdtype(dtype, np.integer):
-        return float(np.iinfo(dtype).max)
-    return 1.0
-
-
-def load_image(path: PathLike) -> np.ndarray:
+def load_image(path: PathLike, transform: Optional[ColourTransform] = None) -> np.ndarray:
     """An image as the tutorial's pycaffe sees it after ``load_image``, channel swap and raw scale:
     float32 (3, H, W), BGR, ``float32(u / max) · 255``."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("image not found", path)
-    pixels = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
-    if pixels is None or pixels.ndim != 3 or pixels.size == 0:
-        raise InputError("cannot read the image (expected a TIFF/PNG/JPEG file)", path)
-    scale = _unit_scale(pixels.dtype)
-    if pixels.dtype == np.uint8:
-        table = (np.arange(256, dtype=np.float64) / scale).astype(np.float32) * np.float32(RAW_SCALE)
-        values = table[pixels]
-    else:
-        values = (pixels.astype(np.float64) / scale).astype(np.float32) * np.float32(RAW_SCALE)
-    # OpenCV already delivers BGR, the order CHANNEL_SWAP produces from load_image's RGB.
+    # read_unit already delivers BGR, the order CHANNEL_SWAP produces from load_image's RGB.
+    values = read_unit(path, transform) * np.float32(RAW_SCALE)
     return np.ascontiguousarray(values.transpose(2, 0, 1))
 
 
@@ -340,7 +305,7 @@ class WindowClassifier:
         from lymph_cv.net.build import build_net
 
         self._torch = torch
-        self.device = _torch_device(device)
+        self.device = resolve_device(device)
         net_param = read_net_prototxt(deploy)
         data = sorted({layer.type for layer in net_param.layer if layer.type.endswith("Data")})
         if data:
@@ -381,20 +346,6 @@ class WindowClassifier:
             blobs = self.net.forward({self.input: batch})
             out = blobs[self.output]
         return out.reshape(out.shape[0], -1).float().cpu().numpy()
-
-
-def _torch_device(name: str):
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"unknown device {name!r}", valid=("cpu", "cuda", "cuda:N")) from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r}: CUDA is not available here", valid=("cpu",))
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"unsupported device {name!r}", valid=("cpu", "cuda", "cuda:N"))
-    return device
 
 
 # ----------------------------------------------------------------------------- results
@@ -576,7 +527,7 @@ def evaluate_images(
     mean: np.ndarray,
     *,
     window: int = WINDOW_SIZE,
-    stride: int = WINDOW_STRIDE,
+    stride: int = WINDOW_STEP,
     oversample: bool = True,
     mean_mode: str = "resize",
     aggregate: Aggregate = Aggregate("vote"),
@@ -682,7 +633,7 @@ def evaluate_fold(
         raise ConfigError("class names unknown: the workdir records none and the parent list has no class folders; pass --classes")
     classes = list(classes)
     window = int(window or info.get("window") or WINDOW_SIZE)
-    stride = int(stride or info.get("stride") or WINDOW_STRIDE)
+    stride = int(stride or info.get("stride") or WINDOW_STEP)
     if window < 2 or window % 2 or stride < 1:
         raise ConfigError(f"window must be an even size ≥ 2 and stride ≥ 1, got window {window}, stride {stride}")
     listed = read_parent_list(parent_list, images, classes, skip_missing)

@@ -26,16 +26,15 @@ import numpy as np
 
 from lymph_cv.errors import ConfigError, FormatError, InputError, LymphCVError
 from lymph_cv.core.fsutil import atomic_write_json, make_dirs, remove_stale_temporaries, temp_sibling
-from lymph_cv.stages.synth import DEFAULT_CLASSES, TIFF_UNCOMPRESSED
+from lymph_cv import DEFAULT_CLASSES
+from lymph_cv.stages.synth import TIFF_UNCOMPRESSED
+from lymph_cv.core.grid import FIRST_ORIGIN, WINDOW_SIZE, WINDOW_STEP, window_origins
+from lymph_cv.core.images import ReadImage, read_image
 from lymph_cv.core.workers import imap
 from lymph_cv.workdir.layout import MANIFEST_NAME
 
 log = logging.getLogger(__name__)
 
-PATCH_SIZE = 36
-STEP = 32
-#: Matlab's loops start at 1 (``rr = 1:step:H-size``): the first window starts at 0-based row 1.
-FIRST_ORIGIN = 1
 #: Windows are written at these rotations (degrees counter-clockwise), in this order.
 ROTATIONS = (0, 90)
 PATCH_SUFFIX = ".tif"
@@ -44,19 +43,7 @@ MAT_NAME = "class_struct.mat"
 #: Case (patient) id = image stem minus its trailing ``_NNN`` image number.
 DEFAULT_CASE_REGEX = r"^(?P<case>.+)_\d+$"
 
-# A bad file is reported once, by us; OpenCV's own decoder chatter on stderr would add lines.
-cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
-
-
-def window_origins(height: int, width: int, patch_size: int = PATCH_SIZE, step: int = STEP) -> np.ndarray:
-    """0-based (row, col) of every window, row-major, per Matlab ``rr = 1:step:H-size``."""
-    rows = np.arange(FIRST_ORIGIN, height - patch_size + 1, step)
-    cols = np.arange(FIRST_ORIGIN, width - patch_size + 1, step)
-    grid = np.stack(np.meshgrid(rows, cols, indexing="ij"), -1)
-    return grid.reshape(-1, 2)
-
-
-def patch_count(height: int, width: int, patch_size: int = PATCH_SIZE, step: int = STEP) -> int:
+def patch_count(height: int, width: int, patch_size: int = WINDOW_SIZE, step: int = WINDOW_STEP) -> int:
     """Number of patches of an image (windows × rotations)."""
     return len(window_origins(height, width, patch_size, step)) * len(ROTATIONS)
 
@@ -68,8 +55,8 @@ def patch_names(stem: str, count: int) -> list[str]:
 
 def extract(
     image: np.ndarray,
-    patch_size: int = PATCH_SIZE,
-    step: int = STEP,
+    patch_size: int = WINDOW_SIZE,
+    step: int = WINDOW_STEP,
     *,
     channels_first: bool = False,
     out: Optional[np.ndarray] = None,
@@ -113,44 +100,6 @@ def compile_case_regex(case_regex: str) -> str:
     return case_regex
 
 
-# --------------------------------------------------------------------------- reading images
-
-
-@dataclass(frozen=True)
-class ReadImage:
-    """An image read as OpenCV's colour ``imread`` reads it (8-bit BGR) and what was converted."""
-
-    bgr: np.ndarray
-    conversion: Optional[str]  # "grayscale", "RGBA", "16-bit", … or None
-
-
-def read_color(path: Union[str, Path]) -> ReadImage:
-    """Read an image as 8-bit 3-channel BGR exactly like ``cv2.imread(path, IMREAD_COLOR)``.
-
-    Raises InputError naming the file when it is not an image OpenCV can read.
-    """
-    try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except OSError as exc:
-        raise InputError(f"cannot read file ({exc.strerror})", path) from exc
-    if data.size == 0:
-        raise InputError("empty file, expected an image", path)
-    raw = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-    if raw is None or raw.size == 0:
-        raise InputError("not an image OpenCV can read (unreadable, truncated or another kind of file)", path)
-    if raw.dtype == np.uint8 and raw.ndim == 3 and raw.shape[2] == 3:
-        return ReadImage(raw, None)
-    kinds = []
-    if raw.dtype != np.uint8:
-        kinds.append(f"{raw.dtype.itemsize * 8}-bit")
-    channels = 1 if raw.ndim == 2 else raw.shape[2]
-    kinds.append({1: "grayscale", 2: "grayscale+alpha", 4: "RGBA"}.get(channels, f"{channels}-channel"))
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise InputError("not an image OpenCV can read as colour", path)
-    return ReadImage(bgr, " ".join(kinds))
-
-
 # --------------------------------------------------------------------------- the manifest
 
 
@@ -187,8 +136,8 @@ class Manifest:
 
     classes: list[str]
     images: list[ImageEntry]
-    patch_size: int = PATCH_SIZE
-    step: int = STEP
+    patch_size: int = WINDOW_SIZE
+    step: int = WINDOW_STEP
     data_dir: Optional[str] = None
     skipped: list[dict] = field(default_factory=list)
     path: Optional[Path] = None  # where it was read from / written to
@@ -327,7 +276,7 @@ class _Done:
 
 def read_for_patches(source: SourceImage, patch_size: int, step: int) -> ReadImage:
     """Read a source image (colour, 8-bit BGR); InputError when it holds no patch window."""
-    read = read_color(source.path)
+    read = read_image(source.path)
     height, width = read.bgr.shape[:2]
     if len(window_origins(height, width, patch_size, step)) == 0:
         needed = FIRST_ORIGIN + patch_size
@@ -416,8 +365,8 @@ def extract_patches(
     out_dir: Union[str, Path],
     *,
     classes: Sequence[str] = DEFAULT_CLASSES,
-    patch_size: int = PATCH_SIZE,
-    step: int = STEP,
+    patch_size: int = WINDOW_SIZE,
+    step: int = WINDOW_STEP,
     workers: Optional[int] = None,
     write_mat: bool = False,
     skip_bad: bool = False,

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, List, Optional, Sequence, Union
 import cv2
 import numpy as np
 
+from lymph_cv.core.images import read_unit
 from lymph_cv.errors import EvaluationError, InputError
 from lymph_cv.core.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
 from lymph_cv.workdir.layout import EVAL_DIR, REPORT_MD
@@ -43,6 +44,8 @@ LEGACY_LAYOUT = "rows = predicted class, columns = true class (the tutorial's la
 DIGITS = 3
 #: How many misclassified images the one-page summary names before abbreviating.
 MD_MISCLASSIFIED_MAX = 12
+#: Heatmap backgrounds: the [0, 1] pixels evaluation saw, back to 8 bits.
+DISPLAY_SCALE = 255.0
 
 # Drawing (OpenCV, BGR).
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
@@ -292,9 +295,8 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 def _display_image(path: Path) -> np.ndarray:
-    from lymph_cv.stages.evaluate import load_image
-
-    return np.clip(load_image(path).transpose(1, 2, 0) + 0.5, 0, 255).astype(np.uint8)
+    # The pixels evaluation saw (8 bits of a 16-bit image, rounded), as BGR uint8.
+    return np.clip(read_unit(path) * np.float32(DISPLAY_SCALE) + 0.5, 0, 255).astype(np.uint8)
 
 
 def heatmap_name(entry: str) -> str:

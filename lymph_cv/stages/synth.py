@@ -29,14 +29,13 @@ from typing import Mapping, Optional, Sequence, Union
 import cv2
 import numpy as np
 
+from lymph_cv import DEFAULT_CLASSES
 from lymph_cv.errors import ConfigError, InputError
 from lymph_cv.core.fsutil import atomic_write_bytes, atomic_write_json, make_dirs
 from lymph_cv.core.workers import imap
 
 log = logging.getLogger(__name__)
 
-#: The tutorial's classes, in label order (label = position).
-DEFAULT_CLASSES: tuple[str, ...] = ("CLL", "FL", "MCL")
 #: Images per class in the published data set (374 in all).
 REAL_IMAGES_PER_CLASS: tuple[int, ...] = (113, 139, 122)
 #: Cases (patients) per class in the published data set.

@@ -45,6 +45,7 @@ from lymph_cv.formats.caffe.prototxt import read_net_prototxt, read_solver
 from lymph_cv.formats.caffelog import CaffeLog, fmt
 from lymph_cv.net.datalayer import DataLayer, RecordCache
 from lymph_cv.errors import ConfigError, FormatError, InputError, TrainingError, UnsupportedError
+from lymph_cv.core import devices
 from lymph_cv.core.fsutil import atomic_write_json, make_dirs
 from lymph_cv.net.build import CaffeNet, build_net, resolve_net_path
 from lymph_cv.net.solver import Solver, learnables_of, make_solver, snapshot_names, solver_type
@@ -52,7 +53,6 @@ from lymph_cv.workdir.layout import TRAIN_LOG
 
 log = logging.getLogger(__name__)
 
-DEVICES = ("cpu", "cuda", "auto")
 LOG_NAME = TRAIN_LOG
 RECORD_NAME = "train.json"
 #: sub-streams of the run seed: which random draws a derived seed is for.
@@ -88,23 +88,10 @@ def derived_seed(seed: int, stream: int, index: int) -> int:
 
 
 def resolve_device(device: Optional[str], solver_mode: int) -> torch.device:
-    """``cpu``/``cuda``/``auto``; without a choice, the solver's ``solver_mode`` is a hint."""
+    """``cpu``/``cuda``/``cuda:N``/``auto``; without a choice, the solver's ``solver_mode`` is a hint."""
     if device is None:
-        wanted = "auto" if solver_mode == caffe_pb2.SolverParameter.GPU else "cpu"
-    else:
-        wanted = device.lower()
-    index = None
-    if wanted.startswith("cuda:") and wanted[5:].isdigit():  # cuda:N, as `lymph-cv run --device` offers
-        wanted, index = "cuda", int(wanted[5:])
-    if wanted not in DEVICES:
-        raise ConfigError(f"unknown device {device!r}", valid=DEVICES + ("cuda:N",))
-    if wanted == "auto":
-        wanted = "cuda" if torch.cuda.is_available() else "cpu"
-    if wanted == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("CUDA was asked for but no CUDA device is available", valid=("cpu", "auto"))
-    if index is not None and index >= torch.cuda.device_count():
-        raise ConfigError(f"no CUDA device {index} (this machine has {torch.cuda.device_count()})")
-    return torch.device(wanted, index) if index is not None else torch.device(wanted)
+        device = "auto" if solver_mode == caffe_pb2.SolverParameter.GPU else "cpu"
+    return devices.resolve_device(device)
 
 
 def run_seed(seed: Optional[int], param: caffe_pb2.SolverParameter) -> int:

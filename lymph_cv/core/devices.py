@@ -1,0 +1,33 @@
+"""One device resolver for every stage that runs a net (train, evaluate, ``caffe``, pycaffe)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lymph_cv.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+#: What a device option accepts (``cuda:N`` picks the N-th CUDA device).
+DEVICE_CHOICES = ("cpu", "cuda", "auto")
+DEVICE_HELP = ("cpu", "cuda", "auto", "cuda:N")
+
+
+def resolve_device(name: str) -> "torch.device":
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available) as a torch device; a ConfigError
+    for anything else, for CUDA on a machine without it, and for a CUDA index it does not have."""
+    import torch  # here, not at import: the CLI must not load torch for data commands
+
+    wanted = str(name).lower()
+    index = None
+    if wanted.startswith("cuda:") and wanted[5:].isdigit():
+        wanted, index = "cuda", int(wanted[5:])
+    if wanted not in DEVICE_CHOICES:
+        raise ConfigError(f"unknown device {name!r}", valid=DEVICE_HELP)
+    if wanted == "auto":
+        wanted = "cuda" if torch.cuda.is_available() else "cpu"
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("CUDA was asked for but no CUDA device is available", valid=("cpu", "auto"))
+    if index is not None and index >= torch.cuda.device_count():
+        raise ConfigError(f"no CUDA device {index} (this machine has {torch.cuda.device_count()})")
+    return torch.device(wanted, index) if index is not None else torch.device(wanted)
