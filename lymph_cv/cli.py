@@ -33,6 +33,7 @@ COMMANDS = {
     "plot-log": "lymph_cv.commands.plot_log:plot_log",
     "run": "lymph_cv.commands.run:run",
     "inspect": "lymph_cv.commands.inspect:inspect",
+    "stain": "lymph_cv.commands.stain:stain",
 }
 
 

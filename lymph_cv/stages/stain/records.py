@@ -1,0 +1,119 @@
+"""Fitting a stain target on one or many images, and the JSON record that carries it to later stages."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import cv2
+import numpy as np
+
+from lymph_cv.core.fsutil import atomic_write_json
+from lymph_cv.errors import ConfigError, FormatError, InputError
+from lymph_cv.stages.stain.registry import StainTransform, get_normaliser
+
+log = logging.getLogger(__name__)
+
+#: ``format`` field of a record (tells it apart from any other JSON).
+RECORD_FORMAT = "lymph-cv stain target"
+RECORD_VERSION = 1
+TARGET_SUFFIX = ".json"
+
+
+@dataclass(frozen=True)
+class StainRecord:
+    """A fitted method and where its target came from."""
+
+    transform: StainTransform
+    fitted_on: list[str] = field(default_factory=list)
+    #: images that held too little tissue to measure (left out of the medians).
+    unusable: list[str] = field(default_factory=list)
+
+    @property
+    def method(self) -> str:
+        return self.transform.method
+
+    def to_json(self) -> dict:
+        return {"format": RECORD_FORMAT, "version": RECORD_VERSION, **self.transform.to_json(),
+                "fitted_on": list(self.fitted_on), "images": len(self.fitted_on), "unusable": list(self.unusable)}
+
+
+def read_bgr(path: Union[str, os.PathLike]) -> np.ndarray:
+    """An image file as 8-bit BGR (OpenCV's colour imread; Aperio SVS files of one level included)."""
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        raise InputError(f"cannot read file ({exc.strerror})", path) from exc
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise InputError("not an image OpenCV can read", path)
+    return image
+
+
+def fit_images(images: Iterable[tuple[str, np.ndarray]], method: str, params: Optional[Mapping[str, Any]] = None) -> StainRecord:
+    """Fit ``method`` on (name, BGR image) pairs: the medians of the usable images' statistics."""
+    normaliser = get_normaliser(method, **dict(params or {}))
+    stats, used, unusable = [], [], []
+    for name, bgr in images:
+        measured = normaliser.statistics(bgr)
+        if measured is None:
+            log.warning("warning: stain fit: %s holds too little tissue; left out of the target", name)
+            unusable.append(name)
+            continue
+        stats.append(measured)
+        used.append(name)
+    if not stats:
+        raise InputError(f"stain fit: none of the {len(unusable)} image(s) holds enough tissue to fit {method}"
+                         + (f" (first: {unusable[0]})" if unusable else ""))
+    target = normaliser.combine(stats)
+    return StainRecord(StainTransform(method, dict(normaliser.params), target), used, unusable)
+
+
+def fit_record(paths: Sequence[Union[str, os.PathLike]], method: str, params: Optional[Mapping[str, Any]] = None) -> StainRecord:
+    """Fit ``method`` on image files (read one at a time)."""
+    if not paths:
+        raise ConfigError("stain fit: no images given")
+    return fit_images(((os.fspath(p), read_bgr(p)) for p in paths), method, params)
+
+
+def write_record(path: Union[str, os.PathLike], record: StainRecord) -> Path:
+    """Write the record atomically; returns its path."""
+    atomic_write_json(path, record.to_json())
+    return Path(path)
+
+
+def read_record(path: Union[str, os.PathLike], method: Optional[str] = None) -> StainRecord:
+    """A record written by :func:`write_record`; ConfigError when ``method`` is given and differs."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError("no such stain target (expected a JSON record from `lymph-cv stain fit`)", path) from None
+    except (OSError, ValueError) as exc:
+        raise FormatError(f"cannot read as JSON ({exc})", path) from None
+    if not isinstance(obj, dict) or obj.get("format") != RECORD_FORMAT:
+        raise FormatError(f"not a stain target record (expected \"format\": \"{RECORD_FORMAT}\")", path)
+    found = obj.get("method")
+    if method is not None and found != method:
+        raise ConfigError(f"--stain {method}: this target was fitted for {found!r}", path)
+    params = obj.get("params")
+    if not isinstance(params, dict):
+        raise FormatError("stain target record without its \"params\" object", path)
+    normaliser = get_normaliser(str(found), **params)
+    target = normaliser.check_target(obj.get("target") or {}, os.fspath(path))
+    return StainRecord(StainTransform(str(found), dict(normaliser.params), target),
+                       list(obj.get("fitted_on", [])), list(obj.get("unusable", [])))
+
+
+def resolve_target(spec: Union[str, os.PathLike], method: str, params: Optional[Mapping[str, Any]] = None) -> StainRecord:
+    """``--stain-target``: a record (``.json``, its method must match) or an image to fit on."""
+    spec = Path(spec)
+    if spec.suffix.lower() == TARGET_SUFFIX:
+        record = read_record(spec, method)
+        if params and any(record.transform.params.get(k) != v for k, v in params.items()):
+            raise ConfigError(f"--stain-target: fitted with {record.transform.params}, asked for {dict(params)}", spec)
+        return record
+    return fit_record([spec], method, params)
