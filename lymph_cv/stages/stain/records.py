@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
-import cv2
 import numpy as np
 
 from lymph_cv.core.fsutil import atomic_write_json
+from lymph_cv.core.images import read_image
 from lymph_cv.errors import ConfigError, FormatError, InputError
 from lymph_cv.stages.stain.registry import StainTransform, get_normaliser
 
@@ -42,15 +42,8 @@ class StainRecord:
 
 
 def read_bgr(path: Union[str, os.PathLike]) -> np.ndarray:
-    """An image file as 8-bit BGR (OpenCV's colour imread; Aperio SVS files of one level included)."""
-    try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except OSError as exc:
-        raise InputError(f"cannot read file ({exc.strerror})", path) from exc
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if image is None:
-        raise InputError("not an image OpenCV can read", path)
-    return image
+    """An image file as 8-bit BGR through the one image reader (a one-level Aperio SVS included)."""
+    return read_image(path).bgr
 
 
 def fit_images(images: Iterable[tuple[str, np.ndarray]], method: str, params: Optional[Mapping[str, Any]] = None) -> StainRecord:
