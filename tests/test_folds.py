@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from lymph_cv.stages import folds
-from lymph_cv.errors import InputError
+from lymph_cv.errors import ConfigError, InputError
 from lymph_cv.stages.patches import MANIFEST_NAME, ImageEntry, Manifest, case_of
 
 CLASSES = ["CLL", "FL", "MCL"]
@@ -239,3 +239,22 @@ def test_negative_seeds_are_one_line_errors(tmp_path, runner, cli):
         assert result.exit_code == 2 and result.stderr == "error: --seed: must be a non-negative integer, got -1\n"
     assert convert_imageset.main(["-shuffle", "-seed", "-1", f"{tmp_path}/", "l.txt", str(tmp_path / "db")]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_by_site_holds_out_whole_sites(tmp_path):
+    manifest = _manifest(path=tmp_path / "subs" / MANIFEST_NAME)
+    cases = sorted({e.case for e in manifest.images})
+    sites = {case: f"site{i % 3 + 1}" for i, case in enumerate(cases)}
+    result = folds.make_site_folds(manifest, tmp_path, sites=sites)
+    assert result.k == 3 and result.held_out == ["site1", "site2", "site3"]
+    for fold in result.folds:
+        site = result.held_out[fold.index - 1]
+        assert {sites[e.case] for e in fold.test} == {site}
+        assert site not in {sites[e.case] for e in fold.train}
+        assert len(fold.train) + len(fold.test) == len(manifest.images)
+    record = json.loads((tmp_path / "folds.json").read_text())
+    assert record["group_by"] == "site" and [f["test_site"] for f in record["folds"]] == ["site1", "site2", "site3"]
+    with pytest.raises(ConfigError, match="use --k 3"):
+        folds.make_site_folds(manifest, tmp_path, sites=sites, k=5)
+    with pytest.raises(InputError, match="no sites recorded"):
+        folds.make_site_folds(manifest, tmp_path)  # no synth.json beside the (absent) data folder

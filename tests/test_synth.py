@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 
 import cv2
 import numpy as np
 import pytest
 
+from lymph_cv.errors import ConfigError
 from lymph_cv.stages import synth
 
 SMALL = dict(per_class=3, cases_per_class=2, width=160, height=120)
@@ -106,3 +108,24 @@ def test_a_folder_with_other_images_is_refused(tmp_path, runner, cli):
     assert again.exit_code == 0 and sorted(p.name for p in tmp_path.rglob("*.tif")) == before
     bad = runner.invoke(cli, ["synth", str(tmp_path / "n"), "--classes", "A/B,C"])
     assert bad.exit_code == 2 and bad.stderr.startswith("error: --classes: 'A/B' is not a plain folder name")
+
+
+def test_sites_differ_strongly_in_stain_and_are_recorded(tmp_path):
+    # One site: exactly the images of a set drawn without sites.
+    synth.generate(tmp_path / "one", seed=2, workers=1, sites=1, **SMALL)
+    assert json.loads((tmp_path / "one" / synth.SYNTH_JSON).read_text())["sites"] == 1
+    params = dict(SMALL, cases_per_class=3, per_class=3)
+    synth.generate(tmp_path / "three", seed=2, workers=1, sites=3, **params)
+    record = json.loads((tmp_path / "three" / synth.SYNTH_JSON).read_text())
+    assert [s["name"] for s in record["site_styles"]] == ["site1", "site2", "site3"]
+    assert "pale pink" in record["site_styles"][1]["description"]
+    assert sorted(Counter(record["case_sites"].values()).values()) == [3, 3, 3]  # every site holds every class
+    mean_colour = {}
+    for path in (tmp_path / "three").rglob("*.tif"):
+        site = record["case_sites"][path.stem.rsplit("_", 1)[0]]
+        mean_colour.setdefault(site, []).append(cv2.imread(str(path)).reshape(-1, 3).mean(axis=0))
+    colour = {site: np.mean(values, axis=0) for site, values in mean_colour.items()}  # BGR
+    assert colour["site3"][2] < colour["site1"][2] - 15  # dark blue-purple: much less red light
+    assert colour["site2"][2] > colour["site1"][2] + 10  # pale pink: more red light (weak haematoxylin)
+    with pytest.raises(ConfigError, match="--sites: 4 sites need at least 4 cases"):
+        synth.generate(tmp_path / "x", seed=2, workers=1, sites=4, **params)

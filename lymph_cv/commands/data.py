@@ -53,13 +53,16 @@ _CLASSES = click.option(
 @click.option("--width", type=click.IntRange(min=1), default=synth_module.REAL_WIDTH, show_default=True)
 @click.option("--height", type=click.IntRange(min=1), default=synth_module.REAL_HEIGHT, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--sites", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Cases come from this many sites with strongly different stains (recorded in synth.json).")
 @_CLASSES
 @_WORKERS
-def synth(out: Path, per_class, cases_per_class: int, width: int, height: int, seed: int, classes: list[str], workers) -> None:
+def synth(out: Path, per_class, cases_per_class: int, width: int, height: int, seed: int, sites: int,
+          classes: list[str], workers) -> None:
     """Write a synthetic CLL/FL/MCL data set in the real layout to OUT."""
     paths = synth_module.generate(
         out, per_class=per_class, cases_per_class=cases_per_class, width=width, height=height,
-        seed=seed, classes=classes, workers=workers,
+        seed=seed, classes=classes, workers=workers, sites=sites,
     )
     click.echo(f"{len(paths)} images in {out}")
 
@@ -109,20 +112,32 @@ def folds() -> None:
 @click.option("--k", type=click.IntRange(min=2), default=folds_module.DEFAULT_K, show_default=True, help="Number of folds.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--group-by", type=click.Choice(folds_module.GROUP_BY), default=folds_module.GROUP_BY[0], show_default=True,
-              help="image: the tutorial (each image its own patient); case: a case's images stay together.")
+              help="image: the tutorial (each image its own patient); case: a case's images stay together; "
+                   "site: one fold per site (as --by-site).")
+@click.option("--by-site", is_flag=True, help="Hold out whole sites: fold K tests on site K (synth.json's sites); --k follows.")
 @click.option("--case-regex", default=None, help="Case id from an image stem (group 'case'; default '<case>_NNN').")
 @click.option("--from-parent-lists", "parent_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Reproduce the split of these train/test_w32_parent_K.txt lists.")
 @click.pass_context
-def make_folds(ctx: click.Context, manifest: Path, out: Path, k: int, seed: int, group_by: str, case_regex,
-               parent_dir) -> None:
+def make_folds(ctx: click.Context, manifest: Path, out: Path, k: int, seed: int, group_by: str, by_site: bool,
+               case_regex, parent_dir) -> None:
     """Write train/test patch and parent lists per fold to OUT (MANIFEST: subs/manifest.json or subs/)."""
+    if by_site:
+        if ctx.get_parameter_source("group_by") is not click.core.ParameterSource.DEFAULT and group_by != "site":
+            raise click.UsageError(f"--by-site and --group-by {group_by} contradict each other")
+        group_by = "site"
+    if group_by == "site":
+        given = [f"--{name}" for name in ("k", "seed") if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+        if given:
+            raise click.UsageError(f"{given[0]} does not apply with --by-site (one fold per site)")
     if parent_dir is not None:
-        given = [f"--{name.replace('_', '-')}" for name in ("k", "seed", "group_by", "case_regex")
+        given = [f"--{name.replace('_', '-')}" for name in ("k", "seed", "group_by", "by_site", "case_regex")
                  if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
         if given:
             raise click.UsageError(f"{given[0]} does not apply with --from-parent-lists (the lists fix the split)")
         fold_set = folds_module.folds_from_parent_lists(manifest, parent_dir, out)
+    elif group_by == "site":
+        fold_set = folds_module.make_site_folds(manifest, out, case_regex=case_regex or patches_module.DEFAULT_CASE_REGEX)
     else:
         fold_set = folds_module.make_folds(manifest, out, k=k, seed=seed, group_by=group_by,
                                            case_regex=case_regex or patches_module.DEFAULT_CASE_REGEX)

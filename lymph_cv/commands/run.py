@@ -44,8 +44,9 @@ def _classes(ctx, param, value: str):
               help="Class folders in label order.")
 @click.option("--k", type=click.IntRange(min=2), default=5, show_default=True, help="Number of folds.")
 @click.option("--folds", callback=_folds, default=None, help="Only these folds, e.g. 1-5 or 1,3 (default: all).")
-@click.option("--group-by", type=click.Choice(["image", "case"]), default="image", show_default=True,
-              help="image: the tutorial's split; case: all images of a patient on one side.")
+@click.option("--group-by", type=click.Choice(["image", "case", "site"]), default="image", show_default=True,
+              help="image: the tutorial's split; case: all images of a patient on one side; "
+                   "site: fold K holds out site K (synth --sites; --k = the number of sites).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds folds, DB shuffles and training.")
 @click.option("--backend", type=click.Choice(["leveldb", "lmdb"]), default="leveldb", show_default=True)
 @click.option("--direct", is_flag=True, help="Build the databases straight from the images (no patch files).")

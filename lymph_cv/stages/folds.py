@@ -26,12 +26,13 @@ import numpy as np
 
 from lymph_cv.errors import ConfigError, FormatError, InputError
 from lymph_cv.core.fsutil import atomic_write_json, atomic_write_text, make_dirs
+from lymph_cv.stages.synth import read_case_sites
 from lymph_cv.stages.patches import DEFAULT_CASE_REGEX, ImageEntry, Manifest, case_of, compile_case_regex, load_manifest
 from lymph_cv.workdir.layout import FOLDS_JSON, TEST_LIST, TEST_PARENT, TRAIN_LIST, TRAIN_PARENT
 
 log = logging.getLogger(__name__)
 
-GROUP_BY = ("image", "case")
+GROUP_BY = ("image", "case", "site")
 DEFAULT_K = 5
 _PARENT_PATTERN = re.compile(r"^(train|test)_w32_parent_(\d+)\.txt$")
 _LIST_PATTERN = re.compile(r"^(train|test)_w32_(\d+)\.txt$")
@@ -57,8 +58,10 @@ class FoldSet:
     seed: Optional[int]
     group_by: str
     case_regex: str
-    source: str  # "crossvalind" or the parent-list folder
+    source: str  # "crossvalind", "sites" or the parent-list folder
     out_dir: Optional[Path] = None
+    #: with group_by "site": the site each fold holds out (fold K tests on held_out[K-1]).
+    held_out: Optional[list[str]] = None
 
     def to_json(self) -> dict:
         return {
@@ -75,6 +78,7 @@ class FoldSet:
                     "test_images": len(f.test),
                     "train_patches": sum(e.patches for e in f.train),
                     "test_patches": sum(e.patches for e in f.test),
+                    **({} if self.held_out is None else {"test_site": self.held_out[f.index - 1]}),
                 }
                 for f in self.folds
             ],
@@ -120,6 +124,8 @@ def make_folds(
         raise ConfigError(f"unknown --group-by {group_by!r}", valid=GROUP_BY)
     case_regex = compile_case_regex(case_regex)
     manifest = _as_manifest(manifest)
+    if group_by == "site":
+        return make_site_folds(manifest, out_dir, case_regex=case_regex, k=k)
     fold_of: dict[str, int] = {}
     keys_of = {}
     for name, images in manifest.by_class().items():
@@ -150,6 +156,53 @@ def make_folds(
         for index in range(1, k + 1)
     ]
     fold_set = FoldSet(folds, list(manifest.classes), k, seed, group_by, case_regex, "crossvalind")
+    write_folds(fold_set, manifest, out_dir)
+    return fold_set
+
+
+def image_sites(manifest: Manifest, case_regex: str = DEFAULT_CASE_REGEX,
+                sites: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """Site of every image (``CLASS/file``): ``sites`` (case → site), else the data set's ``synth.json``."""
+    if sites is None:
+        sites = read_case_sites(manifest.data_dir) if manifest.data_dir else None
+    if not sites:
+        raise InputError("--by-site: no sites recorded for these images (synth.json's case_sites, "
+                         "written by `lymph-cv synth --sites N`)", manifest.data_dir or manifest.path)
+    found = {}
+    for image in manifest.images:
+        case = case_of(image.stem, case_regex)
+        if case not in sites:
+            raise InputError(f"--by-site: case {case!r} of {image.parent_name} has no site in synth.json",
+                             manifest.data_dir)
+        found[image.parent_name] = sites[case]
+    return found
+
+
+def make_site_folds(
+    manifest: Union[Manifest, str, os.PathLike],
+    out_dir: Union[str, os.PathLike],
+    *,
+    case_regex: str = DEFAULT_CASE_REGEX,
+    sites: Optional[dict[str, str]] = None,
+    k: Optional[int] = None,
+) -> FoldSet:
+    """One fold per site, in site-name order: fold K tests on every image of site K, trains on the others.
+
+    Whole sites are held out, so a model is always tested on a staining it never saw in training
+    (the situation of a new lab). ``sites`` maps case → site (default: the set's ``synth.json``);
+    ``k``, when given, must be the number of sites.
+    """
+    manifest = _as_manifest(manifest)
+    site_of = image_sites(manifest, case_regex, sites)
+    names = sorted(set(site_of.values()))
+    if len(names) < 2:
+        raise ConfigError(f"--by-site: at least 2 sites are needed, the images come from {len(names)} ({names[0]})")
+    if k is not None and k != len(names):
+        raise ConfigError(f"--k: the images come from {len(names)} sites, one fold each; use --k {len(names)}")
+    folds = [Fold(index, [e for e in manifest.images if site_of[e.parent_name] != site],
+                  [e for e in manifest.images if site_of[e.parent_name] == site])
+             for index, site in enumerate(names, start=1)]
+    fold_set = FoldSet(folds, list(manifest.classes), len(names), None, "site", case_regex, "sites", held_out=names)
     write_folds(fold_set, manifest, out_dir)
     return fold_set
 
@@ -449,5 +502,6 @@ def describe(fold_set: FoldSet) -> str:
         rows.append(
             f"fold {f.index}: train {len(f.train)} images / {sum(e.patches for e in f.train)} patches, "
             f"test {len(f.test)} images / {sum(e.patches for e in f.test)} patches"
+            + ("" if fold_set.held_out is None else f" (held-out site: {fold_set.held_out[f.index - 1]})")
         )
     return "\n".join(rows)

@@ -19,6 +19,7 @@ output is identical for any number of workers.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -84,19 +85,58 @@ def _unit(vector: np.ndarray) -> np.ndarray:
     return vector / np.linalg.norm(vector)
 
 
-def draw_stain(rng: np.random.Generator) -> Stain:
-    """A random H&E stain; the same distribution is used for every class."""
+@dataclass(frozen=True)
+class SiteStyle:
+    """How one site's staining departs from the shared distribution (``synth --sites``)."""
+
+    name: str
+    description: str
+    h_scale: float = 1.0  # haematoxylin density factor
+    e_scale: float = 1.0  # eosin density factor
+    h_shift: tuple[float, float, float] = (0.0, 0.0, 0.0)  # added to the H OD vector (RGB)
+    e_shift: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    tint: tuple[float, float, float] = (0.0, 0.0, 0.0)  # added to the background (RGB grey levels)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+#: Sites 1, 2, 3, … in turn; beyond these a site's style is drawn at random (seeded by the site).
+SITE_STYLES: tuple[SiteStyle, ...] = (
+    SiteStyle("site1", "standard H&E"),
+    SiteStyle("site2", "pale pink: weak haematoxylin, strong eosin", h_scale=0.5, e_scale=1.6,
+              e_shift=(-0.05, 0.05, -0.06), tint=(6.0, -2.0, 2.0)),
+    SiteStyle("site3", "dark blue-purple: strong, bluish haematoxylin, weak eosin", h_scale=1.8, e_scale=0.7,
+              h_shift=(0.18, -0.12, -0.05), tint=(-6.0, -4.0, 4.0)),
+    SiteStyle("site4", "faded, yellowish: low densities, yellow background", h_scale=0.7, e_scale=0.7,
+              h_shift=(-0.05, 0.05, 0.15), tint=(4.0, 2.0, -18.0)),
+)
+
+
+def site_style(index: int, seed: int) -> SiteStyle:
+    """The style of site ``index`` (0-based): a preset, or drawn from ``(seed, index)`` beyond them."""
+    if index < len(SITE_STYLES):
+        return SITE_STYLES[index]
+    rng = np.random.default_rng([seed, 0x517E, index])
+    return SiteStyle(f"site{index + 1}", "drawn at random", float(rng.uniform(0.5, 1.8)), float(rng.uniform(0.6, 1.6)),
+                     tuple(float(v) for v in rng.normal(0, 0.08, 3)), tuple(float(v) for v in rng.normal(0, 0.05, 3)),
+                     tuple(float(v) for v in rng.normal(0, 6, 3)))
+
+
+def draw_stain(rng: np.random.Generator, style: Optional[SiteStyle] = None) -> Stain:
+    """A random H&E stain; the same distribution for every class (shifted by a site's ``style``)."""
     # Moderate spread (one lab, one scanner): cases differ in colour less than patches of
     # one slide do (see _UNEVEN), so colour is no shortcut for the CNN.
-    h = _unit(np.clip(_HAEMATOXYLIN + rng.normal(0, 0.03, 3), 0.02, None))
-    e = _unit(np.clip(_EOSIN + rng.normal(0, 0.03, 3), 0.02, None))
-    tint = rng.normal(0, 2, 3)
+    style = style or SITE_STYLES[0]
+    h = _unit(np.clip(_HAEMATOXYLIN + np.asarray(style.h_shift) + rng.normal(0, 0.03, 3), 0.02, None))
+    e = _unit(np.clip(_EOSIN + np.asarray(style.e_shift) + rng.normal(0, 0.03, 3), 0.02, None))
+    tint = rng.normal(0, 2, 3) + np.asarray(style.tint)
     background = np.clip(rng.uniform(234, 246) + tint, 200, 255)
     return Stain(
         haematoxylin=tuple(float(v) for v in h),
         eosin=tuple(float(v) for v in e),
-        h_level=float(rng.uniform(0.27, 0.35)),
-        e_level=float(rng.uniform(0.22, 0.30)),
+        h_level=float(rng.uniform(0.27, 0.35) * style.h_scale),
+        e_level=float(rng.uniform(0.22, 0.30) * style.e_scale),
         background=tuple(float(v) for v in background),
         noise=float(rng.uniform(1.5, 4.0)),
     )
@@ -292,6 +332,7 @@ def generate(
     seed: int = 0,
     classes: Sequence[str] = DEFAULT_CLASSES,
     workers: Optional[int] = None,
+    sites: int = 1,
 ) -> list[Path]:
     """Write a synthetic data set to ``out_dir`` and return the image paths (class, case, number order).
 
@@ -304,6 +345,9 @@ def generate(
         seed: makes the whole set reproducible, independent of ``workers``.
         classes: class folder names, in label order.
         workers: processes (``None`` = all cores).
+        sites: draw the cases from this many sites whose stains differ strongly (see
+            :data:`SITE_STYLES`); case ``i`` of every class comes from site ``i mod sites``, so
+            each site holds every class. ``synth.json`` records each site and each case's site.
 
     Images already present from a run with the same parameters are kept (resumable).
     """
@@ -319,6 +363,11 @@ def generate(
         raise ConfigError(f"--cases-per-class: must be at least 1, got {cases_per_class}")
     if width < 1 or height < 1:
         raise ConfigError(f"--width/--height: image size must be positive, got {width}x{height}")
+    if sites < 1:
+        raise ConfigError(f"--sites: must be at least 1, got {sites}")
+    if sites > cases_per_class:
+        raise ConfigError(f"--sites: {sites} sites need at least {sites} cases per class (every site holds every "
+                          f"class), got --cases-per-class {cases_per_class}")
     params = {
         "classes": classes,
         "images_per_class": counts,
@@ -326,6 +375,7 @@ def generate(
         "width": width,
         "height": height,
         "seed": seed,
+        "sites": sites,
         "render_version": RENDER_VERSION,
     }
     record = out / SYNTH_JSON
@@ -333,11 +383,15 @@ def generate(
 
     ids = case_ids(cases_per_class * len(classes), np.random.default_rng([seed, 0xCA5E]))
     tasks: list[_Task] = []
+    styles = [site_style(index, seed) for index in range(sites)]
+    case_sites: dict[str, str] = {}
     for label, name in enumerate(classes):
         make_dirs(out / name)
         cases = ids[label * cases_per_class : (label + 1) * cases_per_class]
         for case_index, (case, images) in enumerate(zip(cases, _split(counts[label], cases_per_class))):
-            stain = draw_stain(np.random.default_rng([seed, label, case_index]))
+            style = styles[case_index % sites]
+            case_sites[case] = style.name
+            stain = draw_stain(np.random.default_rng([seed, label, case_index]), style)
             for number in range(1, images + 1):
                 path = out / name / f"{case}_{number:03d}{IMAGE_SUFFIX}"
                 tasks.append(_Task(path, label, (seed, label, case_index, number), width, height, stain))
@@ -351,8 +405,20 @@ def generate(
         case = task.path.stem.rsplit("_", 1)[0]
         if case not in cases[task.path.parent.name]:
             cases[task.path.parent.name].append(case)
-    atomic_write_json(record, {**params, "images": len(tasks), "cases": cases})
+    site_record = {"site_styles": [style.to_json() for style in styles],
+                   "case_sites": {case: case_sites[case] for names in cases.values() for case in names}}
+    atomic_write_json(record, {**params, "images": len(tasks), "cases": cases, **site_record})
     return [t.path for t in tasks]
+
+
+def read_case_sites(data_dir: Union[str, Path]) -> Optional[dict[str, str]]:
+    """case id → site name from a set's ``synth.json`` (None when it has no record or no sites)."""
+    try:
+        record = json.loads((Path(data_dir) / SYNTH_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+    sites = record.get("case_sites") if isinstance(record, dict) else None
+    return {str(k): str(v) for k, v in sites.items()} if isinstance(sites, dict) else None
 
 
 def _refuse_foreign_images(out: Path, classes: Sequence[str], ours: set) -> None:
