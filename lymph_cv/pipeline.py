@@ -36,7 +36,7 @@ from lymph_cv.errors import ConfigError, LymphCVError, TrainingError
 from lymph_cv.core.devices import resolve_device
 from lymph_cv.core.fsutil import atomic_write_json, make_dirs, remove_stale_temporaries
 from lymph_cv.workdir.layout import (DB_TEST, DB_TRAIN, DEPLOY_NAME, EVAL_DIR, MANIFEST_NAME, MEAN_FILE, NET_NAME,
-                             PATCH_DIR, REPORT_MD, RUN_JSON, SOLVER_NAME)
+                             PATCH_DIR, REPORT_HTML, REPORT_MD, RUN_JSON, SOLVER_NAME)
 
 log = logging.getLogger(__name__)
 
@@ -420,7 +420,7 @@ def _evaluate_run(o: RunOptions, fresh: bool) -> None:
 
 
 def _report_complete(o: RunOptions) -> bool:
-    return (Path(o.workdir) / EVAL_DIR / REPORT_MD).is_file()
+    return all((Path(o.workdir) / EVAL_DIR / name).is_file() for name in (REPORT_MD, REPORT_HTML))
 
 
 def _report_run(o: RunOptions, fresh: bool):

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import click
 
 from lymph_cv.commands.render import _folds
-from lymph_cv.workdir.layout import EVAL_DIR, REPORT_MD
+from lymph_cv.workdir.layout import EVAL_DIR, REPORT_HTML, REPORT_MD
 from lymph_cv.pipeline import EXECUTORS, STAGES, DemoData, RunOptions, run_pipeline
 
 log = logging.getLogger(__name__)
@@ -98,3 +98,4 @@ def run(workdir: Path, data: Optional[Path], demo: bool, classes, k: int, folds,
 
         click.echo(format_report(result.report), nl=False)
         click.echo(f"report: {Path(workdir) / EVAL_DIR / REPORT_MD}")
+        click.echo(f"report (HTML, open in a browser): {Path(workdir) / EVAL_DIR / REPORT_HTML}")

@@ -20,7 +20,6 @@ is subtracted.  Two mean conventions (``mean_mode``):
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +31,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from lymph_cv.core.fsutil import read_json_object
 from lymph_cv.core.devices import resolve_device
 from lymph_cv.core.grid import WINDOW_SIZE, WINDOW_STEP, window_grid
 from lymph_cv.core.images import ColourTransform, read_unit
@@ -417,16 +417,6 @@ def _solver_prefix(folder: Path) -> Optional[str]:
         return None
 
 
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read JSON ({exc})", path) from exc
-    if not isinstance(data, dict):
-        raise InputError("expected a JSON object as the earlier stage writes it", path)
-    return data
 
 
 def workdir_info(workdir: PathLike) -> dict:
@@ -434,8 +424,8 @@ def workdir_info(workdir: PathLike) -> dict:
     ``subs/manifest.json``): ``classes``, ``images`` (the data folder), ``window`` (patch size)
     and ``stride`` (grid step), where known."""
     workdir = Path(workdir)
-    folds = _read_json(workdir / FOLDS_JSON) or {}
-    manifest = _read_json(workdir / folds.get("manifest", MANIFEST)) or {}
+    folds = read_json_object(workdir / FOLDS_JSON) or {}
+    manifest = read_json_object(workdir / folds.get("manifest", MANIFEST)) or {}
     found = {
         "classes": manifest.get("classes") or folds.get("classes"),
         "images": manifest.get("data_dir") or folds.get("data_dir"),

@@ -24,7 +24,7 @@ from lymph_cv.formats.caffe.prototxt import parse_net_text, parse_solver_text
 from lymph_cv.errors import ConfigError, FormatError, InputError
 from lymph_cv.core.fsutil import atomic_write_json, atomic_write_text, make_dirs
 from lymph_cv.core.resources import prototxt_template_dir
-from lymph_cv.workdir.layout import (DBS_JSON, DEPLOY_NAME, DROPOUT_SNAPSHOT_PREFIX, MEAN_FILE,
+from lymph_cv.workdir.layout import (DBS_JSON, DEPLOY_NAME, RENDER_JSON, DROPOUT_SNAPSHOT_PREFIX, MEAN_FILE,
                              NET_NAME, SNAPSHOT_PREFIX, SOLVER_NAME, TEST_LIST, TRAIN_LIST)
 from lymph_cv.workdir.layout import DB_TEST as TEST_DB
 from lymph_cv.workdir.layout import DB_TRAIN as TRAIN_DB
@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 
 
-RENDER_JSON = "render.json"
 #: Snapshot prefixes as the published models are named (…_w32_iter_N, …_w32_dropout_iter_N).
 TEST_LIST_PATTERN = re.compile(r"^test_w32_(\d+)\.txt$")
 

@@ -22,7 +22,8 @@ import numpy as np
 from lymph_cv.core.images import read_unit
 from lymph_cv.errors import EvaluationError, InputError
 from lymph_cv.core.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
-from lymph_cv.workdir.layout import EVAL_DIR, REPORT_MD
+from lymph_cv.stages.html_report import render_html
+from lymph_cv.workdir.layout import EVAL_DIR, HEATMAP_DIR, REPORT_HTML, REPORT_MD, heatmap_name
 
 if TYPE_CHECKING:  # evaluate imports this module at run time
     from lymph_cv.stages.evaluate import FoldResult
@@ -34,7 +35,6 @@ METRICS_JSON = "metrics.json"
 SUMMARY_TXT = "summary.txt"
 IMAGES_CSV = "images.csv"
 CONFUSION_PNG = "confusion.png"
-HEATMAP_DIR = "heatmaps"
 REPORT_JSON = "report.json"
 REPORT_TXT = "report.txt"
 _FOLD_DIR = re.compile(r"fold_(\d+)$")
@@ -299,12 +299,6 @@ def _display_image(path: Path) -> np.ndarray:
     return np.clip(read_unit(path) * np.float32(DISPLAY_SCALE) + 0.5, 0, 255).astype(np.uint8)
 
 
-def heatmap_name(entry: str) -> str:
-    """A flat PNG name for a parent-list entry (``CLL/x.tif`` → ``CLL__x.png``)."""
-    stem = re.sub(r"\.tif{1,2}$", "", entry, flags=re.IGNORECASE)
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", stem.replace("/", "__")) + ".png"
-
-
 # ----------------------------------------------------------------------------- writing a fold
 def write_fold(result: "FoldResult", out_dir: PathLike, *, legacy_layout: bool = False, heatmaps: bool = False) -> dict:
     """Write a fold's outputs into ``out_dir`` (built under a temporary name, renamed when
@@ -489,13 +483,16 @@ def format_markdown(report: Report) -> str:
 
 
 def write_report(report: Report, legacy_layout: bool = False) -> List[Path]:
-    """Write ``eval/report.json``, ``report.txt``, ``confusion.png`` and ``report.md``; each atomically."""
+    """Write ``eval/report.json``, ``report.txt``, ``confusion.png``, ``report.md`` and the
+    self-contained ``report.html``; each atomically."""
     eval_dir = report.workdir / EVAL_DIR
-    paths = [eval_dir / REPORT_JSON, eval_dir / REPORT_TXT, eval_dir / CONFUSION_PNG, eval_dir / REPORT_MD]
+    paths = [eval_dir / REPORT_JSON, eval_dir / REPORT_TXT, eval_dir / CONFUSION_PNG, eval_dir / REPORT_MD,
+             eval_dir / REPORT_HTML]
     acc_mean, acc_sd = report.spread("accuracy")
     title = f"{len(report.folds)} fold(s) pooled: accuracy {_num(accuracy(report.confusion))}, per fold {_pm(acc_mean, acc_sd)}"
     atomic_write_json(paths[0], report_record(report))
     atomic_write_text(paths[1], format_report(report, legacy_layout))
     atomic_write_bytes(paths[2], encode_png(draw_confusion(report.confusion, report.classes, title)))
     atomic_write_text(paths[3], format_markdown(report))
+    atomic_write_text(paths[4], render_html(report.workdir, report_record(report), report.folds))
     return paths

@@ -49,12 +49,12 @@ from lymph_cv.core import devices
 from lymph_cv.core.fsutil import atomic_write_json, make_dirs
 from lymph_cv.net.build import CaffeNet, build_net, resolve_net_path
 from lymph_cv.net.solver import Solver, learnables_of, make_solver, snapshot_names, solver_type
-from lymph_cv.workdir.layout import TRAIN_LOG
+from lymph_cv.workdir.layout import TRAIN_JSON, TRAIN_LOG
 
 log = logging.getLogger(__name__)
 
 LOG_NAME = TRAIN_LOG
-RECORD_NAME = "train.json"
+RECORD_NAME = TRAIN_JSON
 #: sub-streams of the run seed: which random draws a derived seed is for.
 STREAM_DROPOUT = 2
 STREAM_INIT = 3

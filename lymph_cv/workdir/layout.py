@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+import re
+
 #: Step 1: the patch folder (the tutorial's ``subs/``) and its manifest.
 PATCH_DIR = "subs"
 MANIFEST_NAME = "manifest.json"
@@ -24,13 +26,23 @@ NET_NAME = "{fold}-alexnet_traing_32w_db.prototxt"
 DEPLOY_NAME = "deploy_train32.prototxt"
 SNAPSHOT_PREFIX = "{fold}_caffenet_train_w32"
 DROPOUT_SNAPSHOT_PREFIX = "{fold}_caffenet_train_w32_dropout"
-#: The training log (glog format, as `caffe train` writes it) beside the snapshots.
+#: The training log (glog format, as `caffe train` writes it) beside the snapshots, and the records.
 TRAIN_LOG = "train.log"
+RENDER_JSON = "render.json"
+TRAIN_JSON = "train.json"
 JOBS_JSON = "jobs.json"
 #: Step 5: evaluation outputs (``eval/fold_{fold}/`` and the pooled report).
 EVAL_DIR = "eval"
 EVAL_FOLD_DIR = "fold_{fold}"
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
+#: Per-image overlays inside ``eval/fold_{fold}/`` (``evaluate --heatmaps``).
+HEATMAP_DIR = "heatmaps"
 #: The orchestrator's record.
 RUN_JSON = "run.json"
+
+
+def heatmap_name(entry: str) -> str:
+    """A flat PNG name for a parent-list entry (``CLL/x.tif`` → ``CLL__x.png``)."""
+    stem = re.sub(r"\.tif{1,2}$", "", entry, flags=re.IGNORECASE)
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", stem.replace("/", "__")) + ".png"
