@@ -26,8 +26,8 @@ FLAGS = {
 
 def run(values: dict, positional: list[str]) -> int:
     """Compute the mean with parsed flags; raises LymphCVError on bad input."""
-    from lymph_cv.stages import dbs
-    from lymph_cv.formats.caffe.blob import write_mean
+    # numpy and the store only: start-up is most of this tool's time on a small database.
+    from lymph_cv.formats.caffe import mean as mean_module
     from lymph_cv.formats.store import check_backend
 
     if len(positional) not in (1, 2):
@@ -35,15 +35,15 @@ def run(values: dict, positional: list[str]) -> int:
     backend = check_backend(values["backend"])
     with caffe_log() as log:
         log.info("Starting iteration", SRC.format(71))
-        mean, count = dbs.mean_of_db(positional[0], backend,
-                                     progress=lambda n: log.info(f"Processed {n} files.", SRC.format(100)))
-        if count % dbs.MEAN_PROGRESS_EVERY:
+        mean, count = mean_module.mean_of_db(positional[0], backend,
+                                             progress=lambda n: log.info(f"Processed {n} files.", SRC.format(100)))
+        if count % mean_module.MEAN_PROGRESS_EVERY:
             log.info(f"Processed {count} files.", SRC.format(105))
         if len(positional) == 2:
             log.info(f"Write to {positional[1]}", SRC.format(113))
-            write_mean(positional[1], mean)
+            mean_module.write_mean(positional[1], mean)
         log.info(f"Number of channels: {mean.shape[0]}", SRC.format(117))
-        for channel, value in enumerate(dbs.channel_means(mean)):
+        for channel, value in enumerate(mean_module.channel_means(mean)):
             log.info(f"mean_value channel [{channel}]: {fmt(value)}", SRC.format(124))
     return 0
 

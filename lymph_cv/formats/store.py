@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import itertools
 import logging
 import os
 from pathlib import Path
@@ -306,6 +307,29 @@ class Reader:
         else:
             with self._env.begin(buffers=False) as txn:
                 yield from txn.cursor().iternext(keys=False, values=True)
+
+    def value_batches(self, size: int) -> Iterator[List]:
+        """All values in key order, ``size`` per list (the last may be shorter), for bulk readers.
+
+        The lists are built in C (no Python step per record).  LMDB values are buffers into its
+        map, valid until the next list is requested: copy what must outlive that.
+        """
+        size = max(1, int(size))
+        if self.backend == LEVELDB:
+            with self._db.iterator(include_key=False, fill_cache=False) as iterator:
+                while True:
+                    batch = list(itertools.islice(iterator, size))
+                    if not batch:
+                        return
+                    yield batch
+        else:
+            with self._env.begin(buffers=True) as txn:
+                iterator = txn.cursor().iternext(keys=False, values=True)
+                while True:
+                    batch = list(itertools.islice(iterator, size))
+                    if not batch:
+                        return
+                    yield batch
 
     def get(self, key: Key) -> Optional[bytes]:
         """The value stored under ``key``, or None."""

@@ -36,7 +36,8 @@ import numpy as np
 
 from lymph_cv.formats import store
 from lymph_cv.formats.caffe.blob import write_mean
-from lymph_cv.formats.caffe.datum import encoded_datum, parse_datum, serialize_datum
+from lymph_cv.formats.caffe.datum import encoded_datum, serialize_datum
+from lymph_cv.formats.caffe.mean import MEAN_PROGRESS_EVERY, MeanAccumulator, channel_means, mean_of_db  # noqa: F401
 from lymph_cv.errors import ConfigError, InputError, LymphCVError, StoreError
 from lymph_cv.stages.folds import FOLDS_JSON, TEST_LIST, TRAIN_LIST, list_folds, read_list_text
 from lymph_cv.core.fsutil import atomic_write_json, remove_path, remove_stale_temporaries, temp_sibling
@@ -51,13 +52,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BACKEND = store.LEVELDB
 DEFAULT_SEED = 0
-#: Integers up to 2^24 are exact in float32: below it a batched integer sum equals Caffe's running sum.
-FLOAT32_EXACT = 1 << 24
-MAX_PIXEL = 255
-#: Records gathered per batch (mean accumulation, gathering from the patch array).
+#: Records gathered per batch from the patch array.
 BATCH = 1024
-#: compute_image_mean logs its progress every this many records.
-MEAN_PROGRESS_EVERY = 10000
 #: File extensions that name the same encoding.
 _SAME_ENCODING = {"jpeg": "jpg", "tiff": "tif"}
 _PATCH_NAME = re.compile(r"^(?P<stem>.+)_sub_(?P<index>\d+)\.[A-Za-z0-9]+$")
@@ -125,146 +121,6 @@ def shuffled_order(count: int, seed: Optional[int]) -> np.ndarray:
     if seed is None:
         return np.arange(count)
     return np.random.default_rng(seed).permutation(count)
-
-
-# --------------------------------------------------------------------------- the mean
-
-
-class MeanAccumulator:
-    """``compute_image_mean``'s float32 running sum over records in database order.
-
-    Caffe adds every pixel to a float32 sum, record after record, then divides by the count
-    (float32).  While no sum can pass 2^24, integer batch sums are exact and equal to that;
-    beyond it records are added one at a time in float32, reproducing Caffe's rounding.
-    """
-
-    def __init__(self) -> None:
-        self.sum: Optional[np.ndarray] = None
-        self.count = 0
-        self.shape: Optional[tuple[int, ...]] = None
-        self._buffer: Optional[np.ndarray] = None
-        self._filled = 0
-
-    def _start(self, shape: tuple[int, ...]) -> None:
-        self.shape = tuple(shape)
-        size = int(np.prod(shape))
-        self.sum = np.zeros(size, np.float32)
-        self._buffer = np.empty((BATCH, size), np.uint8)
-
-    def __len__(self) -> int:
-        """Records added so far."""
-        return self.count + self._filled
-
-    def _check(self, shape: tuple[int, ...]) -> None:
-        if self.sum is None:
-            self._start(shape)
-        elif shape != self.shape:
-            raise InputError(f"record is {'x'.join(map(str, shape))}, the first was {'x'.join(map(str, self.shape))}")
-
-    def add(self, pixels: np.ndarray) -> None:
-        """Add one uint8 (C, H, W) record (buffered)."""
-        self._check(pixels.shape)
-        self._buffer[self._filled] = pixels.reshape(-1)
-        self._filled += 1
-        if self._filled == BATCH:
-            self.flush()
-
-    def add_batch(self, batch: np.ndarray, shape: tuple[int, ...]) -> None:
-        """Add uint8 records (B, C·H·W) of ``shape`` (C, H, W), in order."""
-        self.flush()
-        if self.sum is None:
-            self._start(shape)
-        self._add_rows(batch)
-
-    def add_float(self, values: np.ndarray) -> None:
-        """Add one float_data record (C, H, W), summed in float32 as Caffe does."""
-        self.flush()
-        self._check(values.shape)
-        self.sum += values.reshape(-1).astype(np.float32)
-        self.count += 1
-
-    def flush(self) -> None:
-        if self._filled:
-            self._add_rows(self._buffer[: self._filled])
-            self._filled = 0
-
-    def _add_rows(self, rows: np.ndarray) -> None:
-        start = 0
-        while start < len(rows):
-            exact = int((FLOAT32_EXACT - float(self.sum.max())) // MAX_PIXEL)
-            if exact < 1:
-                for row in rows[start:]:
-                    self.sum += row  # float32 += uint8: one rounding per record, as in Caffe
-                break
-            chunk = rows[start : start + exact]
-            self.sum += chunk.sum(0, dtype=np.int64).astype(np.float32)
-            start += len(chunk)
-        self.count += len(rows)
-
-    def mean(self) -> np.ndarray:
-        """The (C, H, W) float32 mean (sum / count in float32)."""
-        self.flush()
-        if self.sum is None or self.count == 0:
-            raise InputError("no records to average")
-        return (self.sum / np.float32(self.count)).reshape(self.shape)
-
-
-def channel_means(mean: np.ndarray) -> list[float]:
-    """Per-channel values as compute_image_mean logs them (float32 running sum / H·W)."""
-    flat = mean.reshape(mean.shape[0], -1).astype(np.float32)
-    return [float(np.cumsum(row, dtype=np.float32)[-1] / np.float32(row.size)) for row in flat]
-
-
-def _raw_prefix(shape: tuple[int, ...]) -> bytes:
-    """The bytes before the pixels in a raw Datum of ``shape`` (channels, height, width, data tag, length)."""
-    size = int(np.prod(shape))
-    template = serialize_datum(np.zeros(shape, np.uint8), 0)
-    # Varints of positive numbers hold no zero byte: the first run of `size` zeros is the pixels.
-    return template[: template.index(bytes(size))]
-
-
-def mean_of_db(
-    path: Union[str, os.PathLike], backend: Optional[str] = None, progress=None, progress_every: int = MEAN_PROGRESS_EVERY,
-) -> tuple[np.ndarray, int]:
-    """compute_image_mean: the float32 (C, H, W) mean of every Datum of a database, in key order.
-
-    Encoded datums are decoded (native channels); float datums are summed as floats.  Every
-    record must have the first one's size.  ``progress(count)`` every ``progress_every`` records.
-    Raw datums laid out as Caffe writes them are sliced without a protobuf parse.
-    """
-    accumulator = MeanAccumulator()
-    prefix, size, rows = b"", 0, []
-
-    def flush_rows() -> None:
-        if rows:
-            accumulator.add_batch(np.frombuffer(b"".join(rows), np.uint8).reshape(len(rows), size), accumulator.shape)
-            rows.clear()
-
-    with store.open_reader(path, backend) as reader:
-        for count, value in enumerate(reader.values(), 1):
-            if prefix and value.startswith(prefix) and len(value) >= len(prefix) + size:
-                rows.append(value[len(prefix) : len(prefix) + size])
-                if len(rows) == BATCH:
-                    flush_rows()
-            else:
-                flush_rows()
-                try:
-                    pixels, _ = parse_datum(value)
-                    if pixels.dtype == np.uint8:
-                        accumulator.add(pixels)
-                        if not prefix:
-                            prefix, size = _raw_prefix(pixels.shape), pixels.size
-                    else:
-                        accumulator.add_float(pixels)
-                except LymphCVError as exc:
-                    raise InputError(f"record {count - 1}: {exc.detail}", path) from exc  # 0-based, as keys and inspect
-            if progress is not None and count % progress_every == 0:
-                progress(count)
-        flush_rows()
-    if not len(accumulator):
-        raise InputError("database is empty; no mean to compute", path)
-    mean = accumulator.mean()
-    return mean, accumulator.count
 
 
 # --------------------------------------------------------------------------- reading images

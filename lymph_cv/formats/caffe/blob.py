@@ -15,10 +15,9 @@ import numpy as np
 from lymph_cv.formats.caffe import caffe_pb2
 from lymph_cv.formats.caffe.files import parse_binary, read_bytes
 from lymph_cv.errors import FormatError
-from lymph_cv.core.fsutil import atomic_write_bytes
+from lymph_cv.formats.caffe.mean import LEGACY_NDIM, mean_to_bytes, write_mean  # noqa: F401 (this module's API too)
 
 LEGACY_FIELDS = ("num", "channels", "height", "width")
-LEGACY_NDIM = len(LEGACY_FIELDS)
 #: What a mean file must look like, for error messages.
 MEAN_EXPECTED = "expected a Caffe mean file (BlobProto, 1 x C x H x W)"
 
@@ -103,21 +102,6 @@ def mean_array(blob: caffe_pb2.BlobProto, path: Union[str, os.PathLike, None] = 
 def read_mean(path: Union[str, os.PathLike]) -> np.ndarray:
     """Read a mean ``.binaryproto`` as a float32 (C, H, W) array (channels in BGR order)."""
     return mean_array(parse_blob(read_bytes(path, MEAN_EXPECTED), path), path)
-
-
-def mean_to_bytes(array: np.ndarray) -> bytes:
-    """Serialized mean blob of a (C, H, W) or (1, C, H, W) array, exactly as compute_image_mean writes it."""
-    array = np.asarray(array)
-    if array.ndim == LEGACY_NDIM and array.shape[0] == 1:
-        array = array[0]
-    if array.ndim != 3:
-        raise FormatError(f"a mean must be (C, H, W), got shape {array.shape}")
-    return array_to_blob(array, legacy=True).SerializeToString()
-
-
-def write_mean(path: Union[str, os.PathLike], array: np.ndarray) -> None:
-    """Write a mean file (legacy 1 × C × H × W BlobProto) atomically."""
-    atomic_write_bytes(path, mean_to_bytes(array))
 
 
 def store_array(blob: caffe_pb2.BlobProto, array: np.ndarray, legacy: Optional[bool] = None) -> None:

@@ -14,23 +14,12 @@ from typing import Optional, Tuple
 import numpy as np
 
 from lymph_cv.formats.caffe import caffe_pb2
+from lymph_cv.formats.caffe.wire import encode_varint as _varint
 from lymph_cv.errors import FormatError
 
 # Tags (field number << 3 | wire type) of the Datum fields, as in caffe.proto.
 _TAG_CHANNELS, _TAG_HEIGHT, _TAG_WIDTH = 0x08, 0x10, 0x18
 _TAG_DATA, _TAG_LABEL, _TAG_ENCODED_FALSE = 0x22, 0x28, b"\x38\x00"
-_UINT64 = 1 << 64
-
-
-def _varint(value: int) -> bytes:
-    """Protobuf varint of a (possibly negative, i.e. 64-bit two's complement) integer."""
-    value &= _UINT64 - 1
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def _check_chw(array: np.ndarray) -> np.ndarray:

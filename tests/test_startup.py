@@ -1,0 +1,115 @@
+"""Start-up paths stay light (issue 17): what `lymph-cv --help` and the drop-in tools import,
+and the bulk mean that compute_image_mean uses (same bytes as Caffe's running sum)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lymph_cv.formats import store
+from lymph_cv.formats.caffe import caffe_pb2
+from lymph_cv.formats.caffe import mean as mean_module
+from lymph_cv.formats.caffe.blob import array_to_blob
+from lymph_cv.formats.caffe.datum import array_to_datum, serialize_datum
+
+HEAVY = ("torch", "cv2", "google.protobuf", "lymph_cv.stages", "scipy", "matplotlib")
+
+
+def _modules_after(code: str) -> list[str]:
+    """Heavy modules loaded by ``code`` in a fresh interpreter."""
+    probe = (f"import sys\n{code}\n"
+             f"print('MODULES=' + __import__('json').dumps([m for m in {HEAVY!r} if m in sys.modules]))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    line = next(line for line in done.stdout.splitlines() if line.startswith("MODULES="))
+    return json.loads(line[len("MODULES="):])
+
+
+def test_lymph_cv_help_imports_no_command():
+    loaded = _modules_after("from lymph_cv.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass")
+    assert loaded == []
+
+
+def test_summaries_match_the_commands():
+    import click
+
+    from lymph_cv.cli import COMMANDS, SUMMARIES, cli
+
+    ctx = click.Context(cli)
+    assert sorted(SUMMARIES) == sorted(COMMANDS), "every command needs its one-line summary in cli.SUMMARIES"
+    for name in COMMANDS:
+        command = cli.get_command(ctx, name)
+        assert click.Command(name, help=SUMMARIES[name]).get_short_help_str(1000) == command.get_short_help_str(1000), name
+
+
+def test_compute_image_mean_loads_neither_opencv_torch_nor_protobuf(tmp_path):
+    with store.open_writer(tmp_path / "db", "leveldb") as writer:
+        for i in range(3):
+            writer.put(store.make_key(i, f"p{i}"), serialize_datum(np.full((3, 2, 2), i, np.uint8), 0))
+    code = ("from lymph_cv.commands.compute_image_mean import main\n"
+            f"assert main(['-backend', 'leveldb', {str(tmp_path / 'db')!r}, {str(tmp_path / 'm.binaryproto')!r}]) == 0")
+    assert _modules_after(code) == []
+    assert (tmp_path / "m.binaryproto").is_file()
+
+
+def _naive_mean(records: list[np.ndarray]) -> np.ndarray:
+    total = np.zeros(records[0].size, np.float32)
+    for pixels in records:
+        total += pixels.reshape(-1)  # compute_image_mean: one float32 rounding per record and pixel
+    return (total / np.float32(len(records))).reshape(records[0].shape)
+
+
+@pytest.mark.parametrize("backend", store.BACKENDS)
+def test_bulk_mean_equals_caffe_running_sum(tmp_path, backend):
+    rng = np.random.default_rng(7)
+    count = 2 * mean_module.READ_BATCH + 300
+    records = list(rng.integers(0, 256, (count, 3, 2, 3), dtype=np.uint8))
+    labels = rng.integers(0, 3, count)
+    labels[mean_module.READ_BATCH + 5] = 300  # a 2-byte label: that batch is not of one length
+    with store.open_writer(tmp_path / "db", backend) as writer:
+        for i, (pixels, label) in enumerate(zip(records, labels)):
+            writer.put(store.make_key(i, f"p{i}"), serialize_datum(pixels, int(label)))
+    seen = []
+    mean, n = mean_module.mean_of_db(tmp_path / "db", backend, progress=seen.append, progress_every=1000)
+    assert n == count and seen == list(range(1000, count + 1, 1000))
+    assert mean.dtype == np.float32 and np.array_equal(mean, _naive_mean(records))
+
+
+def test_accumulator_rounds_like_caffe_past_2_24():
+    rng = np.random.default_rng(0)
+    rows = rng.integers(230, 256, (80000, 4), dtype=np.uint8)  # sums pass 2^24 after ~69k rows
+    accumulator = mean_module.MeanAccumulator()
+    accumulator.add_batch(rows[:, :][::1], (1, 2, 2))
+    expected = np.zeros(4, np.float32)
+    for row in rows:
+        expected += row
+    assert expected.max() > 2**24 and np.array_equal(accumulator.sum, expected)
+    assert not np.array_equal(expected, rows.sum(0, dtype=np.int64).astype(np.float32))
+
+
+def test_bulk_mean_of_float_and_raw_records(tmp_path):
+    images = np.random.default_rng(3).integers(0, 256, (4, 3, 2, 2), dtype=np.uint8)
+    with store.open_writer(tmp_path / "db", "lmdb") as writer:
+        writer.put(store.make_key(0, "a"), array_to_datum(images[0].astype(np.float32), 0).SerializeToString())
+        for i in range(1, 4):
+            writer.put(store.make_key(i, "b"), serialize_datum(images[i], 1))
+    mean, count = mean_module.mean_of_db(tmp_path / "db")
+    assert count == 4 and np.array_equal(mean, _naive_mean(list(images)))
+
+
+@pytest.mark.parametrize("shape", [(3, 36, 36), (1, 5, 7), (1, 3, 1, 2)])
+def test_mean_bytes_equal_protobuf(shape):
+    array = np.random.default_rng(1).random(shape).astype(np.float32) * 255
+    chw = array[0] if len(shape) == 4 else array
+    assert mean_module.mean_to_bytes(array) == array_to_blob(chw, legacy=True).SerializeToString()
+    parsed = caffe_pb2.BlobProto.FromString(mean_module.mean_to_bytes(array))
+    assert (parsed.num, parsed.channels, parsed.height, parsed.width) == (1,) + chw.shape
+
+
+def test_raw_layout_refuses_other_records():
+    raw = serialize_datum(np.zeros((3, 4, 5), np.uint8), 2)
+    assert mean_module.raw_layout(raw) == (raw[: raw.index(bytes(60))], (3, 4, 5))
+    assert mean_module.raw_layout(array_to_datum(np.zeros((1, 2, 2), np.float32), 0).SerializeToString()) is None
+    assert mean_module.raw_layout(raw[:20]) is None and mean_module.raw_layout(b"") is None
