@@ -38,7 +38,7 @@ COMMANDS = {
 
 #: command name → its one-line summary, shown by ``lymph-cv --help`` without importing the command
 #: (that import would load torch, cv2 and the stages: seconds instead of ~0.1 s).  A command
-#: missing here is imported for its summary; tests/test_cli_startup.py keeps both in step.
+#: missing here is imported for its summary; tests/test_startup.py keeps both in step (add a new command to both).
 SUMMARIES = {
     "synth": "Write a synthetic CLL/FL/MCL data set in the real layout to OUT.",
     "patches": "Step 1: rotated patches of every image of DATA/<class>/ into OUT (with manifest.json).",
@@ -53,6 +53,9 @@ SUMMARIES = {
     "report": ("Pool every evaluated fold of WORKDIR: matrix, per-fold mean ± sd, per-class metrics, "
                "eval/report.md, report.json, report.txt and confusion.png."),
     "run": "Steps 1–5 and the report: images → patches → folds → DBs → training → confusion matrices.",
+    "plot-log": ("Plot train/test loss, test accuracy and learning rate of one or more `caffe train` logs "
+                 "(ours or Caffe's own), overlaid."),
+    "stain": "Stain normalisation: `stain fit` makes a target, `stain apply` normalises a folder.",
     "inspect": "Describe a caffemodel, solverstate, mean binaryproto, net/solver prototxt or LevelDB/LMDB.",
 }
 
