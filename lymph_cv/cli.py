@@ -34,6 +34,7 @@ COMMANDS = {
     "run": "lymph_cv.commands.run:run",
     "inspect": "lymph_cv.commands.inspect:inspect",
     "stain": "lymph_cv.commands.stain:stain",
+    "pycaffe-path": "lymph_cv.commands.pycaffe_path:pycaffe_path",
 }
 
 #: command name → its one-line summary, shown by ``lymph-cv --help`` without importing the command

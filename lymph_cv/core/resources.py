@@ -37,3 +37,13 @@ def job_template_dir() -> Path:
 def caffe_proto_path() -> Path:
     """Our ``caffe.proto`` schema."""
     return Path(__file__).resolve().parents[1] / "formats" / "caffe" / "caffe.proto"
+
+
+def pycaffe_compat_dir() -> Path:
+    """The folder whose ``caffe`` package re-exports ``lymph_cv.pycaffe`` (for PYTHONPATH).
+
+    Found without importing ``lymph_cv.pycaffe`` (that would load torch just to print a path)."""
+    spec = importlib.util.find_spec("lymph_cv.pycaffe")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    base = Path(locations[0]) if locations else Path(__file__).resolve().parents[1] / "pycaffe"
+    return base / "compat"

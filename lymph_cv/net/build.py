@@ -223,6 +223,8 @@ class CaffeNet(nn.Module):
         if generator is None:
             generator = torch.Generator()
         for layer in self.layers:
+            if getattr(layer, "self_initialised", False):
+                continue  # e.g. a Python layer: its setup wrote the blobs
             for blob, filler in zip(layer.blobs, layer.fillers):
                 fill(blob.data, filler, generator)
 

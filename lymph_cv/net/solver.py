@@ -168,8 +168,11 @@ class Solver(ABC):
         else:
             diff.add_(torch.sign(item.param.detach()), alpha=float(local_decay))
 
-    def apply_update(self) -> float:
-        """One Caffe ``ApplyUpdate``: returns the base rate used; parameters change in place."""
+    def apply_update(self, advance: bool = True) -> float:
+        """One Caffe ``ApplyUpdate``: returns the base rate used; parameters change in place.
+
+        ``advance`` counts the update (what ``Step`` does after it); pycaffe's ``apply_update``
+        alone leaves the iteration as it was, like Caffe's."""
         rate = self.lr(self.iter)
         self.clip_gradients()
         with torch.no_grad():
@@ -181,7 +184,8 @@ class Solver(ABC):
                 local_rate = float(np.float32(rate) * np.float32(item.lr_mult))
                 self.compute_update(i, diff, local_rate)
                 item.param.sub_(diff)
-        self.iter += 1
+        if advance:
+            self.iter += 1
         return rate
 
     def zero_grad(self) -> None:

@@ -25,7 +25,8 @@ from lymph_cv.core.images import read_unit
 from lymph_cv.errors import ConfigError, InputError
 
 __all__ = ["caffe_pb2", "load_image", "resize_image", "oversample", "Transformer", "blobproto_to_array",
-           "array_to_blobproto", "array_to_datum", "datum_to_array"]
+           "array_to_blobproto", "arraylist_to_blobprotovector_str", "blobprotovector_str_to_arraylist",
+           "array_to_datum", "datum_to_array", "BlobShapeError"]
 
 #: Crops per image from :func:`oversample`: 4 corners and the centre, then their mirrors.
 OVERSAMPLE_CROPS = 10
@@ -187,16 +188,35 @@ class Transformer:
         return out
 
 
+class BlobShapeError(ConfigError, ValueError):
+    """A BlobProto whose dims do not fit its values (pycaffe raises ValueError here)."""
+
+
 def blobproto_to_array(blob: "caffe_pb2.BlobProto", return_diff: bool = False) -> np.ndarray:
-    """A BlobProto's data (or diff) as an array: legacy 4-D dims when present, else ``shape``."""
+    """A BlobProto's data (or diff) as an array: legacy 4-D dims when present, else ``shape``
+    (no dims at all: a scalar, so a blob of several values without dims is a ValueError)."""
     values = blob.diff if return_diff else (blob.double_data if len(blob.double_data) else blob.data)
     array = np.asarray(values, dtype=np.float64 if (not return_diff and len(blob.double_data)) else np.float32)
     shape = blob_shape(blob)
     if array.size != int(np.prod(shape, dtype=np.int64)):
         kind = "legacy" if has_legacy_dims(blob) else "shape"
-        raise ConfigError(f"blob holds {array.size} values, its {kind} dims {shape} need "
-                          f"{int(np.prod(shape, dtype=np.int64))}")
+        raise BlobShapeError(f"blob holds {array.size} values, its {kind} dims {shape} need "
+                             f"{int(np.prod(shape, dtype=np.int64))}")
     return array.reshape(shape)
+
+
+def arraylist_to_blobprotovector_str(arraylist: Sequence[np.ndarray]) -> bytes:
+    """Arrays as a serialized BlobProtoVector."""
+    vector = caffe_pb2.BlobProtoVector()
+    vector.blobs.extend(array_to_blobproto(array) for array in arraylist)
+    return vector.SerializeToString()
+
+
+def blobprotovector_str_to_arraylist(text: bytes) -> list:
+    """A serialized BlobProtoVector as a list of arrays."""
+    vector = caffe_pb2.BlobProtoVector()
+    vector.ParseFromString(text)
+    return [blobproto_to_array(blob) for blob in vector.blobs]
 
 
 def array_to_blobproto(arr: np.ndarray, diff: Optional[np.ndarray] = None) -> "caffe_pb2.BlobProto":

@@ -1,29 +1,51 @@
-"""``caffe.Net`` on the PyTorch port: blobs and params as numpy arrays, forward, forward_all, save."""
+"""``caffe.Net`` on the PyTorch port: numpy blobs, forward/backward over layer ranges, weights I/O.
+
+The net runs layer by layer on the blobs' numpy memory, as Caffe's ``ForwardFromTo``/``BackwardFromTo``
+do, so ``forward(start=, end=)`` and ``backward(start=, end=)`` see what a user wrote into ``.data`` and
+``.diff``.  Each layer's forward is recorded by torch autograd (TRAIN phase or ``force_backward``);
+``backward`` replays the record with the top blobs' diffs (a layer not run forward yet is run on its
+bottoms' current data first) and writes each bottom's diff, summing them where a blob feeds several
+layers (Caffe's Split layers), and accumulates parameter diffs until ``clear_param_diffs``.  Loss blobs
+carry their loss weight as diff, as Caffe sets at setup.
+
+Learnable blobs are live views of the torch parameters (and gradients) the engine and the solvers use.
+Caffe's automatically inserted Split layers are not materialised: a blob used by several layers has no
+``*_split_*`` companions in ``blobs`` or ``layers``.
+"""
 from __future__ import annotations
 
 import logging
 import os
 from collections import OrderedDict
+from itertools import zip_longest
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from lymph_cv.errors import ConfigError, FormatError
 from lymph_cv.formats.caffe import caffe_pb2
 from lymph_cv.formats.caffe.model import read_caffemodel, write_caffemodel
 from lymph_cv.formats.caffe.prototxt import read_net_prototxt
 from lymph_cv.core.devices import resolve_device
-from lymph_cv.errors import ConfigError
+from lymph_cv.net.blobs import ArrayBlob, TensorBlob, ensure_grad
 from lymph_cv.net.build import CaffeNet, build_net, resolve_net_path
+from lymph_cv.net.datalayer import DataLayer
 
 log = logging.getLogger(__name__)
 
 TRAIN = caffe_pb2.TRAIN
 TEST = caffe_pb2.TEST
 PHASES = {TRAIN: "TRAIN", TEST: "TEST"}
+#: HDF5 weight files (Caffe's Net::ToHDF5): one group per layer under this group, datasets "0", "1", ….
+HDF5_DATA_GROUP = "data"
 
-_state = {"device": "cpu", "gpu_id": 0, "seed": 0}
+_state = {"device": "cpu", "gpu_id": 0, "seed": 0, "seed_set": False}
+
+# Kept for callers of the first pycaffe module: a blob is an ArrayBlob, a learnable one a TensorBlob.
+Blob = ArrayBlob
+ParamBlob = TensorBlob
 
 
 def set_mode_cpu() -> None:
@@ -46,74 +68,33 @@ def set_device(device_id: int) -> None:
 
 
 def set_random_seed(seed: int) -> None:
-    """Seed for filler initialisation and TRAIN-phase randomness of nets created from now on."""
+    """Seed for filler initialisation and TRAIN-phase randomness of nets and solvers created from now on."""
     _state["seed"] = int(seed)
+    _state["seed_set"] = True
 
 
-def _device() -> torch.device:
+def device() -> torch.device:
+    """The device chosen by set_mode_cpu/set_mode_gpu/set_device."""
     if _state["device"] == "cuda":
         return resolve_device(f"cuda:{_state['gpu_id']}")
     return resolve_device("cpu")
 
 
-class Blob:
-    """A named array, like pycaffe's blob: ``data``, ``diff``, ``shape``, ``reshape``."""
-
-    def __init__(self, data: np.ndarray):
-        self.data = data
-        self.diff = np.zeros_like(data)
-
-    @property
-    def shape(self) -> tuple:
-        return tuple(self.data.shape)
-
-    @property
-    def count(self) -> int:
-        return int(self.data.size)
-
-    def _axis(self, index: int) -> int:
-        # Caffe's legacy accessors read 1 for axes the blob does not have.
-        return int(self.data.shape[index]) if self.data.ndim > index else 1
-
-    num = property(lambda self: self._axis(0))
-    channels = property(lambda self: self._axis(1))
-    height = property(lambda self: self._axis(2))
-    width = property(lambda self: self._axis(3))
-
-    def reshape(self, *shape: int) -> None:
-        """New dimensions (contents are not kept when the size changes)."""
-        shape = tuple(int(d) for d in shape)
-        if shape != self.shape:
-            self.data = np.zeros(shape, dtype=np.float32)
-            self.diff = np.zeros(shape, dtype=np.float32)
+def device_name() -> str:
+    """The chosen device as ``lymph-cv train --device`` spells it."""
+    chosen = device()
+    return "cpu" if chosen.type == "cpu" else f"cuda:{chosen.index or 0}"
 
 
-class ParamBlob(Blob):
-    """A learnable blob whose ``data`` is a live view of the torch parameter (writes go through)."""
-
-    def __init__(self, param: torch.nn.Parameter):
-        self._param = param
-        self.diff = np.zeros(tuple(param.shape), dtype=np.float32)
-
-    @property
-    def data(self) -> np.ndarray:
-        if self._param.device.type == "cpu":
-            return self._param.detach().numpy()
-        return self._param.detach().cpu().numpy()
-
-    @data.setter
-    def data(self, value: np.ndarray) -> None:
-        with torch.no_grad():
-            self._param.copy_(torch.as_tensor(np.asarray(value, dtype=np.float32)))
-
-    def reshape(self, *shape: int) -> None:
-        raise ConfigError("learnable blobs keep the shape their layer gives them")
+def chosen_seed() -> Optional[int]:
+    """The seed given to set_random_seed, or None when none was."""
+    return _state["seed"] if _state["seed_set"] else None
 
 
 class LayerView:
     """``net.layers[i]``: the layer's ``type`` and its learnable ``blobs``."""
 
-    def __init__(self, type_name: str, blobs: List[ParamBlob]):
+    def __init__(self, type_name: str, blobs: List[TensorBlob]):
         self.type = type_name
         self.blobs = blobs
 
@@ -135,53 +116,85 @@ def _split_args(args: Sequence, weights: Optional[str], phase: Optional[int]):
 
 
 class Net:
-    """pycaffe's ``caffe.Net(model_file, [weights,] phase)`` on the PyTorch port."""
+    """pycaffe's ``caffe.Net(model_file, [weights,] phase, level=0, stages=None, weights=None)``."""
 
     def __init__(self, model_file: str | os.PathLike, *args, weights: Optional[str] = None,
-                 phase: Optional[int] = None, level: int = 0, stages: Iterable[str] = ()):
+                 phase: Optional[int] = None, level: int = 0, stages: Optional[Iterable[str]] = None):
         weights, phase = _split_args(args, weights, phase)
-        self.model_file = Path(model_file)
-        self.phase = phase
-        self._base_dir = self.model_file.parent
-        param = read_net_prototxt(self.model_file)
-        self._device = _device()
-        self._net: CaffeNet = build_net(param, phase, level=level, stages=stages, base_dir=self._base_dir)
-        generator = torch.Generator().manual_seed(_state["seed"])
-        self._net.init_params(generator)
-        self._net.to(self._device)
-        self._data_layers = self._make_data_layers()
-        self._batch = 0
-        if weights is not None:
-            self.copy_from(weights)
-        self.blobs: "OrderedDict[str, Blob]" = OrderedDict(
-            (name, Blob(np.zeros(shape, dtype=np.float32))) for name, shape in self._net.blob_shapes.items())
-        self._rebuild_params()
-
-    def _make_data_layers(self):
-        if not self._net.data_layers:
-            return []
-        from lymph_cv.net.datalayer import DataLayer
+        model_file = Path(model_file)
+        param = read_net_prototxt(model_file)
+        net = build_net(param, phase, level=int(level), stages=tuple(stages or ()), base_dir=model_file.parent)
+        net.init_params(torch.Generator().manual_seed(_state["seed"]))
+        net.to(device())
 
         def resolve(path: str) -> Path:
-            return resolve_net_path(path, self._base_dir)
+            return resolve_net_path(path, model_file.parent)
 
-        return [DataLayer(layer, self.phase, _state["seed"], resolve) for layer in self._net.data_layers]
+        readers = [DataLayer(layer, phase, _state["seed"], resolve) for layer in net.data_layers]
+        self._attach(net, readers, bool(param.force_backward))
+        self.model_file = model_file
+        if weights is not None:
+            self.copy_from(weights)
+
+    @classmethod
+    def wrap(cls, net: CaffeNet, readers: Sequence[DataLayer], force_backward: bool = False) -> "Net":
+        """A pycaffe view of a net built elsewhere (the solver's train and test nets)."""
+        self = cls.__new__(cls)
+        self._attach(net, readers, force_backward)
+        self.model_file = None
+        return self
+
+    def _attach(self, net: CaffeNet, readers: Sequence[DataLayer], force_backward: bool) -> None:
+        self._net = net
+        self.phase = net.phase
+        self.force_backward = force_backward
+        self._readers = {reader.name: reader for reader in readers}
+        self._batch = 0
+        self._tape: Dict[int, Tuple[List[torch.Tensor], List[torch.Tensor]]] = {}
+        self.blobs: "OrderedDict[str, ArrayBlob]" = OrderedDict(
+            (name, ArrayBlob(shape)) for name, shape in net.blob_shapes.items())
+        for name, weight in net.loss_weights.items():
+            self.blobs[name].diff[...] = weight
+        self._rebuild_params()
+        self._fill_once()
 
     def _rebuild_params(self) -> None:
-        self.params: "OrderedDict[str, List[ParamBlob]]" = OrderedDict(
-            (name, [ParamBlob(p) for p in params]) for name, params in self._net.params().items())
-        self.layers = [LayerView(layer.type_name, self.params.get(layer.name, [])) for layer in self._net.layers]
+        params: "OrderedDict[str, List[TensorBlob]]" = OrderedDict()
+        self.layers = []
+        for layer in self._net.layers:
+            for param in layer.blobs:
+                ensure_grad(param)
+            user = getattr(layer, "impl", None)
+            if user is not None:  # a Python layer: Caffe hands back the user's own object
+                user.blobs[:] = [TensorBlob(p) for p in layer.blobs]
+                blobs, view = user.blobs, user
+            else:
+                blobs = [TensorBlob(p) for p in layer.blobs]
+                view = LayerView(layer.type_name, blobs)
+            if len(blobs):
+                params[layer.name] = blobs
+            self.layers.append(view)
+        self.params = params
+
+    def _fill_once(self) -> None:
+        """Fill the tops a layer writes only once (DummyData's constant tops), as Caffe's setup does."""
+        for layer in self._net.layers:
+            if getattr(layer, "refill", None) is not None:
+                with torch.no_grad():
+                    for name, value in zip(layer.param.top, layer()):
+                        self.blobs[name].store(value.cpu().numpy())
 
     # -- pycaffe's attributes ------------------------------------------------------------------
 
     @property
     def inputs(self) -> List[str]:
-        """Input blob names (declared inputs and data layer tops)."""
-        return list(self._net.input_blobs)
+        """Input blob names: declared inputs and Input layer tops (not Data or DummyData tops)."""
+        fed = {top for p in self._net.data_layers for top in p.top}
+        return [name for name in self._net.input_blobs if name not in fed]
 
     @property
     def outputs(self) -> List[str]:
-        """Output blob names (produced, never consumed; Caffe's order)."""
+        """Output blob names (produced, never consumed; sorted like Caffe's std::set)."""
         return list(self._net.output_blobs)
 
     @property
@@ -189,64 +202,189 @@ class Net:
         return list(self._net.layer_names)
 
     @property
-    def layer_dict(self) -> "OrderedDict[str, LayerView]":
+    def _blob_names(self) -> List[str]:
+        return list(self.blobs)
+
+    @property
+    def layer_dict(self) -> "OrderedDict[str, object]":
         return OrderedDict(zip(self._net.layer_names, self.layers))
+
+    @property
+    def top_names(self) -> "OrderedDict[str, List[str]]":
+        return OrderedDict((p.name, list(p.top)) for p in self._net.layer_params)
+
+    @property
+    def bottom_names(self) -> "OrderedDict[str, List[str]]":
+        return OrderedDict((p.name, list(p.bottom)) for p in self._net.layer_params)
+
+    @property
+    def blob_loss_weights(self) -> "OrderedDict[str, float]":
+        return OrderedDict((name, float(self._net.loss_weights.get(name, 0.0))) for name in self.blobs)
 
     @property
     def torch_net(self) -> CaffeNet:
         """The underlying :class:`lymph_cv.net.build.CaffeNet`."""
         return self._net
 
-    # -- computation ---------------------------------------------------------------------------
+    def _layer_index(self, name: Optional[str], default: int) -> int:
+        if name is None:
+            return default
+        try:
+            return self._net.layer_names.index(name)
+        except ValueError:
+            raise ConfigError(f"net has no layer {name!r}", valid=self._net.layer_names) from None
 
-    def _feed(self, inputs: Mapping[str, np.ndarray]) -> None:
+    # -- the engine ----------------------------------------------------------------------------
+
+    def _records(self) -> bool:
+        return self.phase == TRAIN or self.force_backward
+
+    def _leaf(self, name: str, grad: bool) -> torch.Tensor:
+        # a copy: a later in-place layer overwrites the blob's memory, not what autograd saved
+        tensor = torch.tensor(self.blobs[name].data, device=self._device_of())
+        return tensor.requires_grad_(grad)
+
+    def _device_of(self) -> torch.device:
+        for param in self._net.parameters():
+            return param.device
+        for buffer in self._net.buffers():
+            return buffer.device
+        return torch.device("cpu")
+
+    def _read(self, layer_name: str, batch: Optional[int]) -> None:
+        reader = self._readers.get(layer_name)
+        if reader is None:
+            raise ConfigError(f"Data layer {layer_name!r} has no reader (a net wrapped without its data)")
+        number = self._batch if batch is None else batch
+        for name, tensor in reader.batch(number).items():
+            self.blobs[name].store(tensor.cpu().numpy())
+
+    def _run_layer(self, index: int, grad: bool) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        layer = self._net.layers[index]
+        bottoms = [self._leaf(name, grad) for name in layer.param.bottom]
+        with torch.set_grad_enabled(grad):
+            tops = list(layer(*bottoms))
+        return bottoms, tops
+
+    def forward_range(self, start: int, end: int, batch: Optional[int] = None) -> float:
+        """Caffe's ForwardFromTo over layer indices ``start..end``; returns the loss computed there.
+        ``batch`` picks the Data layers' batch number (default: the net's own counter)."""
+        grad = self._records()
+        loss = 0.0
+        read = False
+        for index in range(start, end + 1):
+            layer = self._net.layers[index]
+            if layer.is_input:
+                if layer.param.type == "Data":
+                    self._read(layer.name, batch)
+                    read = True
+                continue
+            bottoms, tops = self._run_layer(index, grad)
+            if grad:
+                self._tape[index] = (bottoms, tops)
+            refill = getattr(layer, "refill", None)
+            for k, (name, value) in enumerate(zip(layer.param.top, tops)):
+                if refill is not None and not refill[k]:
+                    continue
+                self.blobs[name].store(value.detach().to("cpu", torch.float32).numpy())
+                weight = self._net.loss_weights.get(name)
+                if weight:
+                    loss += weight * float(self.blobs[name].data.sum())
+        if read and batch is None:
+            self._batch += 1
+        return loss
+
+    def backward_range(self, start: int, end: int) -> None:
+        """Caffe's BackwardFromTo over layer indices ``start`` down to ``end``."""
+        written = set()
+        for index in range(start, end - 1, -1):
+            layer = self._net.layers[index]
+            p = layer.param
+            if layer.is_input or (not len(p.bottom) and not len(layer.blobs)):
+                continue
+            bottoms, tops = self._tape.get(index) or self._run_layer(index, True)
+            pairs = [(top, torch.from_numpy(np.ascontiguousarray(self.blobs[name].diff)).to(top.device)
+                      .reshape(top.shape)) for name, top in zip(p.top, tops) if top.requires_grad]
+            targets = [b for b in bottoms if b.requires_grad] + [w for w in layer.blobs if w.requires_grad]
+            for bottom in bottoms:
+                bottom.grad = None
+            if pairs and targets:
+                torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs], retain_graph=True,
+                                        inputs=targets)
+            for name, bottom in zip(p.bottom, bottoms):
+                diff = (bottom.grad.detach().to("cpu", torch.float32).numpy() if bottom.grad is not None
+                        else np.zeros(tuple(bottom.shape), dtype=np.float32))
+                blob = self.blobs[name]
+                if blob.diff.shape != diff.shape:
+                    blob.diff = np.zeros(diff.shape, dtype=np.float32)
+                if name in written and name not in p.top:
+                    blob.diff += diff
+                else:
+                    blob.diff[...] = diff
+                written.add(name)
+
+    # -- pycaffe's computation -----------------------------------------------------------------
+
+    def _set_inputs(self, inputs: Mapping[str, np.ndarray], field: str, allowed: Sequence[str]) -> None:
         for name, array in inputs.items():
-            if name not in self.inputs:
-                raise ConfigError(f"{name!r} is not an input blob", valid=self.inputs)
+            if name not in allowed:
+                raise ConfigError(f"{name!r} is not an {'input' if field == 'data' else 'output'} blob",
+                                  valid=allowed)
             array = np.asarray(array, dtype=np.float32)
             blob = self.blobs[name]
-            if array.shape[0] != blob.shape[0]:
-                raise ConfigError(f"input {name!r}: batch of {array.shape[0]}, the net takes {blob.shape[0]}")
-            if array.shape != blob.shape:
-                blob.reshape(*array.shape)
-            blob.data[...] = array
+            if blob.data.ndim and array.shape[:1] != blob.shape[:1]:
+                raise ConfigError(f"{name!r}: batch of {array.shape[0] if array.ndim else 0}, "
+                                  f"the net takes {blob.shape[0]}")
+            if field == "data":
+                blob.store(array)
+            else:
+                blob.diff[...] = array
 
-    def forward(self, blobs: Optional[Sequence[str]] = None, start: Optional[str] = None,
-                end: Optional[str] = None, **kwargs: np.ndarray) -> Dict[str, np.ndarray]:
-        """Set the given input blobs, run the net, return the output blobs (and ``blobs``) by name.
-
-        Nets with Data layers read their next batch when no input is given.
-        """
-        if start is not None or end is not None:
-            raise ConfigError("forward(start=..., end=...) is not supported; run the whole net")
-        self._feed(kwargs)
-        if self._data_layers and not kwargs:
-            for layer in self._data_layers:
-                for name, tensor in layer.batch(self._batch).items():
-                    self._feed({name: tensor.numpy()})
-            self._batch += 1
-        inputs = {name: torch.from_numpy(self.blobs[name].data).to(self._device) for name in self.inputs}
-        with torch.no_grad():
-            results = self._net(inputs)
-        for name, tensor in results.items():
-            if name in self.inputs:
-                continue
-            self.blobs[name].data = tensor.detach().to("cpu", torch.float32).numpy().copy()
-            if self.blobs[name].diff.shape != self.blobs[name].data.shape:
-                self.blobs[name].diff = np.zeros_like(self.blobs[name].data)
-        wanted = list(self.outputs) + [b for b in (blobs or []) if b not in self.outputs]
+    def _known(self, names: Sequence[str], extra: Optional[Sequence[str]]) -> List[str]:
+        """``names`` then ``extra``, each once; ConfigError naming any that is not a blob."""
+        wanted = list(dict.fromkeys(list(names) + list(extra or [])))
         missing = [b for b in wanted if b not in self.blobs]
         if missing:
             raise ConfigError(f"unknown blob(s) {', '.join(missing)}", valid=list(self.blobs))
+        return wanted
+
+    def forward(self, blobs: Optional[Sequence[str]] = None, start: Optional[str] = None,
+                end: Optional[str] = None, **kwargs: np.ndarray) -> Dict[str, np.ndarray]:
+        """Set the given input blobs, run layers ``start``..``end`` (names, inclusive), return the
+        output blobs (the ``end`` layer's tops when given) and ``blobs`` by name."""
+        first = self._layer_index(start, 0)
+        last = self._layer_index(end, len(self.layers) - 1)
+        wanted = self._known((self.top_names[end] if end is not None else self.outputs), blobs)
+        self._set_inputs(kwargs, "data", self.inputs)
+        self.forward_range(first, last)
         return {name: self.blobs[name].data for name in wanted}
 
+    def backward(self, diffs: Optional[Sequence[str]] = None, start: Optional[str] = None,
+                 end: Optional[str] = None, **kwargs: np.ndarray) -> Dict[str, np.ndarray]:
+        """Set the given output diffs, run layers ``start`` down to ``end`` backward, return the input
+        diffs (the ``end`` layer's bottoms' when given) and ``diffs`` by name."""
+        first = self._layer_index(start, len(self.layers) - 1)
+        last = self._layer_index(end, 0)
+        wanted = self._known((self.bottom_names[end] if end is not None else self.inputs), diffs)
+        self._set_inputs(kwargs, "diff", self.outputs)
+        self.backward_range(first, last)
+        return {name: self.blobs[name].diff for name in wanted}
+
     def reshape(self) -> None:
-        """Propagate the input blobs' shapes through the net (pycaffe's Net.reshape)."""
-        self.forward(**{name: self.blobs[name].data for name in self.inputs if not self._data_layers})
+        """Propagate the input blobs' shapes through the net (Data layers keep their batch)."""
+        with torch.no_grad():
+            for index, layer in enumerate(self._net.layers):
+                if layer.is_input:
+                    continue
+                _, tops = self._run_layer(index, False)
+                for name, value in zip(layer.param.top, tops):
+                    self.blobs[name].reshape(*value.shape)
 
     def _batches(self, inputs: Mapping[str, np.ndarray]) -> Iterator[Dict[str, np.ndarray]]:
         """Net-sized batches of ``inputs``, the last one zero-padded."""
-        batch = self.blobs[self.inputs[0]].shape[0]
+        if not inputs:
+            return
+        batch = next(iter(self.blobs.values())).shape[0]
         total = len(next(iter(inputs.values())))
         for start in range(0, total, batch):
             chunk = {}
@@ -259,20 +397,53 @@ class Net:
                 chunk[name] = part
             yield chunk
 
+    @staticmethod
+    def _total(kwargs: Mapping[str, np.ndarray]) -> int:
+        sizes = {len(v) for v in kwargs.values()}
+        if len(sizes) != 1:
+            raise ConfigError("the input arrays must have the same length")
+        return sizes.pop()
+
+    @staticmethod
+    def _stack(collected: Dict[str, List[np.ndarray]], total: int) -> Dict[str, np.ndarray]:
+        return {name: np.concatenate(parts)[:total] if parts and parts[0].ndim else np.asarray(parts)
+                for name, parts in collected.items()}
+
     def forward_all(self, blobs: Optional[Sequence[str]] = None, **kwargs: np.ndarray) -> Dict[str, np.ndarray]:
         """Forward any number of inputs in net-sized batches; outputs stacked, padding dropped."""
         if not kwargs:
             raise ConfigError("forward_all needs input arrays, e.g. forward_all(data=...)")
-        sizes = {len(v) for v in kwargs.values()}
-        if len(sizes) != 1:
-            raise ConfigError("forward_all inputs must have the same length")
-        total = sizes.pop()
+        total = self._total(kwargs)
         collected: Dict[str, List[np.ndarray]] = {}
         for chunk in self._batches(kwargs):
             for name, value in self.forward(blobs=blobs, **chunk).items():
                 collected.setdefault(name, []).append(np.array(value, copy=True))
-        return {name: np.concatenate(parts)[:total] if parts[0].ndim else np.asarray(parts)
-                for name, parts in collected.items()}
+        return self._stack(collected, total)
+
+    def forward_backward_all(self, blobs: Optional[Sequence[str]] = None, diffs: Optional[Sequence[str]] = None,
+                             **kwargs: np.ndarray) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+        """forward + backward in net-sized batches: inputs and output diffs from ``kwargs``."""
+        if not kwargs:
+            raise ConfigError("forward_backward_all needs input or output-diff arrays")
+        total = self._total(kwargs)
+        forward_in = {k: v for k, v in kwargs.items() if k in self.inputs}
+        backward_in = {k: v for k, v in kwargs.items() if k in self.outputs}
+        unknown = sorted(set(kwargs) - set(forward_in) - set(backward_in))
+        if unknown:
+            raise ConfigError(f"{', '.join(unknown)}: neither an input nor an output blob")
+        outs: Dict[str, List[np.ndarray]] = {}
+        grads: Dict[str, List[np.ndarray]] = {}
+        for fb, bb in zip_longest(self._batches(forward_in), self._batches(backward_in), fillvalue={}):
+            for name, value in self.forward(blobs=blobs, **fb).items():
+                outs.setdefault(name, []).append(np.array(value, copy=True))
+            for name, value in self.backward(diffs=diffs, **bb).items():
+                grads.setdefault(name, []).append(np.array(value, copy=True))
+        return self._stack(outs, total), self._stack(grads, total)
+
+    def clear_param_diffs(self) -> None:
+        """Zero every learnable blob's diff (in place: views of them stay valid)."""
+        for param in self._net.parameters():
+            ensure_grad(param).zero_()
 
     # -- weights -------------------------------------------------------------------------------
 
@@ -280,6 +451,44 @@ class Net:
         """Load a .caffemodel's blobs by layer name (pycaffe's copy_from)."""
         self._net.load_weights(read_caffemodel(weights), path=weights)
 
+    def share_with(self, other: "Net") -> None:
+        """Use ``other``'s learnable blobs for every same-named layer (Caffe's ShareTrainedLayersWith)."""
+        self._net.share_weights_from(other.torch_net)
+        self._rebuild_params()
+
     def save(self, filename: str | os.PathLike) -> None:
         """Write the weights as a .caffemodel (legacy 4-D blob dims, like the tutorial's files)."""
         write_caffemodel(filename, self._net.export_weights(legacy_dims=True))
+
+    def save_hdf5(self, filename: str | os.PathLike) -> None:
+        """Write the weights as Caffe's HDF5 model: ``/data/<layer>/<i>`` datasets."""
+        import h5py
+
+        with h5py.File(filename, "w") as out:
+            group = out.create_group(HDF5_DATA_GROUP)
+            for name, blobs in self.params.items():
+                layer = group.create_group(name)
+                for index, blob in enumerate(blobs):
+                    layer.create_dataset(str(index), data=np.array(blob.data, dtype=np.float32))
+
+    def load_hdf5(self, filename: str | os.PathLike) -> None:
+        """Load weights written by :meth:`save_hdf5` (or Caffe) by layer name."""
+        import h5py
+
+        with h5py.File(filename, "r") as source:
+            if HDF5_DATA_GROUP not in source:
+                raise FormatError(f"no {HDF5_DATA_GROUP!r} group (not a Caffe HDF5 model)", filename)
+            group = source[HDF5_DATA_GROUP]
+            for name in group:
+                if name not in self.params:
+                    continue
+                blobs = self.params[name]
+                if len(group[name]) != len(blobs):
+                    raise FormatError(f"layer {name!r}: the file has {len(group[name])} blobs, the net "
+                                      f"{len(blobs)}", filename)
+                for index, blob in enumerate(blobs):
+                    values = np.asarray(group[name][str(index)], dtype=np.float32)
+                    if values.size != blob.count:
+                        raise FormatError(f"layer {name!r} blob {index}: {values.shape} does not fit "
+                                          f"{blob.shape}", filename)
+                    blob.data = values.reshape(blob.shape)

@@ -206,11 +206,13 @@ class Trainer:
 
     def __init__(self, solver_path: os.PathLike, *, snapshot: Optional[os.PathLike] = None,
                  weights: Sequence[os.PathLike] = (), device: Optional[str] = None,
-                 seed: Optional[int] = None, max_iter: Optional[int] = None):
+                 seed: Optional[int] = None, max_iter: Optional[int] = None, type_name: Optional[str] = None):
         self.solver_path = Path(solver_path)
         if snapshot is not None and weights:
             raise ConfigError("give either a snapshot to resume or weights to fine-tune, not both")
         param = read_solver(self.solver_path)
+        if type_name is not None:  # pycaffe's SGDSolver(file) etc. name the type themselves
+            param.type = type_name
         if param.snapshot_format == caffe_pb2.SolverParameter.HDF5 and param.HasField("snapshot_format"):
             raise UnsupportedError("snapshot_format HDF5 is not supported", self.solver_path,
                                    valid=("BINARYPROTO",))
@@ -238,6 +240,7 @@ class Trainer:
         self.state = read_solverstate(self.snapshot_path) if self.snapshot_path is not None else None
 
         train_param, test_params = _net_params(param, self.files)
+        self.train_param = train_param
         torch.manual_seed(derived_seed(self.seed, STREAM_INIT, 0))
         self.net = _build(train_param, caffe_pb2.TRAIN, _state(param, "train_state"), self.files)
         self.net.init_params(torch.Generator().manual_seed(derived_seed(self.seed, STREAM_INIT, 1)))
@@ -260,6 +263,8 @@ class Trainer:
         self.losses: deque = deque(maxlen=max(1, param.average_loss))
         self.log: Optional[CaffeLog] = None
         self.pending: List[str] = []
+        #: write train.json beside the snapshots (pycaffe's solvers do not: Caffe writes no record).
+        self.write_record = True
 
     def _data_layers(self, net: CaffeNet, phase: int, cache: RecordCache) -> List[DataLayer]:
         return data_layers(net, phase, self.seed, self.files.input, cache)
@@ -302,6 +307,8 @@ class Trainer:
         self._record()
 
     def _record(self, finished: bool = False) -> None:
+        if not self.write_record:
+            return
         record = {"solver": str(self.solver_path), "seed": self.seed, "device": self.device.type,
                   "solver_type": self.type, "max_iter": self.param.max_iter,
                   "start_iteration": self.result.start_iteration, "iteration": self.solver.iter,
@@ -344,16 +351,20 @@ class Trainer:
         passes = (iteration - 1) // interval + 1  # multiples of the interval in [0, iteration)
         return passes if self.param.test_initialization else passes - 1
 
+    def test_forward(self, index: int, batch: int) -> Dict[str, torch.Tensor]:
+        """Test net ``index`` forward on its batch number ``batch``: every blob by name."""
+        return self.test_nets[index](self._inputs(self.test_data[index], batch))
+
     def test_all(self) -> None:
         first_batch = self.tests_before(self.solver.iter)
-        for index, (net, layers) in enumerate(zip(self.test_nets, self.test_data)):
+        for index, net in enumerate(self.test_nets):
             self.log.info(f"Iteration {self.solver.iter}, Testing net (#{index})", caffelog.SRC_TEST)
             iterations = self.param.test_iter[index]
             sums: Dict[str, torch.Tensor] = {}
             total_loss = 0.0
             with torch.no_grad():
                 for k in range(iterations):
-                    blobs = net(self._inputs(layers, first_batch * iterations + k))
+                    blobs = self.test_forward(index, first_batch * iterations + k)
                     if self.param.test_compute_loss:
                         total_loss += float(net.loss(blobs))
                     for name in net.output_blobs:
