@@ -58,6 +58,7 @@ SUMMARIES = {
                  "(ours or Caffe's own), overlaid."),
     "stain": "Stain normalisation: `stain fit` makes a target, `stain apply` normalises a folder.",
     "inspect": "Describe a caffemodel, solverstate, mean binaryproto, net/solver prototxt or LevelDB/LMDB.",
+    "pycaffe-path": "Print the folder holding a `caffe` package for legacy scripts (put it on PYTHONPATH).",
 }
 
 

@@ -8,6 +8,7 @@ from lymph_cv.core.resources import pycaffe_compat_dir
 
 @click.command("pycaffe-path")
 def pycaffe_path() -> None:
-    """Print the folder holding a `caffe` package for legacy scripts:
-    PYTHONPATH=$(lymph-cv pycaffe-path) python old_script.py"""
+    """Print the folder holding a `caffe` package for legacy scripts (put it on PYTHONPATH).
+
+    PYTHONPATH=$(lymph-cv pycaffe-path) python old_script.py runs a pycaffe script unmodified."""
     click.echo(str(pycaffe_compat_dir()))
