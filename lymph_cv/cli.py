@@ -31,6 +31,7 @@ COMMANDS = {
     "evaluate": "lymph_cv.commands.evaluate:evaluate",
     "report": "lymph_cv.commands.evaluate:report",
     "plot-log": "lymph_cv.commands.plot_log:plot_log",
+    "export": "lymph_cv.commands.export:export",
     "run": "lymph_cv.commands.run:run",
     "inspect": "lymph_cv.commands.inspect:inspect",
     "stain": "lymph_cv.commands.stain:stain",
@@ -56,6 +57,7 @@ SUMMARIES = {
     "run": "Steps 1–5 and the report: images → patches → folds → DBs → training → confusion matrices.",
     "plot-log": ("Plot train/test loss, test accuracy and learning rate of one or more `caffe train` logs "
                  "(ours or Caffe's own), overlaid."),
+    "export": "Export MODEL.caffemodel with its DEPLOY.prototxt to ONNX (batch size free), checked in onnxruntime.",
     "stain": "Stain normalisation: `stain fit` makes a target, `stain apply` normalises a folder.",
     "inspect": "Describe a caffemodel, solverstate, mean binaryproto, net/solver prototxt or LevelDB/LMDB.",
     "pycaffe-path": "Print the folder holding a `caffe` package for legacy scripts (put it on PYTHONPATH).",
