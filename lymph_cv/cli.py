@@ -40,7 +40,7 @@ COMMANDS = {
 
 #: command name → its one-line summary, shown by ``lymph-cv --help`` without importing the command
 #: (that import would load torch, cv2 and the stages: seconds instead of ~0.1 s).  A command
-#: missing here is imported for its summary; tests/test_startup.py keeps both in step (add a new command to both).
+#: missing here is imported for its summary; tests/test_fast_paths.py keeps both in step (add a new command to both).
 SUMMARIES = {
     "synth": "Write a synthetic CLL/FL/MCL data set in the real layout to OUT.",
     "patches": "Step 1: rotated patches of every image of DATA/<class>/ into OUT (with manifest.json).",

@@ -23,6 +23,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import mmap
 import os
 import re
@@ -36,7 +37,7 @@ import numpy as np
 
 from lymph_cv.formats import store
 from lymph_cv.formats.caffe.blob import write_mean
-from lymph_cv.formats.caffe.datum import encoded_datum, serialize_datum
+from lymph_cv.formats.caffe.datum import encoded_datum, raw_pixel_offset, serialize_datum
 from lymph_cv.formats.caffe.mean import MEAN_PROGRESS_EVERY, MeanAccumulator, channel_means, mean_of_db  # noqa: F401
 from lymph_cv.errors import ConfigError, InputError, LymphCVError, StoreError
 from lymph_cv.stages.folds import FOLDS_JSON, TEST_LIST, TRAIN_LIST, list_folds, read_list_text
@@ -290,22 +291,48 @@ def _save_mean_or_drop(mean_path, accumulator: MeanAccumulator, db_path) -> list
         raise
 
 
+#: List lines a decoding worker handles per task (amortises the hand-off between processes).
+DECODE_CHUNK = 256
+
+
+def _decode_chunk(job: tuple[str, bool, ImageOptions, list[tuple[int, str, int]]]) -> list[tuple]:
+    """Worker side of :func:`_file_records`: (index, value, shape, pixel offset, conversion, problem) per line."""
+    root, concat_root, options, items = job
+    results = []
+    for index, name, label in items:
+        path = root + name if concat_root else os.path.join(root, name)
+        try:
+            value, pixels, conversion = record_value(path, label, options)
+        except InputError as exc:
+            results.append((index, None, None, 0, None, str(exc)))
+            continue
+        shape = None if pixels is None else pixels.shape
+        results.append((index, value, shape, 0 if shape is None else raw_pixel_offset(*shape), conversion, None))
+    return results
+
+
 def _file_records(
     root: Union[str, os.PathLike], concat_root: bool, list_path: Path, entries: Sequence[ListEntry],
-    order: np.ndarray, options: ImageOptions, bad: BadInputs,
+    order: np.ndarray, options: ImageOptions, bad: BadInputs, workers: Optional[int] = 1,
 ) -> Iterator[tuple[bytes, bytes, Optional[np.ndarray]]]:
+    """Records in database order; images are decoded by ``workers`` processes (results come back
+    in order, so the one writer commits exactly what a single process would)."""
     root = os.fspath(root)
-    for index, position in enumerate(order.tolist()):
-        entry = entries[position]
-        path = root + entry.name if concat_root else os.path.join(root, entry.name)
-        try:
-            value, pixels, conversion = record_value(path, entry.label, options)
-        except InputError as exc:
-            # Caffe also skips such a line and still consumes its index (keys have gaps).
-            bad.problem(f"{exc} (named in {list_path} line {entry.line})")
-            continue
-        bad.converted(conversion, path)
-        yield store.make_key(index, entry.name), value, pixels
+    positions = order.tolist()
+    jobs = [(root, concat_root, options,
+             [(index, entries[p].name, entries[p].label) for index, p in enumerate(positions[start : start + DECODE_CHUNK], start)])
+            for start in range(0, len(positions), DECODE_CHUNK)]
+    for chunk in imap(_decode_chunk, jobs, workers=workers):
+        for index, value, shape, offset, conversion, problem in chunk:
+            entry = entries[positions[index]]
+            path = root + entry.name if concat_root else os.path.join(root, entry.name)
+            if problem is not None:
+                # Caffe also skips such a line and still consumes its index (keys have gaps).
+                bad.problem(f"{problem} (named in {list_path} line {entry.line})")
+                continue
+            bad.converted(conversion, path)
+            pixels = None if shape is None else np.frombuffer(value, np.uint8, math.prod(shape), offset).reshape(shape)
+            yield store.make_key(index, entry.name), value, pixels
 
 
 def convert_list(
@@ -323,6 +350,7 @@ def convert_list(
     progress=None,
     concat_root: bool = False,
     entries: Optional[Sequence[ListEntry]] = None,
+    workers: Optional[int] = 1,
 ) -> DbResult:
     """``convert_imageset``: the images of a list (under ``root``) into a new database.
 
@@ -330,6 +358,7 @@ def convert_list(
     ``concat_root`` joins ``root`` and each name as Caffe does (plain string concatenation,
     so ``ROOT/`` needs its slash); otherwise as paths.  ``entries`` are the already-parsed
     list.  Bad inputs raise InputError, or with ``skip_bad`` are skipped and returned as problems.
+    ``workers`` processes decode the images (``None``: all cores) while this one writes.
     """
     started = time.perf_counter()
     list_path = Path(list_path)
@@ -337,7 +366,7 @@ def convert_list(
         entries = read_image_list(list_path, num_labels)
     order = shuffled_order(len(entries), seed)
     bad = BadInputs(skip_bad)
-    records = _file_records(root, concat_root, list_path, entries, order, options, bad)
+    records = _file_records(root, concat_root, list_path, entries, order, options, bad, workers)
     accumulator = MeanAccumulator() if mean_path is not None else None
     count = write_db(db_path, backend, records, overwrite=overwrite, accumulator=accumulator,
                      check_size=options.check_size, progress=progress)

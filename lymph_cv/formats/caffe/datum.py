@@ -41,6 +41,11 @@ def _raw_header(channels: int, height: int, width: int) -> bytes:
     )
 
 
+def raw_pixel_offset(channels: int, height: int, width: int) -> int:
+    """Where the pixels start in a raw datum of this shape written by :func:`serialize_datum`."""
+    return len(_raw_header(channels, height, width))
+
+
 @functools.lru_cache(maxsize=1024)
 def _raw_trailer(label: int) -> bytes:
     """The label field and Caffe's explicit ``encoded: false``."""

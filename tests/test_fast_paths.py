@@ -113,3 +113,22 @@ def test_raw_layout_refuses_other_records():
     assert mean_module.raw_layout(raw) == (raw[: raw.index(bytes(60))], (3, 4, 5))
     assert mean_module.raw_layout(array_to_datum(np.zeros((1, 2, 2), np.float32), 0).SerializeToString()) is None
     assert mean_module.raw_layout(raw[:20]) is None and mean_module.raw_layout(b"") is None
+
+
+def test_convert_with_decoding_workers_writes_the_same_database(tmp_path):
+    from datautil import list_workdir
+    from lymph_cv.stages import dbs
+
+    work = list_workdir(tmp_path / "work", width=100, height=80)
+    lines = (work / "train_w32_1.txt").read_text().splitlines()
+    lines.insert(3, "subs/missing_sub_1.tif 1")  # skipped, its index still consumed
+    (work / "list.txt").write_text("\n".join(lines) + "\n")
+    results = {}
+    for workers in (1, 2):
+        result = dbs.convert_list(work, work / "list.txt", tmp_path / f"db{workers}", backend="leveldb", seed=3,
+                                  mean_path=tmp_path / f"mean{workers}", skip_bad=True, workers=workers,
+                                  options=dbs.ImageOptions(check_size=True))
+        with store.open_reader(tmp_path / f"db{workers}") as reader:
+            results[workers] = (list(reader), (tmp_path / f"mean{workers}").read_bytes(), result.problems)
+    assert results[1] == results[2]
+    assert len(results[1][0]) == len(lines) - 1 and len(results[1][2]) == 1
