@@ -19,6 +19,8 @@ def solver_param(**fields) -> caffe_pb2.SolverParameter:
     for key, value in fields.items():
         if isinstance(value, list):
             getattr(param, key).extend(value)
+        elif hasattr(value, "DESCRIPTOR"):  # a sub-message (onecycle_param)
+            getattr(param, key).CopyFrom(value)
         else:
             setattr(param, key, value)
     return param
@@ -167,7 +169,7 @@ def test_multistep_advances_one_step_per_call():
     got, schedule = rates("multistep", [0, 30, 31, 40], gamma=0.1, stepvalue=[10, 20, 40])
     assert got == pytest.approx([0.1, 0.01, 0.001, 0.0001])
     assert schedule.current_step == 3
-    assert set(LR_POLICIES) == {"fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid"}
+    assert set(LR_POLICIES) == {"fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid", "onecycle"}
 
 
 def test_config_errors_name_valid_values():
@@ -219,3 +221,83 @@ def test_step_on_a_built_net_uses_its_param_specs(kind):
     np.testing.assert_allclose(net.learnable[0].param.detach().numpy().reshape(C, K), expected_w, rtol=1e-5,
                                atol=1e-6)
     np.testing.assert_allclose(net.learnable[1].param.detach().numpy(), expected_b, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------- one-cycle and AdamW
+def onecycle_param(**fields) -> caffe_pb2.SolverParameter:
+    return solver_param(lr_policy="onecycle", base_lr=0.1, max_iter=8, **fields)
+
+
+def test_onecycle_rates_and_momenta_match_hand_computed_schedule():
+    from lymph_cv.net.solver import one_cycle
+
+    # max_iter 8, warm-up 0.25 = 2 iterations: start 0.1/25, peak 0.1 at 2, end 0.1/1e5;
+    # a half cosine is halfway at its midpoint (iteration 1 going up, 5 coming down).
+    expected = {0: (0.004, 0.95), 1: (0.052, 0.90), 2: (0.1, 0.85), 5: (0.0500005, 0.90), 8: (1e-6, 0.95)}
+    param = onecycle_param()
+    for iteration, (rate, momentum) in expected.items():
+        assert one_cycle(iteration, param) == pytest.approx((rate, momentum), rel=1e-6), iteration
+    # iteration 3 of 8: 1/6 into the descent, rate = 1e-6 + (0.1 - 1e-6)·(1 + cos(π/6))/2
+    rate, momentum = one_cycle(3, param)
+    assert rate == pytest.approx(1e-6 + (0.1 - 1e-6) * (1 + math.cos(math.pi / 6)) / 2, rel=1e-6)
+    assert momentum == pytest.approx(0.95 - 0.10 * (1 + math.cos(math.pi / 6)) / 2, rel=1e-6)
+    got, _ = rates("onecycle", [0, 2, 8], max_iter=8)
+    assert got == pytest.approx([0.004, 0.1, 1e-6])
+    custom = onecycle_param(onecycle_param=caffe_pb2.OneCycleParameter(pct_start=0.5, div=10, div_final=100))
+    assert one_cycle(0, custom)[0] == pytest.approx(0.01) and one_cycle(4, custom)[0] == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match="onecycle needs max_iter > 0"):
+        LearningRate(solver_param(lr_policy="onecycle"))
+    with pytest.raises(ConfigError, match="pct_start must be in"):
+        LearningRate(onecycle_param(onecycle_param=caffe_pb2.OneCycleParameter(pct_start=1.0)))
+
+
+def test_onecycle_cycles_sgd_momentum_in_the_update():
+    x, labels, weight, bias = tiny_problem(5)
+    fields = dict(lr_policy="onecycle", base_lr=0.1, max_iter=8, momentum=0.5, type="SGD")
+    got_w, _, solver = torch_step(fields, x, labels, weight, bias, decay_mults=(0, 0), steps=2)
+    w, b = weight.astype(np.float64), bias.astype(np.float64)
+    vw, vb = np.zeros_like(w), np.zeros_like(b)
+    for rate, momentum in ((0.004, 0.95), (0.052, 0.90)):  # the schedule above, not momentum 0.5
+        gw, gb = numpy_gradients(x, labels, w, b)
+        vw, vb = momentum * vw + rate * gw, momentum * vb + 2 * rate * gb
+        w, b = w - vw, b - vb
+    np.testing.assert_allclose(got_w, w, rtol=1e-5, atol=1e-7)
+    assert solver.momentum == pytest.approx(0.90)
+
+
+def test_adamw_decays_weights_decoupled_and_not_the_bias():
+    x, labels, weight, bias = tiny_problem(6)
+    lr, decay, beta1, beta2, delta = 0.01, 0.1, 0.9, 0.999, 1e-8
+    w_t = torch.tensor(weight, requires_grad=True)
+    b_t = torch.tensor(bias, requires_grad=True)
+    learnables = [Learnable(w_t, 1.0, 1.0, "ip[0]"), Learnable(b_t, 2.0, 1.0, "ip[1]", decoupled_decay=False)]
+    solver = make_solver(solver_param(type="AdamW", base_lr=lr, weight_decay=decay, momentum=beta1), learnables)
+    w, b = weight.astype(np.float64), bias.astype(np.float64)
+    mw, vw, mb, vb = (np.zeros_like(w), np.zeros_like(w), np.zeros_like(b), np.zeros_like(b))
+    for t in (1, 2):
+        solver.zero_grad()
+        logits = torch.from_numpy(x) @ w_t.T + b_t
+        torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels)).backward()
+        solver.apply_update()
+        gw, gb = numpy_gradients(x, labels, w, b)  # no decay in the gradient
+        correction = math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+        mw, vw = beta1 * mw + (1 - beta1) * gw, beta2 * vw + (1 - beta2) * gw ** 2
+        mb, vb = beta1 * mb + (1 - beta1) * gb, beta2 * vb + (1 - beta2) * gb ** 2
+        w = w - lr * (correction * mw / (np.sqrt(vw) + delta) + decay * w)
+        b = b - 2 * lr * correction * mb / (np.sqrt(vb) + delta)
+    np.testing.assert_allclose(w_t.detach().numpy(), w, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(b_t.detach().numpy(), b, rtol=1e-5, atol=1e-7)
+    assert len(solver.history_arrays()) == 4  # Adam's m and v: a solverstate like Adam's
+
+
+def test_adamw_skips_bias_batchnorm_and_scale_blobs_of_a_net():
+    from lymph_cv.net.solver import decays_decoupled
+    from lymph_cv.formats.caffe.prototxt import parse_net_text
+    from lymph_cv.net.build import build_net
+    from lymph_cv.net.solver import learnables_of
+
+    assert decays_decoupled("Convolution", 0) and decays_decoupled("InnerProduct", 0)
+    assert not decays_decoupled("Convolution", 1) and not decays_decoupled("InnerProduct", 1)
+    assert not any(decays_decoupled(kind, 0) for kind in ("BatchNorm", "Scale", "Bias"))
+    net = build_net(parse_net_text(TINY_NET), caffe_pb2.TRAIN)
+    assert [item.decoupled_decay for item in learnables_of(net)] == [True, False]

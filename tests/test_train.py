@@ -188,7 +188,7 @@ def test_cli_errors_are_one_line(runner, cli, data_root, tmp_path):
     result = runner.invoke(cli, ["train", "--solver", str(bad)])
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [f"error: {bad}: unknown lr_policy 'cosine' (valid: fixed, "
-                                                  "step, exp, inv, multistep, poly, sigmoid)"]
+                                                  "step, exp, inv, multistep, poly, sigmoid, onecycle)"]
 
 
 def test_cli_trains_from_another_directory(runner, cli, data_root, tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 
 import click
 
+from lymph_cv.commands.training_options import augmentation_options, augmentation_overrides
 from lymph_cv.stages import render as render_module
 from lymph_cv.errors import ConfigError
 
@@ -32,9 +33,15 @@ def _set_help() -> str:
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help=_set_help())
 @click.option("--device", type=click.Choice(sorted(render_module.DEVICES)), default="cpu", show_default=True,
               help="solver_mode: CPU or GPU.")
-def render(workdir: Path, folds, dropout: bool, legacy_v1: bool, settings: Sequence[str], device: str) -> None:
-    """Render WORKDIR/K/ solver, net and deploy prototxt for every fold."""
+@augmentation_options
+def render(workdir: Path, folds, dropout: bool, legacy_v1: bool, settings: Sequence[str], device: str,
+           mixup_alpha, label_smoothing, vertical_flip, rotate90) -> None:
+    """Render WORKDIR/K/ solver, net and deploy prototxt for every fold.
+
+    Modern training (lymph_cv's solver extensions, not trainable by real Caffe): --set
+    lr_policy=onecycle, --set solver_type=AdamW and the augmentation options."""
     overrides = render_module.parse_overrides(settings)
+    overrides.update(augmentation_overrides(mixup_alpha, label_smoothing, vertical_flip, rotate90))
     rendered = render_module.render_folds(workdir, folds, dropout=dropout, legacy_v1=legacy_v1,
                                           overrides=overrides, device=device)
     for fold in rendered:

@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 import click
 
 from lymph_cv.commands.render import _folds
+from lymph_cv.commands.training_options import augmentation_options, augmentation_overrides
 from lymph_cv.workdir.layout import EVAL_DIR, REPORT_HTML, REPORT_MD
 from lymph_cv.pipeline import EXECUTORS, STAGES, DemoData, RunOptions, run_pipeline
 
@@ -66,15 +67,19 @@ def _classes(ctx, param, value: str):
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes for patches/DBs [default: all cores].")
 @click.option("--from", "from_stage", type=click.Choice(STAGES), default=None,
               help="Redo this stage and everything after it.")
+@augmentation_options
 def run(workdir: Path, data: Optional[Path], demo: bool, classes, k: int, folds, group_by: str, seed: int,
         backend: str, direct: bool, max_iter: Optional[int], dropout: bool, overrides: dict, device: str,
-        executor: str, walltime, queue, job_timeout, aggregate: str, no_oversample: bool, workers, from_stage) -> None:
+        executor: str, walltime, queue, job_timeout, aggregate: str, no_oversample: bool, workers, from_stage,
+        mixup_alpha, label_smoothing, vertical_flip, rotate90) -> None:
     """Steps 1–5 and the report: images → patches → folds → DBs → training → confusion matrices.
 
     Resumable: each stage is recorded in WORKDIR/run.json and skipped when its outputs are
     complete and its parameters unchanged; rerun after an interruption to continue."""
     if data is None and not demo:
         raise click.UsageError("give --data DIR (one sub-folder per class) or --demo")
+    overrides = {**overrides, **{key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in
+                                 augmentation_overrides(mixup_alpha, label_smoothing, vertical_flip, rotate90).items()}}
     job_options = None
     if executor != "local":
         from lymph_cv.cluster.jobs import JobOptions

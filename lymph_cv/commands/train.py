@@ -10,6 +10,7 @@ from lymph_cv.core.threads import configure_openmp
 
 configure_openmp()  # before lymph_cv.stages.train imports torch
 
+from lymph_cv.commands.training_options import augmentation_options, augmentation_overrides  # noqa: E402
 from lymph_cv.core.devices import DEVICE_CHOICES  # noqa: E402
 
 
@@ -27,9 +28,14 @@ from lymph_cv.core.devices import DEVICE_CHOICES  # noqa: E402
 @click.option("--seed", type=int, default=None,
               help="Seed for initialisation, crops, mirrors and dropout (default: the solver's random_seed).")
 @click.option("--max-iter", type=click.IntRange(min=0), default=None, help="Override the solver's max_iter.")
+@augmentation_options
 def train(solver: Path, snapshot: Optional[Path], resume: bool, weights: Optional[Path], device: Optional[str],
-          seed: Optional[int], max_iter: Optional[int]) -> None:
-    """Train SOLVER's net; snapshots and train.log go to the solver's base directory."""
+          seed: Optional[int], max_iter: Optional[int], mixup_alpha, label_smoothing, vertical_flip,
+          rotate90) -> None:
+    """Train SOLVER's net; snapshots and train.log go to the solver's base directory.
+
+    The augmentation options override the solver's augmentation_param (recorded in train.json);
+    a resumed run needs the same ones to continue exactly."""
     from lymph_cv.stages.train import latest_solverstate
     from lymph_cv.stages.train import train as run_training
 
@@ -42,7 +48,8 @@ def train(solver: Path, snapshot: Optional[Path], resume: bool, weights: Optiona
         if snapshot is not None:
             click.echo(f"resuming from {snapshot}", err=True)
     result = run_training(solver, snapshot=snapshot, weights=[weights] if weights else (), device=device,
-                          seed=seed, max_iter=max_iter)
+                          seed=seed, max_iter=max_iter,
+                          augmentation=augmentation_overrides(mixup_alpha, label_smoothing, vertical_flip, rotate90))
     state = "stopped early at" if result.stopped_early else "finished at"
     click.echo(f"{state} iteration {result.iterations} (seed {result.seed}, {result.device})")
     for name, value in result.test_scores.items():

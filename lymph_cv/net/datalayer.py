@@ -13,6 +13,10 @@ draw, 0 by default) and its crop/mirror draws come from an RNG seeded with ``(se
 run resumed from a snapshot sees exactly the batches an uninterrupted run would have seen (Caffe
 restarts its cursor at the first key instead).
 
+Beyond Caffe, a TRAIN layer given an :class:`~lymph_cv.net.augment.Augmentation` also flips its
+samples vertically and turns them by quarter turns after the transform (seeded the same way, from a
+stream of its own, so the crops and mirrors stay what they were).
+
 The database is decoded once into one uint8 array held in memory (a memory-mapped scratch file when
 it does not fit); batches are gathered with vectorised numpy indexing (no per-sample Python loop).
 """
@@ -33,6 +37,8 @@ from lymph_cv.formats.caffe.blob import read_mean
 from lymph_cv.formats.caffe.datum import parse_datum
 from lymph_cv.errors import ConfigError, FormatError, StoreError, UnsupportedError
 from lymph_cv.formats.store import open_reader
+from lymph_cv.net.augment import STREAM_GEOMETRY, Augmentation, flip_and_turn, geometry_draws
+from lymph_cv.net.augment import stream as augment_stream
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +151,8 @@ class DataLayer:
     """One Data layer of a built net: ``batch(b)`` gives the tops of batch number ``b``."""
 
     def __init__(self, layer: caffe_pb2.LayerParameter, phase: int, seed: int,
-                 resolve: Callable[[str], Path], cache: Optional[RecordCache] = None):
+                 resolve: Callable[[str], Path], cache: Optional[RecordCache] = None,
+                 augmentation: Optional[Augmentation] = None):
         self.name = layer.name
         self.tops = list(layer.top)
         self.phase = phase
@@ -176,6 +183,13 @@ class DataLayer:
                         .integers(data.rand_skip)) if data.rand_skip else 0
         out = self.crop or None
         self.output_shape = (self.batch_size, channels, out or height, out or width)
+        #: flips and quarter turns after the transform (TRAIN only, as Caffe's random crops).
+        geometric = augmentation is not None and augmentation.geometric and phase == caffe_pb2.TRAIN
+        self.augmentation = augmentation if geometric else None
+        if self.augmentation is not None and self.augmentation.rotate90 and \
+                self.output_shape[2] != self.output_shape[3]:
+            raise ConfigError(f"layer {layer.name}: quarter turns need square inputs, this layer gives "
+                              f"{self.output_shape[2]}×{self.output_shape[3]} (set crop_size)")
 
     def __repr__(self) -> str:
         return f"DataLayer({self.name!r}, {self.source}, batch {self.batch_size})"
@@ -233,7 +247,13 @@ class DataLayer:
         if rows[0] > rows[-1]:
             log.debug("%s: restarting data prefetching from start", self.name)
         flip, h_off, w_off = self.offsets(batch)
-        return self.transform(self.records.images[rows], flip, h_off, w_off), self.records.labels[rows]
+        data = self.transform(self.records.images[rows], flip, h_off, w_off)
+        if self.augmentation is not None:
+            rng = augment_stream(self.seed, self.phase, batch, STREAM_GEOMETRY)
+            flips, turns = geometry_draws(rng, self.batch_size, self.augmentation.vertical_flip,
+                                          self.augmentation.rotate90)
+            data = flip_and_turn(data, flips, turns)
+        return data, self.records.labels[rows]
 
     def batch(self, batch: int, device: torch.device | str = "cpu") -> Dict[str, torch.Tensor]:
         """The layer's tops for batch number ``batch``: data, and the labels (as float, like Caffe)."""

@@ -393,12 +393,22 @@ class SoftmaxLayer(Layer):
 # Losses and metrics
 
 
+def _soft_targets(scores: torch.Tensor, labels: torch.Tensor, axis: int) -> Optional[torch.Tensor]:
+    """(M, C) target distributions when ``labels`` has the scores' own shape (soft targets, which
+    lymph_cv's mixup and label smoothing feed; not a Caffe feature), else None."""
+    if labels.dim() < 2 or tuple(labels.shape) != tuple(scores.shape) or scores.shape[axis] < 2:
+        return None
+    return labels.movedim(axis, -1).reshape(-1, scores.shape[axis])
+
+
 def _scores_and_labels(scores: torch.Tensor, labels: torch.Tensor, axis: int, ignore_label: Optional[int]):
     """(M, C) scores with the class axis last, (M,) integer labels (ignored ones replaced by 0, a
-    valid index) and the (M,) mask of labels that count; M = outer·inner positions."""
+    valid index) and the (M,) mask of labels that count; M = outer·inner positions.  Soft targets
+    count as their most probable class."""
     classes = scores.shape[axis]
     moved = scores.movedim(axis, -1).reshape(-1, classes)
-    flat = labels.reshape(-1)
+    soft = _soft_targets(scores, labels, axis)
+    flat = soft.argmax(dim=1) if soft is not None else labels.reshape(-1)
     if flat.numel() != moved.shape[0]:
         raise ConfigError(f"label count {flat.numel()} does not match {moved.shape[0]} predictions")
     target = flat.to(torch.long)
@@ -412,7 +422,10 @@ def _scores_and_labels(scores: torch.Tensor, labels: torch.Tensor, axis: int, ig
 
 @register("SoftmaxWithLoss")
 class SoftmaxWithLossLayer(Layer):
-    """Mean of −log(max(p[label], FLT_MIN)) with Caffe's normalization modes and ignore_label."""
+    """Mean of −log(max(p[label], FLT_MIN)) with Caffe's normalization modes and ignore_label.
+
+    A label blob shaped like the scores holds soft targets t (lymph_cv's mixup and label smoothing):
+    the loss is then Σ_c −t_c·log(max(p_c, FLT_MIN)) per position, every position valid."""
 
     is_loss = True
     bottoms_range = (2, 2)
@@ -435,12 +448,19 @@ class SoftmaxWithLossLayer(Layer):
             self.top_shapes.append(tuple(bottom_shapes[0]))
 
     def forward(self, scores, labels):
-        flat, safe_target, valid = _scores_and_labels(scores, labels, self.axis, self.ignore_label)
-        log_p = torch.log_softmax(flat, dim=1).gather(1, safe_target[:, None])[:, 0]
-        nll = -log_p
+        soft = _soft_targets(scores, labels, self.axis)
+        if soft is not None:
+            flat = scores.movedim(self.axis, -1).reshape(-1, scores.shape[self.axis])
+            nll = -torch.log_softmax(flat, dim=1)
+            valid = torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device)
+        else:
+            flat, safe_target, valid = _scores_and_labels(scores, labels, self.axis, self.ignore_label)
+            nll = -torch.log_softmax(flat, dim=1).gather(1, safe_target[:, None])[:, 0]
         # Caffe clamps p at FLT_MIN in the value but its gradient is p − onehot unclamped.
         clamped = nll.detach().clamp(max=-math.log(FLT_MIN))
         nll = nll + (clamped - nll.detach())
+        if soft is not None:
+            nll = (nll * soft.to(nll.dtype)).sum(dim=1)
         total = (nll * valid).sum()
         outer = math.prod(scores.shape[:self.axis])
         if self.normalization == "FULL":

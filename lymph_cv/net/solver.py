@@ -9,6 +9,11 @@ the learning rate outside the momentum history and its state layout is not Caffe
 
 History blobs are kept in Caffe's order (one per learnable parameter in net order; AdaDelta and Adam
 append a second set), so they round-trip through ``.solverstate`` files.
+
+Two extensions real Caffe does not know (caffe.proto marks them): ``lr_policy: "onecycle"`` (fastai's
+one-cycle schedule of the rate and the momentum, :func:`one_cycle`) and ``type: "AdamW"`` (Adam with
+decoupled weight decay, none on biases, BatchNorm, Scale and Bias blobs).  Both are functions of the
+iteration alone, so a resumed run continues them exactly.
 """
 from __future__ import annotations
 
@@ -27,7 +32,9 @@ from lymph_cv.errors import ConfigError, TrainingError
 
 log = logging.getLogger(__name__)
 
-LR_POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
+LR_POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid", "onecycle")
+#: layer types none of whose blobs AdamW decays; of the other layers only the weights (blob 0) decay.
+NO_DECAY_TYPES = ("BatchNorm", "Scale", "Bias", "PReLU")
 REGULARIZATION_TYPES = ("L2", "L1")
 
 def solver_type(param: caffe_pb2.SolverParameter, path=None) -> str:
@@ -35,6 +42,30 @@ def solver_type(param: caffe_pb2.SolverParameter, path=None) -> str:
     upgraded = caffe_pb2.SolverParameter()
     upgraded.CopyFrom(param)
     return upgrade_solver(upgraded, path).type
+
+
+def cosine(start: float, end: float, position: float) -> float:
+    """fastai's ``SchedCos``: from ``start`` (position 0) to ``end`` (position 1) along a half cosine."""
+    return start + (1.0 + math.cos(math.pi * (1.0 - position))) * (end - start) / 2.0
+
+
+def one_cycle(iteration: int, param: caffe_pb2.SolverParameter) -> tuple[float, float]:
+    """(rate, momentum) of lr_policy ``onecycle`` before update number ``iteration`` of ``max_iter``.
+
+    fastai's ``fit_one_cycle`` with the training position ``iteration / max_iter``: the first
+    ``pct_start`` of it warms the rate up from ``base_lr / div`` to ``base_lr`` while the momentum
+    falls from ``max_momentum`` to ``base_momentum``; the rest anneals the rate to
+    ``base_lr / div_final`` and brings the momentum back (each a half cosine)."""
+    cycle = param.onecycle_param
+    top = param.base_lr
+    position = min(1.0, iteration / param.max_iter)
+    if position < cycle.pct_start:
+        part = position / cycle.pct_start
+        return (cosine(top / cycle.div, top, part),
+                cosine(cycle.max_momentum, cycle.base_momentum, part))
+    part = (position - cycle.pct_start) / (1.0 - cycle.pct_start)
+    return (cosine(top, top / cycle.div_final, part),
+            cosine(cycle.base_momentum, cycle.max_momentum, part))
 
 
 class LearningRate:
@@ -53,8 +84,14 @@ class LearningRate:
             raise ConfigError(f"unknown lr_policy {self.policy!r}", path, valid=LR_POLICIES)
         if self.policy == "step" and param.stepsize <= 0:
             raise ConfigError("lr_policy step needs stepsize > 0", path)
-        if self.policy == "poly" and param.max_iter <= 0:
-            raise ConfigError("lr_policy poly needs max_iter > 0", path)
+        if self.policy in ("poly", "onecycle") and param.max_iter <= 0:
+            raise ConfigError(f"lr_policy {self.policy} needs max_iter > 0", path)
+        if self.policy == "onecycle":
+            cycle = param.onecycle_param
+            if not 0.0 < cycle.pct_start < 1.0:
+                raise ConfigError(f"onecycle_param.pct_start must be in (0, 1), got {cycle.pct_start:g}", path)
+            if cycle.div <= 0 or cycle.div_final <= 0:
+                raise ConfigError("onecycle_param.div and div_final must be > 0", path)
 
     def __call__(self, iteration: int) -> float:
         p = self.param
@@ -74,6 +111,8 @@ class LearningRate:
             return p.base_lr * p.gamma ** self.current_step
         if self.policy == "poly":
             return p.base_lr * (1.0 - iteration / p.max_iter) ** p.power
+        if self.policy == "onecycle":
+            return one_cycle(iteration, p)[0]
         return p.base_lr * (1.0 / (1.0 + math.exp(-p.gamma * (iteration - p.stepsize))))
 
 
@@ -85,6 +124,8 @@ class Learnable:
     lr_mult: float = 1.0
     decay_mult: float = 1.0
     name: str = ""
+    #: whether AdamW's decoupled weight decay applies (weights yes; biases, BatchNorm, Scale no).
+    decoupled_decay: bool = True
 
 
 class Solver(ABC):
@@ -94,6 +135,8 @@ class Solver(ABC):
     history_sets = 1
     #: history sets that accumulate squares, so a valid state never holds a negative value there.
     squared_sets: tuple = ()
+    #: whether ``momentum`` is a momentum that lr_policy onecycle cycles (not AdaDelta's decay).
+    cycles_momentum = False
 
     def __init__(self, param: caffe_pb2.SolverParameter, learnables: Sequence[Learnable], path=None):
         self.param = param
@@ -109,6 +152,8 @@ class Solver(ABC):
             torch.zeros_like(item.param, memory_format=torch.contiguous_format)
             for _ in range(self.history_sets) for item in self.learnables]
         self.iter = 0
+        #: the momentum of the update in progress (the solver's, or the one-cycle schedule's).
+        self.momentum = float(param.momentum)
         #: called with each log message of the update (clipping); set by the training loop.
         self.on_message: Callable[[str], None] = log.info
 
@@ -174,6 +219,8 @@ class Solver(ABC):
         ``advance`` counts the update (what ``Step`` does after it); pycaffe's ``apply_update``
         alone leaves the iteration as it was, like Caffe's."""
         rate = self.lr(self.iter)
+        if self.cycles_momentum and self.lr.policy == "onecycle":
+            self.momentum = one_cycle(self.iter, self.param)[1]
         self.clip_gradients()
         with torch.no_grad():
             for i, item in enumerate(self.learnables):
@@ -201,18 +248,22 @@ class Solver(ABC):
 class SGDSolver(Solver):
     """V = momentum·V + local_rate·g; W −= V."""
 
+    cycles_momentum = True
+
     def compute_update(self, i, diff, local_rate):
         h = self.history[i]
-        h.mul_(self.param.momentum).add_(diff, alpha=local_rate)
+        h.mul_(self.momentum).add_(diff, alpha=local_rate)
         diff.copy_(h)
 
 
 class NesterovSolver(Solver):
     """Caffe's Nesterov: update = (1+m)·V_new − m·V_old."""
 
+    cycles_momentum = True
+
     def compute_update(self, i, diff, local_rate):
         h = self.history[i]
-        momentum = self.param.momentum
+        momentum = self.momentum
         previous = h.clone()
         h.mul_(momentum).add_(diff, alpha=local_rate)
         diff.copy_(h * (1.0 + momentum) - previous * momentum)
@@ -270,16 +321,35 @@ class AdamSolver(Solver):
 
     history_sets = 2
     squared_sets = (1,)
+    cycles_momentum = True
 
     def compute_update(self, i, diff, local_rate):
         n = len(self.learnables)
         m, v = self.history[i], self.history[n + i]
-        beta1, beta2 = self.param.momentum, self.param.momentum2
+        beta1, beta2 = self.momentum, self.param.momentum2
         t = self.iter + 1
         correction = math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
         m.mul_(beta1).add_(diff, alpha=1.0 - beta1)
         v.mul_(beta2).add_(diff * diff, alpha=1.0 - beta2)
         diff.copy_(m / (torch.sqrt(v).add_(self.param.delta))).mul_(local_rate * correction)
+
+
+class AdamWSolver(AdamSolver):
+    """Adam with decoupled weight decay (Loshchilov & Hutter): W −= local_rate·(adam + wd·W).
+
+    ``weight_decay · decay_mult`` shrinks the weights directly instead of entering the gradient
+    (so it is not rescaled by Adam's second moment), and only blobs marked ``decoupled_decay``
+    (weights, not biases, BatchNorm, Scale or Bias blobs) decay.  Not a Caffe solver type."""
+
+    def regularize(self, item, diff):
+        """No coupled decay: it is applied in :meth:`compute_update`."""
+
+    def compute_update(self, i, diff, local_rate):
+        item = self.learnables[i]
+        super().compute_update(i, diff, local_rate)
+        local_decay = float(np.float32(self.param.weight_decay) * np.float32(item.decay_mult))
+        if item.decoupled_decay and local_decay:
+            diff.add_(item.param.detach(), alpha=local_rate * local_decay)
 
 
 SOLVERS: Dict[str, type] = {
@@ -289,6 +359,7 @@ SOLVERS: Dict[str, type] = {
     "RMSProp": RMSPropSolver,
     "AdaDelta": AdaDeltaSolver,
     "Adam": AdamSolver,
+    "AdamW": AdamWSolver,
 }
 
 
@@ -301,10 +372,18 @@ def make_solver(param: caffe_pb2.SolverParameter, learnables: Sequence[Learnable
     return SOLVERS[name](param, learnables, path)
 
 
+def decays_decoupled(layer_type: str, index: int) -> bool:
+    """Whether AdamW decays blob ``index`` of a layer of ``layer_type``: the weights (blob 0) of
+    every layer but BatchNorm, Scale, Bias and PReLU; never a bias."""
+    return index == 0 and layer_type not in NO_DECAY_TYPES
+
+
 def learnables_of(net) -> List[Learnable]:
     """The solver's view of a built net's ``learnable`` list (layer, index, param, lr_mult, decay_mult)."""
     return [Learnable(entry.param, float(entry.lr_mult), float(entry.decay_mult),
-                      f"{entry.layer}[{entry.index}]") for entry in net.learnable]
+                      f"{entry.layer}[{entry.index}]",
+                      decays_decoupled(net.layer(entry.layer).param.type, entry.index))
+            for entry in net.learnable]
 
 
 def snapshot_names(prefix: str, iteration: int) -> tuple[str, str]:

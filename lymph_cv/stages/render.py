@@ -6,6 +6,11 @@ For fold K the files go to ``WORKDIR/K/`` under the tutorial's names
 ``render.json`` recording every template variable used.  Values the data decides are derived:
 ``test_iter`` = lines of ``test_w32_K.txt`` // batch size, the number of classes from the labels
 in the fold's lists, the DB backend from ``dbs.json``, the channel count from the mean file.
+
+Modern training (lymph_cv's solver extensions, which real Caffe does not know): ``lr_policy=onecycle``,
+``solver_type=AdamW`` and the augmentation variables (``mixup_alpha``, ``label_smoothing``,
+``vertical_flip``, ``rotate90``), written as the solver's ``augmentation_param`` only when set, so a
+default render stays a solver real Caffe trains.
 """
 from __future__ import annotations
 
@@ -45,10 +50,15 @@ DEPLOY_TEMPLATE = "deploy.prototxt.j2"
 DEVICES = {"cpu": "CPU", "cuda": "GPU"}
 #: Solver type string (V2 ``type``) → V1 ``solver_type`` enum name.
 SOLVER_TYPES = {"SGD": "SGD", "Nesterov": "NESTEROV", "AdaGrad": "ADAGRAD", "RMSProp": "RMSPROP",
-                "AdaDelta": "ADADELTA", "Adam": "ADAM"}
+                "AdaDelta": "ADADELTA", "Adam": "ADAM", "AdamW": None}
+#: β1 of AdamW when no momentum is set (torch's and fastai's; Caffe's own Adam keeps its 0 default).
+ADAMW_MOMENTUM = 0.9
 #: lr_policy → the solver fields its formula needs (Caffe's lr policies).
 LR_POLICIES = {"fixed": (), "step": ("gamma", "stepsize"), "exp": ("gamma",), "inv": ("gamma", "power"),
-               "multistep": ("gamma", "stepvalue"), "poly": ("power",), "sigmoid": ("gamma", "stepsize")}
+               "multistep": ("gamma", "stepvalue"), "poly": ("power",), "sigmoid": ("gamma", "stepsize"),
+               "onecycle": ()}
+#: Augmentation variables → their "off" value; written into augmentation_param when not off.
+AUGMENTATION_FIELDS = {"mixup_alpha": 0.0, "label_smoothing": 0.0, "vertical_flip": False, "rotate90": False}
 BACKENDS = {"leveldb": "LEVELDB", "lmdb": "LMDB"}
 #: V2 layer type → V1 LayerType enum name, for the legacy syntax.
 V1_TYPES = {"Data": "DATA", "Convolution": "CONVOLUTION", "Pooling": "POOLING", "ReLU": "RELU",
@@ -126,6 +136,22 @@ def _int_list(text: str) -> List[int]:
     return values
 
 
+def _boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _non_negative(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise ValueError("must be >= 0")
+    return value
+
+
 def _ratio(text: str) -> float:
     value = _finite(text)
     if not 0.0 <= value < 1.0:
@@ -159,6 +185,10 @@ VARIABLES: Dict[str, Variable] = {
     "net_name": Variable(_quoted, "CIFAR10_quick", "net name"),
     "weight_lr_mult": Variable(_finite, 1.0, "lr multiplier of weights"),
     "bias_lr_mult": Variable(_finite, 2.0, "lr multiplier of biases"),
+    "mixup_alpha": Variable(_non_negative, 0.0, "mixup Beta(α, α) per sample (0 = off; lymph_cv only)"),
+    "label_smoothing": Variable(_ratio, 0.0, "label smoothing ε (lymph_cv only)"),
+    "vertical_flip": Variable(_boolean, False, "random vertical flips in training (lymph_cv only)"),
+    "rotate90": Variable(_boolean, False, "random quarter turns in training (lymph_cv only)"),
 }
 #: Solver fields written only when set, in this order.
 OPTIONAL_SOLVER_FIELDS = ("gamma", "power", "stepsize", "stepvalue", "momentum", "random_seed")
@@ -298,6 +328,11 @@ def fold_context(workdir: PathLike, fold: int, *, dropout: bool = False, legacy_
         raise ConfigError(f"lr_policy {values['lr_policy']} needs --set " + ", ".join(f"{key}=..." for key in needed))
     if values["solver_type"] == "AdaGrad" and values["momentum"]:
         raise ConfigError("AdaGrad takes no momentum (Caffe requires momentum 0)")
+    if values["solver_type"] == "AdamW":
+        if legacy_v1:
+            raise ConfigError("solver_type AdamW has no V1 solver_type enum (it is lymph_cv's); drop --legacy-v1")
+        if values["momentum"] is None:
+            values["momentum"] = ADAMW_MOMENTUM
     values.update(
         fold=fold, dropout=dropout, legacy_v1=legacy_v1, device=device,
         solver_mode=DEVICES[device], solver_enum=SOLVER_TYPES[values["solver_type"]],
@@ -321,6 +356,9 @@ def render_fold(workdir: PathLike, fold: int, *, dropout: bool = False, legacy_v
     context["optional_solver_fields"] = [
         (key, _number(value)) for key in OPTIONAL_SOLVER_FIELDS if values[key] is not None
         for value in (values[key] if isinstance(values[key], list) else [values[key]])]
+    context["augmentation"] = [
+        (key, str(values[key]).lower() if isinstance(values[key], bool) else _number(values[key]))
+        for key, off in AUGMENTATION_FIELDS.items() if values[key] != off]
     context["data_layers"] = [
         {"name": "cifar_train", "source": f"../{TRAIN_DB.format(fold=fold)}", "mirror": True, "phase": "TRAIN"},
         {"name": "cifar_test", "source": f"../{TEST_DB.format(fold=fold)}", "mirror": False, "phase": "TEST"},

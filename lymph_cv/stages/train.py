@@ -18,6 +18,9 @@ Determinism (a deliberate improvement over Caffe): batch ``b`` of every data lay
 masks of iteration ``i`` are pure functions of the seed and ``b``/``i`` (see
 :mod:`lymph_cv.net.datalayer`), and the test cursor is a function of the iteration.  So on the CPU a run
 resumed from a snapshot ends with exactly the weights of an uninterrupted run with the same seed.
+The solver's ``augmentation_param`` (or the ``augmentation`` overrides: mixup, label smoothing,
+vertical flips, quarter turns; :mod:`lymph_cv.net.augment`) is drawn the same way and recorded in
+``train.json`` with the lr policy.
 """
 from __future__ import annotations
 
@@ -43,6 +46,8 @@ from lymph_cv.formats.caffe.model import (history_arrays, read_caffemodel, read_
                                   write_caffemodel, write_solverstate)
 from lymph_cv.formats.caffe.prototxt import read_net_prototxt, read_solver
 from lymph_cv.formats.caffelog import CaffeLog, fmt
+from lymph_cv.net.augment import STREAM_MIXUP, Augmentation, augment_labels
+from lymph_cv.net.augment import stream as augment_stream
 from lymph_cv.net.datalayer import DataLayer, RecordCache
 from lymph_cv.errors import ConfigError, FormatError, InputError, TrainingError, UnsupportedError
 from lymph_cv.core import devices
@@ -60,6 +65,8 @@ STREAM_DROPOUT = 2
 STREAM_INIT = 3
 #: layer types whose TRAIN forward uses torch's random generator.
 STOCHASTIC_LAYERS = ("Dropout",)
+#: layer types that take soft targets (mixup, label smoothing) in the label blob.
+SOFT_LABEL_LAYERS = ("SoftmaxWithLoss", "Accuracy")
 #: Caffe's requested actions on a signal.
 ACTION_NONE, ACTION_STOP, ACTION_SNAPSHOT = "none", "stop", "snapshot"
 SIGNAL_ACTIONS = (ACTION_STOP, ACTION_SNAPSHOT, ACTION_NONE)
@@ -206,7 +213,8 @@ class Trainer:
 
     def __init__(self, solver_path: os.PathLike, *, snapshot: Optional[os.PathLike] = None,
                  weights: Sequence[os.PathLike] = (), device: Optional[str] = None,
-                 seed: Optional[int] = None, max_iter: Optional[int] = None, type_name: Optional[str] = None):
+                 seed: Optional[int] = None, max_iter: Optional[int] = None, type_name: Optional[str] = None,
+                 augmentation: Optional[Dict[str, object]] = None):
         self.solver_path = Path(solver_path)
         if snapshot is not None and weights:
             raise ConfigError("give either a snapshot to resume or weights to fine-tune, not both")
@@ -226,6 +234,8 @@ class Trainer:
         #: a shortened run (--max-iter) always ends with a test, even off the test_interval grid.
         self.max_iter_override = max_iter is not None
         self.param = param
+        #: the solver's augmentation_param with the caller's overrides (None values ignored).
+        self.augmentation = Augmentation.from_param(param.augmentation_param, **(augmentation or {}))
         self.type = solver_type(param, self.solver_path)
         self.files = SolverFiles(self.solver_path, param)
         self.seed = run_seed(seed, param)
@@ -256,8 +266,11 @@ class Trainer:
             test_net.share_weights_from(self.net)
             self.test_nets.append(test_net)
         cache = RecordCache()
-        self.train_data = self._data_layers(self.net, caffe_pb2.TRAIN, cache)
+        self.train_data = data_layers(self.net, caffe_pb2.TRAIN, self.seed, self.files.input, cache,
+                                      self.augmentation)
         self.test_data = [self._data_layers(net, caffe_pb2.TEST, cache) for net in self.test_nets]
+        #: label blob → classes, for the blobs that carry soft targets (mixup, label smoothing).
+        self.soft_labels = label_classes(self.net, self.train_data) if self.augmentation.soft_labels else {}
         self.result = TrainResult(iterations=0, start_iteration=0, seed=self.seed, device=self.device.type,
                                   base_dir=self.files.base_dir)
         self.losses: deque = deque(maxlen=max(1, param.average_loss))
@@ -316,12 +329,28 @@ class Trainer:
                   "weights": [str(w) for w in self.weights],
                   "snapshots": [str(p) for p in self.result.snapshots],
                   "stopped_early": self.result.stopped_early, "finished": finished,
+                  "lr_policy": self.param.lr_policy, "augmentation": self.augmentation.record(),
                   "torch": torch.__version__}
+        if self.param.lr_policy == "onecycle":
+            cycle = self.param.onecycle_param
+            record["onecycle"] = {name: float(np.float32(getattr(cycle, name))) for name in
+                                  ("pct_start", "div", "div_final", "max_momentum", "base_momentum")}
         atomic_write_json(self.files.output(RECORD_NAME), record)
 
     # ------------------------------------------------------------------ forward passes
     def _inputs(self, layers: Sequence[DataLayer], batch: int) -> Dict[str, torch.Tensor]:
         return feed(layers, batch, self.device)
+
+    def _train_inputs(self, batch: int) -> Dict[str, torch.Tensor]:
+        """TRAIN batch ``batch``, its labels turned into mixed / smoothed soft targets if asked."""
+        inputs = feed(self.train_data, batch, self.device)
+        for layer in self.train_data:
+            if len(layer.tops) > 1 and layer.tops[1] in self.soft_labels:
+                data, label = layer.tops[0], layer.tops[1]
+                rng = augment_stream(self.seed, caffe_pb2.TRAIN, batch, STREAM_MIXUP)
+                inputs[data], inputs[label] = augment_labels(inputs[data], inputs[label],
+                                                             self.soft_labels[label], self.augmentation, rng)
+        return inputs
 
     def _seed_dropout(self, seed: int) -> None:
         # torch.manual_seed would also reseed every CUDA device (slow); seed only the one in use.
@@ -335,7 +364,7 @@ class Trainer:
         """One TRAIN forward (and backward) on batch number ``batch``: (loss, output blobs)."""
         if self.stochastic:
             self._seed_dropout(derived_seed(self.seed, STREAM_DROPOUT, batch))
-        inputs = self._inputs(self.train_data, batch)
+        inputs = self._train_inputs(batch)
         with torch.set_grad_enabled(backward):
             blobs = self.net(inputs)
             loss = self.net.loss(blobs)
@@ -509,14 +538,40 @@ def keep_previous(path: Path) -> Optional[Path]:
 
 
 def data_layers(net: CaffeNet, phase: int, seed: int, resolve: Callable[[str], Path],
-                cache: Optional[RecordCache] = None) -> List[DataLayer]:
+                cache: Optional[RecordCache] = None, augmentation: Optional[Augmentation] = None
+                ) -> List[DataLayer]:
     """The DataLayer readers feeding ``net``'s input blobs (every input must have one)."""
-    layers = [DataLayer(p, phase, seed, resolve, cache) for p in net.data_layers]
+    layers = [DataLayer(p, phase, seed, resolve, cache, augmentation) for p in net.data_layers]
     missing = [b for b in net.input_blobs if not any(b in layer.tops for layer in layers)]
     if missing:
         raise ConfigError(f"net {net.name!r}: input blob(s) {', '.join(missing)} have no Data layer "
                           "to feed them")
     return layers
+
+
+def label_classes(net: CaffeNet, layers: Sequence[DataLayer]) -> Dict[str, int]:
+    """Label blob → class count (the scores' class axis of the SoftmaxWithLoss reading it) for every
+    data layer with labels; ConfigError when a label blob feeds no such loss or a layer that cannot
+    take soft targets."""
+    found: Dict[str, int] = {}
+    for layer in layers:
+        if len(layer.tops) < 2:
+            continue
+        label = layer.tops[1]
+        readers = [p for p in net.layer_params if label in list(p.bottom)]
+        wrong = [f"{p.name} ({p.type})" for p in readers if p.type not in SOFT_LABEL_LAYERS]
+        if wrong:
+            raise ConfigError(f"mixup / label smoothing give blob {label!r} soft targets, which "
+                              f"{', '.join(wrong)} cannot take", valid=SOFT_LABEL_LAYERS)
+        for p in readers:
+            if p.type == "SoftmaxWithLoss" and list(p.bottom).index(label) == 1:
+                scores = net.blob_shapes[p.bottom[0]]
+                axis = p.softmax_param.axis % len(scores)
+                found[label] = int(scores[axis])
+        if label not in found:
+            raise ConfigError(f"mixup / label smoothing need a SoftmaxWithLoss layer reading the labels "
+                              f"{label!r} of layer {layer.name}")
+    return found
 
 
 def feed(layers: Sequence[DataLayer], batch: int, device: torch.device) -> Dict[str, torch.Tensor]:
@@ -562,10 +617,13 @@ def latest_solverstate(solver_path: os.PathLike) -> Optional[Path]:
 def train(solver_path: os.PathLike, *, snapshot: Optional[os.PathLike] = None,
           weights: Sequence[os.PathLike] = (), device: Optional[str] = None, seed: Optional[int] = None,
           max_iter: Optional[int] = None, progress: Optional[bool] = None, log_file: bool = True,
-          sigint_effect: str = ACTION_STOP, sighup_effect: str = ACTION_SNAPSHOT) -> TrainResult:
-    """Train the solver's net like ``caffe train`` (see the module docstring); returns a summary."""
+          sigint_effect: str = ACTION_STOP, sighup_effect: str = ACTION_SNAPSHOT,
+          augmentation: Optional[Dict[str, object]] = None) -> TrainResult:
+    """Train the solver's net like ``caffe train`` (see the module docstring); returns a summary.
+    ``augmentation`` overrides fields of the solver's ``augmentation_param`` (mixup_alpha,
+    label_smoothing, vertical_flip, rotate90)."""
     trainer = Trainer(solver_path, snapshot=snapshot, weights=weights, device=device, seed=seed,
-                      max_iter=max_iter)
+                      max_iter=max_iter, augmentation=augmentation)
     return trainer.solve(progress=progress, log_file=log_file, sigint_effect=sigint_effect,
                          sighup_effect=sighup_effect)
 
