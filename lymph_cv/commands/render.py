@@ -7,8 +7,9 @@ from typing import Optional, Sequence
 import click
 
 from lymph_cv.commands.training_options import augmentation_options, augmentation_overrides
-from lymph_cv.stages import render as render_module
 from lymph_cv.errors import ConfigError
+from lymph_cv.net.archs import ARCHS, DEFAULT_ARCH, STEMS, arch_names
+from lymph_cv.stages import render as render_module
 
 
 def _folds(ctx: click.Context, param: click.Parameter, value: Optional[str]):
@@ -28,14 +29,18 @@ def _set_help() -> str:
 @click.command()
 @click.argument("workdir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--folds", callback=_folds, default=None, help="Folds to render, e.g. 1-5 or 1,3 (default: all).")
+@click.option("--arch", type=click.Choice(arch_names()), default=DEFAULT_ARCH, show_default=True,
+              help="Network: " + "; ".join(f"{name}: {ARCHS[name].description}" for name in arch_names()) + ".")
+@click.option("--stem", type=click.Choice(STEMS), default=None,
+              help="ResNet stem (default: cifar 3x3 below 96 px patches, imagenet 7x7/2 + max-pool from 96).")
 @click.option("--dropout", is_flag=True, help="The dropout variant (relu+dropout after ip1 and ip2).")
 @click.option("--legacy-v1", is_flag=True, help="The tutorial's V1 syntax (layers {...}, solver_type).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help=_set_help())
 @click.option("--device", type=click.Choice(sorted(render_module.DEVICES)), default="cpu", show_default=True,
               help="solver_mode: CPU or GPU.")
 @augmentation_options
-def render(workdir: Path, folds, dropout: bool, legacy_v1: bool, settings: Sequence[str], device: str,
-           mixup_alpha, label_smoothing, vertical_flip, rotate90) -> None:
+def render(workdir: Path, folds, arch: str, stem: Optional[str], dropout: bool, legacy_v1: bool,
+           settings: Sequence[str], device: str, mixup_alpha, label_smoothing, vertical_flip, rotate90) -> None:
     """Render WORKDIR/K/ solver, net and deploy prototxt for every fold.
 
     Modern training (lymph_cv's solver extensions, not trainable by real Caffe): --set
@@ -43,6 +48,6 @@ def render(workdir: Path, folds, dropout: bool, legacy_v1: bool, settings: Seque
     overrides = render_module.parse_overrides(settings)
     overrides.update(augmentation_overrides(mixup_alpha, label_smoothing, vertical_flip, rotate90))
     rendered = render_module.render_folds(workdir, folds, dropout=dropout, legacy_v1=legacy_v1,
-                                          overrides=overrides, device=device)
+                                          overrides=overrides, device=device, arch=arch, stem=stem)
     for fold in rendered:
         click.echo(f"fold {fold.fold}: {fold.solver} {fold.net} {fold.deploy}")

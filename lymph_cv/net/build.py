@@ -339,6 +339,6 @@ def build_net(net_param: caffe_pb2.NetParameter, phase: int, *, level: int = 0, 
             blob_shapes[name] = tuple(shape)
         if cls.is_input:
             input_blobs.extend(param.top)
-        layer_params.append(param)
+        layer_params.append(layer.param)  # a layer may complete its parameters (BatchNorm's lr_mult 0)
         layers.append(layer)
     return CaffeNet(net_param.name, phase, layer_params, layers, blob_shapes, input_blobs)

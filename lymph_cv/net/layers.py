@@ -263,8 +263,9 @@ class PoolingLayer(Layer):
             self.pad = (int(p.pad_h), int(p.pad_w))
         else:
             self.pad = (int(p.pad), int(p.pad))
-        if p.global_pooling and any(self.pad):
-            raise ConfigError(f"layer {self.name!r}: global pooling takes no padding")
+        if p.global_pooling and (any(self.pad) or (p.HasField("stride") and p.stride != 1)
+                                 or any(p.HasField(f) and getattr(p, f) != 1 for f in ("stride_h", "stride_w"))):
+            raise ConfigError(f"layer {self.name!r}: with global_pooling only pad = 0 and stride = 1")
         for k, pd in zip(self.kernel, self.pad):
             # torch's pooling kernels accept pad <= kernel/2; Caffe only needs pad < kernel.
             if 2 * pd > k:
@@ -510,3 +511,394 @@ class AccuracyLayer(Layer):
         count = int(valid.sum().item())
         value = correct.sum().to(torch.float32) / count if count else torch.zeros((), device=flat.device)
         return [value.to(torch.float32)]
+
+
+# --------------------------------------------------------------------------------------------
+# Layers of residual and other post-2015 nets (Caffe master; see ../shared/caffe-facts.md §13)
+
+
+def _constant_filler(value: float) -> caffe_pb2.FillerParameter:
+    return caffe_pb2.FillerParameter(type="constant", value=value)
+
+
+def _broadcast(blob: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
+    """``blob`` (the bottom's axes axis..axis+k) viewed to broadcast over a ``ndim``-D bottom."""
+    return blob.reshape((1,) * axis + tuple(blob.shape) + (1,) * (ndim - axis - blob.dim()))
+
+
+@register("BatchNorm")
+class BatchNormLayer(Layer):
+    """Caffe's BatchNorm: normalisation only (no affine), three statistics blobs, never learned.
+
+    Blobs: [0] Σ-weighted mean (C), [1] Σ-weighted unbiased variance (C), [2] the weight sum s (1);
+    the global estimates are blob/s.  With batch statistics (``use_global_stats`` false, the
+    default in TRAIN) every forward updates s ← λs+1, blob0 ← λ·blob0+μ, blob1 ← λ·blob1 +
+    m/(m−1)·σ² (m values per channel), and normalises with the biased σ².
+    """
+
+    #: Caffe's refusal of learnable statistics (batch_norm_layer.cpp).
+    LEARNED = "Cannot configure batch normalization statistics as layer parameters."
+    BLOBS = 3
+
+    def __init__(self, param, bottom_shapes, ctx):
+        super().__init__(param, bottom_shapes, ctx)
+        p = param.batch_norm_param
+        (shape,) = bottom_shapes
+        self.use_global = p.use_global_stats if p.HasField("use_global_stats") else ctx.phase == caffe_pb2.TEST
+        self.fraction = float(p.moving_average_fraction)
+        self.eps = float(p.eps)
+        if self.eps <= 0:
+            raise ConfigError(f"layer {self.name!r}: batch_norm_param.eps must be positive")
+        channels = int(shape[1]) if len(shape) > 1 else 1
+        if any(spec.lr_mult != 0 for spec in param.param):
+            raise ConfigError(f"layer {self.name!r}: {self.LEARNED}")
+        if len(param.param) > self.BLOBS:
+            raise ConfigError(f"layer {self.name!r}: {len(param.param)} param specs for {self.BLOBS} blobs")
+        # Caffe appends param { lr_mult: 0 } for each blob without one; snapshots carry them.
+        own = caffe_pb2.LayerParameter()
+        own.CopyFrom(param)
+        while len(own.param) < self.BLOBS:
+            own.param.add(lr_mult=0.0)
+        self.param = own
+        for blob_shape in ((channels,), (channels,), (1,)):
+            self.add_blob(blob_shape, None)
+            self.blobs[-1].requires_grad_(False)
+        self.top_shapes.append(tuple(shape))
+
+    def forward(self, x):
+        shape = x.shape
+        if x.dim() == 1:
+            x = x.reshape(-1, 1)
+        if self.use_global:
+            s = float(self.blobs[2][0])
+            factor = 0.0 if s == 0 else 1.0 / s
+            mean, var = self.blobs[0] * factor, self.blobs[1] * factor
+            y = F.batch_norm(x, mean, var, None, None, False, 0.0, self.eps)
+            return [y.reshape(shape)]
+        channels = x.shape[1]
+        per_channel = x.numel() // channels
+        if per_channel > 1:
+            # momentum 1 makes torch's running buffers exactly μ and the m/(m−1)-corrected σ².
+            mean = torch.zeros(channels, dtype=x.dtype, device=x.device)
+            var = torch.ones(channels, dtype=x.dtype, device=x.device)
+            y = F.batch_norm(x, mean, var, None, None, True, 1.0, self.eps)
+        else:
+            # one value per channel: σ² = 0 (Caffe's correction factor is 1 then); torch refuses m = 1.
+            mean = x.detach().reshape(channels)
+            var = torch.zeros_like(mean)
+            y = (x - x.detach()) / math.sqrt(self.eps)
+        with torch.no_grad():
+            self.blobs[2].mul_(self.fraction).add_(1.0)
+            self.blobs[0].mul_(self.fraction).add_(mean.detach().to(self.blobs[0].dtype))
+            self.blobs[1].mul_(self.fraction).add_(var.detach().to(self.blobs[1].dtype))
+        return [y.reshape(shape)]
+
+
+class _AxesLayer(Layer):
+    """Scale and Bias: a blob over the bottom's axes [axis, axis+num_axes), learned or bottom[1]."""
+
+    bottoms_range = (1, 2)
+    #: the LayerParameter field holding axis/num_axes/filler, and the value of an absent filler.
+    param_field = ""
+    default_value = 0.0
+
+    def __init__(self, param, bottom_shapes, ctx):
+        super().__init__(param, bottom_shapes, ctx)
+        p = getattr(param, self.param_field)
+        self.axis, self.blob_shape = self._axes(p, bottom_shapes)
+        self.learned = len(bottom_shapes) == 1
+        if self.learned:
+            self.add_blob(self.blob_shape, p.filler if p.HasField("filler") else _constant_filler(self.default_value))
+        self.top_shapes.append(tuple(bottom_shapes[0]))
+
+    def _axes(self, p, bottom_shapes) -> Tuple[int, Shape]:
+        """(axis, blob shape) per Caffe's scale/bias layer: the second bottom's shape must match exactly."""
+        shape = tuple(bottom_shapes[0])
+        if len(bottom_shapes) == 2:
+            other = tuple(bottom_shapes[1])
+            if not other:
+                return 0, other
+            axis = _canonical_axis(p.axis, len(shape), self)
+            if shape[axis:axis + len(other)] != other:
+                raise ConfigError(f"layer {self.name!r}: bottom[1] shape {other} must equal bottom[0] "
+                                  f"shape {shape} from axis {axis}")
+            return axis, other
+        if p.num_axes < -1:
+            raise ConfigError(f"layer {self.name!r}: num_axes must be -1 or non-negative, got {p.num_axes}")
+        if p.num_axes == 0:
+            return 0, ()
+        axis = _canonical_axis(p.axis, len(shape), self)
+        end = len(shape) if p.num_axes == -1 else axis + p.num_axes
+        if end > len(shape):
+            raise ConfigError(f"layer {self.name!r}: axis {axis} + num_axes {p.num_axes} exceeds the "
+                              f"{len(shape)}-D bottom")
+        return axis, shape[axis:end]
+
+
+@register("Scale")
+class ScaleLayer(_AxesLayer):
+    """y = x · s (+ b): ``s`` learned (filler default constant 1) or bottom[1]; optional bias blob."""
+
+    param_field = "scale_param"
+    default_value = 1.0
+
+    def __init__(self, param, bottom_shapes, ctx):
+        super().__init__(param, bottom_shapes, ctx)
+        self.bias_term = bool(param.scale_param.bias_term)
+        if self.bias_term:
+            self.add_blob(self.blob_shape, _filler_or_none(param.scale_param, "bias_filler"))
+
+    def forward(self, x, *scale):
+        s = self.blobs[0] if self.learned else scale[0]
+        y = x * _broadcast(s, self.axis, x.dim())
+        if self.bias_term:
+            y = y + _broadcast(self.blobs[-1], self.axis, x.dim())
+        return [y]
+
+
+@register("Bias")
+class BiasLayer(_AxesLayer):
+    """y = x + b: ``b`` learned (filler default constant 0) or bottom[1]."""
+
+    param_field = "bias_param"
+
+    def forward(self, x, *bias):
+        b = self.blobs[0] if self.learned else bias[0]
+        return [x + _broadcast(b, self.axis, x.dim())]
+
+
+class _QuotientProduct(torch.autograd.Function):
+    """Eltwise PROD with ``stable_prod_grad: false``: dxᵢ = dy · y / xᵢ, as Caffe computes it."""
+
+    @staticmethod
+    def forward(ctx, *xs):
+        y = xs[0]
+        for x in xs[1:]:
+            y = y * x
+        ctx.save_for_backward(y, *xs)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        y, *xs = ctx.saved_tensors
+        return tuple(dy * y / x for x in xs)
+
+
+@register("Eltwise")
+class EltwiseLayer(Layer):
+    """SUM (with coefficients), PROD or MAX of equally shaped bottoms.
+
+    MAX follows Caffe's CPU loop: bottom1 wins a tie with bottom0, later bottoms must be strictly
+    greater; the gradient goes to the chosen bottom only.
+    """
+
+    bottoms_range = (2, 1 << 16)
+
+    def __init__(self, param, bottom_shapes, ctx):
+        super().__init__(param, bottom_shapes, ctx)
+        p = param.eltwise_param
+        self.operation = caffe_pb2.EltwiseParameter.EltwiseOp.Name(p.operation)
+        shapes = {tuple(s) for s in bottom_shapes}
+        if len(shapes) != 1:
+            raise ConfigError(f"layer {self.name!r}: Eltwise bottoms must have one shape, got "
+                              f"{', '.join(map(str, bottom_shapes))}")
+        coeffs = list(p.coeff)
+        if coeffs and self.operation == "PROD":
+            raise ConfigError(f"layer {self.name!r}: Eltwise layer only takes coefficients for summation.")
+        if coeffs and len(coeffs) != len(bottom_shapes):
+            raise ConfigError(f"layer {self.name!r}: Eltwise takes one coefficient per bottom blob "
+                              f"({len(bottom_shapes)}), got {len(coeffs)}")
+        self.coeffs = [float(c) for c in coeffs] if coeffs and self.operation == "SUM" else None
+        self.stable = bool(p.stable_prod_grad)
+        self.top_shapes.append(tuple(bottom_shapes[0]))
+
+    def forward(self, *xs):
+        if self.operation == "SUM":
+            if self.coeffs is None:
+                y = xs[0]
+                for x in xs[1:]:
+                    y = y + x
+                return [y]
+            y = xs[0] * self.coeffs[0] if self.coeffs[0] != 1 else xs[0]
+            for c, x in zip(self.coeffs[1:], xs[1:]):
+                y = y + x * c if c != 1 else y + x
+            return [y]
+        if self.operation == "PROD":
+            if not self.stable:
+                return [_QuotientProduct.apply(*xs)]
+            y = xs[0]
+            for x in xs[1:]:
+                y = y * x
+            return [y]
+        y = torch.where(xs[0] > xs[1], xs[0], xs[1])
+        for x in xs[2:]:
+            y = torch.where(x > y, x, y)
+        return [y]
+
+
+@register("Concat")
+class ConcatLayer(Layer):
+    """Bottoms joined along ``axis`` (legacy ``concat_dim``); the other dimensions must agree."""
+
+    bottoms_range = (1, 1 << 16)
+
+    def __init__(self, param, bottom_shapes, ctx):
+        super().__init__(param, bottom_shapes, ctx)
+        p = param.concat_param
+        if p.HasField("axis") and p.HasField("concat_dim"):
+            raise ConfigError(f"layer {self.name!r}: Either axis or concat_dim should be specified; not both.")
+        first = tuple(bottom_shapes[0])
+        if p.HasField("concat_dim"):
+            if p.concat_dim >= len(first):
+                raise ConfigError(f"layer {self.name!r}: concat_dim {p.concat_dim} out of range for a "
+                                  f"{len(first)}-D blob")
+            self.axis = int(p.concat_dim)
+        else:
+            self.axis = _canonical_axis(p.axis, len(first), self)
+        total = 0
+        for shape in bottom_shapes:
+            shape = tuple(shape)
+            if len(shape) != len(first) or shape[:self.axis] + shape[self.axis + 1:] != \
+                    first[:self.axis] + first[self.axis + 1:]:
+                raise ConfigError(f"layer {self.name!r}: bottom shapes {', '.join(map(str, bottom_shapes))} "
+                                  f"differ outside the concat axis {self.axis}")
+            total += shape[self.axis]
+        self.top_shapes.append(first[:self.axis] + (total,) + first[self.axis + 1:])
+
+    def forward(self, *xs):
+        return [xs[0] if len(xs) == 1 else torch.cat(xs, dim=self.axis)]
+
+
+@register("Flatten")
+class FlattenLayer(Layer):
+    """Axes ``axis``..``end_axis`` merged into one (C order)."""
+
+    def __init__(self, param, bottom_shapes, ctx):
+        super().__init__(param, bottom_shapes, ctx)
+        p = param.flatten_param
+        shape = tuple(bottom_shapes[0])
+        self.start = _canonical_axis(p.axis, len(shape), self)
+        self.end = _canonical_axis(p.end_axis, len(shape), self)
+        if self.end < self.start:
+            raise ConfigError(f"layer {self.name!r}: end_axis {p.end_axis} comes before axis {p.axis}")
+        self.top_shapes.append(shape[:self.start] + (math.prod(shape[self.start:self.end + 1]),)
+                               + shape[self.end + 1:])
+
+    def forward(self, x):
+        return [x.flatten(self.start, self.end)]
+
+
+@register("Reshape")
+class ReshapeLayer(Layer):
+    """The bottom's axes [axis, axis+num_axes) replaced by ``shape``: 0 copies a dim, one −1 is inferred."""
+
+    def __init__(self, param, bottom_shapes, ctx):
+        super().__init__(param, bottom_shapes, ctx)
+        p = param.reshape_param
+        shape = tuple(bottom_shapes[0])
+        ndim = len(shape)
+        start = p.axis if p.axis >= 0 else ndim + p.axis + 1
+        if not 0 <= start <= ndim:
+            raise ConfigError(f"layer {self.name!r}: reshape axis {p.axis} out of range for a {ndim}-D blob")
+        if p.num_axes < -1:
+            raise ConfigError(f"layer {self.name!r}: num_axes must be >= -1, got {p.num_axes}")
+        end = ndim if p.num_axes == -1 else start + p.num_axes
+        if end > ndim:
+            raise ConfigError(f"layer {self.name!r}: axis + num_axes exceeds the {ndim}-D bottom")
+        dims = [int(d) for d in p.shape.dim]
+        if dims.count(-1) > 1:
+            raise ConfigError(f"layer {self.name!r}: reshape_param.shape takes at most one -1")
+        for i, d in enumerate(dims):
+            if d == 0 and start + i >= ndim:
+                raise ConfigError(f"layer {self.name!r}: dim 0 at position {i} has no bottom axis to copy")
+            if d < -1:
+                raise ConfigError(f"layer {self.name!r}: reshape dims must be >= -1, got {d}")
+        self.span, self.dims = (start, end), dims
+        self.top_shapes.append(self._top(shape))
+
+    def _top(self, shape: Shape) -> Shape:
+        start, end = self.span
+        new = [shape[start + i] if d == 0 else d for i, d in enumerate(self.dims)]
+        top = list(shape[:start]) + new + list(shape[end:])
+        known = math.prod(v for v in top if v != -1)
+        total = math.prod(shape)
+        if -1 in top:
+            if known == 0 or total % known:
+                raise ConfigError(f"layer {self.name!r}: cannot infer -1 reshaping {tuple(shape)} to "
+                                  f"{tuple(self.dims)}")
+            top[top.index(-1)] = total // known
+        if math.prod(top) != total:
+            raise ConfigError(f"layer {self.name!r}: reshape {tuple(shape)} to {tuple(top)} changes the count")
+        return tuple(top)
+
+    def forward(self, x):
+        return [x.reshape(self._top(tuple(x.shape)))]
+
+
+@register("Split")
+class SplitLayer(Layer):
+    """The bottom copied to every top; autograd sums the tops' gradients, as Caffe's backward does."""
+
+    tops_range = (1, 1 << 16)
+
+    def __init__(self, param, bottom_shapes, ctx):
+        super().__init__(param, bottom_shapes, ctx)
+        self.top_shapes.extend(tuple(bottom_shapes[0]) for _ in param.top)
+
+    def forward(self, x):
+        return [x] * len(self.param.top)
+
+
+def _same_shape_layer(fn_name: str, type_name: str, doc: str):
+    """Register a parameter-free element-wise layer computing ``fn(x)``."""
+
+    @register(type_name)
+    class Elementwise(Layer):
+        __doc__ = doc
+
+        def __init__(self, param, bottom_shapes, ctx):
+            super().__init__(param, bottom_shapes, ctx)
+            self.top_shapes.append(tuple(bottom_shapes[0]))
+
+        def forward(self, x):
+            return [getattr(torch, fn_name)(x)]
+
+    Elementwise.__name__ = Elementwise.__qualname__ = f"{type_name}Layer"
+    return Elementwise
+
+
+SigmoidLayer = _same_shape_layer("sigmoid", "Sigmoid", "y = 1/(1+e^−x); dx = dy·y(1−y).")
+TanHLayer = _same_shape_layer("tanh", "TanH", "y = tanh x; dx = dy(1−y²).")
+
+
+@register("ELU")
+class ELULayer(Layer):
+    """y = max(x,0) + α(e^min(x,0) − 1); dx = dy · (x > 0 ? 1 : y + α)."""
+
+    def __init__(self, param, bottom_shapes, ctx):
+        super().__init__(param, bottom_shapes, ctx)
+        self.alpha = float(param.elu_param.alpha)
+        self.top_shapes.append(tuple(bottom_shapes[0]))
+
+    def forward(self, x):
+        return [F.elu(x, self.alpha)]
+
+
+@register("PReLU")
+class PReLULayer(Layer):
+    """y = max(x,0) + a_c·min(x,0), slopes per channel (or one shared), filler default 0.25."""
+
+    def __init__(self, param, bottom_shapes, ctx):
+        super().__init__(param, bottom_shapes, ctx)
+        p = param.prelu_param
+        shape = tuple(bottom_shapes[0])
+        if len(shape) < 2 and not p.channel_shared:
+            raise ConfigError(f"layer {self.name!r}: PReLU needs a channel axis (or channel_shared)")
+        self.shared = bool(p.channel_shared)
+        filler = p.filler if p.HasField("filler") else _constant_filler(0.25)
+        self.add_blob(() if self.shared else (shape[1],), filler)
+        self.top_shapes.append(shape)
+
+    def forward(self, x):
+        slope = self.blobs[0].reshape(1) if self.shared else self.blobs[0]
+        return [F.prelu(x, slope)]

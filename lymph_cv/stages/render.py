@@ -29,8 +29,9 @@ from lymph_cv.formats.caffe.prototxt import parse_net_text, parse_solver_text
 from lymph_cv.errors import ConfigError, FormatError, InputError
 from lymph_cv.core.fsutil import atomic_write_json, atomic_write_text, make_dirs
 from lymph_cv.core.resources import prototxt_template_dir
-from lymph_cv.workdir.layout import (DBS_JSON, DEPLOY_NAME, RENDER_JSON, DROPOUT_SNAPSHOT_PREFIX, MEAN_FILE,
-                             NET_NAME, SNAPSHOT_PREFIX, SOLVER_NAME, TEST_LIST, TRAIN_LIST)
+from lymph_cv.net.archs import DEFAULT_ARCH, Arch, get_arch
+from lymph_cv.workdir.layout import (DBS_JSON, DEPLOY_NAME, RENDER_JSON, DROPOUT_SNAPSHOT_PREFIX, MANIFEST_NAME,
+                                     MEAN_FILE, NET_NAME, SNAPSHOT_PREFIX, SOLVER_NAME, TEST_LIST, TRAIN_LIST)
 from lymph_cv.workdir.layout import DB_TEST as TEST_DB
 from lymph_cv.workdir.layout import DB_TRAIN as TRAIN_DB
 
@@ -68,6 +69,11 @@ V1_TYPES = {"Data": "DATA", "Convolution": "CONVOLUTION", "Pooling": "POOLING", 
 DEPLOY_BATCH = 10
 #: Image channels when no mean file exists yet to tell (the DBs hold BGR colour patches).
 DEFAULT_CHANNELS = 3
+#: Patch size when neither a mean file nor a manifest tells (the tutorial's windows).
+DEFAULT_PATCH_SIZE = 36
+DROPOUT_ARCH = "alexnet32w-dropout"
+#: Batch size of an architecture that names none (the tutorial's).
+DEFAULT_BATCH_SIZE = 128
 
 
 @dataclass(frozen=True)
@@ -177,9 +183,13 @@ VARIABLES: Dict[str, Variable] = {
     "snapshot": Variable(_non_negative_int, 10000, "iterations between snapshots"),
     "snapshot_prefix": Variable(_quoted, None, "snapshot file prefix (default K_caffenet_train_w32[_dropout])"),
     "solver_type": Variable(_choice(SOLVER_TYPES), "AdaGrad", "solver"),
-    "batch_size": Variable(_positive_int, 128, "train and test batch size"),
-    "crop_size": Variable(_positive_int, 32, "random/centre crop of the patches"),
+    "batch_size": Variable(_positive_int, None, "train and test batch size (default: the architecture's, "
+                                                "128 for alexnet32w)"),
+    "crop_size": Variable(_positive_int, None, "random/centre crop of the patches (default: patch size - 4 "
+                                               "below 64 px, - 8 above; the tutorial's 36 -> 32)"),
     "dropout_ratio": Variable(_ratio, 0.5, "dropout ratio of the dropout variant"),
+    "bn_moving_average": Variable(_ratio, 0.999, "BatchNorm moving_average_fraction (Caffe's 0.999; the "
+                                                 "residual nets use 0.9, torch's momentum 0.1)"),
     "num_classes": Variable(_positive_int, None, "classes (default: from the list labels)"),
     "backend": Variable(_choice(BACKENDS), None, "database backend (default: dbs.json, else leveldb)"),
     "net_name": Variable(_quoted, "CIFAR10_quick", "net name"),
@@ -217,9 +227,12 @@ def parse_overrides(pairs: Iterable[str]) -> Dict[str, str]:
     return overrides
 
 
-def resolve_variables(overrides: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
-    """Defaults with ``overrides`` applied (string values parsed by the variable's type)."""
+def resolve_variables(overrides: Optional[Mapping[str, Any]],
+                      defaults: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """Defaults (the tutorial's, then ``defaults``, e.g. an architecture's) with ``overrides``
+    applied (string values parsed by the variable's type)."""
     values = {name: var.default for name, var in VARIABLES.items()}
+    values.update(defaults or {})
     for key, raw in (overrides or {}).items():
         if key not in VARIABLES:
             raise ConfigError(f"--set: unknown template variable {key!r}", valid=sorted(VARIABLES))
@@ -277,11 +290,36 @@ def _backend(workdir: Path) -> str:
     return backend
 
 
-def _channels(workdir: Path, fold: int) -> int:
+def _mean_shape(workdir: Path, fold: int) -> Optional[Tuple[int, int, int]]:
     path = workdir / MEAN_FILE.format(fold=fold)
     if not path.exists():
-        return DEFAULT_CHANNELS
-    return int(read_mean(path).shape[0])
+        return None
+    return tuple(int(d) for d in read_mean(path).shape)
+
+
+def patch_size(workdir: PathLike, fold: int) -> int:
+    """The fold's patch size: its mean file's, else the manifest's, else the tutorial's 36."""
+    workdir = Path(workdir)
+    shape = _mean_shape(workdir, fold)
+    if shape is not None:
+        return shape[1]
+    manifest = workdir / MANIFEST_NAME
+    if manifest.exists():
+        try:
+            return int(json.loads(manifest.read_text())["patch_size"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FormatError(f"expected a manifest with an integer 'patch_size' ({exc})", manifest) from None
+    return DEFAULT_PATCH_SIZE
+
+
+def resolve_arch(arch: str = DEFAULT_ARCH, dropout: bool = False) -> Arch:
+    """The registry entry for ``--arch`` (``--dropout`` = the tutorial net's dropout variant)."""
+    entry = get_arch(arch)
+    if dropout and not entry.dropout:
+        if entry.name != DEFAULT_ARCH:
+            raise ConfigError(f"--dropout is the {DEFAULT_ARCH} dropout variant; not for --arch {arch}")
+        entry = get_arch(DROPOUT_ARCH)
+    return entry
 
 
 def _environment() -> jinja2.Environment:
@@ -300,12 +338,26 @@ def _number(value: Any) -> str:
 
 
 def fold_context(workdir: PathLike, fold: int, *, dropout: bool = False, legacy_v1: bool = False,
-                 overrides: Optional[Mapping[str, Any]] = None, device: str = "cpu") -> Dict[str, Any]:
-    """Every template variable for ``fold``: defaults, derived values, then ``overrides``."""
+                 overrides: Optional[Mapping[str, Any]] = None, device: str = "cpu",
+                 arch: str = DEFAULT_ARCH, stem: Optional[str] = None) -> Dict[str, Any]:
+    """Every template variable for ``fold``: defaults, the architecture's, derived values, then
+    ``overrides``.  Crop and batch size follow the patches and the architecture (``arch``)."""
     workdir = Path(workdir)
     if device not in DEVICES:
         raise ConfigError(f"unknown device {device!r}", valid=sorted(DEVICES))
-    values = resolve_variables(overrides)
+    entry = resolve_arch(arch, dropout)
+    dropout = entry.dropout
+    if legacy_v1 and entry.macro != "trunk":
+        raise ConfigError(f"--legacy-v1: the V1 syntax has no layer types for {entry.name}; use V2")
+    values = resolve_variables(overrides, entry.defaults)
+    size = patch_size(workdir, fold)
+    if values["crop_size"] is None:
+        values["crop_size"] = entry.crop_for(size)
+    if values["crop_size"] > size:
+        raise ConfigError(f"crop_size {values['crop_size']} exceeds the {size}x{size} patches")
+    if values["batch_size"] is None:
+        values["batch_size"] = DEFAULT_BATCH_SIZE
+    chosen_stem = entry.stem_for(size, stem)
     test_list = workdir / TEST_LIST.format(fold=fold)
     test_labels = read_list_labels(test_list)
     train_labels = read_list_labels(workdir / TRAIN_LIST.format(fold=fold))
@@ -333,25 +385,32 @@ def fold_context(workdir: PathLike, fold: int, *, dropout: bool = False, legacy_
             raise ConfigError("solver_type AdamW has no V1 solver_type enum (it is lymph_cv's); drop --legacy-v1")
         if values["momentum"] is None:
             values["momentum"] = ADAMW_MOMENTUM
+    mean_shape = _mean_shape(workdir, fold)
     values.update(
+        arch=entry.name, stem=chosen_stem, patch_size=size,
         fold=fold, dropout=dropout, legacy_v1=legacy_v1, device=device,
         solver_mode=DEVICES[device], solver_enum=SOLVER_TYPES[values["solver_type"]],
         net_file=NET_NAME.format(fold=fold),
         mean_file=f"../{MEAN_FILE.format(fold=fold)}",
-        deploy_shape=[DEPLOY_BATCH, _channels(workdir, fold), values["crop_size"], values["crop_size"]],
+        deploy_shape=[DEPLOY_BATCH, mean_shape[0] if mean_shape else DEFAULT_CHANNELS,
+                      values["crop_size"], values["crop_size"]],
     )
     return values
 
 
 def render_fold(workdir: PathLike, fold: int, *, dropout: bool = False, legacy_v1: bool = False,
-                overrides: Optional[Mapping[str, Any]] = None, device: str = "cpu") -> RenderedFold:
+                overrides: Optional[Mapping[str, Any]] = None, device: str = "cpu",
+                arch: str = DEFAULT_ARCH, stem: Optional[str] = None) -> RenderedFold:
     """Render fold ``fold``'s solver, train/test net and deploy net into ``WORKDIR/fold/``."""
     workdir = Path(workdir)
     values = fold_context(workdir, fold, dropout=dropout, legacy_v1=legacy_v1, overrides=overrides,
-                          device=device)
+                          device=device, arch=arch, stem=stem)
+    entry = get_arch(values["arch"])
     context = dict(values)
+    context.update(entry.plan(values["num_classes"], values["stem"]))
+    context["arch_macro"], context["head_blob"] = entry.macro, entry.head
     context["backend"] = BACKENDS[values["backend"]]
-    for key in ("base_lr", "weight_decay", "dropout_ratio", "weight_lr_mult", "bias_lr_mult"):
+    for key in ("base_lr", "weight_decay", "dropout_ratio", "weight_lr_mult", "bias_lr_mult", "bn_moving_average"):
         context[key] = _number(values[key])
     context["optional_solver_fields"] = [
         (key, _number(value)) for key in OPTIONAL_SOLVER_FIELDS if values[key] is not None
