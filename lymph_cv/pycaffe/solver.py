@@ -31,8 +31,8 @@ from lymph_cv.stages.train import STREAM_DROPOUT, Trainer, derived_seed, signal_
 class PyTrainer(Trainer):
     """The training engine with pycaffe nets (see the module docstring)."""
 
-    def __init__(self, solver_path: os.PathLike, solver_type_name: str):
-        super().__init__(solver_path, device=device_name(), seed=chosen_seed(), type_name=solver_type_name)
+    def __init__(self, solver_path: os.PathLike, solver_type_name: str, seed: Optional[int]):
+        super().__init__(solver_path, device=device_name(), seed=seed, type_name=solver_type_name)
         self.write_record = False
         self.files.base_dir = Path(".")  # Caffe: snapshot_prefix is relative to the current directory
         force = bool(self.train_param.force_backward)
@@ -79,7 +79,9 @@ class Solver:
         wanted = self.type_name or solver_type(param, solver_file)
         if wanted not in SOLVERS:
             raise ConfigError(f"unknown solver type {wanted!r}", solver_file, valid=SOLVERS)
-        self._trainer = PyTrainer(solver_file, wanted)
+        # as in Caffe, the file's random_seed wins over caffe.set_random_seed
+        seed = None if param.random_seed >= 0 else chosen_seed()
+        self._trainer = PyTrainer(solver_file, wanted, seed)
 
     @property
     def net(self) -> Net:
