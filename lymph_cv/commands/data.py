@@ -55,11 +55,26 @@ _CLASSES = click.option(
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--sites", type=click.IntRange(min=1), default=1, show_default=True,
               help="Cases come from this many sites with strongly different stains (recorded in synth.json).")
+@click.option("--layout", type=click.Choice(["tutorial", "pcam"]), default="tutorial", show_default=True,
+              help="tutorial: class folders of full-size images; pcam: PatchCamelyon's HDF5 split files "
+                   "(96x96 patches; --per-class N,N,N = train,valid,test patches, default 4096,512,512).")
 @_CLASSES
 @_WORKERS
 def synth(out: Path, per_class, cases_per_class: int, width: int, height: int, seed: int, sites: int,
-          classes: list[str], workers) -> None:
+          layout: str, classes: list[str], workers) -> None:
     """Write a synthetic CLL/FL/MCL data set in the real layout to OUT."""
+    if layout == "pcam":
+        from lymph_cv.stages.pcam import synth_pcam
+
+        counts = None
+        if per_class is not None:
+            values = [per_class] * 3 if isinstance(per_class, int) else list(per_class)
+            if len(values) != 3:
+                raise click.BadParameter("with --layout pcam give N or N_train,N_valid,N_test", param_hint="--per-class")
+            counts = dict(zip(("train", "valid", "test"), values))
+        written = synth_pcam(out, counts=counts, seed=seed)
+        click.echo(", ".join(f"{split} {n}" for split, n in written.items()) + f" PCam patches in {out}")
+        return
     paths = synth_module.generate(
         out, per_class=per_class, cases_per_class=cases_per_class, width=width, height=height,
         seed=seed, classes=classes, workers=workers, sites=sites,

@@ -38,6 +38,11 @@ REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 #: Per-image overlays inside ``eval/fold_{fold}/`` (``evaluate --heatmaps``).
 HEATMAP_DIR = "heatmaps"
+#: PatchCamelyon imported as fold 1: train → DB_train_1, valid → DB_test_1 (tested during training),
+#: test → the held-out DB and list below; the import's record.
+HELDOUT_DB = "DB_heldout_{fold}"
+HELDOUT_LIST = "heldout_w32_{fold}.txt"
+PCAM_JSON = "pcam.json"
 #: The orchestrator's record.
 RUN_JSON = "run.json"
 
