@@ -83,6 +83,11 @@ class RunOptions:
     aggregate: str = "vote"
     workers: Optional[int] = None
     from_stage: Optional[str] = None
+    #: stain normalisation: method (None: none), its parameters, and a target (record or image);
+    #: without a target it is fitted per fold on the fold's training images (needs ``direct``).
+    stain: Optional[str] = None
+    stain_params: Dict[str, object] = field(default_factory=dict)
+    stain_target: Optional[Path] = None
 
     @property
     def data_dir(self) -> Path:
@@ -195,8 +200,25 @@ def _patch_dir(o: RunOptions) -> Path:
     return Path(o.workdir) / PATCH_DIR
 
 
+def _stain_params(o: RunOptions) -> dict:
+    """The stain part of a stage key (empty without normalisation, so older keys stay valid)."""
+    if o.stain is None:
+        return {}
+    target = None
+    if o.stain_target is not None:
+        target = {"path": str(o.stain_target), "sha256": hashlib.sha256(Path(o.stain_target).read_bytes()).hexdigest()}
+    return {"stain": {"method": o.stain, "params": dict(o.stain_params), "target": target}}
+
+
+def _stain_record(o: RunOptions):
+    from lymph_cv.stages.stain import resolve_target
+
+    return None if o.stain_target is None else resolve_target(o.stain_target, o.stain, o.stain_params or None)
+
+
 def _patches_params(o: RunOptions) -> dict:
-    return {"data": _where(o, o.data_dir), "classes": list(o.classes), "direct": o.direct}
+    stain = {} if o.direct else _stain_params(o)  # with --direct the images are normalised by `dbs`
+    return {"data": _where(o, o.data_dir), "classes": list(o.classes), "direct": o.direct, **stain}
 
 
 def _patches_complete(o: RunOptions) -> bool:
@@ -208,7 +230,8 @@ def _patches_run(o: RunOptions, fresh: bool) -> None:
 
     if fresh and _patch_dir(o).exists():
         shutil.rmtree(_patch_dir(o))
-    extract_patches(o.data_dir, _patch_dir(o), classes=o.classes, workers=o.workers, write_patches=not o.direct)
+    extract_patches(o.data_dir, _patch_dir(o), classes=o.classes, workers=o.workers, write_patches=not o.direct,
+                    stain=None if o.direct else _stain_record(o))
 
 
 def _folds_params(o: RunOptions) -> dict:
@@ -234,7 +257,8 @@ def _db_paths(o: RunOptions, fold: int) -> List[Path]:
 
 
 def _dbs_params(o: RunOptions) -> dict:
-    return {"backend": o.backend, "seed": o.seed, "direct": o.direct, "folds": o.fold_list}
+    stain = _stain_params(o) if o.direct else {}
+    return {"backend": o.backend, "seed": o.seed, "direct": o.direct, "folds": o.fold_list, **stain}
 
 
 def _dbs_complete(o: RunOptions) -> bool:
@@ -269,8 +293,9 @@ def _dbs_run(o: RunOptions, fresh: bool) -> None:
 
     if not fresh:
         _drop_unrecorded_dbs(o)
+    stain = dict(stain=o.stain, stain_params=o.stain_params, stain_target=_stain_record(o)) if o.direct else {}
     build_dbs(o.workdir, folds=o.fold_list, backend=o.backend, seed=o.seed,
-              images=o.data_dir if o.direct else None, overwrite=fresh, workers=o.workers)
+              images=o.data_dir if o.direct else None, overwrite=fresh, workers=o.workers, **stain)
 
 
 def training_overrides(o: RunOptions) -> Dict[str, str]:
@@ -461,6 +486,15 @@ def check_options(o: RunOptions) -> None:
         raise ConfigError(f"--max-iter must be positive, got {o.max_iter}")
     if o.seed < 0:
         raise ConfigError(f"must be a non-negative integer, got {o.seed}", "--seed")
+    if o.stain is not None:
+        from lymph_cv.stages.stain import get_normaliser
+
+        get_normaliser(o.stain, **o.stain_params)  # an unknown method or parameter, before any stage
+        if o.stain_target is None and not o.direct:
+            raise ConfigError("--stain without --stain-target fits a target per fold on its training images, "
+                              "which needs --direct (databases built straight from the images)")
+        if o.stain_target is not None and not Path(o.stain_target).is_file():
+            raise ConfigError("no such file (a stain record or an image)", o.stain_target)
     # Checked here, not hours later when training or evaluation first uses them.
     from lymph_cv.stages.evaluate import parse_aggregate
     from lymph_cv.stages.render import resolve_variables

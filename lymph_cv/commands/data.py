@@ -8,6 +8,8 @@ import click
 
 from lymph_cv import DEFAULT_CLASSES
 from lymph_cv.core.grid import WINDOW_SIZE, WINDOW_STEP
+from lymph_cv.commands.stain import resolve as resolve_stain
+from lymph_cv.commands.stain import stain_options
 from lymph_cv.stages import folds as folds_module
 from lymph_cv.stages import patches as patches_module
 from lymph_cv.formats import store
@@ -93,14 +95,20 @@ _SKIP_BAD = click.option("--skip-bad", is_flag=True, help="Warn about and skip b
 @click.option("--step", type=click.IntRange(min=1), default=WINDOW_STEP, show_default=True)
 @click.option("--mat", "write_mat", is_flag=True, help="Also write Matlab's class_struct.mat.")
 @click.option("--manifest-only", is_flag=True, help="Write only manifest.json, no patch files (for `dbs --images`).")
+@stain_options
 @_SKIP_BAD
 @_WORKERS
 def patches(data: Path, out: Path, classes: list[str], patch_size: int, step: int, write_mat: bool,
-            manifest_only: bool, skip_bad: bool, workers) -> None:
+            manifest_only: bool, stain, stain_target, stain_include_background, stain_params, skip_bad: bool,
+            workers) -> None:
     """Step 1: rotated patches of every image of DATA/<class>/ into OUT (with manifest.json)."""
+    method, record, _ = resolve_stain(stain, stain_target, stain_include_background, stain_params)
+    if method is not None and record is None:
+        raise click.UsageError("patches --stain needs --stain-target (a record or an image): before the folds "
+                               "there are no training images to fit on (`dbs --images --stain` fits per fold)")
     manifest = patches_module.extract_patches(
         data, out, classes=classes, patch_size=patch_size, step=step,
-        workers=workers, write_mat=write_mat, skip_bad=skip_bad, write_patches=not manifest_only,
+        workers=workers, write_mat=write_mat, skip_bad=skip_bad, write_patches=not manifest_only, stain=record,
     )
     click.echo(f"{len(manifest.images)} images, {manifest.total_patches} patches in {out}")
 
@@ -183,17 +191,22 @@ def check(directory: Path, case_regex, strict: bool) -> None:
 @click.option("--images", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Build straight from the source images in this folder (no patch files needed).")
 @click.option("--overwrite", is_flag=True, help="Replace existing databases.")
+@stain_options
 @_SKIP_BAD
 @_WORKERS
 def dbs(workdir: Path, backend: str, seed: int, no_shuffle: bool, folds, root, images, overwrite: bool,
-        skip_bad: bool, workers) -> None:
+        stain, stain_target, stain_include_background, stain_params, skip_bad: bool, workers) -> None:
     """Step 3: DB_train_K, DB_test_K and DB_train_w32_K.binaryproto for every fold of WORKDIR."""
     from lymph_cv.stages import dbs as dbs_module
 
+    method, record, params = resolve_stain(stain, stain_target, stain_include_background, stain_params)
+    if method is not None and images is None:
+        raise click.UsageError("--stain applies with --images (patch files keep the normalisation `patches --stain` gave them)")
     if images is not None and root is not None:
         raise click.UsageError("--root does not apply with --images (patches are cut from the images, no files are read)")
     results = dbs_module.build_dbs(workdir, folds=list(folds) or None, backend=backend,
                                    seed=None if no_shuffle else seed, root=root,
-                                   images=images, overwrite=overwrite, workers=workers, skip_bad=skip_bad)
+                                   images=images, overwrite=overwrite, workers=workers, skip_bad=skip_bad,
+                                   stain=method, stain_params=params, stain_target=record)
     for result in sorted(results, key=lambda r: r.path):
         click.echo(f"{result.path}: {result.records} records")

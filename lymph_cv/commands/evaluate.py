@@ -9,6 +9,7 @@ import click
 
 from lymph_cv.stages.evaluate import (AGGREGATE_CHOICES, DEFAULT_BATCH_SIZES, MEAN_MODES, evaluate_fold, fold_output_dir,
                                parse_aggregate)
+from lymph_cv.commands.stain import stain_for_evaluation, stain_options
 from lymph_cv.errors import ConfigError
 from lymph_cv.stages.report import build_report, format_fold, format_report, write_fold, write_report
 
@@ -59,17 +60,24 @@ def _classes(ctx, param, value: Optional[str]):
               help=f"Crops per forward call [default: {', '.join(f'{k} {v}' for k, v in DEFAULT_BATCH_SIZES.items())}].")
 @click.option("--heatmaps", is_flag=True, help="Also write a PNG overlay per image (eval/fold_K/heatmaps/).")
 @click.option("--legacy-layout", is_flag=True, help="Print the matrix as the tutorial did: rows predicted, columns actual.")
+@stain_options
 def evaluate(workdir: Path, fold: int, model, deploy, mean, parent_list, images, classes, skip_missing, out, device, oversample,
-             mean_mode, aggregate, window, stride, batch_size, heatmaps, legacy_layout) -> None:
+             mean_mode, aggregate, window, stride, batch_size, heatmaps, legacy_layout, stain, stain_target,
+             stain_include_background, stain_params) -> None:
     """Step 5: label every test image of fold K by voting over its windows; write metrics,
     matrices and PNGs to WORKDIR/eval/fold_K.
 
     Without a full workdir give --model, --deploy, --mean, --parent-list and --images (WORKDIR is
-    then only where eval/fold_K is written)."""
+    then only where eval/fold_K is written).
+
+    Stain: by default the normalisation the workdir records for fold K (stain_K.json, or the patch
+    folder's stain.json) is applied as recorded; --stain METHOD checks it is that method (or uses
+    --stain-target), --stain none evaluates the images as they are."""
+    record = stain_for_evaluation(workdir, fold, stain, stain_target, stain_include_background, stain_params)
     result = evaluate_fold(workdir, fold, model=model, deploy=deploy, mean=mean, parent_list=parent_list,
                            images=images, classes=classes, skip_missing=skip_missing, device=device, oversample=oversample,
                            mean_mode=mean_mode, aggregate=aggregate, window=window, stride=stride,
-                           batch_size=batch_size)
+                           batch_size=batch_size, stain=record, recorded_stain=stain is None)
     out_dir = out or fold_output_dir(workdir, fold)
     record = write_fold(result, out_dir, legacy_layout=legacy_layout, heatmaps=heatmaps)
     click.echo(format_fold(record, legacy_layout), nl=False)

@@ -9,6 +9,7 @@ import click
 
 from lymph_cv.commands.render import _folds
 from lymph_cv.commands.training_options import augmentation_options, augmentation_overrides
+from lymph_cv.commands.stain import method_params, stain_options
 from lymph_cv.workdir.layout import EVAL_DIR, REPORT_HTML, REPORT_MD
 from lymph_cv.pipeline import EXECUTORS, STAGES, DemoData, RunOptions, run_pipeline
 
@@ -68,18 +69,32 @@ def _classes(ctx, param, value: str):
 @click.option("--from", "from_stage", type=click.Choice(STAGES), default=None,
               help="Redo this stage and everything after it.")
 @augmentation_options
+@stain_options
 def run(workdir: Path, data: Optional[Path], demo: bool, classes, k: int, folds, group_by: str, seed: int,
         backend: str, direct: bool, max_iter: Optional[int], dropout: bool, overrides: dict, device: str,
         executor: str, walltime, queue, job_timeout, aggregate: str, no_oversample: bool, workers, from_stage,
-        mixup_alpha, label_smoothing, vertical_flip, rotate90) -> None:
+        mixup_alpha, label_smoothing, vertical_flip, rotate90, stain, stain_target, stain_include_background,
+        stain_params) -> None:
     """Steps 1–5 and the report: images → patches → folds → DBs → training → confusion matrices.
 
     Resumable: each stage is recorded in WORKDIR/run.json and skipped when its outputs are
-    complete and its parameters unchanged; rerun after an interruption to continue."""
+    complete and its parameters unchanged; rerun after an interruption to continue.
+
+    --stain METHOD normalises every image as it is read; without --stain-target the target is
+    fitted per fold on that fold's training images, which builds the databases straight from the
+    images (--direct is implied)."""
     if data is None and not demo:
         raise click.UsageError("give --data DIR (one sub-folder per class) or --demo")
     overrides = {**overrides, **{key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in
                                  augmentation_overrides(mixup_alpha, label_smoothing, vertical_flip, rotate90).items()}}
+    if stain is None and (stain_target is not None or stain_include_background or stain_params):
+        raise click.UsageError("--stain-target/--stain-include-background/--stain-param need --stain METHOD")
+    if stain == "none":
+        stain = None
+    stain_params = method_params(stain, stain_include_background, stain_params) if stain else {}
+    if stain is not None and stain_target is None and not direct:
+        log.info("--stain %s without --stain-target: targets fitted per fold, databases built from the images", stain)
+        direct = True
     job_options = None
     if executor != "local":
         from lymph_cv.cluster.jobs import JobOptions
@@ -91,7 +106,7 @@ def run(workdir: Path, data: Optional[Path], demo: bool, classes, k: int, folds,
         max_iter=max_iter if max_iter is not None else (DEMO_MAX_ITER if demo else None),
         dropout=dropout, overrides=overrides, device=device, executor=executor, job_options=job_options,
         job_timeout=job_timeout, oversample=not no_oversample, aggregate=aggregate, workers=workers,
-        from_stage=from_stage)
+        from_stage=from_stage, stain=stain, stain_params=stain_params, stain_target=stain_target)
 
     def announce(name: str, action: str) -> None:
         verb = {"skip": "up to date, skipped", "resume": "resuming", "run": "running"}[action]

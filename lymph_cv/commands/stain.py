@@ -93,8 +93,8 @@ def apply(source: Path, out: Path, target: Path, method: str, include_background
 
 
 def resolve(method: Optional[str], target: Optional[Path], include_background: bool, params: dict):
-    """The shared options → (method or None, StainRecord or None, parameters) for a stage."""
-    if method is None:
+    """The shared options → (method or None, StainRecord or None, parameters) for a stage (``none``: None)."""
+    if method is None or method == "none":
         if target is not None or include_background or params:
             raise click.UsageError("--stain-target/--stain-include-background/--stain-param need --stain METHOD")
         return None, None, {}
@@ -102,3 +102,17 @@ def resolve(method: Optional[str], target: Optional[Path], include_background: b
     params = method_params(method, include_background, params)
     record = None if target is None else stain_module.resolve_target(target, method, params or None)
     return method, record, params
+
+
+def stain_for_evaluation(workdir: Path, fold: int, method: Optional[str], target: Optional[Path],
+                         include_background: bool, params: dict):
+    """``evaluate``'s stain: None (the recorded one, decided by the library, or none with ``--stain none``),
+    or the record to use: ``--stain-target``, else the workdir's record checked against ``--stain``."""
+    method, record, params = resolve(method, target, include_background, params)
+    if method is None or record is not None:
+        return record
+    recorded = stain_module.recorded_stain_path(workdir, fold)
+    if recorded is None:
+        raise click.UsageError(f"--stain {method}: {workdir} records no stain target for fold {fold} "
+                               "(stain_K.json or subs/stain.json); give --stain-target")
+    return stain_module.read_record(recorded, method)

@@ -30,7 +30,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import cv2
 import numpy as np
@@ -47,7 +47,9 @@ from lymph_cv.stages.patches import (
 )
 from lymph_cv.core.images import read_gray, read_image
 from lymph_cv.core.workers import fork_available, imap
-from lymph_cv.workdir.layout import DB_TEST, DB_TRAIN, DBS_JSON, MEAN_FILE, PATCH_DIR
+from lymph_cv.workdir.layout import DB_TEST, DB_TRAIN, DBS_JSON, FOLD_STAIN_RECORD, MEAN_FILE, PATCH_DIR, TRAIN_PARENT
+from lymph_cv.stages.stain import StainRecord, StainTransform, fit_record, write_record
+from lymph_cv.stages.stain import hook as stain_hook
 
 log = logging.getLogger(__name__)
 
@@ -430,6 +432,9 @@ def build_dbs(
     overwrite: bool = False,
     workers: Optional[int] = None,
     skip_bad: bool = False,
+    stain: Optional[str] = None,
+    stain_params: Optional[Mapping[str, Any]] = None,
+    stain_target: Optional[StainRecord] = None,
 ) -> list[DbResult]:
     """Step 3: ``DB_train_K``, ``DB_test_K`` and ``DB_train_w32_K.binaryproto`` for every fold.
 
@@ -447,6 +452,10 @@ def build_dbs(
             unless ``dbs.json`` shows it was built from the same list, patches, backend and seed (kept).
         workers: processes, one database at a time each (``None`` = all cores).
         skip_bad: skip unreadable/missing images with a warning instead of stopping.
+        stain: with ``images``, normalise every whole image with this method as it is read:
+            with ``stain_target`` as given, else fitted per fold on that fold's training images
+            only (its train parent list); the record goes to ``stain_K.json`` (evaluate reads it).
+        stain_params: the method's parameters (for fitting per fold).
     """
     workdir = Path(workdir)
     backend = store.check_backend(backend)
@@ -468,6 +477,7 @@ def build_dbs(
     previous = _read_dbs_json(workdir)
     same_settings = previous.get("backend") == backend and previous.get("seed") == seed
     manifest_digest = _manifest_digest(workdir, record)
+    transforms = _fold_stains(workdir, selected, images, record, stain, stain_params, stain_target)
 
     tasks: list[_DbTask] = []
     kept: list[DbResult] = []
@@ -479,11 +489,14 @@ def build_dbs(
             if db_path.exists() and not overwrite:
                 done = previous.get("dbs", {}).get(db_path.name)
                 if (same_settings and isinstance(done, dict) and done.get("list") == _list_signature(list_path)
-                        and done.get("manifest") == manifest_digest and (mean_path is None or mean_path.is_file())):
+                        and done.get("manifest") == manifest_digest and (mean_path is None or mean_path.is_file())
+                        and done.get("stain") == _stain_json(transforms[fold])):
                     log.info("dbs: keeping %s (built from the same list, patches, backend and seed)", db_path)
                     kept.append(DbResult(os.fspath(db_path), done["records"], done["lines"], 0.0,
                                          None if mean_path is None else os.fspath(mean_path)))
                     continue
+                if isinstance(done, dict) and done.get("stain") != _stain_json(transforms[fold]):
+                    raise StoreError("was built with another stain normalisation; pass --overwrite to rebuild it", db_path)
                 if isinstance(done, dict):
                     raise StoreError("was built from another list, patch set, backend or seed; "
                                      "pass --overwrite to rebuild it", db_path)
@@ -496,38 +509,78 @@ def build_dbs(
                   "source": "files" if images is None else "images",
                   "root": os.fspath(root_dir), "images": None if images is None else os.fspath(images),
                   "dbs": dict(previous.get("dbs", {})) if same_settings else {}}
-    cache = None
-    try:
-        if images is not None and tasks:
-            cache = _PatchCache.build(workdir, Path(images), [(t.list_path, t.num_labels) for t in tasks], record, workers, bad)
-            tasks = [dataclasses.replace(t, cache=cache) for t in tasks]
-        function = _build_from_files if cache is None else _build_from_cache
-
-        def record(task: _DbTask, result: DbResult) -> None:
+    def note_built(task: _DbTask, result: DbResult) -> None:
             # Written after every database (and for those finished when another failed), so a
             # rerun keeps finished databases instead of asking for --overwrite.
             dbs_record["dbs"][task.db_path.name] = {
                 "fold": task.fold, "side": task.side, "records": result.records, "lines": result.lines,
                 "list": _list_signature(task.list_path), "manifest": manifest_digest,
                 "mean": None if task.mean_path is None else task.mean_path.name,
-                "channel_means": result.channel_means,
+                "channel_means": result.channel_means, "stain": _stain_json(transforms[task.fold]),
             }
             atomic_write_json(workdir / DBS_JSON, dbs_record)
 
-        weights = [t.list_path.stat().st_size for t in tasks]
-        for task, result in zip(tasks, imap(function, tasks, workers=workers, desc="dbs", unit="B", weights=weights,
-                                            salvage=record)):
-            bad.merge(result.problems, result.conversions)
-            results.append(result)
-            record(task, result)
-    finally:
-        if cache is not None:
-            cache.remove()
+    # One patch array per stain target: folds normalised with their own targets cut their own patches.
+    groups: dict[str, list[_DbTask]] = {}
+    for task in tasks:
+        groups.setdefault(json.dumps(_stain_json(transforms[task.fold]), sort_keys=True), []).append(task)
+    for group in groups.values():
+        cache = None
+        try:
+            if images is not None:
+                cache = _PatchCache.build(workdir, Path(images), [(t.list_path, t.num_labels) for t in group], record,
+                                          workers, bad, transforms[group[0].fold])
+                group = [dataclasses.replace(t, cache=cache) for t in group]
+            function = _build_from_files if cache is None else _build_from_cache
+            weights = [t.list_path.stat().st_size for t in group]
+            for task, result in zip(group, imap(function, group, workers=workers, desc="dbs", unit="B", weights=weights,
+                                                salvage=note_built)):
+                bad.merge(result.problems, result.conversions)
+                results.append(result)
+                note_built(task, result)
+        finally:
+            if cache is not None:
+                cache.remove()
     bad.finish("building databases")
     atomic_write_json(workdir / DBS_JSON, dbs_record)
     for result in sorted(results, key=lambda r: r.path):
         log.debug("dbs: %s: %d records", result.path, result.records)
     return results
+
+
+def _stain_json(transform: Optional[StainTransform]) -> Optional[dict]:
+    return None if transform is None else transform.to_json()
+
+
+def _fold_stains(workdir: Path, folds: Sequence[int], images, record: dict, method: Optional[str],
+                 params: Optional[Mapping[str, Any]], target: Optional[StainRecord]) -> dict[int, Optional[StainTransform]]:
+    """Per fold, the stain normalisation its databases are built with (None: none), records written.
+
+    Without a given target each fold's is fitted on that fold's training images only (never on
+    its test images) and written to ``stain_K.json``; a fold built without one loses its record.
+    """
+    if method is None or method == "none":
+        for fold in folds:
+            (workdir / FOLD_STAIN_RECORD.format(fold=fold)).unlink(missing_ok=True)
+        return {fold: None for fold in folds}
+    if images is None:
+        raise ConfigError("--stain: applies with --images (patch files keep the normalisation `patches --stain` "
+                          "gave them)")
+    transforms = {}
+    for fold in folds:
+        if target is not None:
+            fitted = target
+        else:
+            parents = workdir / TRAIN_PARENT.format(fold=fold)
+            names = [line.strip() for line in read_list_text(parents).splitlines() if line.strip()]
+            if not names:
+                raise InputError("no training images to fit the stain target on", parents)
+            log.info("dbs: fitting the %s stain target of fold %d on its %d training images", method, fold, len(names))
+            fitted = fit_record([Path(images) / name for name in names], method, params)
+        write_record(workdir / FOLD_STAIN_RECORD.format(fold=fold), fitted, fold=fold,
+                     fitted_for="given target" if target is not None else "this fold's training images")
+        transforms[fold] = fitted.transform
+    return transforms
 
 
 def _read_dbs_json(workdir: Path) -> dict:
@@ -608,7 +661,7 @@ class _PatchCache:
 
     @classmethod
     def build(cls, workdir: Path, images: Path, lists: Sequence[tuple[Path, Optional[int]]], record: dict,
-              workers: Optional[int], bad: BadInputs) -> "_PatchCache":
+              workers: Optional[int], bad: BadInputs, stain: Optional[StainTransform] = None) -> "_PatchCache":
         manifest = _manifest_for(workdir, record)
         needed: set[str] = set()
         for list_path, num_labels in lists:
@@ -637,13 +690,16 @@ class _PatchCache:
             np.memmap(token, np.uint8, "w+", shape=(size,)).flush()
         cache = cls(token, in_memory, total, shape, offsets, counts)
         try:
-            jobs = [(cache, SourceImage(images / e.cls / e.name, e.cls, e.label), e.stem, manifest.step) for e in chosen]
+            jobs = [(cache, SourceImage(images / e.cls / e.name, e.cls, e.label), e.stem, manifest.step, stain)
+                    for e in chosen]
             unreadable = set()
             done = imap(_cut_image, jobs, workers=workers, desc="cut", unit="img")
-            for (_, source, stem, _), (problem, conversion) in zip(jobs, done):
+            for (_, source, stem, _, _), (problem, conversion, unchanged) in zip(jobs, done):
                 if problem:
                     bad.problem(problem)
                     unreadable.add(stem)
+                if unchanged:
+                    log.warning("warning: %s: stain normalisation left it unchanged (too little tissue)", source.path)
                 bad.converted(conversion, source.path)
         except BaseException:
             cache.remove()
@@ -671,20 +727,22 @@ def _manifest_for(workdir: Path, record: dict) -> Manifest:
     return load_manifest(path)
 
 
-def _cut_image(job: tuple["_PatchCache", SourceImage, str, int]) -> tuple[Optional[str], Optional[str]]:
-    """Cut one image's patches straight into its rows of the shared array."""
-    cache, source, stem, step = job
+def _cut_image(job: tuple["_PatchCache", SourceImage, str, int, Optional[StainTransform]],
+               ) -> tuple[Optional[str], Optional[str], bool]:
+    """Cut one image's patches straight into its rows of the shared array (problem, conversion, unchanged)."""
+    cache, source, stem, step, stain = job
+    transform = stain_hook(stain)
     try:
-        read = read_for_patches(source, cache.shape[1], step)
+        read = read_for_patches(source, cache.shape[1], step, transform)
     except LymphCVError as exc:
-        return str(exc), None
+        return str(exc), None, False
     count = cache.counts[stem]
     found = patch_count(read.bgr.shape[0], read.bgr.shape[1], cache.shape[1], step)
     if found != count:
-        return f"{source.path}: has {found} patches now, {count} when the manifest was written", None
+        return f"{source.path}: has {found} patches now, {count} when the manifest was written", None, False
     rows = cache.open(writable=True)[cache.offsets[stem] : cache.offsets[stem] + count]
     extract(read.bgr, cache.shape[1], step, channels_first=True, out=rows)
-    return None, read.conversion
+    return None, read.conversion, transform is not None and transform.unchanged
 
 
 def _cache_rows(task: _DbTask, entries: Sequence[ListEntry], bad: BadInputs) -> np.ndarray:

@@ -35,6 +35,8 @@ from lymph_cv.core.fsutil import read_json_object
 from lymph_cv.core.devices import resolve_device
 from lymph_cv.core.grid import WINDOW_SIZE, WINDOW_STEP, window_grid
 from lymph_cv.core.images import ColourTransform, read_unit
+from lymph_cv.stages.stain import StainRecord, StainTransform, read_record, recorded_stain_path
+from lymph_cv.stages.stain import hook as stain_hook
 from lymph_cv.errors import ConfigError, EvaluationError, InputError, LymphCVError
 from lymph_cv.workdir.layout import DEPLOY_NAME, EVAL_DIR, FOLDS_JSON, MANIFEST_NAME, PATCH_DIR
 from lymph_cv.workdir.layout import EVAL_FOLD_DIR as FOLD_DIR_TEMPLATE
@@ -443,14 +445,25 @@ def default_classes(entries: Iterable[str]) -> List[str]:
 
 
 # ----------------------------------------------------------------------------- evaluation
-def _prefetch(paths: Sequence[Path]) -> Iterator[Tuple[int, np.ndarray]]:
-    """Load images one ahead in a thread (OpenCV decodes without the GIL) while the net runs."""
+def _load(path: Path, stain: Optional[StainTransform]) -> Tuple[np.ndarray, bool]:
+    """``load_image`` through the stain hook; also whether the hook left the image unchanged."""
+    transform = stain_hook(stain)
+    image = load_image(path, transform)
+    return image, transform is not None and transform.unchanged
+
+
+def _prefetch(paths: Sequence[Path], stain: Optional[StainTransform] = None,
+              unchanged: Optional[List[int]] = None) -> Iterator[Tuple[int, np.ndarray]]:
+    """Load images one ahead in a thread (OpenCV decodes without the GIL) while the net runs;
+    the indices of images the stain normalisation left unchanged go to ``unchanged``."""
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(load_image, paths[0]) if paths else None
+        pending = pool.submit(_load, paths[0], stain) if paths else None
         for index in range(len(paths)):
-            image = pending.result()
+            image, kept = pending.result()
+            if kept and unchanged is not None:
+                unchanged.append(index)
             if index + 1 < len(paths):
-                pending = pool.submit(load_image, paths[index + 1])
+                pending = pool.submit(_load, paths[index + 1], stain)
             yield index, image
 
 
@@ -523,15 +536,20 @@ def evaluate_images(
     aggregate: Aggregate = Aggregate("vote"),
     batch_size: Optional[int] = None,
     progress: bool = True,
+    stain: Optional[StainTransform] = None,
+    unchanged: Optional[List[int]] = None,
 ) -> List[ImageResult]:
-    """Classify every entry's image by its windows; one forward call per batch of crops."""
+    """Classify every entry's image by its windows; one forward call per batch of crops.
+
+    ``stain`` normalises each whole image as it is read (the indices of images it left unchanged
+    go to ``unchanged``)."""
     mean = prepare_mean(mean, classifier.channels, window, classifier.crop, mean_mode)
     batch_size = batch_size or classifier.default_batch_size
     centres: dict = {}
     bar = tqdm(total=len(entries), desc="evaluate", unit="img", disable=not progress, leave=False)
 
     def stream() -> Iterator[Tuple[int, np.ndarray]]:
-        for index, image in _prefetch([e.path for e in entries]):
+        for index, image in _prefetch([e.path for e in entries], stain, unchanged):
             if image.shape[0] != classifier.channels:
                 raise EvaluationError(f"image has {image.shape[0]} channels, the net expects {classifier.channels}", entries[index].path)
             grid = window_grid(image.shape[1], image.shape[2], window, stride)
@@ -586,6 +604,8 @@ def evaluate_fold(
     stride: Optional[int] = None,
     batch_size: Optional[int] = None,
     progress: bool = True,
+    stain: Optional[StainRecord] = None,
+    recorded_stain: bool = True,
 ) -> FoldResult:
     """Evaluate fold ``fold`` of ``workdir`` the tutorial's way; nothing is written.
 
@@ -595,7 +615,10 @@ def evaluate_fold(
     ``subs/manifest.json`` record.  With all of model, deploy, mean, parent list and images given
     (and classes, or class folders in the parent list) the workdir need not exist.
     ``skip_missing`` evaluates the listed images that exist (e.g. a published parent list over a
-    partial image folder) instead of failing on the first missing one."""
+    partial image folder) instead of failing on the first missing one.
+    ``stain``: normalise the images with this target; without it (and with ``recorded_stain``) the
+    one the workdir records for this fold (``stain_K.json`` from ``dbs``, else the patch folder's
+    ``stain.json``) is applied as recorded, never refitted, so evaluation sees training's pixels."""
     workdir = Path(workdir)
     fold_dir = workdir / str(fold)
     if mean_mode not in MEAN_MODES:
@@ -640,15 +663,28 @@ def evaluate_fold(
         raise EvaluationError(f"deploy net {deploy} outputs {classifier.n_classes} values per window, "
                               f"but there are {len(classes)} classes ({', '.join(classes)})")
     prepare_mean(mean_array, classifier.channels, window, classifier.crop, mean_mode, mean_path)  # checks the shape
+    stain_source = None
+    if stain is None and recorded_stain and workdir.is_dir():
+        stain_source = recorded_stain_path(workdir, fold)
+        stain = None if stain_source is None else read_record(stain_source)
+        if stain is not None:
+            log.info("fold %d: images normalised with the recorded %s target %s", fold, stain.method, stain_source)
+    transform = None if stain is None or stain.method == "none" else stain.transform
     log.info("fold %d: %d images, model %s, %s crops per window, mean %s, aggregate %s",
              fold, len(entries), model, OVERSAMPLE_CROPS if oversample else 1, mean_mode, aggregate)
+    unchanged: List[int] = []
     results = evaluate_images(classifier, entries, mean_array, window=window, stride=stride, oversample=oversample,
-                              mean_mode=mean_mode, aggregate=aggregate, batch_size=batch_size, progress=progress)
+                              mean_mode=mean_mode, aggregate=aggregate, batch_size=batch_size, progress=progress,
+                              stain=transform, unchanged=unchanged)
+    for index in unchanged:
+        log.warning("warning: %s: stain normalisation left it unchanged (too little tissue)", entries[index].path)
     settings = {
         "model": str(model), "deploy": str(deploy), "mean": str(mean_path), "parent_list": str(parent_list),
         "images": str(images), "skipped_missing": listed.missing, "device": device, "mean_mode": mean_mode, "oversample": oversample,
         "crops": len(crop_boxes(window, window, classifier.crop, oversample)), "aggregate": str(aggregate),
         "window": window, "stride": stride, "crop": classifier.crop,
         "batch_size": batch_size or classifier.default_batch_size,
+        "stain": None if transform is None else {**transform.to_json(), "record": None if stain_source is None else str(stain_source),
+                                                 "unchanged": [entries[i].entry for i in unchanged]},
     }
     return FoldResult(fold, classes, results, settings)

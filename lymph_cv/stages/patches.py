@@ -29,9 +29,11 @@ from lymph_cv.core.fsutil import atomic_write_json, make_dirs, remove_stale_temp
 from lymph_cv import DEFAULT_CLASSES
 from lymph_cv.stages.synth import TIFF_UNCOMPRESSED
 from lymph_cv.core.grid import FIRST_ORIGIN, WINDOW_SIZE, WINDOW_STEP, window_origins
-from lymph_cv.core.images import ReadImage, read_image
+from lymph_cv.core.images import ColourTransform, ReadImage, read_image
+from lymph_cv.stages.stain import StainRecord, StainTransform, write_record
+from lymph_cv.stages.stain import hook as stain_hook
 from lymph_cv.core.workers import imap
-from lymph_cv.workdir.layout import MANIFEST_NAME
+from lymph_cv.workdir.layout import MANIFEST_NAME, STAIN_RECORD
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +143,8 @@ class Manifest:
     data_dir: Optional[str] = None
     skipped: list[dict] = field(default_factory=list)
     path: Optional[Path] = None  # where it was read from / written to
+    #: the stain normalisation the patches were cut with (method, params, target, unchanged), or None.
+    stain: Optional[dict] = None
 
     @property
     def total_patches(self) -> int:
@@ -174,6 +178,7 @@ class Manifest:
             "images": len(self.images),
             "total_patches": self.total_patches,
             "skipped": self.skipped,
+            **({} if self.stain is None else {"stain": self.stain}),
         }
 
     @classmethod
@@ -189,7 +194,7 @@ class Manifest:
                                                  int(info["width"]), int(info["patches"])))
             images.sort(key=lambda e: (e.label, e.name))
             return cls(classes, images, int(obj["patch_size"]), int(obj["step"]), obj.get("data_dir"),
-                       list(obj.get("skipped", [])), path)
+                       list(obj.get("skipped", [])), path, obj.get("stain"))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise FormatError(f"not a lymph-cv patch manifest ({type(exc).__name__}: {exc})", path) from exc
 
@@ -263,6 +268,7 @@ class _Job:
     step: int
     write: bool
     reuse: bool = False  # patch files present from a run with the same parameters and source may stay
+    stain: Optional[StainTransform] = None  # normalisation applied to the whole image as it is read
 
 
 @dataclass(frozen=True)
@@ -272,11 +278,13 @@ class _Done:
     conversion: Optional[str] = None
     problem: Optional[str] = None  # a bad-input message (skippable)
     fatal: Optional[str] = None  # e.g. the disk is full (never skipped)
+    unchanged: bool = False  # stain normalisation left it as it was (too little tissue)
 
 
-def read_for_patches(source: SourceImage, patch_size: int, step: int) -> ReadImage:
-    """Read a source image (colour, 8-bit BGR); InputError when it holds no patch window."""
-    read = read_image(source.path)
+def read_for_patches(source: SourceImage, patch_size: int, step: int,
+                     transform: Optional[ColourTransform] = None) -> ReadImage:
+    """Read a source image (colour, 8-bit BGR, then ``transform``); InputError when it holds no patch window."""
+    read = read_image(source.path, transform)
     height, width = read.bgr.shape[:2]
     if len(window_origins(height, width, patch_size, step)) == 0:
         needed = FIRST_ORIGIN + patch_size
@@ -285,9 +293,10 @@ def read_for_patches(source: SourceImage, patch_size: int, step: int) -> ReadIma
     return read
 
 
-def load_windows(source: SourceImage, patch_size: int, step: int) -> tuple[np.ndarray, tuple[int, int], Optional[str]]:
+def load_windows(source: SourceImage, patch_size: int, step: int, transform: Optional[ColourTransform] = None,
+                 ) -> tuple[np.ndarray, tuple[int, int], Optional[str]]:
     """The image's patches (N, size, size, 3) BGR in name order, its (H, W), and any colour conversion."""
-    read = read_for_patches(source, patch_size, step)
+    read = read_for_patches(source, patch_size, step, transform)
     return extract(read.bgr, patch_size, step), read.bgr.shape[:2], read.conversion
 
 
@@ -298,14 +307,16 @@ def image_entry(source: SourceImage, shape: tuple[int, int], count: int) -> Imag
 
 def _extract_one(job: _Job) -> _Done:
     source = job.source
+    transform = stain_hook(job.stain)
     try:
-        patches, shape, conversion = load_windows(source, job.patch_size, job.step)
+        patches, shape, conversion = load_windows(source, job.patch_size, job.step, transform)
     except LymphCVError as exc:
         return _Done(None, problem=str(exc))
     entry = image_entry(source, shape, len(patches))
     names = entry.patch_names()
+    unchanged = transform is not None and transform.unchanged
     if not job.write or (job.reuse and all((job.out_dir / n).is_file() for n in names)):
-        return _Done(entry, 0, conversion)
+        return _Done(entry, 0, conversion, unchanged=unchanged)
     try:
         for name, patch in zip(names, patches):
             ok, encoded = cv2.imencode(PATCH_SUFFIX, patch, TIFF_UNCOMPRESSED)  # decodes ~3x faster than LZW
@@ -320,7 +331,7 @@ def _extract_one(job: _Job) -> _Done:
     except OSError as exc:
         reason = "no space left on device" if exc.errno == errno.ENOSPC else f"cannot write patch ({exc.strerror})"
         return _Done(None, fatal=f"{job.out_dir}: {reason}")
-    return _Done(entry, len(names), conversion)
+    return _Done(entry, len(names), conversion, unchanged=unchanged)
 
 
 class BadInputs:
@@ -371,6 +382,7 @@ def extract_patches(
     write_mat: bool = False,
     skip_bad: bool = False,
     write_patches: bool = True,
+    stain: Optional[StainRecord] = None,
 ) -> Manifest:
     """Step 1: write every image's rotated patches to ``out_dir`` and ``out_dir/manifest.json``.
 
@@ -384,6 +396,9 @@ def extract_patches(
         skip_bad: warn about and skip unreadable or too-small images instead of stopping.
         write_patches: False writes only the manifest (for building the databases straight
             from the images, see :func:`lymph_cv.stages.dbs.build_dbs`).
+        stain: a fitted stain normalisation applied to every whole image as it is read; its
+            record goes to ``out_dir/stain.json`` (with the images it left unchanged) and into
+            the manifest, so ``dbs --images`` and ``evaluate`` apply the same one.
 
     Images whose patches are all present already are not rewritten (resumable).
     """
@@ -394,11 +409,13 @@ def extract_patches(
     make_dirs(out_dir)
     for path in remove_stale_temporaries(out_dir):  # patches of a killed run never renamed into place
         log.debug("removed %s, left by an interrupted run", path)
-    record = _WrittenRecord(out_dir, sources, patch_size, step)
+    transform = None if stain is None else stain.transform
+    record = _WrittenRecord(out_dir, sources, patch_size, step, transform)
     bad = BadInputs(skip_bad)
     entries: list[ImageEntry] = []
+    unchanged: list[str] = []
     written = 0
-    jobs = [_Job(s, out_dir, patch_size, step, write_patches, s.path.name in record.reusable) for s in sources]
+    jobs = [_Job(s, out_dir, patch_size, step, write_patches, s.path.name in record.reusable, transform) for s in sources]
     try:
         for done in imap(_extract_one, jobs, workers=workers, desc="patches", unit="img"):
             if done.fatal:
@@ -408,6 +425,10 @@ def extract_patches(
                 continue
             assert done.entry is not None
             bad.converted(done.conversion, Path(data_dir) / done.entry.parent_name)
+            if done.unchanged:
+                log.warning("warning: %s: stain normalisation left it unchanged (too little tissue)",
+                            Path(data_dir) / done.entry.parent_name)
+                unchanged.append(done.entry.parent_name)
             entries.append(done.entry)
             written += done.written
             if write_patches:
@@ -418,7 +439,12 @@ def extract_patches(
     if not entries:
         raise InputError("no usable images", data_dir)
     manifest = Manifest(list(classes), entries, patch_size, step, os.fspath(Path(data_dir).resolve()),
-                        [{"problem": p} for p in bad.problems], out_dir / MANIFEST_NAME)
+                        [{"problem": p} for p in bad.problems], out_dir / MANIFEST_NAME,
+                        None if transform is None else {**transform.to_json(), "unchanged": unchanged})
+    if stain is not None:
+        write_record(out_dir / STAIN_RECORD, stain, unchanged=unchanged)
+    else:  # patches cut without normalisation: an older record must not vouch for them
+        (out_dir / STAIN_RECORD).unlink(missing_ok=True)
     atomic_write_json(manifest.path, manifest.to_json())
     if write_mat:
         write_class_struct(manifest, out_dir / MAT_NAME)
@@ -443,9 +469,12 @@ class _WrittenRecord:
     interrupted one but never keeps patches of another window size or of a replaced image.
     """
 
-    def __init__(self, out_dir: Path, sources: Sequence[SourceImage], patch_size: int, step: int):
+    def __init__(self, out_dir: Path, sources: Sequence[SourceImage], patch_size: int, step: int,
+                 stain: Optional[StainTransform] = None):
         self.path = out_dir / PARAMS_NAME
         self.params = {"patch_size": patch_size, "step": step, "rotations": list(ROTATIONS)}
+        if stain is not None:  # patches of another normalisation (or none) are not reused
+            self.params["stain"] = stain.to_json()
         self.signature = {s.path.name: _source_signature(s.path) for s in sources}
         previous = None
         try:

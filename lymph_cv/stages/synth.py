@@ -104,7 +104,7 @@ class SiteStyle:
 #: Sites 1, 2, 3, … in turn; beyond these a site's style is drawn at random (seeded by the site).
 SITE_STYLES: tuple[SiteStyle, ...] = (
     SiteStyle("site1", "standard H&E"),
-    SiteStyle("site2", "pale pink: weak haematoxylin, strong eosin", h_scale=0.5, e_scale=1.6,
+    SiteStyle("site2", "pale pink: weak haematoxylin, strong eosin", h_scale=0.65, e_scale=1.5,
               e_shift=(-0.05, 0.05, -0.06), tint=(6.0, -2.0, 2.0)),
     SiteStyle("site3", "dark blue-purple: strong, bluish haematoxylin, weak eosin", h_scale=1.8, e_scale=0.7,
               h_shift=(0.18, -0.12, -0.05), tint=(-6.0, -4.0, 4.0)),

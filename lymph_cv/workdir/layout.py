@@ -45,6 +45,10 @@ HELDOUT_LIST = "heldout_w32_{fold}.txt"
 PCAM_JSON = "pcam.json"
 #: The orchestrator's record.
 RUN_JSON = "run.json"
+#: Stain normalisation records (``--stain``): in the patch folder (the target the patches were cut
+#: with), and per fold in the work directory (the target fitted on that fold's training images).
+STAIN_RECORD = "stain.json"
+FOLD_STAIN_RECORD = "stain_{fold}.json"
 
 
 def heatmap_name(entry: str) -> str:

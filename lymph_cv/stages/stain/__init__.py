@@ -15,6 +15,7 @@ from lymph_cv.stages.stain.records import (
     fit_images,
     fit_record,
     read_record,
+    recorded_stain_path,
     resolve_target,
     write_record,
 )
@@ -23,14 +24,16 @@ from lymph_cv.stages.stain.registry import (
     UNCHANGED_NOTE,
     Normaliser,
     StainTransform,
+    TrackedTransform,
     get_normaliser,
+    hook,
     method_names,
     register,
     tissue_mask,
 )
 
 __all__ = [
-    "NORMALISERS", "Normaliser", "RECORD_FORMAT", "StainRecord", "StainTransform", "UNCHANGED_NOTE",
-    "fit_images", "fit_record", "get_normaliser", "method_names", "read_record", "register",
+    "NORMALISERS", "Normaliser", "RECORD_FORMAT", "StainRecord", "StainTransform", "TrackedTransform", "UNCHANGED_NOTE",
+    "fit_images", "fit_record", "get_normaliser", "hook", "method_names", "read_record", "recorded_stain_path", "register",
     "resolve_target", "tissue_mask", "write_record",
 ]

@@ -13,6 +13,7 @@ import numpy as np
 from lymph_cv.core.fsutil import atomic_write_json
 from lymph_cv.core.images import read_image
 from lymph_cv.errors import ConfigError, FormatError, InputError
+from lymph_cv.workdir.layout import FOLD_STAIN_RECORD, FOLDS_JSON, MANIFEST_NAME, PATCH_DIR, STAIN_RECORD
 from lymph_cv.stages.stain.registry import StainTransform, get_normaliser
 
 log = logging.getLogger(__name__)
@@ -72,9 +73,9 @@ def fit_record(paths: Sequence[Union[str, os.PathLike]], method: str, params: Op
     return fit_images(((os.fspath(p), read_bgr(p)) for p in paths), method, params)
 
 
-def write_record(path: Union[str, os.PathLike], record: StainRecord) -> Path:
-    """Write the record atomically; returns its path."""
-    atomic_write_json(path, record.to_json())
+def write_record(path: Union[str, os.PathLike], record: StainRecord, **extra: Any) -> Path:
+    """Write the record (plus ``extra`` fields, e.g. the images left unchanged) atomically; returns its path."""
+    atomic_write_json(path, {**record.to_json(), **extra})
     return Path(path)
 
 
@@ -110,3 +111,21 @@ def resolve_target(spec: Union[str, os.PathLike], method: str, params: Optional[
             raise ConfigError(f"--stain-target: fitted with {record.transform.params}, asked for {dict(params)}", spec)
         return record
     return fit_record([spec], method, params)
+
+
+def recorded_stain_path(workdir: Union[str, os.PathLike], fold: int) -> Optional[Path]:
+    """The stain record a work directory holds for ``fold``: ``stain_K.json`` (written by ``dbs``),
+    else the patch folder's ``stain.json`` (written by ``patches --stain``), else None."""
+    workdir = Path(workdir)
+    per_fold = workdir / FOLD_STAIN_RECORD.format(fold=fold)
+    if per_fold.is_file():
+        return per_fold
+    patch_dir = workdir / PATCH_DIR
+    try:
+        manifest = json.loads((workdir / FOLDS_JSON).read_text()).get("manifest")
+        if isinstance(manifest, str):
+            patch_dir = (workdir / manifest).parent
+    except (OSError, ValueError, AttributeError):
+        pass  # no folds record: the default patch folder
+    patches = patch_dir / STAIN_RECORD
+    return patches if patches.is_file() and (patch_dir / MANIFEST_NAME).is_file() else None

@@ -137,3 +137,22 @@ class StainTransform:
 
     def to_json(self) -> dict:
         return {"method": self.method, "params": dict(self.params), "target": dict(self.target)}
+
+
+class TrackedTransform:
+    """A :class:`StainTransform` as the image reader's hook that remembers whether the image it last
+    saw was left unchanged (too little tissue), so the stage can name and count those images."""
+
+    def __init__(self, transform: StainTransform):
+        self.transform = transform
+        self.unchanged = False
+
+    def __call__(self, bgr: np.ndarray) -> np.ndarray:
+        out, normalised = self.transform.apply(bgr)
+        self.unchanged = not normalised
+        return out
+
+
+def hook(transform: Optional[StainTransform]) -> Optional[TrackedTransform]:
+    """The reader hook of ``transform`` (None for no normalisation)."""
+    return None if transform is None else TrackedTransform(transform)
