@@ -16,6 +16,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 from lymph_cv.core.threads import configure_openmp
 
@@ -50,8 +51,9 @@ def make_workdir(root: Path, records: int, batch: int) -> Path:
     return root / "1" / "1-alexnet_solver_ada.prototxt"
 
 
-def bench(solver: Path, device: str, iterations: int) -> dict:
-    trainer = Trainer(solver, device=device, seed=0)
+def bench(solver: Path, device: str, iterations: int, max_memory: Optional[int] = None) -> dict:
+    """Median ms of each part of an iteration; ``max_memory`` as ``lymph-cv train --max-memory``."""
+    trainer = Trainer(solver, device=device, seed=0, max_memory=max_memory)
     target = trainer.device
     sync = torch.cuda.synchronize if target.type == "cuda" else (lambda: None)
     parts = {"data": [], "forward": [], "backward": [], "update": []}
@@ -73,6 +75,7 @@ def bench(solver: Path, device: str, iterations: int) -> dict:
         if i >= 2:
             for key, value in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                 parts[key].append(value * 1000.0)
+    trainer.record_cache.close()
     return {key: statistics.median(values) for key, values in parts.items()}
 
 

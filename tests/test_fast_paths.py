@@ -132,3 +132,59 @@ def test_convert_with_decoding_workers_writes_the_same_database(tmp_path):
             results[workers] = (list(reader), (tmp_path / f"mean{workers}").read_bytes(), result.problems)
     assert results[1] == results[2]
     assert len(results[1][0]) == len(lines) - 1 and len(results[1][2]) == 1
+
+
+@pytest.mark.parametrize("backend", store.BACKENDS)
+def test_streamed_records_gather_what_memory_holds(tmp_path, backend):
+    from trainutil import write_db
+
+    from lymph_cv.net import stream
+    from lymph_cv.net.datalayer import load_records
+
+    rng = np.random.default_rng(5)
+    count = 3 * stream.CHUNK_RECORDS + 77
+    images = rng.integers(0, 256, (count, 3, 4, 4), dtype=np.uint8)
+    labels = rng.integers(0, 3, count)
+    labels[stream.CHUNK_RECORDS + 1] = 200  # a two-byte label: that chunk is parsed record by record
+    write_db(tmp_path / "db", images, labels, backend)
+    memory = load_records(tmp_path / "db")
+    streamed = stream.StreamedRecords(tmp_path / "db")
+    try:
+        assert len(streamed) == count and streamed.shape == (3, 4, 4)
+        batch = 1000
+        starts = [b * batch % count for b in range(12)] + [5000, 10, count - 3, 4000]  # wraps, jumps back
+        for start in starts:
+            rows = (start + np.arange(batch)) % count
+            got, want = streamed.gather(rows), memory.gather(rows)
+            assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+    finally:
+        streamed.close()
+
+
+def test_training_streamed_equals_training_in_memory(tmp_path):
+    import torch
+    from trainutil import make_dataset, make_fold
+
+    from lymph_cv.net.stream import StreamedRecords
+    from lymph_cv.stages.train import Trainer
+
+    make_dataset(tmp_path)
+    solver = make_fold(tmp_path, max_iter=6, test_interval=3, test_iter=2, snapshot=0, display=0)
+    runs = []
+    for max_memory in (None, 1000):  # 1000 bytes: both databases are streamed
+        trainer = Trainer(solver, device="cpu", max_memory=max_memory, seed=3)
+        streamed = isinstance(trainer.train_data[0].records, StreamedRecords)
+        assert streamed == (max_memory is not None)
+        trainer.solve(progress=False, log_file=False)
+        trainer.record_cache.close()
+        runs.append(({k: v.detach().clone() for k, v in trainer.net.state_dict().items()}, trainer.result.test_scores))
+    assert runs[0][1] == runs[1][1]
+    assert all(torch.equal(runs[0][0][k], runs[1][0][k]) for k in runs[0][0])
+
+
+def test_max_memory_sizes():
+    from lymph_cv.net.stream import parse_memory
+
+    assert parse_memory("512M") == 512 << 20 and parse_memory("2GiB") == 2 << 30 and parse_memory("1000") == 1000
+    with pytest.raises(ValueError, match="expected a size"):
+        parse_memory("lots")

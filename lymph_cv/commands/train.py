@@ -14,6 +14,17 @@ from lymph_cv.commands.training_options import augmentation_options, augmentatio
 from lymph_cv.core.devices import DEVICE_CHOICES  # noqa: E402
 
 
+def _memory(ctx, param, value: Optional[str]) -> Optional[int]:
+    if value is None:
+        return None
+    from lymph_cv.net.stream import parse_memory
+
+    try:
+        return parse_memory(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
 @click.command()
 @click.option("--solver", "solver", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Solver prototxt, e.g. WORKDIR/1/1-alexnet_solver_ada.prototxt.")
@@ -29,9 +40,12 @@ from lymph_cv.core.devices import DEVICE_CHOICES  # noqa: E402
               help="Seed for initialisation, crops, mirrors and dropout (default: the solver's random_seed).")
 @click.option("--max-iter", type=click.IntRange(min=0), default=None, help="Override the solver's max_iter.")
 @augmentation_options
+@click.option("--max-memory", callback=_memory, default=None,
+              help="Memory a decoded database may take, e.g. 2G; larger ones are streamed "
+                   "(default: 80% of the memory available).")
 def train(solver: Path, snapshot: Optional[Path], resume: bool, weights: Optional[Path], device: Optional[str],
           seed: Optional[int], max_iter: Optional[int], mixup_alpha, label_smoothing, vertical_flip,
-          rotate90) -> None:
+          rotate90, max_memory: Optional[int]) -> None:
     """Train SOLVER's net; snapshots and train.log go to the solver's base directory.
 
     The augmentation options override the solver's augmentation_param (recorded in train.json);
@@ -48,7 +62,7 @@ def train(solver: Path, snapshot: Optional[Path], resume: bool, weights: Optiona
         if snapshot is not None:
             click.echo(f"resuming from {snapshot}", err=True)
     result = run_training(solver, snapshot=snapshot, weights=[weights] if weights else (), device=device,
-                          seed=seed, max_iter=max_iter,
+                          seed=seed, max_iter=max_iter, max_memory=max_memory,
                           augmentation=augmentation_overrides(mixup_alpha, label_smoothing, vertical_flip, rotate90))
     state = "stopped early at" if result.stopped_early else "finished at"
     click.echo(f"{state} iteration {result.iterations} (seed {result.seed}, {result.device})")

@@ -242,6 +242,16 @@ def _check_lmdb_size(path: Path) -> None:
         raise FormatError(f"truncated LMDB: {size} bytes, its meta page needs {needed}", data_file)
 
 
+def _lists_of(iterator, size: int) -> Iterator[list]:
+    """``iterator``'s items, ``size`` (at least 1) per list, built in C."""
+    size = max(1, int(size))
+    while True:
+        items = list(itertools.islice(iterator, size))
+        if not items:
+            return
+        yield items
+
+
 class Reader:
     """A read-only view of a database: iterate ``(key, value)`` in key order, ``len()``.
 
@@ -314,22 +324,32 @@ class Reader:
         The lists are built in C (no Python step per record).  LMDB values are buffers into its
         map, valid until the next list is requested: copy what must outlive that.
         """
-        size = max(1, int(size))
         if self.backend == LEVELDB:
             with self._db.iterator(include_key=False, fill_cache=False) as iterator:
-                while True:
-                    batch = list(itertools.islice(iterator, size))
-                    if not batch:
-                        return
-                    yield batch
+                yield from _lists_of(iterator, size)
         else:
             with self._env.begin(buffers=True) as txn:
-                iterator = txn.cursor().iternext(keys=False, values=True)
-                while True:
-                    batch = list(itertools.islice(iterator, size))
-                    if not batch:
-                        return
-                    yield batch
+                yield from _lists_of(txn.cursor().iternext(keys=False, values=True), size)
+
+    def batches_from(self, start: Key, size: int) -> Iterator[Tuple[List[bytes], List]]:
+        """(keys, values) lists of ``size`` records from key ``start`` on, in key order, to the end.
+
+        LMDB values are buffers into its map, valid until the next lists are requested.
+        """
+        start = _as_bytes(start)
+        if self.backend == LEVELDB:
+            with self._db.iterator(start=start, fill_cache=False) as iterator:
+                for pairs in _lists_of(iterator, size):
+                    keys, values = zip(*pairs)
+                    yield list(keys), list(values)
+        else:
+            with self._env.begin(buffers=True) as txn:
+                cursor = txn.cursor()
+                if not cursor.set_range(start):
+                    return
+                for pairs in _lists_of(cursor.iternext(keys=True, values=True), size):
+                    keys, values = zip(*pairs)
+                    yield [bytes(k) for k in keys], list(values)
 
     def get(self, key: Key) -> Optional[bytes]:
         """The value stored under ``key``, or None."""

@@ -17,8 +17,9 @@ Beyond Caffe, a TRAIN layer given an :class:`~lymph_cv.net.augment.Augmentation`
 samples vertically and turns them by quarter turns after the transform (seeded the same way, from a
 stream of its own, so the crops and mirrors stay what they were).
 
-The database is decoded once into one uint8 array held in memory (a memory-mapped scratch file when
-it does not fit); batches are gathered with vectorised numpy indexing (no per-sample Python loop).
+The database is decoded once into one uint8 array held in memory; batches are gathered with vectorised
+numpy indexing (no per-sample Python loop).  A database larger than the memory it may take is streamed
+instead (:mod:`lymph_cv.net.stream`: a reader thread decoding ahead, same rows and labels).
 """
 from __future__ import annotations
 
@@ -60,6 +61,15 @@ class Records:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        """One record's (C, H, W)."""
+        return self.images.shape[1:]
+
+    def gather(self, rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """(images[rows], labels[rows])."""
+        return self.images[rows], self.labels[rows]
 
 
 def available_memory() -> Optional[int]:
@@ -113,16 +123,40 @@ def load_records(path: os.PathLike, backend: Optional[str] = None) -> Records:
 
 
 class RecordCache:
-    """Databases loaded once per run, shared by the TRAIN and TEST layers that read the same file."""
+    """Databases loaded once per run, shared by the TRAIN and TEST layers that read the same file.
 
-    def __init__(self) -> None:
-        self._loaded: Dict[Tuple[str, Optional[str]], Records] = {}
+    A database whose decoded size exceeds ``max_memory`` bytes (default: :data:`MEMORY_FRACTION` of
+    the memory available now) is streamed (:class:`lymph_cv.net.stream.StreamedRecords`) instead.
+    """
 
-    def get(self, path: Path, backend: Optional[str]) -> Records:
+    def __init__(self, max_memory: Optional[int] = None) -> None:
+        self.max_memory = max_memory
+        self._loaded: Dict[Tuple[str, Optional[str]], object] = {}
+
+    def get(self, path: Path, backend: Optional[str]):
         key = (os.path.realpath(path), backend)
         if key not in self._loaded:
-            self._loaded[key] = load_records(path, backend)
+            self._loaded[key] = self._open(Path(path), backend)
         return self._loaded[key]
+
+    def close(self) -> None:
+        """Stop the reader threads of streamed databases (they restart if read again)."""
+        for records in self._loaded.values():
+            close = getattr(records, "close", None)
+            if close is not None:
+                close()
+
+    def _open(self, path: Path, backend: Optional[str]):
+        from lymph_cv.net.stream import StreamedRecords, decoded_size, scan_database
+
+        scan = scan_database(path, backend)
+        need = decoded_size(scan[0], scan[2], scan[3])
+        free = available_memory()
+        limit = self.max_memory if self.max_memory is not None else (None if free is None else MEMORY_FRACTION * free)
+        if limit is None or need <= limit:
+            return load_records(path, backend)
+        log.info("%s: %.2f GiB decoded exceed the %.2f GiB allowed; streaming it", path, need / 2**30, limit / 2**30)
+        return StreamedRecords(path, backend, scan=scan)
 
 
 def _mean_for(transform: caffe_pb2.TransformationParameter, shape: Tuple[int, int, int],
@@ -170,7 +204,7 @@ class DataLayer:
         self.source = resolve(data.source)
         backend = BACKEND_NAMES[data.backend] if data.HasField("backend") else None
         self.records = (cache or RecordCache()).get(self.source, backend)
-        channels, height, width = self.records.images.shape[1:]
+        channels, height, width = self.records.shape
         self.crop = int(transform.crop_size)
         if self.crop > min(height, width):
             raise ConfigError(f"layer {layer.name}: crop_size {self.crop} exceeds the datums' "
@@ -205,7 +239,7 @@ class DataLayer:
 
     def offsets(self, batch: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per sample: (mirror flag, h offset, w offset), Caffe's draws for this phase."""
-        _, height, width = self.records.images.shape[1:]
+        _, height, width = self.records.shape
         n = self.batch_size
         rng = self.rng(batch)
         flip = rng.integers(0, 2, size=n).astype(bool) if self.mirror else np.zeros(n, dtype=bool)
@@ -247,13 +281,14 @@ class DataLayer:
         if rows[0] > rows[-1]:
             log.debug("%s: restarting data prefetching from start", self.name)
         flip, h_off, w_off = self.offsets(batch)
-        data = self.transform(self.records.images[rows], flip, h_off, w_off)
+        images, labels = self.records.gather(rows)
+        data = self.transform(images, flip, h_off, w_off)
         if self.augmentation is not None:
             rng = augment_stream(self.seed, self.phase, batch, STREAM_GEOMETRY)
             flips, turns = geometry_draws(rng, self.batch_size, self.augmentation.vertical_flip,
                                           self.augmentation.rotate90)
             data = flip_and_turn(data, flips, turns)
-        return data, self.records.labels[rows]
+        return data, labels
 
     def batch(self, batch: int, device: torch.device | str = "cpu") -> Dict[str, torch.Tensor]:
         """The layer's tops for batch number ``batch``: data, and the labels (as float, like Caffe)."""

@@ -214,7 +214,7 @@ class Trainer:
     def __init__(self, solver_path: os.PathLike, *, snapshot: Optional[os.PathLike] = None,
                  weights: Sequence[os.PathLike] = (), device: Optional[str] = None,
                  seed: Optional[int] = None, max_iter: Optional[int] = None, type_name: Optional[str] = None,
-                 augmentation: Optional[Dict[str, object]] = None):
+                 augmentation: Optional[Dict[str, object]] = None, max_memory: Optional[int] = None):
         self.solver_path = Path(solver_path)
         if snapshot is not None and weights:
             raise ConfigError("give either a snapshot to resume or weights to fine-tune, not both")
@@ -265,7 +265,7 @@ class Trainer:
             test_net.to(self.device)
             test_net.share_weights_from(self.net)
             self.test_nets.append(test_net)
-        cache = RecordCache()
+        cache = self.record_cache = RecordCache(max_memory)  # a database larger than this is streamed
         self.train_data = data_layers(self.net, caffe_pb2.TRAIN, self.seed, self.files.input, cache,
                                       self.augmentation)
         self.test_data = [self._data_layers(net, caffe_pb2.TEST, cache) for net in self.test_nets]
@@ -618,14 +618,18 @@ def train(solver_path: os.PathLike, *, snapshot: Optional[os.PathLike] = None,
           weights: Sequence[os.PathLike] = (), device: Optional[str] = None, seed: Optional[int] = None,
           max_iter: Optional[int] = None, progress: Optional[bool] = None, log_file: bool = True,
           sigint_effect: str = ACTION_STOP, sighup_effect: str = ACTION_SNAPSHOT,
-          augmentation: Optional[Dict[str, object]] = None) -> TrainResult:
+          augmentation: Optional[Dict[str, object]] = None, max_memory: Optional[int] = None) -> TrainResult:
     """Train the solver's net like ``caffe train`` (see the module docstring); returns a summary.
     ``augmentation`` overrides fields of the solver's ``augmentation_param`` (mixup_alpha,
-    label_smoothing, vertical_flip, rotate90)."""
+    label_smoothing, vertical_flip, rotate90); ``max_memory``: bytes a decoded database may take in
+    memory, a larger one is streamed (default: 80% of the memory available when it is opened)."""
     trainer = Trainer(solver_path, snapshot=snapshot, weights=weights, device=device, seed=seed,
-                      max_iter=max_iter, augmentation=augmentation)
-    return trainer.solve(progress=progress, log_file=log_file, sigint_effect=sigint_effect,
-                         sighup_effect=sighup_effect)
+                      max_iter=max_iter, augmentation=augmentation, max_memory=max_memory)
+    try:
+        return trainer.solve(progress=progress, log_file=log_file, sigint_effect=sigint_effect,
+                             sighup_effect=sighup_effect)
+    finally:
+        trainer.record_cache.close()  # streamed databases: their reader threads hold them open
 
 
 @dataclass
