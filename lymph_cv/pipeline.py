@@ -80,6 +80,7 @@ class RunOptions:
     job_options: Optional[object] = None
     job_timeout: Optional[float] = None
     oversample: bool = True
+    tta: bool = False
     aggregate: str = "vote"
     workers: Optional[int] = None
     from_stage: Optional[str] = None
@@ -421,7 +422,8 @@ def _eval_metrics(o: RunOptions, fold: int) -> Path:
 
 
 def _evaluate_params(o: RunOptions) -> dict:
-    return {"oversample": o.oversample, "aggregate": o.aggregate, "device": o.device, "folds": o.fold_list}
+    return {"oversample": o.oversample, "aggregate": o.aggregate, "device": o.device, "folds": o.fold_list,
+            **({"tta": True} if o.tta else {})}  # absent when off: earlier runs keep their key
 
 
 def _evaluate_complete(o: RunOptions) -> bool:
@@ -438,7 +440,7 @@ def _evaluate_run(o: RunOptions, fresh: bool) -> None:
         model = _snapshots(o, k, "caffemodel").get(_final_iteration(o, k))
         if model is None:
             raise TrainingError(f"fold {k} has no final snapshot; rerun `lymph-cv run` to train it", _solver(o, k))
-        result = evaluate_fold(o.workdir, k, model=model, device=o.device, oversample=o.oversample,
+        result = evaluate_fold(o.workdir, k, model=model, device=o.device, oversample=o.oversample, tta=o.tta,
                                aggregate=o.aggregate)
         record = write_fold(result, fold_output_dir(o.workdir, k))
         log.info("fold %d: accuracy %.3f on %d test images", k, record["accuracy"], len(result.images))

@@ -315,6 +315,24 @@ def test_mean_mode_crop_uses_the_training_convention(published):
     np.testing.assert_allclose(ours.probs, classifier.predict(crops.astype(np.float32)), rtol=0, atol=1e-6)
 
 
+def test_tta_averages_the_eight_symmetries_of_each_crop(published):
+    """--tta without oversampling: the centre crop mirrored or not, each turned 0–3 quarter turns."""
+    from lymph_cv.formats.caffe.blob import read_mean
+    from lymph_cv.stages.evaluate import ParentEntry, WindowClassifier, evaluate_images
+
+    mean = read_mean(published["mean"])
+    path = published["images"] / published["names"][2]
+    classifier = WindowClassifier(published["deploy"], published["model"])
+    ours = evaluate_images(classifier, [ParentEntry(1, "x", path, 2)], mean, oversample=False, tta=True,
+                           mean_mode="crop", progress=False)[0]
+    image = load_image(path)
+    grid = window_grid(image.shape[1], image.shape[2])[:6]
+    crops = [image[:, r - 16 : r + 16, c - 16 : c + 16] - mean[:, 2:34, 2:34] for r, c in grid]
+    for crop, got in zip(crops, ours.probs):
+        views = np.stack([np.rot90(view, k, axes=(1, 2)) for k in range(4) for view in (crop, crop[..., ::-1])])
+        np.testing.assert_allclose(got, classifier.predict(views.astype(np.float32)).mean(axis=0), rtol=0, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- bad input
 def _assert_clean_failure(result, out, message):
     assert result.exit_code == 2, (result.stdout, result.stderr)
@@ -405,10 +423,15 @@ def test_end_to_end_evaluate_and_report(trained, runner, cli):
     assert cv2.imread(str(fold_dir / "confusion.png")) is not None
 
     for aggregate in ("mean", "topk:5"):
+        tta = ["--tta"] if aggregate == "mean" else []
         other = runner.invoke(cli, ["evaluate", str(trained), "--fold", "1", "--aggregate", aggregate,
-                                    "--out", str(trained / f"eval_{aggregate[:4]}")])
+                                    "--out", str(trained / f"eval_{aggregate[:4]}")] + tta)
         assert other.exit_code == 0, other.stderr
-        assert json.loads((trained / f"eval_{aggregate[:4]}" / "metrics.json").read_text())["settings"]["aggregate"] == aggregate
+        settings = json.loads((trained / f"eval_{aggregate[:4]}" / "metrics.json").read_text())["settings"]
+        assert settings["aggregate"] == aggregate
+        assert (settings["tta"], settings["crops"]) == ((True, 40) if tta else (False, 10))
+    roc = record["roc"]  # three classes: one-vs-rest AUC per class
+    assert roc["kind"] == "one_vs_rest" and set(roc["per_class"]) == set(CLASSES)
 
     report = runner.invoke(cli, ["report", str(trained)])
     assert report.exit_code == 0, report.stderr

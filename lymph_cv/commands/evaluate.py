@@ -50,6 +50,7 @@ def _classes(ctx, param, value: Optional[str]):
 @click.option("--out", type=_DIR, help="Output folder [default: WORKDIR/eval/fold_K].")
 @click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda or cuda:N.")
 @click.option("--oversample/--no-oversample", default=True, show_default=True, help="10 crops per window (4 corners, centre, mirrored) or the centre crop only.")
+@click.option("--tta", is_flag=True, help="Test-time augmentation: every crop also turned by 90, 180 and 270 degrees (40 views; 8 with --no-oversample).")
 @click.option("--mean-mode", type=click.Choice(MEAN_MODES), default="resize", show_default=True,
               help="resize: the tutorial pycaffe's mean resized to the net input; crop: training's mean at each crop's offset.")
 @click.option("--aggregate", default="vote", show_default=True, callback=_aggregate,
@@ -62,7 +63,7 @@ def _classes(ctx, param, value: Optional[str]):
 @click.option("--legacy-layout", is_flag=True, help="Print the matrix as the tutorial did: rows predicted, columns actual.")
 @stain_options
 def evaluate(workdir: Path, fold: int, model, deploy, mean, parent_list, images, classes, skip_missing, out, device, oversample,
-             mean_mode, aggregate, window, stride, batch_size, heatmaps, legacy_layout, stain, stain_target,
+             tta, mean_mode, aggregate, window, stride, batch_size, heatmaps, legacy_layout, stain, stain_target,
              stain_include_background, stain_params) -> None:
     """Step 5: label every test image of fold K by voting over its windows; write metrics,
     matrices and PNGs to WORKDIR/eval/fold_K.
@@ -76,7 +77,7 @@ def evaluate(workdir: Path, fold: int, model, deploy, mean, parent_list, images,
     record = stain_for_evaluation(workdir, fold, stain, stain_target, stain_include_background, stain_params)
     result = evaluate_fold(workdir, fold, model=model, deploy=deploy, mean=mean, parent_list=parent_list,
                            images=images, classes=classes, skip_missing=skip_missing, device=device, oversample=oversample,
-                           mean_mode=mean_mode, aggregate=aggregate, window=window, stride=stride,
+                           tta=tta, mean_mode=mean_mode, aggregate=aggregate, window=window, stride=stride,
                            batch_size=batch_size, stain=record, recorded_stain=stain is None)
     out_dir = out or fold_output_dir(workdir, fold)
     record = write_fold(result, out_dir, legacy_layout=legacy_layout, heatmaps=heatmaps)

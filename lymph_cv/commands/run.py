@@ -65,6 +65,7 @@ def _classes(ctx, param, value: str):
 @click.option("--job-timeout", type=float, default=None, help="Cluster jobs: give up waiting after this many seconds.")
 @click.option("--aggregate", default="vote", show_default=True, help="Image label from windows: vote, mean, topk:K.")
 @click.option("--no-oversample", is_flag=True, help="Evaluate the centre crop of each window only.")
+@click.option("--tta", is_flag=True, help="Test-time augmentation: every crop also turned by 90, 180, 270 degrees.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes for patches/DBs [default: all cores].")
 @click.option("--from", "from_stage", type=click.Choice(STAGES), default=None,
               help="Redo this stage and everything after it.")
@@ -72,7 +73,7 @@ def _classes(ctx, param, value: str):
 @stain_options
 def run(workdir: Path, data: Optional[Path], demo: bool, classes, k: int, folds, group_by: str, seed: int,
         backend: str, direct: bool, max_iter: Optional[int], dropout: bool, overrides: dict, device: str,
-        executor: str, walltime, queue, job_timeout, aggregate: str, no_oversample: bool, workers, from_stage,
+        executor: str, walltime, queue, job_timeout, aggregate: str, no_oversample: bool, tta: bool, workers, from_stage,
         mixup_alpha, label_smoothing, vertical_flip, rotate90, stain, stain_target, stain_include_background,
         stain_params) -> None:
     """Steps 1–5 and the report: images → patches → folds → DBs → training → confusion matrices.
@@ -105,7 +106,7 @@ def run(workdir: Path, data: Optional[Path], demo: bool, classes, k: int, folds,
         group_by=group_by, seed=seed, backend=backend, direct=direct,
         max_iter=max_iter if max_iter is not None else (DEMO_MAX_ITER if demo else None),
         dropout=dropout, overrides=overrides, device=device, executor=executor, job_options=job_options,
-        job_timeout=job_timeout, oversample=not no_oversample, aggregate=aggregate, workers=workers,
+        job_timeout=job_timeout, oversample=not no_oversample, tta=tta, aggregate=aggregate, workers=workers,
         from_stage=from_stage, stain=stain, stain_params=stain_params, stain_target=stain_target)
 
     def announce(name: str, action: str) -> None:

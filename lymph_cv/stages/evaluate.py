@@ -69,26 +69,37 @@ _SNAPSHOT = re.compile(r"_iter_(\d+)\.caffemodel$")
 # ----------------------------------------------------------------------------- geometry
 @dataclass(frozen=True)
 class Crop:
-    """One oversampling crop of a window: top-left offset and whether it is mirrored left-right."""
+    """One oversampling crop of a window: top-left offset, whether it is mirrored left-right, and
+    how many quarter turns counter-clockwise follow (test-time augmentation)."""
 
     top: int
     left: int
     mirrored: bool
+    turns: int = 0
 
 
-def crop_boxes(height: int, width: int, crop: int, oversample: bool = True) -> List[Crop]:
+#: Quarter turns test-time augmentation adds to every crop (with the mirror: the 8 symmetries).
+TTA_TURNS = (1, 2, 3)
+
+
+def crop_boxes(height: int, width: int, crop: int, oversample: bool = True, tta: bool = False) -> List[Crop]:
     """The crops pycaffe's ``Classifier.predict`` takes from an ``height × width`` input.
 
     Oversampling (``caffe.io.oversample``): corners row-major over ``{0, H−c} × {0, W−c}``, then the
     centre ``(int(H/2 − c/2), int(W/2 − c/2))``, then those five again mirrored.  Without it, the
-    centre crop alone."""
+    centre crop alone.  ``tta`` (not pycaffe's) adds every crop turned by 90, 180 and 270 degrees,
+    and without oversampling the mirrored centre too: 40 views, or the centre's 8 symmetries."""
     if crop > height or crop > width:
         raise EvaluationError(f"net input {crop}×{crop} is larger than the {height}×{width} window")
     centre = Crop(int(height / 2 - crop / 2), int(width / 2 - crop / 2), False)
     if not oversample:
-        return [centre]
-    plain = [Crop(top, left, False) for top in (0, height - crop) for left in (0, width - crop)] + [centre]
-    return plain + [Crop(c.top, c.left, True) for c in plain]
+        boxes = [centre, Crop(centre.top, centre.left, True)] if tta else [centre]
+    else:
+        plain = [Crop(top, left, False) for top in (0, height - crop) for left in (0, width - crop)] + [centre]
+        boxes = plain + [Crop(c.top, c.left, True) for c in plain]
+    if tta:
+        boxes += [Crop(c.top, c.left, c.mirrored, turns) for turns in TTA_TURNS for c in list(boxes)]
+    return boxes
 
 
 def extract_windows(image: np.ndarray, centres: np.ndarray, size: int = WINDOW_SIZE) -> np.ndarray:
@@ -109,7 +120,8 @@ def make_crops(windows: np.ndarray, crops: Sequence[Crop], size: int, out: Optio
     grouped = out.reshape(n, len(crops), channels, size, size)
     for index, box in enumerate(crops):
         piece = windows[:, :, box.top : box.top + size, box.left : box.left + size]
-        grouped[:, index] = piece[..., ::-1] if box.mirrored else piece
+        piece = piece[..., ::-1] if box.mirrored else piece
+        grouped[:, index] = np.rot90(piece, box.turns, axes=(2, 3)) if box.turns else piece
     return out
 
 
@@ -493,6 +505,7 @@ def classify_windows(
     *,
     window: int,
     oversample: bool,
+    tta: bool = False,
     mean_mode: str,
     batch_size: int,
 ) -> dict:
@@ -501,7 +514,7 @@ def classify_windows(
     ``mean`` is :func:`prepare_mean`'s.  The result maps owner → (N, classes) float32 probabilities
     averaged over the crops, as ``Classifier.predict`` returns them."""
     crop = classifier.crop
-    boxes = crop_boxes(window, window, crop, oversample)
+    boxes = crop_boxes(window, window, crop, oversample, tta)
     per_batch = max(1, batch_size // len(boxes))
     parts: dict = {}
     buffer = np.empty((per_batch * len(boxes), classifier.channels, crop, crop), dtype=np.float32)
@@ -532,6 +545,7 @@ def evaluate_images(
     window: int = WINDOW_SIZE,
     stride: int = WINDOW_STEP,
     oversample: bool = True,
+    tta: bool = False,
     mean_mode: str = "resize",
     aggregate: Aggregate = Aggregate("vote"),
     batch_size: Optional[int] = None,
@@ -560,7 +574,7 @@ def evaluate_images(
             bar.update(1)
 
     try:
-        probs = classify_windows(classifier, stream(), mean, window=window, oversample=oversample,
+        probs = classify_windows(classifier, stream(), mean, window=window, oversample=oversample, tta=tta,
                                  mean_mode=mean_mode, batch_size=batch_size)
     finally:
         bar.close()
@@ -598,6 +612,7 @@ def evaluate_fold(
     skip_missing: bool = False,
     device: str = "cpu",
     oversample: bool = True,
+    tta: bool = False,
     mean_mode: str = "resize",
     aggregate: Union[str, Aggregate] = "vote",
     window: Optional[int] = None,
@@ -671,17 +686,17 @@ def evaluate_fold(
             log.info("fold %d: images normalised with the recorded %s target %s", fold, stain.method, stain_source)
     transform = None if stain is None or stain.method == "none" else stain.transform
     log.info("fold %d: %d images, model %s, %s crops per window, mean %s, aggregate %s",
-             fold, len(entries), model, OVERSAMPLE_CROPS if oversample else 1, mean_mode, aggregate)
+             fold, len(entries), model, len(crop_boxes(window, window, classifier.crop, oversample, tta)), mean_mode, aggregate)
     unchanged: List[int] = []
-    results = evaluate_images(classifier, entries, mean_array, window=window, stride=stride, oversample=oversample,
+    results = evaluate_images(classifier, entries, mean_array, window=window, stride=stride, oversample=oversample, tta=tta,
                               mean_mode=mean_mode, aggregate=aggregate, batch_size=batch_size, progress=progress,
                               stain=transform, unchanged=unchanged)
     for index in unchanged:
         log.warning("warning: %s: stain normalisation left it unchanged (too little tissue)", entries[index].path)
     settings = {
         "model": str(model), "deploy": str(deploy), "mean": str(mean_path), "parent_list": str(parent_list),
-        "images": str(images), "skipped_missing": listed.missing, "device": device, "mean_mode": mean_mode, "oversample": oversample,
-        "crops": len(crop_boxes(window, window, classifier.crop, oversample)), "aggregate": str(aggregate),
+        "images": str(images), "skipped_missing": listed.missing, "device": device, "mean_mode": mean_mode, "oversample": oversample, "tta": tta,
+        "crops": len(crop_boxes(window, window, classifier.crop, oversample, tta)), "aggregate": str(aggregate),
         "window": window, "stride": stride, "crop": classifier.crop,
         "batch_size": batch_size or classifier.default_batch_size,
         "stain": None if transform is None else {**transform.to_json(), "record": None if stain_source is None else str(stain_source),

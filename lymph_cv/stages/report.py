@@ -23,6 +23,7 @@ from lymph_cv.core.images import read_unit
 from lymph_cv.errors import EvaluationError, InputError
 from lymph_cv.core.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
 from lymph_cv.stages.html_report import render_html
+from lymph_cv.stages.roc import draw_roc, roc_record
 from lymph_cv.workdir.layout import EVAL_DIR, HEATMAP_DIR, REPORT_HTML, REPORT_MD, heatmap_name
 
 if TYPE_CHECKING:  # evaluate imports this module at run time
@@ -35,6 +36,8 @@ METRICS_JSON = "metrics.json"
 SUMMARY_TXT = "summary.txt"
 IMAGES_CSV = "images.csv"
 CONFUSION_PNG = "confusion.png"
+#: the ROC curve of a two-class evaluation (a fold's and the pooled one).
+ROC_PNG = "roc.png"
 REPORT_JSON = "report.json"
 REPORT_TXT = "report.txt"
 _FOLD_DIR = re.compile(r"fold_(\d+)$")
@@ -151,10 +154,38 @@ def _votes_text(votes: Sequence[int], classes: Sequence[str]) -> str:
     return " ".join(f"{c}={int(v)}" for c, v in zip(classes, votes))
 
 
+def image_roc(scores: np.ndarray, labels: Sequence[int], classes: Sequence[str]) -> dict:
+    """ROC figures of images by their aggregate scores: for two classes AUC, curve and operating
+    threshold of the second class's score; else one-vs-rest AUC per class (:mod:`lymph_cv.stages.roc`)."""
+    return roc_record(np.asarray(scores, dtype=np.float64).reshape(len(labels), len(classes)), labels, classes)
+
+
+def roc_auc_of(record: Optional[dict]) -> Optional[float]:
+    """The headline AUC of a ROC record: the binary AUC, else the one-vs-rest mean."""
+    if not record:
+        return None
+    return record.get("auc") if record.get("kind") == "binary" else record.get("macro_auc")
+
+
+def format_roc(record: Optional[dict]) -> str:
+    """One line: AUC and operating threshold (two classes) or per-class one-vs-rest AUC."""
+    if not record:
+        return "ROC: n/a"
+    if record.get("kind") == "binary":
+        if record.get("auc") is None:
+            return f"ROC AUC ({record['positive']} positive): n/a (needs both classes)"
+        return (f"ROC AUC ({record['positive']} positive) {_num(record['auc'])}, operating threshold "
+                f"{record['threshold']:.4g} (sensitivity {_num(record['sensitivity'])}, "
+                f"specificity {_num(record['specificity'])})")
+    per_class = ", ".join(f"{name} {_num(value)}" for name, value in record["per_class"].items())
+    return f"one-vs-rest ROC AUC: {per_class}; mean {_num(record.get('macro_auc'))}"
+
+
 def fold_record(result: "FoldResult") -> dict:
     """The JSON-ready record of a fold's evaluation (``metrics.json``)."""
     matrix = result.confusion
     classes = result.classes
+    scores = np.array([r.scores for r in result.images], dtype=np.float64)
     return {
         "fold": result.fold,
         "classes": list(classes),
@@ -168,6 +199,7 @@ def fold_record(result: "FoldResult") -> dict:
              "scores": {c: round(float(v), 6) for c, v in zip(classes, r.scores)}}
             for r in result.misclassified
         ],
+        "roc": image_roc(scores, [r.label for r in result.images], classes),
         "settings": result.settings,
     }
 
@@ -185,6 +217,8 @@ def format_fold(record: dict, legacy: bool = False) -> str:
         format_confusion(np.array(record["confusion"]), classes, legacy),
         "",
         format_class_table(record["per_class"]),
+        "",
+        format_roc(record.get("roc")),
         "",
         f"misclassified: {len(record['misclassified'])}",
     ]
@@ -316,6 +350,8 @@ def write_fold(result: "FoldResult", out_dir: PathLike, *, legacy_layout: bool =
         (temp / IMAGES_CSV).write_text(images_csv(result), encoding="utf-8")
         title = f"fold {result.fold}: accuracy {_num(record['accuracy'])}, balanced {_num(record['balanced_accuracy'])}"
         (temp / CONFUSION_PNG).write_bytes(encode_png(draw_confusion(result.confusion, result.classes, title)))
+        if record["roc"].get("curve"):
+            (temp / ROC_PNG).write_bytes(draw_roc(record["roc"], f"fold {result.fold}: ROC"))
         if heatmaps:
             (temp / HEATMAP_DIR).mkdir()
             stride = int(result.settings.get("stride", 0)) or _grid_step(result.images[0].centres)
@@ -339,6 +375,16 @@ class Report:
     classes: List[str]
     folds: List[dict]  # the folds' metrics.json records, in fold order
     confusion: np.ndarray
+    #: every image's true label and aggregate scores over the folds (from images.csv), when all have them
+    labels: Optional[np.ndarray] = None
+    scores: Optional[np.ndarray] = None
+
+    @property
+    def roc(self) -> Optional[dict]:
+        """ROC figures of the pooled images (None without their scores)."""
+        if self.labels is None or self.scores is None:
+            return None
+        return image_roc(self.scores, self.labels, self.classes)
 
     @property
     def metrics(self) -> dict:
@@ -365,6 +411,24 @@ def _check_metrics(record, path: Path) -> None:
         raise InputError(expected, path)
 
 
+def read_image_scores(path: Path, classes: Sequence[str]) -> Optional[tuple]:
+    """(labels, N × classes scores) from a fold's images.csv, or None when it is absent."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise InputError(f"cannot read the fold's images ({exc})", path) from exc
+    rows = list(csv.DictReader(io.StringIO(text)))
+    try:
+        labels = np.array([list(classes).index(row["true"]) for row in rows], dtype=np.int64)
+        scores = np.array([[float(row[f"score_{c}"]) for c in classes] for row in rows], dtype=np.float64)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise InputError(f"expected the images.csv `lymph-cv evaluate` writes (true, score_<class> columns): {exc}",
+                         path) from None
+    return labels, scores.reshape(len(rows), len(classes))
+
+
 def build_report(workdir: PathLike, folds: Optional[Sequence[int]] = None) -> Report:
     """Collect ``eval/fold_K/metrics.json`` of every evaluated fold (or only of ``folds``) and pool
     their matrices."""
@@ -374,6 +438,7 @@ def build_report(workdir: PathLike, folds: Optional[Sequence[int]] = None) -> Re
     if folds is not None:
         found = [(k, p) for k, p in found if k in set(folds)]
     records = []
+    folders = []
     for _, folder in found:
         path = folder / METRICS_JSON
         try:
@@ -384,6 +449,7 @@ def build_report(workdir: PathLike, folds: Optional[Sequence[int]] = None) -> Re
             raise InputError(f"cannot read the fold's metrics ({exc})", path) from exc
         _check_metrics(record, path)
         records.append(record)
+        folders.append(folder)
     if not records:
         raise EvaluationError("no evaluated fold found (expected eval/fold_K/metrics.json; run `lymph-cv evaluate` first)", workdir)
     classes = records[0]["classes"]
@@ -391,7 +457,12 @@ def build_report(workdir: PathLike, folds: Optional[Sequence[int]] = None) -> Re
         if record["classes"] != classes:
             raise EvaluationError(f"fold {record['fold']} has classes {record['classes']}, fold {records[0]['fold']} has {classes}", eval_dir)
     pooled = sum(np.array(r["confusion"], dtype=np.int64) for r in records)
-    return Report(workdir, list(classes), records, pooled)
+    image_scores = [read_image_scores(folder / IMAGES_CSV, classes) for folder in folders]
+    if any(item is None for item in image_scores):
+        return Report(workdir, list(classes), records, pooled)
+    labels = np.concatenate([item[0] for item in image_scores])
+    scores = np.concatenate([item[1] for item in image_scores])
+    return Report(workdir, list(classes), records, pooled, labels, scores)
 
 
 def report_record(report: Report) -> dict:
@@ -407,7 +478,19 @@ def report_record(report: Report) -> dict:
         **report.metrics,
         "fold_accuracy": {"mean": acc_mean, "sd": acc_sd, "values": [r["accuracy"] for r in report.folds]},
         "fold_balanced_accuracy": {"mean": bal_mean, "sd": bal_sd, "values": [r["balanced_accuracy"] for r in report.folds]},
+        "roc": report.roc,
+        "fold_auc": _fold_auc(report),
     }
+
+
+def _fold_auc(report: Report) -> Optional[dict]:
+    """Mean and sd of the folds' headline AUCs (the folds where it is defined), or None."""
+    values = [roc_auc_of(f.get("roc")) for f in report.folds]
+    defined = [v for v in values if v is not None]
+    if not defined:
+        return None
+    mean, sd = mean_sd(defined)
+    return {"mean": mean, "sd": sd, "values": values}
 
 
 def _pm(mean: float, sd: Optional[float]) -> str:
@@ -426,6 +509,8 @@ def format_report(report: Report, legacy: bool = False) -> str:
         format_confusion(report.confusion, report.classes, legacy),
         "",
         format_class_table(record["per_class"]),
+        "",
+        format_roc(record["roc"]),
     ]
     return "\n".join(lines) + "\n"
 
@@ -470,6 +555,7 @@ def format_markdown(report: Report) -> str:
     lines += ["", "## Per class (pooled)", "", _md_row(["class", "precision", "recall", "F1", "support"]), _md_row(["---"] * 5)]
     for name, m in record["per_class"].items():
         lines.append(_md_row([name, _num(m["precision"]), _num(m["recall"]), _num(m["f1"]), m["support"]]))
+    lines += _markdown_roc(record)
     wrong = [(f["fold"], item) for f in report.folds for item in f["misclassified"]]
     lines += ["", f"## Misclassified images ({len(wrong)})", ""]
     for fold, item in wrong[:MD_MISCLASSIFIED_MAX]:
@@ -480,6 +566,22 @@ def format_markdown(report: Report) -> str:
     if not wrong:
         lines.append("None.")
     return "\n".join(lines) + "\n"
+
+
+def _markdown_roc(record: dict) -> List[str]:
+    """The report's ROC section: pooled figures, per-fold AUC, the curve (two classes)."""
+    roc, per_fold = record.get("roc"), record.get("fold_auc")
+    if roc is None and per_fold is None:
+        return []
+    lines = ["", "## ROC (image scores of the aggregation)", ""]
+    if roc is not None:
+        lines.append(f"Pooled: {format_roc(roc)}.")
+    if per_fold is not None:
+        values = ", ".join(_num(v) for v in per_fold["values"])
+        lines.append(f"Per fold AUC {_pm(per_fold['mean'], per_fold['sd'])} ({values}).")
+    if roc is not None and roc.get("curve"):
+        lines += ["", f"![pooled ROC curve]({ROC_PNG})"]
+    return lines
 
 
 def write_report(report: Report, legacy_layout: bool = False) -> List[Path]:
@@ -495,4 +597,8 @@ def write_report(report: Report, legacy_layout: bool = False) -> List[Path]:
     atomic_write_bytes(paths[2], encode_png(draw_confusion(report.confusion, report.classes, title)))
     atomic_write_text(paths[3], format_markdown(report))
     atomic_write_text(paths[4], render_html(report.workdir, report_record(report), report.folds))
+    roc = report.roc
+    if roc is not None and roc.get("curve"):
+        paths.append(eval_dir / ROC_PNG)
+        atomic_write_bytes(paths[-1], draw_roc(roc, f"{len(report.folds)} fold(s) pooled: ROC"))
     return paths
