@@ -33,6 +33,7 @@ COMMANDS = {
     "plot-log": "lymph_cv.commands.plot_log:plot_log",
     "export": "lymph_cv.commands.export:export",
     "import": "lymph_cv.commands.import_data:import_group",
+    "heldout": "lymph_cv.commands.heldout:heldout",
     "run": "lymph_cv.commands.run:run",
     "inspect": "lymph_cv.commands.inspect:inspect",
     "stain": "lymph_cv.commands.stain:stain",
@@ -59,6 +60,7 @@ SUMMARIES = {
     "plot-log": ("Plot train/test loss, test accuracy and learning rate of one or more `caffe train` logs "
                  "(ours or Caffe's own), overlaid."),
     "export": "Export MODEL.caffemodel with its DEPLOY.prototxt to ONNX (batch size free), checked in onnxruntime.",
+    "heldout": "Accuracy, ROC AUC and confusion of a fold's net on DB_heldout_K (eval/heldout_K/metrics.json).",
     "import": "Import a published data set into a work directory (`import pcam DIR WORKDIR`).",
     "stain": "Stain normalisation: `stain fit` makes a target, `stain apply` normalises a folder.",
     "inspect": "Describe a caffemodel, solverstate, mean binaryproto, net/solver prototxt or LevelDB/LMDB.",

@@ -58,6 +58,10 @@ class DemoData:
     height: int = 320
 
 
+#: lymph_cv.net.archs.DEFAULT_ARCH, spelled out: importing the registry loads torch.
+TUTORIAL_ARCH = "alexnet32w"
+
+
 @dataclass(frozen=True)
 class RunOptions:
     """Everything that decides what ``lymph-cv run`` computes."""
@@ -74,6 +78,9 @@ class RunOptions:
     direct: bool = False
     max_iter: Optional[int] = None
     dropout: bool = False
+    #: architecture registry name (lymph_cv.net.archs) and forced ResNet stem (None: by patch size).
+    arch: str = TUTORIAL_ARCH
+    stem: Optional[str] = None
     overrides: Dict[str, str] = field(default_factory=dict)
     device: str = "cpu"
     executor: str = "local"
@@ -314,8 +321,11 @@ def training_overrides(o: RunOptions) -> Dict[str, str]:
 
 
 def _render_params(o: RunOptions) -> dict:
-    return {"overrides": training_overrides(o), "dropout": o.dropout, "folds": o.fold_list,
-            "device": _solver_device(o)}
+    params = {"overrides": training_overrides(o), "dropout": o.dropout, "folds": o.fold_list,
+              "device": _solver_device(o)}
+    # Only when not the tutorial's net, so the keys of earlier runs stay valid.
+    params.update({k: v for k, v in (("arch", o.arch), ("stem", o.stem)) if v not in (None, TUTORIAL_ARCH)})
+    return params
 
 
 def _solver_device(o: RunOptions) -> str:
@@ -332,7 +342,7 @@ def _render_run(o: RunOptions, fresh: bool) -> None:
     from lymph_cv.stages.render import render_folds
 
     render_folds(o.workdir, o.fold_list, dropout=o.dropout, overrides=training_overrides(o),
-                 device=_solver_device(o))
+                 device=_solver_device(o), arch=o.arch, stem=o.stem)
 
 
 def _solver(o: RunOptions, fold: int) -> Path:

@@ -12,7 +12,8 @@ from lymph_cv.formats import h5
 from lymph_cv.formats.caffe.blob import read_mean
 from lymph_cv.formats.caffe.datum import parse_datum
 from lymph_cv.formats.store import open_reader
-from lymph_cv.stages.pcam import import_pcam, synth_pcam
+from lymph_cv.stages.pcam import auc_score, import_pcam, score_heldout, synth_pcam
+from lymph_cv.stages.train import train
 from lymph_cv.stages.render import render_fold
 
 COUNTS = {"train": 24, "valid": 10, "test": 6}
@@ -66,6 +67,18 @@ def test_import_round_trip_keeps_split_labels_and_pixels(pcam_dir, tmp_path):
     assert (rendered["stem"], rendered["crop_size"], rendered["backend"], rendered["test_iter"]) == \
         ("imagenet", 88, "lmdb", 2)
     assert fold.net.is_file()
+    short = render_fold(work, 1, overrides={"batch_size": "4", "max_iter": "2", "snapshot": "2", "test_iter": "1"})
+    train(short.solver, log_file=False, progress=False)
+    metrics = score_heldout(work)  # the newest snapshot, every held-out record once
+    assert metrics["records"] == COUNTS["test"] and np.sum(metrics["confusion"]) == COUNTS["test"]
+    assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["auc"] <= 1
+    assert json.loads((work / "eval" / "heldout_1" / "metrics.json").read_text())["records"] == COUNTS["test"]
+
+
+def test_auc_is_rank_based_with_ties():
+    assert auc_score([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == 0.75
+    assert auc_score([0, 1, 0, 1], [0.5, 0.5, 0.2, 0.9]) == 0.875  # a tie counts one half
+    assert auc_score([1, 0], [0.3, 0.3]) == 0.5
 
 
 def test_bad_inputs_are_one_line_errors(pcam_dir, tmp_path, runner, cli):

@@ -10,6 +10,7 @@ import click
 from lymph_cv.commands.render import _folds
 from lymph_cv.commands.training_options import augmentation_options, augmentation_overrides
 from lymph_cv.commands.stain import method_params, stain_options
+from lymph_cv.net.archs import DEFAULT_ARCH, STEMS, arch_names
 from lymph_cv.workdir.layout import EVAL_DIR, REPORT_HTML, REPORT_MD
 from lymph_cv.pipeline import EXECUTORS, STAGES, DemoData, RunOptions, run_pipeline
 
@@ -55,6 +56,10 @@ def _classes(ctx, param, value: str):
 @click.option("--max-iter", type=click.IntRange(min=1), default=None,
               help=f"Training iterations per fold [default: the tutorial's 600000; {DEMO_MAX_ITER} with --demo].")
 @click.option("--dropout", is_flag=True, help="Train the dropout variant of the net.")
+@click.option("--arch", type=click.Choice(arch_names()), default=DEFAULT_ARCH, show_default=True,
+              help="Network from the architecture registry (see `lymph-cv render --help`).")
+@click.option("--stem", type=click.Choice(STEMS), default=None,
+              help="ResNet stem (default: by patch size, cifar below 96 px, imagenet from 96).")
 @click.option("--set", "overrides", multiple=True, callback=_pairs, metavar="KEY=VALUE",
               help="Template variable for the rendered solver/net (see `lymph-cv render --help`); repeatable.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (training and evaluation).")
@@ -72,8 +77,9 @@ def _classes(ctx, param, value: str):
 @augmentation_options
 @stain_options
 def run(workdir: Path, data: Optional[Path], demo: bool, classes, k: int, folds, group_by: str, seed: int,
-        backend: str, direct: bool, max_iter: Optional[int], dropout: bool, overrides: dict, device: str,
-        executor: str, walltime, queue, job_timeout, aggregate: str, no_oversample: bool, tta: bool, workers, from_stage,
+        backend: str, direct: bool, max_iter: Optional[int], dropout: bool, arch: str, stem: Optional[str],
+        overrides: dict, device: str, executor: str, walltime, queue, job_timeout, aggregate: str,
+        no_oversample: bool, tta: bool, workers, from_stage,
         mixup_alpha, label_smoothing, vertical_flip, rotate90, stain, stain_target, stain_include_background,
         stain_params) -> None:
     """Steps 1–5 and the report: images → patches → folds → DBs → training → confusion matrices.
@@ -105,8 +111,9 @@ def run(workdir: Path, data: Optional[Path], demo: bool, classes, k: int, folds,
         workdir=workdir, data=data, demo=DemoData() if demo else None, classes=classes, k=k, folds=folds,
         group_by=group_by, seed=seed, backend=backend, direct=direct,
         max_iter=max_iter if max_iter is not None else (DEMO_MAX_ITER if demo else None),
-        dropout=dropout, overrides=overrides, device=device, executor=executor, job_options=job_options,
-        job_timeout=job_timeout, oversample=not no_oversample, tta=tta, aggregate=aggregate, workers=workers,
+        dropout=dropout, arch=arch, stem=stem, overrides=overrides, device=device, executor=executor,
+        job_options=job_options, job_timeout=job_timeout, oversample=not no_oversample, tta=tta,
+        aggregate=aggregate, workers=workers,
         from_stage=from_stage, stain=stain, stain_params=stain_params, stain_target=stain_target)
 
     def announce(name: str, action: str) -> None:

@@ -18,8 +18,8 @@ from typing import Dict, Mapping, Optional, Union
 
 import numpy as np
 
-from lymph_cv.core.fsutil import atomic_write_json, atomic_write_text, make_dirs
-from lymph_cv.errors import ConfigError
+from lymph_cv.core.fsutil import atomic_write_json, atomic_write_text, make_dirs, read_json_object
+from lymph_cv.errors import ConfigError, InputError
 from lymph_cv.formats import h5
 from lymph_cv.formats.caffe.datum import serialize_datum
 from lymph_cv.formats.caffe.mean import MeanAccumulator, write_mean
@@ -122,3 +122,84 @@ def synth_pcam(out: PathLike, *, counts: Optional[Mapping[str, int]] = None, see
     atomic_write_json(out / SYNTH_JSON, {"layout": "pcam", "seed": seed, "counts": counts,
                                          "classes": list(CLASSES), "renderers": list(SYNTH_RENDERERS)})
     return counts
+
+
+def auc_score(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC of ``scores`` for the positive labels (1), rank-based (Mann-Whitney; ties averaged)."""
+    labels, scores = np.asarray(labels).astype(bool), np.asarray(scores, np.float64)
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    if not positives or not negatives:
+        raise ConfigError("AUC needs both classes among the labels")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), np.float64)
+    sorted_scores = scores[order]
+    start = 0
+    while start < len(scores):  # average ranks over runs of equal scores
+        stop = start
+        while stop + 1 < len(scores) and sorted_scores[stop + 1] == sorted_scores[start]:
+            stop += 1
+        ranks[order[start:stop + 1]] = (start + stop) / 2 + 1
+        start = stop + 1
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def score_heldout(workdir: PathLike, model: Optional[PathLike] = None, *, fold: int = PCAM_FOLD,
+                  device: str = "cpu") -> Dict[str, object]:
+    """The fold's TEST net with ``model`` (default: its newest snapshot) on the held-out split:
+    accuracy, tumour-vs-normal ROC AUC and the confusion matrix, written to
+    ``eval/heldout_K/metrics.json``.  Every record is scored once, in key order."""
+    import torch
+
+    from lymph_cv.core.devices import resolve_device
+    from lymph_cv.formats.caffe import caffe_pb2
+    from lymph_cv.formats.caffe.model import read_caffemodel
+    from lymph_cv.formats.caffe.prototxt import read_net_prototxt
+    from lymph_cv.formats.store import open_reader
+    from lymph_cv.net.archs import get_arch
+    from lymph_cv.net.build import build_net
+    from lymph_cv.stages.train import data_layers, feed, solver_snapshots
+    from lymph_cv.workdir.layout import EVAL_DIR, NET_NAME, RENDER_JSON, SOLVER_NAME
+
+    workdir = Path(workdir)
+    fold_dir = workdir / str(fold)
+    db = workdir / HELDOUT_DB.format(fold=fold)
+    if not db.is_dir():
+        raise InputError("held-out database not found (run `lymph-cv import pcam` first)", db)
+    if model is None:
+        snapshots = solver_snapshots(fold_dir / SOLVER_NAME.format(fold=fold), "caffemodel")
+        if not snapshots:
+            raise InputError("no snapshot to score (train the fold first or pass --model)", fold_dir)
+        model = snapshots[max(snapshots)]
+    record = read_json_object(fold_dir / RENDER_JSON) or {}
+    head = get_arch(record.get("arch", "alexnet32w")).head
+    net_param = read_net_prototxt(fold_dir / NET_NAME.format(fold=fold))
+    for layer in net_param.layer:
+        if layer.type == "Data":
+            layer.data_param.source = os.fspath(db.resolve())
+    net = build_net(net_param, caffe_pb2.TEST, base_dir=fold_dir)
+    net.load_weights(read_caffemodel(model), model)
+    target = resolve_device(device)
+    net.to(target)
+    layers = data_layers(net, caffe_pb2.TEST, 0, lambda p: Path(p) if Path(p).is_absolute() else fold_dir / p)
+    with open_reader(db) as reader:
+        count = sum(1 for _ in reader)
+    batch = int(net.data_layers[0].data_param.batch_size)
+    probs, labels = [], []
+    with torch.no_grad():
+        for i in range(-(-count // batch)):
+            inputs = feed(layers, i, target)
+            blobs = net(inputs)
+            probs.append(torch.softmax(blobs[head].float(), dim=1).cpu().numpy())
+            labels.append(inputs["label"].cpu().numpy())
+    prob, label = np.concatenate(probs)[:count], np.concatenate(labels)[:count].astype(int)
+    predicted = prob.argmax(axis=1)
+    confusion = np.zeros((prob.shape[1], prob.shape[1]), int)
+    np.add.at(confusion, (label, predicted), 1)
+    metrics = {"model": os.fspath(model), "records": count, "accuracy": float((predicted == label).mean()),
+               "auc": auc_score(label == 1, prob[:, 1]) if prob.shape[1] == 2 else None,
+               "confusion": confusion.tolist(), "classes": list(CLASSES)}
+    out = workdir / EVAL_DIR / f"heldout_{fold}"
+    make_dirs(out)
+    atomic_write_json(out / "metrics.json", metrics)
+    log.info("held-out: accuracy %.4f, AUC %s over %d patches", metrics["accuracy"], metrics["auc"], count)
+    return metrics
