@@ -304,3 +304,20 @@ def test_import_caffe_through_pycaffe_path(tmp_path, runner, cli):
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["0", "1", "type", "make"]
+
+
+def test_reshape_forward_backward_all_and_propagate_down(tmp_path):
+    text = FAN_OUT_NET.replace("bottom: 'b' bottom: 'label' top: 'loss_b'",
+                               "bottom: 'b' bottom: 'label' top: 'loss_b' propagate_down: false propagate_down: false")
+    net = caffe.Net(_file(tmp_path, text), caffe.TRAIN)
+    rng = np.random.default_rng(2)
+    data = rng.normal(size=(6, 2, 5, 5)).astype(np.float32)
+    labels = np.array([0, 1, 2, 1, 0, 2], np.float32)
+    outs, diffs = net.forward_backward_all(data=data, label=labels)
+    assert outs["loss_a"].shape == (2,) and diffs["data"].shape == (6, 2, 5, 5)  # 2 batches of 4, padding cut
+    assert np.abs(net.blobs["a"].diff).max() > 0 and not net.blobs["b"].diff.any()  # loss_b sends nothing down
+    net.blobs["data"].reshape(2, 2, 5, 5)
+    net.blobs["label"].reshape(2)
+    net.reshape()
+    assert net.blobs["conv"].shape == (2, 3, 3, 3) and net.blobs["a"].shape == (2, 3)
+

@@ -156,7 +156,20 @@ class Net:
         for name, weight in net.loss_weights.items():
             self.blobs[name].diff[...] = weight
         self._rebuild_params()
+        self._needs_diff = self._blobs_needing_diffs()
         self._fill_once()
+
+    def _blobs_needing_diffs(self) -> set:
+        """Caffe's rule: a blob gets a diff when its layer learns or a bottom of it has one
+        (every blob with force_backward); data and labels do not, which saves their backward."""
+        needed = set()
+        for layer in self._net.layers:
+            learns = any(param.requires_grad for param in layer.blobs)
+            if self.force_backward or learns or any(name in needed for name in layer.param.bottom):
+                needed.update(layer.param.top)
+        if self.force_backward:
+            needed.update(self.blobs)
+        return needed
 
     def _rebuild_params(self) -> None:
         params: "OrderedDict[str, List[TensorBlob]]" = OrderedDict()
@@ -242,6 +255,8 @@ class Net:
     def _leaf(self, name: str, grad: bool) -> torch.Tensor:
         # a copy: a later in-place layer overwrites the blob's memory, not what autograd saved
         tensor = torch.tensor(self.blobs[name].data, device=self._device_of())
+        if tensor.dim() == 4 and self._net.channels_last:  # the engine's layout: same values, faster convolutions
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
         return tensor.requires_grad_(grad)
 
     def _device_of(self) -> torch.device:
@@ -261,7 +276,10 @@ class Net:
 
     def _run_layer(self, index: int, grad: bool) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         layer = self._net.layers[index]
-        bottoms = [self._leaf(name, grad) for name in layer.param.bottom]
+        # propagate_down: false stops the diff at that bottom (Caffe then leaves its diff alone)
+        wanted = list(layer.param.propagate_down) or [True] * len(layer.param.bottom)
+        bottoms = [self._leaf(name, grad and want and name in self._needs_diff)
+                   for name, want in zip(layer.param.bottom, wanted)]
         with torch.set_grad_enabled(grad):
             tops = list(layer(*bottoms))
         return bottoms, tops
@@ -294,6 +312,13 @@ class Net:
             self._batch += 1
         return loss
 
+    def _diff_like(self, name: str, top: torch.Tensor) -> torch.Tensor:
+        """Blob ``name``'s diff as a tensor in ``top``'s layout (a mismatch slows convolutions' backward)."""
+        diff = torch.from_numpy(np.ascontiguousarray(self.blobs[name].diff)).to(top.device).reshape(top.shape)
+        if top.dim() == 4 and top.is_contiguous(memory_format=torch.channels_last):
+            diff = diff.contiguous(memory_format=torch.channels_last)
+        return diff
+
     def backward_range(self, start: int, end: int) -> None:
         """Caffe's BackwardFromTo over layer indices ``start`` down to ``end``."""
         written = set()
@@ -303,15 +328,16 @@ class Net:
             if layer.is_input or (not len(p.bottom) and not len(layer.blobs)):
                 continue
             bottoms, tops = self._tape.get(index) or self._run_layer(index, True)
-            pairs = [(top, torch.from_numpy(np.ascontiguousarray(self.blobs[name].diff)).to(top.device)
-                      .reshape(top.shape)) for name, top in zip(p.top, tops) if top.requires_grad]
+            pairs = [(top, self._diff_like(name, top)) for name, top in zip(p.top, tops) if top.requires_grad]
             targets = [b for b in bottoms if b.requires_grad] + [w for w in layer.blobs if w.requires_grad]
             for bottom in bottoms:
                 bottom.grad = None
             if pairs and targets:
                 torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs], retain_graph=True,
                                         inputs=targets)
-            for name, bottom in zip(p.bottom, bottoms):
+            for name, bottom, want in zip(p.bottom, bottoms, list(p.propagate_down) or [True] * len(p.bottom)):
+                if not want or name not in self._needs_diff:
+                    continue  # Caffe leaves that diff alone
                 diff = (bottom.grad.detach().to("cpu", torch.float32).numpy() if bottom.grad is not None
                         else np.zeros(tuple(bottom.shape), dtype=np.float32))
                 blob = self.blobs[name]
