@@ -188,3 +188,31 @@ def test_max_memory_sizes():
     assert parse_memory("512M") == 512 << 20 and parse_memory("2GiB") == 2 << 30 and parse_memory("1000") == 1000
     with pytest.raises(ValueError, match="expected a size"):
         parse_memory("lots")
+
+
+def test_serialize_datums_in_bulk_equal_one_by_one():
+    from lymph_cv.formats.caffe.datum import serialize_datums
+
+    rows = np.random.default_rng(2).integers(0, 256, (5, 3 * 4 * 2), dtype=np.uint8)
+    for labels in ([0, 1, 2, 127, 5], [0, 128, -1, 3, 2**31 - 1]):  # one-byte labels, then any
+        expected = [serialize_datum(row.reshape(3, 4, 2), label) for row, label in zip(rows, labels)]
+        assert serialize_datums(rows, (3, 4, 2), np.array(labels)) == expected
+
+
+def test_released_shared_patch_rows_keep_their_data(tmp_path):
+    import mmap
+
+    from lymph_cv.stages import dbs
+
+    rows, shape = 3000, (3, 4, 4)
+    token = "test-release"
+    dbs._SHARED[token] = mmap.mmap(-1, rows * 48)
+    cache = dbs._PatchCache(token, True, rows, shape, {"a": 0}, {"a": rows})
+    try:
+        data = np.random.default_rng(0).integers(0, 256, (rows, 48), dtype=np.uint8)
+        cache.open(writable=True)[:] = data
+        cache.release(10, 2000)
+        cache.release()
+        assert np.array_equal(cache.open(), data)
+    finally:
+        cache.remove()

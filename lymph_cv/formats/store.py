@@ -95,6 +95,17 @@ class _Writer(abc.ABC):
         if len(self._pending) >= self.commit_every:
             self.commit()
 
+    def put_many(self, keys: List[bytes], values: List[bytes]) -> None:
+        """:meth:`put` of each pair in order (commits at the same records as one put at a time)."""
+        start = 0
+        while start < len(keys):
+            take = min(len(keys) - start, self.commit_every - len(self._pending))
+            self._pending.extend(zip(keys[start : start + take], values[start : start + take]))
+            self.count += take
+            start += take
+            if len(self._pending) >= self.commit_every:
+                self.commit()
+
     def __len__(self) -> int:
         return self.count
 

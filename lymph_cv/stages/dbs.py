@@ -37,7 +37,7 @@ import numpy as np
 
 from lymph_cv.formats import store
 from lymph_cv.formats.caffe.blob import write_mean
-from lymph_cv.formats.caffe.datum import encoded_datum, raw_pixel_offset, serialize_datum
+from lymph_cv.formats.caffe.datum import encoded_datum, raw_pixel_offset, serialize_datum, serialize_datums
 from lymph_cv.formats.caffe.mean import MEAN_PROGRESS_EVERY, MeanAccumulator, channel_means, mean_of_db  # noqa: F401
 from lymph_cv.errors import ConfigError, InputError, LymphCVError, StoreError
 from lymph_cv.stages.folds import FOLDS_JSON, TEST_LIST, TRAIN_LIST, list_folds, read_list_text
@@ -223,6 +223,21 @@ def _disk_full(exc: BaseException) -> bool:
     return getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc)
 
 
+@contextlib.contextmanager
+def _store_errors(db_path) -> Iterator[None]:
+    """OS and backend errors while writing ``db_path`` as StoreErrors naming it (disk full said so)."""
+    try:
+        yield
+    except LymphCVError:
+        raise
+    except Exception as exc:
+        if _disk_full(exc):
+            raise StoreError("no space left on device", db_path) from exc
+        if isinstance(exc, OSError):
+            raise StoreError(f"cannot write database ({exc.strerror or exc})", db_path) from exc
+        raise
+
+
 def write_db(
     db_path: Union[str, os.PathLike],
     backend: str,
@@ -243,33 +258,40 @@ def write_db(
     """
     count = 0
     first_size: Optional[int] = None
-    try:
-        with store.open_writer(db_path, backend, overwrite=overwrite) as writer:
-            for key, value, pixels in records:
-                if check_size and pixels is not None:
-                    if first_size is None:
-                        first_size = pixels.size
-                    elif pixels.size != first_size:
-                        raise InputError(f"record {key.decode(errors='replace')} has {pixels.size} values, "
-                                         f"the first had {first_size} (-check_size)")
-                writer.put(key, value)
-                if accumulator is not None:
-                    if pixels is None:
-                        raise ConfigError("a mean needs raw (not encoded) records")
-                    accumulator.add(pixels)
-                count += 1
-                if progress is not None and count % progress_every == 0:
-                    progress(count)
-            if count == 0:
-                raise InputError("no readable record; nothing to write", db_path)
-    except LymphCVError:
-        raise
-    except Exception as exc:
-        if _disk_full(exc):
-            raise StoreError("no space left on device", db_path) from exc
-        if isinstance(exc, OSError):
-            raise StoreError(f"cannot write database ({exc.strerror or exc})", db_path) from exc
-        raise
+    with _store_errors(db_path), store.open_writer(db_path, backend, overwrite=overwrite) as writer:
+        for key, value, pixels in records:
+            if check_size and pixels is not None:
+                if first_size is None:
+                    first_size = pixels.size
+                elif pixels.size != first_size:
+                    raise InputError(f"record {key.decode(errors='replace')} has {pixels.size} values, "
+                                     f"the first had {first_size} (-check_size)")
+            writer.put(key, value)
+            if accumulator is not None:
+                if pixels is None:
+                    raise ConfigError("a mean needs raw (not encoded) records")
+                accumulator.add(pixels)
+            count += 1
+            if progress is not None and count % progress_every == 0:
+                progress(count)
+        if count == 0:
+            raise InputError("no readable record; nothing to write", db_path)
+    return count
+
+
+def write_db_batches(db_path: Union[str, os.PathLike], backend: str,
+                     batches: Iterable[tuple[list[bytes], list[bytes]]]) -> int:
+    """Write ``(keys, values)`` batches to a new database (replacing one there); the record count.
+
+    :func:`write_db` for records assembled in bulk (no per-record checks); same errors.
+    """
+    count = 0
+    with _store_errors(db_path), store.open_writer(db_path, backend, overwrite=True) as writer:
+        for keys, values in batches:
+            writer.put_many(keys, values)
+            count += len(keys)
+        if count == 0:
+            raise InputError("no readable record; nothing to write", db_path)
     return count
 
 
@@ -640,6 +662,22 @@ class _PatchCache:
             return np.frombuffer(_SHARED[self.token], np.uint8, count=self.rows * self.row_size).reshape(shape)
         return np.memmap(self.token, np.uint8, "r+" if writable else "r", shape=shape)
 
+    def release(self, first_row: int = 0, rows: Optional[int] = None) -> None:
+        """Drop this process's resident pages of rows ``first_row …`` (all by default); the data stays.
+
+        The shared block is MAP_SHARED: after MADV_DONTNEED its pages are refilled from the shared
+        object, not zeroed.  So every process touching the whole array (each database build gathers
+        from all of it) keeps its own RSS small.  A file-backed array is released by dropping the
+        mapping (:meth:`open` again).
+        """
+        if not self.in_memory:
+            return
+        page = mmap.PAGESIZE
+        start = -(-first_row * self.row_size // page) * page
+        end = (self.rows if rows is None else first_row + rows) * self.row_size // page * page
+        if end > start:
+            _SHARED[self.token].madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def remove(self) -> None:
         if self.in_memory:
             block = _SHARED.pop(self.token, None)
@@ -742,6 +780,7 @@ def _cut_image(job: tuple["_PatchCache", SourceImage, str, int, Optional[StainTr
         return f"{source.path}: has {found} patches now, {count} when the manifest was written", None, False
     rows = cache.open(writable=True)[cache.offsets[stem] : cache.offsets[stem] + count]
     extract(read.bgr, cache.shape[1], step, channels_first=True, out=rows)
+    cache.release(cache.offsets[stem], count)  # written: the other processes read it from the shared block
     return None, read.conversion, transform is not None and transform.unchanged
 
 
@@ -760,11 +799,17 @@ def _cache_rows(task: _DbTask, entries: Sequence[ListEntry], bad: BadInputs) -> 
     return rows
 
 
-def _cache_records(
+#: Bytes a database build gathers from the patch array before it drops its resident copy of it.
+RELEASE_EVERY = 256 << 20
+
+
+def _cache_batches(
     cache: _PatchCache, entries: Sequence[ListEntry], order: np.ndarray, rows: np.ndarray,
     accumulator: Optional[MeanAccumulator],
-) -> Iterator[tuple[bytes, bytes, None]]:
-    array = cache.open()
+) -> Iterator[tuple[list[bytes], list[bytes]]]:
+    """(keys, values) of the database in order, BATCH records at a time, assembled as arrays."""
+    array, gathered = cache.open(), 0
+    labels = np.fromiter((e.label for e in entries), np.int64, len(entries))
     for start in range(0, len(order), BATCH):
         positions = order[start : start + BATCH]
         wanted = rows[positions]
@@ -773,11 +818,16 @@ def _cache_records(
         indices = np.arange(start, start + len(positions))[keep]
         positions, wanted = positions[keep], wanted[keep]
         block = np.asarray(array[wanted])
-        if accumulator is not None and len(block):
+        if not len(block):
+            continue
+        if accumulator is not None:
             accumulator.add_batch(block, cache.shape)
-        for index, position, row in zip(indices.tolist(), positions.tolist(), block):
-            entry = entries[position]
-            yield store.make_key(index, entry.name), serialize_datum(row.reshape(cache.shape), entry.label), None
+        keys = [store.make_key(index, entries[position].name) for index, position in zip(indices.tolist(), positions.tolist())]
+        yield keys, serialize_datums(block, cache.shape, labels[positions])
+        gathered += block.nbytes
+        if gathered >= RELEASE_EVERY:
+            cache.release()
+            array, gathered = cache.open(), 0
 
 
 def _build_from_cache(task: _DbTask) -> DbResult:
@@ -787,7 +837,7 @@ def _build_from_cache(task: _DbTask) -> DbResult:
     bad = BadInputs(task.skip_bad)
     rows = _cache_rows(task, entries, bad)
     accumulator = MeanAccumulator() if task.mean_path is not None else None
-    count = write_db(task.db_path, task.backend, _cache_records(task.cache, entries, order, rows, accumulator), overwrite=True)
+    count = write_db_batches(task.db_path, task.backend, _cache_batches(task.cache, entries, order, rows, accumulator))
     means = None if accumulator is None else _save_mean_or_drop(task.mean_path, accumulator, task.db_path)
     return DbResult(os.fspath(task.db_path), count, len(entries), time.perf_counter() - started,
                     None if task.mean_path is None else os.fspath(task.mean_path), means, bad.problems, dict(bad.conversions))

@@ -20,6 +20,8 @@ from lymph_cv.errors import FormatError
 # Tags (field number << 3 | wire type) of the Datum fields, as in caffe.proto.
 _TAG_CHANNELS, _TAG_HEIGHT, _TAG_WIDTH = 0x08, 0x10, 0x18
 _TAG_DATA, _TAG_LABEL, _TAG_ENCODED_FALSE = 0x22, 0x28, b"\x38\x00"
+#: One-byte varints hold 0..127; the trailer is then label tag, label, ``encoded: false`` (4 bytes).
+_ONE_BYTE_VARINT, _ONE_BYTE_TRAILER = 0x80, 4
 
 
 def _check_chw(array: np.ndarray) -> np.ndarray:
@@ -64,6 +66,31 @@ def serialize_datum(chw_uint8: np.ndarray, label: int) -> bytes:
     channels, height, width = array.shape
     # tobytes() always yields C (channel-major) order, whatever the array's strides.
     return _raw_header(channels, height, width) + array.tobytes() + _raw_trailer(int(label))
+
+
+def serialize_datums(rows: np.ndarray, shape: Tuple[int, int, int], labels: np.ndarray) -> list:
+    """:func:`serialize_datum` of every uint8 row (B, C·H·W) of ``shape`` with its label, in bulk.
+
+    Labels 0..127 (one varint byte) give records of one length, assembled as one array and split;
+    others fall back to one record at a time.  Same bytes either way.
+    """
+    rows = np.asarray(rows)
+    labels = np.asarray(labels, dtype=np.int64)
+    if rows.dtype != np.uint8:
+        raise FormatError(f"raw datum pixels must be uint8, got {rows.dtype}")
+    if not len(rows) or labels.min() < 0 or labels.max() >= _ONE_BYTE_VARINT:
+        return [serialize_datum(row.reshape(shape), int(label)) for row, label in zip(rows, labels)]
+    header = _raw_header(*shape)
+    size = rows.shape[1]
+    width = len(header) + size + _ONE_BYTE_TRAILER
+    table = np.empty((len(rows), width), np.uint8)
+    table[:, : len(header)] = np.frombuffer(header, np.uint8)
+    table[:, len(header) : len(header) + size] = rows
+    table[:, -4] = _TAG_LABEL
+    table[:, -3] = labels
+    table[:, -2:] = np.frombuffer(_TAG_ENCODED_FALSE, np.uint8)
+    data = table.tobytes()
+    return [data[start : start + width] for start in range(0, len(data), width)]
 
 
 def array_to_datum(chw: np.ndarray, label: int) -> caffe_pb2.Datum:
