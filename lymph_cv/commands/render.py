@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 import click
 
 from lymph_cv.commands.training_options import augmentation_options, augmentation_overrides
+from lymph_cv.commands.stain import stain_augment_options, stain_augment_overrides
 from lymph_cv.errors import ConfigError
 from lymph_cv.net.archs import ARCHS, DEFAULT_ARCH, STEMS, arch_names
 from lymph_cv.stages import render as render_module
@@ -39,14 +40,17 @@ def _set_help() -> str:
 @click.option("--device", type=click.Choice(sorted(render_module.DEVICES)), default="cpu", show_default=True,
               help="solver_mode: CPU or GPU.")
 @augmentation_options
+@stain_augment_options
 def render(workdir: Path, folds, arch: str, stem: Optional[str], dropout: bool, legacy_v1: bool,
-           settings: Sequence[str], device: str, mixup_alpha, label_smoothing, vertical_flip, rotate90) -> None:
+           settings: Sequence[str], device: str, mixup_alpha, label_smoothing, vertical_flip, rotate90,
+           stain_augment, stain_augment_scale, stain_augment_shift) -> None:
     """Render WORKDIR/K/ solver, net and deploy prototxt for every fold.
 
     Modern training (lymph_cv's solver extensions, not trainable by real Caffe): --set
     lr_policy=onecycle, --set solver_type=AdamW and the augmentation options."""
     overrides = render_module.parse_overrides(settings)
     overrides.update(augmentation_overrides(mixup_alpha, label_smoothing, vertical_flip, rotate90))
+    overrides.update(stain_augment_overrides(stain_augment, stain_augment_scale, stain_augment_shift))
     rendered = render_module.render_folds(workdir, folds, dropout=dropout, legacy_v1=legacy_v1,
                                           overrides=overrides, device=device, arch=arch, stem=stem)
     for fold in rendered:

@@ -9,7 +9,7 @@ import click
 
 from lymph_cv.commands.render import _folds
 from lymph_cv.commands.training_options import augmentation_options, augmentation_overrides
-from lymph_cv.commands.stain import method_params, stain_options
+from lymph_cv.commands.stain import method_params, stain_augment_options, stain_augment_overrides, stain_options
 from lymph_cv.net.archs import DEFAULT_ARCH, STEMS, arch_names
 from lymph_cv.workdir.layout import EVAL_DIR, REPORT_HTML, REPORT_MD
 from lymph_cv.pipeline import EXECUTORS, STAGES, DemoData, RunOptions, run_pipeline
@@ -75,13 +75,14 @@ def _classes(ctx, param, value: str):
 @click.option("--from", "from_stage", type=click.Choice(STAGES), default=None,
               help="Redo this stage and everything after it.")
 @augmentation_options
+@stain_augment_options
 @stain_options
 def run(workdir: Path, data: Optional[Path], demo: bool, classes, k: int, folds, group_by: str, seed: int,
         backend: str, direct: bool, max_iter: Optional[int], dropout: bool, arch: str, stem: Optional[str],
         overrides: dict, device: str, executor: str, walltime, queue, job_timeout, aggregate: str,
         no_oversample: bool, tta: bool, workers, from_stage,
-        mixup_alpha, label_smoothing, vertical_flip, rotate90, stain, stain_target, stain_include_background,
-        stain_params) -> None:
+        mixup_alpha, label_smoothing, vertical_flip, rotate90, stain_augment, stain_augment_scale,
+        stain_augment_shift, stain, stain_target, stain_include_background, stain_params) -> None:
     """Steps 1–5 and the report: images → patches → folds → DBs → training → confusion matrices.
 
     Resumable: each stage is recorded in WORKDIR/run.json and skipped when its outputs are
@@ -93,7 +94,9 @@ def run(workdir: Path, data: Optional[Path], demo: bool, classes, k: int, folds,
     if data is None and not demo:
         raise click.UsageError("give --data DIR (one sub-folder per class) or --demo")
     overrides = {**overrides, **{key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in
-                                 augmentation_overrides(mixup_alpha, label_smoothing, vertical_flip, rotate90).items()}}
+                                 {**augmentation_overrides(mixup_alpha, label_smoothing, vertical_flip, rotate90),
+                                  **stain_augment_overrides(stain_augment, stain_augment_scale,
+                                                            stain_augment_shift)}.items()}}
     if stain is None and (stain_target is not None or stain_include_background or stain_params):
         raise click.UsageError("--stain-target/--stain-include-background/--stain-param need --stain METHOD")
     if stain == "none":

@@ -116,3 +116,27 @@ def stain_for_evaluation(workdir: Path, fold: int, method: Optional[str], target
         raise click.UsageError(f"--stain {method}: {workdir} records no stain target for fold {fold} "
                                "(stain_K.json or subs/stain.json); give --stain-target")
     return stain_module.read_record(recorded, method)
+
+
+def stain_augment_options(command):
+    """``--stain-augment``, ``--stain-augment-scale``, ``--stain-augment-shift`` (render, train, run):
+    HED jitter of the training samples, written to the solver's augmentation_param."""
+    options = [
+        click.option("--stain-augment/--no-stain-augment", "stain_augment", default=None,
+                     help="HED stain jitter of training samples, per sample and stain (glass untouched)."),
+        click.option("--stain-augment-scale", type=click.FloatRange(min=0, max=1, max_open=True), default=None,
+                     metavar="SIGMA", help="Stain jitter: scale ~ U(1 - SIGMA, 1 + SIGMA) [0.05]."),
+        click.option("--stain-augment-shift", type=click.FloatRange(min=0), default=None, metavar="SIGMA",
+                     help="Stain jitter: shift ~ U(-SIGMA, SIGMA) in OD units [0.05]."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def stain_augment_overrides(stain_augment, scale, shift) -> dict:
+    """The given stain-jitter options as augmentation_param values (unset ones left out)."""
+    if stain_augment is None and (scale is not None or shift is not None):
+        raise click.UsageError("--stain-augment-scale/--stain-augment-shift need --stain-augment")
+    values = {"stain_jitter": stain_augment, "stain_scale_sigma": scale, "stain_shift_sigma": shift}
+    return {key: value for key, value in values.items() if value is not None}

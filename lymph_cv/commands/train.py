@@ -11,6 +11,7 @@ from lymph_cv.core.threads import configure_openmp
 configure_openmp()  # before lymph_cv.stages.train imports torch
 
 from lymph_cv.commands.training_options import augmentation_options, augmentation_overrides  # noqa: E402
+from lymph_cv.commands.stain import stain_augment_options, stain_augment_overrides  # noqa: E402
 from lymph_cv.core.devices import DEVICE_CHOICES  # noqa: E402
 
 
@@ -40,12 +41,13 @@ def _memory(ctx, param, value: Optional[str]) -> Optional[int]:
               help="Seed for initialisation, crops, mirrors and dropout (default: the solver's random_seed).")
 @click.option("--max-iter", type=click.IntRange(min=0), default=None, help="Override the solver's max_iter.")
 @augmentation_options
+@stain_augment_options
 @click.option("--max-memory", callback=_memory, default=None,
               help="Memory a decoded database may take, e.g. 2G; larger ones are streamed "
                    "(default: 80% of the memory available).")
 def train(solver: Path, snapshot: Optional[Path], resume: bool, weights: Optional[Path], device: Optional[str],
           seed: Optional[int], max_iter: Optional[int], mixup_alpha, label_smoothing, vertical_flip,
-          rotate90, max_memory: Optional[int]) -> None:
+          rotate90, stain_augment, stain_augment_scale, stain_augment_shift, max_memory: Optional[int]) -> None:
     """Train SOLVER's net; snapshots and train.log go to the solver's base directory.
 
     The augmentation options override the solver's augmentation_param (recorded in train.json);
@@ -63,7 +65,9 @@ def train(solver: Path, snapshot: Optional[Path], resume: bool, weights: Optiona
             click.echo(f"resuming from {snapshot}", err=True)
     result = run_training(solver, snapshot=snapshot, weights=[weights] if weights else (), device=device,
                           seed=seed, max_iter=max_iter, max_memory=max_memory,
-                          augmentation=augmentation_overrides(mixup_alpha, label_smoothing, vertical_flip, rotate90))
+                          augmentation={**augmentation_overrides(mixup_alpha, label_smoothing, vertical_flip, rotate90),
+                                        **stain_augment_overrides(stain_augment, stain_augment_scale,
+                                                                  stain_augment_shift)})
     state = "stopped early at" if result.stopped_early else "finished at"
     click.echo(f"{state} iteration {result.iterations} (seed {result.seed}, {result.device})")
     for name, value in result.test_scores.items():

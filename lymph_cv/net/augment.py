@@ -27,10 +27,12 @@ import torch
 
 from lymph_cv.errors import ConfigError
 from lymph_cv.formats.caffe import caffe_pb2
+from lymph_cv.net.hed import DEFAULT_SCALE_SIGMA, DEFAULT_SHIFT_SIGMA, check_sigmas
 
 #: keys appended to (seed, phase, batch) for each kind of draw (the crops use the bare triple).
 STREAM_GEOMETRY = 1
 STREAM_MIXUP = 2
+STREAM_STAIN = 3
 #: quarter turns a sample may get (0, 90, 180 or 270 degrees).
 QUARTER_TURNS = 4
 
@@ -43,8 +45,13 @@ class Augmentation:
     label_smoothing: float = 0.0
     vertical_flip: bool = False
     rotate90: bool = False
+    #: HED stain jitter of the uint8 samples before Caffe's transform (see lymph_cv.net.hed).
+    stain_jitter: bool = False
+    stain_scale_sigma: float = DEFAULT_SCALE_SIGMA
+    stain_shift_sigma: float = DEFAULT_SHIFT_SIGMA
 
     def __post_init__(self) -> None:
+        check_sigmas(self.stain_scale_sigma, self.stain_shift_sigma)
         if not (math.isfinite(self.mixup_alpha) and self.mixup_alpha >= 0):
             raise ConfigError(f"mixup alpha must be a finite number >= 0 (0 = off), got {self.mixup_alpha:g}")
         if not (math.isfinite(self.label_smoothing) and 0 <= self.label_smoothing < 1):
@@ -69,7 +76,10 @@ class Augmentation:
 
     def record(self) -> dict:
         """JSON-ready settings (render.json, train.json)."""
-        return {name: (round(value, 7) if isinstance(value, float) else value) for name, value in asdict(self).items()}
+        values = asdict(self)
+        if not self.stain_jitter:  # records of runs without stain jitter stay as they were
+            values = {name: value for name, value in values.items() if not name.startswith("stain_")}
+        return {name: (round(value, 7) if isinstance(value, float) else value) for name, value in values.items()}
 
     def to_param(self) -> caffe_pb2.AugmentationParameter:
         return caffe_pb2.AugmentationParameter(**asdict(self))

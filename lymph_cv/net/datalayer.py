@@ -38,7 +38,8 @@ from lymph_cv.formats.caffe.blob import read_mean
 from lymph_cv.formats.caffe.datum import parse_datum
 from lymph_cv.errors import ConfigError, FormatError, StoreError, UnsupportedError
 from lymph_cv.formats.store import open_reader
-from lymph_cv.net.augment import STREAM_GEOMETRY, Augmentation, flip_and_turn, geometry_draws
+from lymph_cv.net.augment import STREAM_GEOMETRY, STREAM_STAIN, Augmentation, flip_and_turn, geometry_draws
+from lymph_cv.net.hed import hed_jitter
 from lymph_cv.net.augment import stream as augment_stream
 
 log = logging.getLogger(__name__)
@@ -218,8 +219,11 @@ class DataLayer:
         out = self.crop or None
         self.output_shape = (self.batch_size, channels, out or height, out or width)
         #: flips and quarter turns after the transform (TRAIN only, as Caffe's random crops).
-        geometric = augmentation is not None and augmentation.geometric and phase == caffe_pb2.TRAIN
-        self.augmentation = augmentation if geometric else None
+        used = augmentation is not None and (augmentation.geometric or augmentation.stain_jitter)
+        self.augmentation = augmentation if used and phase == caffe_pb2.TRAIN else None
+        if self.augmentation is not None and self.augmentation.stain_jitter and channels != 3:
+            raise ConfigError(f"layer {layer.name}: stain jitter needs colour (3-channel) samples, "
+                              f"the database holds {channels}-channel ones")
         if self.augmentation is not None and self.augmentation.rotate90 and \
                 self.output_shape[2] != self.output_shape[3]:
             raise ConfigError(f"layer {layer.name}: quarter turns need square inputs, this layer gives "
@@ -282,8 +286,12 @@ class DataLayer:
             log.debug("%s: restarting data prefetching from start", self.name)
         flip, h_off, w_off = self.offsets(batch)
         images, labels = self.records.gather(rows)
+        if self.augmentation is not None and self.augmentation.stain_jitter:
+            # On the stored uint8 samples, before the mean: the jitter acts on stain densities.
+            images = hed_jitter(images, augment_stream(self.seed, self.phase, batch, STREAM_STAIN),
+                                self.augmentation.stain_scale_sigma, self.augmentation.stain_shift_sigma)
         data = self.transform(images, flip, h_off, w_off)
-        if self.augmentation is not None:
+        if self.augmentation is not None and self.augmentation.geometric:
             rng = augment_stream(self.seed, self.phase, batch, STREAM_GEOMETRY)
             flips, turns = geometry_draws(rng, self.batch_size, self.augmentation.vertical_flip,
                                           self.augmentation.rotate90)

@@ -59,7 +59,8 @@ LR_POLICIES = {"fixed": (), "step": ("gamma", "stepsize"), "exp": ("gamma",), "i
                "multistep": ("gamma", "stepvalue"), "poly": ("power",), "sigmoid": ("gamma", "stepsize"),
                "onecycle": ()}
 #: Augmentation variables → their "off" value; written into augmentation_param when not off.
-AUGMENTATION_FIELDS = {"mixup_alpha": 0.0, "label_smoothing": 0.0, "vertical_flip": False, "rotate90": False}
+AUGMENTATION_FIELDS = {"mixup_alpha": 0.0, "label_smoothing": 0.0, "vertical_flip": False, "rotate90": False,
+                       "stain_jitter": False, "stain_scale_sigma": 0.05, "stain_shift_sigma": 0.05}
 BACKENDS = {"leveldb": "LEVELDB", "lmdb": "LMDB"}
 #: V2 layer type → V1 LayerType enum name, for the legacy syntax.
 V1_TYPES = {"Data": "DATA", "Convolution": "CONVOLUTION", "Pooling": "POOLING", "ReLU": "RELU",
@@ -199,6 +200,9 @@ VARIABLES: Dict[str, Variable] = {
     "label_smoothing": Variable(_ratio, 0.0, "label smoothing ε (lymph_cv only)"),
     "vertical_flip": Variable(_boolean, False, "random vertical flips in training (lymph_cv only)"),
     "rotate90": Variable(_boolean, False, "random quarter turns in training (lymph_cv only)"),
+    "stain_jitter": Variable(_boolean, False, "HED stain jitter of training samples (lymph_cv only)"),
+    "stain_scale_sigma": Variable(_ratio, 0.05, "stain jitter: scale ~ U(1 - σ, 1 + σ) (lymph_cv only)"),
+    "stain_shift_sigma": Variable(_non_negative, 0.05, "stain jitter: shift ~ U(-σ, σ), OD units (lymph_cv only)"),
 }
 #: Solver fields written only when set, in this order.
 OPTIONAL_SOLVER_FIELDS = ("gamma", "power", "stepsize", "stepvalue", "momentum", "random_seed")
