@@ -1,12 +1,13 @@
 """``tools/caffe``: a drop-in for Caffe's ``caffe`` tool (train, test, time, device_query).
 
 Same gflags syntax as Caffe (``-solver x``, ``--solver=x``, flags anywhere), same glog-format log on
-stderr.  ``-gpu`` picks CUDA (any id, or ``all``: the first device is used); empty ``-gpu`` lets the
-solver's ``solver_mode`` decide, and ``-gpu -1`` (the 2015 default) means the CPU.
+stderr.  ``-gpu`` picks CUDA; for ``train``, several ids (``-gpu 0,1``, or ``all`` with several devices)
+start one training process per device, as Caffe's multi-GPU training (caffe-facts §13); ``test`` and
+``time`` use the first.  Empty ``-gpu`` lets the solver's ``solver_mode`` decide, and ``-gpu -1`` (the
+2015 default) means the CPU.
 """
 from __future__ import annotations
 
-import logging
 from typing import Callable, Dict, List, Optional, Sequence
 
 from lymph_cv.formats import gflags
@@ -30,7 +31,9 @@ FLAGS: Dict[str, gflags.Flag] = {
                           "Cannot be set simultaneously with snapshot."),
     "snapshot": F(str, "", "Optional; the snapshot solver state to resume training."),
     "iterations": F(int, 50, "The number of iterations to run."),
-    "gpu": F(str, "", "Optional; run in GPU mode on the given device id ('all': the first device)."),
+    "gpu": F(str, "", "Optional; run in GPU mode on given device IDs separated by ','. Use '-gpu all' to run "
+                      "on all available GPUs. The effective training batch size is multiplied by the number "
+                      "of devices."),
     "phase": F(str, "", "Optional; network phase (TRAIN or TEST). Only used for 'time'."),
     "level": F(int, 0, "Optional; network level."),
     "stage": F(str, "", "Optional; network stages (not to be confused with phase), separated by ','."),
@@ -57,9 +60,7 @@ def _device(gpu: str) -> Optional[str]:
         return "cpu"
     if any(n < 0 for n in numbers):
         raise ConfigError(f"-gpu {gpu!r}: device ids are >= 0")
-    if len(numbers) > 1:
-        logging.getLogger(__name__).warning("-gpu %s: training uses one device, %d", gpu, numbers[0])
-    return "cuda" if numbers[0] == 0 else f"cuda:{numbers[0]}"
+    return f"cuda:{numbers[0]}" if numbers[0] != 0 else "cuda"
 
 
 def _require(flags: dict, name: str, command: str) -> str:
@@ -87,7 +88,21 @@ def cmd_train(flags: dict) -> int:
     solver = _require(flags, "solver", "train")
     if flags["snapshot"] and flags["weights"]:
         raise ConfigError("give -snapshot or -weights, but not both")
-    train(solver, snapshot=flags["snapshot"] or None, weights=_weights(flags), device=_device(flags["gpu"]),
+    device = _device(flags["gpu"])
+    if device is not None and device.startswith("cuda") and flags["gpu"].strip():
+        from lymph_cv.core.distributed import discover, parse_gpus
+
+        ids = parse_gpus(flags["gpu"])
+        world = discover()
+        if not world.distributed and len(ids) > 1:
+            from lymph_cv.cluster.launch import launch_local, lymph_cv_command
+
+            argv = [f"-{name}={value}" for name, value in flags.items() if value not in ("", None)]
+            return launch_local(lymph_cv_command(["train", *argv], __name__), len(ids))
+        if world.local_rank >= len(ids):
+            raise ConfigError(f"-gpu {flags['gpu']!r}: rank {world.local_rank} has no device")
+        device = f"cuda:{ids[world.local_rank]}"
+    train(solver, snapshot=flags["snapshot"] or None, weights=_weights(flags), device=device,
           sigint_effect=flags["sigint_effect"], sighup_effect=flags["sighup_effect"])
     return 0
 
@@ -153,3 +168,9 @@ def run(flags: dict, positional: List[str]) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``caffe <command> [flags]``; returns the exit status (2 with one error line on failure)."""
     return gflags.run_tool(run, argv, PROGRAM, SYNOPSIS, FLAGS)
+
+
+if __name__ == "__main__":  # the ranks of `caffe train -gpu 0,1` start here
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

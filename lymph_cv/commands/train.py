@@ -1,6 +1,7 @@
 """``lymph-cv train``: train one fold's solver like ``caffe train``."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -45,15 +46,43 @@ def _memory(ctx, param, value: Optional[str]) -> Optional[int]:
 @click.option("--max-memory", callback=_memory, default=None,
               help="Memory a decoded database may take, e.g. 2G; larger ones are streamed "
                    "(default: 80% of the memory available).")
+@click.option("--gpu", "gpu", default=None, metavar="IDS",
+              help="Caffe's -gpu: train on these CUDA devices (0,1 or all), one process each.")
+@click.option("--procs", type=click.IntRange(min=1), default=None,
+              help="Train on this many processes of this machine (with --device cpu: gloo).")
+@click.option("--sync-bn", is_flag=True,
+              help="BatchNorm statistics over all processes' batches (default: per process, as Caffe).")
 def train(solver: Path, snapshot: Optional[Path], resume: bool, weights: Optional[Path], device: Optional[str],
           seed: Optional[int], max_iter: Optional[int], mixup_alpha, label_smoothing, vertical_flip,
-          rotate90, stain_augment, stain_augment_scale, stain_augment_shift, max_memory: Optional[int]) -> None:
+          rotate90, stain_augment, stain_augment_scale, stain_augment_shift, max_memory: Optional[int],
+          gpu: Optional[str], procs: Optional[int], sync_bn: bool) -> None:
     """Train SOLVER's net; snapshots and train.log go to the solver's base directory.
 
     The augmentation options override the solver's augmentation_param (recorded in train.json);
-    a resumed run needs the same ones to continue exactly."""
+    a resumed run needs the same ones to continue exactly.  Under torchrun, srun or mpirun every
+    process is one rank of the run (from the environment); --gpu/--procs start the ranks themselves.
+    """
+    from lymph_cv.core.distributed import discover, parse_gpus
     from lymph_cv.stages.train import latest_solverstate
     from lymph_cv.stages.train import train as run_training
+
+    if gpu is not None and device == "cpu":
+        raise click.BadParameter("--gpu trains on CUDA devices; drop --device cpu", param_hint="--gpu")
+    if gpu is not None and procs is not None:
+        raise click.BadParameter("give --gpu (one process per device) or --procs, not both", param_hint="--procs")
+    ids = parse_gpus(gpu) if gpu is not None else None
+    world = discover()
+    if not world.distributed:
+        count = len(ids) if ids is not None else (procs or 1)
+        if count > 1:
+            from lymph_cv.cluster.launch import launch_local, lymph_cv_command
+
+            sys.exit(launch_local(lymph_cv_command(["train", *_command_line(click.get_current_context())]),
+                                  count))
+    if ids is not None:
+        if world.local_rank >= len(ids):
+            raise click.BadParameter(f"rank {world.local_rank} has no device in {gpu!r}", param_hint="--gpu")
+        device = f"cuda:{ids[world.local_rank]}"
 
     if snapshot is not None and weights is not None:
         raise click.BadParameter("give --snapshot or --weights, not both", param_hint="--snapshot/--weights")
@@ -67,7 +96,8 @@ def train(solver: Path, snapshot: Optional[Path], resume: bool, weights: Optiona
                           seed=seed, max_iter=max_iter, max_memory=max_memory,
                           augmentation={**augmentation_overrides(mixup_alpha, label_smoothing, vertical_flip, rotate90),
                                         **stain_augment_overrides(stain_augment, stain_augment_scale,
-                                                                  stain_augment_shift)})
+                                                                  stain_augment_shift)},
+                          sync_bn=sync_bn)
     state = "stopped early at" if result.stopped_early else "finished at"
     click.echo(f"{state} iteration {result.iterations} (seed {result.seed}, {result.device})")
     for name, value in result.test_scores.items():
@@ -76,3 +106,20 @@ def train(solver: Path, snapshot: Optional[Path], resume: bool, weights: Optiona
         click.echo(f"last snapshot: {result.snapshots[-1]}")
     if result.log_path is not None:
         click.echo(f"log: {result.log_path}")
+
+
+def _command_line(ctx: click.Context) -> list:
+    """The options of this invocation as a command line (each rank runs the same command)."""
+    argv = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if not isinstance(param, click.Option) or value is None:
+            continue
+        if param.is_flag and param.secondary_opts and isinstance(value, bool):
+            argv.append(param.opts[0] if value else param.secondary_opts[0])
+        elif param.is_flag and isinstance(value, bool):
+            if value:
+                argv.append(param.opts[0])
+        else:
+            argv += [param.opts[0], str(value)]
+    return argv

@@ -187,8 +187,12 @@ class DataLayer:
 
     def __init__(self, layer: caffe_pb2.LayerParameter, phase: int, seed: int,
                  resolve: Callable[[str], Path], cache: Optional[RecordCache] = None,
-                 augmentation: Optional[Augmentation] = None):
+                 augmentation: Optional[Augmentation] = None, shard: Tuple[int, int] = (0, 1)):
         self.name = layer.name
+        # Caffe's multi-GPU rule (caffe-facts §13): in TRAIN, solver r of N keeps the records whose
+        # global counter k has k mod N == r; TEST reads every record.  Batch b of rank r is thus the
+        # strided slice r::N of the single-process batch b of N·batch_size records.
+        self.rank, self.world = (shard if phase == caffe_pb2.TRAIN else (0, 1))
         self.tops = list(layer.top)
         self.phase = phase
         self.seed = seed
@@ -236,15 +240,23 @@ class DataLayer:
         """The crop/mirror random stream of batch number ``batch`` (pure function of seed, phase, batch)."""
         return np.random.default_rng([self.seed & 0xFFFFFFFFFFFFFFFF, self.phase, batch])
 
+    def _mine(self, values: np.ndarray) -> np.ndarray:
+        """This rank's share of a whole (all ranks') batch."""
+        return values if self.world == 1 else values[self.rank::self.world]
+
     def indices(self, batch: int) -> np.ndarray:
         """Record indices of batch ``batch``: consecutive in key order, wrapping at the end."""
-        start = self.skip + batch * self.batch_size
-        return (start + np.arange(self.batch_size, dtype=np.int64)) % len(self.records)
+        size = self.batch_size * self.world
+        start = self.skip + batch * size
+        return self._mine((start + np.arange(size, dtype=np.int64)) % len(self.records))
 
     def offsets(self, batch: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per sample: (mirror flag, h offset, w offset), Caffe's draws for this phase."""
+        flip, h_off, w_off = self._offsets(batch, self.batch_size * self.world)
+        return self._mine(flip), self._mine(h_off), self._mine(w_off)
+
+    def _offsets(self, batch: int, n: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         _, height, width = self.records.shape
-        n = self.batch_size
         rng = self.rng(batch)
         flip = rng.integers(0, 2, size=n).astype(bool) if self.mirror else np.zeros(n, dtype=bool)
         if self.crop and self.phase == caffe_pb2.TRAIN:

@@ -564,11 +564,34 @@ class BatchNormLayer(Layer):
             self.add_blob(blob_shape, None)
             self.blobs[-1].requires_grad_(False)
         self.top_shapes.append(tuple(shape))
+        #: synchronise the batch statistics over the ranks of a multi-process run (``--sync-bn``);
+        #: Caffe keeps them per device, which is the default.
+        self.sync = False
+
+    def _synced_batch_norm(self, x):
+        """Batch statistics over every rank's batch (two passes, as torch's own: the mean first)."""
+        import torch.distributed.nn.functional as dist_fn
+
+        dims = [0] + list(range(2, x.dim()))
+        count = torch.tensor([x.numel() // x.shape[1]], dtype=x.dtype, device=x.device)
+        sums = dist_fn.all_reduce(torch.cat([x.sum(dims), count]))
+        total = sums[-1]
+        mean = sums[:-1] / total
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        centred = x - mean.reshape(view)
+        var = dist_fn.all_reduce((centred * centred).sum(dims)) / total
+        y = centred / torch.sqrt(var.reshape(view) + self.eps)
+        correction = float(total) / (float(total) - 1.0) if float(total) > 1 else 1.0
+        return y, mean, var * correction
 
     def forward(self, x):
         shape = x.shape
         if x.dim() == 1:
             x = x.reshape(-1, 1)
+        if self.sync and not self.use_global:
+            y, mean, var = self._synced_batch_norm(x)
+            self._update(mean, var)
+            return [y.reshape(shape)]
         if self.use_global:
             s = float(self.blobs[2][0])
             factor = 0.0 if s == 0 else 1.0 / s
@@ -587,11 +610,14 @@ class BatchNormLayer(Layer):
             mean = x.detach().reshape(channels)
             var = torch.zeros_like(mean)
             y = (x - x.detach()) / math.sqrt(self.eps)
+        self._update(mean, var)
+        return [y.reshape(shape)]
+
+    def _update(self, mean, var) -> None:
         with torch.no_grad():
             self.blobs[2].mul_(self.fraction).add_(1.0)
             self.blobs[0].mul_(self.fraction).add_(mean.detach().to(self.blobs[0].dtype))
             self.blobs[1].mul_(self.fraction).add_(var.detach().to(self.blobs[1].dtype))
-        return [y.reshape(shape)]
 
 
 class _AxesLayer(Layer):

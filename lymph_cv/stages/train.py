@@ -48,7 +48,10 @@ from lymph_cv.formats.caffe.prototxt import read_net_prototxt, read_solver
 from lymph_cv.formats.caffelog import CaffeLog, fmt
 from lymph_cv.net.augment import STREAM_MIXUP, Augmentation, augment_labels
 from lymph_cv.net.augment import stream as augment_stream
+from lymph_cv.core.distributed import Collective, World, discover
 from lymph_cv.net.datalayer import DataLayer, RecordCache
+from lymph_cv.net.layers import BatchNormLayer
+from lymph_cv.net.shared_records import SharedRecordCache
 from lymph_cv.errors import ConfigError, FormatError, InputError, TrainingError, UnsupportedError
 from lymph_cv.core import devices
 from lymph_cv.core.fsutil import atomic_write_json, make_dirs
@@ -70,6 +73,8 @@ SOFT_LABEL_LAYERS = ("SoftmaxWithLoss", "Accuracy")
 #: Caffe's requested actions on a signal.
 ACTION_NONE, ACTION_STOP, ACTION_SNAPSHOT = "none", "stop", "snapshot"
 SIGNAL_ACTIONS = (ACTION_STOP, ACTION_SNAPSHOT, ACTION_NONE)
+#: how ranks agree on an action: the strongest request of any rank wins.
+ACTION_RANK = {ACTION_NONE: 0, ACTION_SNAPSHOT: 1, ACTION_STOP: 2}
 
 
 @dataclass
@@ -214,8 +219,11 @@ class Trainer:
     def __init__(self, solver_path: os.PathLike, *, snapshot: Optional[os.PathLike] = None,
                  weights: Sequence[os.PathLike] = (), device: Optional[str] = None,
                  seed: Optional[int] = None, max_iter: Optional[int] = None, type_name: Optional[str] = None,
-                 augmentation: Optional[Dict[str, object]] = None, max_memory: Optional[int] = None):
+                 augmentation: Optional[Dict[str, object]] = None, max_memory: Optional[int] = None,
+                 world: Optional[World] = None, sync_bn: bool = False):
         self.solver_path = Path(solver_path)
+        #: this process's rank among the processes training one net (Caffe's solver_count/rank).
+        self.world = world if world is not None else discover()
         if snapshot is not None and weights:
             raise ConfigError("give either a snapshot to resume or weights to fine-tune, not both")
         param = read_solver(self.solver_path)
@@ -240,6 +248,11 @@ class Trainer:
         self.files = SolverFiles(self.solver_path, param)
         self.seed = run_seed(seed, param)
         self.device = resolve_device(device, param.solver_mode)
+        if self.world.distributed and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", self.world.local_rank)
+        self.collective = Collective(self.world, self.device.type)
+        # a fresh seed (none given, random_seed < 0) is drawn by the root and used by every rank
+        self.seed = self.collective.root_value(self.seed)
         self.snapshot_path = Path(snapshot) if snapshot is not None else None
         self.weights = [Path(w) for w in weights]
         # Read before anything is written (the log of an earlier run is moved aside at the start):
@@ -252,22 +265,36 @@ class Trainer:
         train_param, test_params = _net_params(param, self.files)
         self.train_param = train_param
         torch.manual_seed(derived_seed(self.seed, STREAM_INIT, 0))
-        self.net = _build(train_param, caffe_pb2.TRAIN, _state(param, "train_state"), self.files)
+        # the build reads the first datum of each database: one rank at a time (a LevelDB's LOCK)
+        self.net = self.collective.in_turn(
+            lambda: _build(train_param, caffe_pb2.TRAIN, _state(param, "train_state"), self.files),
+            "building the net")
         self.net.init_params(torch.Generator().manual_seed(derived_seed(self.seed, STREAM_INIT, 1)))
         self.net.to(self.device)
+        #: BatchNorm statistics over all ranks' batches (else per rank, as Caffe).
+        self.sync_bn = bool(sync_bn) and self.world.distributed
+        for layer in self.net.layers:
+            if isinstance(layer, BatchNormLayer):
+                layer.sync = self.sync_bn
+        # Caffe broadcasts the root solver's weights before the first step (fillers or -weights).
+        self.collective.broadcast([t for t in (*self.net.parameters(), *self.net.buffers())
+                                   if t.is_floating_point()])
         # the solver checks its settings before the (slow) databases load
         self.solver: Solver = make_solver(param, learnables_of(self.net), self.solver_path)
         #: whether TRAIN forwards draw random numbers (dropout masks) that must be seeded per batch.
         self.stochastic = any(p.type in STOCHASTIC_LAYERS for p in self.net.layer_params)
         self.test_nets = []
-        for i, test_param in enumerate(test_params):
+        # Only the root solver tests (Caffe's TestAll on root only): the others build no test net.
+        for i, test_param in enumerate(test_params if self.world.is_root else ()):
             test_net = _build(test_param, caffe_pb2.TEST, _state(param, "test_state", i), self.files)
             test_net.to(self.device)
             test_net.share_weights_from(self.net)
             self.test_nets.append(test_net)
         cache = self.record_cache = RecordCache(max_memory)  # a database larger than this is streamed
-        self.train_data = data_layers(self.net, caffe_pb2.TRAIN, self.seed, self.files.input, cache,
-                                      self.augmentation)
+        train_cache = cache if not self.world.distributed else SharedRecordCache(
+            self.world.local_rank, f"{self.world.address}:{self.world.port}", self.collective.barrier)
+        self.train_data = data_layers(self.net, caffe_pb2.TRAIN, self.seed, self.files.input, train_cache,
+                                      self.augmentation, shard=(self.world.rank, self.world.size))
         self.test_data = [self._data_layers(net, caffe_pb2.TEST, cache) for net in self.test_nets]
         #: label blob → classes, for the blobs that carry soft targets (mixup, label smoothing).
         self.soft_labels = label_classes(self.net, self.train_data) if self.augmentation.soft_labels else {}
@@ -303,7 +330,9 @@ class Trainer:
         self.solver.restore(state.iter, state.current_step, arrays)
 
     def snapshot(self) -> None:
-        """Write ``<prefix>_iter_<N>.caffemodel`` and ``.solverstate`` (atomically)."""
+        """Write ``<prefix>_iter_<N>.caffemodel`` and ``.solverstate`` (atomically; the root rank only)."""
+        if not self.world.is_root:
+            return
         prefix = self.param.snapshot_prefix or str(self.solver_path.with_suffix("").name)
         model_name, state_name = snapshot_names(prefix, self.solver.iter)
         model_path, state_path = self.files.output(model_name), self.files.output(state_name)
@@ -320,7 +349,7 @@ class Trainer:
         self._record()
 
     def _record(self, finished: bool = False) -> None:
-        if not self.write_record:
+        if not self.write_record or not self.world.is_root:
             return
         record = {"solver": str(self.solver_path), "seed": self.seed, "device": self.device.type,
                   "solver_type": self.type, "max_iter": self.param.max_iter,
@@ -330,7 +359,7 @@ class Trainer:
                   "snapshots": [str(p) for p in self.result.snapshots],
                   "stopped_early": self.result.stopped_early, "finished": finished,
                   "lr_policy": self.param.lr_policy, "augmentation": self.augmentation.record(),
-                  "torch": torch.__version__}
+                  "world_size": self.world.size, "sync_bn": self.sync_bn, "torch": torch.__version__}
         if self.param.lr_policy == "onecycle":
             cycle = self.param.onecycle_param
             record["onecycle"] = {name: float(np.float32(getattr(cycle, name))) for name in
@@ -363,7 +392,7 @@ class Trainer:
     def forward_backward(self, batch: int, backward: bool = True) -> Tuple[float, Dict[str, torch.Tensor]]:
         """One TRAIN forward (and backward) on batch number ``batch``: (loss, output blobs)."""
         if self.stochastic:
-            self._seed_dropout(derived_seed(self.seed, STREAM_DROPOUT, batch))
+            self._seed_dropout(derived_seed(self.seed, STREAM_DROPOUT, batch * self.world.size + self.world.rank))
         inputs = self._train_inputs(batch)
         with torch.set_grad_enabled(backward):
             blobs = self.net(inputs)
@@ -430,9 +459,10 @@ class Trainer:
             iteration = self.solver.iter
             self.solver.zero_grad()
             if (param.test_interval > 0 and iteration % param.test_interval == 0
-                    and (iteration > 0 or param.test_initialization) and self.test_nets):
-                self.test_all()
-                if ACTION_STOP in self.pending:
+                    and (iteration > 0 or param.test_initialization) and (self.test_nets or not self.world.is_root)):
+                if self.test_nets:
+                    self.test_all()
+                if self._agree(ACTION_STOP if ACTION_STOP in self.pending else ACTION_NONE) == ACTION_STOP:
                     self.result.stopped_early = True
                     break
             display = param.display > 0 and iteration % param.display == 0
@@ -443,6 +473,8 @@ class Trainer:
                 loss += part
             loss /= iter_size
             self._check(loss, iteration)
+            # Caffe's multi-GPU step: every solver's diffs summed and scaled by 1/N, then the same update.
+            self.collective.average([self.solver.grad(item) for item in self.solver.learnables])
             self.losses.append(loss)
             self.result.last_loss = loss
             if display:
@@ -453,12 +485,19 @@ class Trainer:
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.4g}", refresh=False)
-            action = self.pending.pop(0) if self.pending else ACTION_NONE
+            action = self._agree(self.pending.pop(0) if self.pending else ACTION_NONE)
             if (param.snapshot > 0 and self.solver.iter % param.snapshot == 0) or action == ACTION_SNAPSHOT:
                 self.snapshot()
             if action == ACTION_STOP:
                 self.result.stopped_early = True
                 break
+
+    def _agree(self, action: str) -> str:
+        """The action every rank takes: the strongest one any rank was asked for."""
+        if not self.world.distributed:
+            return action
+        wanted = self.collective.maximum(ACTION_RANK[action])
+        return next(name for name, value in ACTION_RANK.items() if value == wanted)
 
     def solve(self, *, progress: Optional[bool] = None, log_file: bool = True,
               sigint_effect: str = ACTION_STOP, sighup_effect: str = ACTION_SNAPSHOT) -> TrainResult:
@@ -468,11 +507,22 @@ class Trainer:
                 raise ConfigError(f"unknown signal effect {effect!r}", valid=SIGNAL_ACTIONS)
         if progress is None:
             progress = sys.stderr.isatty()
-        log_path = self.files.output(LOG_NAME) if log_file else None
+        root = self.world.is_root
+        progress = progress and root
+        # Only the root solver logs (Caffe's multi-GPU rule); errors still reach every rank's stderr.
+        log_path = self.files.output(LOG_NAME) if log_file and root else None
         resumed = self.snapshot_path is not None
         if log_path is not None and not resumed:
             keep_previous(log_path)
-        with caffelog.caffe_log(log_path, append=resumed, through_tqdm=progress) as clog, \
+        quiet = None if root else open(os.devnull, "w", encoding="utf-8")
+        with contextlib.ExitStack() as stack:
+            if quiet is not None:
+                stack.enter_context(quiet)
+            stack.callback(self.collective.close)
+            return self._solve_logged(log_path, resumed, progress, quiet, sigint_effect, sighup_effect)
+
+    def _solve_logged(self, log_path, resumed, progress, stream, sigint_effect, sighup_effect) -> TrainResult:
+        with caffelog.caffe_log(log_path, append=resumed, stream=stream, through_tqdm=progress) as clog, \
                 signal_actions(sigint_effect, sighup_effect) as pending:
             self.log, self.pending = clog, pending
             self.solver.on_message = lambda message: clog.info(message, caffelog.SRC_LR)
@@ -481,6 +531,9 @@ class Trainer:
             clog.info("Use CPU." if self.device.type == "cpu" else
                       f"Use GPU with device ID {self.device.index or 0}", caffelog.SRC_TOOL)
             clog.info(f"Random seed: {self.seed}", caffelog.SRC_TOOL)
+            if self.world.distributed:
+                clog.info(f"Training on {self.world.size} processes ({self.world.launcher}); effective "
+                          f"batch = {self.world.size} x the net's batch_size", caffelog.SRC_TOOL)
             if resumed:
                 clog.info(f"Resuming from {self.snapshot_path}", caffelog.SRC_RESTORE)
                 self.restore(self.snapshot_path)
@@ -538,10 +591,11 @@ def keep_previous(path: Path) -> Optional[Path]:
 
 
 def data_layers(net: CaffeNet, phase: int, seed: int, resolve: Callable[[str], Path],
-                cache: Optional[RecordCache] = None, augmentation: Optional[Augmentation] = None
-                ) -> List[DataLayer]:
-    """The DataLayer readers feeding ``net``'s input blobs (every input must have one)."""
-    layers = [DataLayer(p, phase, seed, resolve, cache, augmentation) for p in net.data_layers]
+                cache: Optional[RecordCache] = None, augmentation: Optional[Augmentation] = None,
+                shard: Tuple[int, int] = (0, 1)) -> List[DataLayer]:
+    """The DataLayer readers feeding ``net``'s input blobs (every input must have one); ``shard`` is
+    (rank, world size) of a multi-process run."""
+    layers = [DataLayer(p, phase, seed, resolve, cache, augmentation, shard=shard) for p in net.data_layers]
     missing = [b for b in net.input_blobs if not any(b in layer.tops for layer in layers)]
     if missing:
         raise ConfigError(f"net {net.name!r}: input blob(s) {', '.join(missing)} have no Data layer "
@@ -618,13 +672,16 @@ def train(solver_path: os.PathLike, *, snapshot: Optional[os.PathLike] = None,
           weights: Sequence[os.PathLike] = (), device: Optional[str] = None, seed: Optional[int] = None,
           max_iter: Optional[int] = None, progress: Optional[bool] = None, log_file: bool = True,
           sigint_effect: str = ACTION_STOP, sighup_effect: str = ACTION_SNAPSHOT,
-          augmentation: Optional[Dict[str, object]] = None, max_memory: Optional[int] = None) -> TrainResult:
+          augmentation: Optional[Dict[str, object]] = None, max_memory: Optional[int] = None,
+          sync_bn: bool = False) -> TrainResult:
     """Train the solver's net like ``caffe train`` (see the module docstring); returns a summary.
     ``augmentation`` overrides fields of the solver's ``augmentation_param`` (mixup_alpha,
     label_smoothing, vertical_flip, rotate90); ``max_memory``: bytes a decoded database may take in
-    memory, a larger one is streamed (default: 80% of the memory available when it is opened)."""
+    memory, a larger one is streamed (default: 80% of the memory available when it is opened);
+    ``sync_bn`` shares BatchNorm's batch statistics among the ranks of a multi-process run."""
     trainer = Trainer(solver_path, snapshot=snapshot, weights=weights, device=device, seed=seed,
-                      max_iter=max_iter, augmentation=augmentation, max_memory=max_memory)
+                      max_iter=max_iter, augmentation=augmentation, max_memory=max_memory,
+                      sync_bn=sync_bn)
     try:
         return trainer.solve(progress=progress, log_file=log_file, sigint_effect=sigint_effect,
                              sighup_effect=sighup_effect)
