@@ -20,8 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+from lymph_cv.core.threads import configure_openmp
+
+configure_openmp()  # as lymph-cv does before torch loads: sleeping OpenMP waits, freed memory kept
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from lymph_cv.formats.caffe import caffe_pb2
 from lymph_cv.formats.caffe.blob import read_mean, write_mean

@@ -216,3 +216,11 @@ def test_released_shared_patch_rows_keep_their_data(tmp_path):
         assert np.array_equal(cache.open(), data)
     finally:
         cache.remove()
+
+
+def test_freed_memory_is_kept_on_glibc():
+    import platform
+
+    from lymph_cv.core.threads import keep_freed_memory
+
+    assert keep_freed_memory() == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")

@@ -5,6 +5,11 @@ processes (a busy workstation, an oversubscribed cluster node) the spinning thre
 the working ones need: on the 2-core development machine under load, a 32w training iteration at
 batch 128 took 2.3 s with spinning and 0.32 s with sleeping waits (``benchmarks/bench_train.py``).
 So the entry points ask OpenMP to sleep instead, unless the user set the variables themselves.
+
+They also keep freed memory in the heap (:func:`keep_freed_memory`): glibc hands blocks above its
+mmap threshold (a net's activations) back to the kernel on free, so every forward pass faulted them
+in again, zero-filled: evaluating one 1388×1040 image took ~450,000 page faults and a third of its
+CPU time in the kernel; with the blocks kept, ~500 faults (``benchmarks/bench_eval.py``).
 """
 from __future__ import annotations
 
@@ -13,10 +18,28 @@ import sys
 
 #: OpenMP environment defaults for training and the caffe tool.
 OPENMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+#: Blocks up to this size come from (and return to) the heap; free heap up to it is kept.
+HEAP_KEEP_BYTES = 1 << 30
+#: glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
 def configure_openmp() -> bool:
-    """Set :data:`OPENMP_DEFAULTS` where unset; True if torch was not loaded yet (so they take effect)."""
+    """Set :data:`OPENMP_DEFAULTS` where unset and keep freed memory; True if torch was not loaded
+    yet (so the OpenMP settings take effect)."""
     for key, value in OPENMP_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    keep_freed_memory()
     return "torch" not in sys.modules
+
+
+def keep_freed_memory() -> bool:
+    """Raise glibc's mmap and trim thresholds (:data:`HEAP_KEEP_BYTES`) so freed large blocks are
+    reused instead of returned to the kernel; False where the C library has no ``mallopt``."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter runs on (no ldconfig lookup)
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, HEAP_KEEP_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, HEAP_KEEP_BYTES))
