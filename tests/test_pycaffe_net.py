@@ -321,3 +321,23 @@ def test_reshape_forward_backward_all_and_propagate_down(tmp_path):
     net.reshape()
     assert net.blobs["conv"].shape == (2, 3, 3, 3) and net.blobs["a"].shape == (2, 3)
 
+
+
+def test_host_copies_for_device_weights_sync_around_each_computation(dummy):
+    """What CUDA nets do (their weights live on the device), run here on CPU parameters."""
+    from lymph_cv.net.blobs import TensorBlob
+
+    weight = TensorBlob(dummy.params["ip"][0].param, mirrored=True)
+    bias = TensorBlob(dummy.params["ip"][1].param, mirrored=True)
+    assert weight.data is not dummy.params["ip"][0].data and np.array_equal(weight.data, dummy.params["ip"][0].data)
+    weight.data[...] = 0  # only the host copy so far
+    assert dummy.params["ip"][0].data.any()
+    bias.data[...] = [1, 2, 3]
+    out = dummy.forward(end="ip")  # pushed before the layers run
+    np.testing.assert_array_equal(out["ip_blob"], np.tile([1.0, 2.0, 3.0], (5, 1)))
+    assert not dummy.params["ip"][0].data.any()
+    dummy.backward()
+    assert np.abs(weight.diff).max() > 0  # pulled after
+    np.testing.assert_array_equal(weight.diff, dummy.params["ip"][0].diff)
+    dummy.clear_param_diffs()
+    assert not weight.diff.any()

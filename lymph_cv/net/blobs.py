@@ -2,11 +2,13 @@
 
 :class:`ArrayBlob` owns two float32 arrays of one shape.  :class:`TensorBlob` is a learnable blob:
 ``data`` and ``diff`` are live numpy views of a torch parameter and its gradient, so writes from
-Python go straight into what the engine computes with (CPU parameters; on CUDA they are copies).
+Python go straight into what the engine computes with (on CUDA, host copies synced around each
+computation).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import weakref
+from typing import Dict, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -89,35 +91,78 @@ def ensure_grad(param: torch.Tensor) -> torch.Tensor:
     return param.grad
 
 
-class TensorBlob(BlobShapeMixin):
-    """A learnable blob over a torch parameter: ``data``/``diff`` are views of it and its gradient."""
+class HostCopy:
+    """Host arrays standing in for a device parameter and its gradient (a simplified SyncedMemory):
+    Python reads and writes them; :func:`push_host` / :func:`pull_host` move them around the engine."""
 
     def __init__(self, param: torch.Tensor):
-        self.param = param
+        self.data = param.detach().to("cpu", torch.float32).numpy().copy()
+        self.diff = ensure_grad(param).detach().to("cpu", torch.float32).numpy().copy()
 
-    @staticmethod
-    def _view(tensor: torch.Tensor) -> np.ndarray:
-        if tensor.device.type == "cpu":
-            return tensor.detach().numpy()
-        return tensor.detach().cpu().numpy()
+
+#: id of a device parameter → its host copy, shared by every blob (and net) over that parameter; an
+#: entry goes when its parameter does (tensors compare elementwise, so they cannot be dict keys).
+_HOST_COPIES: Dict[int, HostCopy] = {}
+
+
+def host_copy(param: torch.Tensor) -> HostCopy:
+    """The parameter's host copy, made from its current values on first use."""
+    found = _HOST_COPIES.get(id(param))
+    if found is None:
+        found = _HOST_COPIES[id(param)] = HostCopy(param)
+        weakref.finalize(param, _HOST_COPIES.pop, id(param), None)
+    return found
+
+
+def push_host(params: Iterable[torch.Tensor]) -> None:
+    """Before the engine runs: what Python wrote into host copies goes to the parameters."""
+    with torch.no_grad():
+        for param in params:
+            found = _HOST_COPIES.get(id(param))
+            if found is not None:
+                # through .data: no autograd version bump, so a recorded forward stays usable (and,
+                # as in Caffe, its backward sees the weights as they are now)
+                param.data.copy_(torch.from_numpy(found.data).reshape(param.shape))
+                ensure_grad(param).copy_(torch.from_numpy(found.diff).reshape(param.shape))
+
+
+def pull_host(params: Iterable[torch.Tensor]) -> None:
+    """After the engine ran: the parameters' new values go to their host copies (in place)."""
+    for param in params:
+        found = _HOST_COPIES.get(id(param))
+        if found is not None:
+            found.data[...] = param.detach().to("cpu", torch.float32).numpy().reshape(found.data.shape)
+            found.diff[...] = ensure_grad(param).detach().to("cpu", torch.float32).numpy().reshape(found.diff.shape)
+
+
+class TensorBlob(BlobShapeMixin):
+    """A learnable blob over a torch parameter: ``data``/``diff`` are live views of it and its gradient
+    on the CPU; for a parameter on another device (``mirrored``) they are its :class:`HostCopy`, which
+    the net pushes before and pulls after each computation, so writes into them still take effect."""
+
+    def __init__(self, param: torch.Tensor, mirrored: Optional[bool] = None):
+        self.param = param
+        self.mirrored = param.device.type != "cpu" if mirrored is None else bool(mirrored)
 
     @property
     def data(self) -> np.ndarray:
-        return self._view(self.param)
+        if self.mirrored:
+            return host_copy(self.param).data
+        return self.param.detach().numpy()
 
     @data.setter
     def data(self, value: np.ndarray) -> None:
-        with torch.no_grad():
-            self.param.copy_(torch.as_tensor(np.asarray(value, dtype=np.float32)).reshape(self.param.shape))
+        self.data[...] = np.asarray(value, dtype=np.float32).reshape(self.shape)
 
     @property
     def diff(self) -> np.ndarray:
-        return self._view(ensure_grad(self.param))
+        if self.mirrored:
+            return host_copy(self.param).diff
+        return ensure_grad(self.param).detach().numpy()
 
     @diff.setter
     def diff(self, value: np.ndarray) -> None:
-        grad = ensure_grad(self.param)
-        grad.copy_(torch.as_tensor(np.asarray(value, dtype=np.float32)).reshape(grad.shape))
+        self.diff[...] = np.asarray(value, dtype=np.float32).reshape(self.shape)
 
     def reshape(self, *shape: int) -> None:
         if _shape_args(shape) != self.shape:

@@ -25,7 +25,7 @@ import torch
 
 from lymph_cv.errors import ConfigError
 from lymph_cv.formats.caffe import caffe_pb2
-from lymph_cv.net.blobs import ArrayBlob, TensorBlob
+from lymph_cv.net.blobs import ArrayBlob, TensorBlob, push_host
 from lymph_cv.net.fillers import fill
 from lymph_cv.net.layers import Layer, register
 
@@ -120,6 +120,7 @@ class _PythonFunction(torch.autograd.Function):
         tops = layer.top_blobs
         layer.impl.reshape(bottoms, tops)
         layer.impl.forward(bottoms, tops)
+        push_host(layer.blobs)  # on CUDA the user's blobs are host copies: what forward wrote takes effect
         ctx.layer, ctx.bottoms = layer, bottoms
         ctx.top_data = [np.array(top.data, dtype=np.float32, copy=True) for top in tops]
         device = inputs[0].device if inputs else torch.device("cpu")
@@ -138,6 +139,7 @@ class _PythonFunction(torch.autograd.Function):
         count = len(bottoms)
         propagate = [bool(ctx.needs_input_grad[1 + i]) for i in range(count)]
         layer.impl.backward(tops, propagate, bottoms)
+        push_host(layer.blobs)  # the parameter diffs it wrote
         device = grads[0].device if grads else torch.device("cpu")
         bottom_grads = [torch.from_numpy(np.asarray(b.diff, dtype=np.float32).copy()).to(device) if want else None
                         for b, want in zip(bottoms, propagate)]

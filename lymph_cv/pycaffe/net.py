@@ -14,6 +14,7 @@ Caffe's automatically inserted Split layers are not materialised: a blob used by
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import OrderedDict
@@ -29,7 +30,7 @@ from lymph_cv.formats.caffe import caffe_pb2
 from lymph_cv.formats.caffe.model import read_caffemodel, write_caffemodel
 from lymph_cv.formats.caffe.prototxt import read_net_prototxt
 from lymph_cv.core.devices import resolve_device
-from lymph_cv.net.blobs import ArrayBlob, TensorBlob, ensure_grad
+from lymph_cv.net.blobs import ArrayBlob, TensorBlob, ensure_grad, pull_host, push_host
 from lymph_cv.net.build import CaffeNet, build_net, resolve_net_path
 from lymph_cv.net.datalayer import DataLayer
 
@@ -266,6 +267,17 @@ class Net:
             return buffer.device
         return torch.device("cpu")
 
+    @contextlib.contextmanager
+    def synced(self) -> Iterator[None]:
+        """Around a computation: push host copies of device weights (what Python wrote) before, pull
+        the results after.  A no-op on the CPU, where the blobs are views."""
+        params = list(self._net.parameters())
+        push_host(params)
+        try:
+            yield
+        finally:
+            pull_host(params)
+
     def _read(self, layer_name: str, batch: Optional[int]) -> None:
         reader = self._readers.get(layer_name)
         if reader is None:
@@ -382,7 +394,8 @@ class Net:
         last = self._layer_index(end, len(self.layers) - 1)
         wanted = self._known((self.top_names[end] if end is not None else self.outputs), blobs)
         self._set_inputs(kwargs, "data", self.inputs)
-        self.forward_range(first, last)
+        with self.synced():
+            self.forward_range(first, last)
         return {name: self.blobs[name].data for name in wanted}
 
     def backward(self, diffs: Optional[Sequence[str]] = None, start: Optional[str] = None,
@@ -393,12 +406,13 @@ class Net:
         last = self._layer_index(end, 0)
         wanted = self._known((self.bottom_names[end] if end is not None else self.inputs), diffs)
         self._set_inputs(kwargs, "diff", self.outputs)
-        self.backward_range(first, last)
+        with self.synced():
+            self.backward_range(first, last)
         return {name: self.blobs[name].diff for name in wanted}
 
     def reshape(self) -> None:
         """Propagate the input blobs' shapes through the net (Data layers keep their batch)."""
-        with torch.no_grad():
+        with torch.no_grad(), self.synced():
             for index, layer in enumerate(self._net.layers):
                 if layer.is_input:
                     continue
@@ -468,29 +482,33 @@ class Net:
 
     def clear_param_diffs(self) -> None:
         """Zero every learnable blob's diff (in place: views of them stay valid)."""
-        for param in self._net.parameters():
-            ensure_grad(param).zero_()
+        with self.synced():
+            for param in self._net.parameters():
+                ensure_grad(param).zero_()
 
     # -- weights -------------------------------------------------------------------------------
 
     def copy_from(self, weights: str | os.PathLike) -> None:
         """Load a .caffemodel's blobs by layer name (pycaffe's copy_from)."""
-        self._net.load_weights(read_caffemodel(weights), path=weights)
+        with self.synced():
+            self._net.load_weights(read_caffemodel(weights), path=weights)
 
     def share_with(self, other: "Net") -> None:
         """Use ``other``'s learnable blobs for every same-named layer (Caffe's ShareTrainedLayersWith)."""
-        self._net.share_weights_from(other.torch_net)
-        self._rebuild_params()
+        with other.synced(), self.synced():
+            self._net.share_weights_from(other.torch_net)
+            self._rebuild_params()
 
     def save(self, filename: str | os.PathLike) -> None:
         """Write the weights as a .caffemodel (legacy 4-D blob dims, like the tutorial's files)."""
-        write_caffemodel(filename, self._net.export_weights(legacy_dims=True))
+        with self.synced():
+            write_caffemodel(filename, self._net.export_weights(legacy_dims=True))
 
     def save_hdf5(self, filename: str | os.PathLike) -> None:
         """Write the weights as Caffe's HDF5 model: ``/data/<layer>/<i>`` datasets."""
         import h5py
 
-        with h5py.File(filename, "w") as out:
+        with self.synced(), h5py.File(filename, "w") as out:
             group = out.create_group(HDF5_DATA_GROUP)
             for name, blobs in self.params.items():
                 layer = group.create_group(name)

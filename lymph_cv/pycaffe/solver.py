@@ -112,13 +112,13 @@ class Solver:
     def step(self, iters: int) -> None:
         """Run ``iters`` iterations (tests, display, snapshots as the solver file says)."""
         trainer = self._trainer
-        with trainer.session():
+        with self.net.synced(), trainer.session():
             trainer.step(trainer.solver.iter + int(iters), None)
 
     def solve(self, resume: Optional[str | os.PathLike] = None) -> None:
         """Train to ``max_iter`` (after restoring ``resume``, a .solverstate, when given)."""
         trainer = self._trainer
-        with trainer.session():
+        with self.net.synced(), trainer.session():
             if resume is not None:
                 trainer.restore(Path(resume))
             trainer.result.start_iteration = trainer.solver.iter
@@ -126,16 +126,18 @@ class Solver:
 
     def snapshot(self) -> None:
         """Write ``<snapshot_prefix>_iter_<iter>.caffemodel`` and ``.solverstate``."""
-        with self._trainer.session():
+        with self.net.synced(), self._trainer.session():
             self._trainer.snapshot()
 
     def restore(self, state_file: str | os.PathLike) -> None:
         """Continue from a .solverstate (iteration, learning-rate step, history, weights)."""
-        self._trainer.restore(Path(state_file))
+        with self.net.synced():
+            self._trainer.restore(Path(state_file))
 
     def apply_update(self) -> None:
         """Update the weights from the current diffs (the iteration count is left as is, like Caffe)."""
-        self._trainer.solver.apply_update(advance=False)
+        with self.net.synced():
+            self._trainer.solver.apply_update(advance=False)
 
     def share_weights(self, net: Net) -> None:
         """Make ``net`` use this solver's net's learnable blobs."""
