@@ -62,8 +62,9 @@ class Augmentation:
         """The solver's ``augmentation_param`` with ``overrides`` (None values ignored) applied."""
         values = {name: getattr(param, name) for name in cls.__dataclass_fields__}
         values.update({name: value for name, value in overrides.items() if value is not None})
-        # float32 fields in the proto: 0.4 reads back as 0.4000000059604645; keep what was written
-        return cls(**{name: (float(np.float32(v)) if isinstance(v, float) else v) for name, v in values.items()})
+        # float32 fields read back as 0.4000000059604645 for 0.4: take the shortest decimal that
+        # float32 prints, so a solver's 0.4 and a command line's 0.4 draw the same λ
+        return cls(**{name: (float(str(np.float32(v))) if isinstance(v, float) else v) for name, v in values.items()})
 
     @property
     def geometric(self) -> bool:

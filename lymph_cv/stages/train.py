@@ -362,7 +362,7 @@ class Trainer:
                   "world_size": self.world.size, "sync_bn": self.sync_bn, "torch": torch.__version__}
         if self.param.lr_policy == "onecycle":
             cycle = self.param.onecycle_param
-            record["onecycle"] = {name: float(np.float32(getattr(cycle, name))) for name in
+            record["onecycle"] = {name: float(str(np.float32(getattr(cycle, name)))) for name in
                                   ("pct_start", "div", "div_final", "max_momentum", "base_momentum")}
         atomic_write_json(self.files.output(RECORD_NAME), record)
 
