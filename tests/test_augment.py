@@ -187,3 +187,13 @@ def test_render_writes_the_extensions_only_when_asked(tmp_path, runner, cli):
         rendered(tmp_path / "v1", legacy_v1=True, overrides={"solver_type": "AdamW"})
     result = runner.invoke(cli, ["render", str(plain.solver.parent.parent), "--label-smoothing", "1"])
     assert result.exit_code == 2 and "--label-smoothing" in result.output
+
+
+def test_symmetries_are_the_eight_views_of_the_square():
+    from lymph_cv.net.augment import symmetries
+
+    image = torch.arange(9, dtype=torch.float32).reshape(1, 1, 3, 3)
+    views = symmetries(image)
+    assert len(views) == 8 and torch.equal(views[0], image)
+    assert len({tuple(v.reshape(-1).tolist()) for v in views}) == 8
+    assert torch.equal(views[1], image.flip(3)) and torch.equal(views[2], torch.rot90(image, 1, dims=(2, 3)))

@@ -12,7 +12,7 @@ from lymph_cv.formats import h5
 from lymph_cv.formats.caffe.blob import read_mean
 from lymph_cv.formats.caffe.datum import parse_datum
 from lymph_cv.formats.store import open_reader
-from lymph_cv.stages.pcam import auc_score, import_pcam, score_heldout, synth_pcam
+from lymph_cv.stages.pcam import import_pcam, score_heldout, synth_pcam
 from lymph_cv.stages.train import train
 from lymph_cv.stages.render import render_fold
 
@@ -73,12 +73,10 @@ def test_import_round_trip_keeps_split_labels_and_pixels(pcam_dir, tmp_path):
     assert metrics["records"] == COUNTS["test"] and np.sum(metrics["confusion"]) == COUNTS["test"]
     assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["auc"] <= 1
     assert json.loads((work / "eval" / "heldout_1" / "metrics.json").read_text())["records"] == COUNTS["test"]
-
-
-def test_auc_is_rank_based_with_ties():
-    assert auc_score([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == 0.75
-    assert auc_score([0, 1, 0, 1], [0.5, 0.5, 0.2, 0.9]) == 0.875  # a tie counts one half
-    assert auc_score([1, 0], [0.3, 0.3]) == 0.5
+    assert metrics["roc"]["kind"] == "binary" and metrics["roc"]["positive"] == "tumour"
+    assert (work / "eval" / "heldout_1" / "roc.png").is_file() and metrics["threshold"] is not None
+    turned = score_heldout(work, tta=True)  # the mean softmax of the 8 symmetries of each patch
+    assert (turned["tta"], turned["views"]) == (True, 8) and turned["records"] == COUNTS["test"]
 
 
 def test_bad_inputs_are_one_line_errors(pcam_dir, tmp_path, runner, cli):

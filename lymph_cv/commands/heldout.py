@@ -14,9 +14,11 @@ import click
 @click.option("--model", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Caffemodel to score [default: the fold's newest snapshot].")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
-def heldout(workdir: Path, fold: int, model: Optional[Path], device: str) -> None:
-    """Accuracy, ROC AUC and confusion of a fold's net on DB_heldout_K (eval/heldout_K/metrics.json)."""
+@click.option("--tta", is_flag=True, help="Average each patch's 8 symmetries (flips and quarter turns).")
+def heldout(workdir: Path, fold: int, model: Optional[Path], device: str, tta: bool) -> None:
+    """Accuracy, ROC AUC (curve in roc.png, operating threshold) and confusion of a fold's net on
+    DB_heldout_K (eval/heldout_K/metrics.json)."""
     from lymph_cv.stages.pcam import score_heldout
 
-    metrics = score_heldout(workdir, model, fold=fold, device=device)
-    click.echo(json.dumps({k: metrics[k] for k in ("records", "accuracy", "auc", "confusion")}))
+    metrics = score_heldout(workdir, model, fold=fold, device=device, tta=tta)
+    click.echo(json.dumps({k: metrics[k] for k in ("records", "accuracy", "auc", "threshold", "tta", "confusion")}))

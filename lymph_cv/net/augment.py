@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -110,6 +110,13 @@ def flip_and_turn(data: np.ndarray, flips: np.ndarray, turns: np.ndarray) -> np.
         if chosen.any():
             data[chosen] = np.rot90(data[chosen], k, axes=(2, 3))
     return data
+
+
+def symmetries(data: torch.Tensor) -> List[torch.Tensor]:
+    """The 8 symmetries of the square of an (N, C, H, W) batch (test-time augmentation): each
+    quarter turn of the batch and of its mirror image, the identity first."""
+    mirrored = torch.flip(data, dims=(3,))
+    return [torch.rot90(view, k, dims=(2, 3)) for k in range(QUARTER_TURNS) for view in (data, mirrored)]
 
 
 # ----------------------------------------------------------------------------- mixup and targets

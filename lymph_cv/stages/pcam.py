@@ -18,7 +18,7 @@ from typing import Dict, Mapping, Optional, Union
 
 import numpy as np
 
-from lymph_cv.core.fsutil import atomic_write_json, atomic_write_text, make_dirs, read_json_object
+from lymph_cv.core.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, make_dirs, read_json_object
 from lymph_cv.errors import ConfigError, InputError
 from lymph_cv.formats import h5
 from lymph_cv.formats.caffe.datum import serialize_datum
@@ -124,30 +124,12 @@ def synth_pcam(out: PathLike, *, counts: Optional[Mapping[str, int]] = None, see
     return counts
 
 
-def auc_score(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC of ``scores`` for the positive labels (1), rank-based (Mann-Whitney; ties averaged)."""
-    labels, scores = np.asarray(labels).astype(bool), np.asarray(scores, np.float64)
-    positives, negatives = int(labels.sum()), int((~labels).sum())
-    if not positives or not negatives:
-        raise ConfigError("AUC needs both classes among the labels")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), np.float64)
-    sorted_scores = scores[order]
-    start = 0
-    while start < len(scores):  # average ranks over runs of equal scores
-        stop = start
-        while stop + 1 < len(scores) and sorted_scores[stop + 1] == sorted_scores[start]:
-            stop += 1
-        ranks[order[start:stop + 1]] = (start + stop) / 2 + 1
-        start = stop + 1
-    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
-
-
 def score_heldout(workdir: PathLike, model: Optional[PathLike] = None, *, fold: int = PCAM_FOLD,
-                  device: str = "cpu") -> Dict[str, object]:
+                  device: str = "cpu", tta: bool = False) -> Dict[str, object]:
     """The fold's TEST net with ``model`` (default: its newest snapshot) on the held-out split:
-    accuracy, tumour-vs-normal ROC AUC and the confusion matrix, written to
-    ``eval/heldout_K/metrics.json``.  Every record is scored once, in key order."""
+    accuracy, tumour-vs-normal ROC AUC (with the curve, ``roc.png`` and the operating threshold)
+    and the confusion matrix, written to ``eval/heldout_K/``.  Every record is scored once, in key
+    order; ``tta`` averages the softmax over the patch's 8 symmetries (flips and quarter turns)."""
     import torch
 
     from lymph_cv.core.devices import resolve_device
@@ -156,6 +138,8 @@ def score_heldout(workdir: PathLike, model: Optional[PathLike] = None, *, fold: 
     from lymph_cv.formats.caffe.prototxt import read_net_prototxt
     from lymph_cv.formats.store import open_reader
     from lymph_cv.net.archs import get_arch
+    from lymph_cv.net.augment import symmetries
+    from lymph_cv.stages.roc import ROC_PNG, draw_roc, roc_record
     from lymph_cv.net.build import build_net
     from lymph_cv.stages.train import data_layers, feed, solver_snapshots
     from lymph_cv.workdir.layout import EVAL_DIR, NET_NAME, RENDER_JSON, SOLVER_NAME
@@ -188,18 +172,23 @@ def score_heldout(workdir: PathLike, model: Optional[PathLike] = None, *, fold: 
     with torch.no_grad():
         for i in range(-(-count // batch)):
             inputs = feed(layers, i, target)
-            blobs = net(inputs)
-            probs.append(torch.softmax(blobs[head].float(), dim=1).cpu().numpy())
+            data = next(name for name in inputs if name != "label")
+            views = symmetries(inputs[data]) if tta else [inputs[data]]
+            prob = sum(torch.softmax(net({**inputs, data: view})[head].float(), dim=1) for view in views) / len(views)
+            probs.append(prob.cpu().numpy())
             labels.append(inputs["label"].cpu().numpy())
     prob, label = np.concatenate(probs)[:count], np.concatenate(labels)[:count].astype(int)
     predicted = prob.argmax(axis=1)
     confusion = np.zeros((prob.shape[1], prob.shape[1]), int)
     np.add.at(confusion, (label, predicted), 1)
+    roc = roc_record(prob, label, CLASSES)
     metrics = {"model": os.fspath(model), "records": count, "accuracy": float((predicted == label).mean()),
-               "auc": auc_score(label == 1, prob[:, 1]) if prob.shape[1] == 2 else None,
-               "confusion": confusion.tolist(), "classes": list(CLASSES)}
+               "auc": roc.get("auc"), "threshold": roc.get("threshold"), "roc": roc, "tta": tta,
+               "views": 8 if tta else 1, "confusion": confusion.tolist(), "classes": list(CLASSES)}
     out = workdir / EVAL_DIR / f"heldout_{fold}"
     make_dirs(out)
     atomic_write_json(out / "metrics.json", metrics)
+    if roc.get("curve"):
+        atomic_write_bytes(out / ROC_PNG, draw_roc(roc, f"held-out (fold {fold}): ROC"))
     log.info("held-out: accuracy %.4f, AUC %s over %d patches", metrics["accuracy"], metrics["auc"], count)
     return metrics

@@ -23,7 +23,7 @@ from lymph_cv.core.images import read_unit
 from lymph_cv.errors import EvaluationError, InputError
 from lymph_cv.core.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
 from lymph_cv.stages.html_report import render_html
-from lymph_cv.stages.roc import draw_roc, roc_record
+from lymph_cv.stages.roc import ROC_PNG, draw_roc, roc_record
 from lymph_cv.workdir.layout import EVAL_DIR, HEATMAP_DIR, REPORT_HTML, REPORT_MD, heatmap_name
 
 if TYPE_CHECKING:  # evaluate imports this module at run time
@@ -36,8 +36,6 @@ METRICS_JSON = "metrics.json"
 SUMMARY_TXT = "summary.txt"
 IMAGES_CSV = "images.csv"
 CONFUSION_PNG = "confusion.png"
-#: the ROC curve of a two-class evaluation (a fold's and the pooled one).
-ROC_PNG = "roc.png"
 REPORT_JSON = "report.json"
 REPORT_TXT = "report.txt"
 _FOLD_DIR = re.compile(r"fold_(\d+)$")

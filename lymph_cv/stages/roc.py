@@ -18,6 +18,8 @@ import numpy as np
 
 from lymph_cv.errors import EvaluationError
 
+#: File name of a drawn ROC curve (a fold's, the pooled one, the held-out split's).
+ROC_PNG = "roc.png"
 #: Decimals kept for curve points and thresholds in JSON.
 JSON_DIGITS = 6
 #: Figure size (inches) and resolution of roc.png.
