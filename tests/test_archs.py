@@ -143,3 +143,32 @@ def test_resnet18_learns_a_tiny_db_and_its_snapshot_loads_in_pycaffe(tmp_path):
     images = np.random.default_rng(0).normal(0, 30, size=(10, 3, 8, 8)).astype(np.float32)
     prob = net.forward(data=images)["prob"]
     assert prob.shape == (10, CLASSES) and np.isfinite(prob).all()
+
+
+def test_test_nets_fuse_conv_batchnorm_scale_exactly(tmp_path):
+    write_lists(tmp_path)
+    fold = render_fold(tmp_path, 1, arch="resnet18", overrides={"test_iter": "1"})
+    net = build_net(read_net_prototxt(fold.deploy), TEST, input_shapes={"data": (2, 3, 32, 32)})
+    net.init_params(torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for layer in net.layers:
+            if layer.type_name == "BatchNorm":
+                c = layer.blobs[0].shape[0]
+                layer.blobs[0].copy_(torch.randn(c, generator=generator) * 0.1 * 3)
+                layer.blobs[1].copy_((torch.rand(c, generator=generator) + 0.5) * 3)
+                layer.blobs[2].fill_(3.0)
+            elif layer.type_name == "Scale":
+                layer.blobs[0].copy_(torch.rand(layer.blobs[0].shape, generator=generator) + 0.5)
+                layer.blobs[1].copy_(torch.randn(layer.blobs[1].shape, generator=generator) * 0.1)
+    assert len(net._fusion.plan) == 20  # every conv of ResNet-18 (17 + 3 shortcuts)
+    x = torch.randn(2, 3, 32, 32, generator=generator)
+    with torch.no_grad():
+        fused = net.forward({"data": x})
+        net.fuse_test = False
+        plain = net.forward({"data": x})
+    for blob in ("conv1", "res3a", "res5b", "fc"):
+        scale = float(plain[blob].abs().max())
+        assert float((fused[blob] - plain[blob]).abs().max()) <= 1e-5 * max(1.0, scale), blob
+    assert not build_net(read_net_prototxt(fold.net), TRAIN, input_shapes={"data": (2, 3, 32, 32),
+                                                                           "label": (2,)})._fusion.plan

@@ -39,6 +39,7 @@ from lymph_cv.formats.caffe.datum import parse_datum
 from lymph_cv.formats.caffe.prototxt import filter_net
 from lymph_cv.errors import ConfigError, FormatError, LymphCVError
 from lymph_cv.net.fillers import fill
+from lymph_cv.net.fuse import FusedConvolutions, fusion_plan
 from lymph_cv.net.layers import BuildContext, Layer, Shape, layer_class
 from lymph_cv.formats.store import open_reader
 
@@ -137,6 +138,10 @@ class CaffeNet(nn.Module):
         #: Run 4-D blobs channels-last: the same values, about 1.6x faster convolutions on CPU
         #: (benchmarks/bench_net.py).
         self.channels_last = True
+        #: Without autograd, run Convolution + BatchNorm (global stats) + Scale in place as one
+        #: convolution (lymph_cv.net.fuse; equal to 1e-5).  False: every layer as written.
+        self.fuse_test = True
+        self._fusion = FusedConvolutions(self.layers, fusion_plan(list(self.layers)))
 
     # -- structure ---------------------------------------------------------------------------
 
@@ -198,8 +203,15 @@ class CaffeNet(nn.Module):
             for name, value in blobs.items():
                 if value.dim() == 4:
                     blobs[name] = value.contiguous(memory_format=torch.channels_last)
-        for layer in self.layers:
-            if layer.is_input:
+        fuse = self.fuse_test and self._fusion.plan and not torch.is_grad_enabled()
+        skip = -1
+        for index, layer in enumerate(self.layers):
+            if layer.is_input or index <= skip:
+                continue
+            if fuse and index in self._fusion.plan:
+                (bottom,) = layer.param.bottom
+                blobs[layer.param.top[0]] = self._fusion.forward(index, blobs[bottom])
+                skip = self._fusion.plan[index][1]
                 continue
             tops = layer(*[blobs[name] for name in layer.param.bottom])
             for name, value in zip(layer.param.top, tops):

@@ -1,0 +1,68 @@
+"""Convolution + BatchNorm (global statistics) + Scale, in place on one blob, as one convolution.
+
+In a TEST net the three layers are an affine map per output channel, so the convolution's weights
+and bias can absorb them: W' = W·k, b' = (b − mean)·k + β with k = γ / sqrt(var + eps).  The
+result equals the three layers to float32 rounding (the tests hold it to 1e-5) at the cost of one
+convolution; the intermediate blob is invisible anyway, since BatchNorm and Scale work in place.
+Fused weights are recomputed only when a blob changed (test nets share the training net's blobs).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+#: conv layer index → (BatchNorm index, Scale index)
+Plan = Dict[int, Tuple[int, int]]
+
+
+def fusion_plan(layers: Sequence) -> Plan:
+    """Conv → BatchNorm (global stats) → Scale runs, each in place on the convolution's top."""
+    plan: Plan = {}
+    for i in range(len(layers) - 2):
+        conv, bn, scale = layers[i], layers[i + 1], layers[i + 2]
+        if (conv.type_name, bn.type_name, scale.type_name) != ("Convolution", "BatchNorm", "Scale"):
+            continue
+        (top,) = conv.param.top
+        in_place = all(list(layer.param.bottom) == [top] and list(layer.param.top) == [top] for layer in (bn, scale))
+        if in_place and bn.use_global and scale.learned and scale.axis == 1 and scale.blobs[0].dim() == 1:
+            plan[i] = (i + 1, i + 2)
+    return plan
+
+
+class FusedConvolutions:
+    """The fused weights of a plan, cached against the blobs' versions."""
+
+    def __init__(self, layers: Sequence, plan: Plan):
+        self.layers, self.plan = layers, plan
+        self._cache: Dict[int, Tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+
+    @staticmethod
+    def _sources(conv, bn, scale) -> List[torch.Tensor]:
+        return list(conv.blobs) + list(bn.blobs) + list(scale.blobs)
+
+    def weights(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        conv, bn, scale = (self.layers[j] for j in (index,) + self.plan[index])
+        key = tuple((id(t), t._version) for t in self._sources(conv, bn, scale))
+        cached = self._cache.get(index)
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        with torch.no_grad():
+            s = float(bn.blobs[2][0])
+            factor = 0.0 if s == 0 else 1.0 / s
+            mean, var = bn.blobs[0] * factor, bn.blobs[1] * factor
+            k = scale.blobs[0] * torch.rsqrt(var + bn.eps)
+            weight = conv.blobs[0] * k.reshape(-1, 1, 1, 1)
+            bias = conv.blobs[1] if conv.bias_term else torch.zeros_like(mean)
+            bias = (bias - mean) * k
+            if scale.bias_term:
+                bias = bias + scale.blobs[1]
+            weight = weight.contiguous(memory_format=torch.channels_last)
+        self._cache[index] = (key, weight, bias)
+        return weight, bias
+
+    def forward(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        conv = self.layers[index]
+        weight, bias = self.weights(index)
+        return F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype), conv.stride, conv.pad, conv.dilation, conv.group)
