@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
+import cv2
 import numpy as np
 
 from lymph_cv.errors import ConfigError
@@ -65,17 +66,22 @@ class Macenko(Normaliser):
         """Pixels whose OD is at least beta in every channel: their brightest channel is dark enough."""
         # OD falls as I rises, so OD >= beta  <=>  I + 1 <= Io * exp(-beta).
         limit = float(self.params["io"]) * np.exp(-float(self.params["beta"])) - 1
-        return bgr.reshape(-1, CHANNELS).max(axis=1) <= limit
+        flat = np.ascontiguousarray(bgr).reshape(-1, CHANNELS)
+        brightest = np.maximum(np.maximum(flat[:, 0], flat[:, 1]), flat[:, 2])  # far faster than max(axis=1)
+        return brightest <= limit
 
     def _fit(self, bgr: np.ndarray, od: np.ndarray) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """(stain matrix 2×3 [H; E] in RGB order, concentrations pixels×2, fitted-pixel mask) or None."""
+        """(stain matrix 2×3 [H; E] in RGB order, concentrations of every pixel and of the fitted ones) or None."""
         fitted = self._fitted(bgr)
         count = int(np.count_nonzero(fitted))
         if not enough_tissue(count, len(od)):
             return None
         tissue = od[fitted]
-        mean = tissue.mean(axis=0, dtype=np.float64)
-        covariance = (tissue.T.astype(np.float64) @ tissue) / count - np.outer(mean, mean)
+        # Covariance in float64 through BLAS (numpy's mean/cov over axis 0 are several times slower).
+        wide = tissue.astype(np.float64)
+        mean = (np.ones(count) @ wide) / count
+        wide -= mean
+        covariance = (wide.T @ wide) / count
         _, vectors = np.linalg.eigh(covariance)
         plane = vectors[:, 1:3]  # eigh sorts ascending: the two largest
         plane = plane * np.where(plane.sum(axis=0) < 0, -1.0, 1.0)
@@ -90,11 +96,13 @@ class Macenko(Normaliser):
         stains = np.stack([first, second] if first[0] > second[0] else [second, first])
         # Least squares for every pixel at once: OD (pixels×3, BGR) times the pseudo-inverse.
         unmix = np.linalg.pinv(stains[:, ::-1]).astype(np.float32)  # (3, 2)
-        return stains, od @ unmix, fitted
+        return stains, od @ unmix, tissue @ unmix
 
     def _maxima(self, concentrations: np.ndarray, fitted: np.ndarray) -> Optional[np.ndarray]:
-        pixels = concentrations if self.params["percentile_of_all_pixels"] else concentrations[fitted]
-        maxima = np.percentile(pixels, float(self.params["percentile"]), axis=0)
+        """Each stain's percentile of the fitted pixels' concentrations (or of all pixels')."""
+        pixels = concentrations if self.params["percentile_of_all_pixels"] else fitted
+        # One contiguous row per stain: np.percentile along axis 0 of (N, 2) is far slower.
+        maxima = np.percentile(np.ascontiguousarray(pixels.T), float(self.params["percentile"]), axis=1)
         return maxima if np.all(np.isfinite(maxima)) and np.all(maxima > MIN_CONCENTRATION) else None
 
     def statistics(self, bgr: np.ndarray) -> Optional[dict]:
@@ -128,7 +136,6 @@ class Macenko(Normaliser):
         mixing = (scale[:, None] * np.asarray(target["stain_matrix"], np.float64)[:, ::-1]).astype(np.float32)
         density = concentrations @ -mixing
         np.exp(density, out=density)
-        density *= np.float32(self.params["io"])
-        np.rint(density, out=density)
-        np.clip(density, 0, 255, out=density)
-        return density.astype(np.uint8).reshape(bgr.shape), True
+        # Io·exp(−OD), rounded to nearest and saturated to 0..255 in one SIMD pass (values are ≥ 0).
+        out = cv2.convertScaleAbs(density, alpha=float(self.params["io"]))
+        return out.reshape(bgr.shape), True
