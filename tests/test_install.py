@@ -27,6 +27,8 @@ def test_pip_install_outside_the_repository(tmp_path, reference):
     )
     package = target / "lymph_cv"
     assert (package / "formats" / "caffe" / "caffe.proto").is_file()
+    assert (package / "pycaffe" / "compat" / "caffe" / "__init__.py").is_file()  # `lymph-cv pycaffe-path`
+    assert not (target / "caffe").exists()  # never a top-level caffe that would shadow a real Caffe
     for repo_folder, name in TEMPLATE_PACKAGES.items():
         shipped = {p.name for p in (package / name).glob("*.j2")}
         in_repo = {p.name for p in (REPO_ROOT / repo_folder).glob("*.j2")}
