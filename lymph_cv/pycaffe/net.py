@@ -158,6 +158,8 @@ class Net:
             self.blobs[name].diff[...] = weight
         self._rebuild_params()
         self._needs_diff = self._blobs_needing_diffs()
+        #: a full forward may run as one graph: no layer keeps tops the user may have written
+        self._whole_graph_ok = not any(getattr(layer, "refill", None) is not None for layer in net.layers)
         self._fill_once()
 
     def _blobs_needing_diffs(self) -> set:
@@ -300,6 +302,8 @@ class Net:
         """Caffe's ForwardFromTo over layer indices ``start..end``; returns the loss computed there.
         ``batch`` picks the Data layers' batch number (default: the net's own counter)."""
         grad = self._records()
+        if not grad and start == 0 and end == len(self._net.layers) - 1 and self._whole_graph_ok:
+            return self._forward_whole(batch)
         loss = 0.0
         read = False
         for index in range(start, end + 1):
@@ -321,6 +325,27 @@ class Net:
                 if weight:
                     loss += weight * float(self.blobs[name].data.sum())
         if read and batch is None:
+            self._batch += 1
+        return loss
+
+    def _forward_whole(self, batch: Optional[int]) -> float:
+        """The whole net as one torch graph (nothing to record, no top filled only once): the blobs end
+        as the per-layer run leaves them, without its per-layer copies (deploy nets, Classifier)."""
+        for param in self._net.data_layers:
+            self._read(param.name, batch)
+        device = self._device_of()
+        inputs = {name: torch.from_numpy(self.blobs[name].data).to(device) for name in self._net.input_blobs}
+        with torch.no_grad():
+            results = self._net(inputs)
+        loss = 0.0
+        for name, value in results.items():
+            if name in inputs:
+                continue
+            self.blobs[name].store(value.to("cpu", torch.float32).numpy())
+            weight = self._net.loss_weights.get(name)
+            if weight:
+                loss += weight * float(self.blobs[name].data.sum())
+        if self._net.data_layers and batch is None:
             self._batch += 1
         return loss
 
