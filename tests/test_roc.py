@@ -99,3 +99,5 @@ def test_two_class_report_has_auc_roc_pngs_and_threshold(tmp_path):
     markdown = format_markdown(report)
     assert "## ROC" in markdown and f"![pooled ROC curve]({ROC_PNG})" in markdown
     assert "Per fold AUC 0.812 ± 0.088" in markdown
+    page = (work / "eval" / "report.html").read_text()
+    assert '<p id="roc">AUC (tumour positive) <b>' in page and 'alt="pooled ROC curve"' in page

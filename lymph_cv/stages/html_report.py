@@ -229,6 +229,30 @@ def _misclassified_section(workdir: Path, folds: Sequence[dict], classes: Sequen
     return "".join(parts)
 
 
+def _roc_section(pooled: dict) -> str:
+    """ROC of the pooled image scores: AUC, threshold and the curve (two classes), or the
+    one-vs-rest AUC per class; nothing when the report has no image scores."""
+    from lymph_cv.stages.roc import draw_roc
+
+    roc, per_fold = pooled.get("roc"), pooled.get("fold_auc")
+    if not roc:
+        return ""
+    parts = ["<h2>ROC</h2>"]
+    spread = f"; per fold {_pm(per_fold)}" if per_fold else ""
+    if roc.get("kind") == "binary":
+        if roc.get("auc") is None:
+            return parts[0] + '<p class="note">No AUC: the test images are all of one class.</p>'
+        parts.append(f'<p id="roc">AUC ({_e(roc["positive"])} positive) <b>{_num(roc["auc"])}</b>{spread}; '
+                     f'operating threshold {roc["threshold"]:.4g} (sensitivity {_num(roc["sensitivity"])}, '
+                     f'specificity {_num(roc["specificity"])}, Youden\'s J).</p>')
+        parts.append(_img(draw_roc(roc, "pooled ROC"), "pooled ROC curve"))
+    else:
+        cells = "".join(f"<tr><td>{_e(name)}</td><td>{_num(value)}</td></tr>" for name, value in roc["per_class"].items())
+        parts.append(f'<p id="roc">One-vs-rest AUC, mean <b>{_num(roc.get("macro_auc"))}</b>{spread}.</p>'
+                     f"<table><tr><th>class</th><th>AUC</th></tr>{cells}</table>")
+    return "".join(parts)
+
+
 def render_html(workdir: Path, pooled: dict, folds: Sequence[dict], title: str = "Lymphoma sub-type classification") -> str:
     """The report page: ``pooled`` is the pooled record (``report.json``), ``folds`` the folds'
     ``metrics.json`` records, ``workdir`` where the run's records, logs and heatmaps are."""
@@ -249,6 +273,7 @@ def render_html(workdir: Path, pooled: dict, folds: Sequence[dict], title: str =
         f'<p class="note" id="recall-note">{_e(RECALL_NOTE)}</p>',
         matrix_table(pooled["confusion"], classes, "pooled-matrix"),
         class_table(pooled["per_class"]),
+        _roc_section(pooled),
         "<h2>Per fold</h2>",
         "".join(_fold_section(workdir, f, classes) for f in folds),
         _misclassified_section(workdir, folds, classes),
