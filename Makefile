@@ -57,6 +57,7 @@ bench: venv
 	$(PY) benchmarks/bench_net.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_eval.py
+	$(PY) benchmarks/bench_stain.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info $(DEMO_DIR)
