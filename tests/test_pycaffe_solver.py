@@ -136,3 +136,45 @@ def test_2015_python_loop_trains_the_tutorial_net_and_its_snapshot_loads_everywh
     from lymph_cv.stages.evaluate import WindowClassifier
 
     WindowClassifier(fold.deploy, model)  # evaluate's loader takes it too
+
+
+PENALTY_LAYER = '''
+import numpy as np
+
+
+class Penalty:
+    """loss = mean of squares of the bottom; counts its backward calls."""
+
+    backward_calls = 0
+
+    def __init__(self, param):
+        pass
+
+    def setup(self, bottom, top):
+        self.scale = float(self.param_str)
+
+    def reshape(self, bottom, top):
+        top[0].reshape()
+
+    def forward(self, bottom, top):
+        top[0].data[()] = self.scale * np.mean(bottom[0].data ** 2)
+
+    def backward(self, top, propagate_down, bottom):
+        Penalty.backward_calls += 1
+        if propagate_down[0]:
+            bottom[0].diff[...] = top[0].diff * self.scale * 2 * bottom[0].data / bottom[0].count
+'''
+
+
+def test_a_python_layer_trains_in_lymph_cv_train(tmp_path, monkeypatch):
+    (tmp_path / "penalty_layer.py").write_text(PENALTY_LAYER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    make_dataset(tmp_path, n_train=32, n_test=16)
+    extra = ('layer { name: "penalty" type: "Python" bottom: "ip1" top: "penalty" loss_weight: 1\n'
+             '  python_param { module: "penalty_layer" layer: "Penalty" param_str: "0.5" } }\n')
+    solver_path = make_fold(tmp_path, batch=8, test_iter=1, max_iter=3, snapshot=0, display=1, net_extra=extra)
+    result = train(solver_path, device="cpu", log_file=False)
+    import penalty_layer
+
+    assert result.iterations == 3 and np.isfinite(result.last_loss)
+    assert penalty_layer.Penalty.backward_calls == 3 and "penalty" in result.test_scores
