@@ -224,3 +224,15 @@ def test_freed_memory_is_kept_on_glibc():
     from lymph_cv.core.threads import keep_freed_memory
 
     assert keep_freed_memory() == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+
+
+#: Commands whose module needs torch to be defined (the ONNX writer works on built nets).
+TORCH_COMMANDS = {"export"}
+
+
+def test_command_help_does_not_load_torch():
+    from lymph_cv.cli import COMMANDS
+
+    modules = sorted({target.split(":")[0] for name, target in COMMANDS.items() if name not in TORCH_COMMANDS})
+    loaded = _modules_after("\n".join(f"import {module}" for module in modules))
+    assert "torch" not in loaded

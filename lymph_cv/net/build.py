@@ -39,6 +39,7 @@ from lymph_cv.formats.caffe.datum import parse_datum
 from lymph_cv.formats.caffe.prototxt import filter_net
 from lymph_cv.errors import ConfigError, FormatError, LymphCVError
 from lymph_cv.net.fillers import fill
+from lymph_cv.net import layers_extra  # noqa: F401  (pycaffe's layers register next to the core ones)
 from lymph_cv.net.fuse import FusedConvolutions, fusion_plan
 from lymph_cv.net.layers import BuildContext, Layer, Shape, layer_class
 from lymph_cv.formats.store import open_reader

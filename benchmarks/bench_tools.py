@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""The drop-in data tools and command start-up against Caffe's own, whole processes (not run in CI).
+
+Paired, interleaved runs (``--rounds``, medians reported) of
+
+* ``convert_imageset -shuffle -backend leveldb|lmdb ROOT/ LIST DB`` on fold 1's train list
+  (38,528 patch files for the default 20-image set);
+* ``compute_image_mean -backend leveldb`` on the database just built (opened once before, so
+  LevelDB's log replay is not timed), and on ``--big DB`` (a full-scale train DB) when given;
+* every ``lymph-cv`` command's ``--help``, the tools' ``-help``, and the time to the first useful
+  line (``inspect`` of the database; compute_image_mean's first log line).
+
+No Caffe build is available here: the Caffe column holds the figures issue 17 measured side by side
+with BVLC Caffe (CPU, OpenBLAS) on this machine kind, and the ratios are against those constants.
+
+    .venv/bin/python benchmarks/bench_tools.py [--work DIR] [--rounds 5] [--big DB_train_1]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TOOLS = REPO / "tools"
+#: Issue 17's side-by-side figures for Caffe (seconds, whole process, same inputs, this machine kind).
+CAFFE = {
+    "convert_imageset leveldb": 1.25,
+    "convert_imageset lmdb": 1.28,
+    "compute_image_mean": 0.115,
+    "compute_image_mean full-scale": 0.84,
+    "binary start-up": 0.063,
+}
+#: Issue 17's targets: ours / Caffe's at most this (1.0: as fast; 1/1.5: 1.5x faster).
+TARGETS = {"convert_imageset leveldb": 1 / 1.5, "convert_imageset lmdb": 1 / 1.5, "compute_image_mean": 1.0,
+           "compute_image_mean full-scale": 1 / 1.5}
+#: Start-up target of every command that does not need torch.
+STARTUP_TARGET = 0.2
+
+
+def _timed(argv: list[str], first_line: bool = False) -> float:
+    """Seconds until the process exits (or, with ``first_line``, prints its first stdout/stderr line)."""
+    started = time.perf_counter()
+    if not first_line:
+        subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        return time.perf_counter() - started
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process.stderr.readline()
+    elapsed = time.perf_counter() - started
+    process.communicate()
+    return elapsed
+
+
+def _stdout_first_line(argv: list[str]) -> float:
+    started = time.perf_counter()
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    process.stdout.readline()
+    elapsed = time.perf_counter() - started
+    process.communicate()
+    return elapsed
+
+
+def _work(path: Path | None, tmp: Path) -> Path:
+    """A work folder with patch files and fold lists (20 synthetic full-size images when not given)."""
+    if path is not None:
+        return path
+    from lymph_cv.stages import folds, patches, synth
+
+    synth.generate(tmp / "data", per_class=[7, 7, 6], cases_per_class=2)
+    manifest = patches.extract_patches(tmp / "data", tmp / "work" / "subs")
+    folds.make_folds(manifest, tmp / "work", k=5, seed=0)
+    return tmp / "work"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=None, help="work folder with subs/ and train_w32_1.txt")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--big", type=Path, default=None, help="a full-scale train LevelDB for compute_image_mean")
+    parser.add_argument("--skip-startup", action="store_true")
+    args = parser.parse_args()
+    python = sys.executable
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        work = _work(args.work, tmp)
+        listing = work / "train_w32_1.txt"
+        records = len(listing.read_text().splitlines())
+        rows: dict[str, list[float]] = {}
+
+        def convert(backend: str) -> float:
+            target = tmp / f"db_{backend}"
+            shutil.rmtree(target, ignore_errors=True)
+            return _timed([python, str(TOOLS / "convert_imageset"), "-shuffle", "-backend", backend,
+                           str(work) + "/", str(listing), str(target)])
+
+        convert("leveldb")
+        _timed([python, str(TOOLS / "compute_image_mean"), "-backend", "leveldb", str(tmp / "db_leveldb")])  # log replay
+        if args.big is not None:
+            _timed([python, str(TOOLS / "compute_image_mean"), "-backend", "leveldb", str(args.big)])
+        for _ in range(args.rounds):
+            rows.setdefault("convert_imageset leveldb", []).append(convert("leveldb"))
+            rows.setdefault("convert_imageset lmdb", []).append(convert("lmdb"))
+            rows.setdefault("compute_image_mean", []).append(_timed(
+                [python, str(TOOLS / "compute_image_mean"), "-backend", "leveldb", str(tmp / "db_leveldb"),
+                 str(tmp / "mean.binaryproto")]))
+            if args.big is not None:
+                rows.setdefault("compute_image_mean full-scale", []).append(_timed(
+                    [python, str(TOOLS / "compute_image_mean"), "-backend", "leveldb", str(args.big),
+                     str(tmp / "big.binaryproto")]))
+        print(f"{records} records (fold 1 train list); {args.rounds} interleaved rounds, medians; "
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+        print("Caffe column: issue 17's side-by-side figures on this machine kind (no Caffe build here)")
+        print(f"{'operation':<32} {'lymph_cv s':>10} {'Caffe s':>8} {'ours/Caffe':>10} {'target':>8}")
+        for name, times in rows.items():
+            ours, caffe = statistics.median(times), CAFFE[name]
+            verdict = "ok" if ours / caffe <= TARGETS[name] else "MISSED"
+            print(f"{name:<32} {ours:>10.3f} {caffe:>8.3f} {ours / caffe:>9.2f}x {TARGETS[name]:>7.2f}x {verdict}")
+
+        if args.skip_startup:
+            return
+        from lymph_cv.cli import COMMANDS
+
+        startup = {"lymph-cv --help": [python, "-m", "lymph_cv", "--help"]}
+        for name in sorted(COMMANDS):
+            startup[f"lymph-cv {name} --help"] = [python, "-m", "lymph_cv", name, "--help"]
+        for tool in ("convert_imageset", "compute_image_mean", "caffe"):
+            startup[f"{tool} -help"] = [python, str(TOOLS / tool), "-help"]
+        times: dict[str, list[float]] = {}
+        for _ in range(args.rounds):
+            for name, argv in startup.items():
+                times.setdefault(name, []).append(_timed(argv))
+            times.setdefault("lymph-cv inspect DB: first line", []).append(
+                _stdout_first_line([python, "-m", "lymph_cv", "inspect", str(tmp / "db_leveldb")]))
+            times.setdefault("compute_image_mean: first log line", []).append(_timed(
+                [python, str(TOOLS / "compute_image_mean"), "-backend", "leveldb", str(tmp / "db_leveldb")],
+                first_line=True))
+        print(f"\n{'start-up (whole process)':<44} {'median s':>9} {'vs Caffe binary':>15}  target {STARTUP_TARGET} s")
+        for name, values in times.items():
+            median = statistics.median(values)
+            print(f"{name:<44} {median:>9.3f} {median / CAFFE['binary start-up']:>14.1f}x  "
+                  f"{'ok' if median <= STARTUP_TARGET else 'over'}")
+
+
+if __name__ == "__main__":
+    main()
