@@ -60,7 +60,8 @@ SUMMARIES = {
     "plot-log": ("Plot train/test loss, test accuracy and learning rate of one or more `caffe train` logs "
                  "(ours or Caffe's own), overlaid."),
     "export": "Export MODEL.caffemodel with its DEPLOY.prototxt to ONNX (batch size free), checked in onnxruntime.",
-    "heldout": "Accuracy, ROC AUC and confusion of a fold's net on DB_heldout_K (eval/heldout_K/metrics.json).",
+    "heldout": ("Accuracy, ROC AUC (curve in roc.png, operating threshold) and confusion of a fold's net on "
+                "DB_heldout_K (eval/heldout_K/metrics.json)."),
     "import": "Import a published data set into a work directory (`import pcam DIR WORKDIR`).",
     "stain": "Stain normalisation: `stain fit` makes a target, `stain apply` normalises a folder.",
     "inspect": "Describe a caffemodel, solverstate, mean binaryproto, net/solver prototxt or LevelDB/LMDB.",
