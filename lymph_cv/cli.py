@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import re
 import sys
 from typing import Optional, Sequence
 
@@ -84,6 +85,48 @@ class Interrupted(UserError):
     exit_code = 130
 
 
+#: Click's path messages: ``File 'x' does not exist.`` → the file first, then what is wrong.
+_PATH_MESSAGE = re.compile(r"^(?:File|Directory|Path) '(?P<path>.*)' (?P<problem>.*?)\.?$", re.S)
+
+
+def _param_name(exc: click.BadParameter) -> str:
+    """The option (its longest name) or argument (its metavar) a parameter error is about."""
+    hint = exc.param_hint
+    if hint is not None:
+        return " / ".join(hint) if isinstance(hint, (list, tuple)) else str(hint).strip("'\"")
+    param = exc.param
+    if isinstance(param, click.Option):
+        return max(param.opts, key=len)
+    return param.human_readable_name if param is not None else ""
+
+
+def usage_line(exc: click.UsageError) -> str:
+    """A Click usage error in our form: ``<option or file>: <what was expected>`` (one line)."""
+    message = " ".join(exc.format_message().split()) if not isinstance(exc, click.BadParameter) else \
+        " ".join(exc.message.split())
+    if isinstance(exc, click.MissingParameter):
+        kind = exc.param_type or (exc.param.param_type_name if exc.param is not None else "parameter")
+        return f"{_param_name(exc)}: required {kind}, not given"
+    if isinstance(exc, click.BadParameter):
+        name = _param_name(exc)
+        path = _PATH_MESSAGE.match(message)
+        if path:
+            return f"{path.group('path')}: {path.group('problem')} ({name})"
+        return f"{name}: {message.rstrip('.')}" if name else message.rstrip(".")
+    if isinstance(exc, click.NoSuchOption):
+        did_you_mean = f" (did you mean {', '.join(sorted(exc.possibilities))}?)" if exc.possibilities else ""
+        return f"{exc.option_name}: no such option{did_you_mean}"
+    if isinstance(exc, click.BadOptionUsage):
+        return f"{exc.option_name}: {exc.message.rstrip('.')}"
+    command = exc.ctx.command_path if exc.ctx is not None else "lymph-cv"
+    return f"{message.rstrip('.')} (see '{command} --help')"
+
+
+def _no_args_help(exc: Exception) -> bool:
+    # click >= 8.2 shows a group's help through a UsageError subclass: keep that as it is.
+    return type(exc).__name__ == "NoArgsIsHelpError"
+
+
 def _available(name: str) -> bool:
     module = COMMANDS[name].split(":")[0]
     return importlib.util.find_spec(module) is not None
@@ -117,9 +160,21 @@ class LazyGroup(click.Group):
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as exc:
+            if _no_args_help(exc):
+                raise
+            raise UserError(usage_line(exc)) from None
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            if _no_args_help(exc):
+                raise
+            raise UserError(usage_line(exc)) from None
         except LymphCVError as exc:
             raise UserError(str(exc)) from exc
         except KeyboardInterrupt:

@@ -36,7 +36,7 @@ from lymph_cv.errors import ConfigError, LymphCVError, TrainingError
 from lymph_cv.core.devices import resolve_device
 from lymph_cv.core.fsutil import atomic_write_json, make_dirs, remove_stale_temporaries
 from lymph_cv.workdir.layout import (DB_TEST, DB_TRAIN, DEPLOY_NAME, EVAL_DIR, MANIFEST_NAME, MEAN_FILE, NET_NAME,
-                             PATCH_DIR, REPORT_HTML, REPORT_MD, RUN_JSON, SOLVER_NAME)
+                             HEATMAP_DIR, PATCH_DIR, REPORT_HTML, REPORT_MD, RUN_JSON, SOLVER_NAME)
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ class RunOptions:
     oversample: bool = True
     tta: bool = False
     aggregate: str = "vote"
+    heatmaps: bool = False
     workers: Optional[int] = None
     from_stage: Optional[str] = None
     #: stain normalisation: method (None: none), its parameters, and a target (record or image);
@@ -403,14 +404,32 @@ def _train_run(o: RunOptions, fresh: bool) -> None:
 def _train_here(o: RunOptions, folds: Sequence[int]) -> None:
     from lymph_cv.stages.train import train
 
-    for k in folds:
+    for index, k in enumerate(folds):
         solver = _solver(o, k)
         states = _snapshots(o, k, "solverstate")
         resume = states[max(states)] if states else None
         log.info("fold %d: training%s", k, f" (resuming from {resume.name})" if resume else "")
-        result = train(solver, snapshot=resume, device=o.device)
+        result = train(solver, snapshot=resume, device=o.device, on_estimate=_announce_estimate(k, len(folds) - index))
         if result.stopped_early:
             raise TrainingError(f"fold {k} stopped early at iteration {result.iterations}; rerun to resume", solver)
+
+
+def _announce_estimate(fold: int, folds_left: int):
+    """The estimate of a fold's training, and of the folds still to train in this run."""
+    from lymph_cv.core.progress import format_duration
+    from lymph_cv.stages.eta import cpu_warning
+
+    def announce(estimate) -> None:
+        # Later folds start from iteration 0: each takes about what this one's full run takes.
+        per_fold = estimate.seconds * estimate.max_iter / max(estimate.iterations, 1)
+        run_seconds = estimate.seconds + per_fold * (folds_left - 1)
+        log.info("fold %d: %s; the %d fold(s) left in this run: about %s", fold, estimate.describe(), folds_left,
+                 format_duration(run_seconds))
+        warning = cpu_warning(estimate, folds_left, run_seconds)
+        if warning:
+            log.warning("warning: %s", warning)
+
+    return announce
 
 
 def _train_on_cluster(o: RunOptions, folds: Sequence[int]) -> None:
@@ -432,12 +451,23 @@ def _eval_metrics(o: RunOptions, fold: int) -> Path:
 
 
 def _evaluate_params(o: RunOptions) -> dict:
-    return {"oversample": o.oversample, "aggregate": o.aggregate, "device": o.device, "folds": o.fold_list,
-            **({"tta": True} if o.tta else {})}  # absent when off: earlier runs keep their key
+    params = {"oversample": o.oversample, "aggregate": o.aggregate, "device": o.device, "folds": o.fold_list}
+    # Absent when off: earlier runs keep their key.
+    if o.tta:
+        params["tta"] = True
+    if o.heatmaps:
+        params["heatmaps"] = True
+    return params
+
+
+def _evaluated(o: RunOptions, k: int) -> bool:
+    """Fold k's evaluation is on disk (with its heatmaps, when asked for)."""
+    metrics = _eval_metrics(o, k)
+    return metrics.is_file() and (not o.heatmaps or (metrics.parent / HEATMAP_DIR).is_dir())
 
 
 def _evaluate_complete(o: RunOptions) -> bool:
-    return all(_eval_metrics(o, k).is_file() for k in o.fold_list)
+    return all(_evaluated(o, k) for k in o.fold_list)
 
 
 def _evaluate_run(o: RunOptions, fresh: bool) -> None:
@@ -445,14 +475,14 @@ def _evaluate_run(o: RunOptions, fresh: bool) -> None:
     from lymph_cv.stages.report import write_fold
 
     for k in o.fold_list:
-        if not fresh and _eval_metrics(o, k).is_file():
+        if not fresh and _evaluated(o, k):
             continue
         model = _snapshots(o, k, "caffemodel").get(_final_iteration(o, k))
         if model is None:
             raise TrainingError(f"fold {k} has no final snapshot; rerun `lymph-cv run` to train it", _solver(o, k))
         result = evaluate_fold(o.workdir, k, model=model, device=o.device, oversample=o.oversample, tta=o.tta,
                                aggregate=o.aggregate)
-        record = write_fold(result, fold_output_dir(o.workdir, k))
+        record = write_fold(result, fold_output_dir(o.workdir, k), heatmaps=o.heatmaps)
         log.info("fold %d: accuracy %.3f on %d test images", k, record["accuracy"], len(result.images))
 
 

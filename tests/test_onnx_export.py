@@ -37,6 +37,29 @@ layer { name: "ip1" type: "InnerProduct" bottom: "pool3" top: "ip1"
 layer { name: "ip2" type: "InnerProduct" bottom: "pool4" top: "ip2" inner_product_param { num_output: 5 bias_term: false weight_filler { type: "gaussian" std: 0.5 } } }
 layer { name: "prob" type: "Softmax" bottom: "ip1" top: "prob" }
 """
+#: The other layer types (ResNets' BatchNorm, Scale, Eltwise and the rest of the registry).
+MORE_NET = """
+name: "more"
+input: "data"
+input_shape { dim: 1 dim: 4 dim: 6 dim: 6 }
+layer { name: "bn" type: "BatchNorm" bottom: "data" top: "bn" batch_norm_param { eps: 0.001 } }
+layer { name: "scale" type: "Scale" bottom: "bn" top: "bn" scale_param { bias_term: true filler { type: "gaussian" std: 0.5 } bias_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "split" type: "Split" bottom: "bn" top: "a" top: "b" }
+layer { name: "sig" type: "Sigmoid" bottom: "a" top: "sig" }
+layer { name: "tanh" type: "TanH" bottom: "b" top: "tanh" }
+layer { name: "sum" type: "Eltwise" bottom: "sig" bottom: "tanh" top: "sum" eltwise_param { operation: SUM coeff: 2 coeff: -0.5 } }
+layer { name: "prod" type: "Eltwise" bottom: "sig" bottom: "tanh" bottom: "sum" top: "prod" eltwise_param { operation: PROD } }
+layer { name: "max" type: "Eltwise" bottom: "prod" bottom: "sum" top: "max" eltwise_param { operation: MAX } }
+layer { name: "elu" type: "ELU" bottom: "max" top: "elu" elu_param { alpha: 0.7 } }
+layer { name: "prelu" type: "PReLU" bottom: "elu" top: "prelu" prelu_param { filler { type: "gaussian" std: 0.5 } } }
+layer { name: "bias" type: "Bias" bottom: "prelu" top: "bias" bias_param { axis: 1 num_axes: 2 filler { type: "gaussian" std: 1 } } }
+layer { name: "gate" type: "Pooling" bottom: "bias" top: "gate" pooling_param { pool: AVE global_pooling: true } }
+layer { name: "gate_flat" type: "Flatten" bottom: "gate" top: "gate_flat" }
+layer { name: "gated" type: "Scale" bottom: "bias" bottom: "gate_flat" top: "gated" scale_param { axis: 0 } }
+layer { name: "cat" type: "Concat" bottom: "gated" bottom: "sum" top: "cat" concat_param { axis: 1 } }
+layer { name: "flat" type: "Flatten" bottom: "cat" top: "flat" flatten_param { axis: 2 } }
+layer { name: "reshape" type: "Reshape" bottom: "flat" top: "reshape" reshape_param { shape { dim: 0 dim: -1 dim: 12 } } }
+"""
 TOLERANCE = 1e-5
 
 
@@ -60,6 +83,45 @@ def test_every_converter_matches_our_forward():
     assert [o.name for o in plain.graph.output] == net.output_blobs == ["ip2", "prob"]
     assert plain.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
     assert plain.opset_import[0].version == 13
+
+
+def _randomise_statistics(net, seed=1):
+    """BatchNorm statistics and Scale blobs away from their identity defaults."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in net.layers:
+            if layer.type_name == "BatchNorm":
+                channels = layer.blobs[0].shape[0]
+                layer.blobs[0].copy_(torch.randn(channels, generator=generator) * 0.3)
+                layer.blobs[1].copy_(torch.rand(channels, generator=generator) * 2 + 0.5)
+                layer.blobs[2].fill_(2.0)  # the weight sum the statistics are divided by
+            elif layer.type_name == "Scale" and layer.learned:
+                layer.blobs[0].copy_(torch.randn(layer.blobs[0].shape, generator=generator) * 0.3 + 1)
+
+
+def test_more_layer_types_match_our_forward():
+    net = build_net(parse_net_text(MORE_NET), caffe_pb2.TEST)
+    net.init_params(torch.Generator().manual_seed(5))
+    _randomise_statistics(net)
+    check = verify(net.eval(), to_onnx(net, outputs=computed_blobs(net)), batch=3, scale=1.0)
+    assert {"bn", "a", "b", "sum", "prod", "max", "prelu", "gated", "cat", "reshape"} <= set(check.blobs)
+    assert check.max_abs_diff <= TOLERANCE, check.blobs
+
+
+@pytest.mark.parametrize("arch", ["resnet18"])
+def test_resnets_export(tmp_path, arch):
+    """The ResNets our render writes (BatchNorm, Scale, Eltwise, global pooling), random weights and statistics."""
+    from lymph_cv.formats.caffe.prototxt import read_net_prototxt
+
+    for name in ("train_w32_1.txt", "test_w32_1.txt"):
+        (tmp_path / name).write_text("".join(f"x_{label}.tif\t{label}\n" for label in range(3)))
+    net = build_net(read_net_prototxt(render_fold(tmp_path, 1, arch=arch).deploy), caffe_pb2.TEST)
+    net.init_params(torch.Generator().manual_seed(0))
+    _randomise_statistics(net)
+    model = to_onnx(net.eval(), outputs=computed_blobs(net))
+    assert {"BatchNormalization", "Mul", "Add", "Sum"} <= {n.op_type for n in model.graph.node}
+    check = verify(net, model, batch=2, scale=1.0)
+    assert check.max_rel_diff <= TOLERANCE and check.blobs["prob"] <= TOLERANCE
 
 
 def test_refusals():

@@ -212,7 +212,7 @@ def test_cli_usage_errors(tmp_path, runner, cli):
     write_lists(tmp_path)
     for args in (["--folds", "x"], ["--device", "tpu"]):
         result = runner.invoke(cli, ["render", str(tmp_path), *args])
-        assert result.exit_code == 2 and "Invalid value" in result.stderr
+        assert result.exit_code == 2 and result.stderr.startswith(f"error: {args[0]}: ")
     result = runner.invoke(cli, ["render", str(tmp_path / "empty")])
     assert result.exit_code == 2 and "work directory not found" in result.stderr
 

@@ -10,8 +10,9 @@ import pytest
 
 from lymph_cv.errors import EvaluationError
 from lymph_cv.stages.evaluate import FoldResult, ImageResult, window_grid
+from lymph_cv.stages.heatmaps import blend, class_map, colour, heatmap_png, map_only, title_lines
 from lymph_cv.stages.report import (IMAGES_CSV, METRICS_JSON, SUMMARY_TXT, accuracy, balanced_accuracy, build_report,
-                             class_metrics, confusion_matrix, draw_confusion, draw_heatmap, format_confusion,
+                             class_metrics, confusion_matrix, draw_confusion, format_confusion,
                              format_markdown, mean_sd, write_fold)
 
 CLASSES = ["CLL", "FL", "MCL"]
@@ -144,11 +145,21 @@ def test_drawings():
     grid = window_grid(118, 150)
     probs = np.tile(np.array([[1.0, 0.0, 0.0]], np.float32), (len(grid), 1))
     probs[0] = [1 / 3, 1 / 3, 1 / 3]  # at chance: left untinted
-    heat = draw_heatmap(image, grid, probs, 32, CLASSES)
-    assert heat.shape[1] == 150 and heat.shape[0] > 118
+    cmap = class_map(image.shape[:2], grid, probs, 32)
+    heat = blend(image, cmap)
+    assert heat.shape == image.shape
     assert heat[19, 19].tolist() == [200, 200, 200]
     assert heat[51, 51].tolist() != [200, 200, 200]
     assert heat[0, 0].tolist() == [200, 200, 200]  # outside every window's cell
+    assert cmap.winner[0, 0] == -1 and cmap.winner[51, 51] == 0 and cmap.confidence[51, 51] == pytest.approx(1.0)
+    alone = map_only(cmap)
+    assert alone[19, 19].tolist() == [1, 1, 1] and np.allclose(alone[51, 51], colour(0), atol=1e-6)
+    # The explaining figure: title, both panels and a scale per class fit (decodes, wider than two images).
+    png = heatmap_png(image, grid, probs, 32, CLASSES, entry="FL/x.tif", label=1, predicted=0, votes=[11, 0, 1])
+    figure = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+    assert figure is not None and figure.shape[1] > 2 * 150
+    assert title_lines("FL/x.tif", CLASSES, 1, 0, [11, 0, 1]) == (
+        "FL/x.tif\ntrue FL, predicted CLL (wrong); votes CLL 92%, FL 0%, MCL 8% of 12 windows")
 
 
 @pytest.mark.parametrize("text", ["[]", "{}", '{"fold": 1, "classes": ["A", "B"], "confusion": [[1]], "accuracy": 1, '

@@ -103,6 +103,19 @@ def test_changed_parameter_reruns_from_its_stage(tmp_path: Path, finished: Path,
     assert [actions[s] for s in PIPELINE] == ["skip"] * 4 + ["run"] * 3
 
 
+def test_heatmaps_rerun_only_evaluation_and_report(tmp_path: Path, finished: Path, tiny_data: Path):
+    import shutil
+
+    workdir = tmp_path / "work"
+    shutil.copytree(finished, workdir)
+    assert (workdir / "eval" / "report.html").is_file()
+    actions = run_logged(tiny_options(workdir, tiny_data, heatmaps=True))
+    assert [actions[s] for s in PIPELINE] == ["skip"] * 5 + ["run"] * 2
+    maps = sorted(p.name for p in (workdir / "eval" / "fold_1" / "heatmaps").iterdir())
+    assert len(maps) == len((workdir / "test_w32_parent_1.txt").read_text().splitlines()) and maps[0].endswith(".png")
+    assert run_logged(tiny_options(workdir, tiny_data, heatmaps=True)) == {name: "skip" for name in PIPELINE}
+
+
 def test_bad_options_name_the_problem(tmp_path: Path):
     with pytest.raises(ConfigError, match="outside 1..3"):
         run_pipeline(tiny_options(tmp_path, tmp_path, folds=[4]))

@@ -6,6 +6,7 @@ from typing import Optional
 
 import click
 
+from lymph_cv.commands.options import WORKERS
 from lymph_cv import DEFAULT_CLASSES
 from lymph_cv.core.grid import WINDOW_SIZE, WINDOW_STEP
 from lymph_cv.commands.stain import resolve as resolve_stain
@@ -15,7 +16,7 @@ from lymph_cv.stages import patches as patches_module
 from lymph_cv.formats import store
 from lymph_cv.stages import synth as synth_module
 
-_WORKERS = click.option("--workers", type=click.IntRange(min=0), default=None, help="Processes (default or 0: all cores).")
+_WORKERS = click.option("--workers", type=WORKERS, default=None, help="Processes (default or 0: all cores).")
 
 
 def _counts(ctx: click.Context, param: click.Parameter, value: Optional[str]):

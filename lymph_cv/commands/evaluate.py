@@ -7,6 +7,7 @@ from typing import Optional
 
 import click
 
+from lymph_cv.commands.options import DEVICE
 from lymph_cv.stages.evaluate import (AGGREGATE_CHOICES, DEFAULT_BATCH_SIZES, MEAN_MODES, evaluate_fold, fold_output_dir,
                                parse_aggregate)
 from lymph_cv.commands.stain import stain_for_evaluation, stain_options
@@ -48,7 +49,7 @@ def _classes(ctx, param, value: Optional[str]):
 @click.option("--classes", callback=_classes, help="Class names in label order, e.g. CLL,FL,MCL [default: from the workdir, else the parent list's class folders sorted].")
 @click.option("--skip-missing", is_flag=True, help="Evaluate the listed images that exist, skipping (and recording) the others.")
 @click.option("--out", type=_DIR, help="Output folder [default: WORKDIR/eval/fold_K].")
-@click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda or cuda:N.")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True, help="torch device (auto: CUDA when available).")
 @click.option("--oversample/--no-oversample", default=True, show_default=True, help="10 crops per window (4 corners, centre, mirrored) or the centre crop only.")
 @click.option("--tta", is_flag=True, help="Test-time augmentation: every crop also turned by 90, 180 and 270 degrees (40 views; 8 with --no-oversample).")
 @click.option("--mean-mode", type=click.Choice(MEAN_MODES), default="resize", show_default=True,

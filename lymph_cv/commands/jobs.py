@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 
 import click
 
+from lymph_cv.commands.options import WORKERS
 from lymph_cv.cluster import jobs as jobs_module
 # The same --folds syntax and checks as `lymph-cv render`.
 from lymph_cv.commands.render import _folds
@@ -36,8 +37,8 @@ def _shown(submission: jobs_module.Submission) -> str:
 @click.option("--mail", default=None, help="Mail address for begin/end/abort notices.")
 @click.option("--array", is_flag=True, help="One array job for the folds (Slurm --array, PBS -t).")
 @click.option("--resubmit", is_flag=True, help="Submit folds again even if jobs.json records them.")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Local runner: jobs run at once (default: cores // ppn).")
+@click.option("--workers", type=WORKERS, default=None,
+              help="Local runner: jobs run at once (default or 0: cores // ppn).")
 @click.option("--evaluate", "then_evaluate", is_flag=True,
               help="Also submit the evaluation (evaluate each fold, then report) to run after every fold succeeded.")
 def submit(workdir: Path, scheduler: str, folds: Optional[Sequence[int]], dry_run: bool, walltime: str,
@@ -45,12 +46,12 @@ def submit(workdir: Path, scheduler: str, folds: Optional[Sequence[int]], dry_ru
            workers: Optional[int], then_evaluate: bool) -> None:
     """Write one job script per fold next to its configs and submit it; record jobs in WORKDIR/jobs.json."""
     options = jobs_module.JobOptions(walltime=walltime, queue=queue, ppn=ppn, gpus=gpus, mail=mail,
-                                     after=tuple(after), workers=workers)
+                                     after=tuple(after), workers=workers or None)
     submissions = jobs_module.submit_folds(workdir, scheduler, folds, options, dry_run=dry_run, resubmit=resubmit,
                                            array=array)
     if then_evaluate:
         evaluation_options = jobs_module.JobOptions(walltime=walltime, queue=queue, ppn=ppn, mail=mail,
-                                                    workers=workers)
+                                                    workers=workers or None)
         if dry_run:
             click.echo("# the evaluation job depends (afterok) on the fold jobs, whose ids exist once submitted")
         submissions.append(jobs_module.submit_evaluation(workdir, scheduler, evaluation_options,

@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 
 import click
 
+from lymph_cv.commands.options import DEVICE
 from lymph_cv.commands.training_options import augmentation_options, augmentation_overrides
 from lymph_cv.commands.stain import stain_augment_options, stain_augment_overrides
 from lymph_cv.errors import ConfigError
@@ -37,8 +38,8 @@ def _set_help() -> str:
 @click.option("--dropout", is_flag=True, help="The dropout variant (relu+dropout after ip1 and ip2).")
 @click.option("--legacy-v1", is_flag=True, help="The tutorial's V1 syntax (layers {...}, solver_type).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help=_set_help())
-@click.option("--device", type=click.Choice(sorted(render_module.DEVICES)), default="cpu", show_default=True,
-              help="solver_mode: CPU or GPU.")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True,
+              help="solver_mode: CPU for cpu, GPU for the others (cuda, cuda:N, auto).")
 @augmentation_options
 @stain_augment_options
 def render(workdir: Path, folds, arch: str, stem: Optional[str], dropout: bool, legacy_v1: bool,
@@ -52,6 +53,7 @@ def render(workdir: Path, folds, arch: str, stem: Optional[str], dropout: bool, 
     overrides.update(augmentation_overrides(mixup_alpha, label_smoothing, vertical_flip, rotate90))
     overrides.update(stain_augment_overrides(stain_augment, stain_augment_scale, stain_augment_shift))
     rendered = render_module.render_folds(workdir, folds, dropout=dropout, legacy_v1=legacy_v1,
-                                          overrides=overrides, device=device, arch=arch, stem=stem)
+                                          overrides=overrides, device=render_module.solver_device(device),
+                                          arch=arch, stem=stem)
     for fold in rendered:
         click.echo(f"fold {fold.fold}: {fold.solver} {fold.net} {fold.deploy}")

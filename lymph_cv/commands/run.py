@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 
 import click
 
+from lymph_cv.commands.options import DEVICE, WORKERS
 from lymph_cv.commands.render import _folds
 from lymph_cv.commands.training_options import augmentation_options, augmentation_overrides
 from lymph_cv.commands.stain import method_params, stain_augment_options, stain_augment_overrides, stain_options
@@ -62,7 +63,7 @@ def _classes(ctx, param, value: str):
               help="ResNet stem (default: by patch size, cifar below 96 px, imagenet from 96).")
 @click.option("--set", "overrides", multiple=True, callback=_pairs, metavar="KEY=VALUE",
               help="Template variable for the rendered solver/net (see `lymph-cv render --help`); repeatable.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (training and evaluation).")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True, help="Training and evaluation (auto: CUDA when available).")
 @click.option("--executor", type=click.Choice(EXECUTORS), default="local", show_default=True,
               help="Train folds here, or as PBS / Slurm jobs (evaluation waits for them).")
 @click.option("--walltime", default=None, help="Cluster jobs: [D-]HH:MM:SS.")
@@ -71,7 +72,9 @@ def _classes(ctx, param, value: str):
 @click.option("--aggregate", default="vote", show_default=True, help="Image label from windows: vote, mean, topk:K.")
 @click.option("--no-oversample", is_flag=True, help="Evaluate the centre crop of each window only.")
 @click.option("--tta", is_flag=True, help="Test-time augmentation: every crop also turned by 90, 180, 270 degrees.")
-@click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes for patches/DBs [default: all cores].")
+@click.option("--heatmaps", is_flag=True,
+              help="Also draw a heatmap per test image (eval/fold_K/heatmaps/; the misclassified ones go into report.html).")
+@click.option("--workers", type=WORKERS, default=None, help="Processes for patches/DBs [default or 0: all cores].")
 @click.option("--from", "from_stage", type=click.Choice(STAGES), default=None,
               help="Redo this stage and everything after it.")
 @augmentation_options
@@ -80,7 +83,7 @@ def _classes(ctx, param, value: str):
 def run(workdir: Path, data: Optional[Path], demo: bool, classes, k: int, folds, group_by: str, seed: int,
         backend: str, direct: bool, max_iter: Optional[int], dropout: bool, arch: str, stem: Optional[str],
         overrides: dict, device: str, executor: str, walltime, queue, job_timeout, aggregate: str,
-        no_oversample: bool, tta: bool, workers, from_stage,
+        no_oversample: bool, tta: bool, heatmaps: bool, workers, from_stage,
         mixup_alpha, label_smoothing, vertical_flip, rotate90, stain_augment, stain_augment_scale,
         stain_augment_shift, stain, stain_target, stain_include_background, stain_params) -> None:
     """Steps 1–5 and the report: images → patches → folds → DBs → training → confusion matrices.
@@ -116,7 +119,7 @@ def run(workdir: Path, data: Optional[Path], demo: bool, classes, k: int, folds,
         max_iter=max_iter if max_iter is not None else (DEMO_MAX_ITER if demo else None),
         dropout=dropout, arch=arch, stem=stem, overrides=overrides, device=device, executor=executor,
         job_options=job_options, job_timeout=job_timeout, oversample=not no_oversample, tta=tta,
-        aggregate=aggregate, workers=workers,
+        aggregate=aggregate, heatmaps=heatmaps, workers=workers,
         from_stage=from_stage, stain=stain, stain_params=stain_params, stain_target=stain_target)
 
     def announce(name: str, action: str) -> None:

@@ -13,7 +13,7 @@ configure_openmp()  # before lymph_cv.stages.train imports torch
 
 from lymph_cv.commands.training_options import augmentation_options, augmentation_overrides  # noqa: E402
 from lymph_cv.commands.stain import stain_augment_options, stain_augment_overrides  # noqa: E402
-from lymph_cv.core.devices import DEVICE_CHOICES  # noqa: E402
+from lymph_cv.commands.options import DEVICE  # noqa: E402
 
 
 def _memory(ctx, param, value: Optional[str]) -> Optional[int]:
@@ -36,7 +36,7 @@ def _memory(ctx, param, value: Optional[str]) -> Optional[int]:
               help="Resume from the solver's newest <prefix>_iter_N.solverstate if there is one (else start).")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Fine-tune from this .caffemodel (layers copied by name).")
-@click.option("--device", type=click.Choice(DEVICE_CHOICES, case_sensitive=False), default=None,
+@click.option("--device", type=DEVICE, default=None,
               help="Where to train; default: the solver's solver_mode as a hint (GPU → auto).")
 @click.option("--seed", type=int, default=None,
               help="Seed for initialisation, crops, mirrors and dropout (default: the solver's random_seed).")

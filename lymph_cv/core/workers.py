@@ -1,4 +1,4 @@
-"""Process pools for the data stages: ordered results, a tqdm bar, one worker runs inline.
+"""Process pools for the data stages: ordered results, progress (a bar on a terminal), one worker runs inline.
 
 Work is split over images or folds (never over single patches), so the per-task cost of a
 process pool is negligible next to the work.  Results come back in submission order, which
@@ -12,7 +12,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 
-from tqdm import tqdm
+from lymph_cv.core.progress import Progress
 
 from lymph_cv.errors import LymphCVError
 
@@ -69,8 +69,8 @@ def imap(
     count = resolve_workers(workers, len(items))
     total = sum(weights) if weights is not None else len(items)
     steps: Iterable[int] = weights if weights is not None else [1] * len(items)
-    # disable=None: a bar only on a terminal, so logs and captured stderr stay clean.
-    with tqdm(total=total, desc=desc, unit=unit, disable=True if desc is None else None, leave=False) as bar:
+    # A bar only on a terminal, plain periodic lines into a file or pipe (no \r in logs).
+    with Progress(total, desc or "", unit, quiet=desc is None, leave=False) as bar:
         if count == 1:
             for item, step in zip(items, steps):
                 yield function(item)

@@ -8,7 +8,8 @@ semantics that ONNX lacks are spelled out:
 * pooling rounds up and clips the last window at image + pad, and AVE divides by the window's
   part inside image + pad: an explicit ``Pad`` (−∞ for MAX, 0 for AVE), then the pool without
   padding (``count_include_pad=0``), then a ``Slice`` where Caffe drops a window starting in the pad;
-* WITHIN_CHANNEL LRN is built from ``AveragePool``/``Pow``;
+* WITHIN_CHANNEL LRN is built from ``AveragePool``/``Pow``; BatchNorm's statistics are divided by
+  its weight-sum blob; Scale/Bias blobs are reshaped to broadcast from their axis;
 * in-place layers (ReLU, Dropout) get fresh value names (ONNX is single-assignment); the net's
   outputs keep their Caffe blob names.
 
@@ -56,6 +57,7 @@ class _Graph:
 
     onnx: object
     shapes: Dict[str, tuple]  # Caffe blob → shape at build time (in-place layers keep it)
+    top_hints: List[str] = field(default_factory=list)  # the value names wanted for the layer's tops
     nodes: list = field(default_factory=list)
     initializers: list = field(default_factory=list)
     values: Dict[str, str] = field(default_factory=dict)
@@ -183,6 +185,116 @@ def _softmax(g: _Graph, layer, inputs, hint):
     return [g.node("Softmax", inputs, hint, axis=layer.axis)]
 
 
+@converts("BatchNorm")
+def _batch_norm(g: _Graph, layer, inputs, hint):
+    if not layer.use_global:
+        raise layer.unsupported("batch statistics (use_global_stats false) in an ONNX export",
+                                ["use_global_stats true (the TEST default)"])
+    mean, var, weight = _weights(layer)
+    factor = 0.0 if weight[0] == 0 else 1.0 / float(weight[0])
+    channels = mean.shape[0]
+    names = [g.const(f"{layer.name}_scale", np.ones(channels, np.float32)),
+             g.const(f"{layer.name}_bias", np.zeros(channels, np.float32)),
+             g.const(f"{layer.name}_mean", (mean * factor).astype(np.float32)),
+             g.const(f"{layer.name}_var", (var * factor).astype(np.float32))]
+    return [g.node("BatchNormalization", inputs + names, hint, epsilon=layer.eps)]
+
+
+def _broadcastable(g: _Graph, layer, value: str, ndim: int, tail: Sequence[int], hint: str) -> str:
+    """``value`` (a blob over axes [axis, axis+len(tail))) reshaped to broadcast against ``ndim`` axes."""
+    shape = list(tail) + [1] * (ndim - layer.axis - len(tail))
+    if layer.axis == 0 and shape:  # the operand carries the batch: leave it free
+        shape[0] = -1
+    return g.node("Reshape", [value, g.const(f"{hint}_shape", np.array(shape or [1], dtype=np.int64))], hint)
+
+
+def _axes_operand(g: _Graph, layer, inputs, index: int, suffix: str) -> str:
+    """The Scale/Bias operand: blob ``index`` (learned) or bottom[1], shaped to broadcast."""
+    ndim = len(g.shapes[layer.param.bottom[0]])
+    if layer.learned:
+        array = _weights(layer)[index]
+        shape = list(array.shape) + [1] * (ndim - layer.axis - array.ndim)
+        return g.const(f"{layer.name}_{suffix}", array.reshape(shape or [1]))
+    return _broadcastable(g, layer, inputs[1], ndim, layer.blob_shape, f"{layer.name}_{suffix}")
+
+
+@converts("Scale")
+def _scale(g: _Graph, layer, inputs, hint):
+    scaled_hint = f"{layer.name}_scaled" if layer.bias_term else hint
+    y = g.node("Mul", [inputs[0], _axes_operand(g, layer, inputs, 0, "s")], scaled_hint)
+    if not layer.bias_term:
+        return [y]
+    bias = _weights(layer)[-1]
+    ndim = len(g.shapes[layer.param.bottom[0]])
+    shape = list(bias.shape) + [1] * (ndim - layer.axis - bias.ndim)
+    return [g.node("Add", [y, g.const(f"{layer.name}_b", bias.reshape(shape or [1]))], hint)]
+
+
+@converts("Bias")
+def _bias(g: _Graph, layer, inputs, hint):
+    return [g.node("Add", [inputs[0], _axes_operand(g, layer, inputs, 0, "b")], hint)]
+
+
+@converts("Eltwise")
+def _eltwise(g: _Graph, layer, inputs, hint):
+    if layer.operation == "MAX":
+        return [g.node("Max", inputs, hint)]
+    if layer.operation == "PROD":
+        return [g.node("Mul", inputs, hint)] if len(inputs) == 2 else [_chain(g, "Mul", inputs, hint)]
+    terms = inputs
+    if layer.coeffs is not None:
+        terms = [x if c == 1 else g.node("Mul", [x, g.const(f"{layer.name}_c{i}", np.array(c, np.float32))],
+                                          f"{layer.name}_t{i}")
+                 for i, (x, c) in enumerate(zip(inputs, layer.coeffs))]
+    return [g.node("Sum", terms, hint)]
+
+
+def _chain(g: _Graph, op: str, inputs: Sequence[str], hint: str) -> str:
+    value = inputs[0]
+    for i, other in enumerate(inputs[1:], 1):
+        value = g.node(op, [value, other], hint if i == len(inputs) - 1 else f"{hint}_{i}")
+    return value
+
+
+@converts("Concat")
+def _concat(g: _Graph, layer, inputs, hint):
+    return [g.node("Concat", inputs, hint, axis=layer.axis)]
+
+
+def _reshape_to(g: _Graph, layer, value: str, top_shape: Sequence[int], hint: str) -> str:
+    """Reshape to ``top_shape`` with the batch free: dim 0 is inferred (-1) from the others."""
+    dims = [-1] + [int(d) for d in top_shape[1:]]
+    return g.node("Reshape", [value, g.const(f"{layer.name}_shape", np.array(dims, dtype=np.int64))], hint)
+
+
+@converts("Flatten", "Reshape")
+def _reshape(g: _Graph, layer, inputs, hint):
+    return [_reshape_to(g, layer, inputs[0], layer.top_shapes[0], hint)]
+
+
+@converts("Split")
+def _split(g: _Graph, layer, inputs, hint):
+    return [g.node("Identity", inputs, name) for name in g.top_hints]
+
+
+@converts("Sigmoid", "TanH")
+def _unary(g: _Graph, layer, inputs, hint):
+    return [g.node({"Sigmoid": "Sigmoid", "TanH": "Tanh"}[layer.type_name], inputs, hint)]
+
+
+@converts("ELU")
+def _elu(g: _Graph, layer, inputs, hint):
+    return [g.node("Elu", inputs, hint, alpha=layer.alpha)]
+
+
+@converts("PReLU")
+def _prelu(g: _Graph, layer, inputs, hint):
+    (slope,) = _weights(layer)
+    ndim = len(g.shapes[layer.param.bottom[0]])
+    shaped = slope.reshape([1]) if layer.shared else slope.reshape([-1] + [1] * (ndim - 2))
+    return [g.node("PRelu", inputs + [g.const(f"{layer.name}_slope", shaped)], hint)]
+
+
 def exportable_types() -> List[str]:
     """The Caffe layer types the exporter converts, sorted."""
     return sorted(CONVERTERS)
@@ -218,8 +330,9 @@ def to_onnx(net: CaffeNet, opset: int = DEFAULT_OPSET, dynamic_batch: bool = Tru
         bottoms = [g.values[name] for name in layer.param.bottom]
         tops = list(layer.param.top)
         # The final writer of a blob names its value after it (unless an input holds the name).
-        hint = tops[0] if last_writer.get(tops[0]) == index and tops[0] not in net.input_blobs else f"{tops[0]}_{layer.name}"
-        for top, value in zip(tops, converter(g, layer, bottoms, hint)):
+        g.top_hints = [top if last_writer.get(top) == index and top not in net.input_blobs else f"{top}_{layer.name}"
+                       for top in tops]
+        for top, value in zip(tops, converter(g, layer, bottoms, g.top_hints[0])):
             g.values[top] = value
     exposed = []
     for name in (net.output_blobs if outputs is None else outputs):

@@ -29,9 +29,9 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from lymph_cv.core.fsutil import read_json_object
+from lymph_cv.core.progress import Progress
 from lymph_cv.core.devices import resolve_device
 from lymph_cv.core.grid import WINDOW_SIZE, WINDOW_STEP, window_grid
 from lymph_cv.core.images import ColourTransform, read_unit
@@ -560,7 +560,8 @@ def evaluate_images(
     mean = prepare_mean(mean, classifier.channels, window, classifier.crop, mean_mode)
     batch_size = batch_size or classifier.default_batch_size
     centres: dict = {}
-    bar = tqdm(total=len(entries), desc="evaluate", unit="img", disable=not progress, leave=False)
+    # A bar on a terminal, plain periodic lines into a file or pipe.
+    bar = Progress(len(entries), "evaluate", "img", quiet=not progress, leave=False)
 
     def stream() -> Iterator[Tuple[int, np.ndarray]]:
         for index, image in _prefetch([e.path for e in entries], stain, unchanged):

@@ -49,6 +49,13 @@ DEPLOY_TEMPLATE = "deploy.prototxt.j2"
 
 #: --device → solver_mode.
 DEVICES = {"cpu": "CPU", "cuda": "GPU"}
+
+
+def solver_device(device: str) -> str:
+    """The solver_mode key of a device option: ``cpu`` → CPU; ``cuda``, ``cuda:N`` and ``auto`` → GPU
+    (``caffe train`` / ``lymph-cv train`` then take GPU as "CUDA when available")."""
+    return "cpu" if device == "cpu" else "cuda"
+
 #: Solver type string (V2 ``type``) → V1 ``solver_type`` enum name.
 SOLVER_TYPES = {"SGD": "SGD", "Nesterov": "NESTEROV", "AdaGrad": "ADAGRAD", "RMSProp": "RMSPROP",
                 "AdaDelta": "ADADELTA", "Adam": "ADAM", "AdamW": None}

@@ -3,7 +3,7 @@
 Confusion matrices are counts with rows = true class and columns = predicted class; the tutorial
 printed the transpose (predicted × actual), available as the *legacy layout* when formatting.
 Computing (metrics, pooled results) is kept apart from formatting (text, CSV, Markdown) and from
-drawing (OpenCV PNGs); writing a fold's or the report's files is one atomic step each.
+drawing (OpenCV PNGs; heatmaps in :mod:`lymph_cv.stages.heatmaps`); writing a fold's or the report's files is one atomic step each.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import numpy as np
 from lymph_cv.core.images import read_unit
 from lymph_cv.errors import EvaluationError, InputError
 from lymph_cv.core.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
+from lymph_cv.stages.heatmaps import heatmap_png
 from lymph_cv.stages.html_report import render_html
 from lymph_cv.stages.roc import ROC_PNG, draw_roc, roc_record
 from lymph_cv.workdir.layout import EVAL_DIR, HEATMAP_DIR, REPORT_HTML, REPORT_MD, heatmap_name
@@ -55,10 +56,6 @@ _MARGIN = 130  # room for class names and axis titles
 _WHITE = (255, 255, 255)
 _BLACK = (0, 0, 0)
 _FULL = np.array([150, 60, 20], dtype=np.float64)  # colour of a 100 % cell (dark blue)
-#: Class colours of the heatmaps (BGR), cycled when there are more classes.
-PALETTE = ((60, 60, 230), (60, 190, 60), (230, 120, 40), (40, 200, 230), (200, 60, 200), (200, 200, 60))
-#: Most opaque a heatmap cell gets (at probability 1).
-HEATMAP_MAX_ALPHA = 0.6
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -291,33 +288,6 @@ def draw_confusion(matrix: np.ndarray, classes: Sequence[str], title: str = "") 
     return canvas
 
 
-def draw_heatmap(image_bgr: np.ndarray, centres: np.ndarray, probs: np.ndarray, stride: int, classes: Sequence[str]) -> np.ndarray:
-    """The image with each window's stride×stride cell tinted by its predicted class, opacity
-    growing with its probability above chance; a legend strip below."""
-    height, width = image_bgr.shape[:2]
-    n_classes = probs.shape[1]
-    chance = 1.0 / n_classes
-    winner = probs.argmax(axis=1)
-    confidence = np.clip((probs.max(axis=1) - chance) / (1.0 - chance), 0.0, 1.0)
-    colors = np.array([PALETTE[k % len(PALETTE)] for k in range(n_classes)], dtype=np.float32)
-    tint = np.zeros((height, width, 3), dtype=np.float32)
-    alpha = np.zeros((height, width, 1), dtype=np.float32)
-    half = stride // 2
-    for (row, col), cls, conf in zip(centres, winner, confidence):
-        y0, x0 = max(0, row - half), max(0, col - half)
-        y1, x1 = min(height, row - half + stride), min(width, col - half + stride)
-        tint[y0:y1, x0:x1] = colors[cls]
-        alpha[y0:y1, x0:x1] = HEATMAP_MAX_ALPHA * conf
-    blended = image_bgr.astype(np.float32) * (1 - alpha) + tint * alpha
-    legend = np.full((36, width, 3), 255, dtype=np.uint8)
-    x = 8
-    for k, name in enumerate(classes):
-        cv2.rectangle(legend, (x, 8), (x + 20, 28), tuple(int(v) for v in colors[k]), -1)
-        cv2.putText(legend, name, (x + 26, 25), _FONT, 0.55, _BLACK, 1, cv2.LINE_AA)
-        x += 40 + _text_size(name, 0.55, 1)[0]
-    return np.vstack([np.clip(blended + 0.5, 0, 255).astype(np.uint8), legend])
-
-
 def encode_png(image: np.ndarray) -> bytes:
     """PNG bytes of a BGR uint8 image."""
     ok, data = cv2.imencode(".png", image)
@@ -354,8 +324,9 @@ def write_fold(result: "FoldResult", out_dir: PathLike, *, legacy_layout: bool =
             (temp / HEATMAP_DIR).mkdir()
             stride = int(result.settings.get("stride", 0)) or _grid_step(result.images[0].centres)
             for image in result.images:
-                picture = draw_heatmap(_display_image(image.path), image.centres, image.probs, stride, result.classes)
-                (temp / HEATMAP_DIR / heatmap_name(image.entry)).write_bytes(encode_png(picture))
+                png = heatmap_png(_display_image(image.path), image.centres, image.probs, stride, result.classes,
+                                  entry=image.entry, label=image.label, predicted=image.predicted, votes=image.votes)
+                (temp / HEATMAP_DIR / heatmap_name(image.entry)).write_bytes(png)
     return record
 
 

@@ -32,6 +32,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,8 +56,10 @@ from lymph_cv.net.shared_records import SharedRecordCache
 from lymph_cv.errors import ConfigError, FormatError, InputError, TrainingError, UnsupportedError
 from lymph_cv.core import devices
 from lymph_cv.core.fsutil import atomic_write_json, make_dirs
+from lymph_cv.core.progress import Progress
 from lymph_cv.net.build import CaffeNet, build_net, resolve_net_path
 from lymph_cv.net.solver import Solver, learnables_of, make_solver, snapshot_names, solver_type
+from lymph_cv.stages.eta import ESTIMATE_AFTER, FORWARD_SHARE, Estimate, cpu_warning
 from lymph_cv.workdir.layout import TRAIN_JSON, TRAIN_LOG
 
 log = logging.getLogger(__name__)
@@ -305,6 +308,12 @@ class Trainer:
         self.pending: List[str] = []
         #: write train.json beside the snapshots (pycaffe's solvers do not: Caffe writes no record).
         self.write_record = True
+        #: called once with the Estimate of the time left, after the first timed iterations
+        #: (default: a log line, and the warning for the tutorial's iterations on a CPU).
+        self.on_estimate: Optional[Callable[[Estimate], None]] = None
+        self._timed = [0, 0.0]  # iterations timed, seconds (tests and snapshots excluded)
+        self._tested = [0, 0.0]  # test passes timed, seconds
+        self._estimated = False
 
     def _data_layers(self, net: CaffeNet, phase: int, cache: RecordCache) -> List[DataLayer]:
         return data_layers(net, phase, self.seed, self.files.input, cache)
@@ -461,11 +470,15 @@ class Trainer:
             if (param.test_interval > 0 and iteration % param.test_interval == 0
                     and (iteration > 0 or param.test_initialization) and (self.test_nets or not self.world.is_root)):
                 if self.test_nets:
+                    started = time.perf_counter()
                     self.test_all()
+                    self._tested[0] += 1
+                    self._tested[1] += time.perf_counter() - started
                 if self._agree(ACTION_STOP if ACTION_STOP in self.pending else ACTION_NONE) == ACTION_STOP:
                     self.result.stopped_early = True
                     break
             display = param.display > 0 and iteration % param.display == 0
+            started = time.perf_counter()
             loss = 0.0
             outputs: Dict[str, torch.Tensor] = {}
             for k in range(iter_size):
@@ -482,9 +495,14 @@ class Trainer:
             rate = self.solver.apply_update()
             if display:
                 self.log.info(f"Iteration {iteration}, lr = {fmt(rate)}", caffelog.SRC_LR)
+            if iteration > self.result.start_iteration:  # the first one warms up: not timed
+                self._timed[0] += 1
+                self._timed[1] += time.perf_counter() - started
+                if not self._estimated and self._timed[0] >= ESTIMATE_AFTER:
+                    self._estimate()
             if progress is not None:
-                progress.update(1)
                 progress.set_postfix(loss=f"{loss:.4g}", refresh=False)
+                progress.update(1)
             action = self._agree(self.pending.pop(0) if self.pending else ACTION_NONE)
             if (param.snapshot > 0 and self.solver.iter % param.snapshot == 0) or action == ACTION_SNAPSHOT:
                 self.snapshot()
@@ -498,6 +516,28 @@ class Trainer:
             return action
         wanted = self.collective.maximum(ACTION_RANK[action])
         return next(name for name, value in ACTION_RANK.items() if value == wanted)
+
+    def _estimate(self) -> None:
+        """Time left to max_iter from the iterations and test passes timed so far."""
+        self._estimated = True
+        param = self.param
+        ms = 1000 * self._timed[1] / self._timed[0]
+        tests = 0
+        if self.test_nets and param.max_iter > self.solver.iter:
+            tests = max(0, self.tests_before(param.max_iter) - self.tests_before(self.solver.iter)) + 1
+        measured = self._tested[0] > 0
+        per_test = (self._tested[1] / self._tested[0] if measured
+                    else sum(param.test_iter) * ms / 1000 * FORWARD_SHARE)
+        estimate = Estimate(param.max_iter - self.solver.iter, ms, tests, per_test, measured, param.max_iter,
+                            self.device.type)
+        (self.on_estimate or self.log_estimate)(estimate)
+
+    def log_estimate(self, estimate: Estimate) -> None:
+        """The default for :attr:`on_estimate`: a log line, and the CPU warning where it applies."""
+        self.log.info(f"Expected time to iteration {estimate.max_iter}: {estimate.describe()}", caffelog.SRC_TOOL)
+        warning = cpu_warning(estimate)
+        if warning:
+            self.log.warning(warning, caffelog.SRC_TOOL)
 
     def solve(self, *, progress: Optional[bool] = None, log_file: bool = True,
               sigint_effect: str = ACTION_STOP, sighup_effect: str = ACTION_SNAPSHOT) -> TrainResult:
@@ -543,17 +583,10 @@ class Trainer:
             self.result.start_iteration = self.solver.iter
             clog.info(f"Solving {self.net.name}", caffelog.SRC_SOLVE)
             clog.info(f"Learning Rate Policy: {self.param.lr_policy}", caffelog.SRC_POLICY)
-            bar = None
-            if progress:
-                from tqdm import tqdm
-
-                bar = tqdm(total=self.param.max_iter, initial=self.solver.iter, unit="iter",
-                           file=sys.stderr, dynamic_ncols=True)
-            try:
+            # A bar with an ETA on a terminal; plain periodic lines (no \r) into a file or pipe.
+            with Progress(self.param.max_iter, f"train {self.solver_path.name}", "iter", initial=self.solver.iter,
+                          bar=progress, say=lambda line: clog.info(line, caffelog.SRC_TOOL)) as bar:
                 self._solve(bar)
-            finally:
-                if bar is not None:
-                    bar.close()
             self.result.iterations = self.solver.iter
             self._record(finished=not self.result.stopped_early)
         return self.result
@@ -673,15 +706,18 @@ def train(solver_path: os.PathLike, *, snapshot: Optional[os.PathLike] = None,
           max_iter: Optional[int] = None, progress: Optional[bool] = None, log_file: bool = True,
           sigint_effect: str = ACTION_STOP, sighup_effect: str = ACTION_SNAPSHOT,
           augmentation: Optional[Dict[str, object]] = None, max_memory: Optional[int] = None,
-          sync_bn: bool = False) -> TrainResult:
+          sync_bn: bool = False, on_estimate: Optional[Callable[[Estimate], None]] = None) -> TrainResult:
     """Train the solver's net like ``caffe train`` (see the module docstring); returns a summary.
     ``augmentation`` overrides fields of the solver's ``augmentation_param`` (mixup_alpha,
     label_smoothing, vertical_flip, rotate90); ``max_memory``: bytes a decoded database may take in
     memory, a larger one is streamed (default: 80% of the memory available when it is opened);
-    ``sync_bn`` shares BatchNorm's batch statistics among the ranks of a multi-process run."""
+    ``sync_bn`` shares BatchNorm's batch statistics among the ranks of a multi-process run;
+    ``on_estimate`` receives the expected time left after the first iterations (default: logged,
+    with the CPU warning for the tutorial's 600,000)."""
     trainer = Trainer(solver_path, snapshot=snapshot, weights=weights, device=device, seed=seed,
                       max_iter=max_iter, augmentation=augmentation, max_memory=max_memory,
                       sync_bn=sync_bn)
+    trainer.on_estimate = on_estimate
     try:
         return trainer.solve(progress=progress, log_file=log_file, sigint_effect=sigint_effect,
                              sighup_effect=sighup_effect)
