@@ -41,7 +41,8 @@ def test_version_and_folds_help(runner, cli):
     assert folds.exit_code == 0 and "make" in folds.stdout and "check" in folds.stdout
 
 
-DEVICE_COMMANDS = [["run", "W", "--demo"], ["evaluate", "W", "--fold", "1"], ["train", "--solver", "S"], ["render", "W"]]
+DEVICE_COMMANDS = [["run", "W", "--demo"], ["evaluate", "W", "--fold", "1"], ["train", "--solver", "S"], ["render", "W"],
+                   ["heldout", "W"]]
 
 
 @pytest.mark.parametrize("command", DEVICE_COMMANDS, ids=lambda c: c[0])
