@@ -3,8 +3,9 @@
 Renders fold 1 with the real templates over a random 36×36 database, builds the training run as
 ``lymph-cv train`` does, and times each part of an iteration: batch assembly from the in-memory
 database (crop, mirror, mean), forward, backward, the AdaGrad update, and the total, on the CPU
-(and CUDA when present).  Caffe's reference on this machine kind (2 cores, OpenBLAS, ``caffe time``)
-is about 450 ms per forward+backward; the ratio is printed.
+(and CUDA when present, or ``--device``).  The ratios are against issue 17's side-by-side Caffe figures on
+this machine kind (2 cores, OpenBLAS): ``caffe time`` 151 ms forward+backward, ``caffe train`` 141 ms per
+iteration (no Caffe build is available here to rerun them).
 
     .venv/bin/python benchmarks/bench_train.py [--iterations 20] [--batch 128] [--threads N]
 """
@@ -31,7 +32,10 @@ from lymph_cv.stages.render import render_fold  # noqa: E402
 from lymph_cv.formats.store import make_key, open_writer  # noqa: E402
 from lymph_cv.stages.train import Trainer, feed  # noqa: E402
 
-CAFFE_FORWARD_BACKWARD_MS = 450.0  # caffe time, 32w train net, batch 128, 2 cores (issue 4)
+#: Issue 17's side-by-side figures for BVLC Caffe (CPU, OpenBLAS, 2 cores, this machine kind):
+#: ``caffe time`` forward+backward of the 32w train net at batch 128, and ``caffe train`` ms per iteration.
+CAFFE_FORWARD_BACKWARD_MS = 151.0
+CAFFE_TRAIN_ITER_MS = 141.0
 CLASSES = 3
 PATCH = (3, 36, 36)
 
@@ -85,10 +89,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--records", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all",
+                        help="all: the CPU, and CUDA when present")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.device == "all" else [args.device]
     with tempfile.TemporaryDirectory() as tmp:
         solver = make_workdir(Path(tmp), args.records, args.batch)
         print(f"32w train net, batch {args.batch}, {args.iterations} iterations (median ms), "
@@ -100,8 +106,10 @@ def main() -> None:
             fwd_bwd = ms["forward"] + ms["backward"]
             print(f"{device:4s} data {ms['data']:7.2f}  forward {ms['forward']:7.2f}  backward {ms['backward']:7.2f}  "
                   f"update {ms['update']:6.2f}  total {total:7.2f} ms/iter  ({1000.0 / total:6.1f} iter/s)")
-            print(f"{device:4s} forward+backward {fwd_bwd:.1f} ms vs Caffe's ~{CAFFE_FORWARD_BACKWARD_MS:.0f} ms: "
-                  f"{CAFFE_FORWARD_BACKWARD_MS / fwd_bwd:.2f}x faster")
+            print(f"{device:4s} forward+backward {fwd_bwd:.1f} ms vs caffe time {CAFFE_FORWARD_BACKWARD_MS:.0f} ms: "
+                  f"{CAFFE_FORWARD_BACKWARD_MS / fwd_bwd:.2f}x faster; iteration {total:.1f} ms vs caffe train "
+                  f"{CAFFE_TRAIN_ITER_MS:.0f} ms: {CAFFE_TRAIN_ITER_MS / total:.2f}x faster "
+                  "(Caffe: issue 17's CPU figures on this machine kind)")
 
 
 if __name__ == "__main__":
