@@ -43,6 +43,11 @@ def _workdir(tmp_path: Path) -> Path:
         (work / str(fold)).mkdir()
         (work / str(fold) / "train.log").write_text(CAFFE_LOG)
         (work / str(fold) / "train.json").write_text(json.dumps({"seed": 7}))
+    # What `lymph-cv heldout` leaves (PCam's held-out test split scored by fold 1's model).
+    (work / "eval" / "heldout_1").mkdir()
+    (work / "eval" / "heldout_1" / "metrics.json").write_text(json.dumps(
+        {"model": "1_x_iter_9.caffemodel", "records": 40, "accuracy": 0.9, "auc": 0.95, "threshold": 0.4, "tta": False,
+         "views": 1, "confusion": [[18, 2], [2, 18]], "classes": ["normal", "tumour"]}))
     return work
 
 
@@ -75,6 +80,7 @@ def test_report_html_in_headless_chromium(tmp_path):
     cells = re.findall(r"<td[^>]*>(\d+)<small>", pooled.group(1))
     assert [int(c) for c in cells] == [2, 0, 0, 1, 1, 0, 0, 1, 2]
     assert 'id="curves"' in page.dom and "Leak check" in page.dom
+    assert "Held-out split" in page.dom and 'id="matrix-heldout-1"' in page.dom
     # The first screen shows the pooled matrix: its full-colour cells (CLL→CLL, 100 %) are painted.
     shot = cv2.imread(str(page.screenshot))
     assert shot is not None and shot.shape[:2] == (1000, 1280)

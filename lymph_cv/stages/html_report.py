@@ -1,9 +1,10 @@
 """``eval/report.html``: the pooled report as one self-contained page (images embedded as base64).
 
-Sections: the pooled result and matrix first (so a screenshot of the first screen shows it), the
-run's parameters, seeds and stage keys (``run.json`` and the stages' records), the leak check of
-the folds, learning curves from the folds' ``train.log``, and per fold its matrix, metrics and
-misclassified images with their heatmaps (when ``evaluate --heatmaps`` wrote them).  The page
+Sections: the pooled result and matrix first (so a screenshot of the first screen shows it), then
+the image-level ROC, per fold its matrix and metrics, the misclassified images with their
+heatmaps (when ``evaluate --heatmaps`` wrote them), learning curves from the folds'
+``train.log``, the leak check of the folds, a held-out split scored by ``lymph-cv heldout``, and
+the run's parameters, seeds and stage keys (``run.json`` and the stages' records).  The page
 needs no network and no script except a check that logs a console error for an image that does
 not decode (the browser test reads the console).
 """
@@ -14,11 +15,13 @@ import html
 import json
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from lymph_cv.core.fsutil import read_json_object
 from lymph_cv.errors import LymphCVError
+from lymph_cv.stages.roc import ROC_PNG
 from lymph_cv.workdir.layout import (DBS_JSON, EVAL_DIR, EVAL_FOLD_DIR, FOLDS_JSON, HEATMAP_DIR, RENDER_JSON,
                                      RUN_JSON, TRAIN_JSON, TRAIN_LOG, heatmap_name)
 
@@ -34,6 +37,9 @@ DIGITS = 3
 THUMB_WIDTH = 260
 #: The one record of the synthetic data set (``lymph-cv synth``), inside the data folder.
 SYNTH_JSON = "synth.json"
+#: ``eval/heldout_K/`` of ``lymph-cv heldout`` and the metrics file in it.
+_HELDOUT_DIR = re.compile(r"^heldout_(\d+)$")
+METRICS_NAME = "metrics.json"
 RECALL_NOTE = ("Rows are the true class, columns the predicted class; the percentage in a cell is its share "
                "of the row, so the diagonal percentages are each class's recall.")
 
@@ -253,6 +259,27 @@ def _roc_section(pooled: dict) -> str:
     return "".join(parts)
 
 
+def _heldout_section(workdir: Path) -> str:
+    """The held-out split scored by ``lymph-cv heldout`` (``eval/heldout_K/``), when there is one."""
+    found = sorted((int(m.group(1)), p) for p in (workdir / EVAL_DIR).glob("heldout_*")
+                   if (m := _HELDOUT_DIR.match(p.name)) and (p / METRICS_NAME).is_file())
+    if not found:
+        return ""
+    parts = ["<h2>Held-out split</h2>"]
+    for fold, folder in found:
+        record = read_json_object(folder / METRICS_NAME) or {}
+        classes = record.get("classes") or []
+        parts.append(f'<h3>Fold {fold}\'s model on the held-out patches</h3><p>{record.get("records", "?")} patches: '
+                     f"accuracy <b>{_num(record.get('accuracy'))}</b>, AUC {_num(record.get('auc'))}"
+                     + (f", {record.get('views')} views per patch (TTA)" if record.get("tta") else "")
+                     + f"; model <code>{_e(Path(str(record.get('model', '?'))).name)}</code></p>")
+        if record.get("confusion") and len(classes) == len(record["confusion"]):
+            parts.append(matrix_table(record["confusion"], classes, f"matrix-heldout-{fold}"))
+        if (folder / ROC_PNG).is_file():
+            parts.append(_img((folder / ROC_PNG).read_bytes(), f"held-out ROC of fold {fold}"))
+    return "".join(parts)
+
+
 def render_html(workdir: Path, pooled: dict, folds: Sequence[dict], title: str = "Lymphoma sub-type classification") -> str:
     """The report page: ``pooled`` is the pooled record (``report.json``), ``folds`` the folds'
     ``metrics.json`` records, ``workdir`` where the run's records, logs and heatmaps are."""
@@ -279,6 +306,7 @@ def render_html(workdir: Path, pooled: dict, folds: Sequence[dict], title: str =
         _misclassified_section(workdir, folds, classes),
         _curves_section(workdir, fold_numbers),
         _leak_section(workdir),
+        _heldout_section(workdir),
         _run_section(workdir, fold_numbers),
     ]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
