@@ -42,6 +42,7 @@ def test_estimate_and_cpu_warning():
     warning = cpu_warning(estimate, folds=5)
     assert "600000 iterations per fold" in warning and "about 5 h 58 min for this fold, 29 h 50 min for the 5 folds left" in warning
     assert "--max-iter" in warning and "--device cuda" in warning
+    assert Estimate(289, 1012.4, 1, 3.5, True, 300, "cpu").describe() == "about 5 min (289 iterations × 1012 ms + 1 test pass × 3.5 s)"
     assert cpu_warning(Estimate(10, 1, 0, 0, True, 600_000, "cuda")) is None
     assert cpu_warning(Estimate(10, 1, 0, 0, True, 2_000, "cpu")) is None
 

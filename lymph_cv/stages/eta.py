@@ -39,9 +39,10 @@ class Estimate:
         tests = ""
         if self.tests:
             how = "" if self.tests_measured else " estimated"
-            tests = f" + {self.tests} test passes × {self.seconds_per_test:.2g} s{how}"
-        return (f"about {format_duration(self.seconds)} ({self.iterations} iterations × "
-                f"{self.ms_per_iteration:.3g} ms{tests})")
+            passes = "test pass" if self.tests == 1 else "test passes"
+            tests = f" + {self.tests} {passes} × {self.seconds_per_test:.2g} s{how}"
+        ms = f"{self.ms_per_iteration:.0f}" if self.ms_per_iteration >= 100 else f"{self.ms_per_iteration:.3g}"
+        return f"about {format_duration(self.seconds)} ({self.iterations} iterations × {ms} ms{tests})"
 
 
 def cpu_warning(estimate: Estimate, folds: int = 1, run_seconds: Optional[float] = None) -> Optional[str]:
