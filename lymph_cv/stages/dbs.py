@@ -337,10 +337,11 @@ def _decode_chunk(job: tuple[str, bool, ImageOptions, list[tuple[int, str, int]]
 
 def _file_records(
     root: Union[str, os.PathLike], concat_root: bool, list_path: Path, entries: Sequence[ListEntry],
-    order: np.ndarray, options: ImageOptions, bad: BadInputs, workers: Optional[int] = 1,
+    order: np.ndarray, options: ImageOptions, bad: BadInputs, workers: Optional[int] = 1, pixels: bool = True,
 ) -> Iterator[tuple[bytes, bytes, Optional[np.ndarray]]]:
     """Records in database order; images are decoded by ``workers`` processes (results come back
-    in order, so the one writer commits exactly what a single process would)."""
+    in order, so the one writer commits exactly what a single process would).  Without ``pixels``
+    the records carry None for them (nothing downstream needs them)."""
     root = os.fspath(root)
     positions = order.tolist()
     jobs = [(root, concat_root, options,
@@ -349,14 +350,15 @@ def _file_records(
     for chunk in imap(_decode_chunk, jobs, workers=workers):
         for index, value, shape, offset, conversion, problem in chunk:
             entry = entries[positions[index]]
-            path = root + entry.name if concat_root else os.path.join(root, entry.name)
             if problem is not None:
                 # Caffe also skips such a line and still consumes its index (keys have gaps).
                 bad.problem(f"{problem} (named in {list_path} line {entry.line})")
                 continue
-            bad.converted(conversion, path)
-            pixels = None if shape is None else np.frombuffer(value, np.uint8, math.prod(shape), offset).reshape(shape)
-            yield store.make_key(index, entry.name), value, pixels
+            if conversion is not None:
+                bad.converted(conversion, root + entry.name if concat_root else os.path.join(root, entry.name))
+            view = None if shape is None or not pixels else \
+                np.frombuffer(value, np.uint8, math.prod(shape), offset).reshape(shape)
+            yield store.make_key(index, entry.name), value, view
 
 
 def convert_list(
@@ -390,7 +392,8 @@ def convert_list(
         entries = read_image_list(list_path, num_labels)
     order = shuffled_order(len(entries), seed)
     bad = BadInputs(skip_bad)
-    records = _file_records(root, concat_root, list_path, entries, order, options, bad, workers)
+    records = _file_records(root, concat_root, list_path, entries, order, options, bad, workers,
+                            pixels=mean_path is not None or options.check_size)
     accumulator = MeanAccumulator() if mean_path is not None else None
     count = write_db(db_path, backend, records, overwrite=overwrite, accumulator=accumulator,
                      check_size=options.check_size, progress=progress)
