@@ -102,13 +102,16 @@ def geometry_draws(rng: np.random.Generator, n: int, vertical_flip: bool, rotate
 
 def flip_and_turn(data: np.ndarray, flips: np.ndarray, turns: np.ndarray) -> np.ndarray:
     """(N, C, H, W) batch with sample ``i`` flipped vertically if ``flips[i]``, then turned
-    ``turns[i]`` quarter turns counter-clockwise (``np.rot90`` on H × W); in place where possible."""
-    if flips.any():
-        data[flips] = data[flips][:, :, ::-1, :]
-    for k in range(1, QUARTER_TURNS):
-        chosen = turns == k
-        if chosen.any():
-            data[chosen] = np.rot90(data[chosen], k, axes=(2, 3))
+    ``turns[i]`` quarter turns counter-clockwise (``np.rot90`` on H × W), in place: each of the
+    7 non-trivial (flip, turns) groups is gathered, viewed flipped and turned, and written back once."""
+    if turns.any() and data.shape[2] != data.shape[3]:
+        raise ConfigError(f"quarter turns need square samples, got {data.shape[2]}×{data.shape[3]}")
+    for flip in (False, True):
+        for k in range(QUARTER_TURNS):
+            chosen = (flips == flip) & (turns == k)
+            if (flip or k) and chosen.any():
+                group = data[chosen]
+                data[chosen] = np.rot90(group[:, :, ::-1] if flip else group, k, axes=(2, 3))
     return data
 
 
@@ -144,8 +147,9 @@ def mix(data: torch.Tensor, targets: torch.Tensor, lam: np.ndarray, partner: np.
     weight = torch.as_tensor(lam, dtype=torch.float32, device=data.device)
     index = torch.as_tensor(partner, dtype=torch.long, device=data.device)
     shape = (-1,) + (1,) * (data.dim() - 1)
-    mixed = data * weight.reshape(shape) + data[index] * (1.0 - weight).reshape(shape)
-    return mixed, targets * weight[:, None] + targets[index] * (1.0 - weight[:, None])
+    # partner + λ·(own − partner) = λ·own + (1 − λ)·partner, in one gather and one pass
+    mixed = data.index_select(0, index).lerp_(data, weight.reshape(shape))
+    return mixed, targets.index_select(0, index).lerp_(targets, weight[:, None])
 
 
 def augment_labels(data: torch.Tensor, labels: torch.Tensor, classes: int, augmentation: Augmentation,

@@ -379,7 +379,7 @@ class Trainer:
     def _inputs(self, layers: Sequence[DataLayer], batch: int) -> Dict[str, torch.Tensor]:
         return feed(layers, batch, self.device)
 
-    def _train_inputs(self, batch: int) -> Dict[str, torch.Tensor]:
+    def train_inputs(self, batch: int) -> Dict[str, torch.Tensor]:
         """TRAIN batch ``batch``, its labels turned into mixed / smoothed soft targets if asked."""
         inputs = feed(self.train_data, batch, self.device)
         for layer in self.train_data:
@@ -402,7 +402,7 @@ class Trainer:
         """One TRAIN forward (and backward) on batch number ``batch``: (loss, output blobs)."""
         if self.stochastic:
             self._seed_dropout(derived_seed(self.seed, STREAM_DROPOUT, batch * self.world.size + self.world.rank))
-        inputs = self._train_inputs(batch)
+        inputs = self.train_inputs(batch)
         with torch.set_grad_enabled(backward):
             blobs = self.net(inputs)
             loss = self.net.loss(blobs)
