@@ -165,10 +165,22 @@ def test_test_nets_fuse_conv_batchnorm_scale_exactly(tmp_path):
     x = torch.randn(2, 3, 32, 32, generator=generator)
     with torch.no_grad():
         fused = net.forward({"data": x})
-        net.fuse_test = False
+        net.fuse_layers = False
         plain = net.forward({"data": x})
     for blob in ("conv1", "res3a", "res5b", "fc"):
         scale = float(plain[blob].abs().max())
         assert float((fused[blob] - plain[blob]).abs().max()) <= 1e-5 * max(1.0, scale), blob
-    assert not build_net(read_net_prototxt(fold.net), TRAIN, input_shapes={"data": (2, 3, 32, 32),
-                                                                           "label": (2,)})._fusion.plan
+    train_net = build_net(read_net_prototxt(fold.net), TRAIN, input_shapes={"data": (4, 3, 32, 32), "label": (4,)})
+    assert not train_net._fusion.plan  # batch statistics: only BatchNorm + Scale share a kernel
+    train_net.init_params(torch.Generator().manual_seed(3))
+    inputs = {"data": torch.randn(4, 3, 32, 32, generator=generator), "label": torch.tensor([0.0, 1, 2, 1])}
+    results = []
+    for fuse in (True, False):
+        train_net.fuse_layers = fuse
+        for entry in train_net.learnable:
+            entry.param.grad = None
+        train_net.loss(train_net.forward(inputs)).backward()
+        results.append([e.param.grad.clone() for e in train_net.learnable if e.param.grad is not None])
+    assert len(results[0]) == len(results[1]) > 40
+    for a, b in zip(*results):
+        assert float((a - b).abs().max()) <= 1e-4 * max(1.0, float(b.abs().max()))

@@ -40,7 +40,7 @@ from lymph_cv.formats.caffe.prototxt import filter_net
 from lymph_cv.errors import ConfigError, FormatError, LymphCVError
 from lymph_cv.net.fillers import fill
 from lymph_cv.net import layers_extra  # noqa: F401  (pycaffe's layers register next to the core ones)
-from lymph_cv.net.fuse import FusedConvolutions, fusion_plan
+from lymph_cv.net.fuse import FusedConvolutions, fusion_plan, scale_pairs
 from lymph_cv.net.layers import BuildContext, Layer, Shape, layer_class
 from lymph_cv.formats.store import open_reader
 
@@ -139,10 +139,12 @@ class CaffeNet(nn.Module):
         #: Run 4-D blobs channels-last: the same values, about 1.6x faster convolutions on CPU
         #: (benchmarks/bench_net.py).
         self.channels_last = True
-        #: Without autograd, run Convolution + BatchNorm (global stats) + Scale in place as one
-        #: convolution (lymph_cv.net.fuse; equal to 1e-5).  False: every layer as written.
-        self.fuse_test = True
+        #: lymph_cv.net.fuse (equal to 1e-5): without autograd, Convolution + BatchNorm (global stats)
+        #: + Scale in place as one convolution; BatchNorm + Scale in place as one batch-norm kernel
+        #: in any phase.  False: every layer as written.
+        self.fuse_layers = True
         self._fusion = FusedConvolutions(self.layers, fusion_plan(list(self.layers)))
+        self._scale_pairs = scale_pairs(list(self.layers))
 
     # -- structure ---------------------------------------------------------------------------
 
@@ -204,7 +206,7 @@ class CaffeNet(nn.Module):
             for name, value in blobs.items():
                 if value.dim() == 4:
                     blobs[name] = value.contiguous(memory_format=torch.channels_last)
-        fuse = self.fuse_test and self._fusion.plan and not torch.is_grad_enabled()
+        fuse = self.fuse_layers and self._fusion.plan and not torch.is_grad_enabled()
         skip = -1
         for index, layer in enumerate(self.layers):
             if layer.is_input or index <= skip:
@@ -213,6 +215,12 @@ class CaffeNet(nn.Module):
                 (bottom,) = layer.param.bottom
                 blobs[layer.param.top[0]] = self._fusion.forward(index, blobs[bottom])
                 skip = self._fusion.plan[index][1]
+                continue
+            if self.fuse_layers and index in self._scale_pairs:
+                scale = self.layers[self._scale_pairs[index]]
+                (top,) = layer.param.top
+                blobs[top] = layer(blobs[top], scale.blobs[0], scale.blobs[1] if scale.bias_term else None)[0]
+                skip = index + 1
                 continue
             tops = layer(*[blobs[name] for name in layer.param.bottom])
             for name, value in zip(layer.param.top, tops):

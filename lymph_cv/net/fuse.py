@@ -1,4 +1,5 @@
-"""Convolution + BatchNorm (global statistics) + Scale, in place on one blob, as one convolution.
+"""Convolution + BatchNorm (global statistics) + Scale, in place on one blob, as one convolution;
+BatchNorm + Scale in place as one batch-norm kernel (TRAIN too: γ and β get their gradients as before).
 
 In a TEST net the three layers are an affine map per output channel, so the convolution's weights
 and bias can absorb them: W' = W·k, b' = (b − mean)·k + β with k = γ / sqrt(var + eps).  The
@@ -15,6 +16,22 @@ import torch.nn.functional as F
 
 #: conv layer index → (BatchNorm index, Scale index)
 Plan = Dict[int, Tuple[int, int]]
+#: BatchNorm layer index → Scale layer index
+Pairs = Dict[int, int]
+
+
+def _in_place_scale(bn, scale) -> bool:
+    """``scale`` is a learned per-channel Scale working in place on ``bn``'s in-place top."""
+    if (bn.type_name, scale.type_name) != ("BatchNorm", "Scale") or len(bn.param.top) != 1:
+        return False
+    (top,) = bn.param.top
+    return (list(bn.param.bottom) == [top] and list(scale.param.bottom) == [top] and list(scale.param.top) == [top]
+            and scale.learned and scale.axis == 1 and scale.blobs[0].dim() == 1)
+
+
+def scale_pairs(layers: Sequence) -> Pairs:
+    """BatchNorm → Scale pairs in place: one batch-norm kernel applies γ and β (any phase)."""
+    return {i: i + 1 for i in range(len(layers) - 1) if _in_place_scale(layers[i], layers[i + 1])}
 
 
 def fusion_plan(layers: Sequence) -> Plan:
@@ -24,9 +41,7 @@ def fusion_plan(layers: Sequence) -> Plan:
         conv, bn, scale = layers[i], layers[i + 1], layers[i + 2]
         if (conv.type_name, bn.type_name, scale.type_name) != ("Convolution", "BatchNorm", "Scale"):
             continue
-        (top,) = conv.param.top
-        in_place = all(list(layer.param.bottom) == [top] and list(layer.param.top) == [top] for layer in (bn, scale))
-        if in_place and bn.use_global and scale.learned and scale.axis == 1 and scale.blobs[0].dim() == 1:
+        if list(bn.param.bottom) == list(conv.param.top) and _in_place_scale(bn, scale) and bn.use_global:
             plan[i] = (i + 1, i + 2)
     return plan
 

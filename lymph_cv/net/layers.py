@@ -584,19 +584,17 @@ class BatchNormLayer(Layer):
         correction = float(total) / (float(total) - 1.0) if float(total) > 1 else 1.0
         return y, mean, var * correction
 
-    def forward(self, x):
+    def forward(self, x, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None):
+        """Normalise ``x``; ``weight``/``bias`` (a following in-place Scale's γ, β) are applied in the
+        same kernel when given (lymph_cv.net.fuse)."""
         shape = x.shape
         if x.dim() == 1:
             x = x.reshape(-1, 1)
-        if self.sync and not self.use_global:
-            y, mean, var = self._synced_batch_norm(x)
-            self._update(mean, var)
-            return [y.reshape(shape)]
         if self.use_global:
             s = float(self.blobs[2][0])
             factor = 0.0 if s == 0 else 1.0 / s
             mean, var = self.blobs[0] * factor, self.blobs[1] * factor
-            y = F.batch_norm(x, mean, var, None, None, False, 0.0, self.eps)
+            y = F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
             return [y.reshape(shape)]
         channels = x.shape[1]
         per_channel = x.numel() // channels
@@ -604,20 +602,21 @@ class BatchNormLayer(Layer):
             # momentum 1 makes torch's running buffers exactly μ and the m/(m−1)-corrected σ².
             mean = torch.zeros(channels, dtype=x.dtype, device=x.device)
             var = torch.ones(channels, dtype=x.dtype, device=x.device)
-            y = F.batch_norm(x, mean, var, None, None, True, 1.0, self.eps)
+            y = F.batch_norm(x, mean, var, weight, bias, True, 1.0, self.eps)
         else:
             # one value per channel: σ² = 0 (Caffe's correction factor is 1 then); torch refuses m = 1.
             mean = x.detach().reshape(channels)
             var = torch.zeros_like(mean)
             y = (x - x.detach()) / math.sqrt(self.eps)
-        self._update(mean, var)
-        return [y.reshape(shape)]
-
-    def _update(self, mean, var) -> None:
+            if weight is not None:
+                y = y * _broadcast(weight, 1, y.dim())
+            if bias is not None:
+                y = y + _broadcast(bias, 1, y.dim())
         with torch.no_grad():
             self.blobs[2].mul_(self.fraction).add_(1.0)
             self.blobs[0].mul_(self.fraction).add_(mean.detach().to(self.blobs[0].dtype))
             self.blobs[1].mul_(self.fraction).add_(var.detach().to(self.blobs[1].dtype))
+        return [y.reshape(shape)]
 
 
 class _AxesLayer(Layer):
