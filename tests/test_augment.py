@@ -163,6 +163,12 @@ def test_resume_with_mixup_flips_onecycle_and_adamw_equals_the_uninterrupted_run
     assert not np.array_equal(changed["ip1"][0], full["ip1"][0])
     log = (solver.parent / "train.log").read_text()
     assert "Learning Rate Policy: onecycle" in log
+    assert "other augmentation" not in (resumed.parent / "train.log").read_text()
+    # resuming with other options than the snapshot's run says so in the log
+    shutil.copy(solver.parent / "train.json", other.parent)
+    train(other, snapshot=solver.parent / "1_caffenet_train_w32_iter_12.solverstate", max_iter=13,
+          progress=False, augmentation={"mixup_alpha": 0.0})
+    assert "resuming with other augmentation" in (other.parent / "train.log").read_text()
     assert math.isfinite(result.last_loss)
 
 

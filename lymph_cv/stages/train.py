@@ -53,9 +53,9 @@ from lymph_cv.core.distributed import Collective, World, discover
 from lymph_cv.net.datalayer import DataLayer, RecordCache
 from lymph_cv.net.layers import BatchNormLayer
 from lymph_cv.net.shared_records import SharedRecordCache
-from lymph_cv.errors import ConfigError, FormatError, InputError, TrainingError, UnsupportedError
+from lymph_cv.errors import ConfigError, FormatError, InputError, LymphCVError, TrainingError, UnsupportedError
 from lymph_cv.core import devices
-from lymph_cv.core.fsutil import atomic_write_json, make_dirs
+from lymph_cv.core.fsutil import atomic_write_json, make_dirs, read_json_object
 from lymph_cv.core.progress import Progress
 from lymph_cv.net.build import CaffeNet, build_net, resolve_net_path
 from lymph_cv.net.solver import Solver, learnables_of, make_solver, snapshot_names, solver_type
@@ -357,6 +357,22 @@ class Trainer:
         self.result.snapshots.append(model_path)
         self._record()
 
+    def _check_resumed_augmentation(self, clog: CaffeLog) -> None:
+        """Warn when the run being resumed (its train.json) trained with other augmentation: the
+        result is then not the uninterrupted run's (e.g. ``train --resume`` without its ``--mixup``)."""
+        path = self.files.output(RECORD_NAME)
+        try:
+            earlier = read_json_object(path) or {}
+        except LymphCVError as exc:
+            clog.warning(f"cannot compare the augmentation with the resumed run's: {exc}")
+            return
+        before, now = earlier.get("augmentation"), self.augmentation.record()
+        if before is not None and before != now:
+            changed = ", ".join(f"{key} {before.get(key)} -> {value}" for key, value in now.items()
+                                if before.get(key) != value)
+            clog.warning(f"resuming with other augmentation than the run that wrote {path.name} ({changed}); "
+                         "the result will differ from an uninterrupted run")
+
     def _record(self, finished: bool = False) -> None:
         if not self.write_record or not self.world.is_root:
             return
@@ -576,6 +592,7 @@ class Trainer:
                           f"batch = {self.world.size} x the net's batch_size", caffelog.SRC_TOOL)
             if resumed:
                 clog.info(f"Resuming from {self.snapshot_path}", caffelog.SRC_RESTORE)
+                self._check_resumed_augmentation(clog)
                 self.restore(self.snapshot_path)
             for weights, data in zip(self.weights, self.weights_data):
                 clog.info(f"Finetuning from {weights}", caffelog.SRC_TOOL)
