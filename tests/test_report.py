@@ -10,9 +10,10 @@ import pytest
 
 from lymph_cv.errors import EvaluationError
 from lymph_cv.stages.evaluate import FoldResult, ImageResult, window_grid
+from lymph_cv.stages.figures import FULL_CELL, confusion_png, row_fractions
 from lymph_cv.stages.heatmaps import blend, class_map, colour, heatmap_png, map_only, title_lines
 from lymph_cv.stages.report import (IMAGES_CSV, METRICS_JSON, SUMMARY_TXT, accuracy, balanced_accuracy, build_report,
-                             class_metrics, confusion_matrix, draw_confusion, format_confusion,
+                             class_metrics, confusion_matrix, format_confusion,
                              format_markdown, mean_sd, write_fold)
 
 CLASSES = ["CLL", "FL", "MCL"]
@@ -136,11 +137,12 @@ def test_report_errors(tmp_path, runner, cli):
 
 
 def test_drawings():
-    picture = draw_confusion(HAND, CLASSES, "title")
-    assert picture.dtype == np.uint8 and picture.ndim == 3
-    # The CLL→CLL cell (100 % of its row) is dark, the CLL→FL cell (0 %) white.
-    assert picture[130 + 5, 130 + 5].tolist() != [255, 255, 255]
-    assert picture[130 + 5, 130 + 96 + 5].tolist() == [255, 255, 255]
+    picture = cv2.imdecode(np.frombuffer(confusion_png(HAND, CLASSES, "title"), np.uint8), cv2.IMREAD_COLOR)
+    assert picture is not None and picture.shape[0] > 300
+    # The CLL→CLL cell (100 % of its row) has the full colour; the 0 % cells stay white.
+    full_bgr = np.array([round(255 * c) for c in reversed(FULL_CELL)])
+    assert (np.abs(picture.astype(int) - full_bgr).sum(axis=2) < 6).sum() > 2000
+    assert row_fractions(HAND)[1].tolist() == [0.2, 0.8, 0.0] and row_fractions(np.zeros((2, 2))).sum() == 0
     image = np.full((118, 150, 3), 200, np.uint8)
     grid = window_grid(118, 150)
     probs = np.tile(np.array([[1.0, 0.0, 0.0]], np.float32), (len(grid), 1))

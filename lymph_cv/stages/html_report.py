@@ -21,16 +21,16 @@ from typing import Dict, List, Optional, Sequence
 
 from lymph_cv.core.fsutil import read_json_object
 from lymph_cv.errors import LymphCVError
+from lymph_cv.stages import figures
 from lymph_cv.stages.roc import ROC_PNG
 from lymph_cv.workdir.layout import (DBS_JSON, EVAL_DIR, EVAL_FOLD_DIR, FOLDS_JSON, HEATMAP_DIR, RENDER_JSON,
                                      RUN_JSON, TRAIN_JSON, TRAIN_LOG, heatmap_name)
 
 log = logging.getLogger(__name__)
 
-#: Colour of a 100 % matrix cell (the confusion PNG's dark blue, as RGB).
-FULL_CELL = (20, 60, 150)
-#: Row fraction above which a cell's text turns white.
-DARK_CELL = 0.5
+#: Colour of a 100 % matrix cell (the confusion PNG's dark blue, as RGB 0–255).
+FULL_CELL = tuple(round(255 * c) for c in figures.FULL_CELL)
+DARK_CELL = figures.DARK_CELL
 #: Decimal places of metrics.
 DIGITS = 3
 #: Width (CSS pixels) of a heatmap thumbnail; click opens the full image.

@@ -3,7 +3,8 @@
 Confusion matrices are counts with rows = true class and columns = predicted class; the tutorial
 printed the transpose (predicted × actual), available as the *legacy layout* when formatting.
 Computing (metrics, pooled results) is kept apart from formatting (text, CSV, Markdown) and from
-drawing (OpenCV PNGs; heatmaps in :mod:`lymph_cv.stages.heatmaps`); writing a fold's or the report's files is one atomic step each.
+drawing (matplotlib PNGs: :mod:`lymph_cv.stages.figures`, :mod:`lymph_cv.stages.heatmaps`); writing a
+fold's or the report's files is one atomic step each.
 """
 from __future__ import annotations
 
@@ -16,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional, Sequence, Union
 
-import cv2
 import numpy as np
 
 from lymph_cv.core.images import read_unit
 from lymph_cv.errors import EvaluationError, InputError
 from lymph_cv.core.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
+from lymph_cv.stages.figures import confusion_png
 from lymph_cv.stages.heatmaps import heatmap_png
 from lymph_cv.stages.html_report import render_html
 from lymph_cv.stages.roc import ROC_PNG, draw_roc, roc_record
@@ -48,14 +49,6 @@ DIGITS = 3
 MD_MISCLASSIFIED_MAX = 12
 #: Heatmap backgrounds: the [0, 1] pixels evaluation saw, back to 8 bits.
 DISPLAY_SCALE = 255.0
-
-# Drawing (OpenCV, BGR).
-_FONT = cv2.FONT_HERSHEY_SIMPLEX
-_CELL = 96  # confusion-matrix cell size in pixels
-_MARGIN = 130  # room for class names and axis titles
-_WHITE = (255, 255, 255)
-_BLACK = (0, 0, 0)
-_FULL = np.array([150, 60, 20], dtype=np.float64)  # colour of a 100 % cell (dark blue)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -241,61 +234,6 @@ def images_csv(result: "FoldResult") -> str:
 
 
 # ----------------------------------------------------------------------------- drawing
-def _text_size(text: str, scale: float, thickness: int) -> tuple[int, int]:
-    (w, h), _ = cv2.getTextSize(text, _FONT, scale, thickness)
-    return w, h
-
-
-def _put_centred(canvas: np.ndarray, text: str, centre: tuple[int, int], scale: float, color, thickness: int = 1) -> None:
-    w, h = _text_size(text, scale, thickness)
-    cv2.putText(canvas, text, (int(centre[0] - w / 2), int(centre[1] + h / 2)), _FONT, scale, color, thickness, cv2.LINE_AA)
-
-
-def draw_confusion(matrix: np.ndarray, classes: Sequence[str], title: str = "") -> np.ndarray:
-    """A BGR image of the matrix: rows = true class, columns = predicted; cells shaded by the
-    row fraction, labelled with count and percentage."""
-    matrix = np.asarray(matrix)
-    n = len(classes)
-    size = _MARGIN + n * _CELL + _CELL // 2
-    canvas = np.full((size + 40, size, 3), 255, dtype=np.uint8)
-    top, left = _MARGIN, _MARGIN
-    rows = matrix.sum(axis=1, keepdims=True)
-    fractions = np.divide(matrix, rows, out=np.zeros(matrix.shape, dtype=np.float64), where=rows > 0)
-    for i in range(n):
-        for j in range(n):
-            color = tuple(int(v) for v in 255 - fractions[i, j] * (255 - _FULL))
-            y, x = top + i * _CELL, left + j * _CELL
-            cv2.rectangle(canvas, (x, y), (x + _CELL, y + _CELL), color, -1)
-            cv2.rectangle(canvas, (x, y), (x + _CELL, y + _CELL), _BLACK, 1)
-            ink = _WHITE if fractions[i, j] > 0.5 else _BLACK
-            _put_centred(canvas, str(int(matrix[i, j])), (x + _CELL // 2, y + _CELL // 2 - 10), 0.8, ink, 2)
-            _put_centred(canvas, f"{100 * fractions[i, j]:.0f}%", (x + _CELL // 2, y + _CELL // 2 + 18), 0.45, ink)
-    for k, name in enumerate(classes):
-        _put_centred(canvas, name, (left + k * _CELL + _CELL // 2, top - 18), 0.55, _BLACK)
-        w, _ = _text_size(name, 0.55, 1)
-        cv2.putText(canvas, name, (left - 12 - w, top + k * _CELL + _CELL // 2 + 6), _FONT, 0.55, _BLACK, 1, cv2.LINE_AA)
-    _put_centred(canvas, "predicted class", (left + n * _CELL // 2, top - 55), 0.6, _BLACK, 1)
-    # The row axis title is drawn horizontally on a strip and rotated into place.
-    label = "true class"
-    w, h = _text_size(label, 0.6, 1)
-    strip = np.full((h + 12, w + 8, 3), 255, dtype=np.uint8)
-    cv2.putText(strip, label, (4, h + 4), _FONT, 0.6, _BLACK, 1, cv2.LINE_AA)
-    strip = cv2.rotate(strip, cv2.ROTATE_90_COUNTERCLOCKWISE)
-    y0 = max(0, top + n * _CELL // 2 - strip.shape[0] // 2)
-    canvas[y0 : y0 + strip.shape[0], 10 : 10 + strip.shape[1]] = strip[: canvas.shape[0] - y0]
-    if title:
-        cv2.putText(canvas, title, (10, canvas.shape[0] - 15), _FONT, 0.5, _BLACK, 1, cv2.LINE_AA)
-    return canvas
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """PNG bytes of a BGR uint8 image."""
-    ok, data = cv2.imencode(".png", image)
-    if not ok:
-        raise EvaluationError("OpenCV could not encode a PNG")
-    return data.tobytes()
-
-
 def _display_image(path: Path) -> np.ndarray:
     # The pixels evaluation saw (8 bits of a 16-bit image, rounded), as BGR uint8.
     return np.clip(read_unit(path) * np.float32(DISPLAY_SCALE) + 0.5, 0, 255).astype(np.uint8)
@@ -317,7 +255,7 @@ def write_fold(result: "FoldResult", out_dir: PathLike, *, legacy_layout: bool =
         (temp / SUMMARY_TXT).write_text(format_fold(record, legacy_layout), encoding="utf-8")
         (temp / IMAGES_CSV).write_text(images_csv(result), encoding="utf-8")
         title = f"fold {result.fold}: accuracy {_num(record['accuracy'])}, balanced {_num(record['balanced_accuracy'])}"
-        (temp / CONFUSION_PNG).write_bytes(encode_png(draw_confusion(result.confusion, result.classes, title)))
+        (temp / CONFUSION_PNG).write_bytes(confusion_png(result.confusion, result.classes, title))
         if record["roc"].get("curve"):
             (temp / ROC_PNG).write_bytes(draw_roc(record["roc"], f"fold {result.fold}: ROC"))
         if heatmaps:
@@ -563,7 +501,7 @@ def write_report(report: Report, legacy_layout: bool = False) -> List[Path]:
     title = f"{len(report.folds)} fold(s) pooled: accuracy {_num(accuracy(report.confusion))}, per fold {_pm(acc_mean, acc_sd)}"
     atomic_write_json(paths[0], report_record(report))
     atomic_write_text(paths[1], format_report(report, legacy_layout))
-    atomic_write_bytes(paths[2], encode_png(draw_confusion(report.confusion, report.classes, title)))
+    atomic_write_bytes(paths[2], confusion_png(report.confusion, report.classes, title))
     atomic_write_text(paths[3], format_markdown(report))
     atomic_write_text(paths[4], render_html(report.workdir, report_record(report), report.folds))
     roc = report.roc
