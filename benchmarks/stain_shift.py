@@ -12,6 +12,8 @@ tutorial's 32w net, ``--max-iter`` iterations, under five conditions, each over 
 Each run is ``lymph-cv run`` (its own work folder under ``--out``); the table gives the test site's
 image-level accuracy and balanced accuracy, mean ± sd over the seeds, and a PNG shows them.
 Usage: ``python benchmarks/stain_shift.py --out /tmp/stain_shift [--seeds 3] [--max-iter 300]``.
+Conditions can run as separate processes (``--conditions augment --out /tmp/a``, …) and be pooled
+into one table and PNG with ``--combine /tmp/a/stain_shift.json /tmp/b/stain_shift.json --out DIR``.
 """
 from __future__ import annotations
 
@@ -75,6 +77,34 @@ def plot(rows: dict, path: Path, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def print_table(rows: dict) -> None:
+    print("| condition | accuracy (mean ± sd) | balanced accuracy (mean ± sd) |")
+    print("|---|---|---|")
+    for name, results in rows.items():
+        cells = []
+        for key in ("accuracy", "balanced_accuracy"):
+            values = np.array([r[key] for r in results])
+            cells.append(f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0:.3f}")
+        print(f"| {name} | {cells[0]} | {cells[1]} |")
+
+
+def combine(paths, out: Path) -> None:
+    """Pool the results of several runs of this script (same settings, other conditions)."""
+    rows: dict = {}
+    for path in paths:
+        record = json.loads(Path(path).read_text())
+        rows.update(record["results"])
+        args = record["args"]
+    order = [name for name in CONDITIONS if name in rows]
+    rows = {name: rows[name] for name in order}
+    print(f"test site{args['test_site']}; {args['seeds']} seeds, {args['max_iter']} iterations, "
+          f"{args['per_class']} images per class")
+    print_table(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(rows, out / "stain_shift.png", f"train: 2 sites, test: site{args['test_site']}")
+    print(f"wrote {out / 'stain_shift.png'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -88,7 +118,12 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=0.05, help="HED jitter σ₁ = σ₂")
     parser.add_argument("--conditions", default=",".join(CONDITIONS))
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--combine", nargs="+", type=Path, default=None, metavar="JSON",
+                        help="pool these stain_shift.json files into one table and PNG in --out (no training)")
     args = parser.parse_args()
+    if args.combine:
+        combine(args.combine, args.out)
+        return
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     data = args.out / "data"
     generate(data, per_class=args.per_class, cases_per_class=6, width=args.width, height=args.height, seed=0,
@@ -105,14 +140,7 @@ def main() -> None:
     test = styles[args.test_site - 1]
     print(f"\ntrained on the other two sites, tested on site{args.test_site} ({test['description']}); "
           f"{args.seeds} seeds, {args.max_iter} iterations, {args.per_class} images per class")
-    print("| condition | accuracy (mean ± sd) | balanced accuracy (mean ± sd) |")
-    print("|---|---|---|")
-    for name, results in rows.items():
-        cells = []
-        for key in ("accuracy", "balanced_accuracy"):
-            values = np.array([r[key] for r in results])
-            cells.append(f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0:.3f}")
-        print(f"| {name} | {cells[0]} | {cells[1]} |")
+    print_table(rows)
     (args.out / "stain_shift.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                            "results": rows}, indent=2))
     plot(rows, args.out / "stain_shift.png", f"train: 2 sites, test: site{args.test_site} ({test['description']})")

@@ -98,8 +98,8 @@ def resolve(method: Optional[str], target: Optional[Path], include_background: b
         if target is not None or include_background or params:
             raise click.UsageError("--stain-target/--stain-include-background/--stain-param need --stain METHOD")
         return None, None, {}
-    stain_module.get_normaliser(method)  # an unknown name: one line listing the valid ones
     params = method_params(method, include_background, params)
+    stain_module.get_normaliser(method, **params)  # an unknown name or parameter: one line listing the valid ones
     record = None if target is None else stain_module.resolve_target(target, method, params or None)
     return method, record, params
 
