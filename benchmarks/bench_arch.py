@@ -125,7 +125,7 @@ def median_ms(fn, repeat: int, sync) -> float:
     return statistics.median(times)
 
 
-def bench(arch: str, batch: int, repeat: int, device: torch.device, amp) -> dict:
+def bench(arch: str, batch: int, repeat: int, device: torch.device, amp, rounds: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for kind in ("train", "test"):
@@ -198,7 +198,7 @@ def bench(arch: str, batch: int, repeat: int, device: torch.device, amp) -> dict
                        ("update (SGD)", ours_update, plain_update), ("forward (TEST)", ours_test, plain_test)):
         # interleaved rounds, so load on a shared machine hits both sides alike
         ours_ms, plain_ms = [], []
-        for _ in range(3):
+        for _ in range(rounds):
             ours_ms.append(median_ms(a, repeat, sync))
             plain_ms.append(median_ms(b, repeat, sync))
         rows[name] = (statistics.median(ours_ms), statistics.median(plain_ms))
@@ -209,7 +209,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", nargs="+", default=["resnet18", "resnet50"], choices=sorted(DEPTHS))
     parser.add_argument("--batch", type=int, default=None, help="batch size [default: 64 ResNet-18/34, 32 ResNet-50]")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=3, help="timed calls per measurement (median)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved ours/plain rounds (median)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", choices=sorted(AMP), default=None, help="CUDA only: autocast dtype")
     parser.add_argument("--threads", type=int, default=None)
@@ -221,7 +222,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     for arch in args.arch:
         batch = args.batch or BATCHES[arch]
-        rows = bench(arch, batch, args.repeat, device, args.amp)
+        rows = bench(arch, batch, args.repeat, device, args.amp, args.rounds)
         print(f"{arch} {SIZE}x{SIZE} batch {batch} on {device}{' amp ' + args.amp if args.amp else ''} "
               f"({torch.get_num_threads()} threads): ms per iteration")
         print(f"  {'':18s} {'ours':>9s} {'plain':>9s} {'ratio':>6s}")

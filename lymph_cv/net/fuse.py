@@ -64,9 +64,7 @@ class FusedConvolutions:
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]
         with torch.no_grad():
-            s = float(bn.blobs[2][0])
-            factor = 0.0 if s == 0 else 1.0 / s
-            mean, var = bn.blobs[0] * factor, bn.blobs[1] * factor
+            mean, var = bn.global_stats()
             k = scale.blobs[0] * torch.rsqrt(var + bn.eps)
             weight = conv.blobs[0] * k.reshape(-1, 1, 1, 1)
             bias = conv.blobs[1] if conv.bias_term else torch.zeros_like(mean)

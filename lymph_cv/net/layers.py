@@ -584,6 +584,12 @@ class BatchNormLayer(Layer):
         correction = float(total) / (float(total) - 1.0) if float(total) > 1 else 1.0
         return y, mean, var * correction
 
+    def global_stats(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(mean, variance) = blob/s, both 0 while s is 0 (computed on the device: no host sync)."""
+        s = self.blobs[2]
+        factor = torch.where(s == 0, torch.zeros_like(s), 1.0 / torch.where(s == 0, torch.ones_like(s), s))
+        return self.blobs[0] * factor, self.blobs[1] * factor
+
     def forward(self, x, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None):
         """Normalise ``x``; ``weight``/``bias`` (a following in-place Scale's γ, β) are applied in the
         same kernel when given (lymph_cv.net.fuse)."""
@@ -591,9 +597,7 @@ class BatchNormLayer(Layer):
         if x.dim() == 1:
             x = x.reshape(-1, 1)
         if self.use_global:
-            s = float(self.blobs[2][0])
-            factor = 0.0 if s == 0 else 1.0 / s
-            mean, var = self.blobs[0] * factor, self.blobs[1] * factor
+            mean, var = self.global_stats()
             y = F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
             return [y.reshape(shape)]
         channels = x.shape[1]
