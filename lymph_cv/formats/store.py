@@ -332,14 +332,14 @@ class Reader:
     def value_batches(self, size: int) -> Iterator[List]:
         """All values in key order, ``size`` per list (the last may be shorter), for bulk readers.
 
-        The lists are built in C (no Python step per record).  LMDB values are buffers into its
-        map, valid until the next list is requested: copy what must outlive that.
+        The lists are built in C (no Python step per record) and hold bytes, which may be used
+        after the next list is read (another thread sums them).
         """
         if self.backend == LEVELDB:
             with self._db.iterator(include_key=False, fill_cache=False) as iterator:
                 yield from _lists_of(iterator, size)
         else:
-            with self._env.begin(buffers=True) as txn:
+            with self._env.begin(buffers=False) as txn:
                 yield from _lists_of(txn.cursor().iternext(keys=False, values=True), size)
 
     def batches_from(self, start: Key, size: int) -> Iterator[Tuple[List[bytes], List]]:

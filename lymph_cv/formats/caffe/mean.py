@@ -159,8 +159,8 @@ def raw_layout(value: bytes) -> Optional[tuple[bytes, tuple[int, int, int]]]:
 
 
 class _Summer:
-    """Adds batches to an accumulator in a thread of its own (numpy releases the GIL while it
-    sums), so reading the next records overlaps summing the previous ones; order is kept."""
+    """Runs additions to an accumulator in a thread of its own (numpy and bytes.join release the
+    GIL), so reading the next records overlaps summing the previous ones; order is kept."""
 
     def __init__(self, accumulator: MeanAccumulator) -> None:
         self.accumulator = accumulator
@@ -189,28 +189,17 @@ def mean_of_db(
     is joined into one array and its pixel columns summed without a parse.  Other records
     (encoded: decoded with native channels; float_data: summed as floats) are parsed one by one.
     Every record must have the first one's size.  ``progress(count)`` every ``progress_every`` records.
+    This thread reads; a summing thread joins and adds each batch, in order (both copy and sum
+    without the GIL, so they overlap with LevelDB's block reads).
     """
     accumulator = MeanAccumulator()
     summer = _Summer(accumulator)
-    layout: Optional[tuple[bytes, tuple[int, int, int]]] = None
-    first_shape: Optional[tuple[int, int, int]] = None  # read here: the summing thread may not have started
+    batches = _BatchAdder(accumulator, path)
     count = 0
     try:
         with store.open_reader(path, backend) as reader:
             for batch in reader.value_batches(READ_BATCH):
-                if layout is None:
-                    layout = raw_layout(batch[0])
-                    if layout is not None and first_shape not in (None, layout[1]):
-                        layout = None  # another size: the one-by-one path names the record
-                rows = _bulk_rows(batch, layout)
-                if rows is not None:
-                    first_shape = first_shape or layout[1]
-                    summer.submit(accumulator.add_batch, rows, layout[1])
-                else:
-                    summer.drain()
-                    _add_one_by_one(accumulator, batch, count, path)
-                    first_shape = first_shape or accumulator.shape
-                    layout = None  # the next batch may be laid out differently
+                summer.submit(batches.add, batch, count)
                 if progress is not None:
                     for done in range(count - count % progress_every + progress_every, count + len(batch) + 1,
                                       progress_every):
@@ -224,14 +213,37 @@ def mean_of_db(
     return accumulator.mean(), accumulator.count
 
 
+class _BatchAdder:
+    """Adds batches of serialized records in order: in bulk while they keep one raw layout."""
+
+    def __init__(self, accumulator: MeanAccumulator, path) -> None:
+        self.accumulator = accumulator
+        self.path = path
+        self.layout: Optional[tuple[bytes, tuple[int, int, int]]] = None
+
+    def add(self, batch: list, first: int) -> None:
+        """Add ``batch``, whose first record has index ``first`` (for error messages)."""
+        if self.layout is None:
+            self.layout = raw_layout(batch[0])
+            if self.layout is not None and self.accumulator.shape not in (None, self.layout[1]):
+                self.layout = None  # another size: the one-by-one path names the record
+        rows = _bulk_rows(batch, self.layout)
+        if rows is not None:
+            self.accumulator.add_batch(rows, self.layout[1])
+        else:
+            _add_one_by_one(self.accumulator, batch, first, self.path)
+            self.layout = None  # the next batch may be laid out differently
+
+
 def _bulk_rows(batch: list, layout: Optional[tuple[bytes, tuple[int, int, int]]]) -> Optional[np.ndarray]:
     """The (B, C·H·W) pixel columns of a batch of raw datums of one layout, or None when any differs."""
     if layout is None:
         return None
     header, (channels, height, width) = layout
-    length = len(batch[0])
-    if any(len(value) != length for value in batch):
+    lengths = set(map(len, batch))
+    if len(lengths) != 1:
         return None
+    length = lengths.pop()
     table = np.frombuffer(b"".join(batch), np.uint8).reshape(len(batch), length)
     expected = np.frombuffer(header, np.uint8)
     if not (table[:, : len(header)] == expected).all():
