@@ -8,7 +8,12 @@ bottoms' current data first) and writes each bottom's diff, summing them where a
 layers (Caffe's Split layers), and accumulates parameter diffs until ``clear_param_diffs``.  Loss blobs
 carry their loss weight as diff, as Caffe sets at setup.
 
-Learnable blobs are live views of the torch parameters (and gradients) the engine and the solvers use.
+A full forward with nothing to record (TEST phase without force_backward) runs as one torch graph
+and leaves the blobs as the per-layer run would.  Only blobs Caffe gives diffs get them (a layer that
+learns, or one downstream of it; all with force_backward), so data and labels cost no backward.
+
+Learnable blobs are live views of the torch parameters (and gradients) the engine and the solvers use;
+for device parameters they are host copies synced around each call (:mod:`lymph_cv.net.blobs`).
 Caffe's automatically inserted Split layers are not materialised: a blob used by several layers has no
 ``*_split_*`` companions in ``blobs`` or ``layers``.
 """
