@@ -6,18 +6,24 @@ Subcommands live in ``lymph_cv.commands.*`` and are imported only when used, so
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import importlib.util
 import logging
 import re
+import signal
 import sys
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Callable, ContextManager, Dict, Iterator, Optional, Sequence
 
 import click
 
 from lymph_cv import __version__
-from lymph_cv.errors import LymphCVError
+from lymph_cv.errors import LymphCVError, Terminated, interrupt_status
+from lymph_cv.core import locks
 from lymph_cv.core.threads import configure_openmp
+from lymph_cv.workdir.layout import EVAL_DIR, EVAL_FOLD_DIR
 
 #: command name → "module:attribute" of its click command.
 COMMANDS = {
@@ -70,17 +76,95 @@ SUMMARIES = {
 }
 
 
+@contextlib.contextmanager
+def _held_lock(folder: Path, name: str = locks.LOCK_NAME, sweep: bool = True) -> Iterator[None]:
+    existed = folder.is_dir()
+    try:
+        with locks.folder_lock(folder, name=name, sweep=sweep):
+            yield
+    except BaseException:
+        if not existed:  # a command that failed before writing leaves no folder made for its lock
+            locks.remove_unused(folder)
+        raise
+
+
+def _lock_folder(key: str, create: bool, params: dict) -> ContextManager:
+    folder = Path(params[key])
+    if not create and not folder.is_dir():
+        return contextlib.nullcontext()  # the command itself says that the folder is missing
+    return _held_lock(folder)
+
+
+def _lock_evaluate(params: dict) -> ContextManager:
+    out = params.get("out") or Path(params["workdir"]) / EVAL_DIR / EVAL_FOLD_DIR.format(fold=params["fold"])
+    # eval/fold_K is replaced as a whole: its lock file lies beside it
+    return _held_lock(Path(out).parent, name=locks.target_lock_name(out), sweep=False)
+
+
+#: Writing commands → the lock each one holds while it runs (from its parsed parameters).  ``train``
+#: locks the solver's base directory itself (so does ``tools/caffe train``); readers (inspect, jobs,
+#: report) never lock.
+WRITERS: Dict[str, Callable[[dict], ContextManager]] = {
+    "synth": functools.partial(_lock_folder, "out", True),
+    "patches": functools.partial(_lock_folder, "out", True),
+    "dbs": functools.partial(_lock_folder, "workdir", False),
+    "render": functools.partial(_lock_folder, "workdir", False),
+    "submit": functools.partial(_lock_folder, "workdir", False),
+    "evaluate": _lock_evaluate,
+    "run": functools.partial(_lock_folder, "workdir", True),
+}
+#: Writers inside a command group (``folds make MANIFEST OUT``).
+GROUP_WRITERS: Dict[str, Dict[str, Callable[[dict], ContextManager]]] = {
+    "folds": {"make": functools.partial(_lock_folder, "out", True)}}
+#: Commands that take the lock somewhere inside (they get ``--wait-lock`` too).
+SELF_LOCKING = ("train",)
+
+
+def _set_wait(ctx, param, value: bool) -> None:
+    if value:
+        locks.set_wait(True)
+
+
+def _wait_option() -> click.Option:
+    return click.Option(["--wait-lock"], is_flag=True, expose_value=False, is_eager=True, callback=_set_wait,
+                        help="If another lymph-cv writes the same folder, wait for it instead of stopping.")
+
+
+def _locking(command: click.Command, lock_of: Optional[Callable[[dict], ContextManager]]) -> click.Command:
+    """``command`` with ``--wait-lock`` and, when ``lock_of`` is given, its lock held while it runs."""
+    if getattr(command, "_lymph_cv_locking", False):
+        return command
+    command.params.append(_wait_option())
+    if lock_of is not None:
+        callback = command.callback
+
+        @functools.wraps(callback)
+        def locked(*args, **kwargs):
+            with lock_of(click.get_current_context().params):
+                return callback(*args, **kwargs)
+
+        command.callback = locked
+    command._lymph_cv_locking = True
+    return command
+
+
 class UserError(click.ClickException):
     """A library error shown as ``error: <message>`` with exit status 2."""
 
     exit_code = 2
+
+    def __init__(self, message: str, exit_code: Optional[int] = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
 
     def show(self, file=None) -> None:  # noqa: D401 - click's signature
         click.echo(f"error: {self.format_message()}", err=True)
 
 
 class Interrupted(UserError):
-    """Ctrl-C: ``error: interrupted``, exit status 130 (Click would print ``Aborted!`` and exit 1)."""
+    """Ctrl-C: ``error: interrupted``, exit status 130 (Click would print ``Aborted!`` and exit 1);
+    SIGTERM: ``error: terminated``, 143."""
 
     exit_code = 130
 
@@ -127,6 +211,14 @@ def _no_args_help(exc: Exception) -> bool:
     return type(exc).__name__ == "NoArgsIsHelpError"
 
 
+def _interrupted(exc: BaseException) -> Interrupted:
+    return Interrupted("terminated" if isinstance(exc, Terminated) else "interrupted", interrupt_status(exc))
+
+
+def _terminate(signum, _frame) -> None:
+    raise Terminated()
+
+
 def _available(name: str) -> bool:
     module = COMMANDS[name].split(":")[0]
     return importlib.util.find_spec(module) is not None
@@ -142,7 +234,15 @@ class LazyGroup(click.Group):
         if name not in COMMANDS or not _available(name):
             return None
         module, attribute = COMMANDS[name].split(":")
-        return getattr(importlib.import_module(module), attribute)
+        command = getattr(importlib.import_module(module), attribute)
+        if isinstance(command, click.Group):
+            for sub, lock_of in GROUP_WRITERS.get(name, {}).items():
+                if sub in command.commands:
+                    _locking(command.commands[sub], lock_of)
+            return command
+        if name in WRITERS or name in SELF_LOCKING:
+            _locking(command, WRITERS.get(name))
+        return command
 
     def format_commands(self, ctx, formatter):
         """The command table from :data:`SUMMARIES`; only commands missing there are imported."""
@@ -176,9 +276,9 @@ class LazyGroup(click.Group):
                 raise
             raise UserError(usage_line(exc)) from None
         except LymphCVError as exc:
-            raise UserError(str(exc)) from exc
-        except KeyboardInterrupt:
-            raise Interrupted("interrupted") from None
+            raise UserError(str(exc), exc.exit_status) from exc
+        except KeyboardInterrupt as exc:
+            raise _interrupted(exc) from None
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -198,8 +298,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """Entry point of ``lymph-cv``; ``argv`` defaults to ``sys.argv[1:]``."""
     # Before any subcommand imports torch: every stage may run the net (see lymph_cv.core.threads).
     configure_openmp()
+    # SIGTERM unwinds like Ctrl-C (temporaries removed, locks released) and exits 143.
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         cli.main(args=list(argv) if argv is not None else None, prog_name="lymph-cv")
-    except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        error = _interrupted(exc)
+        error.show()
+        sys.exit(error.exit_code)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -6,11 +6,18 @@ The CLI prints it as ``error: <message>`` and exits with status 2.
 from __future__ import annotations
 
 import os
+import signal
 from typing import Iterable, Optional
+
+#: Exit status of a command stopped by a signal: the shell's 128 + signal number (SIGINT 130, SIGTERM 143).
+SIGNAL_EXIT_BASE = 128
 
 
 class LymphCVError(Exception):
     """Base class: a user-facing, one-line problem (no traceback needed)."""
+
+    #: The command's exit status when this error ends it.
+    exit_status = 2
 
     def __init__(self, message: str, path: Optional[os.PathLike | str] = None):
         self.path = None if path is None else os.fspath(path)
@@ -53,3 +60,35 @@ class SchedulerError(LymphCVError):
 
 class EvaluationError(LymphCVError):
     """Evaluation inputs are inconsistent (model vs deploy net, mean shape, empty list)."""
+
+
+class LockError(LymphCVError):
+    """Another live process holds the lock of a folder this command would write."""
+
+
+class Interrupted(LymphCVError):
+    """Work stopped by a signal after saving what it had (a snapshot): exit status 128 + signal."""
+
+    def __init__(self, message: str, path=None, signum: int = signal.SIGINT):
+        self.signum = int(signum)
+        self.exit_status = SIGNAL_EXIT_BASE + self.signum
+        super().__init__(message, path)
+
+
+def signal_name(signum: int) -> str:
+    """``SIGTERM`` for 15, …; the number itself for an unknown signal."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM turned into an exception (like Ctrl-C's KeyboardInterrupt), so cleanup code runs."""
+
+    signum = signal.SIGTERM
+
+
+def interrupt_status(exc: BaseException) -> int:
+    """The exit status of a command ended by ``exc`` (a KeyboardInterrupt or :class:`Terminated`)."""
+    return SIGNAL_EXIT_BASE + int(getattr(exc, "signum", signal.SIGINT))

@@ -26,17 +26,21 @@ import logging
 import os
 import re
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from lymph_cv import DEFAULT_CLASSES
-from lymph_cv.errors import ConfigError, LymphCVError, TrainingError
+from lymph_cv.errors import ConfigError, Interrupted, LymphCVError, TrainingError, signal_name
 from lymph_cv.core.devices import resolve_device
+from lymph_cv.core import faults
+from lymph_cv.core.locks import folder_lock
 from lymph_cv.core.fsutil import atomic_write_json, make_dirs, remove_stale_temporaries
 from lymph_cv.workdir.layout import (DB_TEST, DB_TRAIN, DEPLOY_NAME, EVAL_DIR, MANIFEST_NAME, MEAN_FILE, NET_NAME,
-                             HEATMAP_DIR, PATCH_DIR, REPORT_HTML, REPORT_MD, RUN_JSON, SOLVER_NAME)
+                             HEATMAP_DIR, PATCH_DIR, REPORT_HTML, REPORT_MD, RUN_JSON, SOLVER_NAME, SUPERSEDED_DIR,
+                             TRAIN_KEY_JSON)
 
 log = logging.getLogger(__name__)
 
@@ -378,16 +382,46 @@ def _train_complete(o: RunOptions) -> bool:
     return all(_fold_trained(o, k) for k in o.fold_list)
 
 
-def _clear_snapshots(o: RunOptions, fold: int) -> None:
-    for suffix in ("caffemodel", "solverstate"):
-        for path in _snapshots(o, fold, suffix).values():
-            path.unlink()
+def _training_key(o: RunOptions, fold: int) -> str:
+    """The fold's training identity (stages.train.training_identity) with the key of the data it reads."""
+    from lymph_cv.stages.train import training_identity
+
+    dbs_key = load_record(Path(o.workdir))["stages"].get("dbs", {}).get("key", "")
+    return _digest({"solver": training_identity(_solver(o, fold))["key"], "dbs": dbs_key, "device": o.device})
+
+
+def _supersede(o: RunOptions, fold: int) -> Optional[Path]:
+    """Keep the fold's snapshots when what decides its weights changed: move them (with their
+    train.log and train.json) under ``K/superseded/<their key>/``; never delete them.  Returns where."""
+    from lymph_cv.stages.train import LOG_NAME, RECORD_NAME
+
+    folder = Path(o.workdir) / str(fold)
+    key_path = folder / TRAIN_KEY_JSON
+    key = _training_key(o, fold)
+    try:
+        old = json.loads(key_path.read_text(encoding="utf-8")).get("key")
+    except (OSError, ValueError, AttributeError):
+        old = None
+    files = [p for suffix in ("caffemodel", "solverstate") for p in _snapshots(o, fold, suffix).values()]
+    moved_to = None
+    if files and old != key:
+        moved_to = folder / SUPERSEDED_DIR / (old or f"unrecorded-{time.strftime('%Y%m%dT%H%M%S')}")
+        make_dirs(moved_to)
+        for path in files + [folder / LOG_NAME, folder / RECORD_NAME]:
+            if path.exists():
+                os.replace(path, moved_to / path.name)
+        log.info("fold %d: the training settings changed; kept its %d earlier snapshot(s) in %s", fold,
+                 len(files) // 2 or len(files), moved_to)
+    if old != key:
+        atomic_write_json(key_path, {"key": key})
+    return moved_to
 
 
 def _train_run(o: RunOptions, fresh: bool) -> None:
-    if fresh:
-        for k in o.fold_list:
-            _clear_snapshots(o, k)
+    # Snapshots are never deleted: those of other settings move aside, those of the same settings
+    # (a changed display or snapshot interval, a longer --max-iter) are resumed.
+    for k in o.fold_list:
+        _supersede(o, k)
     todo = [k for k in o.fold_list if not _fold_trained(o, k)]
     if not todo:
         return
@@ -404,14 +438,18 @@ def _train_run(o: RunOptions, fresh: bool) -> None:
 def _train_here(o: RunOptions, folds: Sequence[int]) -> None:
     from lymph_cv.stages.train import train
 
+    from lymph_cv.stages.train import latest_solverstate
+
     for index, k in enumerate(folds):
         solver = _solver(o, k)
-        states = _snapshots(o, k, "solverstate")
-        resume = states[max(states)] if states else None
+        resume = latest_solverstate(solver)
         log.info("fold %d: training%s", k, f" (resuming from {resume.name})" if resume else "")
         result = train(solver, snapshot=resume, device=o.device, on_estimate=_announce_estimate(k, len(folds) - index))
         if result.stopped_early:
-            raise TrainingError(f"fold {k} stopped early at iteration {result.iterations}; rerun to resume", solver)
+            signum = result.stop_signal or signal.SIGINT
+            raise Interrupted(f"fold {k}: training stopped by {signal_name(signum)} at iteration {result.iterations} "
+                              f"of {result.max_iter} after its snapshot; rerun `lymph-cv run` to resume", solver,
+                              signum=signum)
 
 
 def _announce_estimate(fold: int, folds_left: int):
@@ -562,6 +600,13 @@ def run_pipeline(options: RunOptions, on_stage: Optional[Callable[[str, str], No
     check_options(options)
     workdir = Path(options.workdir)
     make_dirs(workdir)
+    # One run per work directory (re-entrant: `lymph-cv run` holds it already).
+    with folder_lock(workdir):
+        return _run_stages(options, on_stage)
+
+
+def _run_stages(options: RunOptions, on_stage: Optional[Callable[[str, str], None]]) -> RunResult:
+    workdir = Path(options.workdir)
     record = load_record(workdir)
     # Leftovers of a killed run: temporaries never renamed into place (their writer is gone).
     for folder in [workdir, *(workdir / str(k) for k in options.fold_list)]:
@@ -621,6 +666,7 @@ def run_pipeline(options: RunOptions, on_stage: Optional[Callable[[str, str], No
         record["stages"][stage.name].update(complete=True, seconds=round(seconds, 1),
                                             finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
         atomic_write_json(workdir / RUN_JSON, record)
+        faults.event("run:stage")
         outcomes.append(StageOutcome(stage.name, "ran" if action == "run" else "resumed", seconds))
         if stage.name == "report":
             report = value

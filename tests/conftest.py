@@ -65,3 +65,17 @@ def slurm_cluster():
             patch.setenv(name, value)
         yield cluster
     cluster.stop()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The fault-injection suite's case count (issue 11 asks for it in the summary)."""
+    passed = failed = 0
+    for outcome in ("passed", "failed", "error"):
+        for report in terminalreporter.stats.get(outcome, []):
+            if getattr(report, "when", "call") == "call" and "test_faults.py::" in report.nodeid:
+                if outcome == "passed":
+                    passed += 1
+                else:
+                    failed += 1
+    if passed or failed:
+        terminalreporter.write_line(f"fault-injection cases: {passed + failed} ({passed} passed, {failed} failed)")

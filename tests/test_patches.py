@@ -193,5 +193,7 @@ def test_no_space_left_for_patches(tmp_path, runner, cli, monkeypatch):
     monkeypatch.setattr(patches.os, "replace", full)
     result = runner.invoke(cli, ["patches", str(data), str(tmp_path / "subs"), "--workers", "1"])
     assert result.exit_code == 2
-    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'subs'}: no space left on device"]
-    assert not os.listdir(tmp_path / "subs")  # no temporaries, no patches, no manifest
+    # the file that failed is named (was: the folder)
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'subs' / 'sj-03-100_001_sub_1.tif'}: no space left on device"]
+    assert not (tmp_path / "subs").exists()  # no temporaries, no patches, no manifest (nor the folder)

@@ -160,7 +160,10 @@ def test_signal_snapshots_and_stops(data_root, tmp_path, signum):
         time.sleep(0.1)
     process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 0, stderr.decode()
+    # 128 + signal, after the snapshot: a stopped training is not a finished one (was: 0)
+    assert process.returncode == 128 + signum, stderr.decode()
+    last = stderr.decode().strip().splitlines()[-1]
+    assert last.startswith(f"error: stopped by {signal.Signals(signum).name} at iteration ") and "--resume" in last
     text = log.read_text()
     assert text.rstrip().endswith("Optimization stopped early.")
     states = list(solver.parent.glob("*.solverstate"))

@@ -33,7 +33,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import jinja2
 
 from lymph_cv.stages import render
-from lymph_cv.errors import ConfigError, SchedulerError
+from lymph_cv.errors import SIGNAL_EXIT_BASE, ConfigError, SchedulerError
 from lymph_cv.core.fsutil import atomic_write_json, atomic_write_text, pid_alive
 from lymph_cv.core.resources import job_template_dir
 from lymph_cv.workdir.layout import JOBS_JSON
@@ -64,6 +64,8 @@ LOCK_FILE = ".jobs.lock"
 
 PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, UNKNOWN = (
     "PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "UNKNOWN")
+#: Exit statuses of a command stopped by SIGINT/SIGTERM (after saving its work): the job was cancelled.
+STOPPED_EXITS = frozenset({SIGNAL_EXIT_BASE + signal.SIGINT, SIGNAL_EXIT_BASE + signal.SIGTERM})
 #: Scheduler states after which a job never runs again.
 FINISHED_STATES = frozenset({COMPLETED, FAILED, CANCELLED, "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                              "BOOT_FAIL", "DEADLINE", "PREEMPTED"})
@@ -517,6 +519,14 @@ def _read_exit(path: Path) -> Optional[int]:
         return None
 
 
+def exit_state(code: int) -> str:
+    """A job's state from its script's exit status: 0 COMPLETED; stopped by SIGINT/SIGTERM (a training
+    that saved its snapshot and exited 130/143) CANCELLED; anything else FAILED."""
+    if code == 0:
+        return COMPLETED
+    return CANCELLED if code in STOPPED_EXITS else FAILED
+
+
 def _scheduler_state(record: JobRecord, cwd: Path) -> Optional[str]:
     """The scheduler's view of a job; ``None`` when it no longer knows the job."""
     if record.scheduler == "slurm":
@@ -558,7 +568,7 @@ def job_status(workdir: Path, record: JobRecord) -> JobStatus:
     output = workdir / record.output
     exit_code = _read_exit(workdir / record.exit_file)
     if exit_code is not None:
-        return JobStatus(record, COMPLETED if exit_code == 0 else FAILED, exit_code, output)
+        return JobStatus(record, exit_state(exit_code), exit_code, output)
     if record.scheduler == "local":
         state = _local_state(workdir, record.job_id)
     else:
@@ -703,12 +713,11 @@ def _local_worker(state_path: Path, script: Path, workers: int, after: Sequence[
         _write_local_state(state_path, state=RUNNING, slot=slot, started=time.time())
         code = job.run(["bash", str(script)])
         if job.signals:
-            # A stopped training exits 0 after its snapshot (Caffe's way); the job still did not finish.
+            # A job stopped through its runner did not finish, whatever its script returned.
             _write_local_state(state_path, state=CANCELLED, reason=f"signal {job.signals[0]}", exit_code=code,
                                ended=time.time())
         else:
-            _write_local_state(state_path, state=COMPLETED if code == 0 else FAILED, exit_code=code,
-                               ended=time.time())
+            _write_local_state(state_path, state=exit_state(code), exit_code=code, ended=time.time())
     return code
 
 

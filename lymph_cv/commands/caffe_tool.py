@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Callable, Dict, List, Optional, Sequence
 
 from lymph_cv.formats import gflags
-from lymph_cv.errors import ConfigError
+from lymph_cv.errors import SIGNAL_EXIT_BASE, ConfigError
 from lymph_cv.core.threads import configure_openmp
 
 configure_openmp()  # the commands import torch lazily, after this
@@ -102,8 +102,11 @@ def cmd_train(flags: dict) -> int:
         if world.local_rank >= len(ids):
             raise ConfigError(f"-gpu {flags['gpu']!r}: rank {world.local_rank} has no device")
         device = f"cuda:{ids[world.local_rank]}"
-    train(solver, snapshot=flags["snapshot"] or None, weights=_weights(flags), device=device,
-          sigint_effect=flags["sigint_effect"], sighup_effect=flags["sighup_effect"])
+    result = train(solver, snapshot=flags["snapshot"] or None, weights=_weights(flags), device=device,
+                   sigint_effect=flags["sigint_effect"], sighup_effect=flags["sighup_effect"])
+    if result.stopped_early and result.stop_signal is not None:
+        # Caffe exits 0 here; a stopped run is not a finished one (job states, `&&` chains).
+        return SIGNAL_EXIT_BASE + result.stop_signal
     return 0
 
 

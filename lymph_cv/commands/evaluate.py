@@ -11,6 +11,8 @@ from lymph_cv.commands.options import DEVICE
 from lymph_cv.stages.evaluate import (AGGREGATE_CHOICES, DEFAULT_BATCH_SIZES, MEAN_MODES, evaluate_fold, fold_output_dir,
                                parse_aggregate)
 from lymph_cv.commands.stain import stain_for_evaluation, stain_options
+from lymph_cv.core import faults
+from lymph_cv.core.fsutil import check_writable
 from lymph_cv.errors import ConfigError
 from lymph_cv.stages.report import build_report, format_fold, format_report, write_fold, write_report
 
@@ -75,12 +77,14 @@ def evaluate(workdir: Path, fold: int, model, deploy, mean, parent_list, images,
     Stain: by default the normalisation the workdir records for fold K (stain_K.json, or the patch
     folder's stain.json) is applied as recorded; --stain METHOD checks it is that method (or uses
     --stain-target), --stain none evaluates the images as they are."""
+    out_dir = out or fold_output_dir(workdir, fold)
+    check_writable(out_dir.parent)  # before the evaluation, not after it (it is replaced as a whole)
     record = stain_for_evaluation(workdir, fold, stain, stain_target, stain_include_background, stain_params)
     result = evaluate_fold(workdir, fold, model=model, deploy=deploy, mean=mean, parent_list=parent_list,
                            images=images, classes=classes, skip_missing=skip_missing, device=device, oversample=oversample,
                            tta=tta, mean_mode=mean_mode, aggregate=aggregate, window=window, stride=stride,
                            batch_size=batch_size, stain=record, recorded_stain=stain is None)
-    out_dir = out or fold_output_dir(workdir, fold)
+    faults.event("evaluate:scored")
     record = write_fold(result, out_dir, legacy_layout=legacy_layout, heatmaps=heatmaps)
     click.echo(format_fold(record, legacy_layout), nl=False)
     log.info("wrote %s", out_dir)

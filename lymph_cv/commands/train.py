@@ -14,6 +14,15 @@ configure_openmp()  # before lymph_cv.stages.train imports torch
 from lymph_cv.commands.training_options import augmentation_options, augmentation_overrides  # noqa: E402
 from lymph_cv.commands.stain import stain_augment_options, stain_augment_overrides  # noqa: E402
 from lymph_cv.commands.options import DEVICE  # noqa: E402
+from lymph_cv.errors import Interrupted, signal_name  # noqa: E402
+
+
+def stopped_error(result, solver: Path) -> Interrupted:
+    """A training stopped by a signal after its snapshot: exit 128 + signal, never success."""
+    signum = result.stop_signal or 2
+    return Interrupted(f"stopped by {signal_name(signum)} at iteration {result.iterations} of "
+                       f"{result.max_iter} after its snapshot; continue with `lymph-cv train --solver {solver} --resume`",
+                       signum=signum)
 
 
 def _memory(ctx, param, value: Optional[str]) -> Optional[int]:
@@ -40,7 +49,7 @@ def _memory(ctx, param, value: Optional[str]) -> Optional[int]:
               help="Where to train; default: the solver's solver_mode as a hint (GPU → auto).")
 @click.option("--seed", type=int, default=None,
               help="Seed for initialisation, crops, mirrors and dropout (default: the solver's random_seed).")
-@click.option("--max-iter", type=click.IntRange(min=0), default=None, help="Override the solver's max_iter.")
+@click.option("--max-iter", type=click.IntRange(min=1), default=None, help="Override the solver's max_iter.")
 @augmentation_options
 @stain_augment_options
 @click.option("--max-memory", callback=_memory, default=None,
@@ -89,7 +98,7 @@ def train(solver: Path, snapshot: Optional[Path], resume: bool, weights: Optiona
     if resume and (snapshot is not None or weights is not None):
         raise click.BadParameter("--resume finds the snapshot itself; drop --snapshot/--weights", param_hint="--resume")
     if resume:
-        snapshot = latest_solverstate(solver)
+        snapshot = latest_solverstate(solver, max_iter)
         if snapshot is not None:
             click.echo(f"resuming from {snapshot}", err=True)
     result = run_training(solver, snapshot=snapshot, weights=[weights] if weights else (), device=device,
@@ -106,6 +115,8 @@ def train(solver: Path, snapshot: Optional[Path], resume: bool, weights: Optiona
         click.echo(f"last snapshot: {result.snapshots[-1]}")
     if result.log_path is not None:
         click.echo(f"log: {result.log_path}")
+    if result.stopped_early:
+        raise stopped_error(result, solver)
 
 
 def _command_line(ctx: click.Context) -> list:

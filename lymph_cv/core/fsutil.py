@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
+from lymph_cv.core import faults
 from lymph_cv.errors import InputError, LymphCVError
 
 PathLike = Union[str, os.PathLike]
@@ -45,7 +46,7 @@ def make_dirs(folder: PathLike) -> Path:
     except FileExistsError:
         raise LymphCVError("is a file; expected a folder", folder) from None
     except OSError as exc:
-        raise LymphCVError(f"cannot create folder ({exc.strerror or exc})", folder) from None
+        raise LymphCVError(f"cannot create folder ({os_reason(exc)})", folder) from None
     return folder
 
 
@@ -100,19 +101,61 @@ def atomic_path(final: PathLike) -> Iterator[Path]:
         raise
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (fsynced before the rename)."""
+def os_reason(exc: OSError) -> str:
+    """The short reason of a failed write, for an error line (the file is named beside it)."""
+    if exc.errno == errno.ENOSPC:
+        return "no space left on device"
+    return (exc.strerror or str(exc)).lower() if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) \
+        else (exc.strerror or str(exc))
+
+
+def write_error(exc: OSError, path: PathLike, what: str = "file") -> LymphCVError:
+    """The one-line error for a write of ``path`` that failed with ``exc``."""
+    if exc.errno == errno.ENOSPC:
+        return LymphCVError("no space left on device", path)
+    return LymphCVError(f"cannot write {what} ({os_reason(exc)})", path)
+
+
+def write_all(handle, data) -> None:
+    """Write every byte of ``data`` (bytes or a numpy array) to the binary ``handle`` and flush:
+    unlike ``ndarray.tofile``, a short write (a full disk) is an OSError, never a truncated file."""
+    view = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
+    written = handle.write(view)
+    if written is not None and written != len(view):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    handle.flush()
+
+
+def atomic_write_bytes(path: PathLike, data, *, sync: bool = True) -> None:
+    """Write ``data`` (bytes or a contiguous array) to ``path`` atomically (fsynced before the rename
+    unless ``sync`` is False); a failed write is one :class:`LymphCVError` naming ``path``."""
     check_kind(path, folder=False)
     try:
+        faults.before_write(path)
         with atomic_path(path) as temp:
             with open(temp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
+                write_all(handle, data)
+                if sync:
+                    os.fsync(handle.fileno())
     except OSError as exc:  # a full disk, a read-only file system: one line, the final name
-        if exc.errno == errno.ENOSPC:
-            raise LymphCVError("no space left on device", path) from None
-        raise LymphCVError(f"cannot write file ({exc.strerror or exc})", path) from None
+        raise write_error(exc, path) from None
+
+
+def check_writable(folder: PathLike) -> Path:
+    """Create ``folder`` if needed and prove a file can be created in it (before hours of work that
+    would end in a failed write); one :class:`LymphCVError` line naming the folder otherwise."""
+    folder = make_dirs(folder)
+    probe = temp_sibling(folder / "write-probe")
+    try:
+        faults.before_write(folder / "write-probe")
+        with open(probe, "xb"):
+            pass
+    except OSError as exc:
+        raise LymphCVError(f"cannot write in this folder ({os_reason(exc)})", folder) from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return folder
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
@@ -149,7 +192,10 @@ def pid_alive(pid) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a zombie (dead, not yet reaped by its parent) is no writer any more
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def remove_stale_temporaries(folder: PathLike) -> list[Path]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
@@ -27,7 +28,27 @@ def resolve_workers(workers: Optional[int], tasks: int) -> int:
     return max(1, min(workers, tasks))
 
 
-def _init_worker() -> None:
+#: Linux prctl option: the signal a process gets when its parent dies.
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int) -> None:
+    """Linux: SIGKILL this process when ``parent`` dies (a ``kill -9`` of the command would otherwise
+    leave its pool workers finishing queued work, unrecorded, under final names)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: workers end when their task queue breaks
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _init_worker(parent: int) -> None:
+    die_with_parent(parent)
+    # The parent's SIGTERM handler unwinds the parent; a worker simply ends (the parent cleans up).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # One OpenCV thread per process: the pool already uses every core.
     import cv2
 
@@ -76,7 +97,8 @@ def imap(
                 yield function(item)
                 bar.update(step)
             return
-        pool = ProcessPoolExecutor(max_workers=count, mp_context=_context(), initializer=_init_worker)
+        pool = ProcessPoolExecutor(max_workers=count, mp_context=_context(), initializer=_init_worker,
+                                   initargs=(os.getpid(),))
         try:
             # Bounded look-ahead keeps memory flat for large inputs.
             pending = []

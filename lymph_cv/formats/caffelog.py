@@ -84,14 +84,23 @@ class _TqdmStream:
 class CaffeLog:
     """The glog-style log of one run: ``info(message, src)`` to stderr and an optional file."""
 
-    def __init__(self, logger: logging.Logger):
+    def __init__(self, logger: logging.Logger, file_handler: Optional[logging.Handler] = None):
         self.logger = logger
+        self.file_handler = file_handler
 
     def info(self, message: str, src: str = SRC_TOOL) -> None:
         self.logger.info(message, extra={"src": src})
 
     def warning(self, message: str, src: str = SRC_TOOL) -> None:
         self.logger.warning(message, extra={"src": src})
+
+    def fatal_to_file(self, message: str, src: str = SRC_TOOL) -> None:
+        """The error that ended the run, as an ``F`` line in the log file only (the command itself
+        prints it once on stderr as ``error: …``)."""
+        if self.file_handler is not None:
+            record = self.logger.makeRecord(self.logger.name, logging.CRITICAL, src, 0, message, None, None,
+                                            extra={"src": src})
+            self.file_handler.handle(record)
 
 
 @contextlib.contextmanager
@@ -109,6 +118,7 @@ def caffe_log(log_file: Optional[os.PathLike] = None, append: bool = False,
     root_level = logging.getLogger().getEffectiveLevel()
     console.setLevel(max(logging.INFO, root_level))
     handlers = [console]
+    file_handler = None
     if log_file is not None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         file_handler = logging.FileHandler(log_file, mode="a" if append else "w", encoding="utf-8")
@@ -118,7 +128,7 @@ def caffe_log(log_file: Optional[os.PathLike] = None, append: bool = False,
     for handler in handlers:
         logger.addHandler(handler)
     try:
-        yield CaffeLog(logger)
+        yield CaffeLog(logger, file_handler)
     finally:
         for handler in handlers:
             logger.removeHandler(handler)

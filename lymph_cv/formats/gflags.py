@@ -116,10 +116,29 @@ def run_tool(
     INFO log lines reach stderr as with Caffe's tools; ``-help`` prints the usage; a library
     error becomes one ``error: …`` line and exit status 2.
     """
+    import signal
+    import threading
+
+    from lymph_cv.errors import Terminated
+
+    def terminate(signum, _frame):
+        raise Terminated()
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    # SIGTERM unwinds like Ctrl-C: temporaries removed, exit 143.
+    previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None
+    try:
+        return _run_tool(run, argv, program, synopsis, flags)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run_tool(run, argv, program: str, synopsis: str, flags) -> int:
     import logging
     import sys
 
-    from lymph_cv.errors import LymphCVError
+    from lymph_cv.errors import LymphCVError, Terminated, interrupt_status
 
     argv = sys.argv[1:] if argv is None else list(argv)
     root = logging.getLogger()
@@ -139,7 +158,7 @@ def run_tool(
         return 0
     except LymphCVError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+        return exc.exit_status
+    except KeyboardInterrupt as exc:
+        print("error: terminated" if isinstance(exc, Terminated) else "error: interrupted", file=sys.stderr)
+        return interrupt_status(exc)

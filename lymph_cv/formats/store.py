@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import errno
+import functools
 import itertools
 import logging
 import os
@@ -145,6 +147,24 @@ class _LevelDBWriter(_Writer):
         self._db.close()
 
 
+#: Free bytes an LMDB write needs beyond its records (meta and branch pages), and the factor on the
+#: records' size (page overhead, copy-on-write of touched pages).
+LMDB_ROOM_BYTES = 1 << 20
+LMDB_ROOM_FACTOR = 2
+
+
+def _check_room(folder: Path, needed: int) -> None:
+    """LMDB reads its pages through a memory map: on a full disk the kernel may answer a page it
+    could not allocate with SIGBUS, killing the process without a word, instead of an error.
+    So a write that may not fit is refused first."""
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return
+    if stat.f_bavail * stat.f_frsize < needed:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(folder))
+
+
 class _LMDBWriter(_Writer):
     def __init__(self, path: Path, commit_every: int, map_size: int = LMDB_INITIAL_MAP_SIZE):
         super().__init__(path, commit_every)
@@ -152,9 +172,11 @@ class _LMDBWriter(_Writer):
 
         self._lmdb = lmdb
         path.mkdir(mode=0o755)
+        _check_room(path, LMDB_ROOM_BYTES)
         self._env = lmdb.open(os.fspath(path), map_size=map_size, subdir=True, sync=True)
 
     def _write(self, records):
+        _check_room(self.path, LMDB_ROOM_BYTES + LMDB_ROOM_FACTOR * sum(len(k) + len(v) for k, v in records))
         while True:
             try:
                 with self._env.begin(write=True) as txn:
@@ -205,18 +227,68 @@ def open_writer(
             writer = _LMDBWriter(temp, commit_every, lmdb_map_size)
     except Exception as exc:  # plyvel/lmdb/OS errors name the temporary: report the final name
         remove_path(temp)
+        if getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc):
+            raise StoreError("no space left on device", path) from None
         detail = exc.detail if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"
         raise StoreError(f"cannot create {backend} database ({detail})", path) from None
     try:
-        yield writer
-        writer.commit()
-        writer.close()
-        replace_path(temp, path)
+        try:
+            yield writer
+            writer.commit()
+            writer.close()
+            replace_path(temp, path)
+        except _backend_errors() as exc:  # a full disk during a commit, an I/O error: one line
+            raise _store_error(exc, path, "cannot write") from None
     except BaseException:
-        writer.close()
+        with contextlib.suppress(Exception):  # closing a database whose disk is full may fail too
+            writer.close()
         remove_path(temp)
         raise
     log.debug("wrote %d records to %s (%s)", writer.count, path, backend)
+
+
+def _backend_errors() -> tuple:
+    """The exception types of plyvel and lmdb (and the OS), for one-line errors."""
+    import lmdb
+    import plyvel
+
+    return (plyvel.Error, lmdb.Error, OSError)
+
+
+def _store_error(exc: BaseException, path: Path, doing: str) -> StoreError:
+    text = str(exc)
+    if getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in text:
+        return StoreError("no space left on device", path)
+    if "Read-only file system" in text:
+        return StoreError(f"{doing} (read-only file system)", path)
+    text = " ".join(text.split()) or type(exc).__name__
+    return StoreError(f"{doing} ({text})", path)
+
+
+def _reading(method):
+    """A Reader method whose plyvel/lmdb errors (a truncated ``.ldb`` file) are one StoreError line."""
+
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except _backend_errors() as exc:
+            raise _store_error(exc, self.path, "corrupt or unreadable database") from None
+
+    return wrapped
+
+
+def _reading_iter(method):
+    """:func:`_reading` for a generator method."""
+
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        try:
+            yield from method(self, *args, **kwargs)
+        except _backend_errors() as exc:
+            raise _store_error(exc, self.path, "corrupt or unreadable database") from None
+
+    return wrapped
 
 
 # --------------------------------------------------------------------------- readers
@@ -280,7 +352,8 @@ class Reader:
             try:
                 self._db = plyvel.DB(os.fspath(path), create_if_missing=False)
             except plyvel.Error as exc:
-                raise StoreError(f"cannot open LevelDB: {exc}", path) from exc
+                # LevelDB writes its LOCK and LOG files even to read: a full or read-only disk stops it
+                raise _store_error(exc, path, "cannot open LevelDB") from None
         else:
             import lmdb
 
@@ -292,6 +365,7 @@ class Reader:
             except lmdb.Error as exc:
                 raise StoreError(f"cannot open LMDB: {exc}", path) from exc
 
+    @_reading_iter
     def __iter__(self) -> Iterator[Tuple[bytes, bytes]]:
         """All records ``(key, value)`` in key order."""
         if self.backend == LEVELDB:
@@ -301,6 +375,7 @@ class Reader:
             with self._env.begin(buffers=False) as txn:
                 yield from txn.cursor().iternext(keys=True, values=True)
 
+    @_reading
     def keys(self, limit: Optional[int] = None) -> List[bytes]:
         """The first ``limit`` keys (all when None), in key order."""
         result: List[bytes] = []
@@ -320,6 +395,7 @@ class Reader:
                         break
         return result
 
+    @_reading_iter
     def values(self) -> Iterator[bytes]:
         """All values in key order."""
         if self.backend == LEVELDB:
@@ -329,6 +405,7 @@ class Reader:
             with self._env.begin(buffers=False) as txn:
                 yield from txn.cursor().iternext(keys=False, values=True)
 
+    @_reading_iter
     def value_batches(self, size: int) -> Iterator[List]:
         """All values in key order, ``size`` per list (the last may be shorter), for bulk readers.
 
@@ -362,6 +439,7 @@ class Reader:
                     keys, values = zip(*pairs)
                     yield [bytes(k) for k in keys], list(values)
 
+    @_reading
     def get(self, key: Key) -> Optional[bytes]:
         """The value stored under ``key``, or None."""
         key = _as_bytes(key)
@@ -370,6 +448,7 @@ class Reader:
         with self._env.begin(buffers=False) as txn:
             return txn.get(key)
 
+    @_reading
     def __len__(self) -> int:
         if self._length is None:
             if self.backend == LMDB:

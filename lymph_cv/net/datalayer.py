@@ -33,6 +33,7 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from lymph_cv.core.memory import available_memory
 from lymph_cv.formats.caffe import caffe_pb2
 from lymph_cv.formats.caffe.blob import read_mean
 from lymph_cv.formats.caffe.datum import parse_datum
@@ -73,14 +74,6 @@ class Records:
         return self.images[rows], self.labels[rows]
 
 
-def available_memory() -> Optional[int]:
-    """Bytes of memory available now (None where the platform does not say)."""
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def _allocate(shape: Tuple[int, ...], dtype: np.dtype, source: Path) -> np.ndarray:
     """Room for a decoded database: in memory when it fits, else a memory-mapped scratch file
     (deleted at once, so it disappears with the process) that the page cache serves."""
@@ -88,7 +81,7 @@ def _allocate(shape: Tuple[int, ...], dtype: np.dtype, source: Path) -> np.ndarr
     free = available_memory()
     if free is None or need <= MEMORY_FRACTION * free:
         return np.empty(shape, dtype=dtype)
-    log.warning("%s: %.1f GiB decoded exceed the %.1f GiB of free memory; using a memory-mapped "
+    log.warning("%s: %.1f GiB decoded exceed the %.1f GiB of available memory; using a memory-mapped "
                 "scratch file in %s", source, need / 2**30, free / 2**30, tempfile.gettempdir())
     try:
         with tempfile.NamedTemporaryFile(prefix="lymph_cv_records_", suffix=".u8") as scratch:

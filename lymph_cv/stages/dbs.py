@@ -45,7 +45,9 @@ from lymph_cv.core.fsutil import atomic_write_json, remove_path, remove_stale_te
 from lymph_cv.stages.patches import (
     MANIFEST_NAME, BadInputs, Manifest, SourceImage, extract, load_manifest, patch_count, read_for_patches,
 )
+from lymph_cv.core import faults
 from lymph_cv.core.images import read_gray, read_image
+from lymph_cv.core.memory import available_memory
 from lymph_cv.core.workers import fork_available, imap
 from lymph_cv.workdir.layout import DB_TEST, DB_TRAIN, DBS_JSON, FOLD_STAIN_RECORD, MEAN_FILE, PATCH_DIR, TRAIN_PARENT
 from lymph_cv.stages.stain import StainRecord, StainTransform, fit_record, write_record
@@ -525,7 +527,13 @@ def build_dbs(
                 if isinstance(done, dict):
                     raise StoreError("was built from another list, patch set, backend or seed; "
                                      "pass --overwrite to rebuild it", db_path)
-                raise StoreError("already exists; pass --overwrite to replace it", db_path)
+                if store_kind(db_path) is not None:
+                    # Renamed into place by a run killed before it recorded the database (or by an
+                    # orphaned worker): never taken as complete, rebuilt.
+                    log.info("dbs: rebuilding %s: %s does not record it as complete", db_path, DBS_JSON)
+                    remove_path(db_path)
+                else:
+                    raise StoreError("already exists; pass --overwrite to replace it", db_path)
             tasks.append(_DbTask(fold, side, list_path, db_path, mean_path, backend, seed, root_dir, num_labels, skip_bad))
 
     bad = BadInputs(skip_bad)
@@ -560,9 +568,11 @@ def build_dbs(
             weights = [t.list_path.stat().st_size for t in group]
             for task, result in zip(group, imap(function, group, workers=workers, desc="dbs", unit="B", weights=weights,
                                                 salvage=note_built)):
+                faults.event("dbs:built")  # in place, not yet recorded
                 bad.merge(result.problems, result.conversions)
                 results.append(result)
                 note_built(task, result)
+                faults.event("dbs:recorded")
         finally:
             if cache is not None:
                 cache.remove()
@@ -608,6 +618,14 @@ def _fold_stains(workdir: Path, folds: Sequence[int], images, record: dict, meth
     return transforms
 
 
+def store_kind(path: Path) -> Optional[str]:
+    """The backend of the database at ``path``, None when it is not one."""
+    try:
+        return store.detect_backend(path)
+    except LymphCVError:
+        return None
+
+
 def _read_dbs_json(workdir: Path) -> dict:
     try:
         record = json.loads((workdir / DBS_JSON).read_text())
@@ -625,15 +643,12 @@ def _read_dbs_json(workdir: Path) -> dict:
 _SHARED: dict[str, mmap.mmap] = {}
 #: Colour patches: OpenCV's colour imread gives 3 channels.
 COLOR_CHANNELS = 3
-#: Use shared memory when the patch array takes at most this share of the free memory.
+#: Use shared memory when the patch array takes at most this share of the available memory (MemAvailable).
 SHARED_MEMORY_SHARE = 0.5
 
 
 def _free_memory() -> int:
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0
+    return available_memory() or 0
 
 
 @dataclass(frozen=True)

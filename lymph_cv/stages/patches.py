@@ -9,7 +9,6 @@ Names are ``<image stem>_sub_<i>.tif``, all in one output folder (the tutorial's
 """
 from __future__ import annotations
 
-import errno
 import contextlib
 import json
 import time
@@ -25,7 +24,9 @@ import cv2
 import numpy as np
 
 from lymph_cv.errors import ConfigError, FormatError, InputError, LymphCVError
-from lymph_cv.core.fsutil import atomic_write_json, make_dirs, remove_stale_temporaries, temp_sibling
+from lymph_cv.core import faults
+from lymph_cv.core.fsutil import (atomic_write_json, check_writable, remove_stale_temporaries,
+                                  temp_sibling, write_all, write_error)
 from lymph_cv import DEFAULT_CLASSES
 from lymph_cv.stages.synth import TIFF_UNCOMPRESSED
 from lymph_cv.core.grid import FIRST_ORIGIN, WINDOW_SIZE, WINDOW_STEP, window_origins
@@ -317,20 +318,23 @@ def _extract_one(job: _Job) -> _Done:
     unchanged = transform is not None and transform.unchanged
     if not job.write or (job.reuse and all((job.out_dir / n).is_file() for n in names)):
         return _Done(entry, 0, conversion, unchanged=unchanged)
+    final = job.out_dir
     try:
         for name, patch in zip(names, patches):
             ok, encoded = cv2.imencode(PATCH_SUFFIX, patch, TIFF_UNCOMPRESSED)  # decodes ~3x faster than LZW
             final = job.out_dir / name
             temp = temp_sibling(final)
             try:
-                encoded.tofile(temp)
+                faults.before_write(final)
+                # not ndarray.tofile: it does not raise on a short write, leaving a truncated patch
+                with open(temp, "wb") as handle:
+                    write_all(handle, encoded)
                 os.replace(temp, final)
             except BaseException:
                 temp.unlink(missing_ok=True)
                 raise
     except OSError as exc:
-        reason = "no space left on device" if exc.errno == errno.ENOSPC else f"cannot write patch ({exc.strerror})"
-        return _Done(None, fatal=f"{job.out_dir}: {reason}")
+        return _Done(None, fatal=str(write_error(exc, final, "patch")))
     return _Done(entry, len(names), conversion, unchanged=unchanged)
 
 
@@ -406,7 +410,7 @@ def extract_patches(
         raise ConfigError(f"patch size and step must be positive, got {patch_size} and {step}")
     out_dir = Path(out_dir)
     sources = scan_images(data_dir, classes)
-    make_dirs(out_dir)
+    check_writable(out_dir)
     for path in remove_stale_temporaries(out_dir):  # patches of a killed run never renamed into place
         log.debug("removed %s, left by an interrupted run", path)
     transform = None if stain is None else stain.transform
@@ -433,6 +437,7 @@ def extract_patches(
             written += done.written
             if write_patches:
                 record.add(done.entry.name)
+            faults.event("patches:image")
     finally:
         record.save_at_exit()
     bad.finish("extracting patches")
@@ -531,6 +536,9 @@ def write_class_struct(manifest: Manifest, path: Union[str, Path]) -> None:
             sub[0, 0] = (image.name, names)
             patients[0, i] = (image.stem, sub)
         cells[0, index] = patients
-    with atomic_path(path) as temp:
-        with open(temp, "wb") as handle:
-            savemat(handle, {"class_struct": cells}, do_compression=True)
+    try:
+        with atomic_path(path) as temp:
+            with open(temp, "wb") as handle:
+                savemat(handle, {"class_struct": cells}, do_compression=True)
+    except OSError as exc:
+        raise write_error(exc, path) from None

@@ -27,6 +27,7 @@ import jinja2
 from lymph_cv.formats.caffe.blob import read_mean
 from lymph_cv.formats.caffe.prototxt import parse_net_text, parse_solver_text
 from lymph_cv.errors import ConfigError, FormatError, InputError
+from lymph_cv.core import faults
 from lymph_cv.core.fsutil import atomic_write_json, atomic_write_text, make_dirs
 from lymph_cv.core.resources import prototxt_template_dir
 from lymph_cv.net.archs import DEFAULT_ARCH, Arch, get_arch
@@ -173,6 +174,8 @@ def _ratio(text: str) -> float:
     return value
 
 
+#: The solver seed when ``--set random_seed=`` is not given (every random draw of training derives from it).
+DEFAULT_SEED = 0
 #: Everything ``--set`` may change, with the tutorial's values as defaults (None = derived or unset).
 VARIABLES: Dict[str, Variable] = {
     "test_iter": Variable(_positive_int, None, "test batches per test pass (default: test list lines // batch)"),
@@ -184,7 +187,8 @@ VARIABLES: Dict[str, Variable] = {
     "stepsize": Variable(_positive_int, None, "lr policy step size"),
     "stepvalue": Variable(_int_list, None, "multistep iterations, e.g. 1000,5000"),
     "momentum": Variable(_finite, None, "momentum (SGD family)"),
-    "random_seed": Variable(_integer, None, "solver random seed"),
+    # Always written: `train --resume` and job scripts then draw what the interrupted run drew.
+    "random_seed": Variable(_non_negative_int, DEFAULT_SEED, "solver random seed (init, crops, mirrors, dropout)"),
     "display": Variable(_non_negative_int, 1000, "iterations between log lines"),
     "max_iter": Variable(_positive_int, 600000, "training iterations"),
     "weight_decay": Variable(_finite, 0.004, "L2 weight decay"),
@@ -462,7 +466,11 @@ def render_folds(workdir: PathLike, folds: Optional[Sequence[int]] = None, **opt
     if missing:
         raise InputError(f"no test_w32_K.txt for fold(s) {', '.join(map(str, missing))}",
                          Path(workdir))
-    return [render_fold(workdir, fold, **options) for fold in folds]
+    rendered = []
+    for fold in folds:
+        rendered.append(render_fold(workdir, fold, **options))
+        faults.event("render:fold")
+    return rendered
 
 
 def parse_fold_spec(spec: str) -> List[int]:

@@ -21,7 +21,8 @@ import numpy as np
 
 from lymph_cv.core.images import read_unit
 from lymph_cv.errors import EvaluationError, InputError
-from lymph_cv.core.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
+from lymph_cv.core import faults
+from lymph_cv.core.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text, write_error
 from lymph_cv.stages.figures import confusion_png
 from lymph_cv.stages.heatmaps import heatmap_png
 from lymph_cv.stages.html_report import render_html
@@ -249,23 +250,41 @@ def write_fold(result: "FoldResult", out_dir: PathLike, *, legacy_layout: bool =
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / METRICS_JSON).is_file():
         # The folder is replaced as a whole: never one that holds something else.
         raise EvaluationError(f"output folder exists and is not an evaluation folder (no {METRICS_JSON}); choose another", out_dir)
-    with atomic_path(out_dir) as temp:
-        temp.mkdir()
-        (temp / METRICS_JSON).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        (temp / SUMMARY_TXT).write_text(format_fold(record, legacy_layout), encoding="utf-8")
-        (temp / IMAGES_CSV).write_text(images_csv(result), encoding="utf-8")
-        title = f"fold {result.fold}: accuracy {_num(record['accuracy'])}, balanced {_num(record['balanced_accuracy'])}"
-        (temp / CONFUSION_PNG).write_bytes(confusion_png(result.confusion, result.classes, title))
-        if record["roc"].get("curve"):
-            (temp / ROC_PNG).write_bytes(draw_roc(record["roc"], f"fold {result.fold}: ROC"))
-        if heatmaps:
-            (temp / HEATMAP_DIR).mkdir()
-            stride = int(result.settings.get("stride", 0)) or _grid_step(result.images[0].centres)
-            for image in result.images:
-                png = heatmap_png(_display_image(image.path), image.centres, image.probs, stride, result.classes,
-                                  entry=image.entry, label=image.label, predicted=image.predicted, votes=image.votes)
-                (temp / HEATMAP_DIR / heatmap_name(image.entry)).write_bytes(png)
+    _write_fold_files(result, record, out_dir, legacy_layout, heatmaps)
     return record
+
+
+def _write_fold_files(result: "FoldResult", record: dict, out_dir: Path, legacy_layout: bool, heatmaps: bool) -> None:
+    temp = out_dir
+    try:
+        with atomic_path(out_dir) as temp:
+            _fill_fold_folder(temp, result, record, out_dir, legacy_layout, heatmaps)
+    except OSError as exc:  # a full or read-only disk: one line naming the file; the temporary is gone
+        failed = Path(exc.filename) if exc.filename else out_dir
+        if failed.is_relative_to(temp):
+            failed = out_dir / failed.relative_to(temp)
+        raise write_error(exc, failed) from None
+
+
+def _fill_fold_folder(temp: Path, result: "FoldResult", record: dict, out_dir: Path, legacy_layout: bool,
+                      heatmaps: bool) -> None:
+    """The files of eval/fold_K, written into the temporary folder ``temp``."""
+    faults.before_write(out_dir / METRICS_JSON)
+    temp.mkdir()
+    (temp / METRICS_JSON).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (temp / SUMMARY_TXT).write_text(format_fold(record, legacy_layout), encoding="utf-8")
+    (temp / IMAGES_CSV).write_text(images_csv(result), encoding="utf-8")
+    title = f"fold {result.fold}: accuracy {_num(record['accuracy'])}, balanced {_num(record['balanced_accuracy'])}"
+    (temp / CONFUSION_PNG).write_bytes(confusion_png(result.confusion, result.classes, title))
+    if record["roc"].get("curve"):
+        (temp / ROC_PNG).write_bytes(draw_roc(record["roc"], f"fold {result.fold}: ROC"))
+    if heatmaps:
+        (temp / HEATMAP_DIR).mkdir()
+        stride = int(result.settings.get("stride", 0)) or _grid_step(result.images[0].centres)
+        for image in result.images:
+            png = heatmap_png(_display_image(image.path), image.centres, image.probs, stride, result.classes,
+                              entry=image.entry, label=image.label, predicted=image.predicted, votes=image.votes)
+            (temp / HEATMAP_DIR / heatmap_name(image.entry)).write_bytes(png)
 
 
 def _grid_step(centres: np.ndarray) -> int:

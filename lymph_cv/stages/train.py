@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import logging
 import math
 import os
@@ -53,9 +54,11 @@ from lymph_cv.core.distributed import Collective, World, discover
 from lymph_cv.net.datalayer import DataLayer, RecordCache
 from lymph_cv.net.layers import BatchNormLayer
 from lymph_cv.net.shared_records import SharedRecordCache
-from lymph_cv.errors import ConfigError, FormatError, InputError, LymphCVError, TrainingError, UnsupportedError
-from lymph_cv.core import devices
-from lymph_cv.core.fsutil import atomic_write_json, make_dirs, read_json_object
+from lymph_cv.errors import (ConfigError, FormatError, InputError, LymphCVError, TrainingError, UnsupportedError,
+                             Terminated)
+from lymph_cv.core import devices, faults
+from lymph_cv.core.fsutil import atomic_write_json, check_writable, make_dirs, read_json_object
+from lymph_cv.core.locks import folder_lock
 from lymph_cv.core.progress import Progress
 from lymph_cv.net.build import CaffeNet, build_net, resolve_net_path
 from lymph_cv.net.solver import Solver, learnables_of, make_solver, snapshot_names, solver_type
@@ -90,6 +93,9 @@ class TrainResult:
     test_scores: Dict[str, float] = field(default_factory=dict)
     last_loss: float = float("nan")
     stopped_early: bool = False
+    #: the signal that stopped it early (SIGINT, SIGTERM, …), None when it ran to the end.
+    stop_signal: Optional[int] = None
+    max_iter: int = 0
     seed: int = 0
     device: str = "cpu"
     base_dir: Path = Path(".")
@@ -109,10 +115,13 @@ def resolve_device(device: Optional[str], solver_mode: int) -> torch.device:
     return devices.resolve_device(device)
 
 
-def run_seed(seed: Optional[int], param: caffe_pb2.SolverParameter) -> int:
-    """The run's seed: given, else the solver's ``random_seed`` (≥ 0), else a fresh one (recorded)."""
+def run_seed(seed: Optional[int], param: caffe_pb2.SolverParameter, recorded: Optional[int] = None) -> int:
+    """The run's seed: given, else the seed ``recorded`` by the run being resumed, else the solver's
+    ``random_seed`` (≥ 0), else a fresh one (recorded in ``train.json``)."""
     if seed is not None:
         return int(seed)
+    if recorded is not None:
+        return int(recorded)
     if param.random_seed >= 0:
         return int(param.random_seed)
     return int.from_bytes(os.urandom(8), "little") >> 1
@@ -125,6 +134,27 @@ def find_input(path: str, folder: Path) -> Path:
     if not found.exists():
         raise InputError(f"not found in the current directory nor in {folder}", path)
     return found
+
+
+def recorded_seed(record_path: Path, solver_path: Path) -> Optional[int]:
+    """The seed in ``train.json`` when it records a run of this solver (what a resume must reuse)."""
+    try:
+        record = json.loads(Path(record_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("seed"), int):
+        return None
+    same = Path(str(record.get("solver", ""))).name == Path(solver_path).name
+    return record["seed"] if same else None
+
+
+def check_solver_values(param: caffe_pb2.SolverParameter, path: Path, finetuning: bool = False) -> None:
+    """Values no training can use (a run that would write no model, or never learn).  ``base_lr: 0``
+    is allowed only when fine-tuning (it copies the given weights into a snapshot unchanged)."""
+    if param.max_iter <= 0:
+        raise ConfigError(f"max_iter must be positive, got {param.max_iter}", path)
+    if not math.isfinite(param.base_lr) or param.base_lr < 0 or (param.base_lr == 0 and not finetuning):
+        raise ConfigError(f"base_lr must be a positive number, got {fmt(param.base_lr)}", path)
 
 
 class SolverFiles:
@@ -193,11 +223,20 @@ def _build(net_param: caffe_pb2.NetParameter, phase: int, state, files: SolverFi
     return build_net(net_param, phase, level=level, stages=stages, base_dir=files.folder)
 
 
+class SignalQueue(list):
+    """The actions requested by signals, in order; ``signals`` holds the numbers of the stop requests."""
+
+    def __init__(self):
+        super().__init__()
+        self.signals: List[int] = []
+
+
 @contextlib.contextmanager
 def signal_actions(sigint: str = ACTION_STOP, sighup: str = ACTION_SNAPSHOT) -> Iterator[List[str]]:
     """Caffe's SignalHandler: SIGINT/SIGTERM and SIGHUP queue an action the loop polls after each
     iteration; a second stop request interrupts at once.  Outside the main thread nothing is installed."""
-    pending: List[str] = []
+    pending = SignalQueue()
+    received = pending.signals
     if threading.current_thread() is not threading.main_thread():
         yield pending
         return
@@ -205,7 +244,10 @@ def signal_actions(sigint: str = ACTION_STOP, sighup: str = ACTION_SNAPSHOT) -> 
 
     def handler(signum, _frame):
         if effects[signum] == ACTION_STOP and ACTION_STOP in pending:
-            raise KeyboardInterrupt  # a second stop request: give up without the snapshot
+            # a second stop request: give up without the snapshot
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+        if effects[signum] == ACTION_STOP:
+            received.append(signum)
         pending.append(effects[signum])
 
     previous = {sig: signal.signal(sig, handler) for sig in effects}
@@ -239,9 +281,10 @@ class Trainer:
             raise UnsupportedError("snapshot_diff is not supported (snapshots hold the weights only)",
                                    self.solver_path)
         if max_iter is not None:
-            if max_iter < 0:
-                raise ConfigError(f"max_iter must be >= 0, got {max_iter}")
+            if max_iter < 1:
+                raise ConfigError(f"must be positive, got {max_iter}", "--max-iter")
             param.max_iter = int(max_iter)
+        check_solver_values(param, self.solver_path, finetuning=bool(weights))
         #: a shortened run (--max-iter) always ends with a test, even off the test_interval grid.
         self.max_iter_override = max_iter is not None
         self.param = param
@@ -249,7 +292,8 @@ class Trainer:
         self.augmentation = Augmentation.from_param(param.augmentation_param, **(augmentation or {}))
         self.type = solver_type(param, self.solver_path)
         self.files = SolverFiles(self.solver_path, param)
-        self.seed = run_seed(seed, param)
+        recorded = recorded_seed(self.files.output(RECORD_NAME), self.solver_path) if snapshot is not None else None
+        self.seed = run_seed(seed, param, recorded)
         self.device = resolve_device(device, param.solver_mode)
         if self.world.distributed and self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", self.world.local_rank)
@@ -301,11 +345,11 @@ class Trainer:
         self.test_data = [self._data_layers(net, caffe_pb2.TEST, cache) for net in self.test_nets]
         #: label blob → classes, for the blobs that carry soft targets (mixup, label smoothing).
         self.soft_labels = label_classes(self.net, self.train_data) if self.augmentation.soft_labels else {}
-        self.result = TrainResult(iterations=0, start_iteration=0, seed=self.seed, device=self.device.type,
-                                  base_dir=self.files.base_dir)
+        self.result = TrainResult(iterations=0, start_iteration=0, max_iter=param.max_iter, seed=self.seed,
+                                  device=self.device.type, base_dir=self.files.base_dir)
         self.losses: deque = deque(maxlen=max(1, param.average_loss))
         self.log: Optional[CaffeLog] = None
-        self.pending: List[str] = []
+        self.pending: List[str] = SignalQueue()
         #: write train.json beside the snapshots (pycaffe's solvers do not: Caffe writes no record).
         self.write_record = True
         #: called once with the Estimate of the time left, after the first timed iterations
@@ -356,6 +400,7 @@ class Trainer:
         write_solverstate(state_path, state)
         self.result.snapshots.append(model_path)
         self._record()
+        faults.event("train:snapshot")
 
     def _check_resumed_augmentation(self, clog: CaffeLog) -> None:
         """Warn when the run being resumed (its train.json) trained with other augmentation: the
@@ -419,7 +464,7 @@ class Trainer:
         if self.stochastic:
             self._seed_dropout(derived_seed(self.seed, STREAM_DROPOUT, batch * self.world.size + self.world.rank))
         inputs = self.train_inputs(batch)
-        with torch.set_grad_enabled(backward):
+        with torch.set_grad_enabled(backward), _naming_source(self.train_data):
             blobs = self.net(inputs)
             loss = self.net.loss(blobs)
             if backward:
@@ -445,7 +490,7 @@ class Trainer:
             iterations = self.param.test_iter[index]
             sums: Dict[str, torch.Tensor] = {}
             total_loss = 0.0
-            with torch.no_grad():
+            with torch.no_grad(), _naming_source(self.test_data[index]):
                 for k in range(iterations):
                     blobs = self.test_forward(index, first_batch * iterations + k)
                     if self.param.test_compute_loss:
@@ -565,6 +610,18 @@ class Trainer:
             progress = sys.stderr.isatty()
         root = self.world.is_root
         progress = progress and root
+        if not root:  # the root rank writes the snapshots and the log, and holds the folder's lock
+            return self._solve_locked(progress, log_file, sigint_effect, sighup_effect)
+        # Snapshots and the log go here: a read-only or missing folder is an error before any work.
+        prefix = self.param.snapshot_prefix or self.solver_path.with_suffix("").name
+        for folder in dict.fromkeys((self.files.base_dir, self.files.output(prefix).parent)):
+            check_writable(folder)
+        # One training per base directory at a time (a second `train`, or `run` on the same fold).
+        with folder_lock(self.files.base_dir):
+            return self._solve_locked(progress, log_file, sigint_effect, sighup_effect)
+
+    def _solve_locked(self, progress: bool, log_file: bool, sigint_effect: str, sighup_effect: str) -> TrainResult:
+        root = self.world.is_root
         # Only the root solver logs (Caffe's multi-GPU rule); errors still reach every rank's stderr.
         log_path = self.files.output(LOG_NAME) if log_file and root else None
         resumed = self.snapshot_path is not None
@@ -601,10 +658,19 @@ class Trainer:
             clog.info(f"Solving {self.net.name}", caffelog.SRC_SOLVE)
             clog.info(f"Learning Rate Policy: {self.param.lr_policy}", caffelog.SRC_POLICY)
             # A bar with an ETA on a terminal; plain periodic lines (no \r) into a file or pipe.
-            with Progress(self.param.max_iter, f"train {self.solver_path.name}", "iter", initial=self.solver.iter,
-                          bar=progress, say=lambda line: clog.info(line, caffelog.SRC_TOOL)) as bar:
-                self._solve(bar)
+            try:
+                with Progress(self.param.max_iter, f"train {self.solver_path.name}", "iter", initial=self.solver.iter,
+                              bar=progress, say=lambda line: clog.info(line, caffelog.SRC_TOOL)) as bar:
+                    self._solve(bar)
+            except LymphCVError as exc:
+                clog.fatal_to_file(f"Stopped by an error at iteration {self.solver.iter}: {exc}", caffelog.SRC_TOOL)
+                raise
+            except KeyboardInterrupt:
+                clog.fatal_to_file(f"Interrupted at iteration {self.solver.iter} (no snapshot)", caffelog.SRC_TOOL)
+                raise
             self.result.iterations = self.solver.iter
+            if self.result.stopped_early and pending.signals:
+                self.result.stop_signal = pending.signals[0]
             self._record(finished=not self.result.stopped_early)
         return self.result
 
@@ -626,6 +692,17 @@ class Trainer:
         if self.test_nets and (on_grid or self.max_iter_override):
             self.test_all()
         self.log.info("Optimization Done.", caffelog.SRC_DONE)
+
+
+@contextlib.contextmanager
+def _naming_source(layers: Sequence[DataLayer]) -> Iterator[None]:
+    """A data error raised inside the net (a label outside the classes) names the database it came from."""
+    try:
+        yield
+    except InputError as exc:
+        if exc.path is not None or not layers:
+            raise
+        raise InputError(exc.detail, layers[0].source) from None
 
 
 def keep_previous(path: Path) -> Optional[Path]:
@@ -711,11 +788,64 @@ def solver_snapshots(solver_path: os.PathLike, suffix: str = "solverstate") -> D
     return found
 
 
-def latest_solverstate(solver_path: os.PathLike) -> Optional[Path]:
-    """The solver's newest snapshot state, or None: what ``train --resume`` (and a resubmitted
-    cluster job) continues from after an interruption or a walltime limit."""
+def latest_solverstate(solver_path: os.PathLike, max_iter: Optional[int] = None) -> Optional[Path]:
+    """The solver's newest snapshot state up to ``max_iter`` (default: the solver's), or None: what
+    ``train --resume`` (and a resubmitted cluster job) continues from after an interruption, a
+    walltime limit or a raised ``max_iter``.  Later snapshots (a run with a larger ``max_iter``) are
+    kept, not resumed."""
     states = solver_snapshots(solver_path)
-    return states[max(states)] if states else None
+    limit = max_iter if max_iter is not None else read_solver(Path(solver_path)).max_iter
+    usable = [n for n in states if n <= limit]
+    return states[max(usable)] if usable else None
+
+
+#: Solver fields that cannot change the trained weights: logging, testing, snapshot cadence and the
+#: length of the run (a longer run continues a shorter one; ``poly`` is the one policy that depends on it).
+RESULT_NEUTRAL_FIELDS = ("display", "average_loss", "test_iter", "test_interval", "test_initialization",
+                         "test_compute_loss", "snapshot", "snapshot_prefix", "snapshot_after_train",
+                         "snapshot_format", "debug_info", "max_iter", "solver_mode", "device_id")
+
+
+def training_identity(solver_path: os.PathLike) -> dict:
+    """What decides a training's weights, read from its solver and net: every solver field except
+    :data:`RESULT_NEUTRAL_FIELDS` (``max_iter`` too under ``lr_policy: "poly"``), the net file, the
+    mean files it reads (their bytes) and the names of its databases (what a database holds is its
+    builder's to say: ``run`` adds the key of its dbs stage).  Two trainings with the same identity
+    draw the same weights at every iteration, so one's snapshots continue the other."""
+    import hashlib
+
+    solver_path = Path(solver_path)
+    param = read_solver(solver_path)
+    files = SolverFiles(solver_path, param)
+    neutral = caffe_pb2.SolverParameter()
+    neutral.CopyFrom(param)
+    for name in RESULT_NEUTRAL_FIELDS:
+        if name == "max_iter" and param.lr_policy == "poly":
+            continue
+        neutral.ClearField(name)
+    digest = hashlib.sha256(neutral.SerializeToString(deterministic=True))
+    inputs = []
+    net = param.net or param.train_net
+    if net:
+        net_path = files.input(net)
+        digest.update(net_path.read_bytes())
+        text = net_path.read_text(encoding="utf-8", errors="replace")
+        for name in sorted(set(_quoted_paths(text))):
+            found = resolve_net_path(name, files.folder)
+            if found.is_file():
+                digest.update(name.encode() + found.read_bytes())
+                inputs.append(name)
+            else:  # a database: named only (its builder's record says what it holds, see `run`)
+                digest.update(name.encode())
+                inputs.append(name)
+    return {"key": digest.hexdigest()[:16], "inputs": inputs}
+
+
+def _quoted_paths(text: str) -> List[str]:
+    """The ``source:`` and ``mean_file:`` values of a net prototxt (the files its data layers read)."""
+    import re
+
+    return re.findall(r'(?:source|mean_file)\s*:\s*"([^"]+)"', text)
 
 
 def train(solver_path: os.PathLike, *, snapshot: Optional[os.PathLike] = None,

@@ -31,6 +31,10 @@ TRAIN_LOG = "train.log"
 RENDER_JSON = "render.json"
 TRAIN_JSON = "train.json"
 JOBS_JSON = "jobs.json"
+#: Inside ``WORKDIR/{fold}/``: the identity of the training its snapshots belong to, and where the
+#: snapshots of earlier settings are kept (``superseded/<key>/``) when `run` trains with new ones.
+TRAIN_KEY_JSON = "train_key.json"
+SUPERSEDED_DIR = "superseded"
 #: Step 5: evaluation outputs (``eval/fold_{fold}/`` and the pooled report).
 EVAL_DIR = "eval"
 EVAL_FOLD_DIR = "fold_{fold}"
