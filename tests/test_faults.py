@@ -512,6 +512,22 @@ def test_job_exit_status_to_state(tmp_path, code, state):
     from lymph_cv.cluster import jobs
 
     assert jobs.exit_state(code) == state
+    record = jobs.JobRecord(task="train", fold=1, scheduler="slurm", job_id="7", script="1/1_train.slurm",
+                            output="1/1_TASK_output.out", exit_file="1/1_train.exit", command=[], submitted="")
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "1_train.exit").write_text(f"{code}\n")  # what the job script writes as its last step
+    assert jobs.job_status(tmp_path, record).state == state
+
+
+def test_caffe_tool_train_stopped_exits_143(ref, tmp_path):
+    """tools/caffe train exited 0 after SIGTERM (Caffe's way), so a job looked finished."""
+    w = _start(ref, "train", tmp_path / "w")
+    env = dict(os.environ, **{faults.ENV: "term@train:snapshot#1"})
+    tool = Path(__file__).resolve().parent.parent / "tools" / "caffe"
+    done = subprocess.run([sys.executable, str(tool), "train", "-solver", str(w / SOLVER), "-gpu", "-1"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 143, done.stderr
+    assert "Optimization stopped early." in done.stderr and "Traceback" not in done.stderr
 
 
 def test_readonly_evaluate_out_fails_before_the_evaluation(ref, tmp_path):
