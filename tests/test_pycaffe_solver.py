@@ -178,3 +178,18 @@ def test_a_python_layer_trains_in_lymph_cv_train(tmp_path, monkeypatch):
 
     assert result.iterations == 3 and np.isfinite(result.last_loss)
     assert penalty_layer.Penalty.backward_calls == 3 and "penalty" in result.test_scores
+
+
+def test_solver_log_lines_on_stderr_unless_glog_quietens_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    path = _solver_file(tmp_path)
+    with open(path) as text:
+        changed = text.read().replace("display: 0", "display: 1")
+    with open(path, "w") as out:
+        out.write(changed)
+    solver = caffe.SGDSolver(path)
+    solver.step(1)
+    assert "Iteration 0, loss = " in capsys.readouterr().err
+    monkeypatch.setenv("GLOG_minloglevel", "2")
+    solver.step(1)
+    assert "Iteration 1" not in capsys.readouterr().err

@@ -105,9 +105,10 @@ class CaffeLog:
 
 @contextlib.contextmanager
 def caffe_log(log_file: Optional[os.PathLike] = None, append: bool = False,
-              stream: Optional[TextIO] = None, through_tqdm: bool = False) -> Iterator[CaffeLog]:
-    """Open the run's log: lines to ``stream`` (stderr) at the root logger's level, all INFO lines to
-    ``log_file`` (appended when ``append``)."""
+              stream: Optional[TextIO] = None, through_tqdm: bool = False,
+              console_level: Optional[int] = None) -> Iterator[CaffeLog]:
+    """Open the run's log: lines to ``stream`` (stderr) at the root logger's level (or
+    ``console_level``), all INFO lines to ``log_file`` (appended when ``append``)."""
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -116,7 +117,7 @@ def caffe_log(log_file: Optional[os.PathLike] = None, append: bool = False,
     console = logging.StreamHandler(_TqdmStream(stream) if through_tqdm else stream)
     console.setFormatter(formatter)
     root_level = logging.getLogger().getEffectiveLevel()
-    console.setLevel(max(logging.INFO, root_level))
+    console.setLevel(max(logging.INFO, root_level) if console_level is None else console_level)
     handlers = [console]
     file_handler = None
     if log_file is not None:

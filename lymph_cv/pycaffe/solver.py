@@ -6,11 +6,12 @@ differs is only how a net runs: through :class:`lymph_cv.pycaffe.net.Net`, so th
 reads or writes (``solver.net.blobs['label'].data[...] = …``, ``net.blobs['loss'].data``) are those the
 iteration used, and DummyData, Python and Input layers feed the nets as in Caffe.  As in Caffe,
 snapshots go to ``snapshot_prefix`` relative to the current directory, and no ``train.json`` or
-``train.log`` is written (the log lines go to stderr).
+``train.log`` is written: the log lines go to stderr, at INFO unless ``$GLOG_minloglevel`` says less.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
@@ -26,6 +27,19 @@ from lymph_cv.net.build import CaffeNet
 from lymph_cv.net.solver import SOLVERS, solver_type
 from lymph_cv.pycaffe.net import TEST, TRAIN, Net, chosen_seed, device_name
 from lymph_cv.stages.train import STREAM_DROPOUT, Trainer, derived_seed, signal_actions
+
+
+#: GLOG_minloglevel values (what Caffe users set to quiet pycaffe) → logging levels; default 0.
+GLOG_LEVELS = {0: logging.INFO, 1: logging.WARNING, 2: logging.ERROR, 3: logging.CRITICAL}
+GLOG_ENV = "GLOG_minloglevel"
+
+
+def glog_level() -> int:
+    """The stderr level of a pycaffe solver's log lines: INFO (display, tests, snapshots) as Caffe
+    prints them, unless $GLOG_minloglevel asks for less."""
+    text = os.environ.get(GLOG_ENV, "0").strip()
+    number = int(text) if text.lstrip("-").isdigit() else 0
+    return GLOG_LEVELS[min(max(number, 0), max(GLOG_LEVELS))]
 
 
 class PyTrainer(Trainer):
@@ -61,7 +75,7 @@ class PyTrainer(Trainer):
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
         """The log and signal handling a step, snapshot or solve runs in."""
-        with caffelog.caffe_log(None) as clog, signal_actions() as pending:
+        with caffelog.caffe_log(None, console_level=glog_level()) as clog, signal_actions() as pending:
             self.log, self.pending = clog, pending
             self.solver.on_message = lambda message: clog.info(message, caffelog.SRC_LR)
             yield
