@@ -817,8 +817,10 @@ def _cache_rows(task: _DbTask, entries: Sequence[ListEntry], bad: BadInputs) -> 
     return rows
 
 
-#: Bytes a database build gathers from the patch array before it drops its resident copy of it.
-RELEASE_EVERY = 256 << 20
+#: Rows a database build gathers from the patch array before it drops its resident copy of it.
+#: A read fault maps the 64 KiB around the page (the kernel's fault-around), so 8,192 random rows
+#: leave up to ~512 MiB of the array resident in this process.
+RELEASE_ROWS = 8192
 
 
 def _cache_batches(
@@ -842,8 +844,8 @@ def _cache_batches(
             accumulator.add_batch(block, cache.shape)
         keys = [store.make_key(index, entries[position].name) for index, position in zip(indices.tolist(), positions.tolist())]
         yield keys, serialize_datums(block, cache.shape, labels[positions])
-        gathered += block.nbytes
-        if gathered >= RELEASE_EVERY:
+        gathered += len(block)
+        if gathered >= RELEASE_ROWS:
             cache.release()
             array, gathered = cache.open(), 0
 
