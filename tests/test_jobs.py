@@ -134,6 +134,31 @@ def test_slurm_script_has_its_directives(configured):
     assert "--dependency=afterok:9" in command and command[-1] == str(spec.script)
 
 
+def test_multi_node_scripts_start_one_rank_per_gpu(configured):
+    spec = jobs.train_spec(configured, 1, "slurm")
+    options = jobs.JobOptions(nodes=2, gpus_per_node=4, ppn=2)
+    slurm = jobs.render_script(spec, "slurm", options)
+    for directive in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-task=1",
+                      "#SBATCH --cpus-per-task=2"):
+        assert directive in slurm.splitlines()
+    train = next(line for line in slurm.splitlines() if "lymph_cv train" in line)
+    assert train.startswith("srun --kill-on-bad-exit=1 ") and train.count("--device cuda") == 1
+    assert "--nodes=2" in jobs.submit_command(spec, "slurm", options)
+    pbs = jobs.render_script(jobs.train_spec(configured, 1, "pbs"), "pbs", options)
+    assert "#PBS -l nodes=2:ppn=8:gpus=4:exclusive_process" in pbs.splitlines()
+    assert 'export MASTER_ADDR="$(head -n 1 "$PBS_NODEFILE")"' in pbs
+    train = next(line for line in pbs.splitlines() if "lymph_cv train" in line)
+    assert train.startswith('mpirun -np 8 --hostfile "$PBS_NODEFILE" --map-by ppr:4:node -x MASTER_ADDR ')
+    assert subprocess.run(["bash", "-n"], input=pbs, text=True).returncode == 0
+    local = jobs.render_script(jobs.train_spec(configured, 1, "local"), "local", jobs.JobOptions(tasks_per_node=2))
+    assert "--device cpu --procs 2" in local
+    one = jobs.render_script(spec, "slurm", jobs.JobOptions())
+    assert "srun" not in one and "#SBATCH --ntasks=1" in one.splitlines()
+    for bad in (dict(nodes=0), dict(gpus=1, gpus_per_node=2), dict(gpus_per_node=2, tasks_per_node=3)):
+        with pytest.raises(ConfigError):
+            jobs.JobOptions(**bad).validate()
+
+
 def test_evaluation_job_depends_on_the_training_jobs(configured):
     submission = jobs.submit_evaluation(configured, "slurm", after=["11", "12"], args=["--no-oversample"],
                                         dry_run=True)
@@ -417,3 +442,17 @@ def test_local_runner_stopped_by_a_signal_stops_its_job_and_records_cancelled(tm
     state = json.loads(state_path.read_text())
     assert state["state"] == jobs.CANCELLED and state["reason"] == f"signal {int(signal.SIGTERM)}"
     assert (tmp_path / "snapshot").exists(), "the runner did not wait for the job to finish its snapshot"
+
+
+def test_a_two_task_slurm_job_trains_one_fold_on_two_ranks(slurm_cluster, tiny_workdir, tmp_path, runner, cli):
+    workdir = _copy(tiny_workdir, tmp_path / "work")
+    result = runner.invoke(cli, ["submit", str(workdir), "--scheduler", "slurm", "--folds", "1",
+                                 "--ntasks-per-node", "2", "--walltime", "00:10:00"])
+    assert result.exit_code == 0, result.stderr
+    states = jobs.wait_for_jobs(workdir, timeout=JOB_TIMEOUT_S, poll=POLL_S)
+    assert states == {1: "COMPLETED"}, (workdir / "1" / "1_TASK_output.out").read_text()
+    _check_trained(workdir, folds=[1])
+    log = (workdir / "1" / "train.log").read_text()
+    assert "Training on 2 processes (srun)" in log and log.count("Optimization Done.") == 1
+    shown = runner.invoke(cli, ["jobs", str(workdir)])
+    assert shown.exit_code == 0 and "COMPLETED" in shown.stdout

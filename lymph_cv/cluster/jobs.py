@@ -96,6 +96,19 @@ class JobOptions:
     after: tuple = ()
     #: Local runner only: jobs run at once (default: cores // ppn).
     workers: Optional[int] = None
+    #: One training on several processes: nodes, GPUs per node (one rank each), or ranks per node.
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: Optional[int] = None
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tasks_per_node or self.gpus_per_node or 1
+
+    @property
+    def ranks(self) -> int:
+        """Processes training one fold (Caffe's solver_count)."""
+        return self.nodes * self.ranks_per_node
 
     def validate(self) -> "JobOptions":
         """Raise :class:`ConfigError` naming the option whose value is not plain enough."""
@@ -109,7 +122,35 @@ class JobOptions:
         if self.ppn < 1 or self.gpus < 0 or (self.workers is not None and self.workers < 1):
             raise ConfigError(f"--ppn {self.ppn}, --gpus {self.gpus}, --workers {self.workers}: "
                               "expected ppn >= 1, gpus >= 0, workers >= 1")
+        if self.nodes < 1 or self.gpus_per_node < 0 or (self.tasks_per_node is not None and self.tasks_per_node < 1):
+            raise ConfigError(f"--nodes {self.nodes}, --gpus-per-node {self.gpus_per_node}, --ntasks-per-node "
+                              f"{self.tasks_per_node}: expected nodes >= 1, gpus-per-node >= 0, ntasks-per-node >= 1")
+        if self.gpus_per_node and self.gpus:
+            raise ConfigError("--gpus-per-node: give it or --gpus (GPUs of a one-process job), not both")
+        if self.gpus_per_node and self.tasks_per_node not in (None, self.gpus_per_node):
+            raise ConfigError(f"--ntasks-per-node {self.tasks_per_node}: with --gpus-per-node "
+                              f"{self.gpus_per_node} every rank has one GPU, so they must be equal")
         return self
+
+    def launch(self, scheduler: str) -> str:
+        """The shell words that start a multi-process training on ``scheduler`` ('' for one process)."""
+        if self.ranks == 1:
+            return ""
+        if scheduler == "slurm":
+            return "srun --kill-on-bad-exit=1 "
+        if scheduler == "pbs":
+            return (f"mpirun -np {self.ranks} --hostfile \"$PBS_NODEFILE\" --map-by ppr:{self.ranks_per_node}:node "
+                    "-x MASTER_ADDR ")
+        return ""
+
+    def train_arguments(self, scheduler: str) -> List[str]:
+        """What a multi-process training adds to ``lymph-cv train``'s arguments."""
+        if self.ranks == 1:
+            return []
+        device = ["--device", "cuda" if self.gpus_per_node else "cpu"]
+        # the local runner has no launcher: `lymph-cv train --procs` starts the ranks itself
+        return device + (["--procs", str(self.ranks)] if scheduler == "local" else [])
+
 
 
 @dataclass(frozen=True)
@@ -247,11 +288,15 @@ def render_script(spec: JobSpec, scheduler: str, options: JobOptions,
     template = _environment().get_template(f"{scheduler}.j2")
     context = [{"fold": t.fold, "directory": t.directory, "exit_name": os.path.relpath(t.exit_file, t.directory),
                 "output_name": os.path.relpath(t.output, t.directory),
-                "commands": [[python, "-m", "lymph_cv", *argv] for argv in t.commands]} for t in (tasks or [spec])]
+                "commands": [[python, "-m", "lymph_cv", *argv,
+                              *(options.train_arguments(scheduler) if argv[0] == TRAIN_TASK else [])]
+                             for argv in t.commands]} for t in (tasks or [spec])]
     return template.render(
         name=spec.name, task=spec.task, tasks=context, output_name=os.path.relpath(spec.output, spec.directory),
         array=array_range([t.fold for t in tasks]) if tasks else None, walltime=options.walltime,
         queue=options.queue, ppn=options.ppn, gpus=options.gpus, mail=options.mail,
+        nodes=options.nodes, ranks=options.ranks, ranks_per_node=options.ranks_per_node,
+        gpus_per_node=options.gpus_per_node, launch=options.launch(scheduler),
     )
 
 
@@ -268,9 +313,10 @@ def submit_command(spec: JobSpec, scheduler: str, options: JobOptions, array: Op
     """
     after = list(options.after)
     if scheduler == "pbs":
-        resources = f"walltime={options.walltime},nodes=1:ppn={options.ppn}"
-        if options.gpus:
-            resources += f":gpus={options.gpus}:exclusive_process"
+        resources = f"walltime={options.walltime},nodes={options.nodes}:ppn={options.ppn * options.ranks_per_node}"
+        gpus = options.gpus_per_node or options.gpus
+        if gpus:
+            resources += f":gpus={gpus}:exclusive_process"
         argv = ["qsub", "-N", spec.name, "-o", os.path.relpath(spec.output, spec.directory), "-j", "oe",
                 "-l", resources]
         if options.queue:
@@ -286,7 +332,11 @@ def submit_command(spec: JobSpec, scheduler: str, options: JobOptions, array: Op
         argv = ["sbatch", "--parsable", f"--job-name={spec.name}", f"--time={options.walltime}",
                 f"--cpus-per-task={options.ppn}", f"--chdir={spec.directory}",
                 f"--output={_slurm_path(spec.output)}"]
-        if options.gpus:
+        if options.ranks > 1:
+            argv += [f"--nodes={options.nodes}", f"--ntasks-per-node={options.ranks_per_node}"]
+        if options.gpus_per_node:
+            argv.append("--gpus-per-task=1")
+        elif options.gpus:
             argv.append(f"--gres=gpu:{options.gpus}")
         if options.queue:
             argv.append(f"--partition={options.queue}")
@@ -448,6 +498,8 @@ def submit_folds(workdir: Path, scheduler: str, folds: Optional[Sequence[int]] =
     done = {r.fold: r for r in load_jobs(workdir) if r.task == TRAIN_TASK}
     if array and scheduler == "local":
         raise ConfigError(_LOCAL_ARRAY)
+    if scheduler == "local" and options.nodes > 1:
+        raise ConfigError(f"--nodes {options.nodes}: the local runner has one node", valid=("pbs", "slurm"))
     submissions, todo = [], []
     for fold in folds:
         if fold in done and not resubmit and not dry_run:

@@ -39,14 +39,22 @@ def _shown(submission: jobs_module.Submission) -> str:
 @click.option("--resubmit", is_flag=True, help="Submit folds again even if jobs.json records them.")
 @click.option("--workers", type=WORKERS, default=None,
               help="Local runner: jobs run at once (default or 0: cores // ppn).")
+@click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Train each fold on this many nodes (Slurm --nodes, PBS nodes=N; ranks via srun/mpirun).")
+@click.option("--gpus-per-node", type=click.IntRange(min=0), default=0, show_default=True,
+              help="GPUs per node, one training process each (Slurm --gpus-per-task=1, PBS gpus=G).")
+@click.option("--ntasks-per-node", "tasks_per_node", type=click.IntRange(min=1), default=None,
+              help="Training processes per node (default: --gpus-per-node, else 1; CPU ranks use gloo).")
 @click.option("--evaluate", "then_evaluate", is_flag=True,
               help="Also submit the evaluation (evaluate each fold, then report) to run after every fold succeeded.")
 def submit(workdir: Path, scheduler: str, folds: Optional[Sequence[int]], dry_run: bool, walltime: str,
            queue: Optional[str], ppn: int, gpus: int, after: tuple, mail: Optional[str], array: bool, resubmit: bool,
-           workers: Optional[int], then_evaluate: bool) -> None:
+           workers: Optional[int], nodes: int, gpus_per_node: int, tasks_per_node: Optional[int],
+           then_evaluate: bool) -> None:
     """Write one job script per fold next to its configs and submit it; record jobs in WORKDIR/jobs.json."""
     options = jobs_module.JobOptions(walltime=walltime, queue=queue, ppn=ppn, gpus=gpus, mail=mail,
-                                     after=tuple(after), workers=workers or None)
+                                     after=tuple(after), workers=workers or None, nodes=nodes,
+                                     gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node)
     submissions = jobs_module.submit_folds(workdir, scheduler, folds, options, dry_run=dry_run, resubmit=resubmit,
                                            array=array)
     if then_evaluate:
