@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import os
 import re
-import subprocess
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence
 
@@ -147,6 +146,16 @@ class Collective:
             raise TrainingError(f"rank {self.world.rank} of {self.world.size}: lost another rank "
                                 f"during {what} ({_first_line(exc)})") from None
 
+    @staticmethod
+    def _unflatten(flat, tensors: Sequence) -> None:
+        import torch
+
+        offset = 0
+        with torch.no_grad():
+            for t in tensors:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+
     def broadcast(self, tensors: Sequence, what: str = "the initial weights") -> None:
         """Rank 0's values into every rank's ``tensors`` (in place)."""
         if self.group is None or not tensors:
@@ -156,22 +165,7 @@ class Collective:
 
         flat = torch.cat([t.detach().reshape(-1) for t in tensors])
         self._call(what, lambda: dist.broadcast(flat, src=0))
-        offset = 0
-        with torch.no_grad():
-            for t in tensors:
-                t.copy_(flat[offset:offset + t.numel()].view_as(t))
-                offset += t.numel()
-
-    def root_value(self, value: int, what: str = "the run's seed") -> int:
-        """Rank 0's integer ``value`` on every rank."""
-        if self.group is None:
-            return value
-        import torch
-        import torch.distributed as dist
-
-        tensor = torch.tensor([value], dtype=torch.int64)
-        self._call(what, lambda: dist.broadcast(tensor, src=0))
-        return int(tensor.item())
+        self._unflatten(flat, tensors)
 
     def average(self, tensors: Sequence, what: str = "the gradient reduction") -> None:
         """Every rank's ``tensors`` replaced by their mean over the ranks (one flat all-reduce)."""
@@ -183,21 +177,28 @@ class Collective:
         flat = torch.cat([t.reshape(-1) for t in tensors])
         self._call(what, lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM))
         flat /= self.world.size
-        offset = 0
-        for t in tensors:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
+        self._unflatten(flat, tensors)
 
-    def maximum(self, value: int, what: str = "the stop check") -> int:
-        """The largest ``value`` over the ranks (how a stop request on any rank reaches them all)."""
+    def _integer(self, value: int, what: str, collective) -> int:
         if self.group is None:
             return value
         import torch
-        import torch.distributed as dist
 
         tensor = torch.tensor([value], dtype=torch.int64)
-        self._call(what, lambda: dist.all_reduce(tensor, op=dist.ReduceOp.MAX))
+        self._call(what, lambda: collective(tensor))
         return int(tensor.item())
+
+    def root_value(self, value: int, what: str = "the run's seed") -> int:
+        """Rank 0's integer ``value`` on every rank."""
+        import torch.distributed as dist
+
+        return self._integer(value, what, lambda tensor: dist.broadcast(tensor, src=0))
+
+    def maximum(self, value: int, what: str = "the stop check") -> int:
+        """The largest ``value`` over the ranks (how a stop request on any rank reaches them all)."""
+        import torch.distributed as dist
+
+        return self._integer(value, what, lambda tensor: dist.all_reduce(tensor, op=dist.ReduceOp.MAX))
 
     def in_turn(self, work, what: str):
         """``work()`` on each rank, one rank after the other (for files only one process may open at a
@@ -263,13 +264,3 @@ def parse_gpus(spec: str) -> List[int]:
     if not ids or any(i < 0 for i in ids) or len(set(ids)) != len(ids):
         raise ConfigError(f"--gpu {spec!r}: expected distinct device ids like 0 or 0,1, or 'all'")
     return ids
-
-
-def hostnames(nodelist: str) -> List[str]:
-    """Every host of a Slurm node list, through ``scontrol show hostnames`` when it is there."""
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             check=True).stdout
-        return [line for line in out.split() if line]
-    except (OSError, subprocess.CalledProcessError):
-        return [first_host(nodelist)]
