@@ -44,6 +44,7 @@ COMMANDS = {
     "run": "lymph_cv.commands.run:run",
     "inspect": "lymph_cv.commands.inspect:inspect",
     "stain": "lymph_cv.commands.stain:stain",
+    "slides": "lymph_cv.commands.slides:slides",
     "pycaffe-path": "lymph_cv.commands.pycaffe_path:pycaffe_path",
 }
 
@@ -71,6 +72,7 @@ SUMMARIES = {
                 "DB_heldout_K (eval/heldout_K/metrics.json)."),
     "import": "Import a published data set into a work directory (`import pcam DIR WORKDIR`).",
     "stain": "Stain normalisation: `stain fit` makes a target, `stain apply` normalises a folder.",
+    "slides": "Whole-slide images: `slides info SLIDE` describes one, `slides tissue SLIDE` finds its tissue.",
     "inspect": "Describe a caffemodel, solverstate, mean binaryproto, net/solver prototxt or LevelDB/LMDB.",
     "pycaffe-path": "Print the folder holding a `caffe` package for legacy scripts (put it on PYTHONPATH).",
 }
