@@ -123,3 +123,12 @@ def test_a_pyramidal_tiff_is_read_from_its_smallest_sufficient_level(tmp_path):
     assert found.mask.shape == (500, 500) and found.fraction == pytest.approx(0.25, abs=0.01)
     fractions = found.tile_fractions(512)
     assert np.allclose(fractions, np.pad(np.ones((2, 2)), 1), atol=0.02)
+
+
+def test_transparent_pixels_become_white_glass():
+    from PIL import Image
+
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[..., :3] = 100
+    rgba[..., 3] = [[255, 0], [128, 255]]
+    assert slides.rgb_of(Image.fromarray(rgba, "RGBA"))[..., 0].tolist() == [[100, 255], [177, 100]]

@@ -128,10 +128,14 @@ def format_info(info: SlideInfo) -> str:
 def rgb_of(region) -> np.ndarray:
     """An OpenSlide RGBA PIL image as RGB uint8, transparent pixels composited onto white."""
     rgba = np.asarray(region.convert("RGBA"), dtype=np.uint8)
-    alpha = rgba[..., 3:4].astype(np.uint16)
-    rgb = rgba[..., :3].astype(np.uint16)
-    # OpenSlide's PIL images are unpremultiplied RGBA: blend over white by alpha, rounded
-    return ((rgb * alpha + BACKGROUND * (255 - alpha) + 127) // 255).astype(np.uint8)
+    rgb = np.array(rgba[..., :3])
+    alpha = rgba[..., 3]
+    partial = alpha < 255
+    if partial.any():  # most regions are wholly scanned: blend only the pixels that are not
+        a = alpha[partial].astype(np.uint16)[:, None]
+        # OpenSlide's PIL images are unpremultiplied RGBA: blend over white by alpha, rounded
+        rgb[partial] = ((rgb[partial] * a + BACKGROUND * (255 - a) + 127) // 255).astype(np.uint8)
+    return rgb
 
 
 def level_for_side(slide, max_side: int) -> int:
