@@ -93,11 +93,13 @@ def combine(paths, out: Path) -> None:
     rows: dict = {}
     for path in paths:
         record = json.loads(Path(path).read_text())
-        rows.update(record["results"])
+        for name, results in record["results"].items():
+            rows.setdefault(name, []).extend(results)
         args = record["args"]
     order = [name for name in CONDITIONS if name in rows]
     rows = {name: rows[name] for name in order}
-    print(f"test site{args['test_site']}; {args['seeds']} seeds, {args['max_iter']} iterations, "
+    print(f"test site{args['test_site']}; {min(len(r) for r in rows.values())}-{max(len(r) for r in rows.values())} "
+          f"seeds, {args['max_iter']} iterations, "
           f"{args['per_class']} images per class")
     print_table(rows)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,6 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seed-list", default=None, help="run these seeds only, e.g. 1,2 (default: 0..seeds-1)")
     parser.add_argument("--max-iter", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--per-class", type=int, default=12, help="images per class (over 6 cases)")
@@ -129,9 +132,10 @@ def main() -> None:
     generate(data, per_class=args.per_class, cases_per_class=6, width=args.width, height=args.height, seed=0,
              workers=args.workers, sites=SITES)
     names = [n.strip() for n in args.conditions.split(",")]
+    seeds = [int(v) for v in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
     rows: dict = {}
     for name in names:
-        for seed in range(args.seeds):
+        for seed in seeds:
             result = run_condition(data, args.out, name, seed, args.test_site, args)
             rows.setdefault(name, []).append(result)
             print(f"{name:18s} seed {seed}: accuracy {result['accuracy']:.3f}, balanced {result['balanced_accuracy']:.3f}"
