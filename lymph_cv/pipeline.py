@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import time
@@ -38,6 +37,8 @@ from lymph_cv.core.devices import resolve_device
 from lymph_cv.core import faults
 from lymph_cv.core.locks import folder_lock
 from lymph_cv.core.fsutil import atomic_write_json, make_dirs, remove_stale_temporaries
+from lymph_cv.stages.sources import data_source
+from lymph_cv.workdir.records import RUN, read_record
 from lymph_cv.workdir.layout import (DB_TEST, DB_TRAIN, DEPLOY_NAME, EVAL_DIR, MANIFEST_NAME, MEAN_FILE, NET_NAME,
                              HEATMAP_DIR, PATCH_DIR, REPORT_HTML, REPORT_MD, RUN_JSON, SOLVER_NAME, SUPERSEDED_DIR,
                              TRAIN_KEY_JSON)
@@ -49,7 +50,6 @@ DATA_DIR = "data"
 STAGES = ("synth", "patches", "folds", "dbs", "render", "train", "evaluate", "report")
 EXECUTORS = ("local", "pbs", "slurm")
 #: Image suffixes whose files make up the input fingerprint.
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 
 
 @dataclass(frozen=True)
@@ -136,34 +136,21 @@ def _digest(obj) -> str:
 
 
 def input_fingerprint(data_dir: Path, classes: Sequence[str]) -> str:
-    """A digest of the class folders' image names, sizes and modification times."""
+    """A digest of the names, sizes and modification times of every file the data source's scan reads."""
     rows = []
-    for name in classes:
-        folder = data_dir / name
-        if not folder.is_dir():
-            continue
-        for path in sorted(folder.iterdir()):
-            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
-                stat = path.stat()
-                rows.append((name, path.name, stat.st_size, stat.st_mtime_ns))
+    for path in data_source().inputs(Path(data_dir), classes):
+        stat = path.stat()
+        rows.append((path.parent.name, path.name, stat.st_size, stat.st_mtime_ns))
     return _digest(rows)
 
 
 def load_record(workdir: Path) -> dict:
     """``run.json``, or an empty record when there is none yet."""
-    path = Path(workdir) / RUN_JSON
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    record = read_record(Path(workdir) / RUN_JSON, RUN)
+    if record is None:
         return {"stages": {}}
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"unreadable run record ({exc}); delete it to start over", path) from exc
-    if isinstance(record, dict):
-        record.setdefault("stages", {})
-    if not (isinstance(record, dict) and isinstance(record["stages"], dict)
-            and all(isinstance(stage, dict) for stage in record["stages"].values())):
-        raise ConfigError("not a lymph-cv run record (expected {\"stages\": {name: {...}}}); delete it to start over",
-                          path)
+    if record.get("stages") is None:
+        record["stages"] = {}
     return record
 
 
@@ -252,7 +239,7 @@ def _folds_params(o: RunOptions) -> dict:
 
 
 def _folds_complete(o: RunOptions) -> bool:
-    from lymph_cv.stages.folds import list_folds
+    from lymph_cv.workdir.lists import list_folds
 
     return set(o.fold_list) <= set(list_folds(o.workdir))
 
@@ -576,7 +563,7 @@ def check_options(o: RunOptions) -> None:
         if o.stain_target is not None and not Path(o.stain_target).is_file():
             raise ConfigError("no such file (a stain record or an image)", o.stain_target)
     # Checked here, not hours later when training or evaluation first uses them.
-    from lymph_cv.stages.evaluate import parse_aggregate
+    from lymph_cv.stages.aggregate import parse_aggregate
     from lymph_cv.stages.render import resolve_variables
 
     resolve_variables(training_overrides(o))  # --set KEY=VALUE: known keys, values of their type

@@ -469,7 +469,7 @@ def test_workdir_records_of_the_wrong_shape_are_one_error(tmp_path):
     from lymph_cv.stages.evaluate import workdir_info
 
     (tmp_path / "folds.json").write_text("[]")
-    with pytest.raises(InputError, match=r"folds.json: expected a JSON object"):
+    with pytest.raises(InputError, match=r"folds.json: not a folds.json written by `lymph-cv folds`"):
         workdir_info(tmp_path)
 
 

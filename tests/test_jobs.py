@@ -71,7 +71,8 @@ def configured(tmp_path: Path) -> Path:
     workdir = tmp_path / "work"
     for fold in range(1, FOLDS + 1):
         (workdir / str(fold)).mkdir(parents=True)
-        (workdir / f"test_w32_{fold}.txt").write_text("")
+        for side in ("train", "test"):
+            (workdir / f"{side}_w32_{fold}.txt").write_text("")
         jobs.solver_path(workdir, fold).write_text('net: "net.prototxt"\n')
     return workdir
 

@@ -37,6 +37,8 @@ from lymph_cv.errors import SIGNAL_EXIT_BASE, ConfigError, SchedulerError
 from lymph_cv.core.fsutil import atomic_write_json, atomic_write_text, pid_alive
 from lymph_cv.core.resources import job_template_dir
 from lymph_cv.workdir.layout import JOBS_JSON
+from lymph_cv.workdir.lists import require_folds
+from lymph_cv.workdir.records import JOBS, RecordError, read_cache, read_record
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +259,7 @@ def evaluate_spec(workdir: Path, scheduler: str, folds: Optional[Sequence[int]] 
                   args: Sequence[str] = ()) -> JobSpec:
     """The evaluation job: ``lymph-cv evaluate WORKDIR -k K ARGS…`` per fold, then ``lymph-cv report``."""
     directory = Path(workdir).resolve()
-    folds = list(folds) if folds else render.fold_numbers(directory)
+    folds = list(folds) if folds else require_folds(directory)
     evaluations = tuple((EVALUATE_TASK, str(directory), "-k", str(fold), *args) for fold in folds)
     return JobSpec(
         task=EVALUATE_TASK, fold=None, directory=directory, name="EVAL_TASK",
@@ -406,13 +408,13 @@ def _locked(workdir: Path) -> Iterator[None]:
 def load_jobs(workdir: Path) -> List[JobRecord]:
     """The recorded jobs (empty when nothing was submitted)."""
     path = Path(workdir) / JOBS_FILE
-    if not path.is_file():
+    data = read_record(path, JOBS)
+    if data is None:
         return []
     try:
-        data = json.loads(path.read_text())
         return [JobRecord(**entry) for entry in data["jobs"]]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"not a lymph-cv jobs file ({exc})", path) from exc
+    except (KeyError, TypeError) as exc:
+        raise RecordError(f"{JOBS.refusal} ({exc})", path) from exc
 
 
 def _save_jobs(workdir: Path, records: List[JobRecord]) -> None:
@@ -493,7 +495,7 @@ def submit_folds(workdir: Path, scheduler: str, folds: Optional[Sequence[int]] =
     options.validate()
     if not workdir.is_dir():
         raise ConfigError("work directory not found", workdir)
-    folds = list(folds) if folds else render.fold_numbers(workdir)
+    folds = list(folds) if folds else require_folds(workdir)
     _ensure_configs(workdir, folds)
     done = {r.fold: r for r in load_jobs(workdir) if r.task == TRAIN_TASK}
     if array and scheduler == "local":
@@ -712,9 +714,8 @@ def _local_submit(workdir: Path, spec: JobSpec, options: JobOptions) -> str:
 
 def _local_state(workdir: Path, job_id: str) -> Optional[str]:
     path = Path(workdir).resolve() / LOCAL_DIR / f"{job_id}.json"
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError):
+    state = read_cache(path)
+    if state is None:
         return None
     if state.get("state") in (PENDING, RUNNING) and "pid" in state and not pid_alive(state["pid"]):
         return FAILED  # the worker died without recording an end
@@ -722,10 +723,7 @@ def _local_state(workdir: Path, job_id: str) -> Optional[str]:
 
 
 def _write_local_state(path: Path, **values) -> None:
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError):
-        state = {}
+    state = read_cache(path) or {}
     state.update(values)
     atomic_write_json(path, state)
 

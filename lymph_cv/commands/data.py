@@ -8,6 +8,7 @@ import click
 
 from lymph_cv.commands.options import WORKERS
 from lymph_cv import DEFAULT_CLASSES
+from lymph_cv.commands.options import classes_option
 from lymph_cv.core.grid import WINDOW_SIZE, WINDOW_STEP
 from lymph_cv.commands.stain import resolve as resolve_stain
 from lymph_cv.commands.stain import stain_options
@@ -32,18 +33,11 @@ def _counts(ctx: click.Context, param: click.Parameter, value: Optional[str]):
     return numbers[0] if len(numbers) == 1 else numbers
 
 
-def _classes(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
-    names = [part.strip() for part in value.split(",") if part.strip()]
-    if len(names) < 2 or len(set(names)) != len(names):
-        raise click.BadParameter(f"expected at least two distinct comma-separated class names, got {value!r}")
-    return names
-
-
 _CLASSES = click.option(
     "--classes",
     default=",".join(DEFAULT_CLASSES),
     show_default=True,
-    callback=_classes,
+    callback=classes_option,
     help="Class folders in label order (label = position).",
 )
 

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+
 
 import click
 
-from lymph_cv.commands.options import DEVICE
-from lymph_cv.stages.evaluate import (AGGREGATE_CHOICES, DEFAULT_BATCH_SIZES, MEAN_MODES, evaluate_fold, fold_output_dir,
-                               parse_aggregate)
+from lymph_cv.commands.options import DEVICE, classes_option
+from lymph_cv.stages.aggregate import aggregation_choices, parse_aggregate
+from lymph_cv.stages.evaluate import DEFAULT_BATCH_SIZES, MEAN_MODES, evaluate_fold, fold_output_dir
 from lymph_cv.commands.stain import stain_for_evaluation, stain_options
 from lymph_cv.core import faults
 from lymph_cv.core.fsutil import check_writable
@@ -29,16 +29,6 @@ def _aggregate(ctx, param, value: str):
         raise click.BadParameter(exc.detail, ctx=ctx, param=param) from exc
 
 
-def _classes(ctx, param, value: Optional[str]):
-    if value is None:
-        return None
-    names = [name.strip() for name in value.split(",")]
-    if len(names) < 2 or not all(names) or len(set(names)) != len(names):
-        raise click.BadParameter("expected two or more distinct comma-separated class names, e.g. CLL,FL,MCL",
-                                 ctx=ctx, param=param)
-    return names
-
-
 @click.command()
 @click.argument("workdir", type=_DIR)
 @click.option("--fold", "-k", type=click.IntRange(min=1), required=True, help="Fold K to evaluate.")
@@ -48,7 +38,7 @@ def _classes(ctx, param, value: Optional[str]):
 @click.option("--mean", type=_FILE, help="Mean .binaryproto [default: WORKDIR/DB_train_w32_K.binaryproto].")
 @click.option("--parent-list", type=_FILE, help="Test images, one per line [default: WORKDIR/test_w32_parent_K.txt].")
 @click.option("--images", type=_DIR, help="Folder the parent list's entries are under [default: the data folder in WORKDIR/subs/manifest.json].")
-@click.option("--classes", callback=_classes, help="Class names in label order, e.g. CLL,FL,MCL [default: from the workdir, else the parent list's class folders sorted].")
+@click.option("--classes", callback=classes_option, help="Class names in label order, e.g. CLL,FL,MCL [default: from the workdir, else the parent list's class folders sorted].")
 @click.option("--skip-missing", is_flag=True, help="Evaluate the listed images that exist, skipping (and recording) the others.")
 @click.option("--out", type=_DIR, help="Output folder [default: WORKDIR/eval/fold_K].")
 @click.option("--device", type=DEVICE, default="cpu", show_default=True, help="torch device (auto: CUDA when available).")
@@ -57,7 +47,7 @@ def _classes(ctx, param, value: Optional[str]):
 @click.option("--mean-mode", type=click.Choice(MEAN_MODES), default="resize", show_default=True,
               help="resize: the tutorial pycaffe's mean resized to the net input; crop: training's mean at each crop's offset.")
 @click.option("--aggregate", default="vote", show_default=True, callback=_aggregate,
-              help=f"Window probabilities → image label: {', '.join(AGGREGATE_CHOICES)}.")
+              help=f"Window probabilities → image label: {', '.join(aggregation_choices())}.")
 @click.option("--window", type=click.IntRange(min=2), help="Window size [default: the manifest's patch size, else 36].")
 @click.option("--stride", type=click.IntRange(min=1), help="Window grid step [default: the manifest's step, else 32].")
 @click.option("--batch-size", type=click.IntRange(min=1),

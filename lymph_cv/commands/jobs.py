@@ -10,7 +10,7 @@ import click
 from lymph_cv.commands.options import WORKERS
 from lymph_cv.cluster import jobs as jobs_module
 # The same --folds syntax and checks as `lymph-cv render`.
-from lymph_cv.commands.render import _folds
+from lymph_cv.commands.options import folds_option
 from lymph_cv.errors import SchedulerError
 
 _WORKDIR = click.argument("workdir", type=click.Path(exists=True, file_okay=False, path_type=Path))
@@ -25,7 +25,7 @@ def _shown(submission: jobs_module.Submission) -> str:
 @_WORKDIR
 @click.option("--scheduler", type=click.Choice(jobs_module.SCHEDULERS), required=True,
               help="Torque/PBS (qsub), Slurm (sbatch) or a local worker pool.")
-@click.option("--folds", callback=_folds, default=None, help="Folds to submit, e.g. 1-5 or 1,3 (default: all).")
+@click.option("--folds", callback=folds_option, default=None, help="Folds to submit, e.g. 1-5 or 1,3 (default: all).")
 @click.option("--dry-run", is_flag=True, help="Write the job scripts and print the commands; submit nothing.")
 @click.option("--walltime", default=jobs_module.DEFAULT_WALLTIME, show_default=True, help="[D-]HH:MM:SS per job.")
 @click.option("--queue", default=None, help="PBS queue / Slurm partition.")

@@ -1,10 +1,16 @@
-"""Option types shared by the commands, so that one meaning takes one type everywhere."""
+"""Option types and callbacks shared by the commands, so that one meaning takes one type everywhere (each
+callback wraps the library's one parser)."""
 from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
 
 import click
 from click.shell_completion import CompletionItem
 
 from lymph_cv.core.devices import DEVICE_CHOICES, DEVICE_HELP
+from lymph_cv.core.options import parse_fold_spec, parse_pairs
+from lymph_cv.errors import ConfigError
+from lymph_cv.workdir.layout import parse_class_names
 
 
 class DeviceType(click.ParamType):
@@ -29,3 +35,25 @@ class DeviceType(click.ParamType):
 DEVICE = DeviceType()
 #: Processes for a stage: 0 (or not given) means one per core.
 WORKERS = click.IntRange(min=0)
+
+
+def _callback(parse: Callable, none_passes: bool = True) -> Callable:
+    def callback(ctx: click.Context, param: click.Parameter, value):
+        if value is None and none_passes:
+            return None
+        try:
+            return parse(value)
+        except ConfigError as exc:
+            raise click.BadParameter(exc.detail, ctx=ctx, param=param) from None
+    return callback
+
+
+#: ``--folds 1-5`` / ``1,3`` → sorted fold numbers (None when not given).
+folds_option = _callback(parse_fold_spec)
+#: ``--classes CLL,FL,MCL`` → the class names in label order (None when not given).
+classes_option = _callback(parse_class_names)
+
+
+def pairs_option(ctx: click.Context, param: click.Parameter, values: Sequence[str]) -> Optional[dict]:
+    """Repeated ``--set KEY=VALUE`` → dict."""
+    return _callback(lambda pairs: parse_pairs(pairs, f"--{param.name}"))(ctx, param, values)

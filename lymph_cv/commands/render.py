@@ -6,21 +6,11 @@ from typing import Optional, Sequence
 
 import click
 
-from lymph_cv.commands.options import DEVICE
+from lymph_cv.commands.options import DEVICE, folds_option
 from lymph_cv.commands.training_options import augmentation_options, augmentation_overrides
 from lymph_cv.commands.stain import stain_augment_options, stain_augment_overrides
-from lymph_cv.errors import ConfigError
 from lymph_cv.net.archs import ARCHS, DEFAULT_ARCH, STEMS, arch_names
 from lymph_cv.stages import render as render_module
-
-
-def _folds(ctx: click.Context, param: click.Parameter, value: Optional[str]):
-    if value is None:
-        return None
-    try:
-        return render_module.parse_fold_spec(value)
-    except ConfigError as exc:
-        raise click.BadParameter(exc.detail) from None
 
 
 def _set_help() -> str:
@@ -30,7 +20,7 @@ def _set_help() -> str:
 
 @click.command()
 @click.argument("workdir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--folds", callback=_folds, default=None, help="Folds to render, e.g. 1-5 or 1,3 (default: all).")
+@click.option("--folds", callback=folds_option, default=None, help="Folds to render, e.g. 1-5 or 1,3 (default: all).")
 @click.option("--arch", type=click.Choice(arch_names()), default=DEFAULT_ARCH, show_default=True,
               help="Network: " + "; ".join(f"{name}: {ARCHS[name].description}" for name in arch_names()) + ".")
 @click.option("--stem", type=click.Choice(STEMS), default=None,

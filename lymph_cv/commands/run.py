@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import click
 
-from lymph_cv.commands.options import DEVICE, WORKERS
-from lymph_cv.commands.render import _folds
+from lymph_cv.commands.options import DEVICE, WORKERS, classes_option, folds_option, pairs_option
 from lymph_cv.commands.training_options import augmentation_options, augmentation_overrides
 from lymph_cv.commands.stain import method_params, stain_augment_options, stain_augment_overrides, stain_options
 from lymph_cv.net.archs import DEFAULT_ARCH, STEMS, arch_names
@@ -21,33 +20,15 @@ log = logging.getLogger(__name__)
 DEMO_MAX_ITER = 300
 
 
-def _pairs(ctx, param, values: Sequence[str]) -> dict:
-    pairs = {}
-    for value in values:
-        key, sep, text = value.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"expected key=value, got {value!r}", ctx=ctx, param=param)
-        pairs[key.strip()] = text.strip()
-    return pairs
-
-
-def _classes(ctx, param, value: str):
-    names = [name.strip() for name in value.split(",")]
-    if len(names) < 2 or not all(names) or len(set(names)) != len(names):
-        raise click.BadParameter("expected two or more distinct comma-separated class folders, e.g. CLL,FL,MCL",
-                                 ctx=ctx, param=param)
-    return tuple(names)
-
-
 @click.command()
 @click.argument("workdir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--data", type=click.Path(file_okay=False, path_type=Path),
               help="Images, one sub-folder per class [default with --demo: WORKDIR/data, generated].")
 @click.option("--demo", is_flag=True, help="Generate a small synthetic data set and train briefly (the quickstart).")
-@click.option("--classes", default="CLL,FL,MCL", show_default=True, callback=_classes,
+@click.option("--classes", default="CLL,FL,MCL", show_default=True, callback=classes_option,
               help="Class folders in label order.")
 @click.option("--k", type=click.IntRange(min=2), default=5, show_default=True, help="Number of folds.")
-@click.option("--folds", callback=_folds, default=None, help="Only these folds, e.g. 1-5 or 1,3 (default: all).")
+@click.option("--folds", callback=folds_option, default=None, help="Only these folds, e.g. 1-5 or 1,3 (default: all).")
 @click.option("--group-by", type=click.Choice(["image", "case", "site"]), default="image", show_default=True,
               help="image: the tutorial's split; case: all images of a patient on one side; "
                    "site: fold K holds out site K (synth --sites; --k = the number of sites).")
@@ -61,7 +42,7 @@ def _classes(ctx, param, value: str):
               help="Network from the architecture registry (see `lymph-cv render --help`).")
 @click.option("--stem", type=click.Choice(STEMS), default=None,
               help="ResNet stem (default: by patch size, cifar below 96 px, imagenet from 96).")
-@click.option("--set", "overrides", multiple=True, callback=_pairs, metavar="KEY=VALUE",
+@click.option("--set", "overrides", multiple=True, callback=pairs_option, metavar="KEY=VALUE",
               help="Template variable for the rendered solver/net (see `lymph-cv render --help`); repeatable.")
 @click.option("--device", type=DEVICE, default="cpu", show_default=True, help="Training and evaluation (auto: CUDA when available).")
 @click.option("--executor", type=click.Choice(EXECUTORS), default="local", show_default=True,

@@ -12,7 +12,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterator, Union
 
 from lymph_cv.core import faults
 from lymph_cv.errors import InputError, LymphCVError
@@ -166,20 +166,6 @@ def atomic_write_text(path: PathLike, text: str) -> None:
 def atomic_write_json(path: PathLike, obj: Any) -> None:
     """Write ``obj`` as indented, key-sorted JSON (with a final newline) atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def read_json_object(path: PathLike) -> Optional[dict]:
-    """The JSON object in ``path``, ``None`` when the file is absent; an unreadable or damaged one
-    (or one that holds no object) is an InputError naming it."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read JSON ({exc})", path) from exc
-    if not isinstance(data, dict):
-        raise InputError("expected a JSON object as the earlier stage writes it", path)
-    return data
 
 
 def pid_alive(pid) -> bool:

@@ -22,7 +22,7 @@ from lymph_cv.formats.caffe.blob import array_to_blob, blob_shape, has_legacy_di
 from lymph_cv.formats.caffe.datum import array_to_datum as _array_to_datum
 from lymph_cv.formats.caffe.datum import datum_to_array
 from lymph_cv.core.images import read_unit
-from lymph_cv.errors import ConfigError, InputError
+from lymph_cv.errors import ConfigError
 
 __all__ = ["caffe_pb2", "load_image", "resize_image", "oversample", "Transformer", "blobproto_to_array",
            "array_to_blobproto", "arraylist_to_blobprotovector_str", "blobprotovector_str_to_arraylist",

@@ -40,7 +40,6 @@ from lymph_cv.formats.caffe.blob import write_mean
 from lymph_cv.formats.caffe.datum import encoded_datum, raw_pixel_offset, serialize_datum, serialize_datums
 from lymph_cv.formats.caffe.mean import MEAN_PROGRESS_EVERY, MeanAccumulator, channel_means, mean_of_db  # noqa: F401
 from lymph_cv.errors import ConfigError, InputError, LymphCVError, StoreError
-from lymph_cv.stages.folds import FOLDS_JSON, TEST_LIST, TRAIN_LIST, list_folds, read_list_text
 from lymph_cv.core.fsutil import atomic_write_json, remove_path, remove_stale_temporaries, temp_sibling
 from lymph_cv.stages.patches import (
     MANIFEST_NAME, BadInputs, Manifest, SourceImage, extract, load_manifest, patch_count, read_for_patches,
@@ -49,9 +48,12 @@ from lymph_cv.core import faults
 from lymph_cv.core.images import read_gray, read_image
 from lymph_cv.core.memory import available_memory
 from lymph_cv.core.workers import fork_available, imap
-from lymph_cv.workdir.layout import DB_TEST, DB_TRAIN, DBS_JSON, FOLD_STAIN_RECORD, MEAN_FILE, PATCH_DIR, TRAIN_PARENT
+from lymph_cv.workdir.layout import (DB_TEST, DB_TRAIN, DBS_JSON, FOLD_STAIN_RECORD, FOLDS_JSON, MEAN_FILE, PATCH_DIR, TEST_LIST,
+                                     TRAIN_LIST, TRAIN_PARENT)
 from lymph_cv.stages.stain import StainRecord, StainTransform, fit_record, write_record
 from lymph_cv.stages.stain import hook as stain_hook
+from lymph_cv.workdir.records import FOLDS, read_cache, read_record
+from lymph_cv.workdir.lists import ListEntry, list_folds, read_labelled_list, read_list_lines
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +67,6 @@ _PATCH_NAME = re.compile(r"^(?P<stem>.+)_sub_(?P<index>\d+)\.[A-Za-z0-9]+$")
 
 
 # --------------------------------------------------------------------------- lists
-
-
-@dataclass(frozen=True)
-class ListEntry:
-    """One list line: the file name (relative to the root), its label, its line number."""
-
-    name: str
-    label: int
-    line: int
 
 
 def check_relative(name: str) -> bool:
@@ -91,34 +84,18 @@ def read_image_list(path: Union[str, os.PathLike], num_labels: Optional[int] = N
     ``0 .. num_labels-1`` (when given) or a name escaping the root is an InputError naming the
     file and line.
     """
-    text = read_list_text(path)
-    entries = []
-    for number, line in enumerate(text.splitlines(), 1):
-        parts = line.rsplit(None, 1)  # the last run of whitespace (TAB or spaces)
-        if not parts:
-            continue
-        try:
-            if len(parts) != 2 or not _LABEL.fullmatch(parts[1]):
-                raise ValueError
-            label = int(parts[1])
-        except ValueError:
-            raise InputError(f"line {number}: expected '<file><TAB or space><integer label>', "
-                             f"got {line.strip()!r}", path) from None
-        if not -2**31 <= label < 2**31:
-            raise InputError(f"line {number}: label {label} does not fit Caffe's int32 label", path)
-        name = parts[0].strip()
-        if num_labels is not None and not 0 <= label < num_labels:
-            raise InputError(f"line {number}: label {label} is outside the {num_labels} classes (0..{num_labels - 1})", path)
-        if not check_relative(name):
-            raise InputError(f"line {number}: {name!r} must be a relative path inside the root folder", path)
-        entries.append(ListEntry(name, label, number))
+    entries = read_labelled_list(path)
+    for entry in entries:
+        if num_labels is not None and not 0 <= entry.label < num_labels:
+            raise InputError(f"line {entry.line}: label {entry.label} is outside the {num_labels} classes "
+                             f"(0..{num_labels - 1})", path)
+        if not check_relative(entry.name):
+            raise InputError(f"line {entry.line}: {entry.name!r} must be a relative path inside the root folder", path)
     if not entries:
         raise InputError("list is empty, expected '<file> <label>' lines", path)
     return entries
 
 
-#: A label as Caffe's atoi-era lists hold it: ASCII digits, optionally signed (no '1_0', no '٣').
-_LABEL = re.compile(r"[+-]?[0-9]+")
 
 
 def shuffled_order(count: int, seed: Optional[int]) -> np.ndarray:
@@ -429,18 +406,7 @@ def _build_from_files(task: _DbTask) -> DbResult:
 
 
 def _folds_record(workdir: Path) -> dict:
-    path = workdir / FOLDS_JSON
-    if not path.is_file():
-        return {}
-    try:
-        record = json.loads(path.read_text())
-    except ValueError as exc:
-        raise InputError(f"not JSON ({exc})", path) from exc
-    fields = {"classes": list, "list_root": str, "manifest": str}
-    if not isinstance(record, dict) or any(
-            record.get(name) is not None and not isinstance(record[name], kind) for name, kind in fields.items()):
-        raise InputError("not a folds.json written by `lymph-cv folds`", path)
-    return record
+    return read_record(workdir / FOLDS_JSON, FOLDS) or {}
 
 
 def _list_signature(path: Path) -> dict:
@@ -607,7 +573,7 @@ def _fold_stains(workdir: Path, folds: Sequence[int], images, record: dict, meth
             fitted = target
         else:
             parents = workdir / TRAIN_PARENT.format(fold=fold)
-            names = [line.strip() for line in read_list_text(parents).splitlines() if line.strip()]
+            names = read_list_lines(parents)
             if not names:
                 raise InputError("no training images to fit the stain target on", parents)
             log.info("dbs: fitting the %s stain target of fold %d on its %d training images", method, fold, len(names))
@@ -627,10 +593,7 @@ def store_kind(path: Path) -> Optional[str]:
 
 
 def _read_dbs_json(workdir: Path) -> dict:
-    try:
-        record = json.loads((workdir / DBS_JSON).read_text())
-    except (OSError, ValueError):
-        return {}
+    record = read_cache(workdir / DBS_JSON) or {}
     # Anything else than our record: nothing is known to be current (databases are rebuilt or refused).
     return record if isinstance(record, dict) and isinstance(record.get("dbs", {}), dict) else {}
 

@@ -21,16 +21,13 @@ is subtracted.  Two mean conventions (``mean_mode``):
 from __future__ import annotations
 
 import logging
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
-import cv2
 import numpy as np
 
-from lymph_cv.core.fsutil import read_json_object
 from lymph_cv.core.progress import Progress
 from lymph_cv.core.devices import resolve_device
 from lymph_cv.core.grid import WINDOW_SIZE, WINDOW_STEP, window_grid
@@ -42,7 +39,11 @@ from lymph_cv.workdir.layout import DEPLOY_NAME, EVAL_DIR, FOLDS_JSON, MANIFEST_
 from lymph_cv.workdir.layout import EVAL_FOLD_DIR as FOLD_DIR_TEMPLATE
 from lymph_cv.workdir.layout import MEAN_FILE as MEAN_TEMPLATE
 from lymph_cv.workdir.layout import TEST_PARENT as PARENT_LIST_TEMPLATE
+from lymph_cv.stages.aggregate import Aggregate, aggregate_scores, parse_aggregate, vote_counts
 from lymph_cv.stages.report import confusion_matrix
+from lymph_cv.workdir.records import FOLDS, read_record
+from lymph_cv.workdir.snapshots import snapshot_series
+from lymph_cv.workdir.records import MANIFEST as MANIFEST_RECORD
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,6 @@ PathLike = Union[str, Path]
 #: Extension the tutorial appends to every parent-list entry.
 IMAGE_SUFFIX = ".tif"
 MEAN_MODES = ("resize", "crop")
-AGGREGATE_CHOICES = ("vote", "mean", "topk:K")
 #: pycaffe's oversampling: 4 corners and the centre, then the same 5 mirrored left-right.
 OVERSAMPLE_CROPS = 10
 #: Crops per forward call by device type: on a CPU small batches stay in cache (measured best
@@ -63,7 +63,6 @@ RAW_SCALE = 255.0
 CHANNEL_SWAP = (2, 1, 0)
 
 MANIFEST = Path(PATCH_DIR) / MANIFEST_NAME
-_SNAPSHOT = re.compile(r"_iter_(\d+)\.caffemodel$")
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -175,46 +174,7 @@ def load_image(path: PathLike, transform: Optional[ColourTransform] = None) -> n
     return np.ascontiguousarray(values.transpose(2, 0, 1))
 
 
-# ----------------------------------------------------------------------------- aggregation
-@dataclass(frozen=True)
-class Aggregate:
-    """How window probabilities become an image label: ``vote``, ``mean`` or ``topk`` (with ``k``)."""
-
-    kind: str
-    k: int = 0
-
-    def __str__(self) -> str:
-        return f"topk:{self.k}" if self.kind == "topk" else self.kind
-
-
-def parse_aggregate(text: str) -> Aggregate:
-    """``"vote"``, ``"mean"`` or ``"topk:K"`` (K ≥ 1) as an :class:`Aggregate`."""
-    match = re.fullmatch(r"topk:(\d+)", text)
-    if match and int(match.group(1)) >= 1:
-        return Aggregate("topk", int(match.group(1)))
-    if text in ("vote", "mean"):
-        return Aggregate(text)
-    raise ConfigError(f"unknown aggregation {text!r}", valid=AGGREGATE_CHOICES)
-
-
-def vote_counts(window_probs: np.ndarray, n_classes: int) -> np.ndarray:
-    """Votes per class: each window votes for its argmax (ties → the lowest class index)."""
-    return np.bincount(np.argmax(window_probs, axis=1), minlength=n_classes).astype(np.int64)
-
-
-def aggregate_scores(window_probs: np.ndarray, aggregate: Aggregate) -> np.ndarray:
-    """Per-class image scores: vote fractions, mean probabilities, or the mean of each class's K
-    highest window probabilities (the multiple-instance view)."""
-    n_windows, n_classes = window_probs.shape
-    if aggregate.kind == "vote":
-        return vote_counts(window_probs, n_classes) / float(n_windows)
-    if aggregate.kind == "mean":
-        return window_probs.mean(axis=0, dtype=np.float64)
-    k = min(aggregate.k, n_windows)
-    top = -np.partition(-window_probs, k - 1, axis=0)[:k]
-    return top.mean(axis=0, dtype=np.float64)
-
-
+# ----------------------------------------------------------------------------- decision
 def decide(scores: np.ndarray) -> int:
     """The winning class: argmax, ties to the lowest index (the tutorial's ``np.argmax``)."""
     return int(np.argmax(scores))
@@ -405,16 +365,16 @@ def latest_snapshot(folder: PathLike) -> Path:
     """The ``*_iter_N.caffemodel`` with the highest N in ``folder``; of several snapshot series (the
     plain and the dropout net), the one the fold's rendered solver names, else an InputError."""
     folder = Path(folder)
-    found = [(int(m.group(1)), p) for p in folder.glob("*.caffemodel") if (m := _SNAPSHOT.search(p.name))]
-    if not found:
+    series = snapshot_series(folder, "caffemodel")
+    if not series:
         raise InputError("no snapshot *_iter_N.caffemodel found (train the fold or pass --model)", folder)
-    series = {p.name[:_SNAPSHOT.search(p.name).start()] for _, p in found}
     if len(series) > 1:
         prefix = _solver_prefix(folder)
         if prefix not in series:
             raise InputError(f"snapshots of several nets ({', '.join(sorted(series))}); pass --model", folder)
-        found = [(n, p) for n, p in found if p.name[:_SNAPSHOT.search(p.name).start()] == prefix]
-    return max(found)[1]
+        series = {prefix: series[prefix]}
+    (found,) = series.values()
+    return found[max(found)]
 
 
 def _solver_prefix(folder: Path) -> Optional[str]:
@@ -431,15 +391,13 @@ def _solver_prefix(folder: Path) -> Optional[str]:
         return None
 
 
-
-
 def workdir_info(workdir: PathLike) -> dict:
     """What the earlier stages recorded (``folds.json`` and the manifest it names, by default
     ``subs/manifest.json``): ``classes``, ``images`` (the data folder), ``window`` (patch size)
     and ``stride`` (grid step), where known."""
     workdir = Path(workdir)
-    folds = read_json_object(workdir / FOLDS_JSON) or {}
-    manifest = read_json_object(workdir / folds.get("manifest", MANIFEST)) or {}
+    folds = read_record(workdir / FOLDS_JSON, FOLDS) or {}
+    manifest = read_record(workdir / folds.get("manifest", MANIFEST), MANIFEST_RECORD) or {}
     found = {
         "classes": manifest.get("classes") or folds.get("classes"),
         "images": manifest.get("data_dir") or folds.get("data_dir"),

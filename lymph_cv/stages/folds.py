@@ -13,11 +13,10 @@ image's patches in number order.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -28,14 +27,14 @@ from lymph_cv.errors import ConfigError, FormatError, InputError
 from lymph_cv.core.fsutil import atomic_write_json, atomic_write_text, make_dirs
 from lymph_cv.stages.synth import read_case_sites
 from lymph_cv.stages.patches import DEFAULT_CASE_REGEX, ImageEntry, Manifest, case_of, compile_case_regex, load_manifest
-from lymph_cv.workdir.layout import FOLDS_JSON, TEST_LIST, TEST_PARENT, TRAIN_LIST, TRAIN_PARENT
+from lymph_cv.workdir.layout import FOLDS_JSON, LIST_PATTERN, PARENT_PATTERN, TEST_LIST, TEST_PARENT, TRAIN_LIST, TRAIN_PARENT
+from lymph_cv.workdir.records import FOLDS, read_record
+from lymph_cv.workdir.lists import list_folds, parent_list_folds, read_list_lines  # noqa: F401 - list_folds: the folds' API
 
 log = logging.getLogger(__name__)
 
 GROUP_BY = ("image", "case", "site")
 DEFAULT_K = 5
-_PARENT_PATTERN = re.compile(r"^(train|test)_w32_parent_(\d+)\.txt$")
-_LIST_PATTERN = re.compile(r"^(train|test)_w32_(\d+)\.txt$")
 _LABEL_PATTERN = re.compile(rb"\s(-?\d+)\r?\n")
 
 
@@ -207,39 +206,6 @@ def make_site_folds(
     return fold_set
 
 
-def read_list_text(path: Union[str, os.PathLike]) -> str:
-    """A list file's text (InputError naming the file when it is missing or unreadable)."""
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise InputError("list file not found", path) from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read list file ({exc})", path) from exc
-
-
-def read_list_lines(path: Union[str, os.PathLike]) -> list[str]:
-    """Non-empty, stripped lines of a text list."""
-    return [line.strip() for line in read_list_text(path).splitlines() if line.strip()]
-
-
-def parent_list_folds(parent_dir: Union[str, os.PathLike]) -> list[int]:
-    """Fold numbers that have both a train and a test parent list in ``parent_dir``."""
-    parent_dir = Path(parent_dir)
-    if not parent_dir.is_dir():
-        raise InputError("no such folder; expected train_w32_parent_K.txt / test_w32_parent_K.txt lists", parent_dir)
-    sides: dict[int, set[str]] = defaultdict(set)
-    for name in os.listdir(parent_dir):
-        match = _PARENT_PATTERN.match(name)
-        if match:
-            sides[int(match.group(2))].add(match.group(1))
-    incomplete = sorted(f for f, s in sides.items() if len(s) < 2)
-    if incomplete:
-        raise InputError(f"fold {incomplete[0]} has only one of its train/test parent lists", parent_dir)
-    if not sides:
-        raise InputError("no train_w32_parent_K.txt / test_w32_parent_K.txt lists found", parent_dir)
-    return sorted(sides)
-
-
 def _resolve_parent(line: str, number: int, path: Path, by_name: dict[str, ImageEntry]) -> ImageEntry:
     if "/" not in line:
         raise InputError(f"line {number}: {line!r} is not CLASS/file.tif", path)
@@ -317,7 +283,7 @@ def _remove_other_folds(out: Path, keep: set) -> None:
     """Delete the lists of folds an earlier run with a larger k wrote (``dbs`` and ``render``
     take every fold with lists, so a stale fold 5 next to a new 4-fold split would be built)."""
     for name in sorted(os.listdir(out)):
-        match = _LIST_PATTERN.match(name) or _PARENT_PATTERN.match(name)
+        match = LIST_PATTERN.match(name) or PARENT_PATTERN.match(name)
         if match and int(match.group(2)) not in keep:
             (out / name).unlink()
             log.info("folds: removed %s (not a fold of this split)", out / name)
@@ -404,15 +370,7 @@ def check_folds(directory: Union[str, os.PathLike], case_regex: Optional[str] = 
     the patch lists when present.
     """
     directory = Path(directory)
-    record = {}
-    if (directory / FOLDS_JSON).is_file():
-        try:
-            record = json.loads((directory / FOLDS_JSON).read_text())
-        except (ValueError, OSError) as exc:
-            raise FormatError(f"not JSON ({exc})", directory / FOLDS_JSON) from exc
-        if (not isinstance(record, dict) or not isinstance(record.get("case_regex", ""), str)
-                or not isinstance(record.get("classes", []), list)):
-            raise FormatError("not a folds.json written by `lymph-cv folds`", directory / FOLDS_JSON)
+    record = read_record(directory / FOLDS_JSON, FOLDS) or {}
     if case_regex:
         regex = compile_case_regex(case_regex)
     else:
@@ -482,17 +440,6 @@ def format_check(report: CheckReport) -> str:
         lines.append(f"{len(report.tested_twice)} image(s) in several test folds, e.g. {report.tested_twice[0]}")
     lines.append("leaks: " + ("yes" if report.leaks else "none"))
     return "\n".join(lines)
-
-
-def list_folds(workdir: Union[str, os.PathLike]) -> list[int]:
-    """Fold numbers whose ``train_w32_K.txt`` and ``test_w32_K.txt`` both exist in ``workdir``."""
-    workdir = Path(workdir)
-    sides: dict[int, set[str]] = defaultdict(set)
-    for name in os.listdir(workdir) if workdir.is_dir() else []:
-        match = _LIST_PATTERN.match(name)
-        if match:
-            sides[int(match.group(2))].add(match.group(1))
-    return sorted(f for f, s in sides.items() if len(s) == 2)
 
 
 def describe(fold_set: FoldSet) -> str:

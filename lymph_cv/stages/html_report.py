@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from lymph_cv.core.fsutil import read_json_object
+from lymph_cv.workdir.records import ANY, read_record
 from lymph_cv.errors import LymphCVError
 from lymph_cv.stages import figures
 from lymph_cv.stages.roc import ROC_PNG
@@ -117,7 +117,7 @@ def _compact(value) -> str:
 
 def _run_section(workdir: Path, folds: Sequence[int]) -> str:
     parts = ["<h2>Run</h2>"]
-    run = read_json_object(workdir / RUN_JSON)
+    run = read_record(workdir / RUN_JSON, ANY)
     stages = (run or {}).get("stages", {})
     if stages:
         parts.append('<p class="note">Each stage\'s key chains its parameters to the stage before it '
@@ -148,7 +148,7 @@ def _seeds(workdir: Path, folds: Sequence[int], stages: dict) -> List[tuple]:
     for k in folds:
         candidates += [Path(str(k)) / RENDER_JSON, Path(str(k)) / TRAIN_JSON]
     for relative in candidates:
-        record = read_json_object(workdir / relative)
+        record = read_record(workdir / relative, ANY)
         if not record:
             continue
         for key in ("seed", "random_seed"):
@@ -267,7 +267,7 @@ def _heldout_section(workdir: Path) -> str:
         return ""
     parts = ["<h2>Held-out split</h2>"]
     for fold, folder in found:
-        record = read_json_object(folder / METRICS_NAME) or {}
+        record = read_record(folder / METRICS_NAME, ANY) or {}
         classes = record.get("classes") or []
         parts.append(f'<h3>Fold {fold}\'s model on the held-out patches</h3><p>{record.get("records", "?")} patches: '
                      f"accuracy <b>{_num(record.get('accuracy'))}</b>, AUC {_num(record.get('auc'))}"

@@ -10,12 +10,11 @@ Names are ``<image stem>_sub_<i>.tif``, all in one output folder (the tutorial's
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 import logging
 import os
 import re
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
@@ -31,10 +30,13 @@ from lymph_cv import DEFAULT_CLASSES
 from lymph_cv.stages.synth import TIFF_UNCOMPRESSED
 from lymph_cv.core.grid import FIRST_ORIGIN, WINDOW_SIZE, WINDOW_STEP, window_origins
 from lymph_cv.core.images import ColourTransform, ReadImage, read_image
+from lymph_cv.stages.sources import DEFAULT_SOURCE, SourceImage, data_source
 from lymph_cv.stages.stain import StainRecord, StainTransform, write_record
 from lymph_cv.stages.stain import hook as stain_hook
 from lymph_cv.core.workers import imap
-from lymph_cv.workdir.layout import MANIFEST_NAME, STAIN_RECORD
+from lymph_cv.workdir.layout import MANIFEST_NAME, MAT_NAME, STAIN_RECORD
+from lymph_cv.workdir.layout import PATCH_PARAMS as PARAMS_NAME
+from lymph_cv.workdir.records import MANIFEST, read_cache, read_record
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,6 @@ log = logging.getLogger(__name__)
 ROTATIONS = (0, 90)
 PATCH_SUFFIX = ".tif"
 PATCH_NAME = "{stem}_sub_{index}" + PATCH_SUFFIX
-MAT_NAME = "class_struct.mat"
 #: Case (patient) id = image stem minus its trailing ``_NNN`` image number.
 DEFAULT_CASE_REGEX = r"^(?P<case>.+)_\d+$"
 
@@ -205,57 +206,17 @@ def load_manifest(path: Union[str, Path]) -> Manifest:
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST_NAME
-    try:
-        obj = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise InputError("no such file; expected the manifest.json written by `lymph-cv patches`", path) from exc
-    except (OSError, ValueError) as exc:
-        raise FormatError(f"cannot read as JSON ({exc})", path) from exc
+    obj = read_record(path, MANIFEST, required=True, hint="the manifest.json written by `lymph-cv patches`")
     return Manifest.from_json(obj, path)
 
 
-# --------------------------------------------------------------------------- scanning a data set
+# --------------------------------------------------------------------------- the data set
 
 
-@dataclass(frozen=True)
-class SourceImage:
-    """An image file found in a class folder."""
-
-    path: Path
-    cls: str
-    label: int
-
-
-def scan_images(data_dir: Union[str, Path], classes: Sequence[str] = DEFAULT_CLASSES) -> list[SourceImage]:
-    """Every (non-hidden) file of every class folder, class by class, names sorted as Matlab's ``dir``.
-
-    Raises InputError for a missing or empty class folder and for image stems that occur in
-    two folders (their patch names would collide in the single output folder).
-    """
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise InputError("no such data folder; expected one sub-folder per class", data_dir)
-    found: list[SourceImage] = []
-    for label, name in enumerate(classes):
-        folder = data_dir / name
-        if not folder.is_dir():
-            raise InputError(f"class folder missing (classes: {', '.join(classes)})", folder)
-        files = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
-        if not files:
-            raise InputError("empty class folder, expected image files", folder)
-        for p in files:
-            if "\n" in p.name or "\r" in p.name:  # one list line per patch: a line break would split it
-                raise InputError(f"image name {p.name!r} holds a line break; rename it", folder)
-            try:
-                p.name.encode("utf-8")  # the lists and manifest are UTF-8 text
-            except UnicodeEncodeError:
-                raise InputError(f"image name {p.name!r} is not valid UTF-8; rename it", folder) from None
-        found.extend(SourceImage(p, name, label) for p in files)
-    stems = Counter(image.path.stem for image in found)
-    clashes = [image for image in found if stems[image.path.stem] > 1]
-    if clashes:
-        raise InputError(f"image name {clashes[0].path.stem!r} occurs more than once; patch names would collide", clashes[0].path)
-    return found
+def scan_images(data_dir: Union[str, Path], classes: Sequence[str] = DEFAULT_CLASSES,
+                source: str = DEFAULT_SOURCE) -> list[SourceImage]:
+    """The data set's images as the data source ``source`` finds them (default: one folder per class)."""
+    return data_source(source).scan(Path(data_dir), classes)
 
 
 # --------------------------------------------------------------------------- extraction
@@ -457,8 +418,6 @@ def extract_patches(
     return manifest
 
 
-#: In the patch folder: the parameters and source files of the run that writes its patches.
-PARAMS_NAME = ".patches.json"
 
 
 def _source_signature(path: Path) -> list:
@@ -481,13 +440,10 @@ class _WrittenRecord:
         if stain is not None:  # patches of another normalisation (or none) are not reused
             self.params["stain"] = stain.to_json()
         self.signature = {s.path.name: _source_signature(s.path) for s in sources}
-        previous = None
-        try:
-            previous = json.loads(self.path.read_text())
-            old = previous["sources"] if previous.get("params") == self.params else {}
-            self.written = {name: sig for name, sig in self.signature.items() if old.get(name) == sig}
-        except (OSError, ValueError, TypeError, KeyError, AttributeError):
-            self.written = {}
+        previous = read_cache(self.path)
+        old = previous.get("sources") if previous is not None and previous.get("params") == self.params else None
+        old = old if isinstance(old, dict) else {}
+        self.written = {name: sig for name, sig in self.signature.items() if old.get(name) == sig}
         self.reusable = set(self.written)
         self.saved_at = 0.0
         self.dirty = False

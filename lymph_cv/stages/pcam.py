@@ -18,7 +18,8 @@ from typing import Dict, Mapping, Optional, Union
 
 import numpy as np
 
-from lymph_cv.core.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, make_dirs, read_json_object
+from lymph_cv.core.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, make_dirs
+from lymph_cv.workdir.records import ANY, read_record
 from lymph_cv.errors import ConfigError, InputError
 from lymph_cv.formats import h5
 from lymph_cv.formats.caffe.datum import serialize_datum
@@ -154,7 +155,7 @@ def score_heldout(workdir: PathLike, model: Optional[PathLike] = None, *, fold: 
         if not snapshots:
             raise InputError("no snapshot to score (train the fold first or pass --model)", fold_dir)
         model = snapshots[max(snapshots)]
-    record = read_json_object(fold_dir / RENDER_JSON) or {}
+    record = read_record(fold_dir / RENDER_JSON, ANY) or {}
     head = get_arch(record.get("arch", "alexnet32w")).head
     net_param = read_net_prototxt(fold_dir / NET_NAME.format(fold=fold))
     for layer in net_param.layer:

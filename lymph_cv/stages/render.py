@@ -14,11 +14,10 @@ default render stays a solver real Caffe trains.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import re
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -29,12 +28,17 @@ from lymph_cv.formats.caffe.prototxt import parse_net_text, parse_solver_text
 from lymph_cv.errors import ConfigError, FormatError, InputError
 from lymph_cv.core import faults
 from lymph_cv.core.fsutil import atomic_write_json, atomic_write_text, make_dirs
+from lymph_cv.core.grid import WINDOW_SIZE
+from lymph_cv.core.options import parse_pairs
 from lymph_cv.core.resources import prototxt_template_dir
 from lymph_cv.net.archs import DEFAULT_ARCH, Arch, get_arch
 from lymph_cv.workdir.layout import (DBS_JSON, DEPLOY_NAME, RENDER_JSON, DROPOUT_SNAPSHOT_PREFIX, MANIFEST_NAME,
                                      MEAN_FILE, NET_NAME, SNAPSHOT_PREFIX, SOLVER_NAME, TEST_LIST, TRAIN_LIST)
 from lymph_cv.workdir.layout import DB_TEST as TEST_DB
 from lymph_cv.workdir.layout import DB_TRAIN as TRAIN_DB
+from lymph_cv.workdir.layout import RENDER_JSON
+from lymph_cv.workdir.records import DBS, MANIFEST, read_record
+from lymph_cv.workdir.lists import read_labelled_list, require_folds
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +46,6 @@ PathLike = Union[str, os.PathLike]
 
 
 #: Snapshot prefixes as the published models are named (…_w32_iter_N, …_w32_dropout_iter_N).
-TEST_LIST_PATTERN = re.compile(r"^test_w32_(\d+)\.txt$")
 
 SOLVER_TEMPLATE = "solver.prototxt.j2"
 NET_TEMPLATE = "train_net.prototxt.j2"
@@ -78,8 +81,6 @@ V1_TYPES = {"Data": "DATA", "Convolution": "CONVOLUTION", "Pooling": "POOLING", 
 DEPLOY_BATCH = 10
 #: Image channels when no mean file exists yet to tell (the DBs hold BGR colour patches).
 DEFAULT_CHANNELS = 3
-#: Patch size when neither a mean file nor a manifest tells (the tutorial's windows).
-DEFAULT_PATCH_SIZE = 36
 DROPOUT_ARCH = "alexnet32w-dropout"
 #: Batch size of an architecture that names none (the tutorial's).
 DEFAULT_BATCH_SIZE = 128
@@ -231,15 +232,8 @@ class RenderedFold:
 
 
 def parse_overrides(pairs: Iterable[str]) -> Dict[str, str]:
-    """``["key=value", ...]`` → dict; ConfigError on a malformed pair or unknown key."""
-    overrides: Dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"--set {pair!r}: expected key=value")
-        overrides[key] = value.strip()
-    return overrides
+    """``["key=value", ...]`` → dict; ConfigError on a malformed pair."""
+    return parse_pairs(pairs, "--set")
 
 
 def resolve_variables(overrides: Optional[Mapping[str, Any]],
@@ -260,46 +254,12 @@ def resolve_variables(overrides: Optional[Mapping[str, Any]],
 
 def read_list_labels(path: Path) -> List[int]:
     """Labels of a ``<patch file><whitespace><label>`` list, one per non-empty line."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise InputError("list file not found (run `lymph-cv folds` first)", path) from None
-    except OSError as exc:
-        raise InputError(f"cannot read list file ({exc.strerror})", path) from exc
-    labels = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.split()
-        try:
-            if len(parts) < 2:
-                raise ValueError
-            labels.append(int(parts[-1]))
-        except ValueError:
-            raise InputError(f"line {number}: expected '<patch file>\\t<integer label>', got {line!r}",
-                             path) from None
-    return labels
-
-
-def fold_numbers(workdir: PathLike) -> List[int]:
-    """Folds present in ``workdir``: the K of every ``test_w32_K.txt``, sorted."""
-    workdir = Path(workdir)
-    if not workdir.is_dir():
-        raise InputError("work directory not found", workdir)
-    folds = sorted(int(m.group(1)) for p in workdir.iterdir() if (m := TEST_LIST_PATTERN.match(p.name)))
-    if not folds:
-        raise InputError("no test_w32_K.txt lists found (run `lymph-cv folds` first)", workdir)
-    return folds
+    return [entry.label for entry in read_labelled_list(path)]
 
 
 def _backend(workdir: Path) -> str:
     path = workdir / DBS_JSON
-    if not path.exists():
-        return "leveldb"
-    try:
-        backend = json.loads(path.read_text()).get("backend", "leveldb")
-    except (ValueError, AttributeError) as exc:
-        raise FormatError(f"expected a JSON object with a 'backend' key ({exc})", path) from None
+    backend = (read_record(path, DBS) or {}).get("backend", "leveldb")
     if backend not in BACKENDS:
         raise FormatError(f"unknown backend {backend!r}", path)
     return backend
@@ -319,12 +279,13 @@ def patch_size(workdir: PathLike, fold: int) -> int:
     if shape is not None:
         return shape[1]
     manifest = workdir / MANIFEST_NAME
-    if manifest.exists():
+    record = read_record(manifest, MANIFEST)
+    if record is not None:
         try:
-            return int(json.loads(manifest.read_text())["patch_size"])
+            return int(record["patch_size"])
         except (ValueError, KeyError, TypeError) as exc:
             raise FormatError(f"expected a manifest with an integer 'patch_size' ({exc})", manifest) from None
-    return DEFAULT_PATCH_SIZE
+    return WINDOW_SIZE
 
 
 def resolve_arch(arch: str = DEFAULT_ARCH, dropout: bool = False) -> Arch:
@@ -458,40 +419,19 @@ def render_fold(workdir: PathLike, fold: int, *, dropout: bool = False, legacy_v
 
 
 def render_folds(workdir: PathLike, folds: Optional[Sequence[int]] = None, **options) -> List[RenderedFold]:
-    """Render every fold (default: each K with a ``test_w32_K.txt``); options as :func:`render_fold`."""
-    present = fold_numbers(workdir)
+    """Render every fold (default: each K with its two lists); options as :func:`render_fold`."""
+    present = require_folds(workdir)
     if folds is None:
         folds = present
     missing = [k for k in folds if k not in present]
     if missing:
-        raise InputError(f"no test_w32_K.txt for fold(s) {', '.join(map(str, missing))}",
-                         Path(workdir))
+        raise InputError(f"no test_w32_K.txt for fold(s) {', '.join(map(str, missing))} (a fold needs its "
+                         f"train_w32_K.txt and test_w32_K.txt)", Path(workdir))
     rendered = []
     for fold in folds:
         rendered.append(render_fold(workdir, fold, **options))
         faults.event("render:fold")
     return rendered
-
-
-def parse_fold_spec(spec: str) -> List[int]:
-    """``"1-5"``, ``"1,3"``, ``"2"`` or mixes like ``"1-2,4"`` → sorted fold numbers."""
-    folds = set()
-    for part in spec.split(","):
-        part = part.strip()
-        low, dash, high = part.partition("-")
-        try:
-            if dash:
-                a, b = int(low), int(high)
-                if a > b:
-                    raise ValueError
-                folds.update(range(a, b + 1))
-            else:
-                folds.add(int(part))
-        except ValueError:
-            raise ConfigError(f"--folds {spec!r}: expected fold numbers like 1-5 or 1,3") from None
-    if not folds or min(folds) < 1:
-        raise ConfigError(f"--folds {spec!r}: fold numbers start at 1")
-    return sorted(folds)
 
 
 def describe_variables() -> List[Tuple[str, Any, str]]:

@@ -12,7 +12,6 @@ import csv
 import io
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional, Sequence, Union
@@ -27,21 +26,16 @@ from lymph_cv.stages.figures import confusion_png
 from lymph_cv.stages.heatmaps import heatmap_png
 from lymph_cv.stages.html_report import render_html
 from lymph_cv.stages.roc import ROC_PNG, draw_roc, roc_record
-from lymph_cv.workdir.layout import EVAL_DIR, HEATMAP_DIR, REPORT_HTML, REPORT_MD, heatmap_name
+from lymph_cv.workdir.layout import (CONFUSION_PNG, EVAL_DIR, HEATMAP_DIR, IMAGES_CSV, METRICS_JSON, REPORT_HTML, REPORT_JSON,
+                                     REPORT_MD, REPORT_TXT, SUMMARY_TXT, heatmap_name)
+from lymph_cv.workdir.layout import EVAL_FOLD_PATTERN as _FOLD_DIR
+from lymph_cv.workdir.records import METRICS, read_record
 
 if TYPE_CHECKING:  # evaluate imports this module at run time
     from lymph_cv.stages.evaluate import FoldResult
 
 PathLike = Union[str, Path]
 
-#: File names inside ``eval/fold_K/`` and ``eval/``.
-METRICS_JSON = "metrics.json"
-SUMMARY_TXT = "summary.txt"
-IMAGES_CSV = "images.csv"
-CONFUSION_PNG = "confusion.png"
-REPORT_JSON = "report.json"
-REPORT_TXT = "report.txt"
-_FOLD_DIR = re.compile(r"fold_(\d+)$")
 LAYOUT = "rows = true class, columns = predicted class"
 LEGACY_LAYOUT = "rows = predicted class, columns = true class (the tutorial's layout)"
 #: Decimal places of metrics in text and Markdown.
@@ -323,8 +317,6 @@ class Report:
 
 def _check_metrics(record, path: Path) -> None:
     """InputError unless ``record`` looks like a fold's metrics.json (as ``write_fold`` writes it)."""
-    expected = ("expected a fold's metrics as `lymph-cv evaluate` writes them (fold, classes, a square "
-                "confusion matrix, accuracy, balanced_accuracy)")
     try:
         classes = record["classes"]
         confusion = np.array(record["confusion"], dtype=np.int64)
@@ -334,7 +326,7 @@ def _check_metrics(record, path: Path) -> None:
     except (KeyError, TypeError, ValueError, OverflowError):
         ok = False
     if not ok:
-        raise InputError(expected, path)
+        raise InputError(METRICS.refusal, path)
 
 
 def read_image_scores(path: Path, classes: Sequence[str]) -> Optional[tuple]:
@@ -367,12 +359,9 @@ def build_report(workdir: PathLike, folds: Optional[Sequence[int]] = None) -> Re
     folders = []
     for _, folder in found:
         path = folder / METRICS_JSON
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
+        record = read_record(path, METRICS)
+        if record is None:
             continue
-        except (OSError, ValueError) as exc:
-            raise InputError(f"cannot read the fold's metrics ({exc})", path) from exc
         _check_metrics(record, path)
         records.append(record)
         folders.append(folder)

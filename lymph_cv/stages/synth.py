@@ -20,7 +20,6 @@ output is identical for any number of workers.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -34,6 +33,8 @@ from lymph_cv import DEFAULT_CLASSES
 from lymph_cv.errors import ConfigError, InputError
 from lymph_cv.core.fsutil import atomic_write_bytes, atomic_write_json, make_dirs
 from lymph_cv.core.workers import imap
+from lymph_cv.workdir.layout import SYNTH_JSON
+from lymph_cv.workdir.records import read_cache
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,6 @@ REAL_CASES_PER_CLASS = 10
 #: Size of the published images.
 REAL_WIDTH, REAL_HEIGHT = 1388, 1040
 #: Record of the parameters, written next to the class folders.
-SYNTH_JSON = "synth.json"
 #: Bumped whenever the drawing changes, so a rerun does not keep images drawn the old way.
 RENDER_VERSION = 2
 IMAGE_SUFFIX = ".tif"
@@ -413,11 +413,8 @@ def generate(
 
 def read_case_sites(data_dir: Union[str, Path]) -> Optional[dict[str, str]]:
     """case id → site name from a set's ``synth.json`` (None when it has no record or no sites)."""
-    try:
-        record = json.loads((Path(data_dir) / SYNTH_JSON).read_text())
-    except (OSError, ValueError):
-        return None
-    sites = record.get("case_sites") if isinstance(record, dict) else None
+    record = read_cache(Path(data_dir) / SYNTH_JSON)
+    sites = record.get("case_sites") if record is not None else None
     return {str(k): str(v) for k, v in sites.items()} if isinstance(sites, dict) else None
 
 
@@ -451,9 +448,6 @@ def _images_per_class(per_class: Union[int, Sequence[int], None], classes: Seque
 
 
 def _same_params(record: Path, params: Mapping[str, object]) -> bool:
-    try:
-        previous = json.loads(record.read_text())
-    except (OSError, ValueError):
-        return False
-    return all(previous.get(key) == value for key, value in params.items())
+    previous = read_cache(record)
+    return previous is not None and all(previous.get(key) == value for key, value in params.items())
 

@@ -25,7 +25,6 @@ vertical flips, quarter turns; :mod:`lymph_cv.net.augment`) is drawn the same wa
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import logging
 import math
@@ -57,18 +56,20 @@ from lymph_cv.net.shared_records import SharedRecordCache
 from lymph_cv.errors import (ConfigError, FormatError, InputError, LymphCVError, TrainingError, UnsupportedError,
                              Terminated)
 from lymph_cv.core import devices, faults
-from lymph_cv.core.fsutil import atomic_write_json, check_writable, make_dirs, read_json_object
+from lymph_cv.core.fsutil import atomic_write_json, check_writable, make_dirs
 from lymph_cv.core.locks import folder_lock
+from lymph_cv.workdir.records import ANY, read_record
 from lymph_cv.core.progress import Progress
 from lymph_cv.net.build import CaffeNet, build_net, resolve_net_path
 from lymph_cv.net.solver import Solver, learnables_of, make_solver, snapshot_names, solver_type
 from lymph_cv.stages.eta import ESTIMATE_AFTER, FORWARD_SHARE, Estimate, cpu_warning
-from lymph_cv.workdir.layout import TRAIN_JSON, TRAIN_LOG
+from lymph_cv.workdir.layout import TRAIN_JSON as RECORD_NAME
+from lymph_cv.workdir.layout import TRAIN_LOG
+from lymph_cv.workdir.snapshots import snapshot_series
 
 log = logging.getLogger(__name__)
 
 LOG_NAME = TRAIN_LOG
-RECORD_NAME = TRAIN_JSON
 #: sub-streams of the run seed: which random draws a derived seed is for.
 STREAM_DROPOUT = 2
 STREAM_INIT = 3
@@ -407,7 +408,7 @@ class Trainer:
         result is then not the uninterrupted run's (e.g. ``train --resume`` without its ``--mixup``)."""
         path = self.files.output(RECORD_NAME)
         try:
-            earlier = read_json_object(path) or {}
+            earlier = read_record(path, ANY) or {}
         except LymphCVError as exc:
             clog.warning(f"cannot compare the augmentation with the resumed run's: {exc}")
             return
@@ -780,12 +781,7 @@ def solver_snapshots(solver_path: os.PathLike, suffix: str = "solverstate") -> D
     solver_path = Path(solver_path)
     param = read_solver(solver_path)
     prefix = SolverFiles(solver_path, param).output(param.snapshot_prefix or solver_path.with_suffix("").name)
-    found = {}
-    for path in prefix.parent.glob(f"{glob.escape(prefix.name)}_iter_*.{suffix}"):
-        iteration = path.name[len(prefix.name) + len("_iter_"):-len(suffix) - 1]
-        if iteration.isdigit():
-            found[int(iteration)] = path
-    return found
+    return snapshot_series(prefix.parent, suffix).get(prefix.name, {})
 
 
 def latest_solverstate(solver_path: os.PathLike, max_iter: Optional[int] = None) -> Optional[Path]:

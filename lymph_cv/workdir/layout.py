@@ -6,9 +6,16 @@ from __future__ import annotations
 
 import re
 
-#: Step 1: the patch folder (the tutorial's ``subs/``) and its manifest.
+from lymph_cv.errors import ConfigError
+
+#: Step 0 (``lymph-cv synth``): the synthetic data set's record, in the data folder.
+SYNTH_JSON = "synth.json"
+#: Step 1: the patch folder (the tutorial's ``subs/``), its manifest, the tutorial's Matlab struct,
+#: and (hidden) the parameters and sources of the run that wrote the patches.
 PATCH_DIR = "subs"
 MANIFEST_NAME = "manifest.json"
+MAT_NAME = "class_struct.mat"
+PATCH_PARAMS = ".patches.json"
 #: Step 2: patch lists (``<patch>\t<label>``), parent lists (``CLASS/file.tif``), the record.
 TRAIN_LIST = "train_w32_{fold}.txt"
 TEST_LIST = "test_w32_{fold}.txt"
@@ -39,6 +46,13 @@ SUPERSEDED_DIR = "superseded"
 EVAL_DIR = "eval"
 EVAL_FOLD_DIR = "fold_{fold}"
 REPORT_MD = "report.md"
+#: Inside ``eval/fold_{fold}/`` and ``eval/``.
+METRICS_JSON = "metrics.json"
+SUMMARY_TXT = "summary.txt"
+IMAGES_CSV = "images.csv"
+CONFUSION_PNG = "confusion.png"
+REPORT_JSON = "report.json"
+REPORT_TXT = "report.txt"
 REPORT_HTML = "report.html"
 #: Per-image overlays inside ``eval/fold_{fold}/`` (``evaluate --heatmaps``).
 HEATMAP_DIR = "heatmaps"
@@ -53,6 +67,21 @@ RUN_JSON = "run.json"
 #: with), and per fold in the work directory (the target fitted on that fold's training images).
 STAIN_RECORD = "stain.json"
 FOLD_STAIN_RECORD = "stain_{fold}.json"
+
+#: The list names above as patterns: group 1 the side (train/test), group 2 the fold K.
+LIST_PATTERN = re.compile(r"^(train|test)_w32_(\d+)\.txt$")
+PARENT_PATTERN = re.compile(r"^(train|test)_w32_parent_(\d+)\.txt$")
+EVAL_FOLD_PATTERN = re.compile(r"fold_(\d+)$")
+#: Snapshot files: ``<prefix>_iter_<N>.<caffemodel|solverstate>``.
+SNAPSHOT_PATTERN = re.compile(r"^(?P<prefix>.*)_iter_(?P<iteration>\d+)\.(?P<suffix>caffemodel|solverstate)$")
+
+
+def parse_class_names(text: str) -> tuple[str, ...]:
+    """``"CLL,FL,MCL"`` → the class names in label order; ConfigError unless two or more distinct names."""
+    names = tuple(name.strip() for name in text.split(","))
+    if len(names) < 2 or not all(names) or len(set(names)) != len(names):
+        raise ConfigError(f"expected two or more distinct comma-separated class names, e.g. CLL,FL,MCL, got {text!r}")
+    return names
 
 
 def heatmap_name(entry: str) -> str:

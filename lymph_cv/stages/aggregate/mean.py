@@ -1,0 +1,16 @@
+"""``mean``: the mean window probability per class."""
+from __future__ import annotations
+
+import numpy as np
+
+from lymph_cv.stages.aggregate.registry import no_argument, register
+
+
+@register("mean")
+class Mean:
+    syntax = "mean"
+    parse = staticmethod(no_argument)
+
+    @staticmethod
+    def scores(window_probs: np.ndarray, argument: int) -> np.ndarray:
+        return window_probs.mean(axis=0, dtype=np.float64)

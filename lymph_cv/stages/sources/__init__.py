@@ -1,0 +1,8 @@
+"""Data sources (where a data set's images are), a registry like the layer registry.
+
+Built in: ``folders`` (one folder of images per class, the tutorial's layout).
+"""
+from lymph_cv.stages.sources import folders  # noqa: F401 - importing registers it
+from lymph_cv.stages.sources.registry import DEFAULT_SOURCE, SOURCES, DataSource, SourceImage, data_source, register
+
+__all__ = ["DEFAULT_SOURCE", "SOURCES", "DataSource", "SourceImage", "data_source", "register"]
