@@ -33,7 +33,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from lymph_cv import DEFAULT_CLASSES
 from lymph_cv.errors import ConfigError, Interrupted, LymphCVError, TrainingError, signal_name
-from lymph_cv.core.devices import resolve_device
+from lymph_cv.core.devices import CONCRETE_DEVICES, resolve_device
 from lymph_cv.core import faults
 from lymph_cv.core.locks import folder_lock
 from lymph_cv.core.fsutil import atomic_write_json, make_dirs, remove_stale_temporaries
@@ -572,7 +572,8 @@ def check_options(o: RunOptions) -> None:
     except ConfigError as exc:
         raise ConfigError(exc.detail, "--aggregate") from None
     try:
-        resolve_device(o.device)
+        resolve_device(o.device)  # training's choices
+        resolve_device(o.device, CONCRETE_DEVICES)  # evaluation's: no auto
     except ConfigError as exc:
         raise ConfigError(exc.detail, "--device") from None
     if o.demo is None and not o.data_dir.is_dir():

@@ -1,7 +1,7 @@
 """One device resolver for every stage that runs a net (train, evaluate, ``caffe``, pycaffe)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from lymph_cv.errors import ConfigError
 
@@ -11,19 +11,22 @@ if TYPE_CHECKING:
 #: What a device option accepts (``cuda:N`` picks the N-th CUDA device).
 DEVICE_CHOICES = ("cpu", "cuda", "auto")
 DEVICE_HELP = ("cpu", "cuda", "auto", "cuda:N")
+#: Evaluation's choices: a concrete device (what it ran on is recorded with its metrics).
+CONCRETE_DEVICES = ("cpu", "cuda")
 
 
-def resolve_device(name: str) -> "torch.device":
-    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available) as a torch device; a ConfigError
-    for anything else, for CUDA on a machine without it, and for a CUDA index it does not have."""
+def resolve_device(name: str, choices: Sequence[str] = DEVICE_CHOICES) -> "torch.device":
+    """``cpu``, ``cuda``, ``cuda:N`` or (when among ``choices``) ``auto`` (CUDA when available) as a torch
+    device; a ConfigError for anything else, for CUDA on a machine without it, and for a CUDA index it
+    does not have."""
     import torch  # here, not at import: the CLI must not load torch for data commands
 
     wanted = str(name).lower()
     index = None
     if wanted.startswith("cuda:") and wanted[5:].isdigit():
         wanted, index = "cuda", int(wanted[5:])
-    if wanted not in DEVICE_CHOICES:
-        raise ConfigError(f"unknown device {name!r}", valid=DEVICE_HELP)
+    if wanted not in choices:
+        raise ConfigError(f"unknown device {name!r}", valid=(*choices, "cuda:N"))
     if wanted == "auto":
         wanted = "cuda" if torch.cuda.is_available() else "cpu"
     if wanted == "cuda" and not torch.cuda.is_available():

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator, Union
 
 from lymph_cv.core import faults
-from lymph_cv.errors import InputError, LymphCVError
+from lymph_cv.errors import LymphCVError
 
 PathLike = Union[str, os.PathLike]
 

@@ -29,7 +29,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from lymph_cv.core.progress import Progress
-from lymph_cv.core.devices import resolve_device
+from lymph_cv.core.devices import CONCRETE_DEVICES, resolve_device
 from lymph_cv.core.grid import WINDOW_SIZE, WINDOW_STEP, window_grid
 from lymph_cv.core.images import ColourTransform, read_unit
 from lymph_cv.stages.stain import StainRecord, StainTransform, read_record, recorded_stain_path
@@ -279,7 +279,7 @@ class WindowClassifier:
         from lymph_cv.net.build import build_net
 
         self._torch = torch
-        self.device = resolve_device(device)
+        self.device = resolve_device(device, CONCRETE_DEVICES)
         net_param = read_net_prototxt(deploy)
         data = sorted({layer.type for layer in net_param.layer if layer.type.endswith("Data")})
         if data:
