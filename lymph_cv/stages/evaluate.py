@@ -32,7 +32,8 @@ from lymph_cv.core.progress import Progress
 from lymph_cv.core.devices import CONCRETE_DEVICES, resolve_device
 from lymph_cv.core.grid import WINDOW_SIZE, WINDOW_STEP, window_grid
 from lymph_cv.core.images import ColourTransform, read_unit
-from lymph_cv.stages.stain import StainRecord, StainTransform, read_record, recorded_stain_path
+from lymph_cv.stages.stain import StainRecord, StainTransform, recorded_stain_path
+from lymph_cv.stages.stain import read_record as read_stain_record
 from lymph_cv.stages.stain import hook as stain_hook
 from lymph_cv.errors import ConfigError, EvaluationError, InputError, LymphCVError
 from lymph_cv.workdir.layout import DEPLOY_NAME, EVAL_DIR, FOLDS_JSON, MANIFEST_NAME, PATCH_DIR
@@ -640,7 +641,7 @@ def evaluate_fold(
     stain_source = None
     if stain is None and recorded_stain and workdir.is_dir():
         stain_source = recorded_stain_path(workdir, fold)
-        stain = None if stain_source is None else read_record(stain_source)
+        stain = None if stain_source is None else read_stain_record(stain_source)
         if stain is not None:
             log.info("fold %d: images normalised with the recorded %s target %s", fold, stain.method, stain_source)
     transform = None if stain is None or stain.method == "none" else stain.transform
