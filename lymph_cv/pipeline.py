@@ -37,7 +37,7 @@ from lymph_cv.core.devices import CONCRETE_DEVICES, resolve_device
 from lymph_cv.core import faults
 from lymph_cv.core.locks import folder_lock
 from lymph_cv.core.fsutil import atomic_write_json, make_dirs, remove_stale_temporaries
-from lymph_cv.stages.sources import data_source
+from lymph_cv.stages.sources import input_fingerprint
 from lymph_cv.workdir.records import RUN, read_record
 from lymph_cv.workdir.layout import (DB_TEST, DB_TRAIN, DEPLOY_NAME, EVAL_DIR, MANIFEST_NAME, MEAN_FILE, NET_NAME,
                              HEATMAP_DIR, PATCH_DIR, REPORT_HTML, REPORT_MD, RUN_JSON, SOLVER_NAME, SUPERSEDED_DIR,
@@ -133,15 +133,6 @@ class RunResult:
 
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def input_fingerprint(data_dir: Path, classes: Sequence[str]) -> str:
-    """A digest of the names, sizes and modification times of every file the data source's scan reads."""
-    rows = []
-    for path in data_source().inputs(Path(data_dir), classes):
-        stat = path.stat()
-        rows.append((path.parent.name, path.name, stat.st_size, stat.st_mtime_ns))
-    return _digest(rows)
 
 
 def load_record(workdir: Path) -> dict:

@@ -13,13 +13,8 @@ def test_aggregation_registry_lists_and_takes_new_entries():
     assert aggregate.aggregation_choices()[:3] == ["vote", "mean", "topk:K"]
 
     @aggregate.register("max")
-    class Max:
-        syntax = "max"
-        parse = staticmethod(aggregate.registry.no_argument)
-
-        @staticmethod
-        def scores(window_probs, argument):
-            return window_probs.max(axis=0).astype(np.float64)
+    def top_window(window_probs, argument):
+        return window_probs.max(axis=0).astype(np.float64)
 
     try:
         chosen = aggregate.parse_aggregate("max")
@@ -29,7 +24,7 @@ def test_aggregation_registry_lists_and_takes_new_entries():
         with pytest.raises(ConfigError, match=r"unknown aggregation 'max:2' \(valid: vote, mean, topk:K, max\)"):
             aggregate.parse_aggregate("max:2")
     finally:
-        del aggregate.AGGREGATIONS["max"]
+        del aggregate.AGGREGATIONS.entries["max"]
 
 
 def test_data_source_lookup_names_the_valid_ones():

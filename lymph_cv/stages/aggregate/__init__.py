@@ -7,9 +7,9 @@ Built in: ``vote`` (the tutorial's), ``mean``, ``topk:K``.  To add one, write a 
 from lymph_cv.stages.aggregate import vote  # noqa: F401, I001
 from lymph_cv.stages.aggregate import mean  # noqa: F401, I001
 from lymph_cv.stages.aggregate import topk  # noqa: F401, I001
-from lymph_cv.stages.aggregate.registry import (AGGREGATIONS, Aggregate, aggregate_scores, aggregation_choices,
-                                                parse_aggregate, register)
+from lymph_cv.stages.aggregate.registry import (AGGREGATIONS, Aggregate, Aggregation, aggregate_scores,
+                                                aggregation_choices, parse_aggregate, register)
 from lymph_cv.stages.aggregate.vote import vote_counts
 
-__all__ = ["AGGREGATIONS", "Aggregate", "aggregate_scores", "aggregation_choices", "parse_aggregate", "register",
-           "vote_counts"]
+__all__ = ["AGGREGATIONS", "Aggregate", "Aggregation", "aggregate_scores", "aggregation_choices", "parse_aggregate",
+           "register", "vote_counts"]

@@ -3,14 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from lymph_cv.stages.aggregate.registry import no_argument, register
+from lymph_cv.stages.aggregate.registry import register
 
 
 @register("mean")
-class Mean:
-    syntax = "mean"
-    parse = staticmethod(no_argument)
-
-    @staticmethod
-    def scores(window_probs: np.ndarray, argument: int) -> np.ndarray:
-        return window_probs.mean(axis=0, dtype=np.float64)
+def mean(window_probs: np.ndarray, argument: int) -> np.ndarray:
+    return window_probs.mean(axis=0, dtype=np.float64)

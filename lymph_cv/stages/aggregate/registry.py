@@ -1,51 +1,58 @@
 """The aggregation registry: name → how window probabilities become per-class image scores.
 
-To add an aggregation, write one module in this package with a class decorated ``@register("name")``
-(``syntax``, ``parse`` and ``scores``, as :mod:`.topk`) and import it in ``__init__.py``.
+To add an aggregation, write one module in this package with its scores function decorated
+``@register("name")`` (with ``syntax=`` and ``parse=`` when it takes an argument, as :mod:`.topk`)
+and import it in ``__init__.py``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Protocol, Type
+from typing import Callable, List, Optional
 
 import numpy as np
 
+from lymph_cv.core.registry import Registry
 from lymph_cv.errors import ConfigError
 
+#: (windows, classes) probabilities, the aggregation's argument → (classes,) float64 image scores.
+Scores = Callable[[np.ndarray, int], np.ndarray]
+#: The text after ``name:`` (None: no colon) → the integer argument; ValueError when not valid.
+Parse = Callable[[Optional[str]], int]
 
-class Aggregation(Protocol):
-    """What a registered aggregation class provides."""
 
-    #: How the option is written, e.g. ``topk:K`` (listed in errors and help).
+def no_argument(argument: Optional[str]) -> int:
+    """``parse`` of an aggregation that takes no argument."""
+    if argument is not None:
+        raise ValueError(argument)
+    return 0
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """A registered aggregation: how it is written (``topk:K``), its argument parser, its scores."""
+
+    name: str
     syntax: str
-
-    @staticmethod
-    def parse(argument: Optional[str]) -> int:
-        """The aggregation's integer argument from the text after ``name:`` (None: no colon); ValueError
-        when it takes none or the text is not one."""
-
-    @staticmethod
-    def scores(window_probs: np.ndarray, argument: int) -> np.ndarray:
-        """(classes,) float64 image scores of (windows, classes) probabilities; the argmax decides."""
+    parse: Parse
+    scores: Scores
 
 
-#: Registered name → aggregation class, in registration order.
-AGGREGATIONS: Dict[str, Type[Aggregation]] = {}
+AGGREGATIONS: Registry[Aggregation] = Registry("aggregation")
 
 
-def register(name: str) -> Callable[[Type[Aggregation]], Type[Aggregation]]:
-    """Class decorator adding an aggregation to :data:`AGGREGATIONS` under ``name``."""
+def register(name: str, syntax: Optional[str] = None, parse: Parse = no_argument) -> Callable[[Scores], Scores]:
+    """Decorator registering a scores function as the aggregation ``name``."""
 
-    def decorate(cls: Type[Aggregation]) -> Type[Aggregation]:
-        AGGREGATIONS[name] = cls
-        return cls
+    def decorate(scores: Scores) -> Scores:
+        AGGREGATIONS.register(name)(Aggregation(name, syntax or name, parse, scores))
+        return scores
 
     return decorate
 
 
 def aggregation_choices() -> List[str]:
     """How each registered aggregation is written (``vote``, ``mean``, ``topk:K``, ...)."""
-    return [cls.syntax for cls in AGGREGATIONS.values()]
+    return [entry.syntax for entry in AGGREGATIONS.entries.values()]
 
 
 @dataclass(frozen=True)
@@ -62,22 +69,14 @@ class Aggregate:
 def parse_aggregate(text: str) -> Aggregate:
     """``name`` or ``name:ARG`` as an :class:`Aggregate`; ConfigError listing the valid ones."""
     name, colon, argument = text.partition(":")
-    cls = AGGREGATIONS.get(name)
     try:
-        if cls is None:
-            raise ValueError
-        return Aggregate(name, cls.parse(argument if colon else None))
+        if name not in AGGREGATIONS:
+            raise ValueError(name)
+        return Aggregate(name, AGGREGATIONS.lookup(name).parse(argument if colon else None))
     except ValueError:
         raise ConfigError(f"unknown aggregation {text!r}", valid=aggregation_choices()) from None
 
 
 def aggregate_scores(window_probs: np.ndarray, aggregate: Aggregate) -> np.ndarray:
     """Per-class image scores of one image's window probabilities under ``aggregate``."""
-    return AGGREGATIONS[aggregate.kind].scores(window_probs, aggregate.k)
-
-
-def no_argument(argument: Optional[str]) -> int:
-    """``parse`` of an aggregation without an argument."""
-    if argument is not None:
-        raise ValueError(argument)
-    return 0
+    return AGGREGATIONS.lookup(aggregate.kind).scores(window_probs, aggregate.k)

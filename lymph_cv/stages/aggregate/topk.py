@@ -10,18 +10,15 @@ import numpy as np
 from lymph_cv.stages.aggregate.registry import register
 
 
-@register("topk")
-class TopK:
-    syntax = "topk:K"
+def parse_k(argument: Optional[str]) -> int:
+    """K ≥ 1, written in ASCII digits."""
+    if argument is None or not re.fullmatch(r"\d+", argument) or int(argument) < 1:
+        raise ValueError(argument)
+    return int(argument)
 
-    @staticmethod
-    def parse(argument: Optional[str]) -> int:
-        if argument is None or not re.fullmatch(r"\d+", argument) or int(argument) < 1:
-            raise ValueError(argument)
-        return int(argument)
 
-    @staticmethod
-    def scores(window_probs: np.ndarray, argument: int) -> np.ndarray:
-        k = min(argument, window_probs.shape[0])
-        top = -np.partition(-window_probs, k - 1, axis=0)[:k]
-        return top.mean(axis=0, dtype=np.float64)
+@register("topk", syntax="topk:K", parse=parse_k)
+def topk(window_probs: np.ndarray, k: int) -> np.ndarray:
+    k = min(k, window_probs.shape[0])
+    top = -np.partition(-window_probs, k - 1, axis=0)[:k]
+    return top.mean(axis=0, dtype=np.float64)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lymph_cv.stages.aggregate.registry import no_argument, register
+from lymph_cv.stages.aggregate.registry import register
 
 
 def vote_counts(window_probs: np.ndarray, n_classes: int) -> np.ndarray:
@@ -12,11 +12,6 @@ def vote_counts(window_probs: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 @register("vote")
-class Vote:
-    syntax = "vote"
-    parse = staticmethod(no_argument)
-
-    @staticmethod
-    def scores(window_probs: np.ndarray, argument: int) -> np.ndarray:
-        n_windows, n_classes = window_probs.shape
-        return vote_counts(window_probs, n_classes) / float(n_windows)
+def vote(window_probs: np.ndarray, argument: int) -> np.ndarray:
+    n_windows, n_classes = window_probs.shape
+    return vote_counts(window_probs, n_classes) / float(n_windows)

@@ -3,6 +3,8 @@
 Built in: ``folders`` (one folder of images per class, the tutorial's layout).
 """
 from lymph_cv.stages.sources import folders  # noqa: F401 - importing registers it
-from lymph_cv.stages.sources.registry import DEFAULT_SOURCE, SOURCES, DataSource, SourceImage, data_source, register
+from lymph_cv.stages.sources.registry import (DEFAULT_SOURCE, SOURCES, DataSource, SourceImage, data_source,
+                                              input_fingerprint, register)
 
-__all__ = ["DEFAULT_SOURCE", "SOURCES", "DataSource", "SourceImage", "data_source", "register"]
+__all__ = ["DEFAULT_SOURCE", "SOURCES", "DataSource", "SourceImage", "data_source", "input_fingerprint",
+           "register"]

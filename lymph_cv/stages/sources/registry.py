@@ -7,11 +7,13 @@ invalidates the run).  To add one, write a module in this package with a class d
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Protocol, Sequence, Type
+from typing import List, Protocol, Sequence, Type
 
-from lymph_cv.errors import ConfigError
+from lymph_cv.core.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -36,24 +38,22 @@ class DataSource(Protocol):
 
 
 #: Registered name → data-source class.
-SOURCES: Dict[str, Type[DataSource]] = {}
+SOURCES: Registry[Type[DataSource]] = Registry("data source")
+#: Class decorator adding a data source under a name.
+register = SOURCES.register
 #: The tutorial's layout: one folder of images per class.
 DEFAULT_SOURCE = "folders"
 
 
-def register(name: str) -> Callable[[Type[DataSource]], Type[DataSource]]:
-    """Class decorator adding a data source to :data:`SOURCES` under ``name``."""
-
-    def decorate(cls: Type[DataSource]) -> Type[DataSource]:
-        SOURCES[name] = cls
-        return cls
-
-    return decorate
-
-
 def data_source(name: str = DEFAULT_SOURCE) -> Type[DataSource]:
     """The registered data source ``name``; ConfigError listing the valid ones."""
-    try:
-        return SOURCES[name]
-    except KeyError:
-        raise ConfigError(f"unknown data source {name!r}", valid=sorted(SOURCES)) from None
+    return SOURCES.lookup(name)
+
+
+def input_fingerprint(data_dir: Path, classes: Sequence[str], source: str = DEFAULT_SOURCE) -> str:
+    """A digest of the names, sizes and modification times of every file the data source's scan reads."""
+    rows = []
+    for path in data_source(source).inputs(Path(data_dir), classes):
+        stat = path.stat()
+        rows.append((path.parent.name, path.name, stat.st_size, stat.st_mtime_ns))
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
