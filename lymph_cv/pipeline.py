@@ -35,7 +35,7 @@ from lymph_cv import DEFAULT_CLASSES
 from lymph_cv.errors import ConfigError, Interrupted, LymphCVError, TrainingError, signal_name
 from lymph_cv.core.devices import CONCRETE_DEVICES, resolve_device
 from lymph_cv.core import faults
-from lymph_cv.core.locks import folder_lock
+from lymph_cv.core.locks import folder_lock, target_lock_name
 from lymph_cv.core.fsutil import atomic_write_json, make_dirs, remove_stale_temporaries
 from lymph_cv.stages.sources import input_fingerprint
 from lymph_cv.workdir.records import RUN, read_record
@@ -498,7 +498,10 @@ def _evaluate_run(o: RunOptions, fresh: bool) -> None:
             raise TrainingError(f"fold {k} has no final snapshot; rerun `lymph-cv run` to train it", _solver(o, k))
         result = evaluate_fold(o.workdir, k, model=model, device=o.device, oversample=o.oversample, tta=o.tta,
                                aggregate=o.aggregate)
-        record = write_fold(result, fold_output_dir(o.workdir, k), heatmaps=o.heatmaps)
+        out = fold_output_dir(o.workdir, k)
+        # the lock `lymph-cv evaluate` takes for this folder (it is replaced as a whole)
+        with folder_lock(out.parent, name=target_lock_name(out), sweep=False):
+            record = write_fold(result, out, heatmaps=o.heatmaps)
         log.info("fold %d: accuracy %.3f on %d test images", k, record["accuracy"], len(result.images))
 
 
