@@ -602,7 +602,13 @@ class BatchNormLayer(Layer):
             return [y.reshape(shape)]
         channels = x.shape[1]
         per_channel = x.numel() // channels
-        if per_channel > 1:
+        if self.sync:  # --sync-bn: the statistics of every rank's batch together
+            y, mean, var = self._synced_batch_norm(x)
+            if weight is not None:
+                y = y * _broadcast(weight, 1, y.dim())
+            if bias is not None:
+                y = y + _broadcast(bias, 1, y.dim())
+        elif per_channel > 1:
             # momentum 1 makes torch's running buffers exactly μ and the m/(m−1)-corrected σ².
             mean = torch.zeros(channels, dtype=x.dtype, device=x.device)
             var = torch.ones(channels, dtype=x.dtype, device=x.device)
