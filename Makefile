@@ -58,6 +58,9 @@ bench: venv
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_eval.py
 	$(PY) benchmarks/bench_stain.py
+	$(PY) benchmarks/bench_tools.py
+	$(PY) benchmarks/bench_stream.py
+	@echo "full scale (374 images, ~25 GB of disk): $(PY) benchmarks/bench_fullscale.py; on a CUDA machine: benchmarks/gpu_bench.sh"
 
 clean:
 	rm -rf $(VENV) build *.egg-info $(DEMO_DIR)

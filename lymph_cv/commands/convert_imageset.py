@@ -33,12 +33,14 @@ FLAGS = {
     "seed": gflags.Flag(int, 0, "seed of -shuffle (lymph_cv; Caffe's shuffle is not repeatable)"),
     "overwrite": gflags.Flag(bool, False, "replace an existing DB_NAME (lymph_cv)"),
     "skip_bad": gflags.Flag(bool, False, "skip unreadable images with a warning, as Caffe does (lymph_cv)"),
-    "workers": gflags.Flag(int, 0, "processes decoding images while one writes in list order; 0: all cores (lymph_cv)"),
+    "workers": gflags.Flag(int, 0, "processes decoding images while this one writes in list order; "
+                                   "0: one per core but the writer's, so decoding stays inline on 2 cores (lymph_cv)"),
 }
 
 
 def run(values: dict, positional: list[str]) -> int:
     """Convert with parsed flags; raises LymphCVError on bad input."""
+    from lymph_cv.core.workers import resolve_workers
     from lymph_cv.stages import dbs
 
     if len(positional) != 3:
@@ -46,7 +48,7 @@ def run(values: dict, positional: list[str]) -> int:
     root, list_file, db_name = positional
     backend = dbs.store.check_backend(values["backend"])
     if values["workers"] < 0:
-        raise LymphCVError(f"-workers: must be 0 (all cores) or more, got {values['workers']}")
+        raise LymphCVError(f"-workers: must be 0 (one per core but the writer's) or more, got {values['workers']}")
     if values["seed"] < 0:
         raise LymphCVError(f"-seed: must be a non-negative integer, got {values['seed']}")
     if os.path.exists(db_name) and not values["overwrite"]:
@@ -74,7 +76,7 @@ def run(values: dict, positional: list[str]) -> int:
             progress=lambda count: log.info(f"Processed {count} files.", SRC.format(146)),
             concat_root=True,
             entries=entries,
-            workers=values["workers"] if values["workers"] > 0 else None,
+            workers=values["workers"] if values["workers"] > 0 else max(1, resolve_workers(None, 1 << 30) - 1),
         )
         for problem in result.problems:
             log.warning(problem, SRC.format(121))
