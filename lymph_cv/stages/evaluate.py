@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -41,7 +41,7 @@ from lymph_cv.workdir.layout import EVAL_FOLD_DIR as FOLD_DIR_TEMPLATE
 from lymph_cv.workdir.layout import MEAN_FILE as MEAN_TEMPLATE
 from lymph_cv.workdir.layout import TEST_PARENT as PARENT_LIST_TEMPLATE
 from lymph_cv.stages.aggregate import Aggregate, aggregate_scores, parse_aggregate, vote_counts
-from lymph_cv.stages.report import confusion_matrix
+from lymph_cv.stages.results import FoldResult, ImageResult
 from lymph_cv.workdir.records import FOLDS, read_record
 from lymph_cv.workdir.snapshots import snapshot_series
 from lymph_cv.workdir.records import MANIFEST as MANIFEST_RECORD
@@ -321,44 +321,6 @@ class WindowClassifier:
             blobs = self.net.forward({self.input: batch})
             out = blobs[self.output]
         return out.reshape(out.shape[0], -1).float().cpu().numpy()
-
-
-# ----------------------------------------------------------------------------- results
-@dataclass
-class ImageResult:
-    """One test image's windows, their probabilities and the image's decision."""
-
-    entry: str
-    path: Path
-    label: int
-    predicted: int
-    votes: np.ndarray  # (classes,) int
-    scores: np.ndarray  # (classes,) aggregate scores the decision was taken on
-    centres: np.ndarray  # (windows, 2) row, col
-    probs: np.ndarray  # (windows, classes) float32, averaged over the crops
-
-    @property
-    def correct(self) -> bool:
-        return self.predicted == self.label
-
-
-@dataclass
-class FoldResult:
-    """A fold's evaluation: per-image results, the confusion matrix and the settings used."""
-
-    fold: int
-    classes: List[str]
-    images: List[ImageResult]
-    settings: dict = field(default_factory=dict)
-
-    @property
-    def confusion(self) -> np.ndarray:
-        """Counts with rows = true class, columns = predicted class."""
-        return confusion_matrix([r.label for r in self.images], [r.predicted for r in self.images], len(self.classes))
-
-    @property
-    def misclassified(self) -> List[ImageResult]:
-        return [r for r in self.images if not r.correct]
 
 
 # ----------------------------------------------------------------------------- workdir defaults

@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -30,9 +30,9 @@ from lymph_cv.workdir.layout import (CONFUSION_PNG, EVAL_DIR, HEATMAP_DIR, IMAGE
                                      REPORT_MD, REPORT_TXT, SUMMARY_TXT, heatmap_name)
 from lymph_cv.workdir.layout import EVAL_FOLD_PATTERN as _FOLD_DIR
 from lymph_cv.workdir.records import METRICS, read_record
-
-if TYPE_CHECKING:  # evaluate imports this module at run time
-    from lymph_cv.stages.evaluate import FoldResult
+from lymph_cv.stages.metrics import (accuracy, balanced_accuracy, class_metrics, confusion_matrix,  # noqa: F401 - the report's API
+                                     mean_sd, summary_metrics)
+from lymph_cv.stages.results import FoldResult
 
 PathLike = Union[str, Path]
 
@@ -44,65 +44,6 @@ DIGITS = 3
 MD_MISCLASSIFIED_MAX = 12
 #: Heatmap backgrounds: the [0, 1] pixels evaluation saw, back to 8 bits.
 DISPLAY_SCALE = 255.0
-
-
-# ----------------------------------------------------------------------------- metrics
-def confusion_matrix(true: Sequence[int], predicted: Sequence[int], n_classes: int) -> np.ndarray:
-    """(n_classes, n_classes) int64 counts, rows = true class, columns = predicted class."""
-    matrix = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(matrix, (np.asarray(true, dtype=np.int64), np.asarray(predicted, dtype=np.int64)), 1)
-    return matrix
-
-
-def _ratio(numerator: float, denominator: float) -> Optional[float]:
-    return float(numerator) / float(denominator) if denominator else None
-
-
-def class_metrics(matrix: np.ndarray, classes: Sequence[str]) -> dict:
-    """Per class: precision, recall, F1 (``None`` where undefined: nothing predicted / no true
-    image) and support (true images)."""
-    matrix = np.asarray(matrix)
-    result = {}
-    for index, name in enumerate(classes):
-        hits = matrix[index, index]
-        precision = _ratio(hits, matrix[:, index].sum())
-        recall = _ratio(hits, matrix[index].sum())
-        f1 = None
-        if precision is not None and recall is not None:
-            f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        result[name] = {"precision": precision, "recall": recall, "f1": f1, "support": int(matrix[index].sum())}
-    return result
-
-
-def accuracy(matrix: np.ndarray) -> float:
-    """Fraction of images on the diagonal (0 for an empty matrix)."""
-    total = np.asarray(matrix).sum()
-    return float(np.trace(matrix)) / total if total else 0.0
-
-
-def balanced_accuracy(matrix: np.ndarray) -> float:
-    """Mean recall over the classes that have true images."""
-    matrix = np.asarray(matrix)
-    support = matrix.sum(axis=1)
-    present = support > 0
-    if not present.any():
-        return 0.0
-    return float(np.mean(np.diag(matrix)[present] / support[present]))
-
-
-def summary_metrics(matrix: np.ndarray, classes: Sequence[str]) -> dict:
-    """Accuracy, balanced accuracy and per-class metrics of one confusion matrix."""
-    return {
-        "accuracy": accuracy(matrix),
-        "balanced_accuracy": balanced_accuracy(matrix),
-        "per_class": class_metrics(matrix, classes),
-    }
-
-
-def mean_sd(values: Sequence[float]) -> tuple[float, Optional[float]]:
-    """Mean and sample standard deviation (ddof 1; ``None`` for a single value)."""
-    values = np.asarray(values, dtype=np.float64)
-    return float(values.mean()), (float(values.std(ddof=1)) if len(values) > 1 else None)
 
 
 # ----------------------------------------------------------------------------- text formatting
@@ -164,7 +105,7 @@ def format_roc(record: Optional[dict]) -> str:
     return f"one-vs-rest ROC AUC: {per_class}; mean {_num(record.get('macro_auc'))}"
 
 
-def fold_record(result: "FoldResult") -> dict:
+def fold_record(result: FoldResult) -> dict:
     """The JSON-ready record of a fold's evaluation (``metrics.json``)."""
     matrix = result.confusion
     classes = result.classes
@@ -214,7 +155,7 @@ def format_fold(record: dict, legacy: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-def images_csv(result: "FoldResult") -> str:
+def images_csv(result: FoldResult) -> str:
     """Per image: truth, decision, windows, votes, vote fractions and the aggregate's scores."""
     classes = result.classes
     buffer = io.StringIO()
@@ -235,7 +176,7 @@ def _display_image(path: Path) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- writing a fold
-def write_fold(result: "FoldResult", out_dir: PathLike, *, legacy_layout: bool = False, heatmaps: bool = False) -> dict:
+def write_fold(result: FoldResult, out_dir: PathLike, *, legacy_layout: bool = False, heatmaps: bool = False) -> dict:
     """Write a fold's outputs into ``out_dir`` (built under a temporary name, renamed when
     complete): metrics.json, summary.txt, images.csv, confusion.png and optional heatmaps/.
     Returns the JSON record."""
@@ -248,7 +189,7 @@ def write_fold(result: "FoldResult", out_dir: PathLike, *, legacy_layout: bool =
     return record
 
 
-def _write_fold_files(result: "FoldResult", record: dict, out_dir: Path, legacy_layout: bool, heatmaps: bool) -> None:
+def _write_fold_files(result: FoldResult, record: dict, out_dir: Path, legacy_layout: bool, heatmaps: bool) -> None:
     temp = out_dir
     try:
         with atomic_path(out_dir) as temp:
@@ -260,7 +201,7 @@ def _write_fold_files(result: "FoldResult", record: dict, out_dir: Path, legacy_
         raise write_error(exc, failed) from None
 
 
-def _fill_fold_folder(temp: Path, result: "FoldResult", record: dict, out_dir: Path, legacy_layout: bool,
+def _fill_fold_folder(temp: Path, result: FoldResult, record: dict, out_dir: Path, legacy_layout: bool,
                       heatmaps: bool) -> None:
     """The files of eval/fold_K, written into the temporary folder ``temp``."""
     faults.before_write(out_dir / METRICS_JSON)
