@@ -260,11 +260,11 @@ def _drop_unrecorded_dbs(o: RunOptions) -> None:
     """Before resuming: remove this stage's databases that ``dbs.json`` does not record as built
     from their current list (an interruption can land between a database's rename into place and
     its record), so ``build_dbs`` rebuilds them instead of refusing to overwrite them."""
-    from lymph_cv.stages.dbs import _list_signature, _read_dbs_json
+    from lymph_cv.stages.dbs import list_signature, read_dbs_json
     from lymph_cv.workdir.layout import TEST_LIST, TRAIN_LIST
 
     w = Path(o.workdir)
-    previous = _read_dbs_json(w)
+    previous = read_dbs_json(w)
     same_settings = previous.get("backend") == o.backend and previous.get("seed") == o.seed
     recorded = previous.get("dbs", {}) if same_settings else {}
     for fold in o.fold_list:
@@ -272,7 +272,7 @@ def _drop_unrecorded_dbs(o: RunOptions) -> None:
         for db, lst, needs_mean in ((train_db, TRAIN_LIST, True), (test_db, TEST_LIST, False)):
             list_path = w / lst.format(fold=fold)
             done = recorded.get(db.name)
-            kept = (done is not None and list_path.is_file() and done.get("list") == _list_signature(list_path)
+            kept = (done is not None and list_path.is_file() and done.get("list") == list_signature(list_path)
                     and (not needs_mean or mean.is_file()))
             if db.is_dir() and not kept:
                 log.info("removing %s: left unrecorded by an interrupted run", db)

@@ -298,7 +298,7 @@ def test_a_foreign_folds_json_is_refused(tmp_path, record):
     with pytest.raises(InputError, match="folds.json: not a folds.json written by `lymph-cv folds`"):
         dbs._folds_record(tmp_path)
     (tmp_path / "dbs.json").write_text("[3]")
-    assert dbs._read_dbs_json(tmp_path) == {}
+    assert dbs.read_dbs_json(tmp_path) == {}
 
 
 def test_patches_of_another_window_size_are_not_kept(tmp_path):

@@ -409,7 +409,7 @@ def _folds_record(workdir: Path) -> dict:
     return read_record(workdir / FOLDS_JSON, FOLDS) or {}
 
 
-def _list_signature(path: Path) -> dict:
+def list_signature(path: Path) -> dict:
     stat = path.stat()
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
@@ -467,7 +467,7 @@ def build_dbs(
     root_dir = Path(root) if root is not None else workdir / record.get("list_root", ".")
     for path in remove_stale_temporaries(workdir):  # databases of a killed run (they can be large)
         log.info("dbs: removed %s, left by an interrupted run", path)
-    previous = _read_dbs_json(workdir)
+    previous = read_dbs_json(workdir)
     same_settings = previous.get("backend") == backend and previous.get("seed") == seed
     manifest_digest = _manifest_digest(workdir, record)
     transforms = _fold_stains(workdir, selected, images, record, stain, stain_params, stain_target)
@@ -481,7 +481,7 @@ def build_dbs(
             mean_path = workdir / MEAN_FILE.format(fold=fold) if side == "train" else None
             if db_path.exists() and not overwrite:
                 done = previous.get("dbs", {}).get(db_path.name)
-                if (same_settings and isinstance(done, dict) and done.get("list") == _list_signature(list_path)
+                if (same_settings and isinstance(done, dict) and done.get("list") == list_signature(list_path)
                         and done.get("manifest") == manifest_digest and (mean_path is None or mean_path.is_file())
                         and done.get("stain") == _stain_json(transforms[fold])):
                     log.info("dbs: keeping %s (built from the same list, patches, backend and seed)", db_path)
@@ -513,7 +513,7 @@ def build_dbs(
             # rerun keeps finished databases instead of asking for --overwrite.
             dbs_record["dbs"][task.db_path.name] = {
                 "fold": task.fold, "side": task.side, "records": result.records, "lines": result.lines,
-                "list": _list_signature(task.list_path), "manifest": manifest_digest,
+                "list": list_signature(task.list_path), "manifest": manifest_digest,
                 "mean": None if task.mean_path is None else task.mean_path.name,
                 "channel_means": result.channel_means, "stain": _stain_json(transforms[task.fold]),
             }
@@ -592,7 +592,7 @@ def store_kind(path: Path) -> Optional[str]:
         return None
 
 
-def _read_dbs_json(workdir: Path) -> dict:
+def read_dbs_json(workdir: Path) -> dict:
     record = read_cache(workdir / DBS_JSON) or {}
     # Anything else than our record: nothing is known to be current (databases are rebuilt or refused).
     return record if isinstance(record, dict) and isinstance(record.get("dbs", {}), dict) else {}
