@@ -8,11 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from lymph_cv.core.faults import FAULT_ENV
 from lymph_cv.errors import ConfigError
 from lymph_cv.pipeline import STAGES, DemoData, RunOptions, run_pipeline
 from lymph_cv.formats.store import open_reader
@@ -131,16 +131,12 @@ def test_cli_rejects_missing_data(runner, cli, tmp_path: Path):
     assert "data folder not found" in result.stderr and "Traceback" not in result.stderr
 
 
-def _run_until(workdir: Path, data: Path, ready) -> None:
-    """Start `lymph-cv run` in a subprocess and SIGKILL it as soon as ``ready(workdir)`` holds."""
-    process = subprocess.Popen([sys.executable, "-m", "lymph_cv", "run", str(workdir), "--data", str(data), *RUN_ARGS],
-                               stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    try:
-        while process.poll() is None and not ready(workdir):
-            time.sleep(0.002)  # the tiny DB stage lasts ~0.1 s: poll often enough to land inside it
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.wait(timeout=120)
+def _run_until(workdir: Path, data: Path, event: str) -> None:
+    """Run `lymph-cv run` in a subprocess that kills itself (SIGKILL) right after ``event`` (core.faults):
+    deterministic, where polling for the moment had to land inside a ~0.1 s stage."""
+    env = {**os.environ, FAULT_ENV: f"kill@{event}"}
+    process = subprocess.run([sys.executable, "-m", "lymph_cv", "run", str(workdir), "--data", str(data), *RUN_ARGS],
+                             stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env, timeout=600)
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be interrupted"
 
 
@@ -154,10 +150,11 @@ def _first_fold_snapshotted(workdir: Path) -> bool:
     return any((workdir / "1").glob("*_iter_*.solverstate")) and not (workdir / "1" / f"1_caffenet_train_w32_iter_{MAX_ITER}.solverstate").exists()
 
 
-@pytest.mark.parametrize("ready", [_some_dbs_built, _first_fold_snapshotted], ids=["during-dbs", "during-training"])
-def test_interrupted_run_completes_with_the_same_results(tmp_path: Path, finished: Path, tiny_data: Path, ready):
+@pytest.mark.parametrize("event, ready", [("dbs:built#1", _some_dbs_built), ("train:snapshot#1", _first_fold_snapshotted)],
+                         ids=["during-dbs", "during-training"])
+def test_interrupted_run_completes_with_the_same_results(tmp_path: Path, finished: Path, tiny_data: Path, event, ready):
     workdir = tmp_path / "work"
-    _run_until(workdir, tiny_data, ready)
+    _run_until(workdir, tiny_data, event)
     assert ready(workdir), "killed at the wrong moment"
     record = json.loads((workdir / "run.json").read_text())
     assert not record["stages"].get("report", {}).get("complete")
