@@ -113,18 +113,20 @@ def _finite(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    value = _integer(text)
-    if value < 1:
-        raise ValueError("must be a positive integer")
-    return value
+def _at_least(parse: Callable[[str], Any], minimum: float, message: str) -> Callable[[str], Any]:
+    """``parse``, then refuse values below ``minimum`` with ``message``."""
+    def checked(text: str):
+        value = parse(text)
+        if value < minimum:
+            raise ValueError(message)
+        return value
+
+    return checked
 
 
-def _non_negative_int(text: str) -> int:
-    value = _integer(text)
-    if value < 0:
-        raise ValueError("must be >= 0")
-    return value
+_positive_int = _at_least(_integer, 1, "must be a positive integer")
+_non_negative_int = _at_least(_integer, 0, "must be >= 0")
+_non_negative = _at_least(_finite, 0, "must be >= 0")
 
 
 def _choice(options: Iterable[str]) -> Callable[[str], str]:
@@ -159,13 +161,6 @@ def _boolean(text: str) -> bool:
     if lowered in ("false", "0", "no"):
         return False
     raise ValueError(f"expected true or false, got {text!r}")
-
-
-def _non_negative(text: str) -> float:
-    value = _finite(text)
-    if value < 0:
-        raise ValueError("must be >= 0")
-    return value
 
 
 def _ratio(text: str) -> float:

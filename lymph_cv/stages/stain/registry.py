@@ -9,6 +9,7 @@ constructor keyword with a stated default and is written to the record with the 
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Sequence, Type
 
@@ -42,7 +43,7 @@ def enough_tissue(count: int, total: int) -> bool:
     return count >= max(MIN_TISSUE_PIXELS, MIN_TISSUE_FRACTION * total)
 
 
-class Normaliser:
+class Normaliser(ABC):
     """Base class of the methods; subclasses set ``name`` through :func:`register`."""
 
     name: ClassVar[str] = ""
@@ -61,18 +62,18 @@ class Normaliser:
     def check(self) -> None:
         """Validate ``self.params`` (ConfigError naming the parameter)."""
 
+    @abstractmethod
     def statistics(self, bgr: np.ndarray) -> Optional[dict]:
         """This image's stain statistics (JSON-able), or None when it holds too little tissue."""
-        raise NotImplementedError
 
     def combine(self, stats: Sequence[Mapping[str, Any]]) -> dict:
         """A target from the statistics of one or more images (element-wise medians)."""
         keys = stats[0].keys()
         return {key: np.median(np.asarray([s[key] for s in stats], np.float64), axis=0).tolist() for key in keys}
 
+    @abstractmethod
     def normalise(self, bgr: np.ndarray, target: Mapping[str, Any]) -> tuple[np.ndarray, bool]:
         """(the image mapped onto ``target``, True) or (the image unchanged, False) for too little tissue."""
-        raise NotImplementedError
 
     def check_target(self, target: Mapping[str, Any], source: str) -> dict:
         """``target`` as floats with the keys and lengths this method needs (FormatError otherwise)."""
