@@ -16,6 +16,15 @@ PATCH_DIR = "subs"
 MANIFEST_NAME = "manifest.json"
 MAT_NAME = "class_struct.mat"
 PATCH_PARAMS = ".patches.json"
+#: Whole-slide tiling (``lymph-cv slides tile``), in the tile folder: the tile set, its table (one
+#: tile a row), the quality-control images and the hidden per-slide completion records.
+TILE_SET = "tiles.json"
+TILE_TABLE = "tiles.csv"
+TILE_QC_DIR = "qc"
+TILE_MASK_PNG = "{slide}_mask.png"
+TILE_GRID_PNG = "{slide}_grid.png"
+TILE_DONE_DIR = ".tiles"
+TILE_DB = "{slide}_{backend}"
 #: Step 2: patch lists (``<patch>\t<label>``), parent lists (``CLASS/file.tif``), the record.
 TRAIN_LIST = "train_w32_{fold}.txt"
 TEST_LIST = "test_w32_{fold}.txt"
