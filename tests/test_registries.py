@@ -29,7 +29,7 @@ def test_aggregation_registry_lists_and_takes_new_entries():
 
 def test_data_source_lookup_names_the_valid_ones():
     assert sources.data_source("folders").__name__ == "ImageFolders"
-    with pytest.raises(ConfigError, match=r"unknown data source 'slides' \(valid: folders\)"):
+    with pytest.raises(ConfigError, match=r"unknown data source 'slides' \(valid: folders, bags"):
         sources.data_source("slides")
 
 

@@ -77,9 +77,17 @@ RUN_JSON = "run.json"
 STAIN_RECORD = "stain.json"
 FOLD_STAIN_RECORD = "stain_{fold}.json"
 
+#: Multiple-instance learning (issue 15): the bag set (patients, images or cases and their instances),
+#: the patient-level splits' record, and per split the bag lists (``<bag id><TAB><label>``).
+BAGS_JSON = "bags.json"
+BAG_FOLDS_JSON = "bag_folds.json"
+BAG_TRAIN_LIST = "bags_train_{fold}.txt"
+BAG_TEST_LIST = "bags_test_{fold}.txt"
+
 #: The list names above as patterns: group 1 the side (train/test), group 2 the fold K.
 LIST_PATTERN = re.compile(r"^(train|test)_w32_(\d+)\.txt$")
 PARENT_PATTERN = re.compile(r"^(train|test)_w32_parent_(\d+)\.txt$")
+BAG_LIST_PATTERN = re.compile(r"^bags_(train|test)_(\d+)\.txt$")
 EVAL_FOLD_PATTERN = re.compile(r"fold_(\d+)$")
 #: Snapshot files: ``<prefix>_iter_<N>.<caffemodel|solverstate>``.
 SNAPSHOT_PATTERN = re.compile(r"^(?P<prefix>.*)_iter_(?P<iteration>\d+)\.(?P<suffix>caffemodel|solverstate)$")

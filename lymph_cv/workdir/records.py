@@ -57,6 +57,10 @@ DBS = RecordSpec(layout.DBS_JSON, "dbs.json", "expected a JSON object with a 'ba
 RUN = RecordSpec(layout.RUN_JSON, "the run record", 'not a lymph-cv run record (expected {"stages": {name: {...}}})',
                  advice="delete it to start over", fields={"stages": dict}, nested={"stages": dict})
 JOBS = RecordSpec(layout.JOBS_JSON, "the jobs file", "not a lymph-cv jobs file", fields={"jobs": list})
+BAGS = RecordSpec(layout.BAGS_JSON, "bags.json", "not a bags.json written by lymph-cv (a bag set)",
+                  fields={"classes": list, "bags": list, "kind": str, "root": str})
+BAG_FOLDS = RecordSpec(layout.BAG_FOLDS_JSON, "bag_folds.json", "not a bag_folds.json written by lymph-cv (bag splits)",
+                       fields={"classes": list, "folds": list, "method": str})
 #: Any stage's record, read for display (the HTML report's seeds and stages).
 ANY = RecordSpec("", "the record", "expected a JSON object as the earlier stage writes it")
 METRICS = RecordSpec(layout.METRICS_JSON, "the fold's metrics",
