@@ -173,7 +173,7 @@ def test_bags_from_the_tutorial_manifest_by_image_and_case(tmp_path):
     assert by_case.bags[0].instances[1].patch == "sj-03-2810_001_sub_2.tif"
     back = read_bags(write_bags(tmp_path / "bags.json", by_case))
     assert back.to_json() == by_case.to_json() and back.bags[0].instances == by_case.bags[0].instances
-    with pytest.raises(ConfigError, match="slide bags need a tile manifest"):
+    with pytest.raises(ConfigError, match="slide bags need the tile manifest"):
         bags_from_patches(manifest, "slide")
     mixed = _tutorial_manifest(tmp_path)
     mixed.images.append(ImageEntry("MCL", 2, "sj-03-2810_003.tif", "sj-03-2810", 100, 140, 0))
@@ -190,3 +190,31 @@ def test_instance_windows_are_the_patch_steps_patches(tmp_path):
     bag_set = bags_from_patches(manifest, "image", rotations=(0, 90))
     pixels = bags_module.instance_images(bag_set, bag_set.bags[0])
     assert np.array_equal(np.stack(pixels), extract(image))
+
+
+def test_slide_bags_from_a_tile_manifest(tmp_path):
+    from lymph_cv.stages import tiles
+
+    slides_, all_tiles = [], []
+    for cls, label, stem in (("CLL", 0, "sj-03-2810_001"), ("CLL", 0, "sj-03-2810_002"), ("FL", 1, "sj-05-1_001")):
+        case = stem.rsplit("_", 1)[0]
+        slides_.append(tiles.SlideRecord(stem, f"/slides/{stem}.svs", f"{stem}.svs", cls, label, case, 1000, 800,
+                                         0.5, 0, 64, 2, 12, 0.3))
+        for index in (1, 2):
+            name = f"{stem}_sub_{index}.tif"
+            cv2.imwrite(str(tmp_path / name), np.full((32, 32, 3), index, np.uint8))
+            all_tiles.append(tiles.Tile(stem, f"/slides/{stem}.svs", cls, label, case, index, 0, 64 * index, 128, 64,
+                                        64, 32, 1.0, 0.9, name))
+    tile_set = tiles.TileSet(tiles.TileParams(size=32, mpp=1.0), ["CLL", "FL"], slides_, all_tiles)
+    tiles.write_tile_set(tmp_path, tile_set)
+    by_slide = bags_from_patches(tmp_path / "manifest.json", "slide")
+    assert by_slide.kind == "slide" and [b.id for b in by_slide.bags] == ["sj-03-2810_001", "sj-03-2810_002", "sj-05-1_001"]
+    assert [b.patient for b in by_slide.bags] == ["sj-03-2810", "sj-03-2810", "sj-05-1"]
+    tile = by_slide.bags[0].instances[1]
+    assert (tile.path, tile.parent, tile.window) == ("sj-03-2810_001_sub_2.tif", "/slides/sj-03-2810_001.svs",
+                                                     bags_module.Window(128, 128, 64, 0))
+    assert [int(p[0, 0, 0]) for p in bags_module.instance_images(by_slide, by_slide.bags[0])] == [1, 2]
+    back = read_bags(write_bags(tmp_path / "bags.json", by_slide))
+    assert back.bags[0].instances == by_slide.bags[0].instances
+    by_case = bags_from_patches(tmp_path, "case")
+    assert [(b.id, len(b.instances)) for b in by_case.bags] == [("sj-03-2810", 4), ("sj-05-1", 2)]

@@ -41,7 +41,8 @@ from lymph_cv.stages.patches import (DEFAULT_CASE_REGEX, ROTATIONS, Manifest, ca
                                      load_manifest)
 from lymph_cv.stages.sources.patients import (BAG_CLASSES, FEATURES, REFERENCE_DATE, ClinicalColumns,
                                               scan_patients)
-from lymph_cv.workdir.layout import BAGS_JSON
+from lymph_cv.stages.tiles import read_tile_set
+from lymph_cv.workdir.layout import BAGS_JSON, TILE_SET
 from lymph_cv.workdir.records import BAGS, read_record, write_record
 
 log = logging.getLogger(__name__)
@@ -67,11 +68,17 @@ class Window:
 
 @dataclass(frozen=True)
 class Instance:
-    """One instance: its image (relative to the set's root), the window cut from it, its patch file."""
+    """One instance: its image file (relative to the set's root), where it lies, its patch file name.
+
+    Without ``parent`` the pixels are ``window`` cut from ``path`` (the whole file when ``window`` is
+    None); with ``parent`` (a slide tile) ``path`` is the instance's own file and ``window`` says where
+    it lies in the parent, in the parent's level-0 pixels (for heatmaps).
+    """
 
     path: str
     window: Optional[Window] = None
     patch: Optional[str] = None  # the patch step's file name (``<stem>_sub_<i>.tif``), when windowed
+    parent: Optional[str] = None  # the slide file a tile was read from
 
 
 @dataclass
@@ -148,7 +155,7 @@ def _bag_json(bag: Bag) -> dict:
         out.update(grid=bag.grid, images=bag.images)
     else:
         out["instances"] = [[i.path] if i.window is None else
-                            [i.path, i.window.x, i.window.y, i.window.size, i.window.angle, i.patch]
+                            [i.path, i.window.x, i.window.y, i.window.size, i.window.angle, i.patch, i.parent]
                             for i in bag.instances]
     return out
 
@@ -170,8 +177,9 @@ def _bag_from_json(obj: dict, n_classes: int) -> Bag:
         if len(row) == 1:
             instances.append(Instance(str(row[0])))
         else:
+            patch, parent = (None if v is None else str(v) for v in row[5:7])
             instances.append(Instance(str(row[0]), Window(int(row[1]), int(row[2]), int(row[3]), int(row[4])),
-                                      None if row[5] is None else str(row[5])))
+                                      patch, parent))
     return Bag(str(obj["id"]), label, str(obj["patient"]), instances, clinical)
 
 
@@ -243,7 +251,7 @@ def bags_from_patches(manifest: Union[Manifest, str, os.PathLike], bag: str = "i
                       case_regex: str = DEFAULT_CASE_REGEX,
                       rotations: Sequence[int] = DEFAULT_BAG_ROTATIONS) -> BagSet:
     """Bags from the patch step's manifest: one per image (its windows), per case (the windows of all
-    its images), or per slide (a tile manifest's slides).
+    its images), or per slide (a tile manifest's slides: the manifest beside a ``tiles.json``).
 
     Every bag's patient is its case (``case_regex`` on the image stem), so a split by patient never
     puts two images of one case on opposite sides. ``rotations`` picks which of the patch step's
@@ -252,9 +260,11 @@ def bags_from_patches(manifest: Union[Manifest, str, os.PathLike], bag: str = "i
     if bag not in PATCH_BAG_KINDS:
         raise ConfigError(f"--bag: unknown bag kind {bag!r}", valid=PATCH_BAG_KINDS)
     manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+    if manifest.path is not None and (Path(manifest.path).parent / TILE_SET).is_file():
+        return bags_from_tiles(Path(manifest.path).parent, "case" if bag == "case" else "slide")
     if bag == "slide":
-        raise ConfigError("--bag slide: the manifest lists images, not slide tiles; slide bags need a tile "
-                          "manifest (use --bag image or --bag case)", manifest.path)
+        raise ConfigError("--bag slide: the manifest lists images, not slide tiles; slide bags need the tile "
+                          "manifest of `lymph-cv slides tile` (or use --bag image or --bag case)", manifest.path)
     case_regex = compile_case_regex(case_regex)
     bad = [a for a in rotations if a not in ROTATIONS]
     if bad or not rotations:
@@ -280,6 +290,40 @@ def bags_from_patches(manifest: Union[Manifest, str, os.PathLike], bag: str = "i
     record = {"source": "patches", "manifest": None if manifest.path is None else os.fspath(Path(manifest.path).resolve()),
               "bag": bag, "case_regex": case_regex, "grid": grid}
     return BagSet(list(manifest.classes), bags, bag, manifest.data_dir, [], record)
+
+
+def bags_from_tiles(folder: Union[str, os.PathLike], bag: str = "slide") -> BagSet:
+    """Bags from a tiling folder (``tiles.json`` + tile files): one per slide (its tiles), or per case
+    (the tiles of all its slides).  Instances are the tile files; their windows locate them in the slide."""
+    if bag not in ("slide", "case"):
+        raise ConfigError(f"--bag: tile bags are per slide or per case, got {bag!r}", valid=("slide", "case"))
+    folder = Path(folder)
+    if folder.is_file():  # its tiles.json
+        folder = folder.parent
+    tile_set = read_tile_set(folder)
+    if tile_set.db_backend is not None:
+        raise ConfigError(f"the tiles were written to {tile_set.db_backend} databases, not files; slide bags read "
+                          "tile files (tile again without --db)", folder)
+    grouped: Dict[str, List] = defaultdict(list)
+    for slide in tile_set.slides:
+        grouped[slide.slide if bag == "slide" else slide.case].append(slide)
+    by_slide: Dict[str, List] = defaultdict(list)
+    for tile in tile_set.tiles:
+        by_slide[tile.slide].append(tile)
+    bags = []
+    for ident, slides in grouped.items():
+        if len({s.label for s in slides}) > 1:
+            raise InputError(f"case {ident!r} has slides of several classes; a case bag needs one label "
+                             "(use --bag slide)", folder)
+        instances = [Instance(tile.name, Window(tile.x, tile.y, tile.extent, 0), tile.name, s.path)
+                     for s in slides for tile in by_slide[s.slide]]
+        if not instances:
+            log.warning("warning: %s: no tiles kept, left out of the bags", ident)
+            continue
+        bags.append(Bag(ident, slides[0].label, slides[0].case, instances))
+    record = {"source": "tiles", "tiles": os.fspath(folder.resolve() / TILE_SET), "bag": bag,
+              "tile_params": tile_set.params.to_json()}
+    return BagSet(list(tile_set.classes), bags, bag, os.fspath(folder.resolve()), [], record)
 
 
 # --------------------------------------------------------------------------- clinical features
@@ -362,6 +406,9 @@ def instance_images(bags: BagSet, bag: Bag, indices: Optional[Sequence[int]] = N
     parents: Dict[str, np.ndarray] = {}
     out = []
     for instance in chosen:
+        if instance.parent is not None:  # a tile: its own file, the window only locates it
+            out.append(read_image(bags.instance_path(instance)).bgr)
+            continue
         if instance.path not in parents:
             parents[instance.path] = read_image(bags.instance_path(instance)).bgr
         image = parents[instance.path]
