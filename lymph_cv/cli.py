@@ -72,7 +72,7 @@ SUMMARIES = {
                 "DB_heldout_K (eval/heldout_K/metrics.json)."),
     "import": "Import a published data set into a work directory (`import pcam DIR WORKDIR`).",
     "stain": "Stain normalisation: `stain fit` makes a target, `stain apply` normalises a folder.",
-    "slides": "Whole-slide images: `slides info SLIDE` describes one, `slides tissue SLIDE` finds its tissue.",
+    "slides": "Whole-slide images: `slides info SLIDE`, `slides tissue SLIDE`, `slides tile DATA OUT` (tissue tiles).",
     "inspect": "Describe a caffemodel, solverstate, mean binaryproto, net/solver prototxt or LevelDB/LMDB.",
     "pycaffe-path": "Print the folder holding a `caffe` package for legacy scripts (put it on PYTHONPATH).",
 }

@@ -96,3 +96,86 @@ def test_bad_parameters_and_slides_are_one_line(tmp_path):
     table.write_text("slide,x\n")
     with pytest.raises(FormatError, match="header"):
         tiles.read_tiles_csv(table)
+
+
+def slide_set(root, classes=("CLL", "FL")):
+    """Two small pyramidal slides per class in DATA/<class>/."""
+    for label, cls in enumerate(classes):
+        (root / cls).mkdir(parents=True)
+        for case in (1, 2):
+            pyramid(root / cls / f"{cls}_case{case}_001.tif", side=1024, levels=(1, 2),
+                    pink=(0, 512) if label == 0 else (256, 1024))
+    return root
+
+
+def test_tile_a_slide_set_to_files_then_resume_then_a_database(tmp_path, runner, cli, caplog):
+    import logging
+
+    from lymph_cv.formats import store
+    from lymph_cv.stages import tiling
+
+    data = slide_set(tmp_path / "data")
+    out = tmp_path / "tiles"
+    params = tiles.TileParams(size=64, mpp=1.0, mask_side=256)
+    tile_set = tiling.tile_slides(data, out, params, classes=["CLL", "FL"], workers=2)
+    assert [s.tiles for s in tile_set.slides] == [16, 16, 36, 36]  # 512² and 768² of pink, tiles of 128
+    assert all((out / t.name).is_file() for t in tile_set.tiles)
+    assert (out / "qc" / "CLL_case1_001_mask.png").is_file() and (out / "qc" / "FL_case2_001_grid.png").is_file()
+    manifest = load_manifest(out)
+    assert manifest.total_patches == 104 and [e.case for e in manifest.images][:2] == ["CLL_case1", "CLL_case2"]
+    first = out / tile_set.tiles[0].name
+    stamp = first.stat().st_mtime_ns
+    with caplog.at_level(logging.INFO):
+        again = tiling.tile_slides(data, out, params, classes=["CLL", "FL"], workers=1)
+    assert again.tiles == tile_set.tiles and first.stat().st_mtime_ns == stamp
+    assert "4 slide(s) complete from an earlier run" in caplog.text
+
+    partial = tiling.tile_slides(data, tmp_path / "db", params, classes=["CLL", "FL"], workers=1,
+                                 db_backend="lmdb", only=[2], qc=False)
+    assert partial is None and (tmp_path / "db" / "CLL_case2_001_lmdb").is_dir()
+    assert not (tmp_path / "db" / "tiles.json").exists()
+    result = runner.invoke(cli, ["slides", "tile", str(data), str(tmp_path / "db"), "--size", "64", "--mpp", "1",
+                                 "--mask-side", "256", "--classes", "CLL,FL", "--db", "lmdb", "--no-qc"])
+    assert result.exit_code == 0, result.output
+    assert "4 slides, 104 tiles" in result.stdout
+    with store.open_reader(tmp_path / "db" / "FL_case1_001_lmdb", "lmdb") as reader:
+        keys = reader.keys()
+    assert len(keys) == 36 and keys[0] == b"00000001_FL_case1_001_sub_1.tif"
+
+
+def test_csv_layout_the_real_svs_and_bad_input(tmp_path, runner, cli):
+    svs = wheel_file("cmu_small_region.svs")
+    data = slide_set(tmp_path / "data")
+    table = tmp_path / "slides.csv"
+    table.write_text(f"slide,label,case\n{svs},FL,patient7\ndata/CLL/CLL_case1_001.tif,0\n")
+    out = tmp_path / "out"
+    result = runner.invoke(cli, ["slides", "tile", str(table), str(out), "--size", "128", "--mpp", "1",
+                                 "--mask-side", "512", "--classes", "CLL,FL", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    tile_set = tiles.read_tile_set(out)
+    assert [s.slide for s in tile_set.slides] == ["CLL_case1_001", "cmu_small_region"]
+    assert tile_set.slides[1].case == "patient7" and tile_set.slides[1].tiles > 20
+    assert (out / "qc" / "cmu_small_region_grid.png").is_file()
+    bad = tmp_path / "bad.csv"
+    for text, message in ((f"{svs},XX\n", "label 'XX'"), ("missing.svs,FL\n", "no such slide file"),
+                          (f"{svs}\n", "expected slide,label")):
+        bad.write_text(text)
+        result = runner.invoke(cli, ["slides", "tile", str(bad), str(out), "--size", "64", "--classes", "CLL,FL"])
+        assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.stderr
+        assert str(bad) in result.stderr
+    result = runner.invoke(cli, ["slides", "tile", str(data), str(tmp_path / "x"), "--size", "64", "--mpp", "0",
+                                 "--classes", "CLL,FL"])
+    assert result.exit_code == 2 and "--mpp" in result.stderr
+    (data / "CLL" / "CLL_case1_001.tif").write_bytes(b"not a slide")
+    result = runner.invoke(cli, ["slides", "tile", str(data), str(tmp_path / "x"), "--size", "64", "--classes", "CLL,FL"])
+    assert result.exit_code == 2 and "CLL_case1_001.tif" in result.stderr and "not a" in result.stderr
+
+
+def test_the_low_resolution_view_is_read_in_bands(tmp_path, monkeypatch):
+    path = pyramid(tmp_path / "s.tif", side=1024, levels=(1,))
+    with slides.open_slide(path) as slide:
+        whole, _ = slides.read_low_resolution(slide, 300)
+        monkeypatch.setattr(slides, "BAND_PIXELS", 1024 * 50)
+        banded, down = slides.read_low_resolution(slide, 300)
+    assert banded.shape == whole.shape == (300, 300, 3) and down == pytest.approx((1024 / 300,) * 2)
+    assert np.abs(banded.astype(int) - whole).max() <= 60 and (banded != whole).mean() < 0.02

@@ -1,4 +1,4 @@
-"""``lymph-cv slides info | tissue``: whole-slide images read through OpenSlide."""
+"""``lymph-cv slides info | tissue | tile``: whole-slide images read through OpenSlide."""
 from __future__ import annotations
 
 import json
@@ -7,13 +7,18 @@ from typing import Optional
 
 import click
 
+from lymph_cv import DEFAULT_CLASSES
+from lymph_cv.commands.options import WORKERS, classes_option
+from lymph_cv.commands.stain import resolve as resolve_stain
+from lymph_cv.commands.stain import stain_options
 from lymph_cv.formats.slides import format_info, slide_info
+from lymph_cv.formats.store import BACKENDS
 from lymph_cv.stages import tissue as tissue_module
 
 
 @click.group("slides")
 def slides() -> None:
-    """Whole-slide images: `slides info SLIDE` describes one, `slides tissue SLIDE` finds its tissue."""
+    """Whole-slide images: `slides info SLIDE`, `slides tissue SLIDE`, `slides tile DATA OUT` (tissue tiles)."""
 
 
 @slides.command("info")
@@ -56,3 +61,45 @@ def tissue(slide: str, mask_png: Optional[Path], side: int, tile_size: Optional[
         kept = int((fractions >= tissue_module.DEFAULT_MIN_TISSUE).sum())
         click.echo(f"tiles of {tile_size} px: {fractions.size} whole, {kept} with tissue fraction "
                    f">= {tissue_module.DEFAULT_MIN_TISSUE:g}")
+
+
+@slides.command("tile")
+@click.argument("data", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--size", type=click.IntRange(min=1), required=True, help="Tile side in pixels at --mpp (or --level).")
+@click.option("--mpp", type=float, default=None,
+              help="Microns per pixel of the tiles (read from the best pyramid level, resampled).")
+@click.option("--level", type=click.IntRange(min=0), default=None, help="Read tiles at this pyramid level as is (instead of --mpp).")
+@click.option("--stride", type=click.IntRange(min=1), default=None, help="Origin step in tile pixels [default: --size].")
+@click.option("--min-tissue", type=click.FloatRange(0.0, 1.0), default=tissue_module.DEFAULT_MIN_TISSUE, show_default=True,
+              help="Keep a tile when at least this share of it is tissue.")
+@click.option("--resize", type=click.IntRange(min=1), default=None, help="Write tiles of this side [default: --size].")
+@click.option("--mask-side", type=click.IntRange(min=1), default=tissue_module.DEFAULT_MASK_SIDE, show_default=True,
+              help="Longer side of the low-resolution view tissue is detected on.")
+@click.option("--db", "db_backend", type=click.Choice(BACKENDS), default=None,
+              help="Write each slide's tiles to a database OUT/<slide>_<backend> instead of tile files.")
+@click.option("--slide", "only", type=click.IntRange(min=1), multiple=True,
+              help="Tile only slide N (1-based, manifest order; repeatable): one array task's share.")
+@click.option("--classes", default=",".join(DEFAULT_CLASSES), show_default=True, callback=classes_option,
+              help="Class folders (or CSV labels) in label order.")
+@click.option("--no-qc", is_flag=True, help="Skip the mask and tile-grid PNGs in OUT/qc/.")
+@stain_options
+@click.option("--workers", type=WORKERS, default=None, help="Processes (default or 0: all cores).")
+def tile(data: Path, out: Path, size: int, mpp: Optional[float], level: Optional[int], stride: Optional[int],
+         min_tissue: float, resize: Optional[int], mask_side: int, db_backend: Optional[str], only, classes,
+         no_qc: bool, stain, stain_target, stain_include_background, stain_params, workers) -> None:
+    """Tissue tiles of every slide of DATA (DATA/<class>/<slide>, or a slide,label[,case] CSV) into OUT."""
+    from lymph_cv.stages import tiles as tiles_module
+    from lymph_cv.stages import tiling
+
+    params = tiles_module.TileParams(size, mpp, level, stride, min_tissue, resize, mask_side)
+    method, record, _ = resolve_stain(stain, stain_target, stain_include_background, stain_params)
+    if method is not None and record is None:
+        raise click.UsageError("slides tile --stain needs --stain-target (a record or an image to fit on)")
+    result = tiling.tile_slides(data, out, params, classes=classes, workers=workers, db_backend=db_backend,
+                                stain=record, only=list(only), qc=not no_qc)
+    if result is None:
+        click.echo(f"{out}: some slides are still to be tiled (other tasks, or run again without --slide)")
+        return
+    click.echo(f"{len(result.slides)} slides, {len(result.tiles)} tiles in {out}"
+               + (f" ({db_backend} databases)" if db_backend else ""))

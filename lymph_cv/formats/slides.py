@@ -20,6 +20,8 @@ PathLike = Union[str, os.PathLike]
 
 #: Background value that transparent (unscanned) pixels become: white glass.
 BACKGROUND = 255
+#: Pixels of one band a low-resolution view is read in (64 Mpx: 256 MiB of RGBA at most).
+BAND_PIXELS = 64 * 1024 * 1024
 #: OpenSlide's standard property names.
 _VENDOR = "openslide.vendor"
 _MPP_X = "openslide.mpp-x"
@@ -150,17 +152,25 @@ def level_for_side(slide, max_side: int) -> int:
 
 def read_low_resolution(slide, max_side: int) -> Tuple[np.ndarray, Tuple[float, float]]:
     """The whole slide as RGB uint8 with its longer side at most ``max_side``, and the (x, y)
-    level-0 pixels per output pixel.  Reads the smallest sufficient pyramid level whole and shrinks
-    it by area averaging (a slide without a pyramid is read whole at level 0: fine for small regions,
-    not for a 10⁵-pixel single-level slide)."""
+    level-0 pixels per output pixel.  Reads the smallest sufficient pyramid level in bands of at
+    most :data:`BAND_PIXELS` pixels, each shrunk by area averaging as it is read, so memory stays
+    bounded even for a single-level slide of 10⁵ pixels a side (which is then slow, not fatal)."""
     import cv2
 
     level = level_for_side(slide, max_side)
     width, height = slide.level_dimensions[level]
-    rgb = rgb_of(slide.read_region((0, 0), level, (width, height)))
+    down = float(slide.level_downsamples[level])
     scale = min(1.0, max_side / max(width, height))
-    if scale < 1.0:
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+    out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
+    rgb = np.empty((out_h, out_w, 3), np.uint8)
+    # whole output rows per band: each band's source rows map onto them exactly (bar rounding)
+    rows_per_band = max(1, int(BAND_PIXELS // max(1, width) * out_h // max(1, height)))
+    for top in range(0, out_h, rows_per_band):
+        bottom = min(out_h, top + rows_per_band)
+        y0, y1 = round(top * height / out_h), round(bottom * height / out_h)
+        band = rgb_of(slide.read_region((0, round(y0 * down)), level, (width, max(1, y1 - y0))))
+        if band.shape[:2] != (bottom - top, out_w):
+            band = cv2.resize(band, (out_w, bottom - top), interpolation=cv2.INTER_AREA)
+        rgb[top:bottom] = band
     full_w, full_h = slide.level_dimensions[0]
     return rgb, (full_w / rgb.shape[1], full_h / rgb.shape[0])
