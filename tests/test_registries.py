@@ -29,8 +29,9 @@ def test_aggregation_registry_lists_and_takes_new_entries():
 
 def test_data_source_lookup_names_the_valid_ones():
     assert sources.data_source("folders").__name__ == "ImageFolders"
-    with pytest.raises(ConfigError, match=r"unknown data source 'slides' \(valid: folders, bags"):
-        sources.data_source("slides")
+    assert sources.data_source("slides").__name__ == "Slides"
+    with pytest.raises(ConfigError, match=r"unknown data source 'scans' \(valid: folders, bags, slides"):
+        sources.data_source("scans")
 
 
 def test_fingerprint_covers_every_file_the_scan_takes(tmp_path):
