@@ -376,13 +376,8 @@ def render_fold(workdir: PathLike, fold: int, *, dropout: bool = False, legacy_v
     workdir = Path(workdir)
     values = fold_context(workdir, fold, dropout=dropout, legacy_v1=legacy_v1, overrides=overrides,
                           device=device, arch=arch, stem=stem)
-    entry = get_arch(values["arch"])
-    context = dict(values)
-    context.update(entry.plan(values["num_classes"], values["stem"]))
-    context["arch_macro"], context["head_blob"] = entry.macro, entry.head
+    context = _net_context(values)
     context["backend"] = BACKENDS[values["backend"]]
-    for key in ("base_lr", "weight_decay", "dropout_ratio", "weight_lr_mult", "bias_lr_mult", "bn_moving_average"):
-        context[key] = _number(values[key])
     context["optional_solver_fields"] = [
         (key, _number(value)) for key in OPTIONAL_SOLVER_FIELDS if values[key] is not None
         for value in (values[key] if isinstance(values[key], list) else [values[key]])]
@@ -411,6 +406,35 @@ def render_fold(workdir: PathLike, fold: int, *, dropout: bool = False, legacy_v
     atomic_write_json(out_dir / RENDER_JSON, record)
     log.debug("fold %d: rendered %s", fold, ", ".join(p.name for p, _t, _p in files.values()))
     return RenderedFold(fold, files["solver"][0], files["net"][0], files["deploy"][0], record)
+
+
+def _net_context(values: Mapping[str, Any]) -> Dict[str, Any]:
+    """The net templates' context of resolved ``values``: the architecture's plan, macro, head blob
+    and the numbers as protobuf text."""
+    entry = get_arch(values["arch"])
+    context = dict(values)
+    context.update(entry.plan(values["num_classes"], values["stem"]))
+    context["arch_macro"], context["head_blob"] = entry.macro, entry.head
+    for key in ("base_lr", "weight_decay", "dropout_ratio", "weight_lr_mult", "bias_lr_mult", "bn_moving_average"):
+        context[key] = _number(values[key])
+    return context
+
+
+def render_deploy_text(arch: str, num_classes: int, size: int, *, channels: int = DEFAULT_CHANNELS,
+                       stem: Optional[str] = None, batch: int = DEPLOY_BATCH, net_name: Optional[str] = None) -> str:
+    """The deploy net of ``arch`` for ``size``×``size`` inputs without a work directory (the MIL
+    instance encoder's): the architecture's defaults, read back with our schema."""
+    entry = get_arch(arch)
+    if size < entry.min_input:
+        raise ConfigError(f"architecture {entry.name!r} needs inputs of at least {entry.min_input} pixels, not {size}")
+    values = resolve_variables(None, entry.defaults)
+    values.update(arch=entry.name, stem=entry.stem_for(size, stem), num_classes=num_classes, dropout=entry.dropout,
+                  legacy_v1=False, deploy_shape=[batch, channels, size, size])
+    if net_name is not None:
+        values["net_name"] = net_name
+    text = _environment().get_template(DEPLOY_TEMPLATE).render(_net_context(values))
+    parse_net_text(text)
+    return text
 
 
 def render_folds(workdir: PathLike, folds: Optional[Sequence[int]] = None, **options) -> List[RenderedFold]:

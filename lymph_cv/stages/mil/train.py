@@ -1,0 +1,298 @@
+"""Training a MIL model on bags, and the files it is stored as.
+
+A trained model is a folder: ``encoder.caffemodel`` (the instance encoder, a Caffe model of the
+architecture's deploy net ``deploy.prototxt``, which ``lymph-cv evaluate`` and pycaffe load with
+``mean.binaryproto``), ``mil_head.caffemodel`` (head, clinical MLP, fusion layer: see
+:mod:`lymph_cv.net.mil.storage`) and ``mil.json`` (the resolved configuration, classes, clinical
+attribute names, seed and the training history).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from lymph_cv.core.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, make_dirs
+from lymph_cv.errors import ConfigError, FormatError, Interrupted, signal_name
+from lymph_cv.formats.caffe import caffe_pb2
+from lymph_cv.formats.caffe.blob import array_to_blob, read_mean
+from lymph_cv.formats.caffe.model import read_caffemodel, write_caffemodel
+from lymph_cv.formats.caffe.prototxt import parse_net_text
+from lymph_cv.net.archs import get_arch
+from lymph_cv.net.build import build_net
+from lymph_cv.net.mil import HeadConfig, build_head, get_method, parse_k
+from lymph_cv.net.mil.clinical import FUSIONS, ClinicalMLP
+from lymph_cv.net.mil.model import MILModel, encode, pad_bags
+from lymph_cv.net.mil.storage import load_modules, write_modules
+from lymph_cv.stages.mil.data import BagData, image_mean, stack_clinical, to_tensor
+from lymph_cv.stages.render import render_deploy_text
+from lymph_cv.stages.train import ACTION_STOP, signal_actions
+from lymph_cv.workdir.records import RecordSpec, read_record
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+ENCODER_MODEL = "encoder.caffemodel"
+ENCODER_DEPLOY = "deploy.prototxt"
+ENCODER_MEAN = "mean.binaryproto"
+HEAD_MODEL = "mil_head.caffemodel"
+CONFIG_JSON = "mil.json"
+MODEL_FILES = (ENCODER_MODEL, ENCODER_DEPLOY, ENCODER_MEAN, HEAD_MODEL, CONFIG_JSON)
+MIL_RECORD = RecordSpec(CONFIG_JSON, "the MIL model record", "not a mil.json written by `lymph-cv mil train`",
+                        fields={"config": dict, "classes": list, "history": list})
+#: Seeds of the training draws derive from the run seed by stream.
+STREAM_INIT, STREAM_ORDER = 1, 2
+
+
+@dataclass(frozen=True)
+class MILConfig:
+    """Everything a MIL training depends on (saved as ``mil.json``'s ``config``)."""
+
+    method: str = "attention"
+    arch: str = "alexnet32w"
+    #: centre crop of the instances, the encoder's input (the seed's 112 for ResNet-18)
+    crop: int = 32
+    epochs: int = 20
+    bags_per_batch: int = 4
+    #: instances per bag forwarded with gradients through the trunk (the rest under no_grad)
+    grad_instances: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    k_train: str = "5"
+    k_agg: str = "5"
+    attention_dim: int = 64
+    fusion: Optional[str] = None
+    #: train the classifier, head and MLP on cached features of a fixed trunk
+    frozen: bool = False
+    mirror: bool = True
+    seed: int = 0
+    #: instances per no_grad forward
+    chunk: int = 256
+
+    def check(self) -> None:
+        get_method(self.method)
+        get_arch(self.arch)
+        parse_k(self.k_train, "--k-train")
+        parse_k(self.k_agg, "--k-agg")
+        if self.fusion is not None and self.fusion not in FUSIONS:
+            raise ConfigError(f"--fusion {self.fusion!r}", valid=FUSIONS)
+        for name in ("crop", "epochs", "bags_per_batch", "grad_instances", "attention_dim", "chunk"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected at least 1")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr {self.lr}: expected a positive learning rate")
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, record: dict, path: Optional[PathLike] = None) -> "MILConfig":
+        try:
+            return cls(**record)
+        except TypeError as exc:
+            raise FormatError(f"expected a MIL configuration ({exc})", path) from None
+
+
+@dataclass
+class MILTrained:
+    """A trained (or loaded) model with what describes it."""
+
+    model: MILModel
+    config: MILConfig
+    classes: List[str]
+    clinical_names: Optional[List[str]]
+    mean: np.ndarray
+    net_param: caffe_pb2.NetParameter
+    history: List[dict] = field(default_factory=list)
+    stopped: Optional[int] = None
+
+
+def _seed(seed: int, stream: int) -> int:
+    return (int(seed) * 1_000_003 + stream) % (2 ** 63)
+
+
+def build_model(config: MILConfig, n_classes: int, n_clinical: Optional[int], phase: int = caffe_pb2.TRAIN
+                ) -> tuple[MILModel, caffe_pb2.NetParameter]:
+    """An untrained model (the encoder filled by its fillers from the seed)."""
+    config.check()
+    arch = get_arch(config.arch)
+    net_param = parse_net_text(render_deploy_text(config.arch, n_classes, config.crop, net_name=f"mil_{config.arch}"))
+    encoder = build_net(net_param, phase)
+    generator = torch.Generator().manual_seed(_seed(config.seed, STREAM_INIT))
+    encoder.init_params(generator)
+    classifier = encoder.layer(arch.head)
+    feature_blob = next(layer.bottom[0] for layer in net_param.layer if layer.name == arch.head)
+    features = classifier.blobs[0].shape[0 if classifier.transpose else 1]
+    head_config = HeadConfig(features=int(features), classes=n_classes, k_train=parse_k(config.k_train, "--k-train"),
+                             k_agg=parse_k(config.k_agg, "--k-agg"), attention_dim=config.attention_dim)
+    torch.manual_seed(_seed(config.seed, STREAM_INIT))  # the head's and MLP's torch initialisers
+    head = build_head(config.method, head_config)
+    clinical = ClinicalMLP(n_clinical, n_classes) if n_clinical else None
+    if clinical is not None and config.fusion is None:
+        raise ConfigError("clinical attributes given: choose --fusion concat, sum or late")
+    if clinical is None and config.fusion is not None:
+        raise ConfigError(f"--fusion {config.fusion}: no clinical attributes (give --clinical)")
+    return MILModel(encoder, arch.head, feature_blob, config.method, head, clinical, config.fusion), net_param
+
+
+def clinical_statistics(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Median, mean and sd (missing values, NaN, filled with the median first) of (bags, attributes)."""
+    median = np.nanmedian(values, axis=0)
+    if np.isnan(median).any():
+        raise ConfigError("a clinical attribute has no value in any training bag")
+    filled = np.where(np.isnan(values), median, values)
+    sd = filled.std(axis=0)
+    return median, filled.mean(axis=0), np.where(sd > 0, sd, 1.0)
+
+
+def _trainable(model: MILModel, frozen: bool) -> List[torch.nn.Parameter]:
+    classifier = model.encoder.layer(model.classifier)
+    if frozen:
+        params = list(classifier.blobs)
+    else:
+        params = [entry.param for entry in model.encoder.learnable]
+    others = [p for name, m in model.stored_modules().items() for p in m.parameters()]
+    return [p for p in params if p.requires_grad] + others
+
+
+def train_mil(bags: Sequence[BagData], classes: Sequence[str], config: MILConfig,
+              clinical_names: Optional[Sequence[str]] = None, weights: Optional[PathLike] = None,
+              device: str = "cpu") -> MILTrained:
+    """Train on ``bags``; ``weights`` initialises the encoder from a caffemodel (by layer name).
+
+    SIGINT/SIGTERM stop after the current batch: the result has ``stopped`` set to the signal."""
+    if not bags:
+        raise ConfigError("no training bags")
+    n_clinical = len(bags[0].clinical) if bags[0].clinical is not None else None
+    model, net_param = build_model(config, len(classes), n_clinical)
+    if weights is not None:
+        model.encoder.load_weights(read_caffemodel(weights), weights)
+    mean = image_mean(bags)
+    if model.clinical is not None:
+        values = np.stack([b.clinical for b in bags]).astype(np.float64)
+        model.clinical.standardise.set(*clinical_statistics(values))
+    torch_device = torch.device(device)
+    model.to(torch_device)
+    inputs = [to_tensor(b.images, mean).to(torch_device) for b in bags]
+    labels = torch.as_tensor([b.label for b in bags], dtype=torch.long, device=torch_device)
+    clinical = stack_clinical(bags)
+    clinical = clinical.to(torch_device) if clinical is not None else None
+    cached = None
+    if config.frozen:
+        model.encoder.eval()
+        with torch.no_grad():
+            cached = [torch.cat([model.features(p) for p in torch.split(x, config.chunk)]) for x in inputs]
+        for entry in model.encoder.learnable:
+            entry.param.requires_grad_(entry.layer == model.classifier)
+    params = _trainable(model, config.frozen)
+    optimiser = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(_seed(config.seed, STREAM_ORDER))
+    history: List[dict] = []
+    stopped = None
+    with signal_actions() as pending:
+        for epoch in range(config.epochs):
+            started = time.perf_counter()
+            order = torch.randperm(len(bags), generator=generator).tolist()
+            losses, instances = [], 0
+            model.train()
+            for first in range(0, len(order), config.bags_per_batch):
+                chosen = order[first:first + config.bags_per_batch]
+                if cached is not None:
+                    per_bag = [cached[i] for i in chosen]
+                else:
+                    batch = []
+                    subsets = []
+                    for i in chosen:
+                        x = inputs[i]
+                        if config.mirror:
+                            flips = torch.rand(len(x), generator=generator) < 0.5
+                            x = torch.where(flips.reshape(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
+                        batch.append(x)
+                        subsets.append(torch.randperm(len(x), generator=generator)[:config.grad_instances])
+                    per_bag = encode(model, batch, subsets, config.chunk)
+                features, mask = pad_bags(per_bag)
+                rows = clinical[chosen] if clinical is not None else None
+                loss = model.loss(features, mask, labels[chosen], rows)
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+                losses.append(float(loss.detach()))
+                instances += int(mask.sum())
+                if ACTION_STOP in pending:
+                    break
+            seconds = time.perf_counter() - started
+            history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": round(seconds, 3),
+                            "instances_per_s": round(instances / seconds, 1) if seconds > 0 else None})
+            log.info("epoch %d/%d: loss %.4f (%.1f s)", epoch + 1, config.epochs, history[-1]["loss"], seconds)
+            if ACTION_STOP in pending:
+                stopped = pending.signals[0] if pending.signals else 2
+                break
+    model.cpu()
+    return MILTrained(model, config, list(classes), list(clinical_names) if clinical_names else None, mean,
+                      net_param, history, stopped)
+
+
+def save_model(trained: MILTrained, folder: PathLike) -> Path:
+    """Write the model's files into ``folder`` (each atomically; ``mil.json`` last, so a folder with
+    it is complete)."""
+    folder = make_dirs(folder)
+    model = trained.model
+    write_caffemodel(folder / ENCODER_MODEL, model.encoder.export_weights(legacy_dims=False))
+    atomic_write_text(folder / ENCODER_DEPLOY, render_deploy_text(
+        trained.config.arch, len(trained.classes), trained.config.crop, net_name=f"mil_{trained.config.arch}"))
+    blob = array_to_blob(trained.mean[None], legacy=True)
+    atomic_write_bytes(folder / ENCODER_MEAN, blob.SerializeToString())
+    write_modules(folder / HEAD_MODEL, model.stored_modules())
+    record = {"config": trained.config.to_json(), "classes": trained.classes, "clinical": trained.clinical_names,
+              "classifier": model.classifier, "feature_blob": model.feature_blob, "history": trained.history,
+              "complete": trained.stopped is None, "seed": trained.config.seed,
+              "files": {"encoder": ENCODER_MODEL, "deploy": ENCODER_DEPLOY, "mean": ENCODER_MEAN, "head": HEAD_MODEL}}
+    atomic_write_json(folder / CONFIG_JSON, record)
+    return folder
+
+
+def load_model(folder: PathLike) -> MILTrained:
+    """A saved model, for inference (the encoder in Caffe's TEST phase)."""
+    folder = Path(folder)
+    record = read_record(folder / CONFIG_JSON, MIL_RECORD, required=True, hint="a model of `lymph-cv mil train`")
+    config = MILConfig.from_json(record.get("config", {}), folder / CONFIG_JSON)
+    classes = list(record.get("classes") or [])
+    names = record.get("clinical")
+    model, net_param = build_model(config, len(classes), len(names) if names else None, phase=caffe_pb2.TEST)
+    model.encoder.load_weights(read_caffemodel(folder / ENCODER_MODEL), folder / ENCODER_MODEL)
+    load_modules(folder / HEAD_MODEL, model.stored_modules())
+    mean = read_mean(folder / ENCODER_MEAN)
+    mean = mean.reshape(mean.shape[-3:]).astype(np.float32)
+    model.eval()
+    return MILTrained(model, config, classes, names, mean, net_param, record.get("history", []),
+                      None if record.get("complete", True) else 1)
+
+
+def inference_model(trained: MILTrained) -> MILModel:
+    """The trained model with its encoder rebuilt in Caffe's TEST phase (BatchNorm's global
+    statistics), sharing every parameter."""
+    net = build_net(trained.net_param, caffe_pb2.TEST)
+    net.share_weights_from(trained.model.encoder)
+    for layer, theirs in zip(net.layers, trained.model.encoder.layers):
+        for index, buffer in enumerate(theirs.blobs):
+            if not buffer.requires_grad and layer.blobs[index] is not buffer:
+                layer.blobs[index] = buffer
+    m = trained.model
+    model = MILModel(net, m.classifier, m.feature_blob, m.method, m.head, m.clinical, m.fusion)
+    if m.fusion == "concat":
+        model.fuse = m.fuse
+    model.eval()
+    return model
+
+
+def stop_error(trained: MILTrained, folder: PathLike) -> Interrupted:
+    signum = trained.stopped or 2
+    return Interrupted(f"stopped by {signal_name(signum)} after epoch {len(trained.history)} of "
+                       f"{trained.config.epochs}; the model so far is saved (rerun to train again)", folder, signum=signum)

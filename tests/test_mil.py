@@ -1,0 +1,132 @@
+"""MIL heads, the bag model, its storage, training and evaluation on tiny synthetic bags."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lymph_cv.errors import ConfigError, FormatError
+from lymph_cv.formats.caffe import caffe_pb2
+from lymph_cv.formats.caffe.model import read_caffemodel
+from lymph_cv.formats.caffe.prototxt import read_net_prototxt
+from lymph_cv.net.build import build_net
+from lymph_cv.net.mil import HeadConfig, KSpec, build_head, method_names, parse_k
+from lymph_cv.net.mil.clinical import ClinicalMLP
+from lymph_cv.net.mil.model import pad_bags
+from lymph_cv.net.mil.registry import masked_softmax, topk_mean
+from lymph_cv.net.mil.storage import load_modules, modules_netparam, write_modules
+from lymph_cv.stages.mil.data import BagData
+from lymph_cv.stages.mil.evaluate import PATIENTS_CSV, evaluate_bags, predict_bags
+from lymph_cv.stages.mil.train import (ENCODER_DEPLOY, ENCODER_MODEL, HEAD_MODEL, MILConfig, load_model, save_model,
+                                       train_mil)
+
+CLASSES = ["reactive", "tumoral"]
+SIZE = 12
+
+
+def tiny_bags(count, seed, clinical=False):
+    """Bags of flat grey cells; a tumoral bag has 30 % dark-centred cells (and a higher 'age')."""
+    rng = np.random.default_rng(seed)
+    bags = []
+    for i in range(count):
+        label = i % 2
+        n = int(rng.integers(6, 12))
+        images = rng.integers(120, 136, (n, SIZE, SIZE, 3)).astype(np.uint8)
+        if label:
+            images[: max(1, int(0.3 * n)), 3:9, 3:9] = 20
+        values = np.array([60 + 10 * label + rng.normal() * 5, rng.normal()], np.float32) if clinical else None
+        bags.append(BagData(f"p{seed}_{i}", label, images, [f"c{j}.png" for j in range(n)], values))
+    return bags
+
+
+def test_registry_names_and_errors():
+    assert set(method_names()) >= {"vote", "mean", "max", "topk", "learned", "attention"}
+    with pytest.raises(ConfigError, match="attention"):
+        build_head("nope", HeadConfig(4, 2))
+    assert parse_k("25%,min=3") == KSpec(percent=25.0, minimum=3)
+    assert parse_k("25%,min=3").resolve(4) == 3 and parse_k("25%").resolve(40) == 10 and parse_k("7").resolve(5) == 5
+    for bad in ("0", "120%", "x", "5%,min=0"):
+        with pytest.raises(ConfigError, match="--k"):
+            parse_k(bad)
+
+
+def test_masked_pooling_ignores_padding():
+    values = torch.tensor([[[1.0], [5.0], [3.0], [99.0]], [[2.0], [4.0], [-1.0], [-2.0]]])
+    mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    means, member = topk_mean(values, mask, KSpec(count=2))
+    assert means.flatten().tolist() == [4.0, 3.0]
+    assert member.tolist() == [[0, 1, 1, 0], [1, 1, 0, 0]]
+    weights = masked_softmax(torch.randn(2, 4), mask)
+    assert weights[0, 3] == 0 and torch.allclose(weights.sum(dim=1), torch.ones(2))
+
+
+@pytest.mark.parametrize("method", ["vote", "mean", "max", "topk", "learned", "attention"])
+def test_heads_pool_bags_of_different_sizes(method):
+    torch.manual_seed(0)
+    head = build_head(method, HeadConfig(features=6, classes=3, k_train=KSpec(count=2), k_agg=KSpec(percent=50)))
+    features, mask = pad_bags([torch.randn(5, 6), torch.randn(2, 6)])
+    classifier = torch.nn.Linear(6, 3)
+    logits = classifier(features)
+    out = head(features, logits, mask, classifier)
+    assert out.logits.shape == (2, 3) and out.weights.shape == (2, 5)
+    assert torch.all(out.weights[1, 2:] == 0)
+    # padding never changes a bag's answer
+    alone = head(features[1:, :2], logits[1:, :2], mask[1:, :2], classifier)
+    assert torch.allclose(alone.logits, out.logits[1:], atol=1e-5)
+    head.loss(out, logits, mask, torch.tensor([0, 2])).backward()
+
+
+def test_head_storage_round_trip_and_errors(tmp_path):
+    torch.manual_seed(1)
+    modules = {"head": build_head("attention", HeadConfig(8, 2, attention_dim=4)), "clinical": ClinicalMLP(3, 2)}
+    modules["clinical"].standardise.set([1, 2, 3], [0.5, 1, 2], [1, 2, 0])
+    path = tmp_path / "mil_head.caffemodel"
+    write_modules(path, modules)
+    net = read_caffemodel(path)
+    types = {layer.name: layer.type for layer in net.layer}
+    assert types["head.attention_V"] == "InnerProduct" and types["clinical.standardise"] == "MILStandardise"
+    assert types["head"] == "MILAttentionHead"
+    torch.manual_seed(2)
+    fresh = {"head": build_head("attention", HeadConfig(8, 2, attention_dim=4)), "clinical": ClinicalMLP(3, 2)}
+    load_modules(path, fresh)
+    for name in modules:
+        for a, b in zip(modules[name].state_dict().values(), fresh[name].state_dict().values()):
+            assert torch.equal(a, b)
+    with pytest.raises(FormatError, match="attention_V.*shape|blob 0"):
+        load_modules(path, {"head": build_head("attention", HeadConfig(9, 2, attention_dim=4))})
+    assert len(modules_netparam({"head": build_head("vote", HeadConfig(8, 2))}).layer) == 1
+
+
+def test_train_save_load_evaluate(tmp_path):
+    config = MILConfig(method="attention", crop=SIZE, epochs=8, bags_per_batch=4, grad_instances=4, lr=3e-3,
+                       fusion="concat", seed=3)
+    train = tiny_bags(12, 0, clinical=True)
+    trained = train_mil(train, CLASSES, config, ["age", "noise"])
+    assert len(trained.history) == 8 and trained.history[-1]["loss"] < trained.history[0]["loss"]
+    folder = save_model(trained, tmp_path / "model")
+    loaded = load_model(folder)
+    test = tiny_bags(6, 1, clinical=True)
+    before = predict_bags(trained, test)
+    after = predict_bags(loaded, test)
+    for a, b in zip(before, after):
+        np.testing.assert_allclose(a.probs, b.probs, atol=1e-5)
+    # the encoder is a caffemodel of its deploy net, as evaluate and pycaffe load them
+    deploy = build_net(read_net_prototxt(folder / ENCODER_DEPLOY), caffe_pb2.TEST)
+    assert "ip2" in deploy.load_weights(read_caffemodel(folder / ENCODER_MODEL))
+    assert (folder / HEAD_MODEL).is_file()
+    metrics = evaluate_bags(loaded, test, tmp_path / "eval")
+    assert metrics["balanced_accuracy"] >= 0.8 and metrics["confusion_matrix"] and metrics["roc"]["auc"] is not None
+    lines = (tmp_path / "eval" / PATIENTS_CSV).read_text().splitlines()
+    assert lines[0].startswith("bag,label,decision,score") and len(lines) == 7
+    assert len(list((tmp_path / "eval" / "montages").glob("*.png"))) == 6
+
+
+def test_frozen_and_fusion_rules():
+    bags = tiny_bags(6, 2)
+    trained = train_mil(bags, CLASSES, MILConfig(method="topk", crop=SIZE, epochs=1, frozen=True, k_train="1"))
+    encoder = trained.model.encoder
+    assert not any(e.param.requires_grad for e in encoder.learnable if e.layer != "ip2")
+    with pytest.raises(ConfigError, match="fusion"):
+        train_mil(tiny_bags(4, 3, clinical=True), CLASSES, MILConfig(method="vote", crop=SIZE, fusion="sum"), ["a", "b"])
+    with pytest.raises(ConfigError, match="--fusion"):
+        train_mil(bags, CLASSES, MILConfig(crop=SIZE, fusion="late"))
