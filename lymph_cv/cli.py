@@ -30,6 +30,7 @@ COMMANDS = {
     "synth": "lymph_cv.commands.data:synth",
     "patches": "lymph_cv.commands.data:patches",
     "folds": "lymph_cv.commands.data:folds",
+    "bags": "lymph_cv.commands.bags:bags",
     "dbs": "lymph_cv.commands.data:dbs",
     "render": "lymph_cv.commands.render:render",
     "train": "lymph_cv.commands.train:train",
@@ -55,6 +56,7 @@ SUMMARIES = {
     "synth": "Write a synthetic CLL/FL/MCL data set in the real layout to OUT.",
     "patches": "Step 1: rotated patches of every image of DATA/<class>/ into OUT (with manifest.json).",
     "folds": "Step 2: `folds MANIFEST OUT` writes the k-fold lists; `folds check DIR` looks for leaks.",
+    "bags": "MIL bags: `bags make SOURCE WORKDIR` writes bags.json; `bags split WORKDIR` the patient-level splits.",
     "dbs": "Step 3: DB_train_K, DB_test_K and DB_train_w32_K.binaryproto for every fold of WORKDIR.",
     "render": "Render WORKDIR/K/ solver, net and deploy prototxt for every fold.",
     "train": "Train SOLVER's net; snapshots and train.log go to the solver's base directory.",
@@ -117,7 +119,9 @@ WRITERS: Dict[str, Callable[[dict], ContextManager]] = {
 }
 #: Writers inside a command group (``folds make MANIFEST OUT``).
 GROUP_WRITERS: Dict[str, Dict[str, Callable[[dict], ContextManager]]] = {
-    "folds": {"make": functools.partial(_lock_folder, "out", True)}}
+    "folds": {"make": functools.partial(_lock_folder, "out", True)},
+    "bags": {"make": functools.partial(_lock_folder, "workdir", True),
+             "split": functools.partial(_lock_folder, "workdir", False)}}
 #: Commands that take the lock somewhere inside (they get ``--wait-lock`` too).
 SELF_LOCKING = ("train",)
 

@@ -16,6 +16,7 @@ from lymph_cv.stages import folds as folds_module
 from lymph_cv.stages import patches as patches_module
 from lymph_cv.formats import store
 from lymph_cv.stages import synth as synth_module
+from lymph_cv.stages import synth_bags
 
 _WORKERS = click.option("--workers", type=WORKERS, default=None, help="Processes (default or 0: all cores).")
 
@@ -31,6 +32,22 @@ def _counts(ctx: click.Context, param: click.Parameter, value: Optional[str]):
     if min(numbers) < 1:
         raise click.BadParameter(f"counts must be at least 1, got {value!r}")
     return numbers[0] if len(numbers) == 1 else numbers
+
+
+def _range(kind):
+    """A ``LOW-HIGH`` option callback (``kind`` int or float) → (low, high)."""
+
+    def parse(ctx: click.Context, param: click.Parameter, value: str):
+        low, dash, high = value.partition("-")
+        try:
+            pair = (kind(low), kind(high)) if dash else (kind(value), kind(value))
+        except ValueError:
+            raise click.BadParameter(f"expected LOW-HIGH, e.g. {param.default}, got {value!r}") from None
+        if pair[0] > pair[1]:
+            raise click.BadParameter(f"LOW must not exceed HIGH, got {value!r}")
+        return pair
+
+    return parse
 
 
 _CLASSES = click.option(
@@ -52,14 +69,38 @@ _CLASSES = click.option(
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--sites", type=click.IntRange(min=1), default=1, show_default=True,
               help="Cases come from this many sites with strongly different stains (recorded in synth.json).")
-@click.option("--layout", type=click.Choice(["tutorial", "pcam"]), default="tutorial", show_default=True,
+@click.option("--layout", type=click.Choice(["tutorial", "pcam", "bags"]), default="tutorial", show_default=True,
               help="tutorial: class folders of full-size images; pcam: PatchCamelyon's HDF5 split files "
-                   "(96x96 patches; --per-class N,N,N = train,valid,test patches, default 4096,512,512).")
+                   "(96x96 patches; --per-class N,N,N = train,valid,test patches, default 4096,512,512); "
+                   "bags: one folder of cell images per patient + clinical.csv (reactive/tumoral, for MIL).")
+@click.option("--patients", type=click.IntRange(min=2), default=synth_bags.DEFAULT_PATIENTS, show_default=True,
+              help="--layout bags: patients.")
+@click.option("--cells", callback=_range(int), default="-".join(map(str, synth_bags.DEFAULT_CELLS)), show_default=True,
+              help="--layout bags: cells per patient, MIN-MAX.")
+@click.option("--abnormal", callback=_range(float), default="-".join(map(str, synth_bags.DEFAULT_ABNORMAL)),
+              show_default=True, help="--layout bags: share of abnormal cells in a tumoral patient, LOW-HIGH.")
+@click.option("--cell-size", type=click.IntRange(min=synth_bags.MIN_CELL_SIZE), default=synth_bags.DEFAULT_CELL_SIZE,
+              show_default=True, help="--layout bags: side of a cell image in pixels.")
+@click.option("--clinical-signal", type=click.FloatRange(min=0), default=synth_bags.DEFAULT_CLINICAL_SIGNAL,
+              show_default=True, help="--layout bags: class shift of age and log lymphocyte count, in sds.")
 @_CLASSES
 @_WORKERS
-def synth(out: Path, per_class, cases_per_class: int, width: int, height: int, seed: int, sites: int,
-          layout: str, classes: list[str], workers) -> None:
+@click.pass_context
+def synth(ctx: click.Context, out: Path, per_class, cases_per_class: int, width: int, height: int, seed: int,
+          sites: int, layout: str, patients: int, cells, abnormal, cell_size: int, clinical_signal: float,
+          classes: list[str], workers) -> None:
     """Write a synthetic CLL/FL/MCL data set in the real layout to OUT."""
+    bag_only = ("patients", "cells", "abnormal", "cell_size", "clinical_signal")
+    others = bag_only if layout != "bags" else ("per_class", "cases_per_class", "width", "height", "sites", "classes")
+    given = [name for name in others if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+    if given:
+        raise click.UsageError(f"--{given[0].replace('_', '-')} does not apply with --layout {layout}")
+    if layout == "bags":
+        record = synth_bags.generate_bags(out, patients=patients, cells=cells, abnormal=abnormal, cell_size=cell_size,
+                                          clinical_signal=clinical_signal, seed=seed, workers=workers)
+        click.echo(f"{record['patients']} patients, {record['instances']} cell images and "
+                   f"{synth_bags.CLINICAL_CSV} in {out}")
+        return
     if layout == "pcam":
         from lymph_cv.stages.pcam import synth_pcam
 
@@ -167,10 +208,10 @@ def make_folds(ctx: click.Context, manifest: Path, out: Path, k: int, seed: int,
 @click.option("--case-regex", default=None, help="Case id from an image stem (default: folds.json's, else '<case>_NNN').")
 @click.option("--strict", is_flag=True, help="Exit with status 1 when any case or image is on both sides of a fold.")
 def check(directory: Path, case_regex, strict: bool) -> None:
-    """Report per fold the cases found on both sides and the class balance."""
-    report = folds_module.check_folds(directory, case_regex)
-    click.echo(folds_module.format_check(report))
-    if strict and report.leaks:
+    """Report per fold the cases (bag splits: patients) found on both sides and the class balance."""
+    reports = folds_module.check_directory(directory, case_regex)
+    click.echo("\n\n".join(folds_module.format_check(report) for report in reports))
+    if strict and any(report.leaks for report in reports):
         raise click.exceptions.Exit(1)
 
 

@@ -27,9 +27,11 @@ from lymph_cv.errors import ConfigError, FormatError, InputError
 from lymph_cv.core.fsutil import atomic_write_json, atomic_write_text, make_dirs
 from lymph_cv.stages.synth import read_case_sites
 from lymph_cv.stages.patches import DEFAULT_CASE_REGEX, ImageEntry, Manifest, case_of, compile_case_regex, load_manifest
-from lymph_cv.workdir.layout import FOLDS_JSON, LIST_PATTERN, PARENT_PATTERN, TEST_LIST, TEST_PARENT, TRAIN_LIST, TRAIN_PARENT
-from lymph_cv.workdir.records import FOLDS, read_record
-from lymph_cv.workdir.lists import list_folds, parent_list_folds, read_list_lines  # noqa: F401 - list_folds: the folds' API
+from lymph_cv.workdir.layout import (BAG_FOLDS_JSON, BAG_TEST_LIST, BAG_TRAIN_LIST, FOLDS_JSON, LIST_PATTERN,
+                                     PARENT_PATTERN, TEST_LIST, TEST_PARENT, TRAIN_LIST, TRAIN_PARENT)
+from lymph_cv.workdir.records import BAG_FOLDS, FOLDS, read_record
+from lymph_cv.workdir.lists import (bag_list_folds, list_folds, parent_list_folds,  # noqa: F401 - list_folds: the folds' API
+                                    read_labelled_list, read_list_lines)
 
 log = logging.getLogger(__name__)
 
@@ -342,6 +344,9 @@ class CheckReport:
     case_regex: str
     untested: list[str] = field(default_factory=list)
     tested_twice: list[str] = field(default_factory=list)
+    #: what the sides hold and what must not be cut: images and cases, or (bag splits) bags and patients.
+    unit: str = "image"
+    group: str = "case"
 
     @property
     def leaks(self) -> bool:
@@ -416,28 +421,73 @@ def check_folds(directory: Union[str, os.PathLike], case_regex: Optional[str] = 
     )
 
 
+def check_bag_folds(directory: Union[str, os.PathLike]) -> CheckReport:
+    """Check the bag splits in ``directory`` (``bag_folds.json`` + ``bags_train/test_K.txt``): patients
+    and bags on both sides of a split, bags per class; for k-fold splits also bags never or twice tested
+    (repeated random splits test each bag in about half of them)."""
+    directory = Path(directory)
+    record = read_record(directory / BAG_FOLDS_JSON, BAG_FOLDS, required=True,
+                         hint="the bag_folds.json written by `lymph-cv bags split`")
+    classes = [str(c) for c in record["classes"]]
+    patients = {str(k): str(v) for k, v in (record.get("patients") or {}).items()}
+    checks = []
+    tested: Counter = Counter()
+    everything: set[str] = set()
+    for index in bag_list_folds(directory):
+        train, test = (read_labelled_list(directory / t.format(fold=index)) for t in (BAG_TRAIN_LIST, BAG_TEST_LIST))
+        for entry in train + test:
+            if not 0 <= entry.label < len(classes):
+                raise InputError(f"line {entry.line}: label {entry.label} is not a class of bag_folds.json "
+                                 f"({', '.join(classes)})", directory / BAG_TRAIN_LIST.format(fold=index))
+        train_ids, test_ids = [e.name for e in train], [e.name for e in test]
+        everything.update(train_ids, test_ids)
+        tested.update(test_ids)
+        checks.append(FoldCheck(
+            index, Counter(classes[e.label] for e in train), Counter(classes[e.label] for e in test), None, None,
+            sorted({patients.get(i, i) for i in train_ids} & {patients.get(i, i) for i in test_ids}),
+            sorted(set(train_ids) & set(test_ids))))
+    if not checks:
+        raise InputError("no bags_train_K.txt / bags_test_K.txt lists (run `lymph-cv bags split`)", directory)
+    kfold = record.get("method") == "kfold"
+    return CheckReport(checks, classes, f"{record.get('method')}, by {record.get('group_by') or 'patient'}",
+                       untested=sorted(everything - set(tested)) if kfold else [],
+                       tested_twice=sorted(x for x, n in tested.items() if n > 1) if kfold else [],
+                       unit="bag", group="patient")
+
+
+def check_directory(directory: Union[str, os.PathLike], case_regex: Optional[str] = None) -> list[CheckReport]:
+    """``folds check``: the patch folds (when there are parent lists, or no bag splits) and the bag splits
+    (when there is a ``bag_folds.json``)."""
+    directory = Path(directory)
+    has_bags = (directory / BAG_FOLDS_JSON).is_file()
+    has_parents = directory.is_dir() and any(PARENT_PATTERN.match(name) for name in os.listdir(directory))
+    reports = [check_folds(directory, case_regex)] if has_parents or not has_bags else []
+    return reports + ([check_bag_folds(directory)] if has_bags else [])
+
+
 def format_check(report: CheckReport) -> str:
     """The check as a plain-text table, one fold per line, then the leaks."""
-    table = [["fold", "counts", *[f"{c} train/test" for c in report.classes], "cases on both sides"]]
+    unit, group = report.unit, report.group
+    table = [["fold", "counts", *[f"{c} train/test" for c in report.classes], f"{group}s on both sides"]]
     for fold in report.folds:
-        table.append([str(fold.index), "images",
+        table.append([str(fold.index), f"{unit}s",
                       *[f"{fold.train_images[c]}/{fold.test_images[c]}" for c in report.classes],
                       str(len(fold.leaked_cases))])
         if fold.train_patches is not None and fold.test_patches is not None:
             table.append(["", "patches",
                           *[f"{fold.train_patches[k]}/{fold.test_patches[k]}" for k in range(len(report.classes))], ""])
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    lines = [f"case id regex: {report.case_regex}"]
+    lines = [f"case id regex: {report.case_regex}" if unit == "image" else f"bag splits ({report.case_regex})"]
     lines += ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)).rstrip() for row in table]
     for fold in report.folds:
         if fold.leaked_cases:
-            lines.append(f"fold {fold.index}: {len(fold.leaked_cases)} case(s) on both sides: {', '.join(fold.leaked_cases)}")
+            lines.append(f"fold {fold.index}: {len(fold.leaked_cases)} {group}(s) on both sides: {', '.join(fold.leaked_cases)}")
         if fold.leaked_images:
-            lines.append(f"fold {fold.index}: {len(fold.leaked_images)} image(s) on both sides: {', '.join(fold.leaked_images)}")
+            lines.append(f"fold {fold.index}: {len(fold.leaked_images)} {unit}(s) on both sides: {', '.join(fold.leaked_images)}")
     if report.untested:
-        lines.append(f"{len(report.untested)} image(s) in no test fold, e.g. {report.untested[0]}")
+        lines.append(f"{len(report.untested)} {unit}(s) in no test fold, e.g. {report.untested[0]}")
     if report.tested_twice:
-        lines.append(f"{len(report.tested_twice)} image(s) in several test folds, e.g. {report.tested_twice[0]}")
+        lines.append(f"{len(report.tested_twice)} {unit}(s) in several test folds, e.g. {report.tested_twice[0]}")
     lines.append("leaks: " + ("yes" if report.leaks else "none"))
     return "\n".join(lines)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Pattern, Union
 
 from lymph_cv.errors import InputError
-from lymph_cv.workdir.layout import LIST_PATTERN, PARENT_PATTERN
+from lymph_cv.workdir.layout import BAG_LIST_PATTERN, LIST_PATTERN, PARENT_PATTERN
 
 PathLike = Union[str, os.PathLike]
 
@@ -101,3 +101,8 @@ def parent_list_folds(parent_dir: PathLike) -> list[int]:
     if not complete:
         raise InputError("no train_w32_parent_K.txt / test_w32_parent_K.txt lists found", parent_dir)
     return complete
+
+
+def bag_list_folds(workdir: PathLike) -> list[int]:
+    """Split numbers whose ``bags_train_K.txt`` and ``bags_test_K.txt`` both exist in ``workdir``."""
+    return _both_sides(Path(workdir), BAG_LIST_PATTERN)[0]
