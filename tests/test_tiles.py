@@ -179,3 +179,34 @@ def test_the_low_resolution_view_is_read_in_bands(tmp_path, monkeypatch):
         banded, down = slides.read_low_resolution(slide, 300)
     assert banded.shape == whole.shape == (300, 300, 3) and down == pytest.approx((1024 / 300,) * 2)
     assert np.abs(banded.astype(int) - whole).max() <= 60 and (banded != whole).mean() < 0.02
+
+
+def test_synthetic_slides_open_in_openslide_and_tile(tmp_path, runner, cli):
+    import json
+
+    out = tmp_path / "slides"
+    args = ["synth", "--layout", "slides", str(out), "--classes", "CLL,FL", "--per-class", "2", "--cases-per-class",
+            "2", "--width", "1024", "--height", "768", "--workers", "1"]
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    paths = sorted(out.glob("*/*.tiff"))
+    assert len(paths) == 4
+    info = slides.slide_info(paths[0])
+    assert info.vendor == "generic-tiff" and info.levels == 1 and info.dimensions[0] == (1024, 768)
+    assert info.mpp_x == pytest.approx(0.5)
+    record = json.loads((out / "synth.json").read_text())
+    assert record["layout"] == "slides" and len(record["cases"]) == 4 and record["complete"]
+    stamp = paths[0].stat().st_mtime_ns
+    assert runner.invoke(cli, args).exit_code == 0 and paths[0].stat().st_mtime_ns == stamp  # kept
+    big = tmp_path / "big"
+    result = runner.invoke(cli, ["synth", "--layout", "slides", str(big), "--classes", "CLL,FL", "--per-class", "1",
+                                 "--width", "1400", "--height", "600", "--slide-compression", "deflate", "--mpp",
+                                 "0.25", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    info = slides.slide_info(sorted(big.glob("FL/*.tiff"))[0])
+    assert info.levels == 2 and info.dimensions[1] == (700, 300) and info.mpp_x == pytest.approx(0.25)
+    tile_set = tiles.read_tile_set(tmp_path / "t") if runner.invoke(cli, [
+        "slides", "tile", str(out), str(tmp_path / "t"), "--size", "128", "--mpp", "1", "--classes", "CLL,FL",
+        "--mask-side", "512", "--workers", "1"]).exit_code == 0 else None
+    assert tile_set is not None and all(s.tiles > 0 for s in tile_set.slides)
+    assert all(0.5 <= t.tissue <= 1.0 for t in tile_set.tiles)

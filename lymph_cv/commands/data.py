@@ -69,10 +69,12 @@ _CLASSES = click.option(
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--sites", type=click.IntRange(min=1), default=1, show_default=True,
               help="Cases come from this many sites with strongly different stains (recorded in synth.json).")
-@click.option("--layout", type=click.Choice(["tutorial", "pcam", "bags"]), default="tutorial", show_default=True,
+@click.option("--layout", type=click.Choice(["tutorial", "pcam", "bags", "slides"]), default="tutorial",
+              show_default=True,
               help="tutorial: class folders of full-size images; pcam: PatchCamelyon's HDF5 split files "
                    "(96x96 patches; --per-class N,N,N = train,valid,test patches, default 4096,512,512); "
-                   "bags: one folder of cell images per patient + clinical.csv (reactive/tumoral, for MIL).")
+                   "bags: one folder of cell images per patient + clinical.csv (reactive/tumoral, for MIL); "
+                   "slides: class folders of pyramidal tiled TIFF slides (default 6 per class, 3 cases, 4096x4096).")
 @click.option("--patients", type=click.IntRange(min=2), default=synth_bags.DEFAULT_PATIENTS, show_default=True,
               help="--layout bags: patients.")
 @click.option("--cells", callback=_range(int), default="-".join(map(str, synth_bags.DEFAULT_CELLS)), show_default=True,
@@ -83,15 +85,20 @@ _CLASSES = click.option(
               show_default=True, help="--layout bags: side of a cell image in pixels.")
 @click.option("--clinical-signal", type=click.FloatRange(min=0), default=synth_bags.DEFAULT_CLINICAL_SIGNAL,
               show_default=True, help="--layout bags: class shift of age and log lymphocyte count, in sds.")
+@click.option("--mpp", type=float, default=None, help="--layout slides: microns per pixel of level 0 [default: 0.5].")
+@click.option("--slide-compression", type=click.Choice(["jpeg", "deflate"]), default="jpeg", show_default=True,
+              help="--layout slides: the compression of the TIFF tiles.")
 @_CLASSES
 @_WORKERS
 @click.pass_context
 def synth(ctx: click.Context, out: Path, per_class, cases_per_class: int, width: int, height: int, seed: int,
           sites: int, layout: str, patients: int, cells, abnormal, cell_size: int, clinical_signal: float,
-          classes: list[str], workers) -> None:
+          mpp: Optional[float], slide_compression: str, classes: list[str], workers) -> None:
     """Write a synthetic CLL/FL/MCL data set in the real layout to OUT."""
     bag_only = ("patients", "cells", "abnormal", "cell_size", "clinical_signal")
-    others = bag_only if layout != "bags" else ("per_class", "cases_per_class", "width", "height", "sites", "classes")
+    slide_only = ("mpp", "slide_compression")
+    others = {"bags": slide_only + ("per_class", "cases_per_class", "width", "height", "sites", "classes"),
+              "slides": bag_only + ("sites",)}.get(layout, bag_only + slide_only)
     given = [name for name in others if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
     if given:
         raise click.UsageError(f"--{given[0].replace('_', '-')} does not apply with --layout {layout}")
@@ -100,6 +107,10 @@ def synth(ctx: click.Context, out: Path, per_class, cases_per_class: int, width:
                                           clinical_signal=clinical_signal, seed=seed, workers=workers)
         click.echo(f"{record['patients']} patients, {record['instances']} cell images and "
                    f"{synth_bags.CLINICAL_CSV} in {out}")
+        return
+    if layout == "slides":
+        _synth_slides(ctx, out, per_class, cases_per_class, width, height, seed, mpp, slide_compression, classes,
+                      workers)
         return
     if layout == "pcam":
         from lymph_cv.stages.pcam import synth_pcam
@@ -118,6 +129,24 @@ def synth(ctx: click.Context, out: Path, per_class, cases_per_class: int, width:
         seed=seed, classes=classes, workers=workers, sites=sites,
     )
     click.echo(f"{len(paths)} images in {out}")
+
+
+def _synth_slides(ctx: click.Context, out: Path, per_class, cases_per_class: int, width: int, height: int, seed: int,
+                  mpp: Optional[float], compression: str, classes: list[str], workers) -> None:
+    """``synth --layout slides``: the image defaults of --cases-per-class, --width, --height become the slides'."""
+    from lymph_cv.stages import synth_slides
+
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)
+
+    paths = synth_slides.generate_slides(
+        out, per_class=synth_slides.DEFAULT_SLIDES_PER_CLASS if per_class is None else per_class,
+        cases_per_class=cases_per_class if given("cases_per_class") else synth_slides.DEFAULT_SLIDE_CASES,
+        width=width if given("width") else synth_slides.DEFAULT_SLIDE_SIDE,
+        height=height if given("height") else synth_slides.DEFAULT_SLIDE_SIDE,
+        mpp=synth_slides.DEFAULT_MPP if mpp is None else mpp, compression=compression, seed=seed, classes=classes,
+        workers=workers)
+    click.echo(f"{len(paths)} slides in {out}")
 
 
 _SKIP_BAD = click.option("--skip-bad", is_flag=True, help="Warn about and skip bad inputs instead of stopping.")
