@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from lymph_cv.errors import ConfigError
+from lymph_cv.errors import ConfigError, InputError
 from lymph_cv.stages import bag_folds, folds
 from lymph_cv.stages.bags import Bag, BagSet, Instance, write_bags
 
@@ -93,3 +93,27 @@ def test_cli_make_and_split_on_patient_folders(tmp_path, runner, cli):
     result = runner.invoke(cli, ["bags", "make", str(tmp_path / "data"), str(tmp_path / "work2")])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
     assert "clinical.csv: row 2, column DOB: 'abc' is not a date of birth" in result.stderr
+
+
+def test_image_and_case_bags_follow_the_patch_folds(tmp_path, runner, cli):
+    from lymph_cv.stages.bags import bags_from_patches
+    from lymph_cv.stages.patches import ImageEntry, Manifest
+
+    images = [ImageEntry(cls, label, f"{case}_{n:03d}.tif", case, 80, 80, 0)
+              for cls, label, cases in (("CLL", 0, ("a", "b")), ("FL", 1, ("c", "d")))
+              for case in cases for n in (1, 2)]
+    manifest = Manifest(["CLL", "FL"], images, data_dir=str(tmp_path))
+    fold_set = folds.make_folds(manifest, tmp_path, k=2, seed=0, group_by="case")
+    by_image = bags_from_patches(manifest, "image")
+    splits = bag_folds.splits_from_folds(by_image, tmp_path, tmp_path)
+    assert [s.test for s in splits.splits] == [[e.parent_name for e in f.test] for f in fold_set.folds]
+    by_case = bags_from_patches(manifest, "case")
+    write_bags(tmp_path, by_case)
+    result = runner.invoke(cli, ["bags", "split", str(tmp_path), "--method", "folds"])
+    assert result.exit_code == 0, result.stderr
+    cases = bag_folds.read_bag_splits(tmp_path)
+    assert [sorted(s.test) for s in cases.splits] == [sorted({e.case for e in f.test}) for f in fold_set.folds]
+    assert not folds.check_bag_folds(tmp_path).leaks
+    folds.make_folds(manifest, tmp_path, k=2, seed=0, group_by="image")
+    with pytest.raises(InputError, match="has images on both sides"):
+        bag_folds.splits_from_folds(by_case, tmp_path, tmp_path)

@@ -19,6 +19,7 @@ def test_synthetic_bags_load_back_with_their_truth(tmp_path, runner, cli):
     record = json.loads((tmp_path / "a" / "synth.json").read_text())
     assert record["seed"] == 3 and record["cells"] == [4, 6] and record["layout"] == "bags"
     bag_set = load_bags(tmp_path / "a")
+    assert bag_set.record["synth"]["seed"] == 3 and "truth" not in bag_set.record["synth"]
     assert len(bag_set.bags) == 6 and {b.label for b in bag_set.bags} == {0, 1}
     for bag in bag_set.bags:
         truth = record["truth"][bag.id]

@@ -90,7 +90,8 @@ def make(ctx: click.Context, source: Path, workdir: Path, bag, clinical, columns
 @bags.command("split")
 @click.argument("workdir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--method", type=click.Choice(bag_folds.SPLIT_METHODS), default="kfold", show_default=True,
-              help="kfold: stratified k-fold by patient; random: repeated stratified 50/50 splits.")
+              help="kfold: stratified k-fold by patient; random: repeated stratified 50/50 splits; folds: the "
+                   "patch folds' parent lists in WORKDIR (image, case and slide bags).")
 @click.option("--k", type=click.IntRange(min=2), default=bag_folds.DEFAULT_K, show_default=True, help="kfold: folds.")
 @click.option("--repeats", type=click.IntRange(min=1), default=bag_folds.DEFAULT_REPEATS, show_default=True,
               help="random: splits, split r seeded by seed + r.")
@@ -103,9 +104,14 @@ def make(ctx: click.Context, source: Path, workdir: Path, bag, clinical, columns
 def split(ctx: click.Context, workdir: Path, method: str, k: int, repeats: int, seed: int, group_by: str,
           bags_path) -> None:
     """Write bags_train_K.txt / bags_test_K.txt and bag_folds.json to WORKDIR."""
-    other = "repeats" if method == "kfold" else "k"
-    if ctx.get_parameter_source(other) is not click.core.ParameterSource.DEFAULT:
-        raise click.UsageError(f"--{other} does not apply with --method {method}")
+    others = {"kfold": ("repeats",), "random": ("k",), "folds": ("k", "repeats", "seed", "group_by")}[method]
+    given = [name for name in others if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+    if given:
+        raise click.UsageError(f"--{given[0].replace('_', '-')} does not apply with --method {method}")
     bag_set = bags_module.read_bags(bags_path or workdir)
-    splits = bag_folds.split_bags(bag_set, workdir, method=method, k=k, repeats=repeats, seed=seed, group_by=group_by)
+    if method == "folds":
+        splits = bag_folds.splits_from_folds(bag_set, workdir, workdir)
+    else:
+        splits = bag_folds.split_bags(bag_set, workdir, method=method, k=k, repeats=repeats, seed=seed,
+                                      group_by=group_by)
     click.echo(bag_folds.describe_splits(splits))

@@ -11,6 +11,8 @@ patient: every bag of one patient (the images of a case, say) lies on one side.
   ``j mod k + 1``; every patient is tested exactly once.
 * ``random``: ``repeats`` splits (the seed's protocol: 10), split r seeded by ``seed + r``: within
   each class half the patients (rounded down) go to test, the rest to train.
+* ``folds``: the patch pipeline's folds (its ``train/test_w32_parent_K.txt``), for image, case and
+  slide bags: a bag goes where its images went, so a MIL head and the patch CNN see the same split.
 """
 from __future__ import annotations
 
@@ -27,13 +29,14 @@ from lymph_cv.core.fsutil import atomic_write_json, atomic_write_text, make_dirs
 from lymph_cv.errors import ConfigError, InputError
 from lymph_cv.stages.bags import BagSet, read_bags
 from lymph_cv.stages.folds import assign_folds
-from lymph_cv.workdir.layout import BAG_FOLDS_JSON, BAG_LIST_PATTERN, BAG_TEST_LIST, BAG_TRAIN_LIST, BAGS_JSON
-from lymph_cv.workdir.lists import bag_list_folds, read_labelled_list
-from lymph_cv.workdir.records import BAG_FOLDS, read_record
+from lymph_cv.workdir.layout import (BAG_FOLDS_JSON, BAG_LIST_PATTERN, BAG_TEST_LIST, BAG_TRAIN_LIST, BAGS_JSON,
+                                     FOLDS_JSON, TEST_PARENT, TRAIN_PARENT)
+from lymph_cv.workdir.lists import bag_list_folds, parent_list_folds, read_labelled_list, read_list_lines
+from lymph_cv.workdir.records import BAG_FOLDS, FOLDS, read_record
 
 log = logging.getLogger(__name__)
 
-SPLIT_METHODS = ("kfold", "random")
+SPLIT_METHODS = ("kfold", "random", "folds")
 #: Split by patient (no patient on both sides) or by bag (the tutorial's images as their own patients).
 SPLIT_GROUPS = ("patient", "bag")
 DEFAULT_K = 5
@@ -57,12 +60,13 @@ class BagSplits:
     splits: List[BagSplit]
     classes: List[str]
     method: str
-    seed: int
+    seed: Optional[int]  # None: the patch folds followed had none (published lists)
     group_by: str
     k: Optional[int] = None
     repeats: Optional[int] = None
     patients: Dict[str, str] = field(default_factory=dict)  # bag id → patient, where they differ
     out_dir: Optional[Path] = None
+    source: Optional[str] = None  # method "folds": the folder of the patch folds followed
 
     def to_json(self, bag_set: Optional[BagSet] = None) -> dict:
         labels = {b.id: b.label for b in bag_set.bags} if bag_set is not None else {}
@@ -74,7 +78,7 @@ class BagSplits:
 
         return {
             "method": self.method, "k": self.k, "repeats": self.repeats, "seed": self.seed, "group_by": self.group_by,
-            "classes": self.classes, "patients": self.patients,
+            "classes": self.classes, "patients": self.patients, **({} if self.source is None else {"source": self.source}),
             "folds": [{"fold": s.index, **({} if s.seed is None else {"seed": s.seed}),
                        "train_bags": len(s.train), "test_bags": len(s.test),
                        **({"train_per_class": per_class(s.train), "test_per_class": per_class(s.test),
@@ -112,8 +116,9 @@ def split_bags(bag_set: Union[BagSet, str, os.PathLike], out_dir: Union[str, os.
         seed: the seed (recorded).
         group_by: ``"patient"`` (no patient on both sides) or ``"bag"``.
     """
-    if method not in SPLIT_METHODS:
-        raise ConfigError(f"--method: unknown split method {method!r}", valid=SPLIT_METHODS)
+    if method not in SPLIT_METHODS[:2]:
+        raise ConfigError(f"--method: unknown split method {method!r}" + (" (use splits_from_folds)" if method == "folds"
+                                                                          else ""), valid=SPLIT_METHODS[:2])
     if group_by not in SPLIT_GROUPS:
         raise ConfigError(f"--group-by: unknown grouping {group_by!r}", valid=SPLIT_GROUPS)
     if seed < 0:
@@ -159,6 +164,45 @@ def split_bags(bag_set: Union[BagSet, str, os.PathLike], out_dir: Union[str, os.
     return result
 
 
+def splits_from_folds(bag_set: Union[BagSet, str, os.PathLike], folds_dir: Union[str, os.PathLike],
+                      out_dir: Union[str, os.PathLike]) -> BagSplits:
+    """Bag splits following the patch folds in ``folds_dir`` (its parent lists): each image, case or
+    slide bag on the side its images are on; InputError for a bag whose images are on both sides of
+    a fold or in no list."""
+    bag_set = bag_set if isinstance(bag_set, BagSet) else read_bags(bag_set)
+    if bag_set.kind == "patient":
+        raise ConfigError("--method folds: patient bags have no patch folds; use --method kfold or random")
+    folds_dir = Path(folds_dir)
+    parents_of = {bag.id: _bag_parents(bag, bag_set.kind) for bag in bag_set.bags}
+    splits = []
+    for index in parent_list_folds(folds_dir):
+        sides = {}
+        for side, template in (("train", TRAIN_PARENT), ("test", TEST_PARENT)):
+            for line in read_list_lines(folds_dir / template.format(fold=index)):
+                sides[line if bag_set.kind != "slide" else Path(line).stem] = side
+        train, test = [], []
+        for bag in bag_set.bags:
+            found = {sides.get(parent) for parent in parents_of[bag.id]}
+            if len(found) != 1 or None in found:
+                what = "on both sides" if {"train", "test"} <= found else "in no parent list"
+                raise InputError(f"fold {index}: bag {bag.id!r} has images {what}", folds_dir)
+            (train if found == {"train"} else test).append(bag.id)
+        splits.append(BagSplit(index, train, test))
+    patients = {b.id: b.patient for b in bag_set.bags if b.patient != b.id}
+    seed = (read_record(folds_dir / FOLDS_JSON, FOLDS) or {}).get("seed")
+    result = BagSplits(splits, list(bag_set.classes), "folds", seed, "bag", len(splits), None, patients,
+                       source=os.fspath(folds_dir.resolve()))
+    write_bag_splits(result, bag_set, out_dir)
+    return result
+
+
+def _bag_parents(bag, kind: str) -> set:
+    """The parent-list entries a bag covers: ``CLASS/file`` of its images, or its slides' stems."""
+    if kind == "slide" or (bag.grid is None and bag.instances and bag.instances[0].parent is not None):
+        return {Path(i.parent).stem for i in bag.instances if i.parent is not None}
+    return {image["path"] for image in bag.images} if bag.grid is not None else {i.path for i in bag.instances}
+
+
 def write_bag_splits(splits: BagSplits, bag_set: BagSet, out_dir: Union[str, os.PathLike]) -> None:
     """The two lists of every split and ``bag_folds.json`` (each atomically); lists of splits an
     earlier run wrote beyond these are removed."""
@@ -195,9 +239,10 @@ def read_bag_splits(directory: Union[str, os.PathLike]) -> BagSplits:
         splits.append(BagSplit(index, train, test, seeds.get(index)))
     if not splits:
         raise InputError("no bags_train_K.txt / bags_test_K.txt lists (run `lymph-cv bags split`)", directory)
-    return BagSplits(splits, [str(c) for c in record["classes"]], record["method"], int(record.get("seed") or 0),
+    seed = record.get("seed")
+    return BagSplits(splits, [str(c) for c in record["classes"]], record["method"], None if seed is None else int(seed),
                      str(record.get("group_by") or "patient"), record.get("k"), record.get("repeats"),
-                     {str(k): str(v) for k, v in (record.get("patients") or {}).items()}, directory)
+                     {str(k): str(v) for k, v in (record.get("patients") or {}).items()}, directory, record.get("source"))
 
 
 def bags_of_split(bag_set: BagSet, split: BagSplit) -> tuple[list, list]:

@@ -42,8 +42,8 @@ from lymph_cv.stages.patches import (DEFAULT_CASE_REGEX, ROTATIONS, Manifest, ca
 from lymph_cv.stages.sources.patients import (BAG_CLASSES, FEATURES, REFERENCE_DATE, ClinicalColumns,
                                               scan_patients)
 from lymph_cv.stages.tiles import read_tile_set
-from lymph_cv.workdir.layout import BAGS_JSON, TILE_SET
-from lymph_cv.workdir.records import BAGS, read_record, write_record
+from lymph_cv.workdir.layout import BAGS_JSON, SYNTH_JSON, TILE_SET
+from lymph_cv.workdir.records import BAGS, read_cache, read_record, write_record
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +230,9 @@ def load_bags(data_dir: Union[str, os.PathLike], *, clinical: Optional[Union[str
                     scan.csv_path, cell["row"], cell["column"], cell["value"])
     record = scan.record()
     record["clinical_csv"] = os.fspath(Path(scan.csv_path).resolve())
+    synthetic = read_cache(Path(data_dir) / SYNTH_JSON)
+    if synthetic is not None and synthetic.get("layout") == "bags":  # a synthetic set: its seed and parameters
+        record["synth"] = {k: v for k, v in synthetic.items() if k != "truth"}
     return BagSet(list(classes), bags, "patient", os.fspath(root), list(columns.feature_columns()), record)
 
 
