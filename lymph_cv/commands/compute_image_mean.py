@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from lymph_cv.core.threads import quiet_numpy_blas
 from lymph_cv.formats import gflags
 from lymph_cv.formats.caffelog import caffe_log, fmt
 from lymph_cv.errors import LymphCVError
@@ -50,4 +51,5 @@ def run(values: dict, positional: list[str]) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``tools/compute_image_mean``: exit status 0, or 2 with one error line."""
+    quiet_numpy_blas()  # before numpy loads: no linear algebra here
     return gflags.run_tool(run, argv, PROGRAM, SYNOPSIS, FLAGS)

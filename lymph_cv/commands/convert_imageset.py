@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence
 
+from lymph_cv.core.threads import quiet_numpy_blas
 from lymph_cv.formats import gflags
 from lymph_cv.formats.caffelog import caffe_log
 from lymph_cv.errors import LymphCVError
@@ -87,4 +88,5 @@ def run(values: dict, positional: list[str]) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``tools/convert_imageset``: exit status 0, or 2 with one error line."""
+    quiet_numpy_blas()  # before numpy loads: no linear algebra here
     return gflags.run_tool(run, argv, PROGRAM, SYNOPSIS, FLAGS)

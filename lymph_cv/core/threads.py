@@ -43,3 +43,20 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, HEAP_KEEP_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, HEAP_KEEP_BYTES))
+
+
+#: numpy's OpenBLAS thread count for the data tools (``compute_image_mean``, ``convert_imageset``).
+DATA_TOOL_BLAS = {"OPENBLAS_NUM_THREADS": "1"}
+
+
+def quiet_numpy_blas() -> bool:
+    """Set :data:`DATA_TOOL_BLAS` where unset, for entry points that do no linear algebra: OpenBLAS
+    starts its threads when numpy loads and they spin a while, costing those short processes
+    40–80 ms of CPU (``benchmarks/bench_tools.py``) and the reading thread a core.  Nothing is set
+    once numpy is loaded (called in-process, e.g. by a test: the setting would only reach children);
+    True if it was set in time."""
+    if "numpy" in sys.modules:
+        return False
+    for key, value in DATA_TOOL_BLAS.items():
+        os.environ.setdefault(key, value)
+    return True
