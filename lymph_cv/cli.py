@@ -74,7 +74,8 @@ SUMMARIES = {
                 "DB_heldout_K (eval/heldout_K/metrics.json)."),
     "import": "Import a published data set into a work directory (`import pcam DIR WORKDIR`).",
     "stain": "Stain normalisation: `stain fit` makes a target, `stain apply` normalises a folder.",
-    "slides": "Whole-slide images: `slides info SLIDE`, `slides tissue SLIDE`, `slides tile DATA OUT` (tissue tiles).",
+    "slides": ("Whole-slide images: `slides info SLIDE`, `slides tissue SLIDE`, `slides tile DATA OUT` (tissue tiles), "
+               "`slides evaluate WORKDIR -k K` (fold K's test slides labelled by their tiles)."),
     "inspect": "Describe a caffemodel, solverstate, mean binaryproto, net/solver prototxt or LevelDB/LMDB.",
     "pycaffe-path": "Print the folder holding a `caffe` package for legacy scripts (put it on PYTHONPATH).",
 }
@@ -121,7 +122,8 @@ WRITERS: Dict[str, Callable[[dict], ContextManager]] = {
 GROUP_WRITERS: Dict[str, Dict[str, Callable[[dict], ContextManager]]] = {
     "folds": {"make": functools.partial(_lock_folder, "out", True)},
     "bags": {"make": functools.partial(_lock_folder, "workdir", True),
-             "split": functools.partial(_lock_folder, "workdir", False)}}
+             "split": functools.partial(_lock_folder, "workdir", False)},
+    "slides": {"evaluate": _lock_evaluate}}
 #: Commands that take the lock somewhere inside (they get ``--wait-lock`` too).
 SELF_LOCKING = ("train",)
 

@@ -18,7 +18,8 @@ from lymph_cv.stages import tissue as tissue_module
 
 @click.group("slides")
 def slides() -> None:
-    """Whole-slide images: `slides info SLIDE`, `slides tissue SLIDE`, `slides tile DATA OUT` (tissue tiles)."""
+    """Whole-slide images: `slides info SLIDE`, `slides tissue SLIDE`, `slides tile DATA OUT` (tissue tiles),
+    `slides evaluate WORKDIR -k K` (fold K's test slides labelled by their tiles)."""
 
 
 @slides.command("info")
@@ -103,3 +104,51 @@ def tile(data: Path, out: Path, size: int, mpp: Optional[float], level: Optional
         return
     click.echo(f"{len(result.slides)} slides, {len(result.tiles)} tiles in {out}"
                + (f" ({db_backend} databases)" if db_backend else ""))
+
+
+@slides.command("evaluate")
+@click.argument("workdir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--fold", "-k", type=click.IntRange(min=1), required=True, help="Fold K to evaluate.")
+@click.option("--model", type=click.Path(dir_okay=False, path_type=Path),
+              help="Trained .caffemodel [default: the highest WORKDIR/K/*_iter_N.caffemodel].")
+@click.option("--deploy", type=click.Path(dir_okay=False, path_type=Path),
+              help="Deploy net [default: WORKDIR/K/deploy_train32.prototxt].")
+@click.option("--mean", type=click.Path(dir_okay=False, path_type=Path),
+              help="Mean .binaryproto [default: WORKDIR/DB_train_w32_K.binaryproto].")
+@click.option("--parent-list", type=click.Path(dir_okay=False, path_type=Path),
+              help="Test slides, CLASS/slide.ext per line [default: WORKDIR/test_w32_parent_K.txt].")
+@click.option("--tiles", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of the tile manifest (tiles.json) [default: the one the folds were made from, else WORKDIR/subs].")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder [default: WORKDIR/eval/fold_K].")
+@click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda or cuda:N.")
+@click.option("--threshold", type=click.FloatRange(0, 1),
+              help="Two classes: a slide is the second class when its tile fraction reaches this [default: argmax].")
+@click.option("--oversample/--no-oversample", default=False, show_default=True,
+              help="10 crops per tile (corners, centre, mirrored) or the centre crop only.")
+@click.option("--mean-mode", type=click.Choice(("resize", "crop")), default="resize", show_default=True,
+              help="resize: the mean resized to the net input; crop: training's mean at each crop's offset.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Crops per forward call [default: by device].")
+@click.option("--heatmaps/--no-heatmaps", default=True, show_default=True,
+              help="Write each slide's tile-probability heatmap and CAM (eval/fold_K/heatmaps/).")
+@click.option("--cam/--no-cam", default=True, show_default=True,
+              help="Class activation maps (nets with global average pooling before the classifier, e.g. the ResNets).")
+def evaluate(workdir: Path, fold: int, model, deploy, mean, parent_list, tiles, out, device, threshold, oversample,
+             mean_mode, batch_size, heatmaps, cam) -> None:
+    """Slide-level evaluation of fold K: every tissue tile of every test slide scored; a slide's
+    score per class is the fraction of its tiles predicted that class (beside the mean probability);
+    writes WORKDIR/eval/fold_K (metrics.json, slides.csv, images.csv, confusion.png, heatmaps/)."""
+    from lymph_cv.core.fsutil import check_writable
+    from lymph_cv.stages.evaluate import fold_output_dir
+    from lymph_cv.stages.report import format_fold
+    from lymph_cv.stages.slide_eval import evaluate_slide_fold, write_slide_fold
+
+    out_dir = out or fold_output_dir(workdir, fold)
+    check_writable(out_dir.parent)
+    result = evaluate_slide_fold(workdir, fold, model=model, deploy=deploy, mean=mean, parent_list=parent_list,
+                                 tiles=tiles, device=device, mean_mode=mean_mode, oversample=oversample,
+                                 batch_size=batch_size, threshold=threshold, cams=cam)
+    record = write_slide_fold(result, out_dir, heatmaps=heatmaps)
+    click.echo(format_fold(record), nl=False)
+    tiles_record = record["tiles"]
+    click.echo(f"tile level: {tiles_record['tiles']} tiles, accuracy {tiles_record['accuracy']:.3f}, "
+               f"balanced accuracy {tiles_record['balanced_accuracy']:.3f}")

@@ -315,12 +315,17 @@ class WindowClassifier:
 
     def predict(self, crops: np.ndarray) -> np.ndarray:
         """(N, classes) float32 first-output values (``prob``) for N preprocessed crops."""
+        out = self.forward(crops)[self.output]
+        return out.reshape(out.shape[0], -1)
+
+    def forward(self, crops: np.ndarray, blobs: Sequence[str] = ()) -> dict:
+        """The first output and the named ``blobs`` (e.g. the features a class activation map
+        weighs) of one forward pass over N preprocessed crops, as float32 arrays by name."""
         torch = self._torch
         with torch.inference_mode():
             batch = torch.from_numpy(crops).to(self.device).contiguous(memory_format=self.memory_format)
-            blobs = self.net.forward({self.input: batch})
-            out = blobs[self.output]
-        return out.reshape(out.shape[0], -1).float().cpu().numpy()
+            found = self.net.forward({self.input: batch})
+            return {name: found[name].float().contiguous().cpu().numpy() for name in (self.output, *blobs)}
 
 
 # ----------------------------------------------------------------------------- workdir defaults

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 from lymph_cv.workdir.records import ANY, read_record
 from lymph_cv.errors import LymphCVError
-from lymph_cv.stages import figures
+from lymph_cv.stages import figures, slide_report
 from lymph_cv.stages.roc import ROC_PNG
 from lymph_cv.workdir.layout import (DBS_JSON, EVAL_DIR, EVAL_FOLD_DIR, FOLDS_JSON, HEATMAP_DIR, RENDER_JSON,
                                      RUN_JSON, TRAIN_JSON, TRAIN_LOG, heatmap_name)
@@ -235,6 +235,38 @@ def _misclassified_section(workdir: Path, folds: Sequence[dict], classes: Sequen
     return "".join(parts)
 
 
+def _slides_section(workdir: Path, pooled: dict, folds: Sequence[dict], classes: Sequence[str]) -> str:
+    """Slide-level evaluation: tile-level metrics and, per slide, its fractions and its tile heatmap
+    and CAM (embedded; a click opens the PNG in ``eval/fold_K/heatmaps/``)."""
+    if not slide_report.is_slide_report(folds):
+        return ""
+    parts = ["<h2>Slides</h2>"]
+    tiles = pooled.get("tiles")
+    if tiles:
+        parts.append(f'<p id="tile-metrics">Tile level (each tile labelled with its slide\'s class): {tiles["tiles"]} '
+                     f'tiles, accuracy <b>{_num(tiles["accuracy"])}</b>, balanced accuracy '
+                     f'{_num(tiles["balanced_accuracy"])}.</p>')
+        parts.append(matrix_table(tiles["confusion"], classes, "tile-matrix"))
+    parts.append('<div class="thumbs" id="slide-maps">')
+    for fold in folds:
+        for row in fold.get("slides", []):
+            shares = ", ".join(f"{_e(c)} {row['fractions'][c]:.0%}" for c in classes)
+            ok = "ok" if row["true"] == row["predicted"] else "bad"
+            caption = (f"fold {fold['fold']}: <code>{_e(row['slide'])}</code><br>true <b>{_e(row['true'])}</b>, "
+                       f"predicted <b class=\"{ok}\">{_e(row['predicted'])}</b><br>{row['tiles']} tiles: {shares}")
+            pictures = []
+            for what in ("heatmap", "cam"):
+                relative = slide_report.heatmap_path(fold["fold"], row.get(what))
+                png = workdir / EVAL_DIR / relative if relative else None
+                if png is not None and png.is_file():
+                    label = "tile probabilities" if what == "heatmap" else "class activation map"
+                    picture = _img(png.read_bytes(), f"{label} of {row['slide']}")
+                    pictures.append(f'<a href="{_e(relative)}">{picture}</a>')
+            parts.append(f"<figure>{''.join(pictures)}<figcaption>{caption}</figcaption></figure>")
+    parts.append("</div>")
+    return "".join(parts)
+
+
 def _roc_section(pooled: dict) -> str:
     """ROC of the pooled image scores: AUC, threshold and the curve (two classes), or the
     one-vs-rest AUC per class; nothing when the report has no image scores."""
@@ -287,12 +319,15 @@ def render_html(workdir: Path, pooled: dict, folds: Sequence[dict], title: str =
     classes = pooled["classes"]
     fold_numbers = [f["fold"] for f in folds]
     first = folds[0].get("settings", {}) if folds else {}
+    slides = slide_report.is_slide_report(folds)
+    labelled = (_e(slide_report.intro(first)) if slides else
+                f"Image label = {_e(first.get('aggregate', 'vote'))} over {_e(first.get('window', '?'))}-pixel windows "
+                f"at stride {_e(first.get('stride', '?'))}, {_e(first.get('crops', '?'))} crops per window.")
     body = [
         f"<h1>{_e(title)}: evaluation</h1>",
-        f'<p class="note">Work directory <code>{_e(workdir.resolve())}</code>; {pooled["images"]} test images, '
-        f"{len(folds)} fold(s) ({', '.join(str(k) for k in fold_numbers)}), classes {_e(', '.join(classes))}. "
-        f"Image label = {_e(first.get('aggregate', 'vote'))} over {_e(first.get('window', '?'))}-pixel windows at "
-        f"stride {_e(first.get('stride', '?'))}, {_e(first.get('crops', '?'))} crops per window.</p>",
+        f'<p class="note">Work directory <code>{_e(workdir.resolve())}</code>; {pooled["images"]} test '
+        f"{'slides' if slides else 'images'}, {len(folds)} fold(s) ({', '.join(str(k) for k in fold_numbers)}), "
+        f"classes {_e(', '.join(classes))}. {labelled}</p>",
         f'<p class="headline" id="headline">Pooled accuracy <b>{_num(pooled["accuracy"])}</b>, balanced accuracy '
         f'<b>{_num(pooled["balanced_accuracy"])}</b>; per fold {_pm(pooled["fold_accuracy"])} '
         f'(balanced {_pm(pooled["fold_balanced_accuracy"])}, mean ± sd).</p>',
@@ -304,6 +339,7 @@ def render_html(workdir: Path, pooled: dict, folds: Sequence[dict], title: str =
         "<h2>Per fold</h2>",
         "".join(_fold_section(workdir, f, classes) for f in folds),
         _misclassified_section(workdir, folds, classes),
+        _slides_section(workdir, pooled, folds, classes),
         _curves_section(workdir, fold_numbers),
         _leak_section(workdir),
         _heldout_section(workdir),

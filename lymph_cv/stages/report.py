@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -26,6 +26,7 @@ from lymph_cv.stages.figures import confusion_png
 from lymph_cv.stages.heatmaps import heatmap_png
 from lymph_cv.stages.html_report import render_html
 from lymph_cv.stages.roc import ROC_PNG, draw_roc, roc_record
+from lymph_cv.stages import slide_report
 from lymph_cv.workdir.layout import (CONFUSION_PNG, EVAL_DIR, HEATMAP_DIR, IMAGES_CSV, METRICS_JSON, REPORT_HTML, REPORT_JSON,
                                      REPORT_MD, REPORT_TXT, SUMMARY_TXT, heatmap_name)
 from lymph_cv.workdir.layout import EVAL_FOLD_PATTERN as _FOLD_DIR
@@ -176,24 +177,30 @@ def _display_image(path: Path) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- writing a fold
-def write_fold(result: FoldResult, out_dir: PathLike, *, legacy_layout: bool = False, heatmaps: bool = False) -> dict:
+def write_fold(result: FoldResult, out_dir: PathLike, *, legacy_layout: bool = False, heatmaps: bool = False,
+               extra_record: Optional[dict] = None, extra_files: Optional[Mapping[str, bytes]] = None) -> dict:
     """Write a fold's outputs into ``out_dir`` (built under a temporary name, renamed when
     complete): metrics.json, summary.txt, images.csv, confusion.png and optional heatmaps/.
-    Returns the JSON record."""
-    record = fold_record(result)
+    ``extra_record`` is merged into metrics.json, ``extra_files`` (relative name → bytes, e.g. the
+    slide-level evaluation's) are written into the folder too.  Returns the JSON record."""
+    record = {**fold_record(result), **(extra_record or {})}
     out_dir = Path(out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / METRICS_JSON).is_file():
         # The folder is replaced as a whole: never one that holds something else.
         raise EvaluationError(f"output folder exists and is not an evaluation folder (no {METRICS_JSON}); choose another", out_dir)
-    _write_fold_files(result, record, out_dir, legacy_layout, heatmaps)
+    _write_fold_files(result, record, out_dir, legacy_layout, heatmaps, extra_files or {})
     return record
 
 
-def _write_fold_files(result: FoldResult, record: dict, out_dir: Path, legacy_layout: bool, heatmaps: bool) -> None:
+def _write_fold_files(result: FoldResult, record: dict, out_dir: Path, legacy_layout: bool, heatmaps: bool,
+                      extra_files: Mapping[str, bytes]) -> None:
     temp = out_dir
     try:
         with atomic_path(out_dir) as temp:
             _fill_fold_folder(temp, result, record, out_dir, legacy_layout, heatmaps)
+            for name, data in extra_files.items():
+                (temp / name).parent.mkdir(parents=True, exist_ok=True)
+                (temp / name).write_bytes(data)
     except OSError as exc:  # a full or read-only disk: one line naming the file; the temporary is gone
         failed = Path(exc.filename) if exc.filename else out_dir
         if failed.is_relative_to(temp):
@@ -336,6 +343,8 @@ def report_record(report: Report) -> dict:
         "fold_balanced_accuracy": {"mean": bal_mean, "sd": bal_sd, "values": [r["balanced_accuracy"] for r in report.folds]},
         "roc": report.roc,
         "fold_auc": _fold_auc(report),
+        **({"unit": "slide", "tiles": slide_report.pooled_tiles(report.folds, report.classes)}
+           if slide_report.is_slide_report(report.folds) else {}),
     }
 
 
@@ -380,13 +389,16 @@ def format_markdown(report: Report) -> str:
     record = report_record(report)
     classes = report.classes
     first = report.folds[0].get("settings", {})
+    slides = slide_report.is_slide_report(report.folds)
+    labelled = (slide_report.intro(first) if slides else
+                f"Image label = {first.get('aggregate', 'vote')} over {first.get('window', '?')}-pixel windows at "
+                f"stride {first.get('stride', '?')}, {first.get('crops', '?')} crops per window, mean mode "
+                f"{first.get('mean_mode', '?')}.")
     lines = [
         "# Lymphoma sub-type classification: evaluation",
         "",
-        f"{record['images']} test images, {len(report.folds)} fold(s) ({', '.join(str(f) for f in record['folds'])}), "
-        f"classes {', '.join(classes)}. Image label = {first.get('aggregate', 'vote')} over "
-        f"{first.get('window', '?')}-pixel windows at stride {first.get('stride', '?')}, "
-        f"{first.get('crops', '?')} crops per window, mean mode {first.get('mean_mode', '?')}.",
+        f"{record['images']} test {'slides' if slides else 'images'}, {len(report.folds)} fold(s) "
+        f"({', '.join(str(f) for f in record['folds'])}), classes {', '.join(classes)}. {labelled}",
         "",
         f"**Pooled accuracy {_num(record['accuracy'])}, balanced accuracy {_num(record['balanced_accuracy'])}; "
         f"per fold {_pm(record['fold_accuracy']['mean'], record['fold_accuracy']['sd'])} "
@@ -412,6 +424,8 @@ def format_markdown(report: Report) -> str:
     for name, m in record["per_class"].items():
         lines.append(_md_row([name, _num(m["precision"]), _num(m["recall"]), _num(m["f1"]), m["support"]]))
     lines += _markdown_roc(record)
+    if slides:
+        lines += slide_report.markdown_section(report.folds, classes)
     wrong = [(f["fold"], item) for f in report.folds for item in f["misclassified"]]
     lines += ["", f"## Misclassified images ({len(wrong)})", ""]
     for fold, item in wrong[:MD_MISCLASSIFIED_MAX]:

@@ -1,0 +1,144 @@
+"""Slide-level evaluation (tile fractions, tile metrics, slides.csv), heatmaps and class activation
+maps: on small pyramidal TIFFs, on the real Aperio SVS of tests/testdata.py, and in the report page
+opened in headless Chromium."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import cv2
+import numpy as np
+import pytest
+
+from browser import render
+from lymph_cv.errors import ConfigError, UnsupportedError
+from lymph_cv.formats.caffe.blob import read_mean
+from lymph_cv.stages import slide_eval
+from lymph_cv.stages.evaluate import WindowClassifier
+from lymph_cv.stages.tiles import TileParams, TileSet, plan_slide, write_tile_set
+from slideutil import island_slide, random_net, write_slide
+from testdata import wheel_file
+
+CLASSES = ["A", "B"]
+#: Tiles of the small slides: 32 pixels at level 1 (64 level-0 pixels), the patch the net takes.
+PATCH = 32
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory):
+    work = tmp_path_factory.mktemp("net")
+    deploy, model, mean = random_net(work, PATCH)
+    return work, deploy, model, mean
+
+
+@pytest.fixture(scope="module")
+def classifier(net):
+    _, deploy, model, _ = net
+    return WindowClassifier(deploy, model)
+
+
+def test_cams_average_to_the_class_scores(classifier):
+    head = slide_eval.cam_head(classifier, "fc")
+    assert head.features == "res5b" and head.classifier == "fc" and head.weights.shape == (2, 512)
+    crops = np.random.default_rng(0).uniform(-60, 60, (3, 3, classifier.crop, classifier.crop)).astype(np.float32)
+    blobs = classifier.forward(crops, (head.features, "fc"))
+    cams = head.maps(blobs[head.features])
+    assert cams.shape[:2] == (3, 2) and cams.shape[2] == cams.shape[3] > 1
+    # Global average pooling then the classifier = the classifier at every position, averaged.
+    np.testing.assert_allclose(cams.mean(axis=(2, 3)), blobs["fc"], rtol=1e-4, atol=1e-4)
+    assert slide_eval.cam_head(classifier).classifier == "fc"  # found without the registry's name too
+
+
+def test_a_net_without_global_pooling_has_no_cam(tmp_path):
+    deploy, model, _ = random_net(tmp_path, 36, arch="alexnet32w")
+    with pytest.raises(UnsupportedError, match="global average pooling"):
+        slide_eval.cam_head(WindowClassifier(deploy, model))
+
+
+def test_slide_decision_by_fraction_or_threshold():
+    assert slide_eval.slide_decision(np.array([0.6, 0.4])) == 0
+    assert slide_eval.slide_decision(np.array([0.5, 0.5])) == 0  # ties to the lower index, as np.argmax
+    assert slide_eval.slide_decision(np.array([0.7, 0.3]), threshold=0.25) == 1
+    assert slide_eval.slide_decision(np.array([0.1, 0.2, 0.7])) == 2
+    with pytest.raises(ConfigError, match="two classes"):
+        slide_eval.slide_decision(np.array([0.1, 0.2, 0.7]), threshold=0.5)
+
+
+def _slide_workdir(root, net):
+    """A work directory of fold 1 with two test slides (one per class) in a tile manifest."""
+    work, deploy, model, mean = net
+    params = TileParams(PATCH, level=1)
+    records, tiles = [], []
+    for label, (cls, dark) in enumerate((("A", False), ("B", True))):
+        path = write_slide(root / "data" / cls / f"{cls.lower()}01.tif", island_slide(768, label, dark))
+        record, found, _mask, _geo = plan_slide(path, params, cls=cls, label=label)
+        records.append(record)
+        tiles += found
+    write_tile_set(root / "subs", TileSet(params, CLASSES, records, tiles, str(root / "data")))
+    (root / "test_w32_parent_1.txt").write_text("A/a01.tif\nB/b01.tif\n")
+    return root, deploy, model, mean
+
+
+def test_slides_evaluate_writes_fractions_tiles_and_maps_into_the_report(runner, cli, net, tmp_path):
+    work, deploy, model, mean = _slide_workdir(tmp_path / "w", net)
+    args = ["slides", "evaluate", str(work), "-k", "1", "--model", str(model), "--deploy", str(deploy), "--mean", str(mean)]
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 0, result.stderr
+    assert "tile level:" in result.stdout
+    fold = work / "eval" / "fold_1"
+    metrics = json.loads((fold / "metrics.json").read_text())
+    assert metrics["unit"] == "slide" and metrics["images"] == 2
+    rows = list(csv.DictReader((fold / "slides.csv").open()))
+    assert [r["slide"] for r in rows] == ["A/a01.tif", "B/b01.tif"]
+    assert list(rows[0]) == ["slide", "true", "predicted", "correct", "tiles", "fraction_A", "fraction_B",
+                             "mean_prob_A", "mean_prob_B"]
+    for row, item in zip(rows, metrics["slides"]):
+        tiles = int(row["tiles"])
+        assert tiles == item["tiles"] > 20
+        assert float(row["fraction_A"]) + float(row["fraction_B"]) == pytest.approx(1.0)
+        assert row["predicted"] == CLASSES[int(float(row["fraction_B"]) > 0.5)]  # argmax, ties to A
+    assert metrics["tiles"]["tiles"] == sum(int(r["tiles"]) for r in rows)
+    assert np.array(metrics["tiles"]["confusion"]).sum() == metrics["tiles"]["tiles"]
+    for item in metrics["slides"]:
+        for name in (item["heatmap"], item["cam"]):
+            png = cv2.imread(str(fold / "heatmaps" / name))
+            assert png is not None and png.shape[0] > 300 and png.shape[1] > 2 * png.shape[0] * 0.8
+    assert runner.invoke(cli, ["report", str(work)]).exit_code == 0
+    md = (work / "eval" / "report.md").read_text()
+    assert "## Slides" in md and "(fold_1/heatmaps/B__b01.cam.png)" in md and "2 test slides" in md
+    pooled = json.loads((work / "eval" / "report.json").read_text())
+    assert pooled["tiles"]["tiles"] == metrics["tiles"]["tiles"]
+
+    page = render((work / "eval" / "report.html").as_uri(), tmp_path / "report.png")
+    assert page.console == [], page.console
+    maps = re.search(r'<div class="thumbs" id="slide-maps">(.*?)</div>', page.dom, re.S)
+    assert maps is not None
+    assert len(re.findall(r'<a href="fold_1/heatmaps/[AB]__[ab]01(?:\.cam)?\.png"><img src="data:image/png;base64,',
+                          maps.group(1))) == 4
+    assert 'id="tile-matrix"' in page.dom and "Tile level" in page.dom
+
+
+def test_slides_evaluate_without_a_tile_manifest_is_one_line(runner, cli, tmp_path):
+    result = runner.invoke(cli, ["slides", "evaluate", str(tmp_path), "-k", "1"])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+    assert "tiles.json" in result.stderr
+
+
+def test_the_real_svs_is_tiled_scored_and_heatmapped(classifier, net, tmp_path):
+    svs = wheel_file("cmu_small_region.svs")
+    tiles = slide_eval.plan_test_slide(svs, "FL/cmu_small_region.svs", 1, TileParams(256, resize=PATCH))
+    assert 15 < len(tiles) < (2220 // 256) * (2967 // 256)  # tissue tiles only: about a third of the region
+    assert tiles.out_size == PATCH and tiles.extent == 256
+    fold = slide_eval.evaluate_slides(classifier, [tiles], read_mean(net[3]), CLASSES)
+    scores = fold.slides[0]
+    assert scores.probs.shape == (len(tiles), 2) and scores.cams.shape[:2] == (len(tiles), 2)
+    figures = dict(slide_eval.slide_figures(scores, fold.result.images[0], CLASSES, thumb_side=512))
+    assert sorted(figures) == ["FL__cmu_small_region.svs.cam.png", "FL__cmu_small_region.svs.png"]
+    for png in figures.values():
+        image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+        assert image is not None and image.shape[1] > image.shape[0] > 300
+        # the colour scale: a column of distinct colours right of the two panels
+        scale = image[image.shape[0] // 3 : 2 * image.shape[0] // 3, int(image.shape[1] * 0.85) :]
+        assert len(np.unique(scale.reshape(-1, 3), axis=0)) > 30
