@@ -27,6 +27,7 @@ import math
 import mmap
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ from lymph_cv.stages.stain import StainRecord, StainTransform, fit_record, write
 from lymph_cv.stages.stain import hook as stain_hook
 from lymph_cv.workdir.records import FOLDS, read_cache, read_record
 from lymph_cv.workdir.lists import ListEntry, list_folds, read_labelled_list, read_list_lines
+from lymph_cv.stages.stage import RunOptions, Stage, stain_key, stain_target_record
 
 log = logging.getLogger(__name__)
 
@@ -824,3 +826,55 @@ def _build_from_cache(task: _DbTask) -> DbResult:
     means = None if accumulator is None else _save_mean_or_drop(task.mean_path, accumulator, task.db_path)
     return DbResult(os.fspath(task.db_path), count, len(entries), time.perf_counter() - started,
                     None if task.mean_path is None else os.fspath(task.mean_path), means, bad.problems, dict(bad.conversions))
+
+
+class DbsStage(Stage):
+    """Step 3: each fold's training and test databases and its mean file (from patch files, or with
+    ``--direct`` straight from the images)."""
+
+    name = "dbs"
+    reads = (TRAIN_LIST, TEST_LIST, FOLDS_JSON)
+    writes = (DB_TRAIN, DB_TEST, MEAN_FILE, DBS_JSON)
+    per_fold = True
+
+    @staticmethod
+    def paths(o: RunOptions, fold: int) -> list[Path]:
+        """The fold's training database, test database and mean file."""
+        w = Path(o.workdir)
+        return [w / name.format(fold=fold) for name in (DB_TRAIN, DB_TEST, MEAN_FILE)]
+
+    def params(self, o: RunOptions) -> dict:
+        stain = stain_key(o) if o.direct else {}
+        return {"backend": o.backend, "seed": o.seed, "direct": o.direct, "folds": o.fold_list, **stain}
+
+    def complete(self, o: RunOptions) -> bool:
+        return all(p.exists() for fold in o.fold_list for p in self.paths(o, fold))
+
+    def drop_unrecorded(self, o: RunOptions) -> None:
+        """Before resuming: remove this stage's databases that ``dbs.json`` does not record as built
+        from their current list (an interruption can land between a database's rename into place and
+        its record), so ``build_dbs`` rebuilds them instead of refusing to overwrite them."""
+        w = Path(o.workdir)
+        previous = read_dbs_json(w)
+        same_settings = previous.get("backend") == o.backend and previous.get("seed") == o.seed
+        recorded = previous.get("dbs", {}) if same_settings else {}
+        for fold in o.fold_list:
+            train_db, test_db, mean = self.paths(o, fold)
+            for db, lst, needs_mean in ((train_db, TRAIN_LIST, True), (test_db, TEST_LIST, False)):
+                list_path = w / lst.format(fold=fold)
+                done = recorded.get(db.name)
+                kept = (done is not None and list_path.is_file() and done.get("list") == list_signature(list_path)
+                        and (not needs_mean or mean.is_file()))
+                if db.is_dir() and not kept:
+                    log.info("removing %s: left unrecorded by an interrupted run", db)
+                    shutil.rmtree(db)
+
+    def run(self, o: RunOptions, fresh: bool) -> None:
+        if not fresh:
+            self.drop_unrecorded(o)
+        stain = dict(stain=o.stain, stain_params=o.stain_params, stain_target=stain_target_record(o)) if o.direct else {}
+        build_dbs(o.workdir, folds=o.fold_list, backend=o.backend, seed=o.seed,
+                  images=o.data_dir if o.direct else None, overwrite=fresh, workers=o.workers, **stain)
+
+
+STAGE = DbsStage()

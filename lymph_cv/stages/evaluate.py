@@ -29,14 +29,15 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from lymph_cv.core.progress import Progress
+from lymph_cv.core.locks import folder_lock, target_lock_name
 from lymph_cv.core.devices import CONCRETE_DEVICES, resolve_device
 from lymph_cv.core.grid import WINDOW_SIZE, WINDOW_STEP, window_grid
 from lymph_cv.core.images import ColourTransform, read_unit
 from lymph_cv.stages.stain import StainRecord, StainTransform, recorded_stain_path
 from lymph_cv.stages.stain import read_record as read_stain_record
 from lymph_cv.stages.stain import hook as stain_hook
-from lymph_cv.errors import ConfigError, EvaluationError, InputError, LymphCVError
-from lymph_cv.workdir.layout import DEPLOY_NAME, EVAL_DIR, FOLDS_JSON, MANIFEST_NAME, PATCH_DIR
+from lymph_cv.errors import ConfigError, EvaluationError, InputError, LymphCVError, TrainingError
+from lymph_cv.workdir.layout import DEPLOY_NAME, EVAL_DIR, FOLDS_JSON, HEATMAP_DIR, MANIFEST_NAME, METRICS_JSON, PATCH_DIR
 from lymph_cv.workdir.layout import EVAL_FOLD_DIR as FOLD_DIR_TEMPLATE
 from lymph_cv.workdir.layout import MEAN_FILE as MEAN_TEMPLATE
 from lymph_cv.workdir.layout import TEST_PARENT as PARENT_LIST_TEMPLATE
@@ -45,6 +46,7 @@ from lymph_cv.stages.results import FoldResult, ImageResult
 from lymph_cv.workdir.records import FOLDS, read_record
 from lymph_cv.workdir.snapshots import snapshot_series
 from lymph_cv.workdir.records import MANIFEST as MANIFEST_RECORD
+from lymph_cv.stages.stage import RunOptions, Stage
 
 log = logging.getLogger(__name__)
 
@@ -630,3 +632,62 @@ def evaluate_fold(
                                                  "unchanged": [entries[i].entry for i in unchanged]},
     }
     return FoldResult(fold, classes, results, settings)
+
+
+class EvaluateStage(Stage):
+    """Step 5: each fold's test images with its final snapshot (``eval/fold_K/``)."""
+
+    name = "evaluate"
+    reads = (PARENT_LIST_TEMPLATE, MEAN_TEMPLATE, f"{{fold}}/{DEPLOY_NAME}", "{fold}/*_iter_N.caffemodel")
+    writes = (f"{EVAL_DIR}/{FOLD_DIR_TEMPLATE}/{METRICS_JSON}", f"{EVAL_DIR}/{FOLD_DIR_TEMPLATE}/")
+    per_fold = True
+
+    def check(self, o: RunOptions) -> None:
+        try:
+            parse_aggregate(o.aggregate)
+        except ConfigError as exc:
+            raise ConfigError(exc.detail, "--aggregate") from None
+        try:
+            resolve_device(o.device, CONCRETE_DEVICES)  # evaluation takes a concrete device: no auto
+        except ConfigError as exc:
+            raise ConfigError(exc.detail, "--device") from None
+
+    def params(self, o: RunOptions) -> dict:
+        params = {"oversample": o.oversample, "aggregate": o.aggregate, "device": o.device, "folds": o.fold_list}
+        # Absent when off: earlier runs keep their key.
+        if o.tta:
+            params["tta"] = True
+        if o.heatmaps:
+            params["heatmaps"] = True
+        return params
+
+    @staticmethod
+    def evaluated(o: RunOptions, fold: int) -> bool:
+        """Fold ``fold``'s evaluation is on disk (with its heatmaps, when asked for)."""
+        metrics = fold_output_dir(o.workdir, fold) / METRICS_JSON
+        return metrics.is_file() and (not o.heatmaps or (metrics.parent / HEATMAP_DIR).is_dir())
+
+    def complete(self, o: RunOptions) -> bool:
+        return all(self.evaluated(o, k) for k in o.fold_list)
+
+    def run(self, o: RunOptions, fresh: bool) -> None:
+        from lymph_cv.stages.report import write_fold
+        from lymph_cv.stages.train import final_snapshot, fold_solver
+
+        for k in o.fold_list:
+            if not fresh and self.evaluated(o, k):
+                continue
+            model = final_snapshot(o.workdir, k)
+            if model is None:
+                raise TrainingError(f"fold {k} has no final snapshot; rerun `lymph-cv run` to train it",
+                                    fold_solver(o.workdir, k))
+            result = evaluate_fold(o.workdir, k, model=model, device=o.device, oversample=o.oversample, tta=o.tta,
+                                   aggregate=o.aggregate)
+            out = fold_output_dir(o.workdir, k)
+            # the lock `lymph-cv evaluate` takes for this folder (it is replaced as a whole)
+            with folder_lock(out.parent, name=target_lock_name(out), sweep=False):
+                record = write_fold(result, out, heatmaps=o.heatmaps)
+            log.info("fold %d: accuracy %.3f on %d test images", k, record["accuracy"], len(result.images))
+
+
+STAGE = EvaluateStage()

@@ -28,10 +28,12 @@ from lymph_cv.core.fsutil import atomic_write_json, atomic_write_text, make_dirs
 from lymph_cv.stages.synth import read_case_sites
 from lymph_cv.stages.patches import DEFAULT_CASE_REGEX, ImageEntry, Manifest, case_of, compile_case_regex, load_manifest
 from lymph_cv.workdir.layout import (BAG_FOLDS_JSON, BAG_TEST_LIST, BAG_TRAIN_LIST, FOLDS_JSON, LIST_PATTERN,
-                                     PARENT_PATTERN, TEST_LIST, TEST_PARENT, TRAIN_LIST, TRAIN_PARENT)
+                                     MANIFEST_NAME, PARENT_PATTERN, PATCH_DIR, TEST_LIST, TEST_PARENT, TRAIN_LIST,
+                                     TRAIN_PARENT)
 from lymph_cv.workdir.records import BAG_FOLDS, FOLDS, read_record
 from lymph_cv.workdir.lists import (bag_list_folds, list_folds, parent_list_folds,  # noqa: F401 - list_folds: the folds' API
                                     read_labelled_list, read_list_lines)
+from lymph_cv.stages.stage import RunOptions, Stage
 
 log = logging.getLogger(__name__)
 
@@ -502,3 +504,25 @@ def describe(fold_set: FoldSet) -> str:
             + ("" if fold_set.held_out is None else f" (held-out site: {fold_set.held_out[f.index - 1]})")
         )
     return "\n".join(rows)
+
+
+class FoldsStage(Stage):
+    """Step 2: the k folds' patch and parent lists (and ``folds.json``)."""
+
+    name = "folds"
+    reads = (f"{PATCH_DIR}/{MANIFEST_NAME}",)
+    writes = (TRAIN_LIST, TEST_LIST, TRAIN_PARENT, TEST_PARENT, FOLDS_JSON)
+
+    def params(self, o: RunOptions) -> dict:
+        return {"k": o.k, "seed": o.seed, "group_by": o.group_by}
+
+    def complete(self, o: RunOptions) -> bool:
+        return set(o.fold_list) <= set(list_folds(o.workdir))
+
+    def run(self, o: RunOptions, fresh: bool) -> None:
+        fold_set = make_folds(Path(o.workdir) / PATCH_DIR / MANIFEST_NAME, o.workdir, k=o.k, seed=o.seed,
+                              group_by=o.group_by)
+        log.info("%s", describe(fold_set))
+
+
+STAGE = FoldsStage()

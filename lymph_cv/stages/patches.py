@@ -14,6 +14,7 @@ import time
 import logging
 import os
 import re
+import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +31,14 @@ from lymph_cv import DEFAULT_CLASSES
 from lymph_cv.stages.synth import TIFF_UNCOMPRESSED
 from lymph_cv.core.grid import FIRST_ORIGIN, WINDOW_SIZE, WINDOW_STEP, window_origins
 from lymph_cv.core.images import ColourTransform, ReadImage, read_image
-from lymph_cv.stages.sources import DEFAULT_SOURCE, SourceImage, data_source
+from lymph_cv.stages.sources import DEFAULT_SOURCE, SourceImage, data_source, input_fingerprint
 from lymph_cv.stages.stain import StainRecord, StainTransform, write_record
 from lymph_cv.stages.stain import hook as stain_hook
 from lymph_cv.core.workers import imap
-from lymph_cv.workdir.layout import MANIFEST_NAME, MAT_NAME, STAIN_RECORD
+from lymph_cv.workdir.layout import MANIFEST_NAME, MAT_NAME, PATCH_DIR, STAIN_RECORD
 from lymph_cv.workdir.layout import PATCH_PARAMS as PARAMS_NAME
 from lymph_cv.workdir.records import MANIFEST, read_cache, read_record
+from lymph_cv.stages.stage import RunOptions, Stage, stain_key, stain_target_record
 
 log = logging.getLogger(__name__)
 
@@ -498,3 +500,43 @@ def write_class_struct(manifest: Manifest, path: Union[str, Path]) -> None:
                 savemat(handle, {"class_struct": cells}, do_compression=True)
     except OSError as exc:
         raise write_error(exc, path) from None
+
+
+class PatchesStage(Stage):
+    """Step 1: the patches (or, with ``--direct``, only the manifest) of the data set's images."""
+
+    name = "patches"
+    reads = ("DATA/CLASS/*",)
+    writes = (f"{PATCH_DIR}/{MANIFEST_NAME}", f"{PATCH_DIR}/*_sub_N.tif")
+
+    def check(self, o: RunOptions) -> None:
+        if o.stain is None:
+            return
+        from lymph_cv.stages.stain import get_normaliser
+
+        get_normaliser(o.stain, **o.stain_params)  # an unknown method or parameter, before any stage
+        if o.stain_target is None and not o.direct:
+            raise ConfigError("--stain without --stain-target fits a target per fold on its training images, "
+                              "which needs --direct (databases built straight from the images)")
+        if o.stain_target is not None and not Path(o.stain_target).is_file():
+            raise ConfigError("no such file (a stain record or an image)", o.stain_target)
+
+    def params(self, o: RunOptions) -> dict:
+        stain = {} if o.direct else stain_key(o)  # with --direct the images are normalised by `dbs`
+        return {"data": o.where(o.data_dir), "classes": list(o.classes), "direct": o.direct, **stain}
+
+    def fingerprint(self, o: RunOptions) -> str:
+        return input_fingerprint(o.data_dir, o.classes)
+
+    def complete(self, o: RunOptions) -> bool:
+        return (Path(o.workdir) / PATCH_DIR / MANIFEST_NAME).is_file()
+
+    def run(self, o: RunOptions, fresh: bool) -> None:
+        out = Path(o.workdir) / PATCH_DIR
+        if fresh and out.exists():
+            shutil.rmtree(out)
+        extract_patches(o.data_dir, out, classes=o.classes, workers=o.workers, write_patches=not o.direct,
+                        stain=None if o.direct else stain_target_record(o))
+
+
+STAGE = PatchesStage()

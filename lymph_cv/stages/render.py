@@ -39,6 +39,7 @@ from lymph_cv.workdir.layout import DB_TRAIN as TRAIN_DB
 from lymph_cv.workdir.layout import RENDER_JSON
 from lymph_cv.workdir.records import DBS, MANIFEST, read_record
 from lymph_cv.workdir.lists import read_labelled_list, require_folds
+from lymph_cv.stages.stage import TUTORIAL_ARCH, RunOptions, Stage
 
 log = logging.getLogger(__name__)
 
@@ -456,3 +457,53 @@ def render_folds(workdir: PathLike, folds: Optional[Sequence[int]] = None, **opt
 def describe_variables() -> List[Tuple[str, Any, str]]:
     """(name, default, help) of every ``--set`` variable, for the command's help."""
     return [(name, var.default, var.help) for name, var in VARIABLES.items()]
+
+
+def training_overrides(o: RunOptions) -> Dict[str, str]:
+    """``run``'s template variables: ``--max-iter`` scales the schedule, ``--set`` wins."""
+    values: Dict[str, str] = {"random_seed": str(o.seed)}
+    if o.max_iter is not None:
+        values["max_iter"] = str(o.max_iter)
+        # Test at the start and the end only, snapshot four times (so an interrupted run resumes
+        # close to where it stopped), and log twenty times: the tutorial's cadence scaled down.
+        values["test_interval"] = str(o.max_iter)
+        values["snapshot"] = str(max(1, o.max_iter // 4))
+        values["display"] = str(max(1, o.max_iter // 20))
+    values.update(o.overrides)
+    return values
+
+
+class RenderStage(Stage):
+    """Step 4a: each fold's solver, train/test net and deploy net.
+
+    Every variable enters the key, display and snapshot intervals too: they change the rendered
+    files.  They do not change what training computes: the train stage resumes the snapshots of the
+    same training identity (``stages.train.training_identity``), so such a change trains nothing again.
+    """
+
+    name = "render"
+    reads = (TEST_LIST, TRAIN_LIST, MEAN_FILE, DBS_JSON)
+    writes = (f"{{fold}}/{SOLVER_NAME}", f"{{fold}}/{NET_NAME}", f"{{fold}}/{DEPLOY_NAME}", f"{{fold}}/{RENDER_JSON}")
+    per_fold = True
+
+    def check(self, o: RunOptions) -> None:
+        resolve_variables(training_overrides(o))  # --set KEY=VALUE: known keys, values of their type
+
+    def params(self, o: RunOptions) -> dict:
+        params = {"overrides": training_overrides(o), "dropout": o.dropout, "folds": o.fold_list,
+                  "device": solver_device(o.device)}
+        # Only when not the tutorial's net, so the keys of earlier runs stay valid.
+        params.update({k: v for k, v in (("arch", o.arch), ("stem", o.stem)) if v not in (None, TUTORIAL_ARCH)})
+        return params
+
+    def complete(self, o: RunOptions) -> bool:
+        w = Path(o.workdir)
+        return all((w / str(k) / name.format(fold=k)).is_file()
+                   for k in o.fold_list for name in (SOLVER_NAME, NET_NAME, DEPLOY_NAME))
+
+    def run(self, o: RunOptions, fresh: bool) -> None:
+        render_folds(o.workdir, o.fold_list, dropout=o.dropout, overrides=training_overrides(o),
+                     device=solver_device(o.device), arch=o.arch, stem=o.stem)
+
+
+STAGE = RenderStage()

@@ -31,6 +31,7 @@ from lymph_cv.workdir.layout import (CONFUSION_PNG, EVAL_DIR, HEATMAP_DIR, IMAGE
                                      REPORT_MD, REPORT_TXT, SUMMARY_TXT, heatmap_name)
 from lymph_cv.workdir.layout import EVAL_FOLD_PATTERN as _FOLD_DIR
 from lymph_cv.workdir.records import METRICS, read_record
+from lymph_cv.stages.stage import RunOptions, Stage
 from lymph_cv.stages.metrics import (accuracy, balanced_accuracy, class_metrics, confusion_matrix,  # noqa: F401 - the report's API
                                      mean_sd, summary_metrics)
 from lymph_cv.stages.results import FoldResult
@@ -472,3 +473,30 @@ def write_report(report: Report, legacy_layout: bool = False) -> List[Path]:
         paths.append(eval_dir / ROC_PNG)
         atomic_write_bytes(paths[-1], draw_roc(roc, f"{len(report.folds)} fold(s) pooled: ROC"))
     return paths
+
+
+class ReportStage(Stage):
+    """The pooled report of this run's folds (``eval/report.md`` and friends)."""
+
+    name = "report"
+    reads = (f"{EVAL_DIR}/fold_K/{METRICS_JSON}",)
+    writes = (f"{EVAL_DIR}/{REPORT_MD}", f"{EVAL_DIR}/{REPORT_HTML}", f"{EVAL_DIR}/{REPORT_JSON}",
+              f"{EVAL_DIR}/{REPORT_TXT}")
+
+    def params(self, o: RunOptions) -> dict:
+        return {"folds": o.fold_list}
+
+    def complete(self, o: RunOptions) -> bool:
+        return all((Path(o.workdir) / EVAL_DIR / name).is_file() for name in (REPORT_MD, REPORT_HTML))
+
+    def run(self, o: RunOptions, fresh: bool) -> Report:
+        # Only this run's folds: eval/fold_K of other folds may come from another split or other settings.
+        report = build_report(o.workdir, o.fold_list)
+        write_report(report)
+        return report
+
+    def result(self, o: RunOptions) -> Report:
+        return build_report(o.workdir, o.fold_list)
+
+
+STAGE = ReportStage()

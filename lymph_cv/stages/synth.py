@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
@@ -35,6 +36,7 @@ from lymph_cv.core.fsutil import atomic_write_bytes, atomic_write_json, make_dir
 from lymph_cv.core.workers import imap
 from lymph_cv.workdir.layout import SYNTH_JSON
 from lymph_cv.workdir.records import read_cache
+from lymph_cv.stages.stage import DEMO_DATA_DIR, RunOptions, Stage
 
 log = logging.getLogger(__name__)
 
@@ -451,3 +453,29 @@ def _same_params(record: Path, params: Mapping[str, object]) -> bool:
     previous = read_cache(record)
     return previous is not None and all(previous.get(key) == value for key, value in params.items())
 
+
+
+class SynthStage(Stage):
+    """``--demo``: the synthetic data set the run trains on (only when no ``--data`` is given)."""
+
+    name = "synth"
+    writes = (DEMO_DATA_DIR + "/", f"{DEMO_DATA_DIR}/{SYNTH_JSON}")
+
+    def enabled(self, o: RunOptions) -> bool:
+        return o.demo is not None
+
+    def params(self, o: RunOptions) -> dict:
+        return {**dataclasses.asdict(o.demo), "seed": o.seed, "classes": list(o.classes), "data": o.where(o.data_dir)}
+
+    def complete(self, o: RunOptions) -> bool:
+        return (o.data_dir / SYNTH_JSON).is_file()
+
+    def run(self, o: RunOptions, fresh: bool) -> None:
+        if fresh and o.data_dir.exists() and (o.data_dir / SYNTH_JSON).is_file():
+            shutil.rmtree(o.data_dir)
+        demo = o.demo
+        generate(o.data_dir, per_class=demo.per_class, cases_per_class=demo.cases_per_class,
+                 width=demo.width, height=demo.height, seed=o.seed, classes=o.classes, workers=o.workers)
+
+
+STAGE = SynthStage()

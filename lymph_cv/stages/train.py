@@ -53,8 +53,8 @@ from lymph_cv.core.distributed import Collective, World, discover
 from lymph_cv.net.datalayer import DataLayer, RecordCache
 from lymph_cv.net.layers import BatchNormLayer
 from lymph_cv.net.shared_records import SharedRecordCache
-from lymph_cv.errors import (ConfigError, FormatError, InputError, LymphCVError, TrainingError, UnsupportedError,
-                             Terminated)
+from lymph_cv.errors import (ConfigError, FormatError, InputError, Interrupted, LymphCVError, TrainingError,
+                             UnsupportedError, Terminated, signal_name)
 from lymph_cv.core import devices, faults
 from lymph_cv.core.fsutil import atomic_write_json, check_writable, make_dirs
 from lymph_cv.core.locks import folder_lock
@@ -64,7 +64,8 @@ from lymph_cv.net.build import CaffeNet, build_net, resolve_net_path
 from lymph_cv.net.solver import Solver, learnables_of, make_solver, snapshot_names, solver_type
 from lymph_cv.stages.eta import ESTIMATE_AFTER, FORWARD_SHARE, Estimate, cpu_warning
 from lymph_cv.workdir.layout import TRAIN_JSON as RECORD_NAME
-from lymph_cv.workdir.layout import TRAIN_LOG
+from lymph_cv.workdir.layout import DB_TEST, DB_TRAIN, MEAN_FILE, SOLVER_NAME, SUPERSEDED_DIR, TRAIN_KEY_JSON, TRAIN_LOG
+from lymph_cv.stages.stage import LOCAL_EXECUTOR, TRAIN_EXECUTORS, RunOptions, Stage, executor_names, key_digest, run_record
 from lymph_cv.workdir.snapshots import snapshot_series
 
 log = logging.getLogger(__name__)
@@ -913,3 +914,134 @@ def test_model(model: os.PathLike, weights: Sequence[os.PathLike], iterations: i
     for name, value, suffix in scores:
         say(f"{name} = {fmt(value)}{suffix}", caffelog.SRC_TOOL)
     return TestResult(batches, scores, loss)
+
+
+# --------------------------------------------------------------------------- the run's stage
+
+
+def fold_solver(workdir: os.PathLike, fold: int) -> Path:
+    """Fold ``fold``'s rendered solver in a work directory."""
+    return Path(workdir) / str(fold) / SOLVER_NAME.format(fold=fold)
+
+
+def fold_snapshots(workdir: os.PathLike, fold: int, suffix: str) -> Dict[int, Path]:
+    """The fold's snapshots of the rendered solver's own series by N (plain vs ``_dropout``: the other
+    variant's files are neither resumed, evaluated nor deleted)."""
+    solver = fold_solver(workdir, fold)
+    return solver_snapshots(solver, suffix) if solver.is_file() else {}
+
+
+def final_snapshot(workdir: os.PathLike, fold: int) -> Optional[Path]:
+    """The fold's caffemodel at its solver's ``max_iter``, or None (not rendered, or not trained that far)."""
+    solver = fold_solver(workdir, fold)
+    if not solver.is_file():
+        return None
+    return fold_snapshots(workdir, fold, "caffemodel").get(int(read_solver(solver).max_iter))
+
+
+class TrainStage(Stage):
+    """Step 4b: train every fold to its final snapshot, here or as cluster jobs (``--executor``).
+
+    Snapshots are never deleted: those of other settings move aside (:meth:`supersede`), those of the
+    same training identity (a changed display or snapshot interval, a longer ``--max-iter``) are resumed.
+    """
+
+    name = "train"
+    reads = (f"{{fold}}/{SOLVER_NAME}", DB_TRAIN, DB_TEST, MEAN_FILE)
+    writes = ("{fold}/*_iter_N.caffemodel", "{fold}/*_iter_N.solverstate", f"{{fold}}/{TRAIN_LOG}",
+              f"{{fold}}/{RECORD_NAME}", f"{{fold}}/{TRAIN_KEY_JSON}", f"{{fold}}/{SUPERSEDED_DIR}/KEY/")
+    per_fold = True
+
+    def check(self, o: RunOptions) -> None:
+        if o.executor != LOCAL_EXECUTOR and o.executor not in TRAIN_EXECUTORS:
+            raise ConfigError(f"unknown executor {o.executor!r}", valid=executor_names())
+        try:
+            devices.resolve_device(o.device)
+        except ConfigError as exc:
+            raise ConfigError(exc.detail, "--device") from None
+
+    def params(self, o: RunOptions) -> dict:
+        return {"seed": o.seed, "device": o.device, "folds": o.fold_list}
+
+    def complete(self, o: RunOptions) -> bool:
+        return all(final_snapshot(o.workdir, k) is not None for k in o.fold_list)
+
+    def run(self, o: RunOptions, fresh: bool) -> None:
+        for k in o.fold_list:
+            self.supersede(o, k)
+        todo = [k for k in o.fold_list if final_snapshot(o.workdir, k) is None]
+        if not todo:
+            return
+        if o.executor == LOCAL_EXECUTOR:
+            self._train_here(o, todo)
+        else:
+            TRAIN_EXECUTORS.lookup(o.executor)(o, todo)
+        unfinished = [k for k in todo if final_snapshot(o.workdir, k) is None]
+        if unfinished:
+            raise TrainingError(f"fold(s) {', '.join(map(str, unfinished))} stopped before their last snapshot; "
+                                "rerun `lymph-cv run` to resume", o.workdir)
+
+    @staticmethod
+    def training_key(o: RunOptions, fold: int) -> str:
+        """The fold's training identity (:func:`training_identity`) with the key of the data it reads."""
+        dbs_key = run_record(o.workdir)["stages"].get("dbs", {}).get("key", "")
+        return key_digest({"solver": training_identity(fold_solver(o.workdir, fold))["key"], "dbs": dbs_key,
+                           "device": o.device})
+
+    def supersede(self, o: RunOptions, fold: int) -> Optional[Path]:
+        """Keep the fold's snapshots when what decides its weights changed: move them (with their
+        train.log and train.json) under ``K/superseded/<their key>/``; never delete them.  Returns where."""
+        folder = Path(o.workdir) / str(fold)
+        key_path = folder / TRAIN_KEY_JSON
+        key = self.training_key(o, fold)
+        try:
+            old = json.loads(key_path.read_text(encoding="utf-8")).get("key")
+        except (OSError, ValueError, AttributeError):
+            old = None
+        files = [p for suffix in ("caffemodel", "solverstate") for p in fold_snapshots(o.workdir, fold, suffix).values()]
+        moved_to = None
+        if files and old != key:
+            moved_to = folder / SUPERSEDED_DIR / (old or f"unrecorded-{time.strftime('%Y%m%dT%H%M%S')}")
+            make_dirs(moved_to)
+            for path in files + [folder / LOG_NAME, folder / RECORD_NAME]:
+                if path.exists():
+                    os.replace(path, moved_to / path.name)
+            log.info("fold %d: the training settings changed; kept its %d earlier snapshot(s) in %s", fold,
+                     len(files) // 2 or len(files), moved_to)
+        if old != key:
+            atomic_write_json(key_path, {"key": key})
+        return moved_to
+
+    @staticmethod
+    def _train_here(o: RunOptions, folds: Sequence[int]) -> None:
+        for index, k in enumerate(folds):
+            solver = fold_solver(o.workdir, k)
+            resume = latest_solverstate(solver)
+            log.info("fold %d: training%s", k, f" (resuming from {resume.name})" if resume else "")
+            result = train(solver, snapshot=resume, device=o.device,
+                           on_estimate=_announce_estimate(k, len(folds) - index))
+            if result.stopped_early:
+                signum = result.stop_signal or signal.SIGINT
+                raise Interrupted(f"fold {k}: training stopped by {signal_name(signum)} at iteration "
+                                  f"{result.iterations} of {result.max_iter} after its snapshot; rerun `lymph-cv run` "
+                                  "to resume", solver, signum=signum)
+
+
+def _announce_estimate(fold: int, folds_left: int) -> Callable[[Estimate], None]:
+    """The estimate of a fold's training, and of the folds still to train in this run."""
+    from lymph_cv.core.progress import format_duration
+
+    def announce(estimate: Estimate) -> None:
+        # Later folds start from iteration 0: each takes about what this one's full run takes.
+        per_fold = estimate.seconds * estimate.max_iter / max(estimate.iterations, 1)
+        run_seconds = estimate.seconds + per_fold * (folds_left - 1)
+        log.info("fold %d: %s; the %d fold(s) left in this run: about %s", fold, estimate.describe(), folds_left,
+                 format_duration(run_seconds))
+        warning = cpu_warning(estimate, folds_left, run_seconds)
+        if warning:
+            log.warning("warning: %s", warning)
+
+    return announce
+
+
+STAGE = TrainStage()
