@@ -18,10 +18,10 @@ from lymph_cv.formats.caffe.datum import array_to_datum, serialize_datum
 HEAVY = ("torch", "cv2", "google.protobuf", "lymph_cv.stages", "scipy", "matplotlib")
 
 
-def _modules_after(code: str) -> list[str]:
-    """Heavy modules loaded by ``code`` in a fresh interpreter."""
+def _modules_after(code: str, heavy: tuple = HEAVY) -> list[str]:
+    """The ``heavy`` modules loaded by ``code`` in a fresh interpreter."""
     probe = (f"import sys\n{code}\n"
-             f"print('MODULES=' + __import__('json').dumps([m for m in {HEAVY!r} if m in sys.modules]))")
+             f"print('MODULES=' + __import__('json').dumps([m for m in {heavy!r} if m in sys.modules]))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     line = next(line for line in done.stdout.splitlines() if line.startswith("MODULES="))
     return json.loads(line[len("MODULES="):])
@@ -42,6 +42,26 @@ def test_summaries_match_the_commands():
     for name in COMMANDS:
         command = cli.get_command(ctx, name)
         assert click.Command(name, help=SUMMARIES[name]).get_short_help_str(1000) == command.get_short_help_str(1000), name
+
+
+def test_stain_option_constants_match_the_stages():
+    from lymph_cv.commands import stain as stain_command
+    from lymph_cv.stages import stain as stain_module
+    from lymph_cv.stages.stain import apply as apply_module
+
+    assert list(stain_command.STAIN_METHODS) == stain_module.method_names()
+    assert stain_command.MONTAGE_IMAGES == apply_module.MONTAGE_IMAGES
+
+
+#: Command modules that load no numpy, OpenCV or stage module to be defined (their ``--help`` is at
+#: the interpreter's start-up floor).
+LIGHT_COMMAND_MODULES = ("lymph_cv.commands.stain", "lymph_cv.commands.train", "lymph_cv.commands.heldout",
+                         "lymph_cv.commands.pycaffe_path")
+
+
+@pytest.mark.parametrize("module", LIGHT_COMMAND_MODULES)
+def test_light_commands_load_no_numpy_or_stage(module):
+    assert _modules_after(f"import {module}", HEAVY + ("numpy",)) == []
 
 
 def test_compute_image_mean_loads_neither_opencv_torch_nor_protobuf(tmp_path):

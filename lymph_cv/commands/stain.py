@@ -7,8 +7,19 @@ from typing import Any, Optional, Sequence
 
 import click
 
-from lymph_cv.stages import stain as stain_module
-from lymph_cv.stages.stain import apply as apply_module
+#: The registered stain methods (``stages.stain.method_names()``), spelled out so that loading the
+#: commands (``--help``) does not import the methods' modules, OpenCV and numpy
+#: (tests/test_fast_paths.py holds them to the registry, as cli.SUMMARIES to the commands).
+STAIN_METHODS = ("macenko", "none", "reinhard")
+#: ``stain apply --montage``'s default (``stages.stain.apply.MONTAGE_IMAGES``, same test).
+MONTAGE_IMAGES = 6
+
+
+def _stages():
+    """The stain stage package, imported when a command runs (it loads OpenCV and numpy)."""
+    from lymph_cv.stages import stain as stain_module
+
+    return stain_module
 
 
 def _params(ctx, param, values: Sequence[str]) -> dict:
@@ -35,7 +46,7 @@ def method_params(method: str, include_background: bool, params: dict) -> dict:
     return params
 
 
-_METHOD_HELP = f"Stain normalisation method: {', '.join(stain_module.method_names())}."
+_METHOD_HELP = f"Stain normalisation method: {', '.join(STAIN_METHODS)}."
 
 
 def stain_options(function):
@@ -67,6 +78,7 @@ def stain() -> None:
 @click.option("--param", "params", multiple=True, callback=_params, metavar="KEY=VALUE", help="A method parameter (repeatable).")
 def fit(images: Sequence[Path], method: str, out: Path, include_background: bool, params: dict) -> None:
     """Fit METHOD's target on IMAGE... (several: the medians of their statistics) into OUT."""
+    stain_module = _stages()
     record = stain_module.fit_record(list(images), method, method_params(method, include_background, params))
     stain_module.write_record(out, record)
     click.echo(f"{out}: {method} target from {len(record.fitted_on)} image(s)"
@@ -81,12 +93,14 @@ def fit(images: Sequence[Path], method: str, out: Path, include_background: bool
 @click.option("--method", default="macenko", show_default=True, help=_METHOD_HELP)
 @click.option("--include-background", is_flag=True, help="Reinhard: statistics over the whole image.")
 @click.option("--param", "params", multiple=True, callback=_params, metavar="KEY=VALUE", help="A method parameter (repeatable).")
-@click.option("--montage", "montage_count", type=click.IntRange(min=0), default=apply_module.MONTAGE_IMAGES, show_default=True,
+@click.option("--montage", "montage_count", type=click.IntRange(min=0), default=MONTAGE_IMAGES, show_default=True,
               help="Images shown in OUT/montage.png (before above, after below; 0: none).")
 def apply(source: Path, out: Path, target: Path, method: str, include_background: bool, params: dict,
           montage_count: int) -> None:
     """Normalise every image under SOURCE into OUT (same names), with stain.json and montage.png."""
-    record = stain_module.resolve_target(target, method, method_params(method, include_background, params) or None)
+    from lymph_cv.stages.stain import apply as apply_module
+
+    record = _stages().resolve_target(target, method, method_params(method, include_background, params) or None)
     result = apply_module.apply_folder(source, out, record, montage=montage_count)
     click.echo(f"{len(result.written)} image(s) in {out}" + (f", {len(result.unchanged)} left unchanged (too little tissue)"
                                                           if result.unchanged else ""))
@@ -99,6 +113,7 @@ def resolve(method: Optional[str], target: Optional[Path], include_background: b
             raise click.UsageError("--stain-target/--stain-include-background/--stain-param need --stain METHOD")
         return None, None, {}
     params = method_params(method, include_background, params)
+    stain_module = _stages()
     stain_module.get_normaliser(method, **params)  # an unknown name or parameter: one line listing the valid ones
     record = None if target is None else stain_module.resolve_target(target, method, params or None)
     return method, record, params
@@ -111,6 +126,7 @@ def stain_for_evaluation(workdir: Path, fold: int, method: Optional[str], target
     method, record, params = resolve(method, target, include_background, params)
     if method is None or record is not None:
         return record
+    stain_module = _stages()
     recorded = stain_module.recorded_stain_path(workdir, fold)
     if recorded is None:
         raise click.UsageError(f"--stain {method}: {workdir} records no stain target for fold {fold} "
