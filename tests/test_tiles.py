@@ -210,3 +210,25 @@ def test_synthetic_slides_open_in_openslide_and_tile(tmp_path, runner, cli):
         "--mask-side", "512", "--workers", "1"]).exit_code == 0 else None
     assert tile_set is not None and all(s.tiles > 0 for s in tile_set.slides)
     assert all(0.5 <= t.tissue <= 1.0 for t in tile_set.tiles)
+
+
+def test_submit_stage_tiles_runs_one_task_per_slide(tmp_path, runner, cli):
+    data = slide_set(tmp_path / "data")
+    out = tmp_path / "tiles"
+    tile_args = ["--", str(data), "--size", "64", "--mpp", "1", "--mask-side", "256", "--classes", "CLL,FL"]
+    result = runner.invoke(cli, ["submit", str(out), "--stage", "tiles", "--scheduler", "slurm", "--dry-run",
+                                 "--ppn", "1", *tile_args])
+    assert result.exit_code == 0, result.output
+    script = (out / "tiles_array.slurm").read_text()
+    assert "#SBATCH --array=1-4" in script and script.count("--slide") == 4 and "sbatch" in result.stdout
+    result = runner.invoke(cli, ["submit", str(out), "--stage", "tiles", "--scheduler", "local", "--ppn", "1",
+                                 *tile_args])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("slide ") == 4
+    result = runner.invoke(cli, ["jobs", str(out), "--all", "--wait", "--timeout", "240"])
+    assert result.exit_code == 0, result.output
+    tile_set = tiles.read_tile_set(out)
+    assert [s.tiles for s in tile_set.slides] == [16, 16, 36, 36]
+    bad = runner.invoke(cli, ["submit", str(out), "--stage", "tiles", "--scheduler", "local", "--", str(data),
+                              "--size", "64", "--mpp", "-2", "--classes", "CLL,FL"])
+    assert bad.exit_code == 2 and "--mpp" in bad.stderr

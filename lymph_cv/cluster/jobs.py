@@ -47,6 +47,8 @@ JOBS_FILE = JOBS_JSON
 JOBS_VERSION = 1
 TRAIN_TASK = "train"
 EVALUATE_TASK = "evaluate"
+#: Whole-slide tiling (``submit --stage tiles``): one task per slide.
+TILES_TASK = "tiles"
 #: The tutorial's Torque request (BASE-qsub.pbs): 320 hours, one core, one exclusive GPU.
 DEFAULT_WALLTIME = "320:00:00"
 DEFAULT_PPN = 1
@@ -563,6 +565,39 @@ def submit_lymph_cv(workdir: Path, task: str, argv: Sequence[str], scheduler: st
                    output=directory / f"{task.upper()}_TASK_output.out",
                    exit_file=directory / f"{task}.exit", commands=(tuple(argv),))
     return _submit_spec(Path(workdir), spec, scheduler, options.validate(), dry_run)[0]
+
+
+def tile_specs(out_dir: Path, scheduler: str, commands: Sequence[Sequence[str]]) -> List[JobSpec]:
+    """One job per slide of a tiling (``submit --stage tiles``): task N runs ``commands[N-1]``
+    (``slides tile DATA OUT … --slide N``) in the tile folder."""
+    directory = Path(out_dir).resolve()
+    return [JobSpec(task=TILES_TASK, fold=number, directory=directory, name=f"{number}_TILES",
+                    script=directory / f"{TILES_TASK}_{number}{SCRIPT_SUFFIX[scheduler]}",
+                    output=directory / f"{TILES_TASK}_{number}.out",
+                    exit_file=directory / f"{TILES_TASK}_{number}.exit", commands=(tuple(argv),))
+            for number, argv in enumerate(commands, 1)]
+
+
+def submit_tiles(out_dir: Path, scheduler: str, commands: Sequence[Sequence[str]],
+                 options: JobOptions = JobOptions(), dry_run: bool = False) -> List[Submission]:
+    """Tile a slide set as jobs, one slide each: an array job on PBS or Slurm (its index is the
+    slide number), single jobs on the local runner.  Each task tiles its slide and the last one to
+    finish writes the tile manifest (:func:`lymph_cv.stages.tiling.tile_slides`); the jobs are
+    recorded in ``OUT/jobs.json`` with the slide number as their fold."""
+    _check_scheduler(scheduler)
+    if not commands:
+        raise ConfigError("no slides to tile")
+    directory = Path(out_dir).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    options = options.validate()
+    specs = tile_specs(directory, scheduler, commands)
+    if scheduler == "local":
+        return [done for spec in specs for done in _submit_spec(directory, spec, scheduler, options, dry_run)]
+    array = JobSpec(task=TILES_TASK, fold=None, directory=directory, name="TILES_TASK",
+                    script=directory / f"{TILES_TASK}_array{SCRIPT_SUFFIX[scheduler]}",
+                    output=directory / "TILES_TASK_output.out", exit_file=directory / f"{TILES_TASK}_array.exit",
+                    commands=())
+    return _submit_spec(directory, array, scheduler, options, dry_run, specs)
 
 
 # -- states -------------------------------------------------------------------------------

@@ -14,6 +14,33 @@ from lymph_cv.commands.options import folds_option
 from lymph_cv.errors import SchedulerError
 
 _WORKDIR = click.argument("workdir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+#: What ``submit --stage`` submits.
+STAGES = ("train", jobs_module.TILES_TASK)
+
+
+def _submit_tiles(out: Path, args: Sequence[str], scheduler: str, options: jobs_module.JobOptions,
+                  dry_run: bool) -> list:
+    """``submit OUT --stage tiles -- DATA [slides tile options]``: one task per slide (``--slide N``)."""
+    from lymph_cv.commands.slides import tile as tile_command
+    from lymph_cv.commands.slides import tile_params
+    from lymph_cv.stages.sources.slides import scan_slides
+
+    if not args or args[0].startswith("-"):
+        raise click.UsageError("--stage tiles: give the slide set and the tiling options after --, "
+                               "e.g. -- DATA --size 256 --mpp 0.5")
+    if any(arg == "--slide" or arg.startswith("--slide=") for arg in args):
+        raise click.UsageError("--stage tiles: --slide is set per array task; leave it out")
+    # the tiling options are checked here, once, not in every task
+    params = tile_command.make_context("tile", [args[0], str(out), *args[1:]]).params
+    tile_params(params)
+    data = Path(args[0]).resolve()
+    slides = scan_slides(data, params["classes"])
+    rest = list(args[1:])
+    if "--workers" not in rest:  # each task uses the cores it was given
+        rest += ["--workers", str(options.ppn)]
+    commands = [("slides", "tile", str(data), str(out.resolve()), *rest, "--slide", str(number))
+                for number in range(1, len(slides) + 1)]
+    return jobs_module.submit_tiles(out, scheduler, commands, options, dry_run=dry_run)
 
 
 def _shown(submission: jobs_module.Submission) -> str:
@@ -21,8 +48,12 @@ def _shown(submission: jobs_module.Submission) -> str:
     return f"cd {shlex.quote(str(submission.script.parent))} && {shlex.join(submission.command)}"
 
 
-@click.command()
-@_WORKDIR
+@click.command(context_settings={"ignore_unknown_options": True})
+@click.argument("workdir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("stage_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- DATA SLIDES-TILE-OPTIONS…]")
+@click.option("--stage", type=click.Choice(STAGES), default=STAGES[0], show_default=True,
+              help="train: the folds' training (WORKDIR the work directory); tiles: `slides tile` one slide per "
+                   "array task (WORKDIR the tile folder, then -- DATA and the tiling options).")
 @click.option("--scheduler", type=click.Choice(jobs_module.SCHEDULERS), required=True,
               help="Torque/PBS (qsub), Slurm (sbatch) or a local worker pool.")
 @click.option("--folds", callback=folds_option, default=None, help="Folds to submit, e.g. 1-5 or 1,3 (default: all).")
@@ -47,14 +78,21 @@ def _shown(submission: jobs_module.Submission) -> str:
               help="Training processes per node (default: --gpus-per-node, else 1; CPU ranks use gloo).")
 @click.option("--evaluate", "then_evaluate", is_flag=True,
               help="Also submit the evaluation (evaluate each fold, then report) to run after every fold succeeded.")
-def submit(workdir: Path, scheduler: str, folds: Optional[Sequence[int]], dry_run: bool, walltime: str,
-           queue: Optional[str], ppn: int, gpus: int, after: tuple, mail: Optional[str], array: bool, resubmit: bool,
-           workers: Optional[int], nodes: int, gpus_per_node: int, tasks_per_node: Optional[int],
+def submit(workdir: Path, stage_args: tuple, stage: str, scheduler: str, folds: Optional[Sequence[int]], dry_run: bool,
+           walltime: str, queue: Optional[str], ppn: int, gpus: int, after: tuple, mail: Optional[str], array: bool,
+           resubmit: bool, workers: Optional[int], nodes: int, gpus_per_node: int, tasks_per_node: Optional[int],
            then_evaluate: bool) -> None:
     """Write one job script per fold next to its configs and submit it; record jobs in WORKDIR/jobs.json."""
     options = jobs_module.JobOptions(walltime=walltime, queue=queue, ppn=ppn, gpus=gpus, mail=mail,
                                      after=tuple(after), workers=workers or None, nodes=nodes,
                                      gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node)
+    if stage == "tiles":
+        _show(_submit_tiles(workdir, stage_args, scheduler, options, dry_run), dry_run, unit="slide")
+        return
+    if stage_args:
+        raise click.UsageError(f"unexpected arguments {' '.join(stage_args)!r} (only --stage tiles takes DATA and options)")
+    if not workdir.is_dir():
+        raise click.BadParameter(f"Directory '{workdir}' does not exist.", param_hint="'WORKDIR'")
     submissions = jobs_module.submit_folds(workdir, scheduler, folds, options, dry_run=dry_run, resubmit=resubmit,
                                            array=array)
     if then_evaluate:
@@ -65,8 +103,12 @@ def submit(workdir: Path, scheduler: str, folds: Optional[Sequence[int]], dry_ru
         submissions.append(jobs_module.submit_evaluation(workdir, scheduler, evaluation_options,
                                                          after=[] if dry_run else None, folds=folds,
                                                          dry_run=dry_run))
+    _show(submissions, dry_run)
+
+
+def _show(submissions: Sequence[jobs_module.Submission], dry_run: bool, unit: str = "fold") -> None:
     for submission in submissions:
-        what = f"fold {submission.fold}" if submission.fold is not None else "evaluate"
+        what = f"{unit} {submission.fold}" if submission.fold is not None else "evaluate"
         if dry_run:
             click.echo(_shown(submission))
         elif submission.skipped:

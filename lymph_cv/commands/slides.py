@@ -64,6 +64,14 @@ def tissue(slide: str, mask_png: Optional[Path], side: int, tile_size: Optional[
                    f">= {tissue_module.DEFAULT_MIN_TISSUE:g}")
 
 
+def tile_params(options: dict):
+    """The :class:`~lymph_cv.stages.tiles.TileParams` of ``slides tile``'s parsed options (checked)."""
+    from lymph_cv.stages.tiles import TileParams
+
+    return TileParams(options["size"], options["mpp"], options["level"], options["stride"], options["min_tissue"],
+                      options["resize"], options["mask_side"])
+
+
 @slides.command("tile")
 @click.argument("data", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
@@ -90,10 +98,9 @@ def tile(data: Path, out: Path, size: int, mpp: Optional[float], level: Optional
          min_tissue: float, resize: Optional[int], mask_side: int, db_backend: Optional[str], only, classes,
          no_qc: bool, stain, stain_target, stain_include_background, stain_params, workers) -> None:
     """Tissue tiles of every slide of DATA (DATA/<class>/<slide>, or a slide,label[,case] CSV) into OUT."""
-    from lymph_cv.stages import tiles as tiles_module
     from lymph_cv.stages import tiling
 
-    params = tiles_module.TileParams(size, mpp, level, stride, min_tissue, resize, mask_side)
+    params = tile_params(click.get_current_context().params)
     method, record, _ = resolve_stain(stain, stain_target, stain_include_background, stain_params)
     if method is not None and record is None:
         raise click.UsageError("slides tile --stain needs --stain-target (a record or an image to fit on)")

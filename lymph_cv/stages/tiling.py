@@ -180,6 +180,15 @@ def _read_done(out_dir: Path, source: SlideSource, expected: dict) -> Optional[t
     return record, tiles
 
 
+def _collect_done(out_dir: Path, sources: Sequence[SlideSource], expected: dict, done: dict) -> None:
+    """Add to ``done`` the slides not in it whose completion record matches."""
+    for source in sources:
+        if source.slide not in done:
+            found = _read_done(out_dir, source, expected[source.slide])
+            if found is not None:
+                done[source.slide] = found
+
+
 def _select(sources: List[SlideSource], only: Optional[Sequence[int]]) -> List[SlideSource]:
     if not only:
         return sources
@@ -224,10 +233,7 @@ def tile_slides(
     selected = _select(sources, only)
     done: dict[str, tuple[SlideRecord, List[Tile]]] = {}
     expected = {s.slide: _done_content(params, s, db_backend, transform) for s in sources}
-    for source in sources:
-        found = _read_done(out_dir, source, expected[source.slide])
-        if found is not None:
-            done[source.slide] = found
+    _collect_done(out_dir, sources, expected, done)
     todo = [s for s in selected if s.slide not in done]
     if len(todo) < len(selected):
         log.info("tiles: %d slide(s) complete from an earlier run, kept", len(selected) - len(todo))
@@ -250,6 +256,9 @@ def tile_slides(
             done[source.slide] = (record, tiles)
             log.info("tiles: %s: %d tiles written (%d of %d slides complete)", source.slide, len(tiles),
                      len(done), len(sources))
+    # slides other processes completed meanwhile: each reads after writing its own, so the last of
+    # several array tasks to finish sees them all and writes the manifest
+    _collect_done(out_dir, sources, expected, done)
     missing = [s.slide for s in sources if s.slide not in done]
     if missing:
         log.info("tiles: %d of %d slides complete; %s and %d more to go (rerun or other array tasks)",

@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Whole-slide tiling speed (issue 14; not run in CI): tissue detection time, tiles/s to files and to
+a database, peak memory, and a plain loop over OpenSlide's ``DeepZoomGenerator.get_tile`` writing
+the same tiles, as the ratio.
+
+Makes (once, kept in ``--cache``) one synthetic pyramidal slide of ``--side``² pixels with
+``lymph-cv synth --layout slides``, then runs each phase in its own process so each peak resident
+memory (the process and its workers) is its own:
+
+    .venv/bin/python benchmarks/bench_slides.py [--side 20480] [--size 256] [--workers 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+#: The issue's bound on the tiler's memory, whatever the slide size.
+MEMORY_BOUND_MIB = 1024
+CLASS = "FL"
+
+
+def peak_mib() -> float:
+    """Peak resident memory of this process and of its largest waited-for child (MiB)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, children) / 1024
+
+
+def make_slide(cache: Path, side: int) -> Path:
+    from lymph_cv.stages.synth_slides import generate_slides
+
+    started = time.perf_counter()
+    paths = generate_slides(cache, per_class=1, cases_per_class=1, width=side, height=side, classes=[CLASS],
+                            workers=1)
+    print(f"slide: {paths[0]} ({side}x{side}, ready in {time.perf_counter() - started:.0f} s)", flush=True)
+    return paths[0]
+
+
+def phase(name: str, data: Path, size: int, workers: int) -> dict:
+    """One measurement, run in a fresh process (``--phase``)."""
+    from lymph_cv.stages import tiles, tiling, tissue
+
+    slide = next((data / CLASS).glob("*.tiff"))
+    started = time.perf_counter()
+    if name == "tissue":
+        mask = tissue.detect_tissue(slide)
+        return {"seconds": time.perf_counter() - started, "tissue": mask.fraction, "peak_mib": peak_mib()}
+    params = tiles.TileParams(size=size, level=0)
+    with tempfile.TemporaryDirectory(dir=data) as out:
+        if name == "deepzoom":
+            return deepzoom_loop(slide, Path(out), params, started)
+        result = tiling.tile_slides(data, out, params, classes=[CLASS], workers=workers, qc=False,
+                                    db_backend="lmdb" if name == "db" else None)
+        seconds = time.perf_counter() - started
+        return {"seconds": seconds, "tiles": len(result.tiles), "tiles_per_s": len(result.tiles) / seconds,
+                "peak_mib": peak_mib()}
+
+
+def deepzoom_loop(slide: Path, out: Path, params, started: float) -> dict:
+    """The same tissue tiles through ``DeepZoomGenerator.get_tile`` one by one, written as TIFFs."""
+    import cv2
+    import numpy as np
+    from openslide import OpenSlide
+    from openslide.deepzoom import DeepZoomGenerator
+
+    from lymph_cv.stages import tiles
+    from lymph_cv.stages.synth import TIFF_UNCOMPRESSED
+
+    planned = tiles.plan_tiles(slide, params.size, level=0)  # the tissue detection counted in, as in ours
+    with OpenSlide(str(slide)) as handle:
+        zoom = DeepZoomGenerator(handle, tile_size=params.size, overlap=0, limit_bounds=False)
+        level = zoom.level_count - 1  # full resolution
+        for tile in planned:
+            rgb = np.asarray(zoom.get_tile(level, (tile.x // params.size, tile.y // params.size)).convert("RGB"))
+            ok, encoded = cv2.imencode(".tif", np.ascontiguousarray(rgb[..., ::-1]), TIFF_UNCOMPRESSED)
+            (out / tile.name).write_bytes(encoded.tobytes())
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "tiles": len(planned), "tiles_per_s": len(planned) / seconds, "peak_mib": peak_mib()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--side", type=int, default=20480, help="slide side in pixels (at least 20000 for the issue)")
+    parser.add_argument("--size", type=int, default=256, help="tile side (level 0)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "lymph_cv_bench_slides")
+    parser.add_argument("--phase", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    data = args.cache / str(args.side)
+    if args.phase:
+        print(json.dumps(phase(args.phase, data, args.size, args.workers)))
+        return
+    make_slide(data, args.side)
+    results = {}
+    for name in ("tissue", "files", "db", "deepzoom"):
+        run = subprocess.run([sys.executable, __file__, "--phase", name, "--side", str(args.side), "--size",
+                              str(args.size), "--workers", str(args.workers), "--cache", str(args.cache)],
+                             check=True, capture_output=True, text=True, env=os.environ)
+        results[name] = json.loads(run.stdout.strip().splitlines()[-1])
+        print(f"{name}: {json.dumps(results[name])}", flush=True)
+    print(f"tissue detection: {results['tissue']['seconds']:.2f} s ({100 * results['tissue']['tissue']:.1f}% tissue)")
+    for name in ("files", "db", "deepzoom"):
+        r = results[name]
+        print(f"{name:8s}: {r['tiles']} tiles in {r['seconds']:.1f} s = {r['tiles_per_s']:.1f} tiles/s, "
+              f"peak {r['peak_mib']:.0f} MiB (bound {MEMORY_BOUND_MIB})")
+    print(f"ratio files / DeepZoom loop: {results['files']['tiles_per_s'] / results['deepzoom']['tiles_per_s']:.2f}x "
+          f"({args.workers} workers against one loop)")
+
+
+if __name__ == "__main__":
+    main()
