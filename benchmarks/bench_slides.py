@@ -26,11 +26,19 @@ MEMORY_BOUND_MIB = 1024
 CLASS = "FL"
 
 
-def peak_mib() -> float:
-    """Peak resident memory of this process and of its largest waited-for child (MiB)."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, children) / 1024
+def own_peak_mib() -> float:
+    """This process's peak resident memory (VmHWM: reset by exec, unlike ru_maxrss)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_mib() -> dict:
+    """Peak resident memory (MiB) of this process, of its largest worker, and their bound sum."""
+    own = own_peak_mib()
+    worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"parent_mib": own, "worker_mib": worker}
 
 
 def make_slide(cache: Path, side: int) -> Path:
@@ -51,16 +59,16 @@ def phase(name: str, data: Path, size: int, workers: int) -> dict:
     started = time.perf_counter()
     if name == "tissue":
         mask = tissue.detect_tissue(slide)
-        return {"seconds": time.perf_counter() - started, "tissue": mask.fraction, "peak_mib": peak_mib()}
+        return {"seconds": time.perf_counter() - started, "tissue": mask.fraction, **peak_mib()}
     params = tiles.TileParams(size=size, level=0)
     with tempfile.TemporaryDirectory(dir=data) as out:
         if name == "deepzoom":
             return deepzoom_loop(slide, Path(out), params, started)
-        result = tiling.tile_slides(data, out, params, classes=[CLASS], workers=workers, qc=False,
-                                    db_backend="lmdb" if name == "db" else None)
+        result = tiling.tile_slides(data, out, params, classes=[CLASS], workers=1 if name == "files1" else workers,
+                                    qc=False, db_backend="lmdb" if name == "db" else None)
         seconds = time.perf_counter() - started
         return {"seconds": seconds, "tiles": len(result.tiles), "tiles_per_s": len(result.tiles) / seconds,
-                "peak_mib": peak_mib()}
+                **peak_mib()}
 
 
 def deepzoom_loop(slide: Path, out: Path, params, started: float) -> dict:
@@ -82,7 +90,7 @@ def deepzoom_loop(slide: Path, out: Path, params, started: float) -> dict:
             ok, encoded = cv2.imencode(".tif", np.ascontiguousarray(rgb[..., ::-1]), TIFF_UNCOMPRESSED)
             (out / tile.name).write_bytes(encoded.tobytes())
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "tiles": len(planned), "tiles_per_s": len(planned) / seconds, "peak_mib": peak_mib()}
+    return {"seconds": seconds, "tiles": len(planned), "tiles_per_s": len(planned) / seconds, **peak_mib()}
 
 
 def main() -> None:
@@ -94,24 +102,36 @@ def main() -> None:
     parser.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     data = args.cache / str(args.side)
+    if args.phase == "make":
+        make_slide(data, args.side)
+        return
     if args.phase:
         print(json.dumps(phase(args.phase, data, args.size, args.workers)))
         return
-    make_slide(data, args.side)
     results = {}
-    for name in ("tissue", "files", "db", "deepzoom"):
+    for name in ("make", "tissue", "files", "files1", "db", "deepzoom"):
+        # each phase in its own process, started from this small one, so each peak is its own
         run = subprocess.run([sys.executable, __file__, "--phase", name, "--side", str(args.side), "--size",
                               str(args.size), "--workers", str(args.workers), "--cache", str(args.cache)],
                              check=True, capture_output=True, text=True, env=os.environ)
-        results[name] = json.loads(run.stdout.strip().splitlines()[-1])
+        last = run.stdout.strip().splitlines()[-1]
+        if name == "make":
+            print(last, flush=True)
+            continue
+        results[name] = json.loads(last)
         print(f"{name}: {json.dumps(results[name])}", flush=True)
-    print(f"tissue detection: {results['tissue']['seconds']:.2f} s ({100 * results['tissue']['tissue']:.1f}% tissue)")
-    for name in ("files", "db", "deepzoom"):
+    tissue = results["tissue"]
+    print(f"tissue detection: {tissue['seconds']:.2f} s ({100 * tissue['tissue']:.1f}% tissue), "
+          f"peak {tissue['parent_mib']:.0f} MiB")
+    for name in ("files", "files1", "db", "deepzoom"):
         r = results[name]
-        print(f"{name:8s}: {r['tiles']} tiles in {r['seconds']:.1f} s = {r['tiles_per_s']:.1f} tiles/s, "
-              f"peak {r['peak_mib']:.0f} MiB (bound {MEMORY_BOUND_MIB})")
-    print(f"ratio files / DeepZoom loop: {results['files']['tiles_per_s'] / results['deepzoom']['tiles_per_s']:.2f}x "
-          f"({args.workers} workers against one loop)")
+        workers = 1 if name in ("files1", "deepzoom") else args.workers
+        total = r["parent_mib"] + (workers * r["worker_mib"] if workers > 1 else 0)
+        print(f"{name:8s}: {r['tiles']} tiles in {r['seconds']:.1f} s = {r['tiles_per_s']:.1f} tiles/s; peak "
+              f"{r['parent_mib']:.0f} MiB + {workers if workers > 1 else 0} x {r['worker_mib']:.0f} MiB workers "
+              f"= {total:.0f} MiB (bound {MEMORY_BOUND_MIB})")
+    for name in ("files", "files1"):
+        print(f"ratio {name} / DeepZoom loop: {results[name]['tiles_per_s'] / results['deepzoom']['tiles_per_s']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -149,10 +149,14 @@ def test_csv_layout_the_real_svs_and_bad_input(tmp_path, runner, cli):
     table = tmp_path / "slides.csv"
     table.write_text(f"slide,label,case\n{svs},FL,patient7\ndata/CLL/CLL_case1_001.tif,0\n")
     out = tmp_path / "out"
+    target = wheel_file("target_image.png")
     result = runner.invoke(cli, ["slides", "tile", str(table), str(out), "--size", "128", "--mpp", "1",
-                                 "--mask-side", "512", "--classes", "CLL,FL", "--workers", "1"])
+                                 "--mask-side", "512", "--classes", "CLL,FL", "--workers", "1",
+                                 "--stain", "reinhard", "--stain-target", str(target)])
     assert result.exit_code == 0, result.output
     tile_set = tiles.read_tile_set(out)
+    assert tile_set.stain["method"] == "reinhard" and (out / "stain.json").is_file()
+    assert load_manifest(out).stain["method"] == "reinhard"
     assert [s.slide for s in tile_set.slides] == ["CLL_case1_001", "cmu_small_region"]
     assert tile_set.slides[1].case == "patient7" and tile_set.slides[1].tiles > 20
     assert (out / "qc" / "cmu_small_region_grid.png").is_file()
@@ -232,3 +236,21 @@ def test_submit_stage_tiles_runs_one_task_per_slide(tmp_path, runner, cli):
     bad = runner.invoke(cli, ["submit", str(out), "--stage", "tiles", "--scheduler", "local", "--", str(data),
                               "--size", "64", "--mpp", "-2", "--classes", "CLL,FL"])
     assert bad.exit_code == 2 and "--mpp" in bad.stderr
+
+
+def test_folds_group_by_the_csv_case_column(tmp_path):
+    params = tiles.TileParams(size=128, mpp=1.0, mask_side=512)
+    records, planned = [], []
+    for name, cls, label, case in (("a.tif", "CLL", 0, "p1"), ("b.tif", "CLL", 0, "p1"), ("c.tif", "CLL", 0, "p2"),
+                                   ("d.tif", "FL", 1, "p3"), ("e.tif", "FL", 1, "p4")):
+        record, found, _, _ = tiles.plan_slide(pyramid(tmp_path / name, side=512, levels=(1,), pink=(0, 256)),
+                                               params, cls=cls, label=label, case=case)
+        records.append(record)
+        planned += found
+    out = tmp_path / "out"
+    out.mkdir()
+    tiles.write_tile_set(out, tiles.TileSet(params, ["CLL", "FL"], records, planned))
+    fold_set = folds.make_folds(out, tmp_path / "work", k=2, group_by="case")
+    for fold in fold_set.folds:
+        names = {e.name for e in fold.test}
+        assert ({"a.tif", "b.tif"} <= names) or not ({"a.tif", "b.tif"} & names)  # case p1 kept together

@@ -92,6 +92,11 @@ def _as_manifest(manifest: Union[Manifest, str, os.PathLike]) -> Manifest:
     return manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
 
 
+def _case(image: ImageEntry, case_regex: str) -> str:
+    """The image's case: the manifest's (a slide CSV's case column) under the default regex, else the regex's."""
+    return image.case if case_regex == DEFAULT_CASE_REGEX else case_of(image.stem, case_regex)
+
+
 def assign_folds(count: int, k: int, rng: np.random.Generator) -> np.ndarray:
     """crossvalind('Kfold')-style fold numbers (1..k) for ``count`` groups of one class."""
     folds = np.empty(count, dtype=np.int64)
@@ -132,7 +137,7 @@ def make_folds(
     fold_of: dict[str, int] = {}
     keys_of = {}
     for name, images in manifest.by_class().items():
-        keys_of[name] = [image.name if group_by == "image" else case_of(image.stem, case_regex) for image in images]
+        keys_of[name] = [image.name if group_by == "image" else _case(image, case_regex) for image in images]
     most_groups = max((len(set(keys)) for keys in keys_of.values()), default=0)
     if most_groups < k:
         # crossvalind numbers a class's groups 1, 2, …: fold k would have no test image at all
