@@ -53,10 +53,24 @@ def test_stain_option_constants_match_the_stages():
     assert stain_command.MONTAGE_IMAGES == apply_module.MONTAGE_IMAGES
 
 
+def test_command_defaults_match_the_stages():
+    import importlib
+
+    from lymph_cv.commands import defaults
+
+    names = [name for name in vars(defaults) if name.isupper() and name != "SOURCES"]
+    assert sorted(names) == sorted(defaults.SOURCES), "every constant in commands/defaults.py names its source"
+    for name, source in defaults.SOURCES.items():
+        module, attribute = source.split(":")
+        value = getattr(importlib.import_module(module), attribute)
+        assert getattr(defaults, name) == (tuple(value()) if callable(value) else value), name
+
+
 #: Command modules that load no numpy, OpenCV or stage module to be defined (their ``--help`` is at
 #: the interpreter's start-up floor).
 LIGHT_COMMAND_MODULES = ("lymph_cv.commands.stain", "lymph_cv.commands.train", "lymph_cv.commands.heldout",
-                         "lymph_cv.commands.pycaffe_path")
+                         "lymph_cv.commands.pycaffe_path", "lymph_cv.commands.data", "lymph_cv.commands.evaluate",
+                         "lymph_cv.commands.inspect", "lymph_cv.commands.import_data")
 
 
 @pytest.mark.parametrize("module", LIGHT_COMMAND_MODULES)

@@ -9,14 +9,10 @@ import click
 from lymph_cv.commands.options import WORKERS
 from lymph_cv import DEFAULT_CLASSES
 from lymph_cv.commands.options import classes_option
-from lymph_cv.core.grid import WINDOW_SIZE, WINDOW_STEP
+from lymph_cv.commands import defaults
 from lymph_cv.commands.stain import resolve as resolve_stain
 from lymph_cv.commands.stain import stain_options
-from lymph_cv.stages import folds as folds_module
-from lymph_cv.stages import patches as patches_module
 from lymph_cv.formats import store
-from lymph_cv.stages import synth as synth_module
-from lymph_cv.stages import synth_bags
 
 _WORKERS = click.option("--workers", type=WORKERS, default=None, help="Processes (default or 0: all cores).")
 
@@ -63,9 +59,9 @@ _CLASSES = click.option(
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--per-class", callback=_counts, default=None,
               help="Images per class: N, or N1,N2,N3 (default: the published 113,139,122).")
-@click.option("--cases-per-class", type=click.IntRange(min=1), default=synth_module.REAL_CASES_PER_CLASS, show_default=True)
-@click.option("--width", type=click.IntRange(min=1), default=synth_module.REAL_WIDTH, show_default=True)
-@click.option("--height", type=click.IntRange(min=1), default=synth_module.REAL_HEIGHT, show_default=True)
+@click.option("--cases-per-class", type=click.IntRange(min=1), default=defaults.REAL_CASES_PER_CLASS, show_default=True)
+@click.option("--width", type=click.IntRange(min=1), default=defaults.REAL_WIDTH, show_default=True)
+@click.option("--height", type=click.IntRange(min=1), default=defaults.REAL_HEIGHT, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--sites", type=click.IntRange(min=1), default=1, show_default=True,
               help="Cases come from this many sites with strongly different stains (recorded in synth.json).")
@@ -75,15 +71,15 @@ _CLASSES = click.option(
                    "(96x96 patches; --per-class N,N,N = train,valid,test patches, default 4096,512,512); "
                    "bags: one folder of cell images per patient + clinical.csv (reactive/tumoral, for MIL); "
                    "slides: class folders of pyramidal tiled TIFF slides (default 6 per class, 3 cases, 4096x4096).")
-@click.option("--patients", type=click.IntRange(min=2), default=synth_bags.DEFAULT_PATIENTS, show_default=True,
+@click.option("--patients", type=click.IntRange(min=2), default=defaults.DEFAULT_PATIENTS, show_default=True,
               help="--layout bags: patients.")
-@click.option("--cells", callback=_range(int), default="-".join(map(str, synth_bags.DEFAULT_CELLS)), show_default=True,
+@click.option("--cells", callback=_range(int), default="-".join(map(str, defaults.DEFAULT_CELLS)), show_default=True,
               help="--layout bags: cells per patient, MIN-MAX.")
-@click.option("--abnormal", callback=_range(float), default="-".join(map(str, synth_bags.DEFAULT_ABNORMAL)),
+@click.option("--abnormal", callback=_range(float), default="-".join(map(str, defaults.DEFAULT_ABNORMAL)),
               show_default=True, help="--layout bags: share of abnormal cells in a tumoral patient, LOW-HIGH.")
-@click.option("--cell-size", type=click.IntRange(min=synth_bags.MIN_CELL_SIZE), default=synth_bags.DEFAULT_CELL_SIZE,
+@click.option("--cell-size", type=click.IntRange(min=defaults.MIN_CELL_SIZE), default=defaults.DEFAULT_CELL_SIZE,
               show_default=True, help="--layout bags: side of a cell image in pixels.")
-@click.option("--clinical-signal", type=click.FloatRange(min=0), default=synth_bags.DEFAULT_CLINICAL_SIGNAL,
+@click.option("--clinical-signal", type=click.FloatRange(min=0), default=defaults.DEFAULT_CLINICAL_SIGNAL,
               show_default=True, help="--layout bags: class shift of age and log lymphocyte count, in sds.")
 @click.option("--mpp", type=float, default=None, help="--layout slides: microns per pixel of level 0 [default: 0.5].")
 @click.option("--slide-compression", type=click.Choice(["jpeg", "deflate"]), default="jpeg", show_default=True,
@@ -103,6 +99,8 @@ def synth(ctx: click.Context, out: Path, per_class, cases_per_class: int, width:
     if given:
         raise click.UsageError(f"--{given[0].replace('_', '-')} does not apply with --layout {layout}")
     if layout == "bags":
+        from lymph_cv.stages import synth_bags
+
         record = synth_bags.generate_bags(out, patients=patients, cells=cells, abnormal=abnormal, cell_size=cell_size,
                                           clinical_signal=clinical_signal, seed=seed, workers=workers)
         click.echo(f"{record['patients']} patients, {record['instances']} cell images and "
@@ -124,6 +122,8 @@ def synth(ctx: click.Context, out: Path, per_class, cases_per_class: int, width:
         written = synth_pcam(out, counts=counts, seed=seed)
         click.echo(", ".join(f"{split} {n}" for split, n in written.items()) + f" PCam patches in {out}")
         return
+    from lymph_cv.stages import synth as synth_module
+
     paths = synth_module.generate(
         out, per_class=per_class, cases_per_class=cases_per_class, width=width, height=height,
         seed=seed, classes=classes, workers=workers, sites=sites,
@@ -156,8 +156,8 @@ _SKIP_BAD = click.option("--skip-bad", is_flag=True, help="Warn about and skip b
 @click.argument("data", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @_CLASSES
-@click.option("--patch-size", type=click.IntRange(min=1), default=WINDOW_SIZE, show_default=True)
-@click.option("--step", type=click.IntRange(min=1), default=WINDOW_STEP, show_default=True)
+@click.option("--patch-size", type=click.IntRange(min=1), default=defaults.WINDOW_SIZE, show_default=True)
+@click.option("--step", type=click.IntRange(min=1), default=defaults.WINDOW_STEP, show_default=True)
 @click.option("--mat", "write_mat", is_flag=True, help="Also write Matlab's class_struct.mat.")
 @click.option("--manifest-only", is_flag=True, help="Write only manifest.json, no patch files (for `dbs --images`).")
 @stain_options
@@ -167,6 +167,8 @@ def patches(data: Path, out: Path, classes: list[str], patch_size: int, step: in
             manifest_only: bool, stain, stain_target, stain_include_background, stain_params, skip_bad: bool,
             workers) -> None:
     """Step 1: rotated patches of every image of DATA/<class>/ into OUT (with manifest.json)."""
+    from lymph_cv.stages import patches as patches_module
+
     method, record, _ = resolve_stain(stain, stain_target, stain_include_background, stain_params)
     if method is not None and record is None:
         raise click.UsageError("patches --stain needs --stain-target (a record or an image): before the folds "
@@ -197,9 +199,9 @@ def folds() -> None:
 @folds.command("make")
 @click.argument("manifest", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--k", type=click.IntRange(min=2), default=folds_module.DEFAULT_K, show_default=True, help="Number of folds.")
+@click.option("--k", type=click.IntRange(min=2), default=defaults.DEFAULT_K, show_default=True, help="Number of folds.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--group-by", type=click.Choice(folds_module.GROUP_BY), default=folds_module.GROUP_BY[0], show_default=True,
+@click.option("--group-by", type=click.Choice(defaults.GROUP_BY), default=defaults.GROUP_BY[0], show_default=True,
               help="image: the tutorial (each image its own patient); case: a case's images stay together; "
                    "site: one fold per site (as --by-site).")
 @click.option("--by-site", is_flag=True, help="Hold out whole sites: fold K tests on site K (synth.json's sites); --k follows.")
@@ -210,6 +212,9 @@ def folds() -> None:
 def make_folds(ctx: click.Context, manifest: Path, out: Path, k: int, seed: int, group_by: str, by_site: bool,
                case_regex, parent_dir) -> None:
     """Write train/test patch and parent lists per fold to OUT (MANIFEST: subs/manifest.json or subs/)."""
+    from lymph_cv.stages import folds as folds_module
+    from lymph_cv.stages import patches as patches_module
+
     if by_site:
         if ctx.get_parameter_source("group_by") is not click.core.ParameterSource.DEFAULT and group_by != "site":
             raise click.UsageError(f"--by-site and --group-by {group_by} contradict each other")
@@ -238,6 +243,8 @@ def make_folds(ctx: click.Context, manifest: Path, out: Path, k: int, seed: int,
 @click.option("--strict", is_flag=True, help="Exit with status 1 when any case or image is on both sides of a fold.")
 def check(directory: Path, case_regex, strict: bool) -> None:
     """Report per fold the cases (bag splits: patients) found on both sides and the class balance."""
+    from lymph_cv.stages import folds as folds_module
+
     reports = folds_module.check_directory(directory, case_regex)
     click.echo("\n\n".join(folds_module.format_check(report) for report in reports))
     if strict and any(report.leaks for report in reports):

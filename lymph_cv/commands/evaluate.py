@@ -7,14 +7,12 @@ from pathlib import Path
 
 import click
 
+from lymph_cv.commands.defaults import AGGREGATION_CHOICES, DEFAULT_BATCH_SIZES, MEAN_MODES
 from lymph_cv.commands.options import DEVICE, classes_option
-from lymph_cv.stages.aggregate import aggregation_choices, parse_aggregate
-from lymph_cv.stages.evaluate import DEFAULT_BATCH_SIZES, MEAN_MODES, evaluate_fold, fold_output_dir
 from lymph_cv.commands.stain import stain_for_evaluation, stain_options
 from lymph_cv.core import faults
 from lymph_cv.core.fsutil import check_writable
 from lymph_cv.errors import ConfigError
-from lymph_cv.stages.report import build_report, format_fold, format_report, write_fold, write_report
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +21,8 @@ _DIR = click.Path(file_okay=False, path_type=Path)
 
 
 def _aggregate(ctx, param, value: str):
+    from lymph_cv.stages.aggregate import parse_aggregate
+
     try:
         return parse_aggregate(value)
     except ConfigError as exc:
@@ -47,7 +47,7 @@ def _aggregate(ctx, param, value: str):
 @click.option("--mean-mode", type=click.Choice(MEAN_MODES), default="resize", show_default=True,
               help="resize: the tutorial pycaffe's mean resized to the net input; crop: training's mean at each crop's offset.")
 @click.option("--aggregate", default="vote", show_default=True, callback=_aggregate,
-              help=f"Window probabilities → image label: {', '.join(aggregation_choices())}.")
+              help=f"Window probabilities → image label: {', '.join(AGGREGATION_CHOICES)}.")
 @click.option("--window", type=click.IntRange(min=2), help="Window size [default: the manifest's patch size, else 36].")
 @click.option("--stride", type=click.IntRange(min=1), help="Window grid step [default: the manifest's step, else 32].")
 @click.option("--batch-size", type=click.IntRange(min=1),
@@ -67,6 +67,9 @@ def evaluate(workdir: Path, fold: int, model, deploy, mean, parent_list, images,
     Stain: by default the normalisation the workdir records for fold K (stain_K.json, or the patch
     folder's stain.json) is applied as recorded; --stain METHOD checks it is that method (or uses
     --stain-target), --stain none evaluates the images as they are."""
+    from lymph_cv.stages.evaluate import evaluate_fold, fold_output_dir
+    from lymph_cv.stages.report import format_fold, write_fold
+
     out_dir = out or fold_output_dir(workdir, fold)
     check_writable(out_dir.parent)  # before the evaluation, not after it (it is replaced as a whole)
     record = stain_for_evaluation(workdir, fold, stain, stain_target, stain_include_background, stain_params)
@@ -86,6 +89,8 @@ def evaluate(workdir: Path, fold: int, model, deploy, mean, parent_list, images,
 def report(workdir: Path, legacy_layout: bool) -> None:
     """Pool every evaluated fold of WORKDIR: matrix, per-fold mean ± sd, per-class metrics,
     eval/report.md, report.json, report.txt and confusion.png."""
+    from lymph_cv.stages.report import build_report, format_report, write_report
+
     result = build_report(workdir)
     paths = write_report(result, legacy_layout)
     click.echo(format_report(result, legacy_layout), nl=False)

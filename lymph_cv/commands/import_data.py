@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from lymph_cv.formats.h5 import READ_CHUNK
+from lymph_cv.commands.defaults import H5_READ_CHUNK
 
 
 @click.group("import")
@@ -18,7 +18,7 @@ def import_group() -> None:
 @click.argument("workdir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--backend", type=click.Choice(["leveldb", "lmdb"]), default="leveldb", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace databases a previous import left.")
-@click.option("--chunk", type=click.IntRange(min=1), default=READ_CHUNK, show_default=True,
+@click.option("--chunk", type=click.IntRange(min=1), default=H5_READ_CHUNK, show_default=True,
               help="Patches read per HDF5 slice (memory stays at one slice).")
 def pcam(folder: Path, workdir: Path, backend: str, overwrite: bool, chunk: int) -> None:
     """PatchCamelyon's camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5 in FOLDER → fold 1 of

@@ -5,7 +5,7 @@ import json
 
 import click
 
-from lymph_cv.formats.inspect import DEFAULT_KEY_LIMIT, describe, format_description
+from lymph_cv.commands.defaults import DEFAULT_KEY_LIMIT
 
 
 @click.command("inspect")
@@ -20,6 +20,8 @@ from lymph_cv.formats.inspect import DEFAULT_KEY_LIMIT, describe, format_descrip
 )
 def inspect(path: str, as_json: bool, limit: int) -> None:
     """Describe a caffemodel, solverstate, mean binaryproto, net/solver prototxt or LevelDB/LMDB."""
+    from lymph_cv.formats.inspect import describe, format_description
+
     info = describe(path, limit=limit)
     if as_json:
         click.echo(json.dumps(info, indent=2))

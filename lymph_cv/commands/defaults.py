@@ -1,0 +1,44 @@
+"""Stage defaults and choices that the commands' options show in ``--help``, spelled out here so
+that loading a command imports no stage module (numpy, OpenCV: a quarter of a second of start-up).
+
+Each name's source of truth is the stage constant :data:`SOURCES` names; tests/test_fast_paths.py
+holds every value here to it (a function: to its result, as a tuple), as ``cli.SUMMARIES`` is held
+to the commands.
+"""
+from __future__ import annotations
+
+# synth (stages/synth.py: the real images; stages/synth_bags.py: --layout bags)
+REAL_CASES_PER_CLASS, REAL_WIDTH, REAL_HEIGHT = 10, 1388, 1040
+DEFAULT_PATIENTS, DEFAULT_CELLS, DEFAULT_ABNORMAL = 80, (20, 60), (0.2, 0.4)
+MIN_CELL_SIZE, DEFAULT_CELL_SIZE, DEFAULT_CLINICAL_SIGNAL = 24, 64, 0.5
+# patches (core/grid.py) and folds (stages/folds.py)
+WINDOW_SIZE, WINDOW_STEP = 36, 32
+DEFAULT_K, GROUP_BY = 5, ("image", "case", "site")
+# inspect (formats/inspect.py), import pcam (formats/h5.py)
+DEFAULT_KEY_LIMIT, H5_READ_CHUNK = 10, 1024
+# evaluate (stages/evaluate.py, the aggregation registry's built-in entries)
+MEAN_MODES = ("resize", "crop")
+DEFAULT_BATCH_SIZES = {"cpu": 320, "cuda": 5120}
+AGGREGATION_CHOICES = ("vote", "mean", "topk:K")
+
+#: Each constant above → "module:attribute" it must equal.
+SOURCES = {
+    "REAL_CASES_PER_CLASS": "lymph_cv.stages.synth:REAL_CASES_PER_CLASS",
+    "REAL_WIDTH": "lymph_cv.stages.synth:REAL_WIDTH",
+    "REAL_HEIGHT": "lymph_cv.stages.synth:REAL_HEIGHT",
+    "DEFAULT_PATIENTS": "lymph_cv.stages.synth_bags:DEFAULT_PATIENTS",
+    "DEFAULT_CELLS": "lymph_cv.stages.synth_bags:DEFAULT_CELLS",
+    "DEFAULT_ABNORMAL": "lymph_cv.stages.synth_bags:DEFAULT_ABNORMAL",
+    "MIN_CELL_SIZE": "lymph_cv.stages.synth_bags:MIN_CELL_SIZE",
+    "DEFAULT_CELL_SIZE": "lymph_cv.stages.synth_bags:DEFAULT_CELL_SIZE",
+    "DEFAULT_CLINICAL_SIGNAL": "lymph_cv.stages.synth_bags:DEFAULT_CLINICAL_SIGNAL",
+    "WINDOW_SIZE": "lymph_cv.core.grid:WINDOW_SIZE",
+    "WINDOW_STEP": "lymph_cv.core.grid:WINDOW_STEP",
+    "DEFAULT_K": "lymph_cv.stages.folds:DEFAULT_K",
+    "GROUP_BY": "lymph_cv.stages.folds:GROUP_BY",
+    "DEFAULT_KEY_LIMIT": "lymph_cv.formats.inspect:DEFAULT_KEY_LIMIT",
+    "H5_READ_CHUNK": "lymph_cv.formats.h5:READ_CHUNK",
+    "MEAN_MODES": "lymph_cv.stages.evaluate:MEAN_MODES",
+    "DEFAULT_BATCH_SIZES": "lymph_cv.stages.evaluate:DEFAULT_BATCH_SIZES",
+    "AGGREGATION_CHOICES": "lymph_cv.stages.aggregate:aggregation_choices",
+}
