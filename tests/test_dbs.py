@@ -296,7 +296,7 @@ def test_labels_are_ascii_int32(tmp_path, label, words):
 def test_a_foreign_folds_json_is_refused(tmp_path, record):
     (tmp_path / "folds.json").write_text(record)
     with pytest.raises(InputError, match="folds.json: not a folds.json written by `lymph-cv folds`"):
-        dbs._folds_record(tmp_path)
+        dbs.folds_record(tmp_path)
     (tmp_path / "dbs.json").write_text("[3]")
     assert dbs.read_dbs_json(tmp_path) == {}
 

@@ -236,12 +236,12 @@ def test_serialize_datums_in_bulk_equal_one_by_one():
 def test_released_shared_patch_rows_keep_their_data(tmp_path):
     import mmap
 
-    from lymph_cv.stages import dbs
+    from lymph_cv.stages.dbs import cache as patch_cache
 
     rows, shape = 3000, (3, 4, 4)
     token = "test-release"
-    dbs._SHARED[token] = mmap.mmap(-1, rows * 48)
-    cache = dbs._PatchCache(token, True, rows, shape, {"a": 0}, {"a": rows})
+    patch_cache._SHARED[token] = mmap.mmap(-1, rows * 48)
+    cache = patch_cache.PatchCache(token, True, rows, shape, {"a": 0}, {"a": rows})
     try:
         data = np.random.default_rng(0).integers(0, 256, (rows, 48), dtype=np.uint8)
         cache.open(writable=True)[:] = data

@@ -42,12 +42,13 @@ FLAGS = {
 def run(values: dict, positional: list[str]) -> int:
     """Convert with parsed flags; raises LymphCVError on bad input."""
     from lymph_cv.core.workers import resolve_workers
+    from lymph_cv.formats import store
     from lymph_cv.stages import dbs
 
     if len(positional) != 3:
         raise LymphCVError(f"expected ROOTFOLDER/ LISTFILE DB_NAME, got {len(positional)} argument(s); see {PROGRAM} -help")
     root, list_file, db_name = positional
-    backend = dbs.store.check_backend(values["backend"])
+    backend = store.check_backend(values["backend"])
     if values["workers"] < 0:
         raise LymphCVError(f"-workers: must be 0 (one per core but the writer's) or more, got {values['workers']}")
     if values["seed"] < 0:
@@ -81,7 +82,7 @@ def run(values: dict, positional: list[str]) -> int:
         )
         for problem in result.problems:
             log.warning(problem, SRC.format(121))
-        if result.records % dbs.store.COMMIT_EVERY:
+        if result.records % store.COMMIT_EVERY:
             log.info(f"Processed {result.records} files.", SRC.format(152))
     return 0
 

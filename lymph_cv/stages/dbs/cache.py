@@ -1,0 +1,263 @@
+"""Databases straight from the source images (``dbs --images``): the patches the lists name, cut once into
+a shared array (shared memory, or a temporary file when it would not fit), never written as files."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import mmap
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from lymph_cv.formats import store
+from lymph_cv.formats.caffe.datum import serialize_datums
+from lymph_cv.formats.caffe.mean import MeanAccumulator
+from lymph_cv.errors import InputError, LymphCVError
+from lymph_cv.core.fsutil import remove_path, temp_sibling
+from lymph_cv.core.memory import available_memory
+from lymph_cv.core.workers import fork_available, imap
+from lymph_cv.stages.patches import (
+    MANIFEST_NAME, BadInputs, Manifest, SourceImage, extract, load_manifest, patch_count, read_for_patches,
+)
+from lymph_cv.stages.stain import StainTransform
+from lymph_cv.stages.stain import hook as stain_hook
+from lymph_cv.stages.dbs.convert import DbResult, DbTask, save_mean_or_drop, write_db_batches
+from lymph_cv.stages.dbs.lists import PATCH_NAME, read_image_list, shuffled_order
+from lymph_cv.workdir.layout import PATCH_DIR
+from lymph_cv.workdir.lists import ListEntry
+
+log = logging.getLogger(__name__)
+
+#: Records gathered per batch from the patch array.
+BATCH = 1024
+
+
+#: Anonymous shared memory blocks by token: created before the worker pools fork, so the
+#: workers write and read the same pages (no file, no disk writeback).
+_SHARED: dict[str, mmap.mmap] = {}
+#: Colour patches: OpenCV's colour imread gives 3 channels.
+COLOR_CHANNELS = 3
+#: Use shared memory when the patch array takes at most this share of the available memory (MemAvailable).
+SHARED_MEMORY_SHARE = 0.5
+
+
+def _free_memory() -> int:
+    return available_memory() or 0
+
+
+@dataclass(frozen=True)
+class PatchCache:
+    """Every patch the lists need, cut from the source images into one uint8 array.
+
+    Row ``offsets[stem] + i - 1`` holds patch ``<stem>_sub_<i>`` as C·H·W bytes; rows of
+    images that could not be read (``skip_bad``) are listed in ``unreadable``.  The array
+    lives in shared memory (``token`` in ``_SHARED``; workers are forked) or, when it would
+    not fit, in a temporary file (``token`` is its path).
+    """
+
+    token: str
+    in_memory: bool
+    rows: int
+    shape: tuple[int, int, int]
+    offsets: dict[str, int]
+    counts: dict[str, int]
+    unreadable: frozenset = frozenset()
+
+    @property
+    def row_size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def open(self, writable: bool = False) -> np.ndarray:
+        """The (rows, C·H·W) array."""
+        shape = (self.rows, self.row_size)
+        if self.in_memory:
+            return np.frombuffer(_SHARED[self.token], np.uint8, count=self.rows * self.row_size).reshape(shape)
+        return np.memmap(self.token, np.uint8, "r+" if writable else "r", shape=shape)
+
+    def release(self, first_row: int = 0, rows: Optional[int] = None) -> None:
+        """Drop this process's resident pages of rows ``first_row …`` (all by default); the data stays.
+
+        The shared block is MAP_SHARED: after MADV_DONTNEED its pages are refilled from the shared
+        object, not zeroed.  So every process touching the whole array (each database build gathers
+        from all of it) keeps its own RSS small.  A file-backed array is released by dropping the
+        mapping (:meth:`open` again).
+        """
+        if not self.in_memory:
+            return
+        page = mmap.PAGESIZE
+        start = -(-first_row * self.row_size // page) * page
+        end = (self.rows if rows is None else first_row + rows) * self.row_size // page * page
+        if end > start:
+            _SHARED[self.token].madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    def remove(self) -> None:
+        if self.in_memory:
+            block = _SHARED.pop(self.token, None)
+            if block is not None:
+                with contextlib.suppress(BufferError):  # a view still alive: freed with it
+                    block.close()
+        else:
+            remove_path(Path(self.token))
+
+    def row_of(self, name: str) -> Optional[int]:
+        """Row of a patch file name, or None when it is not a patch of a known image."""
+        match = PATCH_NAME.match(name.rsplit("/", 1)[-1])
+        if not match:
+            return None
+        stem, index = match.group("stem"), int(match.group("index"))
+        if stem not in self.offsets or not 1 <= index <= self.counts[stem]:
+            return None
+        return self.offsets[stem] + index - 1
+
+    @classmethod
+    def build(cls, workdir: Path, images: Path, lists: Sequence[tuple[Path, Optional[int]]], record: dict,
+              workers: Optional[int], bad: BadInputs, stain: Optional[StainTransform] = None) -> "PatchCache":
+        manifest = _manifest_for(workdir, record)
+        needed: set[str] = set()
+        for list_path, num_labels in lists:
+            for entry in read_image_list(list_path, num_labels):
+                match = PATCH_NAME.match(entry.name.rsplit("/", 1)[-1])
+                if not match:
+                    raise InputError(f"line {entry.line}: {entry.name!r} is not a patch name (<image>_sub_<i>.tif)", list_path)
+                needed.add(match.group("stem"))
+        by_stem = {e.stem: e for e in manifest.images}
+        unknown = sorted(needed - set(by_stem))
+        if unknown:
+            raise InputError(f"patches of {unknown[0]!r} are listed but the image is not in the manifest", manifest.path)
+        chosen = [by_stem[s] for s in sorted(needed, key=lambda s: (by_stem[s].label, by_stem[s].name))]
+        shape = (COLOR_CHANNELS, manifest.patch_size, manifest.patch_size)
+        offsets, counts, total = {}, {}, 0
+        for entry in chosen:
+            offsets[entry.stem], counts[entry.stem] = total, entry.patches
+            total += entry.patches
+        size = max(total, 1) * int(np.prod(shape))
+        in_memory = fork_available() and size <= SHARED_MEMORY_SHARE * _free_memory()
+        if in_memory:
+            token = f"patches-{os.getpid()}-{len(_SHARED)}-{time.monotonic_ns()}"
+            _SHARED[token] = mmap.mmap(-1, size)
+        else:
+            token = os.fspath(temp_sibling(workdir / "patch-cache.u8"))
+            np.memmap(token, np.uint8, "w+", shape=(size,)).flush()
+        cache = cls(token, in_memory, total, shape, offsets, counts)
+        try:
+            jobs = [(cache, SourceImage(images / e.cls / e.name, e.cls, e.label), e.stem, manifest.step, stain)
+                    for e in chosen]
+            unreadable = set()
+            done = imap(_cut_image, jobs, workers=workers, desc="cut", unit="img")
+            for (_, source, stem, _, _), (problem, conversion, unchanged) in zip(jobs, done):
+                if problem:
+                    bad.problem(problem)
+                    unreadable.add(stem)
+                if unchanged:
+                    log.warning("warning: %s: stain normalisation left it unchanged (too little tissue)", source.path)
+                bad.converted(conversion, source.path)
+        except BaseException:
+            cache.remove()
+            raise
+        return dataclasses.replace(cache, unreadable=frozenset(unreadable))
+
+
+def digest_of_manifest(workdir: Path, record: dict) -> Optional[str]:
+    """SHA-256 of the patch manifest the lists come from (None without one).
+
+    The lists name patches only; a rerun of ``patches`` with another window size rewrites
+    the files under the same names, so a database is current only for the same manifest.
+    """
+    relative = record.get("manifest")
+    path = workdir / relative if relative else workdir / PATCH_DIR / MANIFEST_NAME
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _manifest_for(workdir: Path, record: dict) -> Manifest:
+    relative = record.get("manifest")
+    path = workdir / relative if relative else workdir / PATCH_DIR / MANIFEST_NAME
+    return load_manifest(path)
+
+
+def _cut_image(job: tuple["PatchCache", SourceImage, str, int, Optional[StainTransform]],
+               ) -> tuple[Optional[str], Optional[str], bool]:
+    """Cut one image's patches straight into its rows of the shared array (problem, conversion, unchanged)."""
+    cache, source, stem, step, stain = job
+    transform = stain_hook(stain)
+    try:
+        read = read_for_patches(source, cache.shape[1], step, transform)
+    except LymphCVError as exc:
+        return str(exc), None, False
+    count = cache.counts[stem]
+    found = patch_count(read.bgr.shape[0], read.bgr.shape[1], cache.shape[1], step)
+    if found != count:
+        return f"{source.path}: has {found} patches now, {count} when the manifest was written", None, False
+    rows = cache.open(writable=True)[cache.offsets[stem] : cache.offsets[stem] + count]
+    extract(read.bgr, cache.shape[1], step, channels_first=True, out=rows)
+    cache.release(cache.offsets[stem], count)  # written: the other processes read it from the shared block
+    return None, read.conversion, transform is not None and transform.unchanged
+
+
+def _cache_rows(task: DbTask, entries: Sequence[ListEntry], bad: BadInputs) -> np.ndarray:
+    """Array row of every list entry; -1 for patches of unreadable images (skipped)."""
+    cache = task.cache
+    rows = np.empty(len(entries), np.int64)
+    for position, entry in enumerate(entries):
+        row = cache.row_of(entry.name)
+        if row is None:
+            raise InputError(f"line {entry.line}: {entry.name!r} is not a patch of an image in the manifest", task.list_path)
+        if cache.unreadable and PATCH_NAME.match(entry.name.rsplit("/", 1)[-1]).group("stem") in cache.unreadable:
+            bad.problem(f"{task.list_path}: line {entry.line}: {entry.name} skipped, its image is unreadable")
+            row = -1
+        rows[position] = row
+    return rows
+
+
+#: Rows a database build gathers from the patch array before it drops its resident copy of it.
+#: A read fault maps the 64 KiB around the page (the kernel's fault-around), so 8,192 random rows
+#: leave up to ~512 MiB of the array resident in this process.
+RELEASE_ROWS = 8192
+
+
+def _cache_batches(
+    cache: PatchCache, entries: Sequence[ListEntry], order: np.ndarray, rows: np.ndarray,
+    accumulator: Optional[MeanAccumulator],
+) -> Iterator[tuple[list[bytes], list[bytes]]]:
+    """(keys, values) of the database in order, BATCH records at a time, assembled as arrays."""
+    array, gathered = cache.open(), 0
+    labels = np.fromiter((e.label for e in entries), np.int64, len(entries))
+    for start in range(0, len(order), BATCH):
+        positions = order[start : start + BATCH]
+        wanted = rows[positions]
+        keep = wanted >= 0
+        # Skipped lines still consume their index, as with missing patch files.
+        indices = np.arange(start, start + len(positions))[keep]
+        positions, wanted = positions[keep], wanted[keep]
+        block = np.asarray(array[wanted])
+        if not len(block):
+            continue
+        if accumulator is not None:
+            accumulator.add_batch(block, cache.shape)
+        keys = [store.make_key(index, entries[position].name) for index, position in zip(indices.tolist(), positions.tolist())]
+        yield keys, serialize_datums(block, cache.shape, labels[positions])
+        gathered += len(block)
+        if gathered >= RELEASE_ROWS:
+            cache.release()
+            array, gathered = cache.open(), 0
+
+
+def build_from_cache(task: DbTask) -> DbResult:
+    started = time.perf_counter()
+    entries = read_image_list(task.list_path, task.num_labels)
+    order = shuffled_order(len(entries), task.seed)
+    bad = BadInputs(task.skip_bad)
+    rows = _cache_rows(task, entries, bad)
+    accumulator = MeanAccumulator() if task.mean_path is not None else None
+    count = write_db_batches(task.db_path, task.backend, _cache_batches(task.cache, entries, order, rows, accumulator))
+    means = None if accumulator is None else save_mean_or_drop(task.mean_path, accumulator, task.db_path)
+    return DbResult(os.fspath(task.db_path), count, len(entries), time.perf_counter() - started,
+                    None if task.mean_path is None else os.fspath(task.mean_path), means, bad.problems, dict(bad.conversions))

@@ -1,0 +1,49 @@
+"""The image lists of step 3: ``<file> <label>`` lines (checked against the classes and the root), the
+patch names they hold, and the seeded record order."""
+from __future__ import annotations
+
+import os
+import re
+from typing import Optional, Union
+
+import numpy as np
+
+from lymph_cv.errors import InputError
+from lymph_cv.workdir.lists import ListEntry, read_labelled_list
+
+#: A patch file name: ``<image stem>_sub_<i>.<ext>``.
+PATCH_NAME = re.compile(r"^(?P<stem>.+)_sub_(?P<index>\d+)\.[A-Za-z0-9]+$")
+
+
+def check_relative(name: str) -> bool:
+    """True when ``name`` is a relative path that stays under its root (no ``..``, not absolute)."""
+    # Plain string tests: this runs once per list line (millions).
+    if not name or name[0] in "/\\" or (len(name) > 1 and name[1] == ":"):
+        return False
+    return ".." not in name or ".." not in re.split(r"[/\\]", name)
+
+
+def read_image_list(path: Union[str, os.PathLike], num_labels: Optional[int] = None) -> list[ListEntry]:
+    """Parse a ``<file> <label>`` list; the split is at the last run of whitespace (TAB or spaces).
+
+    Blank lines are ignored.  A line without a label, a non-integer label, a label outside
+    ``0 .. num_labels-1`` (when given) or a name escaping the root is an InputError naming the
+    file and line.
+    """
+    entries = read_labelled_list(path)
+    for entry in entries:
+        if num_labels is not None and not 0 <= entry.label < num_labels:
+            raise InputError(f"line {entry.line}: label {entry.label} is outside the {num_labels} classes "
+                             f"(0..{num_labels - 1})", path)
+        if not check_relative(entry.name):
+            raise InputError(f"line {entry.line}: {entry.name!r} must be a relative path inside the root folder", path)
+    if not entries:
+        raise InputError("list is empty, expected '<file> <label>' lines", path)
+    return entries
+
+
+def shuffled_order(count: int, seed: Optional[int]) -> np.ndarray:
+    """Record order: identity without a seed, else ``default_rng(seed).permutation(count)``."""
+    if seed is None:
+        return np.arange(count)
+    return np.random.default_rng(seed).permutation(count)
