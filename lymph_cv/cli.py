@@ -46,6 +46,7 @@ COMMANDS = {
     "inspect": "lymph_cv.commands.inspect:inspect",
     "stain": "lymph_cv.commands.stain:stain",
     "slides": "lymph_cv.commands.slides:slides",
+    "mil": "lymph_cv.commands.mil:mil",
     "pycaffe-path": "lymph_cv.commands.pycaffe_path:pycaffe_path",
 }
 
@@ -76,6 +77,8 @@ SUMMARIES = {
     "stain": "Stain normalisation: `stain fit` makes a target, `stain apply` normalises a folder.",
     "slides": ("Whole-slide images: `slides info SLIDE`, `slides tissue SLIDE`, `slides tile DATA OUT` (tissue tiles), "
                "`slides evaluate WORKDIR -k K` (fold K's test slides labelled by their tiles)."),
+    "mil": ("Multiple-instance learning: `mil train WORKDIR` trains and evaluates each bag split, "
+            "`mil evaluate WORKDIR` re-evaluates."),
     "inspect": "Describe a caffemodel, solverstate, mean binaryproto, net/solver prototxt or LevelDB/LMDB.",
     "pycaffe-path": "Print the folder holding a `caffe` package for legacy scripts (put it on PYTHONPATH).",
 }
@@ -123,7 +126,9 @@ GROUP_WRITERS: Dict[str, Dict[str, Callable[[dict], ContextManager]]] = {
     "folds": {"make": functools.partial(_lock_folder, "out", True)},
     "bags": {"make": functools.partial(_lock_folder, "workdir", True),
              "split": functools.partial(_lock_folder, "workdir", False)},
-    "slides": {"evaluate": _lock_evaluate}}
+    "slides": {"evaluate": _lock_evaluate},
+    "mil": {"train": functools.partial(_lock_folder, "workdir", False),
+            "evaluate": functools.partial(_lock_folder, "workdir", False)}}
 #: Commands that take the lock somewhere inside (they get ``--wait-lock`` too).
 SELF_LOCKING = ("train",)
 

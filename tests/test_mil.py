@@ -1,6 +1,8 @@
 """MIL heads, the bag model, its storage, training and evaluation on tiny synthetic bags."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -130,3 +132,27 @@ def test_frozen_and_fusion_rules():
         train_mil(tiny_bags(4, 3, clinical=True), CLASSES, MILConfig(method="vote", crop=SIZE, fusion="sum"), ["a", "b"])
     with pytest.raises(ConfigError, match="--fusion"):
         train_mil(bags, CLASSES, MILConfig(crop=SIZE, fusion="late"))
+
+
+def test_cli_train_evaluate_over_bag_splits(tmp_path, runner, cli):
+    data, work = tmp_path / "data", tmp_path / "work"
+    for args in (["synth", "--layout", "bags", str(data), "--patients", "8", "--cells", "4-7", "--cell-size", "24"],
+                 ["bags", "make", str(data), str(work)], ["bags", "split", str(work), "--k", "2"]):
+        assert runner.invoke(cli, args).exit_code == 0, args
+    result = runner.invoke(cli, ["mil", "train", str(work), "--method", "topk", "--crop", "24", "--epochs", "2",
+                                 "--k-train", "25%,min=2", "--fusion", "sum", "--seed", "4"])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "split 2: balanced accuracy" in result.output and "2 split(s): balanced_accuracy" in result.output
+    folder = work / "mil" / "topk+sum"
+    record = json.loads((folder / "1" / "mil.json").read_text())
+    assert record["complete"] and record["seed"] == 4 and record["clinical"] == ["age", "lymph_count", "gender"]
+    pooled = json.loads((folder / "mil_metrics.json").read_text())
+    assert pooled["folds"] == ["1", "2"] and sum(map(sum, pooled["confusion_matrix"])) == 8
+    again = runner.invoke(cli, ["mil", "train", str(work), "--method", "topk", "--crop", "24", "--epochs", "2",
+                                "--k-train", "25%,min=2", "--fusion", "sum", "--seed", "4"])
+    assert again.exit_code == 0 and "split 1: balanced" not in again.output  # done splits are kept
+    evaluated = runner.invoke(cli, ["mil", "evaluate", str(work), "--name", "topk+sum", "--json"])
+    assert evaluated.exit_code == 0 and json.loads(evaluated.output)["folds"] == ["1", "2"]
+    bad = runner.invoke(cli, ["mil", "train", str(work), "--method", "nope"])
+    assert bad.exit_code == 2 and "unknown MIL method 'nope'" in bad.stderr and "attention" in bad.stderr
+    assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
