@@ -129,6 +129,10 @@ def test_tile_a_slide_set_to_files_then_resume_then_a_database(tmp_path, runner,
         again = tiling.tile_slides(data, out, params, classes=["CLL", "FL"], workers=1)
     assert again.tiles == tile_set.tiles and first.stat().st_mtime_ns == stamp
     assert "4 slide(s) complete from an earlier run" in caplog.text
+    fewer = tiling.tile_slides(data, out, tiles.TileParams(size=128, mpp=1.0, mask_side=256), classes=["CLL", "FL"],
+                               workers=1, qc=False)
+    assert fewer.slides[2].tiles == 9  # tiles of 256 level-0 pixels now: 3 x 3 in the pink
+    assert len(list(out.glob("FL_case1_001_sub_*.tif"))) == fewer.slides[2].tiles  # no stale tile files
 
     partial = tiling.tile_slides(data, tmp_path / "db", params, classes=["CLL", "FL"], workers=1,
                                  db_backend="lmdb", only=[2], qc=False)

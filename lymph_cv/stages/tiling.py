@@ -3,8 +3,9 @@ one database per slide, with the tile manifest of :mod:`.tiles`.
 
 Streaming: a slide is never read whole.  Tissue is detected on a low-resolution view
 (:func:`formats.slides.read_low_resolution`, read band by band), and tiles are read region by
-region in chunks of at most :data:`CHUNK_PIXELS` written pixels, one chunk per worker task, so
-memory stays bounded (workers × look-ahead × chunk) whatever the slide size.  Work is parallel over
+region in chunks of at most :data:`CHUNK_PIXELS` written pixels, one chunk per worker task (with
+``--db`` smaller, so the records in flight stay under :data:`DB_IN_FLIGHT_PIXELS`), so memory stays
+bounded whatever the slide size.  Work is parallel over
 slides (planning) and over regions of a slide (chunks).  Resumable per slide: a slide's completion
 record (``.tiles/<stem>.json``: parameters, source size and date, its tiles) is written when its
 last tile is; a rerun with the same parameters skips it.  Several processes may tile the same
@@ -13,6 +14,7 @@ folder at once (a Slurm/PBS array, one slide each): each slide is locked while i
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ import numpy as np
 from lymph_cv import DEFAULT_CLASSES
 from lymph_cv.core import faults, locks
 from lymph_cv.core.fsutil import atomic_write_bytes, atomic_write_json, check_writable, make_dirs
-from lymph_cv.core.workers import imap
+from lymph_cv.core.workers import imap, resolve_workers
 from lymph_cv.errors import InputError, LymphCVError
 from lymph_cv.formats import slides as slide_format
 from lymph_cv.formats import store
@@ -34,6 +36,7 @@ from lymph_cv.stages import tissue
 from lymph_cv.stages.sources.slides import SlideSource, scan_slides
 from lymph_cv.stages.stain import StainRecord, StainTransform, write_record
 from lymph_cv.stages.stain import hook as stain_hook
+from lymph_cv.stages.patches import PATCH_SUFFIX
 from lymph_cv.stages.synth import TIFF_UNCOMPRESSED
 from lymph_cv.stages.tiles import (SlideRecord, Tile, TileParams, TileSet, done_record_path, from_fields,
                                    plan_slide, read_tile, write_tile_set)
@@ -44,8 +47,12 @@ log = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
-#: Written pixels per worker task (a chunk of tiles): 16 Mpx is 48 MiB of BGR.
-CHUNK_PIXELS = 16 * 1024 * 1024
+#: Written pixels per worker task (a chunk of tiles): 4 Mpx is 12 MiB of BGR.
+CHUNK_PIXELS = 4 * 1024 * 1024
+#: With --db the chunks' records come back to the writing process, up to LOOKAHEAD chunks per worker
+#: (core.workers.imap): their pixels together stay under this (64 Mpx: 192 MiB), however many workers.
+DB_IN_FLIGHT_PIXELS = 64 * 1024 * 1024
+LOOKAHEAD = 4
 #: Tile-grid overlay colours (BGR): kept tiles, grid tiles dropped by --min-tissue, the tissue outline.
 KEPT_COLOUR = (0, 200, 0)
 DROPPED_COLOUR = (0, 0, 220)
@@ -152,9 +159,9 @@ def _tile_chunk(job: _Chunk) -> _ChunkDone:
     return _ChunkDone(job.tiles[0].slide, len(job.tiles), records, unchanged)
 
 
-def chunks_of(tiles: Sequence[Tile], size: int) -> Iterator[List[Tile]]:
-    """The tiles in runs of at most :data:`CHUNK_PIXELS` written pixels (one tile at least)."""
-    per_chunk = max(1, CHUNK_PIXELS // (size * size))
+def chunks_of(tiles: Sequence[Tile], size: int, pixels: int = CHUNK_PIXELS) -> Iterator[List[Tile]]:
+    """The tiles in runs of at most ``pixels`` written pixels (one tile at least)."""
+    per_chunk = max(1, pixels // (size * size))
     for start in range(0, len(tiles), per_chunk):
         yield list(tiles[start:start + per_chunk])
 
@@ -288,6 +295,16 @@ def _lock_slide(held: contextlib.ExitStack, out_dir: Path, source: SlideSource) 
     return True
 
 
+def remove_extra_tiles(out_dir: Path, slide: str, keep: int) -> None:
+    """Remove ``slide``'s tile files numbered above ``keep``, left by a tiling with other parameters
+    (the manifest would not list them, but they would mix with the new ones in the folder)."""
+    prefix = f"{slide}_sub_"
+    for path in out_dir.glob(glob.escape(prefix) + "*" + PATCH_SUFFIX):
+        number = path.name[len(prefix):-len(PATCH_SUFFIX)]
+        if number.isdigit() and int(number) > keep:
+            path.unlink(missing_ok=True)
+
+
 def _write_slide(out_dir: Path, source: SlideSource, record: SlideRecord, tiles: List[Tile], params: TileParams,
                  db_backend: Optional[str], transform: Optional[StainTransform], workers: Optional[int],
                  expected: dict) -> int:
@@ -295,7 +312,12 @@ def _write_slide(out_dir: Path, source: SlideSource, record: SlideRecord, tiles:
     of tiles the stain normalisation left unchanged."""
     done_path = done_record_path(out_dir, source.slide)
     done_path.unlink(missing_ok=True)  # an older record must not vouch for tiles being rewritten
-    jobs = [_Chunk(chunk, out_dir, db_backend is not None, transform) for chunk in chunks_of(tiles, params.out_size)]
+    remove_extra_tiles(out_dir, source.slide, 0 if db_backend is not None else len(tiles))
+    pixels = CHUNK_PIXELS
+    if db_backend is not None:
+        pixels = min(pixels, DB_IN_FLIGHT_PIXELS // (LOOKAHEAD * resolve_workers(workers, len(tiles))))
+    jobs = [_Chunk(chunk, out_dir, db_backend is not None, transform)
+            for chunk in chunks_of(tiles, params.out_size, pixels)]
     unchanged = 0
     weights = [len(job.tiles) for job in jobs]
     results = imap(_tile_chunk, jobs, workers=workers, desc=f"tiles {source.slide}", unit="tile", weights=weights)
