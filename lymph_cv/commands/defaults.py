@@ -11,6 +11,10 @@ from __future__ import annotations
 REAL_CASES_PER_CLASS, REAL_WIDTH, REAL_HEIGHT = 10, 1388, 1040
 DEFAULT_PATIENTS, DEFAULT_CELLS, DEFAULT_ABNORMAL = 80, (20, 60), (0.2, 0.4)
 MIN_CELL_SIZE, DEFAULT_CELL_SIZE, DEFAULT_CLINICAL_SIGNAL = 24, 64, 0.5
+# bags (stages/bags.py, stages/sources/patients.py, stages/bag_folds.py)
+BAG_KINDS, BAG_CLASSES, IMPUTE_CHOICES = ("patient", "image", "case", "slide"), ("reactive", "tumoral"), ("none", "median")
+REFERENCE_DATE = "2021-01-01"
+SPLIT_METHODS, SPLIT_GROUPS, DEFAULT_REPEATS = ("kfold", "random", "folds"), ("patient", "bag"), 10
 # patches (core/grid.py) and folds (stages/folds.py)
 WINDOW_SIZE, WINDOW_STEP = 36, 32
 DEFAULT_K, GROUP_BY = 5, ("image", "case", "site")
@@ -32,6 +36,13 @@ SOURCES = {
     "MIN_CELL_SIZE": "lymph_cv.stages.synth_bags:MIN_CELL_SIZE",
     "DEFAULT_CELL_SIZE": "lymph_cv.stages.synth_bags:DEFAULT_CELL_SIZE",
     "DEFAULT_CLINICAL_SIGNAL": "lymph_cv.stages.synth_bags:DEFAULT_CLINICAL_SIGNAL",
+    "BAG_KINDS": "lymph_cv.stages.bags:BAG_KINDS",
+    "BAG_CLASSES": "lymph_cv.stages.sources.patients:BAG_CLASSES",
+    "IMPUTE_CHOICES": "lymph_cv.stages.sources.patients:IMPUTE_CHOICES",
+    "REFERENCE_DATE": "lymph_cv.stages.sources.patients:REFERENCE_DATE_TEXT",
+    "SPLIT_METHODS": "lymph_cv.stages.bag_folds:SPLIT_METHODS",
+    "SPLIT_GROUPS": "lymph_cv.stages.bag_folds:SPLIT_GROUPS",
+    "DEFAULT_REPEATS": "lymph_cv.stages.bag_folds:DEFAULT_REPEATS",
     "WINDOW_SIZE": "lymph_cv.core.grid:WINDOW_SIZE",
     "WINDOW_STEP": "lymph_cv.core.grid:WINDOW_STEP",
     "DEFAULT_K": "lymph_cv.stages.folds:DEFAULT_K",

@@ -28,7 +28,7 @@ import numpy as np
 from lymph_cv.core.fsutil import atomic_write_json, atomic_write_text, make_dirs
 from lymph_cv.errors import ConfigError, InputError
 from lymph_cv.stages.bags import BagSet, read_bags
-from lymph_cv.stages.folds import assign_folds
+from lymph_cv.stages.folds import DEFAULT_K, assign_folds
 from lymph_cv.workdir.layout import (BAG_FOLDS_JSON, BAG_LIST_PATTERN, BAG_TEST_LIST, BAG_TRAIN_LIST, BAGS_JSON,
                                      FOLDS_JSON, TEST_PARENT, TRAIN_PARENT)
 from lymph_cv.workdir.lists import bag_list_folds, parent_list_folds, read_labelled_list, read_list_lines
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 SPLIT_METHODS = ("kfold", "random", "folds")
 #: Split by patient (no patient on both sides) or by bag (the tutorial's images as their own patients).
 SPLIT_GROUPS = ("patient", "bag")
-DEFAULT_K = 5
 DEFAULT_REPEATS = 10
 
 

@@ -30,6 +30,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 BAG_CLASSES = ("reactive", "tumoral")
 #: Ages are computed at this date unless another is given (recorded with the bags).
 REFERENCE_DATE = dt.date(2021, 1, 1)
+REFERENCE_DATE_TEXT = REFERENCE_DATE.isoformat()
 #: Days of a mean year (ages from dates of birth).
 DAYS_PER_YEAR = 365.25
 #: A DOB column value that is a plain number at most this is an age in years.
