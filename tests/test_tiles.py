@@ -258,3 +258,23 @@ def test_folds_group_by_the_csv_case_column(tmp_path):
     for fold in fold_set.folds:
         names = {e.name for e in fold.test}
         assert ({"a.tif", "b.tif"} <= names) or not ({"a.tif", "b.tif"} & names)  # case p1 kept together
+
+
+def test_databases_straight_from_the_slides_equal_those_of_the_tile_files(tmp_path):
+    from lymph_cv.formats import store
+    from lymph_cv.stages import tiling
+    from lymph_cv.stages.dbs import build_dbs
+
+    data = slide_set(tmp_path / "data")
+    params = tiles.TileParams(size=64, mpp=1.0, mask_side=256)
+    contents = []
+    for name, write in (("files", True), ("direct", False)):
+        work = tmp_path / name
+        tile_set = tiling.tile_slides(data, work / "subs", params, classes=["CLL", "FL"], workers=1, qc=False,
+                                      write_tiles=write)
+        assert tile_set.files is write and any((work / "subs").glob("*_sub_1.tif")) is write
+        folds.make_folds(work / "subs", work, k=2, group_by="case")
+        build_dbs(work, folds=[1], backend="lmdb", workers=1, images=None if write else data)
+        with store.open_reader(work / "DB_train_1", "lmdb") as reader:
+            contents.append(dict(iter(reader)))
+    assert len(contents[0]) > 0 and contents[0] == contents[1]

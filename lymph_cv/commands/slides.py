@@ -92,11 +92,14 @@ def tile_params(options: dict):
 @click.option("--classes", default=",".join(DEFAULT_CLASSES), show_default=True, callback=classes_option,
               help="Class folders (or CSV labels) in label order.")
 @click.option("--no-qc", is_flag=True, help="Skip the mask and tile-grid PNGs in OUT/qc/.")
+@click.option("--manifest-only", is_flag=True,
+              help="Plan the tiles and write the manifests only, no tile files (`dbs --images` cuts them from the slides).")
 @stain_options
 @click.option("--workers", type=WORKERS, default=None, help="Processes (default or 0: all cores).")
 def tile(data: Path, out: Path, size: int, mpp: Optional[float], level: Optional[int], stride: Optional[int],
          min_tissue: float, resize: Optional[int], mask_side: int, db_backend: Optional[str], only, classes,
-         no_qc: bool, stain, stain_target, stain_include_background, stain_params, workers) -> None:
+         no_qc: bool, manifest_only: bool, stain, stain_target, stain_include_background, stain_params,
+         workers) -> None:
     """Tissue tiles of every slide of DATA (DATA/<class>/<slide>, or a slide,label[,case] CSV) into OUT."""
     from lymph_cv.stages import tiling
 
@@ -105,7 +108,7 @@ def tile(data: Path, out: Path, size: int, mpp: Optional[float], level: Optional
     if method is not None and record is None:
         raise click.UsageError("slides tile --stain needs --stain-target (a record or an image to fit on)")
     result = tiling.tile_slides(data, out, params, classes=classes, workers=workers, db_backend=db_backend,
-                                stain=record, only=list(only), qc=not no_qc)
+                                stain=record, only=list(only), qc=not no_qc, write_tiles=not manifest_only)
     if result is None:
         click.echo(f"{out}: some slides are still to be tiled (other tasks, or run again without --slide)")
         return

@@ -171,13 +171,14 @@ class TileSet:
     data: Optional[str] = None  # the data folder or CSV the slides came from
     db_backend: Optional[str] = None  # tiles were written to per-slide databases of this backend, not files
     stain: Optional[dict] = None  # the stain normalisation the tiles were written with
+    files: bool = True  # tile files were written (False: per-slide databases, or the manifests only)
 
     def tiles_of(self, slide: str) -> List[Tile]:
         return [tile for tile in self.tiles if tile.slide == slide]
 
     def to_json(self) -> dict:
         return {"format": TILE_FORMAT, "params": self.params.to_json(), "classes": list(self.classes),
-                "data": self.data, "db_backend": self.db_backend, "stain": self.stain,
+                "data": self.data, "db_backend": self.db_backend, "stain": self.stain, "files": self.files,
                 "slides": [s.to_json() for s in self.slides], "total_tiles": len(self.tiles)}
 
     def patch_manifest(self, out_dir: PathLike) -> Manifest:
@@ -247,7 +248,7 @@ def read_tile_set(path: PathLike) -> TileSet:
     try:
         tile_set = TileSet(from_fields(TileParams, obj["params"]), list(obj["classes"]),
                            [from_fields(SlideRecord, s) for s in obj["slides"]], [], obj.get("data"),
-                           obj.get("db_backend"), obj.get("stain"))
+                           obj.get("db_backend"), obj.get("stain"), bool(obj.get("files", True)))
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
         raise FormatError(f"not a tile manifest ({type(exc).__name__}: {exc})", json_path) from None
     tile_set.tiles = read_tiles_csv(json_path.parent / TILE_TABLE)
@@ -374,10 +375,14 @@ def read_tile(slide, tile: Tile, transform: Optional[ColourTransform] = None) ->
     resampled to its size (area averaging down, linear up), then ``transform`` (the colour hook)."""
     import cv2
 
-    rgb = slide_format.rgb_of(slide.read_region((tile.x, tile.y), tile.level, (tile.read_size, tile.read_size)))
+    region = slide.read_region((tile.x, tile.y), tile.level, (tile.read_size, tile.read_size))
+    rgba = np.asarray(region)
+    if rgba.ndim == 3 and rgba.shape[2] == 4 and rgba[..., 3].min() == 255:
+        bgr = np.ascontiguousarray(rgba[..., 2::-1])  # wholly scanned (most tiles): one copy, no blending
+    else:
+        bgr = np.ascontiguousarray(slide_format.rgb_of(region)[..., ::-1])
     if tile.read_size != tile.size:
         shrink = tile.read_size > tile.size
-        rgb = cv2.resize(rgb, (tile.size, tile.size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    bgr = np.ascontiguousarray(rgb[..., ::-1])
+        bgr = cv2.resize(bgr, (tile.size, tile.size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
     return bgr if transform is None else transform(bgr)
 

@@ -28,7 +28,7 @@ from lymph_cv import DEFAULT_CLASSES
 from lymph_cv.core import faults, locks
 from lymph_cv.core.fsutil import atomic_write_bytes, atomic_write_json, check_writable, make_dirs
 from lymph_cv.core.workers import imap, resolve_workers
-from lymph_cv.errors import InputError, LymphCVError
+from lymph_cv.errors import ConfigError, InputError, LymphCVError
 from lymph_cv.formats import slides as slide_format
 from lymph_cv.formats import store
 from lymph_cv.formats.caffe.datum import serialize_datum
@@ -167,8 +167,9 @@ def chunks_of(tiles: Sequence[Tile], size: int, pixels: int = CHUNK_PIXELS) -> I
 
 
 def _done_content(params: TileParams, source: SlideSource, db_backend: Optional[str],
-                  stain: Optional[StainTransform]) -> dict:
+                  stain: Optional[StainTransform], write_tiles: bool = True) -> dict:
     return {"params": params.to_json(), "source": source_signature(source.path), "db_backend": db_backend,
+            "write_tiles": write_tiles,
             "stain": None if stain is None else stain.to_json()}
 
 
@@ -182,7 +183,8 @@ def _read_done(out_dir: Path, source: SlideSource, expected: dict) -> Optional[t
         tiles = [Tile(**t) for t in done["tiles"]]
     except (KeyError, TypeError, ValueError):
         return None
-    if expected["db_backend"] is None and not all((out_dir / t.name).is_file() for t in tiles):
+    files = expected["db_backend"] is None and expected["write_tiles"]
+    if files and not all((out_dir / t.name).is_file() for t in tiles):
         return None
     return record, tiles
 
@@ -216,6 +218,7 @@ def tile_slides(
     stain: Optional[StainRecord] = None,
     only: Optional[Sequence[int]] = None,
     qc: bool = True,
+    write_tiles: bool = True,
 ) -> Optional[TileSet]:
     """Tile every slide of ``data`` (class folders or a ``slide,label[,case]`` CSV) into ``out_dir``.
 
@@ -227,6 +230,8 @@ def tile_slides(
             to ``out_dir/stain.json`` and into the manifests).
         only: 1-based slide numbers (in manifest order) to tile now: one array task's share.
         qc: write ``qc/<stem>_mask.png`` and ``qc/<stem>_grid.png``.
+        write_tiles: False plans the tiles and writes the manifests only (no tile files, no
+            databases): ``dbs --images`` then cuts the tiles straight from the slides.
 
     Returns the tile set once every slide is complete (tiles.json, tiles.csv and manifest.json
     written), else None (other slides are left to other tasks or a rerun).
@@ -234,12 +239,14 @@ def tile_slides(
     out_dir = Path(out_dir)
     if db_backend is not None:
         db_backend = store.check_backend(db_backend)
+        if not write_tiles:
+            raise ConfigError("--db and --manifest-only are alternatives: the databases hold the tiles")
     sources = scan_slides(data, classes)
     check_writable(out_dir)
     transform = None if stain is None else stain.transform
     selected = _select(sources, only)
     done: dict[str, tuple[SlideRecord, List[Tile]]] = {}
-    expected = {s.slide: _done_content(params, s, db_backend, transform) for s in sources}
+    expected = {s.slide: _done_content(params, s, db_backend, transform, write_tiles) for s in sources}
     _collect_done(out_dir, sources, expected, done)
     todo = [s for s in selected if s.slide not in done]
     if len(todo) < len(selected):
@@ -258,8 +265,8 @@ def tile_slides(
                      result.record.tiles, result.record.candidates, params.min_tissue,
                      100 * result.record.tissue_fraction)
         for source, record, tiles in planned:
-            unchanged += _write_slide(out_dir, source, record, tiles, params, db_backend, transform, workers,
-                                      expected[source.slide])
+            unchanged += _write_slide(out_dir, source, record, tiles if write_tiles else [], params, db_backend,
+                                      transform, workers, expected[source.slide], tiles)
             done[source.slide] = (record, tiles)
             log.info("tiles: %s: %d tiles written (%d of %d slides complete)", source.slide, len(tiles),
                      len(done), len(sources))
@@ -274,7 +281,7 @@ def tile_slides(
     stain_json = None if transform is None else {**transform.to_json(), "unchanged_tiles": unchanged}
     records = [done[s.slide][0] for s in sources]
     tile_set = TileSet(params, list(classes), records, [t for s in sources for t in done[s.slide][1]],
-                       os.fspath(Path(data).resolve()), db_backend, stain_json)
+                       os.fspath(Path(data).resolve()), db_backend, stain_json, files=write_tiles and db_backend is None)
     if stain is not None:
         write_record(out_dir / STAIN_RECORD, stain)
     else:
@@ -307,9 +314,9 @@ def remove_extra_tiles(out_dir: Path, slide: str, keep: int) -> None:
 
 def _write_slide(out_dir: Path, source: SlideSource, record: SlideRecord, tiles: List[Tile], params: TileParams,
                  db_backend: Optional[str], transform: Optional[StainTransform], workers: Optional[int],
-                 expected: dict) -> int:
-    """Write one slide's tiles (files or its database) and then its completion record; the count
-    of tiles the stain normalisation left unchanged."""
+                 expected: dict, planned: List[Tile]) -> int:
+    """Write one slide's ``tiles`` (files or its database; none: manifest only) and then its
+    completion record of the ``planned`` ones; the count of tiles the stain normalisation left unchanged."""
     done_path = done_record_path(out_dir, source.slide)
     done_path.unlink(missing_ok=True)  # an older record must not vouch for tiles being rewritten
     remove_extra_tiles(out_dir, source.slide, 0 if db_backend is not None else len(tiles))
@@ -321,7 +328,7 @@ def _write_slide(out_dir: Path, source: SlideSource, record: SlideRecord, tiles:
     unchanged = 0
     weights = [len(job.tiles) for job in jobs]
     results = imap(_tile_chunk, jobs, workers=workers, desc=f"tiles {source.slide}", unit="tile", weights=weights)
-    if db_backend is None:
+    if db_backend is None or not tiles:
         for result in results:
             unchanged += result.unchanged
     else:
@@ -332,5 +339,5 @@ def _write_slide(out_dir: Path, source: SlideSource, record: SlideRecord, tiles:
                     writer.put(key, value)
                 unchanged += result.unchanged
     faults.event("tiles:slide")
-    atomic_write_json(done_path, {**expected, "slide": record.to_json(), "tiles": [t.__dict__ for t in tiles]})
+    atomic_write_json(done_path, {**expected, "slide": record.to_json(), "tiles": [t.__dict__ for t in planned]})
     return unchanged

@@ -18,7 +18,7 @@ from lymph_cv.core.workers import imap
 from lymph_cv.stages.patches import BadInputs
 from lymph_cv.stages.stage import RunOptions, Stage, stain_key, stain_target_record
 from lymph_cv.stages.stain import StainRecord, StainTransform, fit_record, write_record
-from lymph_cv.stages.dbs.cache import PatchCache, build_from_cache, digest_of_manifest
+from lymph_cv.stages.dbs.cache import PatchCache, build_from_cache, digest_of_manifest, is_tile_manifest
 from lymph_cv.stages.dbs.convert import DEFAULT_BACKEND, DEFAULT_SEED, DbResult, DbTask, build_from_files
 from lymph_cv.workdir.layout import (DB_TEST, DB_TRAIN, DBS_JSON, FOLD_STAIN_RECORD, FOLDS_JSON, MEAN_FILE, TEST_LIST,
                                      TRAIN_LIST, TRAIN_PARENT)
@@ -190,6 +190,9 @@ def _fold_stains(workdir: Path, folds: Sequence[int], images, record: dict, meth
     if images is None:
         raise ConfigError("--stain: applies with --images (patch files keep the normalisation `patches --stain` "
                           "gave them)")
+    if target is None and is_tile_manifest(workdir, record):
+        raise ConfigError("--stain over slides needs --stain-target (a record or an image): a target is not "
+                          "fitted on whole slides")
     transforms = {}
     for fold in folds:
         if target is not None:

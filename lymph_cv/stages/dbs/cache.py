@@ -1,5 +1,7 @@
 """Databases straight from the source images (``dbs --images``): the patches the lists name, cut once into
-a shared array (shared memory, or a temporary file when it would not fit), never written as files."""
+a shared array (shared memory, or a temporary file when it would not fit), never written as files.
+For a tile manifest (``slides tile``, ``tiles.json`` beside manifest.json) the patches are the
+slides' tiles, read from the slides as the tiler reads them."""
 from __future__ import annotations
 
 import contextlib
@@ -27,9 +29,11 @@ from lymph_cv.stages.patches import (
 )
 from lymph_cv.stages.stain import StainTransform
 from lymph_cv.stages.stain import hook as stain_hook
+from lymph_cv.stages.tiles import Tile, read_tile, read_tile_set
+from lymph_cv.formats.slides import open_slide
 from lymph_cv.stages.dbs.convert import DbResult, DbTask, save_mean_or_drop, write_db_batches
 from lymph_cv.stages.dbs.lists import PATCH_NAME, read_image_list, shuffled_order
-from lymph_cv.workdir.layout import PATCH_DIR
+from lymph_cv.workdir.layout import PATCH_DIR, TILE_SET
 from lymph_cv.workdir.lists import ListEntry
 
 log = logging.getLogger(__name__)
@@ -146,10 +150,17 @@ class PatchCache:
             np.memmap(token, np.uint8, "w+", shape=(size,)).flush()
         cache = cls(token, in_memory, total, shape, offsets, counts)
         try:
-            jobs = [(cache, SourceImage(images / e.cls / e.name, e.cls, e.label), e.stem, manifest.step, stain)
-                    for e in chosen]
+            tiles = slide_tiles(manifest)
+            if tiles is None:
+                jobs = [(cache, SourceImage(images / e.cls / e.name, e.cls, e.label), e.stem, manifest.step, stain)
+                        for e in chosen]
+                cut = _cut_image
+            else:  # the slide's tiles in place of the window step
+                jobs = [(cache, SourceImage(Path(tiles[e.stem][0].path) if tiles[e.stem] else images / e.cls / e.name,
+                                            e.cls, e.label), e.stem, tiles[e.stem], stain) for e in chosen]
+                cut = _cut_slide
             unreadable = set()
-            done = imap(_cut_image, jobs, workers=workers, desc="cut", unit="img")
+            done = imap(cut, jobs, workers=workers, desc="cut", unit="img")
             for (_, source, stem, _, _), (problem, conversion, unchanged) in zip(jobs, done):
                 if problem:
                     bad.problem(problem)
@@ -169,18 +180,26 @@ def digest_of_manifest(workdir: Path, record: dict) -> Optional[str]:
     The lists name patches only; a rerun of ``patches`` with another window size rewrites
     the files under the same names, so a database is current only for the same manifest.
     """
-    relative = record.get("manifest")
-    path = workdir / relative if relative else workdir / PATCH_DIR / MANIFEST_NAME
+    path = _manifest_path(workdir, record)
+    tile_set = path.parent / TILE_SET  # a tile manifest: the tiles' parameters too (mpp, level, …)
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return hashlib.sha256(path.read_bytes() + (tile_set.read_bytes() if tile_set.is_file() else b"")).hexdigest()
     except OSError:
         return None
 
 
-def _manifest_for(workdir: Path, record: dict) -> Manifest:
+def _manifest_path(workdir: Path, record: dict) -> Path:
     relative = record.get("manifest")
-    path = workdir / relative if relative else workdir / PATCH_DIR / MANIFEST_NAME
-    return load_manifest(path)
+    return workdir / relative if relative else workdir / PATCH_DIR / MANIFEST_NAME
+
+
+def _manifest_for(workdir: Path, record: dict) -> Manifest:
+    return load_manifest(_manifest_path(workdir, record))
+
+
+def is_tile_manifest(workdir: Path, record: dict) -> bool:
+    """Whether the folds of ``record`` (folds.json) come from a tile manifest (``slides tile``)."""
+    return (_manifest_path(workdir, record).parent / TILE_SET).is_file()
 
 
 def _cut_image(job: tuple["PatchCache", SourceImage, str, int, Optional[StainTransform]],
@@ -200,6 +219,38 @@ def _cut_image(job: tuple["PatchCache", SourceImage, str, int, Optional[StainTra
     extract(read.bgr, cache.shape[1], step, channels_first=True, out=rows)
     cache.release(cache.offsets[stem], count)  # written: the other processes read it from the shared block
     return None, read.conversion, transform is not None and transform.unchanged
+
+
+def slide_tiles(manifest: Manifest) -> Optional[dict[str, list[Tile]]]:
+    """Slide id → its tiles when ``manifest`` is a tile manifest (tiles.json beside it), else None."""
+    if manifest.path is None or not (manifest.path.parent / TILE_SET).is_file():
+        return None
+    tile_set = read_tile_set(manifest.path.parent)
+    by_slide: dict[str, list[Tile]] = {record.slide: [] for record in tile_set.slides}
+    for tile in tile_set.tiles:
+        by_slide.setdefault(tile.slide, []).append(tile)
+    return by_slide
+
+
+def _cut_slide(job: tuple["PatchCache", SourceImage, str, list, Optional[StainTransform]],
+               ) -> tuple[Optional[str], Optional[str], bool]:
+    """Read one slide's tiles straight into its rows of the shared array (problem, None, unchanged)."""
+    cache, source, stem, tiles, stain = job
+    transform = stain_hook(stain)
+    count = cache.counts[stem]
+    if len(tiles) != count:
+        return f"{source.path}: has {len(tiles)} tiles in tiles.csv, {count} in the manifest", None, False
+    unchanged = False
+    try:
+        with open_slide(source.path) as slide:
+            rows = cache.open(writable=True)[cache.offsets[stem]: cache.offsets[stem] + count]
+            for row, tile in zip(rows, tiles):
+                row[...] = read_tile(slide, tile, transform).transpose(2, 0, 1).reshape(-1)
+                unchanged |= transform is not None and transform.unchanged
+    except LymphCVError as exc:
+        return str(exc), None, False
+    cache.release(cache.offsets[stem], count)
+    return None, None, unchanged
 
 
 def _cache_rows(task: DbTask, entries: Sequence[ListEntry], bad: BadInputs) -> np.ndarray:
