@@ -83,11 +83,11 @@ def _read_in_bulk(path: PathLike, lines: list[str]) -> list[ListEntry]:
     labels = [pair[-1] for pair in parts]
     # The common case checked in bulk: two fields everywhere, unsigned ASCII labels within int32.
     digits = "".join(labels)
-    if not (all(len(pair) == 2 for pair in parts) and digits.isascii() and digits.isdigit()
-            and all(len(label) <= _INT32_DIGITS for label in labels)):
+    if not (parts and min(map(len, parts)) == 2 and digits.isascii() and digits.isdigit()
+            and max(map(len, labels)) <= _INT32_DIGITS):
         return _read_line_by_line(path, lines)
     values = list(map(int, labels))
-    if values and max(values) >= _INT32[1]:
+    if max(values) >= _INT32[1]:
         return _read_line_by_line(path, lines)
     names = [pair[0].strip() for pair in parts]
     return list(map(tuple.__new__, itertools.repeat(ListEntry), zip(names, values, numbers)))

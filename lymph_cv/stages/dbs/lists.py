@@ -31,15 +31,33 @@ def read_image_list(path: Union[str, os.PathLike], num_labels: Optional[int] = N
     file and line.
     """
     entries = read_labelled_list(path)
+    if not entries:
+        raise InputError("list is empty, expected '<file> <label>' lines", path)
+    if _plainly_valid(entries, num_labels):
+        return entries
     for entry in entries:
         if num_labels is not None and not 0 <= entry.label < num_labels:
             raise InputError(f"line {entry.line}: label {entry.label} is outside the {num_labels} classes "
                              f"(0..{num_labels - 1})", path)
         if not check_relative(entry.name):
             raise InputError(f"line {entry.line}: {entry.name!r} must be a relative path inside the root folder", path)
-    if not entries:
-        raise InputError("list is empty, expected '<file> <label>' lines", path)
     return entries
+
+
+#: A name whose second character is a drive colon (``C:...``), in names joined after line breaks.
+_DRIVE = re.compile(r"\n.:")
+
+
+def _plainly_valid(entries: list[ListEntry], num_labels: Optional[int]) -> bool:
+    """:func:`read_image_list`'s checks over the whole list at once (a full-scale list has 820,096
+    lines); False when any entry may fail, which the line-by-line check then names."""
+    if num_labels is not None:
+        labels = [entry.label for entry in entries]
+        if min(labels) < 0 or max(labels) >= num_labels:
+            return False
+    # The names hold no line break (they come from separate lines), so one joined string tells.
+    joined = "\n" + "\n".join([entry.name for entry in entries])
+    return not ("\n/" in joined or "\n\\" in joined or ".." in joined or _DRIVE.search(joined))
 
 
 def shuffled_order(count: int, seed: Optional[int]) -> np.ndarray:
