@@ -278,3 +278,22 @@ def test_databases_straight_from_the_slides_equal_those_of_the_tile_files(tmp_pa
         with store.open_reader(work / "DB_train_1", "lmdb") as reader:
             contents.append(dict(iter(reader)))
     assert len(contents[0]) > 0 and contents[0] == contents[1]
+
+
+def test_a_tiling_killed_after_a_slide_resumes_with_that_slide_kept(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    data = slide_set(tmp_path / "data")
+    out = tmp_path / "tiles"
+    argv = [sys.executable, "-m", "lymph_cv", "slides", "tile", str(data), str(out), "--size", "64", "--mpp", "1",
+            "--mask-side", "256", "--classes", "CLL,FL", "--workers", "1", "--no-qc"]
+    killed = subprocess.run(argv, env={**os.environ, "LYMPH_CV_FAULT": "kill@tiles:slide#1"}, capture_output=True,
+                            text=True)
+    assert killed.returncode != 0 and not (out / "tiles.json").exists()
+    assert [p.name for p in (out / ".tiles").glob("*.json")] == ["CLL_case1_001.json"]
+    resumed = subprocess.run(argv, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "1 slide(s) complete from an earlier run" in resumed.stderr
+    assert tiles.read_tile_set(out).slides[0].tiles == 16

@@ -338,6 +338,6 @@ def _write_slide(out_dir: Path, source: SlideSource, record: SlideRecord, tiles:
                 for key, value in result.records:
                     writer.put(key, value)
                 unchanged += result.unchanged
-    faults.event("tiles:slide")
     atomic_write_json(done_path, {**expected, "slide": record.to_json(), "tiles": [t.__dict__ for t in planned]})
+    faults.event("tiles:slide")
     return unchanged
