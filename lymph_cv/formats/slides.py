@@ -20,8 +20,8 @@ PathLike = Union[str, os.PathLike]
 
 #: Background value that transparent (unscanned) pixels become: white glass.
 BACKGROUND = 255
-#: Pixels of one band a low-resolution view is read in (64 Mpx: 256 MiB of RGBA at most).
-BAND_PIXELS = 64 * 1024 * 1024
+#: Pixels of one band a low-resolution view is read in (16 Mpx: 64 MiB of RGBA, a few copies at most).
+BAND_PIXELS = 16 * 1024 * 1024
 #: OpenSlide's standard property names.
 _VENDOR = "openslide.vendor"
 _MPP_X = "openslide.mpp-x"

@@ -264,6 +264,9 @@ def tile_slides(
             log.info("tiles: %s: %d of %d grid tiles with tissue >= %g (%.1f%% tissue)", source.slide,
                      result.record.tiles, result.record.candidates, params.min_tissue,
                      100 * result.record.tissue_fraction)
+            if not result.tiles:  # it stays in the manifest (a slide of the set), with no patches to train on
+                log.warning("warning: %s: no tile has tissue >= %g (see %s/%s)", source.path, params.min_tissue,
+                            TILE_QC_DIR, TILE_GRID_PNG.format(slide=source.slide))
         for source, record, tiles in planned:
             unchanged += _write_slide(out_dir, source, record, tiles if write_tiles else [], params, db_backend,
                                       transform, workers, expected[source.slide], tiles)
