@@ -103,6 +103,26 @@ def test_changed_parameter_reruns_from_its_stage(tmp_path: Path, finished: Path,
     assert [actions[s] for s in PIPELINE] == ["skip"] * 4 + ["run"] * 3
 
 
+def test_display_interval_rerenders_and_trains_nothing_again(tmp_path: Path, finished: Path, tiny_data: Path):
+    """A display interval cannot change a result: it stays out of the keys, the configs are rendered
+    again with it, and nothing is trained or evaluated again."""
+    import shutil
+
+    from lymph_cv.formats.caffe.prototxt import read_solver
+
+    workdir = tmp_path / "work"
+    shutil.copytree(finished, workdir)
+    model = workdir / "1" / f"1_caffenet_train_w32_iter_{MAX_ITER}.caffemodel"
+    before = model.stat().st_mtime_ns
+    actions = run_logged(tiny_options(workdir, tiny_data, overrides={**TRAIN_SET, "display": "3"}))
+    # the stages after render resume (their inputs were rewritten) and find their work done
+    assert [actions[s] for s in PIPELINE] == ["skip"] * 3 + ["resume"] * 4
+    assert read_solver(workdir / "1" / "1-alexnet_solver_ada.prototxt").display == 3
+    assert model.stat().st_mtime_ns == before
+    assert (workdir / "eval" / "fold_1" / "metrics.json").stat().st_mtime_ns == \
+        (finished / "eval" / "fold_1" / "metrics.json").stat().st_mtime_ns
+
+
 def test_heatmaps_rerun_only_evaluation_and_report(tmp_path: Path, finished: Path, tiny_data: Path):
     import shutil
 

@@ -37,7 +37,7 @@ from lymph_cv.workdir.layout import (DBS_JSON, DEPLOY_NAME, RENDER_JSON, DROPOUT
 from lymph_cv.workdir.layout import DB_TEST as TEST_DB
 from lymph_cv.workdir.layout import DB_TRAIN as TRAIN_DB
 from lymph_cv.workdir.layout import RENDER_JSON
-from lymph_cv.workdir.records import DBS, MANIFEST, read_record
+from lymph_cv.workdir.records import DBS, MANIFEST, read_cache, read_record
 from lymph_cv.workdir.lists import read_labelled_list, require_folds
 from lymph_cv.stages.stage import TUTORIAL_ARCH, RunOptions, Stage
 
@@ -473,12 +473,17 @@ def training_overrides(o: RunOptions) -> Dict[str, str]:
     return values
 
 
+#: Variables that change when training logs, tests and snapshots, never its weights (they are among
+#: ``stages.train.RESULT_NEUTRAL_FIELDS``): not part of the render stage's key.
+DISPLAY_ONLY = ("display", "test_interval", "snapshot")
+
+
 class RenderStage(Stage):
     """Step 4a: each fold's solver, train/test net and deploy net.
 
-    Every variable enters the key, display and snapshot intervals too: they change the rendered
-    files.  They do not change what training computes: the train stage resumes the snapshots of the
-    same training identity (``stages.train.training_identity``), so such a change trains nothing again.
+    The :data:`DISPLAY_ONLY` variables stay out of the key: changing one re-renders the configs (the
+    rendered values are checked in ``complete``) under the same key: the later stages resume and find
+    their work done (nothing is trained or evaluated again).
     """
 
     name = "render"
@@ -490,16 +495,24 @@ class RenderStage(Stage):
         resolve_variables(training_overrides(o))  # --set KEY=VALUE: known keys, values of their type
 
     def params(self, o: RunOptions) -> dict:
-        params = {"overrides": training_overrides(o), "dropout": o.dropout, "folds": o.fold_list,
-                  "device": solver_device(o.device)}
+        overrides = {k: v for k, v in training_overrides(o).items() if k not in DISPLAY_ONLY}
+        params = {"overrides": overrides, "dropout": o.dropout, "folds": o.fold_list, "device": solver_device(o.device)}
         # Only when not the tutorial's net, so the keys of earlier runs stay valid.
         params.update({k: v for k, v in (("arch", o.arch), ("stem", o.stem)) if v not in (None, TUTORIAL_ARCH)})
         return params
 
     def complete(self, o: RunOptions) -> bool:
         w = Path(o.workdir)
-        return all((w / str(k) / name.format(fold=k)).is_file()
-                   for k in o.fold_list for name in (SOLVER_NAME, NET_NAME, DEPLOY_NAME))
+        if not all((w / str(k) / name.format(fold=k)).is_file()
+                   for k in o.fold_list for name in (SOLVER_NAME, NET_NAME, DEPLOY_NAME)):
+            return False
+        values = resolve_variables(training_overrides(o), resolve_arch(o.arch, o.dropout).defaults)
+        wanted = {name: values[name] for name in DISPLAY_ONLY}
+        for k in o.fold_list:
+            rendered = read_cache(w / str(k) / RENDER_JSON) or {}
+            if {name: rendered.get(name) for name in DISPLAY_ONLY} != wanted:
+                return False  # rendered with other display values: render again (same key)
+        return True
 
     def run(self, o: RunOptions, fresh: bool) -> None:
         render_folds(o.workdir, o.fold_list, dropout=o.dropout, overrides=training_overrides(o),
