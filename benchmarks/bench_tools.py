@@ -13,7 +13,10 @@ Paired, interleaved runs (``--rounds``, medians reported) of
 No Caffe build is available here: the Caffe column holds the figures issue 17 measured side by side
 with BVLC Caffe (CPU, OpenBLAS) on this machine kind, and the ratios are against those constants.
 
-    .venv/bin/python benchmarks/bench_tools.py [--work DIR] [--rounds 5] [--big DB_train_1]
+    .venv/bin/python benchmarks/bench_tools.py [--work DIR] [--rounds 5] [--big DB_train_1] [--startup-only]
+
+Every figure is printed with the CPU seconds (user + system) of its processes: on a machine shared
+with other work the wall time inflates several-fold, the CPU time much less.
 """
 from __future__ import annotations
 
@@ -99,6 +102,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--big", type=Path, default=None, help="a full-scale train LevelDB for compute_image_mean")
     parser.add_argument("--skip-startup", action="store_true")
+    parser.add_argument("--startup-only", action="store_true", help="only the start-up figures")
     args = parser.parse_args()
     python = sys.executable
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -127,7 +131,7 @@ def main() -> None:
         if args.big is not None:
             mean("", args.big)
         floor = [python, "-c", "import numpy, plyvel"]
-        for _ in range(args.rounds):
+        for _ in range(0 if args.startup_only else args.rounds):
             rows.setdefault("convert_imageset leveldb", []).append(convert("leveldb"))
             rows.setdefault("convert_imageset lmdb", []).append(convert("lmdb"))
             rows.setdefault("compute_image_mean", []).append(mean("compute_image_mean", tmp / "db_mean"))
@@ -138,6 +142,8 @@ def main() -> None:
         print(f"{records} records (fold 1 train list); {args.rounds} interleaved rounds, medians; "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
         print("Caffe column: issue 17's side-by-side figures on this machine kind (no Caffe build here)")
+        for _ in range(args.rounds if args.startup_only else 0):
+            rows.setdefault("floor: python -c 'import numpy, plyvel'", []).append(_timed(floor, label="floor"))
         floor_s = statistics.median(rows.pop("floor: python -c 'import numpy, plyvel'"))
         print(f"floor (python -c 'import numpy, plyvel'): {floor_s:.3f} s wall, "
               f"{statistics.median(CPU['floor']):.3f} CPU s here; issue 17 measured {FLOOR_ISSUE} s on its machine")
@@ -160,16 +166,18 @@ def main() -> None:
         times: dict[str, list[float]] = {}
         for _ in range(args.rounds):
             for name, argv in startup.items():
-                times.setdefault(name, []).append(_timed(argv))
+                times.setdefault(name, []).append(_timed(argv, label=name))
             times.setdefault("lymph-cv inspect DB: first line", []).append(
-                _stdout_first_line([python, "-m", "lymph_cv", "inspect", str(tmp / "db_leveldb")]))
+                _stdout_first_line([python, "-m", "lymph_cv", "inspect", str(tmp / "db_mean")]))
             times.setdefault("compute_image_mean: first log line", []).append(_timed(
-                [python, str(TOOLS / "compute_image_mean"), "-backend", "leveldb", str(tmp / "db_leveldb")],
+                [python, str(TOOLS / "compute_image_mean"), "-backend", "leveldb", str(tmp / "db_mean")],
                 first_line=True))
-        print(f"\n{'start-up (whole process)':<44} {'median s':>9} {'vs Caffe binary':>15}  target {STARTUP_TARGET} s")
+        print(f"\n{'start-up (whole process)':<44} {'median s':>9} {'CPU s':>6} {'vs Caffe binary':>15}  "
+              f"target {STARTUP_TARGET} s")
         for name, values in times.items():
             median = statistics.median(values)
-            print(f"{name:<44} {median:>9.3f} {median / CAFFE['binary start-up']:>14.1f}x  "
+            cpu = f"{statistics.median(CPU[name]):>6.3f}" if name in CPU else f"{'':>6}"
+            print(f"{name:<44} {median:>9.3f} {cpu} {median / CAFFE['binary start-up']:>14.1f}x  "
                   f"{'ok' if median <= STARTUP_TARGET else 'over'}")
 
 

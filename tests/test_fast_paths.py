@@ -70,7 +70,8 @@ def test_command_defaults_match_the_stages():
 #: the interpreter's start-up floor).
 LIGHT_COMMAND_MODULES = ("lymph_cv.commands.stain", "lymph_cv.commands.train", "lymph_cv.commands.heldout",
                          "lymph_cv.commands.pycaffe_path", "lymph_cv.commands.data", "lymph_cv.commands.evaluate",
-                         "lymph_cv.commands.inspect", "lymph_cv.commands.import_data", "lymph_cv.commands.bags")
+                         "lymph_cv.commands.inspect", "lymph_cv.commands.import_data", "lymph_cv.commands.bags",
+                         "lymph_cv.commands.jobs")
 
 
 @pytest.mark.parametrize("module", LIGHT_COMMAND_MODULES)

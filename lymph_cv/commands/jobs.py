@@ -8,19 +8,23 @@ from typing import Optional, Sequence
 import click
 
 from lymph_cv.commands.options import WORKERS
-from lymph_cv.cluster import jobs as jobs_module
 # The same --folds syntax and checks as `lymph-cv render`.
 from lymph_cv.commands.options import folds_option
 from lymph_cv.errors import SchedulerError
+# The options' choices and defaults from the light modules; the job engine (templates, the net
+# renderer: jinja2, numpy, protobuf) is imported when a command runs.
+from lymph_cv.cluster import records, spec
+from lymph_cv.cluster.schedulers import SCHEDULERS
 
 _WORKDIR = click.argument("workdir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 #: What ``submit --stage`` submits.
-STAGES = ("train", jobs_module.TILES_TASK)
+STAGES = ("train", spec.TILES_TASK)
 
 
-def _submit_tiles(out: Path, args: Sequence[str], scheduler: str, options: jobs_module.JobOptions,
+def _submit_tiles(out: Path, args: Sequence[str], scheduler: str, options: spec.JobOptions,
                   dry_run: bool) -> list:
     """``submit OUT --stage tiles -- DATA [slides tile options]``: one task per slide (``--slide N``)."""
+    from lymph_cv.cluster import jobs as jobs_module
     from lymph_cv.commands.slides import tile as tile_command
     from lymph_cv.commands.slides import tile_params
     from lymph_cv.stages.sources.slides import scan_slides
@@ -43,7 +47,7 @@ def _submit_tiles(out: Path, args: Sequence[str], scheduler: str, options: jobs_
     return jobs_module.submit_tiles(out, scheduler, commands, options, dry_run=dry_run)
 
 
-def _shown(submission: jobs_module.Submission) -> str:
+def _shown(submission: spec.Submission) -> str:
     """The command as a user would type it (submission runs from the script's folder)."""
     return f"cd {shlex.quote(str(submission.script.parent))} && {shlex.join(submission.command)}"
 
@@ -54,15 +58,15 @@ def _shown(submission: jobs_module.Submission) -> str:
 @click.option("--stage", type=click.Choice(STAGES), default=STAGES[0], show_default=True,
               help="train: the folds' training (WORKDIR the work directory); tiles: `slides tile` one slide per "
                    "array task (WORKDIR the tile folder, then -- DATA and the tiling options).")
-@click.option("--scheduler", type=click.Choice(jobs_module.SCHEDULERS), required=True,
+@click.option("--scheduler", type=click.Choice(SCHEDULERS), required=True,
               help="Torque/PBS (qsub), Slurm (sbatch) or a local worker pool.")
 @click.option("--folds", callback=folds_option, default=None, help="Folds to submit, e.g. 1-5 or 1,3 (default: all).")
 @click.option("--dry-run", is_flag=True, help="Write the job scripts and print the commands; submit nothing.")
-@click.option("--walltime", default=jobs_module.DEFAULT_WALLTIME, show_default=True, help="[D-]HH:MM:SS per job.")
+@click.option("--walltime", default=spec.DEFAULT_WALLTIME, show_default=True, help="[D-]HH:MM:SS per job.")
 @click.option("--queue", default=None, help="PBS queue / Slurm partition.")
-@click.option("--ppn", type=click.IntRange(min=1), default=jobs_module.DEFAULT_PPN, show_default=True,
+@click.option("--ppn", type=click.IntRange(min=1), default=spec.DEFAULT_PPN, show_default=True,
               help="Cores per job (PBS ppn, Slurm cpus-per-task, OMP_NUM_THREADS).")
-@click.option("--gpus", type=click.IntRange(min=0), default=jobs_module.DEFAULT_GPUS, show_default=True,
+@click.option("--gpus", type=click.IntRange(min=0), default=spec.DEFAULT_GPUS, show_default=True,
               help="GPUs per job (PBS gpus=N:exclusive_process, Slurm --gres=gpu:N).")
 @click.option("--after", multiple=True, help="Start only after this job id succeeded (afterok); repeatable.")
 @click.option("--mail", default=None, help="Mail address for begin/end/abort notices.")
@@ -83,6 +87,8 @@ def submit(workdir: Path, stage_args: tuple, stage: str, scheduler: str, folds: 
            resubmit: bool, workers: Optional[int], nodes: int, gpus_per_node: int, tasks_per_node: Optional[int],
            then_evaluate: bool) -> None:
     """Write one job script per fold next to its configs and submit it; record jobs in WORKDIR/jobs.json."""
+    from lymph_cv.cluster import jobs as jobs_module
+
     options = jobs_module.JobOptions(walltime=walltime, queue=queue, ppn=ppn, gpus=gpus, mail=mail,
                                      after=tuple(after), workers=workers or None, nodes=nodes,
                                      gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node)
@@ -106,7 +112,7 @@ def submit(workdir: Path, stage_args: tuple, stage: str, scheduler: str, folds: 
     _show(submissions, dry_run)
 
 
-def _show(submissions: Sequence[jobs_module.Submission], dry_run: bool, unit: str = "fold") -> None:
+def _show(submissions: Sequence[spec.Submission], dry_run: bool, unit: str = "fold") -> None:
     for submission in submissions:
         what = f"{unit} {submission.fold}" if submission.fold is not None else "evaluate"
         if dry_run:
@@ -117,7 +123,7 @@ def _show(submissions: Sequence[jobs_module.Submission], dry_run: bool, unit: st
             click.echo(f"{what}: job {submission.job_id} ({submission.script})")
 
 
-def format_states(states: Sequence[jobs_module.JobStatus]) -> str:
+def format_states(states: Sequence[records.JobStatus]) -> str:
     """A table: task, fold, scheduler, job id, state (exit code), log path."""
     rows = [("TASK", "FOLD", "SCHEDULER", "JOB", "STATE", "LOG")]
     for status in states:
@@ -136,6 +142,8 @@ def format_states(states: Sequence[jobs_module.JobStatus]) -> str:
 @click.option("--timeout", type=click.FloatRange(min=0), default=None, help="Seconds to wait at most (--wait).")
 def jobs(workdir: Path, all_tasks: bool, wait: bool, timeout: Optional[float]) -> None:
     """Show each recorded job's id, scheduler, state and log path."""
+    from lymph_cv.cluster import jobs as jobs_module
+
     task = None if all_tasks else jobs_module.TRAIN_TASK
     if wait:
         jobs_module.wait_for_jobs(workdir, task=task, timeout=timeout)
