@@ -45,11 +45,13 @@ log = logging.getLogger(__name__)
 PIPELINE: Sequence[Tuple[str, str]] = (
     ("synth", "lymph_cv.stages.synth"),
     ("patches", "lymph_cv.stages.patches"),
+    ("tiles", "lymph_cv.stages.tiling"),
     ("folds", "lymph_cv.stages.folds"),
     ("dbs", "lymph_cv.stages.dbs"),
     ("render", "lymph_cv.stages.render"),
     ("train", "lymph_cv.stages.train"),
     ("evaluate", "lymph_cv.stages.evaluate"),
+    ("slide_eval", "lymph_cv.stages.slide_eval"),
     ("report", "lymph_cv.stages.report"),
 )
 STAGES = tuple(name for name, _module in PIPELINE)

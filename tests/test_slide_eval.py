@@ -16,8 +16,8 @@ from lymph_cv.errors import ConfigError, UnsupportedError
 from lymph_cv.formats.caffe.blob import read_mean
 from lymph_cv.stages import slide_eval
 from lymph_cv.stages.evaluate import WindowClassifier
-from lymph_cv.stages.tiles import TileParams, TileSet, plan_slide, write_tile_set
-from slideutil import island_slide, random_net, write_slide
+from lymph_cv.stages.tiles import TileParams
+from slideutil import random_net
 from testdata import wheel_file
 
 CLASSES = ["A", "B"]
@@ -65,60 +65,6 @@ def test_slide_decision_by_fraction_or_threshold():
         slide_eval.slide_decision(np.array([0.1, 0.2, 0.7]), threshold=0.5)
 
 
-def _slide_workdir(root, net):
-    """A work directory of fold 1 with two test slides (one per class) in a tile manifest."""
-    work, deploy, model, mean = net
-    params = TileParams(PATCH, level=1)
-    records, tiles = [], []
-    for label, (cls, dark) in enumerate((("A", False), ("B", True))):
-        path = write_slide(root / "data" / cls / f"{cls.lower()}01.tif", island_slide(768, label, dark))
-        record, found, _mask, _geo = plan_slide(path, params, cls=cls, label=label)
-        records.append(record)
-        tiles += found
-    write_tile_set(root / "subs", TileSet(params, CLASSES, records, tiles, str(root / "data")))
-    (root / "test_w32_parent_1.txt").write_text("A/a01.tif\nB/b01.tif\n")
-    return root, deploy, model, mean
-
-
-def test_slides_evaluate_writes_fractions_tiles_and_maps_into_the_report(runner, cli, net, tmp_path):
-    work, deploy, model, mean = _slide_workdir(tmp_path / "w", net)
-    args = ["slides", "evaluate", str(work), "-k", "1", "--model", str(model), "--deploy", str(deploy), "--mean", str(mean)]
-    result = runner.invoke(cli, args)
-    assert result.exit_code == 0, result.stderr
-    assert "tile level:" in result.stdout
-    fold = work / "eval" / "fold_1"
-    metrics = json.loads((fold / "metrics.json").read_text())
-    assert metrics["unit"] == "slide" and metrics["images"] == 2
-    rows = list(csv.DictReader((fold / "slides.csv").open()))
-    assert [r["slide"] for r in rows] == ["A/a01.tif", "B/b01.tif"]
-    assert list(rows[0]) == ["slide", "true", "predicted", "correct", "tiles", "fraction_A", "fraction_B",
-                             "mean_prob_A", "mean_prob_B"]
-    for row, item in zip(rows, metrics["slides"]):
-        tiles = int(row["tiles"])
-        assert tiles == item["tiles"] > 20
-        assert float(row["fraction_A"]) + float(row["fraction_B"]) == pytest.approx(1.0)
-        assert row["predicted"] == CLASSES[int(float(row["fraction_B"]) > 0.5)]  # argmax, ties to A
-    assert metrics["tiles"]["tiles"] == sum(int(r["tiles"]) for r in rows)
-    assert np.array(metrics["tiles"]["confusion"]).sum() == metrics["tiles"]["tiles"]
-    for item in metrics["slides"]:
-        for name in (item["heatmap"], item["cam"]):
-            png = cv2.imread(str(fold / "heatmaps" / name))
-            assert png is not None and png.shape[0] > 300 and png.shape[1] > 2 * png.shape[0] * 0.8
-    assert runner.invoke(cli, ["report", str(work)]).exit_code == 0
-    md = (work / "eval" / "report.md").read_text()
-    assert "## Slides" in md and "(fold_1/heatmaps/B__b01.cam.png)" in md and "2 test slides" in md
-    pooled = json.loads((work / "eval" / "report.json").read_text())
-    assert pooled["tiles"]["tiles"] == metrics["tiles"]["tiles"]
-
-    page = render((work / "eval" / "report.html").as_uri(), tmp_path / "report.png")
-    assert page.console == [], page.console
-    maps = re.search(r'<div class="thumbs" id="slide-maps">(.*?)</div>', page.dom, re.S)
-    assert maps is not None
-    assert len(re.findall(r'<a href="fold_1/heatmaps/[AB]__[ab]01(?:\.cam)?\.png"><img src="data:image/png;base64,',
-                          maps.group(1))) == 4
-    assert 'id="tile-matrix"' in page.dom and "Tile level" in page.dom
-
-
 def test_slides_evaluate_without_a_tile_manifest_is_one_line(runner, cli, tmp_path):
     result = runner.invoke(cli, ["slides", "evaluate", str(tmp_path), "-k", "1"])
     assert result.exit_code == 2
@@ -142,3 +88,68 @@ def test_the_real_svs_is_tiled_scored_and_heatmapped(classifier, net, tmp_path):
         # the colour scale: a column of distinct colours right of the two panels
         scale = image[image.shape[0] // 3 : 2 * image.shape[0] // 3, int(image.shape[1] * 0.85) :]
         assert len(np.unique(scale.reshape(-1, 3), axis=0)) > 30
+
+
+def test_run_over_slides_end_to_end(runner, cli, tmp_path):
+    """``run --data SLIDES --arch resnet18 --tile-size …``: tiles instead of patches, folds by case, dbs,
+    render and train unchanged, slide-level evaluation with fractions, heatmaps and CAMs in the report
+    (opened in Chromium); then `slides evaluate` of the same fold with a threshold."""
+    from lymph_cv.stages.synth_slides import generate_slides
+
+    data = tmp_path / "slides"
+    generate_slides(data, per_class=6, cases_per_class=3, width=768, height=768, compression="deflate",
+                    classes=CLASSES, workers=1)
+    work = tmp_path / "w"
+    args = ["run", str(work), "--data", str(data), "--classes", "A,B", "--k", "3", "--folds", "1", "--group-by", "case",
+            "--arch", "resnet18", "--tile-size", "32", "--tile-mpp", "2", "--tile-resize", "16", "--max-iter", "1",
+            "--set", "batch_size=8", "--set", "test_iter=1", "--workers", "1"]
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 0, result.stderr[-3000:]
+    assert "== tiles: running" in result.stderr and "== patches" not in result.stderr
+    assert "== slide_eval: running" in result.stderr and "== evaluate" not in result.stderr
+    assert "4 slides over folds 1" in result.stdout
+    assert (work / "subs" / "tiles.json").is_file() and (work / "subs" / "qc").is_dir()
+    fold = work / "eval" / "fold_1"
+    metrics = json.loads((fold / "metrics.json").read_text())
+    assert metrics["unit"] == "slide" and metrics["images"] == 4 and metrics["settings"]["cam"]["features"] == "res5b"
+    rows = list(csv.DictReader((fold / "slides.csv").open()))
+    assert list(rows[0]) == ["slide", "true", "predicted", "correct", "tiles", "fraction_A", "fraction_B",
+                             "mean_prob_A", "mean_prob_B"]
+    assert sorted(r["true"] for r in rows) == ["A", "A", "B", "B"]  # folds by case: whole cases are tested
+    for row, item in zip(rows, metrics["slides"]):
+        assert row["slide"] == item["slide"] and int(row["tiles"]) == item["tiles"] > 0
+        assert float(row["fraction_A"]) + float(row["fraction_B"]) == pytest.approx(1.0)
+        assert float(row["mean_prob_A"]) + float(row["mean_prob_B"]) == pytest.approx(1.0, abs=1e-5)
+        assert row["predicted"] == CLASSES[int(float(row["fraction_B"]) > 0.5)]  # argmax, ties to A
+        for name in (item["heatmap"], item["cam"]):
+            png = cv2.imread(str(fold / "heatmaps" / name))
+            assert png is not None and png.shape[0] > 300 and png.shape[1] > 1.5 * png.shape[0]
+    assert metrics["tiles"]["tiles"] == sum(int(r["tiles"]) for r in rows)
+    assert np.array(metrics["tiles"]["confusion"]).sum() == metrics["tiles"]["tiles"]
+    md = (work / "eval" / "report.md").read_text()
+    assert "## Slides" in md and "4 test slides" in md and md.count("[CAM](fold_1/heatmaps/") == 4
+    assert json.loads((work / "eval" / "report.json").read_text())["tiles"]["tiles"] == metrics["tiles"]["tiles"]
+    page = render((work / "eval" / "report.html").as_uri(), tmp_path / "report.png")
+    assert page.console == [], page.console
+    maps = re.search(r'<div class="thumbs" id="slide-maps">(.*?)</div>', page.dom, re.S)
+    assert maps is not None
+    assert len(re.findall(r'<a href="fold_1/heatmaps/[AB]__[^"]+\.png"><img src="data:image/png;base64,',
+                          maps.group(1))) == 8 and maps.group(1).count("class activation map of") == 4
+    assert 'id="tile-matrix"' in page.dom and "Tile level" in page.dom
+    stages = json.loads((work / "run.json").read_text())["stages"]
+    assert "tiles" in stages and "slide_eval" in stages and "patches" not in stages
+    # Unchanged, a rerun skips every stage.
+    again = runner.invoke(cli, args)
+    assert again.exit_code == 0 and "running" not in again.stderr, again.stderr[-2000:]
+    # `slides evaluate` of the same fold: threshold 0 calls every slide the second class.
+    out = work / "eval" / "threshold"
+    result = runner.invoke(cli, ["slides", "evaluate", str(work), "-k", "1", "--threshold", "0", "--no-heatmaps",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    assert "tile level:" in result.stdout and not (out / "heatmaps").exists()
+    assert {r["predicted"] for r in csv.DictReader((out / "slides.csv").open())} == {"B"}
+
+
+def test_slide_options_without_tile_size_are_refused(runner, cli, tmp_path):
+    result = runner.invoke(cli, ["run", str(tmp_path / "w"), "--data", str(tmp_path), "--min-tissue", "0.3"])
+    assert result.exit_code == 2 and "--tile-size" in result.stderr

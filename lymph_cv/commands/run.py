@@ -58,6 +58,19 @@ DEMO_MAX_ITER = 300
 @click.option("--workers", type=WORKERS, default=None, help="Processes for patches/DBs [default or 0: all cores].")
 @click.option("--from", "from_stage", type=click.Choice(STAGES), default=None,
               help="Redo this stage and everything after it.")
+@click.option("--tile-size", type=click.IntRange(min=1), default=None,
+              help="The data are whole slides (DATA/CLASS/*.svs|tif…): tile them at this side (in pixels at "
+                   "--tile-mpp or --tile-level) instead of cutting patches, and evaluate slide by slide.")
+@click.option("--tile-mpp", type=float, default=None, help="Slides: microns per pixel of the tiles (best level, resampled).")
+@click.option("--tile-level", type=click.IntRange(min=0), default=None, help="Slides: read tiles at this pyramid level.")
+@click.option("--tile-stride", type=click.IntRange(min=1), default=None, help="Slides: tile origin step [default: --tile-size].")
+@click.option("--min-tissue", type=click.FloatRange(0, 1), default=None,
+              help="Slides: keep a tile when at least this share of it is tissue [default: 0.5].")
+@click.option("--tile-resize", type=click.IntRange(min=1), default=None,
+              help="Slides: write tiles of this side (the patch size trained on) [default: --tile-size].")
+@click.option("--slide-threshold", type=click.FloatRange(0, 1), default=None,
+              help="Slides, two classes: a slide is the second class when its tile fraction reaches this [default: argmax].")
+@click.option("--no-cam", is_flag=True, help="Slides: no class activation maps (nets without global average pooling).")
 @augmentation_options
 @stain_augment_options
 @stain_options
@@ -66,7 +79,8 @@ def run(workdir: Path, data: Optional[Path], demo: bool, classes, k: int, folds,
         overrides: dict, device: str, executor: str, walltime, queue, job_timeout, aggregate: str,
         no_oversample: bool, tta: bool, heatmaps: bool, workers, from_stage,
         mixup_alpha, label_smoothing, vertical_flip, rotate90, stain_augment, stain_augment_scale,
-        stain_augment_shift, stain, stain_target, stain_include_background, stain_params) -> None:
+        stain_augment_shift, tile_size, tile_mpp, tile_level, tile_stride, min_tissue, tile_resize, slide_threshold,
+        no_cam, stain, stain_target, stain_include_background, stain_params) -> None:
     """Steps 1–5 and the report: images → patches → folds → DBs → training → confusion matrices.
 
     Resumable: each stage is recorded in WORKDIR/run.json and skipped when its outputs are
@@ -86,7 +100,10 @@ def run(workdir: Path, data: Optional[Path], demo: bool, classes, k: int, folds,
     if stain == "none":
         stain = None
     stain_params = method_params(stain, stain_include_background, stain_params) if stain else {}
-    if stain is not None and stain_target is None and not direct:
+    if tile_size is None and any(v is not None for v in (tile_mpp, tile_level, tile_stride, min_tissue, tile_resize,
+                                                         slide_threshold)):
+        raise click.UsageError("the --tile-* / --min-tissue / --slide-threshold options are for slides: give --tile-size")
+    if stain is not None and stain_target is None and not direct and tile_size is None:
         log.info("--stain %s without --stain-target: targets fitted per fold, databases built from the images", stain)
         direct = True
     job_options = None
@@ -101,7 +118,9 @@ def run(workdir: Path, data: Optional[Path], demo: bool, classes, k: int, folds,
         dropout=dropout, arch=arch, stem=stem, overrides=overrides, device=device, executor=executor,
         job_options=job_options, job_timeout=job_timeout, oversample=not no_oversample, tta=tta,
         aggregate=aggregate, heatmaps=heatmaps, workers=workers,
-        from_stage=from_stage, stain=stain, stain_params=stain_params, stain_target=stain_target)
+        from_stage=from_stage, stain=stain, stain_params=stain_params, stain_target=stain_target,
+        tile_size=tile_size, tile_mpp=tile_mpp, tile_level=tile_level, tile_stride=tile_stride, min_tissue=min_tissue,
+        tile_resize=tile_resize, slide_threshold=slide_threshold, cams=not no_cam)
 
     def announce(name: str, action: str) -> None:
         verb = {"skip": "up to date, skipped", "resume": "resuming", "run": "running"}[action]

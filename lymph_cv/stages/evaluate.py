@@ -24,7 +24,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -642,6 +642,9 @@ class EvaluateStage(Stage):
     writes = (f"{EVAL_DIR}/{FOLD_DIR_TEMPLATE}/{METRICS_JSON}", f"{EVAL_DIR}/{FOLD_DIR_TEMPLATE}/")
     per_fold = True
 
+    def enabled(self, o: RunOptions) -> bool:
+        return not o.slides  # whole slides are evaluated slide by slide (stages.slide_eval)
+
     def check(self, o: RunOptions) -> None:
         try:
             parse_aggregate(o.aggregate)
@@ -672,22 +675,34 @@ class EvaluateStage(Stage):
 
     def run(self, o: RunOptions, fresh: bool) -> None:
         from lymph_cv.stages.report import write_fold
-        from lymph_cv.stages.train import final_snapshot, fold_solver
 
-        for k in o.fold_list:
-            if not fresh and self.evaluated(o, k):
-                continue
-            model = final_snapshot(o.workdir, k)
-            if model is None:
-                raise TrainingError(f"fold {k} has no final snapshot; rerun `lymph-cv run` to train it",
-                                    fold_solver(o.workdir, k))
+        for k, model in folds_to_evaluate(o, fresh, self.evaluated):
             result = evaluate_fold(o.workdir, k, model=model, device=o.device, oversample=o.oversample, tta=o.tta,
                                    aggregate=o.aggregate)
-            out = fold_output_dir(o.workdir, k)
-            # the lock `lymph-cv evaluate` takes for this folder (it is replaced as a whole)
-            with folder_lock(out.parent, name=target_lock_name(out), sweep=False):
-                record = write_fold(result, out, heatmaps=o.heatmaps)
+            record = write_locked(fold_output_dir(o.workdir, k), lambda out: write_fold(result, out, heatmaps=o.heatmaps))
             log.info("fold %d: accuracy %.3f on %d test images", k, record["accuracy"], len(result.images))
+
+
+def folds_to_evaluate(o: RunOptions, fresh: bool, evaluated: Callable[[RunOptions, int], bool]
+                      ) -> Iterator[Tuple[int, Path]]:
+    """(fold, its final snapshot) for every fold of the run still to evaluate (every fold when
+    ``fresh``); a TrainingError for a fold without its final snapshot."""
+    from lymph_cv.stages.train import final_snapshot, fold_solver
+
+    for k in o.fold_list:
+        if not fresh and evaluated(o, k):
+            continue
+        model = final_snapshot(o.workdir, k)
+        if model is None:
+            raise TrainingError(f"fold {k} has no final snapshot; rerun `lymph-cv run` to train it",
+                                fold_solver(o.workdir, k))
+        yield k, model
+
+
+def write_locked(out: Path, write: Callable[[Path], dict]) -> dict:
+    """``write(out)`` under the lock `lymph-cv evaluate` takes for ``out`` (replaced as a whole)."""
+    with folder_lock(out.parent, name=target_lock_name(out), sweep=False):
+        return write(out)
 
 
 STAGE = EvaluateStage()

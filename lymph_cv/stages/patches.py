@@ -509,6 +509,9 @@ class PatchesStage(Stage):
     reads = ("DATA/CLASS/*",)
     writes = (f"{PATCH_DIR}/{MANIFEST_NAME}", f"{PATCH_DIR}/*_sub_N.tif")
 
+    def enabled(self, o: RunOptions) -> bool:
+        return not o.slides  # whole slides are tiled instead (stages.tiling)
+
     def check(self, o: RunOptions) -> None:
         if o.stain is None:
             return

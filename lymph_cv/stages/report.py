@@ -130,12 +130,17 @@ def fold_record(result: FoldResult) -> dict:
     }
 
 
+def _unit(record: dict) -> str:
+    """What a record's matrix counts: images, or slides (slide-level evaluation)."""
+    return "slides" if record.get("unit") == "slide" else "images"
+
+
 def format_fold(record: dict, legacy: bool = False) -> str:
     """The human summary of a fold: header, matrix, per-class table, misclassified images."""
     classes = record["classes"]
     settings = record.get("settings", {})
     lines = [
-        f"fold {record['fold']}: {record['images']} images, accuracy {_num(record['accuracy'])}, "
+        f"fold {record['fold']}: {record['images']} {_unit(record)}, accuracy {_num(record['accuracy'])}, "
         f"balanced accuracy {_num(record['balanced_accuracy'])}",
         f"(aggregate {settings.get('aggregate', '?')}, {settings.get('crops', '?')} crops per window, "
         f"mean {settings.get('mean_mode', '?')}, model {settings.get('model', '?')})",
@@ -367,7 +372,7 @@ def format_report(report: Report, legacy: bool = False) -> str:
     """The pooled results as plain text (what ``lymph-cv report`` prints)."""
     record = report_record(report)
     lines = [
-        f"{record['images']} images over folds {', '.join(str(f) for f in record['folds'])}: "
+        f"{record['images']} {_unit(record)} over folds {', '.join(str(f) for f in record['folds'])}: "
         f"pooled accuracy {_num(record['accuracy'])}, balanced accuracy {_num(record['balanced_accuracy'])}",
         f"per-fold accuracy {_pm(record['fold_accuracy']['mean'], record['fold_accuracy']['sd'])}, "
         f"balanced accuracy {_pm(record['fold_balanced_accuracy']['mean'], record['fold_balanced_accuracy']['sd'])}",

@@ -39,7 +39,10 @@ from lymph_cv.stages.metrics import confusion_matrix, summary_metrics
 from lymph_cv.stages.results import FoldResult, ImageResult
 from lymph_cv.stages.roc import roc_record
 from lymph_cv.stages.tiles import Tile, TileParams, TileSet, plan_slide, read_tile, read_tile_set
-from lymph_cv.workdir.layout import DEPLOY_NAME, FOLDS_JSON, MEAN_FILE, PATCH_DIR, RENDER_JSON, TEST_PARENT
+from lymph_cv.core.devices import CONCRETE_DEVICES, resolve_device
+from lymph_cv.stages.stage import RunOptions, Stage
+from lymph_cv.workdir.layout import (DEPLOY_NAME, EVAL_DIR, EVAL_FOLD_DIR, FOLDS_JSON, HEATMAP_DIR, MEAN_FILE, METRICS_JSON,
+                                     PATCH_DIR, RENDER_JSON, TEST_PARENT)
 from lymph_cv.workdir.records import ANY, FOLDS, read_record
 
 log = logging.getLogger(__name__)
@@ -51,8 +54,9 @@ SLIDES_CSV = "slides.csv"
 #: Heatmap file suffixes inside eval/fold_K/heatmaps/ (after the slide's flat name).
 PROBABILITY_SUFFIX = ".png"
 CAM_SUFFIX = ".cam.png"
-#: Longer side (pixels) of the thumbnail heatmaps are drawn on.
-DEFAULT_THUMB_SIDE = 1024
+#: Longer side (pixels) of the thumbnail heatmaps are drawn on (the figure's panel at most:
+#: slide_heatmaps.MAX_PANEL inches at its DPI).
+DEFAULT_THUMB_SIDE = 512
 #: Tiles read per chunk before they are batched into forward calls (bounds the pixels held).
 READ_CHUNK = 64
 #: Caffe's pooling enum value of average pooling (PoolingParameter.AVE).
@@ -438,7 +442,6 @@ def write_slide_fold(fold: SlideFold, out_dir: PathLike, *, heatmaps: bool = Tru
     slide-level matrix, summary.txt, images.csv, confusion.png, roc.png) plus slides.csv, the
     tile-level metrics in metrics.json and, with ``heatmaps``, heatmaps/<slide>.png and .cam.png."""
     from lymph_cv.stages.report import write_fold
-    from lymph_cv.workdir.layout import HEATMAP_DIR
 
     files = {SLIDES_CSV: slides_csv(fold).encode("utf-8")}
     if heatmaps:
@@ -448,3 +451,56 @@ def write_slide_fold(fold: SlideFold, out_dir: PathLike, *, heatmaps: bool = Tru
     extra = {"unit": "slide", "tiles": tile_record(fold), "slides": slide_rows(fold) if heatmaps else
              [dict(row, heatmap=None, cam=None) for row in slide_rows(fold)]}
     return write_fold(fold.result, out_dir, extra_record=extra, extra_files=files)
+
+
+# ----------------------------------------------------------------------------- the run's stage
+class SlideEvalStage(Stage):
+    """Step 5 for whole slides: each fold's test slides, every tissue tile scored by the fold's
+    final snapshot, labelled by their tile fractions, with heatmaps and CAMs (``eval/fold_K/``)."""
+
+    name = "slide_eval"
+    reads = (TEST_PARENT, MEAN_FILE, f"{{fold}}/{DEPLOY_NAME}", "{fold}/*_iter_N.caffemodel", f"{PATCH_DIR}/tiles.json")
+    writes = (f"{EVAL_DIR}/{EVAL_FOLD_DIR}/{METRICS_JSON}", f"{EVAL_DIR}/{EVAL_FOLD_DIR}/{SLIDES_CSV}",
+              f"{EVAL_DIR}/{EVAL_FOLD_DIR}/{HEATMAP_DIR}/")
+    per_fold = True
+
+    def enabled(self, o: RunOptions) -> bool:
+        return o.slides
+
+    def check(self, o: RunOptions) -> None:
+        try:
+            resolve_device(o.device, CONCRETE_DEVICES)  # evaluation takes a concrete device: no auto
+        except ConfigError as exc:
+            raise ConfigError(exc.detail, "--device") from None
+        if o.slide_threshold is not None:
+            if len(o.classes) != 2:
+                raise ConfigError(f"is for two classes; there are {len(o.classes)}", "--slide-threshold")
+            if not 0.0 <= o.slide_threshold <= 1.0:
+                raise ConfigError(f"must be a fraction in [0, 1], got {o.slide_threshold}", "--slide-threshold")
+
+    def params(self, o: RunOptions) -> dict:
+        return {"threshold": o.slide_threshold, "cams": o.cams, "device": o.device, "folds": o.fold_list}
+
+    @staticmethod
+    def evaluated(o: RunOptions, fold: int) -> bool:
+        """Fold ``fold``'s slide-level evaluation is on disk."""
+        from lymph_cv.stages.evaluate import fold_output_dir
+
+        record = read_record(fold_output_dir(o.workdir, fold) / METRICS_JSON, ANY)
+        return bool(record) and record.get("unit") == "slide"
+
+    def complete(self, o: RunOptions) -> bool:
+        return all(self.evaluated(o, k) for k in o.fold_list)
+
+    def run(self, o: RunOptions, fresh: bool) -> None:
+        from lymph_cv.stages.evaluate import fold_output_dir, folds_to_evaluate, write_locked
+
+        for k, model in folds_to_evaluate(o, fresh, self.evaluated):
+            fold = evaluate_slide_fold(o.workdir, k, model=model, device=o.device, threshold=o.slide_threshold,
+                                       cams=o.cams)
+            record = write_locked(fold_output_dir(o.workdir, k), lambda out: write_slide_fold(fold, out))
+            log.info("fold %d: slide accuracy %.3f on %d test slides, tile accuracy %.3f on %d tiles", k,
+                     record["accuracy"], len(fold.slides), record["tiles"]["accuracy"], record["tiles"]["tiles"])
+
+
+STAGE = SlideEvalStage()

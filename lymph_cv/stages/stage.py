@@ -89,6 +89,23 @@ class RunOptions:
     stain: Optional[str] = None
     stain_params: Dict[str, object] = field(default_factory=dict)
     stain_target: Optional[Path] = None
+    #: whole slides (``--tile-size``): the data are slides, tiled (stages.tiling) instead of cut into
+    #: patches and evaluated slide by slide (stages.slide_eval); the tile options of ``slides tile``.
+    tile_size: Optional[int] = None
+    tile_mpp: Optional[float] = None
+    tile_level: Optional[int] = None
+    tile_stride: Optional[int] = None
+    min_tissue: Optional[float] = None  # None: the tiler's default
+    tile_resize: Optional[int] = None
+    #: two classes: a slide is the second class when its tile fraction reaches this (None: argmax).
+    slide_threshold: Optional[float] = None
+    #: class activation maps over each test slide (nets with global average pooling).
+    cams: bool = True
+
+    @property
+    def slides(self) -> bool:
+        """Whether this is a run over whole slides."""
+        return self.tile_size is not None
 
     @property
     def data_dir(self) -> Path:

@@ -17,6 +17,7 @@ import contextlib
 import glob
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Union
@@ -40,7 +41,10 @@ from lymph_cv.stages.patches import PATCH_SUFFIX
 from lymph_cv.stages.synth import TIFF_UNCOMPRESSED
 from lymph_cv.stages.tiles import (SlideRecord, Tile, TileParams, TileSet, done_record_path, from_fields,
                                    plan_slide, read_tile, write_tile_set)
+from lymph_cv.stages.sources import input_fingerprint
+from lymph_cv.stages.stage import RunOptions, Stage, stain_key, stain_target_record
 from lymph_cv.workdir.layout import STAIN_RECORD, TILE_DB, TILE_DONE_DIR, TILE_GRID_PNG, TILE_MASK_PNG, TILE_QC_DIR
+from lymph_cv.workdir.layout import MANIFEST_NAME, PATCH_DIR, TILE_SET, TILE_TABLE
 from lymph_cv.workdir.records import read_cache
 
 log = logging.getLogger(__name__)
@@ -53,6 +57,8 @@ CHUNK_PIXELS = 4 * 1024 * 1024
 #: (core.workers.imap): their pixels together stay under this (64 Mpx: 192 MiB), however many workers.
 DB_IN_FLIGHT_PIXELS = 64 * 1024 * 1024
 LOOKAHEAD = 4
+#: The data source of a run over slides (stages.sources.slides).
+SLIDE_SOURCE = "slides"
 #: Tile-grid overlay colours (BGR): kept tiles, grid tiles dropped by --min-tissue, the tissue outline.
 KEPT_COLOUR = (0, 200, 0)
 DROPPED_COLOUR = (0, 0, 220)
@@ -344,3 +350,59 @@ def _write_slide(out_dir: Path, source: SlideSource, record: SlideRecord, tiles:
     atomic_write_json(done_path, {**expected, "slide": record.to_json(), "tiles": [t.__dict__ for t in planned]})
     faults.event("tiles:slide")
     return unchanged
+
+
+# --------------------------------------------------------------------------- the run's stage
+def run_tile_params(o: RunOptions) -> TileParams:
+    """The tile parameters of a run over slides (``--tile-size`` and friends)."""
+    extra = {} if o.min_tissue is None else {"min_tissue": o.min_tissue}
+    return TileParams(o.tile_size, mpp=o.tile_mpp, level=o.tile_level, stride=o.tile_stride, resize=o.tile_resize,
+                      **extra)
+
+
+class TilesStage(Stage):
+    """Step 1 for whole slides: the tissue tiles of every slide as patch files and the tile manifest
+    (``subs/``), which folds, dbs, render and train read as they read patches."""
+
+    name = "tiles"
+    reads = ("DATA/CLASS/*.svs|tif|…",)
+    writes = (f"{PATCH_DIR}/{TILE_SET}", f"{PATCH_DIR}/{TILE_TABLE}", f"{PATCH_DIR}/{MANIFEST_NAME}",
+              f"{PATCH_DIR}/*_sub_N.tif")
+
+    def enabled(self, o: RunOptions) -> bool:
+        return o.slides
+
+    def check(self, o: RunOptions) -> None:
+        run_tile_params(o)  # the tile options' one-line errors, before any stage
+        if o.direct:
+            raise ConfigError("--direct: a run over slides writes tile files (the databases are built from them)")
+        if o.stain is not None:
+            from lymph_cv.stages.stain import get_normaliser
+
+            get_normaliser(o.stain, **o.stain_params)
+            if o.stain_target is None:
+                raise ConfigError("--stain over slides needs --stain-target (a record or an image to fit it on)")
+            if not Path(o.stain_target).is_file():
+                raise ConfigError("no such file (a stain record or an image)", o.stain_target)
+
+    def params(self, o: RunOptions) -> dict:
+        return {"data": o.where(o.data_dir), "classes": list(o.classes), "tiles": run_tile_params(o).to_json(),
+                **stain_key(o)}
+
+    def fingerprint(self, o: RunOptions) -> str:
+        return input_fingerprint(o.data_dir, o.classes, SLIDE_SOURCE)
+
+    def complete(self, o: RunOptions) -> bool:
+        out = Path(o.workdir) / PATCH_DIR
+        return (out / TILE_SET).is_file() and (out / MANIFEST_NAME).is_file()
+
+    def run(self, o: RunOptions, fresh: bool) -> None:
+        out = Path(o.workdir) / PATCH_DIR
+        if fresh and out.exists():
+            shutil.rmtree(out)
+        # Not fresh: the slides a killed run completed are kept (their completion records).
+        tile_slides(o.data_dir, out, run_tile_params(o), classes=o.classes, workers=o.workers,
+                    stain=stain_target_record(o))
+
+
+STAGE = TilesStage()
