@@ -6,8 +6,9 @@ tile, each case with its own stain.  Several pyramid levels (halved until the lo
 most :data:`SMALLEST_SIDE`), JPEG or deflate tiles, and the microns per pixel as TIFF resolution
 (OpenSlide's generic-tiff reader reports it as ``openslide.mpp-x``).  Every draw is seeded by
 (seed, class, case, slide[, render tile]), recorded in ``OUT/synth.json``; slides present from a
-run with the same parameters are kept.  Level 0 is composed in a memory-mapped scratch file beside
-the slide, so a slide of 20,000² pixels needs little memory.
+run with the same parameters are kept.  Each level is composed in a memory-mapped scratch file
+beside the slide (file pages the kernel writes back, not heap), so a slide of 20,000² pixels fits
+on a small machine (about 5 minutes one core; its resident size counts the mapped pages).
 """
 from __future__ import annotations
 
