@@ -229,6 +229,8 @@ def test_submit_stage_tiles_runs_one_task_per_slide(tmp_path, runner, cli):
     assert result.exit_code == 0, result.output
     script = (out / "tiles_array.slurm").read_text()
     assert "#SBATCH --array=1-4" in script and script.count("--slide") == 4 and "sbatch" in result.stdout
+    result = runner.invoke(cli, ["submit", str(out), "--stage", "tiles", "--scheduler", "pbs", "--dry-run", *tile_args])
+    assert result.exit_code == 0 and "#PBS -t 1-4" in (out / "tiles_array.pbs").read_text()
     result = runner.invoke(cli, ["submit", str(out), "--stage", "tiles", "--scheduler", "local", "--ppn", "1",
                                  *tile_args])
     assert result.exit_code == 0, result.output
