@@ -45,6 +45,23 @@ def test_tiles_of_the_real_svs_are_on_tissue():
     assert len(loose) == record.candidates
 
 
+def test_optical_density_finds_the_same_tissue_on_the_real_svs():
+    from lymph_cv.stages import tissue
+
+    svs = wheel_file("cmu_small_region.svs")
+    by_saturation = tissue.detect_tissue(svs, max_side=1024)
+    by_od = tissue.detect_tissue(svs, max_side=1024, method="od")
+    assert 0.2 < by_od.fraction < 0.5  # the hand-set bounds of the saturation test (tests/test_slides.py)
+    h, w = by_od.mask.shape
+    corner = int(0.1 * min(h, w))
+    assert not by_od.mask[-corner:, -corner:].any() and not by_od.mask[-corner:, :corner].any()
+    assert (by_od.mask == by_saturation.mask).mean() > 0.9
+    planned = tiles.plan_tiles(svs, 128, mpp=1.0, mask_side=1024, tissue_method="od")
+    assert planned and all(t.tissue >= 0.5 for t in planned)
+    with pytest.raises(ConfigError, match="--tissue-method"):
+        tiles.TileParams(size=64, tissue_method="hue")
+
+
 def test_best_level_and_the_manifest_round_trip(tmp_path):
     path = pyramid(tmp_path / "FL_case1_001.tif")
     record, planned, _, geo = tiles.plan_slide(path, tiles.TileParams(size=128, mpp=1.0, mask_side=512),

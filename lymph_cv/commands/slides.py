@@ -34,6 +34,11 @@ def info(slide: str, as_json: bool) -> None:
         click.echo(format_info(description), nl=False)
 
 
+_TISSUE_METHOD = click.option("--tissue-method", type=click.Choice(tissue_module.METHODS),
+                              default=tissue_module.DEFAULT_METHOD, show_default=True,
+                              help="What Otsu thresholds: HSV saturation, or od (optical density summed over RGB).")
+
+
 @slides.command("tissue")
 @click.argument("slide", type=click.Path(path_type=str))
 @click.option("--mask", "mask_png", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -42,10 +47,12 @@ def info(slide: str, as_json: bool) -> None:
               help="Longer side in pixels of the low-resolution view tissue is detected on.")
 @click.option("--tile-size", type=click.IntRange(min=1), default=None,
               help="Also report the tissue fraction of each tile of this many level-0 pixels.")
+@_TISSUE_METHOD
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def tissue(slide: str, mask_png: Optional[Path], side: int, tile_size: Optional[int], as_json: bool) -> None:
+def tissue(slide: str, mask_png: Optional[Path], side: int, tile_size: Optional[int], tissue_method: str,
+           as_json: bool) -> None:
     """Tissue share of SLIDE by Otsu on saturation (specks and small holes removed)."""
-    found = tissue_module.detect_tissue(slide, max_side=side)
+    found = tissue_module.detect_tissue(slide, max_side=side, method=tissue_method)
     if mask_png is not None:
         tissue_module.write_mask_png(mask_png, found.mask)
     result = {"slide": slide, "tissue_fraction": round(found.fraction, 6), "threshold": found.threshold,
@@ -69,7 +76,7 @@ def tile_params(options: dict):
     from lymph_cv.stages.tiles import TileParams
 
     return TileParams(options["size"], options["mpp"], options["level"], options["stride"], options["min_tissue"],
-                      options["resize"], options["mask_side"])
+                      options["resize"], options["mask_side"], options["tissue_method"])
 
 
 @slides.command("tile")
@@ -91,6 +98,7 @@ def tile_params(options: dict):
               help="Tile only slide N (1-based, manifest order; repeatable): one array task's share.")
 @click.option("--classes", default=",".join(DEFAULT_CLASSES), show_default=True, callback=classes_option,
               help="Class folders (or CSV labels) in label order.")
+@_TISSUE_METHOD
 @click.option("--no-qc", is_flag=True, help="Skip the mask and tile-grid PNGs in OUT/qc/.")
 @click.option("--manifest-only", is_flag=True,
               help="Plan the tiles and write the manifests only, no tile files (`dbs --images` cuts them from the slides).")
@@ -98,7 +106,7 @@ def tile_params(options: dict):
 @click.option("--workers", type=WORKERS, default=None, help="Processes (default or 0: all cores).")
 def tile(data: Path, out: Path, size: int, mpp: Optional[float], level: Optional[int], stride: Optional[int],
          min_tissue: float, resize: Optional[int], mask_side: int, db_backend: Optional[str], only, classes,
-         no_qc: bool, manifest_only: bool, stain, stain_target, stain_include_background, stain_params,
+         tissue_method: str, no_qc: bool, manifest_only: bool, stain, stain_target, stain_include_background, stain_params,
          workers) -> None:
     """Tissue tiles of every slide of DATA (DATA/<class>/<slide>, or a slide,label[,case] CSV) into OUT."""
     from lymph_cv.stages import tiling

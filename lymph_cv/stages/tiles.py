@@ -34,7 +34,8 @@ from lymph_cv.core.images import ColourTransform
 from lymph_cv.errors import ConfigError, FormatError, InputError
 from lymph_cv.formats import slides as slide_format
 from lymph_cv.stages.patches import ImageEntry, Manifest, case_of, patch_names
-from lymph_cv.stages.tissue import DEFAULT_MASK_SIDE, DEFAULT_MIN_TISSUE, TissueMask, detect_tissue
+from lymph_cv.stages.tissue import (DEFAULT_MASK_SIDE, DEFAULT_METHOD, DEFAULT_MIN_TISSUE, METHODS, TissueMask,
+                                    detect_tissue)
 from lymph_cv.workdir.layout import MANIFEST_NAME, TILE_DONE_DIR, TILE_SET, TILE_TABLE
 from lymph_cv.workdir.records import RecordSpec, read_record
 
@@ -71,6 +72,7 @@ class TileParams:
     min_tissue: float = DEFAULT_MIN_TISSUE  # a tile is kept when at least this share of it is tissue
     resize: Optional[int] = None  # written side (None: ``size``)
     mask_side: int = DEFAULT_MASK_SIDE  # longer side of the view tissue is detected on
+    tissue_method: str = DEFAULT_METHOD  # tissue measure Otsu thresholds: saturation or od (optical density)
 
     def __post_init__(self):
         if self.size < 1:
@@ -89,6 +91,8 @@ class TileParams:
             raise ConfigError(f"--resize: must be a positive number of pixels, got {self.resize}")
         if self.mask_side < 1:
             raise ConfigError(f"mask side must be positive, got {self.mask_side}")
+        if self.tissue_method not in METHODS:
+            raise ConfigError(f"--tissue-method: unknown {self.tissue_method!r}", valid=METHODS)
 
     @property
     def step(self) -> int:
@@ -337,10 +341,10 @@ def grid_origins(width: int, height: int, extent: int, stride0: int) -> tuple[np
 def plan_tiles(slide_path: PathLike, size: int, mpp: Optional[float] = None, level: Optional[int] = None,
                stride: Optional[int] = None, min_tissue: float = DEFAULT_MIN_TISSUE, *, resize: Optional[int] = None,
                cls: str = "", label: int = -1, case: Optional[str] = None, mask: Optional[TissueMask] = None,
-               mask_side: int = DEFAULT_MASK_SIDE) -> List[Tile]:
+               mask_side: int = DEFAULT_MASK_SIDE, tissue_method: str = DEFAULT_METHOD) -> List[Tile]:
     """The tiles of the slide at ``slide_path`` kept by ``min_tissue`` (tissue detected on a view
     ``mask_side`` pixels long unless ``mask`` is given), row-major."""
-    params = TileParams(size, mpp, level, stride, min_tissue, resize, mask_side)
+    params = TileParams(size, mpp, level, stride, min_tissue, resize, mask_side, tissue_method)
     return plan_slide(slide_path, params, cls=cls, label=label, case=case, mask=mask)[1]
 
 
@@ -353,7 +357,7 @@ def plan_slide(slide_path: PathLike, params: TileParams, *, cls: str = "", label
         geo = geometry(slide, path, params)
         width, height = (int(v) for v in slide.level_dimensions[0])
     if mask is None:
-        mask = detect_tissue(path, max_side=params.mask_side)
+        mask = detect_tissue(path, max_side=params.mask_side, method=params.tissue_method)
     xs, ys = grid_origins(width, height, geo.extent, geo.stride0)
     fractions = (mask.tile_fractions(geo.extent, geo.stride0) if len(xs) and len(ys)
                  else np.zeros((len(ys), len(xs))))

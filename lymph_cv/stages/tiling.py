@@ -130,7 +130,7 @@ def _plan_one(job: _Plan) -> _Planned:
     try:
         with slide_format.open_slide(source.path) as slide:
             rgb, downsample = slide_format.read_low_resolution(slide, job.params.mask_side)
-        found, threshold = tissue.tissue_mask(rgb)
+        found, threshold = tissue.tissue_mask(rgb, method=job.params.tissue_method)
         mask = tissue.TissueMask(found, downsample, threshold)
         record, tiles, _, geo = plan_slide(source.path, job.params, cls=source.cls, label=source.label,
                                            case=source.case, mask=mask)

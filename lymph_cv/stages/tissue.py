@@ -1,7 +1,9 @@
 """Tissue detection on a low-resolution view of a whole slide.
 
 Stained tissue is coloured, glass is white or grey: an Otsu threshold on HSV saturation (with a
-floor, so a slide of background and sensor noise does not become half tissue) splits the two.
+floor, so a slide of background and sensor noise does not become half tissue) splits the two;
+``method="od"`` thresholds the optical density instead (the summed −ln of the RGB transmission:
+also finds dark, weakly coloured tissue, and pen marks).
 Specks (tissue components smaller than ``min_object`` of the view's area: dust, debris) are
 dropped and small holes (background components not touching the border and smaller than
 ``min_hole``) filled.  :meth:`TissueMask.tile_fractions` gives each tile of a level-0 grid its
@@ -26,6 +28,13 @@ PathLike = Union[str, os.PathLike]
 DEFAULT_MASK_SIDE = 2048
 #: Saturation threshold floor (0-255): below it nothing is tissue, whatever Otsu says.
 MIN_SATURATION = 20
+#: Tissue measures: HSV saturation, or optical density summed over R, G, B.
+METHODS = ("saturation", "od")
+DEFAULT_METHOD = METHODS[0]
+#: Optical density (summed over channels) mapped onto 0-255: this sum is 255 (darker saturates).
+OD_RANGE = 3.0
+#: Optical-density threshold floor (summed over channels; glass of transmission ~0.9 sums to ~0.3).
+MIN_OD = 0.3
 #: Components smaller than these fractions of the view's area are specks (dropped) and holes (filled).
 DEFAULT_MIN_OBJECT = 1e-4
 DEFAULT_MIN_HOLE = 1e-4
@@ -82,6 +91,13 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)[..., 1]
 
 
+def optical_density(rgb: np.ndarray) -> np.ndarray:
+    """Optical density summed over R, G, B, scaled so :data:`OD_RANGE` is 255 (uint8)."""
+    lut = -np.log((np.arange(256, dtype=np.float64) + 1) / 256)  # −ln of the transmission, per 8-bit value
+    od = lut[rgb].sum(axis=2)
+    return np.clip(od * (255 / OD_RANGE) + 0.5, 0, 255).astype(np.uint8)
+
+
 def _remove_small(mask: np.ndarray, min_pixels: int, keep_border: bool) -> np.ndarray:
     """``mask`` without its components smaller than ``min_pixels`` (those touching the border kept
     when ``keep_border``: background around the tissue is not a hole)."""
@@ -96,18 +112,23 @@ def _remove_small(mask: np.ndarray, min_pixels: int, keep_border: bool) -> np.nd
     return keep[labels]
 
 
-def tissue_mask(rgb: np.ndarray, min_object: float = DEFAULT_MIN_OBJECT, min_hole: float = DEFAULT_MIN_HOLE
-                ) -> Tuple[np.ndarray, float]:
-    """(mask, threshold): tissue pixels of an RGB uint8 view by Otsu on saturation, specks smaller
-    than ``min_object`` and holes smaller than ``min_hole`` (fractions of the view's area) removed."""
+def tissue_mask(rgb: np.ndarray, min_object: float = DEFAULT_MIN_OBJECT, min_hole: float = DEFAULT_MIN_HOLE,
+                method: str = DEFAULT_METHOD) -> Tuple[np.ndarray, float]:
+    """(mask, threshold): tissue pixels of an RGB uint8 view by Otsu on saturation (``method="od"``:
+    on optical density), specks smaller than ``min_object`` and holes smaller than ``min_hole``
+    (fractions of the view's area) removed.  The threshold is on the measure's 0-255 scale."""
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8 or rgb.size == 0:
         raise ConfigError(f"expected an (H, W, 3) uint8 image, got {rgb.dtype} {rgb.shape}")
     for name, value in (("min_object", min_object), ("min_hole", min_hole)):
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"{name} must be a fraction in [0, 1), got {value}")
-    sat = cv2.GaussianBlur(saturation(rgb), (0, 0), BLUR_SIGMA)
+    if method not in METHODS:
+        raise ConfigError(f"unknown tissue method {method!r}", valid=METHODS)
+    measure = saturation(rgb) if method == "saturation" else optical_density(rgb)
+    floor = MIN_SATURATION if method == "saturation" else MIN_OD * 255 / OD_RANGE
+    sat = cv2.GaussianBlur(measure, (0, 0), BLUR_SIGMA)
     otsu, _ = cv2.threshold(sat, 0, MASK_ON, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    threshold = max(float(otsu), float(MIN_SATURATION))
+    threshold = max(float(otsu), float(floor))
     mask = sat > threshold
     area = mask.size
     mask = _remove_small(mask, int(np.ceil(min_object * area)), keep_border=False)
@@ -116,13 +137,14 @@ def tissue_mask(rgb: np.ndarray, min_object: float = DEFAULT_MIN_OBJECT, min_hol
 
 
 def detect_tissue(path: PathLike, max_side: int = DEFAULT_MASK_SIDE, min_object: float = DEFAULT_MIN_OBJECT,
-                  min_hole: float = DEFAULT_MIN_HOLE) -> TissueMask:
-    """The tissue mask of the slide at ``path``, detected on a view at most ``max_side`` pixels long."""
+                  min_hole: float = DEFAULT_MIN_HOLE, method: str = DEFAULT_METHOD) -> TissueMask:
+    """The tissue mask of the slide at ``path``, detected on a view at most ``max_side`` pixels long
+    (``method``: :data:`METHODS`)."""
     if max_side <= 0:
         raise ConfigError(f"mask side must be positive, got {max_side}")
     with slides.open_slide(path) as slide:
         rgb, downsample = slides.read_low_resolution(slide, max_side)
-    mask, threshold = tissue_mask(rgb, min_object, min_hole)
+    mask, threshold = tissue_mask(rgb, min_object, min_hole, method)
     return TissueMask(mask=mask, downsample=downsample, threshold=threshold)
 
 
