@@ -90,15 +90,37 @@ def test_the_real_svs_is_tiled_scored_and_heatmapped(classifier, net, tmp_path):
         assert len(np.unique(scale.reshape(-1, 3), axis=0)) > 30
 
 
-def test_run_over_slides_end_to_end(runner, cli, tmp_path):
+@pytest.fixture(scope="module")
+def slide_set(tmp_path_factory):
+    """Twelve synthetic 768-pixel slides, six of each class in three cases each."""
+    from lymph_cv.stages.synth_slides import generate_slides
+
+    data = tmp_path_factory.mktemp("slides") / "data"
+    generate_slides(data, per_class=6, cases_per_class=3, width=768, height=768, compression="deflate",
+                    classes=CLASSES, workers=1)
+    return data
+
+
+def test_the_tiles_stage_writes_no_tile_files_with_direct(slide_set, tmp_path):
+    from lymph_cv.stages.stage import RunOptions
+    from lymph_cv.stages.tiling import STAGE
+
+    options = RunOptions(tmp_path / "w", data=slide_set, classes=CLASSES, direct=True, tile_size=32, tile_mpp=2.0,
+                         tile_resize=16, workers=1)
+    assert STAGE.enabled(options) and STAGE.params(options)["direct"] is True
+    STAGE.check(options)
+    STAGE.run(options, fresh=True)
+    assert STAGE.complete(options)
+    subs = tmp_path / "w" / "subs"
+    assert not list(subs.glob("*_sub_*.tif"))  # the dbs stage reads the tiles from the slides
+    assert json.loads((subs / "tiles.json").read_text())["total_tiles"] > 12
+
+
+def test_run_over_slides_end_to_end(runner, cli, slide_set, tmp_path):
     """``run --data SLIDES --arch resnet18 --tile-size …``: tiles instead of patches, folds by case, dbs,
     render and train unchanged, slide-level evaluation with fractions, heatmaps and CAMs in the report
     (opened in Chromium); then `slides evaluate` of the same fold with a threshold."""
-    from lymph_cv.stages.synth_slides import generate_slides
-
-    data = tmp_path / "slides"
-    generate_slides(data, per_class=6, cases_per_class=3, width=768, height=768, compression="deflate",
-                    classes=CLASSES, workers=1)
+    data = slide_set
     work = tmp_path / "w"
     args = ["run", str(work), "--data", str(data), "--classes", "A,B", "--k", "3", "--folds", "1", "--group-by", "case",
             "--arch", "resnet18", "--tile-size", "32", "--tile-mpp", "2", "--tile-resize", "16", "--max-iter", "1",
@@ -135,7 +157,7 @@ def test_run_over_slides_end_to_end(runner, cli, tmp_path):
     assert maps is not None
     assert len(re.findall(r'<a href="fold_1/heatmaps/[AB]__[^"]+\.png"><img src="data:image/png;base64,',
                           maps.group(1))) == 8 and maps.group(1).count("class activation map of") == 4
-    assert 'id="tile-matrix"' in page.dom and "Tile level" in page.dom
+    assert 'id="tile-matrix"' in page.dom and "Tile level" in page.dom and "4 slides: accuracy" in page.dom
     stages = json.loads((work / "run.json").read_text())["stages"]
     assert "tiles" in stages and "slide_eval" in stages and "patches" not in stages
     # Unchanged, a rerun skips every stage.

@@ -103,7 +103,7 @@ def run(workdir: Path, data: Optional[Path], demo: bool, classes, k: int, folds,
     if tile_size is None and any(v is not None for v in (tile_mpp, tile_level, tile_stride, min_tissue, tile_resize,
                                                          slide_threshold)):
         raise click.UsageError("the --tile-* / --min-tissue / --slide-threshold options are for slides: give --tile-size")
-    if stain is not None and stain_target is None and not direct and tile_size is None:
+    if stain is not None and stain_target is None and not direct:
         log.info("--stain %s without --stain-target: targets fitted per fold, databases built from the images", stain)
         direct = True
     job_options = None

@@ -202,10 +202,16 @@ def _curves_section(workdir: Path, folds: Sequence[int]) -> str:
 def _fold_section(workdir: Path, record: dict, classes: Sequence[str]) -> str:
     k = record["fold"]
     settings = record.get("settings", {})
+    unit = "slides" if record.get("unit") == "slide" else "images"
     parts = [f'<div class="fold"><h3>Fold {k}</h3>',
-             f"<p>{record['images']} images: accuracy <b>{_num(record['accuracy'])}</b>, balanced "
+             f"<p>{record['images']} {unit}: accuracy <b>{_num(record['accuracy'])}</b>, balanced "
              f"{_num(record['balanced_accuracy'])}; model <code>{_e(Path(settings.get('model', '?')).name)}</code></p>",
-             matrix_table(record["confusion"], classes, f"matrix-fold-{k}"), "</div>"]
+             matrix_table(record["confusion"], classes, f"matrix-fold-{k}")]
+    tiles = record.get("tiles") if record.get("unit") == "slide" else None
+    if isinstance(tiles, dict):
+        parts.append(f'<p class="note">Tile level: {tiles.get("tiles", "?")} tiles, accuracy '
+                     f'{_num(tiles.get("accuracy"))}, balanced {_num(tiles.get("balanced_accuracy"))}.</p>')
+    parts.append("</div>")
     return "".join(parts)
 
 

@@ -361,8 +361,9 @@ def run_tile_params(o: RunOptions) -> TileParams:
 
 
 class TilesStage(Stage):
-    """Step 1 for whole slides: the tissue tiles of every slide as patch files and the tile manifest
-    (``subs/``), which folds, dbs, render and train read as they read patches."""
+    """Step 1 for whole slides: the tissue tiles of every slide as patch files (with ``--direct``
+    none: the databases are built from the slides) and the tile manifest (``subs/``), which folds,
+    dbs, render and train read as they read patches."""
 
     name = "tiles"
     reads = ("DATA/CLASS/*.svs|tif|…",)
@@ -374,20 +375,20 @@ class TilesStage(Stage):
 
     def check(self, o: RunOptions) -> None:
         run_tile_params(o)  # the tile options' one-line errors, before any stage
-        if o.direct:
-            raise ConfigError("--direct: a run over slides writes tile files (the databases are built from them)")
         if o.stain is not None:
             from lymph_cv.stages.stain import get_normaliser
 
             get_normaliser(o.stain, **o.stain_params)
-            if o.stain_target is None:
-                raise ConfigError("--stain over slides needs --stain-target (a record or an image to fit it on)")
-            if not Path(o.stain_target).is_file():
+            if o.stain_target is None and not o.direct:
+                raise ConfigError("--stain without --stain-target fits a target per fold on its training tiles, "
+                                  "which needs --direct (databases built straight from the slides)")
+            if o.stain_target is not None and not Path(o.stain_target).is_file():
                 raise ConfigError("no such file (a stain record or an image)", o.stain_target)
 
     def params(self, o: RunOptions) -> dict:
+        stain = {} if o.direct else stain_key(o)  # with --direct the tiles are normalised by `dbs`
         return {"data": o.where(o.data_dir), "classes": list(o.classes), "tiles": run_tile_params(o).to_json(),
-                **stain_key(o)}
+                "direct": o.direct, **stain}
 
     def fingerprint(self, o: RunOptions) -> str:
         return input_fingerprint(o.data_dir, o.classes, SLIDE_SOURCE)
@@ -400,9 +401,10 @@ class TilesStage(Stage):
         out = Path(o.workdir) / PATCH_DIR
         if fresh and out.exists():
             shutil.rmtree(out)
-        # Not fresh: the slides a killed run completed are kept (their completion records).
+        # Not fresh: the slides a killed run completed are kept (their completion records).  With
+        # --direct only the manifest: the dbs stage reads the tiles from the slides.
         tile_slides(o.data_dir, out, run_tile_params(o), classes=o.classes, workers=o.workers,
-                    stain=stain_target_record(o))
+                    stain=None if o.direct else stain_target_record(o), write_tiles=not o.direct)
 
 
 STAGE = TilesStage()
