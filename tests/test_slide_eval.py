@@ -172,6 +172,12 @@ def test_run_over_slides_end_to_end(runner, cli, slide_set, tmp_path):
     assert {r["predicted"] for r in csv.DictReader((out / "slides.csv").open())} == {"B"}
 
 
-def test_slide_options_without_tile_size_are_refused(runner, cli, tmp_path):
+def test_bad_slide_run_options_are_one_line(runner, cli, tmp_path):
     result = runner.invoke(cli, ["run", str(tmp_path / "w"), "--data", str(tmp_path), "--min-tissue", "0.3"])
     assert result.exit_code == 2 and "--tile-size" in result.stderr
+    both = runner.invoke(cli, ["run", str(tmp_path / "w"), "--data", str(tmp_path), "--tile-size", "32",
+                               "--tile-mpp", "2", "--tile-level", "1"])
+    assert both.exit_code == 2 and both.stderr == "error: --tile-mpp and --tile-level are alternatives; give one\n"
+    three = runner.invoke(cli, ["run", str(tmp_path / "w"), "--data", str(tmp_path), "--tile-size", "32",
+                                "--slide-threshold", "0.5"])
+    assert three.exit_code == 2 and "--slide-threshold: is for two classes; there are 3" in three.stderr

@@ -17,6 +17,7 @@ import contextlib
 import glob
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -374,7 +375,10 @@ class TilesStage(Stage):
         return o.slides
 
     def check(self, o: RunOptions) -> None:
-        run_tile_params(o)  # the tile options' one-line errors, before any stage
+        try:
+            run_tile_params(o)  # the tile options' one-line errors, before any stage
+        except ConfigError as exc:  # named as `run` spells them (--tile-mpp for the tiler's --mpp)
+            raise ConfigError(re.sub(r"--(size|mpp|level|stride|resize)\b", r"--tile-\1", exc.detail)) from None
         if o.stain is not None:
             from lymph_cv.stages.stain import get_normaliser
 
