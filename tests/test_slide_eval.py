@@ -77,7 +77,9 @@ def test_the_real_svs_is_tiled_scored_and_heatmapped(classifier, net, tmp_path):
     tiles = slide_eval.plan_test_slide(svs, "FL/cmu_small_region.svs", 1, TileParams(256, resize=PATCH))
     assert 15 < len(tiles) < (2220 // 256) * (2967 // 256)  # tissue tiles only: about a third of the region
     assert tiles.out_size == PATCH and tiles.extent == 256
-    fold = slide_eval.evaluate_slides(classifier, [tiles], read_mean(net[3]), CLASSES)
+    empty = slide_eval.SlideTiles(svs, "FL/glass.svs", 1, [])  # a slide without tissue: left out, named
+    fold = slide_eval.evaluate_slides(classifier, [tiles, empty], read_mean(net[3]), CLASSES)
+    assert [r.entry for r in fold.result.images] == [tiles.entry] and fold.result.settings["unscored"] == ["FL/glass.svs"]
     scores = fold.slides[0]
     assert scores.probs.shape == (len(tiles), 2) and scores.cams.shape[:2] == (len(tiles), 2)
     figures = dict(slide_eval.slide_figures(scores, fold.result.images[0], CLASSES, thumb_side=512))

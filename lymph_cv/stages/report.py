@@ -159,6 +159,9 @@ def format_fold(record: dict, legacy: bool = False) -> str:
     skipped = settings.get("skipped_missing") or []
     if skipped:
         lines.append(f"not evaluated (not under {settings.get('images')}): {len(skipped)} listed images")
+    unscored = settings.get("unscored") or []
+    if unscored:
+        lines.append(f"not scored (no tissue tile): {len(unscored)} slide(s): {', '.join(unscored)}")
     return "\n".join(lines) + "\n"
 
 

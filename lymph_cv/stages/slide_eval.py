@@ -256,10 +256,15 @@ def evaluate_slides(classifier: WindowClassifier, slides: Sequence[SlideTiles], 
     bar = Progress(sum(len(s) for s in slides), "slides", "tile", quiet=not progress, leave=False)
     scored: List[SlideScores] = []
     results: List[ImageResult] = []
+    unscored = [tiles.entry for tiles in slides if not len(tiles)]
+    for entry in unscored:  # the tiler warned already; one such slide should not stop the fold
+        log.warning("warning: %s: no tissue tile, not scored (lower --min-tissue or check its tissue mask)", entry)
+    slides = [tiles for tiles in slides if len(tiles)]
+    if not slides:
+        raise EvaluationError(f"none of the {len(unscored)} test slides has a tissue tile to score "
+                              "(lower --min-tissue or check the tissue masks)")
     try:
         for tiles in slides:
-            if not len(tiles):
-                raise EvaluationError("no tissue tile to score (lower --min-tissue or check the tissue mask)", tiles.path)
             scores = score_slide(classifier, tiles, mean, mean_mode=mean_mode, oversample=oversample,
                                  batch_size=batch_size, head=cam, transform=transform)
             bar.update(len(tiles))
@@ -271,10 +276,10 @@ def evaluate_slides(classifier: WindowClassifier, slides: Sequence[SlideTiles], 
     finally:
         bar.close()
     info = dict(settings or {})
-    info.update(unit="slide", score="tile fraction", threshold=threshold, mean_mode=mean_mode, oversample=oversample,
-                crops=len(crop_boxes(slides[0].out_size, slides[0].out_size, classifier.crop, oversample)) if slides else 1,
+    info.update(unit="slide", score="tile fraction", unscored=unscored, threshold=threshold, mean_mode=mean_mode, oversample=oversample,
+                crops=len(crop_boxes(slides[0].out_size, slides[0].out_size, classifier.crop, oversample)),
                 aggregate="fraction" if threshold is None else f"fraction>={threshold:g}",
-                window=slides[0].out_size if slides else None, crop=classifier.crop,
+                window=slides[0].out_size, crop=classifier.crop,
                 cam=None if cam is None else {"features": cam.features, "classifier": cam.classifier})
     return SlideFold(FoldResult(fold, list(classes), results, info), scored, threshold)
 
