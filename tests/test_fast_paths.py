@@ -63,7 +63,10 @@ def test_command_defaults_match_the_stages():
     for name, source in defaults.SOURCES.items():
         module, attribute = source.split(":")
         value = getattr(importlib.import_module(module), attribute)
-        assert getattr(defaults, name) == (tuple(value()) if callable(value) else value), name
+        expected = getattr(defaults, name)
+        if isinstance(expected, tuple) and not isinstance(value, tuple):  # a function's result, a mapping's keys
+            value = tuple(value() if callable(value) else value)
+        assert expected == value, name
 
 
 #: Command modules that load no numpy, OpenCV or stage module to be defined (their ``--help`` is at
@@ -71,7 +74,7 @@ def test_command_defaults_match_the_stages():
 LIGHT_COMMAND_MODULES = ("lymph_cv.commands.stain", "lymph_cv.commands.train", "lymph_cv.commands.heldout",
                          "lymph_cv.commands.pycaffe_path", "lymph_cv.commands.data", "lymph_cv.commands.evaluate",
                          "lymph_cv.commands.inspect", "lymph_cv.commands.import_data", "lymph_cv.commands.bags",
-                         "lymph_cv.commands.jobs")
+                         "lymph_cv.commands.jobs", "lymph_cv.commands.render")
 
 
 @pytest.mark.parametrize("module", LIGHT_COMMAND_MODULES)

@@ -2,8 +2,8 @@
 that loading a command imports no stage module (numpy, OpenCV: a quarter of a second of start-up).
 
 Each name's source of truth is the stage constant :data:`SOURCES` names; tests/test_fast_paths.py
-holds every value here to it (a function: to its result, as a tuple), as ``cli.SUMMARIES`` is held
-to the commands.
+holds every value here to it (a function: to its result, a mapping: to its keys, as a tuple), as
+``cli.SUMMARIES`` is held to the commands.
 """
 from __future__ import annotations
 
@@ -24,6 +24,14 @@ DEFAULT_KEY_LIMIT, H5_READ_CHUNK = 10, 1024
 MEAN_MODES = ("resize", "crop")
 DEFAULT_BATCH_SIZES = {"cpu": 320, "cuda": 5120}
 AGGREGATION_CHOICES = ("vote", "mean", "topk:K")
+# render --set (stages/render.py's template variables, in their order)
+RENDER_VARIABLES = (
+    "test_iter", "test_interval", "base_lr", "lr_policy", "gamma", "power", "stepsize", "stepvalue", "momentum",
+    "random_seed", "display", "max_iter", "weight_decay", "snapshot", "snapshot_prefix", "solver_type", "batch_size",
+    "crop_size", "dropout_ratio", "bn_moving_average", "num_classes", "backend", "net_name", "weight_lr_mult",
+    "bias_lr_mult", "mixup_alpha", "label_smoothing", "vertical_flip", "rotate90", "stain_jitter",
+    "stain_scale_sigma", "stain_shift_sigma",
+)
 
 #: Each constant above → "module:attribute" it must equal.
 SOURCES = {
@@ -52,4 +60,5 @@ SOURCES = {
     "MEAN_MODES": "lymph_cv.stages.evaluate:MEAN_MODES",
     "DEFAULT_BATCH_SIZES": "lymph_cv.stages.evaluate:DEFAULT_BATCH_SIZES",
     "AGGREGATION_CHOICES": "lymph_cv.stages.aggregate:aggregation_choices",
+    "RENDER_VARIABLES": "lymph_cv.stages.render:VARIABLES",
 }

@@ -10,12 +10,9 @@ from lymph_cv.commands.options import DEVICE, folds_option
 from lymph_cv.commands.training_options import augmentation_options, augmentation_overrides
 from lymph_cv.commands.stain import stain_augment_options, stain_augment_overrides
 from lymph_cv.net.archs import ARCHS, DEFAULT_ARCH, STEMS, arch_names
-from lymph_cv.stages import render as render_module
+from lymph_cv.commands.defaults import RENDER_VARIABLES
 
-
-def _set_help() -> str:
-    names = ", ".join(name for name, _default, _help in render_module.describe_variables())
-    return f"Override a template variable, KEY=VALUE (repeatable). Keys: {names}."
+_SET_HELP = f"Override a template variable, KEY=VALUE (repeatable). Keys: {', '.join(RENDER_VARIABLES)}."
 
 
 @click.command()
@@ -27,7 +24,7 @@ def _set_help() -> str:
               help="ResNet stem (default: cifar 3x3 below 96 px patches, imagenet 7x7/2 + max-pool from 96).")
 @click.option("--dropout", is_flag=True, help="The dropout variant (relu+dropout after ip1 and ip2).")
 @click.option("--legacy-v1", is_flag=True, help="The tutorial's V1 syntax (layers {...}, solver_type).")
-@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help=_set_help())
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
 @click.option("--device", type=DEVICE, default="cpu", show_default=True,
               help="solver_mode: CPU for cpu, GPU for the others (cuda, cuda:N, auto).")
 @augmentation_options
@@ -39,6 +36,8 @@ def render(workdir: Path, folds, arch: str, stem: Optional[str], dropout: bool, 
 
     Modern training (lymph_cv's solver extensions, not trainable by real Caffe): --set
     lr_policy=onecycle, --set solver_type=AdamW and the augmentation options."""
+    from lymph_cv.stages import render as render_module
+
     overrides = render_module.parse_overrides(settings)
     overrides.update(augmentation_overrides(mixup_alpha, label_smoothing, vertical_flip, rotate90))
     overrides.update(stain_augment_overrides(stain_augment, stain_augment_scale, stain_augment_shift))
