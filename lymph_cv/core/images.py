@@ -29,6 +29,8 @@ PathLike = Union[str, os.PathLike]
 #: A colour transform: (H, W, 3) BGR uint8 → (H, W, 3) BGR uint8.
 ColourTransform = Callable[[np.ndarray], np.ndarray]
 
+#: How image files are opened (close-on-exec where the platform has it, binary on Windows).
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
 #: The most bytes asked of one ``os.read`` of an image file.
 READ_CHUNK = 1 << 24
 #: Channel-count names in conversion notes.
@@ -55,7 +57,7 @@ def file_bytes(path: PathLike) -> np.ndarray:
     counts when a fold's 38,528 small patch files are read (``convert_imageset``, ``dbs``).
     """
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        descriptor = os.open(path, _OPEN_FLAGS)
     except (FileNotFoundError, NotADirectoryError):
         raise InputError("image not found (cannot read image)", path) from None
     except OSError as exc:
