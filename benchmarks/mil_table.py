@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+import torch
 
 from lymph_cv.stages.bag_folds import bags_of_split, split_bags
 from lymph_cv.stages.bags import load_bags
@@ -44,7 +44,10 @@ def main() -> None:
     parser.add_argument("--k", default="20%,min=3", help="top-k: k_train = k_agg")
     parser.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS), choices=list(ROWS))
     parser.add_argument("--json", type=Path, default=None, help="also write the per-seed figures here")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a loaded machine OpenMP's spinning threads cost ~10x the CPU)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     scores = {row: [] for row in args.rows}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
