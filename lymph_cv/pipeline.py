@@ -53,6 +53,8 @@ PIPELINE: Sequence[Tuple[str, str]] = (
     ("evaluate", "lymph_cv.stages.evaluate"),
     ("slide_eval", "lymph_cv.stages.slide_eval"),
     ("report", "lymph_cv.stages.report"),
+    ("bags", "lymph_cv.stages.mil.bag_stage"),
+    ("mil", "lymph_cv.stages.mil.mil_stage"),
 )
 STAGES = tuple(name for name, _module in PIPELINE)
 #: Where training runs: here, or as jobs of a registered cluster scheduler.

@@ -156,3 +156,25 @@ def test_cli_train_evaluate_over_bag_splits(tmp_path, runner, cli):
     bad = runner.invoke(cli, ["mil", "train", str(work), "--method", "nope"])
     assert bad.exit_code == 2 and "unknown MIL method 'nope'" in bad.stderr and "attention" in bad.stderr
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_run_mil_attention_on_image_bags(tmp_path, runner, cli):
+    """The tutorial's images as image bags through `run --mil attention --bag image`, end to end."""
+    data, work = tmp_path / "data", tmp_path / "work"
+    assert runner.invoke(cli, ["synth", str(data), "--per-class", "2", "--cases-per-class", "2", "--width", "110",
+                               "--height", "80"]).exit_code == 0
+    args = ["run", str(work), "--data", str(data), "--mil", "attention", "--bag", "image", "--k", "2",
+            "--mil-set", "epochs=2", "--mil-set", "grad_instances=4"]
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "MIL 2 split(s): balanced_accuracy" in result.output
+    stages = json.loads((work / "run.json").read_text())["stages"]
+    assert set(stages) == {"patches", "bags", "mil"} and all(s["complete"] for s in stages.values())
+    fold = work / "mil" / "attention" / "1"
+    assert (fold / "encoder.caffemodel").is_file() and list((fold / "heatmaps").glob("*.png"))
+    rows = (fold / "patients.csv").read_text().splitlines()
+    assert len(rows) == 4 and "@" in rows[1]  # 3 test images; instances named by their window
+    again = runner.invoke(cli, args)
+    assert again.exit_code == 0 and "== mil: up to date, skipped" in again.stderr
+    bad = runner.invoke(cli, ["run", str(work), "--data", str(data), "--bag", "image"])
+    assert bad.exit_code == 2 and "--bag needs --mil METHOD" in bad.stderr

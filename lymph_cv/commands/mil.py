@@ -8,7 +8,7 @@ from typing import Optional
 
 import click
 
-from lymph_cv.commands.options import DEVICE, folds_option
+from lymph_cv.commands.options import DEVICE, folds_option, pairs_option
 
 #: The registered methods and fusions, written out so that loading this module imports no torch
 #: (the library checks the names and lists the valid ones).
@@ -91,3 +91,53 @@ def evaluate(workdir: Path, name: str, folds, as_json: bool) -> None:
 
     pooled = evaluate_folds(workdir, name, folds)
     click.echo(json.dumps(pooled, indent=2) if as_json else _summary(pooled))
+
+
+#: ``run --mil``'s default classes of patient bags (stages/sources/patients.py BAG_CLASSES, spelled out
+#: so that loading this module reads no stage).
+PATIENT_CLASSES = ("reactive", "tumoral")
+PATIENT_BAGS = "patient"
+BAG_CHOICES = (PATIENT_BAGS, "image", "case", "slide")
+
+
+def mil_run_options(command):
+    """``run``'s MIL options: --mil, --bag, --clinical, --fusion, --mil-set."""
+    options = [
+        click.option("--mil", default=None, metavar="METHOD",
+                     help=f"Multiple-instance learning over bags instead of the patch classifier: {METHOD_HELP}."),
+        click.option("--bag", type=click.Choice(BAG_CHOICES), default=None,
+                     help="--mil: patient (DATA/<patient>/*.png + clinical CSV, the default) or the tutorial "
+                          "images' windows by image or case."),
+        click.option("--clinical", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                     help="--mil, patient bags: the clinical CSV (default: the one *.csv in DATA)."),
+        click.option("--fusion", type=click.Choice(FUSION_CHOICES), default=None,
+                     help="--mil: use the clinical attributes (concat, sum or late)."),
+        click.option("--mil-set", "mil_set", multiple=True, callback=pairs_option, metavar="KEY=VALUE",
+                     help="--mil: a MIL training setting (crop, epochs, grad_instances, k_train, lr, ...; see "
+                          "`lymph-cv mil train --help`); repeatable."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def mil_run_fields(ctx: click.Context, mil: Optional[str], bag: Optional[str], clinical: Optional[Path],
+                   fusion: Optional[str], mil_set: Optional[dict]) -> dict:
+    """The RunOptions fields of ``run``'s MIL options (empty without --mil; a usage error for MIL options
+    given without it)."""
+    if mil is None:
+        given = [name for name, value in (("--bag", bag), ("--clinical", clinical), ("--fusion", fusion),
+                                          ("--mil-set", mil_set)) if value]
+        if given:
+            raise click.UsageError(f"{given[0]} needs --mil METHOD")
+        return {}
+    bag = bag or PATIENT_BAGS
+    fields = {"mil": mil, "bag": bag, "clinical": clinical, "fusion": fusion, "mil_params": dict(mil_set or {}),
+              "direct": True}  # image bags read their windows from the images: no patch files
+    if bag == PATIENT_BAGS and ctx.get_parameter_source("classes") is click.core.ParameterSource.DEFAULT:
+        fields["classes"] = PATIENT_CLASSES
+    return fields
+
+
+def mil_run_summary(pooled: Optional[dict]) -> Optional[str]:
+    return None if pooled is None else "MIL " + _summary(pooled)

@@ -8,6 +8,7 @@ from typing import Optional
 import click
 
 from lymph_cv.commands.options import DEVICE, WORKERS, classes_option, folds_option, pairs_option
+from lymph_cv.commands.mil import mil_run_fields, mil_run_options, mil_run_summary
 from lymph_cv.commands.training_options import augmentation_options, augmentation_overrides
 from lymph_cv.commands.stain import method_params, stain_augment_options, stain_augment_overrides, stain_options
 from lymph_cv.net.archs import DEFAULT_ARCH, STEMS, arch_names
@@ -74,13 +75,16 @@ DEMO_MAX_ITER = 300
 @augmentation_options
 @stain_augment_options
 @stain_options
-def run(workdir: Path, data: Optional[Path], demo: bool, classes, k: int, folds, group_by: str, seed: int,
-        backend: str, direct: bool, max_iter: Optional[int], dropout: bool, arch: str, stem: Optional[str],
+@mil_run_options
+@click.pass_context
+def run(ctx: click.Context, workdir: Path, data: Optional[Path], demo: bool, classes, k: int, folds, group_by: str,
+        seed: int, backend: str, direct: bool, max_iter: Optional[int], dropout: bool, arch: str, stem: Optional[str],
         overrides: dict, device: str, executor: str, walltime, queue, job_timeout, aggregate: str,
         no_oversample: bool, tta: bool, heatmaps: bool, workers, from_stage,
         mixup_alpha, label_smoothing, vertical_flip, rotate90, stain_augment, stain_augment_scale,
         stain_augment_shift, tile_size, tile_mpp, tile_level, tile_stride, min_tissue, tile_resize, slide_threshold,
-        no_cam, stain, stain_target, stain_include_background, stain_params) -> None:
+        no_cam, stain, stain_target, stain_include_background, stain_params, mil, bag, clinical, fusion,
+        mil_set) -> None:
     """Steps 1–5 and the report: images → patches → folds → DBs → training → confusion matrices.
 
     Resumable: each stage is recorded in WORKDIR/run.json and skipped when its outputs are
@@ -88,7 +92,10 @@ def run(workdir: Path, data: Optional[Path], demo: bool, classes, k: int, folds,
 
     --stain METHOD normalises every image as it is read; without --stain-target the target is
     fitted per fold on that fold's training images, which builds the databases straight from the
-    images (--direct is implied)."""
+    images (--direct is implied).
+
+    --mil METHOD runs multiple-instance learning over bags instead (patient folders, or --bag image|case
+    of the images): bags → patient splits → a MIL model per split (WORKDIR/mil/NAME/)."""
     if data is None and not demo:
         raise click.UsageError("give --data DIR (one sub-folder per class) or --demo")
     overrides = {**overrides, **{key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in
@@ -111,22 +118,25 @@ def run(workdir: Path, data: Optional[Path], demo: bool, classes, k: int, folds,
         from lymph_cv.cluster.jobs import JobOptions
 
         job_options = JobOptions(**{k_: v for k_, v in (("walltime", walltime), ("queue", queue)) if v is not None})
+    fields = {"classes": classes, "direct": direct, **mil_run_fields(ctx, mil, bag, clinical, fusion, mil_set)}
     options = RunOptions(
-        workdir=workdir, data=data, demo=DemoData() if demo else None, classes=classes, k=k, folds=folds,
-        group_by=group_by, seed=seed, backend=backend, direct=direct,
+        workdir=workdir, data=data, demo=DemoData() if demo else None, k=k, folds=folds,
+        group_by=group_by, seed=seed, backend=backend,
         max_iter=max_iter if max_iter is not None else (DEMO_MAX_ITER if demo else None),
         dropout=dropout, arch=arch, stem=stem, overrides=overrides, device=device, executor=executor,
         job_options=job_options, job_timeout=job_timeout, oversample=not no_oversample, tta=tta,
         aggregate=aggregate, heatmaps=heatmaps, workers=workers,
         from_stage=from_stage, stain=stain, stain_params=stain_params, stain_target=stain_target,
         tile_size=tile_size, tile_mpp=tile_mpp, tile_level=tile_level, tile_stride=tile_stride, min_tissue=min_tissue,
-        tile_resize=tile_resize, slide_threshold=slide_threshold, cams=not no_cam)
+        tile_resize=tile_resize, slide_threshold=slide_threshold, cams=not no_cam, **fields)
 
     def announce(name: str, action: str) -> None:
         verb = {"skip": "up to date, skipped", "resume": "resuming", "run": "running"}[action]
         click.echo(f"== {name}: {verb}", err=True)
 
     result = run_pipeline(options, on_stage=announce)
+    if mil is not None:
+        click.echo(mil_run_summary(result.results.get("mil")))
     if result.report is not None:
         from lymph_cv.stages.report import format_report
 

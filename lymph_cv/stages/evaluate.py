@@ -46,7 +46,7 @@ from lymph_cv.stages.results import FoldResult, ImageResult
 from lymph_cv.workdir.records import FOLDS, read_record
 from lymph_cv.workdir.snapshots import snapshot_series
 from lymph_cv.workdir.records import MANIFEST as MANIFEST_RECORD
-from lymph_cv.stages.stage import RunOptions, Stage
+from lymph_cv.stages.stage import PatchPipelineStage, RunOptions
 
 log = logging.getLogger(__name__)
 
@@ -634,7 +634,7 @@ def evaluate_fold(
     return FoldResult(fold, classes, results, settings)
 
 
-class EvaluateStage(Stage):
+class EvaluateStage(PatchPipelineStage):
     """Step 5: each fold's test images with its final snapshot (``eval/fold_K/``)."""
 
     name = "evaluate"
@@ -643,7 +643,7 @@ class EvaluateStage(Stage):
     per_fold = True
 
     def enabled(self, o: RunOptions) -> bool:
-        return not o.slides  # whole slides are evaluated slide by slide (stages.slide_eval)
+        return super().enabled(o) and not o.slides  # whole slides: slide by slide (stages.slide_eval)
 
     def check(self, o: RunOptions) -> None:
         try:

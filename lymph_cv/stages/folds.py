@@ -33,7 +33,7 @@ from lymph_cv.workdir.layout import (BAG_FOLDS_JSON, BAG_TEST_LIST, BAG_TRAIN_LI
 from lymph_cv.workdir.records import BAG_FOLDS, FOLDS, read_record
 from lymph_cv.workdir.lists import (bag_list_folds, list_folds, parent_list_folds,  # noqa: F401 - list_folds: the folds' API
                                     read_labelled_list, read_list_lines)
-from lymph_cv.stages.stage import RunOptions, Stage
+from lymph_cv.stages.stage import PatchPipelineStage, RunOptions
 
 log = logging.getLogger(__name__)
 
@@ -511,7 +511,7 @@ def describe(fold_set: FoldSet) -> str:
     return "\n".join(rows)
 
 
-class FoldsStage(Stage):
+class FoldsStage(PatchPipelineStage):
     """Step 2: the k folds' patch and parent lists (and ``folds.json``)."""
 
     name = "folds"

@@ -502,6 +502,10 @@ def write_class_struct(manifest: Manifest, path: Union[str, Path]) -> None:
         raise write_error(exc, path) from None
 
 
+#: The bag kind of ``run --mil`` over patient folders (no patches: the cells are the instances).
+PATIENT_BAGS = "patient"
+
+
 class PatchesStage(Stage):
     """Step 1: the patches (or, with ``--direct``, only the manifest) of the data set's images."""
 
@@ -510,7 +514,8 @@ class PatchesStage(Stage):
     writes = (f"{PATCH_DIR}/{MANIFEST_NAME}", f"{PATCH_DIR}/*_sub_N.tif")
 
     def enabled(self, o: RunOptions) -> bool:
-        return not o.slides  # whole slides are tiled instead (stages.tiling)
+        # whole slides are tiled instead (stages.tiling); patient bags are read from their folders
+        return not o.slides and (o.mil is None or o.bag != PATIENT_BAGS)
 
     def check(self, o: RunOptions) -> None:
         if o.stain is None:

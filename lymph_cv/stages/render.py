@@ -39,7 +39,7 @@ from lymph_cv.workdir.layout import DB_TRAIN as TRAIN_DB
 from lymph_cv.workdir.layout import RENDER_JSON
 from lymph_cv.workdir.records import DBS, MANIFEST, read_cache, read_record
 from lymph_cv.workdir.lists import read_labelled_list, require_folds
-from lymph_cv.stages.stage import TUTORIAL_ARCH, RunOptions, Stage
+from lymph_cv.stages.stage import TUTORIAL_ARCH, PatchPipelineStage, RunOptions
 
 log = logging.getLogger(__name__)
 
@@ -478,7 +478,7 @@ def training_overrides(o: RunOptions) -> Dict[str, str]:
 DISPLAY_ONLY = ("display", "test_interval", "snapshot")
 
 
-class RenderStage(Stage):
+class RenderStage(PatchPipelineStage):
     """Step 4a: each fold's solver, train/test net and deploy net.
 
     The :data:`DISPLAY_ONLY` variables stay out of the key: changing one re-renders the configs (the

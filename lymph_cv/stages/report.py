@@ -31,7 +31,7 @@ from lymph_cv.workdir.layout import (CONFUSION_PNG, EVAL_DIR, HEATMAP_DIR, IMAGE
                                      REPORT_MD, REPORT_TXT, SUMMARY_TXT, heatmap_name)
 from lymph_cv.workdir.layout import EVAL_FOLD_PATTERN as _FOLD_DIR
 from lymph_cv.workdir.records import METRICS, read_record
-from lymph_cv.stages.stage import RunOptions, Stage
+from lymph_cv.stages.stage import PatchPipelineStage, RunOptions
 from lymph_cv.stages.metrics import (accuracy, balanced_accuracy, class_metrics, confusion_matrix,  # noqa: F401 - the report's API
                                      mean_sd, summary_metrics)
 from lymph_cv.stages.results import FoldResult
@@ -483,7 +483,7 @@ def write_report(report: Report, legacy_layout: bool = False) -> List[Path]:
     return paths
 
 
-class ReportStage(Stage):
+class ReportStage(PatchPipelineStage):
     """The pooled report of this run's folds (``eval/report.md`` and friends)."""
 
     name = "report"

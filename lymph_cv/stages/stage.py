@@ -101,6 +101,14 @@ class RunOptions:
     slide_threshold: Optional[float] = None
     #: class activation maps over each test slide (nets with global average pooling).
     cams: bool = True
+    #: multiple-instance learning (issue 15): the MIL method (None: the patch pipeline), the bag kind
+    #: (patient: DATA/<patient>/ + clinical CSV; image, case: the patch manifest's), the clinical
+    #: fusion, and MILConfig settings as text (``--mil-set crop=64``).
+    mil: Optional[str] = None
+    bag: Optional[str] = None
+    clinical: Optional[Path] = None
+    fusion: Optional[str] = None
+    mil_params: Dict[str, str] = field(default_factory=dict)
 
     @property
     def slides(self) -> bool:
@@ -153,6 +161,14 @@ class Stage:
     def result(self, options: RunOptions) -> object:
         """What a skipped stage hands on (as ``run`` returns it); None by default."""
         return None
+
+
+class PatchPipelineStage(Stage):
+    """A stage of the patch classifier (folds, DBs, training, evaluation, report): off in a MIL run,
+    which trains and evaluates bags instead (``stages/mil``)."""
+
+    def enabled(self, options: RunOptions) -> bool:
+        return options.mil is None
 
 
 def key_digest(obj) -> str:

@@ -65,7 +65,8 @@ from lymph_cv.net.solver import Solver, learnables_of, make_solver, snapshot_nam
 from lymph_cv.stages.eta import ESTIMATE_AFTER, FORWARD_SHARE, Estimate, cpu_warning
 from lymph_cv.workdir.layout import TRAIN_JSON as RECORD_NAME
 from lymph_cv.workdir.layout import DB_TEST, DB_TRAIN, MEAN_FILE, SOLVER_NAME, SUPERSEDED_DIR, TRAIN_KEY_JSON, TRAIN_LOG
-from lymph_cv.stages.stage import LOCAL_EXECUTOR, TRAIN_EXECUTORS, RunOptions, Stage, executor_names, key_digest, run_record
+from lymph_cv.stages.stage import (LOCAL_EXECUTOR, TRAIN_EXECUTORS, PatchPipelineStage, RunOptions, executor_names,
+                                   key_digest, run_record)
 from lymph_cv.workdir.snapshots import snapshot_series
 
 log = logging.getLogger(__name__)
@@ -939,7 +940,7 @@ def final_snapshot(workdir: os.PathLike, fold: int) -> Optional[Path]:
     return fold_snapshots(workdir, fold, "caffemodel").get(int(read_solver(solver).max_iter))
 
 
-class TrainStage(Stage):
+class TrainStage(PatchPipelineStage):
     """Step 4b: train every fold to its final snapshot, here or as cluster jobs (``--executor``).
 
     Snapshots are never deleted: those of other settings move aside (:meth:`supersede`), those of the

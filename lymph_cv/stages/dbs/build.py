@@ -16,7 +16,7 @@ from lymph_cv.core import faults
 from lymph_cv.core.fsutil import atomic_write_json, remove_path, remove_stale_temporaries
 from lymph_cv.core.workers import imap
 from lymph_cv.stages.patches import BadInputs
-from lymph_cv.stages.stage import RunOptions, Stage, stain_key, stain_target_record
+from lymph_cv.stages.stage import PatchPipelineStage, RunOptions, stain_key, stain_target_record
 from lymph_cv.stages.stain import StainRecord, StainTransform, fit_record, write_record
 from lymph_cv.stages.dbs.cache import PatchCache, build_from_cache, digest_of_manifest, is_tile_manifest
 from lymph_cv.stages.dbs.convert import DEFAULT_BACKEND, DEFAULT_SEED, DbResult, DbTask, build_from_files
@@ -224,7 +224,7 @@ def read_dbs_json(workdir: Path) -> dict:
     return record if isinstance(record, dict) and isinstance(record.get("dbs", {}), dict) else {}
 
 
-class DbsStage(Stage):
+class DbsStage(PatchPipelineStage):
     """Step 3: each fold's training and test databases and its mean file (from patch files, or with
     ``--direct`` straight from the images)."""
 

@@ -93,6 +93,30 @@ class MILConfig:
         return dataclasses.asdict(self)
 
     @classmethod
+    def from_pairs(cls, pairs: dict, **given) -> "MILConfig":
+        """A configuration from ``given`` fields and ``key=value`` text pairs (``--mil-set``), each
+        parsed by its field's type; ConfigError naming an unknown key or a bad value."""
+        defaults = cls()
+        values = dict(given)
+        for key, raw in pairs.items():
+            if key not in defaults.to_json() or key in given:
+                raise ConfigError(f"--mil-set: unknown MIL setting {key!r}",
+                                  valid=sorted(set(defaults.to_json()) - set(given)))
+            kind = type(getattr(defaults, key))
+            try:
+                if kind is bool:
+                    if str(raw).lower() not in ("true", "false", "1", "0"):
+                        raise ValueError(raw)
+                    values[key] = str(raw).lower() in ("true", "1")
+                else:
+                    values[key] = kind(raw) if getattr(defaults, key) is not None else str(raw)
+            except ValueError:
+                raise ConfigError(f"--mil-set {key}={raw}: expected a {kind.__name__}") from None
+        config = cls(**values)
+        config.check()
+        return config
+
+    @classmethod
     def from_json(cls, record: dict, path: Optional[PathLike] = None) -> "MILConfig":
         try:
             return cls(**record)
