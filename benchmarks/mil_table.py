@@ -29,7 +29,8 @@ from lymph_cv.stages.synth_bags import generate_bags
 #: Table rows: label → (method, fusion).
 ROWS = {"instance vote": ("vote", None), "mean": ("mean", None), "max": ("max", None), "top-k": ("topk", None),
         "learned": ("learned", None), "attention": ("attention", None),
-        "attention + clinical (concat)": ("attention", "concat")}
+        "attention + clinical (concat)": ("attention", "concat"), "attention + clinical (sum)": ("attention", "sum"),
+        "attention + clinical (late)": ("attention", "late")}
 DEFAULT_ROWS = ("instance vote", "mean", "top-k", "attention", "attention + clinical (concat)")
 
 

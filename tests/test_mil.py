@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+from lymph_cv.core.faults import FAULT_ENV
 from lymph_cv.errors import ConfigError, FormatError
 from lymph_cv.formats.caffe import caffe_pb2
 from lymph_cv.formats.caffe.model import read_caffemodel
@@ -178,3 +182,17 @@ def test_run_mil_attention_on_image_bags(tmp_path, runner, cli):
     assert again.exit_code == 0 and "== mil: up to date, skipped" in again.stderr
     bad = runner.invoke(cli, ["run", str(work), "--data", str(data), "--bag", "image"])
     assert bad.exit_code == 2 and "--bag needs --mil METHOD" in bad.stderr
+
+
+def test_mil_train_stopped_by_sigterm_saves_and_exits_143(tmp_path, runner, cli):
+    data, work = tmp_path / "data", tmp_path / "work"
+    for args in (["synth", "--layout", "bags", str(data), "--patients", "4", "--cells", "3-4", "--cell-size", "24"],
+                 ["bags", "make", str(data), str(work)], ["bags", "split", str(work), "--k", "2"]):
+        assert runner.invoke(cli, args).exit_code == 0, args
+    env = {**os.environ, FAULT_ENV: "term@mil:batch#1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-m", "lymph_cv", "mil", "train", str(work), "--crop", "24", "--epochs",
+                           "3", "--bags-per-batch", "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 143, done.stderr
+    assert "stopped by SIGTERM after epoch 1 of 3" in done.stderr and "Traceback" not in done.stderr
+    record = json.loads((work / "mil" / "attention" / "1" / "mil.json").read_text())
+    assert record["complete"] is False and len(record["history"]) == 1

@@ -20,9 +20,10 @@ from lymph_cv.formats.store import open_reader
 TINY = DemoData(per_class=3, cases_per_class=3, width=168, height=136)
 FOLDS = 3
 MAX_ITER = 16
+#: The stages of a run over images (synth only with --demo; tiles and slide_eval only over slides; bags and
+#: mil only with --mil).
+PIPELINE = [name for name in STAGES if name not in ("synth", "tiles", "slide_eval", "bags", "mil")]
 #: Small batches keep each iteration cheap; two test batches per pass.
-#: The stages of a run over images (synth only with --demo; tiles and slide_eval only over slides).
-PIPELINE = [name for name in STAGES if name not in ("synth", "tiles", "slide_eval")]
 TRAIN_SET = {"batch_size": "32", "test_iter": "2"}
 RUN_ARGS = ["--k", str(FOLDS), "--max-iter", str(MAX_ITER), "--workers", "1"] + [
     arg for key, value in TRAIN_SET.items() for arg in ("--set", f"{key}={value}")]

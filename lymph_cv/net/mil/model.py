@@ -55,6 +55,23 @@ class MILModel(nn.Module):
         self.fusion = fusion
         if fusion == "concat":
             self.fuse = nn.Linear(head.embedding_dim + clinical.clinical_ip1.out_features, head.config.classes)
+            self._start_fuse_as_head()
+
+    def _start_fuse_as_head(self) -> None:
+        """The concatenation's layer starts as the bag model alone (the encoder's classifier on an attention
+        embedding, the identity on pooled logits; clinical weights 0): a fresh layer over unnormalised
+        embeddings trained a few epochs was unstable."""
+        width = self.head.embedding_dim
+        with torch.no_grad():
+            self.fuse.weight.zero_()
+            self.fuse.bias.zero_()
+            if self.head.pools_features:
+                layer = self.encoder.layer(self.classifier)
+                self.fuse.weight[:, :width] = layer.blobs[0].t() if layer.transpose else layer.blobs[0]
+                if layer.bias_term:
+                    self.fuse.bias.copy_(layer.blobs[1])
+            else:
+                self.fuse.weight[:, :width] = torch.eye(width)
 
     def stored_modules(self) -> dict:
         """The modules stored beside the encoder's caffemodel (see :mod:`.storage`)."""

@@ -19,6 +19,7 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from lymph_cv.core import faults
 from lymph_cv.core.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, make_dirs
 from lymph_cv.errors import ConfigError, FormatError, Interrupted, signal_name
 from lymph_cv.formats.caffe import caffe_pb2
@@ -47,6 +48,8 @@ CONFIG_JSON = "mil.json"
 MODEL_FILES = (ENCODER_MODEL, ENCODER_DEPLOY, ENCODER_MEAN, HEAD_MODEL, CONFIG_JSON)
 MIL_RECORD = RecordSpec(CONFIG_JSON, "the MIL model record", "not a mil.json written by `lymph-cv mil train`",
                         fields={"config": dict, "classes": list, "history": list})
+#: The fault point after each training batch (the fault suite stops a training there).
+BATCH_EVENT = "mil:batch"
 #: Seeds of the training draws derive from the run seed by stream.
 STREAM_INIT, STREAM_ORDER = 1, 2
 
@@ -249,6 +252,7 @@ def train_mil(bags: Sequence[BagData], classes: Sequence[str], config: MILConfig
                 optimiser.step()
                 losses.append(float(loss.detach()))
                 instances += int(mask.sum())
+                faults.event(BATCH_EVENT)
                 if ACTION_STOP in pending:
                     break
             seconds = time.perf_counter() - started
