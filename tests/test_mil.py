@@ -104,7 +104,7 @@ def test_head_storage_round_trip_and_errors(tmp_path):
 
 
 def test_train_save_load_evaluate(tmp_path):
-    config = MILConfig(method="attention", crop=SIZE, epochs=8, bags_per_batch=4, grad_instances=4, lr=3e-3,
+    config = MILConfig(method="attention", crop=SIZE, epochs=8, bags_per_batch=4, grad_instances=4,
                        fusion="concat", seed=3)
     train = tiny_bags(12, 0, clinical=True)
     trained = train_mil(train, CLASSES, config, ["age", "noise"])
