@@ -241,9 +241,23 @@ def _misclassified_section(workdir: Path, folds: Sequence[dict], classes: Sequen
     return "".join(parts)
 
 
+def shrunk_png(png: bytes, width: int) -> bytes:
+    """``png`` resized by area to ``width`` pixels (when wider): what a page embeds for a thumbnail
+    (twice its CSS width, sharp on high-density screens), the full figure one click away."""
+    import cv2
+    import numpy as np
+
+    image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+    if image is None or image.shape[1] <= width:
+        return png
+    height = max(1, round(image.shape[0] * width / image.shape[1]))
+    ok, data = cv2.imencode(".png", cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA))
+    return data.tobytes() if ok else png
+
+
 def _slides_section(workdir: Path, pooled: dict, folds: Sequence[dict], classes: Sequence[str]) -> str:
     """Slide-level evaluation: tile-level metrics and, per slide, its fractions and its tile heatmap
-    and CAM (embedded; a click opens the PNG in ``eval/fold_K/heatmaps/``)."""
+    and CAM (embedded shrunk; a click opens the full PNG in ``eval/fold_K/heatmaps/``)."""
     if not slide_report.is_slide_report(folds):
         return ""
     parts = ["<h2>Slides</h2>"]
@@ -266,7 +280,7 @@ def _slides_section(workdir: Path, pooled: dict, folds: Sequence[dict], classes:
                 png = workdir / EVAL_DIR / relative if relative else None
                 if png is not None and png.is_file():
                     label = "tile probabilities" if what == "heatmap" else "class activation map"
-                    picture = _img(png.read_bytes(), f"{label} of {row['slide']}")
+                    picture = _img(shrunk_png(png.read_bytes(), 2 * THUMB_WIDTH), f"{label} of {row['slide']}")
                     pictures.append(f'<a href="{_e(relative)}">{picture}</a>')
             parts.append(f"<figure>{''.join(pictures)}<figcaption>{caption}</figcaption></figure>")
     parts.append("</div>")
