@@ -182,6 +182,8 @@ def test_run_mil_attention_on_image_bags(tmp_path, runner, cli):
     assert again.exit_code == 0 and "== mil: up to date, skipped" in again.stderr
     bad = runner.invoke(cli, ["run", str(work), "--data", str(data), "--bag", "image"])
     assert bad.exit_code == 2 and "--bag needs --mil METHOD" in bad.stderr
+    jobs = runner.invoke(cli, args + ["--executor", "slurm"])
+    assert jobs.exit_code == 2 and "MIL splits train in this process" in jobs.stderr
 
 
 def test_mil_train_stopped_by_sigterm_saves_and_exits_143(tmp_path, runner, cli):

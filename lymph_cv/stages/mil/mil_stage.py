@@ -6,7 +6,8 @@ from lymph_cv.core.devices import resolve_device
 from lymph_cv.stages.mil.evaluate import METRICS_JSON
 from lymph_cv.stages.mil.folds import fold_done, mil_dir, run_name, train_folds
 from lymph_cv.stages.mil.train import MILConfig
-from lymph_cv.stages.stage import RunOptions, Stage
+from lymph_cv.errors import ConfigError
+from lymph_cv.stages.stage import LOCAL_EXECUTOR, RunOptions, Stage
 from lymph_cv.workdir.records import read_cache
 
 
@@ -27,6 +28,9 @@ class MILStage(Stage):
         return o.mil is not None
 
     def check(self, o: RunOptions) -> None:
+        if o.executor != LOCAL_EXECUTOR:
+            raise ConfigError(f"--executor {o.executor}: MIL splits train in this process (use --executor local, "
+                              "or submit `lymph-cv mil train WORKDIR --folds K` yourself)")
         run_config(o)
 
     def params(self, o: RunOptions) -> dict:
