@@ -82,6 +82,13 @@ def test_light_commands_load_no_numpy_or_stage(module):
     assert _modules_after(f"import {module}", HEAVY + ("numpy",)) == []
 
 
+@pytest.mark.parametrize("module", ["lymph_cv.commands.run", "lymph_cv.commands.plot_log"])
+def test_commands_on_light_stage_modules_load_no_numpy(module):
+    # run loads the pipeline engine (stage names, the executors' registry), not the stages' modules
+    assert _modules_after(f"import {module}", ("numpy", "cv2", "torch", "scipy", "matplotlib", "jinja2",
+                                                 "google.protobuf")) == []
+
+
 def test_compute_image_mean_loads_neither_opencv_torch_nor_protobuf(tmp_path):
     with store.open_writer(tmp_path / "db", "leveldb") as writer:
         for i in range(3):

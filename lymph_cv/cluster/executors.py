@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from lymph_cv.cluster import jobs
 from lymph_cv.errors import TrainingError
 from lymph_cv.stages.stage import RunOptions, register_executor
 
 def train_on_cluster(o: RunOptions, folds: Sequence[int], scheduler: str) -> None:
     """Train ``folds`` as jobs of ``scheduler`` (resubmitting stopped ones) and wait for them."""
+    # imported here: the job engine loads jinja2 and the renderer, which `run --help` need not
+    from lymph_cv.cluster import jobs
+
     options = o.job_options or jobs.JobOptions()
     jobs.submit_folds(Path(o.workdir), scheduler, folds, options=options, resubmit=True)
     states = jobs.wait_for_jobs(Path(o.workdir), jobs.TRAIN_TASK, timeout=o.job_timeout)
