@@ -74,7 +74,7 @@ def test_command_defaults_match_the_stages():
 LIGHT_COMMAND_MODULES = ("lymph_cv.commands.stain", "lymph_cv.commands.train", "lymph_cv.commands.heldout",
                          "lymph_cv.commands.pycaffe_path", "lymph_cv.commands.data", "lymph_cv.commands.evaluate",
                          "lymph_cv.commands.inspect", "lymph_cv.commands.import_data", "lymph_cv.commands.bags",
-                         "lymph_cv.commands.jobs", "lymph_cv.commands.render")
+                         "lymph_cv.commands.jobs", "lymph_cv.commands.render", "lymph_cv.commands.slides")
 
 
 @pytest.mark.parametrize("module", LIGHT_COMMAND_MODULES)

@@ -32,6 +32,9 @@ RENDER_VARIABLES = (
     "bias_lr_mult", "mixup_alpha", "label_smoothing", "vertical_flip", "rotate90", "stain_jitter",
     "stain_scale_sigma", "stain_shift_sigma",
 )
+# slides tissue | tile (stages/tissue.py)
+TISSUE_METHODS, DEFAULT_TISSUE_METHOD = ("saturation", "od"), "saturation"
+DEFAULT_MASK_SIDE, DEFAULT_MIN_TISSUE = 2048, 0.5
 
 #: Each constant above → "module:attribute" it must equal.
 SOURCES = {
@@ -61,4 +64,8 @@ SOURCES = {
     "DEFAULT_BATCH_SIZES": "lymph_cv.stages.evaluate:DEFAULT_BATCH_SIZES",
     "AGGREGATION_CHOICES": "lymph_cv.stages.aggregate:aggregation_choices",
     "RENDER_VARIABLES": "lymph_cv.stages.render:VARIABLES",
+    "TISSUE_METHODS": "lymph_cv.stages.tissue:METHODS",
+    "DEFAULT_TISSUE_METHOD": "lymph_cv.stages.tissue:DEFAULT_METHOD",
+    "DEFAULT_MASK_SIDE": "lymph_cv.stages.tissue:DEFAULT_MASK_SIDE",
+    "DEFAULT_MIN_TISSUE": "lymph_cv.stages.tissue:DEFAULT_MIN_TISSUE",
 }

@@ -8,12 +8,11 @@ from typing import Optional
 import click
 
 from lymph_cv import DEFAULT_CLASSES
+from lymph_cv.commands import defaults
 from lymph_cv.commands.options import WORKERS, classes_option
 from lymph_cv.commands.stain import resolve as resolve_stain
 from lymph_cv.commands.stain import stain_options
-from lymph_cv.formats.slides import format_info, slide_info
 from lymph_cv.formats.store import BACKENDS
-from lymph_cv.stages import tissue as tissue_module
 
 
 @click.group("slides")
@@ -27,6 +26,8 @@ def slides() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
 def info(slide: str, as_json: bool) -> None:
     """Vendor, levels, dimensions, downsamples, microns per pixel and objective power of SLIDE."""
+    from lymph_cv.formats.slides import format_info, slide_info
+
     description = slide_info(slide)
     if as_json:
         click.echo(json.dumps(description.to_dict(), indent=2))
@@ -34,8 +35,8 @@ def info(slide: str, as_json: bool) -> None:
         click.echo(format_info(description), nl=False)
 
 
-_TISSUE_METHOD = click.option("--tissue-method", type=click.Choice(tissue_module.METHODS),
-                              default=tissue_module.DEFAULT_METHOD, show_default=True,
+_TISSUE_METHOD = click.option("--tissue-method", type=click.Choice(defaults.TISSUE_METHODS),
+                              default=defaults.DEFAULT_TISSUE_METHOD, show_default=True,
                               help="What Otsu thresholds: HSV saturation, or od (optical density summed over RGB).")
 
 
@@ -43,7 +44,7 @@ _TISSUE_METHOD = click.option("--tissue-method", type=click.Choice(tissue_module
 @click.argument("slide", type=click.Path(path_type=str))
 @click.option("--mask", "mask_png", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the tissue mask here as a PNG (tissue white).")
-@click.option("--side", type=click.IntRange(min=1), default=tissue_module.DEFAULT_MASK_SIDE, show_default=True,
+@click.option("--side", type=click.IntRange(min=1), default=defaults.DEFAULT_MASK_SIDE, show_default=True,
               help="Longer side in pixels of the low-resolution view tissue is detected on.")
 @click.option("--tile-size", type=click.IntRange(min=1), default=None,
               help="Also report the tissue fraction of each tile of this many level-0 pixels.")
@@ -52,6 +53,8 @@ _TISSUE_METHOD = click.option("--tissue-method", type=click.Choice(tissue_module
 def tissue(slide: str, mask_png: Optional[Path], side: int, tile_size: Optional[int], tissue_method: str,
            as_json: bool) -> None:
     """Tissue share of SLIDE by Otsu on saturation (specks and small holes removed)."""
+    from lymph_cv.stages import tissue as tissue_module
+
     found = tissue_module.detect_tissue(slide, max_side=side, method=tissue_method)
     if mask_png is not None:
         tissue_module.write_mask_png(mask_png, found.mask)
@@ -87,10 +90,10 @@ def tile_params(options: dict):
               help="Microns per pixel of the tiles (read from the best pyramid level, resampled).")
 @click.option("--level", type=click.IntRange(min=0), default=None, help="Read tiles at this pyramid level as is (instead of --mpp).")
 @click.option("--stride", type=click.IntRange(min=1), default=None, help="Origin step in tile pixels [default: --size].")
-@click.option("--min-tissue", type=click.FloatRange(0.0, 1.0), default=tissue_module.DEFAULT_MIN_TISSUE, show_default=True,
+@click.option("--min-tissue", type=click.FloatRange(0.0, 1.0), default=defaults.DEFAULT_MIN_TISSUE, show_default=True,
               help="Keep a tile when at least this share of it is tissue.")
 @click.option("--resize", type=click.IntRange(min=1), default=None, help="Write tiles of this side [default: --size].")
-@click.option("--mask-side", type=click.IntRange(min=1), default=tissue_module.DEFAULT_MASK_SIDE, show_default=True,
+@click.option("--mask-side", type=click.IntRange(min=1), default=defaults.DEFAULT_MASK_SIDE, show_default=True,
               help="Longer side of the low-resolution view tissue is detected on.")
 @click.option("--db", "db_backend", type=click.Choice(BACKENDS), default=None,
               help="Write each slide's tiles to a database OUT/<slide>_<backend> instead of tile files.")
