@@ -152,6 +152,7 @@ def test_run_over_slides_end_to_end(runner, cli, slide_set, tmp_path):
     assert np.array(metrics["tiles"]["confusion"]).sum() == metrics["tiles"]["tiles"]
     md = (work / "eval" / "report.md").read_text()
     assert "## Slides" in md and "4 test slides" in md and md.count("[CAM](fold_1/heatmaps/") == 4
+    assert "## Misclassified slides (" in md and "| fold | slides | accuracy |" in md
     assert json.loads((work / "eval" / "report.json").read_text())["tiles"]["tiles"] == metrics["tiles"]["tiles"]
     page = render((work / "eval" / "report.html").as_uri(), tmp_path / "report.png")
     assert page.console == [], page.console

@@ -217,7 +217,8 @@ def _fold_section(workdir: Path, record: dict, classes: Sequence[str]) -> str:
 
 def _misclassified_section(workdir: Path, folds: Sequence[dict], classes: Sequence[str]) -> str:
     wrong = [(f["fold"], item) for f in folds for item in f["misclassified"]]
-    parts = [f"<h2>Misclassified images ({len(wrong)})</h2>"]
+    unit = "slides" if slide_report.is_slide_report(folds) else "images"
+    parts = [f"<h2>Misclassified {unit} ({len(wrong)})</h2>"]
     if not wrong:
         return parts[0] + "<p>None.</p>"
     missing_maps = 0

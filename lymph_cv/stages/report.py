@@ -421,7 +421,7 @@ def format_markdown(report: Report) -> str:
     for name, row in zip(classes, report.confusion):
         lines.append(_md_row([f"**{name}**", *[int(v) for v in row], _num(record["per_class"][name]["recall"])]))
     lines += ["", f"![pooled confusion matrix]({CONFUSION_PNG})", "", "## Per fold", "",
-              _md_row(["fold", "images", "accuracy", "balanced accuracy", "misclassified", "model"]),
+              _md_row(["fold", "slides" if slides else "images", "accuracy", "balanced accuracy", "misclassified", "model"]),
               _md_row(["---"] * 6)]
     for fold in report.folds:
         model = Path(fold.get("settings", {}).get("model", "?")).name
@@ -436,7 +436,7 @@ def format_markdown(report: Report) -> str:
     if slides:
         lines += slide_report.markdown_section(report.folds, classes)
     wrong = [(f["fold"], item) for f in report.folds for item in f["misclassified"]]
-    lines += ["", f"## Misclassified images ({len(wrong)})", ""]
+    lines += ["", f"## Misclassified {'slides' if slides else 'images'} ({len(wrong)})", ""]
     for fold, item in wrong[:MD_MISCLASSIFIED_MAX]:
         votes = _votes_text([item["votes"][c] for c in classes], classes)
         lines.append(f"- fold {fold}: `{item['image']}`: true {item['true']}, predicted {item['predicted']} (votes {votes})")
