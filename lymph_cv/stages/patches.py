@@ -38,7 +38,7 @@ from lymph_cv.core.workers import imap
 from lymph_cv.workdir.layout import MANIFEST_NAME, MAT_NAME, PATCH_DIR, STAIN_RECORD
 from lymph_cv.workdir.layout import PATCH_PARAMS as PARAMS_NAME
 from lymph_cv.workdir.records import MANIFEST, read_cache, read_record
-from lymph_cv.stages.stage import RunOptions, Stage, stain_key, stain_target_record
+from lymph_cv.stages.stage import RunOptions, Stage, check_stain, stain_key, stain_target_record
 
 log = logging.getLogger(__name__)
 
@@ -518,16 +518,7 @@ class PatchesStage(Stage):
         return not o.slides and (o.mil is None or o.bag != PATIENT_BAGS)
 
     def check(self, o: RunOptions) -> None:
-        if o.stain is None:
-            return
-        from lymph_cv.stages.stain import get_normaliser
-
-        get_normaliser(o.stain, **o.stain_params)  # an unknown method or parameter, before any stage
-        if o.stain_target is None and not o.direct:
-            raise ConfigError("--stain without --stain-target fits a target per fold on its training images, "
-                              "which needs --direct (databases built straight from the images)")
-        if o.stain_target is not None and not Path(o.stain_target).is_file():
-            raise ConfigError("no such file (a stain record or an image)", o.stain_target)
+        check_stain(o, "images", "images")
 
     def params(self, o: RunOptions) -> dict:
         stain = {} if o.direct else stain_key(o)  # with --direct the images are normalised by `dbs`

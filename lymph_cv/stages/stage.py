@@ -30,6 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from lymph_cv import DEFAULT_CLASSES
 from lymph_cv.core.registry import Registry
+from lymph_cv.errors import ConfigError
 from lymph_cv.workdir.layout import RUN_JSON
 from lymph_cv.workdir.records import RUN, read_record
 
@@ -194,6 +195,22 @@ def stain_key(o: RunOptions) -> dict:
     if o.stain_target is not None:
         target = {"path": str(o.stain_target), "sha256": hashlib.sha256(Path(o.stain_target).read_bytes()).hexdigest()}
     return {"stain": {"method": o.stain, "params": dict(o.stain_params), "target": target}}
+
+
+def check_stain(o: RunOptions, instances: str, source: str) -> None:
+    """The stain options' one-line errors before any stage: an unknown method or parameter, a per-fold
+    fit (no ``--stain-target``) without ``--direct``, a missing target. ``instances`` and ``source`` name
+    what the stage normalises ("images", "tiles") and what its databases read ("images", "slides")."""
+    if o.stain is None:
+        return
+    from lymph_cv.stages.stain import get_normaliser
+
+    get_normaliser(o.stain, **o.stain_params)
+    if o.stain_target is None and not o.direct:
+        raise ConfigError(f"--stain without --stain-target fits a target per fold on its training {instances}, "
+                          f"which needs --direct (databases built straight from the {source})")
+    if o.stain_target is not None and not Path(o.stain_target).is_file():
+        raise ConfigError("no such file (a stain record or an image)", o.stain_target)
 
 
 def stain_target_record(o: RunOptions):

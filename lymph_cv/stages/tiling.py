@@ -43,7 +43,7 @@ from lymph_cv.stages.synth import TIFF_UNCOMPRESSED
 from lymph_cv.stages.tiles import (SlideRecord, Tile, TileParams, TileSet, done_record_path, from_fields,
                                    plan_slide, read_tile, write_tile_set)
 from lymph_cv.stages.sources import input_fingerprint
-from lymph_cv.stages.stage import RunOptions, Stage, stain_key, stain_target_record
+from lymph_cv.stages.stage import RunOptions, Stage, check_stain, stain_key, stain_target_record
 from lymph_cv.workdir.layout import STAIN_RECORD, TILE_DB, TILE_DONE_DIR, TILE_GRID_PNG, TILE_MASK_PNG, TILE_QC_DIR
 from lymph_cv.workdir.layout import MANIFEST_NAME, PATCH_DIR, TILE_SET, TILE_TABLE
 from lymph_cv.workdir.records import read_cache
@@ -379,15 +379,7 @@ class TilesStage(Stage):
             run_tile_params(o)  # the tile options' one-line errors, before any stage
         except ConfigError as exc:  # named as `run` spells them (--tile-mpp for the tiler's --mpp)
             raise ConfigError(re.sub(r"--(size|mpp|level|stride|resize)\b", r"--tile-\1", exc.detail)) from None
-        if o.stain is not None:
-            from lymph_cv.stages.stain import get_normaliser
-
-            get_normaliser(o.stain, **o.stain_params)
-            if o.stain_target is None and not o.direct:
-                raise ConfigError("--stain without --stain-target fits a target per fold on its training tiles, "
-                                  "which needs --direct (databases built straight from the slides)")
-            if o.stain_target is not None and not Path(o.stain_target).is_file():
-                raise ConfigError("no such file (a stain record or an image)", o.stain_target)
+        check_stain(o, "tiles", "slides")
 
     def params(self, o: RunOptions) -> dict:
         stain = {} if o.direct else stain_key(o)  # with --direct the tiles are normalised by `dbs`
