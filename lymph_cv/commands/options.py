@@ -55,5 +55,5 @@ classes_option = _callback(parse_class_names)
 
 
 def pairs_option(ctx: click.Context, param: click.Parameter, values: Sequence[str]) -> Optional[dict]:
-    """Repeated ``--set KEY=VALUE`` → dict."""
-    return _callback(lambda pairs: parse_pairs(pairs, f"--{param.name}"))(ctx, param, values)
+    """Repeated ``--set KEY=VALUE`` → dict (a bad pair's error names the option once, as Click spells it)."""
+    return _callback(lambda pairs: parse_pairs(pairs, option=""))(ctx, param, values)

@@ -128,7 +128,7 @@ def tile(data: Path, out: Path, size: int, mpp: Optional[float], level: Optional
 
 
 @slides.command("evaluate")
-@click.argument("workdir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("workdir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--fold", "-k", type=click.IntRange(min=1), required=True, help="Fold K to evaluate.")
 @click.option("--model", type=click.Path(dir_okay=False, path_type=Path),
               help="Trained .caffemodel [default: the highest WORKDIR/K/*_iter_N.caffemodel].")

@@ -8,13 +8,13 @@ from lymph_cv.errors import ConfigError
 
 def parse_pairs(pairs: Iterable[str], option: str = "--set") -> Dict[str, str]:
     """``["key=value", ...]`` → dict (keys and values stripped; a later key wins); ConfigError naming
-    ``option`` on a pair without ``=`` or without a key."""
+    ``option`` (none: the caller names it) on a pair without ``=`` or without a key."""
     parsed: Dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ConfigError(f"{option} {pair!r}: expected key=value")
+            raise ConfigError(f"{option} {pair!r}: expected key=value" if option else f"{pair!r}: expected key=value")
         parsed[key] = value.strip()
     return parsed
 

@@ -48,6 +48,8 @@ CONFIG_JSON = "mil.json"
 MODEL_FILES = (ENCODER_MODEL, ENCODER_DEPLOY, ENCODER_MEAN, HEAD_MODEL, CONFIG_JSON)
 MIL_RECORD = RecordSpec(CONFIG_JSON, "the MIL model record", "not a mil.json written by `lymph-cv mil train`",
                         fields={"config": dict, "classes": list, "history": list})
+#: How a --mil-set value of each setting type is described in its error.
+KIND_WORDS = {int: "an integer", float: "a number", str: "text", bool: "true or false"}
 #: The fault point after each training batch (the fault suite stops a training there).
 BATCH_EVENT = "mil:batch"
 #: Seeds of the training draws derive from the run seed by stream.
@@ -114,7 +116,7 @@ class MILConfig:
                 else:
                     values[key] = kind(raw) if getattr(defaults, key) is not None else str(raw)
             except ValueError:
-                raise ConfigError(f"--mil-set {key}={raw}: expected a {kind.__name__}") from None
+                raise ConfigError(f"--mil-set {key}={raw}: expected {KIND_WORDS.get(kind, kind.__name__)}") from None
         config = cls(**values)
         config.check()
         return config
