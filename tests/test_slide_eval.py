@@ -51,9 +51,16 @@ def test_cams_average_to_the_class_scores(classifier):
 
 
 def test_a_net_without_global_pooling_has_no_cam(tmp_path):
-    deploy, model, _ = random_net(tmp_path, 36, arch="alexnet32w")
+    deploy, model, mean = random_net(tmp_path, 36, arch="alexnet32w")
+    alexnet = WindowClassifier(deploy, model)
     with pytest.raises(UnsupportedError, match="global average pooling"):
-        slide_eval.cam_head(WindowClassifier(deploy, model))
+        slide_eval.cam_head(alexnet)
+    svs = wheel_file("cmu_small_region.svs")
+    tiles = slide_eval.plan_test_slide(svs, "FL/cmu_small_region.svs", 1, TileParams(512, resize=36))
+    with pytest.raises(UnsupportedError):
+        slide_eval.evaluate_slides(alexnet, [tiles], read_mean(mean), CLASSES)
+    fold = slide_eval.evaluate_slides(alexnet, [tiles], read_mean(mean), CLASSES, cams=None)  # as the run does
+    assert fold.slides[0].cams is None and fold.result.settings["cam"] is None and len(fold.slides[0].probs) == len(tiles)
 
 
 def test_slide_decision_by_fraction_or_threshold():

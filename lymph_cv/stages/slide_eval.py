@@ -240,19 +240,26 @@ class SlideFold:
 
 def evaluate_slides(classifier: WindowClassifier, slides: Sequence[SlideTiles], mean: np.ndarray, classes: Sequence[str],
                     fold: int = 1, *, mean_mode: str = "resize", oversample: bool = False, batch_size: Optional[int] = None,
-                    threshold: Optional[float] = None, cams: bool = True, head: Optional[str] = None,
+                    threshold: Optional[float] = None, cams: Optional[bool] = True, head: Optional[str] = None,
                     transform: Optional[ColourTransform] = None, settings: Optional[dict] = None,
                     progress: bool = True) -> SlideFold:
     """Score every tile of every slide and label the slides (see the module docstring).
 
-    ``cams``: also the class activation maps (an UnsupportedError for nets without global average
-    pooling: pass ``cams=False`` for those)."""
+    ``cams``: also the class activation maps (True: an UnsupportedError for nets without global
+    average pooling; None: where the net has one, else a warning and none; False: none)."""
     if classifier.n_classes != len(classes):
         raise EvaluationError(f"the net outputs {classifier.n_classes} values per tile, but there are "
                               f"{len(classes)} classes ({', '.join(classes)})")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"--threshold must be a fraction in [0, 1], got {threshold}")
-    cam = cam_head(classifier, head) if cams else None
+    cam = None
+    if cams or cams is None:
+        try:
+            cam = cam_head(classifier, head)
+        except UnsupportedError as exc:
+            if cams:
+                raise
+            log.warning("warning: no class activation maps: %s", exc.detail)
     bar = Progress(sum(len(s) for s in slides), "slides", "tile", quiet=not progress, leave=False)
     scored: List[SlideScores] = []
     results: List[ImageResult] = []
@@ -335,7 +342,7 @@ def evaluate_slide_fold(workdir: PathLike, fold: int, *, model: Optional[PathLik
                         deploy: Optional[PathLike] = None, mean: Optional[PathLike] = None,
                         parent_list: Optional[PathLike] = None, tiles: Optional[PathLike] = None,
                         device: str = "cpu", mean_mode: str = "resize", oversample: bool = False,
-                        batch_size: Optional[int] = None, threshold: Optional[float] = None, cams: bool = True,
+                        batch_size: Optional[int] = None, threshold: Optional[float] = None, cams: Optional[bool] = True,
                         progress: bool = True) -> SlideFold:
     """Evaluate fold ``fold`` of a slide work directory: every tile of every test slide of
     ``test_w32_parent_K.txt`` (slides as ``CLASS/slide.ext``) from the tile manifest (``tiles``:
@@ -369,7 +376,7 @@ def evaluate_slide_fold(workdir: PathLike, fold: int, *, model: Optional[PathLik
     log.info("fold %d: %d test slides, %d tiles, model %s", fold, len(slides), sum(len(s) for s in slides), model)
     return evaluate_slides(classifier, slides, read_mean(mean_path), tile_set.classes, fold, mean_mode=mean_mode,
                            oversample=oversample, batch_size=batch_size, threshold=threshold, cams=cams,
-                           head=arch_head(workdir, fold) if cams else None, transform=transform, settings=settings,
+                           head=arch_head(workdir, fold) if cams is not False else None, transform=transform, settings=settings,
                            progress=progress)
 
 
@@ -501,8 +508,9 @@ class SlideEvalStage(Stage):
         from lymph_cv.stages.evaluate import fold_output_dir, folds_to_evaluate, write_locked
 
         for k, model in folds_to_evaluate(o, fresh, self.evaluated):
+            # CAMs where the net allows them (hours of training are not lost to a net without GAP)
             fold = evaluate_slide_fold(o.workdir, k, model=model, device=o.device, threshold=o.slide_threshold,
-                                       cams=o.cams)
+                                       cams=None if o.cams else False)
             record = write_locked(fold_output_dir(o.workdir, k), lambda out: write_slide_fold(fold, out))
             log.info("fold %d: slide accuracy %.3f on %d test slides, tile accuracy %.3f on %d tiles", k,
                      record["accuracy"], len(fold.slides), record["tiles"]["accuracy"], record["tiles"]["tiles"])
