@@ -2,6 +2,8 @@
 was expected, exit 2, no traceback, nothing written under a final name (nor a folder made for it)."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,6 +71,20 @@ def test_bags_split_missing_bags_json(tmp_path, runner, cli):
     result = runner.invoke(cli, ["bags", "split", str(tmp_path), "--bags", str(tmp_path / "bags.txt")])
     assert_one_error(result, "bags.txt", "cannot read bags.json")
     assert not list(tmp_path.glob("bags_train_*.txt"))
+
+
+def test_bags_split_too_many_folds_is_the_one_line(tmp_path, runner, cli):
+    data, work = tmp_path / "data", tmp_path / "work"
+    made = runner.invoke(cli, ["synth", str(data), "--layout", "bags", "--patients", "4", "--cells", "2-2",
+                               "--cell-size", "24", "--workers", "1"])
+    assert made.exit_code == 0, made.stderr
+    assert runner.invoke(cli, ["bags", "make", str(data), str(work)]).exit_code == 0
+    # a real process: the class warnings go through logging, which the in-process runner does not capture
+    done = subprocess.run([sys.executable, "-m", "lymph_cv", "bags", "split", str(work), "--k", "5"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.splitlines() == [
+        "error: --k: 5 folds need at least 5 patients in some class, the largest class has 2"], done.stderr
+    assert not (work / "bag_folds.json").exists()
 
 
 def test_bags_make_bad_clinical_csv(tmp_path, runner, cli):

@@ -129,14 +129,14 @@ def split_bags(bag_set: Union[BagSet, str, os.PathLike], out_dir: Union[str, os.
     bag_set = bag_set if isinstance(bag_set, BagSet) else read_bags(bag_set)
     grouped = _groups_by_class(bag_set, group_by)
     noun = "patient" if group_by == "patient" else "bag"
+    most = max((len(g) for g in grouped.values()), default=0)
+    if method == "kfold" and most < k:  # before the warnings: the error is then the one line
+        raise ConfigError(f"--k: {k} folds need at least {k} {noun}s in some class, the largest class has {most}")
     for label, groups in grouped.items():
         if len(groups) < (k if method == "kfold" else 2):
             log.warning("warning: class %s has %d %s(s): some test sides lack it", bag_set.classes[label],
                         len(groups), noun)
     if method == "kfold":
-        most = max(len(g) for g in grouped.values())
-        if most < k:
-            raise ConfigError(f"--k: {k} folds need at least {k} {noun}s in some class, the largest class has {most}")
         fold_of: Dict[str, int] = {}
         for label, groups in grouped.items():
             numbers = assign_folds(len(groups), k, np.random.default_rng([seed, label]))
