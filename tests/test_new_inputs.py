@@ -62,6 +62,9 @@ def test_slides_evaluate_missing_workdir_is_not_made(tmp_path, runner, cli):
     result = runner.invoke(cli, ["slides", "evaluate", str(tmp_path / "nowhere"), "-k", "1"])
     assert_one_error(result, "nowhere", "does not exist")
     assert not (tmp_path / "nowhere").exists()
+    (tmp_path / "work").mkdir()  # a work directory without a tiling: the record it lacks is named
+    result = runner.invoke(cli, ["slides", "evaluate", str(tmp_path / "work"), "-k", "1"])
+    assert_one_error(result, str(Path("work") / "subs" / "tiles.json"), "no such file", "`lymph-cv slides tile`")
 
 
 def test_bags_split_missing_bags_json(tmp_path, runner, cli):

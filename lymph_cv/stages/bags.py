@@ -196,7 +196,7 @@ def write_bags(path: Union[str, os.PathLike], bags: BagSet) -> Path:
 def read_bags(path: Union[str, os.PathLike]) -> BagSet:
     """Read ``bags.json`` (or the folder holding it)."""
     path = Path(path)
-    if path.is_dir() or (not path.exists() and path.suffix != ".json"):  # a work directory, made or not
+    if path.is_dir():
         path = path / BAGS_JSON
     obj = read_record(path, BAGS, required=True, hint="the bags.json written by `lymph-cv bags make` (or `run --mil`)")
     return BagSet.from_json(obj, path)

@@ -72,7 +72,8 @@ def read_record(path: PathLike, spec: RecordSpec, required: bool = False, hint: 
     """The record at ``path`` (a file, or the folder holding ``spec.name``); None when there is none
     (a RecordError when ``required``; ``hint`` says what writes it)."""
     path = Path(path)
-    if path.is_dir():
+    # a folder, or a missing one (not a missing file of the record's kind): the error names the record in it
+    if path.is_dir() or (spec.name and not path.exists() and path.suffix != Path(spec.name).suffix):
         path = path / spec.name
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
