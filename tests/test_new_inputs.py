@@ -131,6 +131,14 @@ def test_submit_tiles_without_data(tmp_path, runner, cli):
     assert not (tmp_path / "tiles" / "jobs.json").exists()
 
 
+def test_submit_tiles_of_a_non_slide_submits_nothing(tmp_path, runner, cli, not_slides):
+    out = tmp_path / "tiles"
+    result = runner.invoke(cli, ["submit", str(out), "--stage", "tiles", "--scheduler", "local", "--",
+                                 str(not_slides), "--size", "64"])
+    assert_one_error(result, "cll.svs", "not a slide")
+    assert not (out / "jobs.json").exists() and not list(out.glob("tiles_*.sh"))
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--layout", "bags", "--abnormal", "2-3"], "--abnormal: expected LOW-HIGH"),
     (["--layout", "bags", "--cells", "60-20"], "--cells: LOW must not exceed HIGH"),

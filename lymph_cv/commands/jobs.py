@@ -27,6 +27,7 @@ def _submit_tiles(out: Path, args: Sequence[str], scheduler: str, options: spec.
     from lymph_cv.cluster import jobs as jobs_module
     from lymph_cv.commands.slides import tile as tile_command
     from lymph_cv.commands.slides import tile_params
+    from lymph_cv.formats.slides import open_slide
     from lymph_cv.stages.sources.slides import scan_slides
 
     if not args or args[0].startswith("-"):
@@ -39,6 +40,8 @@ def _submit_tiles(out: Path, args: Sequence[str], scheduler: str, options: spec.
     tile_params(params)
     data = Path(args[0]).resolve()
     slides = scan_slides(data, params["classes"])
+    for source in slides:  # a file that is no slide stops the submission, not its array task hours later
+        open_slide(source.path).close()
     rest = list(args[1:])
     if "--workers" not in rest:  # each task uses the cores it was given
         rest += ["--workers", str(options.ppn)]
