@@ -152,7 +152,8 @@ def tile(data: Path, out: Path, size: int, mpp: Optional[float], level: Optional
 @click.option("--heatmaps/--no-heatmaps", default=True, show_default=True,
               help="Write each slide's tile-probability heatmap and CAM (eval/fold_K/heatmaps/).")
 @click.option("--cam/--no-cam", default=True, show_default=True,
-              help="Class activation maps (nets with global average pooling before the classifier, e.g. the ResNets).")
+              help="Class activation maps (nets with global average pooling before the classifier, e.g. the ResNets; "
+                   "none with --no-heatmaps).")
 def evaluate(workdir: Path, fold: int, model, deploy, mean, parent_list, tiles, out, device, threshold, oversample,
              mean_mode, batch_size, heatmaps, cam) -> None:
     """Slide-level evaluation of fold K: every tissue tile of every test slide scored; a slide's
@@ -167,7 +168,8 @@ def evaluate(workdir: Path, fold: int, model, deploy, mean, parent_list, tiles, 
     check_writable(out_dir.parent)
     result = evaluate_slide_fold(workdir, fold, model=model, deploy=deploy, mean=mean, parent_list=parent_list,
                                  tiles=tiles, device=device, mean_mode=mean_mode, oversample=oversample,
-                                 batch_size=batch_size, threshold=threshold, cams=cam)
+                                 batch_size=batch_size, threshold=threshold,
+                                 cams=cam and heatmaps)  # no heatmaps: no CAMs to draw, none computed
     record = write_slide_fold(result, out_dir, heatmaps=heatmaps)
     click.echo(format_fold(record), nl=False)
     tiles_record = record["tiles"]
