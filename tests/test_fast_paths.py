@@ -281,3 +281,23 @@ def test_command_help_does_not_load_torch():
     modules = sorted({target.split(":")[0] for name, target in COMMANDS.items() if name not in TORCH_COMMANDS})
     loaded = _modules_after("\n".join(f"import {module}" for module in modules))
     assert "torch" not in loaded
+
+
+def test_exact_integer_sum_hands_over_to_float32_mid_way():
+    # uint8 records are summed as integers while no sum can pass 2^24; a float record or the
+    # EXACT_RECORDS-th record hands the sum to Caffe's float32 running sum with the same bytes.
+    rng = np.random.default_rng(5)
+    rows = rng.integers(0, 256, (300, 3, 2, 2), dtype=np.uint8)
+    floats = rng.random((3, 2, 2)).astype(np.float32) * 255
+    accumulator = mean_module.MeanAccumulator()
+    accumulator.add_batch(rows[:200].reshape(200, -1), (3, 2, 2))
+    accumulator.add_float(floats)
+    accumulator.add_batch(rows[200:].reshape(100, -1), (3, 2, 2))
+    assert np.array_equal(accumulator.mean(), _naive_mean([*rows[:200], floats, *rows[200:]]))
+    bright = np.full((mean_module.EXACT_RECORDS + 5, 4), 255, np.uint8)
+    accumulator = mean_module.MeanAccumulator()
+    accumulator.add_batch(bright, (1, 2, 2))
+    expected = np.full(4, 255 * mean_module.EXACT_RECORDS, np.float32)
+    for _ in range(5):
+        expected += np.float32(255)
+    assert np.array_equal(accumulator.sum, expected)

@@ -1,7 +1,10 @@
 """``compute_image_mean``'s arithmetic, fast: Caffe's float32 running sum over a database's records.
 
 Caffe adds every record's pixels to a float32 sum, record after record (one rounding per record
-and pixel once a sum passes 2^24), then divides by the count in float32.  numpy's ``add.reduce``
+and pixel once a sum passes 2^24), then divides by the count in float32.  Up to
+:data:`EXACT_RECORDS` uint8 records no sum can pass 2^24, so every float32 step is exact and
+the sum is the integer one: it is taken in uint16 blocks (twice as fast, the same bytes).  Past
+that, numpy's ``add.reduce``
 along axis 0 of a C-contiguous float32 array adds row after row in that same order (it sums
 pairwise only along the contiguous axis), so blocks of records are summed with one call per
 block and give Caffe's bytes for any database size (tests/test_mean.py holds it to the naive loop).
@@ -25,6 +28,11 @@ from lymph_cv.formats.caffe.wire import decode_varint, encode_varint
 
 #: Records per float32 reduction block: the block (rows + 1) × C·H·W float32 stays in the L2 cache.
 REDUCE_ROWS = 64
+#: uint8 records whose running sums stay exact in float32 (255 · n < 2^24): up to here Caffe's
+#: float32 sum is the integer sum.
+EXACT_RECORDS = (1 << 24) // 255
+#: Records per uint16 block sum (255 · 257 < 2^16).
+INTEGER_BLOCK_ROWS = 256
 #: Records read per batch (a few MB for the tutorial's 36×36 patches) and handed to the summing thread.
 READ_BATCH = 2048
 #: Batches read ahead of the summing thread (bounds the memory to a few batches).
@@ -43,24 +51,36 @@ class MeanAccumulator:
     """``compute_image_mean``'s float32 running sum over records in database order."""
 
     def __init__(self) -> None:
-        self.sum: Optional[np.ndarray] = None
+        self._sum: Optional[np.ndarray] = None  # float32, 0 while the exact sum holds the total
         self.count = 0
         self.shape: Optional[tuple[int, ...]] = None
         self._pending: list[np.ndarray] = []
         self._block: Optional[np.ndarray] = None
+        # The exact integer sum while only uint8 records within EXACT_RECORDS came (self._sum is then 0).
+        self._exact: Optional[np.ndarray] = None
+        self._integral = True
 
     def _start(self, shape: tuple[int, ...]) -> None:
         self.shape = tuple(int(d) for d in shape)
         size = int(np.prod(self.shape))
-        self.sum = np.zeros(size, np.float32)
+        self._sum = np.zeros(size, np.float32)
+        self._exact = np.zeros(size, np.uint32)
         self._block = np.empty((REDUCE_ROWS + 1, size), np.float32)
+
+    @property
+    def sum(self) -> Optional[np.ndarray]:
+        """The float32 running sum as Caffe's (flat), None before the first record."""
+        self.flush()
+        if self._exact is None or self._sum is None:
+            return self._sum
+        return self._exact.astype(np.float32)
 
     def __len__(self) -> int:
         """Records added so far."""
         return self.count + len(self._pending)
 
     def _check(self, shape: tuple[int, ...]) -> None:
-        if self.sum is None:
+        if self._sum is None:
             self._start(shape)
         elif tuple(shape) != self.shape:
             raise InputError(f"record is {'x'.join(map(str, shape))}, the first was {'x'.join(map(str, self.shape))}")
@@ -82,7 +102,8 @@ class MeanAccumulator:
         """Add one float_data record (C, H, W), summed in float32 as Caffe does."""
         self.flush()
         self._check(values.shape)
-        self.sum += values.reshape(-1).astype(np.float32)
+        self._settle()
+        self._sum += values.reshape(-1).astype(np.float32)
         self.count += 1
 
     def flush(self) -> None:
@@ -90,20 +111,37 @@ class MeanAccumulator:
             rows, self._pending = np.stack(self._pending), []
             self._add_rows(rows)
 
+    def _settle(self) -> None:
+        """Hand the exact integer sum to the float32 one (exact: it is below 2^24) for good."""
+        if self._exact is not None:
+            self._sum[:] = self._exact
+            self._exact = None
+        self._integral = False
+
     def _add_rows(self, rows: np.ndarray) -> None:
+        if self._integral and rows.dtype == np.uint8:
+            exact = min(len(rows), max(0, EXACT_RECORDS - self.count))
+            for start in range(0, exact, INTEGER_BLOCK_ROWS):
+                chunk = rows[start : min(start + INTEGER_BLOCK_ROWS, exact)]
+                self._exact += np.add.reduce(chunk, axis=0, dtype=np.uint16)
+            self.count += exact
+            rows = rows[exact:]
+            if not len(rows):
+                return
+        self._settle()
         block = self._block
         for start in range(0, len(rows), REDUCE_ROWS):
             chunk = rows[start : start + REDUCE_ROWS]
             used = block[: len(chunk) + 1]
-            used[0] = self.sum
+            used[0] = self._sum
             used[1:] = chunk  # uint8 → float32
-            np.add.reduce(used, axis=0, out=self.sum)  # row after row, one float32 rounding each
+            np.add.reduce(used, axis=0, out=self._sum)  # row after row, one float32 rounding each
         self.count += len(rows)
 
     def mean(self) -> np.ndarray:
         """The (C, H, W) float32 mean (sum / count in float32)."""
         self.flush()
-        if self.sum is None or self.count == 0:
+        if self._sum is None or self.count == 0:
             raise InputError("no records to average")
         return (self.sum / np.float32(self.count)).reshape(self.shape)
 
