@@ -150,6 +150,19 @@ def test_synth_new_layouts_bad_options(tmp_path, runner, cli, args, expected):
     assert not (tmp_path / "out" / "synth.json").exists()
 
 
+def test_synth_keeps_another_layouts_record(tmp_path, runner, cli):
+    """synth.json is a synthetic set's truth: a synth of another layout into its folder stops."""
+    made = runner.invoke(cli, ["synth", str(tmp_path), "--layout", "bags", "--patients", "2", "--cells", "1-1",
+                               "--cell-size", "24", "--workers", "1"])
+    assert made.exit_code == 0, made.stderr
+    record = (tmp_path / "synth.json").read_text()
+    for args in (["--layout", "slides", "--per-class", "1", "--width", "512", "--height", "512"],
+                 ["--per-class", "1", "--width", "64", "--height", "64"]):
+        result = runner.invoke(cli, ["synth", str(tmp_path), *args, "--workers", "1"])
+        assert_one_error(result, "holds a synthetic bags set")
+    assert (tmp_path / "synth.json").read_text() == record and not (tmp_path / "CLL").exists()
+
+
 @pytest.mark.parametrize("stage, words", [(patches.STAGE, "training images"), (tiling.STAGE, "training tiles")])
 def test_stain_check_shared_by_patches_and_tiles(tmp_path, stage, words):
     """One check for both stages (stages.stage.check_stain), each naming what it normalises."""

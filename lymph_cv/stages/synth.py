@@ -381,6 +381,7 @@ def generate(
         "render_version": RENDER_VERSION,
     }
     record = out / SYNTH_JSON
+    refuse_other_layout(out, "tutorial")
     resumable = _same_params(record, params)
 
     ids = case_ids(cases_per_class * len(classes), np.random.default_rng([seed, 0xCA5E]))
@@ -418,6 +419,16 @@ def read_case_sites(data_dir: Union[str, Path]) -> Optional[dict[str, str]]:
     record = read_cache(Path(data_dir) / SYNTH_JSON)
     sites = record.get("case_sites") if record is not None else None
     return {str(k): str(v) for k, v in sites.items()} if isinstance(sites, dict) else None
+
+
+def refuse_other_layout(out: Path, layout: str) -> None:
+    """A ConfigError when ``out`` holds a synthetic set of another layout: its synth.json (the truth of
+    that set) would be overwritten (the tutorial's records name no layout)."""
+    previous = read_cache(out / SYNTH_JSON)
+    other = None if previous is None else previous.get("layout", "tutorial")
+    if other is not None and other != layout:
+        raise ConfigError(f"holds a synthetic {other} set (synth.json); write the synthetic {layout} set to an "
+                          "empty or new folder", out)
 
 
 def _refuse_foreign_images(out: Path, classes: Sequence[str], ours: set) -> None:

@@ -25,7 +25,7 @@ from lymph_cv import DEFAULT_CLASSES
 from lymph_cv.core.fsutil import atomic_path, atomic_write_json, make_dirs, temp_sibling, write_error
 from lymph_cv.core.workers import imap
 from lymph_cv.errors import ConfigError
-from lymph_cv.stages.synth import Stain, case_ids, draw_stain, render_image
+from lymph_cv.stages.synth import Stain, case_ids, draw_stain, refuse_other_layout, render_image
 from lymph_cv.workdir.layout import SYNTH_JSON
 from lymph_cv.workdir.records import read_cache
 
@@ -212,6 +212,7 @@ def generate_slides(
               "width": width, "height": height, "mpp": mpp, "compression": compression, "seed": seed,
               "render_version": SLIDE_RENDER_VERSION}
     record = out / SYNTH_JSON
+    refuse_other_layout(out, "slides")
     previous = read_cache(record)
     resumable = previous is not None and all(previous.get(k) == v for k, v in params.items())
     ids = case_ids(cases_per_class * len(classes), np.random.default_rng([seed, 0x511D]))
