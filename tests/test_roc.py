@@ -38,6 +38,11 @@ def test_curve_area_and_operating_threshold_by_hand():
     # Youden J = tpr − fpr: 0, 0.5, 0.5, 0 → the first maximum, the higher threshold
     assert (record["threshold"], record["sensitivity"], record["specificity"]) == (0.9, 0.5, 1.0)
     assert record["curve"]["thresholds"][0] is None  # +∞ is not JSON
+    # A score that ranks positives below negatives: the best J is at +∞ (nothing called positive), which
+    # is no threshold; the operating point is the best finite one and the record strict JSON.
+    worse = binary_record([0.9, 0.8, 0.2, 0.1], [False, False, True, True], "FL")
+    assert worse["auc"] == 0.0 and np.isfinite(worse["threshold"]) and worse["threshold"] == 0.1
+    json.dumps(worse, allow_nan=False)
     rng = np.random.default_rng(0)
     many = rng.integers(0, 5, size=200) / 4.0  # heavy ties
     flags = rng.random(200) < 0.4

@@ -5,8 +5,8 @@ The AUC is the Mann–Whitney statistic: the probability that a random positive 
 negative, a tie counting ½, computed from average ranks (``O(n log n)``, exact for tied scores).
 The curve has one point per distinct score, from (0, 0) (threshold +∞) to (1, 1); its trapezoid area
 equals the rank AUC.  The operating threshold maximises Youden's J = sensitivity + specificity − 1
-(ties: the highest threshold, the fewest positive calls); an image is called positive when its
-score is ``>=`` the threshold.
+(ties: the highest threshold, the fewest positive calls) over the scores (the +∞ point calls nothing
+positive: no threshold to report, nor JSON); an image is called positive when its score is ``>=`` it.
 """
 from __future__ import annotations
 
@@ -69,8 +69,9 @@ class RocCurve:
         return float(np.sum(np.diff(self.fpr) * (self.tpr[1:] + self.tpr[:-1]) / 2.0))
 
     def operating_point(self) -> int:
-        """Index of the point with the largest Youden J (the first, i.e. highest threshold, of ties)."""
-        return int(np.argmax(self.tpr - self.fpr))
+        """Index of the point with the largest Youden J (the first, i.e. highest threshold, of ties),
+        among the finite thresholds (a useless score's best would otherwise be +∞)."""
+        return 1 + int(np.argmax(self.tpr[1:] - self.fpr[1:]))
 
 
 def roc_curve(scores: Sequence[float], positive: Sequence[bool]) -> RocCurve:
