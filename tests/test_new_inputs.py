@@ -90,6 +90,21 @@ def test_bags_split_too_many_folds_is_the_one_line(tmp_path, runner, cli):
     assert not (work / "bag_folds.json").exists()
 
 
+def test_mil_train_on_splits_of_an_earlier_bag_set(tmp_path, runner, cli):
+    """`bags make` again after `bags split`: the splits name bags of the old set; training stops."""
+    work = tmp_path / "work"
+    for name, patients in (("a", "4"), ("b", "6")):
+        made = runner.invoke(cli, ["synth", str(tmp_path / name), "--layout", "bags", "--patients", patients,
+                                   "--cells", "1-1", "--cell-size", "24", "--workers", "1"])
+        assert made.exit_code == 0, made.stderr
+    assert runner.invoke(cli, ["bags", "make", str(tmp_path / "a"), str(work)]).exit_code == 0
+    assert runner.invoke(cli, ["bags", "split", str(work), "--k", "2"]).exit_code == 0
+    assert runner.invoke(cli, ["bags", "make", str(tmp_path / "b"), str(work)]).exit_code == 0
+    result = runner.invoke(cli, ["mil", "train", str(work), "--crop", "24", "--epochs", "1"])
+    assert_one_error(result, "bag_folds.json", "earlier bags.json", "split the bags again")
+    assert not (work / "mil").exists()
+
+
 def test_bags_make_bad_clinical_csv(tmp_path, runner, cli):
     (tmp_path / "data" / "P1").mkdir(parents=True)
     (tmp_path / "clinical.csv").write_text("a;b\n1\n")

@@ -16,6 +16,7 @@ patient: every bag of one patient (the images of a case, say) lies on one side.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections import Counter
@@ -35,6 +36,8 @@ from lymph_cv.workdir.lists import bag_list_folds, parent_list_folds, read_label
 from lymph_cv.workdir.records import BAG_FOLDS, FOLDS, read_record
 
 log = logging.getLogger(__name__)
+#: bag_folds.json's digest of the bags.json the splits were made from.
+BAGS_DIGEST = "bags_sha256"
 
 SPLIT_METHODS = ("kfold", "random", "folds")
 #: Split by patient (no patient on both sides) or by bag (the tutorial's images as their own patients).
@@ -220,16 +223,28 @@ def write_bag_splits(splits: BagSplits, bag_set: BagSet, out_dir: Union[str, os.
     record = splits.to_json(bag_set)
     if bag_set.path is not None:
         record["bags"] = os.path.relpath(Path(bag_set.path).resolve(), out.resolve()).replace(os.sep, "/")
+        if Path(bag_set.path).is_file():  # the splits are of this bag set: a later `bags make` outdates them
+            record[BAGS_DIGEST] = bags_digest(bag_set.path)
     atomic_write_json(out / BAG_FOLDS_JSON, record)
     splits.out_dir = out
     log.info("bag splits: %d %s split(s) by %s written to %s", len(splits.splits), splits.method, splits.group_by, out)
 
 
+def bags_digest(path: Union[str, os.PathLike]) -> str:
+    """SHA-256 of a bags.json's bytes (recorded with the splits made from it)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def read_bag_splits(directory: Union[str, os.PathLike]) -> BagSplits:
-    """The splits in ``directory``: ``bag_folds.json`` and the bag lists (the lists decide the sides)."""
+    """The splits in ``directory``: ``bag_folds.json`` and the bag lists (the lists decide the sides);
+    an InputError when the bags.json they were made from has changed since."""
     directory = Path(directory)
     record = read_record(directory / BAG_FOLDS_JSON, BAG_FOLDS, required=True,
                          hint="the bag_folds.json written by `lymph-cv bags split`")
+    made_from = directory / str(record.get("bags") or BAGS_JSON)
+    if record.get(BAGS_DIGEST) and made_from.is_file() and bags_digest(made_from) != record[BAGS_DIGEST]:
+        raise InputError(f"the splits are of an earlier {made_from.name} (it changed since `lymph-cv bags split`); "
+                         "split the bags again", directory / BAG_FOLDS_JSON)
     seeds = {int(f["fold"]): f.get("seed") for f in record["folds"] if isinstance(f, dict) and "fold" in f}
     splits = []
     for index in bag_list_folds(directory):
