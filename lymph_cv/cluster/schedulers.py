@@ -6,6 +6,7 @@ registered with ``@register_scheduler("name")``, and its job template ``jobs/<na
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
 import os
 import re
 import shutil
@@ -53,7 +54,7 @@ def run_scheduler(argv: Sequence[str], cwd: Path) -> str:
     return result.stdout
 
 
-class Scheduler:
+class Scheduler(ABC):
     """How jobs are submitted to, started by and looked up on one scheduler."""
 
     name: str = ""
@@ -71,9 +72,9 @@ class Scheduler:
             return []
         return ["--device", "cuda" if options.gpus_per_node else "cpu"]
 
+    @abstractmethod
     def submit_command(self, spec: JobSpec, options: JobOptions, array: Optional[str] = None) -> List[str]:
         """The argv that submits ``spec``'s script from ``spec.directory`` (an array job over ``array``)."""
-        raise NotImplementedError(f"scheduler {self.name!r} has no submit command")
 
     def parse_job_id(self, stdout: str) -> str:
         """The job id the submit command printed."""
@@ -83,9 +84,9 @@ class Scheduler:
         """Submit (``command`` from :meth:`submit_command`); the job id."""
         return self.parse_job_id(run_scheduler(command, cwd=spec.directory))
 
+    @abstractmethod
     def state(self, record: JobRecord, workdir: Path) -> Optional[str]:
         """The scheduler's view of a job; ``None`` when it no longer knows the job."""
-        raise NotImplementedError(f"scheduler {self.name!r} has no job states")
 
 
 SCHEDULER_REGISTRY: Registry[Scheduler] = Registry("scheduler")

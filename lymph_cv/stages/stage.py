@@ -22,6 +22,7 @@ replace others return False from ``enabled`` where the others return True.
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 import json
 import os
 from dataclasses import dataclass, field
@@ -130,7 +131,7 @@ class RunOptions:
         return os.fspath(path.relative_to(workdir)) if path.is_relative_to(workdir) else os.fspath(path)
 
 
-class Stage:
+class Stage(ABC):
     """One pipeline stage (see the module docstring); subclasses set ``name`` and override what they need."""
 
     name: str = ""
@@ -153,11 +154,13 @@ class Stage:
     def fingerprint(self, options: RunOptions) -> str:
         return ""
 
+    @abstractmethod
     def complete(self, options: RunOptions) -> bool:
-        raise NotImplementedError(f"stage {self.name!r} does not say when it is complete")
+        """Whether the stage's outputs are all there."""
 
+    @abstractmethod
     def run(self, options: RunOptions, fresh: bool) -> object:
-        raise NotImplementedError(f"stage {self.name!r} has no run")
+        """Do the work (``fresh``: start over; else keep what a killed run finished)."""
 
     def result(self, options: RunOptions) -> object:
         """What a skipped stage hands on (as ``run`` returns it); None by default."""

@@ -8,6 +8,7 @@ instances, and returns a :class:`BagOutput`.  To add a method, write a module in
 from __future__ import annotations
 
 import math
+from abc import ABCMeta, abstractmethod
 import re
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Type
@@ -78,7 +79,7 @@ class BagOutput:
     embedding: torch.Tensor
 
 
-class MILHead(nn.Module):
+class MILHead(nn.Module, metaclass=ABCMeta):
     """A MIL pooling head; ``embedding_dim`` is E of :attr:`BagOutput.embedding`."""
 
     #: Pools instance features (attention) rather than instance logits.
@@ -92,10 +93,10 @@ class MILHead(nn.Module):
     def embedding_dim(self) -> int:
         return self.config.features if self.pools_features else self.config.classes
 
+    @abstractmethod
     def forward(self, features: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor,
                 classify: Callable[[torch.Tensor], torch.Tensor]) -> BagOutput:
         """``classify`` maps features (…, D) to class logits (…, C) (the encoder's classifier)."""
-        raise NotImplementedError  # pragma: no cover  (every registered head overrides it)
 
     def loss(self, output: BagOutput, logits: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Training loss: cross-entropy of the bag logits against the bag labels."""
