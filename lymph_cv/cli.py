@@ -21,7 +21,6 @@ import click
 
 from lymph_cv import __version__
 from lymph_cv.errors import LymphCVError, Terminated, interrupt_status
-from lymph_cv.core import locks
 from lymph_cv.core.threads import configure_openmp
 from lymph_cv.workdir.layout import EVAL_DIR, EVAL_FOLD_DIR
 
@@ -85,7 +84,11 @@ SUMMARIES = {
 
 
 @contextlib.contextmanager
-def _held_lock(folder: Path, name: str = locks.LOCK_NAME, sweep: bool = True) -> Iterator[None]:
+def _held_lock(folder: Path, name: Optional[str] = None, sweep: bool = True) -> Iterator[None]:
+    # the lock module (json, socket, the file helpers) loads only when a writer runs, not for --help
+    from lymph_cv.core import locks
+
+    name = locks.LOCK_NAME if name is None else name
     existed = folder.is_dir()
     try:
         with locks.folder_lock(folder, name=name, sweep=sweep):
@@ -104,6 +107,8 @@ def _lock_folder(key: str, create: bool, params: dict) -> ContextManager:
 
 
 def _lock_evaluate(params: dict) -> ContextManager:
+    from lymph_cv.core import locks
+
     out = params.get("out") or Path(params["workdir"]) / EVAL_DIR / EVAL_FOLD_DIR.format(fold=params["fold"])
     # eval/fold_K is replaced as a whole: its lock file lies beside it
     return _held_lock(Path(out).parent, name=locks.target_lock_name(out), sweep=False)
@@ -135,6 +140,8 @@ SELF_LOCKING = ("train",)
 
 def _set_wait(ctx, param, value: bool) -> None:
     if value:
+        from lymph_cv.core import locks
+
         locks.set_wait(True)
 
 

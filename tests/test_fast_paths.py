@@ -271,16 +271,24 @@ def test_freed_memory_is_kept_on_glibc():
     assert keep_freed_memory() == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
 
 
-#: Commands whose module needs torch to be defined (the ONNX writer works on built nets).
-TORCH_COMMANDS = {"export"}
+#: What no ``--help`` may load (issue 17: every command's help at the interpreter's start-up floor).
+HELP_HEAVY = ("torch", "numpy", "cv2", "lymph_cv.stages", "lymph_cv.pipeline", "lymph_cv.cluster.schedulers",
+              "lymph_cv.core.locks", "google.protobuf", "scipy", "matplotlib", "jinja2", "openslide", "plyvel", "lmdb")
 
 
-def test_command_help_does_not_load_torch():
+def test_every_help_loads_no_torch_numpy_opencv_or_stage():
+    # One interpreter shows each help in turn (cheap) and names the command that loaded a heavy module.
     from lymph_cv.cli import COMMANDS
 
-    modules = sorted({target.split(":")[0] for name, target in COMMANDS.items() if name not in TORCH_COMMANDS})
-    loaded = _modules_after("\n".join(f"import {module}" for module in modules))
-    assert "torch" not in loaded
+    probe = ("import json, sys\nfrom lymph_cv.cli import main\nfound = {}\n"
+             f"for args in [['--help']] + [[name, '--help'] for name in {sorted(COMMANDS)!r}]:\n"
+             "    try:\n        main(args)\n    except SystemExit:\n        pass\n"
+             f"    new = [m for m in {HELP_HEAVY!r} if m in sys.modules and not any(m in v for v in found.values())]\n"
+             "    if new:\n        found[' '.join(args)] = new\n"
+             "print('LOADED=' + json.dumps(found))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    line = next(line for line in done.stdout.splitlines() if line.startswith("LOADED="))
+    assert json.loads(line[len("LOADED="):]) == {}
 
 
 def test_exact_integer_sum_hands_over_to_float32_mid_way():

@@ -71,6 +71,23 @@ def test_database(runner, cli, tmp_path, backend):
     assert info["label_histogram"] == {"0": 2, "1": 2, "2": 3}
     text = _ok(runner, cli, path)
     assert "records: 7" in text and "labels: 0: 2, 1: 2, 2: 3" in text
+    assert text.index("first keys") < text.index("records: 7")  # what is known first, the scan's totals after
+
+
+def test_db_header_comes_before_the_scan(tmp_path):
+    # `inspect DB` prints the backend and first keys (its first record parsed) at start-up speed: no numpy yet
+    import subprocess
+    import sys
+
+    with open_writer(tmp_path / "db", "lmdb") as writer:
+        for index in range(3):
+            writer.put(make_key(index, "p"), serialize_datum(np.zeros((1, 2, 2), np.uint8), index))
+    probe = ("import sys\nfrom lymph_cv.formats.inspect_db import describe_db\nseen = []\n"
+             f"info = describe_db({str(tmp_path / 'db')!r}, 2, on_header=lambda h: seen.append("
+             "(h['first_keys'], [m for m in ('numpy', 'cv2', 'tqdm') if m in sys.modules])))\n"
+             "print(seen, info['records'])")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "[(['00000000_p', '00000001_p'], [])] 3"
 
 
 def test_net_and_solver_prototxt(runner, cli, tmp_path):

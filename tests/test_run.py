@@ -279,12 +279,12 @@ def test_report_pools_only_the_folds_of_this_run(tmp_path: Path, finished: Path,
 
 def test_ctrl_c_is_one_error_line_and_status_130(runner, cli, tmp_path: Path, monkeypatch):
     """Click's own handling printed 'Aborted!' with status 1; the group's 'error: interrupted' was dead code."""
-    import lymph_cv.commands.run as run_command
+    import lymph_cv.pipeline as pipeline  # the command takes the engine from here when it runs
 
     def interrupted(options, on_stage=None):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(run_command, "run_pipeline", interrupted)
+    monkeypatch.setattr(pipeline, "run_pipeline", interrupted)
     result = runner.invoke(cli, ["run", str(tmp_path / "w"), "--demo"])
     assert result.exit_code == 130 and result.stderr == "error: interrupted\n"
 

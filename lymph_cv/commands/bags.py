@@ -8,7 +8,6 @@ import click
 
 from lymph_cv.commands import defaults
 from lymph_cv.commands.options import classes_option
-from lymph_cv.core.fsutil import make_dirs
 from lymph_cv.core.options import parse_pairs
 from lymph_cv.errors import ConfigError
 from lymph_cv.workdir.layout import MANIFEST_NAME, TILE_SET
@@ -82,6 +81,8 @@ def make(ctx: click.Context, source: Path, workdir: Path, bag, clinical, columns
     else:
         bag_set = bags_module.bags_from_patches(source, bag, rotations=rotations,
                                                 **({} if case_regex is None else {"case_regex": case_regex}))
+    from lymph_cv.core.fsutil import make_dirs
+
     make_dirs(workdir)
     path = bags_module.write_bags(workdir, bag_set)
     instances = sum(len(b.instances) for b in bag_set.bags)

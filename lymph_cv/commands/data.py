@@ -12,7 +12,6 @@ from lymph_cv.commands.options import classes_option
 from lymph_cv.commands import defaults
 from lymph_cv.commands.stain import resolve as resolve_stain
 from lymph_cv.commands.stain import stain_options
-from lymph_cv.formats import store
 
 _WORKERS = click.option("--workers", type=WORKERS, default=None, help="Processes (default or 0: all cores).")
 
@@ -253,7 +252,7 @@ def check(directory: Path, case_regex, strict: bool) -> None:
 
 @click.command()
 @click.argument("workdir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--backend", type=click.Choice(store.BACKENDS), default=store.LEVELDB, show_default=True)
+@click.option("--backend", type=click.Choice(defaults.BACKENDS), default=defaults.DEFAULT_BACKEND, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Shuffle seed (recorded in dbs.json).")
 @click.option("--no-shuffle", is_flag=True, help="Keep the list order (Caffe without -shuffle).")
 @click.option("--fold", "folds", type=click.IntRange(min=1), multiple=True,

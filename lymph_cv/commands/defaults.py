@@ -32,9 +32,33 @@ RENDER_VARIABLES = (
     "bias_lr_mult", "mixup_alpha", "label_smoothing", "vertical_flip", "rotate90", "stain_jitter",
     "stain_scale_sigma", "stain_shift_sigma",
 )
+# run --from / --executor (pipeline.py: PIPELINE's stage names; the executors' registry)
+RUN_STAGES = ("synth", "patches", "tiles", "folds", "dbs", "render", "train", "evaluate", "slide_eval", "report",
+              "bags", "mil")
+EXECUTORS = ("local", "pbs", "slurm")
+# render/run --arch, --stem (net/archs: the registered nets, name and description, sorted)
+ARCH_HELP = (
+    ("alexnet32w", "the tutorial's 32w net (default)"),
+    ("alexnet32w-dropout", "32w with relu+dropout after ip1 and ip2"),
+    ("resnet18", "ResNet-18, basic blocks"),
+    ("resnet34", "ResNet-34, basic blocks"),
+    ("resnet50", "ResNet-50, bottleneck blocks"),
+)
+DEFAULT_ARCH, STEMS = "alexnet32w", ("cifar", "imagenet")
 # slides tissue | tile (stages/tissue.py)
 TISSUE_METHODS, DEFAULT_TISSUE_METHOD = ("saturation", "od"), "saturation"
 DEFAULT_MASK_SIDE, DEFAULT_MIN_TISSUE = 2048, 0.5
+# submit (cluster/spec.py, cluster/schedulers.py)
+SCHEDULERS, TILES_TASK = ("pbs", "slurm", "local"), "tiles"
+DEFAULT_WALLTIME, DEFAULT_PPN, DEFAULT_GPUS = "320:00:00", 1, 0
+# plot-log --chart (stages/curves.py: Caffe's chart numbers and our names)
+CHART_HELP = ((0, "test-accuracy-iterations"), (1, "test-accuracy-seconds"), (2, "test-loss-iterations"),
+              (3, "test-loss-seconds"), (4, "train-lr-iterations"), (5, "train-lr-seconds"),
+              (6, "train-loss-iterations"), (7, "train-loss-seconds"))
+# dbs --backend, slides tile --db (formats/store.py)
+BACKENDS, DEFAULT_BACKEND = ("leveldb", "lmdb"), "leveldb"
+# export (net/onnx_export.py)
+MIN_OPSET, DEFAULT_OPSET = 13, 17
 
 #: Each constant above → "module:attribute" it must equal.
 SOURCES = {
@@ -68,4 +92,19 @@ SOURCES = {
     "DEFAULT_TISSUE_METHOD": "lymph_cv.stages.tissue:DEFAULT_METHOD",
     "DEFAULT_MASK_SIDE": "lymph_cv.stages.tissue:DEFAULT_MASK_SIDE",
     "DEFAULT_MIN_TISSUE": "lymph_cv.stages.tissue:DEFAULT_MIN_TISSUE",
+    "RUN_STAGES": "lymph_cv.pipeline:STAGES",
+    "EXECUTORS": "lymph_cv.pipeline:EXECUTORS",
+    "ARCH_HELP": "lymph_cv.net.archs.registry:arch_help",
+    "DEFAULT_ARCH": "lymph_cv.net.archs.registry:DEFAULT_ARCH",
+    "STEMS": "lymph_cv.net.archs.registry:STEMS",
+    "SCHEDULERS": "lymph_cv.cluster.schedulers:SCHEDULERS",
+    "TILES_TASK": "lymph_cv.cluster.spec:TILES_TASK",
+    "DEFAULT_WALLTIME": "lymph_cv.cluster.spec:DEFAULT_WALLTIME",
+    "DEFAULT_PPN": "lymph_cv.cluster.spec:DEFAULT_PPN",
+    "DEFAULT_GPUS": "lymph_cv.cluster.spec:DEFAULT_GPUS",
+    "CHART_HELP": "lymph_cv.stages.curves:chart_help",
+    "BACKENDS": "lymph_cv.formats.store:BACKENDS",
+    "DEFAULT_BACKEND": "lymph_cv.formats.store:LEVELDB",
+    "MIN_OPSET": "lymph_cv.net.onnx_export:MIN_OPSET",
+    "DEFAULT_OPSET": "lymph_cv.net.onnx_export:DEFAULT_OPSET",
 }

@@ -10,8 +10,6 @@ import click
 from lymph_cv.commands.defaults import AGGREGATION_CHOICES, DEFAULT_BATCH_SIZES, MEAN_MODES
 from lymph_cv.commands.options import DEVICE, classes_option
 from lymph_cv.commands.stain import stain_for_evaluation, stain_options
-from lymph_cv.core import faults
-from lymph_cv.core.fsutil import check_writable
 from lymph_cv.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -67,6 +65,8 @@ def evaluate(workdir: Path, fold: int, model, deploy, mean, parent_list, images,
     Stain: by default the normalisation the workdir records for fold K (stain_K.json, or the patch
     folder's stain.json) is applied as recorded; --stain METHOD checks it is that method (or uses
     --stain-target), --stain none evaluates the images as they are."""
+    from lymph_cv.core import faults
+    from lymph_cv.core.fsutil import check_writable
     from lymph_cv.stages.evaluate import evaluate_fold, fold_output_dir
     from lymph_cv.stages.report import format_fold, write_fold
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import click
 
+from lymph_cv.commands.defaults import DEFAULT_OPSET, MIN_OPSET
 from lymph_cv.errors import EvaluationError
-from lymph_cv.net.onnx_export import DEFAULT_OPSET, MIN_OPSET, computed_blobs, load_trained, save, to_onnx, verify
 
 #: Largest accepted difference between onnxruntime and our forward pass, relative to a blob's
 #: largest magnitude (float32 sums in another order differ by ~1e-6).
@@ -29,6 +29,9 @@ def export(model: Path, deploy: Path, output: Path, opset: int, check: bool) -> 
     The model then runs without Caffe (onnxruntime, OpenCV's dnn, TensorRT and others).  The input
     blob keeps its name and layout (N×C×H×W, BGR, mean subtracted as for Caffe); the output is the
     deploy net's (e.g. prob)."""
+    # the exporter needs torch (seconds to load): not for --help
+    from lymph_cv.net.onnx_export import computed_blobs, load_trained, save, to_onnx, verify
+
     net = load_trained(deploy, model)
     onnx_model = to_onnx(net, opset)
     if check:

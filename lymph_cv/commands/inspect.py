@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
@@ -20,6 +21,13 @@ from lymph_cv.commands.defaults import DEFAULT_KEY_LIMIT
 )
 def inspect(path: str, as_json: bool, limit: int) -> None:
     """Describe a caffemodel, solverstate, mean binaryproto, net/solver prototxt or LevelDB/LMDB."""
+    if not as_json and os.path.isdir(path):
+        # A database: what is known once it is open first, the totals after the scan of every record.
+        from lymph_cv.formats.inspect_db import describe_db, format_db_header, format_db_totals
+
+        info = describe_db(path, limit, on_header=lambda header: click.echo(format_db_header(header), nl=False))
+        click.echo(format_db_totals(info), nl=False)
+        return
     from lymph_cv.formats.inspect import describe, format_description
 
     info = describe(path, limit=limit)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import click
 
@@ -11,14 +11,17 @@ from lymph_cv.commands.options import WORKERS
 # The same --folds syntax and checks as `lymph-cv render`.
 from lymph_cv.commands.options import folds_option
 from lymph_cv.errors import SchedulerError
-# The options' choices and defaults from the light modules; the job engine (templates, the net
-# renderer: jinja2, numpy, protobuf) is imported when a command runs.
-from lymph_cv.cluster import records, spec
-from lymph_cv.cluster.schedulers import SCHEDULERS
+# The options' choices and defaults are static copies (commands/defaults.py); the job engine
+# (schedulers, subprocess, templates, the net renderer: jinja2, numpy, protobuf) is imported when a
+# command runs.
+from lymph_cv.commands.defaults import DEFAULT_GPUS, DEFAULT_PPN, DEFAULT_WALLTIME, SCHEDULERS, TILES_TASK
+
+if TYPE_CHECKING:
+    from lymph_cv.cluster import records, spec
 
 _WORKDIR = click.argument("workdir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 #: What ``submit --stage`` submits.
-STAGES = ("train", spec.TILES_TASK)
+STAGES = ("train", TILES_TASK)
 
 
 def _submit_tiles(out: Path, args: Sequence[str], scheduler: str, options: spec.JobOptions,
@@ -65,11 +68,11 @@ def _shown(submission: spec.Submission) -> str:
               help="Torque/PBS (qsub), Slurm (sbatch) or a local worker pool.")
 @click.option("--folds", callback=folds_option, default=None, help="Folds to submit, e.g. 1-5 or 1,3 (default: all).")
 @click.option("--dry-run", is_flag=True, help="Write the job scripts and print the commands; submit nothing.")
-@click.option("--walltime", default=spec.DEFAULT_WALLTIME, show_default=True, help="[D-]HH:MM:SS per job.")
+@click.option("--walltime", default=DEFAULT_WALLTIME, show_default=True, help="[D-]HH:MM:SS per job.")
 @click.option("--queue", default=None, help="PBS queue / Slurm partition.")
-@click.option("--ppn", type=click.IntRange(min=1), default=spec.DEFAULT_PPN, show_default=True,
+@click.option("--ppn", type=click.IntRange(min=1), default=DEFAULT_PPN, show_default=True,
               help="Cores per job (PBS ppn, Slurm cpus-per-task, OMP_NUM_THREADS).")
-@click.option("--gpus", type=click.IntRange(min=0), default=spec.DEFAULT_GPUS, show_default=True,
+@click.option("--gpus", type=click.IntRange(min=0), default=DEFAULT_GPUS, show_default=True,
               help="GPUs per job (PBS gpus=N:exclusive_process, Slurm --gres=gpu:N).")
 @click.option("--after", multiple=True, help="Start only after this job id succeeded (afterok); repeatable.")
 @click.option("--mail", default=None, help="Mail address for begin/end/abort notices.")

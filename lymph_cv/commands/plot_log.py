@@ -7,14 +7,16 @@ from typing import Sequence
 
 import click
 
-from lymph_cv.core.fsutil import atomic_write_bytes
+from lymph_cv.commands.defaults import CHART_HELP
 from lymph_cv.errors import ConfigError
-from lymph_cv.stages.curves import CHARTS, chart, fold_logs, plot_charts, plot_overview, read_logs
 
 log = logging.getLogger(__name__)
 
 
 def _charts(ctx, param, values: Sequence[str]):
+    # the stage (log parser, plotting) loads once a command runs, not for --help
+    from lymph_cv.stages.curves import chart
+
     try:
         return [chart(value) for value in values]
     except ConfigError as exc:
@@ -26,13 +28,16 @@ def _charts(ctx, param, values: Sequence[str]):
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="PNG to write.")
 @click.option("--chart", "charts", multiple=True, callback=_charts, metavar="N|NAME",
-              help="Caffe's chart type, repeatable: " + ", ".join(f"{c.number}={c.name}" for c in CHARTS)
+              help="Caffe's chart type, repeatable: " + ", ".join(f"{number}={name}" for number, name in CHART_HELP)
                    + " [default: an overview of loss, test accuracy and learning rate].")
 @click.option("--x", "x_axis", type=click.Choice(["iterations", "seconds"]), default="iterations", show_default=True,
               help="The overview's x axis.")
 def plot_log(logs: Sequence[Path], output: Path, charts, x_axis: str) -> None:
     """Plot train/test loss, test accuracy and learning rate of one or more `caffe train` logs
     (ours or Caffe's own), overlaid.  A work directory stands for its folds' K/train.log."""
+    from lymph_cv.core.fsutil import atomic_write_bytes
+    from lymph_cv.stages.curves import fold_logs, plot_charts, plot_overview, read_logs
+
     paths, labels = [], []
     for given in logs:
         if given.is_dir():

@@ -9,8 +9,7 @@ import click
 from lymph_cv.commands.options import DEVICE, folds_option
 from lymph_cv.commands.training_options import augmentation_options, augmentation_overrides
 from lymph_cv.commands.stain import stain_augment_options, stain_augment_overrides
-from lymph_cv.net.archs import ARCHS, DEFAULT_ARCH, STEMS, arch_names
-from lymph_cv.commands.defaults import RENDER_VARIABLES
+from lymph_cv.commands.defaults import ARCH_HELP, DEFAULT_ARCH, RENDER_VARIABLES, STEMS
 
 _SET_HELP = f"Override a template variable, KEY=VALUE (repeatable). Keys: {', '.join(RENDER_VARIABLES)}."
 
@@ -18,8 +17,8 @@ _SET_HELP = f"Override a template variable, KEY=VALUE (repeatable). Keys: {', '.
 @click.command()
 @click.argument("workdir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--folds", callback=folds_option, default=None, help="Folds to render, e.g. 1-5 or 1,3 (default: all).")
-@click.option("--arch", type=click.Choice(arch_names()), default=DEFAULT_ARCH, show_default=True,
-              help="Network: " + "; ".join(f"{name}: {ARCHS[name].description}" for name in arch_names()) + ".")
+@click.option("--arch", type=click.Choice([name for name, _description in ARCH_HELP]), default=DEFAULT_ARCH,
+              show_default=True, help="Network: " + "; ".join(f"{name}: {text}" for name, text in ARCH_HELP) + ".")
 @click.option("--stem", type=click.Choice(STEMS), default=None,
               help="ResNet stem (default: cifar 3x3 below 96 px patches, imagenet 7x7/2 + max-pool from 96).")
 @click.option("--dropout", is_flag=True, help="The dropout variant (relu+dropout after ip1 and ip2).")

@@ -11,9 +11,9 @@ from lymph_cv.commands.options import DEVICE, WORKERS, classes_option, folds_opt
 from lymph_cv.commands.mil import mil_run_fields, mil_run_options, mil_run_summary
 from lymph_cv.commands.training_options import augmentation_options, augmentation_overrides
 from lymph_cv.commands.stain import method_params, stain_augment_options, stain_augment_overrides, stain_options
-from lymph_cv.net.archs import DEFAULT_ARCH, STEMS, arch_names
+# static copies of the stage names, executors and nets: the engine (stages, cluster, locks) loads when it runs
+from lymph_cv.commands.defaults import ARCH_HELP, DEFAULT_ARCH, EXECUTORS, RUN_STAGES, STEMS
 from lymph_cv.workdir.layout import EVAL_DIR, REPORT_HTML, REPORT_MD
-from lymph_cv.pipeline import EXECUTORS, STAGES, DemoData, RunOptions, run_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ DEMO_MAX_ITER = 300
 @click.option("--max-iter", type=click.IntRange(min=1), default=None,
               help=f"Training iterations per fold [default: the tutorial's 600000; {DEMO_MAX_ITER} with --demo].")
 @click.option("--dropout", is_flag=True, help="Train the dropout variant of the net.")
-@click.option("--arch", type=click.Choice(arch_names()), default=DEFAULT_ARCH, show_default=True,
+@click.option("--arch", type=click.Choice([name for name, _description in ARCH_HELP]), default=DEFAULT_ARCH, show_default=True,
               help="Network from the architecture registry (see `lymph-cv render --help`).")
 @click.option("--stem", type=click.Choice(STEMS), default=None,
               help="ResNet stem (default: by patch size, cifar below 96 px, imagenet from 96).")
@@ -57,7 +57,7 @@ DEMO_MAX_ITER = 300
 @click.option("--heatmaps", is_flag=True,
               help="Also draw a heatmap per test image (eval/fold_K/heatmaps/; the misclassified ones go into report.html).")
 @click.option("--workers", type=WORKERS, default=None, help="Processes for patches/DBs [default or 0: all cores].")
-@click.option("--from", "from_stage", type=click.Choice(STAGES), default=None,
+@click.option("--from", "from_stage", type=click.Choice(RUN_STAGES), default=None,
               help="Redo this stage and everything after it.")
 @click.option("--tile-size", type=click.IntRange(min=1), default=None,
               help="The data are whole slides (DATA/CLASS/*.svs|tif…): tile them at this side (in pixels at "
@@ -96,6 +96,8 @@ def run(ctx: click.Context, workdir: Path, data: Optional[Path], demo: bool, cla
 
     --mil METHOD runs multiple-instance learning over bags instead (patient folders, or --bag image|case
     of the images): bags → patient splits → a MIL model per split (WORKDIR/mil/NAME/)."""
+    from lymph_cv.pipeline import DemoData, RunOptions, run_pipeline
+
     if data is None and not demo:
         raise click.UsageError("give --data DIR (one sub-folder per class) or --demo")
     overrides = {**overrides, **{key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in

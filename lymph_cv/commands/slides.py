@@ -12,7 +12,6 @@ from lymph_cv.commands import defaults
 from lymph_cv.commands.options import WORKERS, classes_option
 from lymph_cv.commands.stain import resolve as resolve_stain
 from lymph_cv.commands.stain import stain_options
-from lymph_cv.formats.store import BACKENDS
 
 
 @click.group("slides")
@@ -95,7 +94,7 @@ def tile_params(options: dict):
 @click.option("--resize", type=click.IntRange(min=1), default=None, help="Write tiles of this side [default: --size].")
 @click.option("--mask-side", type=click.IntRange(min=1), default=defaults.DEFAULT_MASK_SIDE, show_default=True,
               help="Longer side of the low-resolution view tissue is detected on.")
-@click.option("--db", "db_backend", type=click.Choice(BACKENDS), default=None,
+@click.option("--db", "db_backend", type=click.Choice(defaults.BACKENDS), default=None,
               help="Write each slide's tiles to a database OUT/<slide>_<backend> instead of tile files.")
 @click.option("--slide", "only", type=click.IntRange(min=1), multiple=True,
               help="Tile only slide N (1-based, manifest order; repeatable): one array task's share.")

@@ -8,7 +8,6 @@ message, consistent blob sizes), so a random or truncated file is rejected, not 
 """
 from __future__ import annotations
 
-import collections
 import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -18,17 +17,15 @@ from google.protobuf import json_format
 
 from lymph_cv.formats.caffe import caffe_pb2
 from lymph_cv.formats.caffe.blob import blob_shape, has_legacy_dims, mean_array, parse_blob
-from lymph_cv.formats.caffe.datum import decode_image, parse_datum_message
 from lymph_cv.formats.caffe.model import layer_type, net_layers, net_params, parse_caffemodel, parse_solverstate
 from lymph_cv.formats.caffe.prototxt import format_text, parse_net_text, parse_solver_text, upgrade_net
 from lymph_cv.errors import FormatError
-from lymph_cv.formats.store import detect_backend, open_reader
+from lymph_cv.formats.inspect_db import DEFAULT_KEY_LIMIT, describe_db, format_db_header, format_db_totals
+from lymph_cv.formats.store import detect_backend
 
 PathLike = Union[str, os.PathLike]
 Description = Dict[str, Any]
 
-#: Default number of database keys listed.
-DEFAULT_KEY_LIMIT = 10
 #: Digits kept for floating-point summaries (channel means).
 SUMMARY_DECIMALS = 4
 #: Channel names of a 3-channel Caffe image blob (OpenCV order).
@@ -131,43 +128,6 @@ def _describe_net(net: caffe_pb2.NetParameter, path: Path, legacy: bool) -> Desc
 def _describe_solver(solver: caffe_pb2.SolverParameter, path: Path) -> Description:
     fields = json_format.MessageToDict(solver, preserving_proto_field_name=True)
     return {"kind": "solver", "path": str(path), "fields": fields, "text": format_text(solver)}
-
-
-def describe_db(path: PathLike, limit: int = DEFAULT_KEY_LIMIT) -> Description:
-    """Record count, first keys, datum shape(s) and label histogram of a LevelDB/LMDB database."""
-    from tqdm import tqdm
-
-    path = Path(path)
-    labels: collections.Counter = collections.Counter()
-    shapes: collections.Counter = collections.Counter()
-    encoded = 0
-    with open_reader(path) as reader:
-        first_keys = [key.decode("utf-8", "replace") for key in reader.keys(limit)]
-        for index, value in enumerate(tqdm(reader.values(), desc="records", unit="rec", leave=False, disable=None)):
-            try:
-                datum = parse_datum_message(value)
-            except FormatError as exc:
-                raise FormatError(f"record {index}: {exc.detail}", path) from exc
-            labels[int(datum.label)] += 1
-            if datum.encoded:
-                encoded += 1
-                if not shapes:  # decoding every image would be slow; the first one tells the shape
-                    shapes[tuple(decode_image(datum.data).shape)] += 1
-            else:
-                shapes[(datum.channels, datum.height, datum.width)] += 1
-        backend = reader.backend
-    records = sum(labels.values())
-    return {
-        "kind": "db",
-        "path": str(path),
-        "backend": backend,
-        "records": records,
-        "first_keys": first_keys,
-        "datum_shape": list(shapes.most_common(1)[0][0]) if shapes else None,
-        "datum_shapes": {"x".join(map(str, s)): n for s, n in sorted(shapes.items())},
-        "encoded": encoded,
-        "label_histogram": {str(label): n for label, n in sorted(labels.items())},
-    }
 
 
 # --------------------------------------------------------------------------- recognition
@@ -304,18 +264,7 @@ def format_description(info: Description) -> str:
             f"range: {info['min']:.3f} .. {info['max']:.3f}",
         ]
     elif kind == "db":
-        labels = ", ".join(f"{label}: {count}" for label, count in info["label_histogram"].items()) or "-"
-        shape = _shape_text(info["datum_shape"]) if info["datum_shape"] else "-"
-        lines += [
-            f"database: {info['path']} ({info['backend']})",
-            f"records: {info['records']}",
-            f"datum shape: {shape}" + (f" ({info['encoded']} encoded)" if info["encoded"] else ""),
-        ]
-        if len(info["datum_shapes"]) > 1:
-            lines.append("datum shapes: " + ", ".join(f"{s}: {n}" for s, n in info["datum_shapes"].items()))
-        lines.append(f"labels: {labels}")
-        lines.append(f"first keys ({len(info['first_keys'])}):")
-        lines += [f"  {key}" for key in info["first_keys"]]
+        return format_db_header(info) + format_db_totals(info)
     elif kind == "net":
         lines.append(f"net prototxt: {info['path']}")
         upgraded = ", upgraded to V2" if info["format"] == "V1" else ""

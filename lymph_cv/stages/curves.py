@@ -47,6 +47,13 @@ CHARTS: Tuple[Chart, ...] = tuple(
     Chart(2 * k + j, phase, field_, x)
     for k, (phase, field_) in enumerate((("test", "accuracy"), ("test", "loss"), ("train", "lr"), ("train", "loss")))
     for j, x in enumerate(("iterations", "seconds")))
+
+
+def chart_help() -> Tuple[Tuple[int, str], ...]:
+    """(number, name) of every chart type, in Caffe's numbering (the ``--chart`` help)."""
+    return tuple((c.number, c.name) for c in CHARTS)
+
+
 #: Figure sizes (inches) and resolution of the PNGs.
 PANEL_SIZE = (5.2, 3.4)
 DPI = 100

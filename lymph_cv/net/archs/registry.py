@@ -80,6 +80,11 @@ def arch_names() -> List[str]:
     return sorted(ARCHS)
 
 
+def arch_help() -> List[Tuple[str, str]]:
+    """(name, description) of every registered architecture, sorted by name (the ``--arch`` help)."""
+    return [(name, ARCHS[name].description) for name in arch_names()]
+
+
 def get_arch(name: str) -> Arch:
     """The entry called ``name``; ConfigError listing the valid names."""
     try:
