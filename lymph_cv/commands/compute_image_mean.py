@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 from lymph_cv.core.threads import quiet_numpy_blas
 from lymph_cv.formats import gflags
+from lymph_cv.formats.caffe.meanscan import MEAN_PROGRESS_EVERY
 from lymph_cv.formats.caffelog import caffe_log, fmt
 from lymph_cv.errors import LymphCVError
 
@@ -27,8 +28,9 @@ FLAGS = {
 
 def run(values: dict, positional: list[str]) -> int:
     """Compute the mean with parsed flags; raises LymphCVError on bad input."""
-    # numpy and the store only: start-up is most of this tool's time on a small database.
-    from lymph_cv.formats.caffe import mean as mean_module
+    # The store and the native module only (numpy when the native way does not apply):
+    # start-up is most of this tool's time on a small database.
+    from lymph_cv.formats.caffe import meanscan
     from lymph_cv.formats.store import check_backend
 
     if len(positional) not in (1, 2):
@@ -36,17 +38,38 @@ def run(values: dict, positional: list[str]) -> int:
     backend = check_backend(values["backend"])
     with caffe_log() as log:
         log.info("Starting iteration", SRC.format(71))
-        mean, count = mean_module.mean_of_db(positional[0], backend,
-                                             progress=lambda n: log.info(f"Processed {n} files.", SRC.format(100)))
-        if count % mean_module.MEAN_PROGRESS_EVERY:
-            log.info(f"Processed {count} files.", SRC.format(105))
-        if len(positional) == 2:
-            log.info(f"Write to {positional[1]}", SRC.format(113))
-            mean_module.write_mean(positional[1], mean)
-        log.info(f"Number of channels: {mean.shape[0]}", SRC.format(117))
-        for channel, value in enumerate(mean_module.channel_means(mean)):
-            log.info(f"mean_value channel [{channel}]: {fmt(value)}", SRC.format(124))
+        progress = lambda n: log.info(f"Processed {n} files.", SRC.format(100))  # noqa: E731
+        try:
+            native = meanscan.native_mean_of_db(positional[0], backend)
+        except meanscan.NativeUnavailable:
+            return _run_numpy(positional, backend, log, progress)
+        for done in range(MEAN_PROGRESS_EVERY, native.count + 1, MEAN_PROGRESS_EVERY):
+            progress(done)
+        _log_end(log, positional, native.count, native.shape[0], native.channel_means,
+                 lambda path: meanscan.write_native_mean(path, native))
     return 0
+
+
+def _run_numpy(positional: list[str], backend: str, log, progress) -> int:
+    """The numpy path (encoded or float_data records, LevelDB tables that need LevelDB's merge)."""
+    from lymph_cv.formats.caffe import mean as mean_module
+
+    mean, count = mean_module.mean_of_db(positional[0], backend, progress=progress, native=False)
+    _log_end(log, positional, count, mean.shape[0], mean_module.channel_means(mean),
+             lambda path: mean_module.write_mean(path, mean))
+    return 0
+
+
+def _log_end(log, positional: list[str], count: int, channels: int, channel_means, write) -> None:
+    """The tool's closing lines (and the mean file, when asked), as Caffe's tool logs them."""
+    if count % MEAN_PROGRESS_EVERY:
+        log.info(f"Processed {count} files.", SRC.format(105))
+    if len(positional) == 2:
+        log.info(f"Write to {positional[1]}", SRC.format(113))
+        write(positional[1])
+    log.info(f"Number of channels: {channels}", SRC.format(117))
+    for channel, value in enumerate(channel_means):
+        log.info(f"mean_value channel [{channel}]: {fmt(value)}", SRC.format(124))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -13,6 +13,7 @@ import functools
 import itertools
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple, Union
 
@@ -41,6 +42,8 @@ LMDB_DATA_FILE = "data.mdb"
 #: Files that mark a LevelDB directory.
 LEVELDB_MARKERS = ("CURRENT", "LOG")
 LEVELDB_TABLE_SUFFIXES = (".ldb", ".sst")
+#: A table's line in LevelDB's ``leveldb.sstables`` property: `` NUMBER:SIZE[smallest .. largest]``.
+_TABLE_LINE = re.compile(r"^ (\d+):\d+\[", re.MULTILINE)
 #: Caffe's key: zero-padded line index, underscore, the list's file name.
 KEY_FORMAT = "%08d_%s"
 
@@ -396,13 +399,14 @@ class Reader:
         return result
 
     @_reading_iter
-    def values(self) -> Iterator[bytes]:
-        """All values in key order."""
+    def values(self, buffers: bool = False) -> Iterator[bytes]:
+        """All values in key order; with ``buffers``, LMDB's are zero-copy views into its map,
+        each valid while the iteration runs (LevelDB's are bytes either way)."""
         if self.backend == LEVELDB:
             with self._db.iterator(include_key=False, fill_cache=False) as iterator:
                 yield from iterator
         else:
-            with self._env.begin(buffers=False) as txn:
+            with self._env.begin(buffers=buffers) as txn:
                 yield from txn.cursor().iternext(keys=False, values=True)
 
     @_reading_iter
@@ -418,6 +422,21 @@ class Reader:
         else:
             with self._env.begin(buffers=False) as txn:
                 yield from _lists_of(txn.cursor().iternext(keys=False, values=True), size)
+
+    @_reading
+    def live_tables(self) -> List[Path]:
+        """LevelDB: the table files of the database's current version, as LevelDB lists them
+        (``leveldb.sstables``; level by level, not in key order).  Opening the database replayed
+        its log into a table, and the open database holds LOCK, so these hold every record."""
+        if self.backend != LEVELDB:
+            raise StoreError("live_tables is for LevelDB databases", self.path)
+        listing = (self._db.get_property(b"leveldb.sstables") or b"").decode("ascii", "replace")
+        tables = []
+        for number in _TABLE_LINE.findall(listing):
+            name = f"{int(number):06d}"
+            found = [self.path / f"{name}{suffix}" for suffix in LEVELDB_TABLE_SUFFIXES]
+            tables.append(next((candidate for candidate in found if candidate.is_file()), found[0]))
+        return tables
 
     def batches_from(self, start: Key, size: int) -> Iterator[Tuple[List[bytes], List]]:
         """(keys, values) lists of ``size`` records from key ``start`` on, in key order, to the end.

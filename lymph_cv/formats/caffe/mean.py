@@ -15,6 +15,7 @@ runtime only for records that are not raw datums laid out as Caffe writes them.
 """
 from __future__ import annotations
 
+import logging
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Optional, Union
@@ -24,7 +25,11 @@ import numpy as np
 from lymph_cv.core.fsutil import atomic_write_bytes
 from lymph_cv.errors import FormatError, InputError, LymphCVError
 from lymph_cv.formats import store
-from lymph_cv.formats.caffe.wire import decode_varint, encode_varint
+from lymph_cv.formats.caffe import meanscan
+from lymph_cv.formats.caffe.meanscan import MEAN_PROGRESS_EVERY
+from lymph_cv.formats.caffe.wire import decode_varint
+
+log = logging.getLogger(__name__)
 
 #: Records per float32 reduction block: the block (rows + 1) × C·H·W float32 stays in the L2 cache.
 REDUCE_ROWS = 64
@@ -37,12 +42,8 @@ INTEGER_BLOCK_ROWS = 256
 READ_BATCH = 2048
 #: Batches read ahead of the summing thread (bounds the memory to a few batches).
 READ_AHEAD = 2
-#: compute_image_mean logs its progress every this many records.
-MEAN_PROGRESS_EVERY = 10000
 #: Datum field tags (field number << 3 | wire type) of channels, height, width, data.
 _TAG_CHANNELS, _TAG_HEIGHT, _TAG_WIDTH, _TAG_DATA = 0x08, 0x10, 0x18, 0x22
-#: BlobProto tags: num, channels, height, width (varints) and the packed float ``data``.
-_BLOB_DIM_TAGS, _BLOB_TAG_DATA = (0x08, 0x10, 0x18, 0x20), 0x2A
 #: A legacy blob's dimensions: num, channels, height, width.
 LEGACY_NDIM = 4
 
@@ -163,13 +164,7 @@ def mean_to_bytes(array: np.ndarray) -> bytes:
         array = array[0]
     if array.ndim != 3:
         raise FormatError(f"a mean must be (C, H, W), got shape {array.shape}")
-    values = np.ascontiguousarray(array, dtype="<f4").tobytes()
-    head = bytearray()
-    for tag, dim in zip(_BLOB_DIM_TAGS, (1,) + tuple(int(d) for d in array.shape)):
-        head += bytes((tag,)) + encode_varint(dim)
-    if values:
-        head += bytes((_BLOB_TAG_DATA,)) + encode_varint(len(values))
-    return bytes(head) + values
+    return meanscan.blob_bytes(array.shape, np.ascontiguousarray(array, dtype="<f4").tobytes())
 
 
 def write_mean(path: Union[str, os.PathLike], array: np.ndarray) -> None:
@@ -220,8 +215,11 @@ class _Summer:
 
 def mean_of_db(
     path: Union[str, os.PathLike], backend: Optional[str] = None, progress=None, progress_every: int = MEAN_PROGRESS_EVERY,
+    native: bool = True,
 ) -> tuple[np.ndarray, int]:
     """compute_image_mean: the float32 (C, H, W) mean of every Datum of a database, in key order.
+
+    The native module (:mod:`.meanscan`) computes it when it applies and ``native`` (same bytes); else:
 
     Raw datums laid out as Caffe writes them are summed in bulk: a batch of equal-length records
     is joined into one array and its pixel columns summed without a parse.  Other records
@@ -230,6 +228,16 @@ def mean_of_db(
     This thread reads; a summing thread joins and adds each batch, in order (both copy and sum
     without the GIL, so they overlap with LevelDB's block reads).
     """
+    if native:
+        try:
+            result = meanscan.native_mean_of_db(path, backend)
+        except meanscan.NativeUnavailable as exc:
+            log.debug("%s: the numpy mean (%s)", path, exc.reason)
+        else:
+            if progress is not None:
+                for done in range(progress_every, result.count + 1, progress_every):
+                    progress(done)
+            return np.frombuffer(result.mean, "<f4").reshape(result.shape).astype(np.float32), result.count
     accumulator = MeanAccumulator()
     summer = _Summer(accumulator)
     batches = _BatchAdder(accumulator, path)

@@ -1,0 +1,19 @@
+"""Native extensions; everything else is in setup.cfg.
+
+Each entry of NATIVE is an optional C extension: a failed build leaves the pure-Python path
+(the code checks the module's presence, and LYMPH_CV_NATIVE=0 turns the native paths off).
+Per-CPU code comes from gcc's target_clones in the sources, never from -march=native, so a
+build runs on any x86-64 machine of this kind.
+"""
+from setuptools import Extension, setup
+
+#: -O3 without -ffast-math: the float32 sums must round exactly as written.
+CFLAGS = ["-O3", "-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers",
+          "-pthread"]
+
+NATIVE = [
+    Extension("lymph_cv.formats.ldbscan", ["lymph_cv/formats/ldbscan.c"],
+              extra_compile_args=CFLAGS, extra_link_args=["-pthread"], optional=True),
+]
+
+setup(ext_modules=NATIVE)
