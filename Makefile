@@ -17,13 +17,14 @@ SYSDEPS := slurm-wlm slurm-wlm-torque munge chromium
 
 .PHONY: venv native sysdeps testdata test demo proto bench clean
 
-$(STAMP): setup.cfg setup.py pyproject.toml
+$(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	# The CPU wheel on this machine's disk; an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	# compat: a plain path in a .pth instead of setuptools' import finder (20 ms off every start)
-	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	# compat: a plain path in a .pth instead of setuptools' import finder (20 ms off every start);
+	# setuptools calls the mode transitional, so a setuptools without it gets the default mode
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat || $(PY) -m pip install -q -e '.[test]'
 	touch $@
 
 venv: $(STAMP)
