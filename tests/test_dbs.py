@@ -201,7 +201,7 @@ def test_existing_db_needs_overwrite_but_finished_work_is_kept(workdir, tmp_path
 def test_no_space_left(workdir, tmp_path, monkeypatch):
     work = _fresh(workdir, tmp_path)
 
-    def full(self, records):
+    def full(self, *records):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(store._LevelDBWriter, "_write", full)

@@ -34,14 +34,13 @@ FLAGS = {
     "seed": gflags.Flag(int, 0, "seed of -shuffle (lymph_cv; Caffe's shuffle is not repeatable)"),
     "overwrite": gflags.Flag(bool, False, "replace an existing DB_NAME (lymph_cv)"),
     "skip_bad": gflags.Flag(bool, False, "skip unreadable images with a warning, as Caffe does (lymph_cv)"),
-    "workers": gflags.Flag(int, 0, "processes decoding images while this one writes in list order; "
-                                   "0: one per core but the writer's, so decoding stays inline on 2 cores (lymph_cv)"),
+    "workers": gflags.Flag(int, 0, "processes reading and decoding images while this one writes in list order; "
+                                   "0: one per core but the writer's (none on one core) (lymph_cv)"),
 }
 
 
 def run(values: dict, positional: list[str]) -> int:
     """Convert with parsed flags; raises LymphCVError on bad input."""
-    from lymph_cv.core.workers import resolve_workers
     from lymph_cv.formats import store
     from lymph_cv.stages import dbs
 
@@ -78,13 +77,17 @@ def run(values: dict, positional: list[str]) -> int:
             progress=lambda count: log.info(f"Processed {count} files.", SRC.format(146)),
             concat_root=True,
             entries=entries,
-            workers=values["workers"] if values["workers"] > 0 else max(1, resolve_workers(None, 1 << 30) - 1),
+            workers=values["workers"] if values["workers"] > 0 else _cores() - 1,
         )
         for problem in result.problems:
             log.warning(problem, SRC.format(121))
         if result.records % store.COMMIT_EVERY:
             log.info(f"Processed {result.records} files.", SRC.format(152))
     return 0
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -16,23 +16,19 @@ image, so every reader hands the transform the same pixels.
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 import cv2
 import numpy as np
 
+from lymph_cv.core.imagefiles import read_file
 from lymph_cv.errors import InputError
 
 PathLike = Union[str, os.PathLike]
 #: A colour transform: (H, W, 3) BGR uint8 → (H, W, 3) BGR uint8.
 ColourTransform = Callable[[np.ndarray], np.ndarray]
 
-#: How image files are opened (close-on-exec where the platform has it, binary on Windows).
-_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
-#: The most bytes asked of one ``os.read`` of an image file.
-READ_CHUNK = 1 << 24
 #: Channel-count names in conversion notes.
 _CHANNEL_KINDS = {1: "grayscale", 2: "grayscale+alpha", 4: "RGBA"}
 #: float32(u / 255) for every 8-bit value (a table lookup is several times faster than dividing).
@@ -53,33 +49,10 @@ class ReadImage:
 def file_bytes(path: PathLike) -> np.ndarray:
     """The bytes of an image file (read-only), or an InputError naming it (missing, empty, unreadable).
 
-    Plain ``os.open``/``os.read``: a quarter of ``isfile`` + ``np.fromfile``'s cost per file, which
-    counts when a fold's 38,528 small patch files are read (``convert_imageset``, ``dbs``).
+    Plain ``os.open``/``os.read`` (:func:`~lymph_cv.core.imagefiles.read_file`): a quarter of ``isfile`` +
+    ``np.fromfile``'s cost per file, which counts when a fold's 38,528 small patch files are read.
     """
-    try:
-        descriptor = os.open(path, _OPEN_FLAGS)
-    except (FileNotFoundError, NotADirectoryError):
-        raise InputError("image not found (cannot read image)", path) from None
-    except OSError as exc:
-        raise InputError(f"cannot read file ({exc.strerror})", path) from exc
-    try:
-        status = os.fstat(descriptor)
-        if not stat.S_ISREG(status.st_mode):
-            raise InputError("image not found (cannot read image)", path)
-        pieces, ask = [], min(status.st_size + 1, READ_CHUNK)  # a small file: one read, then EOF
-        while True:
-            piece = os.read(descriptor, ask)
-            if not piece:
-                break
-            pieces.append(piece)
-    except OSError as exc:
-        raise InputError(f"cannot read file ({exc.strerror})", path) from exc
-    finally:
-        os.close(descriptor)
-    data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-    if not data:
-        raise InputError("empty file, expected an image", path)
-    return np.frombuffer(data, dtype=np.uint8)
+    return np.frombuffer(read_file(path), dtype=np.uint8)
 
 
 def decode(path: PathLike, flags: int = cv2.IMREAD_UNCHANGED, data: Optional[np.ndarray] = None) -> np.ndarray:

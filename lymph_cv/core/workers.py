@@ -13,6 +13,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 
+from lymph_cv.core.forkpipe import die_with_parent  # noqa: F401 (this module's API too)
 from lymph_cv.core.progress import Progress
 
 from lymph_cv.errors import LymphCVError
@@ -26,23 +27,6 @@ def resolve_workers(workers: Optional[int], tasks: int) -> int:
     if workers is None or workers <= 0:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(workers, tasks))
-
-
-#: Linux prctl option: the signal a process gets when its parent dies.
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent(parent: int) -> None:
-    """Linux: SIGKILL this process when ``parent`` dies (a ``kill -9`` of the command would otherwise
-    leave its pool workers finishing queued work, unrecorded, under final names)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: workers end when their task queue breaks
-        return
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 def _init_worker(parent: int) -> None:

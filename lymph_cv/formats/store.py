@@ -91,24 +91,27 @@ class _Writer(abc.ABC):
         self.path = path
         self.commit_every = max(1, int(commit_every))
         self.count = 0
-        self._pending: List[Tuple[bytes, bytes]] = []
+        self._keys: List[bytes] = []
+        self._values: List[bytes] = []
 
     def put(self, key: Key, value: bytes) -> None:
         """Add one record; a commit happens every ``commit_every`` records."""
-        self._pending.append((_as_bytes(key), bytes(value)))
+        self._keys.append(_as_bytes(key))
+        self._values.append(bytes(value))
         self.count += 1
-        if len(self._pending) >= self.commit_every:
+        if len(self._keys) >= self.commit_every:
             self.commit()
 
     def put_many(self, keys: List[bytes], values: List[bytes]) -> None:
         """:meth:`put` of each pair in order (commits at the same records as one put at a time)."""
         start = 0
         while start < len(keys):
-            take = min(len(keys) - start, self.commit_every - len(self._pending))
-            self._pending.extend(zip(keys[start : start + take], values[start : start + take]))
+            take = min(len(keys) - start, self.commit_every - len(self._keys))
+            self._keys.extend(keys[start : start + take])
+            self._values.extend(values[start : start + take])
             self.count += take
             start += take
-            if len(self._pending) >= self.commit_every:
+            if len(self._keys) >= self.commit_every:
                 self.commit()
 
     def __len__(self) -> int:
@@ -116,13 +119,13 @@ class _Writer(abc.ABC):
 
     def commit(self) -> None:
         """Write the pending records in one transaction."""
-        if self._pending:
-            self._write(self._pending)
-            self._pending = []
+        if self._keys:
+            self._write(self._keys, self._values)
+            self._keys, self._values = [], []
 
     @abc.abstractmethod
-    def _write(self, records: List[Tuple[bytes, bytes]]) -> None:
-        """Store ``records`` in one transaction."""
+    def _write(self, keys: List[bytes], values: List[bytes]) -> None:
+        """Store the records ``keys[i]: values[i]`` in one transaction."""
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -140,11 +143,15 @@ class _LevelDBWriter(_Writer):
             )
         except plyvel.Error as exc:
             raise StoreError(f"cannot create LevelDB: {exc}", path) from exc
+        # One batch for every commit: cleared, it keeps its buffer (a new one grew a fresh one each time).
+        self._batch = self._db.write_batch()
 
-    def _write(self, records):
-        with self._db.write_batch() as batch:
-            for key, value in records:
-                batch.put(key, value)
+    def _write(self, keys, values):
+        put = self._batch.put
+        for key, value in zip(keys, values):
+            put(key, value)
+        self._batch.write()
+        self._batch.clear()
 
     def close(self):
         self._db.close()
@@ -178,13 +185,14 @@ class _LMDBWriter(_Writer):
         _check_room(path, LMDB_ROOM_BYTES)
         self._env = lmdb.open(os.fspath(path), map_size=map_size, subdir=True, sync=True)
 
-    def _write(self, records):
-        _check_room(self.path, LMDB_ROOM_BYTES + LMDB_ROOM_FACTOR * sum(len(k) + len(v) for k, v in records))
+    def _write(self, keys, values):
+        _check_room(self.path, LMDB_ROOM_BYTES + LMDB_ROOM_FACTOR * (sum(map(len, keys)) + sum(map(len, values))))
         while True:
             try:
                 with self._env.begin(write=True) as txn:
-                    for key, value in records:
-                        txn.put(key, value)
+                    put = txn.put
+                    for key, value in zip(keys, values):
+                        put(key, value)
                 return
             except self._lmdb.MapFullError:
                 new_size = self._env.info()["map_size"] * 2

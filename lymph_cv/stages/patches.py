@@ -29,6 +29,7 @@ from lymph_cv.core.fsutil import (atomic_write_json, check_writable, remove_stal
                                   temp_sibling, write_all, write_error)
 from lymph_cv import DEFAULT_CLASSES
 from lymph_cv.stages.synth import TIFF_UNCOMPRESSED
+from lymph_cv.core.badinputs import BadInputs  # noqa: F401 (this module's API too)
 from lymph_cv.core.grid import FIRST_ORIGIN, WINDOW_SIZE, WINDOW_STEP, window_origins
 from lymph_cv.core.images import ColourTransform, ReadImage, read_image
 from lymph_cv.stages.sources import DEFAULT_SOURCE, SourceImage, data_source, input_fingerprint
@@ -299,43 +300,6 @@ def _extract_one(job: _Job) -> _Done:
     except OSError as exc:
         return _Done(None, fatal=str(write_error(exc, final, "patch")))
     return _Done(entry, len(names), conversion, unchanged=unchanged)
-
-
-class BadInputs:
-    """Collects skippable problems: raise at once, or (``skip_bad``) keep them for the end.
-
-    Also collects images that needed a colour conversion, so each kind is reported once.
-    Worker processes return theirs; the parent merges them and calls :meth:`finish`.
-    """
-
-    def __init__(self, skip_bad: bool):
-        self.skip_bad = skip_bad
-        self.problems: list[str] = []
-        self.conversions: dict[str, list[str]] = defaultdict(list)
-
-    def problem(self, message: str) -> None:
-        if not self.skip_bad:
-            raise InputError(message)
-        self.problems.append(message)
-
-    def converted(self, kind: Optional[str], path: Union[str, Path]) -> None:
-        if kind:
-            self.conversions[kind].append(str(path))
-
-    def merge(self, problems: Sequence[str], conversions: Mapping[str, Sequence[str]]) -> None:
-        self.problems.extend(problems)
-        for kind, paths in conversions.items():
-            self.conversions[kind].extend(paths)
-
-    def finish(self, what: str) -> None:
-        """Log each skipped input, one line per conversion kind, and the count of skipped inputs."""
-        for message in self.problems:
-            log.warning("warning: skipped: %s", message)
-        for kind, paths in self.conversions.items():
-            log.warning("warning: %d %s image(s) converted to 8-bit BGR as OpenCV's colour imread does (first: %s)",
-                        len(paths), kind, paths[0])
-        if self.problems:
-            log.warning("warning: %d bad input(s) skipped while %s", len(self.problems), what)
 
 
 def extract_patches(

@@ -3,8 +3,6 @@ the last run of whitespace, so names may hold spaces), ``CLASS/file.tif`` parent
 folds exist (one rule: a fold is there when both its train and its test list are)."""
 from __future__ import annotations
 
-import contextlib
-import gc
 import itertools
 import os
 import re
@@ -12,6 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple, Pattern, Union
 
+from lymph_cv.core.memory import collector_paused
 from lymph_cv.errors import InputError
 from lymph_cv.workdir.layout import BAG_LIST_PATTERN, LIST_PATTERN, PARENT_PATTERN
 
@@ -57,21 +56,8 @@ def read_labelled_list(path: PathLike) -> list[ListEntry]:
     spaces).  A line without a label, or a label that is not a (signed) int32, is an InputError
     naming the file and line."""
     lines = read_list_text(path).splitlines()
-    with _collector_paused():
+    with collector_paused():
         return _read_in_bulk(path, lines)
-
-
-@contextlib.contextmanager
-def _collector_paused():
-    """The cyclic garbage collector off meanwhile: the parse makes millions of objects and no cycle,
-    and the collections their count triggers took 2/3 of a list's reading time."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _read_in_bulk(path: PathLike, lines: list[str]) -> list[ListEntry]:

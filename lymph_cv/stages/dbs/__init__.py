@@ -20,14 +20,34 @@ The package: :mod:`.lists` (list lines, patch names, the record order; the mean 
 :mod:`.cache` (the shared patch array of ``--images``), :mod:`.build` (a work folder's databases,
 their freshness in ``dbs.json``, the run's stage).
 """
-from lymph_cv.formats.caffe.mean import MEAN_PROGRESS_EVERY, MeanAccumulator, channel_means, mean_of_db
-from lymph_cv.stages.dbs.build import (STAGE, DbsStage, build_dbs, folds_record, list_signature, read_dbs_json,
-                                       store_kind)
-from lymph_cv.stages.dbs.convert import (DECODE_CHUNK, DEFAULT_BACKEND, DEFAULT_SEED, PLAIN, DbResult, ImageOptions,
-                                         convert_list, record_value, save_mean, write_db, write_db_batches)
-from lymph_cv.stages.dbs.lists import check_relative, read_image_list, shuffled_order
+from __future__ import annotations
 
-__all__ = ["STAGE", "DbsStage", "build_dbs", "folds_record", "list_signature", "read_dbs_json", "store_kind",
-           "DECODE_CHUNK", "DEFAULT_BACKEND", "DEFAULT_SEED", "PLAIN", "DbResult", "ImageOptions", "convert_list",
-           "record_value", "save_mean", "write_db", "write_db_batches", "check_relative", "read_image_list",
-           "shuffled_order", "MEAN_PROGRESS_EVERY", "MeanAccumulator", "channel_means", "mean_of_db"]
+import importlib
+
+#: Each name of the package's API and the module that defines it; a module loads on first use, so
+#: ``convert_imageset`` (``.convert``) starts without the stage, the patch cache and their imports.
+_EXPORTS = {
+    "lymph_cv.formats.caffe.mean": ("MEAN_PROGRESS_EVERY", "MeanAccumulator", "channel_means", "mean_of_db"),
+    "lymph_cv.stages.dbs.build": ("STAGE", "DbsStage", "build_dbs", "folds_record", "list_signature",
+                                  "read_dbs_json", "store_kind"),
+    "lymph_cv.stages.dbs.convert": ("DECODE_CHUNK", "DEFAULT_BACKEND", "DEFAULT_SEED", "PLAIN", "DbResult",
+                                    "ImageOptions", "convert_list", "record_value", "save_mean", "write_db",
+                                    "write_db_batches"),
+    "lymph_cv.stages.dbs.lists": ("check_relative", "read_image_list", "shuffled_order"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = list(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    """The package's API names, imported from their modules on first use (PEP 562)."""
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

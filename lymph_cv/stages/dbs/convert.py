@@ -4,28 +4,33 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence, Union
 
-import cv2
 import numpy as np
 
-from lymph_cv.formats import store
-from lymph_cv.formats.caffe.blob import write_mean
-from lymph_cv.formats.caffe.datum import encoded_datum, raw_pixel_offset, serialize_datum
-from lymph_cv.formats.caffe.mean import MeanAccumulator, channel_means
-from lymph_cv.errors import ConfigError, InputError, LymphCVError, StoreError
+from lymph_cv.core import faults, forkpipe, rawtiff
+from lymph_cv.core.badinputs import BadInputs
 from lymph_cv.core.fsutil import remove_path
-from lymph_cv.core.images import read_gray, read_image
-from lymph_cv.core.workers import imap
-from lymph_cv.stages.patches import BadInputs
+from lymph_cv.core.imagefiles import FolderReader
+from lymph_cv.core.memory import collector_paused
+from lymph_cv.errors import ConfigError, InputError, LymphCVError, StoreError
+from lymph_cv.formats import store
+from lymph_cv.formats.caffe.rawdatum import datum_table, raw_pixel_offset, serialize_datum, split_table
 from lymph_cv.stages.dbs.lists import read_image_list, shuffled_order
 from lymph_cv.workdir.lists import ListEntry
+
+if TYPE_CHECKING:
+    from lymph_cv.formats.caffe.mean import MeanAccumulator
+
+# OpenCV, protobuf and the mean are imported where needed: ``convert_imageset`` on the tutorial's
+# patch files needs none of them (:mod:`lymph_cv.core.rawtiff`), and their imports cost a tenth of it.
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +56,11 @@ class ImageOptions:
     check_size: bool = False
 
     def __post_init__(self):
-        if self.encode_type and not cv2.haveImageWriter("x." + self.encode_type):
+        if not self.encode_type:
+            return
+        import cv2
+
+        if not cv2.haveImageWriter("x." + self.encode_type):
             raise ConfigError(f"-encode_type: OpenCV cannot encode images as {self.encode_type!r}",
                               valid=[kind for kind in _ENCODE_TYPES if cv2.haveImageWriter("x." + kind)])
 
@@ -59,12 +68,21 @@ class ImageOptions:
     def resize(self) -> bool:
         return self.resize_width > 0 and self.resize_height > 0
 
+    @property
+    def plain(self) -> bool:
+        """Pixels as the colour ``imread`` reads them: nothing converted, resized or re-encoded."""
+        return not (self.gray or self.resize or self.encoded)
+
 
 PLAIN = ImageOptions()
 
 
 def _read_pixels(path: Union[str, Path], options: ImageOptions) -> tuple[np.ndarray, Optional[str]]:
     """(H, W, C) uint8 as Caffe's ReadImageToCVMat gives it, and any colour conversion."""
+    import cv2
+
+    from lymph_cv.core.images import read_gray, read_image
+
     if options.gray:
         image = read_gray(path)
         conversion = None
@@ -82,6 +100,10 @@ def record_value(
     path: Union[str, Path], label: int, options: ImageOptions = PLAIN,
 ) -> tuple[bytes, Optional[np.ndarray], Optional[str]]:
     """Serialized Datum of one image file, its (C, H, W) pixels (None when encoded), any conversion."""
+    import cv2
+
+    from lymph_cv.formats.caffe.datum import encoded_datum
+
     if not options.encoded:
         image, conversion = _read_pixels(path, options)
         chw = image.transpose(2, 0, 1)
@@ -200,6 +222,9 @@ def write_db_batches(db_path: Union[str, os.PathLike], backend: str,
 
 def save_mean(path: Union[str, os.PathLike], accumulator: MeanAccumulator) -> list[float]:
     """Write the accumulated mean as a Caffe mean file; return compute_image_mean's channel values."""
+    from lymph_cv.formats.caffe.blob import write_mean
+    from lymph_cv.formats.caffe.mean import channel_means
+
     mean = accumulator.mean()
     try:
         write_mean(path, mean)
@@ -218,50 +243,194 @@ def save_mean_or_drop(mean_path, accumulator: MeanAccumulator, db_path) -> list[
         raise
 
 
-#: List lines a decoding worker handles per task (amortises the hand-off between processes).
+#: List lines read per job (amortises the hand-over between processes: about a megabyte of records).
 DECODE_CHUNK = 256
+#: The fault-suite event at each of convert_list's progress lines (``int@convert:records#2`` …).
+RECORDS_EVENT = "convert:records"
 
 
-def _decode_chunk(job: tuple[str, bool, ImageOptions, list[tuple[int, str, int]]]) -> list[tuple]:
-    """Worker side of :func:`_file_records`: (index, value, shape, pixel offset, conversion, problem) per line."""
-    root, concat_root, options, items = job
-    results = []
-    for index, name, label in items:
-        path = root + name if concat_root else os.path.join(root, name)
-        try:
-            value, pixels, conversion = record_value(path, label, options)
-        except InputError as exc:
-            results.append((index, None, None, 0, None, str(exc)))
-            continue
-        shape = None if pixels is None else pixels.shape
-        results.append((index, value, shape, 0 if shape is None else raw_pixel_offset(*shape), conversion, None))
-    return results
+class _ChunkReader:
+    """Reads and decodes ``DECODE_CHUNK`` consecutive records of the database order per call.
+
+    Plain uncompressed RGB TIFFs (the tutorial's patch files) are read in bulk
+    (:mod:`lymph_cv.core.rawtiff`: the pixels OpenCV would give, without decoding); any other file,
+    or any other image option, goes through OpenCV (:func:`record_value`).  A call returns what a
+    forked reader sends the writer: a small header (key lengths, value lengths, shapes, conversions,
+    problems; length 0 for a line skipped, a single value length and shape when all records share
+    them) and the records' keys, then their values, back to back.
+    """
+
+    def __init__(self, root: str, concat_root: bool, options: ImageOptions, entries: Sequence[ListEntry],
+                 positions: list[int]):
+        self.root, self.concat_root, self.options = root, concat_root, options
+        self.entries, self.positions = entries, positions
+        self.layout: Optional[rawtiff.Layout] = None
+        self.files = FolderReader()
+
+    def path(self, name: str) -> str:
+        return self.root + name if self.concat_root else os.path.join(self.root, name)
+
+    def __call__(self, chunk: int) -> tuple[tuple, tuple]:
+        start = chunk * DECODE_CHUNK
+        items = [self.entries[p] for p in self.positions[start : start + DECODE_CHUNK]]
+        values: list[Optional[bytes]] = [None] * len(items)
+        shapes: list[Optional[tuple]] = [None] * len(items)
+        conversions: dict[int, str] = {}
+        problems: dict[int, str] = {}
+        whole = None
+        if self.options.plain:
+            files = {}
+            for i, entry in enumerate(items):
+                try:
+                    files[i] = self.files.read(self.path(entry.name))
+                except InputError as exc:
+                    problems[i] = str(exc)
+            whole = self._plain(items, files, values, shapes)
+        if whole is None:
+            self._decode(items, values, shapes, conversions, problems)
+        keys = [b"" if i in problems else store.make_key(start + i, entry.name) for i, entry in enumerate(items)]
+        key_lengths = [len(key) for key in keys]
+        if whole is not None:  # every record from one table, in order: sent as it is
+            return (key_lengths, whole.shape[1], shapes[0], conversions, problems), (b"".join(keys), whole)
+        lengths = [0 if value is None else len(value) for value in values]
+        return ((key_lengths, lengths, shapes, conversions, problems),
+                (b"".join(keys), b"".join(value for value in values if value is not None)))
+
+    def _decode(self, items: list[ListEntry], values: list, shapes: list, conversions: dict, problems: dict) -> None:
+        """The records not filled yet, through OpenCV."""
+        for i, entry in enumerate(items):
+            if values[i] is None and i not in problems:
+                try:
+                    values[i], pixels, conversion = record_value(self.path(entry.name), entry.label, self.options)
+                except InputError as exc:
+                    problems[i] = str(exc)
+                    continue
+                shapes[i] = None if pixels is None else pixels.shape
+                if conversion is not None:
+                    conversions[i] = conversion
+
+    def _plain(self, items: list[ListEntry], files: dict[int, bytes], values: list,
+               shapes: list) -> Optional[np.ndarray]:
+        """Fill ``values`` and ``shapes`` of the files of plain layouts; instead the table of the records
+        (:func:`datum_table`) when one layout holds every record of the chunk."""
+        pending = list(files)
+        while pending:
+            layout = self.layout
+            group = [] if layout is None else [i for i in pending if len(files[i]) == layout.size]
+            if group:
+                table = rawtiff.stack([files[i] for i in group], layout.size)
+                same = rawtiff.match(layout, table)
+                matched = [i for i, ok in zip(group, same.tolist()) if ok]
+                if matched:
+                    pixels = rawtiff.bgr_chw(layout, table if len(matched) == len(group) else table[same])
+                    labels = np.array([items[i].label for i in matched], dtype=np.int64)
+                    records = datum_table(pixels, labels)
+                    if records is not None and len(matched) == len(items):
+                        shapes[:] = [pixels.shape[1:]] * len(items)
+                        return records
+                    rows = split_table(records) if records is not None else \
+                        [serialize_datum(image, int(label)) for image, label in zip(pixels, labels)]
+                    for i, row in zip(matched, rows):
+                        values[i], shapes[i] = row, pixels.shape[1:]
+            pending = [i for i in pending if values[i] is None]
+            self.layout = None
+            while pending and self.layout is None:  # a file of another layout starts one
+                self.layout = rawtiff.plain_layout(files[pending[0]])
+                if self.layout is None:
+                    pending.pop(0)  # not a plain TIFF: OpenCV decodes it
+        return None
 
 
-def _file_records(
-    root: Union[str, os.PathLike], concat_root: bool, list_path: Path, entries: Sequence[ListEntry],
-    order: np.ndarray, options: ImageOptions, bad: BadInputs, workers: Optional[int] = 1, pixels: bool = True,
-) -> Iterator[tuple[bytes, bytes, Optional[np.ndarray]]]:
-    """Records in database order; images are decoded by ``workers`` processes (results come back
-    in order, so the one writer commits exactly what a single process would).  Without ``pixels``
-    the records carry None for them (nothing downstream needs them)."""
-    root = os.fspath(root)
-    positions = order.tolist()
-    jobs = [(root, concat_root, options,
-             [(index, entries[p].name, entries[p].label) for index, p in enumerate(positions[start : start + DECODE_CHUNK], start)])
-            for start in range(0, len(positions), DECODE_CHUNK)]
-    for chunk in imap(_decode_chunk, jobs, workers=workers):
-        for index, value, shape, offset, conversion, problem in chunk:
-            entry = entries[positions[index]]
-            if problem is not None:
-                # Caffe also skips such a line and still consumes its index (keys have gaps).
-                bad.problem(f"{problem} (named in {list_path} line {entry.line})")
-                continue
-            if conversion is not None:
-                bad.converted(conversion, root + entry.name if concat_root else os.path.join(root, entry.name))
-            view = None if shape is None or not pixels else \
-                np.frombuffer(value, np.uint8, math.prod(shape), offset).reshape(shape)
-            yield store.make_key(index, entry.name), value, view
+@contextlib.contextmanager
+def _chunk_results(reader: _ChunkReader, chunks: int, workers: int) -> Iterator[Iterable[tuple[tuple, object]]]:
+    """The reader's result for each chunk, in order: read here, or by ``workers`` readers forked now."""
+    if workers < 1 or chunks < 2 or not forkpipe.available():
+        yield (reader(chunk) for chunk in range(chunks))
+        return
+    with forkpipe.OrderedResults(reader, chunks, workers, "convert_imageset readers") as results:
+        yield results
+
+
+def _write_chunks(db_path, backend: str, results: Iterable[tuple[tuple, object]], reader: _ChunkReader,
+                  list_path: Path, bad: BadInputs, *, overwrite: bool, accumulator: Optional[MeanAccumulator],
+                  check_size: bool, progress) -> int:
+    """Write the readers' records in order (Caffe's keys ``%08d_name``: a skipped line's index stays
+    unused); :func:`write_db`'s checks, progress lines and errors, a chunk at a time."""
+    count, first_size, start = 0, None, 0
+    entries, positions = reader.entries, reader.positions
+    pixels_needed = check_size or accumulator is not None
+    with _store_errors(db_path), store.open_writer(db_path, backend, overwrite=overwrite) as writer, \
+            collector_paused():
+        keys: list[bytes] = []
+        values: list[bytes] = []
+
+        def flush() -> None:
+            nonlocal count
+            while keys:  # up to the next progress line at a time, so that each comes where Caffe's does
+                take = min(len(keys), store.COMMIT_EVERY - count % store.COMMIT_EVERY)
+                writer.put_many(keys[:take], values[:take])
+                del keys[:take], values[:take]
+                count += take
+                if count % store.COMMIT_EVERY == 0:
+                    if progress is not None:
+                        progress(count)
+                    faults.event(RECORDS_EVENT)
+
+        for (key_lengths, lengths, shapes, conversions, problems), blocks in results:
+            data = blocks if isinstance(blocks, bytes) else b"".join(blocks)
+            size = len(key_lengths)
+            key_ends = list(itertools.accumulate(key_lengths))
+            chunk_keys = [data[end - length : end] for end, length in zip(key_ends, key_lengths)]
+            offset = key_ends[-1]
+            if isinstance(lengths, int):
+                chunk_values = [data[at : at + lengths] for at in range(offset, offset + size * lengths, lengths)]
+                shapes = [shapes] * size
+            else:
+                ends = list(itertools.accumulate(lengths, initial=offset))
+                chunk_values = [data[ends[i] : ends[i + 1]] for i in range(size)]
+            if not (problems or conversions or pixels_needed):
+                keys += chunk_keys
+                values += chunk_values
+            else:
+                for i in range(size):
+                    entry = entries[positions[start + i]]
+                    if i in problems:
+                        # Caffe also skips such a line and still consumes its index (keys have gaps).
+                        flush()
+                        bad.problem(f"{problems[i]} (named in {list_path} line {entry.line})")
+                        continue
+                    if i in conversions:
+                        bad.converted(conversions[i], reader.path(entry.name))
+                    if pixels_needed:
+                        first_size = _check_and_add(chunk_keys[i], chunk_values[i], shapes[i], first_size,
+                                                    check_size, accumulator, flush)
+                    keys.append(chunk_keys[i])
+                    values.append(chunk_values[i])
+            start += size
+            flush()
+        if count == 0:
+            raise InputError("no readable record; nothing to write", db_path)
+    return count
+
+
+def _check_and_add(key: bytes, value: bytes, shape: Optional[tuple], first_size: Optional[int], check_size: bool,
+                   accumulator: Optional[MeanAccumulator], flush) -> Optional[int]:
+    """-check_size's test of one record and its pixels into the mean; the first record's size."""
+    if shape is None:  # an encoded record
+        if accumulator is not None:
+            raise ConfigError("a mean needs raw (not encoded) records")
+        return first_size
+    pixels = np.frombuffer(value, np.uint8, math.prod(shape), raw_pixel_offset(*shape)).reshape(shape)
+    if check_size:
+        if first_size is None:
+            first_size = pixels.size
+        elif pixels.size != first_size:
+            flush()  # the records before it are written (and their progress lines shown), as Caffe's are
+            raise InputError(f"record {key.decode(errors='replace')} has {pixels.size} values, "
+                             f"the first had {first_size} (-check_size)")
+    if accumulator is not None:
+        accumulator.add(pixels)
+    return first_size
 
 
 def convert_list(
@@ -279,7 +448,7 @@ def convert_list(
     progress=None,
     concat_root: bool = False,
     entries: Optional[Sequence[ListEntry]] = None,
-    workers: Optional[int] = 1,
+    workers: int = 0,
 ) -> DbResult:
     """``convert_imageset``: the images of a list (under ``root``) into a new database.
 
@@ -287,19 +456,28 @@ def convert_list(
     ``concat_root`` joins ``root`` and each name as Caffe does (plain string concatenation,
     so ``ROOT/`` needs its slash); otherwise as paths.  ``entries`` are the already-parsed
     list.  Bad inputs raise InputError, or with ``skip_bad`` are skipped and returned as problems.
-    ``workers`` processes decode the images (``None``: all cores) while this one writes.
+    ``workers`` processes (forked) read and decode the images while this one writes, in order;
+    0 reads them here.  The records are the same bytes either way.
     """
     started = time.perf_counter()
     list_path = Path(list_path)
     if entries is None:
         entries = read_image_list(list_path, num_labels)
-    order = shuffled_order(len(entries), seed)
+    positions = shuffled_order(len(entries), seed).tolist()
     bad = BadInputs(skip_bad)
-    records = _file_records(root, concat_root, list_path, entries, order, options, bad, workers,
-                            pixels=mean_path is not None or options.check_size)
-    accumulator = MeanAccumulator() if mean_path is not None else None
-    count = write_db(db_path, backend, records, overwrite=overwrite, accumulator=accumulator,
-                     check_size=options.check_size, progress=progress)
+    reader = _ChunkReader(os.fspath(root), concat_root, options, entries, positions)
+    accumulator = None
+    if mean_path is not None:
+        from lymph_cv.formats.caffe.mean import MeanAccumulator
+
+        accumulator = MeanAccumulator()
+    # Forked before the database opens: no LevelDB thread or file is shared with the readers.
+    try:
+        with _chunk_results(reader, -(-len(positions) // DECODE_CHUNK), workers) as results:
+            count = _write_chunks(db_path, backend, results, reader, list_path, bad, overwrite=overwrite,
+                                  accumulator=accumulator, check_size=options.check_size, progress=progress)
+    finally:
+        reader.files.close()
     means = None if accumulator is None else save_mean_or_drop(mean_path, accumulator, db_path)
     return DbResult(os.fspath(db_path), count, len(entries), time.perf_counter() - started,
                     None if mean_path is None else os.fspath(mean_path), means, bad.problems, dict(bad.conversions))

@@ -1,0 +1,173 @@
+"""Results of work done in forked processes, in order, over one pipe per process.
+
+For the data tools' short, byte-heavy work (``convert_imageset``: a megabyte of records per job):
+a process pool pickles every job and result and keeps a managing thread in the parent, which here
+cost more CPU than the reading it took over.  Instead the children are forked once with the work
+already set up (nothing about a job is sent: job ``i`` runs in child ``i % processes``), each result
+is a small pickled header and a raw block of bytes written straight into the child's pipe, and the
+parent reads them back in job order (a full pipe makes a child wait: memory stays flat).
+
+A child ignores SIGINT (the parent, in the same process group, handles it) and dies with the parent
+(Linux); its exception is raised in the parent; a child that dies is a LymphCVError; closing the
+results early (an error, an interrupt) kills the children and reaps them.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import struct
+import sys
+from typing import Any, Callable, Iterator, Sequence, Tuple
+
+from lymph_cv.errors import LymphCVError
+
+#: Linux prctl option: the signal a process gets when its parent dies.
+PR_SET_PDEATHSIG = 1
+#: fcntl's F_SETPIPE_SZ (Linux): the pipe's buffer, so a child can run a job ahead of the parent.
+_F_SETPIPE_SZ = 1031
+PIPE_BYTES = 1 << 20
+#: A message: kind, header length, block length.
+_FRAME = struct.Struct("<BIQ")
+_RESULT, _ERROR = 0, 1
+
+Result = Tuple[Any, bytes]
+
+
+def die_with_parent(parent: int) -> None:
+    """Linux: SIGKILL this process when ``parent`` dies (a ``kill -9`` of the command would otherwise
+    leave its workers finishing queued work, unrecorded, under final names)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: workers end when their task queue breaks
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def available() -> bool:
+    """True where this module can fork (POSIX)."""
+    return hasattr(os, "fork") and sys.platform != "win32"
+
+
+def _write_all(descriptor: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(descriptor, view):]
+
+
+def _send(descriptor: int, kind: int, header: bytes, blocks: Sequence = ()) -> None:
+    """One message: the frame, the header, then each bytes-like block as it is (no joining copy)."""
+    views = [memoryview(block).cast("B") for block in blocks]
+    _write_all(descriptor, _FRAME.pack(kind, len(header), sum(len(view) for view in views)) + header)
+    for view in views:
+        _write_all(descriptor, view)
+
+
+def _read_exact(descriptor: int, size: int, what: str) -> bytes:
+    """``size`` bytes from a pipe: as read (one piece when the writer got ahead), joined otherwise."""
+    pieces, got = [], 0
+    while got < size:
+        piece = os.read(descriptor, size - got)
+        if not piece:
+            raise LymphCVError(f"{what}: a process died (out of memory or killed); run again")
+        pieces.append(piece)
+        got += len(piece)
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+def _error_header(exc: BaseException) -> bytes:
+    """The pickled exception, or a LymphCVError with its text when it does not survive pickling."""
+    try:
+        data = pickle.dumps(exc)
+        pickle.loads(data)
+        return data
+    except Exception:
+        return pickle.dumps(LymphCVError(f"{type(exc).__name__}: {exc}"))
+
+
+def _child(work: Callable[[int], Tuple[Any, Sequence]], jobs: range, descriptor: int, parent: int) -> None:
+    """A child's whole life: never returns into the parent's code (its stack, its ``finally`` blocks)."""
+    status = 0
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        die_with_parent(parent)
+        for job in jobs:
+            header, blocks = work(job)
+            _send(descriptor, _RESULT, pickle.dumps(header, pickle.HIGHEST_PROTOCOL), blocks)
+    except BaseException as exc:  # all of it goes to the parent, which decides
+        status = 1
+        try:
+            _send(descriptor, _ERROR, _error_header(exc))
+        except BaseException:  # the parent is gone or stopped reading: nobody to tell
+            pass
+    finally:
+        os._exit(status)
+
+
+def _grow(descriptor: int) -> None:
+    try:
+        import fcntl
+
+        fcntl.fcntl(descriptor, _F_SETPIPE_SZ, PIPE_BYTES)
+    except (ImportError, OSError):  # a smaller pipe only means more waiting
+        pass
+
+
+class OrderedResults:
+    """``work(i)`` for ``i`` in ``range(count)``, in order, computed by ``processes`` children forked
+    at once (here, at construction); iterate once, then (or on any error) :meth:`close`.
+
+    ``work`` returns ``(header, blocks)``: any picklable header and a sequence of bytes-like blocks;
+    the parent gets the header and the blocks' bytes back to back.  ``what`` names the work in errors.
+    """
+
+    def __init__(self, work: Callable[[int], Tuple[Any, Sequence]], count: int, processes: int, what: str = "worker"):
+        self.count, self.what = count, what
+        self._children: list[tuple[int, int]] = []
+        parent = os.getpid()
+        try:
+            for first in range(min(processes, count)):
+                read_end, write_end = os.pipe()
+                _grow(write_end)
+                pid = os.fork()
+                if pid == 0:
+                    os.close(read_end)
+                    for _pid, descriptor in self._children:
+                        os.close(descriptor)
+                    _child(work, range(first, count, processes), write_end, parent)
+                os.close(write_end)
+                self._children.append((pid, read_end))
+        except BaseException:
+            self.close()
+            raise
+
+    def __iter__(self) -> Iterator[Result]:
+        for job in range(self.count):
+            descriptor = self._children[job % len(self._children)][1]
+            kind, header_size, block_size = _FRAME.unpack(_read_exact(descriptor, _FRAME.size, self.what))
+            header = pickle.loads(_read_exact(descriptor, header_size, self.what))
+            if kind == _ERROR:
+                raise header
+            yield header, _read_exact(descriptor, block_size, self.what)
+
+    def close(self) -> None:
+        """Kill the children (those done have exited already) and reap them."""
+        children, self._children = self._children, []
+        for pid, descriptor in children:
+            os.close(descriptor)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for pid, _descriptor in children:
+            os.waitpid(pid, 0)
+
+    def __enter__(self) -> "OrderedResults":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

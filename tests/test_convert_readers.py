@@ -1,0 +1,206 @@
+"""convert_imageset's fast path: plain TIFFs read without a decoder (the pixels OpenCV gives), forked
+readers over pipes (same records as reading in the writer), their errors and interrupts."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+
+from lymph_cv.core import forkpipe, rawtiff
+from lymph_cv.core.faults import FAULT_ENV
+from lymph_cv.errors import InputError, LymphCVError
+from lymph_cv.formats import store
+from lymph_cv.stages import dbs
+from lymph_cv.stages.dbs.convert import RECORDS_EVENT
+from lymph_cv.stages.synth import TIFF_UNCOMPRESSED
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rgb(seed: int, height: int = 9, width: int = 7) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _opencv_tiff(rgb: np.ndarray) -> bytes:
+    ok, data = cv2.imencode(".tif", rgb[..., ::-1], TIFF_UNCOMPRESSED)
+    assert ok
+    return data.tobytes()
+
+
+def _tifffile(path: Path, array: np.ndarray, **options) -> bytes:
+    tifffile.imwrite(path, array, **options)
+    return path.read_bytes()
+
+
+def _opencv_chw(data: bytes) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR).transpose(2, 0, 1)
+
+
+PLAIN_KINDS = {
+    "opencv": lambda path, rgb: _opencv_tiff(rgb),
+    "one strip": lambda path, rgb: _tifffile(path, rgb, photometric="rgb"),
+    "strips of 2 rows": lambda path, rgb: _tifffile(path, rgb, photometric="rgb", rowsperstrip=2),
+    "big-endian": lambda path, rgb: _tifffile(path, rgb, photometric="rgb", byteorder=">"),
+    "with resolution": lambda path, rgb: _tifffile(path, rgb, photometric="rgb", resolution=(72, 72)),
+}
+OTHER_KINDS = {
+    "deflate": lambda path, rgb: _tifffile(path, rgb, photometric="rgb", compression="zlib"),
+    "tiled": lambda path, rgb: _tifffile(path, np.pad(rgb, ((0, 7), (0, 9), (0, 0))), photometric="rgb",
+                                         tile=(16, 16)),
+    "planar": lambda path, rgb: _tifffile(path, rgb.transpose(2, 0, 1), photometric="rgb", planarconfig="separate"),
+    "16-bit": lambda path, rgb: _tifffile(path, rgb.astype(np.uint16) * 257, photometric="rgb"),
+    "gray": lambda path, rgb: _tifffile(path, rgb[..., 0], photometric="minisblack"),
+    "rgba": lambda path, rgb: _tifffile(path, np.dstack([rgb, rgb[..., :1]]), photometric="rgb", extrasamples=[2]),
+    "png": lambda path, rgb: cv2.imencode(".png", rgb[..., ::-1])[1].tobytes(),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PLAIN_KINDS))
+def test_plain_tiffs_give_opencvs_pixels_without_decoding(tmp_path, kind):
+    files = [PLAIN_KINDS[kind](tmp_path / f"{i}.tif", _rgb(i)) for i in range(3)]
+    layout = rawtiff.plain_layout(files[0])
+    assert layout is not None and (layout.height, layout.width) == (9, 7)
+    table = rawtiff.stack(files, layout.size)
+    assert rawtiff.match(layout, table).all()
+    assert np.array_equal(rawtiff.bgr_chw(layout, table), np.stack([_opencv_chw(data) for data in files]))
+
+
+@pytest.mark.parametrize("kind", sorted(OTHER_KINDS))
+def test_other_images_are_left_to_opencv(tmp_path, kind):
+    assert rawtiff.plain_layout(OTHER_KINDS[kind](tmp_path / "x.tif", _rgb(1))) is None
+
+
+def test_a_file_differing_outside_its_pixels_does_not_match():
+    data = _opencv_tiff(_rgb(0))
+    layout = rawtiff.plain_layout(data)
+    changed = bytearray(data)
+    changed[-3] ^= 1  # a byte of the directory
+    table = rawtiff.stack([data, bytes(changed)], layout.size)
+    assert rawtiff.match(layout, table).tolist() == [True, False]
+    assert rawtiff.plain_layout(data[:-20]) is None and rawtiff.plain_layout(b"II*\x00") is None
+
+
+@pytest.fixture()
+def mixed(tmp_path):
+    """Patch files of two plain layouts, images OpenCV decodes (converted ones too), bad files; a list."""
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    lines = []
+    for i in range(40):
+        kind = ("opencv", "opencv", "strips of 2 rows", "png", "gray", "16-bit", "deflate")[i % 7]
+        maker = PLAIN_KINDS.get(kind) or OTHER_KINDS[kind]
+        name = f"{'ab'[i % 2]}/p{i}.tif"
+        (root / name).write_bytes(maker(root / name, _rgb(i, 9 if i % 5 else 11, 7)))
+        lines.append(f"{name} {i % 3}")
+    (root / "a" / "short.tif").write_bytes(_opencv_tiff(_rgb(99))[:-10])  # its directory cut off
+    (root / "a" / "empty.tif").write_bytes(b"")
+    lines[5:5] = ["a/short.tif 1", "a/missing.tif 0", "a/empty.tif 2", "a 1"]
+    lines.append("b/p1.tif 200")  # a label of two varint bytes
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    return root, tmp_path / "list.txt"
+
+
+def _records(path):
+    with store.open_reader(path) as reader:
+        return list(reader)
+
+
+def test_forked_readers_write_what_the_writer_reads_itself(mixed, tmp_path):
+    root, listing = mixed
+    got = {}
+    for workers in (0, 1, 3):
+        result = dbs.convert_list(root, listing, tmp_path / f"db{workers}", backend="leveldb", seed=4, skip_bad=True,
+                                  workers=workers)
+        got[workers] = (_records(tmp_path / f"db{workers}"), result.problems, result.conversions)
+    assert got[0] == got[1] == got[3]
+    records, problems, conversions = got[0]
+    assert len(problems) == 4 and len(records) == 41 and set(conversions) == {"grayscale", "16-bit 3-channel"}
+    # Each record is OpenCV's reading of its line (record_value), under Caffe's key.
+    entries = dbs.read_image_list(listing)
+    order = dbs.shuffled_order(len(entries), 4)
+    expected = {}
+    for index, position in enumerate(order):
+        entry = entries[position]
+        try:
+            expected[store.make_key(index, entry.name)] = dbs.record_value(root / entry.name, entry.label)[0]
+        except InputError:
+            continue
+    assert dict(records) == expected
+
+
+def test_forked_readers_stop_at_the_first_bad_line_like_one_process(mixed, tmp_path):
+    root, listing = mixed
+    messages = []
+    for workers in (0, 2):
+        with pytest.raises(InputError) as caught:
+            dbs.convert_list(root, listing, tmp_path / f"db{workers}", backend="lmdb", workers=workers)
+        messages.append(str(caught.value))
+        assert not (tmp_path / f"db{workers}").exists()
+    assert messages[0] == messages[1] and "short.tif" in messages[0] and "line 6" in messages[0]
+
+
+def _square(job):
+    return job * job, [bytes([job]) * job, np.full(2, job, np.uint8)]
+
+
+def _bad_at_five(job):
+    if job == 5:
+        raise InputError("job five is bad", "somewhere")
+    return _square(job)
+
+
+def _dies_at_two(job):
+    if job == 2:
+        os._exit(3)
+    return _square(job)
+
+
+def _children() -> set[int]:
+    """This process's child processes (Linux)."""
+    found = set()
+    for task in Path("/proc/self/task").iterdir():
+        found.update(int(pid) for pid in (task / "children").read_text().split())
+    return found
+
+
+def test_ordered_results_in_order_and_their_errors():
+    before = _children()
+    with forkpipe.OrderedResults(_square, 5, 2) as results:
+        assert [(header, bytes(block)) for header, block in results] == \
+            [(j * j, bytes([j]) * j + bytes([j, j])) for j in range(5)]
+    assert _children() == before
+    with forkpipe.OrderedResults(_bad_at_five, 7, 3) as results, \
+            pytest.raises(InputError, match="somewhere: job five"):
+        list(results)
+    with forkpipe.OrderedResults(_dies_at_two, 9, 1, "squares") as results, \
+            pytest.raises(LymphCVError, match="squares: a process died"):
+        list(results)
+    with forkpipe.OrderedResults(_square, 40, 2) as results:  # abandoned early: the children are killed
+        next(iter(results))
+    assert _children() == before
+
+
+@pytest.mark.parametrize("kind, status", [("int", 130), ("term", 143)])
+def test_interrupted_convert_imageset_leaves_no_database(tmp_path, kind, status):
+    root = tmp_path / "root"
+    root.mkdir()
+    for i in range(3):
+        (root / f"p{i}.tif").write_bytes(_opencv_tiff(_rgb(i)))
+    (tmp_path / "list.txt").write_text("".join(f"p{i % 3}.tif {i % 2}\n" for i in range(2600)))
+    env = {**os.environ, FAULT_ENV: f"{kind}@{RECORDS_EVENT}#2", "PYTHONPATH": os.pathsep.join(sys.path)}
+    argv = [sys.executable, str(REPO_ROOT / "tools" / "convert_imageset"), "-workers", "2", "-backend", "leveldb",
+            f"{root}/", str(tmp_path / "list.txt"), str(tmp_path / "db")]
+    stopped = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == status, stopped.stderr
+    assert "Processed 2000 files." in stopped.stderr and "Traceback" not in stopped.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["list.txt", "root"]
+    del env[FAULT_ENV]
+    assert subprocess.run(argv, env=env, capture_output=True, timeout=120).returncode == 0
+    assert len(_records(tmp_path / "db")) == 2600
