@@ -110,8 +110,10 @@ def main() -> None:
     print(f"{args.images} images, {len(dbs)} {args.backend} databases, {lists} records, {disk / 1e9:.1f} GB on disk; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"wall {wall:6.1f} s   CPU {usage.ru_utime + usage.ru_stime:6.1f} s   "
-          f"(before: {BEFORE_SECONDS:.0f} s, target <= {TARGET_SECONDS:.0f} s: {wall / BEFORE_SECONDS:.2f}x of before)")
-    print(f"peak RSS: one process {peak_one / 2**30:.2f} GiB (target <= {TARGET_RSS_GIB:.0f} GiB; before {BEFORE_RSS_GB} GB), "
+          f"(before: {BEFORE_SECONDS:.0f} s, target <= {TARGET_SECONDS:.0f} s: {wall / BEFORE_SECONDS:.2f}x of before, "
+          f"{'met' if wall <= TARGET_SECONDS else 'MISSED'})")
+    print(f"peak RSS: one process {peak_one / 2**30:.2f} GiB (target <= {TARGET_RSS_GIB:.0f} GiB: "
+          f"{'met' if peak_one <= TARGET_RSS_GIB * 2**30 else 'MISSED'}; before {BEFORE_RSS_GB} GB), "
           f"process tree {peak_sum / 2**30:.2f} GiB (shared pages counted once per process); "
           f"shared-memory patch array {peak_shm / 2**30:.2f} GiB")
 

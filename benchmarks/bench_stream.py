@@ -49,7 +49,8 @@ def main() -> None:
               f"(1/3), batch {args.batch}, {args.iterations} iterations x {args.rounds} rounds, device {args.device}")
         print(f"in memory : {memory:7.2f} ms/iter   runs {['%.1f' % t for t in totals['memory']]}")
         print(f"streamed  : {streamed:7.2f} ms/iter   runs {['%.1f' % t for t in totals['streamed']]}")
-        print(f"streamed / in memory = {streamed / memory:.2f}x (target <= {TARGET_RATIO}x)")
+        print(f"streamed / in memory = {streamed / memory:.2f}x (target <= {TARGET_RATIO}x: "
+              f"{'met' if streamed / memory <= TARGET_RATIO else 'MISSED'})")
 
 
 if __name__ == "__main__":

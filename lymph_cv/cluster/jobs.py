@@ -27,14 +27,12 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
-import jinja2
-
-from lymph_cv.stages import render
 from lymph_cv.errors import ConfigError, SchedulerError
 from lymph_cv.core.fsutil import atomic_write_text
 from lymph_cv.core.resources import job_template_dir
+from lymph_cv.workdir.layout import SOLVER_NAME
 from lymph_cv.workdir.lists import require_folds
 from lymph_cv.cluster import local
 from lymph_cv.cluster.local import LOCAL_DIR  # noqa: F401 - the jobs API
@@ -45,6 +43,9 @@ from lymph_cv.cluster.schedulers import (LOCAL_ARRAY, PBS_STATES, SCHEDULER_REGI
                                          Scheduler, get_scheduler, register_scheduler)
 from lymph_cv.cluster.spec import (DEFAULT_GPUS, DEFAULT_PPN, DEFAULT_WALLTIME, EVALUATE_TASK, TILES_TASK,  # noqa: F401
                                    TRAIN_TASK, JobOptions, JobSpec, Submission)
+
+if TYPE_CHECKING:
+    import jinja2
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ CONFIRM_POLLS = 3
 # -- fold selection and paths -------------------------------------------------------------
 def solver_path(workdir: Path, fold: int) -> Path:
     """The fold's rendered solver, ``WORKDIR/K/K-alexnet_solver_ada.prototxt``."""
-    return Path(workdir) / str(fold) / render.SOLVER_NAME.format(fold=fold)
+    return Path(workdir) / str(fold) / SOLVER_NAME.format(fold=fold)
 
 
 def train_spec(workdir: Path, fold: int, scheduler: str) -> JobSpec:
@@ -121,6 +122,9 @@ def evaluate_spec(workdir: Path, scheduler: str, folds: Optional[Sequence[int]] 
 
 # -- scripts ------------------------------------------------------------------------------
 def _environment() -> jinja2.Environment:
+    # jinja2 and the net renderer load when a script is written, not to list the jobs' states
+    import jinja2
+
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(job_template_dir())),
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False,
@@ -208,6 +212,8 @@ def _ensure_configs(workdir: Path, folds: Sequence[int]) -> None:
     """Render the folds whose solver is missing, then check every fold has one."""
     missing = [fold for fold in folds if not solver_path(workdir, fold).is_file()]
     if missing:
+        from lymph_cv.stages import render
+
         log.info("rendering configs of folds %s", ", ".join(map(str, missing)))
         render.render_folds(workdir, folds=missing)
     for fold in folds:

@@ -92,6 +92,7 @@ def report(workdir: Path, legacy_layout: bool) -> None:
     from lymph_cv.stages.report import build_report, format_report, write_report
 
     result = build_report(workdir)
-    paths = write_report(result, legacy_layout)
+    # the text first: the files' figures (matplotlib, the HTML page) take most of the command's time
     click.echo(format_report(result, legacy_layout), nl=False)
+    paths = write_report(result, legacy_layout)
     log.info("wrote %s", ", ".join(str(p) for p in paths))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +20,18 @@ log = logging.getLogger(__name__)
 
 #: ``--demo`` trains this many iterations per fold unless --max-iter says otherwise.
 DEMO_MAX_ITER = 300
+
+
+def plan_line(options, mil: Optional[str]) -> str:
+    """``== run WORKDIR: what, on which data, where`` from the options alone (no stage loaded)."""
+    source = "demo data" if options.demo is not None else f"data {options.data}"
+    folds = options.fold_list
+    span = f"folds {folds[0]}-{folds[-1]}" if folds == list(range(folds[0], folds[-1] + 1)) else \
+        "folds " + ",".join(map(str, folds))
+    what = f"MIL {mil} over {options.bag or 'patient'} bags" if mil is not None else \
+        f"{options.arch} on {options.device}, {span} of {options.k}, training {options.executor}"
+    redo = f", redoing from {options.from_stage}" if options.from_stage else ""
+    return f"== run {options.workdir}: {source}, {what}{redo}"
 
 
 @click.command()
@@ -96,7 +109,7 @@ def run(ctx: click.Context, workdir: Path, data: Optional[Path], demo: bool, cla
 
     --mil METHOD runs multiple-instance learning over bags instead (patient folders, or --bag image|case
     of the images): bags → patient splits → a MIL model per split (WORKDIR/mil/NAME/)."""
-    from lymph_cv.pipeline import DemoData, RunOptions, run_pipeline
+    from lymph_cv.stages.stage import DemoData, RunOptions  # the options alone; the engine after the plan line
 
     if data is None and not demo:
         raise click.UsageError("give --data DIR (one sub-folder per class) or --demo")
@@ -131,6 +144,12 @@ def run(ctx: click.Context, workdir: Path, data: Optional[Path], demo: bool, cla
         from_stage=from_stage, stain=stain, stain_params=stain_params, stain_target=stain_target,
         tile_size=tile_size, tile_mpp=tile_mpp, tile_level=tile_level, tile_stride=tile_stride, min_tissue=min_tissue,
         tile_resize=tile_resize, slide_threshold=slide_threshold, cams=not no_cam, **fields)
+
+    # The plan first on a terminal: loading the stages (torch, OpenCV) takes seconds before the first
+    # stage line.  Not into a pipe or log: there a bad option stays the one error line.
+    if sys.stderr.isatty():
+        click.echo(plan_line(options, mil), err=True)
+    from lymph_cv.pipeline import run_pipeline
 
     def announce(name: str, action: str) -> None:
         verb = {"skip": "up to date, skipped", "resume": "resuming", "run": "running"}[action]

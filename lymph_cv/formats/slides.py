@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Tuple, Union
-
-import numpy as np
+from typing import TYPE_CHECKING, Optional, Tuple, Union
 
 from lymph_cv.errors import FormatError, InputError
+
+if TYPE_CHECKING:  # numpy loads when pixels are read, not for `slides info`
+    import numpy as np
 
 PathLike = Union[str, os.PathLike]
 
@@ -129,6 +130,8 @@ def format_info(info: SlideInfo) -> str:
 
 def rgb_of(region) -> np.ndarray:
     """An OpenSlide RGBA PIL image as RGB uint8, transparent pixels composited onto white."""
+    import numpy as np
+
     rgba = np.asarray(region.convert("RGBA"), dtype=np.uint8)
     rgb = np.array(rgba[..., :3])
     alpha = rgba[..., 3]
@@ -156,6 +159,7 @@ def read_low_resolution(slide, max_side: int) -> Tuple[np.ndarray, Tuple[float, 
     most :data:`BAND_PIXELS` pixels, each shrunk by area averaging as it is read, so memory stays
     bounded even for a single-level slide of 10⁵ pixels a side (which is then slow, not fatal)."""
     import cv2
+    import numpy as np
 
     level = level_for_side(slide, max_side)
     width, height = slide.level_dimensions[level]

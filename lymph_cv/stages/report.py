@@ -18,7 +18,6 @@ from typing import List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from lymph_cv.core.images import read_unit
 from lymph_cv.errors import EvaluationError, InputError
 from lymph_cv.core import faults
 from lymph_cv.core.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text, write_error
@@ -182,6 +181,8 @@ def images_csv(result: FoldResult) -> str:
 # ----------------------------------------------------------------------------- drawing
 def _display_image(path: Path) -> np.ndarray:
     # The pixels evaluation saw (8 bits of a 16-bit image, rounded), as BGR uint8.
+    from lymph_cv.core.images import read_unit  # OpenCV loads for a heatmap, not for the report's text
+
     return np.clip(read_unit(path) * np.float32(DISPLAY_SCALE) + 0.5, 0, 255).astype(np.uint8)
 
 
