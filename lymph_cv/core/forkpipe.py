@@ -13,6 +13,7 @@ results early (an error, an interrupt) kills the children and reaps them.
 """
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import signal
@@ -95,6 +96,9 @@ def _child(work: Callable[[int], Tuple[Any, Sequence]], jobs: range, descriptor:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         die_with_parent(parent)
+        # No cycle collection: a short life, and its passes would touch (copy) every page of the
+        # objects shared with the parent.
+        gc.disable()
         for job in jobs:
             header, blocks = work(job)
             _send(descriptor, _RESULT, pickle.dumps(header, pickle.HIGHEST_PROTOCOL), blocks)

@@ -359,10 +359,11 @@ def _write_chunks(db_path, backend: str, results: Iterable[tuple[tuple, object]]
     count, first_size, start = 0, None, 0
     entries, positions = reader.entries, reader.positions
     pixels_needed = check_size or accumulator is not None
+    lmdb = store.check_backend(backend) == store.LMDB
     with _store_errors(db_path), store.open_writer(db_path, backend, overwrite=overwrite) as writer, \
             collector_paused():
         keys: list[bytes] = []
-        values: list[bytes] = []
+        values: list = []  # bytes, or memoryviews for LMDB
 
         def flush() -> None:
             nonlocal count
@@ -382,12 +383,14 @@ def _write_chunks(db_path, backend: str, results: Iterable[tuple[tuple, object]]
             key_ends = list(itertools.accumulate(key_lengths))
             chunk_keys = [data[end - length : end] for end, length in zip(key_ends, key_lengths)]
             offset = key_ends[-1]
+            # LMDB copies values from any buffer (views into the block); plyvel takes bytes only.
+            source = memoryview(data) if lmdb else data
             if isinstance(lengths, int):
-                chunk_values = [data[at : at + lengths] for at in range(offset, offset + size * lengths, lengths)]
+                chunk_values = [source[at : at + lengths] for at in range(offset, offset + size * lengths, lengths)]
                 shapes = [shapes] * size
             else:
                 ends = list(itertools.accumulate(lengths, initial=offset))
-                chunk_values = [data[ends[i] : ends[i + 1]] for i in range(size)]
+                chunk_values = [source[ends[i] : ends[i + 1]] for i in range(size)]
             if not (problems or conversions or pixels_needed):
                 keys += chunk_keys
                 values += chunk_values
