@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Iterator, Union
 
@@ -26,12 +23,15 @@ TEMP_MARKER = ".tmp-"
 def temp_sibling(final: PathLike) -> Path:
     """A fresh, unused path next to ``final`` (same folder, so the rename is atomic)."""
     final = Path(final)
-    return final.with_name(f".{final.name}{TEMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    # os.urandom, not uuid: uuid imports platform, whose regexes cost every start-up (issue 17)
+    return final.with_name(f".{final.name}{TEMP_MARKER}{os.getpid()}-{os.urandom(4).hex()}")
 
 
 def remove_path(path: Path) -> None:
     """Delete a file or directory tree if it exists."""
     if path.is_dir() and not path.is_symlink():
+        import shutil  # here, not at the top: this module is on every tool's start-up path
+
         shutil.rmtree(path, ignore_errors=True)
     else:
         with contextlib.suppress(FileNotFoundError):
@@ -165,6 +165,8 @@ def atomic_write_text(path: PathLike, text: str) -> None:
 
 def atomic_write_json(path: PathLike, obj: Any) -> None:
     """Write ``obj`` as indented, key-sorted JSON (with a final newline) atomically."""
+    import json  # here, not at the top: this module is on every tool's start-up path
+
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 

@@ -7,8 +7,7 @@ Flags may appear anywhere among the positional arguments, with one or two dashes
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 from lymph_cv.errors import ConfigError
 
@@ -20,9 +19,9 @@ class HelpRequested(Exception):
     """``-help`` / ``--help`` was given: the caller prints its usage."""
 
 
-@dataclass(frozen=True)
-class Flag:
-    """A flag's type (bool, int, float or str), default and one-line help."""
+class Flag(NamedTuple):
+    """A flag's type (bool, int, float or str), default and one-line help (a named tuple, not a
+    dataclass: dataclasses import inspect, a start-up cost of every tool)."""
 
     type: Callable[[str], Any]
     default: Any

@@ -13,7 +13,6 @@ import functools
 import itertools
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple, Union
 
@@ -42,8 +41,7 @@ LMDB_DATA_FILE = "data.mdb"
 #: Files that mark a LevelDB directory.
 LEVELDB_MARKERS = ("CURRENT", "LOG")
 LEVELDB_TABLE_SUFFIXES = (".ldb", ".sst")
-#: A table's line in LevelDB's ``leveldb.sstables`` property: `` NUMBER:SIZE[smallest .. largest]``.
-_TABLE_LINE = re.compile(r"^ (\d+):\d+\[", re.MULTILINE)
+
 #: Caffe's key: zero-padded line index, underscore, the list's file name.
 KEY_FORMAT = "%08d_%s"
 
@@ -440,7 +438,10 @@ class Reader:
             raise StoreError("live_tables is for LevelDB databases", self.path)
         listing = (self._db.get_property(b"leveldb.sstables") or b"").decode("ascii", "replace")
         tables = []
-        for number in _TABLE_LINE.findall(listing):
+        for line in listing.splitlines():  # " NUMBER:SIZE[smallest .. largest]" (no regex: start-up)
+            number, colon, _ = line[1:].partition(":")
+            if not (line.startswith(" ") and colon and number.isdigit()):
+                continue
             name = f"{int(number):06d}"
             found = [self.path / f"{name}{suffix}" for suffix in LEVELDB_TABLE_SUFFIXES]
             tables.append(next((candidate for candidate in found if candidate.is_file()), found[0]))

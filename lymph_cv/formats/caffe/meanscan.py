@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 from lymph_cv.core.fsutil import atomic_write_bytes
@@ -43,16 +42,17 @@ class NativeUnavailable(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True)
 class NativeMean:
-    """compute_image_mean's result: ``mean`` and ``sum`` are float32 (C, H, W) little-endian bytes."""
+    """compute_image_mean's result: ``mean`` and ``sum`` are float32 (C, H, W) little-endian bytes;
+    ``way`` is how the records were read ("tables" or "values").  A plain class, not a dataclass:
+    dataclasses import inspect, a start-up cost of the tool."""
 
-    count: int
-    shape: tuple[int, int, int]
-    sum: bytes
-    mean: bytes
-    channel_means: tuple[float, ...]
-    way: str  # "tables" or "values": how it was read
+    __slots__ = ("count", "shape", "sum", "mean", "channel_means", "way")
+
+    def __init__(self, count: int, shape: tuple[int, int, int], total: bytes, mean: bytes,
+                 channel_means: tuple[float, ...], way: str):
+        self.count, self.shape, self.sum, self.mean = count, shape, total, mean
+        self.channel_means, self.way = channel_means, way
 
 
 def native_module():
