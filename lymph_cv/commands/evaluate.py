@@ -1,7 +1,6 @@
 """``lymph-cv evaluate`` (step 5 for one fold) and ``lymph-cv report`` (all evaluated folds pooled)."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 
@@ -11,8 +10,6 @@ from lymph_cv.commands.defaults import AGGREGATION_CHOICES, DEFAULT_BATCH_SIZES,
 from lymph_cv.commands.options import DEVICE, classes_option
 from lymph_cv.commands.stain import stain_for_evaluation, stain_options
 from lymph_cv.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 _FILE = click.Path(dir_okay=False, path_type=Path)
 _DIR = click.Path(file_okay=False, path_type=Path)
@@ -65,6 +62,8 @@ def evaluate(workdir: Path, fold: int, model, deploy, mean, parent_list, images,
     Stain: by default the normalisation the workdir records for fold K (stain_K.json, or the patch
     folder's stain.json) is applied as recorded; --stain METHOD checks it is that method (or uses
     --stain-target), --stain none evaluates the images as they are."""
+    import logging
+
     from lymph_cv.core import faults
     from lymph_cv.core.fsutil import check_writable
     from lymph_cv.stages.evaluate import evaluate_fold, fold_output_dir
@@ -80,7 +79,7 @@ def evaluate(workdir: Path, fold: int, model, deploy, mean, parent_list, images,
     faults.event("evaluate:scored")
     record = write_fold(result, out_dir, legacy_layout=legacy_layout, heatmaps=heatmaps)
     click.echo(format_fold(record, legacy_layout), nl=False)
-    log.info("wrote %s", out_dir)
+    logging.getLogger(__name__).info("wrote %s", out_dir)
 
 
 @click.command()
@@ -89,10 +88,12 @@ def evaluate(workdir: Path, fold: int, model, deploy, mean, parent_list, images,
 def report(workdir: Path, legacy_layout: bool) -> None:
     """Pool every evaluated fold of WORKDIR: matrix, per-fold mean ± sd, per-class metrics,
     eval/report.md, report.json, report.txt and confusion.png."""
+    import logging
+
     from lymph_cv.stages.report import build_report, format_report, write_report
 
     result = build_report(workdir)
     # the text first: the files' figures (matplotlib, the HTML page) take most of the command's time
     click.echo(format_report(result, legacy_layout), nl=False)
     paths = write_report(result, legacy_layout)
-    log.info("wrote %s", ", ".join(str(p) for p in paths))
+    logging.getLogger(__name__).info("wrote %s", ", ".join(str(p) for p in paths))

@@ -1,7 +1,6 @@
 """``lymph-cv heldout``: score a fold's snapshot on the held-out split an import left (PCam's test)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -23,4 +22,6 @@ def heldout(workdir: Path, fold: int, model: Optional[Path], device: str, tta: b
     from lymph_cv.stages.pcam import score_heldout
 
     metrics = score_heldout(workdir, model, fold=fold, device=device, tta=tta)
+    import json
+
     click.echo(json.dumps({k: metrics[k] for k in ("records", "accuracy", "auc", "threshold", "tta", "confusion")}))

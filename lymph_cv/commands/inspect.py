@@ -1,7 +1,6 @@
 """``lymph-cv inspect PATH``: what a Caffe file or database holds."""
 from __future__ import annotations
 
-import json
 import os
 
 import click
@@ -32,6 +31,8 @@ def inspect(path: str, as_json: bool, limit: int) -> None:
 
     info = describe(path, limit=limit)
     if as_json:
+        import json
+
         click.echo(json.dumps(info, indent=2))
     else:
         click.echo(format_description(info), nl=False)

@@ -2,7 +2,6 @@
 (``lymph-cv bags make`` / ``bags split`` write them)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -90,6 +89,8 @@ def evaluate(workdir: Path, name: str, folds, as_json: bool) -> None:
     from lymph_cv.stages.mil.folds import evaluate_folds
 
     pooled = evaluate_folds(workdir, name, folds)
+    import json
+
     click.echo(json.dumps(pooled, indent=2) if as_json else _summary(pooled))
 
 

@@ -1,7 +1,6 @@
 """``lymph-cv plot-log``: learning curves from Caffe-format training logs (Caffe's plot_training_log.py)."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -9,8 +8,6 @@ import click
 
 from lymph_cv.commands.defaults import CHART_HELP
 from lymph_cv.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 
 def _charts(ctx, param, values: Sequence[str]):

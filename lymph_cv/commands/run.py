@@ -1,7 +1,6 @@
 """``lymph-cv run``: steps 1–5 and the report in one resumable command."""
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import Optional
@@ -15,8 +14,6 @@ from lymph_cv.commands.stain import method_params, stain_augment_options, stain_
 # static copies of the stage names, executors and nets: the engine (stages, cluster, locks) loads when it runs
 from lymph_cv.commands.defaults import ARCH_HELP, DEFAULT_ARCH, EXECUTORS, RUN_STAGES, STEMS
 from lymph_cv.workdir.layout import EVAL_DIR, REPORT_HTML, REPORT_MD
-
-log = logging.getLogger(__name__)
 
 #: ``--demo`` trains this many iterations per fold unless --max-iter says otherwise.
 DEMO_MAX_ITER = 300
@@ -109,6 +106,8 @@ def run(ctx: click.Context, workdir: Path, data: Optional[Path], demo: bool, cla
 
     --mil METHOD runs multiple-instance learning over bags instead (patient folders, or --bag image|case
     of the images): bags → patient splits → a MIL model per split (WORKDIR/mil/NAME/)."""
+    import logging
+
     from lymph_cv.stages.stage import DemoData, RunOptions  # the options alone; the engine after the plan line
 
     if data is None and not demo:
@@ -126,7 +125,7 @@ def run(ctx: click.Context, workdir: Path, data: Optional[Path], demo: bool, cla
                                                          slide_threshold)):
         raise click.UsageError("the --tile-* / --min-tissue / --slide-threshold options are for slides: give --tile-size")
     if stain is not None and stain_target is None and not direct:
-        log.info("--stain %s without --stain-target: targets fitted per fold, databases built from the images", stain)
+        logging.getLogger(__name__).info("--stain %s without --stain-target: targets fitted per fold, databases built from the images", stain)
         direct = True
     job_options = None
     if executor != "local":

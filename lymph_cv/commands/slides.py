@@ -1,7 +1,6 @@
 """``lymph-cv slides info | tissue | tile``: whole-slide images read through OpenSlide."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +28,8 @@ def info(slide: str, as_json: bool) -> None:
 
     description = slide_info(slide)
     if as_json:
+        import json
+
         click.echo(json.dumps(description.to_dict(), indent=2))
     else:
         click.echo(format_info(description), nl=False)
@@ -64,6 +65,8 @@ def tissue(slide: str, mask_png: Optional[Path], side: int, tile_size: Optional[
         result["tile_size"] = tile_size
         result["tile_fractions"] = [[round(float(v), 4) for v in row] for row in fractions]
     if as_json:
+        import json
+
         click.echo(json.dumps(result, indent=2))
         return
     click.echo(f"{slide}: tissue {found.fraction:.1%} (saturation threshold {found.threshold:g})")

@@ -1,7 +1,6 @@
 """``lymph-cv stain fit | apply``, and the ``--stain*`` options the image-reading stages share."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -24,6 +23,8 @@ def _stages():
 
 def _params(ctx, param, values: Sequence[str]) -> dict:
     """``--stain-param KEY=VALUE``: the value read as JSON (numbers, true/false), else as text."""
+    import json
+
     params: dict[str, Any] = {}
     for value in values:
         key, sep, text = value.partition("=")

@@ -9,7 +9,7 @@ import click
 
 from lymph_cv.core.threads import configure_openmp
 
-configure_openmp()  # before lymph_cv.stages.train imports torch
+configure_openmp(keep_memory=False)  # before lymph_cv.stages.train imports torch; the CLI keeps memory
 
 from lymph_cv.commands.training_options import augmentation_options, augmentation_overrides  # noqa: E402
 from lymph_cv.commands.stain import stain_augment_options, stain_augment_overrides  # noqa: E402

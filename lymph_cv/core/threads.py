@@ -24,12 +24,14 @@ HEAP_KEEP_BYTES = 1 << 30
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
-def configure_openmp() -> bool:
-    """Set :data:`OPENMP_DEFAULTS` where unset and keep freed memory; True if torch was not loaded
-    yet (so the OpenMP settings take effect)."""
+def configure_openmp(keep_memory: bool = True) -> bool:
+    """Set :data:`OPENMP_DEFAULTS` where unset and (``keep_memory``) keep freed memory; True if torch
+    was not loaded yet (so the OpenMP settings take effect).  ``lymph-cv`` keeps the memory when a
+    command runs, not to show ``--help`` (ctypes)."""
     for key, value in OPENMP_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    keep_freed_memory()
+    if keep_memory:
+        keep_freed_memory()
     return "torch" not in sys.modules
 
 
