@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 from lymph_cv.errors import InputError
 
@@ -73,6 +73,40 @@ class FolderReader:
                 return read_file(path)  # the error is the file's, named as such
             self._folders[folder] = descriptor
         return read_file(name, descriptor, path)
+
+    def read_many(self, paths: Sequence[str]) -> tuple[dict[int, bytes], dict[int, str]]:
+        """The bytes of each of ``paths`` by position, and the error line of each that cannot be read.
+
+        :meth:`read` of each, with the common case (a small regular file in a folder already open)
+        in one loop: its Python overhead was a third of reading a patch file."""
+        found: dict[int, bytes] = {}
+        problems: dict[int, str] = {}
+        folders, is_file, limit = self._folders, stat.S_ISREG, READ_CHUNK
+        open_, fstat, read, close = os.open, os.fstat, os.read, os.close
+        for position, path in enumerate(paths):
+            folder, _, name = path.rpartition("/")
+            descriptor, data = folders.get(folder), None
+            if descriptor is not None and name:
+                try:
+                    handle = open_(name, _OPEN_FLAGS, dir_fd=descriptor)
+                    try:
+                        status = fstat(handle)
+                        if is_file(status.st_mode) and 0 < status.st_size < limit:
+                            data = read(handle, status.st_size + 1)
+                            if len(data) != status.st_size:  # changed meanwhile: read it the careful way
+                                data = None
+                    finally:
+                        close(handle)
+                except OSError:
+                    data = None
+            if data is None:
+                try:
+                    data = self.read(path)
+                except InputError as exc:
+                    problems[position] = str(exc)
+                    continue
+            found[position] = data
+        return found, problems
 
     def close(self) -> None:
         """Close the folders opened so far."""

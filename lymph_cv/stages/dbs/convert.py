@@ -279,12 +279,7 @@ class _ChunkReader:
         problems: dict[int, str] = {}
         whole = None
         if self.options.plain:
-            files = {}
-            for i, entry in enumerate(items):
-                try:
-                    files[i] = self.files.read(self.path(entry.name))
-                except InputError as exc:
-                    problems[i] = str(exc)
+            files, problems = self.files.read_many([self.path(entry.name) for entry in items])
             whole = self._plain(items, files, values, shapes)
         if whole is None:
             self._decode(items, values, shapes, conversions, problems)
