@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 import click
-from click.shell_completion import CompletionItem
 
 from lymph_cv.core.devices import DEVICE_CHOICES, DEVICE_HELP
 from lymph_cv.core.options import parse_fold_spec, parse_pairs
@@ -29,6 +28,8 @@ class DeviceType(click.ParamType):
         return "[" + "|".join(DEVICE_HELP) + "]"
 
     def shell_complete(self, ctx, param, incomplete):
+        from click.shell_completion import CompletionItem  # completion only, not every start-up
+
         return [CompletionItem(choice) for choice in DEVICE_CHOICES if choice.startswith(incomplete)]
 
 
