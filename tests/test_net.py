@@ -366,6 +366,41 @@ def test_grouped_dilated_convolution_matches_numpy():
     np.testing.assert_allclose(out, np.concatenate(halves, axis=1), rtol=1e-5, atol=1e-5)
 
 
+def test_conv_relu_post_op_is_bitwise_the_layers(tmp_path, reference):
+    """Without autograd a ReLU in place on a convolution's top is oneDNN's post-op of it: the same
+    bits as the two layers (channels-last or not, 1x1 kernels, batches below the fused minimum)."""
+    from lymph_cv.net.fuse import MIN_FUSED_BATCH
+
+    text = """name: "n" input: "x" input_dim: 16 input_dim: 3 input_dim: 12 input_dim: 12
+    layer { name: "a" type: "Convolution" bottom: "x" top: "a" convolution_param { num_output: 8 kernel_size: 5
+            pad: 2 weight_filler { type: "xavier" } bias_filler { type: "uniform" } } }
+    layer { name: "ra" type: "ReLU" bottom: "a" top: "a" }
+    layer { name: "b" type: "Convolution" bottom: "a" top: "b" convolution_param { num_output: 4 kernel_size: 1
+            bias_term: false weight_filler { type: "xavier" } } }
+    layer { name: "rb" type: "ReLU" bottom: "b" top: "b" }
+    layer { name: "c" type: "Convolution" bottom: "b" top: "c" convolution_param { num_output: 4 kernel_size: 3
+            weight_filler { type: "xavier" } } }
+    layer { name: "rc" type: "ReLU" bottom: "c" top: "r" }"""
+    net = _net(text)
+    assert net._relus == {0: 1, 2: 3}  # not the ReLU that writes another blob
+    net.init_params(torch.Generator().manual_seed(0))
+    published = build_net(read_net_prototxt(rendered(tmp_path).deploy), TEST)
+    published.load_weights(read_caffemodel(reference / "1_caffenet_train_w32_iter_600000.caffemodel"))
+    assert sorted(published._relus) == [3, 6]  # conv2 and conv3; relu1 follows pool1
+    generator = torch.Generator().manual_seed(1)
+    for model, name, blob, shape, scale in ((net, "x", "r", (3, 12, 12), 1.0), (published, "data", "prob", (3, 32, 32), 60.0)):
+        for batch in (MIN_FUSED_BATCH - 1, MIN_FUSED_BATCH, 40):
+            for channels_last in (True, False):
+                x = torch.randn((batch,) + shape, generator=generator) * scale
+                model.channels_last = channels_last
+                with torch.inference_mode():
+                    model.fuse_layers = True
+                    fused = model({name: x})
+                    model.fuse_layers = False
+                    plain = model({name: x})
+                assert torch.equal(fused[blob], plain[blob]), (blob, batch, channels_last)
+
+
 @pytest.mark.parametrize("mode, divisor", [("FULL", 8), ("VALID", 6), ("BATCH_SIZE", 2), ("NONE", 1)])
 def test_softmax_loss_normalization_over_positions(mode, divisor):
     text = f"""name: "l" input: "s" input_dim: 2 input_dim: 3 input_dim: 2 input_dim: 2

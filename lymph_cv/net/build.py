@@ -40,7 +40,7 @@ from lymph_cv.formats.caffe.prototxt import filter_net
 from lymph_cv.errors import ConfigError, FormatError, LymphCVError
 from lymph_cv.net.fillers import fill
 from lymph_cv.net import layers_extra  # noqa: F401  (pycaffe's layers register next to the core ones)
-from lymph_cv.net.fuse import FusedConvolutions, fusion_plan, scale_pairs
+from lymph_cv.net.fuse import FusedConvolutions, conv2d, fusion_plan, relu_plan, scale_pairs
 from lymph_cv.net.layers import BuildContext, Layer, Shape, layer_class
 from lymph_cv.formats.store import open_reader
 
@@ -140,10 +140,12 @@ class CaffeNet(nn.Module):
         #: (benchmarks/bench_net.py).
         self.channels_last = True
         #: lymph_cv.net.fuse (equal to 1e-5): without autograd, Convolution + BatchNorm (global stats)
-        #: + Scale in place as one convolution; BatchNorm + Scale in place as one batch-norm kernel
-        #: in any phase.  False: every layer as written.
+        #: + Scale in place as one convolution, and a ReLU in place on a convolution's top as its
+        #: oneDNN post-op (CPU); BatchNorm + Scale in place as one batch-norm kernel in any phase.
+        #: False: every layer as written.
         self.fuse_layers = True
         self._fusion = FusedConvolutions(self.layers, fusion_plan(list(self.layers)))
+        self._relus = relu_plan(list(self.layers), self._fusion.plan)
         self._scale_pairs = scale_pairs(list(self.layers))
 
     # -- structure ---------------------------------------------------------------------------
@@ -206,15 +208,22 @@ class CaffeNet(nn.Module):
             for name, value in blobs.items():
                 if value.dim() == 4:
                     blobs[name] = value.contiguous(memory_format=torch.channels_last)
-        fuse = self.fuse_layers and self._fusion.plan and not torch.is_grad_enabled()
+        fuse = self.fuse_layers and not torch.is_grad_enabled()
         skip = -1
         for index, layer in enumerate(self.layers):
             if layer.is_input or index <= skip:
                 continue
+            relu = fuse and index in self._relus
             if fuse and index in self._fusion.plan:
                 (bottom,) = layer.param.bottom
-                blobs[layer.param.top[0]] = self._fusion.forward(index, blobs[bottom])
-                skip = self._fusion.plan[index][1]
+                blobs[layer.param.top[0]] = self._fusion.forward(index, blobs[bottom], relu)
+                skip = self._relus[index] if relu else self._fusion.plan[index][1]
+                continue
+            if relu:
+                (bottom,) = layer.param.bottom
+                bias = layer.blobs[1] if layer.bias_term else None
+                blobs[layer.param.top[0]] = conv2d(blobs[bottom], layer.blobs[0], bias, layer, relu=True)
+                skip = self._relus[index]
                 continue
             if self.fuse_layers and index in self._scale_pairs:
                 scale = self.layers[self._scale_pairs[index]]

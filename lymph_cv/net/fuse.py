@@ -6,6 +6,11 @@ and bias can absorb them: W' = W·k, b' = (b − mean)·k + β with k = γ / sqr
 result equals the three layers to float32 rounding (the tests hold it to 1e-5) at the cost of one
 convolution; the intermediate blob is invisible anyway, since BatchNorm and Scale work in place.
 Fused weights are recomputed only when a blob changed (test nets share the training net's blobs).
+
+Without autograd on the CPU, a ReLU in place on a convolution's top (after its BatchNorm + Scale,
+when those are fused) runs as oneDNN's post-op of that convolution (``relu_plan``): one pass over
+the output instead of two, bitwise the same values, since the convolution is the same oneDNN
+primitive ``F.conv2d`` runs and max(x, 0) is exact (tested).
 """
 from __future__ import annotations
 
@@ -18,6 +23,12 @@ import torch.nn.functional as F
 Plan = Dict[int, Tuple[int, int]]
 #: BatchNorm layer index → Scale layer index
 Pairs = Dict[int, int]
+#: conv layer index → index of the in-place ReLU that follows it (or its fused BatchNorm + Scale)
+ReLUPlan = Dict[int, int]
+#: The smallest batch for which ``F.conv2d`` takes oneDNN for any float32 CPU convolution
+#: (ATen's use_mkldnn: below it, 1×1 and small single-image convolutions may take its own kernels,
+#: whose rounding the fused primitive would not reproduce).
+MIN_FUSED_BATCH = 16
 
 
 def _in_place_scale(bn, scale) -> bool:
@@ -44,6 +55,40 @@ def fusion_plan(layers: Sequence) -> Plan:
         if list(bn.param.bottom) == list(conv.param.top) and _in_place_scale(bn, scale) and bn.use_global:
             plan[i] = (i + 1, i + 2)
     return plan
+
+
+def relu_plan(layers: Sequence, plan: Plan) -> ReLUPlan:
+    """Convolutions (alone or with their fused BatchNorm + Scale) followed by a plain ReLU in place
+    on their top."""
+    relus: ReLUPlan = {}
+    for i, conv in enumerate(layers):
+        if conv.type_name != "Convolution" or len(conv.param.bottom) != 1 or len(conv.param.top) != 1:
+            continue
+        after = plan[i][1] + 1 if i in plan else i + 1
+        if after >= len(layers):
+            continue
+        relu = layers[after]
+        (top,) = conv.param.top
+        if relu.type_name == "ReLU" and not relu.slope and list(relu.param.bottom) == [top] == list(relu.param.top):
+            relus[i] = after
+    return relus
+
+
+def conv_relu_fusable(x: torch.Tensor) -> bool:
+    """Whether a convolution of ``x`` may run with its ReLU as a oneDNN post-op: a float32 CPU
+    batch of at least :data:`MIN_FUSED_BATCH` with oneDNN enabled (then ``F.conv2d`` runs oneDNN too)."""
+    return (x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] >= MIN_FUSED_BATCH
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, conv, relu: bool = False) -> torch.Tensor:
+    """``conv``'s convolution of ``x`` with these weights, then max(·, 0) if ``relu``: fused into
+    oneDNN's primitive where :func:`conv_relu_fusable`, else ``F.conv2d`` and an in-place ReLU."""
+    if relu and conv_relu_fusable(x):
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(conv.pad), list(conv.stride),
+                                                        list(conv.dilation), conv.group, "relu", [], "")
+    y = F.conv2d(x, weight, bias, conv.stride, conv.pad, conv.dilation, conv.group)
+    return torch.relu_(y) if relu else y
 
 
 class FusedConvolutions:
@@ -75,7 +120,8 @@ class FusedConvolutions:
         self._cache[index] = (key, weight, bias)
         return weight, bias
 
-    def forward(self, index: int, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, index: int, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+        """The fused convolution ``index`` of ``x`` (then max(·, 0) if ``relu``)."""
         conv = self.layers[index]
         weight, bias = self.weights(index)
-        return F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype), conv.stride, conv.pad, conv.dilation, conv.group)
+        return conv2d(x, weight.to(x.dtype), bias.to(x.dtype), conv, relu)
