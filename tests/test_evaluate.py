@@ -307,8 +307,10 @@ def test_mean_mode_crop_uses_the_training_convention(published):
     mean = read_mean(published["mean"])
     path = published["images"] / published["names"][2]
     classifier = WindowClassifier(published["deploy"], published["model"])
+    calls = []
     ours = evaluate_images(classifier, [ParentEntry(1, "x", path, 2)], mean, oversample=False, mean_mode="crop",
-                           progress=False)[0]
+                           progress=False, batch_size=100, meanwhile=lambda: calls.append(len(calls)))[0]
+    assert calls == [0]  # once, before the first of several forward passes
     image = load_image(path)
     grid = window_grid(image.shape[1], image.shape[2])
     crops = np.stack([image[:, r - 16 : r + 16, c - 16 : c + 16] - mean[:, 2:34, 2:34] for r, c in grid])

@@ -66,17 +66,22 @@ def evaluate(workdir: Path, fold: int, model, deploy, mean, parent_list, images,
 
     from lymph_cv.core import faults
     from lymph_cv.core.fsutil import check_writable
+    from lymph_cv.core.preload import Preload
     from lymph_cv.stages.evaluate import evaluate_fold, fold_output_dir
+    from lymph_cv.stages.figures import MODULES
     from lymph_cv.stages.report import format_fold, write_fold
 
     out_dir = out or fold_output_dir(workdir, fold)
     check_writable(out_dir.parent)  # before the evaluation, not after it (it is replaced as a whole)
     record = stain_for_evaluation(workdir, fold, stain, stain_target, stain_include_background, stain_params)
+    preload = Preload(MODULES)  # the figures' matplotlib, imported while the net runs
     result = evaluate_fold(workdir, fold, model=model, deploy=deploy, mean=mean, parent_list=parent_list,
                            images=images, classes=classes, skip_missing=skip_missing, device=device, oversample=oversample,
                            tta=tta, mean_mode=mean_mode, aggregate=aggregate, window=window, stride=stride,
-                           batch_size=batch_size, stain=record, recorded_stain=stain is None)
+                           batch_size=batch_size, stain=record, recorded_stain=stain is None,
+                           meanwhile=preload.start)
     faults.event("evaluate:scored")
+    preload.wait()
     record = write_fold(result, out_dir, legacy_layout=legacy_layout, heatmaps=heatmaps)
     click.echo(format_fold(record, legacy_layout), nl=False)
     logging.getLogger(__name__).info("wrote %s", out_dir)

@@ -436,11 +436,14 @@ def classify_windows(
     tta: bool = False,
     mean_mode: str,
     batch_size: int,
+    meanwhile: Optional[Callable[[], None]] = None,
 ) -> dict:
     """Window probabilities per owner for a stream of (owner, (N, C, window, window)) windows.
 
     ``mean`` is :func:`prepare_mean`'s.  The result maps owner → (N, classes) float32 probabilities
-    averaged over the crops, as ``Classifier.predict`` returns them."""
+    averaged over the crops, as ``Classifier.predict`` returns them.  ``meanwhile`` is called once,
+    just before the first forward pass (e.g. to start imports the outputs need: the passes leave
+    a core idle part of the time)."""
     crop = classifier.crop
     boxes = crop_boxes(window, window, crop, oversample, tta)
     per_batch = max(1, batch_size // len(boxes))
@@ -457,6 +460,9 @@ def classify_windows(
             offset += len(windows) * len(boxes)
         if mean_mode == "resize":
             out -= mean
+        if meanwhile is not None:
+            meanwhile()
+            meanwhile = None
         probs = classifier.predict(out).reshape(total, len(boxes), -1).mean(axis=1)
         offset = 0
         for owner, _, windows in batch:
@@ -480,11 +486,12 @@ def evaluate_images(
     progress: bool = True,
     stain: Optional[StainTransform] = None,
     unchanged: Optional[List[int]] = None,
+    meanwhile: Optional[Callable[[], None]] = None,
 ) -> List[ImageResult]:
     """Classify every entry's image by its windows; one forward call per batch of crops.
 
     ``stain`` normalises each whole image as it is read (the indices of images it left unchanged
-    go to ``unchanged``)."""
+    go to ``unchanged``); ``meanwhile``: see :func:`classify_windows`."""
     mean = prepare_mean(mean, classifier.channels, window, classifier.crop, mean_mode)
     batch_size = batch_size or classifier.default_batch_size
     centres: dict = {}
@@ -504,7 +511,7 @@ def evaluate_images(
 
     try:
         probs = classify_windows(classifier, stream(), mean, window=window, oversample=oversample, tta=tta,
-                                 mean_mode=mean_mode, batch_size=batch_size)
+                                 mean_mode=mean_mode, batch_size=batch_size, meanwhile=meanwhile)
     finally:
         bar.close()
     results = []
@@ -550,6 +557,7 @@ def evaluate_fold(
     progress: bool = True,
     stain: Optional[StainRecord] = None,
     recorded_stain: bool = True,
+    meanwhile: Optional[Callable[[], None]] = None,
 ) -> FoldResult:
     """Evaluate fold ``fold`` of ``workdir`` the tutorial's way; nothing is written.
 
@@ -562,7 +570,8 @@ def evaluate_fold(
     partial image folder) instead of failing on the first missing one.
     ``stain``: normalise the images with this target; without it (and with ``recorded_stain``) the
     one the workdir records for this fold (``stain_K.json`` from ``dbs``, else the patch folder's
-    ``stain.json``) is applied as recorded, never refitted, so evaluation sees training's pixels."""
+    ``stain.json``) is applied as recorded, never refitted, so evaluation sees training's pixels.
+    ``meanwhile`` is called once, just before the first forward pass (:func:`classify_windows`)."""
     workdir = Path(workdir)
     fold_dir = workdir / str(fold)
     if mean_mode not in MEAN_MODES:
@@ -619,7 +628,7 @@ def evaluate_fold(
     unchanged: List[int] = []
     results = evaluate_images(classifier, entries, mean_array, window=window, stride=stride, oversample=oversample, tta=tta,
                               mean_mode=mean_mode, aggregate=aggregate, batch_size=batch_size, progress=progress,
-                              stain=transform, unchanged=unchanged)
+                              stain=transform, unchanged=unchanged, meanwhile=meanwhile)
     for index in unchanged:
         log.warning("warning: %s: stain normalisation left it unchanged (too little tissue)", entries[index].path)
     settings = {
@@ -674,11 +683,15 @@ class EvaluateStage(PatchPipelineStage):
         return all(self.evaluated(o, k) for k in o.fold_list)
 
     def run(self, o: RunOptions, fresh: bool) -> None:
+        from lymph_cv.core.preload import Preload
+        from lymph_cv.stages.figures import MODULES
         from lymph_cv.stages.report import write_fold
 
         for k, model in folds_to_evaluate(o, fresh, self.evaluated):
+            preload = Preload(MODULES)  # matplotlib, imported while the net runs
             result = evaluate_fold(o.workdir, k, model=model, device=o.device, oversample=o.oversample, tta=o.tta,
-                                   aggregate=o.aggregate)
+                                   aggregate=o.aggregate, meanwhile=preload.start)
+            preload.wait()
             record = write_locked(fold_output_dir(o.workdir, k), lambda out: write_fold(result, out, heatmaps=o.heatmaps))
             log.info("fold %d: accuracy %.3f on %d test images", k, record["accuracy"], len(result.images))
 

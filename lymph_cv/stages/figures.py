@@ -15,6 +15,8 @@ DARK_CELL = 0.5
 CELL_INCHES = 1.1
 MARGIN_INCHES = (2.4, 1.6)
 DPI = 100
+#: The matplotlib modules the figures import (for :class:`lymph_cv.core.preload.Preload`).
+MODULES = ("matplotlib.figure", "matplotlib.backends.backend_agg", "matplotlib.colors")
 
 
 def row_fractions(matrix: np.ndarray) -> np.ndarray:
