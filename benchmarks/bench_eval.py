@@ -10,8 +10,11 @@ else the deploy net's filler weights and a flat mean) and prints windows/s for
   window (timed on the first ``--loop-windows`` windows and extrapolated),
 
 and their ratio.  Also the whole ``lymph-cv evaluate`` process on that image (``--process-repeats``), against issue 17's
-figures (1.24 s per image and 4.4 s per process before; targets 1.0 s and 2.5 s).
-Usage: ``python benchmarks/bench_eval.py [--threads 2] [--loop-windows 100] [--process-repeats 3]``.
+figures (1.24 s per image and 4.4 s per process before; targets 1.0 s and 2.5 s), beside ``import torch``
+alone in a fresh interpreter (the part of the process no change here can reach).  ``--layers`` prints
+the floor: each layer's CPU and wall seconds over the image's crops, and the convolutions' GFLOP
+and GFLOP per CPU second, on 1 thread and on ``--threads``.
+Usage: ``python benchmarks/bench_eval.py [--threads 2] [--loop-windows 100] [--process-repeats 3] [--layers]``.
 """
 from __future__ import annotations
 
@@ -37,8 +40,9 @@ from lymph_cv.formats.caffe import caffe_pb2
 from lymph_cv.formats.caffe.blob import read_mean, write_mean
 from lymph_cv.formats.caffe.model import write_caffemodel
 from lymph_cv.formats.caffe.prototxt import read_net_prototxt
-from lymph_cv.stages.evaluate import (WINDOW_SIZE, WindowClassifier, evaluate_images, parse_aggregate,
-                               read_parent_list, window_grid)
+from lymph_cv.stages.evaluate import (WINDOW_SIZE, WindowClassifier, crop_boxes, evaluate_images, extract_windows,
+                                      load_image, make_crops, parse_aggregate, prepare_mean, read_parent_list,
+                                      window_grid)
 from lymph_cv.net.build import build_net
 from lymph_cv.stages.render import render_fold
 from lymph_cv.stages.synth import DEFAULT_CLASSES, REAL_HEIGHT, REAL_WIDTH, generate
@@ -84,6 +88,62 @@ def prepare(root: Path) -> tuple[Path, Path, Path, Path]:
     return deploy, model, mean, parent
 
 
+def _flops(layer, top_shape) -> float:
+    """Multiply-adds × 2 of a Convolution or InnerProduct layer for one input, else 0."""
+    if layer.type_name == "Convolution":
+        weight = layer.blobs[0]
+        return 2.0 * float(np.prod(top_shape[1:])) * float(np.prod(weight.shape[1:]))
+    if layer.type_name == "InnerProduct":
+        return 2.0 * float(layer.blobs[0].numel())
+    return 0.0
+
+
+def layer_floor(classifier: WindowClassifier, crops: np.ndarray, batch: int, threads: int) -> None:
+    """Print each layer's seconds over ``crops`` (as evaluation batches them) and the convolutions'
+    rate: the arithmetic floor of one image on ``threads`` threads."""
+    torch.set_num_threads(threads)
+    net = classifier.net
+    wall: dict = {}
+    cpu: dict = {}
+    flops: dict = {}
+    with torch.inference_mode():
+        for start in range(0, len(crops), batch):
+            blobs = {classifier.input: torch.from_numpy(crops[start : start + batch]).contiguous(
+                memory_format=classifier.memory_format)}
+            for layer in net.layers:
+                if layer.is_input:
+                    continue
+                began, began_cpu = time.perf_counter(), time.process_time()
+                tops = layer(*[blobs[name] for name in layer.param.bottom])
+                wall[layer.name] = wall.get(layer.name, 0.0) + time.perf_counter() - began
+                cpu[layer.name] = cpu.get(layer.name, 0.0) + time.process_time() - began_cpu
+                for name, value in zip(layer.param.top, tops):
+                    blobs[name] = value
+                flops[layer.name] = flops.get(layer.name, 0.0) + _flops(layer, tops[0].shape) * len(tops[0])
+    print(f"layers, {threads} thread(s), {len(crops)} crops in batches of {batch} (as written, unfused; "
+          f"load average {os.getloadavg()[0]:.2f}):")
+    for name in wall:
+        rate = f"{flops[name] / 1e9:7.1f} GFLOP, {flops[name] / 1e9 / cpu[name]:6.1f} GFLOP per CPU s" if flops[name] else ""
+        print(f"  {name:8s} {wall[name]:6.2f} s wall {cpu[name]:6.2f} CPU s  {rate}")
+    conv = [name for name in wall if flops[name] and net.layer(name).type_name == "Convolution"]
+    total = sum(flops.values()) / 1e9
+    conv_cpu = sum(cpu[name] for name in conv)
+    print(f"  all      {sum(wall.values()):6.2f} s wall {sum(cpu.values()):6.2f} CPU s  {total:7.1f} GFLOP; convolutions "
+          f"{sum(flops[n] for n in conv) / 1e9 / conv_cpu:.1f} GFLOP per CPU s, "
+          f"{sum(flops[n] for n in conv) / 1e9 / sum(wall[n] for n in conv):.1f} GFLOP/s wall")
+
+
+def _import_torch_alone(repeats: int) -> tuple[float, float]:
+    """Median wall and CPU seconds of ``python -c 'import torch'``."""
+    walls, cpus = [], []
+    for _ in range(repeats):
+        started, cpu = time.perf_counter(), _children_cpu()
+        subprocess.run([sys.executable, "-c", "import torch"], check=True)
+        walls.append(time.perf_counter() - started)
+        cpus.append(_children_cpu() - cpu)
+    return statistics.median(walls), statistics.median(cpus)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the target machine has 2 cores)")
@@ -93,6 +153,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="crops per forward call (default: evaluate's)")
     parser.add_argument("--process-repeats", type=int, default=3,
                         help="whole `lymph-cv evaluate` processes timed (0: none)")
+    parser.add_argument("--layers", action="store_true",
+                        help="also each layer's time and the convolutions' GFLOP per CPU second (1 thread and --threads)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.ERROR)
@@ -139,6 +201,17 @@ def main() -> None:
             print(f"process    : {whole:6.2f} s median of {len(walls)} whole `lymph-cv evaluate` runs (one image; "
                   f"{statistics.median(cpus):.2f} CPU s); issue 17: {BEFORE_PROCESS_S} s before "
                   f"({whole / BEFORE_PROCESS_S:.2f}x of it), target <= {TARGET_PROCESS_S} s: {_verdict(whole, TARGET_PROCESS_S)}")
+            alone, alone_cpu = _import_torch_alone(args.process_repeats)
+            print(f"           : of it, `import torch` alone takes {alone:.2f} s ({alone_cpu:.2f} CPU s) in a fresh interpreter")
+        if args.layers:
+            image = load_image(entries[0].path)
+            grid = window_grid(*image.shape[1:])
+            boxes = crop_boxes(WINDOW_SIZE, WINDOW_SIZE, classifier.crop)
+            crops = make_crops(extract_windows(image, grid), boxes, classifier.crop)
+            crops -= prepare_mean(mean, classifier.channels, WINDOW_SIZE, classifier.crop, "resize")
+            for threads in sorted({1, args.threads}):
+                layer_floor(classifier, crops, args.batch_size or classifier.default_batch_size, threads)
+            torch.set_num_threads(args.threads)
         if not args.loop_windows:
             return
 
