@@ -1,6 +1,6 @@
 /* lymph_cv.formats.ldbscan: compute_image_mean's float32 running sum, natively.
  *
- * scan_tables(paths, threads=0) memory-maps LevelDB table files, walks footer -> index block ->
+ * scan_tables(paths, threads=0) reads LevelDB table files (pread), walks footer -> index block ->
  * data blocks (uncompressed or snappy), parses each raw Datum and accumulates Caffe's float32
  * running sum in key order.  Accumulator().add_values(iterable) does the same over serialized
  * Datums (an LMDB cursor's buffers, or any bytes-like values).  Whatever this module does not
@@ -24,7 +24,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -37,8 +36,10 @@
 #define MAX_THREADS 8
 /* Pixels per thread below which one thread does all (thread start-up costs more than it saves). */
 #define MIN_PIXELS_PER_THREAD 256
-/* Records a pass collects before summing them (a few LevelDB blocks). */
-#define PASS_BATCH 64
+/* Bytes of table data read at once (a few LevelDB blocks): the ring's slots stay in the cache. */
+#define CHUNK_BYTES (1u << 18)
+/* Slots of the ring of chunks between the reading and the summing threads. */
+#define RING 8
 /* Records handed to the summing threads at once by add_values. */
 #define VALUES_CHUNK 8192
 /* Largest block a snappy header may announce (LevelDB's blocks are ~64 KiB). */
@@ -355,39 +356,22 @@ static PyObject *acc_result(acc_t *a)
 
 /* ------------------------------------------------------------------ LevelDB tables */
 
+/* A data block's place in its table file. */
+typedef struct {
+    uint64_t offset, size;
+} handle_t;
+
 typedef struct {
     const char *path;
-    const uint8_t *map;
-    size_t size;
-    const uint8_t *index;  /* the index block's contents */
-    size_t index_len;
-    uint8_t *index_owned;  /* when it was compressed */
-    int empty;             /* a table of no entries */
-    uint8_t *first_key;    /* its first user key */
+    int fd;
+    uint64_t size;
+    handle_t *blocks; /* the index block's handles, in key order */
+    size_t n_blocks;
+    uint8_t *first_key; /* its first user key */
     size_t first_len;
-    int c, h, w;           /* its first record's shape */
-    const char *problem;   /* NULL, or why the fast path does not apply */
+    int c, h, w;         /* its first record's shape */
+    const char *problem; /* NULL, or why the fast path does not apply */
 } table_t;
-
-/* A block's contents by handle: in place when uncompressed, else snappy into *owned (malloc'd). */
-static const char *read_block(const table_t *t, uint64_t offset, uint64_t size, const uint8_t **data, size_t *len,
-                              uint8_t **owned)
-{
-    *owned = NULL;
-    if (offset > t->size || size > t->size - offset || BLOCK_TRAILER > t->size - offset - size)
-        return "a block handle points past its table";
-    uint8_t type = t->map[offset + size];
-    if (type == NO_COMPRESSION) {
-        *data = t->map + offset, *len = size;
-        return NULL;
-    }
-    if (type != SNAPPY_COMPRESSION)
-        return "a block of an unknown compression";
-    if (!(*owned = snappy_uncompress(t->map + offset, size, len)))
-        return "a malformed snappy block";
-    *data = *owned;
-    return NULL;
-}
 
 typedef struct {
     const uint8_t *data;
@@ -440,62 +424,135 @@ static int key_less(const uint8_t *a, size_t alen, const uint8_t *b, size_t blen
     return cmp < 0 || (cmp == 0 && alen < blen);
 }
 
-/* A data block handle from an index entry's value. */
-static int get_handle(const uint8_t *value, size_t len, uint64_t *offset, uint64_t *size)
+/* Read exactly len bytes at offset; 0 on a short read or an error. */
+static int read_at(int fd, uint8_t *buffer, size_t len, uint64_t offset)
 {
-    size_t pos = 0;
-    return get_varint(value, len, &pos, offset) && get_varint(value, len, &pos, size);
+    while (len) {
+        ssize_t got = pread(fd, buffer, len, (off_t)offset);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got <= 0)
+            return 0;
+        buffer += got, len -= (size_t)got, offset += (uint64_t)got;
+    }
+    return 1;
 }
 
-/* Map one table and read what the walk needs first: its index block, first key and record shape. */
+/* A block's contents from its bytes and trailer (in `raw`, size + BLOCK_TRAILER bytes): in place
+ * when uncompressed, else snappy into *owned (malloc'd). */
+static const char *block_contents(const uint8_t *raw, uint64_t size, const uint8_t **data, size_t *len,
+                                  uint8_t **owned)
+{
+    *owned = NULL;
+    if (raw[size] == NO_COMPRESSION) {
+        *data = raw, *len = size;
+        return NULL;
+    }
+    if (raw[size] != SNAPPY_COMPRESSION)
+        return "a block of an unknown compression";
+    if (!(*owned = snappy_uncompress(raw, size, len)))
+        return "a malformed snappy block";
+    *data = *owned;
+    return NULL;
+}
+
+/* A block read on its own (index block, a table's first block): malloc'd contents or a problem. */
+static const char *read_block(const table_t *t, handle_t handle, uint8_t **contents, size_t *len)
+{
+    if (handle.offset > t->size || handle.size > t->size - handle.offset ||
+        BLOCK_TRAILER > t->size - handle.offset - handle.size)
+        return "a block handle points past its table";
+    uint8_t *raw = malloc(handle.size + BLOCK_TRAILER), *owned;
+    const uint8_t *data;
+    if (!raw)
+        return "out of memory";
+    if (!read_at(t->fd, raw, handle.size + BLOCK_TRAILER, handle.offset)) {
+        free(raw);
+        return "a table file cannot be read";
+    }
+    const char *problem = block_contents(raw, handle.size, &data, len, &owned);
+    if (owned) {
+        free(raw);
+        raw = owned;
+    }
+    if (problem) {
+        free(raw);
+        raw = NULL;
+    }
+    *contents = raw;
+    return problem;
+}
+
+/* A data block handle from an index entry's value. */
+static int get_handle(const uint8_t *value, size_t len, handle_t *handle)
+{
+    size_t pos = 0;
+    return get_varint(value, len, &pos, &handle->offset) && get_varint(value, len, &pos, &handle->size);
+}
+
+/* Open one table and read what the scan needs first: its block handles, first key and record shape. */
 static void open_table(table_t *t)
 {
-    int fd = open(t->path, O_RDONLY | O_CLOEXEC);
+    uint8_t footer[TABLE_FOOTER], *index = NULL, *first = NULL;
     struct stat st;
-    if (fd < 0) {
+    size_t len, pos = 0, end = TABLE_FOOTER - 8, cap = 0;
+    handle_t meta, index_handle;
+    t->fd = open(t->path, O_RDONLY | O_CLOEXEC);
+    if (t->fd < 0) {
         t->problem = "a table file cannot be opened";
         return;
     }
-    if (fstat(fd, &st) < 0 || st.st_size < TABLE_FOOTER) {
-        close(fd);
+    if (fstat(t->fd, &st) < 0 || st.st_size < TABLE_FOOTER) {
         t->problem = "a table file too short for a footer";
         return;
     }
-    /* Populated: faulting the pages in one by one costs more than the kernel's bulk mapping. */
-    void *map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
-    close(fd);
-    if (map == MAP_FAILED) {
-        t->problem = "a table file cannot be mapped";
+    t->size = (uint64_t)st.st_size;
+    if (!read_at(t->fd, footer, TABLE_FOOTER, t->size - TABLE_FOOTER)) {
+        t->problem = "a table file cannot be read";
         return;
     }
-    t->map = map, t->size = (size_t)st.st_size;
-    if (le64(t->map + t->size - 8) != TABLE_MAGIC) {
+    if (le64(footer + TABLE_FOOTER - 8) != TABLE_MAGIC) {
         t->problem = "not a LevelDB table (no footer magic)";
         return;
     }
-    const uint8_t *footer = t->map + t->size - TABLE_FOOTER;
-    size_t pos = 0, end = TABLE_FOOTER - 8, len;
-    uint64_t meta_offset, meta_size, index_offset, index_size, offset, size;
-    if (!get_varint(footer, end, &pos, &meta_offset) || !get_varint(footer, end, &pos, &meta_size) ||
-        !get_varint(footer, end, &pos, &index_offset) || !get_varint(footer, end, &pos, &index_size)) {
+    if (!get_varint(footer, end, &pos, &meta.offset) || !get_varint(footer, end, &pos, &meta.size) ||
+        !get_varint(footer, end, &pos, &index_handle.offset) || !get_varint(footer, end, &pos, &index_handle.size)) {
         t->problem = "a malformed table footer";
         return;
     }
-    if ((t->problem = read_block(t, index_offset, index_size, &t->index, &t->index_len, &t->index_owned)))
+    if ((t->problem = read_block(t, index_handle, &index, &len)))
         return;
-    block_iter_t index = {0}, block = {0};
-    const uint8_t *value, *data, *pixels;
+    block_iter_t it = {0}, block = {0};
+    const uint8_t *value, *pixels;
     size_t value_len;
-    uint8_t *owned = NULL;
-    int got;
-    if (!block_open(&index, t->index, t->index_len) || (got = block_next(&index, &value, &value_len)) < 0) {
+    int got = -1;
+    if (block_open(&it, index, len)) {
+        while ((got = block_next(&it, &value, &value_len)) == 1) {
+            handle_t handle;
+            if (!get_handle(value, value_len, &handle)) {
+                got = -1;
+                break;
+            }
+            if (handle.offset > t->size || handle.size > t->size - handle.offset ||
+                BLOCK_TRAILER > t->size - handle.offset - handle.size) {
+                t->problem = "a block handle points past its table";
+                break;
+            }
+            if (t->n_blocks == cap) {
+                handle_t *grown = realloc(t->blocks, (cap = cap ? cap * 2 : 64) * sizeof(handle_t));
+                if (!grown) {
+                    t->problem = "out of memory";
+                    break;
+                }
+                t->blocks = grown;
+            }
+            t->blocks[t->n_blocks++] = handle;
+        }
+    }
+    if (!t->problem && got < 0)
         t->problem = "a malformed index block";
-    } else if (got == 0) {
-        t->empty = 1;
-    } else if (!get_handle(value, value_len, &offset, &size)) {
-        t->problem = "a malformed block handle";
-    } else if (!(t->problem = read_block(t, offset, size, &data, &len, &owned))) {
-        if (!block_open(&block, data, len) || block_next(&block, &value, &value_len) != 1 || block.key_len < 8)
+    if (!t->problem && t->n_blocks && !(t->problem = read_block(t, t->blocks[0], &first, &len))) {
+        if (!block_open(&block, first, len) || block_next(&block, &value, &value_len) != 1 || block.key_len < 8)
             t->problem = "a malformed data block";
         else if (!(t->first_key = malloc(block.key_len)))
             t->problem = "out of memory";
@@ -504,17 +561,18 @@ static void open_table(table_t *t)
         else
             memcpy(t->first_key, block.key, t->first_len = block.key_len - 8);
     }
-    free(owned);
-    free(index.key);
+    free(index);
+    free(first);
+    free(it.key);
     free(block.key);
 }
 
 static void table_free(table_t *t)
 {
-    free(t->index_owned);
+    free(t->blocks);
     free(t->first_key);
-    if (t->map)
-        munmap((void *)t->map, t->size);
+    if (t->fd >= 0)
+        close(t->fd);
 }
 
 typedef struct {
@@ -546,112 +604,227 @@ static int default_threads(void)
     return cpus < 1 ? 1 : cpus > MAX_THREADS ? MAX_THREADS : (int)cpus;
 }
 
-/* One thread's pass over every table in key order, summing its lane's pixels of every record. */
+/* ------------------------------------------------------------------ the scan: read once, sum by lanes
+ *
+ * The tables' data blocks, in key order, are cut into chunks of consecutive blocks (about
+ * CHUNK_BYTES).  Chunk k is read (pread: a copy from the page cache into a buffer that stays in the
+ * cache; mapping the pages measured no cheaper) and parsed by thread k % T into ring slot k % RING; then
+ * every thread adds its lane's pixels of the chunk's records, chunk after chunk.  So each byte is
+ * read from memory once, by one thread, and each pixel's sum is taken in key order. */
+
 typedef struct {
-    table_t *const *order;
-    size_t n_tables;
+    const table_t *table;
+    size_t first, last; /* blocks [first, last] of the table */
+} chunk_t;
+
+static int push(void ***items, size_t *n, size_t *cap, void *item)
+{
+    if (*n == *cap) {
+        size_t grown = *cap ? *cap * 2 : 1024;
+        void **moved = realloc(*items, grown * sizeof(void *));
+        if (!moved)
+            return -1;
+        *items = moved, *cap = grown;
+    }
+    (*items)[(*n)++] = item;
+    return 0;
+}
+
+typedef struct {
+    uint8_t *buffer;
+    size_t capacity;
+    uint8_t **owned; /* decompressed blocks its records point into */
+    size_t n_owned, cap_owned;
+    const uint8_t **records;
+    size_t n_records, cap_records;
+    uint8_t *first_key, *last_key; /* the chunk's first and last user keys (for the order across chunks) */
+    size_t first_len, last_len, first_cap, last_cap;
+    long holds;   /* the chunk it holds, -1 when free */
+    int finished; /* lanes done with it */
+} slot_t;
+
+typedef struct {
+    chunk_t *chunks;
+    size_t n_chunks;
     acc_t *acc;
-    lane_t *lane;
-    int check_keys;  /* one pass checks that user keys strictly increase (no repeats, no overlaps) */
-    int *stop;       /* shared: set by the pass that finds a problem */
-    const char *problem;
+    slot_t ring[RING];
+    pthread_mutex_t lock;
+    pthread_cond_t changed;
+    int threads;
+    const char *problem; /* the first problem; stops every thread */
     int no_memory;
     uint64_t count;
-} pass_t;
+} scan_t;
 
-static void *run_pass(void *arg)
+static int keep_key(uint8_t **key, size_t *len, size_t *cap, const uint8_t *from, size_t from_len)
 {
-    pass_t *p = (pass_t *)arg;
-    const uint8_t *batch[PASS_BATCH];
-    size_t in_batch = 0, value_len, len;
-    block_iter_t index = {0}, block = {0};
-    uint8_t *owned = NULL, *last = NULL;
-    size_t last_len = 0, last_cap = 0;
-    int have_last = 0;
-    const acc_t *a = p->acc;
-    for (size_t ti = 0; ti < p->n_tables && !p->problem; ti++) {
-        const table_t *t = p->order[ti];
-        const uint8_t *handle, *data, *value, *pixels;
-        int got, entry, c, h, w;
-        block_open(&index, t->index, t->index_len); /* checked by open_table */
-        while (!p->problem && (got = block_next(&index, &handle, &value_len)) == 1) {
-            uint64_t offset, size;
-            uint8_t *fresh;
-            if (__atomic_load_n(p->stop, __ATOMIC_RELAXED)) {
-                p->problem = "stopped";
-                break;
-            }
-            if (!get_handle(handle, value_len, &offset, &size)) {
-                p->problem = "a malformed block handle";
-                break;
-            }
-            if ((p->problem = read_block(t, offset, size, &data, &len, &fresh)))
-                break;
-            if (fresh) { /* the batch may point into the previous decompressed block: sum it first */
-                lane_add(p->lane, batch, in_batch);
-                in_batch = 0;
-                free(owned);
-                owned = fresh;
-            }
-            if (!block_open(&block, data, len)) {
-                p->problem = "a malformed data block";
-                break;
-            }
-            while ((entry = block_next(&block, &value, &value_len)) == 1) {
-                if (block.key_len < 8) {
-                    p->problem = "a malformed internal key";
-                    break;
-                }
-                size_t user_len = block.key_len - 8;
-                if ((le64(block.key + user_len) & 0xff) != TYPE_VALUE) {
-                    p->problem = "a deletion";
-                    break;
-                }
-                if (p->check_keys) {
-                    if (have_last && !key_less(last, last_len, block.key, user_len)) {
-                        p->problem = "repeated or overlapping user keys";
-                        break;
-                    }
-                    if (user_len > last_cap) {
-                        uint8_t *grown = realloc(last, user_len * 2 + 64);
-                        if (!grown) {
-                            p->no_memory = 1, p->problem = "out of memory";
-                            break;
-                        }
-                        last = grown, last_cap = user_len * 2 + 64;
-                    }
-                    memcpy(last, block.key, user_len);
-                    last_len = user_len, have_last = 1;
-                }
-                if (!parse_datum(value, value_len, &pixels, &c, &h, &w)) {
-                    p->problem = "a record that is not a raw uint8 Datum";
-                    break;
-                }
-                if (c != a->channels || h != a->height || w != a->width) {
-                    p->problem = "records of different sizes";
-                    break;
-                }
-                batch[in_batch++] = pixels;
-                p->count++;
-                if (in_batch == PASS_BATCH) {
-                    lane_add(p->lane, batch, in_batch);
-                    in_batch = 0;
-                }
-            }
-            if (!p->problem && entry < 0)
-                p->problem = "a malformed data block";
-        }
-        if (!p->problem && got < 0)
-            p->problem = "a malformed index block";
+    if (from_len > *cap) {
+        uint8_t *grown = realloc(*key, from_len * 2 + 64);
+        if (!grown)
+            return 0;
+        *key = grown, *cap = from_len * 2 + 64;
     }
-    if (!p->problem)
-        lane_add(p->lane, batch, in_batch);
-    else
-        __atomic_store_n(p->stop, 1, __ATOMIC_RELAXED);
-    free(owned);
-    free(last);
-    free(index.key);
+    memcpy(*key, from, from_len);
+    *len = from_len;
+    return 1;
+}
+
+/* Read and parse chunk `index` into `slot`: NULL, or the problem. */
+static const char *fill_slot(scan_t *s, slot_t *slot, const chunk_t *chunk)
+{
+    const table_t *t = chunk->table;
+    const acc_t *a = s->acc;
+    uint64_t start = t->blocks[chunk->first].offset;
+    uint64_t end = t->blocks[chunk->last].offset + t->blocks[chunk->last].size + BLOCK_TRAILER;
+    for (size_t i = 0; i < slot->n_owned; i++)
+        free(slot->owned[i]);
+    slot->n_owned = slot->n_records = 0;
+    if (end < start)
+        return "blocks out of order in a table";
+    if (end - start > slot->capacity) {
+        free(slot->buffer);
+        slot->capacity = 0;
+        if (!(slot->buffer = malloc(end - start)))
+            return "out of memory";
+        slot->capacity = end - start;
+    }
+    if (!read_at(t->fd, slot->buffer, end - start, start))
+        return "a table file cannot be read";
+    block_iter_t block = {0};
+    const char *problem = NULL;
+    int have_key = 0;
+    for (size_t b = chunk->first; b <= chunk->last && !problem; b++) {
+        const handle_t *h = &t->blocks[b];
+        const uint8_t *data, *value, *pixels;
+        size_t len, value_len;
+        uint8_t *owned;
+        int entry, c, hh, w;
+        if (h->offset < start || h->offset + h->size + BLOCK_TRAILER > end) {
+            problem = "blocks out of order in a table";
+            break;
+        }
+        if ((problem = block_contents(slot->buffer + (h->offset - start), h->size, &data, &len, &owned)))
+            break;
+        if (owned && push((void ***)&slot->owned, &slot->n_owned, &slot->cap_owned, owned) < 0) {
+            free(owned);
+            problem = "out of memory";
+            break;
+        }
+        if (!block_open(&block, data, len)) {
+            problem = "a malformed data block";
+            break;
+        }
+        while ((entry = block_next(&block, &value, &value_len)) == 1) {
+            if (block.key_len < 8) {
+                problem = "a malformed internal key";
+                break;
+            }
+            size_t user_len = block.key_len - 8;
+            if ((le64(block.key + user_len) & 0xff) != TYPE_VALUE) {
+                problem = "a deletion";
+                break;
+            }
+            if (have_key && !key_less(slot->last_key, slot->last_len, block.key, user_len)) {
+                problem = "repeated or overlapping user keys";
+                break;
+            }
+            if ((!have_key && !keep_key(&slot->first_key, &slot->first_len, &slot->first_cap, block.key, user_len)) ||
+                !keep_key(&slot->last_key, &slot->last_len, &slot->last_cap, block.key, user_len)) {
+                problem = "out of memory";
+                break;
+            }
+            have_key = 1;
+            if (!parse_datum(value, value_len, &pixels, &c, &hh, &w)) {
+                problem = "a record that is not a raw uint8 Datum";
+                break;
+            }
+            if (c != a->channels || hh != a->height || w != a->width) {
+                problem = "records of different sizes";
+                break;
+            }
+            if (push((void ***)&slot->records, &slot->n_records, &slot->cap_records, (void *)pixels) < 0) {
+                problem = "out of memory";
+                break;
+            }
+        }
+        if (!problem && entry < 0)
+            problem = "a malformed data block";
+    }
+    if (!problem && !have_key)
+        problem = "an empty data block";
     free(block.key);
+    return problem;
+}
+
+static void stop(scan_t *s, const char *problem)
+{
+    pthread_mutex_lock(&s->lock);
+    if (!s->problem)
+        s->problem = problem;
+    if (!strcmp(problem, "out of memory"))
+        s->no_memory = 1;
+    pthread_cond_broadcast(&s->changed);
+    pthread_mutex_unlock(&s->lock);
+}
+
+typedef struct {
+    scan_t *scan;
+    int lane;
+} worker_t;
+
+static void *scan_worker(void *arg)
+{
+    worker_t *me = (worker_t *)arg;
+    scan_t *s = me->scan;
+    lane_t *lane = &s->acc->lanes[me->lane];
+    uint8_t *last = NULL; /* lane 0: the previous chunk's last key */
+    size_t last_len = 0, last_cap = 0;
+    for (size_t k = 0; k < s->n_chunks; k++) {
+        if ((int)(k % (size_t)s->threads) == me->lane) { /* this thread reads chunk k */
+            slot_t *slot = &s->ring[k % RING];
+            pthread_mutex_lock(&s->lock);
+            while (!s->problem && slot->holds >= 0 && slot->finished < s->threads)
+                pthread_cond_wait(&s->changed, &s->lock);
+            int stopped = s->problem != NULL;
+            pthread_mutex_unlock(&s->lock);
+            if (stopped)
+                break;
+            const char *problem = fill_slot(s, slot, &s->chunks[k]);
+            if (problem) {
+                stop(s, problem);
+                break;
+            }
+            pthread_mutex_lock(&s->lock);
+            slot->holds = (long)k, slot->finished = 0;
+            pthread_cond_broadcast(&s->changed);
+            pthread_mutex_unlock(&s->lock);
+        }
+        slot_t *slot = &s->ring[k % RING];
+        pthread_mutex_lock(&s->lock);
+        while (!s->problem && slot->holds != (long)k)
+            pthread_cond_wait(&s->changed, &s->lock);
+        int stopped = s->problem != NULL;
+        pthread_mutex_unlock(&s->lock);
+        if (stopped)
+            break;
+        if (me->lane == 0) { /* the order across chunks (and so across tables): strictly increasing keys */
+            if (k && !key_less(last, last_len, slot->first_key, slot->first_len)) {
+                stop(s, "repeated or overlapping user keys");
+                break;
+            }
+            if (!keep_key(&last, &last_len, &last_cap, slot->last_key, slot->last_len)) {
+                stop(s, "out of memory");
+                break;
+            }
+            s->count += slot->n_records;
+        }
+        lane_add(lane, slot->records, slot->n_records);
+        pthread_mutex_lock(&s->lock);
+        if (++slot->finished == s->threads)
+            pthread_cond_broadcast(&s->changed);
+        pthread_mutex_unlock(&s->lock);
+    }
+    free(last);
     return NULL;
 }
 
@@ -672,13 +845,13 @@ static const char *scan(table_t *tables, size_t n, int threads, acc_t *acc, int 
         *no_memory = 1;
         return NULL;
     }
-    size_t used = 0;
+    size_t used = 0, n_chunks = 0;
     for (size_t i = 0; i < n; i++) {
         if (tables[i].problem) {
             free(order);
             return tables[i].problem;
         }
-        if (!tables[i].empty)
+        if (tables[i].n_blocks)
             order[used++] = &tables[i];
     }
     if (used == 0) {
@@ -686,36 +859,63 @@ static const char *scan(table_t *tables, size_t n, int threads, acc_t *acc, int 
         return "no records";
     }
     qsort(order, used, sizeof(table_t *), compare_first_keys);
-    if (acc_start(acc, order[0]->c, order[0]->h, order[0]->w, threads) < 0) {
+    /* chunks: consecutive blocks of one table, about CHUNK_BYTES each */
+    for (size_t i = 0; i < used; i++)
+        n_chunks += order[i]->n_blocks;
+    chunk_t *chunks = malloc(n_chunks * sizeof(chunk_t));
+    if (!chunks || acc_start(acc, order[0]->c, order[0]->h, order[0]->w, threads) < 0) {
+        free(chunks);
         free(order);
         *no_memory = 1;
         return NULL;
     }
-    pass_t passes[MAX_THREADS];
-    int stop = 0;
+    n_chunks = 0;
+    for (size_t i = 0; i < used; i++) {
+        const table_t *t = order[i];
+        for (size_t b = 0; b < t->n_blocks;) {
+            size_t last = b;
+            while (last + 1 < t->n_blocks && t->blocks[last + 1].offset + t->blocks[last + 1].size - t->blocks[b].offset <= CHUNK_BYTES)
+                last++;
+            chunks[n_chunks++] = (chunk_t){t, b, last};
+            b = last + 1;
+        }
+    }
+    free(order);
+    scan_t s = {chunks, n_chunks, acc, {{0}}, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, acc->n_lanes, NULL, 0, 0};
+    for (int r = 0; r < RING; r++)
+        s.ring[r].holds = -1;
+    worker_t workers[MAX_THREADS];
     for (int t = 0; t < acc->n_lanes; t++) {
-        passes[t] = (pass_t){order, used, acc, &acc->lanes[t], t == 0, &stop, NULL, 0, 0};
+        workers[t] = (worker_t){&s, t};
         started[t] = 0;
     }
+    int all_started = 1;
     for (int t = 1; t < acc->n_lanes; t++)
-        started[t] = pthread_create(&ids[t], NULL, run_pass, &passes[t]) == 0;
-    for (int t = 1; t < acc->n_lanes; t++)
-        if (!started[t])
-            run_pass(&passes[t]);
-    run_pass(&passes[0]);
+        all_started &= started[t] = pthread_create(&ids[t], NULL, scan_worker, &workers[t]) == 0;
+    if (all_started)
+        scan_worker(&workers[0]);
+    else /* the lanes wait on each other: without all their threads, none can finish */
+        stop(&s, "threads could not be started");
     for (int t = 1; t < acc->n_lanes; t++)
         if (started[t])
             pthread_join(ids[t], NULL);
-    free(order);
-    const char *problem = NULL;
-    for (int t = 0; t < acc->n_lanes; t++) {
-        *no_memory |= passes[t].no_memory;
-        if (passes[t].problem && (!problem || !strcmp(problem, "stopped")))
-            problem = passes[t].problem;
+    for (int r = 0; r < RING; r++) {
+        slot_t *slot = &s.ring[r];
+        for (size_t i = 0; i < slot->n_owned; i++)
+            free(slot->owned[i]);
+        free(slot->owned);
+        free(slot->buffer);
+        free(slot->records);
+        free(slot->first_key);
+        free(slot->last_key);
     }
-    if (!problem)
-        acc->count = passes[0].count;
-    return problem;
+    free(chunks);
+    pthread_mutex_destroy(&s.lock);
+    pthread_cond_destroy(&s.changed);
+    *no_memory |= s.no_memory;
+    if (!s.problem)
+        acc->count = s.count;
+    return s.problem;
 }
 
 static PyObject *scan_tables(PyObject *self, PyObject *args, PyObject *kwargs)
@@ -741,6 +941,7 @@ static PyObject *scan_tables(PyObject *self, PyObject *args, PyObject *kwargs)
         if (!PyUnicode_FSConverter(PySequence_Fast_GET_ITEM(sequence, i), &encoded[i]))
             goto done;
         tables[i].path = PyBytes_AS_STRING(encoded[i]);
+        tables[i].fd = -1;
     }
     if (threads <= 0)
         threads = default_threads();
@@ -758,8 +959,9 @@ static PyObject *scan_tables(PyObject *self, PyObject *args, PyObject *kwargs)
     else
         result = acc_result(&acc);
 done:
-    for (Py_ssize_t i = 0; tables && i < n; i++)
-        table_free(&tables[i]);
+    for (Py_ssize_t i = 0; tables && encoded && i < n; i++)
+        if (encoded[i])
+            table_free(&tables[i]);
     for (Py_ssize_t i = 0; encoded && i < n; i++)
         Py_XDECREF(encoded[i]);
     free(tables);

@@ -1,7 +1,7 @@
 """``compute_image_mean`` through the native module :mod:`lymph_cv.formats.ldbscan`, without numpy.
 
-Three ways, the first that applies: LevelDB's live table files scanned directly (memory-mapped,
-both cores, no Python object per record); the database's values in key order (plyvel's
+Three ways, the first that applies: LevelDB's live table files scanned directly (read in chunks
+shared by both cores, no Python object per record); the database's values in key order (plyvel's
 iterator, or zero-copy LMDB buffers) summed by the native accumulator; else
 :class:`NativeUnavailable`, and the caller takes :mod:`lymph_cv.formats.caffe.mean` (numpy),
 which gives the same bytes or names the record it cannot use.  All three add the records'
