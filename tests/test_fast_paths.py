@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -277,15 +278,28 @@ HELP_HEAVY = ("torch", "numpy", "cv2", "lymph_cv.stages", "lymph_cv.pipeline", "
 
 
 def test_every_help_loads_no_torch_numpy_opencv_or_stage():
-    # One interpreter shows each help in turn (cheap) and names the command that loaded a heavy module.
-    from lymph_cv.cli import COMMANDS
-
-    probe = ("import json, sys\nfrom lymph_cv.cli import main\nfound = {}\n"
-             f"for args in [['--help']] + [[name, '--help'] for name in {sorted(COMMANDS)!r}]:\n"
-             "    try:\n        main(args)\n    except SystemExit:\n        pass\n"
-             f"    new = [m for m in {HELP_HEAVY!r} if m in sys.modules and not any(m in v for v in found.values())]\n"
-             "    if new:\n        found[' '.join(args)] = new\n"
-             "print('LOADED=' + json.dumps(found))")
+    # One interpreter shows each help in turn (a group's subcommands' too) and names the first that
+    # loaded a heavy module.
+    probe = textwrap.dedent(f"""
+        import json, sys
+        import click
+        from lymph_cv.cli import COMMANDS, cli, main
+        found = {{}}
+        def show(args):
+            try:
+                main(args)
+            except SystemExit:
+                pass
+            new = [m for m in {HELP_HEAVY!r} if m in sys.modules and not any(m in v for v in found.values())]
+            if new:
+                found[' '.join(args)] = new
+        show(['--help'])
+        for name in sorted(COMMANDS):
+            show([name, '--help'])
+            for sub in sorted(getattr(cli.get_command(click.Context(cli), name), 'commands', {{}})):
+                show([name, sub, '--help'])
+        print('LOADED=' + json.dumps(found))
+        """)
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     line = next(line for line in done.stdout.splitlines() if line.startswith("LOADED="))
     assert json.loads(line[len("LOADED="):]) == {}
