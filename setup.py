@@ -14,6 +14,8 @@ CFLAGS = ["-O3", "-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-
 NATIVE = [
     Extension("lymph_cv.formats.ldbscan", ["lymph_cv/formats/ldbscan.c"],
               extra_compile_args=CFLAGS, extra_link_args=["-pthread"], optional=True),
+    Extension("lymph_cv.formats.ldbwrite", ["lymph_cv/formats/ldbwrite.c"],
+              extra_compile_args=CFLAGS, optional=True),
 ]
 
 setup(ext_modules=NATIVE)

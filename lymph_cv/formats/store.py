@@ -14,9 +14,10 @@ import itertools
 import logging
 import os
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple, Union
+from typing import Iterable, Iterator, List, Optional, Tuple, Union
 
 from lymph_cv.errors import FormatError, StoreError
+from lymph_cv.formats import leveldb_tables
 from lymph_cv.core.fsutil import PathLike, check_kind, make_dirs, remove_path, replace_path, temp_sibling
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,11 @@ Key = Union[bytes, str]
 def make_key(index: int, name: str) -> bytes:
     """Caffe's database key for list line ``index`` naming ``name`` (``00000042_name``)."""
     return (KEY_FORMAT % (index, name)).encode("utf-8")
+
+
+def make_keys(indices: Iterable[int], names: Iterable[bytes]) -> List[bytes]:
+    """:func:`make_key` of each (index, UTF-8 name) pair, in bulk."""
+    return list(map(KEY_FORMAT.encode().__mod__, zip(indices, names)))
 
 
 def _as_bytes(key: Key) -> bytes:
@@ -112,6 +118,11 @@ class _Writer(abc.ABC):
             if len(self._keys) >= self.commit_every:
                 self.commit()
 
+    def put_fixed(self, keys: List[bytes], data, width: int) -> None:
+        """:meth:`put_many` with the values as ``data``'s consecutive ``width``-byte slices (one buffer)."""
+        data = memoryview(data).cast("B")
+        self.put_many(keys, [bytes(data[i * width : (i + 1) * width]) for i in range(len(keys))])
+
     def __len__(self) -> int:
         return self.count
 
@@ -129,15 +140,19 @@ class _Writer(abc.ABC):
     def close(self) -> None:
         """Close the underlying database (does not commit)."""
 
+    def abort(self) -> None:
+        """Close after an error (the database is removed next)."""
+        self.close()
+
 
 class _LevelDBWriter(_Writer):
-    def __init__(self, path: Path, commit_every: int):
+    def __init__(self, path: Path, commit_every: int, existing: bool = False):
         super().__init__(path, commit_every)
         import plyvel
 
         try:
             self._db = plyvel.DB(
-                os.fspath(path), create_if_missing=True, error_if_exists=True, **LEVELDB_OPTIONS
+                os.fspath(path), create_if_missing=not existing, error_if_exists=not existing, **LEVELDB_OPTIONS
             )
         except plyvel.Error as exc:
             raise StoreError(f"cannot create LevelDB: {exc}", path) from exc
@@ -153,6 +168,61 @@ class _LevelDBWriter(_Writer):
 
     def close(self):
         self._db.close()
+
+
+class _TableLevelDBWriter(_Writer):
+    """A LevelDB written as table files directly (:mod:`leveldb_tables`) while its keys increase,
+    which they do in every database this project builds; from a key that does not, through
+    LevelDB itself (the same records either way)."""
+
+    def __init__(self, path: Path, commit_every: int):
+        super().__init__(path, commit_every)
+        path.mkdir(mode=0o755)
+        self._tables = leveldb_tables.TableWriter(path)
+        self._db: Optional[_LevelDBWriter] = None  # once a key did not increase
+
+    def _write(self, keys, values):
+        self._store(keys, values)
+
+    def put_many(self, keys: List[bytes], values: List[bytes]) -> None:
+        self.commit()
+        self._store(keys, values)
+        self.count += len(keys)
+
+    def put_fixed(self, keys: List[bytes], data, width: int) -> None:
+        self.commit()
+        taken = 0 if self._db is not None else self._tables.add_fixed(keys, data, width)
+        if taken < len(keys):
+            rest = memoryview(data).cast("B")[taken * width :]
+            self._store(keys[taken:], [bytes(rest[i * width : (i + 1) * width]) for i in range(len(keys) - taken)])
+        self.count += len(keys)
+
+    def _store(self, keys: List[bytes], values: List[bytes]) -> None:
+        taken = 0 if self._db is not None else self._tables.add(keys, values)
+        if taken < len(keys):
+            if self._db is None:
+                log.debug("%s: key %r does not increase; writing on through LevelDB", self.path, keys[taken])
+                self._tables.finish()
+                self._db = _LevelDBWriter(self.path, self.commit_every, existing=True)
+            self._db._write(keys[taken:], values[taken:])
+
+    def close(self):
+        if self._db is not None:
+            self._db.close()
+            return
+        self._tables.finish()
+        import plyvel
+
+        # LevelDB opens it once (and so checks the MANIFEST names every table) before it counts as written.
+        try:
+            plyvel.DB(os.fspath(self.path), create_if_missing=False).close()
+        except plyvel.Error as exc:
+            raise StoreError(f"LevelDB cannot open the tables written: {exc}", self.path) from exc
+
+    def abort(self):
+        if self._db is not None:
+            self._db.close()
+        self._tables.abandon()
 
 
 #: Free bytes an LMDB write needs beyond its records (meta and branch pages), and the factor on the
@@ -230,8 +300,10 @@ def open_writer(
     make_dirs(path.parent)
     temp = temp_sibling(path)
     try:
-        if backend == LEVELDB:
-            writer: _Writer = _LevelDBWriter(temp, commit_every)
+        if backend == LEVELDB and leveldb_tables.available():
+            writer: _Writer = _TableLevelDBWriter(temp, commit_every)
+        elif backend == LEVELDB:
+            writer = _LevelDBWriter(temp, commit_every)
         else:
             writer = _LMDBWriter(temp, commit_every, lmdb_map_size)
     except Exception as exc:  # plyvel/lmdb/OS errors name the temporary: report the final name
@@ -250,7 +322,7 @@ def open_writer(
             raise _store_error(exc, path, "cannot write") from None
     except BaseException:
         with contextlib.suppress(Exception):  # closing a database whose disk is full may fail too
-            writer.close()
+            writer.abort()
         remove_path(temp)
         raise
     log.debug("wrote %d records to %s (%s)", writer.count, path, backend)

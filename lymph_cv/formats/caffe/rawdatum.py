@@ -66,22 +66,31 @@ def serialize_datum(chw_uint8: np.ndarray, label: int) -> bytes:
     return _raw_header(channels, height, width) + array.tobytes() + _raw_trailer(int(label))
 
 
+def empty_datum_table(shape: Tuple[int, int, int], labels: np.ndarray) -> Optional[np.ndarray]:
+    """:func:`datum_table` of ``shape`` (C, H, W) with the pixel columns left to fill (they start at
+    :func:`raw_pixel_offset`); None when a label needs more than one varint byte."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if not len(labels) or labels.min() < 0 or labels.max() >= _ONE_BYTE_VARINT:
+        return None
+    channels, height, width = shape
+    header = _raw_header(channels, height, width)
+    table = np.empty((len(labels), len(header) + channels * height * width + _ONE_BYTE_TRAILER), np.uint8)
+    table[:, : len(header)] = np.frombuffer(header, np.uint8)
+    table[:, -4] = _TAG_LABEL
+    table[:, -3] = labels
+    table[:, -2:] = np.frombuffer(_TAG_ENCODED_FALSE, np.uint8)
+    return table
+
+
 def datum_table(pixels: np.ndarray, labels: np.ndarray) -> Optional[np.ndarray]:
     """Raw Datums of uint8 ``pixels`` (B, C, H, W), any strides, as one (B, record length) table: row
     ``i`` is :func:`serialize_datum` of ``pixels[i]`` with ``labels[i]``.  None when a label needs more
     than one varint byte (outside 0..127: the records then differ in length)."""
-    labels = np.asarray(labels, dtype=np.int64)
-    if not len(labels) or labels.min() < 0 or labels.max() >= _ONE_BYTE_VARINT:
-        return None
     count, channels, height, width = pixels.shape
-    header = _raw_header(channels, height, width)
-    size = channels * height * width
-    table = np.empty((count, len(header) + size + _ONE_BYTE_TRAILER), np.uint8)
-    table[:, : len(header)] = np.frombuffer(header, np.uint8)
-    table[:, len(header) : len(header) + size].reshape(pixels.shape)[...] = pixels
-    table[:, -4] = _TAG_LABEL
-    table[:, -3] = labels
-    table[:, -2:] = np.frombuffer(_TAG_ENCODED_FALSE, np.uint8)
+    table = empty_datum_table((channels, height, width), labels)
+    if table is not None:
+        start = raw_pixel_offset(channels, height, width)
+        table[:, start : start + channels * height * width].reshape(pixels.shape)[...] = pixels
     return table
 
 

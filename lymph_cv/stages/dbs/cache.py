@@ -7,22 +7,23 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import logging
 import mmap
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from lymph_cv.formats import store
-from lymph_cv.formats.caffe.datum import serialize_datums
+from lymph_cv.formats import leveldb_tables, store
+from lymph_cv.formats.caffe.rawdatum import datum_table, empty_datum_table, raw_pixel_offset, serialize_datums
 from lymph_cv.formats.caffe.mean import MeanAccumulator
 from lymph_cv.errors import InputError, LymphCVError
 from lymph_cv.core.fsutil import remove_path, temp_sibling
-from lymph_cv.core.memory import available_memory
+from lymph_cv.core.memory import available_memory, collector_paused
 from lymph_cv.core.workers import fork_available, imap
 from lymph_cv.stages.patches import (
     MANIFEST_NAME, BadInputs, Manifest, SourceImage, extract, load_manifest, patch_count, read_for_patches,
@@ -34,7 +35,7 @@ from lymph_cv.formats.slides import open_slide
 from lymph_cv.stages.dbs.convert import DbResult, DbTask, save_mean_or_drop, write_db_batches
 from lymph_cv.stages.dbs.lists import PATCH_NAME, read_image_list, shuffled_order
 from lymph_cv.workdir.layout import PATCH_DIR, TILE_SET
-from lymph_cv.workdir.lists import ListEntry
+from lymph_cv.workdir.lists import ListEntry, read_list_text
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,12 @@ log = logging.getLogger(__name__)
 BATCH = 1024
 
 
-#: Anonymous shared memory blocks by token: created before the worker pools fork, so the
-#: workers write and read the same pages (no file, no disk writeback).
+#: Shared memory blocks by token: created before the worker pools fork, so the workers write and
+#: read the same pages (no disk file, no writeback).
 _SHARED: dict[str, mmap.mmap] = {}
+#: The memory file (memfd) of each block, by token: database builds read their rows through it
+#: with pread (nothing mapped, so nothing of the block is resident in them).
+_SHARED_FILES: dict[str, int] = {}
 #: Colour patches: OpenCV's colour imread gives 3 channels.
 COLOR_CHANNELS = 3
 #: Use shared memory when the patch array takes at most this share of the available memory (MemAvailable).
@@ -106,8 +110,23 @@ class PatchCache:
             if block is not None:
                 with contextlib.suppress(BufferError):  # a view still alive: freed with it
                     block.close()
+            fd = _SHARED_FILES.pop(self.token, None)
+            if fd is not None:
+                os.close(fd)
         else:
             remove_path(Path(self.token))
+
+    @contextlib.contextmanager
+    def reading_file(self) -> Iterator[Optional[int]]:
+        """A file descriptor of the array's bytes for pread (None when it has none: anonymous memory)."""
+        if self.in_memory:
+            yield _SHARED_FILES.get(self.token)
+            return
+        fd = os.open(self.token, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            yield fd
+        finally:
+            os.close(fd)
 
     def row_of(self, name: str) -> Optional[int]:
         """Row of a patch file name, or None when it is not a patch of a known image."""
@@ -123,13 +142,7 @@ class PatchCache:
     def build(cls, workdir: Path, images: Path, lists: Sequence[tuple[Path, Optional[int]]], record: dict,
               workers: Optional[int], bad: BadInputs, stain: Optional[StainTransform] = None) -> "PatchCache":
         manifest = _manifest_for(workdir, record)
-        needed: set[str] = set()
-        for list_path, num_labels in lists:
-            for entry in read_image_list(list_path, num_labels):
-                match = PATCH_NAME.match(entry.name.rsplit("/", 1)[-1])
-                if not match:
-                    raise InputError(f"line {entry.line}: {entry.name!r} is not a patch name (<image>_sub_<i>.tif)", list_path)
-                needed.add(match.group("stem"))
+        needed: set[str] = set().union(*imap(_listed_stems, lists, workers=workers))
         by_stem = {e.stem: e for e in manifest.images}
         unknown = sorted(needed - set(by_stem))
         if unknown:
@@ -144,7 +157,7 @@ class PatchCache:
         in_memory = fork_available() and size <= SHARED_MEMORY_SHARE * _free_memory()
         if in_memory:
             token = f"patches-{os.getpid()}-{len(_SHARED)}-{time.monotonic_ns()}"
-            _SHARED[token] = mmap.mmap(-1, size)
+            _SHARED[token] = _shared_block(token, size)
         else:
             token = os.fspath(temp_sibling(workdir / "patch-cache.u8"))
             np.memmap(token, np.uint8, "w+", shape=(size,)).flush()
@@ -172,6 +185,44 @@ class PatchCache:
             cache.remove()
             raise
         return dataclasses.replace(cache, unreadable=frozenset(unreadable))
+
+
+def _shared_block(token: str, size: int) -> mmap.mmap:
+    """A shared memory block of ``size`` bytes; backed by a memory file (kept in ``_SHARED_FILES``) where
+    the system has them, so readers can pread it."""
+    if not hasattr(os, "memfd_create"):
+        return mmap.mmap(-1, size)
+    fd = os.memfd_create("lymph_cv-patches", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        block = mmap.mmap(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    _SHARED_FILES[token] = fd
+    return block
+
+
+def _listed_stems(job: tuple[Path, Optional[int]]) -> set[str]:
+    """The image stems a list's patch names come from.
+
+    A list whose every line holds ``_sub_`` is scanned in bulk (each line's part before its last
+    ``_sub_``); each database build checks its list in full (:func:`_cache_rows`).  Any other list
+    is read and checked here, line by line, so a bad line is named before anything is cut.
+    """
+    list_path, num_labels = job
+    heads = {line.rpartition("_sub_")[0] for line in read_list_text(list_path).splitlines()}
+    if "" not in heads:
+        stems = {head.rsplit("/", 1)[-1] for head in heads}
+        if "" not in stems:
+            return stems
+    stems = set()
+    for entry in read_image_list(list_path, num_labels):
+        match = PATCH_NAME.match(entry.name.rsplit("/", 1)[-1])
+        if not match:
+            raise InputError(f"line {entry.line}: {entry.name!r} is not a patch name (<image>_sub_<i>.tif)", list_path)
+        stems.add(match.group("stem"))
+    return stems
 
 
 def digest_of_manifest(workdir: Path, record: dict) -> Optional[str]:
@@ -253,18 +304,44 @@ def _cut_slide(job: tuple["PatchCache", SourceImage, str, list, Optional[StainTr
     return None, None, unchanged
 
 
+#: Per patch array (token), the rows of the names this process has looked up: each patch is named
+#: in several databases (4 of the 5 folds' training lists), and a worker builds several of them.
+_ROWS_BY_NAME: dict[str, dict[str, int]] = {}
+#: Marks a name not looked up yet.
+_UNKNOWN_ROW = -2
+
+
 def _cache_rows(task: DbTask, entries: Sequence[ListEntry], bad: BadInputs) -> np.ndarray:
     """Array row of every list entry; -1 for patches of unreadable images (skipped)."""
     cache = task.cache
-    rows = np.empty(len(entries), np.int64)
-    for position, entry in enumerate(entries):
+    if cache.unreadable:
+        return _rows_of(task, entries, bad, range(len(entries)))
+    known = _ROWS_BY_NAME.setdefault(cache.token, {})
+    with collector_paused():  # no cycles among the names made; the collections cost as much as the lookups
+        rows = np.fromiter(map(known.get, [e.name for e in entries], itertools.repeat(_UNKNOWN_ROW)), np.int64,
+                           len(entries))
+        missing = np.flatnonzero(rows == _UNKNOWN_ROW)
+        if len(missing):
+            rows[missing] = _rows_of(task, entries, bad, missing.tolist())
+            known.update(zip([entries[p].name for p in missing.tolist()], rows[missing].tolist()))
+    return rows
+
+
+def _rows_of(task: DbTask, entries: Sequence[ListEntry], bad: BadInputs, positions: Sequence[int]) -> np.ndarray:
+    """Rows of the entries at ``positions``, each name parsed (the bad ones named)."""
+    cache = task.cache
+    rows = np.empty(len(positions), np.int64)
+    for at, position in enumerate(positions):
+        entry = entries[position]
         row = cache.row_of(entry.name)
+        if row is None and not PATCH_NAME.match(entry.name.rsplit("/", 1)[-1]):
+            raise InputError(f"line {entry.line}: {entry.name!r} is not a patch name (<image>_sub_<i>.tif)", task.list_path)
         if row is None:
             raise InputError(f"line {entry.line}: {entry.name!r} is not a patch of an image in the manifest", task.list_path)
         if cache.unreadable and PATCH_NAME.match(entry.name.rsplit("/", 1)[-1]).group("stem") in cache.unreadable:
             bad.problem(f"{task.list_path}: line {entry.line}: {entry.name} skipped, its image is unreadable")
             row = -1
-        rows[position] = row
+        rows[at] = row
     return rows
 
 
@@ -277,28 +354,47 @@ RELEASE_ROWS = 8192
 def _cache_batches(
     cache: PatchCache, entries: Sequence[ListEntry], order: np.ndarray, rows: np.ndarray,
     accumulator: Optional[MeanAccumulator],
-) -> Iterator[tuple[list[bytes], list[bytes]]]:
-    """(keys, values) of the database in order, BATCH records at a time, assembled as arrays."""
-    array, gathered = cache.open(), 0
+) -> Iterator[tuple[list[bytes], Union[list[bytes], np.ndarray]]]:
+    """(keys, values) of the database in order, BATCH records at a time, assembled as arrays (the
+    values as one array of records when they have one length).
+
+    With the native module the records are assembled around rows read with pread from the array's
+    file, straight into their places (nothing of the array becomes resident here); else the rows
+    are gathered from the mapped array, dropped from this process every RELEASE_ROWS rows.
+    """
     labels = np.fromiter((e.label for e in entries), np.int64, len(entries))
-    for start in range(0, len(order), BATCH):
-        positions = order[start : start + BATCH]
-        wanted = rows[positions]
-        keep = wanted >= 0
-        # Skipped lines still consume their index, as with missing patch files.
-        indices = np.arange(start, start + len(positions))[keep]
-        positions, wanted = positions[keep], wanted[keep]
-        block = np.asarray(array[wanted])
-        if not len(block):
-            continue
-        if accumulator is not None:
-            accumulator.add_batch(block, cache.shape)
-        keys = [store.make_key(index, entries[position].name) for index, position in zip(indices.tolist(), positions.tolist())]
-        yield keys, serialize_datums(block, cache.shape, labels[positions])
-        gathered += len(block)
-        if gathered >= RELEASE_ROWS:
-            cache.release()
-            array, gathered = cache.open(), 0
+    names = [entry.name.encode() for entry in entries]
+    pixels_at = raw_pixel_offset(*cache.shape)
+    with cache.reading_file() as fd:
+        native = fd is not None and leveldb_tables.available()
+        array, gathered = (None, 0) if native else (cache.open(), 0)
+        for start in range(0, len(order), BATCH):
+            positions = order[start : start + BATCH]
+            wanted = rows[positions]
+            keep = wanted >= 0
+            # Skipped lines still consume their index, as with missing patch files.
+            indices = np.arange(start, start + len(positions))[keep]
+            positions, wanted = positions[keep], wanted[keep]
+            if not len(wanted):
+                continue
+            keys = store.make_keys(indices.tolist(), map(names.__getitem__, positions.tolist()))
+            table = empty_datum_table(cache.shape, labels[positions]) if native else None
+            if table is not None:
+                leveldb_tables.pread_rows(fd, wanted, cache.row_size, table, pixels_at)
+                block = table[:, pixels_at : pixels_at + cache.row_size]
+            else:
+                if array is None:
+                    array = cache.open()
+                block = np.asarray(array[wanted])
+                gathered += len(block)
+            if accumulator is not None:
+                accumulator.add_batch(block, cache.shape)
+            if table is None:
+                table = datum_table(block.reshape((len(block),) + cache.shape), labels[positions])
+            yield keys, serialize_datums(block, cache.shape, labels[positions]) if table is None else table
+            if gathered >= RELEASE_ROWS:
+                cache.release()
+                array, gathered = cache.open(), 0
 
 
 def build_from_cache(task: DbTask) -> DbResult:

@@ -205,15 +205,19 @@ def write_db(
 
 
 def write_db_batches(db_path: Union[str, os.PathLike], backend: str,
-                     batches: Iterable[tuple[list[bytes], list[bytes]]]) -> int:
+                     batches: Iterable[tuple[list[bytes], Union[list[bytes], np.ndarray]]]) -> int:
     """Write ``(keys, values)`` batches to a new database (replacing one there); the record count.
 
-    :func:`write_db` for records assembled in bulk (no per-record checks); same errors.
+    :func:`write_db` for records assembled in bulk (no per-record checks); same errors.  ``values``
+    is a list of bytes or a 2-D uint8 array whose rows are the values (no bytes object per record).
     """
     count = 0
     with _store_errors(db_path), store.open_writer(db_path, backend, overwrite=True) as writer:
         for keys, values in batches:
-            writer.put_many(keys, values)
+            if isinstance(values, np.ndarray):
+                writer.put_fixed(keys, values, values.shape[1])
+            else:
+                writer.put_many(keys, values)
             count += len(keys)
         if count == 0:
             raise InputError("no readable record; nothing to write", db_path)
