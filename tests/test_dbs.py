@@ -12,7 +12,7 @@ import pytest
 
 from datautil import list_workdir
 from lymph_cv.stages import dbs, folds, patches, synth
-from lymph_cv.formats import store
+from lymph_cv.formats import leveldb_tables, store
 from lymph_cv.formats.caffe.blob import read_mean
 from lymph_cv.formats.caffe.datum import parse_datum
 from lymph_cv.errors import InputError, LymphCVError, StoreError
@@ -198,13 +198,16 @@ def test_existing_db_needs_overwrite_but_finished_work_is_kept(workdir, tmp_path
     assert "DB_test_2: " in replaced.output and "DB_test_1" not in replaced.output
 
 
-def test_no_space_left(workdir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_no_space_left(workdir, tmp_path, monkeypatch, native):
     work = _fresh(workdir, tmp_path)
 
     def full(self, *records):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    monkeypatch.setenv(leveldb_tables.NATIVE_ENV, native)
     monkeypatch.setattr(store._LevelDBWriter, "_write", full)
+    monkeypatch.setattr(leveldb_tables.TableWriter, "add", full)
     with pytest.raises(StoreError, match="DB_train_1: no space left on device"):
         dbs.build_dbs(work, workers=1)
     assert not (work / "DB_train_1").exists()

@@ -11,7 +11,7 @@ import plyvel
 import pytest
 
 from lymph_cv.errors import LymphCVError
-from lymph_cv.formats import ldbscan, store
+from lymph_cv.formats import ldbscan, leveldb_tables, store
 from lymph_cv.formats.caffe import mean as mean_module
 from lymph_cv.formats.caffe import meanscan
 from lymph_cv.formats.caffe.datum import encoded_datum, serialize_datum
@@ -93,12 +93,14 @@ def test_lmdb_values_summed_natively(tmp_path):
     assert _same_as_numpy(tmp_path / "db", images).way == "values"
 
 
-def test_snappy_blocks_decompressed(tmp_path):
+def test_snappy_blocks_decompressed(tmp_path, monkeypatch):
     images = np.repeat(_images(40, seed=3)[:, :, :1], 6, axis=2)  # rows repeat: snappy-compressible
     images = np.concatenate([images, np.zeros((60, 3, 6, 5), np.uint8)])
+    monkeypatch.setenv(leveldb_tables.NATIVE_ENV, "0")  # written by LevelDB (the native tables are uncompressed)
     with store.open_writer(tmp_path / "db", "leveldb") as writer:  # Caffe's options: snappy
         for i, image in enumerate(images):
             writer.put(store.make_key(i, "p"), serialize_datum(image, 0))
+    monkeypatch.delenv(leveldb_tables.NATIVE_ENV)
     raw = sum(len(serialize_datum(image, 0)) for image in images)
     with store.open_reader(tmp_path / "db") as reader:
         size = sum(os.path.getsize(t) for t in reader.live_tables())

@@ -11,6 +11,7 @@
  * Writer(path_template, first_number, block_size, max_file_size, first_sequence)
  *   .add(keys, values)             sequences of bytes-like, keys strictly increasing
  *   .add_fixed(keys, data, width)  values are consecutive width-byte slices of one buffer
+ *   .add_blob(keys, ends, data, width)  keys too are slices of one buffer (int64 end offsets)
  *   .finish() -> [(number, size, smallest internal key, largest internal key)], last sequence
  * add* return how many records they took: fewer than given when a key is not greater than the
  * previous one (the caller continues through LevelDB itself).
@@ -484,6 +485,44 @@ static PyObject *Writer_add_fixed(Writer *w, PyObject *args) {
     return taken;
 }
 
+/* add_blob(keys, ends, data, width): key i is keys[ends[i-1]:ends[i]] (ends: int64, ends[-1] = len(keys)),
+ * value i is data[i*width:(i+1)*width]: a batch without a Python object per record. */
+static PyObject *Writer_add_blob(Writer *w, PyObject *args) {
+    Py_buffer keys, ends, data;
+    Py_ssize_t width;
+    if (!PyArg_ParseTuple(args, "y*y*y*n", &keys, &ends, &data, &width)) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = ends.len / (Py_ssize_t)sizeof(int64_t);
+    const int64_t *end = ends.buf;
+    if (!w->tables) {
+        PyErr_SetString(PyExc_ValueError, "writer is finished");
+        goto done;
+    }
+    if (ends.len % (Py_ssize_t)sizeof(int64_t) || width <= 0 || data.len != n * width || (n && end[n - 1] != keys.len)) {
+        PyErr_SetString(PyExc_ValueError, "add_blob: ends must be int64 key ends, data n values of width bytes");
+        goto done;
+    }
+    Py_ssize_t i = 0;
+    int64_t start = 0;
+    for (; i < n; i++) {
+        if (end[i] < start || end[i] > keys.len) {
+            PyErr_SetString(PyExc_ValueError, "add_blob: key ends must not decrease");
+            goto done;
+        }
+        const uint8_t *key = (const uint8_t *)keys.buf + start;
+        size_t key_size = (size_t)(end[i] - start);
+        if (!key_greater(w, key, key_size)) break;
+        if (add_record(w, key, key_size, (const uint8_t *)data.buf + i * width, (size_t)width) < 0) goto done;
+        start = end[i];
+    }
+    result = PyLong_FromSsize_t(i);
+done:
+    PyBuffer_Release(&keys);
+    PyBuffer_Release(&ends);
+    PyBuffer_Release(&data);
+    return result;
+}
+
 static PyObject *Writer_finish(Writer *w, PyObject *Py_UNUSED(ignored)) {
     if (!w->tables) {
         PyErr_SetString(PyExc_ValueError, "writer is finished");
@@ -547,6 +586,8 @@ static PyMethodDef Writer_methods[] = {
     {"add", (PyCFunction)Writer_add, METH_VARARGS, "add(keys, values) -> records taken (keys strictly increasing)"},
     {"add_fixed", (PyCFunction)Writer_add_fixed, METH_VARARGS,
      "add_fixed(keys, data, width) -> records taken; value i is data[i*width:(i+1)*width]"},
+    {"add_blob", (PyCFunction)Writer_add_blob, METH_VARARGS,
+     "add_blob(keys, ends, data, width) -> records taken; key i is keys[ends[i-1]:ends[i]] (int64 ends)"},
     {"finish", (PyCFunction)Writer_finish, METH_NOARGS,
      "finish() -> ([(number, size, smallest, largest)], last sequence): closes the last table"},
     {"abandon", (PyCFunction)Writer_abandon, METH_NOARGS, "close the open table unfinished"},
