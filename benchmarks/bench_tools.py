@@ -127,13 +127,18 @@ def _evaluated(work: Path) -> Path:
     return work
 
 
-def _work(path: Path | None, tmp: Path) -> Path:
-    """A work folder with patch files and fold lists (20 synthetic full-size images when not given)."""
+#: ``--startup-only`` without ``--work``: 15 small images (1,512 train patches), made in seconds.
+SMALL_SET = dict(per_class=[5, 5, 5], cases_per_class=5, width=300, height=240)
+
+
+def _work(path: Path | None, tmp: Path, small: bool = False) -> Path:
+    """A work folder with patch files and fold lists (20 synthetic full-size images when not given;
+    ``small``: :data:`SMALL_SET`, enough for the start-up figures)."""
     if path is not None:
         return path
     from lymph_cv.stages import folds, patches, synth
 
-    synth.generate(tmp / "data", per_class=[7, 7, 6], cases_per_class=2)
+    synth.generate(tmp / "data", **(SMALL_SET if small else dict(per_class=[7, 7, 6], cases_per_class=2)))
     manifest = patches.extract_patches(tmp / "data", tmp / "work" / "subs")
     folds.make_folds(manifest, tmp / "work", k=5, seed=0)
     return tmp / "work"
@@ -156,7 +161,7 @@ def main() -> None:
     python = sys.executable
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        work = _work(args.work, tmp)
+        work = _work(args.work, tmp, small=args.startup_only)
         listing = work / "train_w32_1.txt"
         records = len(listing.read_text().splitlines())
         rows: dict[str, list[float]] = {}
@@ -220,7 +225,7 @@ def main() -> None:
         if slide.is_file():
             first_lines["lymph-cv slides info SLIDE: first line"] = [python, "-m", "lymph_cv", "slides", "info",
                                                                      str(slide)]
-        (tmp / "data").mkdir(exist_ok=True)
+        (tmp / "run_data").mkdir(exist_ok=True)  # no class folders: run stops after its checks
         for argv in startup.values():  # untimed: the bytecode caches written once
             subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
         times: dict[str, list[float]] = {}
@@ -236,7 +241,7 @@ def main() -> None:
                 times.setdefault(name, []).append(_stdout_first_line(argv))
             shutil.rmtree(tmp / "run", ignore_errors=True)
             times.setdefault("lymph-cv run: plan line (terminal)", []).append(_terminal_first_line(
-                [python, "-m", "lymph_cv", "run", str(tmp / "run"), "--data", str(tmp / "data")]))
+                [python, "-m", "lymph_cv", "run", str(tmp / "run"), "--data", str(tmp / "run_data")]))
         print(f"\nbytecode caches in use{' (PYTHONDONTWRITEBYTECODE=1 was set here: not for these runs)' if bytecode_off else ''}; "
               f"load average {os.getloadavg()[0]:.1f}")
         print(f"{'start-up (whole process)':<44} {'median s':>9} {'CPU s':>6} {'vs Caffe binary':>15}  "
