@@ -233,3 +233,30 @@ def test_tool_native_and_numpy_paths_write_and_log_the_same(tmp_path):
     assert native_lines[:-1] == numpy_lines[:-1]
     assert native_lines[-1] == "NUMPY False" and numpy_lines[-1] == "NUMPY True"
     assert "Processed 20000 files." in native_lines and "Processed 20500 files." in native_lines
+
+
+def _accumulate(records, floats_at: int):
+    accumulator = mean_module.MeanAccumulator()
+    table = np.concatenate([np.zeros((len(records), 3), np.uint8), records.reshape(len(records), -1)], axis=1)
+    accumulator.add_batch(table[:floats_at, 3:], records.shape[1:])  # strided rows, as the bulk reader gives
+    accumulator.add(records[floats_at])
+    accumulator.add_float(np.full(records.shape[1:], 0.5, np.float32))
+    accumulator.add_batch(records[floats_at + 1 :].reshape(len(records) - floats_at - 1, -1), records.shape[1:])
+    return accumulator
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_mean_accumulator_native_and_numpy_give_caffes_bytes(monkeypatch, native):
+    monkeypatch.setenv(meanscan.NATIVE_ENV, native)
+    images = _images(70000, (1, 2, 2), seed=11, low=230)  # past 2^24 before the float record
+    accumulator = _accumulate(images, 69000)
+    expected = _naive_sum(images[:69001])
+    expected += np.float32(0.5)
+    for image in images[69001:]:
+        expected += image.reshape(-1)
+    assert np.array_equal(accumulator.sum, expected) and expected.max() > 2**24
+    assert accumulator.mean().astype("<f4").tobytes() == (expected / np.float32(70001)).astype("<f4").tobytes()
+    only_rows = mean_module.MeanAccumulator()
+    only_rows.add_batch(images.reshape(len(images), -1), (1, 2, 2))
+    assert np.array_equal(only_rows.sum, _naive_sum(images))
+    assert only_rows.uses_native == (native == "1") and not accumulator.uses_native

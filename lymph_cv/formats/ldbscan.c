@@ -1073,6 +1073,54 @@ done:
     return result;
 }
 
+static PyObject *Accumulator_add_rows(AccumulatorObject *self, PyObject *args)
+{
+    PyObject *rows;
+    int c, h, w;
+    if (!PyArg_ParseTuple(args, "O(iii):add_rows", &rows, &c, &h, &w))
+        return NULL;
+    if (self->broken) {
+        PyErr_SetString(Unsupported, "a record was refused before");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(rows, &view, PyBUF_STRIDES | PyBUF_FORMAT) < 0)
+        return NULL;
+    PyObject *result = NULL;
+    const uint8_t **records = NULL;
+    size_t n = view.ndim == 2 ? (size_t)view.shape[0] : 0, size = (size_t)c * h * w;
+    if (view.ndim != 2 || view.itemsize != 1 || (view.format && strcmp(view.format, "B")) || c <= 0 || h <= 0 ||
+        w <= 0 || (size_t)view.shape[1] != size || (n > 1 && view.strides[0] <= 0) || view.strides[1] != 1) {
+        PyErr_SetString(PyExc_ValueError, "rows must be a (B, C*H*W) uint8 array with contiguous rows");
+        goto done;
+    }
+    if (self->acc.size == 0) {
+        if (acc_start(&self->acc, c, h, w, self->threads) < 0) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    } else if (c != self->acc.channels || h != self->acc.height || w != self->acc.width) {
+        self->broken = 1;
+        PyErr_Format(Unsupported, "rows are %dx%dx%d, the first were %dx%dx%d", c, h, w, self->acc.channels,
+                     self->acc.height, self->acc.width);
+        goto done;
+    }
+    if (!(records = malloc((n ? n : 1) * sizeof(uint8_t *)))) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (size_t i = 0; i < n; i++)
+        records[i] = (const uint8_t *)view.buf + (Py_ssize_t)i * view.strides[0];
+    Py_BEGIN_ALLOW_THREADS
+    acc_add(&self->acc, records, n);
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromSize_t(n);
+done:
+    free(records);
+    PyBuffer_Release(&view);
+    return result;
+}
+
 static PyObject *Accumulator_result(AccumulatorObject *self, PyObject *unused)
 {
     if (self->broken) {
@@ -1090,6 +1138,8 @@ static PyObject *Accumulator_count(AccumulatorObject *self, void *closure)
 static PyMethodDef Accumulator_methods[] = {
     {"add_values", (PyCFunction)Accumulator_add_values, METH_O,
      "add_values(iterable) -> int: add serialized raw Datums (bytes-like) in order; Unsupported for any other record."},
+    {"add_rows", (PyCFunction)Accumulator_add_rows, METH_VARARGS,
+     "add_rows(rows, (C, H, W)) -> int: add the rows of a (B, C*H*W) uint8 array (rows may be strided) in order."},
     {"result", (PyCFunction)Accumulator_result, METH_NOARGS,
      "result() -> (count, (C, H, W), sum bytes, mean bytes, channel means); float32 little-endian bytes."},
     {NULL, NULL, 0, NULL},

@@ -49,7 +49,12 @@ LEGACY_NDIM = 4
 
 
 class MeanAccumulator:
-    """``compute_image_mean``'s float32 running sum over records in database order."""
+    """``compute_image_mean``'s float32 running sum over records in database order.
+
+    uint8 (C, H, W) records go to the native accumulator (:mod:`lymph_cv.formats.ldbscan`) when it
+    is built and on; the first float_data record (or rows it cannot take) hands its sum over to the
+    numpy arithmetic below, with the same bytes either way.
+    """
 
     def __init__(self) -> None:
         self._sum: Optional[np.ndarray] = None  # float32, 0 while the exact sum holds the total
@@ -60,6 +65,7 @@ class MeanAccumulator:
         # The exact integer sum while only uint8 records within EXACT_RECORDS came (self._sum is then 0).
         self._exact: Optional[np.ndarray] = None
         self._integral = True
+        self._native = None  # ldbscan.Accumulator while it holds the sum
 
     def _start(self, shape: tuple[int, ...]) -> None:
         self.shape = tuple(int(d) for d in shape)
@@ -67,14 +73,29 @@ class MeanAccumulator:
         self._sum = np.zeros(size, np.float32)
         self._exact = np.zeros(size, np.uint32)
         self._block = np.empty((REDUCE_ROWS + 1, size), np.float32)
+        native = meanscan.native_module()
+        if native is not None and len(self.shape) == 3:
+            self._native = native.Accumulator()
 
     @property
     def sum(self) -> Optional[np.ndarray]:
         """The float32 running sum as Caffe's (flat), None before the first record."""
         self.flush()
+        if self._native is not None:
+            return self._native_sum()
         if self._exact is None or self._sum is None:
             return self._sum
         return self._exact.astype(np.float32)
+
+    @property
+    def uses_native(self) -> bool:
+        """Whether the native accumulator holds the sum (uint8 records only so far)."""
+        return self._native is not None
+
+    def _native_sum(self) -> np.ndarray:
+        if not self.count:
+            return np.zeros_like(self._sum)
+        return np.frombuffer(self._native.result()[2], "<f4").astype(np.float32)
 
     def __len__(self) -> int:
         """Records added so far."""
@@ -113,13 +134,25 @@ class MeanAccumulator:
             self._add_rows(rows)
 
     def _settle(self) -> None:
-        """Hand the exact integer sum to the float32 one (exact: it is below 2^24) for good."""
+        """Hand the native or the exact integer sum (exact: it is below 2^24) to the float32 one for good."""
+        if self._native is not None:
+            self._sum[:] = self._native_sum()
+            self._native = None
+            self._exact = None
         if self._exact is not None:
             self._sum[:] = self._exact
             self._exact = None
         self._integral = False
 
     def _add_rows(self, rows: np.ndarray) -> None:
+        if self._native is not None and rows.dtype == np.uint8:
+            try:
+                self._native.add_rows(rows, self.shape)
+            except ValueError:  # rows the native accumulator cannot read in place: numpy from here
+                self._settle()
+            else:
+                self.count += len(rows)
+                return
         if self._integral and rows.dtype == np.uint8:
             exact = min(len(rows), max(0, EXACT_RECORDS - self.count))
             for start in range(0, exact, INTEGER_BLOCK_ROWS):
