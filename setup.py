@@ -2,8 +2,9 @@
 
 Each entry of NATIVE is an optional C extension: a failed build leaves the pure-Python path
 (the code checks the module's presence, and LYMPH_CV_NATIVE=0 turns the native paths off).
-Per-CPU code comes from gcc's target_clones in the sources, never from -march=native, so a
-build runs on any x86-64 machine of this kind.
+Per-CPU code comes from gcc's target attributes in the sources (target_clones, or target plus a
+__builtin_cpu_supports dispatch), never from -march=native, so a build runs on any x86-64
+machine of this kind.
 """
 from setuptools import Extension, setup
 
