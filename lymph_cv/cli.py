@@ -193,7 +193,8 @@ def _prepared(command: click.Command) -> click.Command:
 
     @functools.wraps(callback)
     def prepared(*args, **kwargs):
-        _configure_run(click.get_current_context().find_root().params)
+        ctx = click.get_current_context(silent=True)  # None: called as a plain function
+        _configure_run(ctx.find_root().params if ctx is not None else {})
         return callback(*args, **kwargs)
 
     command.callback = prepared
