@@ -67,7 +67,7 @@ def test_command_defaults_match_the_stages():
         expected = getattr(defaults, name)
         if isinstance(expected, tuple) and not isinstance(value, tuple):  # a function's result, a mapping's keys
             value = tuple(value() if callable(value) else value)
-        assert expected == value, name
+        assert expected == value, f"commands/defaults.py {name} = {expected!r}, but {source} is {value!r}: update it"
 
 
 #: Command modules that load no numpy, OpenCV or stage module to be defined (their ``--help`` is at
