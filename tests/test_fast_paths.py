@@ -323,3 +323,32 @@ def test_exact_integer_sum_hands_over_to_float32_mid_way():
     for _ in range(5):
         expected += np.float32(255)
     assert np.array_equal(accumulator.sum, expected)
+
+
+def test_run_shows_its_plan_first_on_a_terminal(tmp_path):
+    # Loading the stages takes seconds (torch): on a terminal `run` says what it will do before that.
+    import os
+    import pty
+    import select
+    import time
+
+    (tmp_path / "data").mkdir()
+    leader, follower = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "lymph_cv", "run", str(tmp_path / "w"), "--data",
+                                str(tmp_path / "data"), "--folds", "1,3"],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=follower)
+    os.close(follower)
+    seen, deadline = b"", time.monotonic() + 60
+    try:
+        while b"\n" not in seen and time.monotonic() < deadline:
+            if select.select([leader], [], [], 1)[0]:
+                chunk = os.read(leader, 4096)
+                if not chunk:
+                    break
+                seen += chunk
+    finally:
+        process.kill()  # it would load the stages and stop on the empty data folder
+        process.wait(timeout=60)
+        os.close(leader)
+    assert seen.splitlines()[0].decode() == (f"== run {tmp_path / 'w'}: data {tmp_path / 'data'}, "
+                                             "alexnet32w on cpu, folds 1,3 of 5, training local")
