@@ -14,6 +14,11 @@ No Caffe build is available here: the Caffe column holds the figures issue 17 me
 with BVLC Caffe (CPU, OpenBLAS) on this machine kind, and the ratios are against those constants.
 
     .venv/bin/python benchmarks/bench_tools.py [--work DIR] [--rounds 5] [--big DB_train_1] [--startup-only]
+    .venv/bin/python benchmarks/bench_tools.py --mean-only [--db FOLD1_DB] [--big DB_train_1]  # the mean rows
+
+A full-scale train DB for ``--big``: ``benchmarks/make_mean_db.py DIR/DB_train_1`` (820,096 records, 3.2 GB);
+``--db`` takes fold 1's train LevelDB as convert_imageset builds it (``make_mean_db.py --records 38528``
+gives one of the same size).
 
 Every figure is printed with the CPU seconds (user + system) of its processes: on a machine shared
 with other work the wall time inflates several-fold, the CPU time much less.
@@ -39,11 +44,18 @@ CAFFE = {
     "convert_imageset lmdb": 1.28,
     "compute_image_mean": 0.115,
     "compute_image_mean full-scale": 0.84,
+    "compute_image_mean LYMPH_CV_NATIVE=0": 0.115,  # the numpy path, timed beside (--mean-only)
+    "compute_image_mean LYMPH_CV_NATIVE=0 full-scale": 0.84,
     "binary start-up": 0.063,
 }
 #: Issue 17's targets: ours / Caffe's at most this (1.0: as fast; 1/1.5: 1.5x faster).
 TARGETS = {"convert_imageset leveldb": 1 / 1.5, "convert_imageset lmdb": 1 / 1.5, "compute_image_mean": 1.0,
-           "compute_image_mean full-scale": 1 / 1.5}
+           "compute_image_mean full-scale": 1 / 1.5, "compute_image_mean LYMPH_CV_NATIVE=0": 1.0,
+           "compute_image_mean LYMPH_CV_NATIVE=0 full-scale": 1 / 1.5}
+#: --mean-only also times the numpy path (the code before the native module), paired.
+NUMPY_ROW = "compute_image_mean LYMPH_CV_NATIVE=0"
+#: The native module's switch (lymph_cv.formats.caffe.meanscan.NATIVE_ENV).
+NATIVE_ENV = "LYMPH_CV_NATIVE"
 #: Issue 17's start-up floor (python with numpy and plyvel imported), seconds, on its machine.
 FLOOR_ISSUE = 0.065
 #: Start-up target of every command that does not need torch.
@@ -151,6 +163,10 @@ def main() -> None:
     parser.add_argument("--big", type=Path, default=None, help="a full-scale train LevelDB for compute_image_mean")
     parser.add_argument("--skip-startup", action="store_true")
     parser.add_argument("--startup-only", action="store_true", help="only the start-up figures")
+    parser.add_argument("--mean-only", action="store_true",
+                        help="only compute_image_mean (fold 1's LevelDB, and --big), with the floor")
+    parser.add_argument("--db", type=Path, default=None,
+                        help="fold 1's train LevelDB for compute_image_mean [default: convert_imageset makes one]")
     parser.add_argument("--slide", type=Path, default=None,
                         help="a whole-slide image for `slides info`'s first line [default: the test data's SVS]")
     args = parser.parse_args()
@@ -161,9 +177,10 @@ def main() -> None:
     python = sys.executable
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        work = _work(args.work, tmp, small=args.startup_only)
-        listing = work / "train_w32_1.txt"
-        records = len(listing.read_text().splitlines())
+        work = None if args.db is not None and args.mean_only else _work(args.work, tmp, small=args.startup_only)
+        listing = None if work is None else work / "train_w32_1.txt"
+        records = "fold 1's" if listing is None else len(listing.read_text().splitlines())
+        mean_db = args.db or tmp / "db_mean"
         rows: dict[str, list[float]] = {}
 
         def convert(backend: str, name: str = "") -> float:
@@ -172,27 +189,38 @@ def main() -> None:
             return _timed([python, str(TOOLS / "convert_imageset"), "-shuffle", "-backend", backend,
                            str(work) + "/", str(listing), str(target)], label=f"convert_imageset {backend}")
 
-        def mean(label: str, db: Path) -> float:
-            return _timed([python, str(TOOLS / "compute_image_mean"), "-backend", "leveldb", str(db),
-                           str(tmp / "mean.binaryproto")], label=label)
+        def mean(label: str, db: Path, native: bool = True) -> float:
+            os.environ[NATIVE_ENV] = "1" if native else "0"  # the numpy path, for the paired figure
+            try:
+                return _timed([python, str(TOOLS / "compute_image_mean"), "-backend", "leveldb", str(db),
+                               str(tmp / "mean.binaryproto")], label=label)
+            finally:
+                os.environ.pop(NATIVE_ENV)
 
         # The mean is timed on a database of its own, opened once before: the first open after a
         # build replays LevelDB's log (Caffe's 256 MiB write buffer holds a whole fold), which
         # Caffe's tool would pay just the same and the issue's figure does not include.
-        convert("leveldb", "db_mean")
+        if args.db is None:
+            convert("leveldb", "db_mean")
         CPU.clear()
-        mean("", tmp / "db_mean")
+        mean("", mean_db)
         if args.big is not None:
             mean("", args.big)
         floor = [python, "-c", "import numpy, plyvel"]
         for _ in range(0 if args.startup_only else args.rounds):
-            rows.setdefault("convert_imageset leveldb", []).append(convert("leveldb"))
-            rows.setdefault("convert_imageset lmdb", []).append(convert("lmdb"))
-            rows.setdefault("compute_image_mean", []).append(mean("compute_image_mean", tmp / "db_mean"))
+            if not args.mean_only:
+                rows.setdefault("convert_imageset leveldb", []).append(convert("leveldb"))
+                rows.setdefault("convert_imageset lmdb", []).append(convert("lmdb"))
+            rows.setdefault("compute_image_mean", []).append(mean("compute_image_mean", mean_db))
+            if args.mean_only:
+                rows.setdefault(NUMPY_ROW, []).append(mean(NUMPY_ROW, mean_db, native=False))
             rows.setdefault("floor: python -c 'import numpy, plyvel'", []).append(_timed(floor, label="floor"))
             if args.big is not None:
                 rows.setdefault("compute_image_mean full-scale", []).append(
                     mean("compute_image_mean full-scale", args.big))
+                if args.mean_only:
+                    rows.setdefault(NUMPY_ROW + " full-scale", []).append(
+                        mean(NUMPY_ROW + " full-scale", args.big, native=False))
         print(f"{records} records (fold 1 train list); {args.rounds} interleaved rounds, medians; "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
         print("Caffe column: issue 17's side-by-side figures on this machine kind (no Caffe build here)")
@@ -201,14 +229,14 @@ def main() -> None:
         floor_s = statistics.median(rows.pop("floor: python -c 'import numpy, plyvel'"))
         print(f"floor (python -c 'import numpy, plyvel'): {floor_s:.3f} s wall, "
               f"{statistics.median(CPU['floor']):.3f} CPU s here; issue 17 measured {FLOOR_ISSUE} s on its machine")
-        print(f"{'operation':<32} {'lymph_cv s':>10} {'CPU s':>6} {'Caffe s':>8} {'ours/Caffe':>10} {'target':>8}")
+        print(f"{'operation':<44} {'lymph_cv s':>10} {'CPU s':>6} {'Caffe s':>8} {'ours/Caffe':>10} {'target':>8}")
         for name, times in rows.items():
             ours, caffe = statistics.median(times), CAFFE[name]
             verdict = "met" if ours / caffe <= TARGETS[name] else "MISSED"
-            print(f"{name:<32} {ours:>10.3f} {statistics.median(CPU[name]):>6.2f} {caffe:>8.3f} "
+            print(f"{name:<44} {ours:>10.3f} {statistics.median(CPU[name]):>6.2f} {caffe:>8.3f} "
                   f"{ours / caffe:>9.2f}x {TARGETS[name]:>7.2f}x {verdict}")
 
-        if args.skip_startup:
+        if args.skip_startup or args.mean_only:
             return
         from lymph_cv.cli import COMMANDS
 
