@@ -364,17 +364,24 @@ def _write_chunks(db_path, backend: str, results: Iterable[tuple[tuple, object]]
         keys: list[bytes] = []
         values: list = []  # bytes, or memoryviews for LMDB
 
-        def flush() -> None:
+        def step() -> int:
+            """Records to put before the next progress line, so that each comes where Caffe's does."""
+            return store.COMMIT_EVERY - count % store.COMMIT_EVERY
+
+        def advance(done: int) -> None:
             nonlocal count
-            while keys:  # up to the next progress line at a time, so that each comes where Caffe's does
-                take = min(len(keys), store.COMMIT_EVERY - count % store.COMMIT_EVERY)
+            count += done
+            if count % store.COMMIT_EVERY == 0:
+                if progress is not None:
+                    progress(count)
+                faults.event(RECORDS_EVENT)
+
+        def flush() -> None:
+            while keys:
+                take = min(len(keys), step())
                 writer.put_many(keys[:take], values[:take])
                 del keys[:take], values[:take]
-                count += take
-                if count % store.COMMIT_EVERY == 0:
-                    if progress is not None:
-                        progress(count)
-                    faults.event(RECORDS_EVENT)
+                advance(take)
 
         for (key_lengths, lengths, shapes, conversions, problems), blocks in results:
             data = blocks if isinstance(blocks, bytes) else b"".join(blocks)
@@ -382,6 +389,18 @@ def _write_chunks(db_path, backend: str, results: Iterable[tuple[tuple, object]]
             key_ends = list(itertools.accumulate(key_lengths))
             chunk_keys = [data[end - length : end] for end, length in zip(key_ends, key_lengths)]
             offset = key_ends[-1]
+            if isinstance(lengths, int) and not (problems or conversions or pixels_needed or lmdb):
+                # LevelDB takes the values as one buffer (no bytes object per record where its tables
+                # are written natively).
+                block, done = memoryview(data)[offset:], 0
+                while done < size:
+                    take = min(size - done, step())
+                    writer.put_fixed(chunk_keys[done : done + take], block[done * lengths : (done + take) * lengths],
+                                     lengths)
+                    done += take
+                    advance(take)
+                start += size
+                continue
             # LMDB copies values from any buffer (views into the block); plyvel takes bytes only.
             source = memoryview(data) if lmdb else data
             if isinstance(lengths, int):
