@@ -36,7 +36,7 @@ FLAGS = {
     "overwrite": gflags.Flag(bool, False, "replace an existing DB_NAME (lymph_cv)"),
     "skip_bad": gflags.Flag(bool, False, "skip unreadable images with a warning, as Caffe does (lymph_cv)"),
     "workers": gflags.Flag(int, 0, "processes reading and decoding images while this one writes in list order; "
-                                   "0: one per core but the writer's (none on one core) (lymph_cv)"),
+                                   "0: one per core (none on one core: read here) (lymph_cv)"),
 }
 
 
@@ -81,7 +81,7 @@ def run(values: dict, positional: list[str]) -> int:
             progress=lambda count: log.info(f"Processed {count} files.", SRC.format(146)),
             concat_root=True,
             entries=entries,
-            workers=values["workers"] if values["workers"] > 0 else _cores() - 1,
+            workers=values["workers"] if values["workers"] > 0 else _default_readers(),
         )
         for problem in result.problems:
             log.warning(problem, SRC.format(121))
@@ -90,8 +90,11 @@ def run(values: dict, positional: list[str]) -> int:
     return 0
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def _default_readers() -> int:
+    """One reader per core, none on a single core: the writer is the lighter side (LevelDB's tables
+    written natively take less than reading the files), so it shares a core with a reader."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores if cores > 1 else 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
