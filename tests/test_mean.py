@@ -75,6 +75,8 @@ def test_tables_scanned_natively_with_caffes_bytes_at_any_thread_count(tmp_path)
         assert len(reader.live_tables()) >= 2
     assert _same_as_numpy(tmp_path / "db", images).way == "tables"
     results = {_scan(tmp_path / "db", threads)[2] for threads in (1, 2, 3, 8)}
+    with store.open_reader(tmp_path / "db") as reader:  # more tables than kept open: reopened chunk by chunk
+        results.add(ldbscan.scan_tables([os.fspath(t) for t in reader.live_tables()], 2, keep_open=1)[2])
     assert len(results) == 1
 
 

@@ -40,6 +40,10 @@
 #define CHUNK_BYTES (1u << 18)
 /* Slots of the ring of chunks between the reading and the summing threads. */
 #define RING 8
+/* Up to this many tables stay open from the first look to the scan (a compaction that LevelDB
+ * starts on open may delete a table meanwhile); more are reopened chunk by chunk, within the
+ * process's file limit. */
+#define KEEP_OPEN 256
 /* Records handed to the summing threads at once by add_values. */
 #define VALUES_CHUNK 8192
 /* Largest block a snappy header may announce (LevelDB's blocks are ~64 KiB). */
@@ -578,15 +582,22 @@ static void table_free(table_t *t)
 typedef struct {
     table_t *tables;
     size_t n;
-    size_t next; /* the next table to open (shared by the openers) */
+    size_t next;      /* the next table to open (shared by the openers) */
+    size_t keep_open; /* more tables than this: closed after the first look */
 } opening_t;
 
 static void *opener(void *arg)
 {
     opening_t *o = (opening_t *)arg;
     size_t i;
-    while ((i = __atomic_fetch_add(&o->next, 1, __ATOMIC_RELAXED)) < o->n)
-        open_table(&o->tables[i]);
+    while ((i = __atomic_fetch_add(&o->next, 1, __ATOMIC_RELAXED)) < o->n) {
+        table_t *t = &o->tables[i];
+        open_table(t);
+        if (o->n > o->keep_open && t->fd >= 0) { /* the scan reopens it */
+            close(t->fd);
+            t->fd = -1;
+        }
+    }
     return NULL;
 }
 
@@ -670,7 +681,7 @@ static int keep_key(uint8_t **key, size_t *len, size_t *cap, const uint8_t *from
 }
 
 /* Read and parse chunk `index` into `slot`: NULL, or the problem. */
-static const char *fill_slot(scan_t *s, slot_t *slot, const chunk_t *chunk)
+static const char *fill_slot(scan_t *s, slot_t *slot, const chunk_t *chunk, int fd)
 {
     const table_t *t = chunk->table;
     const acc_t *a = s->acc;
@@ -688,7 +699,7 @@ static const char *fill_slot(scan_t *s, slot_t *slot, const chunk_t *chunk)
             return "out of memory";
         slot->capacity = end - start;
     }
-    if (!read_at(t->fd, slot->buffer, end - start, start))
+    if (!read_at(fd, slot->buffer, end - start, start))
         return "a table file cannot be read";
     block_iter_t block = {0};
     const char *problem = NULL;
@@ -779,6 +790,8 @@ static void *scan_worker(void *arg)
     lane_t *lane = &s->acc->lanes[me->lane];
     uint8_t *last = NULL; /* lane 0: the previous chunk's last key */
     size_t last_len = 0, last_cap = 0;
+    const table_t *open_table_of = NULL; /* the table open_fd is of */
+    int open_fd = -1;
     for (size_t k = 0; k < s->n_chunks; k++) {
         if ((int)(k % (size_t)s->threads) == me->lane) { /* this thread reads chunk k */
             slot_t *slot = &s->ring[k % RING];
@@ -789,7 +802,16 @@ static void *scan_worker(void *arg)
             pthread_mutex_unlock(&s->lock);
             if (stopped)
                 break;
-            const char *problem = fill_slot(s, slot, &s->chunks[k]);
+            const table_t *table = s->chunks[k].table;
+            if (table->fd < 0 && table != open_table_of) { /* a table not kept open: this thread's own fd */
+                if (open_fd >= 0)
+                    close(open_fd);
+                open_fd = open(table->path, O_RDONLY | O_CLOEXEC);
+                open_table_of = table;
+            }
+            const char *problem = open_fd < 0 && table->fd < 0
+                                      ? "a table file cannot be opened"
+                                      : fill_slot(s, slot, &s->chunks[k], table->fd >= 0 ? table->fd : open_fd);
             if (problem) {
                 stop(s, problem);
                 break;
@@ -825,13 +847,15 @@ static void *scan_worker(void *arg)
         pthread_mutex_unlock(&s->lock);
     }
     free(last);
+    if (open_fd >= 0)
+        close(open_fd);
     return NULL;
 }
 
 /* The scan without the GIL: a problem (a static string) or NULL with *acc filled. */
-static const char *scan(table_t *tables, size_t n, int threads, acc_t *acc, int *no_memory)
+static const char *scan(table_t *tables, size_t n, int threads, size_t keep_open, acc_t *acc, int *no_memory)
 {
-    opening_t opening = {tables, n, 0};
+    opening_t opening = {tables, n, 0, keep_open};
     pthread_t ids[MAX_THREADS];
     int started[MAX_THREADS] = {0};
     for (int t = 1; t < threads && (size_t)t < n; t++)
@@ -920,10 +944,11 @@ static const char *scan(table_t *tables, size_t n, int threads, acc_t *acc, int 
 
 static PyObject *scan_tables(PyObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *keywords[] = {"paths", "threads", NULL};
+    static char *keywords[] = {"paths", "threads", "keep_open", NULL};
     PyObject *paths;
     int threads = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|i:scan_tables", keywords, &paths, &threads))
+    Py_ssize_t keep_open = KEEP_OPEN;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|in:scan_tables", keywords, &paths, &threads, &keep_open))
         return NULL;
     PyObject *sequence = PySequence_Fast(paths, "paths must be a sequence of str");
     if (!sequence)
@@ -950,7 +975,7 @@ static PyObject *scan_tables(PyObject *self, PyObject *args, PyObject *kwargs)
     const char *problem;
     int no_memory = 0;
     Py_BEGIN_ALLOW_THREADS
-    problem = scan(tables, (size_t)n, threads, &acc, &no_memory);
+    problem = scan(tables, (size_t)n, threads, keep_open < 0 ? 0 : (size_t)keep_open, &acc, &no_memory);
     Py_END_ALLOW_THREADS
     if (no_memory)
         PyErr_NoMemory();
@@ -1164,7 +1189,7 @@ static PyTypeObject AccumulatorType = {
 
 static PyMethodDef methods[] = {
     {"scan_tables", (PyCFunction)(void (*)(void))scan_tables, METH_VARARGS | METH_KEYWORDS,
-     "scan_tables(paths, threads=0) -> (count, (C, H, W), sum bytes, mean bytes, channel means)\n\n"
+     "scan_tables(paths, threads=0, keep_open=256) -> (count, (C, H, W), sum bytes, mean bytes, channel means)\n\n"
      "compute_image_mean over LevelDB table files (the live ones, any order); Unsupported when the\n"
      "tables need LevelDB's own merge (deletions, repeated or overlapping keys) or hold other records."},
     {NULL, NULL, 0, NULL},
