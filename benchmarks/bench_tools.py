@@ -174,6 +174,11 @@ def main() -> None:
     # (PYTHONDONTWRITEBYTECODE=1, as in some shells) every start-up also compiles lymph_cv's modules
     # from source, ~0.03 s.  The children write and use them like an installation does.
     bytecode_off = os.environ.pop("PYTHONDONTWRITEBYTECODE", None) is not None
+    from lymph_cv.formats.caffe import meanscan
+
+    if meanscan.native_module() is None:  # a checkout without `make native`: the numpy path is timed
+        print("warning: lymph_cv.formats.ldbscan is not built here (make native); compute_image_mean takes "
+              "the numpy path", file=sys.stderr)
     python = sys.executable
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
