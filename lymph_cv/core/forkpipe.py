@@ -19,7 +19,7 @@ import pickle
 import signal
 import struct
 import sys
-from typing import Any, Callable, Iterator, Sequence, Tuple
+from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 
 from lymph_cv.errors import LymphCVError
 
@@ -46,6 +46,28 @@ def die_with_parent(parent: int) -> None:
         return
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
+
+
+def quiet_opencv_pool() -> Optional[int]:
+    """Stop OpenCV's worker threads in this process before forking.
+
+    A child forked while OpenCV's thread pool exists inherits its condition variables with waiters
+    that do not exist in the child: its ``cv2.setNumThreads`` then blocks forever in
+    ``pthread_cond_destroy`` (seen after a test had run OpenCV's parallel code in the same process).
+    Returns the parent's thread count, to restore after the fork.
+    """
+    cv2 = sys.modules.get("cv2")
+    if cv2 is None:  # never imported here: no pool to inherit
+        return None
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    return threads
+
+
+def restore_opencv_pool(threads: Optional[int]) -> None:
+    """The parent's OpenCV threads back after the fork (:func:`quiet_opencv_pool`'s count)."""
+    if threads is not None:
+        sys.modules["cv2"].setNumThreads(threads)
 
 
 def available() -> bool:
@@ -133,6 +155,7 @@ class OrderedResults:
         self.count, self.what = count, what
         self._children: list[tuple[int, int]] = []
         parent = os.getpid()
+        opencv_threads = quiet_opencv_pool()
         try:
             for first in range(min(processes, count)):
                 read_end, write_end = os.pipe()
@@ -148,6 +171,8 @@ class OrderedResults:
         except BaseException:
             self.close()
             raise
+        finally:
+            restore_opencv_pool(opencv_threads)
 
     def __iter__(self) -> Iterator[Result]:
         for job in range(self.count):

@@ -13,7 +13,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 
-from lymph_cv.core.forkpipe import die_with_parent  # noqa: F401 (this module's API too)
+from lymph_cv.core.forkpipe import die_with_parent, quiet_opencv_pool, restore_opencv_pool  # noqa: F401
 from lymph_cv.core.progress import Progress
 
 from lymph_cv.errors import LymphCVError
@@ -37,31 +37,6 @@ def _init_worker(parent: int) -> None:
     import cv2
 
     cv2.setNumThreads(1)
-
-
-def _quiet_opencv_pool() -> Optional[int]:
-    """Stop OpenCV's worker threads in this process before forking.
-
-    A child forked while OpenCV's thread pool exists inherits its condition variables with waiters
-    that do not exist in the child: its ``cv2.setNumThreads`` then blocks forever in
-    ``pthread_cond_destroy`` (seen after a test had run OpenCV's parallel code in the same process).
-    Returns the parent's thread count, to restore after the fork.
-    """
-    import sys
-
-    cv2 = sys.modules.get("cv2")
-    if cv2 is None:  # never imported here: no pool to inherit
-        return None
-    threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    return threads
-
-
-def _restore_opencv_pool(threads: Optional[int]) -> None:
-    if threads is not None:
-        import sys
-
-        sys.modules["cv2"].setNumThreads(threads)
 
 
 def fork_available() -> bool:
@@ -106,14 +81,14 @@ def imap(
                 yield function(item)
                 bar.update(step)
             return
-        opencv_threads = _quiet_opencv_pool()
+        opencv_threads = quiet_opencv_pool()
         try:
             pool = ProcessPoolExecutor(max_workers=count, mp_context=_context(), initializer=_init_worker,
                                        initargs=(os.getpid(),))
             # the workers are forked at the first submit; the parent's own pool comes back after
             pool.submit(int).result()
         finally:
-            _restore_opencv_pool(opencv_threads)
+            restore_opencv_pool(opencv_threads)
         try:
             # Bounded look-ahead keeps memory flat for large inputs.
             pending = []
