@@ -38,7 +38,10 @@ def run(values: dict, positional: list[str]) -> int:
     backend = check_backend(values["backend"])
     with caffe_log() as log:
         log.info("Starting iteration", SRC.format(71))
-        progress = lambda n: log.info(f"Processed {n} files.", SRC.format(100))  # noqa: E731
+
+        def progress(count: int) -> None:
+            log.info(f"Processed {count} files.", SRC.format(100))
+
         try:
             native = meanscan.native_mean_of_db(positional[0], backend)
         except meanscan.NativeUnavailable:
@@ -51,7 +54,7 @@ def run(values: dict, positional: list[str]) -> int:
 
 
 def _run_numpy(positional: list[str], backend: str, log, progress) -> int:
-    """The numpy path (encoded or float_data records, LevelDB tables that need LevelDB's merge)."""
+    """The numpy path: encoded or float_data records, or the native module off or not built."""
     from lymph_cv.formats.caffe import mean as mean_module
 
     mean, count = mean_module.mean_of_db(positional[0], backend, progress=progress, native=False)
