@@ -332,6 +332,8 @@ class _ChunkReader:
                     for i, row in zip(matched, rows):
                         values[i], shapes[i] = row, pixels.shape[1:]
             pending = [i for i in pending if values[i] is None]
+            if not pending:
+                break  # the layout is kept for the next chunk
             self.layout = None
             while pending and self.layout is None:  # a file of another layout starts one
                 self.layout = rawtiff.plain_layout(files[pending[0]])
