@@ -14,6 +14,7 @@ No Caffe build is available here: the Caffe column holds the figures issue 17 me
 with BVLC Caffe (CPU, OpenBLAS) on this machine kind, and the ratios are against those constants.
 
     .venv/bin/python benchmarks/bench_tools.py [--work DIR] [--rounds 5] [--big DB_train_1] [--startup-only]
+        [--against DIR]   # DIR: another checkout, e.g. `git archive REV | tar -x -C DIR`; paired start-ups
     .venv/bin/python benchmarks/bench_tools.py --mean-only [--db FOLD1_DB] [--big DB_train_1]  # the mean rows
 
 A full-scale train DB for ``--big``: ``benchmarks/make_mean_db.py DIR/DB_train_1`` (820,096 records, 3.2 GB);
@@ -71,32 +72,17 @@ def _children_cpu() -> float:
 CPU: dict[str, list[float]] = {}
 
 
-def _timed(argv: list[str], first_line: bool = False, label: str = "") -> float:
-    """Seconds until the process exits (or, with ``first_line``, prints its first stdout/stderr line);
-    a whole run's CPU seconds go to ``CPU[label]`` (load inflates the wall time far more than these)."""
+def _timed(argv: list[str], label: str = "") -> float:
+    """Seconds until the process exits; its CPU seconds go to ``CPU[label]`` (load inflates the wall
+    time far more than these)."""
     started, cpu = time.perf_counter(), _children_cpu()
-    if not first_line:
-        subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
-        if label:
-            CPU.setdefault(label, []).append(_children_cpu() - cpu)
-        return time.perf_counter() - started
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    process.stderr.readline()
-    elapsed = time.perf_counter() - started
-    process.communicate()
-    return elapsed
+    subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    if label:
+        CPU.setdefault(label, []).append(_children_cpu() - cpu)
+    return time.perf_counter() - started
 
 
-def _stdout_first_line(argv: list[str]) -> float:
-    started = time.perf_counter()
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    process.stdout.readline()
-    elapsed = time.perf_counter() - started
-    process.communicate()
-    return elapsed
-
-
-def _terminal_first_line(argv: list[str]) -> float:
+def _terminal_first_line(argv: list[str], env: dict, cwd: Path) -> float:
     """Seconds until the process writes its first stderr line to a terminal (a pty: ``run`` shows its plan
     there only), then Ctrl-C (``run`` would go on for minutes)."""
     import pty
@@ -104,7 +90,8 @@ def _terminal_first_line(argv: list[str]) -> float:
 
     leader, follower = pty.openpty()
     started = time.perf_counter()
-    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=follower)
+    process = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=follower)
     os.close(follower)
     seen = b""
     while b"\n" not in seen:
@@ -167,6 +154,8 @@ def main() -> None:
                         help="only compute_image_mean (fold 1's LevelDB, and --big), with the floor")
     parser.add_argument("--db", type=Path, default=None,
                         help="fold 1's train LevelDB for compute_image_mean [default: convert_imageset makes one]")
+    parser.add_argument("--against", type=Path, default=None,
+                        help="another checkout (e.g. `git archive REV | tar -x -C DIR`): its start-ups alternate with ours")
     parser.add_argument("--slide", type=Path, default=None,
                         help="a whole-slide image for `slides info`'s first line [default: the test data's SVS]")
     args = parser.parse_args()
@@ -243,48 +232,98 @@ def main() -> None:
 
         if args.skip_startup or args.mean_only:
             return
-        from lymph_cv.cli import COMMANDS
+        _startup(args, python, work, tmp, mean_db, bytecode_off)
 
-        startup = {"lymph-cv --help": [python, "-m", "lymph_cv", "--help"]}
-        for name in sorted(COMMANDS):
-            startup[f"lymph-cv {name} --help"] = [python, "-m", "lymph_cv", name, "--help"]
-        for tool in ("convert_imageset", "compute_image_mean", "caffe"):
-            startup[f"{tool} -help"] = [python, str(TOOLS / tool), "-help"]
-        # The first useful line of the listing and reading commands (stdout).
-        first_lines = {"lymph-cv jobs WORK: first line": [python, "-m", "lymph_cv", "jobs", str(work)],
-                       "lymph-cv report WORK: first line": [python, "-m", "lymph_cv", "report",
-                                                            str(_evaluated(tmp / "evaluated"))]}
-        slide = args.slide or Path(os.environ.get("LYMPH_CV_TESTDATA", "")) / "cmu_small_region.svs"
+
+def _measure(kind: str, argv: list[str], env: dict, cwd: Path) -> tuple[float, float | None]:
+    """(wall seconds, CPU seconds or None) of one start-up: ``whole`` until exit, ``stdout``/``stderr``
+    until the first line there, ``terminal`` until the first stderr line on a pty (then Ctrl-C).
+    ``cwd``: the checkout whose ``lymph_cv`` ``python -m`` finds first."""
+    if kind == "whole":
+        started, cpu = time.perf_counter(), _children_cpu()
+        subprocess.run(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        return time.perf_counter() - started, _children_cpu() - cpu
+    if kind == "terminal":
+        return _terminal_first_line(argv, env, cwd), None
+    pipe = {"stdout": subprocess.PIPE if kind == "stdout" else subprocess.DEVNULL,
+            "stderr": subprocess.PIPE if kind == "stderr" else subprocess.DEVNULL}
+    started = time.perf_counter()
+    process = subprocess.Popen(argv, env=env, cwd=cwd, **pipe)
+    (process.stdout if kind == "stdout" else process.stderr).readline()
+    elapsed = time.perf_counter() - started
+    process.communicate()
+    return elapsed, None
+
+
+def _startup(args, python: str, work: Path, tmp: Path, mean_db: Path, bytecode_off: bool) -> None:
+    """Every command's ``--help``, the tools' ``-help`` and the first useful lines, interleaved rounds
+    (``--against TREE``: each also from that checkout, alternating, for paired before/after figures)."""
+    from lymph_cv.cli import COMMANDS
+
+    def cases(root: Path) -> list[tuple[str, str, list[str]]]:
+        tools = root / "tools"
+        found = [("lymph-cv --help", "whole", [python, "-m", "lymph_cv", "--help"])]
+        found += [(f"lymph-cv {name} --help", "whole", [python, "-m", "lymph_cv", name, "--help"])
+                  for name in sorted(COMMANDS)]
+        found += [(f"{tool} -help", "whole", [python, str(tools / tool), "-help"])
+                  for tool in ("convert_imageset", "compute_image_mean", "caffe")]
+        found += [("lymph-cv inspect DB: first line", "stdout", [python, "-m", "lymph_cv", "inspect", str(mean_db)]),
+                  ("compute_image_mean: first log line", "stderr",
+                   [python, str(tools / "compute_image_mean"), "-backend", "leveldb", str(mean_db)]),
+                  ("lymph-cv jobs WORK: first line", "stdout", [python, "-m", "lymph_cv", "jobs", str(work)]),
+                  ("lymph-cv report WORK: first line", "stdout", [python, "-m", "lymph_cv", "report", str(evaluated)])]
         if slide.is_file():
-            first_lines["lymph-cv slides info SLIDE: first line"] = [python, "-m", "lymph_cv", "slides", "info",
-                                                                     str(slide)]
-        (tmp / "run_data").mkdir(exist_ok=True)  # no class folders: run stops after its checks
-        for argv in startup.values():  # untimed: the bytecode caches written once
-            subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
-        times: dict[str, list[float]] = {}
-        for _ in range(args.rounds):
-            for name, argv in startup.items():
-                times.setdefault(name, []).append(_timed(argv, label=name))
-            times.setdefault("lymph-cv inspect DB: first line", []).append(
-                _stdout_first_line([python, "-m", "lymph_cv", "inspect", str(tmp / "db_mean")]))
-            times.setdefault("compute_image_mean: first log line", []).append(_timed(
-                [python, str(TOOLS / "compute_image_mean"), "-backend", "leveldb", str(tmp / "db_mean")],
-                first_line=True))
-            for name, argv in first_lines.items():
-                times.setdefault(name, []).append(_stdout_first_line(argv))
-            shutil.rmtree(tmp / "run", ignore_errors=True)
-            times.setdefault("lymph-cv run: plan line (terminal)", []).append(_terminal_first_line(
-                [python, "-m", "lymph_cv", "run", str(tmp / "run"), "--data", str(tmp / "run_data")]))
-        print(f"\nbytecode caches in use{' (PYTHONDONTWRITEBYTECODE=1 was set here: not for these runs)' if bytecode_off else ''}; "
-              f"load average {os.getloadavg()[0]:.1f}")
-        print(f"{'start-up (whole process)':<44} {'median s':>9} {'CPU s':>6} {'vs Caffe binary':>15}  "
-              f"target {STARTUP_TARGET} s")
-        for name, values in times.items():
-            median = statistics.median(values)
-            cpu = f"{statistics.median(CPU[name]):>6.3f}" if name in CPU else f"{'':>6}"
-            print(f"{name:<44} {median:>9.3f} {cpu} {median / CAFFE['binary start-up']:>14.1f}x  "
-                  f"{'met' if median <= STARTUP_TARGET else 'MISSED'}")
+            found.append(("lymph-cv slides info SLIDE: first line", "stdout",
+                          [python, "-m", "lymph_cv", "slides", "info", str(slide)]))
+        found.append(("lymph-cv run: plan line (terminal)", "terminal",
+                      [python, "-m", "lymph_cv", "run", str(tmp / "run"), "--data", str(tmp / "run_data")]))
+        return found
 
+    evaluated = _evaluated(tmp / "evaluated")
+    slide = args.slide or Path(os.environ.get("LYMPH_CV_TESTDATA", "")) / "cmu_small_region.svs"
+    (tmp / "run_data").mkdir(exist_ok=True)  # no class folders: run stops after its checks
+    trees = {"ours": (REPO, {**os.environ})}
+    if args.against is not None:
+        trees["against"] = (args.against.resolve(), {**os.environ, "PYTHONPATH": str(args.against.resolve())})
+    runs = {label: cases(root) for label, (root, _env) in trees.items()}
+    for label, (root, env) in trees.items():  # untimed: the bytecode caches written once
+        for _name, kind, argv in runs[label]:
+            if kind == "whole":
+                subprocess.run(argv, env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results: dict[tuple[str, str], list] = {}
+    for round_ in range(args.rounds):
+        for index, (name, _kind, _argv) in enumerate(runs["ours"]):
+            for label in (list(trees) if round_ % 2 == 0 else list(reversed(trees))):
+                _name, kind, argv = runs[label][index]
+                shutil.rmtree(tmp / "run", ignore_errors=True)
+                try:
+                    results.setdefault((name, label), []).append(_measure(kind, argv, trees[label][1],
+                                                                          trees[label][0]))
+                except subprocess.CalledProcessError:  # a command the other checkout does not have
+                    results.setdefault((name, label), [])
+    print(f"\nbytecode caches in use{' (PYTHONDONTWRITEBYTECODE=1 was set here: not for these runs)' if bytecode_off else ''}; "
+          f"{args.rounds} rounds, medians; load average {os.getloadavg()[0]:.1f}"
+          + (f"; against {args.against} (alternating)" if args.against is not None else ""))
+
+    def cell(name: str, label: str) -> tuple[str, float | None]:
+        values = results.get((name, label)) or []
+        if not values:
+            return f"{'n/a':>9} {'':>6}", None
+        wall = statistics.median(v[0] for v in values)
+        cpus = [v[1] for v in values if v[1] is not None]
+        return f"{wall:>9.3f} {statistics.median(cpus) if cpus else float('nan'):>6.3f}".replace("nan", "  - "), wall
+
+    header = f"{'start-up (whole process)':<44} {'median s':>9} {'CPU s':>6}"
+    if args.against is not None:
+        header += f" {'against s':>9} {'CPU s':>6} {'ours/against':>12}"
+    print(header + f" {'vs Caffe binary':>15}  target {STARTUP_TARGET} s")
+    for name, _kind, _argv in runs["ours"]:
+        text, wall = cell(name, "ours")
+        line = f"{name:<44} {text}"
+        if args.against is not None:
+            other, before = cell(name, "against")
+            line += f" {other} " + (f"{wall / before:>11.2f}x" if before else f"{'':>12}")
+        print(line + f" {wall / CAFFE['binary start-up']:>14.1f}x  {'met' if wall <= STARTUP_TARGET else 'MISSED'}")
 
 if __name__ == "__main__":
     main()
