@@ -266,10 +266,35 @@ def _cut_image(job: tuple["PatchCache", SourceImage, str, int, Optional[StainTra
     found = patch_count(read.bgr.shape[0], read.bgr.shape[1], cache.shape[1], step)
     if found != count:
         return f"{source.path}: has {found} patches now, {count} when the manifest was written", None, False
-    rows = cache.open(writable=True)[cache.offsets[stem] : cache.offsets[stem] + count]
-    extract(read.bgr, cache.shape[1], step, channels_first=True, out=rows)
-    cache.release(cache.offsets[stem], count)  # written: the other processes read it from the shared block
+    fd = _SHARED_FILES.get(cache.token) if cache.in_memory else None
+    if fd is None:
+        rows = cache.open(writable=True)[cache.offsets[stem] : cache.offsets[stem] + count]
+        extract(read.bgr, cache.shape[1], step, channels_first=True, out=rows)
+        cache.release(cache.offsets[stem], count)  # written: the other processes read it from the shared block
+    else:
+        # Cut into this process's warm buffer and written with pwrite: no page of the shared block
+        # is faulted into this process (nor dropped after).
+        rows = _scratch(count * cache.row_size)
+        extract(read.bgr, cache.shape[1], step, channels_first=True, out=rows)
+        _pwrite_all(fd, rows, cache.offsets[stem] * cache.row_size)
     return None, read.conversion, transform is not None and transform.unchanged
+
+
+#: This process's buffer for cutting one image (kept: a fresh one faults in every page again).
+_SCRATCH: list[np.ndarray] = []
+
+
+def _scratch(size: int) -> np.ndarray:
+    if not _SCRATCH or _SCRATCH[0].size < size:
+        _SCRATCH[:] = [np.empty(size, np.uint8)]
+    return _SCRATCH[0][:size]
+
+
+def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 def slide_tiles(manifest: Manifest) -> Optional[dict[str, list[Tile]]]:
