@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from lymph_cv.errors import ConfigError, EvaluationError, InputError
-from lymph_cv.stages.evaluate import (Aggregate, Crop, aggregate_scores, crop_boxes, decide, extract_windows, load_image,
-                               make_crops, parse_aggregate, prepare_mean, read_parent_list, resize_image, vote_counts)
+from lymph_cv.stages.evaluate import (Aggregate, Crop, aggregate_scores, crop_boxes, crop_buffer, decide, extract_windows,
+                               load_image, make_crops, parse_aggregate, prepare_mean, read_parent_list, resize_image,
+                               vote_counts)
 from lymph_cv.core.grid import window_centres, window_grid
 
 CLASSES = ["CLL", "FL", "MCL"]
@@ -61,6 +62,9 @@ def test_make_crops_order_and_mirroring():
             if box.mirrored:
                 expected = expected[:, :, ::-1]
             np.testing.assert_array_equal(crops[w * 10 + k], expected)
+    buffer = crop_buffer(25, 3, 32, channels_last=True)  # channels-last memory, written through the N×C×H×W view
+    assert buffer.shape == (25, 3, 32, 32) and buffer.transpose(0, 2, 3, 1).flags.c_contiguous
+    np.testing.assert_array_equal(make_crops(windows, crop_boxes(36, 36, 32), 32, buffer[:20]), crops)
 
 
 # ----------------------------------------------------------------------------- pixels and means

@@ -20,6 +20,7 @@ is subtracted.  Two mean conventions (``mean_mode``):
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -114,12 +115,23 @@ def extract_windows(image: np.ndarray, centres: np.ndarray, size: int = WINDOW_S
     return np.ascontiguousarray(views[:, tops, lefts].transpose(1, 0, 2, 3))
 
 
+def crop_buffer(count: int, channels: int, size: int, channels_last: bool) -> np.ndarray:
+    """An empty float32 (count, channels, size, size) array; with ``channels_last`` its memory is
+    (count, size, size, channels), the layout the CPU forward runs in (torch takes it without a copy)."""
+    if not channels_last:
+        return np.empty((count, channels, size, size), dtype=np.float32)
+    return np.empty((count, size, size, channels), dtype=np.float32).transpose(0, 3, 1, 2)
+
+
 def make_crops(windows: np.ndarray, crops: Sequence[Crop], size: int, out: Optional[np.ndarray] = None) -> np.ndarray:
-    """(N·len(crops), C, size, size): each window's crops, consecutive, in ``crops`` order."""
+    """(N·len(crops), C, size, size): each window's crops, consecutive, in ``crops`` order.
+
+    ``out`` may be any such array, e.g. a channels-last buffer seen as N×C×H×W (:func:`crop_buffer`)."""
     n, channels = windows.shape[:2]
     if out is None:
         out = np.empty((n * len(crops), channels, size, size), dtype=np.float32)
-    grouped = out.reshape(n, len(crops), channels, size, size)
+    grouped = out.view()
+    grouped.shape = (n, len(crops), channels, size, size)  # splits the first axis: a view of ``out``, never a copy
     for index, box in enumerate(crops):
         piece = windows[:, :, box.top : box.top + size, box.left : box.left + size]
         piece = piece[..., ::-1] if box.mirrored else piece
@@ -310,6 +322,7 @@ class WindowClassifier:
         self.net.to(self.device).eval()
         # NHWC is markedly faster for oneDNN's CPU convolutions and pooling; same values.
         self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        self.channels_last = self.memory_format == torch.channels_last
         self.net.to(memory_format=self.memory_format)
         self.default_batch_size = DEFAULT_BATCH_SIZES[self.device.type]
         out_shape = self.net.blob_shapes[self.output]
@@ -448,10 +461,14 @@ def classify_windows(
     boxes = crop_boxes(window, window, crop, oversample, tta)
     per_batch = max(1, batch_size // len(boxes))
     parts: dict = {}
-    buffer = np.empty((per_batch * len(boxes), classifier.channels, crop, crop), dtype=np.float32)
-    for batch in _batches(images, per_batch):
-        total = sum(len(w) for _, _, w in batch)
-        out = buffer[: total * len(boxes)]
+    batches = _batches(images, per_batch)
+
+    def prepare(buffer: np.ndarray) -> Optional[Tuple[List[Tuple[int, int, np.ndarray]], np.ndarray]]:
+        """The next batch and its preprocessed crops (in ``buffer``); None after the last."""
+        batch = next(batches, None)
+        if batch is None:
+            return None
+        out = buffer[: sum(len(w) for _, _, w in batch) * len(boxes)]
         offset = 0
         for _, _, windows in batch:
             if mean_mode == "crop":
@@ -460,14 +477,28 @@ def classify_windows(
             offset += len(windows) * len(boxes)
         if mean_mode == "resize":
             out -= mean
-        if meanwhile is not None:
-            meanwhile()
-            meanwhile = None
-        probs = classifier.predict(out).reshape(total, len(boxes), -1).mean(axis=1)
-        offset = 0
-        for owner, _, windows in batch:
-            parts.setdefault(owner, []).append(probs[offset : offset + len(windows)])
-            offset += len(windows)
+        return batch, out
+
+    # Built channels-last where the net runs so: the batch reaches torch without a conversion copy.
+    # Two buffers: a thread cuts the next batch's crops (numpy's copies release the GIL) while the
+    # net runs on this one, instead of the cores waiting for them between forward passes.
+    buffers = [crop_buffer(per_batch * len(boxes), classifier.channels, crop, classifier.channels_last) for _ in range(2)]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="crops") as pool:
+        pending = pool.submit(prepare, buffers[0])
+        for index in itertools.count(1):
+            ready = pending.result()
+            if ready is None:
+                break
+            batch, out = ready
+            pending = pool.submit(prepare, buffers[index % 2])
+            if meanwhile is not None:
+                meanwhile()
+                meanwhile = None
+            probs = classifier.predict(out).reshape(len(out) // len(boxes), len(boxes), -1).mean(axis=1)
+            offset = 0
+            for owner, _, windows in batch:
+                parts.setdefault(owner, []).append(probs[offset : offset + len(windows)])
+                offset += len(windows)
     return {owner: np.concatenate(chunks) for owner, chunks in parts.items()}
 
 
