@@ -399,6 +399,12 @@ def test_conv_relu_post_op_is_bitwise_the_layers(tmp_path, reference):
                     model.fuse_layers = False
                     plain = model({name: x})
                 assert torch.equal(fused[blob], plain[blob]), (blob, batch, channels_last)
+    x = torch.randn((MIN_FUSED_BATCH, 3, 12, 12), generator=generator)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: F.conv2d's way
+        net.fuse_layers = True
+        fused = net({"x": x})["r"]
+        net.fuse_layers = False
+        assert fused.dtype == torch.bfloat16 and torch.equal(fused, net({"x": x})["r"])
 
 
 @pytest.mark.parametrize("mode, divisor", [("FULL", 8), ("VALID", 6), ("BATCH_SIZE", 2), ("NONE", 1)])

@@ -74,11 +74,19 @@ def relu_plan(layers: Sequence, plan: Plan) -> ReLUPlan:
     return relus
 
 
+def _cpu_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4 has no device argument
+        return torch.is_autocast_cpu_enabled()
+
+
 def conv_relu_fusable(x: torch.Tensor) -> bool:
     """Whether a convolution of ``x`` may run with its ReLU as a oneDNN post-op: a float32 CPU
-    batch of at least :data:`MIN_FUSED_BATCH` with oneDNN enabled (then ``F.conv2d`` runs oneDNN too)."""
+    batch of at least :data:`MIN_FUSED_BATCH` with oneDNN enabled (then ``F.conv2d`` runs oneDNN too),
+    outside CPU autocast (which would cast ``F.conv2d``'s operands, not the post-op primitive's)."""
     return (x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] >= MIN_FUSED_BATCH
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and not _cpu_autocast())
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, conv, relu: bool = False) -> torch.Tensor:
