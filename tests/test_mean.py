@@ -68,7 +68,7 @@ def _sessions(path, batches, **options):
 
 
 def test_tables_scanned_natively_with_caffes_bytes_at_any_thread_count(tmp_path):
-    images = _images(700)
+    images = _images(700, (3, 16, 16))  # 768 pixels: up to three lanes of 256
     _sessions(tmp_path / "db", [[(store.make_key(i, "p"), serialize_datum(images[i], 1)) for i in range(s, s + 100)]
                                 for s in range(0, 700, 100)])  # 7 tables, disjoint key ranges
     with store.open_reader(tmp_path / "db") as reader:

@@ -619,8 +619,9 @@ static int default_threads(void)
  *
  * The tables' data blocks, in key order, are cut into chunks of consecutive blocks (about
  * CHUNK_BYTES).  Chunk k is read (pread: a copy from the page cache into a buffer that stays in the
- * cache; mapping the pages measured no cheaper) and parsed by thread k % T into ring slot k % RING; then
- * every thread adds its lane's pixels of the chunk's records, chunk after chunk.  So each byte is
+ * cache; mapping the pages measured no cheaper) and parsed by thread k % T into ring slot k % RING,
+ * ahead of the sums while slots are free; every thread adds its lane's pixels of the chunk's
+ * records, chunk after chunk.  So each byte is
  * read from memory once, by one thread, and each pixel's sum is taken in key order. */
 
 typedef struct {
@@ -783,6 +784,15 @@ typedef struct {
     int lane;
 } worker_t;
 
+/* Whether chunk j may go into its slot: the slot's previous chunk (j - RING, whichever thread read
+ * it) is summed by every lane.  (Under the lock.) */
+static int slot_free_for(const slot_t *slot, size_t j, int threads)
+{
+    if (j < RING)
+        return slot->holds < 0;
+    return slot->holds == (long)(j - RING) && slot->finished == threads;
+}
+
 static void *scan_worker(void *arg)
 {
     worker_t *me = (worker_t *)arg;
@@ -792,17 +802,22 @@ static void *scan_worker(void *arg)
     size_t last_len = 0, last_cap = 0;
     const table_t *open_table_of = NULL; /* the table open_fd is of */
     int open_fd = -1;
-    for (size_t k = 0; k < s->n_chunks; k++) {
-        if ((int)(k % (size_t)s->threads) == me->lane) { /* this thread reads chunk k */
-            slot_t *slot = &s->ring[k % RING];
+    size_t next_read = (size_t)me->lane; /* this thread's next chunk to read (chunks k with k % T == lane) */
+    int stopped = 0;
+    for (size_t k = 0; k < s->n_chunks && !stopped; k++) {
+        /* Read ahead: this thread's chunks up to k + RING - 1 whose slots are free, so that its reads
+         * overlap the other threads' sums; it waits for a slot only for the chunk it needs now. */
+        while (next_read < s->n_chunks && next_read < k + RING) {
+            slot_t *slot = &s->ring[next_read % RING];
             pthread_mutex_lock(&s->lock);
-            while (!s->problem && slot->holds >= 0 && slot->finished < s->threads)
+            while (!s->problem && next_read == k && !slot_free_for(slot, next_read, s->threads))
                 pthread_cond_wait(&s->changed, &s->lock);
-            int stopped = s->problem != NULL;
+            int busy = !slot_free_for(slot, next_read, s->threads);
+            stopped = s->problem != NULL;
             pthread_mutex_unlock(&s->lock);
-            if (stopped)
+            if (stopped || busy)
                 break;
-            const table_t *table = s->chunks[k].table;
+            const table_t *table = s->chunks[next_read].table;
             if (table->fd < 0 && table != open_table_of) { /* a table not kept open: this thread's own fd */
                 if (open_fd >= 0)
                     close(open_fd);
@@ -811,21 +826,25 @@ static void *scan_worker(void *arg)
             }
             const char *problem = open_fd < 0 && table->fd < 0
                                       ? "a table file cannot be opened"
-                                      : fill_slot(s, slot, &s->chunks[k], table->fd >= 0 ? table->fd : open_fd);
+                                      : fill_slot(s, slot, &s->chunks[next_read], table->fd >= 0 ? table->fd : open_fd);
             if (problem) {
                 stop(s, problem);
+                stopped = 1;
                 break;
             }
             pthread_mutex_lock(&s->lock);
-            slot->holds = (long)k, slot->finished = 0;
+            slot->holds = (long)next_read, slot->finished = 0;
             pthread_cond_broadcast(&s->changed);
             pthread_mutex_unlock(&s->lock);
+            next_read += (size_t)s->threads;
         }
+        if (stopped)
+            break;
         slot_t *slot = &s->ring[k % RING];
         pthread_mutex_lock(&s->lock);
         while (!s->problem && slot->holds != (long)k)
             pthread_cond_wait(&s->changed, &s->lock);
-        int stopped = s->problem != NULL;
+        stopped = s->problem != NULL;
         pthread_mutex_unlock(&s->lock);
         if (stopped)
             break;
