@@ -105,6 +105,7 @@ class PatchCache:
             _SHARED[self.token].madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def remove(self) -> None:
+        _ROWS_BY_NAME.pop(self.token, None)  # this process's name → row map (built here with workers=1)
         if self.in_memory:
             block = _SHARED.pop(self.token, None)
             if block is not None:
