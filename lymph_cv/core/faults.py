@@ -19,7 +19,9 @@ import fnmatch
 import os
 import signal
 from pathlib import Path
-from typing import Dict, List, Tuple
+TYPE_CHECKING = False  # typing.TYPE_CHECKING unimported: typing is ~5 ms of the tools' start-up (issue 17)
+if TYPE_CHECKING:
+    from typing import Dict, List, Tuple
 
 from lymph_cv.errors import ConfigError
 

@@ -7,7 +7,11 @@ Flags may appear anywhere among the positional arguments, with one or two dashes
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
+from collections import namedtuple
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING unimported: typing is ~5 ms of the tools' start-up (issue 17)
+if TYPE_CHECKING:
+    from typing import Any, Callable, Mapping, Optional, Sequence
 
 from lymph_cv.errors import ConfigError
 
@@ -19,13 +23,11 @@ class HelpRequested(Exception):
     """``-help`` / ``--help`` was given: the caller prints its usage."""
 
 
-class Flag(NamedTuple):
-    """A flag's type (bool, int, float or str), default and one-line help (a named tuple, not a
-    dataclass: dataclasses import inspect, a start-up cost of every tool)."""
+class Flag(namedtuple("Flag", ("type", "default", "help"), defaults=("",))):
+    """A flag's ``type`` (bool, int, float or str), ``default`` and one-line ``help`` (a named tuple
+    from collections, not typing's NamedTuple nor a dataclass: typing and inspect cost every tool's start-up)."""
 
-    type: Callable[[str], Any]
-    default: Any
-    help: str = ""
+    __slots__ = ()
 
     @property
     def is_bool(self) -> bool:

@@ -17,7 +17,9 @@ from __future__ import annotations
 import os
 import struct
 from pathlib import Path
-from typing import Sequence
+TYPE_CHECKING = False  # typing.TYPE_CHECKING unimported: typing is ~5 ms of the tools' start-up (issue 17)
+if TYPE_CHECKING:
+    from typing import Sequence
 
 from lymph_cv.formats.caffe.wire import encode_varint
 
