@@ -140,3 +140,18 @@ def test_overwrite_never_replaces_a_folder_that_is_not_a_database(tmp_path):
     (tmp_path / "empty").mkdir()
     with open_writer(tmp_path / "empty", "lmdb", overwrite=True) as writer:  # an empty folder may be used
         writer.put(b"a", b"1")
+
+
+def test_lmdb_increasing_commits_appended_the_rest_put(tmp_path):
+    import threading
+
+    path = tmp_path / "lmdb"
+    increasing = [(make_key(i, "x"), os.urandom(3000 + i)) for i in range(0, 600, 2)]
+    lower = [(make_key(i, "x"), os.urandom(10)) for i in range(1, 300, 2)]  # below keys already written
+    with open_writer(path, "lmdb", commit_every=100) as writer:
+        for key, value in increasing + lower:
+            writer.put(key, value)
+        writer.put_many([make_key(1000, "x"), make_key(999, "x")], [b"a", b"b"])  # one commit out of order
+    assert not [t for t in threading.enumerate() if t.name.startswith("flush ")]  # the flushing thread ended
+    with open_reader(path, "lmdb") as reader:
+        assert list(reader) == sorted(increasing + lower + [(make_key(1000, "x"), b"a"), (make_key(999, "x"), b"b")])
