@@ -90,6 +90,16 @@ def test_commands_on_light_stage_modules_load_no_numpy(module):
                                                  "google.protobuf")) == []
 
 
+def test_report_headline_loads_no_numpy(tmp_path):
+    (tmp_path / "eval" / "fold_1").mkdir(parents=True)
+    record = {"fold": 1, "classes": ["A", "B"], "confusion": [[2, 0], [1, 1]], "accuracy": 0.75, "balanced_accuracy": 0.75}
+    (tmp_path / "eval" / "fold_1" / "metrics.json").write_text(json.dumps(record))
+    code = ("from lymph_cv.stages.report_folds import headline\n"
+            f"line = headline({str(tmp_path)!r})\n"
+            "assert line == '4 images over folds 1: pooled accuracy 0.750, balanced accuracy 0.750', line")
+    assert _modules_after(code, ("numpy", "cv2", "torch", "matplotlib", "jinja2", "google.protobuf")) == []
+
+
 def test_compute_image_mean_loads_neither_opencv_torch_nor_protobuf(tmp_path):
     with store.open_writer(tmp_path / "db", "leveldb") as writer:
         for i in range(3):

@@ -12,9 +12,10 @@ from lymph_cv.errors import EvaluationError
 from lymph_cv.stages.evaluate import FoldResult, ImageResult, window_grid
 from lymph_cv.stages.figures import FULL_CELL, confusion_png, row_fractions
 from lymph_cv.stages.heatmaps import blend, class_map, colour, heatmap_png, map_only, title_lines
+from lymph_cv.stages.report_folds import headline
 from lymph_cv.stages.report import (IMAGES_CSV, METRICS_JSON, SUMMARY_TXT, accuracy, balanced_accuracy, build_report,
                              class_metrics, confusion_matrix, format_confusion,
-                             format_markdown, mean_sd, write_fold)
+                             format_markdown, format_report, mean_sd, write_fold)
 
 CLASSES = ["CLL", "FL", "MCL"]
 # rows = true: 5 CLL all right; FL 4 right, 1 called CLL; MCL 4 right, 1 called FL.
@@ -114,6 +115,9 @@ def test_report_pools_folds(tmp_path, runner, cli):
     result = runner.invoke(cli, ["report", str(work)])
     assert result.exit_code == 0, result.stderr
     assert "pooled accuracy 0.714" in result.stdout  # 5 of 7 images
+    # the headline (printed before numpy loads) is the text's first line, printed once
+    assert headline(work) == result.stdout.splitlines()[0]
+    assert result.stdout == (work / "eval" / "report.txt").read_text()
     for name in ("report.md", "report.json", "report.txt", "confusion.png"):
         assert (work / "eval" / name).is_file()
     assert json.loads((work / "eval" / "report.json").read_text())["fold_accuracy"]["values"] == [0.75, pytest.approx(2 / 3)]
@@ -124,16 +128,48 @@ def test_report_pools_folds(tmp_path, runner, cli):
 def test_report_errors(tmp_path, runner, cli):
     (tmp_path / "eval").mkdir()
     result = runner.invoke(cli, ["report", str(tmp_path)])
-    assert result.exit_code == 2 and "no evaluated fold found" in result.stderr
+    assert result.exit_code == 2 and "no evaluated fold found" in result.stderr and result.stdout == ""
     write_fold(_fold(1, [(0, 0)]), tmp_path / "eval" / "fold_1")
     other = _fold(2, [(0, 0)])
     other.classes = ["A", "B", "C"]
     write_fold(other, tmp_path / "eval" / "fold_2")
     with pytest.raises(EvaluationError, match="fold 2 has classes"):
         build_report(tmp_path)
+    result = runner.invoke(cli, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "fold 2 has classes" in result.stderr and result.stdout == ""
     (tmp_path / "eval" / "fold_2" / METRICS_JSON).write_text("{not json")
     result = runner.invoke(cli, ["report", str(tmp_path)])
-    assert result.exit_code == 2 and "cannot read the fold's metrics" in result.stderr
+    assert result.exit_code == 2 and "cannot read the fold's metrics" in result.stderr and result.stdout == ""
+    # a bad images.csv (read after every record): still one error line and nothing printed before it
+    write_fold(_fold(2, [(0, 0)]), tmp_path / "eval" / "fold_2")
+    (tmp_path / "eval" / "fold_2" / IMAGES_CSV).write_text("image,true\nx.tif,CLL\n")
+    result = runner.invoke(cli, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and result.stdout == ""
+    assert "fold_2/images.csv: expected the images.csv" in result.stderr
+
+
+def _metrics(folder: Path, fold: int, confusion) -> None:
+    folder.mkdir(parents=True)
+    record = {"fold": fold, "classes": ["A", "B"], "confusion": confusion, "accuracy": 0.5, "balanced_accuracy": 0.5,
+              "images": int(sum(map(sum, confusion))), "misclassified": [], "settings": {}}
+    (folder / METRICS_JSON).write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("confusion, early", [([[1, 7], [0, 1]], False),  # recalls 1/8 and 1: mean 0.5625, a midpoint
+                                              ([[1.0, 1], [0, 2]], False),  # a float count: numpy's check decides
+                                              ([[3, 1], [1, 2]], True)])
+def test_report_headline_without_numpy_or_left_to_it(tmp_path, runner, cli, confusion, early):
+    _metrics(tmp_path / "eval" / "fold_3", 3, confusion)
+    assert (headline(tmp_path) is not None) == early
+    result = runner.invoke(cli, ["report", str(tmp_path)])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == (tmp_path / "eval" / "report.txt").read_text()
+    if early:
+        assert result.stdout.splitlines()[0] == headline(tmp_path)
+        record = json.loads((tmp_path / "eval" / "fold_3" / METRICS_JSON).read_text())
+        (tmp_path / "eval" / "fold_3" / METRICS_JSON).write_text(json.dumps({**record, "unit": "slide"}))
+        assert headline(tmp_path).startswith("7 slides over folds 3: ")
+        assert headline(tmp_path) == format_report(build_report(tmp_path)).splitlines()[0]
 
 
 def test_drawings():
@@ -172,5 +208,5 @@ def test_report_of_wrong_kind_of_metrics_is_one_line(tmp_path, runner, cli, text
     (tmp_path / "eval" / "fold_2").mkdir()
     (tmp_path / "eval" / "fold_2" / METRICS_JSON).write_text(text)
     result = runner.invoke(cli, ["report", str(tmp_path)])
-    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert result.exit_code == 2 and "Traceback" not in result.stderr and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "fold_2/metrics.json: expected a fold's metrics" in result.stderr

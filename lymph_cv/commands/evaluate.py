@@ -95,10 +95,19 @@ def report(workdir: Path, legacy_layout: bool) -> None:
     eval/report.md, report.json, report.txt and confusion.png."""
     import logging
 
+    from lymph_cv.stages.report_folds import headline
+
+    # The headline before numpy and the report's modules load; it raises what build_report would
+    # for the folds' files, so a bad work folder still gives one error line and nothing on stdout.
+    head = headline(workdir)
+    if head is not None:
+        click.echo(head)
     from lymph_cv.stages.report import build_report, format_report, write_report
 
     result = build_report(workdir)
-    # the text first: the files' figures (matplotlib, the HTML page) take most of the command's time
-    click.echo(format_report(result, legacy_layout), nl=False)
+    # the text next: the files' figures (matplotlib, the HTML page) take most of the command's time
+    text = format_report(result, legacy_layout)
+    first, _, rest = text.partition("\n")
+    click.echo(rest if first == head else text, nl=False)
     paths = write_report(result, legacy_layout)
     logging.getLogger(__name__).info("wrote %s", ", ".join(str(p) for p in paths))

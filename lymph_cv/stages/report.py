@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Union
@@ -24,12 +23,13 @@ from lymph_cv.core.fsutil import atomic_path, atomic_write_bytes, atomic_write_j
 from lymph_cv.stages.figures import confusion_png
 from lymph_cv.stages.heatmaps import heatmap_png
 from lymph_cv.stages.html_report import render_html
+from lymph_cv.stages.report_folds import fold_records, headline_text, image_rows
+from lymph_cv.stages.report_folds import number_text as _num
 from lymph_cv.stages.roc import ROC_PNG, draw_roc, roc_record
 from lymph_cv.stages import slide_report
 from lymph_cv.workdir.layout import (CONFUSION_PNG, EVAL_DIR, HEATMAP_DIR, IMAGES_CSV, METRICS_JSON, REPORT_HTML, REPORT_JSON,
                                      REPORT_MD, REPORT_TXT, SUMMARY_TXT, heatmap_name)
-from lymph_cv.workdir.layout import EVAL_FOLD_PATTERN as _FOLD_DIR
-from lymph_cv.workdir.records import METRICS, read_record
+from lymph_cv.workdir.records import METRICS
 from lymph_cv.stages.stage import PatchPipelineStage, RunOptions
 from lymph_cv.stages.metrics import (accuracy, balanced_accuracy, class_metrics, confusion_matrix,  # noqa: F401 - the report's API
                                      mean_sd, summary_metrics)
@@ -39,8 +39,6 @@ PathLike = Union[str, Path]
 
 LAYOUT = "rows = true class, columns = predicted class"
 LEGACY_LAYOUT = "rows = predicted class, columns = true class (the tutorial's layout)"
-#: Decimal places of metrics in text and Markdown.
-DIGITS = 3
 #: How many misclassified images the one-page summary names before abbreviating.
 MD_MISCLASSIFIED_MAX = 12
 #: Heatmap backgrounds: the [0, 1] pixels evaluation saw, back to 8 bits.
@@ -48,10 +46,6 @@ DISPLAY_SCALE = 255.0
 
 
 # ----------------------------------------------------------------------------- text formatting
-def _num(value: Optional[float], digits: int = DIGITS) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-
 def format_confusion(matrix: np.ndarray, classes: Sequence[str], legacy: bool = False) -> str:
     """A labelled text matrix; ``legacy`` prints the tutorial's predicted × actual orientation."""
     matrix = np.asarray(matrix)
@@ -289,46 +283,19 @@ def _check_metrics(record, path: Path) -> None:
 
 def read_image_scores(path: Path, classes: Sequence[str]) -> Optional[tuple]:
     """(labels, N × classes scores) from a fold's images.csv, or None when it is absent."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    rows = image_rows(path, classes)
+    if rows is None:
         return None
-    except OSError as exc:
-        raise InputError(f"cannot read the fold's images ({exc})", path) from exc
-    rows = list(csv.DictReader(io.StringIO(text)))
-    try:
-        labels = np.array([list(classes).index(row["true"]) for row in rows], dtype=np.int64)
-        scores = np.array([[float(row[f"score_{c}"]) for c in classes] for row in rows], dtype=np.float64)
-    except (KeyError, ValueError, TypeError) as exc:
-        raise InputError(f"expected the images.csv `lymph-cv evaluate` writes (true, score_<class> columns): {exc}",
-                         path) from None
-    return labels, scores.reshape(len(rows), len(classes))
+    labels, scores = rows
+    return np.array(labels, dtype=np.int64), np.array(scores, dtype=np.float64).reshape(len(labels), len(classes))
 
 
 def build_report(workdir: PathLike, folds: Optional[Sequence[int]] = None) -> Report:
     """Collect ``eval/fold_K/metrics.json`` of every evaluated fold (or only of ``folds``) and pool
     their matrices."""
     workdir = Path(workdir)
-    eval_dir = workdir / EVAL_DIR
-    found = sorted((int(m.group(1)), p) for p in eval_dir.glob("fold_*") if (m := _FOLD_DIR.match(p.name)) and p.is_dir())
-    if folds is not None:
-        found = [(k, p) for k, p in found if k in set(folds)]
-    records = []
-    folders = []
-    for _, folder in found:
-        path = folder / METRICS_JSON
-        record = read_record(path, METRICS)
-        if record is None:
-            continue
-        _check_metrics(record, path)
-        records.append(record)
-        folders.append(folder)
-    if not records:
-        raise EvaluationError("no evaluated fold found (expected eval/fold_K/metrics.json; run `lymph-cv evaluate` first)", workdir)
+    records, folders = fold_records(workdir, folds, _check_metrics)
     classes = records[0]["classes"]
-    for record in records[1:]:
-        if record["classes"] != classes:
-            raise EvaluationError(f"fold {record['fold']} has classes {record['classes']}, fold {records[0]['fold']} has {classes}", eval_dir)
     pooled = sum(np.array(r["confusion"], dtype=np.int64) for r in records)
     image_scores = [read_image_scores(folder / IMAGES_CSV, classes) for folder in folders]
     if any(item is None for item in image_scores):
@@ -376,8 +343,7 @@ def format_report(report: Report, legacy: bool = False) -> str:
     """The pooled results as plain text (what ``lymph-cv report`` prints)."""
     record = report_record(report)
     lines = [
-        f"{record['images']} {_unit(record)} over folds {', '.join(str(f) for f in record['folds'])}: "
-        f"pooled accuracy {_num(record['accuracy'])}, balanced accuracy {_num(record['balanced_accuracy'])}",
+        headline_text(record["images"], _unit(record), record["folds"], record["accuracy"], record["balanced_accuracy"]),
         f"per-fold accuracy {_pm(record['fold_accuracy']['mean'], record['fold_accuracy']['sd'])}, "
         f"balanced accuracy {_pm(record['fold_balanced_accuracy']['mean'], record['fold_balanced_accuracy']['sd'])}",
         "",

@@ -12,15 +12,11 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from lymph_cv.stages.metrics import summary_metrics
+from lymph_cv.stages.report_folds import is_slide_report  # there: numpy-free, for the headline
 from lymph_cv.workdir.layout import EVAL_FOLD_DIR, HEATMAP_DIR
 
 #: Decimal places of fractions and metrics.
 DIGITS = 3
-
-
-def is_slide_report(folds: Sequence[dict]) -> bool:
-    """Whether the folds were evaluated slide by slide."""
-    return bool(folds) and all(f.get("unit") == "slide" for f in folds)
 
 
 def pooled_tiles(folds: Sequence[dict], classes: Sequence[str]) -> Optional[dict]:

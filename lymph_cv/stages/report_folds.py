@@ -1,0 +1,139 @@
+"""The evaluated folds a report pools, read without numpy, and the report's headline from them.
+
+:mod:`lymph_cv.stages.report` builds the pooled report on these readers (so both raise the same
+errors in the same order); ``lymph-cv report`` prints :func:`headline` before numpy, matplotlib and
+the report's modules load (about a tenth of a second), then the rest of the report's text.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+from lymph_cv.errors import EvaluationError, InputError
+from lymph_cv.workdir.layout import EVAL_DIR, IMAGES_CSV, METRICS_JSON
+from lymph_cv.workdir.layout import EVAL_FOLD_PATTERN as FOLD_DIR
+from lymph_cv.workdir.records import METRICS, read_record
+
+PathLike = Union[str, Path]
+
+#: Decimal places of metrics in text and Markdown.
+DIGITS = 3
+#: Counts at or past this are left to numpy (int64 sums, floats exact below 2^53).
+EXACT_COUNT = 2 ** 53
+#: How close (in units of the last printed digit) a mean of ratios may come to a rounding midpoint
+#: before the headline leaves it to numpy: its summation order may differ from ours in the last bits.
+MIDPOINT_MARGIN = 1e-6
+
+
+def number_text(value: Optional[float], digits: int = DIGITS) -> str:
+    """A metric as the report prints it: ``digits`` places, ``n/a`` for None or NaN."""
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def is_slide_report(folds: Sequence[dict]) -> bool:
+    """Whether the folds were evaluated slide by slide."""
+    return bool(folds) and all(f.get("unit") == "slide" for f in folds)
+
+
+def headline_text(images: int, unit: str, folds: Sequence[int], accuracy: float, balanced: float) -> str:
+    """The report's first line: what was pooled and its two accuracies."""
+    return (f"{images} {unit} over folds {', '.join(str(f) for f in folds)}: "
+            f"pooled accuracy {number_text(accuracy)}, balanced accuracy {number_text(balanced)}")
+
+
+def fold_records(workdir: PathLike, folds: Optional[Sequence[int]],
+                 check: Callable[[dict, Path], None]) -> Tuple[List[dict], List[Path]]:
+    """The metrics.json records of the evaluated folds (or only of ``folds``) in fold order, each
+    passed to ``check`` as it is read, and their folders; an EvaluationError when there are none or
+    their classes differ."""
+    workdir = Path(workdir)
+    eval_dir = workdir / EVAL_DIR
+    found = sorted((int(m.group(1)), p) for p in eval_dir.glob("fold_*") if (m := FOLD_DIR.match(p.name)) and p.is_dir())
+    if folds is not None:
+        found = [(k, p) for k, p in found if k in set(folds)]
+    records, folders = [], []
+    for _, folder in found:
+        path = folder / METRICS_JSON
+        record = read_record(path, METRICS)
+        if record is None:
+            continue
+        check(record, path)
+        records.append(record)
+        folders.append(folder)
+    if not records:
+        raise EvaluationError("no evaluated fold found (expected eval/fold_K/metrics.json; run `lymph-cv evaluate` first)", workdir)
+    classes = records[0]["classes"]
+    for record in records[1:]:
+        if record["classes"] != classes:
+            raise EvaluationError(f"fold {record['fold']} has classes {record['classes']}, fold {records[0]['fold']} has {classes}", eval_dir)
+    return records, folders
+
+
+def image_rows(path: Path, classes: Sequence[str]) -> Optional[Tuple[List[int], List[List[float]]]]:
+    """(true labels, per-image scores) from a fold's images.csv, or None when it is absent."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise InputError(f"cannot read the fold's images ({exc})", path) from exc
+    rows = list(csv.DictReader(io.StringIO(text)))
+    try:
+        labels = [list(classes).index(row["true"]) for row in rows]
+        scores = [[float(row[f"score_{c}"]) for c in classes] for row in rows]
+    except (KeyError, ValueError, TypeError) as exc:
+        raise InputError(f"expected the images.csv `lymph-cv evaluate` writes (true, score_<class> columns): {exc}",
+                         path) from None
+    return labels, scores
+
+
+class _Inexact(Exception):
+    """A fold record the headline leaves to numpy (the report's own check decides on it)."""
+
+
+def _plain_counts(record: dict, path: Path) -> None:
+    """_Inexact unless ``record`` is a metrics.json the report's check accepts with plain counts:
+    a square matrix of non-negative ints, one row and column per class."""
+    try:
+        classes, confusion = record["classes"], record["confusion"]
+        ok = (isinstance(record["fold"], int) and isinstance(classes, list) and len(classes) >= 1
+              and all(isinstance(c, str) for c in classes) and isinstance(confusion, list)
+              and len(confusion) == len(classes)
+              and all(isinstance(row, list) and len(row) == len(classes) for row in confusion)
+              and all(type(v) is int and 0 <= v < EXACT_COUNT for row in confusion for v in row)
+              and all(isinstance(record[k], (int, float)) for k in ("accuracy", "balanced_accuracy")))
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise _Inexact(path)
+
+
+def headline(workdir: PathLike) -> Optional[str]:
+    """The first line ``lymph-cv report WORKDIR`` prints, computed without numpy; None where the
+    report's own computation must decide (unusual records, a balanced accuracy at a rounding
+    midpoint). Raises what :func:`lymph_cv.stages.report.build_report` would raise for the folds'
+    files, so a bad work folder gives its one error line before anything is printed."""
+    try:
+        records, folders = fold_records(workdir, None, _plain_counts)
+    except _Inexact:
+        return None
+    classes = records[0]["classes"]
+    for folder in folders:  # read for their errors: the report reads them after the records too
+        image_rows(folder / IMAGES_CSV, classes)
+    size = len(classes)
+    pooled = [[sum(r["confusion"][i][j] for r in records) for j in range(size)] for i in range(size)]
+    total = sum(map(sum, pooled))
+    if total >= EXACT_COUNT:
+        return None
+    # as stages.metrics: a trace over a total, and the mean recall over the classes with true images
+    accuracy = float(sum(pooled[i][i] for i in range(size))) / total if total else 0.0
+    recalls = [pooled[i][i] / sum(pooled[i]) for i in range(size) if sum(pooled[i])]
+    balanced = sum(recalls) / len(recalls) if recalls else 0.0
+    scaled = balanced * 10 ** DIGITS
+    if abs(scaled - math.floor(scaled) - 0.5) < MIDPOINT_MARGIN:
+        return None
+    unit = "slides" if is_slide_report(records) else "images"
+    return headline_text(total, unit, [r["fold"] for r in records], accuracy, balanced)
