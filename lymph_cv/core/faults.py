@@ -15,10 +15,8 @@ Unset (the normal case), every hook is a dictionary look-up and nothing else.
 from __future__ import annotations
 
 import errno
-import fnmatch
 import os
 import signal
-from pathlib import Path
 TYPE_CHECKING = False  # typing.TYPE_CHECKING unimported: typing is ~5 ms of the tools' start-up (issue 17)
 if TYPE_CHECKING:
     from typing import Dict, List, Tuple
@@ -76,7 +74,9 @@ def before_write(path) -> None:
     rules = _rules()
     if not rules:
         return
-    name = Path(path).name
+    import fnmatch  # here: a rule is set (fault tests only); the tools' start-up imports neither this nor pathlib
+
+    name = os.path.basename(os.fspath(path).rstrip(os.sep))
     for kind, pattern, _ in rules:
         if kind in WRITE_ERRORS and fnmatch.fnmatch(name, pattern):
             code = WRITE_ERRORS[kind]

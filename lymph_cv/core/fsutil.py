@@ -8,13 +8,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from pathlib import Path
 
 from lymph_cv.core import faults
 from lymph_cv.errors import LymphCVError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING unimported: typing is ~5 ms of the tools' start-up (issue 17)
 if TYPE_CHECKING:
+    from pathlib import Path
     from typing import Any, Iterator, Union
 
     PathLike = Union[str, os.PathLike]
@@ -25,42 +25,60 @@ else:  # the annotations are strings (PEP 563): the name only has to exist, for 
 TEMP_MARKER = ".tmp-"
 
 
+# Paths are handled with os.path here, pathlib only where a Path is returned: atomic_write_bytes is
+# on the tools' start-up path (compute_image_mean writes its mean), and pathlib's import costs ~5 ms.
+
+def _temp_name(final: str) -> str:
+    folder, name = os.path.split(os.path.normpath(final))
+    # os.urandom, not uuid: uuid imports platform, whose regexes cost every start-up (issue 17)
+    return os.path.join(folder, f".{name}{TEMP_MARKER}{os.getpid()}-{os.urandom(4).hex()}")
+
+
 def temp_sibling(final: PathLike) -> Path:
     """A fresh, unused path next to ``final`` (same folder, so the rename is atomic)."""
-    final = Path(final)
-    # os.urandom, not uuid: uuid imports platform, whose regexes cost every start-up (issue 17)
-    return final.with_name(f".{final.name}{TEMP_MARKER}{os.getpid()}-{os.urandom(4).hex()}")
+    from pathlib import Path
+
+    return Path(_temp_name(os.fspath(final)))
 
 
-def remove_path(path: Path) -> None:
+def _is_real_dir(path: PathLike) -> bool:
+    return os.path.isdir(path) and not os.path.islink(path)
+
+
+def remove_path(path: PathLike) -> None:
     """Delete a file or directory tree if it exists."""
-    if path.is_dir() and not path.is_symlink():
+    if _is_real_dir(path):
         import shutil  # here, not at the top: this module is on every tool's start-up path
 
         shutil.rmtree(path, ignore_errors=True)
     else:
         with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+            os.unlink(path)
 
 
-def make_dirs(folder: PathLike) -> Path:
-    """Create ``folder`` and its parents if missing; a failure is one :class:`LymphCVError` line."""
-    folder = Path(folder)
+def _make_folder(folder: PathLike) -> None:
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
     except FileExistsError:
         raise LymphCVError("is a file; expected a folder", folder) from None
     except OSError as exc:
         raise LymphCVError(f"cannot create folder ({os_reason(exc)})", folder) from None
+
+
+def make_dirs(folder: PathLike) -> Path:
+    """Create ``folder`` and its parents if missing; a failure is one :class:`LymphCVError` line."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    _make_folder(folder)
     return folder
 
 
 def check_kind(final: PathLike, folder: bool) -> None:
     """Refuse to replace a folder by a file or a file by a folder (never delete the wrong kind)."""
-    final = Path(final)
-    if folder and final.exists() and not final.is_dir():
+    if folder and os.path.exists(final) and not os.path.isdir(final):
         raise LymphCVError("is a file; expected a folder (or a new name)", final)
-    if not folder and final.is_dir():
+    if not folder and os.path.isdir(final):
         raise LymphCVError("is a folder; expected a file name", final)
 
 
@@ -69,12 +87,11 @@ def replace_path(source: PathLike, final: PathLike) -> None:
 
     A file never replaces a directory nor a directory a file (:class:`LymphCVError`).
     """
-    source, final = Path(source), Path(final)
-    check_kind(final, folder=source.is_dir() and not source.is_symlink())
-    if final.is_dir() and not final.is_symlink():
+    check_kind(final, folder=_is_real_dir(source))
+    if _is_real_dir(final):
         # os.replace cannot overwrite a non-empty directory: move the old one aside first,
         # so that ``final`` is missing only for the instant between the two renames.
-        old = temp_sibling(final)
+        old = _temp_name(os.fspath(final))
         os.replace(final, old)
         try:
             os.replace(source, final)
@@ -93,12 +110,20 @@ def atomic_path(final: PathLike) -> Iterator[Path]:
     The caller creates a file or a directory at the yielded path.  On an exception the
     temporary is removed and ``final`` is left untouched.
     """
-    final = Path(final)
-    make_dirs(final.parent)
-    temp = temp_sibling(final)
+    from pathlib import Path
+
+    with _atomic_name(os.fspath(final)) as temp:
+        yield Path(temp)
+
+
+@contextlib.contextmanager
+def _atomic_name(final: str) -> Iterator[str]:
+    """:func:`atomic_path` with names as strings (no pathlib: the tools' start-up path)."""
+    _make_folder(os.path.dirname(os.path.normpath(final)) or os.curdir)
+    temp = _temp_name(final)
     try:
         yield temp
-        if not temp.exists():
+        if not os.path.exists(temp):
             raise FileNotFoundError(f"{temp}: nothing was written for {final}")
         replace_path(temp, final)
     except BaseException:
@@ -137,7 +162,7 @@ def atomic_write_bytes(path: PathLike, data, *, sync: bool = True) -> None:
     check_kind(path, folder=False)
     try:
         faults.before_write(path)
-        with atomic_path(path) as temp:
+        with _atomic_name(os.fspath(path)) as temp:
             with open(temp, "wb") as handle:
                 write_all(handle, data)
                 if sync:
@@ -186,13 +211,16 @@ def pid_alive(pid) -> bool:
     except PermissionError:
         return True
     try:  # a zombie (dead, not yet reaped by its parent) is no writer any more
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True
 
 
 def remove_stale_temporaries(folder: PathLike) -> list[Path]:
     """Delete temporaries in ``folder`` left by killed processes (their pid is gone); returns them."""
+    from pathlib import Path
+
     removed = []
     folder = Path(folder)
     if not folder.is_dir():

@@ -16,7 +16,6 @@ import os
 import sys
 import threading
 import time
-from pathlib import Path
 TYPE_CHECKING = False  # typing.TYPE_CHECKING unimported: typing is ~5 ms of the tools' start-up (issue 17)
 if TYPE_CHECKING:
     from typing import Iterator, Optional, TextIO
@@ -120,7 +119,7 @@ def caffe_log(log_file: Optional[os.PathLike] = None, append: bool = False,
     handlers = [console]
     file_handler = None
     if log_file is not None:
-        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
         file_handler = logging.FileHandler(log_file, mode="a" if append else "w", encoding="utf-8")
         file_handler.setFormatter(formatter)
         file_handler.setLevel(logging.INFO)

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import os
 import struct
-from pathlib import Path
 TYPE_CHECKING = False  # typing.TYPE_CHECKING unimported: typing is ~5 ms of the tools' start-up (issue 17)
 if TYPE_CHECKING:
+    from pathlib import Path
     from typing import Sequence
 
 from lymph_cv.formats.caffe.wire import encode_varint
@@ -94,6 +94,8 @@ class TableWriter:
     """
 
     def __init__(self, folder: Path, table_bytes: int = TABLE_BYTES, block_size: int = BLOCK_SIZE):
+        from pathlib import Path  # here, not at the top: this module is on the tools' start-up path
+
         self.folder = Path(folder)
         self._writer = ldbwrite.Writer(os.fspath(self.folder / "%06llu.ldb"), FIRST_TABLE_NUMBER, block_size,
                                        table_bytes, 1)

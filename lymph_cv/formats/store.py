@@ -14,9 +14,9 @@ import itertools
 import logging
 import operator
 import os
-from pathlib import Path
 TYPE_CHECKING = False  # typing.TYPE_CHECKING unimported: typing is ~5 ms of the tools' start-up (issue 17)
 if TYPE_CHECKING:
+    from pathlib import Path
     from typing import Iterable, Iterator, List, Optional, Tuple, Union
 
 from lymph_cv.errors import FormatError, StoreError
@@ -71,9 +71,9 @@ def _as_bytes(key: Key) -> bytes:
 
 def detect_backend(path: PathLike) -> str:
     """``"lmdb"`` or ``"leveldb"`` judged by the directory's files (never by its name)."""
-    path = Path(path)
+    path = os.fspath(path)  # os.path, not pathlib: the reading side is on the tools' start-up path
     expected = "expected a LevelDB directory (CURRENT, LOG, *.ldb) or an LMDB directory (data.mdb)"
-    if not path.is_dir():
+    if not os.path.isdir(path):
         raise FormatError(f"not a directory; {expected}", path)
     names = set(os.listdir(path))
     if LMDB_DATA_FILE in names:
@@ -366,6 +366,8 @@ def open_writer(
     in which case it is replaced only at that successful end.  ``lmdb_map_size`` is LMDB's
     starting map size; it doubles whenever a transaction does not fit.
     """
+    from pathlib import Path  # here, not at the top: the reading side is on the tools' start-up path
+
     path = Path(path)
     backend = check_backend(backend)
     if path.exists() and not overwrite:
@@ -458,7 +460,7 @@ def _reading_iter(method):
 _LMDB_MAGIC = 0xBEEFC0DE
 
 
-def _check_lmdb_size(path: Path) -> None:
+def _check_lmdb_size(path: str) -> None:
     """Refuse an LMDB whose data.mdb is shorter than its newest meta page says.
 
     LMDB maps the file and would die of SIGBUS on the first page past its end (a truncated
@@ -466,7 +468,7 @@ def _check_lmdb_size(path: Path) -> None:
     """
     import struct
 
-    data_file = Path(path) / "data.mdb"
+    data_file = os.path.join(path, LMDB_DATA_FILE)
     try:
         with open(data_file, "rb") as handle:
             head = handle.read(160)
@@ -503,7 +505,7 @@ class Reader:
     The first open after a build replays LevelDB's log (up to Caffe's 256 MiB write buffer).
     """
 
-    def __init__(self, path: Path, backend: str):
+    def __init__(self, path: str, backend: str):
         self.path = path
         self.backend = backend
         self._length: Optional[int] = None
@@ -582,7 +584,7 @@ class Reader:
                 yield from _lists_of(txn.cursor().iternext(keys=False, values=True), size)
 
     @_reading
-    def live_tables(self) -> List[Path]:
+    def live_tables(self) -> List[str]:
         """LevelDB: the table files of the database's current version, as LevelDB lists them
         (``leveldb.sstables``; level by level, not in key order).  Opening the database replayed
         its log into a table, and the open database holds LOCK, so these hold every record."""
@@ -595,8 +597,8 @@ class Reader:
             if not (line.startswith(" ") and colon and number.isdigit()):
                 continue
             name = f"{int(number):06d}"
-            found = [self.path / f"{name}{suffix}" for suffix in LEVELDB_TABLE_SUFFIXES]
-            tables.append(next((candidate for candidate in found if candidate.is_file()), found[0]))
+            found = [os.path.join(self.path, f"{name}{suffix}") for suffix in LEVELDB_TABLE_SUFFIXES]
+            tables.append(next((candidate for candidate in found if os.path.isfile(candidate)), found[0]))
         return tables
 
     def batches_from(self, start: Key, size: int) -> Iterator[Tuple[List[bytes], List]]:
@@ -650,7 +652,7 @@ class Reader:
 @contextlib.contextmanager
 def open_reader(path: PathLike, backend: Optional[str] = None) -> Iterator[Reader]:
     """Open an existing database read-only; ``backend`` is detected from its files when None."""
-    path = Path(path)
+    path = os.fspath(path)
     found = detect_backend(path)
     if backend is not None and check_backend(backend) != found:
         raise StoreError(f"is a {found} database, not {check_backend(backend)}", path)
