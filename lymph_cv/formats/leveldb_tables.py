@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from pathlib import Path
     from typing import Sequence
 
+from lymph_cv.core.fsutil import write_all
 from lymph_cv.formats.caffe.wire import encode_varint
 
 try:
@@ -127,14 +128,9 @@ class TableWriter:
 
 def _write_synced(path: Path, data: bytes) -> None:
     """As LevelDB writes its MANIFEST and CURRENT: on disk before the database counts as written."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with open(path, "wb") as handle:
+        write_all(handle, data)
+        os.fsync(handle.fileno())
 
 
 def pread_rows(fd: int, rows, row_size: int, out, column: int) -> None:
