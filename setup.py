@@ -17,6 +17,8 @@ NATIVE = [
               extra_compile_args=CFLAGS, extra_link_args=["-pthread"], optional=True),
     Extension("lymph_cv.formats.ldbwrite", ["lymph_cv/formats/ldbwrite.c"],
               extra_compile_args=CFLAGS, optional=True),
+    Extension("lymph_cv.formats.convread", ["lymph_cv/formats/convread.c"],
+              extra_compile_args=CFLAGS, optional=True),
 ]
 
 setup(ext_modules=NATIVE)

@@ -15,8 +15,9 @@ import tifffile
 from lymph_cv.core import forkpipe, rawtiff
 from lymph_cv.core.faults import FAULT_ENV
 from lymph_cv.errors import InputError, LymphCVError
-from lymph_cv.formats import store
+from lymph_cv.formats import convread, store
 from lymph_cv.stages import dbs
+from lymph_cv.stages.dbs import lists
 from lymph_cv.stages.dbs.convert import RECORDS_EVENT
 from lymph_cv.stages.synth import TIFF_UNCOMPRESSED
 
@@ -84,6 +85,80 @@ def test_a_file_differing_outside_its_pixels_does_not_match():
     table = rawtiff.stack([data, bytes(changed)], layout.size)
     assert rawtiff.match(layout, table).tolist() == [True, False]
     assert rawtiff.plain_layout(data[:-20]) is None and rawtiff.plain_layout(b"II*\x00") is None
+
+
+@pytest.mark.parametrize("seed", [0, 1, 4, 2**32 - 1, 2**32, 2**64 - 1])
+def test_native_order_is_numpys_permutation(seed):
+    for count in (0, 1, 2, 3, 255, 1000):
+        assert convread.permutation(count, seed) == np.random.default_rng(seed).permutation(count).tolist()
+    with pytest.raises(OverflowError):
+        convread.permutation(3, 2**64)
+    assert lists.order_list(7, 2**70) == np.random.default_rng(2**70).permutation(7).tolist()  # numpy's
+    assert lists.order_list(5, None) == [0, 1, 2, 3, 4]
+
+
+def test_native_plain_reader_writes_the_numpy_readers_records(tmp_path, monkeypatch):
+    """Whole chunks of plain TIFFs read natively; a chunk with a file of other bytes outside its
+    pixels, a missing file or a label past one varint byte is read the numpy way: same records."""
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    names = [f"{'ab'[i % 2]}/p{i}.tif" for i in range(600)]
+    for i, name in enumerate(names):
+        (root / name).write_bytes(_opencv_tiff(_rgb(i)))
+    (root / "a" / "odd.tif").write_bytes(_opencv_tiff(_rgb(9, 11, 7)))  # another layout
+    lines = [f"{name} {i % 3}" for i, name in enumerate(names)]
+    lines[300:300] = ["a/odd.tif 1", "a/missing.tif 0"]
+    lines.append("b/p1.tif 200")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    got = {}
+    for native in ("1", "0"):
+        monkeypatch.setenv(lists.NATIVE_ENV, native)
+        for workers in (0, 2):
+            db = tmp_path / f"db{native}{workers}"
+            result = dbs.convert_list(f"{root}/", tmp_path / "list.txt", db, backend="lmdb", seed=5, skip_bad=True,
+                                      workers=workers, concat_root=True)
+            got[native, workers] = (_records(db), result.problems)
+    assert got["1", 0] == got["1", 2] == got["0", 0] == got["0", 2]
+    records, problems = got["1", 0]
+    assert len(records) == len(lines) - 1 and len(problems) == 1 and "missing.tif" in problems[0]
+    entries = dbs.read_image_list(tmp_path / "list.txt")
+    expected = {}
+    for index, position in enumerate(dbs.shuffled_order(len(entries), 5)):
+        entry = entries[position]
+        if entry.name != "a/missing.tif":
+            expected[store.make_key(index, entry.name)] = dbs.record_value(root / entry.name, entry.label)[0]
+    assert dict(records) == expected
+    # Bytes outside the pixels that differ from the layout's: not read natively.
+    layout = rawtiff.plain_layout((root / "a/p0.tif").read_bytes())
+    changed = bytearray((root / "a/p0.tif").read_bytes())
+    changed[-3] ^= 1
+    (root / "a/p0.tif").write_bytes(bytes(changed))
+    read = [f"{root}/", ["b/p1.tif", "a/p2.tif"], [0, 127], 41, layout.head, layout.tail, 9, 7]
+    keys, key_lengths, values, length = convread.plain_datums(*read)
+    assert (keys, key_lengths) == (b"00000041_b/p1.tif00000042_a/p2.tif", [17, 17])
+    assert [values[:length], values[length:]] == [dbs.record_value(root / "b/p1.tif", 0)[0],
+                                                  dbs.record_value(root / "a/p2.tif", 127)[0]]
+    assert convread.plain_datums(read[0], ["b/p1.tif", "a/p0.tif"], *read[2:]) is None
+    assert convread.plain_datums(read[0], read[1], [0, 128], *read[3:]) is None
+    convread.close_folders()
+
+
+def test_convert_imageset_on_plain_tiffs_loads_no_numpy(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    for i in range(3):
+        (root / f"p{i}.tif").write_bytes(_opencv_tiff(_rgb(i)))
+    (tmp_path / "list.txt").write_text("".join(f"p{i % 3}.tif {i % 2}\n" for i in range(600)))
+    code = ("import sys\nfrom lymph_cv.commands.convert_imageset import main\n"
+            f"status = main(['-shuffle', '-backend', 'leveldb', {str(root) + '/'!r}, {str(tmp_path / 'list.txt')!r}, "
+            f"{str(tmp_path / 'db')!r}])\n"
+            "print('NUMPY=' + str('numpy' in sys.modules))\nsys.exit(status)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr
+    assert "NUMPY=False" in done.stdout
+    assert len(_records(tmp_path / "db")) == 600
 
 
 @pytest.fixture()

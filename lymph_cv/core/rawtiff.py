@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported by the bulk functions: plain_layout runs in readers without it
+    import numpy as np
 
 #: TIFF field types by size in bytes: BYTE, ASCII, SHORT, LONG, RATIONAL, SBYTE, UNDEFINED, SSHORT,
 #: SLONG, SRATIONAL, FLOAT, DOUBLE.
@@ -48,6 +49,11 @@ class Layout:
     @property
     def pixel_bytes(self) -> int:
         return self.height * self.width * _CHANNELS
+
+    @property
+    def chw(self) -> tuple[int, int, int]:
+        """The (C, H, W) shape of the pixels as a Datum holds them."""
+        return _CHANNELS, self.height, self.width
 
 
 def _values(data: bytes, order: str, entry: int) -> Optional[tuple[int, ...]]:
@@ -118,11 +124,15 @@ def _strip_layout(data: bytes, tags: dict[int, tuple[int, ...]]) -> Optional[Lay
 
 def stack(files: Sequence[bytes], size: int) -> np.ndarray:
     """Files of ``size`` bytes each as one (N, size) uint8 table (one copy)."""
+    import numpy as np
+
     return np.frombuffer(b"".join(files), np.uint8).reshape(len(files), size)
 
 
 def match(layout: Layout, table: np.ndarray) -> np.ndarray:
     """Which rows of a :func:`stack` of ``layout.size``-byte files have ``layout``'s head and tail."""
+    import numpy as np
+
     end = layout.offset + layout.pixel_bytes
     same = (table[:, : layout.offset] == np.frombuffer(layout.head, np.uint8)).all(axis=1)
     if layout.tail:

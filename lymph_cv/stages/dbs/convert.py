@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence, Union
 
-import numpy as np
-
 from lymph_cv.core import faults, forkpipe, rawtiff
 from lymph_cv.core.badinputs import BadInputs
 from lymph_cv.core.fsutil import remove_path
@@ -22,15 +20,19 @@ from lymph_cv.core.imagefiles import FolderReader
 from lymph_cv.core.memory import collector_paused
 from lymph_cv.errors import ConfigError, InputError, LymphCVError, StoreError
 from lymph_cv.formats import store
-from lymph_cv.formats.caffe.rawdatum import datum_table, raw_pixel_offset, serialize_datum, split_table
-from lymph_cv.stages.dbs.lists import read_image_list, shuffled_order
+from lymph_cv.stages.dbs import lists
+from lymph_cv.stages.dbs.lists import read_image_list
 from lymph_cv.workdir.lists import ListEntry
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from lymph_cv.formats.caffe.mean import MeanAccumulator
 
-# OpenCV, protobuf and the mean are imported where needed: ``convert_imageset`` on the tutorial's
-# patch files needs none of them (:mod:`lymph_cv.core.rawtiff`), and their imports cost a tenth of it.
+# numpy, OpenCV, protobuf and the mean are imported where needed: ``convert_imageset`` on the
+# tutorial's patch files needs none of them where the native reader is built
+# (:mod:`lymph_cv.formats.convread`; else :mod:`lymph_cv.core.rawtiff`'s numpy path), and their
+# imports cost a tenth of it.
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,7 @@ def record_value(
     import cv2
 
     from lymph_cv.formats.caffe.datum import encoded_datum
+    from lymph_cv.formats.caffe.rawdatum import serialize_datum
 
     if not options.encoded:
         image, conversion = _read_pixels(path, options)
@@ -211,6 +214,8 @@ def write_db_batches(db_path: Union[str, os.PathLike], backend: str,
     :func:`write_db` for records assembled in bulk (no per-record checks); same errors.  ``values``
     is a list of bytes or a 2-D uint8 array whose rows are the values (no bytes object per record).
     """
+    import numpy as np
+
     count = 0
     with _store_errors(db_path), store.open_writer(db_path, backend, overwrite=True) as writer:
         for keys, values in batches:
@@ -270,13 +275,26 @@ class _ChunkReader:
         self.entries, self.positions = entries, positions
         self.layout: Optional[rawtiff.Layout] = None
         self.files = FolderReader()
+        # A path is prefix + name (``os.path.join`` of a relative name is the same string).
+        self.prefix = root if concat_root else os.path.join(root, "")
+        self.native = options.plain and lists.native_reading()
 
     def path(self, name: str) -> str:
         return self.root + name if self.concat_root else os.path.join(self.root, name)
 
+    def close(self) -> None:
+        """Close the folders the reads keep open."""
+        self.files.close()
+        if self.native:
+            lists.convread.close_folders()
+
     def __call__(self, chunk: int) -> tuple[tuple, tuple]:
         start = chunk * DECODE_CHUNK
         items = [self.entries[p] for p in self.positions[start : start + DECODE_CHUNK]]
+        if self.native:
+            done = self._native(items, start)
+            if done is not None:
+                return done
         values: list[Optional[bytes]] = [None] * len(items)
         shapes: list[Optional[tuple]] = [None] * len(items)
         conversions: dict[int, str] = {}
@@ -295,6 +313,26 @@ class _ChunkReader:
         return ((key_lengths, lengths, shapes, conversions, problems),
                 (b"".join(keys), b"".join(value for value in values if value is not None)))
 
+    def _native(self, items: list[ListEntry], start: int) -> Optional[tuple[tuple, tuple]]:
+        """The chunk's result from :func:`convread.plain_datums` when every file has the layout of the
+        list's first plain TIFF; None otherwise (the chunk is then read below, which names any problem)."""
+        layout = self.layout
+        if layout is None:
+            try:
+                layout = self.layout = rawtiff.plain_layout(self.files.read(self.path(items[0].name)))
+            except InputError:
+                return None
+            if layout is None:
+                self.native = False  # not plain TIFFs: OpenCV decodes them
+                return None
+        got = lists.convread.plain_datums(self.prefix, [entry.name for entry in items],
+                                          [entry.label for entry in items], start, layout.head, layout.tail,
+                                          layout.height, layout.width)
+        if got is None:
+            return None
+        keys, key_lengths, values, length = got
+        return (key_lengths, length, layout.chw, {}, {}), (keys, values)
+
     def _decode(self, items: list[ListEntry], values: list, shapes: list, conversions: dict, problems: dict) -> None:
         """The records not filled yet, through OpenCV."""
         for i, entry in enumerate(items):
@@ -312,6 +350,10 @@ class _ChunkReader:
                shapes: list) -> Optional[np.ndarray]:
         """Fill ``values`` and ``shapes`` of the files of plain layouts; instead the table of the records
         (:func:`datum_table`) when one layout holds every record of the chunk."""
+        import numpy as np
+
+        from lymph_cv.formats.caffe.rawdatum import datum_table, serialize_datum, split_table
+
         pending = list(files)
         while pending:
             layout = self.layout
@@ -443,6 +485,10 @@ def _check_and_add(key: bytes, value: bytes, shape: Optional[tuple], first_size:
         if accumulator is not None:
             raise ConfigError("a mean needs raw (not encoded) records")
         return first_size
+    import numpy as np
+
+    from lymph_cv.formats.caffe.rawdatum import raw_pixel_offset
+
     pixels = np.frombuffer(value, np.uint8, math.prod(shape), raw_pixel_offset(*shape)).reshape(shape)
     if check_size:
         if first_size is None:
@@ -486,7 +532,7 @@ def convert_list(
     list_path = Path(list_path)
     if entries is None:
         entries = read_image_list(list_path, num_labels)
-    positions = shuffled_order(len(entries), seed).tolist()
+    positions = lists.order_list(len(entries), seed)
     bad = BadInputs(skip_bad)
     reader = _ChunkReader(os.fspath(root), concat_root, options, entries, positions)
     accumulator = None
@@ -500,7 +546,7 @@ def convert_list(
             count = _write_chunks(db_path, backend, results, reader, list_path, bad, overwrite=overwrite,
                                   accumulator=accumulator, check_size=options.check_size, progress=progress)
     finally:
-        reader.files.close()
+        reader.close()
     means = None if accumulator is None else save_mean_or_drop(mean_path, accumulator, db_path)
     return DbResult(os.fspath(db_path), count, len(entries), time.perf_counter() - started,
                     None if mean_path is None else os.fspath(mean_path), means, bad.problems, dict(bad.conversions))

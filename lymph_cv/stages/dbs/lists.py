@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Optional, Union
-
-import numpy as np
+from typing import TYPE_CHECKING, Optional, Union
 
 from lymph_cv.errors import InputError
 from lymph_cv.workdir.lists import ListEntry, read_labelled_list
+
+if TYPE_CHECKING:
+    import numpy as np
+
+try:  # convert_imageset's order without numpy (optional C extension, setup.py NATIVE)
+    from lymph_cv.formats import convread
+except ImportError:
+    convread = None
+
+#: Environment switch: "0" turns the native modules off.
+NATIVE_ENV = "LYMPH_CV_NATIVE"
+#: The largest seed the native permutation takes (64 bits); numpy's for larger ones.
+_NATIVE_SEED_LIMIT = 1 << 64
 
 #: A patch file name: ``<image stem>_sub_<i>.<ext>``.
 PATCH_NAME = re.compile(r"^(?P<stem>.+)_sub_(?P<index>\d+)\.[A-Za-z0-9]+$")
@@ -62,6 +73,23 @@ def _plainly_valid(entries: list[ListEntry], num_labels: Optional[int]) -> bool:
 
 def shuffled_order(count: int, seed: Optional[int]) -> np.ndarray:
     """Record order: identity without a seed, else ``default_rng(seed).permutation(count)``."""
+    import numpy as np
+
     if seed is None:
         return np.arange(count)
     return np.random.default_rng(seed).permutation(count)
+
+
+def native_reading() -> bool:
+    """Whether :mod:`lymph_cv.formats.convread` is built and not switched off (``LYMPH_CV_NATIVE=0``)."""
+    return convread is not None and os.environ.get(NATIVE_ENV, "1") != "0"
+
+
+def order_list(count: int, seed: Optional[int]) -> list[int]:
+    """:func:`shuffled_order` as a list; computed natively without numpy (numpy.random alone takes
+    longer to import than the whole shuffle) when :func:`native_reading`."""
+    if seed is None:
+        return list(range(count))
+    if native_reading() and 0 <= seed < _NATIVE_SEED_LIMIT:
+        return convread.permutation(count, seed)
+    return shuffled_order(count, seed).tolist()

@@ -1,0 +1,381 @@
+/* convert_imageset's reading side without numpy: the record order and the plain patch files' Datums.
+ *
+ * permutation(count, seed) -> list
+ *   numpy's default_rng(seed).permutation(count), computed here: SeedSequence(seed) (its hash of the
+ *   seed's 32-bit words into a pool of 4 and generate_state(4, uint64)), PCG64 (128-bit LCG, XSL-RR
+ *   output, 32-bit draws served from halves of a 64-bit one) and Generator.shuffle's Fisher-Yates
+ *   from the end with random_interval (masked rejection).  Seeds 0 .. 2**64 - 1 (OverflowError beyond).
+ *
+ * plain_datums(prefix, names, labels, first_index, head, tail, height, width)
+ *     -> (keys, key_lengths, values, record_length) or None
+ *   Each file prefix + names[i] read (opened relative to its folder, which stays open between calls
+ *   until close_folders()), checked to be head + height*width*3 pixel bytes + tail (an uncompressed
+ *   RGB TIFF of the layout core.rawtiff found), and written as the raw Datum Caffe writes: channels,
+ *   height, width, the pixels in (C, H, W) BGR order, the label, encoded: false.  Keys are Caffe's
+ *   "%08d_name" from first_index on.  None as soon as any record does not fit (a file missing,
+ *   unreadable, of another size or other bytes outside its pixels, a label outside 0..127): the
+ *   caller then reads the chunk its own way, which names the problem.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+/* ------------------------------------------------------------------ numpy's permutation */
+
+#define POOL 4
+#define INIT_A 0x43b0d7e5u
+#define MULT_A 0x931e8875u
+#define INIT_B 0x8b51f9ddu
+#define MULT_B 0x58f38dedu
+#define MIX_MULT_L 0xca01f9ddu
+#define MIX_MULT_R 0x4973f715u
+#define XSHIFT 16
+
+typedef unsigned __int128 u128;
+
+static uint32_t hashmix(uint32_t value, uint32_t *hash_const) {
+    value ^= *hash_const;
+    *hash_const *= MULT_A;
+    value *= *hash_const;
+    value ^= value >> XSHIFT;
+    return value;
+}
+
+static uint32_t mix(uint32_t x, uint32_t y) {
+    uint32_t result = MIX_MULT_L * x - MIX_MULT_R * y;
+    return result ^ (result >> XSHIFT);
+}
+
+typedef struct {
+    u128 state, inc;
+    int has_half;
+    uint32_t half;
+} Pcg64;
+
+static const u128 PCG_MULT = ((u128)2549297995355413924ull << 64) | 4865540595714422341ull;
+
+static inline uint64_t pcg_next64(Pcg64 *rng) {
+    rng->state = rng->state * PCG_MULT + rng->inc;
+    uint64_t folded = (uint64_t)(rng->state >> 64) ^ (uint64_t)rng->state;
+    unsigned rot = (unsigned)(rng->state >> 122);
+    return (folded >> rot) | (folded << ((64 - rot) & 63));
+}
+
+static inline uint32_t pcg_next32(Pcg64 *rng) {
+    if (rng->has_half) {
+        rng->has_half = 0;
+        return rng->half;
+    }
+    uint64_t next = pcg_next64(rng);
+    rng->has_half = 1;
+    rng->half = (uint32_t)(next >> 32);
+    return (uint32_t)next;
+}
+
+/* SeedSequence(entropy words).generate_state(4, uint64) seeding PCG64 (pcg64_set_seed). */
+static void pcg_seed(Pcg64 *rng, const uint32_t *entropy, size_t words) {
+    uint32_t pool[POOL], hash_const = INIT_A;
+    for (size_t i = 0; i < POOL; i++) pool[i] = hashmix(i < words ? entropy[i] : 0, &hash_const);
+    for (size_t src = 0; src < POOL; src++)
+        for (size_t dst = 0; dst < POOL; dst++)
+            if (src != dst) pool[dst] = mix(pool[dst], hashmix(pool[src], &hash_const));
+    for (size_t src = POOL; src < words; src++)
+        for (size_t dst = 0; dst < POOL; dst++) pool[dst] = mix(pool[dst], hashmix(entropy[src], &hash_const));
+    uint32_t state[8];
+    hash_const = INIT_B;
+    for (size_t i = 0; i < 8; i++) {
+        uint32_t value = pool[i % POOL] ^ hash_const;
+        hash_const *= MULT_B;
+        value *= hash_const;
+        state[i] = value ^ (value >> XSHIFT);
+    }
+    uint64_t v[4];
+    for (size_t i = 0; i < 4; i++) v[i] = (uint64_t)state[2 * i] | ((uint64_t)state[2 * i + 1] << 32);
+    u128 initstate = ((u128)v[0] << 64) | v[1], initseq = ((u128)v[2] << 64) | v[3];
+    rng->state = 0;
+    rng->inc = (initseq << 1) | 1;
+    pcg_next64(rng);
+    rng->state += initstate;
+    pcg_next64(rng);
+    rng->has_half = 0;
+    rng->half = 0;
+}
+
+/* numpy's random_interval: uniform in [0, max] by masked rejection. */
+static inline uint64_t random_interval(Pcg64 *rng, uint64_t max) {
+    if (max == 0) return 0;
+    uint64_t mask = max, value;
+    mask |= mask >> 1;
+    mask |= mask >> 2;
+    mask |= mask >> 4;
+    mask |= mask >> 8;
+    mask |= mask >> 16;
+    mask |= mask >> 32;
+    if (max <= 0xffffffffull) {
+        while ((value = (pcg_next32(rng) & mask)) > max) {
+        }
+    } else {
+        while ((value = (pcg_next64(rng) & mask)) > max) {
+        }
+    }
+    return value;
+}
+
+static PyObject *module_permutation(PyObject *Py_UNUSED(module), PyObject *args) {
+    Py_ssize_t count;
+    PyObject *seed;
+    if (!PyArg_ParseTuple(args, "nO!", &count, &PyLong_Type, &seed)) return NULL;
+    if (count < 0) {
+        PyErr_SetString(PyExc_ValueError, "permutation: count must be >= 0");
+        return NULL;
+    }
+    /* The seed's 32-bit words, least significant first, as SeedSequence takes an int (0 is one word). */
+    unsigned long long value = PyLong_AsUnsignedLongLong(seed);
+    if (value == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    uint32_t words[2] = {(uint32_t)value, (uint32_t)(value >> 32)};
+    size_t used = words[1] ? 2 : 1;
+    int64_t *order = PyMem_Malloc((size_t)(count ? count : 1) * sizeof *order);
+    if (!order) return PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < count; i++) order[i] = i;
+    Pcg64 rng;
+    pcg_seed(&rng, words, used);
+    for (Py_ssize_t i = count - 1; i >= 1; i--) {
+        uint64_t j = random_interval(&rng, (uint64_t)i);
+        int64_t kept = order[j];
+        order[j] = order[i];
+        order[i] = kept;
+    }
+    PyObject *result = PyList_New(count);
+    for (Py_ssize_t i = 0; result && i < count; i++) {
+        PyObject *item = PyLong_FromLongLong(order[i]);
+        if (!item) {
+            Py_CLEAR(result);
+            break;
+        }
+        PyList_SET_ITEM(result, i, item);
+    }
+    PyMem_Free(order);
+    return result;
+}
+
+/* ------------------------------------------------------------------ plain patch files to Datums */
+
+/* The one folder kept open (patch files of a list lie in one or few folders). */
+static char *folder_path = NULL;
+static int folder_fd = -1;
+
+static void folders_close(void) {
+    if (folder_fd >= 0) close(folder_fd);
+    folder_fd = -1;
+    PyMem_Free(folder_path);
+    folder_path = NULL;
+}
+
+static int folder_open(const char *folder, size_t n) {
+    if (folder_fd >= 0 && strlen(folder_path) == n && memcmp(folder_path, folder, n) == 0) return folder_fd;
+    folders_close();
+    folder_path = PyMem_Malloc(n + 1);
+    if (!folder_path) return -1;
+    memcpy(folder_path, folder, n);
+    folder_path[n] = 0;
+    folder_fd = open(n ? folder_path : "/", O_RDONLY | O_CLOEXEC | O_DIRECTORY);
+    if (folder_fd < 0) folders_close();
+    return folder_fd;
+}
+
+/* The whole file into buf, which holds exactly `size` bytes: 0 when it is a regular file of that size. */
+static int read_exactly(int dir, const char *name, uint8_t *buf, size_t size) {
+    int fd = openat(dir, name, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    struct stat status;
+    int ok = fstat(fd, &status) == 0 && S_ISREG(status.st_mode) && (size_t)status.st_size == size;
+    size_t got = 0;
+    while (ok && got < size) {
+        ssize_t r = read(fd, buf + got, size - got);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) ok = 0;
+        else got += (size_t)r;
+    }
+    close(fd);
+    return ok ? 0 : -1;
+}
+
+static size_t varint(uint8_t *out, uint64_t v) {
+    size_t n = 0;
+    while (v >= 0x80) {
+        out[n++] = (uint8_t)(v | 0x80);
+        v >>= 7;
+    }
+    out[n++] = (uint8_t)v;
+    return n;
+}
+
+/* Interleaved RGB rows to the three channel planes, blue first. */
+static void rgb_to_bgr_planes(const uint8_t *restrict in, uint8_t *restrict out, size_t pixels) {
+    uint8_t *restrict blue = out, *restrict green = out + pixels, *restrict red = out + 2 * pixels;
+    for (size_t p = 0; p < pixels; p++) {
+        red[p] = in[3 * p];
+        green[p] = in[3 * p + 1];
+        blue[p] = in[3 * p + 2];
+    }
+}
+
+/* Caffe's datum key width: %08d. */
+#define KEY_DIGITS 8
+#define KEY_NUMBER_MAX 24 /* digits of an int64 plus the underscore */
+
+static PyObject *module_plain_datums(PyObject *Py_UNUSED(module), PyObject *args) {
+    const char *prefix;
+    Py_ssize_t prefix_len, height, width;
+    long long first_index;
+    PyObject *names, *labels;
+    Py_buffer head, tail;
+    if (!PyArg_ParseTuple(args, "s#O!O!Ly*y*nn", &prefix, &prefix_len, &PyList_Type, &names, &PyList_Type, &labels,
+                          &first_index, &head, &tail, &height, &width))
+        return NULL;
+    PyObject *result = NULL, *keys = NULL, *key_lengths = NULL, *values = NULL;
+    uint8_t *file = NULL;
+    char *path = NULL;
+    char *key_buf = NULL;
+    Py_ssize_t count = PyList_GET_SIZE(names);
+    if (PyList_GET_SIZE(labels) != count || height <= 0 || width <= 0 || count == 0) {
+        PyErr_SetString(PyExc_ValueError, "plain_datums: as many labels as names, a positive size, some names");
+        goto done;
+    }
+    size_t pixels = (size_t)height * (size_t)width, pixel_bytes = 3 * pixels;
+    size_t file_size = (size_t)head.len + pixel_bytes + (size_t)tail.len;
+    uint8_t header[64];
+    size_t header_len = 0;
+    header[header_len++] = 0x08;
+    header_len += varint(header + header_len, 3);
+    header[header_len++] = 0x10;
+    header_len += varint(header + header_len, (uint64_t)height);
+    header[header_len++] = 0x18;
+    header_len += varint(header + header_len, (uint64_t)width);
+    header[header_len++] = 0x22;
+    header_len += varint(header + header_len, pixel_bytes);
+    size_t record = header_len + pixel_bytes + 4; /* label tag, one-byte label, encoded: false */
+    values = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(record * (size_t)count));
+    key_lengths = PyList_New(count);
+    file = PyMem_Malloc(file_size);
+    if (!values || !key_lengths || !file) {
+        if (!PyErr_Occurred()) PyErr_NoMemory();
+        goto done;
+    }
+    uint8_t *out = (uint8_t *)PyBytes_AS_STRING(values);
+    size_t key_cap = 4096, key_len = 0, path_cap = 0;
+    key_buf = PyMem_Malloc(key_cap);
+    if (!key_buf) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int fits = 1;
+    for (Py_ssize_t i = 0; i < count && fits; i++) {
+        Py_ssize_t name_len;
+        const char *name = PyUnicode_AsUTF8AndSize(PyList_GET_ITEM(names, i), &name_len);
+        if (!name) goto done;
+        long label = PyLong_AsLong(PyList_GET_ITEM(labels, i));
+        if (label == -1 && PyErr_Occurred()) goto done;
+        if (label < 0 || label > 127) {
+            fits = 0;
+            break;
+        }
+        size_t length = (size_t)prefix_len + (size_t)name_len;
+        if (length + 1 > path_cap) {
+            path_cap = 2 * (length + 1);
+            PyMem_Free(path);
+            path = PyMem_Malloc(path_cap);
+            if (!path) {
+                PyErr_NoMemory();
+                goto done;
+            }
+        }
+        memcpy(path, prefix, (size_t)prefix_len);
+        memcpy(path + prefix_len, name, (size_t)name_len);
+        path[length] = 0;
+        if (strlen(path) != length) { /* a NUL inside: the caller's own reading names it */
+            fits = 0;
+            break;
+        }
+        char *slash = strrchr(path, '/');
+        if (!slash || !slash[1]) {
+            fits = 0;
+            break;
+        }
+        int dir = folder_open(path, (size_t)(slash - path));
+        if (dir < 0 || read_exactly(dir, slash + 1, file, file_size) < 0 ||
+            memcmp(file, head.buf, (size_t)head.len) != 0 ||
+            memcmp(file + head.len + pixel_bytes, tail.buf, (size_t)tail.len) != 0) {
+            fits = 0;
+            break;
+        }
+        uint8_t *row = out + (size_t)i * record;
+        memcpy(row, header, header_len);
+        rgb_to_bgr_planes(file + head.len, row + header_len, pixels);
+        uint8_t *trailer = row + header_len + pixel_bytes;
+        trailer[0] = 0x28;
+        trailer[1] = (uint8_t)label;
+        trailer[2] = 0x38;
+        trailer[3] = 0x00;
+        if (key_len + KEY_NUMBER_MAX + (size_t)name_len > key_cap) {
+            key_cap = 2 * (key_len + KEY_NUMBER_MAX + (size_t)name_len);
+            char *grown = PyMem_Realloc(key_buf, key_cap);
+            if (!grown) {
+                PyErr_NoMemory();
+                goto done;
+            }
+            key_buf = grown;
+        }
+        int digits = snprintf(key_buf + key_len, KEY_NUMBER_MAX, "%0*lld_", KEY_DIGITS, first_index + (long long)i);
+        memcpy(key_buf + key_len + digits, name, (size_t)name_len);
+        PyObject *n = PyLong_FromSize_t((size_t)digits + (size_t)name_len);
+        if (!n) goto done;
+        PyList_SET_ITEM(key_lengths, i, n);
+        key_len += (size_t)digits + (size_t)name_len;
+    }
+    if (!fits) {
+        Py_INCREF(Py_None);
+        result = Py_None;
+        goto done;
+    }
+    keys = PyBytes_FromStringAndSize(key_buf, (Py_ssize_t)key_len);
+    if (!keys) goto done;
+    result = Py_BuildValue("(OOOn)", keys, key_lengths, values, (Py_ssize_t)record);
+done:
+    Py_XDECREF(keys);
+    Py_XDECREF(key_lengths);
+    Py_XDECREF(values);
+    PyMem_Free(file);
+    PyMem_Free(path);
+    PyMem_Free(key_buf);
+    PyBuffer_Release(&head);
+    PyBuffer_Release(&tail);
+    return result;
+}
+
+static PyObject *module_close_folders(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored)) {
+    folders_close();
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"permutation", module_permutation, METH_VARARGS,
+     "permutation(count, seed) -> list: numpy's default_rng(seed).permutation(count)"},
+    {"plain_datums", module_plain_datums, METH_VARARGS,
+     "plain_datums(prefix, names, labels, first_index, head, tail, height, width) -> "
+     "(keys, key_lengths, values, record_length), or None when a record does not fit"},
+    {"close_folders", module_close_folders, METH_NOARGS, "close the folder plain_datums keeps open"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, .m_name = "convread", .m_size = -1,
+                                    .m_methods = module_methods};
+
+PyMODINIT_FUNC PyInit_convread(void) { return PyModule_Create(&module); }
