@@ -90,11 +90,48 @@ def test_a_file_differing_outside_its_pixels_does_not_match():
 @pytest.mark.parametrize("seed", [0, 1, 4, 2**32 - 1, 2**32, 2**64 - 1])
 def test_native_order_is_numpys_permutation(seed):
     for count in (0, 1, 2, 3, 255, 1000):
-        assert convread.permutation(count, seed) == np.random.default_rng(seed).permutation(count).tolist()
+        expected = np.random.default_rng(seed).permutation(count).tolist()
+        assert np.frombuffer(convread.permutation(count, seed), np.int64).tolist() == expected
+        assert lists.record_order(count, seed).tolist() == expected
     with pytest.raises(OverflowError):
         convread.permutation(3, 2**64)
-    assert lists.order_list(7, 2**70) == np.random.default_rng(2**70).permutation(7).tolist()  # numpy's
-    assert lists.order_list(5, None) == [0, 1, 2, 3, 4]
+    assert lists.record_order(7, 2**70).tolist() == np.random.default_rng(2**70).permutation(7).tolist()  # numpy's
+    assert lists.record_order(5, None).tolist() == [0, 1, 2, 3, 4]
+
+
+LISTS = {
+    "plain": "a/p0.tif 0\nb/p 1.tif\t 12\n\n  c/q.tif   0007  \n\t\nd.tif 2147483647",
+    "crlf": "a.tif 1\r\nb.tif 0\r\n",
+    "non-ascii": "a/\u00e9.tif 1\nb.tif 0\n",
+    "unicode space": "a.tif\u20281\n",
+    "parent": "a/../b.tif 1\n",
+    "dots in a name": "a/b..c.tif 1\n",
+    "absolute": "/a.tif 1\n",
+    "drive": "C:a.tif 1\n",
+    "one field": "a.tif 1\nb.tif\n",
+    "signed": "a.tif +1\n",
+    "negative": "a.tif -1\n",
+    "past int32": "a.tif 2147483648\n",
+    "long label": "a.tif 0000000000001\n",
+    "empty": "\n\n",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(LISTS))
+def test_native_list_scan_reads_what_read_image_list_reads(tmp_path, kind, monkeypatch):
+    path = tmp_path / "list.txt"
+    path.write_bytes(LISTS[kind].encode("utf-8"))
+    try:
+        expected = dbs.read_image_list(path)
+    except InputError as exc:
+        with pytest.raises(InputError, match=str(exc).replace("(", r"\(").replace(")", r"\)")):
+            lists.scan_image_list(path)
+    else:
+        scanned = lists.scan_image_list(path)
+        assert list(scanned) == expected and len(scanned) == len(expected)
+        assert isinstance(scanned, lists.ScannedList) == (kind == "plain")  # the rest: read_image_list
+        assert scanned[-1] == expected[-1]
+    assert (convread.scan_list(LISTS[kind].encode("utf-8")) is None) == (kind != "plain")
 
 
 def test_native_plain_reader_writes_the_numpy_readers_records(tmp_path, monkeypatch):
@@ -112,14 +149,16 @@ def test_native_plain_reader_writes_the_numpy_readers_records(tmp_path, monkeypa
     lines.append("b/p1.tif 200")
     (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
     got = {}
-    for native in ("1", "0"):
-        monkeypatch.setenv(lists.NATIVE_ENV, native)
+    for native in ("scanned", "1", "0"):  # scanned: the list as convert_imageset reads it
+        monkeypatch.setenv(lists.NATIVE_ENV, "0" if native == "0" else "1")
+        entries = lists.scan_image_list(tmp_path / "list.txt") if native == "scanned" else None
+        assert isinstance(entries, lists.ScannedList) or native != "scanned"
         for workers in (0, 2):
             db = tmp_path / f"db{native}{workers}"
             result = dbs.convert_list(f"{root}/", tmp_path / "list.txt", db, backend="lmdb", seed=5, skip_bad=True,
-                                      workers=workers, concat_root=True)
+                                      workers=workers, concat_root=True, entries=entries)
             got[native, workers] = (_records(db), result.problems)
-    assert got["1", 0] == got["1", 2] == got["0", 0] == got["0", 2]
+    assert len(set(map(repr, got.values()))) == 1
     records, problems = got["1", 0]
     assert len(records) == len(lines) - 1 and len(problems) == 1 and "missing.tif" in problems[0]
     entries = dbs.read_image_list(tmp_path / "list.txt")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence
 
+from lymph_cv.core import timeline
 from lymph_cv.core.threads import keep_freed_memory, quiet_numpy_blas
 from lymph_cv.formats import gflags
 from lymph_cv.formats.caffelog import caffe_log
@@ -41,8 +42,10 @@ FLAGS = {
 
 def run(values: dict, positional: list[str]) -> int:
     """Convert with parsed flags; raises LymphCVError on bad input."""
+    timeline.mark("flags parsed")
     from lymph_cv.formats import store
     from lymph_cv.stages import dbs
+    from lymph_cv.stages.dbs.lists import scan_image_list
 
     if len(positional) != 3:
         raise LymphCVError(f"expected ROOTFOLDER/ LISTFILE DB_NAME, got {len(positional)} argument(s); see {PROGRAM} -help")
@@ -65,7 +68,9 @@ def run(values: dict, positional: list[str]) -> int:
     with caffe_log() as log:
         if values["shuffle"]:
             log.info(f"Shuffling data (seed {values['seed']})", SRC.format(86))
-        entries = dbs.read_image_list(list_file)
+        timeline.mark("imported")
+        entries = scan_image_list(list_file)
+        timeline.mark("list read")
         log.info(f"A total of {len(entries)} images.", SRC.format(89))
         result = dbs.convert_list(
             root, list_file, db_name,
@@ -83,6 +88,7 @@ def run(values: dict, positional: list[str]) -> int:
             log.warning(problem, SRC.format(121))
         if result.records % store.COMMIT_EVERY:
             log.info(f"Processed {result.records} files.", SRC.format(152))
+    timeline.mark("done")
     return 0
 
 
@@ -95,6 +101,7 @@ def _default_readers() -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``tools/convert_imageset``: exit status 0, or 2 with one error line."""
+    timeline.mark("started")
     quiet_numpy_blas()  # before numpy loads: no linear algebra here
     # Each chunk of records takes megabyte buffers; with glibc's default threshold they were mapped
     # afresh and faulted in each time in a reader (up to 50,000 faults a run, 0.2 s): kept instead.

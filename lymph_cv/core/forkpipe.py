@@ -21,6 +21,7 @@ import struct
 import sys
 from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 
+from lymph_cv.core import timeline
 from lymph_cv.errors import LymphCVError
 
 #: Linux prctl option: the signal a process gets when its parent dies.
@@ -123,7 +124,10 @@ def _child(work: Callable[[int], Tuple[Any, Sequence]], jobs: range, descriptor:
         gc.disable()
         for job in jobs:
             header, blocks = work(job)
+            if job == jobs.start:
+                timeline.mark("child: first job done")
             _send(descriptor, _RESULT, pickle.dumps(header, pickle.HIGHEST_PROTOCOL), blocks)
+        timeline.mark("child: last job sent")
     except BaseException as exc:  # all of it goes to the parent, which decides
         status = 1
         try:

@@ -1,13 +1,19 @@
 /* convert_imageset's reading side without numpy: the record order and the plain patch files' Datums.
  *
- * permutation(count, seed) -> list
+ * permutation(count, seed) -> bytes (native int64s)
  *   numpy's default_rng(seed).permutation(count), computed here: SeedSequence(seed) (its hash of the
  *   seed's 32-bit words into a pool of 4 and generate_state(4, uint64)), PCG64 (128-bit LCG, XSL-RR
  *   output, 32-bit draws served from halves of a 64-bit one) and Generator.shuffle's Fisher-Yates
  *   from the end with random_interval (masked rejection).  Seeds 0 .. 2**64 - 1 (OverflowError beyond).
  *
+ * scan_list(data) -> bytes or None
+ *   A list file's "<name> <label>" lines as int64 rows (name start, name length, label, line number),
+ *   for the lines read_image_list takes in bulk; None for anything else (the caller reads it then).
+ *
  * plain_datums(prefix, names, labels, first_index, head, tail, height, width)
  *     -> (keys, key_lengths, values, record_length) or None
+ * plain_chunk(prefix, text, rows, order, first, count, head, tail, height, width)
+ *   the same for entries order[first:first + count] of a scanned list (no Python object per record)
  *   Each file prefix + names[i] read (opened relative to its folder, which stays open between calls
  *   until close_folders()), checked to be head + height*width*3 pixel bytes + tail (an uncompressed
  *   RGB TIFF of the layout core.rawtiff found), and written as the raw Datum Caffe writes: channels,
@@ -141,8 +147,9 @@ static PyObject *module_permutation(PyObject *Py_UNUSED(module), PyObject *args)
     if (value == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
     uint32_t words[2] = {(uint32_t)value, (uint32_t)(value >> 32)};
     size_t used = words[1] ? 2 : 1;
-    int64_t *order = PyMem_Malloc((size_t)(count ? count : 1) * sizeof *order);
-    if (!order) return PyErr_NoMemory();
+    PyObject *result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)((size_t)count * sizeof(int64_t)));
+    if (!result) return NULL;
+    int64_t *order = (int64_t *)PyBytes_AS_STRING(result);
     for (Py_ssize_t i = 0; i < count; i++) order[i] = i;
     Pcg64 rng;
     pcg_seed(&rng, words, used);
@@ -152,16 +159,6 @@ static PyObject *module_permutation(PyObject *Py_UNUSED(module), PyObject *args)
         order[j] = order[i];
         order[i] = kept;
     }
-    PyObject *result = PyList_New(count);
-    for (Py_ssize_t i = 0; result && i < count; i++) {
-        PyObject *item = PyLong_FromLongLong(order[i]);
-        if (!item) {
-            Py_CLEAR(result);
-            break;
-        }
-        PyList_SET_ITEM(result, i, item);
-    }
-    PyMem_Free(order);
     return result;
 }
 
@@ -230,27 +227,51 @@ static void rgb_to_bgr_planes(const uint8_t *restrict in, uint8_t *restrict out,
 /* Caffe's datum key width: %08d. */
 #define KEY_DIGITS 8
 #define KEY_NUMBER_MAX 24 /* digits of an int64 plus the underscore */
+/* scan_list's rows: name start, name length, label, line number (int64 each). */
+#define ROW 4
 
-static PyObject *module_plain_datums(PyObject *Py_UNUSED(module), PyObject *args) {
-    const char *prefix;
-    Py_ssize_t prefix_len, height, width;
-    long long first_index;
+/* Where a chunk's names and labels come from: Python lists, or a scanned list and the record order. */
+typedef struct {
     PyObject *names, *labels;
-    Py_buffer head, tail;
-    if (!PyArg_ParseTuple(args, "s#O!O!Ly*y*nn", &prefix, &prefix_len, &PyList_Type, &names, &PyList_Type, &labels,
-                          &first_index, &head, &tail, &height, &width))
-        return NULL;
+    const char *text;
+    const int64_t *rows, *order;
+    Py_ssize_t text_len, entries, order_len;
+} Source;
+
+/* Record i's name and label: 0, 1 when it does not fit, -1 on a Python error. */
+static int source_get(const Source *s, Py_ssize_t first, Py_ssize_t i, const char **name, Py_ssize_t *name_len,
+                      long *label) {
+    if (s->names) {
+        *name = PyUnicode_AsUTF8AndSize(PyList_GET_ITEM(s->names, i), name_len);
+        if (!*name) return -1;
+        *label = PyLong_AsLong(PyList_GET_ITEM(s->labels, i));
+        if (*label == -1 && PyErr_Occurred()) return -1;
+        return 0;
+    }
+    int64_t position = s->order[first + i];
+    if (position < 0 || position >= s->entries) return 1;
+    const int64_t *row = s->rows + ROW * position;
+    if (row[0] < 0 || row[1] < 0 || row[0] + row[1] > s->text_len) return 1;
+    *name = s->text + row[0];
+    *name_len = (Py_ssize_t)row[1];
+    *label = (long)row[2];
+    return 0;
+}
+
+/* The records of one chunk as raw Datums and keys, or None when one does not fit. */
+static PyObject *chunk_datums(const char *prefix, Py_ssize_t prefix_len, const Source *source, Py_ssize_t first,
+                              Py_ssize_t count, const Py_buffer *head, const Py_buffer *tail, Py_ssize_t height,
+                              Py_ssize_t width) {
     PyObject *result = NULL, *keys = NULL, *key_lengths = NULL, *values = NULL;
     uint8_t *file = NULL;
     char *path = NULL;
     char *key_buf = NULL;
-    Py_ssize_t count = PyList_GET_SIZE(names);
-    if (PyList_GET_SIZE(labels) != count || height <= 0 || width <= 0 || count == 0) {
-        PyErr_SetString(PyExc_ValueError, "plain_datums: as many labels as names, a positive size, some names");
-        goto done;
+    if (height <= 0 || width <= 0 || count <= 0) {
+        PyErr_SetString(PyExc_ValueError, "convread: a positive size and some records");
+        return NULL;
     }
     size_t pixels = (size_t)height * (size_t)width, pixel_bytes = 3 * pixels;
-    size_t file_size = (size_t)head.len + pixel_bytes + (size_t)tail.len;
+    size_t file_size = (size_t)head->len + pixel_bytes + (size_t)tail->len;
     uint8_t header[64];
     size_t header_len = 0;
     header[header_len++] = 0x08;
@@ -265,25 +286,21 @@ static PyObject *module_plain_datums(PyObject *Py_UNUSED(module), PyObject *args
     values = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(record * (size_t)count));
     key_lengths = PyList_New(count);
     file = PyMem_Malloc(file_size);
-    if (!values || !key_lengths || !file) {
+    size_t key_cap = 4096, key_len = 0, path_cap = 0;
+    key_buf = PyMem_Malloc(key_cap);
+    if (!values || !key_lengths || !file || !key_buf) {
         if (!PyErr_Occurred()) PyErr_NoMemory();
         goto done;
     }
     uint8_t *out = (uint8_t *)PyBytes_AS_STRING(values);
-    size_t key_cap = 4096, key_len = 0, path_cap = 0;
-    key_buf = PyMem_Malloc(key_cap);
-    if (!key_buf) {
-        PyErr_NoMemory();
-        goto done;
-    }
     int fits = 1;
     for (Py_ssize_t i = 0; i < count && fits; i++) {
+        const char *name;
         Py_ssize_t name_len;
-        const char *name = PyUnicode_AsUTF8AndSize(PyList_GET_ITEM(names, i), &name_len);
-        if (!name) goto done;
-        long label = PyLong_AsLong(PyList_GET_ITEM(labels, i));
-        if (label == -1 && PyErr_Occurred()) goto done;
-        if (label < 0 || label > 127) {
+        long label;
+        int got = source_get(source, first, i, &name, &name_len, &label);
+        if (got < 0) goto done;
+        if (got > 0 || label < 0 || label > 127) {
             fits = 0;
             break;
         }
@@ -311,14 +328,14 @@ static PyObject *module_plain_datums(PyObject *Py_UNUSED(module), PyObject *args
         }
         int dir = folder_open(path, (size_t)(slash - path));
         if (dir < 0 || read_exactly(dir, slash + 1, file, file_size) < 0 ||
-            memcmp(file, head.buf, (size_t)head.len) != 0 ||
-            memcmp(file + head.len + pixel_bytes, tail.buf, (size_t)tail.len) != 0) {
+            memcmp(file, head->buf, (size_t)head->len) != 0 ||
+            memcmp(file + head->len + pixel_bytes, tail->buf, (size_t)tail->len) != 0) {
             fits = 0;
             break;
         }
         uint8_t *row = out + (size_t)i * record;
         memcpy(row, header, header_len);
-        rgb_to_bgr_planes(file + head.len, row + header_len, pixels);
+        rgb_to_bgr_planes(file + head->len, row + header_len, pixels);
         uint8_t *trailer = row + header_len + pixel_bytes;
         trailer[0] = 0x28;
         trailer[1] = (uint8_t)label;
@@ -333,7 +350,7 @@ static PyObject *module_plain_datums(PyObject *Py_UNUSED(module), PyObject *args
             }
             key_buf = grown;
         }
-        int digits = snprintf(key_buf + key_len, KEY_NUMBER_MAX, "%0*lld_", KEY_DIGITS, first_index + (long long)i);
+        int digits = snprintf(key_buf + key_len, KEY_NUMBER_MAX, "%0*lld_", KEY_DIGITS, (long long)(first + i));
         memcpy(key_buf + key_len + digits, name, (size_t)name_len);
         PyObject *n = PyLong_FromSize_t((size_t)digits + (size_t)name_len);
         if (!n) goto done;
@@ -355,8 +372,129 @@ done:
     PyMem_Free(file);
     PyMem_Free(path);
     PyMem_Free(key_buf);
+    return result;
+}
+
+static PyObject *module_plain_datums(PyObject *Py_UNUSED(module), PyObject *args) {
+    const char *prefix;
+    Py_ssize_t prefix_len, height, width, first;
+    PyObject *names, *labels;
+    Py_buffer head, tail;
+    if (!PyArg_ParseTuple(args, "s#O!O!ny*y*nn", &prefix, &prefix_len, &PyList_Type, &names, &PyList_Type, &labels,
+                          &first, &head, &tail, &height, &width))
+        return NULL;
+    PyObject *result = NULL;
+    if (PyList_GET_SIZE(labels) != PyList_GET_SIZE(names) || first < 0) {
+        PyErr_SetString(PyExc_ValueError, "plain_datums: as many labels as names, first_index >= 0");
+    } else {
+        Source source = {.names = names, .labels = labels};
+        result = chunk_datums(prefix, prefix_len, &source, first, PyList_GET_SIZE(names), &head, &tail, height, width);
+    }
     PyBuffer_Release(&head);
     PyBuffer_Release(&tail);
+    return result;
+}
+
+static PyObject *module_plain_chunk(PyObject *Py_UNUSED(module), PyObject *args) {
+    const char *prefix;
+    Py_ssize_t prefix_len, first, count, height, width;
+    Py_buffer text, rows, order, head, tail;
+    if (!PyArg_ParseTuple(args, "s#y*y*y*nny*y*nn", &prefix, &prefix_len, &text, &rows, &order, &first, &count,
+                          &head, &tail, &height, &width))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t order_len = order.len / (Py_ssize_t)sizeof(int64_t);
+    if (rows.len % (Py_ssize_t)(ROW * sizeof(int64_t)) || order.len % (Py_ssize_t)sizeof(int64_t) || first < 0 ||
+        count < 0 || first + count > order_len) {
+        PyErr_SetString(PyExc_ValueError, "plain_chunk: int64 rows and order, the chunk inside the order");
+    } else {
+        Source source = {.text = text.buf, .text_len = text.len, .rows = rows.buf, .order = order.buf,
+                         .entries = rows.len / (Py_ssize_t)(ROW * sizeof(int64_t)), .order_len = order_len};
+        result = chunk_datums(prefix, prefix_len, &source, first, count, &head, &tail, height, width);
+    }
+    PyBuffer_Release(&text);
+    PyBuffer_Release(&rows);
+    PyBuffer_Release(&order);
+    PyBuffer_Release(&head);
+    PyBuffer_Release(&tail);
+    return result;
+}
+
+/* ------------------------------------------------------------------ the list, scanned */
+
+/* The label digits the bulk reading takes (stages/dbs/lists and workdir/lists: _INT32_DIGITS). */
+#define LABEL_DIGITS 12
+#define INT32_LIMIT 2147483648ll
+
+static inline int blank(uint8_t c) { return c == ' ' || c == '\t'; }
+
+/* scan_list(data) -> rows (int64 name start, name length, label, line per entry) or None.
+ * The lines read_image_list takes in bulk: ASCII, "<name><spaces or tabs><digits>", the name relative
+ * without "..", a drive colon or a leading slash; blank lines skipped, lines counted from 1.  Anything
+ * else (another byte, a sign, one field, a label past int32, no entry at all) gives None: the caller
+ * reads the list its own way, which decides and names the line. */
+static PyObject *module_scan_list(PyObject *Py_UNUSED(module), PyObject *args) {
+    Py_buffer data;
+    if (!PyArg_ParseTuple(args, "y*", &data)) return NULL;
+    const uint8_t *p = data.buf;
+    size_t n = (size_t)data.len, pos = 0, used = 0, cap = 0;
+    int64_t line = 0, *rows = NULL;
+    int fits = 1;
+    while (pos < n && fits) {
+        size_t end = pos;
+        while (end < n && p[end] != '\n') end++;
+        line++;
+        size_t a = pos, b = end;
+        pos = end + 1;
+        for (size_t k = a; k < b; k++)
+            if (p[k] >= 0x80 || (p[k] < 0x20 && p[k] != '\t')) fits = 0;
+        while (a < b && blank(p[a])) a++;
+        while (b > a && blank(p[b - 1])) b--;
+        if (!fits || a == b) continue;
+        size_t s = b;
+        while (s > a && !blank(p[s - 1])) s--;
+        if (s == a || b - s > LABEL_DIGITS) {
+            fits = 0;
+            break;
+        }
+        int64_t label = 0;
+        for (size_t k = s; k < b && fits; k++) {
+            if (p[k] < '0' || p[k] > '9') fits = 0;
+            label = label * 10 + (p[k] - '0');
+        }
+        size_t e = s;
+        while (e > a && blank(p[e - 1])) e--;
+        if (!fits || label >= INT32_LIMIT || p[a] == '/' || p[a] == '\\' || (e - a > 1 && p[a + 1] == ':')) {
+            fits = 0;
+            break;
+        }
+        for (size_t k = a; k + 1 < e; k++)
+            if (p[k] == '.' && p[k + 1] == '.') fits = 0;
+        if (!fits) break;
+        if (used + ROW > cap) {
+            cap = cap ? 2 * cap : 4096;
+            int64_t *grown = PyMem_Realloc(rows, cap * sizeof *rows);
+            if (!grown) {
+                PyMem_Free(rows);
+                PyBuffer_Release(&data);
+                return PyErr_NoMemory();
+            }
+            rows = grown;
+        }
+        rows[used++] = (int64_t)a;
+        rows[used++] = (int64_t)(e - a);
+        rows[used++] = label;
+        rows[used++] = line;
+    }
+    PyObject *result;
+    if (!fits || used == 0) {
+        Py_INCREF(Py_None);
+        result = Py_None;
+    } else {
+        result = PyBytes_FromStringAndSize((const char *)rows, (Py_ssize_t)(used * sizeof *rows));
+    }
+    PyMem_Free(rows);
+    PyBuffer_Release(&data);
     return result;
 }
 
@@ -367,10 +505,15 @@ static PyObject *module_close_folders(PyObject *Py_UNUSED(module), PyObject *Py_
 
 static PyMethodDef module_methods[] = {
     {"permutation", module_permutation, METH_VARARGS,
-     "permutation(count, seed) -> list: numpy's default_rng(seed).permutation(count)"},
+     "permutation(count, seed) -> int64 bytes: numpy's default_rng(seed).permutation(count)"},
     {"plain_datums", module_plain_datums, METH_VARARGS,
      "plain_datums(prefix, names, labels, first_index, head, tail, height, width) -> "
      "(keys, key_lengths, values, record_length), or None when a record does not fit"},
+    {"plain_chunk", module_plain_chunk, METH_VARARGS,
+     "plain_chunk(prefix, text, rows, order, first, count, head, tail, height, width) -> plain_datums of the "
+     "scanned list's entries order[first:first + count]"},
+    {"scan_list", module_scan_list, METH_VARARGS,
+     "scan_list(data) -> int64 rows (name start, name length, label, line) of a plain list, or None"},
     {"close_folders", module_close_folders, METH_NOARGS, "close the folder plain_datums keeps open"},
     {NULL, NULL, 0, NULL},
 };

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence, Union
 
-from lymph_cv.core import faults, forkpipe, rawtiff
+from lymph_cv.core import faults, forkpipe, rawtiff, timeline
 from lymph_cv.core.badinputs import BadInputs
 from lymph_cv.core.fsutil import remove_path
 from lymph_cv.core.imagefiles import FolderReader
@@ -270,7 +270,7 @@ class _ChunkReader:
     """
 
     def __init__(self, root: str, concat_root: bool, options: ImageOptions, entries: Sequence[ListEntry],
-                 positions: list[int]):
+                 positions: Sequence[int]):
         self.root, self.concat_root, self.options = root, concat_root, options
         self.entries, self.positions = entries, positions
         self.layout: Optional[rawtiff.Layout] = None
@@ -290,11 +290,11 @@ class _ChunkReader:
 
     def __call__(self, chunk: int) -> tuple[tuple, tuple]:
         start = chunk * DECODE_CHUNK
-        items = [self.entries[p] for p in self.positions[start : start + DECODE_CHUNK]]
         if self.native:
-            done = self._native(items, start)
+            done = self._native(start)
             if done is not None:
                 return done
+        items = [self.entries[p] for p in self.positions[start : start + DECODE_CHUNK]]
         values: list[Optional[bytes]] = [None] * len(items)
         shapes: list[Optional[tuple]] = [None] * len(items)
         conversions: dict[int, str] = {}
@@ -313,21 +313,28 @@ class _ChunkReader:
         return ((key_lengths, lengths, shapes, conversions, problems),
                 (b"".join(keys), b"".join(value for value in values if value is not None)))
 
-    def _native(self, items: list[ListEntry], start: int) -> Optional[tuple[tuple, tuple]]:
-        """The chunk's result from :func:`convread.plain_datums` when every file has the layout of the
-        list's first plain TIFF; None otherwise (the chunk is then read below, which names any problem)."""
+    def _native(self, start: int) -> Optional[tuple[tuple, tuple]]:
+        """The chunk's result from :mod:`convread` when every file has the layout of the list's first
+        plain TIFF; None otherwise (the chunk is then read the other way, which names any problem)."""
         layout = self.layout
         if layout is None:
             try:
-                layout = self.layout = rawtiff.plain_layout(self.files.read(self.path(items[0].name)))
+                layout = self.layout = rawtiff.plain_layout(
+                    self.files.read(self.path(self.entries[self.positions[start]].name)))
             except InputError:
                 return None
             if layout is None:
                 self.native = False  # not plain TIFFs: OpenCV decodes them
                 return None
-        got = lists.convread.plain_datums(self.prefix, [entry.name for entry in items],
-                                          [entry.label for entry in items], start, layout.head, layout.tail,
-                                          layout.height, layout.width)
+        count = min(DECODE_CHUNK, len(self.positions) - start)
+        shape = (layout.head, layout.tail, layout.height, layout.width)
+        if isinstance(self.entries, lists.ScannedList) and isinstance(self.positions, memoryview):
+            got = lists.convread.plain_chunk(self.prefix, self.entries.text, self.entries.rows, self.positions, start,
+                                             count, *shape)
+        else:
+            items = [self.entries[p] for p in self.positions[start : start + count]]
+            got = lists.convread.plain_datums(self.prefix, [entry.name for entry in items],
+                                              [entry.label for entry in items], start, *shape)
         if got is None:
             return None
         keys, key_lengths, values, length = got
@@ -403,8 +410,10 @@ def _write_chunks(db_path, backend: str, results: Iterable[tuple[tuple, object]]
     entries, positions = reader.entries, reader.positions
     pixels_needed = check_size or accumulator is not None
     lmdb = store.check_backend(backend) == store.LMDB
+    timeline.mark("readers started")
     with _store_errors(db_path), store.open_writer(db_path, backend, overwrite=overwrite) as writer, \
             collector_paused():
+        timeline.mark("writer open")
         keys: list[bytes] = []
         values: list = []  # bytes, or memoryviews for LMDB
 
@@ -428,6 +437,8 @@ def _write_chunks(db_path, backend: str, results: Iterable[tuple[tuple, object]]
                 advance(take)
 
         for (key_lengths, lengths, shapes, conversions, problems), blocks in results:
+            if not start:
+                timeline.mark("first chunk in")
             data = blocks if isinstance(blocks, bytes) else b"".join(blocks)
             size = len(key_lengths)
             key_ends = list(itertools.accumulate(key_lengths))
@@ -475,6 +486,8 @@ def _write_chunks(db_path, backend: str, results: Iterable[tuple[tuple, object]]
             flush()
         if count == 0:
             raise InputError("no readable record; nothing to write", db_path)
+        timeline.mark("last record put")
+    timeline.mark("database closed")
     return count
 
 
@@ -532,7 +545,8 @@ def convert_list(
     list_path = Path(list_path)
     if entries is None:
         entries = read_image_list(list_path, num_labels)
-    positions = lists.order_list(len(entries), seed)
+    positions = lists.record_order(len(entries), seed)
+    timeline.mark("order computed")
     bad = BadInputs(skip_bad)
     reader = _ChunkReader(os.fspath(root), concat_root, options, entries, positions)
     accumulator = None

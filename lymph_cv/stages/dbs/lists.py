@@ -85,11 +85,58 @@ def native_reading() -> bool:
     return convread is not None and os.environ.get(NATIVE_ENV, "1") != "0"
 
 
-def order_list(count: int, seed: Optional[int]) -> list[int]:
-    """:func:`shuffled_order` as a list; computed natively without numpy (numpy.random alone takes
-    longer to import than the whole shuffle) when :func:`native_reading`."""
+def record_order(count: int, seed: Optional[int]) -> memoryview:
+    """:func:`shuffled_order` as a flat int64 buffer (indexable, sliceable, and what the native reader
+    takes); computed natively without numpy (numpy.random alone takes longer to import than the
+    whole shuffle) when :func:`native_reading`."""
+    if seed is not None and native_reading() and 0 <= seed < _NATIVE_SEED_LIMIT:
+        return memoryview(convread.permutation(count, seed)).cast("q")
     if seed is None:
-        return list(range(count))
-    if native_reading() and 0 <= seed < _NATIVE_SEED_LIMIT:
-        return convread.permutation(count, seed)
-    return shuffled_order(count, seed).tolist()
+        from array import array
+
+        return memoryview(array("q", range(count)))
+    return memoryview(shuffled_order(count, seed).astype("<i8"))
+
+
+class ScannedList:
+    """A list file as :func:`convread.scan_list` read it: the entries of :func:`read_image_list`, made
+    when indexed (no Python object per line until then); :attr:`text` and :attr:`rows` are what the
+    native reader takes."""
+
+    def __init__(self, text: bytes, rows: bytes):
+        self.text, self.rows = text, rows
+        self._rows = memoryview(rows).cast("q")
+
+    def __len__(self) -> int:
+        return len(self._rows) // _ROW
+
+    def __getitem__(self, index: int) -> ListEntry:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError("list entry out of range")
+        start, length, label, line = self._rows[_ROW * index : _ROW * index + _ROW]
+        return ListEntry(self.text[start : start + length].decode("ascii"), label, line)
+
+    def __iter__(self):
+        return (self[index] for index in range(len(self)))
+
+
+#: Values per entry of scan_list's rows: name start, name length, label, line.
+_ROW = 4
+
+
+def scan_image_list(path: Union[str, os.PathLike]) -> Union[ScannedList, list[ListEntry]]:
+    """:func:`read_image_list` of ``path`` (no label limit), scanned natively when the module is built
+    and every line is plain ASCII in the bulk reader's form; else (or on any problem, which it then
+    names) :func:`read_image_list` itself."""
+    if native_reading():
+        try:
+            with open(path, "rb") as handle:
+                text = handle.read()
+        except OSError:
+            text = None
+        rows = None if text is None else convread.scan_list(text)
+        if rows is not None:
+            return ScannedList(text, rows)
+    return read_image_list(path)
