@@ -30,9 +30,20 @@ $(STAMP): setup.cfg pyproject.toml
 venv: $(STAMP)
 
 # The optional C extensions (setup.py NATIVE), built in the checkout; a failed build leaves the
-# pure-Python paths. Rebuilt when a source is newer than its module.
-native: $(STAMP)
+# pure-Python paths. A module older than its source or setup.py is removed first, so a stale one is
+# never used: build_ext remakes it, and where that build fails the pure-Python path runs, not the
+# old code. Nothing is checked at import time.
+NATIVE_SOURCES := lymph_cv/formats/ldbscan.c lymph_cv/formats/ldbwrite.c
+# the modules' file suffix (the venv is made by $(PYTHON): the same one)
+EXT_SUFFIX := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+NATIVE_MODULES := $(NATIVE_SOURCES:.c=$(EXT_SUFFIX))
+
+$(NATIVE_MODULES): %$(EXT_SUFFIX): %.c setup.py
+	rm -f $@
+
+native: $(NATIVE_MODULES) | $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
+	@for m in $(NATIVE_MODULES); do test -f $$m || echo "warning: $$m not built; its pure-Python path runs" >&2; done
 	# The package's bytecode too: where PYTHONDONTWRITEBYTECODE is set nothing caches it, and every
 	# start of a tool would compile each module it imports again (a third of compute_image_mean's start).
 	$(PY) -m compileall -q lymph_cv

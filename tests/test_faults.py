@@ -563,3 +563,83 @@ def test_writers_sweep_temporaries_of_dead_writers_only(ref, tmp_path):
     code, err = run_inprocess(["render", str(w), *TRAIN_SET])
     assert code == 0, err
     assert not stale_db.exists()
+
+
+# ----------------------------------------------------------------------------- malformed inputs
+def _edit_json(path: Path, **changes) -> None:
+    import json
+
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _db_replaced_by_a_file(w: Path) -> None:
+    import shutil
+
+    shutil.rmtree(w / "DB_train_1")
+    (w / "DB_train_1").write_bytes(b"not a database\n")
+
+
+def _pcam_with_label_7(w: Path) -> None:
+    import numpy as np
+
+    from lymph_cv.formats import h5
+
+    for split in h5.PCAM_SPLITS:
+        h5.write_split(w / "pcam", split, np.zeros((2, h5.PCAM_SIZE, h5.PCAM_SIZE, 3), np.uint8), [0, 7])
+
+
+def _first_image(data: Path) -> str:
+    return str(sorted((data / "CLL").iterdir())[0])
+
+
+#: id → (the state copied, its edit, the command, the file (or option) the error line names, what it
+#: says, an output that must not appear).  Each of these ended in a traceback or in exit 0 before.
+MALFORMED = {
+    "evaluate-manifest-patch-size-text": (
+        "train", lambda w: _edit_json(w / "subs" / "manifest.json", patch_size="big"),
+        lambda w, d: _argv("evaluate", w, d), "subs/manifest.json", "not a manifest.json", "eval/fold_1"),
+    "evaluate-manifest-data-dir-number": (
+        "train", lambda w: _edit_json(w / "subs" / "manifest.json", data_dir=5),
+        lambda w, d: _argv("evaluate", w, d), "subs/manifest.json", "not a manifest.json", "eval/fold_1"),
+    "report-misclassified-without-votes": (
+        "evaluate", lambda w: _edit_json(w / "eval" / "fold_1" / "metrics.json", misclassified=[{"image": "x.tif"}]),
+        lambda w, d: _argv("report", w, d), "eval/fold_1/metrics.json", "misclassified: expected", "eval/report.md"),
+    "report-roc-a-list": (
+        "evaluate", lambda w: _edit_json(w / "eval" / "fold_1" / "metrics.json", roc=[0.5]),
+        lambda w, d: _argv("report", w, d), "eval/fold_1/metrics.json", "roc: expected", "eval/report.md"),
+    "report-images-csv-not-text": (
+        "evaluate", lambda w: (w / "eval" / "fold_1" / "images.csv").write_bytes(b"\xff\xfe\x00"),
+        lambda w, d: _argv("report", w, d), "eval/fold_1/images.csv", "cannot read", "eval/report.md"),
+    "dbs-recorded-database-is-a-file": (
+        "dbs", _db_replaced_by_a_file, lambda w, d: _argv("dbs", w, d), "DB_train_1",
+        "not a LevelDB/LMDB database", "DB_train_1/CURRENT"),
+    "folds-check-list-not-text": (
+        "folds", lambda w: (w / "test_w32_1.txt").write_bytes(b"subs/a.tif 0\n\xff\xfe\n"),
+        lambda w, d: ["folds", "check", str(w)], "test_w32_1.txt", "cannot read list file", None),
+    "folds-check-list-line-without-label": (
+        "folds", lambda w: (w / "test_w32_1.txt").write_text("subs/a.tif 0\nsubs/b.tif\n"),
+        lambda w, d: ["folds", "check", str(w)], "test_w32_1.txt", "line 2: expected '<file>", None),
+    "stain-fit-param-not-a-number": (
+        "folds", lambda w: None, lambda w, d: ["stain", "fit", _first_image(d), "-o", str(w / "t.json"),
+                                               "--param", "io=abc"], "--stain macenko", "io must be a number", "t.json"),
+    "import-pcam-label-7": (
+        "folds", _pcam_with_label_7, lambda w, d: ["import", "pcam", str(w / "pcam"), str(w / "p")],
+        "camelyonpatch_level_2_split_train_y.h5", "label 7 of patch 1, expected 0 or 1", "p/DB_train_1"),
+    "run-job-timeout-negative": (
+        "folds", lambda w: None, lambda w, d: ["run", str(w), "--data", str(d), "--job-timeout", "-3"],
+        "--job-timeout", "-3", None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_input_is_one_line(ref, tmp_path, case):
+    """Exit 2, one ``error:`` line naming the file and what was expected, no traceback, nothing written."""
+    state, edit, argv, named, expected, absent = MALFORMED[case]
+    w = copy_tree(ref[state], tmp_path / "w")
+    edit(w)
+    code, err = run_inprocess(argv(w, ref["data"]))
+    assert code == 2, err
+    line = _assert_one_error_line(err)
+    assert named in line and expected in line, line
+    assert absent is None or not (w / absent).exists()
+    assert temporaries(w) == []

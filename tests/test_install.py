@@ -53,3 +53,46 @@ def test_pip_install_outside_the_repository(tmp_path, reference):
     )
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["shape"] == [3, 36, 36]
+
+
+def _ext_suffix() -> str:
+    import sysconfig
+
+    return sysconfig.get_config_var("EXT_SUFFIX")
+
+
+def test_make_native_removes_a_module_older_than_its_source(tmp_path):
+    """A stale native module was used as long as setuptools kept it (a failed rebuild left it in place)."""
+    for name in ("Makefile", "setup.py", "setup.cfg", "pyproject.toml"):
+        shutil.copy(REPO_ROOT / name, tmp_path / name)
+    formats = tmp_path / "lymph_cv" / "formats"
+    formats.mkdir(parents=True)
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    stamp = venv / ".installed"
+    stamp.touch()
+    modules = {}
+    for stem in ("ldbscan", "ldbwrite"):
+        shutil.copy(REPO_ROOT / "lymph_cv" / "formats" / f"{stem}.c", formats / f"{stem}.c")
+        modules[stem] = formats / f"{stem}{_ext_suffix()}"
+        modules[stem].write_bytes(b"")  # only its time matters to make
+    base = (tmp_path / "setup.py").stat().st_mtime
+    os.utime(stamp, (base + 10, base + 10))  # the venv is up to date
+    os.utime(modules["ldbwrite"], (base + 20, base + 20))  # newer than its source: kept
+    os.utime(modules["ldbscan"], (base + 20, base + 20))
+    os.utime(formats / "ldbscan.c", (base + 30, base + 30))  # edited after its module was built
+
+    def dry_run() -> str:
+        done = subprocess.run(["make", "-n", "native", f"VENV={venv}", f"PYTHON={sys.executable}"], cwd=tmp_path,
+                              capture_output=True, text=True, check=True)
+        return done.stdout
+
+    planned = dry_run()
+    assert f"rm -f {modules['ldbscan'].relative_to(tmp_path)}\n" in planned
+    assert f"rm -f {modules['ldbwrite'].relative_to(tmp_path)}" not in planned
+    assert "setup.py -q build_ext --inplace" in planned
+    os.utime(formats / "ldbscan.c", (base, base))
+    assert "rm -f" not in dry_run()
+    os.utime(tmp_path / "setup.py", (base + 40, base + 40))  # other compiler flags: every module is stale
+    planned = dry_run()
+    assert all(f"rm -f {m.relative_to(tmp_path)}\n" in planned for m in modules.values())

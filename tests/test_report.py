@@ -210,3 +210,54 @@ def test_report_of_wrong_kind_of_metrics_is_one_line(tmp_path, runner, cli, text
     result = runner.invoke(cli, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "Traceback" not in result.stderr and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "fold_2/metrics.json: expected a fold's metrics" in result.stderr
+
+
+def _hand_made(tmp_path: Path, **fields) -> Path:
+    """eval/fold_1/metrics.json with only the fields the refusal names, plus ``fields``."""
+    folder = tmp_path / "eval" / "fold_1"
+    folder.mkdir(parents=True)
+    record = {"fold": 1, "classes": ["A", "B"], "confusion": [[3, 1], [0, 2]], "accuracy": 5 / 6,
+              "balanced_accuracy": 0.875, **fields}
+    (folder / METRICS_JSON).write_text(json.dumps(record))
+    return folder / METRICS_JSON
+
+
+def test_report_of_a_hand_made_record_without_images_or_misclassified(tmp_path, runner, cli):
+    """It ended in a KeyError traceback: `images` is the matrix's total, `misclassified` not recorded."""
+    _hand_made(tmp_path)
+    result = runner.invoke(cli, ["report", str(tmp_path)])
+    assert result.exit_code == 0 and "Traceback" not in result.stderr, result.stderr
+    assert result.stdout.splitlines()[0] == "6 images over folds 1: pooled accuracy 0.833, balanced accuracy 0.875"
+    markdown = (tmp_path / "eval" / "report.md").read_text()
+    assert "| 1 | 6 | 0.833 | 0.875 | n/a |" in markdown
+    assert "Not recorded for fold 1" in markdown and "None." not in markdown.split("## Misclassified")[1]
+    assert "Not recorded for fold 1" in (tmp_path / "eval" / "report.html").read_text()
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("misclassified", [{"image": "x.tif", "true": "A"}], "misclassified: expected a list of {image, true, predicted"),
+    ("misclassified", {"x.tif": "A"}, "misclassified: expected a list"),
+    ("roc", [0.5], "roc: expected a ROC record"),
+    ("roc", {"kind": "binary", "auc": "high"}, "roc: expected a ROC record"),
+    ("settings", 5, "settings: expected an object"),
+    ("images", "six", "images: expected a count"),
+    ("unit", 1, "unit: expected a word"),
+    ("tiles", {"confusion": [[1]]}, "tiles: expected tile-level metrics"),
+    ("slides", [{"slide": "s.svs"}], "slides: expected a list of {slide, true, predicted"),
+])
+def test_report_of_a_malformed_field_is_one_line(tmp_path, runner, cli, field, value, expected):
+    """Each of these ended in a KeyError, TypeError or AttributeError traceback (or a headline first)."""
+    path = _hand_made(tmp_path, **{field: value})
+    result = runner.invoke(cli, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "Traceback" not in result.stderr and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: {path}: {expected}"), result.stderr
+    assert not (tmp_path / "eval" / "report.md").exists()
+
+
+def test_report_of_an_images_csv_that_is_not_text_is_one_line(tmp_path, runner, cli):
+    """A UnicodeDecodeError traceback before."""
+    path = _hand_made(tmp_path).parent / IMAGES_CSV
+    path.write_bytes(b"image,true\n\xff\xfe\x00garbage\n")
+    result = runner.invoke(cli, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "Traceback" not in result.stderr and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and f"error: {path}: cannot read the fold's images" in result.stderr

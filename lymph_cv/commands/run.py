@@ -60,7 +60,7 @@ def plan_line(options, mil: Optional[str]) -> str:
               help="Train folds here, or as PBS / Slurm jobs (evaluation waits for them).")
 @click.option("--walltime", default=None, help="Cluster jobs: [D-]HH:MM:SS.")
 @click.option("--queue", default=None, help="Cluster jobs: PBS queue / Slurm partition.")
-@click.option("--job-timeout", type=float, default=None, help="Cluster jobs: give up waiting after this many seconds.")
+@click.option("--job-timeout", type=click.FloatRange(min=0), default=None, help="Cluster jobs: give up waiting after this many seconds.")
 @click.option("--aggregate", default="vote", show_default=True, help="Image label from windows: vote, mean, topk:K.")
 @click.option("--no-oversample", is_flag=True, help="Evaluate the centre crop of each window only.")
 @click.option("--tta", is_flag=True, help="Test-time augmentation: every crop also turned by 90, 180, 270 degrees.")

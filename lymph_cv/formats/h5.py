@@ -22,6 +22,8 @@ PCAM_SPLITS = ("train", "valid", "test")
 PCAM_FILE = "camelyonpatch_level_2_split_{split}_{part}.h5"
 PCAM_SIZE = 96
 PCAM_CHANNELS = 3
+#: The labels PCam uses (1: the centre 32×32 holds tumour tissue).
+PCAM_LABELS = (0, 1)
 #: Patches read per h5py slice (about 28 MB of pixels).
 READ_CHUNK = 1024
 #: HDF5 chunking of written patch sets (as the published files: gzip, chunks of 32 patches).
@@ -70,7 +72,13 @@ def iter_chunks(x, y, chunk: int = READ_CHUNK) -> Iterator[Tuple[int, np.ndarray
     """(start, RGB patches n×96×96×3, int labels n) slice by slice."""
     for start in range(0, x.shape[0], chunk):
         stop = min(start + chunk, x.shape[0])
-        yield start, np.asarray(x[start:stop]), np.asarray(y[start:stop]).reshape(-1).astype(np.int64)
+        labels = np.asarray(y[start:stop]).reshape(-1)
+        bad = ~np.isin(labels, PCAM_LABELS)
+        if bad.any():
+            index = start + int(np.argmax(bad))
+            raise FormatError(f"dataset 'y': label {labels[index - start].item()!r} of patch {index}, expected 0 or 1 "
+                              "(1 = tumour in the centre)", y.file.filename)
+        yield start, np.asarray(x[start:stop]), labels.astype(np.int64)
 
 
 def write_split(folder: PathLike, split: str, images: np.ndarray, labels: np.ndarray) -> Tuple[Path, Path]:

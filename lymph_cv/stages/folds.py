@@ -366,7 +366,11 @@ def _count_labels(path: Path) -> Optional[Counter]:
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
         data += b"\n"
-    return Counter(int(m) for m in _LABEL_PATTERN.findall(data))
+    labels = _LABEL_PATTERN.findall(data)
+    if len(labels) != data.count(b"\n"):
+        # blank lines, or one that is not `<file> <label>`: the list reader skips the former and names the latter
+        return Counter(entry.label for entry in read_labelled_list(path))
+    return Counter(int(m) for m in labels)
 
 
 def _cases(parent_lines: Sequence[str], regex: str) -> set[str]:

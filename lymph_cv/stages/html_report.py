@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Sequence
 from lymph_cv.workdir.records import ANY, read_record
 from lymph_cv.errors import LymphCVError
 from lymph_cv.stages import figures, slide_report
+from lymph_cv.stages.report_folds import unlisted_folds
 from lymph_cv.stages.roc import ROC_PNG
 from lymph_cv.workdir.layout import (DBS_JSON, EVAL_DIR, EVAL_FOLD_DIR, FOLDS_JSON, HEATMAP_DIR, RENDER_JSON,
                                      RUN_JSON, TRAIN_JSON, TRAIN_LOG, heatmap_name)
@@ -216,11 +217,15 @@ def _fold_section(workdir: Path, record: dict, classes: Sequence[str]) -> str:
 
 
 def _misclassified_section(workdir: Path, folds: Sequence[dict], classes: Sequence[str]) -> str:
-    wrong = [(f["fold"], item) for f in folds for item in f["misclassified"]]
+    wrong = [(f["fold"], item) for f in folds for item in f["misclassified"] or ()]
     unit = "slides" if slide_report.is_slide_report(folds) else "images"
     parts = [f"<h2>Misclassified {unit} ({len(wrong)})</h2>"]
+    unrecorded = unlisted_folds(folds)
+    if unrecorded:
+        parts.append(f"<p>Not recorded for fold {', '.join(map(str, unrecorded))} (a metrics.json without "
+                     "<code>misclassified</code>).</p>")
     if not wrong:
-        return parts[0] + "<p>None.</p>"
+        return "".join(parts) if unrecorded else parts[0] + "<p>None.</p>"
     missing_maps = 0
     parts.append('<div class="thumbs">')
     for fold, item in wrong:

@@ -23,7 +23,7 @@ from lymph_cv.core.fsutil import atomic_path, atomic_write_bytes, atomic_write_j
 from lymph_cv.stages.figures import confusion_png
 from lymph_cv.stages.heatmaps import heatmap_png
 from lymph_cv.stages.html_report import render_html
-from lymph_cv.stages.report_folds import fold_records, headline_text, image_rows
+from lymph_cv.stages.report_folds import fold_records, headline_text, image_rows, unlisted_folds
 from lymph_cv.stages.report_folds import number_text as _num
 from lymph_cv.stages.roc import ROC_PNG, draw_roc, roc_record
 from lymph_cv.stages import slide_report
@@ -335,6 +335,11 @@ def _fold_auc(report: Report) -> Optional[dict]:
     return {"mean": mean, "sd": sd, "values": values}
 
 
+def _count(items: Optional[list]) -> str:
+    """How many ``items``; n/a where a hand-made record does not list them."""
+    return "n/a" if items is None else str(len(items))
+
+
 def _pm(mean: float, sd: Optional[float]) -> str:
     return f"{_num(mean)} ± {_num(sd)}"
 
@@ -393,7 +398,7 @@ def format_markdown(report: Report) -> str:
     for fold in report.folds:
         model = Path(fold.get("settings", {}).get("model", "?")).name
         lines.append(_md_row([fold["fold"], fold["images"], _num(fold["accuracy"]), _num(fold["balanced_accuracy"]),
-                              len(fold["misclassified"]), f"`{model}`"]))
+                              _count(fold["misclassified"]), f"`{model}`"]))
     lines.append(_md_row(["mean ± sd", "", _pm(record["fold_accuracy"]["mean"], record["fold_accuracy"]["sd"]),
                           _pm(record["fold_balanced_accuracy"]["mean"], record["fold_balanced_accuracy"]["sd"]), "", ""]))
     lines += ["", "## Per class (pooled)", "", _md_row(["class", "precision", "recall", "F1", "support"]), _md_row(["---"] * 5)]
@@ -402,14 +407,17 @@ def format_markdown(report: Report) -> str:
     lines += _markdown_roc(record)
     if slides:
         lines += slide_report.markdown_section(report.folds, classes)
-    wrong = [(f["fold"], item) for f in report.folds for item in f["misclassified"]]
+    wrong = [(f["fold"], item) for f in report.folds for item in f["misclassified"] or ()]
     lines += ["", f"## Misclassified {'slides' if slides else 'images'} ({len(wrong)})", ""]
+    unrecorded = unlisted_folds(report.folds)
+    if unrecorded:
+        lines += [f"Not recorded for fold {', '.join(map(str, unrecorded))} (a metrics.json without `misclassified`).", ""]
     for fold, item in wrong[:MD_MISCLASSIFIED_MAX]:
         votes = _votes_text([item["votes"][c] for c in classes], classes)
         lines.append(f"- fold {fold}: `{item['image']}`: true {item['true']}, predicted {item['predicted']} (votes {votes})")
     if len(wrong) > MD_MISCLASSIFIED_MAX:
         lines.append(f"- … and {len(wrong) - MD_MISCLASSIFIED_MAX} more (see `eval/fold_K/{SUMMARY_TXT}`)")
-    if not wrong:
+    if not wrong and not unrecorded:
         lines.append("None.")
     return "\n".join(lines) + "\n"
 

@@ -61,6 +61,7 @@ def fold_records(workdir: PathLike, folds: Optional[Sequence[int]],
         if record is None:
             continue
         check(record, path)
+        check_fold_details(record, path)
         records.append(record)
         folders.append(folder)
     if not records:
@@ -72,13 +73,83 @@ def fold_records(workdir: PathLike, folds: Optional[Sequence[int]],
     return records, folders
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _optional_number(value) -> bool:
+    return value is None or _number(value)
+
+
+def _per_class(value, classes: Sequence[str]) -> bool:
+    return isinstance(value, dict) and all(_number(value.get(c)) for c in classes)
+
+
+def _named(item, classes: Sequence[str], names: Sequence[str], per_class: Sequence[str]) -> bool:
+    return (isinstance(item, dict) and all(isinstance(item.get(k), str) for k in names)
+            and all(_per_class(item.get(k), classes) for k in per_class))
+
+
+def _roc_record(roc) -> bool:
+    return roc is None or (isinstance(roc, dict) and all(_optional_number(roc.get(k)) for k in ("auc", "macro_auc")))
+
+
+def _tile_record(tiles, classes: Sequence[str]) -> bool:
+    confusion = tiles.get("confusion") if isinstance(tiles, dict) else None
+    return (isinstance(confusion, list) and len(confusion) == len(classes)
+            and all(isinstance(row, list) and len(row) == len(classes) and all(type(v) is int and v >= 0 for v in row)
+                    for row in confusion)
+            and all(_optional_number(tiles.get(k)) for k in ("accuracy", "balanced_accuracy")))
+
+
+def check_fold_details(record: dict, path: Path) -> None:
+    """InputError unless the fields a report reads beyond the matrix (``images``, ``misclassified``,
+    ``settings``, ``roc``, a slide fold's ``tiles`` and ``slides``) have the shape ``evaluate`` writes.
+    A hand-made record may leave them out: ``images`` is then the matrix's total, ``misclassified``
+    None (not recorded)."""
+    classes = record["classes"]
+    if "images" not in record:
+        record["images"] = int(sum(sum(row) for row in record["confusion"]))
+    if "misclassified" not in record:
+        record["misclassified"] = None
+    checks = (
+        ("images", "a count of images", lambda v: type(v) is int and v >= 0),
+        ("misclassified", "a list of {image, true, predicted, votes per class}",
+         lambda v: v is None or (isinstance(v, list) and all(_named(i, classes, ("image", "true", "predicted"), ("votes",))
+                                                            for i in v))),
+        ("settings", "an object of evaluation settings", lambda v: isinstance(v, dict)),
+        ("roc", "a ROC record (auc, macro_auc numbers) or null", _roc_record),
+        ("unit", 'a word ("slide")', lambda v: isinstance(v, str)),
+        ("tiles", "tile-level metrics (a square confusion matrix of counts, accuracy, balanced_accuracy)",
+         lambda v: _tile_record(v, classes)),
+        ("slides", "a list of {slide, true, predicted, tiles, fractions and mean_probs per class}",
+         lambda v: isinstance(v, list) and all(_named(r, classes, ("slide", "true", "predicted"), ("fractions", "mean_probs"))
+                                               and type(r.get("tiles")) is int for r in v)),
+    )
+    for key, expected, ok in checks:
+        if key in record and not ok(record[key]):
+            raise InputError(f"{key}: expected {expected} as `lymph-cv evaluate` writes it, got {_shown(record[key])}",
+                             path)
+
+
+def unlisted_folds(folds: Sequence[dict]) -> List[int]:
+    """The folds whose record does not list its misclassified images (hand-made ones)."""
+    return [f["fold"] for f in folds if f.get("misclassified") is None]
+
+
+def _shown(value, limit: int = 60) -> str:
+    """A JSON value in an error line, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def image_rows(path: Path, classes: Sequence[str]) -> Optional[Tuple[List[int], List[List[float]]]]:
     """(true labels, per-image scores) from a fold's images.csv, or None when it is absent."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read the fold's images ({exc})", path) from exc
     rows = list(csv.DictReader(io.StringIO(text)))
     try:

@@ -49,7 +49,8 @@ class RecordSpec:
         return None if good else self.problem(self.refusal)
 
 
-MANIFEST = RecordSpec(layout.MANIFEST_NAME, "the manifest", "not a manifest.json written by `lymph-cv patches`")
+MANIFEST = RecordSpec(layout.MANIFEST_NAME, "the manifest", "not a manifest.json written by `lymph-cv patches`",
+                      fields={"classes": list, "tree": dict, "patch_size": int, "step": int, "data_dir": str})
 FOLDS = RecordSpec(layout.FOLDS_JSON, "folds.json", "not a folds.json written by `lymph-cv folds`",
                    fields={"classes": list, "list_root": str, "manifest": str, "case_regex": str})
 DBS = RecordSpec(layout.DBS_JSON, "dbs.json", "expected a JSON object with a 'backend' key, as `lymph-cv dbs` writes it",

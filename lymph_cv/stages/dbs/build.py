@@ -104,6 +104,9 @@ def build_dbs(
             mean_path = workdir / MEAN_FILE.format(fold=fold) if side == "train" else None
             if db_path.exists() and not overwrite:
                 done = previous.get("dbs", {}).get(db_path.name)
+                if isinstance(done, dict) and store_kind(db_path) is None:
+                    raise StoreError(f"not a LevelDB/LMDB database, though {DBS_JSON} records one built here; "
+                                     "pass --overwrite to rebuild it", db_path)
                 if (same_settings and isinstance(done, dict) and done.get("list") == list_signature(list_path)
                         and done.get("manifest") == manifest_digest and (mean_path is None or mean_path.is_file())
                         and done.get("stain") == _stain_json(transforms[fold])):

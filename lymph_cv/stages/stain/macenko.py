@@ -46,6 +46,14 @@ class Macenko(Normaliser):
 
     def check(self) -> None:
         p = self.params
+        for name in ("io", "alpha", "beta", "percentile"):
+            value = p[name]
+            try:
+                if isinstance(value, bool):
+                    raise TypeError(value)
+                float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"--stain macenko: {name} must be a number, got {value!r}") from None
         if not 0 < float(p["io"]) <= 255:
             raise ConfigError(f"--stain macenko: io must be in (0, 255], got {p['io']}")
         if not 0 <= float(p["alpha"]) < 50:
