@@ -33,7 +33,8 @@ venv: $(STAMP)
 # pure-Python paths. A module older than its source or setup.py is removed first, so a stale one is
 # never used: build_ext remakes it, and where that build fails the pure-Python path runs, not the
 # old code. Nothing is checked at import time.
-NATIVE_SOURCES := lymph_cv/formats/ldbscan.c lymph_cv/formats/ldbwrite.c
+# every C source is one extension of setup.py NATIVE, its module beside it
+NATIVE_SOURCES := $(wildcard lymph_cv/*/*.c)
 # the modules' file suffix (the venv is made by $(PYTHON): the same one)
 EXT_SUFFIX := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 NATIVE_MODULES := $(NATIVE_SOURCES:.c=$(EXT_SUFFIX))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -65,22 +66,27 @@ def test_make_native_removes_a_module_older_than_its_source(tmp_path):
     """A stale native module was used as long as setuptools kept it (a failed rebuild left it in place)."""
     for name in ("Makefile", "setup.py", "setup.cfg", "pyproject.toml"):
         shutil.copy(REPO_ROOT / name, tmp_path / name)
-    formats = tmp_path / "lymph_cv" / "formats"
-    formats.mkdir(parents=True)
     venv = tmp_path / "venv"
     venv.mkdir()
     stamp = venv / ".installed"
     stamp.touch()
     modules = {}
-    for stem in ("ldbscan", "ldbwrite"):
-        shutil.copy(REPO_ROOT / "lymph_cv" / "formats" / f"{stem}.c", formats / f"{stem}.c")
-        modules[stem] = formats / f"{stem}{_ext_suffix()}"
-        modules[stem].write_bytes(b"")  # only its time matters to make
+    sources = sorted((REPO_ROOT / "lymph_cv").glob("*/*.c"))
+    # the Makefile takes every C source as an extension: setup.py declares each
+    declared = set(re.findall(r'"(lymph_cv/[\w/]+\.c)"', (REPO_ROOT / "setup.py").read_text()))
+    assert declared == {s.relative_to(REPO_ROOT).as_posix() for s in sources}
+    for source in sources:
+        copy = tmp_path / source.relative_to(REPO_ROOT)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, copy)
+        modules[source.stem] = copy.with_name(f"{source.stem}{_ext_suffix()}")
+        modules[source.stem].write_bytes(b"")  # only its time matters to make
     base = (tmp_path / "setup.py").stat().st_mtime
     os.utime(stamp, (base + 10, base + 10))  # the venv is up to date
-    os.utime(modules["ldbwrite"], (base + 20, base + 20))  # newer than its source: kept
-    os.utime(modules["ldbscan"], (base + 20, base + 20))
-    os.utime(formats / "ldbscan.c", (base + 30, base + 30))  # edited after its module was built
+    for module in modules.values():  # newer than their sources: kept
+        os.utime(module, (base + 20, base + 20))
+    scan = modules["ldbscan"].with_name("ldbscan.c")
+    os.utime(scan, (base + 30, base + 30))  # edited after its module was built
 
     def dry_run() -> str:
         done = subprocess.run(["make", "-n", "native", f"VENV={venv}", f"PYTHON={sys.executable}"], cwd=tmp_path,
@@ -91,7 +97,7 @@ def test_make_native_removes_a_module_older_than_its_source(tmp_path):
     assert f"rm -f {modules['ldbscan'].relative_to(tmp_path)}\n" in planned
     assert f"rm -f {modules['ldbwrite'].relative_to(tmp_path)}" not in planned
     assert "setup.py -q build_ext --inplace" in planned
-    os.utime(formats / "ldbscan.c", (base, base))
+    os.utime(scan, (base, base))
     assert "rm -f" not in dry_run()
     os.utime(tmp_path / "setup.py", (base + 40, base + 40))  # other compiler flags: every module is stale
     planned = dry_run()
