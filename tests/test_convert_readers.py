@@ -3,6 +3,7 @@ readers over pipes (same records as reading in the writer), their errors and int
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -174,10 +175,13 @@ def test_native_plain_reader_writes_the_numpy_readers_records(tmp_path, monkeypa
     changed[-3] ^= 1
     (root / "a/p0.tif").write_bytes(bytes(changed))
     read = [f"{root}/", ["b/p1.tif", "a/p2.tif"], [0, 127], 41, layout.head, layout.tail, 9, 7]
-    keys, key_lengths, values, length = convread.plain_datums(*read)
-    assert (keys, key_lengths) == (b"00000041_b/p1.tif00000042_a/p2.tif", [17, 17])
-    assert [values[:length], values[length:]] == [dbs.record_value(root / "b/p1.tif", 0)[0],
-                                                  dbs.record_value(root / "a/p2.tif", 127)[0]]
+    for vector in (False, True):  # the scalar deinterleave and SSSE3's (9 x 7 pixels: 3 vectors and a tail)
+        convread.set_ssse3(vector)
+        keys, key_lengths, values, length = convread.plain_datums(*read)
+        assert (keys, key_lengths) == (b"00000041_b/p1.tif00000042_a/p2.tif", [17, 17])
+        assert [values[:length], values[length:]] == [dbs.record_value(root / "b/p1.tif", 0)[0],
+                                                      dbs.record_value(root / "a/p2.tif", 127)[0]]
+    assert convread.set_ssse3(True) == (platform.machine() in ("x86_64", "AMD64"))
     assert convread.plain_datums(read[0], ["b/p1.tif", "a/p0.tif"], *read[2:]) is None
     assert convread.plain_datums(read[0], read[1], [0, 128], *read[3:]) is None
     convread.close_folders()
