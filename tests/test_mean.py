@@ -81,6 +81,19 @@ def test_tables_scanned_natively_with_caffes_bytes_at_any_thread_count(tmp_path)
     assert len(results) == 1
 
 
+def test_many_chunks_summed_lane_by_lane_in_key_order(tmp_path):
+    # ~36 MiB: dozens of chunks, each read and summed by one thread, each of its two lanes (512
+    # pixels) after that lane of the chunk before; bright records pass 2^24, where every add
+    # rounds, so only key order per pixel gives these bytes
+    images = _images(72000, (2, 16, 16), seed=9, low=240)
+    _write(tmp_path / "db", images)
+    total = _naive_sum(images)
+    assert total.max() > 2**24
+    for threads in (1, 2, 3):
+        count, shape, summed, _, _ = _scan(tmp_path / "db", threads)
+        assert (count, shape, summed) == (72000, (2, 16, 16), total.astype("<f4").tobytes())
+
+
 def test_running_sum_past_2_24_rounds_like_caffe(tmp_path):
     # bright records pass 2^24 after ~69,000 records: from there each float32 add rounds
     images = _images(72000, (1, 16, 20), seed=1, low=230)

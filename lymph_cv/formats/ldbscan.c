@@ -10,8 +10,9 @@
  * the same bytes or names the bad record.
  *
  * The arithmetic is Caffe's: every record's uint8 pixels are added to a float32 sum, one rounding
- * per record and pixel, records in key order.  Threads split the pixels (the order per pixel is
- * what matters), so the bytes do not depend on the thread count.  Block checksums are not
+ * per record and pixel, records in key order.  Threads split the records into chunks and the pixels
+ * into lanes, each lane of each chunk added after the lane of the chunk before (the order per pixel
+ * is what matters), so the bytes do not depend on the thread count.  Block checksums are not
  * verified, as Caffe's reads (LevelDB's default ReadOptions) do not verify them either.
  * The float32 bytes returned are the machine's (little-endian on every machine this builds for).
  */
@@ -24,7 +25,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdio.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #define TABLE_FOOTER 48
@@ -36,10 +39,11 @@
 #define MAX_THREADS 8
 /* Pixels per thread below which one thread does all (thread start-up costs more than it saves). */
 #define MIN_PIXELS_PER_THREAD 256
-/* Bytes of table data read at once (a few LevelDB blocks): the ring's slots stay in the cache. */
-#define CHUNK_BYTES (1u << 18)
-/* Slots of the ring of chunks between the reading and the summing threads. */
-#define RING 8
+/* Bytes of table data read at once (a few LevelDB blocks): a thread's two chunks stay in its core's
+ * L2 (512 KiB measured 3 % less CPU than 256 KiB at full scale, the same on fold 1). */
+#define CHUNK_BYTES (1u << 19)
+/* Set (not 0): every scanning thread's times (reading, parsing, waiting, adding) go to stderr. */
+#define PROFILE_ENV "LYMPH_CV_SCAN_PROFILE"
 /* Up to this many tables stay open from the first look to the scan (a compaction that LevelDB
  * starts on open may delete a table meanwhile); more are reopened chunk by chunk, within the
  * process's file limit. */
@@ -57,8 +61,9 @@ static PyObject *Unsupported;
  * reassociation: no -ffast-math).  The vector kernels widen uint8 straight to int32 (gcc's own
  * vectorisation goes through int16 and takes twice the instructions); chosen once by the CPU. */
 typedef void (*add4_t)(float *, const uint8_t *, const uint8_t *, const uint8_t *, const uint8_t *, size_t);
+typedef void (*add1_t)(float *, const uint8_t *, size_t);
 
-static void add1_f32(float *restrict sum, const uint8_t *restrict a, size_t n)
+static void add1_plain(float *restrict sum, const uint8_t *restrict a, size_t n)
 {
     for (size_t i = 0; i < n; i++)
         sum[i] = sum[i] + (float)a[i];
@@ -90,6 +95,13 @@ static void add4_plain(float *restrict sum, const uint8_t *a, const uint8_t *b, 
             store(sum + i, s);                                                                                 \
         }                                                                                                      \
         add4_plain(sum + i, a + i, b + i, c + i, d + i, n - i);                                                \
+    }                                                                                                          \
+    __attribute__((target(isa))) static void name##_1(float *restrict sum, const uint8_t *a, size_t n)        \
+    {                                                                                                          \
+        size_t i = 0;                                                                                          \
+        for (; i + (lanes) <= n; i += (lanes))                                                                 \
+            store(sum + i, add(load(sum + i), widen(a, i)));                                                   \
+        add1_plain(sum + i, a + i, n - i);                                                                     \
     }
 
 #define WIDEN16(p, i) _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)((p) + (i)))))
@@ -99,15 +111,16 @@ DEFINE_ADD4(add4_avx2, "avx2", 8, __m256, _mm256_loadu_ps, _mm256_storeu_ps, _mm
 #endif
 
 static add4_t add4 = add4_plain;
+static add1_t add1 = add1_plain; /* the records left over after fours */
 
 static void choose_kernels(void)
 {
 #ifdef HAVE_X86_KERNELS
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f"))
-        add4 = add4_avx512;
+        add4 = add4_avx512, add1 = add4_avx512_1;
     else if (__builtin_cpu_supports("avx2"))
-        add4 = add4_avx2;
+        add4 = add4_avx2, add1 = add4_avx2_1;
 #endif
 }
 
@@ -257,7 +270,7 @@ static void lane_add(lane_t *l, const uint8_t *const *r, size_t n)
     for (; i + 4 <= n; i += 4)
         add4(l->sum, r[i] + lo, r[i + 1] + lo, r[i + 2] + lo, r[i + 3] + lo, l->n);
     for (; i < n; i++)
-        add1_f32(l->sum, r[i] + lo, l->n);
+        add1(l->sum, r[i] + lo, l->n);
 }
 
 static void acc_free(acc_t *a)
@@ -615,14 +628,15 @@ static int default_threads(void)
     return cpus < 1 ? 1 : cpus > MAX_THREADS ? MAX_THREADS : (int)cpus;
 }
 
-/* ------------------------------------------------------------------ the scan: read once, sum by lanes
+/* ------------------------------------------------------------------ the scan: each chunk read and summed by one thread
  *
  * The tables' data blocks, in key order, are cut into chunks of consecutive blocks (about
- * CHUNK_BYTES).  Chunk k is read (pread: a copy from the page cache into a buffer that stays in the
- * cache; mapping the pages measured no cheaper) and parsed by thread k % T into ring slot k % RING,
- * ahead of the sums while slots are free; every thread adds its lane's pixels of the chunk's
- * records, chunk after chunk.  So each byte is
- * read from memory once, by one thread, and each pixel's sum is taken in key order. */
+ * CHUNK_BYTES).  Thread k % T reads chunk k (pread: a copy from the page cache into a buffer of its
+ * own that stays in its core's cache), parses it, and adds all its records' pixels, lane after lane:
+ * lane l of chunk k waits until lane l of chunk k - 1 is summed (by the thread before), so each
+ * pixel's sum is taken in key order while the threads' reads and lanes overlap.  What moves between
+ * the cores is the sums (a lane is a few KiB, on cache lines of its own), not the records: each
+ * byte of the tables is read from memory once, by one core, and added from that core's cache. */
 
 typedef struct {
     const table_t *table;
@@ -642,6 +656,7 @@ static int push(void ***items, size_t *n, size_t *cap, void *item)
     return 0;
 }
 
+/* A thread's chunk: the bytes read, the records parsed from them. */
 typedef struct {
     uint8_t *buffer;
     size_t capacity;
@@ -651,18 +666,40 @@ typedef struct {
     size_t n_records, cap_records;
     uint8_t *first_key, *last_key; /* the chunk's first and last user keys (for the order across chunks) */
     size_t first_len, last_len, first_cap, last_cap;
-    long holds;   /* the chunk it holds, -1 when free */
-    int finished; /* lanes done with it */
 } slot_t;
 
+/* A lane's progress: the chunks whose records it has added, on a cache line of its own. */
 typedef struct {
+    size_t done;
+    char pad[64 - sizeof(size_t)];
+} __attribute__((aligned(64))) progress_t;
+
+/* Chunk k's last user key, at k % KEY_RING: written by its thread when it parses the chunk (before
+ * it adds lane 0), read by chunk k + 1's thread once lane 0 of chunk k is summed.  A thread parses at
+ * most one chunk ahead of the one it sums, so when chunk j is parsed every chunk up to j - 2T has
+ * passed its check; 2T + 1 slots would do. */
+#define KEY_RING (2 * MAX_THREADS + 2)
+typedef struct {
+    uint8_t *key;
+    size_t len, cap;
+} last_key_t;
+
+/* Spins on a lane's progress (pause instructions, some tens of microseconds: a lane's add takes
+ * about ten) before sleeping on the condition variable; spinning longer only burns the CPU share a
+ * busy host gives this machine. */
+#define SPINS 256
+
+typedef struct {
+    progress_t progress[MAX_THREADS]; /* per lane */
     chunk_t *chunks;
     size_t n_chunks;
     acc_t *acc;
-    slot_t ring[RING];
+    last_key_t last_keys[KEY_RING];
     pthread_mutex_t lock;
     pthread_cond_t changed;
+    int sleepers;        /* threads in (or entering) the condition wait */
     int threads;
+    int profile;         /* LYMPH_CV_SCAN_PROFILE set: each thread's times on stderr */
     const char *problem; /* the first problem; stops every thread */
     int no_memory;
     uint64_t count;
@@ -681,16 +718,12 @@ static int keep_key(uint8_t **key, size_t *len, size_t *cap, const uint8_t *from
     return 1;
 }
 
-/* Read and parse chunk `index` into `slot`: NULL, or the problem. */
-static const char *fill_slot(scan_t *s, slot_t *slot, const chunk_t *chunk, int fd)
+/* Read chunk's bytes into slot's buffer: NULL, or the problem. */
+static const char *read_chunk(slot_t *slot, const chunk_t *chunk, int fd)
 {
     const table_t *t = chunk->table;
-    const acc_t *a = s->acc;
     uint64_t start = t->blocks[chunk->first].offset;
     uint64_t end = t->blocks[chunk->last].offset + t->blocks[chunk->last].size + BLOCK_TRAILER;
-    for (size_t i = 0; i < slot->n_owned; i++)
-        free(slot->owned[i]);
-    slot->n_owned = slot->n_records = 0;
     if (end < start)
         return "blocks out of order in a table";
     if (end - start > slot->capacity) {
@@ -702,6 +735,18 @@ static const char *fill_slot(scan_t *s, slot_t *slot, const chunk_t *chunk, int 
     }
     if (!read_at(fd, slot->buffer, end - start, start))
         return "a table file cannot be read";
+    return NULL;
+}
+
+/* Parse the chunk read into slot (its records' pixels, first and last keys): NULL, or the problem. */
+static const char *parse_chunk(const acc_t *a, slot_t *slot, const chunk_t *chunk)
+{
+    const table_t *t = chunk->table;
+    uint64_t start = t->blocks[chunk->first].offset;
+    uint64_t end = t->blocks[chunk->last].offset + t->blocks[chunk->last].size + BLOCK_TRAILER;
+    for (size_t i = 0; i < slot->n_owned; i++)
+        free(slot->owned[i]);
+    slot->n_owned = slot->n_records = 0;
     block_iter_t block = {0};
     const char *problem = NULL;
     int have_key = 0;
@@ -768,106 +813,190 @@ static const char *fill_slot(scan_t *s, slot_t *slot, const chunk_t *chunk, int 
     return problem;
 }
 
+static void slot_free(slot_t *slot)
+{
+    for (size_t i = 0; i < slot->n_owned; i++)
+        free(slot->owned[i]);
+    free(slot->owned);
+    free(slot->buffer);
+    free(slot->records);
+    free(slot->first_key);
+    free(slot->last_key);
+}
+
 static void stop(scan_t *s, const char *problem)
 {
     pthread_mutex_lock(&s->lock);
     if (!s->problem)
-        s->problem = problem;
+        __atomic_store_n(&s->problem, problem, __ATOMIC_SEQ_CST);
     if (!strcmp(problem, "out of memory"))
         s->no_memory = 1;
     pthread_cond_broadcast(&s->changed);
     pthread_mutex_unlock(&s->lock);
 }
 
+static void cpu_relax(void)
+{
+#ifdef HAVE_X86_KERNELS
+    _mm_pause();
+#endif
+}
+
+/* Wait until lane l has added chunks [0, k) or a thread has stopped the scan; 0 when stopped. */
+static int wait_lane(scan_t *s, int l, size_t k)
+{
+    size_t *done = &s->progress[l].done;
+    for (int i = 0; i < SPINS; i++) {
+        if (__atomic_load_n(done, __ATOMIC_ACQUIRE) >= k)
+            return 1;
+        if (__atomic_load_n(&s->problem, __ATOMIC_RELAXED))
+            return 0;
+        cpu_relax();
+    }
+    /* Sleep.  The sleeper count and the progress are both sequentially consistent, so either the
+     * publisher sees this sleeper (and wakes it under the lock) or this thread sees the progress. */
+    __atomic_fetch_add(&s->sleepers, 1, __ATOMIC_SEQ_CST);
+    pthread_mutex_lock(&s->lock);
+    while (__atomic_load_n(done, __ATOMIC_SEQ_CST) < k && !s->problem)
+        pthread_cond_wait(&s->changed, &s->lock);
+    int ok = s->problem == NULL;
+    pthread_mutex_unlock(&s->lock);
+    __atomic_fetch_sub(&s->sleepers, 1, __ATOMIC_SEQ_CST);
+    return ok;
+}
+
+static void publish_lane(scan_t *s, int l, size_t k)
+{
+    __atomic_store_n(&s->progress[l].done, k, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&s->sleepers, __ATOMIC_SEQ_CST)) {
+        pthread_mutex_lock(&s->lock);
+        pthread_cond_broadcast(&s->changed);
+        pthread_mutex_unlock(&s->lock);
+    }
+}
+
 typedef struct {
     scan_t *scan;
-    int lane;
+    int id;
 } worker_t;
 
-/* Whether chunk j may go into its slot: the slot's previous chunk (j - RING, whichever thread read
- * it) is summed by every lane.  (Under the lock.) */
-static int slot_free_for(const slot_t *slot, size_t j, int threads)
+/* Seconds on the monotonic clock (profiling only). */
+static double seconds(void)
 {
-    if (j < RING)
-        return slot->holds < 0;
-    return slot->holds == (long)(j - RING) && slot->finished == threads;
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)now.tv_sec + 1e-9 * (double)now.tv_nsec;
+}
+
+enum { T_READ, T_PARSE, T_WAIT, T_ADD, N_TIMES };
+
+/* A scanning thread's state: its two chunks (the one being summed, and the next one, read ahead
+ * while a lane waits), the table it has open, its times. */
+typedef struct {
+    scan_t *s;
+    slot_t slots[2];
+    const table_t *open_table_of; /* the table open_fd is of */
+    int open_fd;
+    double times[N_TIMES], mark;
+} thread_state_t;
+
+static void lap(thread_state_t *me, int what)
+{
+    if (me->s->profile) {
+        double now = seconds();
+        me->times[what] += now - me->mark;
+        me->mark = now;
+    }
+}
+
+/* Read and parse chunk k into slot, and keep its last key for chunk k + 1's thread: NULL, or the problem. */
+static const char *load_chunk(thread_state_t *me, size_t k, slot_t *slot)
+{
+    scan_t *s = me->s;
+    const chunk_t *chunk = &s->chunks[k];
+    const table_t *table = chunk->table;
+    if (table->fd < 0 && table != me->open_table_of) { /* a table not kept open: this thread's own fd */
+        if (me->open_fd >= 0)
+            close(me->open_fd);
+        me->open_fd = open(table->path, O_RDONLY | O_CLOEXEC);
+        me->open_table_of = table;
+    }
+    int fd = table->fd >= 0 ? table->fd : me->open_fd;
+    const char *problem = fd < 0 ? "a table file cannot be opened" : read_chunk(slot, chunk, fd);
+    lap(me, T_READ);
+    if (!problem)
+        problem = parse_chunk(s->acc, slot, chunk);
+    if (!problem) {
+        last_key_t *last = &s->last_keys[k % KEY_RING];
+        if (!keep_key(&last->key, &last->len, &last->cap, slot->last_key, slot->last_len))
+            problem = "out of memory";
+    }
+    lap(me, T_PARSE);
+    return problem;
 }
 
 static void *scan_worker(void *arg)
 {
-    worker_t *me = (worker_t *)arg;
-    scan_t *s = me->scan;
-    lane_t *lane = &s->acc->lanes[me->lane];
-    uint8_t *last = NULL; /* lane 0: the previous chunk's last key */
-    size_t last_len = 0, last_cap = 0;
-    const table_t *open_table_of = NULL; /* the table open_fd is of */
-    int open_fd = -1;
-    size_t next_read = (size_t)me->lane; /* this thread's next chunk to read (chunks k with k % T == lane) */
-    int stopped = 0;
-    for (size_t k = 0; k < s->n_chunks && !stopped; k++) {
-        /* Read ahead: this thread's chunks up to k + RING - 1 whose slots are free, so that its reads
-         * overlap the other threads' sums; it waits for a slot only for the chunk it needs now. */
-        while (next_read < s->n_chunks && next_read < k + RING) {
-            slot_t *slot = &s->ring[next_read % RING];
-            pthread_mutex_lock(&s->lock);
-            while (!s->problem && next_read == k && !slot_free_for(slot, next_read, s->threads))
-                pthread_cond_wait(&s->changed, &s->lock);
-            int busy = !slot_free_for(slot, next_read, s->threads);
-            stopped = s->problem != NULL;
-            pthread_mutex_unlock(&s->lock);
-            if (stopped || busy)
-                break;
-            const table_t *table = s->chunks[next_read].table;
-            if (table->fd < 0 && table != open_table_of) { /* a table not kept open: this thread's own fd */
-                if (open_fd >= 0)
-                    close(open_fd);
-                open_fd = open(table->path, O_RDONLY | O_CLOEXEC);
-                open_table_of = table;
-            }
-            const char *problem = open_fd < 0 && table->fd < 0
-                                      ? "a table file cannot be opened"
-                                      : fill_slot(s, slot, &s->chunks[next_read], table->fd >= 0 ? table->fd : open_fd);
-            if (problem) {
-                stop(s, problem);
-                stopped = 1;
-                break;
-            }
-            pthread_mutex_lock(&s->lock);
-            slot->holds = (long)next_read, slot->finished = 0;
-            pthread_cond_broadcast(&s->changed);
-            pthread_mutex_unlock(&s->lock);
-            next_read += (size_t)s->threads;
-        }
-        if (stopped)
+    worker_t *worker = (worker_t *)arg;
+    scan_t *s = worker->scan;
+    acc_t *acc = s->acc;
+    size_t step = (size_t)s->threads, ahead = SIZE_MAX; /* the chunk read ahead into the other slot */
+    thread_state_t me = {.s = s, .open_fd = -1, .mark = s->profile ? seconds() : 0};
+    double start = me.mark;
+    uint64_t count = 0;
+    size_t chunks = 0;
+    int cur = 0;
+    for (size_t k = (size_t)worker->id; k < s->n_chunks; k += step) {
+        const char *problem = NULL;
+        if (__atomic_load_n(&s->problem, __ATOMIC_RELAXED))
             break;
-        slot_t *slot = &s->ring[k % RING];
-        pthread_mutex_lock(&s->lock);
-        while (!s->problem && slot->holds != (long)k)
-            pthread_cond_wait(&s->changed, &s->lock);
-        stopped = s->problem != NULL;
-        pthread_mutex_unlock(&s->lock);
-        if (stopped)
+        if (ahead == k)
+            cur = 1 - cur, ahead = SIZE_MAX;
+        else
+            problem = load_chunk(&me, k, &me.slots[cur]);
+        if (problem) {
+            stop(s, problem);
             break;
-        if (me->lane == 0) { /* the order across chunks (and so across tables): strictly increasing keys */
-            if (k && !key_less(last, last_len, slot->first_key, slot->first_len)) {
-                stop(s, "repeated or overlapping user keys");
-                break;
-            }
-            if (!keep_key(&last, &last_len, &last_cap, slot->last_key, slot->last_len)) {
-                stop(s, "out of memory");
-                break;
-            }
-            s->count += slot->n_records;
         }
-        lane_add(lane, slot->records, slot->n_records);
-        pthread_mutex_lock(&s->lock);
-        if (++slot->finished == s->threads)
-            pthread_cond_broadcast(&s->changed);
-        pthread_mutex_unlock(&s->lock);
+        slot_t *slot = &me.slots[cur];
+        for (int l = 0; l < acc->n_lanes; l++) {
+            /* The lane is not free yet: read the next chunk meanwhile instead of waiting. */
+            if (ahead == SIZE_MAX && k + step < s->n_chunks &&
+                __atomic_load_n(&s->progress[l].done, __ATOMIC_ACQUIRE) < k) {
+                if ((problem = load_chunk(&me, k + step, &me.slots[1 - cur]))) {
+                    stop(s, problem);
+                    break;
+                }
+                ahead = k + step;
+            }
+            if (!wait_lane(s, l, k))
+                break;
+            lap(&me, T_WAIT);
+            if (l == 0 && k) { /* the order across chunks (and so across tables): strictly increasing keys */
+                const last_key_t *before = &s->last_keys[(k - 1) % KEY_RING];
+                if (!key_less(before->key, before->len, slot->first_key, slot->first_len)) {
+                    stop(s, "repeated or overlapping user keys");
+                    break;
+                }
+            }
+            lane_add(&acc->lanes[l], slot->records, slot->n_records);
+            publish_lane(s, l, k + 1);
+            lap(&me, T_ADD);
+        }
+        if (__atomic_load_n(&s->problem, __ATOMIC_RELAXED))
+            break;
+        count += slot->n_records;
+        chunks++;
     }
-    free(last);
-    if (open_fd >= 0)
-        close(open_fd);
+    if (s->profile)
+        fprintf(stderr, "ldbscan: thread %d: %zu chunks, %.3f s: read %.3f, parse %.3f, wait %.3f, add %.3f\n",
+                worker->id, chunks, seconds() - start, me.times[T_READ], me.times[T_PARSE], me.times[T_WAIT],
+                me.times[T_ADD]);
+    __atomic_fetch_add(&s->count, count, __ATOMIC_RELAXED);
+    slot_free(&me.slots[0]);
+    slot_free(&me.slots[1]);
+    if (me.open_fd >= 0)
+        close(me.open_fd);
     return NULL;
 }
 
@@ -924,9 +1053,10 @@ static const char *scan(table_t *tables, size_t n, int threads, size_t keep_open
         }
     }
     free(order);
-    scan_t s = {chunks, n_chunks, acc, {{0}}, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, acc->n_lanes, NULL, 0, 0};
-    for (int r = 0; r < RING; r++)
-        s.ring[r].holds = -1;
+    scan_t s = {.chunks = chunks, .n_chunks = n_chunks, .acc = acc, .lock = PTHREAD_MUTEX_INITIALIZER,
+                .changed = PTHREAD_COND_INITIALIZER, .threads = acc->n_lanes};
+    const char *profile = getenv(PROFILE_ENV);
+    s.profile = profile && *profile && strcmp(profile, "0");
     worker_t workers[MAX_THREADS];
     for (int t = 0; t < acc->n_lanes; t++) {
         workers[t] = (worker_t){&s, t};
@@ -942,16 +1072,8 @@ static const char *scan(table_t *tables, size_t n, int threads, size_t keep_open
     for (int t = 1; t < acc->n_lanes; t++)
         if (started[t])
             pthread_join(ids[t], NULL);
-    for (int r = 0; r < RING; r++) {
-        slot_t *slot = &s.ring[r];
-        for (size_t i = 0; i < slot->n_owned; i++)
-            free(slot->owned[i]);
-        free(slot->owned);
-        free(slot->buffer);
-        free(slot->records);
-        free(slot->first_key);
-        free(slot->last_key);
-    }
+    for (int r = 0; r < KEY_RING; r++)
+        free(s.last_keys[r].key);
     free(chunks);
     pthread_mutex_destroy(&s.lock);
     pthread_cond_destroy(&s.changed);
