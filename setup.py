@@ -19,6 +19,8 @@ NATIVE = [
               extra_compile_args=CFLAGS, optional=True),
     Extension("lymph_cv.formats.convread", ["lymph_cv/formats/convread.c"],
               extra_compile_args=CFLAGS, optional=True),
+    Extension("lymph_cv.net.maxpool16", ["lymph_cv/net/maxpool16.c"],
+              extra_compile_args=CFLAGS, extra_link_args=["-pthread"], optional=True),
 ]
 
 setup(ext_modules=NATIVE)

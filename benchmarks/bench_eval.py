@@ -9,12 +9,16 @@ else the deploy net's filler weights and a flat mean) and prints windows/s for
 * ``per-window``: the original's way, ``lymph_cv.pycaffe.Classifier.predict([patch])`` once per
   window (timed on the first ``--loop-windows`` windows and extrapolated),
 
-and their ratio.  Also the whole ``lymph-cv evaluate`` process on that image (``--process-repeats``), against issue 17's
+and their ratio.  ``--precision`` (float32, bfloat16 or both, the default) chooses the batched
+forward's arithmetic (lymph_cv.net.bf16); for bfloat16 it prints the fraction of windows rechecked in
+float32, and with both the votes of each and the largest change of a window probability bfloat16
+makes before any recheck, over every generated image (what ``BF16_WORST_DEVIATION`` records).  Also the whole ``lymph-cv evaluate`` process on that image (``--process-repeats``), against issue 17's
 figures (1.24 s per image and 4.4 s per process before; targets 1.0 s and 2.5 s), beside ``import torch``
 alone in a fresh interpreter (the part of the process no change here can reach).  ``--layers`` prints
 the floor: each layer's CPU and wall seconds over the image's crops, and the convolutions' GFLOP
 and GFLOP per CPU second, on 1 thread and on ``--threads``.
-Usage: ``python benchmarks/bench_eval.py [--threads 2] [--loop-windows 100] [--process-repeats 3] [--layers]``.
+Usage: ``python benchmarks/bench_eval.py [--threads 2] [--loop-windows 100] [--process-repeats 3] [--layers]
+[--precision float32|bfloat16|both]``.
 """
 from __future__ import annotations
 
@@ -40,9 +44,9 @@ from lymph_cv.formats.caffe import caffe_pb2
 from lymph_cv.formats.caffe.blob import read_mean, write_mean
 from lymph_cv.formats.caffe.model import write_caffemodel
 from lymph_cv.formats.caffe.prototxt import read_net_prototxt
-from lymph_cv.stages.evaluate import (WINDOW_SIZE, WindowClassifier, crop_boxes, evaluate_images, extract_windows,
-                                      load_image, make_crops, parse_aggregate, prepare_mean, read_parent_list,
-                                      window_grid)
+from lymph_cv.stages.evaluate import (BF16_MARGIN_BOUND, BF16_WORST_DEVIATION, PRECISIONS, WINDOW_SIZE, Rechecks,
+                                      WindowClassifier, crop_boxes, evaluate_images, extract_windows, load_image,
+                                      make_crops, parse_aggregate, prepare_mean, read_parent_list, window_grid)
 from lymph_cv.net.build import build_net
 from lymph_cv.stages.render import render_fold
 from lymph_cv.stages.synth import DEFAULT_CLASSES, REAL_HEIGHT, REAL_WIDTH, generate
@@ -133,6 +137,25 @@ def layer_floor(classifier: WindowClassifier, crops: np.ndarray, batch: int, thr
           f"{sum(flops[n] for n in conv) / 1e9 / sum(wall[n] for n in conv):.1f} GFLOP/s wall")
 
 
+def compare(classifiers: dict, results: dict, root: Path, mean: np.ndarray) -> None:
+    """Print how bfloat16's window probabilities and votes differ from float32's: after the rechecks,
+    and before any (every generated image, the worst window: what BF16_WORST_DEVIATION records)."""
+    ours, theirs = results["bfloat16"][0], results["float32"][0]
+    print(f"agreement  : votes {'equal' if np.array_equal(ours.votes, theirs.votes) else 'DIFFER'} after the rechecks; "
+          f"largest window probability difference {np.abs(ours.probs - theirs.probs).max():.2e}")
+    everything = [p.relative_to(root / "data").as_posix() for p in sorted((root / "data").rglob("*.tif"))]
+    listing = root / "all.txt"
+    listing.write_text("".join(f"{entry}\n" for entry in everything))
+    entries = read_parent_list(listing, root / "data", list(DEFAULT_CLASSES)).entries
+    raw = evaluate_images(classifiers["bfloat16"], entries, mean, progress=False, margin_bound=0.0)
+    exact = evaluate_images(classifiers["float32"], entries, mean, progress=False)
+    worst = max(float(np.abs(a.probs - b.probs).max()) for a, b in zip(raw, exact))
+    flips = sum(int((a.probs.argmax(1) != b.probs.argmax(1)).sum()) for a, b in zip(raw, exact))
+    windows = sum(len(a.probs) for a in raw)
+    print(f"           : without rechecks, over {len(entries)} images ({windows} windows): largest probability change "
+          f"{worst:.4f} (recorded: {BF16_WORST_DEVIATION}), {flips} window vote(s) changed")
+
+
 def _import_torch_alone(repeats: int) -> tuple[float, float]:
     """Median wall and CPU seconds of ``python -c 'import torch'``."""
     walls, cpus = [], []
@@ -148,11 +171,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the target machine has 2 cores)")
     parser.add_argument("--loop-windows", type=int, default=100, help="windows timed for the per-window loop")
-    parser.add_argument("--repeats", type=int, default=3, help="batched runs (the best is reported)")
+    parser.add_argument("--repeats", type=int, default=3, help="batched runs per precision (the median is reported)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=None, help="crops per forward call (default: evaluate's)")
     parser.add_argument("--process-repeats", type=int, default=3,
                         help="whole `lymph-cv evaluate` processes timed (0: none)")
+    parser.add_argument("--precision", choices=PRECISIONS + ("both",), default="both",
+                        help="the batched forward's arithmetic (both: float32, then bfloat16, and how they differ)")
     parser.add_argument("--layers", action="store_true",
                         help="also each layer's time and the convolutions' GFLOP per CPU second (1 thread and --threads)")
     args = parser.parse_args()
@@ -164,33 +189,43 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         deploy, model, mean_path, parent = prepare(root)
-        classifier = WindowClassifier(deploy, model, args.device)
+        precisions = PRECISIONS if args.precision == "both" else (args.precision,)
+        classifiers = {p: WindowClassifier(deploy, model, args.device, precision=p) for p in precisions}
+        classifier = classifiers[precisions[0]]
         entries = read_parent_list(parent, root / "data", list(DEFAULT_CLASSES)).entries
         mean = read_mean(mean_path)
         n_windows = len(window_grid(REAL_HEIGHT, REAL_WIDTH))
         print(f"image {REAL_WIDTH}x{REAL_HEIGHT}: {n_windows} windows x 10 crops; model {model.name}; "
               f"device {args.device}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
 
-        best, best_cpu = float("inf"), float("inf")
-        for _ in range(args.repeats):
-            started, started_cpu = time.perf_counter(), time.process_time()
-            result = evaluate_images(classifier, entries, mean, aggregate=parse_aggregate("vote"),
-                                     batch_size=args.batch_size, progress=False)
-            best = min(best, time.perf_counter() - started)
-            best_cpu = min(best_cpu, time.process_time() - started_cpu)
-        batched = n_windows / best
-        # CPU seconds / threads is what the wall time would be on otherwise idle cores.
-        print(f"batched    : {best:6.2f} s per image (incl. reading it; {best_cpu:.2f} CPU s), {batched:8.1f} windows/s, "
-              f"{10 * batched:8.1f} crops/s; votes {result[0].votes.tolist()}")
-
-        print(f"           : issue 17: {BEFORE_IMAGE_S} s before ({best / BEFORE_IMAGE_S:.2f}x of it), target <= "
-              f"{TARGET_IMAGE_S} s ({best / TARGET_IMAGE_S:.2f}x of the target): {_verdict(best, TARGET_IMAGE_S)}")
+        results = {}
+        for precision, chosen in classifiers.items():
+            walls, cpus = [], []
+            for _ in range(args.repeats):
+                rechecks = Rechecks()
+                started, started_cpu = time.perf_counter(), time.process_time()
+                result = evaluate_images(chosen, entries, mean, aggregate=parse_aggregate("vote"),
+                                         batch_size=args.batch_size, progress=False, rechecks=rechecks)
+                walls.append(time.perf_counter() - started)
+                cpus.append(time.process_time() - started_cpu)
+            results[precision] = result
+            best, best_cpu = statistics.median(walls), statistics.median(cpus)
+            batched = n_windows / best
+            checked = (f"; {rechecks.rechecked} of {rechecks.windows} windows ({rechecks.rechecked / rechecks.windows:.2%}) "
+                       f"rechecked in float32 (margin < {BF16_MARGIN_BOUND:.3g})" if precision == "bfloat16" else "")
+            print(f"batched    : {precision:8s} {best:6.2f} s per image, median of {len(walls)} (incl. reading it; "
+                  f"{best_cpu:.2f} CPU s; fastest {min(walls):.2f} s), {batched:8.1f} windows/s, {10 * batched:8.1f} crops/s; "
+                  f"votes {result[0].votes.tolist()}{checked}")
+            print(f"           : issue 17: {BEFORE_IMAGE_S} s before ({best / BEFORE_IMAGE_S:.2f}x of it), target <= "
+                  f"{TARGET_IMAGE_S} s ({best / TARGET_IMAGE_S:.2f}x of the target): {_verdict(best, TARGET_IMAGE_S)}")
+        if len(results) == 2:
+            compare(classifiers, results, root, mean)
         if args.process_repeats:
             # The whole `lymph-cv evaluate` process on this one image: start-up, torch, model load, outputs.
             command = [sys.executable, "-m", "lymph_cv", "-q", "evaluate", str(root / "work"), "--fold", "1",
                        "--model", str(model), "--deploy", str(deploy), "--mean", str(mean_path),
                        "--parent-list", str(parent), "--images", str(root / "data"),
-                       "--classes", ",".join(DEFAULT_CLASSES), "--device", args.device]
+                       "--classes", ",".join(DEFAULT_CLASSES), "--device", args.device, "--precision", precisions[-1]]
             walls, cpus = [], []
             for _ in range(args.process_repeats):
                 started, cpu = time.perf_counter(), _children_cpu()
@@ -198,7 +233,7 @@ def main() -> None:
                 walls.append(time.perf_counter() - started)
                 cpus.append(_children_cpu() - cpu)
             whole = statistics.median(walls)
-            print(f"process    : {whole:6.2f} s median of {len(walls)} whole `lymph-cv evaluate` runs (one image; "
+            print(f"process    : {whole:6.2f} s median of {len(walls)} whole `lymph-cv evaluate --precision {precisions[-1]}` runs (one image; "
                   f"{statistics.median(cpus):.2f} CPU s); issue 17: {BEFORE_PROCESS_S} s before "
                   f"({whole / BEFORE_PROCESS_S:.2f}x of it), target <= {TARGET_PROCESS_S} s: {_verdict(whole, TARGET_PROCESS_S)}")
             alone, alone_cpu = _import_torch_alone(args.process_repeats)

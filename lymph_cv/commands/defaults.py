@@ -22,6 +22,7 @@ DEFAULT_K, GROUP_BY = 5, ("image", "case", "site")
 DEFAULT_KEY_LIMIT, H5_READ_CHUNK = 10, 1024
 # evaluate (stages/evaluate.py, the aggregation registry's built-in entries)
 MEAN_MODES = ("resize", "crop")
+PRECISIONS = ("float32", "bfloat16")
 DEFAULT_BATCH_SIZES = {"cpu": 320, "cuda": 5120}
 AGGREGATION_CHOICES = ("vote", "mean", "topk:K")
 # render --set (stages/render.py's template variables, in their order)
@@ -85,6 +86,7 @@ SOURCES = {
     "DEFAULT_KEY_LIMIT": "lymph_cv.formats.inspect:DEFAULT_KEY_LIMIT",
     "H5_READ_CHUNK": "lymph_cv.formats.h5:READ_CHUNK",
     "MEAN_MODES": "lymph_cv.stages.evaluate:MEAN_MODES",
+    "PRECISIONS": "lymph_cv.stages.evaluate:PRECISIONS",
     "DEFAULT_BATCH_SIZES": "lymph_cv.stages.evaluate:DEFAULT_BATCH_SIZES",
     "AGGREGATION_CHOICES": "lymph_cv.stages.aggregate:aggregation_choices",
     "RENDER_VARIABLES": "lymph_cv.stages.render:VARIABLES",

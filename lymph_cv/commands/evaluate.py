@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from lymph_cv.commands.defaults import AGGREGATION_CHOICES, DEFAULT_BATCH_SIZES, MEAN_MODES
+from lymph_cv.commands.defaults import AGGREGATION_CHOICES, DEFAULT_BATCH_SIZES, MEAN_MODES, PRECISIONS
 from lymph_cv.commands.options import DEVICE, classes_option
 from lymph_cv.commands.stain import stain_for_evaluation, stain_options
 from lymph_cv.errors import ConfigError
@@ -47,11 +47,15 @@ def _aggregate(ctx, param, value: str):
 @click.option("--stride", type=click.IntRange(min=1), help="Window grid step [default: the manifest's step, else 32].")
 @click.option("--batch-size", type=click.IntRange(min=1),
               help=f"Crops per forward call [default: {', '.join(f'{k} {v}' for k, v in DEFAULT_BATCH_SIZES.items())}].")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="float32", show_default=True,
+              help="Forward arithmetic: float32 is Caffe's; bfloat16 runs the convolutions and poolings in bfloat16 "
+                   "(fast on CPUs with AMX, slow on others) and predicts again in float32 every window whose vote it "
+                   "could change, so the votes stay float32's (probabilities differ slightly).")
 @click.option("--heatmaps", is_flag=True, help="Also write a PNG overlay per image (eval/fold_K/heatmaps/).")
 @click.option("--legacy-layout", is_flag=True, help="Print the matrix as the tutorial did: rows predicted, columns actual.")
 @stain_options
 def evaluate(workdir: Path, fold: int, model, deploy, mean, parent_list, images, classes, skip_missing, out, device, oversample,
-             tta, mean_mode, aggregate, window, stride, batch_size, heatmaps, legacy_layout, stain, stain_target,
+             tta, mean_mode, aggregate, window, stride, batch_size, precision, heatmaps, legacy_layout, stain, stain_target,
              stain_include_background, stain_params) -> None:
     """Step 5: label every test image of fold K by voting over its windows; write metrics,
     matrices and PNGs to WORKDIR/eval/fold_K.
@@ -78,7 +82,7 @@ def evaluate(workdir: Path, fold: int, model, deploy, mean, parent_list, images,
     result = evaluate_fold(workdir, fold, model=model, deploy=deploy, mean=mean, parent_list=parent_list,
                            images=images, classes=classes, skip_missing=skip_missing, device=device, oversample=oversample,
                            tta=tta, mean_mode=mean_mode, aggregate=aggregate, window=window, stride=stride,
-                           batch_size=batch_size, stain=record, recorded_stain=stain is None,
+                           batch_size=batch_size, precision=precision, stain=record, recorded_stain=stain is None,
                            meanwhile=preload.start)
     faults.event("evaluate:scored")
     preload.wait()

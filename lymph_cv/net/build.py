@@ -197,8 +197,11 @@ class CaffeNet(nn.Module):
 
     # -- computation -------------------------------------------------------------------------
 
-    def forward(self, inputs: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Run every layer; ``inputs`` holds the input blobs. Returns all blobs by name."""
+    def forward(self, inputs: Mapping[str, torch.Tensor], start: int = 0) -> Dict[str, torch.Tensor]:
+        """Run every layer; ``inputs`` holds the input blobs. Returns all blobs by name.
+
+        ``start``: run only the layers from that index on, ``inputs`` then holding every blob they
+        read (e.g. what another precision computed up to there: lymph_cv.net.bf16)."""
         missing = [name for name in self.input_blobs if name not in inputs]
         if missing:
             raise ConfigError(f"net {self.name!r}: missing input blob(s) {', '.join(missing)}",
@@ -211,7 +214,7 @@ class CaffeNet(nn.Module):
         fuse = self.fuse_layers and not torch.is_grad_enabled()
         skip = -1
         for index, layer in enumerate(self.layers):
-            if layer.is_input or index <= skip:
+            if layer.is_input or index <= skip or index < start:
                 continue
             relu = fuse and index in self._relus
             if fuse and index in self._fusion.plan:

@@ -65,6 +65,19 @@ DEFAULT_BATCH_SIZES = {"cpu": 320, "cuda": 5120}
 RAW_SCALE = 255.0
 #: Channel swap RGB → BGR (the order of Caffe's Datum and mean files).
 CHANNEL_SWAP = (2, 1, 0)
+#: The forward pass's arithmetic: float32 is Caffe's; bfloat16 runs the convolutions and poolings in
+#: bfloat16 (lymph_cv.net.bf16: AMX on recent Intel CPUs) and rechecks close windows in float32.
+PRECISIONS = ("float32", "bfloat16")
+#: With bfloat16, a window whose decision margin (top-1 minus top-2 of its crops' mean probabilities,
+#: what decides its vote) is below BF16_MARGIN_BOUND is predicted again in float32 and takes those
+#: probabilities.  A vote can only differ from float32's when some probability moves by half the
+#: margin or more.  On the published fold-1 model (benchmarks/bench_eval.py, 3 synthetic full-size
+#: images, 4,128 windows) the largest move of any window probability was 0.047 (mean 0.0014; 4
+#: votes changed without rechecks): BF16_WORST_DEVIATION rounds it up, and the bound is twice it
+#: (the margin's worst change) times BF16_SAFETY.  About 5 % of a full image's windows are rechecked.
+BF16_WORST_DEVIATION = 0.05
+BF16_SAFETY = 4.0
+BF16_MARGIN_BOUND = 2.0 * BF16_WORST_DEVIATION * BF16_SAFETY
 
 MANIFEST = Path(PATCH_DIR) / MANIFEST_NAME
 
@@ -285,7 +298,7 @@ def read_parent_list(path: PathLike, images: PathLike, classes: Sequence[str], s
 class WindowClassifier:
     """A deploy net with trained weights, predicting batches of preprocessed crops."""
 
-    def __init__(self, deploy: PathLike, model: PathLike, device: str = "cpu"):
+    def __init__(self, deploy: PathLike, model: PathLike, device: str = "cpu", precision: str = "float32"):
         import torch
 
         from lymph_cv.formats.caffe import caffe_pb2
@@ -294,6 +307,10 @@ class WindowClassifier:
         from lymph_cv.net.build import build_net
 
         self._torch = torch
+        if precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {precision!r}", valid=PRECISIONS)
+        #: The arithmetic of :meth:`predict` by default (``PRECISIONS``).
+        self.precision = precision
         self.device = resolve_device(device, CONCRETE_DEVICES)
         net_param = read_net_prototxt(deploy)
         data = sorted({layer.type for layer in net_param.layer if layer.type.endswith("Data")})
@@ -327,19 +344,28 @@ class WindowClassifier:
         self.default_batch_size = DEFAULT_BATCH_SIZES[self.device.type]
         out_shape = self.net.blob_shapes[self.output]
         self.n_classes = int(np.prod(out_shape[1:]))
+        self._bf16 = None
 
-    def predict(self, crops: np.ndarray) -> np.ndarray:
-        """(N, classes) float32 first-output values (``prob``) for N preprocessed crops."""
-        out = self.forward(crops)[self.output]
+    def predict(self, crops: np.ndarray, precision: Optional[str] = None) -> np.ndarray:
+        """(N, classes) float32 first-output values (``prob``) for N preprocessed crops, computed in
+        ``precision`` (default: the classifier's)."""
+        out = self.forward(crops, precision=precision)[self.output]
         return out.reshape(out.shape[0], -1)
 
-    def forward(self, crops: np.ndarray, blobs: Sequence[str] = ()) -> dict:
+    def forward(self, crops: np.ndarray, blobs: Sequence[str] = (), precision: Optional[str] = None) -> dict:
         """The first output and the named ``blobs`` (e.g. the features a class activation map
         weighs) of one forward pass over N preprocessed crops, as float32 arrays by name."""
         torch = self._torch
         with torch.inference_mode():
             batch = torch.from_numpy(crops).to(self.device).contiguous(memory_format=self.memory_format)
-            found = self.net.forward({self.input: batch})
+            if (precision or self.precision) == "bfloat16":
+                if self._bf16 is None:
+                    from lymph_cv.net.bf16 import BFloat16Forward
+
+                    self._bf16 = BFloat16Forward(self.net)
+                found = self._bf16.forward({self.input: batch})
+            else:
+                found = self.net.forward({self.input: batch})
             return {name: found[name].float().contiguous().cpu().numpy() for name in (self.output, *blobs)}
 
 
@@ -439,6 +465,66 @@ def _batches(pieces: Iterable[Tuple[int, np.ndarray]], per_batch: int) -> Iterat
         yield pending
 
 
+def decision_margins(probs: np.ndarray) -> np.ndarray:
+    """Each row's top-1 minus top-2 value (+inf with fewer than two classes)."""
+    if probs.shape[1] < 2:
+        return np.full(len(probs), np.inf, dtype=probs.dtype)
+    top = np.partition(probs, -2, axis=1)
+    return top[:, -1] - top[:, -2]
+
+
+@dataclass
+class Rechecks:
+    """A bfloat16 evaluation's counts: windows classified, and of them predicted again in float32."""
+
+    windows: int = 0
+    rechecked: int = 0
+
+
+class _Rechecker:
+    """Windows whose bfloat16 margin is below ``bound``, predicted again in float32 in batches of
+    about ``batch_size`` crops; their float32 probabilities replace the bfloat16 ones in place."""
+
+    def __init__(self, classifier: WindowClassifier, crops_per_window: int, batch_size: int, bound: float,
+                 counts: Optional[Rechecks]):
+        self.classifier, self.per_window, self.batch_size, self.bound = classifier, crops_per_window, batch_size, bound
+        self.counts = counts if counts is not None else Rechecks()
+        self.pending: List[Tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (probs, rows, their crops)
+        self.size = 0
+
+    def add(self, probs: np.ndarray, crops: np.ndarray) -> None:
+        """Queue the close windows of one batch (``probs`` (N, classes), ``crops`` their N × crops)."""
+        self.counts.windows += len(probs)
+        rows = np.flatnonzero(decision_margins(probs) < self.bound)
+        if not len(rows):
+            return
+        picked = (rows[:, None] * self.per_window + np.arange(self.per_window)).ravel()
+        self.pending.append((probs, rows, crops[picked]))  # a copy: the crops' buffer is reused
+        self.size += len(picked)
+        self.counts.rechecked += len(rows)
+        if self.size >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Predict the queued windows in float32."""
+        if not self.pending:
+            return
+        from lymph_cv.net.fuse import MIN_FUSED_BATCH
+
+        crops = np.concatenate([c for _, _, c in self.pending])
+        n = len(crops)
+        if n < MIN_FUSED_BATCH:
+            # below it a float32 convolution may leave oneDNN (other rounding than the float32 path's)
+            crops = np.concatenate([crops, np.zeros((MIN_FUSED_BATCH - n,) + crops.shape[1:], crops.dtype)])
+        probs = self.classifier.predict(crops, precision="float32")[:n]
+        probs = probs.reshape(n // self.per_window, self.per_window, -1).mean(axis=1)
+        offset = 0
+        for target, rows, _ in self.pending:
+            target[rows] = probs[offset : offset + len(rows)]
+            offset += len(rows)
+        self.pending, self.size = [], 0
+
+
 def classify_windows(
     classifier: WindowClassifier,
     images: Iterable[Tuple[int, np.ndarray]],
@@ -450,18 +536,26 @@ def classify_windows(
     mean_mode: str,
     batch_size: int,
     meanwhile: Optional[Callable[[], None]] = None,
+    margin_bound: Optional[float] = None,
+    rechecks: Optional[Rechecks] = None,
 ) -> dict:
     """Window probabilities per owner for a stream of (owner, (N, C, window, window)) windows.
 
     ``mean`` is :func:`prepare_mean`'s.  The result maps owner → (N, classes) float32 probabilities
     averaged over the crops, as ``Classifier.predict`` returns them.  ``meanwhile`` is called once,
     just before the first forward pass (e.g. to start imports the outputs need: the passes leave
-    a core idle part of the time)."""
+    a core idle part of the time).  A bfloat16 classifier's windows with a decision margin below
+    ``margin_bound`` (default :data:`BF16_MARGIN_BOUND`) take float32 probabilities instead;
+    ``rechecks`` receives the counts."""
     crop = classifier.crop
     boxes = crop_boxes(window, window, crop, oversample, tta)
     per_batch = max(1, batch_size // len(boxes))
     parts: dict = {}
     batches = _batches(images, per_batch)
+    recheck = None
+    if classifier.precision == "bfloat16":
+        bound = BF16_MARGIN_BOUND if margin_bound is None else margin_bound
+        recheck = _Rechecker(classifier, len(boxes), batch_size, bound, rechecks)
 
     def prepare(buffer: np.ndarray) -> Optional[Tuple[List[Tuple[int, int, np.ndarray]], np.ndarray]]:
         """The next batch and its preprocessed crops (in ``buffer``); None after the last."""
@@ -495,10 +589,14 @@ def classify_windows(
                 meanwhile()
                 meanwhile = None
             probs = classifier.predict(out).reshape(len(out) // len(boxes), len(boxes), -1).mean(axis=1)
+            if recheck is not None:
+                recheck.add(probs, out)
             offset = 0
             for owner, _, windows in batch:
                 parts.setdefault(owner, []).append(probs[offset : offset + len(windows)])
                 offset += len(windows)
+    if recheck is not None:
+        recheck.flush()
     return {owner: np.concatenate(chunks) for owner, chunks in parts.items()}
 
 
@@ -518,11 +616,13 @@ def evaluate_images(
     stain: Optional[StainTransform] = None,
     unchanged: Optional[List[int]] = None,
     meanwhile: Optional[Callable[[], None]] = None,
+    margin_bound: Optional[float] = None,
+    rechecks: Optional[Rechecks] = None,
 ) -> List[ImageResult]:
     """Classify every entry's image by its windows; one forward call per batch of crops.
 
     ``stain`` normalises each whole image as it is read (the indices of images it left unchanged
-    go to ``unchanged``); ``meanwhile``: see :func:`classify_windows`."""
+    go to ``unchanged``); ``meanwhile``, ``margin_bound``, ``rechecks``: see :func:`classify_windows`."""
     mean = prepare_mean(mean, classifier.channels, window, classifier.crop, mean_mode)
     batch_size = batch_size or classifier.default_batch_size
     centres: dict = {}
@@ -542,7 +642,8 @@ def evaluate_images(
 
     try:
         probs = classify_windows(classifier, stream(), mean, window=window, oversample=oversample, tta=tta,
-                                 mean_mode=mean_mode, batch_size=batch_size, meanwhile=meanwhile)
+                                 mean_mode=mean_mode, batch_size=batch_size, meanwhile=meanwhile,
+                                 margin_bound=margin_bound, rechecks=rechecks)
     finally:
         bar.close()
     results = []
@@ -585,6 +686,7 @@ def evaluate_fold(
     window: Optional[int] = None,
     stride: Optional[int] = None,
     batch_size: Optional[int] = None,
+    precision: str = "float32",
     progress: bool = True,
     stain: Optional[StainRecord] = None,
     recorded_stain: bool = True,
@@ -602,13 +704,16 @@ def evaluate_fold(
     ``stain``: normalise the images with this target; without it (and with ``recorded_stain``) the
     one the workdir records for this fold (``stain_K.json`` from ``dbs``, else the patch folder's
     ``stain.json``) is applied as recorded, never refitted, so evaluation sees training's pixels.
-    ``meanwhile`` is called once, just before the first forward pass (:func:`classify_windows`)."""
+    ``meanwhile`` is called once, just before the first forward pass (:func:`classify_windows`).
+    ``precision``: :data:`PRECISIONS` (bfloat16: the votes stay float32's, see :data:`BF16_MARGIN_BOUND`)."""
     workdir = Path(workdir)
     fold_dir = workdir / str(fold)
     if mean_mode not in MEAN_MODES:
         raise ConfigError(f"unknown mean mode {mean_mode!r}", valid=MEAN_MODES)
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"batch size must be positive, got {batch_size}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}", valid=PRECISIONS)
     aggregate = parse_aggregate(aggregate) if isinstance(aggregate, str) else aggregate
     info = workdir_info(workdir) if workdir.is_dir() else {}
     parent_list = _existing(Path(parent_list) if parent_list else workdir / PARENT_LIST_TEMPLATE.format(fold=fold), "parent list")
@@ -642,7 +747,7 @@ def evaluate_fold(
     from lymph_cv.formats.caffe.blob import read_mean
 
     mean_array = read_mean(mean_path)
-    classifier = WindowClassifier(deploy, model, device)
+    classifier = WindowClassifier(deploy, model, device, precision)
     if classifier.n_classes != len(classes):
         raise EvaluationError(f"deploy net {deploy} outputs {classifier.n_classes} values per window, "
                               f"but there are {len(classes)} classes ({', '.join(classes)})")
@@ -657,9 +762,10 @@ def evaluate_fold(
     log.info("fold %d: %d images, model %s, %s crops per window, mean %s, aggregate %s",
              fold, len(entries), model, len(crop_boxes(window, window, classifier.crop, oversample, tta)), mean_mode, aggregate)
     unchanged: List[int] = []
+    rechecks = Rechecks()
     results = evaluate_images(classifier, entries, mean_array, window=window, stride=stride, oversample=oversample, tta=tta,
                               mean_mode=mean_mode, aggregate=aggregate, batch_size=batch_size, progress=progress,
-                              stain=transform, unchanged=unchanged, meanwhile=meanwhile)
+                              stain=transform, unchanged=unchanged, meanwhile=meanwhile, rechecks=rechecks)
     for index in unchanged:
         log.warning("warning: %s: stain normalisation left it unchanged (too little tissue)", entries[index].path)
     settings = {
@@ -667,10 +773,12 @@ def evaluate_fold(
         "images": str(images), "skipped_missing": listed.missing, "device": device, "mean_mode": mean_mode, "oversample": oversample, "tta": tta,
         "crops": len(crop_boxes(window, window, classifier.crop, oversample, tta)), "aggregate": str(aggregate),
         "window": window, "stride": stride, "crop": classifier.crop,
-        "batch_size": batch_size or classifier.default_batch_size,
+        "batch_size": batch_size or classifier.default_batch_size, "precision": precision,
         "stain": None if transform is None else {**transform.to_json(), "record": None if stain_source is None else str(stain_source),
                                                  "unchanged": [entries[i].entry for i in unchanged]},
     }
+    if precision == "bfloat16":
+        settings["rechecked"] = {"bound": BF16_MARGIN_BOUND, "windows": rechecks.windows, "rechecked": rechecks.rechecked}
     return FoldResult(fold, classes, results, settings)
 
 
