@@ -254,6 +254,9 @@ def save_mean_or_drop(mean_path, accumulator: MeanAccumulator, db_path) -> list[
 
 #: List lines read per job (amortises the hand-over between processes: about a megabyte of records).
 DECODE_CHUNK = 256
+#: Bytes of each memory slot a reader hands its chunks over in (forkpipe's shared_bytes; a larger
+#: chunk goes through the pipe): 256 patch records of up to 16 KiB.
+SHARED_CHUNK_BYTES = 4 << 20
 #: The fault-suite event at each of convert_list's progress lines (``int@convert:records#2`` …).
 RECORDS_EVENT = "convert:records"
 
@@ -397,7 +400,8 @@ def _chunk_results(reader: _ChunkReader, chunks: int, workers: int) -> Iterator[
     if workers < 1 or chunks < 2 or not forkpipe.available():
         yield (reader(chunk) for chunk in range(chunks))
         return
-    with forkpipe.OrderedResults(reader, chunks, workers, "convert_imageset readers") as results:
+    with forkpipe.OrderedResults(reader, chunks, workers, "convert_imageset readers",
+                                 shared_bytes=SHARED_CHUNK_BYTES) as results:
         yield results
 
 
@@ -439,11 +443,12 @@ def _write_chunks(db_path, backend: str, results: Iterable[tuple[tuple, object]]
         for (key_lengths, lengths, shapes, conversions, problems), blocks in results:
             if not start:
                 timeline.mark("first chunk in")
-            data = blocks if isinstance(blocks, bytes) else b"".join(blocks)
+            data = blocks if isinstance(blocks, (bytes, memoryview)) else b"".join(blocks)
             size = len(key_lengths)
             key_ends = list(itertools.accumulate(key_lengths))
-            chunk_keys = [data[end - length : end] for end, length in zip(key_ends, key_lengths)]
             offset = key_ends[-1]
+            key_block = bytes(data[:offset]) if isinstance(data, memoryview) else data
+            chunk_keys = [key_block[end - length : end] for end, length in zip(key_ends, key_lengths)]
             if isinstance(lengths, int) and not (problems or conversions or pixels_needed or lmdb):
                 # LevelDB takes the values as one buffer (no bytes object per record where its tables
                 # are written natively).
@@ -456,6 +461,8 @@ def _write_chunks(db_path, backend: str, results: Iterable[tuple[tuple, object]]
                     advance(take)
                 start += size
                 continue
+            if isinstance(data, memoryview):  # a reader's slot, filled again once the next chunk is asked for
+                data = bytes(data)
             # LMDB copies values from any buffer (views into the block); plyvel takes bytes only.
             source = memoryview(data) if lmdb else data
             if isinstance(lengths, int):
