@@ -53,6 +53,20 @@ def test_device_is_one_checked_type_everywhere(runner, cli, command):
     assert "[cpu|cuda|auto|cuda:N]" in help_text
 
 
+def test_slides_evaluate_device_is_the_checked_type(runner, cli):
+    """It took any text, and a bad one failed only after the tile manifest was read."""
+    line = _error(runner, cli, ["slides", "evaluate", "W", "-k", "1", "--device", "tpu"])
+    assert line == "error: --device: expected one of cpu, cuda, auto, cuda:N, got 'tpu'"
+
+
+def test_train_procs_is_bounded_by_the_cores(runner, cli, tmp_path):
+    """--procs 100000 forked until the machine ran out of memory."""
+    solver = tmp_path / "solver.prototxt"
+    solver.write_text('net: "net.prototxt"\n')
+    assert _error(runner, cli, ["train", "--solver", str(solver), "--procs", "100000"]).startswith(
+        "error: --procs: 100000 processes on ")
+
+
 @pytest.mark.parametrize("command", [["run", "W", "--demo"], ["patches", "D", "O"], ["submit", "W"], ["dbs", "W"]],
                          ids=lambda c: c[0])
 def test_workers_is_zero_or_more_everywhere(runner, cli, command):

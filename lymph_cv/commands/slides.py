@@ -8,7 +8,7 @@ import click
 
 from lymph_cv import DEFAULT_CLASSES
 from lymph_cv.commands import defaults
-from lymph_cv.commands.options import WORKERS, classes_option
+from lymph_cv.commands.options import DEVICE, WORKERS, classes_option
 from lymph_cv.commands.stain import resolve as resolve_stain
 from lymph_cv.commands.stain import stain_options
 
@@ -143,7 +143,7 @@ def tile(data: Path, out: Path, size: int, mpp: Optional[float], level: Optional
 @click.option("--tiles", type=click.Path(file_okay=False, path_type=Path),
               help="Folder of the tile manifest (tiles.json) [default: the one the folds were made from, else WORKDIR/subs].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder [default: WORKDIR/eval/fold_K].")
-@click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda or cuda:N.")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True, help="torch device.")
 @click.option("--threshold", type=click.FloatRange(0, 1),
               help="Two classes: a slide is the second class when its tile fraction reaches this [default: argmax].")
 @click.option("--oversample/--no-oversample", default=False, show_default=True,

@@ -1,6 +1,7 @@
 """``lymph-cv train``: train one fold's solver like ``caffe train``."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -15,6 +16,10 @@ from lymph_cv.commands.training_options import augmentation_options, augmentatio
 from lymph_cv.commands.stain import stain_augment_options, stain_augment_overrides  # noqa: E402
 from lymph_cv.commands.options import DEVICE  # noqa: E402
 from lymph_cv.errors import Interrupted, signal_name  # noqa: E402
+
+#: --procs at most this many processes per core of this machine: more ranks than cores is fine for
+#: trying a multi-process run on a small machine, thousands only fork until memory runs out.
+PROCS_PER_CORE = 4
 
 
 def stopped_error(result, solver: Path) -> Interrupted:
@@ -79,6 +84,10 @@ def train(solver: Path, snapshot: Optional[Path], resume: bool, weights: Optiona
         raise click.BadParameter("--gpu trains on CUDA devices; drop --device cpu", param_hint="--gpu")
     if gpu is not None and procs is not None:
         raise click.BadParameter("give --gpu (one process per device) or --procs, not both", param_hint="--procs")
+    cores = len(os.sched_getaffinity(0))
+    if procs is not None and procs > PROCS_PER_CORE * cores:
+        raise click.BadParameter(f"{procs} processes on {cores} core(s): at most {PROCS_PER_CORE * cores} "
+                                 f"({PROCS_PER_CORE} per core)", param_hint="--procs")
     ids = parse_gpus(gpu) if gpu is not None else None
     world = discover()
     if not world.distributed:
