@@ -62,6 +62,19 @@ static PyObject *Unsupported;
  * vectorisation goes through int16 and takes twice the instructions); chosen once by the CPU. */
 typedef void (*add4_t)(float *, const uint8_t *, const uint8_t *, const uint8_t *, const uint8_t *, size_t);
 typedef void (*add1_t)(float *, const uint8_t *, size_t);
+/* Eight records at once (pixels [lo, lo + n) of each), two vectors per step: half the sum's loads
+ * and stores of add4, and two chains of adds in flight (in a cache-resident loop: 0.17-0.18 against
+ * 0.21 CPU s for the full-scale DB's 3.19 G adds). */
+typedef void (*add8_t)(float *, const uint8_t *const *, size_t, size_t);
+
+static void add4_plain(float *restrict sum, const uint8_t *a, const uint8_t *b, const uint8_t *c, const uint8_t *d,
+                       size_t n);
+
+static void add8_plain(float *restrict sum, const uint8_t *const *r, size_t lo, size_t n)
+{
+    add4_plain(sum, r[0] + lo, r[1] + lo, r[2] + lo, r[3] + lo, n);
+    add4_plain(sum, r[4] + lo, r[5] + lo, r[6] + lo, r[7] + lo, n);
+}
 
 static void add1_plain(float *restrict sum, const uint8_t *restrict a, size_t n)
 {
@@ -102,6 +115,27 @@ static void add4_plain(float *restrict sum, const uint8_t *a, const uint8_t *b, 
         for (; i + (lanes) <= n; i += (lanes))                                                                 \
             store(sum + i, add(load(sum + i), widen(a, i)));                                                   \
         add1_plain(sum + i, a + i, n - i);                                                                     \
+    }                                                                                                          \
+    __attribute__((target(isa))) static void name##_8(float *restrict sum, const uint8_t *const *r, size_t lo, \
+                                                         size_t n)                                            \
+    {                                                                                                          \
+        const uint8_t *p[8];                                                                                   \
+        for (int j = 0; j < 8; j++)                                                                            \
+            p[j] = r[j] + lo;                                                                                  \
+        size_t i = 0;                                                                                          \
+        for (; i + 2 * (lanes) <= n; i += 2 * (lanes)) {                                                       \
+            vec s0 = load(sum + i), s1 = load(sum + i + (lanes));                                              \
+            for (int j = 0; j < 8; j++) {                                                                      \
+                s0 = add(s0, widen(p[j], i));                                                                  \
+                s1 = add(s1, widen(p[j], i + (lanes)));                                                        \
+            }                                                                                                  \
+            store(sum + i, s0);                                                                                \
+            store(sum + i + (lanes), s1);                                                                      \
+        }                                                                                                      \
+        if (i < n) { /* the last pixels: records 0-3, then 4-7 */                                              \
+            name(sum + i, p[0] + i, p[1] + i, p[2] + i, p[3] + i, n - i);                                      \
+            name(sum + i, p[4] + i, p[5] + i, p[6] + i, p[7] + i, n - i);                                      \
+        }                                                                                                      \
     }
 
 #define WIDEN16(p, i) _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)((p) + (i)))))
@@ -112,15 +146,16 @@ DEFINE_ADD4(add4_avx2, "avx2", 8, __m256, _mm256_loadu_ps, _mm256_storeu_ps, _mm
 
 static add4_t add4 = add4_plain;
 static add1_t add1 = add1_plain; /* the records left over after fours */
+static add8_t add8 = add8_plain;
 
 static void choose_kernels(void)
 {
 #ifdef HAVE_X86_KERNELS
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f"))
-        add4 = add4_avx512, add1 = add4_avx512_1;
+        add4 = add4_avx512, add1 = add4_avx512_1, add8 = add4_avx512_8;
     else if (__builtin_cpu_supports("avx2"))
-        add4 = add4_avx2, add1 = add4_avx2_1;
+        add4 = add4_avx2, add1 = add4_avx2_1, add8 = add4_avx2_8;
 #endif
 }
 
@@ -267,6 +302,8 @@ typedef struct {
 static void lane_add(lane_t *l, const uint8_t *const *r, size_t n)
 {
     size_t lo = l->lo, i = 0;
+    for (; i + 8 <= n; i += 8)
+        add8(l->sum, r + i, lo, l->n);
     for (; i + 4 <= n; i += 4)
         add4(l->sum, r[i] + lo, r[i + 1] + lo, r[i + 2] + lo, r[i + 3] + lo, l->n);
     for (; i < n; i++)
