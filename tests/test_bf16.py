@@ -135,3 +135,12 @@ def test_bfloat16_without_amx(published):  # noqa: F811
     done = subprocess.run([sys.executable, "-c", script, str(published["deploy"]), str(published["model"]),
                            str(published["mean"]), str(image)], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr
+
+
+def test_run_passes_the_precision_to_its_evaluation(tmp_path):
+    """`run --precision bfloat16` reaches the evaluate stage's parameters (float32: the key earlier runs have)."""
+    from lymph_cv.stages.evaluate import STAGE
+    from lymph_cv.stages.stage import RunOptions
+
+    assert "precision" not in STAGE.params(RunOptions(workdir=tmp_path))
+    assert STAGE.params(RunOptions(workdir=tmp_path, precision="bfloat16"))["precision"] == "bfloat16"

@@ -12,7 +12,7 @@ from lymph_cv.commands.mil import mil_run_fields, mil_run_options, mil_run_summa
 from lymph_cv.commands.training_options import augmentation_options, augmentation_overrides
 from lymph_cv.commands.stain import method_params, stain_augment_options, stain_augment_overrides, stain_options
 # static copies of the stage names, executors and nets: the engine (stages, cluster, locks) loads when it runs
-from lymph_cv.commands.defaults import ARCH_HELP, DEFAULT_ARCH, EXECUTORS, RUN_STAGES, STEMS
+from lymph_cv.commands.defaults import ARCH_HELP, DEFAULT_ARCH, EXECUTORS, PRECISIONS, RUN_STAGES, STEMS
 from lymph_cv.workdir.layout import EVAL_DIR, REPORT_HTML, REPORT_MD
 
 #: ``--demo`` trains this many iterations per fold unless --max-iter says otherwise.
@@ -64,6 +64,8 @@ def plan_line(options, mil: Optional[str]) -> str:
 @click.option("--aggregate", default="vote", show_default=True, help="Image label from windows: vote, mean, topk:K.")
 @click.option("--no-oversample", is_flag=True, help="Evaluate the centre crop of each window only.")
 @click.option("--tta", is_flag=True, help="Test-time augmentation: every crop also turned by 90, 180, 270 degrees.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="float32", show_default=True,
+              help="Evaluation arithmetic (see `lymph-cv evaluate --help`): bfloat16 keeps float32's votes.")
 @click.option("--heatmaps", is_flag=True,
               help="Also draw a heatmap per test image (eval/fold_K/heatmaps/; the misclassified ones go into report.html).")
 @click.option("--workers", type=WORKERS, default=None, help="Processes for patches/DBs [default or 0: all cores].")
@@ -90,7 +92,7 @@ def plan_line(options, mil: Optional[str]) -> str:
 def run(ctx: click.Context, workdir: Path, data: Optional[Path], demo: bool, classes, k: int, folds, group_by: str,
         seed: int, backend: str, direct: bool, max_iter: Optional[int], dropout: bool, arch: str, stem: Optional[str],
         overrides: dict, device: str, executor: str, walltime, queue, job_timeout, aggregate: str,
-        no_oversample: bool, tta: bool, heatmaps: bool, workers, from_stage,
+        no_oversample: bool, tta: bool, precision: str, heatmaps: bool, workers, from_stage,
         mixup_alpha, label_smoothing, vertical_flip, rotate90, stain_augment, stain_augment_scale,
         stain_augment_shift, tile_size, tile_mpp, tile_level, tile_stride, min_tissue, tile_resize, slide_threshold,
         no_cam, stain, stain_target, stain_include_background, stain_params, mil, bag, clinical, fusion,
@@ -138,7 +140,7 @@ def run(ctx: click.Context, workdir: Path, data: Optional[Path], demo: bool, cla
         group_by=group_by, seed=seed, backend=backend,
         max_iter=max_iter if max_iter is not None else (DEMO_MAX_ITER if demo else None),
         dropout=dropout, arch=arch, stem=stem, overrides=overrides, device=device, executor=executor,
-        job_options=job_options, job_timeout=job_timeout, oversample=not no_oversample, tta=tta,
+        job_options=job_options, job_timeout=job_timeout, oversample=not no_oversample, tta=tta, precision=precision,
         aggregate=aggregate, heatmaps=heatmaps, workers=workers,
         from_stage=from_stage, stain=stain, stain_params=stain_params, stain_target=stain_target,
         tile_size=tile_size, tile_mpp=tile_mpp, tile_level=tile_level, tile_stride=tile_stride, min_tissue=min_tissue,

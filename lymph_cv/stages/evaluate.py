@@ -808,6 +808,8 @@ class EvaluateStage(PatchPipelineStage):
         # Absent when off: earlier runs keep their key.
         if o.tta:
             params["tta"] = True
+        if o.precision != "float32":
+            params["precision"] = o.precision
         if o.heatmaps:
             params["heatmaps"] = True
         return params
@@ -829,7 +831,7 @@ class EvaluateStage(PatchPipelineStage):
         for k, model in folds_to_evaluate(o, fresh, self.evaluated):
             preload = Preload(MODULES)  # matplotlib, imported while the net runs
             result = evaluate_fold(o.workdir, k, model=model, device=o.device, oversample=o.oversample, tta=o.tta,
-                                   aggregate=o.aggregate, meanwhile=preload.start)
+                                   aggregate=o.aggregate, precision=o.precision, meanwhile=preload.start)
             preload.wait()
             record = write_locked(fold_output_dir(o.workdir, k), lambda out: write_fold(result, out, heatmaps=o.heatmaps))
             log.info("fold %d: accuracy %.3f on %d test images", k, record["accuracy"], len(result.images))

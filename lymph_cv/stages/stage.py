@@ -82,6 +82,8 @@ class RunOptions:
     job_timeout: Optional[float] = None
     oversample: bool = True
     tta: bool = False
+    #: the evaluation's forward arithmetic (stages.evaluate.PRECISIONS)
+    precision: str = "float32"
     aggregate: str = "vote"
     heatmaps: bool = False
     workers: Optional[int] = None
