@@ -13,7 +13,7 @@ Paired, interleaved runs (``--rounds``, medians reported) of
 No Caffe build is available here: the Caffe column holds the figures issue 17 measured side by side
 with BVLC Caffe (CPU, OpenBLAS) on this machine kind, and the ratios are against those constants.
 
-    .venv/bin/python benchmarks/bench_tools.py [--work DIR] [--rounds 5] [--big DB_train_1] [--startup-only]
+    .venv/bin/python benchmarks/bench_tools.py [--work DIR] [--rounds 5] [--big DB_train_1] [--startup-only] [--timeline]
         [--against DIR]   # DIR: another checkout, e.g. `git archive REV | tar -x -C DIR`; paired start-ups
     .venv/bin/python benchmarks/bench_tools.py --mean-only [--db FOLD1_DB] [--big DB_train_1]  # the mean rows
 
@@ -149,6 +149,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--big", type=Path, default=None, help="a full-scale train LevelDB for compute_image_mean")
     parser.add_argument("--skip-startup", action="store_true")
+    parser.add_argument("--timeline", action="store_true",
+                        help="after the rounds, one convert_imageset run per backend with its phases "
+                             "(LYMPH_CV_TIMELINE: seconds since the process was started)")
     parser.add_argument("--startup-only", action="store_true", help="only the start-up figures")
     parser.add_argument("--mean-only", action="store_true",
                         help="only compute_image_mean (fold 1's LevelDB, and --big), with the floor")
@@ -230,9 +233,31 @@ def main() -> None:
             print(f"{name:<44} {ours:>10.3f} {statistics.median(CPU[name]):>6.2f} {caffe:>8.3f} "
                   f"{ours / caffe:>9.2f}x {TARGETS[name]:>7.2f}x {verdict}")
 
+        if args.timeline and not args.mean_only:
+            for backend in ("leveldb", "lmdb"):
+                _timeline(python, work, listing, tmp / f"db_timeline_{backend}", backend)
         if args.skip_startup or args.mean_only:
             return
         _startup(args, python, work, tmp, mean_db, bytecode_off)
+
+
+#: lymph_cv.core.timeline.ENV: phase lines on stderr, seconds from the monotonic reading it holds.
+TIMELINE_ENV = "LYMPH_CV_TIMELINE"
+
+
+def _timeline(python: str, work: Path, listing: Path, target: Path, backend: str) -> None:
+    """One ``convert_imageset`` run's phases (which parts run before the readers fork, which overlap)."""
+    shutil.rmtree(target, ignore_errors=True)
+    started = time.monotonic()
+    done = subprocess.run([python, str(TOOLS / "convert_imageset"), "-shuffle", "-backend", backend, str(work) + "/",
+                           str(listing), str(target)], env={**os.environ, TIMELINE_ENV: repr(started)},
+                          capture_output=True, text=True, check=True)
+    ended = time.monotonic() - started
+    print(f"convert_imageset -backend {backend}, phases (pid, seconds since the start):")
+    for line in done.stderr.splitlines():
+        if line.startswith("timeline "):
+            print("  " + line[len("timeline "):])
+    print(f"  exit seen at {ended:.4f}")
 
 
 def _measure(kind: str, argv: list[str], env: dict, cwd: Path) -> tuple[float, float | None]:
