@@ -123,6 +123,12 @@ def test_convert_imageset_bad_input(work, tmp_path, capsys):
     assert convert_imageset.main(["-bogus", root, str(missing), str(tmp_path / "w")]) == 2
     assert convert_imageset.main([root]) == 2
     assert "expected ROOTFOLDER/ LISTFILE DB_NAME" in capsys.readouterr().err
+    nul = tmp_path / "nul.txt"  # os.open's ValueError (embedded null byte) was a traceback
+    nul.write_bytes(f"{first.name} 0\n{first.name}\0 1\n".encode())
+    assert convert_imageset.main([root, str(nul), str(tmp_path / "n")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {nul}: line 2: " in err and "holds a NUL byte" in err and "Traceback" not in err
+    assert not (tmp_path / "n").exists()
 
 
 def test_compute_image_mean(work, tmp_path, capsys):

@@ -619,6 +619,9 @@ MALFORMED = {
     "folds-check-list-line-without-label": (
         "folds", lambda w: (w / "test_w32_1.txt").write_text("subs/a.tif 0\nsubs/b.tif\n"),
         lambda w, d: ["folds", "check", str(w)], "test_w32_1.txt", "line 2: expected '<file>", None),
+    "dbs-list-name-with-nul": (
+        "folds", lambda w: (w / "train_w32_1.txt").write_bytes(b"subs/a.tif\0 0\n"),
+        lambda w, d: _argv("dbs", w, d), "train_w32_1.txt", "line 1: 'subs/a.tif\\x00' holds a NUL byte", "DB_train_1"),
     "stain-fit-param-not-a-number": (
         "folds", lambda w: None, lambda w, d: ["stain", "fit", _first_image(d), "-o", str(w / "t.json"),
                                                "--param", "io=abc"], "--stain macenko", "io must be a number", "t.json"),

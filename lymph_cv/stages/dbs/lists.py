@@ -50,6 +50,8 @@ def read_image_list(path: Union[str, os.PathLike], num_labels: Optional[int] = N
         if num_labels is not None and not 0 <= entry.label < num_labels:
             raise InputError(f"line {entry.line}: label {entry.label} is outside the {num_labels} classes "
                              f"(0..{num_labels - 1})", path)
+        if "\0" in entry.name:  # no file has one: os.open would raise a ValueError
+            raise InputError(f"line {entry.line}: {entry.name!r} holds a NUL byte; expected a file name", path)
         if not check_relative(entry.name):
             raise InputError(f"line {entry.line}: {entry.name!r} must be a relative path inside the root folder", path)
     return entries
@@ -68,7 +70,7 @@ def _plainly_valid(entries: list[ListEntry], num_labels: Optional[int]) -> bool:
             return False
     # The names hold no line break (they come from separate lines), so one joined string tells.
     joined = "\n" + "\n".join([entry.name for entry in entries])
-    return not ("\n/" in joined or "\n\\" in joined or ".." in joined or _DRIVE.search(joined))
+    return not ("\n/" in joined or "\n\\" in joined or ".." in joined or "\0" in joined or _DRIVE.search(joined))
 
 
 def shuffled_order(count: int, seed: Optional[int]) -> np.ndarray:
