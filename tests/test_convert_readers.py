@@ -305,6 +305,27 @@ def test_ordered_results_in_order_and_their_errors():
     assert _children() == before
 
 
+def test_ordered_results_in_shared_slots():
+    before = _children()
+    # The results that fit (jobs 0-4: up to 6 bytes) come as views of a slot, the rest by the pipe.
+    with forkpipe.OrderedResults(_square, 30, 2, shared_bytes=6) as results:
+        got = [(header, type(block), bytes(block)) for header, block in results]
+    assert [(header, data) for header, _kind, data in got] == \
+        [(j * j, bytes([j]) * j + bytes([j, j])) for j in range(30)]
+    assert [kind for _header, kind, _data in got] == [memoryview] * 5 + [bytes] * 25
+    # Every result in a slot: each child fills its slots again and again (forkpipe.SLOTS each).
+    count = 4 * forkpipe.SLOTS + 3
+    with forkpipe.OrderedResults(_square, count, 2, shared_bytes=64) as results:
+        got = [(header, type(block), bytes(block)) for header, block in results]
+    assert got == [(j * j, memoryview, bytes([j]) * j + bytes([j, j])) for j in range(count)]
+    with forkpipe.OrderedResults(_bad_at_five, 7, 2, shared_bytes=64) as results, \
+            pytest.raises(InputError, match="somewhere: job five"):
+        list(results)
+    with forkpipe.OrderedResults(_square, 40, 2, shared_bytes=64) as results:  # abandoned while views are held
+        held = next(iter(results))
+    assert bytes(held[1]) == bytes([0, 0]) and _children() == before
+
+
 @pytest.mark.parametrize("kind, status", [("int", 130), ("term", 143)])
 def test_interrupted_convert_imageset_leaves_no_database(tmp_path, kind, status):
     root = tmp_path / "root"

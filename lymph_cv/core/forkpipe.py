@@ -39,8 +39,10 @@ PIPE_BYTES = 1 << 20
 #: A message: kind, header length, block length.
 _FRAME = struct.Struct("<BIQ")
 _RESULT, _ERROR, _SHARED = 0, 1, 2
-#: Shared slots per child: one the parent reads while the child fills the next.
-SLOTS = 2
+#: Shared slots per child: how many results a child may run ahead of the parent.  The writer of
+#: convert_imageset is the longer path; readers that finish early leave it a core of its own
+#: (2 slots against 8, paired at load 5: 0.95-1.20 against 0.86-0.99 s wall, the same CPU).
+SLOTS = 8
 
 Result = Tuple[Any, bytes]
 
