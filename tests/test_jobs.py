@@ -172,7 +172,8 @@ def test_evaluation_job_depends_on_the_training_jobs(configured):
 
 
 @pytest.mark.parametrize("option, value", [("--walltime", "1h; touch x"), ("--queue", "q$(id)"),
-                                           ("--queue", "batch\n"), ("--mail", "a b@c"), ("--after", "1;2")])
+                                           ("--queue", "batch\n"), ("--mail", "a b@c"), ("--after", "1;2"),
+                                           ("--walltime", "0:00:00")])  # accepted: a job killed at its start
 def test_unsafe_option_values_are_refused(configured, runner, cli, option, value):
     result = runner.invoke(cli, ["submit", str(configured), "--scheduler", "pbs", "--dry-run", option, value])
     assert result.exit_code == 2

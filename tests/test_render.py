@@ -249,6 +249,9 @@ def test_backend_and_channels_derived_from_workdir(tmp_path):
     ("base_lr=x", "--set base_lr=x: expected a number, got 'x'"),
     ("base_lr=nan", "--set base_lr=nan: expected a finite number, got 'nan'"),
     ("dropout_ratio=inf", "--set dropout_ratio=inf: expected a finite number, got 'inf'"),
+    ("base_lr=-1", "--set base_lr=-1: must be > 0"),  # rendered, then refused by train
+    ("base_lr=0", "--set base_lr=0: must be > 0"),
+    ("net_name=a\nb", "--set net_name='a\\nb': must be non-empty, without quotes, backslashes or line breaks"),
 ])
 def test_set_values_of_the_wrong_type_say_what_was_expected(pair, message):
     """They used to print Python's 'invalid literal for int()', render nan, or (inf ratio) crash."""

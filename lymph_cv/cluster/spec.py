@@ -61,6 +61,8 @@ class JobOptions:
         for option, value, pattern, expected in checks:
             if value is not None and not pattern.fullmatch(value):
                 raise ConfigError(f"{option} {value!r}: expected {expected}")
+        if self.walltime is not None and not any(int(n) for n in re.split(r"[-:]", self.walltime)):
+            raise ConfigError(f"--walltime {self.walltime!r}: a job needs more than no time at all")
         if self.ppn < 1 or self.gpus < 0 or (self.workers is not None and self.workers < 1):
             raise ConfigError(f"--ppn {self.ppn}, --gpus {self.gpus}, --workers {self.workers}: "
                               "expected ppn >= 1, gpus >= 0, workers >= 1")

@@ -130,6 +130,14 @@ _non_negative_int = _at_least(_integer, 0, "must be >= 0")
 _non_negative = _at_least(_finite, 0, "must be >= 0")
 
 
+def _positive(text: str) -> float:
+    """A finite number above 0 (a learning rate: train refuses a solver with base_lr <= 0)."""
+    value = _finite(text)
+    if value <= 0:
+        raise ValueError("must be > 0")
+    return value
+
+
 def _choice(options: Iterable[str]) -> Callable[[str], str]:
     options = tuple(options)
 
@@ -177,7 +185,7 @@ DEFAULT_SEED = 0
 VARIABLES: Dict[str, Variable] = {
     "test_iter": Variable(_positive_int, None, "test batches per test pass (default: test list lines // batch)"),
     "test_interval": Variable(_non_negative_int, 10000, "iterations between tests"),
-    "base_lr": Variable(_finite, 0.001, "base learning rate"),
+    "base_lr": Variable(_positive, 0.001, "base learning rate"),
     "lr_policy": Variable(_choice(LR_POLICIES), "fixed", "learning-rate policy"),
     "gamma": Variable(_finite, None, "lr policy gamma"),
     "power": Variable(_finite, None, "lr policy power"),
@@ -244,7 +252,8 @@ def resolve_variables(overrides: Optional[Mapping[str, Any]],
         try:
             values[key] = VARIABLES[key].parse(str(raw))
         except ValueError as exc:
-            raise ConfigError(f"--set {key}={raw}: {exc}") from exc
+            shown = raw if str(raw).isprintable() else repr(str(raw))  # the error stays one line
+            raise ConfigError(f"--set {key}={shown}: {exc}") from exc
     return values
 
 
