@@ -579,6 +579,16 @@ def _db_replaced_by_a_file(w: Path) -> None:
     (w / "DB_train_1").write_bytes(b"not a database\n")
 
 
+def _database_of_non_datums(w: Path) -> None:
+    import shutil
+
+    from lymph_cv.formats import store
+
+    shutil.rmtree(w / "DB_train_1")
+    with store.open_writer(w / "DB_train_1", "leveldb") as writer:
+        writer.put(b"00000000", b"\xff" * 40)
+
+
 def _pcam_with_label_7(w: Path) -> None:
     import numpy as np
 
@@ -622,6 +632,9 @@ MALFORMED = {
     "dbs-list-name-with-nul": (
         "folds", lambda w: (w / "train_w32_1.txt").write_bytes(b"subs/a.tif\0 0\n"),
         lambda w, d: _argv("dbs", w, d), "train_w32_1.txt", "line 1: 'subs/a.tif\\x00' holds a NUL byte", "DB_train_1"),
+    "train-database-of-non-datums": (
+        "render", _database_of_non_datums, lambda w, d: _argv("train", w, d), "DB_train_1",
+        "record 00000000: not a serialized Caffe Datum", "1/train.json"),
     "stain-fit-param-not-a-number": (
         "folds", lambda w: None, lambda w, d: ["stain", "fit", _first_image(d), "-o", str(w / "t.json"),
                                                "--param", "io=abc"], "--stain macenko", "io must be a number", "t.json"),

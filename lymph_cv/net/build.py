@@ -97,8 +97,11 @@ def data_layer_shapes(layer: caffe_pb2.LayerParameter, base_dir: Optional[PathLi
     source = resolve_net_path(layer.data_param.source, base_dir)
     if layer.data_param.source and source.exists():
         with open_reader(source) as reader:
-            for _key, value in reader:
-                chw = parse_datum(value)[0].shape
+            for key, value in reader:
+                try:
+                    chw = parse_datum(value)[0].shape
+                except FormatError as exc:
+                    raise FormatError(f"record {key.decode(errors='replace')}: {exc.detail}", source) from exc
                 break
         if chw is None:
             raise ConfigError(f"layer {layer.name!r}: data source is empty", path=source)
