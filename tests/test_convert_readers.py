@@ -184,6 +184,16 @@ def test_native_plain_reader_writes_the_numpy_readers_records(tmp_path, monkeypa
     assert convread.set_ssse3(True) == (platform.machine() in ("x86_64", "AMD64"))
     assert convread.plain_datums(read[0], ["b/p1.tif", "a/p0.tif"], *read[2:]) is None
     assert convread.plain_datums(read[0], read[1], [0, 128], *read[3:]) is None
+    # Files in more folders than stay open (16), in turn: folders closed and opened again.
+    names = []
+    for i in range(20):
+        (root / f"f{i}").mkdir()
+        (root / f"f{i}" / "p.tif").write_bytes(_opencv_tiff(_rgb(i)))
+        names.append(f"f{i}/p.tif")
+    names = names + names[::-1] + names
+    keys, key_lengths, values, length = convread.plain_datums(f"{root}/", names, [1] * len(names), 0, *read[4:])
+    assert [values[i * length : (i + 1) * length] for i in range(len(names))] == \
+        [dbs.record_value(root / name, 1)[0] for name in names]
     convread.close_folders()
 
 

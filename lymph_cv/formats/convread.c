@@ -14,8 +14,8 @@
  *     -> (keys, key_lengths, values, record_length) or None
  * plain_chunk(prefix, text, rows, order, first, count, head, tail, height, width)
  *   the same for entries order[first:first + count] of a scanned list (no Python object per record)
- *   Each file prefix + names[i] read (opened relative to its folder, which stays open between calls
- *   until close_folders()), checked to be head + height*width*3 pixel bytes + tail (an uncompressed
+ *   Each file prefix + names[i] read (opened relative to its folder; up to 16 folders stay open
+ *   between calls until close_folders()), checked to be head + height*width*3 pixel bytes + tail (an uncompressed
  *   RGB TIFF of the layout core.rawtiff found), and written as the raw Datum Caffe writes: channels,
  *   height, width, the pixels in (C, H, W) BGR order, the label, encoded: false.  Keys are Caffe's
  *   "%08d_name" from first_index on.  None as soon as any record does not fit (a file missing,
@@ -163,27 +163,55 @@ static PyObject *module_permutation(PyObject *Py_UNUSED(module), PyObject *args)
 
 /* ------------------------------------------------------------------ plain patch files to Datums */
 
-/* The one folder kept open (patch files of a list lie in one or few folders). */
-static char *folder_path = NULL;
-static int folder_fd = -1;
+/* The folders kept open (a list's patch files lie in one or a few: one per class at most); the
+ * last one used is looked at first, and a folder past FOLDERS replaces the oldest opened. */
+#define FOLDERS 16
+static struct {
+    char *path;
+    size_t length;
+    int fd;
+} folders[FOLDERS];
+static int folders_used = 0, folder_last = 0, folder_oldest = 0;
 
 static void folders_close(void) {
-    if (folder_fd >= 0) close(folder_fd);
-    folder_fd = -1;
-    PyMem_Free(folder_path);
-    folder_path = NULL;
+    for (int i = 0; i < folders_used; i++) {
+        close(folders[i].fd);
+        PyMem_Free(folders[i].path);
+    }
+    folders_used = folder_last = folder_oldest = 0;
 }
 
 static int folder_open(const char *folder, size_t n) {
-    if (folder_fd >= 0 && strlen(folder_path) == n && memcmp(folder_path, folder, n) == 0) return folder_fd;
-    folders_close();
-    folder_path = PyMem_Malloc(n + 1);
-    if (!folder_path) return -1;
-    memcpy(folder_path, folder, n);
-    folder_path[n] = 0;
-    folder_fd = open(n ? folder_path : "/", O_RDONLY | O_CLOEXEC | O_DIRECTORY);
-    if (folder_fd < 0) folders_close();
-    return folder_fd;
+    for (int k = 0; k < folders_used; k++) {
+        int i = (folder_last + k) % folders_used;
+        if (folders[i].length == n && memcmp(folders[i].path, folder, n) == 0) {
+            folder_last = i;
+            return folders[i].fd;
+        }
+    }
+    char *path = PyMem_Malloc(n + 1);
+    if (!path) return -1;
+    memcpy(path, folder, n);
+    path[n] = 0;
+    int fd = open(n ? path : "/", O_RDONLY | O_CLOEXEC | O_DIRECTORY);
+    if (fd < 0) {
+        PyMem_Free(path);
+        return -1;
+    }
+    int i;
+    if (folders_used < FOLDERS) {
+        i = folders_used++;
+    } else {
+        i = folder_oldest;
+        close(folders[i].fd);
+        PyMem_Free(folders[i].path);
+        folder_oldest = (i + 1) % FOLDERS;
+    }
+    folders[i].path = path;
+    folders[i].length = n;
+    folders[i].fd = fd;
+    folder_last = i;
+    return fd;
 }
 
 /* The whole file into buf (room for size + 1 bytes): 0 when it holds exactly `size` bytes.  Asking for
