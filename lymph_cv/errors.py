@@ -77,6 +77,15 @@ class Interrupted(LymphCVError):
         super().__init__(message, path)
 
 
+def naming(exc: LymphCVError, path: Optional[os.PathLike | str]) -> LymphCVError:
+    """``exc`` naming ``path`` as its file where it names none yet (an error found in a message parsed
+    from that file, e.g. a layer of a net prototxt)."""
+    if exc.path is None and path is not None:
+        exc.path = os.fspath(path)
+        exc.args = (f"{exc.path}: {exc.detail}",)
+    return exc
+
+
 def signal_name(signum: int) -> str:
     """``SIGTERM`` for 15, …; the number itself for an unknown signal."""
     try:

@@ -579,6 +579,12 @@ def _db_replaced_by_a_file(w: Path) -> None:
     (w / "DB_train_1").write_bytes(b"not a database\n")
 
 
+def _replace(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, (path, old)
+    path.write_text(text.replace(old, new, 1))
+
+
 def _database_of_non_datums(w: Path) -> None:
     import shutil
 
@@ -632,6 +638,14 @@ MALFORMED = {
     "dbs-list-name-with-nul": (
         "folds", lambda w: (w / "train_w32_1.txt").write_bytes(b"subs/a.tif\0 0\n"),
         lambda w, d: _argv("dbs", w, d), "train_w32_1.txt", "line 1: 'subs/a.tif\\x00' holds a NUL byte", "DB_train_1"),
+    "train-net-unknown-layer-type": (  # the layer was named, its prototxt not
+        "render", lambda w: _replace(w / "1" / "1-alexnet_traing_32w_db.prototxt", 'type: "ReLU"', 'type: "Frob"'),
+        lambda w, d: _argv("train", w, d), "1/1-alexnet_traing_32w_db.prototxt: layer 'relu1': unsupported layer type 'Frob'",
+        "valid: ", "1/train.json"),
+    "evaluate-deploy-kernel-too-big": (
+        "train", lambda w: _replace(w / "1" / "deploy_train32.prototxt", "kernel_size: 5", "kernel_size: 99"),
+        lambda w, d: _argv("evaluate", w, d), "1/deploy_train32.prototxt: layer 'conv1'", "does not fit input",
+        "eval/fold_1"),
     "train-database-of-non-datums": (
         "render", _database_of_non_datums, lambda w, d: _argv("train", w, d), "DB_train_1",
         "record 00000000: not a serialized Caffe Datum", "1/train.json"),

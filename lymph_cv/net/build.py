@@ -37,7 +37,7 @@ from lymph_cv.formats.caffe import caffe_pb2
 from lymph_cv.formats.caffe.blob import LEGACY_NDIM, array_to_blob, blob_shape, blob_to_array, has_legacy_dims, read_mean
 from lymph_cv.formats.caffe.datum import parse_datum
 from lymph_cv.formats.caffe.prototxt import filter_net
-from lymph_cv.errors import ConfigError, FormatError, LymphCVError
+from lymph_cv.errors import ConfigError, FormatError, LymphCVError, naming
 from lymph_cv.net.fillers import fill
 from lymph_cv.net import layers_extra  # noqa: F401  (pycaffe's layers register next to the core ones)
 from lymph_cv.net.fuse import FusedConvolutions, conv2d, fusion_plan, relu_plan, scale_pairs
@@ -337,13 +337,25 @@ def _shape_compatible(blob: caffe_pb2.BlobProto, shape: Shape) -> bool:
 
 def build_net(net_param: caffe_pb2.NetParameter, phase: int, *, level: int = 0, stages: Iterable[str] = (),
               input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
-              base_dir: Optional[PathLike] = None, accuracy_ties: str = "higher_index") -> CaffeNet:
+              base_dir: Optional[PathLike] = None, accuracy_ties: str = "higher_index",
+              source: Optional[PathLike] = None) -> CaffeNet:
     """Build the layers of ``net_param`` that the NetState (phase, level, stages) includes.
 
     ``input_shapes`` fixes input blob shapes (else: declared inputs, Data layers' DB or mean file,
     resolved against the current directory, then ``base_dir``).  ``accuracy_ties``: see
-    :data:`lymph_cv.net.layers.ACCURACY_TIES`.
+    :data:`lymph_cv.net.layers.ACCURACY_TIES`.  ``source``: the prototxt ``net_param`` was read
+    from, named by an error that names no other file (an unknown layer type, a shape that does not fit).
     """
+    try:
+        return _build_net(net_param, phase, level, stages, input_shapes, base_dir, accuracy_ties)
+    except LymphCVError as exc:
+        naming(exc, source)
+        raise
+
+
+def _build_net(net_param: caffe_pb2.NetParameter, phase: int, level: int, stages: Iterable[str],
+               input_shapes: Optional[Mapping[str, Sequence[int]]], base_dir: Optional[PathLike],
+               accuracy_ties: str) -> CaffeNet:
     net_param = filter_net(net_param, phase, level, stages)
     known: Dict[str, Shape] = {k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
     ctx = BuildContext(phase=phase, accuracy_ties=accuracy_ties, input_shapes=known)

@@ -365,7 +365,7 @@ def load_trained(deploy: PathLike, model: PathLike) -> CaffeNet:
         raise ConfigError(f"expected a deploy net (input blobs, no data layers), got {', '.join(data)} layers: "
                           "a train/test net?", deploy)
     weights = read_caffemodel(model)
-    net = build_net(net_param, caffe_pb2.TEST)
+    net = build_net(net_param, caffe_pb2.TEST, source=deploy)
     try:
         copied = set(net.load_weights(weights, model))
     except LymphCVError as exc:

@@ -319,7 +319,7 @@ class WindowClassifier:
             raise EvaluationError(f"expected a deploy net (an input blob, no data layers), got one with "
                                   f"{', '.join(data)} layers: a train/test net?", deploy)
         weights = read_caffemodel(model)
-        self.net = build_net(net_param, caffe_pb2.TEST)
+        self.net = build_net(net_param, caffe_pb2.TEST, source=deploy)
         if len(self.net.input_blobs) != 1:
             raise EvaluationError(f"deploy net must have one input blob, has {len(self.net.input_blobs)}", deploy)
         self.input = self.net.input_blobs[0]

@@ -157,11 +157,12 @@ def score_heldout(workdir: PathLike, model: Optional[PathLike] = None, *, fold: 
         model = snapshots[max(snapshots)]
     record = read_record(fold_dir / RENDER_JSON, ANY) or {}
     head = get_arch(record.get("arch", "alexnet32w")).head
-    net_param = read_net_prototxt(fold_dir / NET_NAME.format(fold=fold))
+    net_file = fold_dir / NET_NAME.format(fold=fold)
+    net_param = read_net_prototxt(net_file)
     for layer in net_param.layer:
         if layer.type == "Data":
             layer.data_param.source = os.fspath(db.resolve())
-    net = build_net(net_param, caffe_pb2.TEST, base_dir=fold_dir)
+    net = build_net(net_param, caffe_pb2.TEST, base_dir=fold_dir, source=net_file)
     net.load_weights(read_caffemodel(model), model)
     target = resolve_device(device)
     net.to(target)

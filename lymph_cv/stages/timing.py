@@ -146,7 +146,7 @@ def time_model(model: os.PathLike, iterations: int, *, phase: int = caffe_pb2.TR
 
     model = Path(model)
     target = resolve_device(device, caffe_pb2.SolverParameter.CPU)
-    net = build_net(read_net_prototxt(model), phase, base_dir=model.parent)
+    net = build_net(read_net_prototxt(model), phase, base_dir=model.parent, source=model)
     net.init_params(torch.Generator().manual_seed(derived_seed(seed, STREAM_INIT, 1)))
     net.to(target)
     readers = [DataLayer(p, phase, seed, lambda path: find_input(path, model.parent))

@@ -220,10 +220,18 @@ def _state(param: caffe_pb2.SolverParameter, field_name: str, index: Optional[in
     return states[index] if index < len(states) else None
 
 
-def _build(net_param: caffe_pb2.NetParameter, phase: int, state, files: SolverFiles) -> CaffeNet:
+def _build(net_param: caffe_pb2.NetParameter, phase: int, state, files: SolverFiles, source: Path) -> CaffeNet:
     level = state.level if state is not None else 0
     stages = tuple(state.stage) if state is not None else ()
-    return build_net(net_param, phase, level=level, stages=stages, base_dir=files.folder)
+    return build_net(net_param, phase, level=level, stages=stages, base_dir=files.folder, source=source)
+
+
+def _net_sources(param: caffe_pb2.SolverParameter, files: SolverFiles) -> Tuple[Path, List[Path]]:
+    """The files :func:`_net_params`'s nets come from (the solver itself for a net given inline), named by
+    the nets' errors."""
+    train = files.input(param.net or param.train_net) if (param.net or param.train_net) else files.solver_path
+    tests = [files.solver_path] * len(param.test_net_param) + [files.input(name) for name in param.test_net]
+    return train, tests + [train] * max(0, len(param.test_iter) - len(tests))
 
 
 class SignalQueue(list):
@@ -313,11 +321,12 @@ class Trainer:
         self.state = read_solverstate(self.snapshot_path) if self.snapshot_path is not None else None
 
         train_param, test_params = _net_params(param, self.files)
+        train_source, test_sources = _net_sources(param, self.files)
         self.train_param = train_param
         torch.manual_seed(derived_seed(self.seed, STREAM_INIT, 0))
         # the build reads the first datum of each database: one rank at a time (a LevelDB's LOCK)
         self.net = self.collective.in_turn(
-            lambda: _build(train_param, caffe_pb2.TRAIN, _state(param, "train_state"), self.files),
+            lambda: _build(train_param, caffe_pb2.TRAIN, _state(param, "train_state"), self.files, train_source),
             "building the net")
         self.net.init_params(torch.Generator().manual_seed(derived_seed(self.seed, STREAM_INIT, 1)))
         self.net.to(self.device)
@@ -336,7 +345,7 @@ class Trainer:
         self.test_nets = []
         # Only the root solver tests (Caffe's TestAll on root only): the others build no test net.
         for i, test_param in enumerate(test_params if self.world.is_root else ()):
-            test_net = _build(test_param, caffe_pb2.TEST, _state(param, "test_state", i), self.files)
+            test_net = _build(test_param, caffe_pb2.TEST, _state(param, "test_state", i), self.files, test_sources[i])
             test_net.to(self.device)
             test_net.share_weights_from(self.net)
             self.test_nets.append(test_net)
@@ -887,7 +896,7 @@ def test_model(model: os.PathLike, weights: Sequence[os.PathLike], iterations: i
         raise ConfigError(f"iterations must be >= 1, got {iterations}")
     model = Path(model)
     target = resolve_device(device, caffe_pb2.SolverParameter.CPU)
-    net = build_net(read_net_prototxt(model), caffe_pb2.TEST, base_dir=model.parent)
+    net = build_net(read_net_prototxt(model), caffe_pb2.TEST, base_dir=model.parent, source=model)
     for path in weights:
         net.load_weights(read_caffemodel(path), path)
     net.to(target)
