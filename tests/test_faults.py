@@ -608,8 +608,17 @@ def _first_image(data: Path) -> str:
     return str(sorted((data / "CLL").iterdir())[0])
 
 
-#: id → (the state copied, its edit, the command, the file (or option) the error line names, what it
-#: says, an output that must not appear).  Each of these ended in a traceback or in exit 0 before.
+def _apply_a_target_with_text_params(w: Path, data: Path) -> list:
+    """`stain apply` with a target record (fitted on the data) whose params were edited to text."""
+    from lymph_cv.stages.stain.records import fit_record, write_record
+
+    write_record(w / "t.json", fit_record([_first_image(data)], "macenko"))
+    _edit_json(w / "t.json", params={"io": "abc"})
+    return ["stain", "apply", str(data), str(w / "o"), "--target", str(w / "t.json")]
+
+
+#: id → (the state copied, its edit (or None), the command, the file (or option) the error line names,
+#: what it says, an output that must not appear).  Each of these ended in a traceback or in exit 0 before.
 MALFORMED = {
     "evaluate-manifest-patch-size-text": (
         "train", lambda w: _edit_json(w / "subs" / "manifest.json", patch_size="big"),
@@ -649,6 +658,8 @@ MALFORMED = {
     "train-database-of-non-datums": (
         "render", _database_of_non_datums, lambda w, d: _argv("train", w, d), "DB_train_1",
         "record 00000000: not a serialized Caffe Datum", "1/train.json"),
+    "stain-apply-target-params-not-numbers": (  # named the option, not the record holding them
+        "folds", None, _apply_a_target_with_text_params, "t.json: --stain macenko", "io must be a number", "o"),
     "stain-fit-param-not-a-number": (
         "folds", lambda w: None, lambda w, d: ["stain", "fit", _first_image(d), "-o", str(w / "t.json"),
                                                "--param", "io=abc"], "--stain macenko", "io must be a number", "t.json"),
@@ -666,7 +677,8 @@ def test_malformed_input_is_one_line(ref, tmp_path, case):
     """Exit 2, one ``error:`` line naming the file and what was expected, no traceback, nothing written."""
     state, edit, argv, named, expected, absent = MALFORMED[case]
     w = copy_tree(ref[state], tmp_path / "w")
-    edit(w)
+    if edit is not None:
+        edit(w)
     code, err = run_inprocess(argv(w, ref["data"]))
     assert code == 2, err
     line = _assert_one_error_line(err)

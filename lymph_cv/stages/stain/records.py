@@ -12,7 +12,7 @@ import numpy as np
 
 from lymph_cv.core.fsutil import atomic_write_json
 from lymph_cv.core.images import read_image
-from lymph_cv.errors import ConfigError, FormatError, InputError
+from lymph_cv.errors import ConfigError, FormatError, InputError, naming
 from lymph_cv.workdir.layout import FOLD_STAIN_RECORD, FOLDS_JSON, MANIFEST_NAME, PATCH_DIR, STAIN_RECORD
 from lymph_cv.stages.stain.registry import StainTransform, get_normaliser
 
@@ -96,7 +96,11 @@ def read_record(path: Union[str, os.PathLike], method: Optional[str] = None) -> 
     params = obj.get("params")
     if not isinstance(params, dict):
         raise FormatError("stain target record without its \"params\" object", path)
-    normaliser = get_normaliser(str(found), **params)
+    try:
+        normaliser = get_normaliser(str(found), **params)
+    except ConfigError as exc:  # the record's parameters: its file is what to fix
+        naming(exc, path)
+        raise
     target = normaliser.check_target(obj.get("target") or {}, os.fspath(path))
     return StainRecord(StainTransform(str(found), dict(normaliser.params), target),
                        list(obj.get("fitted_on", [])), list(obj.get("unusable", [])))
