@@ -44,8 +44,8 @@ from lymph_cv.formats.caffe import caffe_pb2
 from lymph_cv.formats.caffe.blob import read_mean, write_mean
 from lymph_cv.formats.caffe.model import write_caffemodel
 from lymph_cv.formats.caffe.prototxt import read_net_prototxt
-from lymph_cv.stages.evaluate import (BF16_MARGIN_BOUND, BF16_WORST_DEVIATION, PRECISIONS, WINDOW_SIZE, Rechecks,
-                                      WindowClassifier, crop_boxes, evaluate_images, extract_windows, load_image,
+from lymph_cv.stages.evaluate import (BF16_MARGIN_BOUND, BF16_WORST_DEVIATION, PRECISIONS, WINDOW_SIZE, ParentEntry,
+                                      Rechecks, WindowClassifier, crop_boxes, evaluate_images, extract_windows, load_image,
                                       make_crops, parse_aggregate, prepare_mean, read_parent_list, window_grid)
 from lymph_cv.net.build import build_net
 from lymph_cv.stages.render import render_fold
@@ -58,6 +58,8 @@ MEAN = "DB_train_w32_1.binaryproto"
 #: evaluation, and the whole `lymph-cv evaluate` process on one image.
 BEFORE_IMAGE_S, TARGET_IMAGE_S = 1.24, 1.0
 BEFORE_PROCESS_S, TARGET_PROCESS_S = 4.4, 2.5
+#: Seed of the extra images ``--deviation-per-class`` generates.
+DEVIATION_SEED = 11
 #: Grey level of the stand-in mean when the published one is absent.
 FLAT_MEAN = 110.0
 
@@ -143,10 +145,7 @@ def compare(classifiers: dict, results: dict, root: Path, mean: np.ndarray) -> N
     ours, theirs = results["bfloat16"][0], results["float32"][0]
     print(f"agreement  : votes {'equal' if np.array_equal(ours.votes, theirs.votes) else 'DIFFER'} after the rechecks; "
           f"largest window probability difference {np.abs(ours.probs - theirs.probs).max():.2e}")
-    everything = [p.relative_to(root / "data").as_posix() for p in sorted((root / "data").rglob("*.tif"))]
-    listing = root / "all.txt"
-    listing.write_text("".join(f"{entry}\n" for entry in everything))
-    entries = read_parent_list(listing, root / "data", list(DEFAULT_CLASSES)).entries
+    entries = [ParentEntry(i, p.name, p, 0) for i, p in enumerate(sorted((root / "data").rglob("*.tif")))]
     raw = evaluate_images(classifiers["bfloat16"], entries, mean, progress=False, margin_bound=0.0)
     exact = evaluate_images(classifiers["float32"], entries, mean, progress=False)
     worst = max(float(np.abs(a.probs - b.probs).max()) for a, b in zip(raw, exact))
@@ -178,6 +177,9 @@ def main() -> None:
                         help="whole `lymph-cv evaluate` processes timed (0: none)")
     parser.add_argument("--precision", choices=PRECISIONS + ("both",), default="both",
                         help="the batched forward's arithmetic (both: float32, then bfloat16, and how they differ)")
+    parser.add_argument("--deviation-per-class", type=int, default=0,
+                        help="with --precision both, also this many more generated images per class (seed 11) "
+                             "in the comparison without rechecks")
     parser.add_argument("--layers", action="store_true",
                         help="also each layer's time and the convolutions' GFLOP per CPU second (1 thread and --threads)")
     args = parser.parse_args()
@@ -219,6 +221,9 @@ def main() -> None:
             print(f"           : issue 17: {BEFORE_IMAGE_S} s before ({best / BEFORE_IMAGE_S:.2f}x of it), target <= "
                   f"{TARGET_IMAGE_S} s ({best / TARGET_IMAGE_S:.2f}x of the target): {_verdict(best, TARGET_IMAGE_S)}")
         if len(results) == 2:
+            if args.deviation_per_class:
+                generate(root / "data" / "more", per_class=args.deviation_per_class,
+                         cases_per_class=args.deviation_per_class, seed=DEVIATION_SEED, workers=1)
             compare(classifiers, results, root, mean)
         if args.process_repeats:
             # The whole `lymph-cv evaluate` process on this one image: start-up, torch, model load, outputs.

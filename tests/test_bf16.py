@@ -11,9 +11,6 @@ import torch.nn.functional as F
 
 from test_evaluate import CLASSES, _published_args, published  # noqa: F401  (the module's fixture)
 
-#: After the rechecks, no window probability is further from float32's than the worst raw
-#: bfloat16 deviation the bound was derived from.
-PROB_TOLERANCE = 0.05
 
 
 class _Pool:
@@ -68,7 +65,8 @@ def test_bfloat16_votes_are_float32s_on_a_full_image(published, tmp_path):  # no
     """The published fold-1 model on a full-size 1388×1040 image: the same votes, close scores, and
     the rechecked windows carry float32's probabilities exactly."""
     from lymph_cv.formats.caffe.blob import read_mean
-    from lymph_cv.stages.evaluate import BF16_MARGIN_BOUND, Rechecks, WindowClassifier, evaluate_images
+    from lymph_cv.stages.evaluate import (BF16_MARGIN_BOUND, BF16_WORST_DEVIATION, Rechecks, WindowClassifier,
+                                          evaluate_images)
 
     entry = _full_image(tmp_path)
     mean = read_mean(published["mean"])
@@ -79,7 +77,7 @@ def test_bfloat16_votes_are_float32s_on_a_full_image(published, tmp_path):  # no
     assert rechecks.windows == len(exact.probs) == 1376 and 0 < rechecks.rechecked < rechecks.windows
     assert ours.probs.argmax(1).tolist() == exact.probs.argmax(1).tolist()
     assert ours.votes.tolist() == exact.votes.tolist() and ours.predicted == exact.predicted
-    assert np.abs(ours.probs - exact.probs).max() <= PROB_TOLERANCE
+    assert np.abs(ours.probs - exact.probs).max() <= BF16_WORST_DEVIATION  # what the bound was derived from
     same = (ours.probs == exact.probs).all(axis=1)
     assert same.sum() >= rechecks.rechecked
     from lymph_cv.stages.evaluate import decision_margins
