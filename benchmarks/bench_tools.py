@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from lymph_cv.core.native import NATIVE_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
 #: Issue 17's side-by-side figures for Caffe (seconds, whole process, same inputs, this machine kind).
@@ -55,8 +57,6 @@ TARGETS = {"convert_imageset leveldb": 1 / 1.5, "convert_imageset lmdb": 1 / 1.5
            "compute_image_mean LYMPH_CV_NATIVE=0 full-scale": 1 / 1.5}
 #: --mean-only also times the numpy path (the code before the native module), paired.
 NUMPY_ROW = "compute_image_mean LYMPH_CV_NATIVE=0"
-#: The native module's switch (lymph_cv.formats.caffe.meanscan.NATIVE_ENV).
-NATIVE_ENV = "LYMPH_CV_NATIVE"
 #: Issue 17's start-up floor (python with numpy and plyvel imported), seconds, on its machine.
 FLOOR_ISSUE = 0.065
 #: Start-up target of every command that does not need torch.

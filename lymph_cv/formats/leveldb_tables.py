@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from typing import Sequence
 
 from lymph_cv.core.fsutil import write_all
+from lymph_cv.core.native import NATIVE_ENV, native_enabled  # noqa: F401 (NATIVE_ENV: the switch, named here for callers)
 from lymph_cv.formats.caffe.wire import encode_varint
 
 try:
@@ -29,8 +30,6 @@ try:
 except ImportError:  # built without a C compiler: LevelDB's own writes only
     ldbwrite = None
 
-#: Environment switch: "0" turns the native writers off.
-NATIVE_ENV = "LYMPH_CV_NATIVE"
 #: The data block size Caffe gives LevelDB (util/db_leveldb.cpp).
 BLOCK_SIZE = 65536
 #: Records per table file: about one LevelDB memtable (Caffe's 256 MiB write buffer) per file.
@@ -49,7 +48,7 @@ _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
 
 def available() -> bool:
     """Whether table files are written natively (the C module is built and not switched off)."""
-    return ldbwrite is not None and os.environ.get(NATIVE_ENV, "1") != "0"
+    return ldbwrite is not None and native_enabled()
 
 
 def _length_prefixed(data: bytes) -> bytes:

@@ -28,6 +28,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 import torch
 import torch.nn.functional as F
 
+from lymph_cv.core.native import native_enabled
 from lymph_cv.net.fuse import Plan, ReLUPlan
 from lymph_cv.net.layers import pooled_size
 
@@ -82,11 +83,7 @@ def int16_pooling(x: torch.Tensor) -> bool:
 
 def native_pool():
     """:mod:`lymph_cv.net.maxpool16`, or None when it is not built or ``LYMPH_CV_NATIVE=0``."""
-    import os
-
-    from lymph_cv.formats.leveldb_tables import NATIVE_ENV
-
-    if os.environ.get(NATIVE_ENV, "1").strip() == "0":
+    if not native_enabled():
         return None
     try:
         from lymph_cv.net import maxpool16

@@ -20,14 +20,13 @@ if TYPE_CHECKING:
     from typing import Optional, Sequence, Union
 
 from lymph_cv.core.fsutil import atomic_write_bytes
+from lymph_cv.core.native import NATIVE_ENV, native_enabled  # noqa: F401 (NATIVE_ENV: the switch, named here for callers)
 from lymph_cv.errors import FormatError
 from lymph_cv.formats import store
 from lymph_cv.formats.caffe.wire import encode_varint
 
 log = logging.getLogger(__name__)
 
-#: Environment variable: "0" turns the native module off (the numpy path runs).
-NATIVE_ENV = "LYMPH_CV_NATIVE"
 #: BlobProto tags: num, channels, height, width (varints) and the packed float ``data``.
 BLOB_DIM_TAGS, BLOB_TAG_DATA = (0x08, 0x10, 0x18, 0x20), 0x2A
 #: compute_image_mean logs its progress every this many records.
@@ -59,7 +58,7 @@ class NativeMean:
 
 def native_module():
     """:mod:`lymph_cv.formats.ldbscan`, or None when it is not built or ``LYMPH_CV_NATIVE=0``."""
-    if os.environ.get(NATIVE_ENV, "1").strip() == "0":
+    if not native_enabled():
         return None
     try:
         from lymph_cv.formats import ldbscan

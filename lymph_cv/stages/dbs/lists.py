@@ -6,6 +6,7 @@ import os
 import re
 from typing import TYPE_CHECKING, Optional, Union
 
+from lymph_cv.core.native import NATIVE_ENV, native_enabled  # noqa: F401 (NATIVE_ENV: the switch, named here for callers)
 from lymph_cv.errors import InputError
 from lymph_cv.workdir.lists import ListEntry, read_labelled_list
 
@@ -17,8 +18,6 @@ try:  # convert_imageset's order without numpy (optional C extension, setup.py N
 except ImportError:
     convread = None
 
-#: Environment switch: "0" turns the native modules off.
-NATIVE_ENV = "LYMPH_CV_NATIVE"
 #: The largest seed the native permutation takes (64 bits); numpy's for larger ones.
 _NATIVE_SEED_LIMIT = 1 << 64
 
@@ -84,7 +83,7 @@ def shuffled_order(count: int, seed: Optional[int]) -> np.ndarray:
 
 def native_reading() -> bool:
     """Whether :mod:`lymph_cv.formats.convread` is built and not switched off (``LYMPH_CV_NATIVE=0``)."""
-    return convread is not None and os.environ.get(NATIVE_ENV, "1") != "0"
+    return convread is not None and native_enabled()
 
 
 def record_order(count: int, seed: Optional[int]) -> memoryview:
