@@ -466,6 +466,11 @@ def _batches(pieces: Iterable[Tuple[int, np.ndarray]], per_batch: int) -> Iterat
         yield pending
 
 
+def window_scores(crop_probs: np.ndarray, crops_per_window: int) -> np.ndarray:
+    """(windows, classes): each window's crops' probabilities averaged (the crops consecutive)."""
+    return crop_probs.reshape(len(crop_probs) // crops_per_window, crops_per_window, -1).mean(axis=1)
+
+
 def decision_margins(probs: np.ndarray) -> np.ndarray:
     """Each row's top-1 minus top-2 value (+inf with fewer than two classes)."""
     if probs.shape[1] < 2:
@@ -518,7 +523,7 @@ class _Rechecker:
             # below it a float32 convolution may leave oneDNN (other rounding than the float32 path's)
             crops = np.concatenate([crops, np.zeros((MIN_FUSED_BATCH - n,) + crops.shape[1:], crops.dtype)])
         probs = self.classifier.predict(crops, precision="float32")[:n]
-        probs = probs.reshape(n // self.per_window, self.per_window, -1).mean(axis=1)
+        probs = window_scores(probs, self.per_window)
         offset = 0
         for target, rows, _ in self.pending:
             target[rows] = probs[offset : offset + len(rows)]
@@ -589,7 +594,7 @@ def classify_windows(
             if meanwhile is not None:
                 meanwhile()
                 meanwhile = None
-            probs = classifier.predict(out).reshape(len(out) // len(boxes), len(boxes), -1).mean(axis=1)
+            probs = window_scores(classifier.predict(out), len(boxes))
             if recheck is not None:
                 recheck.add(probs, out)
             offset = 0
