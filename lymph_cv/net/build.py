@@ -27,14 +27,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import nn
 
 from lymph_cv.formats.caffe import caffe_pb2
-from lymph_cv.formats.caffe.blob import LEGACY_NDIM, array_to_blob, blob_shape, blob_to_array, has_legacy_dims, read_mean
+from lymph_cv.formats.caffe.blob import array_to_blob, blob_shape, blob_to_array, read_mean, shape_compatible
 from lymph_cv.formats.caffe.datum import parse_datum
 from lymph_cv.formats.caffe.prototxt import filter_net
 from lymph_cv.errors import ConfigError, FormatError, LymphCVError, naming
@@ -42,12 +42,10 @@ from lymph_cv.net.fillers import fill
 from lymph_cv.net import layers_extra  # noqa: F401  (pycaffe's layers register next to the core ones)
 from lymph_cv.net.fuse import FusedConvolutions, conv2d, fusion_plan, relu_plan, scale_pairs
 from lymph_cv.net.layers import BuildContext, Layer, Shape, layer_class
+from lymph_cv.net.netspec import declared_inputs
 from lymph_cv.formats.store import open_reader
 
 PathLike = Union[str, os.PathLike]
-
-#: Dimensions per declared input in the legacy ``input_dim`` list (N, C, H, W).
-INPUT_DIMS = 4
 
 
 @dataclass
@@ -69,21 +67,6 @@ def resolve_net_path(path: PathLike, base_dir: Optional[PathLike] = None) -> Pat
         return candidate
     beside = Path(base_dir) / candidate
     return beside if beside.exists() else candidate
-
-
-def _declared_inputs(net_param: caffe_pb2.NetParameter) -> List[Tuple[str, Shape]]:
-    names = list(net_param.input)
-    if len(net_param.input_shape):
-        if len(net_param.input_shape) != len(names):
-            raise ConfigError(f"net {net_param.name!r}: {len(names)} inputs but {len(net_param.input_shape)} input_shape")
-        shapes = [tuple(int(d) for d in s.dim) for s in net_param.input_shape]
-    else:
-        dims = list(net_param.input_dim)
-        if len(dims) != INPUT_DIMS * len(names):
-            raise ConfigError(f"net {net_param.name!r}: {len(names)} inputs need {INPUT_DIMS * len(names)} "
-                              f"input_dim values, got {len(dims)}")
-        shapes = [tuple(dims[i * INPUT_DIMS:(i + 1) * INPUT_DIMS]) for i in range(len(names))]
-    return list(zip(names, shapes))
 
 
 def data_layer_shapes(layer: caffe_pb2.LayerParameter, base_dir: Optional[PathLike] = None) -> Dict[str, Shape]:
@@ -280,7 +263,7 @@ class CaffeNet(nn.Module):
                                   f"the net expects {len(target.blobs)}", path)
             arrays = []
             for index, (blob, param) in enumerate(zip(src.blobs, target.blobs)):
-                if not _shape_compatible(blob, tuple(param.shape)):
+                if not shape_compatible(blob, tuple(param.shape)):
                     raise FormatError(f"layer {src.name!r} blob {index}: the model has shape "
                                       f"{blob_shape(blob)}, the net expects {tuple(param.shape)}", path)
                 try:
@@ -325,16 +308,6 @@ class CaffeNet(nn.Module):
         self.learnable = self._learnable()
 
 
-def _shape_compatible(blob: caffe_pb2.BlobProto, shape: Shape) -> bool:
-    """Caffe's check: legacy dims match when right-aligned with 1-padding; else exact shape."""
-    given = blob_shape(blob)
-    if has_legacy_dims(blob):
-        if len(shape) > LEGACY_NDIM:
-            return False
-        return given == (1,) * (LEGACY_NDIM - len(shape)) + tuple(shape)
-    return given == tuple(shape)
-
-
 def build_net(net_param: caffe_pb2.NetParameter, phase: int, *, level: int = 0, stages: Iterable[str] = (),
               input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
               base_dir: Optional[PathLike] = None, accuracy_ties: str = "higher_index",
@@ -361,7 +334,7 @@ def _build_net(net_param: caffe_pb2.NetParameter, phase: int, level: int, stages
     ctx = BuildContext(phase=phase, accuracy_ties=accuracy_ties, input_shapes=known)
     blob_shapes: Dict[str, Shape] = {}
     input_blobs: List[str] = []
-    for name, shape in _declared_inputs(net_param):
+    for name, shape in declared_inputs(net_param):
         blob_shapes[name] = known.get(name, shape)
         input_blobs.append(name)
 

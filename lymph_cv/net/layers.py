@@ -22,6 +22,7 @@ from torch import nn
 
 from lymph_cv.formats.caffe import caffe_pb2
 from lymph_cv.errors import ConfigError, InputError, UnsupportedError
+from lymph_cv.net.netspec import pooled_size  # noqa: F401  (this module's API too: lymph_cv.net.bf16)
 
 Shape = Tuple[int, ...]
 
@@ -222,15 +223,6 @@ class ConvolutionLayer(Layer):
     def forward(self, x):
         bias = self.blobs[1] if self.bias_term else None
         return [F.conv2d(x, self.blobs[0], bias, self.stride, self.pad, self.dilation, self.group)]
-
-
-def pooled_size(size: int, kernel: int, stride: int, pad: int, ceil: bool = True) -> int:
-    """Caffe's pooling output size: rounds up by default; the last window must start inside image+pad."""
-    span = size + 2 * pad - kernel
-    pooled = (-(-span // stride) if ceil else span // stride) + 1
-    if pad and (pooled - 1) * stride >= size + pad:
-        pooled -= 1
-    return pooled
 
 
 @register("Pooling")

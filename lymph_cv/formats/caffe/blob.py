@@ -39,6 +39,17 @@ def blob_shape(blob: caffe_pb2.BlobProto) -> Tuple[int, ...]:
     return tuple(int(d) for d in blob.shape.dim)
 
 
+def shape_compatible(blob: caffe_pb2.BlobProto, shape: Sequence[int]) -> bool:
+    """Caffe's check that ``blob`` fits a blob of ``shape``: legacy dims match when right-aligned with
+    1-padding; else the exact shape."""
+    given = blob_shape(blob)
+    if has_legacy_dims(blob):
+        if len(shape) > LEGACY_NDIM:
+            return False
+        return given == (1,) * (LEGACY_NDIM - len(shape)) + tuple(shape)
+    return given == tuple(shape)
+
+
 def blob_to_array(blob: caffe_pb2.BlobProto) -> np.ndarray:
     """Blob values as an array of the blob's shape (float32, or float64 from ``double_data``)."""
     shape = blob_shape(blob)
