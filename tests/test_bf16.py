@@ -71,7 +71,7 @@ def test_bfloat16_votes_are_float32s_on_a_full_image(published, tmp_path):  # no
     entry = _full_image(tmp_path)
     mean = read_mean(published["mean"])
     exact = evaluate_images(WindowClassifier(published["deploy"], published["model"]), [entry], mean, progress=False)[0]
-    low = WindowClassifier(published["deploy"], published["model"], precision="bfloat16")
+    low = WindowClassifier(published["deploy"], published["model"], precision="bfloat16", backend="torch")
     rechecks = Rechecks()
     ours = evaluate_images(low, [entry], mean, progress=False, rechecks=rechecks)[0]
     assert rechecks.windows == len(exact.probs) == 1376 and 0 < rechecks.rechecked < rechecks.windows
@@ -95,7 +95,7 @@ def test_a_bound_above_every_margin_rechecks_every_window(published, batch_size)
     mean = read_mean(published["mean"])
     entry = ParentEntry(1, "x", published["images"] / published["names"][0], 0)
     exact = evaluate_images(WindowClassifier(published["deploy"], published["model"]), [entry], mean, progress=False)[0]
-    low = WindowClassifier(published["deploy"], published["model"], precision="bfloat16")
+    low = WindowClassifier(published["deploy"], published["model"], precision="bfloat16", backend="torch")
     rechecks = Rechecks()
     ours = evaluate_images(low, [entry], mean, progress=False, batch_size=batch_size, margin_bound=2.0,
                            rechecks=rechecks)[0]
@@ -124,7 +124,7 @@ def test_bfloat16_without_amx(published):  # noqa: F811
         "from lymph_cv.stages.evaluate import ParentEntry, WindowClassifier, evaluate_images\n"
         "deploy, model, mean, image = sys.argv[1:]\n"
         "entry = ParentEntry(1, 'x', image, 0)\n"
-        "votes = [evaluate_images(WindowClassifier(deploy, model, precision=p), [entry], read_mean(mean),\n"
+        "votes = [evaluate_images(WindowClassifier(deploy, model, precision=p, backend='torch'), [entry], read_mean(mean),\n"
         "                         progress=False)[0].votes.tolist() for p in ('float32', 'bfloat16')]\n"
         "assert votes[0] == votes[1], votes\n"
         "print('ok', votes)\n")

@@ -1,6 +1,8 @@
 """The numpy float32 deploy-net forward (lymph_cv.net.plain) against the torch CaffeNet's."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from lymph_cv.formats.caffe.prototxt import parse_net_text, read_net_prototxt
 from lymph_cv.net.build import build_net
 from lymph_cv.net.plain import PlainNet, UnsupportedNet
 
-from test_evaluate import _render_deploy
+from test_evaluate import _render_deploy, published  # noqa: F401  (the module's fixture)
 
 #: Probabilities agree to float rounding (different summation orders).
 PROB_TOLERANCE = 1e-5
@@ -159,3 +161,135 @@ def test_a_model_that_does_not_fit_raises_the_classifiers_errors():
         with pytest.raises(EvaluationError) as ours:
             PlainNet.build(parse_net_text(changed), weights, "d.prototxt", "m.caffemodel")
         assert str(ours.value) == f"{mismatch}: {torchs.value.detail}"
+
+
+# ----------------------------------------------------------------------------- the torch-free evaluate path
+#: A stand-in for lymph_cv.net.amxforward (the native bfloat16 engine): PlainNet's float32 as its
+#: "bfloat16", so the wiring is tested on any CPU; installed in-process or by a subprocess's prelude.
+STAND_IN = '''
+import sys, types
+import lymph_cv.net
+
+engine = types.ModuleType("lymph_cv.net.amxforward")
+engine.available = lambda: True
+
+
+class AMXForward:
+    def __init__(self, net):
+        self.net = net
+
+    def predict(self, crops):
+        return self.net.forward({self.net.input: crops})[self.net.output].reshape(len(crops), -1)
+
+
+engine.AMXForward = AMXForward
+sys.modules[engine.__name__] = lymph_cv.net.amxforward = engine
+'''
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    import sys
+
+    import lymph_cv.net
+
+    name = "lymph_cv.net.amxforward"
+    # recorded first, so that the test's end restores both (removes them when there was no module)
+    monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setattr(lymph_cv.net, "amxforward", None, raising=False)
+    namespace: dict = {}
+    exec(STAND_IN, namespace)  # noqa: S102  (the test's own code, shared with the subprocess)
+    return namespace["engine"]
+
+
+def test_bfloat16_on_the_cpu_runs_natively_and_the_rest_on_torch(published, stand_in):  # noqa: F811
+    from lymph_cv.stages.evaluate import WindowClassifier
+
+    native = WindowClassifier(published["deploy"], published["model"], "cpu", "bfloat16")
+    assert native.backend == "native" and native.net is None and native.crop == 32 and native.n_classes == 3
+    for device, precision, backend in (("cpu", "float32", "auto"), ("cpu", "bfloat16", "torch")):
+        assert WindowClassifier(published["deploy"], published["model"], device, precision, backend).backend == "torch"
+    exact = WindowClassifier(published["deploy"], published["model"])
+    crops = np.random.default_rng(2).uniform(-100, 100, (20, 3, 32, 32)).astype(np.float32)
+    probs = native.predict(crops, precision="float32")
+    assert probs.shape == (20, 3) and np.abs(probs - exact.predict(crops)).max() <= PROB_TOLERANCE
+    assert np.array_equal(native.predict(crops), probs)  # the stand-in's "bfloat16" is PlainNet's float32
+
+
+@pytest.mark.parametrize("batch_size", [10, 320])
+def test_native_rechecks_carry_plainnets_float32(published, stand_in, batch_size):  # noqa: F811
+    """margin_bound 2: every window rechecked in PlainNet's float32, also a single-window batch
+    (natively it needs no padding): float32's votes whatever the engine's "bfloat16" said."""
+    from lymph_cv.formats.caffe.blob import read_mean
+    from lymph_cv.stages.evaluate import ParentEntry, Rechecks, WindowClassifier, evaluate_images
+
+    mean = read_mean(published["mean"])
+    entry = ParentEntry(1, "x", published["images"] / published["names"][0], 0)
+    native = WindowClassifier(published["deploy"], published["model"], "cpu", "bfloat16")
+    calls = []
+    stand_in_predict = native._engine.predict
+    native._engine.predict = lambda crops: calls.append(len(crops)) or stand_in_predict(crops) + np.float32(0.01)
+    rechecks = Rechecks()
+    ours = evaluate_images(native, [entry], mean, progress=False, batch_size=batch_size, margin_bound=2.0,
+                           rechecks=rechecks)[0]
+    assert rechecks.rechecked == rechecks.windows == 12 and calls
+    exact = evaluate_images(WindowClassifier(published["deploy"], published["model"], "cpu", "float32"), [entry], mean,
+                            progress=False)[0]
+    assert np.abs(ours.probs - exact.probs).max() <= PROB_TOLERANCE and ours.votes.tolist() == exact.votes.tolist()
+    raw = evaluate_images(native, [entry], mean, progress=False, margin_bound=0.0)[0]
+    assert np.allclose(raw.probs, ours.probs + 0.01, atol=1e-6)  # the "bfloat16" values, not rechecked
+
+
+def test_a_net_plain_does_not_run_falls_back_to_torch(published, stand_in, tmp_path):  # noqa: F811
+    from lymph_cv.stages.evaluate import WindowClassifier
+
+    text = published["deploy"].read_text()
+    deploy = tmp_path / "deploy.prototxt"
+    deploy.write_text(text.replace('type: "ReLU"', 'type: "TanH"', 1))
+    assert "TanH" in deploy.read_text()
+    assert WindowClassifier(deploy, published["model"], "cpu", "bfloat16").backend == "torch"
+
+
+def test_a_model_that_does_not_fit_says_so_natively_too(published, stand_in, tmp_path):  # noqa: F811
+    from lymph_cv.stages.evaluate import WindowClassifier
+
+    deploy = tmp_path / "deploy.prototxt"
+    deploy.write_text(published["deploy"].read_text().replace("num_output: 64", "num_output: 65", 1))
+    messages = []
+    for precision in ("float32", "bfloat16"):
+        with pytest.raises(EvaluationError) as raised:
+            WindowClassifier(deploy, published["model"], "cpu", precision)
+        messages.append(str(raised.value))
+    assert messages[0] == messages[1] and "does not fit deploy net" in messages[0]
+
+
+def test_bfloat16_evaluate_on_the_cpu_never_imports_torch(published, runner, cli, tmp_path, monkeypatch):  # noqa: F811
+    """`lymph-cv evaluate --precision bfloat16 --device cpu` in a fresh process: no torch in
+    sys.modules at exit, and the votes of the torch bfloat16 path."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from test_evaluate import _published_args
+
+    args = _published_args(published, tmp_path / "native", **{"--precision": "bfloat16", "--device": "cpu"})
+    code = (STAND_IN + "from lymph_cv.cli import main\n"
+            f"try:\n    main({[*args, '--skip-missing']!r})\nexcept SystemExit as exc:\n    status = exc.code\n"
+            "else:\n    status = 0\n"
+            "print('TORCH_LOADED=' + str('torch' in sys.modules))\nsys.exit(status)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).parent.parent),
+                                                                   os.environ.get("PYTHONPATH")) if p)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "TORCH_LOADED=False" in done.stdout
+    monkeypatch.setenv("LYMPH_CV_NATIVE", "0")  # the torch path's bfloat16 (a real amxforward stays off too)
+    torchs = runner.invoke(cli, _published_args(published, tmp_path / "torch", **{"--precision": "bfloat16"})
+                           + ["--skip-missing"])
+    assert torchs.exit_code == 0, torchs.stderr
+    records = [json.loads((tmp_path / name / "eval" / "fold_1" / "metrics.json").read_text())
+               for name in ("native", "torch")]
+    assert records[0]["confusion"] == records[1]["confusion"]
+    rows = [(tmp_path / name / "eval" / "fold_1" / "images.csv").read_text().splitlines() for name in ("native", "torch")]
+    votes = [[line.split(",")[:5 + 2 * len(records[0]["classes"])] for line in lines] for lines in rows]
+    assert votes[0] == votes[1] and len(votes[0]) == 4  # decisions, windows, votes and vote fractions

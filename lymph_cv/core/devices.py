@@ -1,6 +1,7 @@
 """One device resolver for every stage that runs a net (train, evaluate, ``caffe``, pycaffe)."""
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Sequence
 
 from lymph_cv.errors import ConfigError
@@ -13,6 +14,28 @@ DEVICE_CHOICES = ("cpu", "cuda", "auto")
 DEVICE_HELP = ("cpu", "cuda", "auto", "cuda:N")
 #: Evaluation's choices: a concrete device (what it ran on is recorded with its metrics).
 CONCRETE_DEVICES = ("cpu", "cuda")
+#: The NVIDIA kernel module's version file: present wherever a CUDA driver is loaded.
+NVIDIA_DRIVER_FILE = "/proc/driver/nvidia/version"
+#: The CUDA driver library's name for ctypes.util.find_library.
+CUDA_LIBRARY = "cuda"
+
+
+def cuda_absent() -> bool:
+    """True when this machine surely has no CUDA, decided without importing torch: no NVIDIA kernel
+    module and no libcuda the loader finds."""
+    if os.path.exists(NVIDIA_DRIVER_FILE):
+        return False
+    import ctypes.util
+
+    return ctypes.util.find_library(CUDA_LIBRARY) is None
+
+
+def resolves_to_cpu(name: str, choices: Sequence[str] = DEVICE_CHOICES) -> bool:
+    """Whether device ``name`` is the CPU, decided without importing torch (for torch-free paths):
+    ``cpu``, or ``auto`` (when among ``choices``) where :func:`cuda_absent`.  False means: ask
+    :func:`resolve_device` (which also rejects what is not a device)."""
+    wanted = str(name).lower()
+    return wanted == "cpu" or (wanted == "auto" and "auto" in choices and cuda_absent())
 
 
 def resolve_device(name: str, choices: Sequence[str] = DEVICE_CHOICES) -> "torch.device":

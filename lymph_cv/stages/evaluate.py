@@ -31,7 +31,7 @@ import numpy as np
 
 from lymph_cv.core.progress import Progress
 from lymph_cv.core.locks import folder_lock, target_lock_name
-from lymph_cv.core.devices import CONCRETE_DEVICES, resolve_device
+from lymph_cv.core.devices import CONCRETE_DEVICES, resolve_device, resolves_to_cpu
 from lymph_cv.core.grid import WINDOW_SIZE, WINDOW_STEP, window_grid
 from lymph_cv.core.images import ColourTransform, read_unit
 from lymph_cv.stages.stain import StainRecord, StainTransform, recorded_stain_path
@@ -296,23 +296,43 @@ def read_parent_list(path: PathLike, images: PathLike, classes: Sequence[str], s
 
 
 # ----------------------------------------------------------------------------- the net
+#: WindowClassifier backends: torch's CaffeNet (lymph_cv.net.build), or the torch-free pair of the
+#: native bfloat16 engine (lymph_cv.net.amxforward) and the numpy float32 forward (lymph_cv.net.plain).
+BACKENDS = ("torch", "native")
+
+
+def native_engine(device: str, precision: str):
+    """lymph_cv.net.amxforward when a classifier on ``device`` in ``precision`` may run without torch:
+    bfloat16 on the CPU (decided without importing torch) with the native AMX engine available;
+    else None (the torch backend)."""
+    if precision != "bfloat16" or not resolves_to_cpu(device, CONCRETE_DEVICES):
+        return None
+    try:
+        from lymph_cv.net import amxforward
+    except ImportError:  # not built here (an optional extension) or not part of this checkout
+        return None
+    return amxforward if amxforward.available() else None
+
+
 class WindowClassifier:
-    """A deploy net with trained weights, predicting batches of preprocessed crops."""
+    """A deploy net with trained weights, predicting batches of preprocessed crops.
 
-    def __init__(self, deploy: PathLike, model: PathLike, device: str = "cpu", precision: str = "float32"):
-        import torch
+    ``backend`` (:data:`BACKENDS`): ``torch`` always runs torch's CaffeNet; ``auto`` runs a bfloat16
+    classifier on the CPU without torch when :func:`native_engine` allows and lymph_cv.net.plain
+    supports the net (its float32 rechecks then run on :class:`~lymph_cv.net.plain.PlainNet`), else
+    torch.  ``self.backend`` says which; ``self.net`` is the torch CaffeNet (None natively)."""
 
-        from lymph_cv.formats.caffe import caffe_pb2
+    def __init__(self, deploy: PathLike, model: PathLike, device: str = "cpu", precision: str = "float32",
+                 backend: str = "auto"):
         from lymph_cv.formats.caffe.model import read_caffemodel
         from lymph_cv.formats.caffe.prototxt import read_net_prototxt
-        from lymph_cv.net.build import build_net
 
-        self._torch = torch
         if precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {precision!r}", valid=PRECISIONS)
+        if backend not in ("auto", "torch"):
+            raise ConfigError(f"unknown backend {backend!r}", valid=("auto", "torch"))
         #: The arithmetic of :meth:`predict` by default (``PRECISIONS``).
         self.precision = precision
-        self.device = resolve_device(device, CONCRETE_DEVICES)
         net_param = read_net_prototxt(deploy)
         data = sorted({layer.type for layer in net_param.layer if layer.type.endswith("Data")})
         if data:
@@ -320,14 +340,56 @@ class WindowClassifier:
             raise EvaluationError(f"expected a deploy net (an input blob, no data layers), got one with "
                                   f"{', '.join(data)} layers: a train/test net?", deploy)
         weights = read_caffemodel(model)
-        self.net = build_net(net_param, caffe_pb2.TEST, source=deploy)
-        if len(self.net.input_blobs) != 1:
-            raise EvaluationError(f"deploy net must have one input blob, has {len(self.net.input_blobs)}", deploy)
-        self.input = self.net.input_blobs[0]
-        shape = tuple(self.net.blob_shapes[self.input])
+        self.net = self.plain = self._engine = None
+        engine = native_engine(device, precision) if backend == "auto" else None
+        if engine is not None:
+            self._native(engine, net_param, weights, deploy, model)
+        if self.plain is None:
+            self._torch_net(net_param, weights, deploy, model, device)
+        self.default_batch_size = DEFAULT_BATCH_SIZES[self.device_type]
+        log.debug("window classifier: %s backend, %s", self.backend, precision)
+
+    def _native(self, engine, net_param, weights, deploy: PathLike, model: PathLike) -> None:
+        """The torch-free backend, when lymph_cv.net.plain and the native engine both take the net."""
+        from lymph_cv.net.plain import PlainNet, UnsupportedNet
+
+        try:
+            plain = PlainNet.build(net_param, weights, deploy, model)
+        except UnsupportedNet as exc:
+            log.debug("torch backend: %s", exc.detail)
+            return
+        self._shape(plain.inputs, plain.blob_shapes, deploy)
+        try:
+            self._engine = engine.AMXForward(plain)
+        except UnsupportedNet as exc:
+            log.debug("torch backend: %s", exc.detail)
+            return
+        self.plain, self.backend, self.device_type, self.channels_last = plain, "native", "cpu", True
+        self.output = plain.output
+        self.n_classes = int(np.prod(plain.blob_shapes[self.output][1:]))
+
+    def _shape(self, inputs: Sequence[str], blob_shapes: dict, deploy: PathLike) -> None:
+        """The one input blob, its channels and square crop size; EvaluationError for other nets."""
+        if len(inputs) != 1:
+            raise EvaluationError(f"deploy net must have one input blob, has {len(inputs)}", deploy)
+        self.input = inputs[0]
+        shape = tuple(blob_shapes[self.input])
         if len(shape) != 4 or shape[2] != shape[3]:
             raise EvaluationError(f"deploy net input must be N×C×S×S, got {shape}", deploy)
         self.channels, self.crop = int(shape[1]), int(shape[2])
+
+    def _torch_net(self, net_param, weights, deploy: PathLike, model: PathLike, device: str) -> None:
+        import torch
+
+        from lymph_cv.formats.caffe import caffe_pb2
+        from lymph_cv.net.build import build_net
+
+        self._torch = torch
+        self.backend = "torch"
+        self.device = resolve_device(device, CONCRETE_DEVICES)
+        self.device_type = self.device.type
+        self.net = build_net(net_param, caffe_pb2.TEST, source=deploy)
+        self._shape(self.net.input_blobs, self.net.blob_shapes, deploy)
         self.output = self.net.output_blobs[0]
         mismatch = f"model {model} does not fit deploy net {deploy}"
         try:
@@ -342,7 +404,6 @@ class WindowClassifier:
         self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
         self.channels_last = self.memory_format == torch.channels_last
         self.net.to(memory_format=self.memory_format)
-        self.default_batch_size = DEFAULT_BATCH_SIZES[self.device.type]
         out_shape = self.net.blob_shapes[self.output]
         self.n_classes = int(np.prod(out_shape[1:]))
         self._bf16 = None
@@ -350,12 +411,20 @@ class WindowClassifier:
     def predict(self, crops: np.ndarray, precision: Optional[str] = None) -> np.ndarray:
         """(N, classes) float32 first-output values (``prob``) for N preprocessed crops, computed in
         ``precision`` (default: the classifier's)."""
-        out = self.forward(crops, precision=precision)[self.output]
+        if self._engine is not None and (precision or self.precision) == "bfloat16":
+            out = self._engine.predict(crops)
+        else:
+            out = self.forward(crops, precision=precision)[self.output]
         return out.reshape(out.shape[0], -1)
 
     def forward(self, crops: np.ndarray, blobs: Sequence[str] = (), precision: Optional[str] = None) -> dict:
         """The first output and the named ``blobs`` (e.g. the features a class activation map
-        weighs) of one forward pass over N preprocessed crops, as float32 arrays by name."""
+        weighs) of one forward pass over N preprocessed crops, as float32 arrays by name.
+        (Natively the named blobs, and float32, come from the numpy forward.)"""
+        if self.plain is not None:
+            if (precision or self.precision) == "bfloat16" and not blobs:
+                return {self.output: self._engine.predict(crops)}
+            return self.plain.forward({self.input: crops}, blobs=blobs)
         torch = self._torch
         with torch.inference_mode():
             batch = torch.from_numpy(crops).to(self.device).contiguous(memory_format=self.memory_format)
@@ -515,13 +584,14 @@ class _Rechecker:
         """Predict the queued windows in float32."""
         if not self.pending:
             return
-        from lymph_cv.net.fuse import MIN_FUSED_BATCH
-
         crops = np.concatenate([c for _, _, c in self.pending])
         n = len(crops)
-        if n < MIN_FUSED_BATCH:
-            # below it a float32 convolution may leave oneDNN (other rounding than the float32 path's)
-            crops = np.concatenate([crops, np.zeros((MIN_FUSED_BATCH - n,) + crops.shape[1:], crops.dtype)])
+        if self.classifier.backend == "torch":
+            from lymph_cv.net.fuse import MIN_FUSED_BATCH
+
+            if n < MIN_FUSED_BATCH:
+                # below it a float32 convolution may leave oneDNN (other rounding than the float32 path's)
+                crops = np.concatenate([crops, np.zeros((MIN_FUSED_BATCH - n,) + crops.shape[1:], crops.dtype)])
         probs = self.classifier.predict(crops, precision="float32")[:n]
         probs = window_scores(probs, self.per_window)
         offset = 0
@@ -785,6 +855,7 @@ def evaluate_fold(
     }
     if precision == "bfloat16":
         settings["rechecked"] = {"bound": BF16_MARGIN_BOUND, "windows": rechecks.windows, "rechecked": rechecks.rechecked}
+        settings["backend"] = classifier.backend  # native: no torch (lymph_cv.net.amxforward, lymph_cv.net.plain)
     return FoldResult(fold, classes, results, settings)
 
 
