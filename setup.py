@@ -21,6 +21,8 @@ NATIVE = [
               extra_compile_args=CFLAGS, optional=True),
     Extension("lymph_cv.net.maxpool16", ["lymph_cv/net/maxpool16.c"],
               extra_compile_args=CFLAGS, extra_link_args=["-pthread"], optional=True),
+    Extension("lymph_cv.net.amxconv", ["lymph_cv/net/amxconv.c"],
+              extra_compile_args=CFLAGS, extra_link_args=["-pthread"], optional=True),
 ]
 
 setup(ext_modules=NATIVE)

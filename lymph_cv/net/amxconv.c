@@ -1,0 +1,713 @@
+/* lymph_cv.net.amxconv: a deploy net's leading Convolution / Pooling / ReLU layers in bfloat16 on
+ * Intel AMX, one crop at a time, with no torch.
+ *
+ * program(ops) compiles a list of layer descriptions (lymph_cv.net.amxforward builds them) into a
+ * capsule; run(program, src, n, dst, threads) pushes n float32 C×H×W crops through it and writes
+ * the last layer's top as float32 H×W×C (channels-last).  Every blob between the layers is bfloat16 (round to
+ * nearest even), channels-last, with the zero border the next convolution pads with, in buffers a
+ * thread keeps for all its crops (a crop's blobs fit in L2), so the borders stay zero.
+ *
+ * A convolution is a sum over its kernel rows ky of a product whose K dimension is the kernel
+ * row's kw×C input values: in channels-last order they are contiguous, and output pixel x+1's
+ * start stride×C values later.  So one AMX A tile is 16 consecutive output pixels × 32 of those
+ * values (the tile's row stride is stride×C values) and a B tile is the matching 32 values × 16
+ * output channels of the weights, in AMX's pairs layout.  A row of K values that is not a multiple
+ * of 32 reads on into the following pixels; the weights there are zero, so it adds exactly zero
+ * (the blobs are finite: zero borders, activations and crops).  Outputs past a row's end (ow not a
+ * multiple of 16) are computed and dropped.  The tiles accumulate in float32; the bias is added in
+ * float32 and ReLU applied before rounding the result to bfloat16.
+ *
+ * Pooling follows Caffe: MAX over the window cut at the image border (a pad never wins), AVE the
+ * float32 sum over the window cut at the image border divided by the window cut at the padded
+ * border (count_include_pad), rounded to bfloat16.  MAX + ReLU compares the int16 bit patterns
+ * from a floor of 0 (a negative bfloat16 is a negative int16; the others order as their values).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <immintrin.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define MAX_THREADS 8
+#define MAX_OPS 64
+#define TILE_M 16    /* output pixels per A tile */
+#define TILE_K 32    /* bfloat16 values per A tile row */
+#define TILE_N 16    /* output channels per B / C tile */
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+enum { OP_CONV = 0, OP_POOL_MAX = 1, OP_POOL_AVE = 2 };
+
+typedef struct {
+    int kind, relu;
+    /* input blob: c channels, h×w interior inside a zero border of in_pad */
+    int c, h, w, in_pad;
+    /* output blob: oc channels, oh×ow; kernel, stride, pad (pooling; a convolution's is in_pad) */
+    int oc, oh, ow, kh, kw, sh, sw, ph, pw;
+    /* convolution: K tiles per kernel row (all of K when im2col), 16-channel output blocks, kernel
+     * rows the tiles loop over (1 when im2col), the values of one im2col row (0: none) */
+    int chunks, nblocks, rows, im2col;
+    int blocks;          /* 16-pixel output blocks */
+    ptrdiff_t *block_a;  /* [blocks]: a block's first A row in the input (or im2col) buffer */
+    ptrdiff_t *block_out; /* [blocks][16]: each row's output pixel in the output buffer, or -1 */
+    uint16_t *weights;   /* [rows][chunks][nblocks][16 pairs][16][2] */
+    float *bias;         /* [nblocks*16], zero past oc */
+} Op;
+
+typedef struct {
+    int count;
+    Op ops[MAX_OPS];
+    size_t elements[MAX_OPS + 1]; /* blob i's buffer size in bfloat16 values, slack included */
+    size_t scratch;               /* im2col buffer size in bfloat16 values */
+} Program;
+
+typedef struct {
+    uint8_t palette, start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+/* ------------------------------------------------------------------------- CPU and kernel support */
+static int amx_state = -1; /* -1 unknown, 0 no, 1 yes */
+
+static int probe_amx(void) {
+    unsigned int a, b, c, d;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(0));
+    if (a < 7) return 0;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(1), "c"(0));
+    if (!(c & (1u << 27))) return 0; /* OSXSAVE */
+    unsigned int xlo, xhi;
+    __asm__ volatile("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));
+    const unsigned int want = (1u << 17) | (1u << 18) | 0xE6u; /* tile state, AVX-512 and AVX state */
+    if ((xlo & want) != want) return 0;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+    const int amx_bf16 = (d >> 22) & 1, amx_tile = (d >> 24) & 1;
+    const int avx512 = ((b >> 16) & 1) && ((b >> 30) & 1) && ((b >> 31) & 1); /* F, BW, VL */
+    if (!amx_bf16 || !amx_tile || !avx512) return 0;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(1));
+    if (!((a >> 5) & 1)) return 0; /* AVX512_BF16 (the rounding instruction) */
+    /* Linux hands out the tile data state only on request (arch_prctl, 5.16+). */
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+static int amx_ready(void) {
+    if (amx_state < 0) amx_state = probe_amx();
+    return amx_state;
+}
+
+/* ------------------------------------------------------------------------- bfloat16 */
+static inline uint16_t bf16_round(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu)) return (uint16_t)((bits >> 16) | 0x0040u);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+static inline float bf16_value(uint16_t low) {
+    uint32_t bits = (uint32_t)low << 16;
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+/* ------------------------------------------------------------------------- layers */
+#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+
+/* The bias, ReLU and rounding of one 16-pixel × 16-channel accumulator block into the rows' pixels. */
+AMX_TARGET static inline void store_block(const float *acc, const Op *op, int block, const ptrdiff_t *rows,
+                                          uint16_t *dst) {
+    const int first = block * TILE_N;
+    const int valid = op->oc - first < TILE_N ? op->oc - first : TILE_N;
+    const __mmask16 mask = (__mmask16)((1u << valid) - 1u);
+    const __m512 bias = _mm512_loadu_ps(op->bias + first);
+    const __m512 zero = _mm512_setzero_ps();
+    for (int r = 0; r < TILE_M; r++) {
+        if (rows[r] < 0) continue;
+        __m512 v = _mm512_add_ps(_mm512_loadu_ps(acc + r * TILE_N), bias);
+        if (op->relu) v = _mm512_max_ps(v, zero);
+        _mm256_mask_storeu_epi16(dst + rows[r] + first, mask, (__m256i)_mm512_cvtneps_pbh(v));
+    }
+}
+
+/* One group of output pixel blocks × output channel blocks: MB blocks of 16 pixels (A tiles from
+ * a[m]) times NB blocks of 16 channels from j0, accumulated in tiles 0-3: 4 independent chains,
+ * since a TDPBF16PS waits for the last one into the same tile.  Shapes: 1×NB (NB ≤ 4; A in tile
+ * 4, B in 5 and 6), 2×2 (A 4 and 5, B 6 and 7) and 4×1 (A in 4, 5 and 7 in turn, B in 6). */
+#define DP(c, a, b) _tile_dpbf16ps(c, a, b)
+AMX_TARGET static void conv_group(const Op *op, const uint16_t *const a[4], int mb, int nb, int j0, size_t row_step,
+                                  size_t a_stride, float acc[4][TILE_M * TILE_N]) {
+    const size_t b_tile = (size_t)TILE_K * TILE_N;
+    const size_t q_step = (size_t)op->nblocks * b_tile;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int ky = 0; ky < op->rows; ky++) {
+        const size_t shift = (size_t)ky * row_step;
+        const uint16_t *w = op->weights + ((size_t)ky * op->chunks * op->nblocks + j0) * b_tile;
+        for (int q = 0; q < op->chunks; q++, w += q_step) {
+            const size_t k = shift + (size_t)q * TILE_K;
+            if (mb == 4) {
+                _tile_loadd(6, w, 64);
+                _tile_loadd(4, a[0] + k, a_stride);
+                DP(0, 4, 6);
+                _tile_loadd(5, a[1] + k, a_stride);
+                DP(1, 5, 6);
+                _tile_loadd(7, a[2] + k, a_stride);
+                DP(2, 7, 6);
+                _tile_loadd(4, a[3] + k, a_stride);
+                DP(3, 4, 6);
+            } else if (mb == 2) {
+                _tile_loadd(4, a[0] + k, a_stride);
+                _tile_loadd(6, w, 64);
+                DP(0, 4, 6);
+                _tile_loadd(7, w + b_tile, 64);
+                DP(1, 4, 7);
+                _tile_loadd(5, a[1] + k, a_stride);
+                DP(2, 5, 6);
+                DP(3, 5, 7);
+            } else {
+                _tile_loadd(4, a[0] + k, a_stride);
+                _tile_loadd(5, w, 64);
+                DP(0, 4, 5);
+                if (nb > 1) {
+                    _tile_loadd(6, w + b_tile, 64);
+                    DP(1, 4, 6);
+                }
+                if (nb > 2) {
+                    _tile_loadd(5, w + 2 * b_tile, 64);
+                    DP(2, 4, 5);
+                }
+                if (nb > 3) {
+                    _tile_loadd(6, w + 3 * b_tile, 64);
+                    DP(3, 4, 6);
+                }
+            }
+        }
+    }
+    _tile_stored(0, acc[0], TILE_N * sizeof(float));
+    _tile_stored(1, acc[1], TILE_N * sizeof(float));
+    _tile_stored(2, acc[2], TILE_N * sizeof(float));
+    _tile_stored(3, acc[3], TILE_N * sizeof(float));
+}
+
+/* The im2col rows of a convolution whose kernel rows are too short for a K tile: output pixel p's
+ * kh×kw×C input values, contiguous (the tail past them stays zero).  A kernel row of up to 16 (32)
+ * values is copied as 16 (32): the extra values land where the next kernel row's copy overwrites
+ * them, or, after the last, in the row's tail where the weights are zero. */
+AMX_TARGET static void fill_im2col(const Op *op, const uint16_t *src, uint16_t *buffer) {
+    const int wp = op->w + 2 * op->in_pad, c = op->c, span = op->kw * c;
+    const int fits = (op->kh - 1) * span + (span <= 16 ? 16 : 32) <= op->im2col;
+    const __mmask32 mask = (__mmask32)(span >= 32 ? 0xffffffffu : ((1u << span) - 1u));
+    uint16_t *row = buffer;
+    for (int oy = 0; oy < op->oh; oy++)
+        for (int ox = 0; ox < op->ow; ox++, row += op->im2col) {
+            const uint16_t *from = src + ((size_t)oy * op->sh * wp + (size_t)ox * op->sw) * c;
+            for (int ky = 0; ky < op->kh; ky++, from += (size_t)wp * c) {
+                if (fits && span <= 16)
+                    _mm256_storeu_si256((__m256i *)(row + ky * span), _mm256_loadu_si256((const __m256i *)from));
+                else if (fits)
+                    _mm512_storeu_si512(row + ky * span, _mm512_loadu_si512(from));
+                else if (span <= 32)
+                    _mm512_mask_storeu_epi16(row + ky * span, mask, _mm512_maskz_loadu_epi16(mask, from));
+                else
+                    memcpy(row + ky * span, from, (size_t)span * sizeof(uint16_t));
+            }
+        }
+}
+
+AMX_TARGET static void conv_crop(const Op *op, const uint16_t *src, uint16_t *dst, uint16_t *scratch) {
+    const int wp = op->w + 2 * op->in_pad, c = op->c;
+    const uint16_t *input = src;
+    size_t a_stride = (size_t)op->sw * c * sizeof(uint16_t);
+    if (op->im2col) {
+        fill_im2col(op, src, scratch);
+        input = scratch;
+        a_stride = (size_t)op->im2col * sizeof(uint16_t);
+    }
+    const size_t row_step = (size_t)wp * c;
+    /* the group shape: 4 accumulators whatever the output channel count */
+    const int mb = op->nblocks == 1 ? 4 : op->nblocks == 2 ? 2 : 1;
+    float acc[4][TILE_M * TILE_N] __attribute__((aligned(64)));
+    for (int first = 0; first < op->blocks; first += mb) {
+        const uint16_t *a[4];
+        const ptrdiff_t *rows[4];
+        for (int m = 0; m < 4; m++) {
+            /* a short last group repeats its last block (computed twice, stored alike) */
+            const int block = first + m < op->blocks ? first + m : op->blocks - 1;
+            a[m] = input + op->block_a[block];
+            rows[m] = op->block_out + (size_t)block * TILE_M;
+        }
+        for (int j0 = 0; j0 < op->nblocks; j0 += 4 / mb) {
+            const int nb = mb > 1 ? 4 / mb : (op->nblocks - j0 < 4 ? op->nblocks - j0 : 4);
+            conv_group(op, a, mb, nb, j0, row_step, a_stride, acc);
+            for (int m = 0; m < mb; m++)
+                for (int j = 0; j < nb; j++) store_block(acc[m * nb + j], op, j0 + j, rows[m], dst);
+        }
+    }
+}
+
+/* 16 bfloat16 values (masked) as float32. */
+AMX_TARGET static inline __m512 load16(const uint16_t *from, __mmask16 mask) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, from)), 16));
+}
+
+AMX_TARGET static void pool_crop(const Op *op, const uint16_t *src, uint16_t *dst, int dst_pad) {
+    const int c = op->c, dst_wp = op->ow + 2 * dst_pad;
+    const __m512 zero = _mm512_setzero_ps();
+    for (int oy = 0; oy < op->oh; oy++) {
+        int top = oy * op->sh - op->ph, bottom = top + op->kh;
+        const int padded_bottom = bottom < op->h + op->ph ? bottom : op->h + op->ph;
+        const int rows = padded_bottom - top;
+        if (top < 0) top = 0;
+        if (bottom > op->h) bottom = op->h;
+        for (int ox = 0; ox < op->ow; ox++) {
+            int left = ox * op->sw - op->pw, right = left + op->kw;
+            const int padded_right = right < op->w + op->pw ? right : op->w + op->pw;
+            const __m512 divisor = _mm512_set1_ps((float)(rows * (padded_right - left)));
+            if (left < 0) left = 0;
+            if (right > op->w) right = op->w;
+            uint16_t *out = dst + ((size_t)(oy + dst_pad) * dst_wp + ox + dst_pad) * c;
+            for (int c0 = 0; c0 < c; c0 += 32) {
+                const int width = c - c0 < 32 ? c - c0 : 32;
+                const __mmask32 mask = (__mmask32)(width == 32 ? 0xffffffffu : ((1u << width) - 1u));
+                const __mmask16 lo = (__mmask16)mask, hi = (__mmask16)(mask >> 16);
+                if (op->kind == OP_POOL_MAX && op->relu) {
+                    __m512i best = _mm512_setzero_si512();
+                    for (int y = top; y < bottom; y++)
+                        for (int x = left; x < right; x++)
+                            best = _mm512_max_epi16(best, _mm512_maskz_loadu_epi16(mask, src + ((size_t)y * op->w + x) * c + c0));
+                    _mm512_mask_storeu_epi16(out + c0, mask, best);
+                    continue;
+                }
+                const int ave = op->kind == OP_POOL_AVE;
+                __m512 a = ave ? zero : _mm512_set1_ps(-__FLT_MAX__), b = a;
+                for (int y = top; y < bottom; y++)
+                    for (int x = left; x < right; x++) {
+                        const uint16_t *pixel = src + ((size_t)y * op->w + x) * c + c0;
+                        const __m512 u = load16(pixel, lo), v = load16(pixel + 16, hi);
+                        a = ave ? _mm512_add_ps(a, u) : _mm512_max_ps(a, u);
+                        b = ave ? _mm512_add_ps(b, v) : _mm512_max_ps(b, v);
+                    }
+                if (ave) {
+                    a = _mm512_div_ps(a, divisor);
+                    b = _mm512_div_ps(b, divisor);
+                }
+                if (op->relu) {
+                    a = _mm512_max_ps(a, zero);
+                    b = _mm512_max_ps(b, zero);
+                }
+                _mm256_mask_storeu_epi16(out + c0, lo, (__m256i)_mm512_cvtneps_pbh(a));
+                _mm256_mask_storeu_epi16(out + c0 + 16, hi, (__m256i)_mm512_cvtneps_pbh(b));
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------- running */
+typedef struct {
+    const Program *program;
+    const float *src;
+    float *dst;
+    Py_ssize_t first, last;
+    int failed;
+} Job;
+
+#ifdef AMX_PROFILE
+static unsigned long long profile_cycles[MAX_OPS];
+__attribute__((destructor)) static void print_profile(void) {
+    for (int i = 0; i < MAX_OPS; i++)
+        if (profile_cycles[i]) fprintf(stderr, "op %d: %.1f Mcycles\n", i, profile_cycles[i] / 1e6);
+}
+#endif
+
+static int dst_pad_of(const Program *p, int i) {
+    return i + 1 < p->count && p->ops[i + 1].kind == OP_CONV ? p->ops[i + 1].in_pad : 0;
+}
+
+/* One float32 C×H×W crop into the first blob: bfloat16, channels-last, inside its zero border. */
+AMX_TARGET static void to_input(const float *image, const Op *first, uint16_t *input, int pad, int wp, uint16_t *row) {
+    const int c = first->c, h = first->h, w = first->w;
+    for (int y = 0; y < h; y++) {
+        for (int k = 0; k < c; k++) {
+            const float *from = image + ((size_t)k * h + y) * w;
+            uint16_t *to = row + (size_t)k * w;
+            for (int x = 0; x < w; x += 16) {
+                const int left = w - x < 16 ? w - x : 16;
+                const __mmask16 mask = (__mmask16)((1u << left) - 1u);
+                const __m512 v = _mm512_maskz_loadu_ps(mask, from + x);
+                _mm256_mask_storeu_epi16(to + x, mask, (__m256i)_mm512_cvtneps_pbh(v));
+            }
+        }
+        uint16_t *pixel = input + ((size_t)(y + pad) * wp + pad) * c;
+        for (int x = 0; x < w; x++, pixel += c)
+            for (int k = 0; k < c; k++) pixel[k] = row[(size_t)k * w + x];
+    }
+}
+
+AMX_TARGET static void *run_job(void *arg) {
+    Job *job = arg;
+    const Program *p = job->program;
+    uint16_t *blobs[MAX_OPS + 1];
+    uint16_t *row = malloc((size_t)p->ops[0].c * p->ops[0].w * sizeof(uint16_t));
+    uint16_t *scratch = p->scratch ? calloc(p->scratch, sizeof(uint16_t)) : NULL;
+    if (row == NULL || (p->scratch && scratch == NULL)) {
+        free(row);
+        free(scratch);
+        job->failed = 1;
+        return NULL;
+    }
+    for (int i = 0; i <= p->count; i++) {
+        blobs[i] = calloc(p->elements[i], sizeof(uint16_t));
+        if (blobs[i] == NULL) {
+            for (int k = 0; k < i; k++) free(blobs[k]);
+            free(row);
+            free(scratch);
+            job->failed = 1;
+            return NULL;
+        }
+    }
+    TileConfig config;
+    memset(&config, 0, sizeof config);
+    config.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        config.colsb[t] = 64;
+        config.rows[t] = 16;
+    }
+    _tile_loadconfig(&config);
+    const Op *first = &p->ops[0], *last = &p->ops[p->count - 1];
+    const int in_pad = first->kind == OP_CONV ? first->in_pad : 0;
+    const int in_wp = first->w + 2 * in_pad;
+    const size_t crop = (size_t)first->c * first->h * first->w;
+    const size_t out_crop = (size_t)last->oc * last->oh * last->ow;
+    for (Py_ssize_t b = job->first; b < job->last; b++) {
+        const float *image = job->src + (size_t)b * crop;
+        to_input(image, first, blobs[0], in_pad, in_wp, row);
+        for (int i = 0; i < p->count; i++) {
+            const Op *op = &p->ops[i];
+#ifdef AMX_PROFILE
+            unsigned long long t0 = __rdtsc();
+#endif
+            if (op->kind == OP_CONV)
+                conv_crop(op, blobs[i], blobs[i + 1], scratch);
+            else
+                pool_crop(op, blobs[i], blobs[i + 1], dst_pad_of(p, i));
+#ifdef AMX_PROFILE
+            __atomic_fetch_add(&profile_cycles[i], __rdtsc() - t0, __ATOMIC_RELAXED);
+#endif
+        }
+        float *out = job->dst + (size_t)b * out_crop;
+        const uint16_t *top = blobs[p->count];
+        for (size_t k = 0; k < out_crop; k++) out[k] = bf16_value(top[k]);
+    }
+    _tile_release();
+    for (int i = 0; i <= p->count; i++) free(blobs[i]);
+    free(row);
+    free(scratch);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------- building */
+static void free_program(Program *p) {
+    for (int i = 0; i < p->count; i++) {
+        free(p->ops[i].weights);
+        free(p->ops[i].bias);
+        free(p->ops[i].block_a);
+        free(p->ops[i].block_out);
+    }
+    free(p);
+}
+
+static void capsule_free(PyObject *capsule) {
+    Program *p = PyCapsule_GetPointer(capsule, "lymph_cv.amxconv.Program");
+    if (p != NULL) free_program(p);
+}
+
+/* Weights [oc][c][kh][kw] float32 into the B tiles of every (tile row, K chunk, output block):
+ * K position kx×C + c of kernel row ky, or (ky×kw + kx)×C + c of the one im2col row. */
+static int pack_weights(Op *op, const float *weights, const float *bias) {
+    const size_t b_tile = (size_t)TILE_K * TILE_N;
+    const size_t count = (size_t)op->rows * op->chunks * op->nblocks * b_tile;
+    op->weights = aligned_alloc(64, ((count * sizeof(uint16_t) + 63) / 64) * 64);
+    op->bias = calloc((size_t)op->nblocks * TILE_N, sizeof(float));
+    if (op->weights == NULL || op->bias == NULL) return -1;
+    memset(op->weights, 0, count * sizeof(uint16_t));
+    for (int o = 0; o < op->oc; o++)
+        for (int ch = 0; ch < op->c; ch++)
+            for (int ky = 0; ky < op->kh; ky++)
+                for (int kx = 0; kx < op->kw; kx++) {
+                    const int row = op->im2col ? 0 : ky;
+                    const int k = ((op->im2col ? ky * op->kw : 0) + kx) * op->c + ch;
+                    const int q = k / TILE_K, kk = k % TILE_K, j = o / TILE_N, n = o % TILE_N;
+                    uint16_t *tile = op->weights + (((size_t)row * op->chunks + q) * op->nblocks + j) * b_tile;
+                    tile[(kk / 2) * (TILE_N * 2) + n * 2 + (kk % 2)] =
+                        bf16_round(weights[(((size_t)o * op->c + ch) * op->kh + ky) * op->kw + kx]);
+                }
+    if (bias != NULL) memcpy(op->bias, bias, (size_t)op->oc * sizeof(float));
+    return 0;
+}
+
+/* Where a convolution's 16-pixel blocks read (A rows) and write (each row's output pixel):
+ * im2col rows in output order; else per output row, or, at stride 1 where it takes fewer blocks,
+ * along the padded input width (rows that land in the border are computed and dropped). */
+static int plan_blocks(Op *op, int dst_pad) {
+    const int wp = op->w + 2 * op->in_pad, dst_wp = op->ow + 2 * dst_pad;
+    const int per_row = (op->ow + TILE_M - 1) / TILE_M;
+    const int flat = (op->oh - 1) * wp + op->ow;
+    const int along = !op->im2col && op->sh == 1 && op->sw == 1 && (flat + TILE_M - 1) / TILE_M < op->oh * per_row;
+    op->blocks = op->im2col ? (op->oh * op->ow + TILE_M - 1) / TILE_M
+                 : along    ? (flat + TILE_M - 1) / TILE_M
+                            : op->oh * per_row;
+    op->block_a = malloc((size_t)op->blocks * sizeof(ptrdiff_t));
+    op->block_out = malloc((size_t)op->blocks * TILE_M * sizeof(ptrdiff_t));
+    if (op->block_a == NULL || op->block_out == NULL) return -1;
+    for (int b = 0; b < op->blocks; b++) {
+        int oy0 = 0, x0 = 0;
+        if (op->im2col)
+            op->block_a[b] = (ptrdiff_t)b * TILE_M * op->im2col;
+        else if (along)
+            op->block_a[b] = (ptrdiff_t)b * TILE_M * op->c;
+        else {
+            oy0 = b / per_row;
+            x0 = (b % per_row) * TILE_M;
+            op->block_a[b] = ((ptrdiff_t)oy0 * op->sh * wp + (ptrdiff_t)x0 * op->sw) * op->c;
+        }
+        for (int r = 0; r < TILE_M; r++) {
+            const int p = b * TILE_M + r;
+            int oy, ox;
+            if (op->im2col) {
+                oy = p / op->ow;
+                ox = p % op->ow;
+            } else if (along) {
+                oy = p / wp;
+                ox = p % wp;
+            } else {
+                oy = oy0;
+                ox = x0 + r;
+            }
+            op->block_out[(size_t)b * TILE_M + r] =
+                oy < op->oh && ox < op->ow ? ((ptrdiff_t)(oy + dst_pad) * dst_wp + dst_pad + ox) * op->oc : -1;
+        }
+    }
+    return 0;
+}
+
+static int item_int(PyObject *seq, Py_ssize_t index, int *out) {
+    PyObject *item = PySequence_GetItem(seq, index);
+    if (item == NULL) return -1;
+    long value = PyLong_AsLong(item);
+    Py_DECREF(item);
+    if (value == -1 && PyErr_Occurred()) return -1;
+    if (value < 0 || value > (1 << 20)) {
+        PyErr_Format(PyExc_ValueError, "program: field %zd out of range (%ld)", index, value);
+        return -1;
+    }
+    *out = (int)value;
+    return 0;
+}
+
+/* ops: sequence of (kind, relu, c, h, w, in_pad, oc, oh, ow, kh, kw, sh, sw, ph, pw, weights, bias);
+ * weights/bias: float32 buffers (convolutions) or None. */
+static PyObject *program(PyObject *self, PyObject *args) {
+    PyObject *ops;
+    if (!PyArg_ParseTuple(args, "O", &ops)) return NULL;
+    if (!amx_ready()) {
+        PyErr_SetString(PyExc_RuntimeError, "program: this CPU or kernel offers no AMX bfloat16");
+        return NULL;
+    }
+    Py_ssize_t count = PySequence_Length(ops);
+    if (count < 1 || count > MAX_OPS) {
+        if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "program: 1 to %d layers, got %zd", MAX_OPS, count);
+        return NULL;
+    }
+    Program *p = calloc(1, sizeof(Program));
+    if (p == NULL) return PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *spec = PySequence_GetItem(ops, i);
+        if (spec == NULL) goto fail;
+        Op *op = &p->ops[i];
+        int *fields[] = {&op->kind, &op->relu, &op->c, &op->h, &op->w, &op->in_pad, &op->oc, &op->oh, &op->ow,
+                         &op->kh, &op->kw, &op->sh, &op->sw, &op->ph, &op->pw};
+        const Py_ssize_t nfields = (Py_ssize_t)(sizeof fields / sizeof fields[0]);
+        if (PySequence_Length(spec) != nfields + 2) {
+            PyErr_Format(PyExc_ValueError, "program: layer %zd: expected %zd fields", i, nfields + 2);
+            Py_DECREF(spec);
+            goto fail;
+        }
+        for (Py_ssize_t f = 0; f < nfields; f++)
+            if (item_int(spec, f, fields[f]) < 0) {
+                Py_DECREF(spec);
+                goto fail;
+            }
+        p->count = (int)i + 1;
+        int bad = op->kind > OP_POOL_AVE || op->c < 1 || op->h < 1 || op->w < 1 || op->oc < 1 || op->oh < 1 ||
+                  op->ow < 1 || op->kh < 1 || op->kw < 1 || op->sh < 1 || op->sw < 1;
+        if (op->kind == OP_CONV)
+            bad |= op->sh != op->sw || (op->oh - 1) * op->sh + op->kh > op->h + 2 * op->in_pad ||
+                   (op->ow - 1) * op->sw + op->kw > op->w + 2 * op->in_pad;
+        else
+            bad |= op->oc != op->c || op->in_pad != 0 || (op->oh - 1) * op->sh - op->ph >= op->h ||
+                   (op->ow - 1) * op->sw - op->pw >= op->w;
+        if (i > 0) {
+            const Op *prev = &p->ops[i - 1];
+            bad |= prev->oc != op->c || prev->oh != op->h || prev->ow != op->w;
+        }
+        if (bad) {
+            PyErr_Format(PyExc_ValueError, "program: layer %zd: inconsistent geometry", i);
+            Py_DECREF(spec);
+            goto fail;
+        }
+        if (op->kind == OP_CONV) {
+            /* im2col where the kernel rows' K tiles would be a quarter or more padding */
+            const int direct = op->kh * ((op->kw * op->c + TILE_K - 1) / TILE_K);
+            const int whole = (op->kh * op->kw * op->c + TILE_K - 1) / TILE_K;
+            op->im2col = whole * 4 < direct * 3 ? whole * TILE_K : 0;
+            op->rows = op->im2col ? 1 : op->kh;
+            op->chunks = op->im2col ? whole : (op->kw * op->c + TILE_K - 1) / TILE_K;
+            op->nblocks = (op->oc + TILE_N - 1) / TILE_N;
+            PyObject *wobj = PySequence_GetItem(spec, nfields), *bobj = PySequence_GetItem(spec, nfields + 1);
+            Py_buffer wbuf = {0}, bbuf = {0};
+            int ok = wobj != NULL && bobj != NULL && PyObject_GetBuffer(wobj, &wbuf, PyBUF_C_CONTIGUOUS) == 0;
+            int have_bias = ok && bobj != Py_None;
+            if (have_bias) ok = PyObject_GetBuffer(bobj, &bbuf, PyBUF_C_CONTIGUOUS) == 0;
+            if (ok && (wbuf.len != (Py_ssize_t)((size_t)op->oc * op->c * op->kh * op->kw * sizeof(float)) ||
+                       (have_bias && bbuf.len != (Py_ssize_t)(op->oc * sizeof(float))))) {
+                PyErr_Format(PyExc_ValueError, "program: layer %zd: weight or bias size does not match", i);
+                ok = 0;
+            }
+            if (ok && pack_weights(op, wbuf.buf, have_bias ? bbuf.buf : NULL) < 0) {
+                PyErr_NoMemory();
+                ok = 0;
+            }
+            if (wbuf.obj) PyBuffer_Release(&wbuf);
+            if (bbuf.obj) PyBuffer_Release(&bbuf);
+            Py_XDECREF(wobj);
+            Py_XDECREF(bobj);
+            if (!ok) {
+                Py_DECREF(spec);
+                goto fail;
+            }
+        }
+        Py_DECREF(spec);
+    }
+    /* Blob i is op i's input (blob count: the last top). A convolution's A tiles read up to 16
+     * pixels × stride past the last output and a K chunk past the kernel row: slack for both. */
+    for (int i = 0; i < p->count; i++) {
+        Op *op = &p->ops[i];
+        if (op->kind != OP_CONV) continue;
+        if (plan_blocks(op, dst_pad_of(p, i)) < 0) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+        const size_t rows = (size_t)op->blocks * TILE_M * op->im2col + TILE_K;
+        if (op->im2col && rows > p->scratch) p->scratch = rows;
+    }
+    for (int i = 0; i <= p->count; i++) {
+        size_t size;
+        if (i < p->count) {
+            const Op *op = &p->ops[i];
+            const int pad = op->kind == OP_CONV ? op->in_pad : 0;
+            size = (size_t)(op->h + 2 * pad) * (op->w + 2 * pad) * op->c;
+            if (op->kind == OP_CONV) size += (size_t)(TILE_M + 1) * op->sw * op->c + (size_t)op->chunks * TILE_K;
+        } else {
+            const Op *op = &p->ops[p->count - 1];
+            size = (size_t)op->oh * op->ow * op->oc;
+        }
+        p->elements[i] = size + TILE_K;
+    }
+    return PyCapsule_New(p, "lymph_cv.amxconv.Program", capsule_free);
+fail:
+    free_program(p);
+    return NULL;
+}
+
+static PyObject *run(PyObject *self, PyObject *args) {
+    PyObject *capsule;
+    Py_buffer src, dst;
+    Py_ssize_t n;
+    int threads;
+    if (!PyArg_ParseTuple(args, "Oy*nw*i", &capsule, &src, &n, &dst, &threads)) return NULL;
+    PyObject *result = NULL;
+    const Program *p = PyCapsule_GetPointer(capsule, "lymph_cv.amxconv.Program");
+    if (p == NULL) goto done;
+    const Op *first = &p->ops[0], *last = &p->ops[p->count - 1];
+    const Py_ssize_t crop = (Py_ssize_t)first->c * first->h * first->w;
+    const Py_ssize_t out_crop = (Py_ssize_t)last->oc * last->oh * last->ow;
+    if (n < 0 || src.len != n * crop * (Py_ssize_t)sizeof(float) || dst.len != n * out_crop * (Py_ssize_t)sizeof(float)) {
+        PyErr_SetString(PyExc_ValueError, "run: buffer sizes do not match the program's input and output");
+        goto done;
+    }
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > n) threads = n > 0 ? (int)n : 1;
+    Job jobs[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int running[MAX_THREADS] = {0};
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (int t = 0; t < threads; t++)
+        jobs[t] = (Job){p, src.buf, dst.buf, n * t / threads, n * (t + 1) / threads, 0};
+    for (int t = 1; t < threads; t++) running[t] = pthread_create(&ids[t], NULL, run_job, &jobs[t]) == 0;
+    run_job(&jobs[0]);
+    for (int t = 1; t < threads; t++) {
+        if (running[t])
+            pthread_join(ids[t], NULL);
+        else
+            run_job(&jobs[t]); /* no thread: this one does that share too */
+    }
+    for (int t = 0; t < threads; t++) failed |= jobs[t].failed;
+    Py_END_ALLOW_THREADS
+    if (failed) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    return result;
+}
+
+static PyObject *available(PyObject *self, PyObject *unused) { return PyBool_FromLong(amx_ready()); }
+
+static PyObject *round_bf16(PyObject *self, PyObject *args) {
+    Py_buffer src, dst;
+    if (!PyArg_ParseTuple(args, "y*w*", &src, &dst)) return NULL;
+    PyObject *result = NULL;
+    if (src.len % sizeof(float) || dst.len * 2 != src.len) {
+        PyErr_SetString(PyExc_ValueError, "round_bf16: dst must hold one uint16 per float32 of src");
+    } else {
+        const float *in = src.buf;
+        uint16_t *out = dst.buf;
+        for (Py_ssize_t i = 0; i < src.len / (Py_ssize_t)sizeof(float); i++) out[i] = bf16_round(in[i]);
+        result = Py_None;
+        Py_INCREF(result);
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"available", available, METH_NOARGS, "available() -> bool: AMX bfloat16 on this CPU, granted by the kernel."},
+    {"program", program, METH_VARARGS,
+     "program(ops) -> capsule: ops (kind, relu, c, h, w, in_pad, oc, oh, ow, kh, kw, sh, sw, ph, pw, weights, bias);\n"
+     "kind 0 convolution (weights float32 oc×c×kh×kw, bias float32 oc or None), 1 MAX, 2 AVE pooling."},
+    {"run", run, METH_VARARGS,
+     "run(program, src, n, dst, threads): n float32 crops (c×h×w) through the program into dst (float32 h×w×c)."},
+    {"round_bf16", round_bf16, METH_VARARGS, "round_bf16(src float32, dst uint16): round to nearest even."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "amxconv",
+                                    "Convolution, pooling and ReLU layers in bfloat16 on Intel AMX.", -1, methods};
+
+PyMODINIT_FUNC PyInit_amxconv(void) { return PyModule_Create(&module); }

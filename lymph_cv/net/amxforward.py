@@ -1,0 +1,133 @@
+"""A plain deploy net's forward pass with its convolution prefix in bfloat16 on Intel AMX, no torch.
+
+:class:`AMXForward` runs the leading run of Convolution, Pooling (MAX, AVE) and plain ReLU layers of
+a :class:`lymph_cv.net.plain.PlainNet` in :mod:`lymph_cv.net.amxconv` (``make native``), one crop
+at a time per thread with every blob in L2, and the rest of the net (InnerProduct, Softmax, …) in
+float32 through :meth:`PlainNet.forward`.  The arithmetic is lymph_cv.net.bf16's (oneDNN's): crops,
+weights and blobs bfloat16, products accumulated in float32, the bias added in float32.  So the
+results differ from float32 by bfloat16's 8-bit significand, and lymph_cv.stages.evaluate rechecks
+close windows in float32 as it does for the torch bfloat16 path.
+
+A ReLU folds into the layer before it when it reads that layer's top and nothing after it reads
+the blob before the ReLU.  The prefix ends at the first other layer; a prefix without a
+convolution, or whose intermediate blobs a later layer reads, is :class:`UnsupportedNet`.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from lymph_cv.core.native import native_enabled
+from lymph_cv.net.plain import PlainNet, UnsupportedNet
+
+#: amxconv's layer kinds.
+KINDS = {"Convolution": 0, "MAX": 1, "AVE": 2}
+#: The layer types the native prefix holds.
+PREFIX_TYPES = ("Convolution", "Pooling", "ReLU")
+
+
+def native_module():
+    """:mod:`lymph_cv.net.amxconv`, or None when it is not built or ``LYMPH_CV_NATIVE=0``."""
+    if not native_enabled():
+        return None
+    try:
+        from lymph_cv.net import amxconv
+    except ImportError:  # an optional build that failed: the callers take another path
+        return None
+    return amxconv
+
+
+def available() -> bool:
+    """Whether this process can run :class:`AMXForward`: the extension is built and enabled, the
+    CPU has AMX-BF16 and AVX512-BF16, and the kernel grants the tile state."""
+    module = native_module()
+    return module is not None and bool(module.available())
+
+
+def default_threads() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def prefix_ops(net: PlainNet) -> Tuple[List[tuple], int, str]:
+    """(amxconv ops, index in ``net.layers`` of the first layer after the prefix, the prefix's top)."""
+    ops: List[tuple] = []
+    blob = net.input
+    index = 0
+    made: List[str] = []
+    while index < len(net.layers):
+        layer = net.layers[index]
+        if layer.type not in PREFIX_TYPES or layer.bottoms != [blob]:
+            break
+        if layer.type == "ReLU":
+            if layer.params["slope"] or not ops:
+                break
+            ops[-1] = (ops[-1][0], 1) + ops[-1][2:]
+        else:
+            n, c, h, w = net.blob_shapes[blob]
+            _, oc, oh, ow = net.blob_shapes[layer.tops[0]]
+            (kh, kw), (sh, sw), (ph, pw) = layer.params["kernel"], layer.params["stride"], layer.params["pad"]
+            if layer.type == "Convolution":
+                if sh != sw or ph != pw:
+                    break
+                weights = layer.blobs[0]
+                bias = layer.blobs[1].reshape(-1) if layer.params["bias_term"] else None
+                ops.append((KINDS["Convolution"], 0, c, h, w, ph, oc, oh, ow, kh, kw, sh, sw, 0, 0,
+                            np.ascontiguousarray(weights, dtype=np.float32),
+                            None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)))
+            else:
+                ops.append((KINDS[layer.params["method"]], 0, c, h, w, 0, oc, oh, ow, kh, kw, sh, sw, ph, pw, None, None))
+        blob = layer.tops[0]
+        made.append(blob)
+        index += 1
+    if not any(op[0] == KINDS["Convolution"] for op in ops):
+        raise UnsupportedNet(f"net {net.name!r}: no convolution leads the net (nothing for AMX)")
+    # the float32 rest starts from the prefix's top alone
+    hidden = (set(made) | {net.input}) - {blob}
+    read = hidden & {bottom for layer in net.layers[index:] for bottom in layer.bottoms}
+    if read:
+        raise UnsupportedNet(f"net {net.name!r}: later layers read {', '.join(sorted(read))}, blobs inside the "
+                             f"convolution prefix")
+    return ops, index, blob
+
+
+class AMXForward:
+    """``net``'s forward pass with its convolution prefix on AMX (module docstring)."""
+
+    def __init__(self, net: PlainNet, threads: Optional[int] = None):
+        module = native_module()
+        if module is None or not module.available():
+            raise UnsupportedNet("no AMX bfloat16 here (CPU, kernel, `make native` or LYMPH_CV_NATIVE=0)")
+        self.net = net
+        ops, self.end, self.top = prefix_ops(net)
+        self._module = module
+        self._program = module.program(ops)
+        self.threads = threads or default_threads()
+        _, c, h, w = net.blob_shapes[net.input]
+        _, oc, oh, ow = net.blob_shapes[self.top]
+        self.crop_shape = (c, h, w)
+        self.top_shape = (oh, ow, oc)  # channels-last, as amxconv writes it
+
+    @property
+    def layer_names(self) -> List[str]:
+        """The layers that run on AMX."""
+        return [layer.name for layer in self.net.layers[: self.end]]
+
+    def forward(self, crops: np.ndarray, blobs=()) -> dict:
+        """The first output and the named ``blobs`` after the prefix, float32, for N×C×H×W crops."""
+        crops = np.ascontiguousarray(crops, dtype=np.float32)
+        if crops.ndim != 4 or tuple(crops.shape[1:]) != self.crop_shape:
+            raise ValueError(f"crops of shape {crops.shape}, the net takes N×{'×'.join(map(str, self.crop_shape))}")
+        n = crops.shape[0]
+        top = np.empty((n,) + self.top_shape, dtype=np.float32)
+        if n:
+            self._module.run(self._program, crops, n, top, self.threads)
+        # an N×C×H×W view of channels-last memory, as PlainNet's own blobs are
+        return self.net.forward({self.top: top.transpose(0, 3, 1, 2)}, start=self.end, blobs=blobs)
+
+    def predict(self, crops: np.ndarray) -> np.ndarray:
+        """(N, classes) float32 values of the first output for N×C×H×W float32 crops."""
+        out = self.forward(crops)[self.net.output]
+        return out.reshape(out.shape[0], -1)
