@@ -56,6 +56,7 @@ typedef struct {
     ptrdiff_t *block_a;  /* [blocks]: a block's first A row in the input (or im2col) buffer */
     ptrdiff_t *block_out; /* [blocks][16]: each row's output pixel in the output buffer, or -1 */
     uint16_t *weights;   /* [rows][chunks][nblocks][16 pairs][16][2] */
+    float *weights32;    /* float32 programs: [kh][kw×c][nblocks][16] */
     float *bias;         /* [nblocks*16], zero past oc */
 } Op;
 
@@ -64,6 +65,7 @@ typedef struct {
     Op ops[MAX_OPS];
     size_t elements[MAX_OPS + 1]; /* blob i's buffer size in bfloat16 values, slack included */
     size_t scratch;               /* im2col buffer size in bfloat16 values */
+    int f32;                      /* a float32 program (AVX-512, no AMX): blobs hold float32 values */
 } Program;
 
 typedef struct {
@@ -94,6 +96,27 @@ static int probe_amx(void) {
     if (!((a >> 5) & 1)) return 0; /* AVX512_BF16 (the rounding instruction) */
     /* Linux hands out the tile data state only on request (arch_prctl, 5.16+). */
     return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+static int avx512_state = -1;
+
+/* AVX-512 F/BW/VL with the OS saving its state: what a float32 program needs. */
+static int probe_avx512(void) {
+    unsigned int a, b, c, d;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(0));
+    if (a < 7) return 0;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(1), "c"(0));
+    if (!(c & (1u << 27))) return 0;
+    unsigned int xlo, xhi;
+    __asm__ volatile("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));
+    if ((xlo & 0xE6u) != 0xE6u) return 0;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+    return ((b >> 16) & 1) && ((b >> 30) & 1) && ((b >> 31) & 1);
+}
+
+static int avx512_ready(void) {
+    if (avx512_state < 0) avx512_state = probe_avx512();
+    return avx512_state;
 }
 
 static int amx_ready(void) {
@@ -139,7 +162,9 @@ AMX_TARGET static inline void store_block(const float *acc, const Op *op, int bl
 /* One group of output pixel blocks × output channel blocks: MB blocks of 16 pixels (A tiles from
  * a[m]) times NB blocks of 16 channels from j0, accumulated in tiles 0-3: 4 independent chains,
  * since a TDPBF16PS waits for the last one into the same tile.  Shapes: 1×NB (NB ≤ 4; A in tile
- * 4, B in 5 and 6), 2×2 (A 4 and 5, B 6 and 7) and 4×1 (A in 4, 5 and 7 in turn, B in 6). */
+ * 4, B in 5, 6, 7, then 5 again), 2×2 (A 4 and 5, B 6 and 7) and 4×1 (A in 4, 5, 7, then 4 again,
+ * B in 6).  A step loads its tiles before its products: a load into a tile waits for the products
+ * that read it, so interleaving loads and products serialised them (1.7× slower, measured). */
 #define DP(c, a, b) _tile_dpbf16ps(c, a, b)
 AMX_TARGET static void conv_group(const Op *op, const uint16_t *const a[4], int mb, int nb, int j0, size_t row_step,
                                   size_t a_stride, float acc[4][TILE_M * TILE_N]) {
@@ -157,37 +182,33 @@ AMX_TARGET static void conv_group(const Op *op, const uint16_t *const a[4], int 
             if (mb == 4) {
                 _tile_loadd(6, w, 64);
                 _tile_loadd(4, a[0] + k, a_stride);
-                DP(0, 4, 6);
                 _tile_loadd(5, a[1] + k, a_stride);
-                DP(1, 5, 6);
                 _tile_loadd(7, a[2] + k, a_stride);
+                DP(0, 4, 6);
+                DP(1, 5, 6);
                 DP(2, 7, 6);
                 _tile_loadd(4, a[3] + k, a_stride);
                 DP(3, 4, 6);
             } else if (mb == 2) {
                 _tile_loadd(4, a[0] + k, a_stride);
                 _tile_loadd(6, w, 64);
-                DP(0, 4, 6);
-                _tile_loadd(7, w + b_tile, 64);
-                DP(1, 4, 7);
                 _tile_loadd(5, a[1] + k, a_stride);
+                _tile_loadd(7, w + b_tile, 64);
+                DP(0, 4, 6);
                 DP(2, 5, 6);
+                DP(1, 4, 7);
                 DP(3, 5, 7);
             } else {
                 _tile_loadd(4, a[0] + k, a_stride);
                 _tile_loadd(5, w, 64);
+                if (nb > 1) _tile_loadd(6, w + b_tile, 64);
+                if (nb > 2) _tile_loadd(7, w + 2 * b_tile, 64);
                 DP(0, 4, 5);
-                if (nb > 1) {
-                    _tile_loadd(6, w + b_tile, 64);
-                    DP(1, 4, 6);
-                }
-                if (nb > 2) {
-                    _tile_loadd(5, w + 2 * b_tile, 64);
-                    DP(2, 4, 5);
-                }
+                if (nb > 1) DP(1, 4, 6);
+                if (nb > 2) DP(2, 4, 7);
                 if (nb > 3) {
-                    _tile_loadd(6, w + 3 * b_tile, 64);
-                    DP(3, 4, 6);
+                    _tile_loadd(5, w + 3 * b_tile, 64);
+                    DP(3, 4, 5);
                 }
             }
         }
@@ -332,6 +353,132 @@ static int dst_pad_of(const Program *p, int i) {
     return i + 1 < p->count && p->ops[i + 1].kind == OP_CONV ? p->ops[i + 1].in_pad : 0;
 }
 
+/* ------------------------------------------------------------------------- float32 */
+#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+/* The bias, ReLU and store of one pixel's 16 output channels from j×16. */
+AVX512_TARGET static inline void store_f32(const Op *op, int j, __m512 v, float *to) {
+    const int first = j * TILE_N;
+    const int valid = op->oc - first < TILE_N ? op->oc - first : TILE_N;
+    v = _mm512_add_ps(v, _mm512_loadu_ps(op->bias + first));
+    if (op->relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
+    _mm512_mask_storeu_ps(to + first, (__mmask16)((1u << valid) - 1u), v);
+}
+
+/* A float32 convolution with the same 16-pixel blocks: each kernel row's kw×C input values
+ * broadcast against the weights' output channels, 16 accumulators: 16 pixels × 16 channels, or,
+ * with channel blocks in pairs, 8 pixels × 32 channels (a broadcast then feeds two FMAs). */
+AVX512_TARGET static void conv_crop_f32(const Op *op, const float *src, float *dst) {
+    const int wp = op->w + 2 * op->in_pad, c = op->c, span = op->kw * c;
+    const size_t step = (size_t)op->sw * c, row_step = (size_t)wp * c;
+    const size_t w_step = (size_t)op->nblocks * TILE_N;
+    const __m512 zero = _mm512_setzero_ps();
+    for (int b = 0; b < op->blocks; b++) {
+        const float *a = src + op->block_a[b];
+        const ptrdiff_t *rows = op->block_out + (size_t)b * TILE_M;
+        int j = 0;
+        for (; j + 1 < op->nblocks; j += 2)
+            for (int half = 0; half < TILE_M; half += 8) {
+                __m512 lo[8], hi[8];
+#pragma GCC unroll 8
+                for (int m = 0; m < 8; m++) lo[m] = hi[m] = zero;
+                for (int ky = 0; ky < op->kh; ky++) {
+                    const float *x = a + (size_t)ky * row_step + half * step;
+                    const float *w = op->weights32 + ((size_t)ky * span * op->nblocks + j) * TILE_N;
+                    for (int k = 0; k < span; k++, w += w_step) {
+                        const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + TILE_N);
+#pragma GCC unroll 8
+                        for (int m = 0; m < 8; m++) {
+                            const __m512 v = _mm512_set1_ps(x[m * step + k]);
+                            lo[m] = _mm512_fmadd_ps(v, w0, lo[m]);
+                            hi[m] = _mm512_fmadd_ps(v, w1, hi[m]);
+                        }
+                    }
+                }
+                for (int m = 0; m < 8; m++) {
+                    if (rows[half + m] < 0) continue;
+                    store_f32(op, j, lo[m], dst + rows[half + m]);
+                    store_f32(op, j + 1, hi[m], dst + rows[half + m]);
+                }
+            }
+        for (; j < op->nblocks; j++) {
+            __m512 acc[TILE_M];
+#pragma GCC unroll 16
+            for (int m = 0; m < TILE_M; m++) acc[m] = zero;
+            for (int ky = 0; ky < op->kh; ky++) {
+                const float *x = a + (size_t)ky * row_step;
+                const float *w = op->weights32 + ((size_t)ky * span * op->nblocks + j) * TILE_N;
+                for (int k = 0; k < span; k++, w += w_step) {
+                    const __m512 wv = _mm512_loadu_ps(w);
+#pragma GCC unroll 16
+                    for (int m = 0; m < TILE_M; m++) acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(x[m * step + k]), wv, acc[m]);
+                }
+            }
+            for (int m = 0; m < TILE_M; m++)
+                if (rows[m] >= 0) store_f32(op, j, acc[m], dst + rows[m]);
+        }
+    }
+}
+
+AVX512_TARGET static void pool_crop_f32(const Op *op, const float *src, float *dst, int dst_pad) {
+    const int c = op->c, dst_wp = op->ow + 2 * dst_pad;
+    const __m512 zero = _mm512_setzero_ps();
+    for (int oy = 0; oy < op->oh; oy++) {
+        int top = oy * op->sh - op->ph, bottom = top + op->kh;
+        const int padded_bottom = bottom < op->h + op->ph ? bottom : op->h + op->ph;
+        const int rows = padded_bottom - top;
+        if (top < 0) top = 0;
+        if (bottom > op->h) bottom = op->h;
+        for (int ox = 0; ox < op->ow; ox++) {
+            int left = ox * op->sw - op->pw, right = left + op->kw;
+            const int padded_right = right < op->w + op->pw ? right : op->w + op->pw;
+            const __m512 divisor = _mm512_set1_ps((float)(rows * (padded_right - left)));
+            if (left < 0) left = 0;
+            if (right > op->w) right = op->w;
+            float *out = dst + ((size_t)(oy + dst_pad) * dst_wp + ox + dst_pad) * c;
+            const int ave = op->kind == OP_POOL_AVE;
+            for (int c0 = 0; c0 < c; c0 += 16) {
+                const int width = c - c0 < 16 ? c - c0 : 16;
+                const __mmask16 mask = (__mmask16)((1u << width) - 1u);
+                __m512 acc = ave ? zero : _mm512_set1_ps(-__FLT_MAX__);
+                for (int y = top; y < bottom; y++)
+                    for (int x = left; x < right; x++) {
+                        const __m512 v = _mm512_maskz_loadu_ps(mask, src + ((size_t)y * op->w + x) * c + c0);
+                        acc = ave ? _mm512_add_ps(acc, v) : _mm512_max_ps(acc, v);
+                    }
+                if (ave) acc = _mm512_div_ps(acc, divisor);
+                if (op->relu) acc = _mm512_max_ps(acc, zero);
+                _mm512_mask_storeu_ps(out + c0, mask, acc);
+            }
+        }
+    }
+}
+
+AVX512_TARGET static void run_crops_f32(const Program *p, const float *src, float *dst, Py_ssize_t first_crop,
+                                        Py_ssize_t last_crop, float **blobs) {
+    const Op *first = &p->ops[0], *last = &p->ops[p->count - 1];
+    const int in_pad = first->kind == OP_CONV ? first->in_pad : 0;
+    const int in_wp = first->w + 2 * in_pad;
+    const size_t crop = (size_t)first->c * first->h * first->w;
+    const size_t out_crop = (size_t)last->oc * last->oh * last->ow;
+    for (Py_ssize_t b = first_crop; b < last_crop; b++) {
+        const float *image = src + (size_t)b * crop;
+        for (int k = 0; k < first->c; k++)
+            for (int y = 0; y < first->h; y++)
+                for (int x = 0; x < first->w; x++)
+                    blobs[0][((size_t)(y + in_pad) * in_wp + x + in_pad) * first->c + k] =
+                        image[((size_t)k * first->h + y) * first->w + x];
+        for (int i = 0; i < p->count; i++) {
+            const Op *op = &p->ops[i];
+            if (op->kind == OP_CONV)
+                conv_crop_f32(op, blobs[i], blobs[i + 1]);
+            else
+                pool_crop_f32(op, blobs[i], blobs[i + 1], dst_pad_of(p, i));
+        }
+        memcpy(dst + (size_t)b * out_crop, blobs[p->count], out_crop * sizeof(float));
+    }
+}
+
 /* One float32 C×H×W crop into the first blob: bfloat16, channels-last, inside its zero border. */
 AMX_TARGET static void to_input(const float *image, const Op *first, uint16_t *input, int pad, int wp, uint16_t *row) {
     const int c = first->c, h = first->h, w = first->w;
@@ -352,9 +499,26 @@ AMX_TARGET static void to_input(const float *image, const Op *first, uint16_t *i
     }
 }
 
+static void *run_job_f32(Job *job) {
+    const Program *p = job->program;
+    float *blobs[MAX_OPS + 1];
+    for (int i = 0; i <= p->count; i++) {
+        blobs[i] = calloc(p->elements[i], sizeof(float));
+        if (blobs[i] == NULL) {
+            for (int k = 0; k < i; k++) free(blobs[k]);
+            job->failed = 1;
+            return NULL;
+        }
+    }
+    run_crops_f32(p, job->src, job->dst, job->first, job->last, blobs);
+    for (int i = 0; i <= p->count; i++) free(blobs[i]);
+    return NULL;
+}
+
 AMX_TARGET static void *run_job(void *arg) {
     Job *job = arg;
     const Program *p = job->program;
+    if (p->f32) return run_job_f32(job);
     uint16_t *blobs[MAX_OPS + 1];
     uint16_t *row = malloc((size_t)p->ops[0].c * p->ops[0].w * sizeof(uint16_t));
     uint16_t *scratch = p->scratch ? calloc(p->scratch, sizeof(uint16_t)) : NULL;
@@ -418,6 +582,7 @@ AMX_TARGET static void *run_job(void *arg) {
 static void free_program(Program *p) {
     for (int i = 0; i < p->count; i++) {
         free(p->ops[i].weights);
+        free(p->ops[i].weights32);
         free(p->ops[i].bias);
         free(p->ops[i].block_a);
         free(p->ops[i].block_out);
@@ -450,6 +615,23 @@ static int pack_weights(Op *op, const float *weights, const float *bias) {
                     tile[(kk / 2) * (TILE_N * 2) + n * 2 + (kk % 2)] =
                         bf16_round(weights[(((size_t)o * op->c + ch) * op->kh + ky) * op->kw + kx]);
                 }
+    if (bias != NULL) memcpy(op->bias, bias, (size_t)op->oc * sizeof(float));
+    return 0;
+}
+
+/* Weights [oc][c][kh][kw] float32 as [kh][kw×c][nblocks][16] (zero past oc) for float32 programs. */
+static int pack_weights_f32(Op *op, const float *weights, const float *bias) {
+    const size_t span = (size_t)op->kw * op->c;
+    const size_t count = (size_t)op->kh * span * op->nblocks * TILE_N;
+    op->weights32 = calloc(count, sizeof(float));
+    op->bias = calloc((size_t)op->nblocks * TILE_N, sizeof(float));
+    if (op->weights32 == NULL || op->bias == NULL) return -1;
+    for (int o = 0; o < op->oc; o++)
+        for (int ch = 0; ch < op->c; ch++)
+            for (int ky = 0; ky < op->kh; ky++)
+                for (int kx = 0; kx < op->kw; kx++)
+                    op->weights32[(((size_t)ky * span + (size_t)kx * op->c + ch) * op->nblocks + o / TILE_N) * TILE_N + o % TILE_N] =
+                        weights[(((size_t)o * op->c + ch) * op->kh + ky) * op->kw + kx];
     if (bias != NULL) memcpy(op->bias, bias, (size_t)op->oc * sizeof(float));
     return 0;
 }
@@ -517,9 +699,11 @@ static int item_int(PyObject *seq, Py_ssize_t index, int *out) {
  * weights/bias: float32 buffers (convolutions) or None. */
 static PyObject *program(PyObject *self, PyObject *args) {
     PyObject *ops;
-    if (!PyArg_ParseTuple(args, "O", &ops)) return NULL;
-    if (!amx_ready()) {
-        PyErr_SetString(PyExc_RuntimeError, "program: this CPU or kernel offers no AMX bfloat16");
+    int f32 = 0;
+    if (!PyArg_ParseTuple(args, "O|p", &ops, &f32)) return NULL;
+    if (f32 ? !avx512_ready() : !amx_ready()) {
+        PyErr_SetString(PyExc_RuntimeError, f32 ? "program: this CPU offers no AVX-512"
+                                                : "program: this CPU or kernel offers no AMX bfloat16");
         return NULL;
     }
     Py_ssize_t count = PySequence_Length(ops);
@@ -529,6 +713,7 @@ static PyObject *program(PyObject *self, PyObject *args) {
     }
     Program *p = calloc(1, sizeof(Program));
     if (p == NULL) return PyErr_NoMemory();
+    p->f32 = f32;
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *spec = PySequence_GetItem(ops, i);
         if (spec == NULL) goto fail;
@@ -568,7 +753,7 @@ static PyObject *program(PyObject *self, PyObject *args) {
             /* im2col where the kernel rows' K tiles would be a quarter or more padding */
             const int direct = op->kh * ((op->kw * op->c + TILE_K - 1) / TILE_K);
             const int whole = (op->kh * op->kw * op->c + TILE_K - 1) / TILE_K;
-            op->im2col = whole * 4 < direct * 3 ? whole * TILE_K : 0;
+            op->im2col = !f32 && whole * 4 < direct * 3 ? whole * TILE_K : 0;
             op->rows = op->im2col ? 1 : op->kh;
             op->chunks = op->im2col ? whole : (op->kw * op->c + TILE_K - 1) / TILE_K;
             op->nblocks = (op->oc + TILE_N - 1) / TILE_N;
@@ -582,7 +767,8 @@ static PyObject *program(PyObject *self, PyObject *args) {
                 PyErr_Format(PyExc_ValueError, "program: layer %zd: weight or bias size does not match", i);
                 ok = 0;
             }
-            if (ok && pack_weights(op, wbuf.buf, have_bias ? bbuf.buf : NULL) < 0) {
+            if (ok && (f32 ? pack_weights_f32(op, wbuf.buf, have_bias ? bbuf.buf : NULL)
+                           : pack_weights(op, wbuf.buf, have_bias ? bbuf.buf : NULL)) < 0) {
                 PyErr_NoMemory();
                 ok = 0;
             }
@@ -678,6 +864,8 @@ done:
 
 static PyObject *available(PyObject *self, PyObject *unused) { return PyBool_FromLong(amx_ready()); }
 
+static PyObject *available_f32(PyObject *self, PyObject *unused) { return PyBool_FromLong(avx512_ready()); }
+
 static PyObject *round_bf16(PyObject *self, PyObject *args) {
     Py_buffer src, dst;
     if (!PyArg_ParseTuple(args, "y*w*", &src, &dst)) return NULL;
@@ -698,8 +886,9 @@ static PyObject *round_bf16(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"available", available, METH_NOARGS, "available() -> bool: AMX bfloat16 on this CPU, granted by the kernel."},
+    {"available_f32", available_f32, METH_NOARGS, "available_f32() -> bool: AVX-512 for float32 programs."},
     {"program", program, METH_VARARGS,
-     "program(ops) -> capsule: ops (kind, relu, c, h, w, in_pad, oc, oh, ow, kh, kw, sh, sw, ph, pw, weights, bias);\n"
+     "program(ops, f32=False) -> capsule (f32: float32 on AVX-512, else bfloat16 on AMX): ops (kind, relu, c, h, w, in_pad, oc, oh, ow, kh, kw, sh, sw, ph, pw, weights, bias);\n"
      "kind 0 convolution (weights float32 oc×c×kh×kw, bias float32 oc or None), 1 MAX, 2 AVE pooling."},
     {"run", run, METH_VARARGS,
      "run(program, src, n, dst, threads): n float32 crops (c×h×w) through the program into dst (float32 h×w×c)."},
