@@ -1,4 +1,5 @@
-"""A plain deploy net's forward pass with its convolution prefix in bfloat16 on Intel AMX, no torch.
+"""A plain deploy net's forward pass with its convolution prefix native: bfloat16 on Intel AMX, or
+float32 on AVX-512 (the bfloat16 path's rechecks); no torch.
 
 :class:`AMXForward` runs the leading run of Convolution, Pooling (MAX, AVE) and plain ReLU layers of
 a :class:`lymph_cv.net.plain.PlainNet` in :mod:`lymph_cv.net.amxconv` (``make native``), one crop
@@ -6,7 +7,9 @@ at a time per thread with every blob in L2, and the rest of the net (InnerProduc
 float32 through :meth:`PlainNet.forward`.  The arithmetic is lymph_cv.net.bf16's (oneDNN's): crops,
 weights and blobs bfloat16, products accumulated in float32, the bias added in float32.  So the
 results differ from float32 by bfloat16's 8-bit significand, and lymph_cv.stages.evaluate rechecks
-close windows in float32 as it does for the torch bfloat16 path.
+close windows in float32 as it does for the torch bfloat16 path: ``precision="float32"`` runs the
+same prefix in float32 (AVX-512 FMA; the sums in another order than torch's, so equal to float
+rounding), about 1.7× torch's float32 rate on 2 cores (benchmarks/bench_eval.py).
 
 A ReLU folds into the layer before it when it reads that layer's top and nothing after it reads
 the blob before the ReLU.  The prefix ends at the first other layer; a prefix without a
@@ -44,6 +47,12 @@ def available() -> bool:
     CPU has AMX-BF16 and AVX512-BF16, and the kernel grants the tile state."""
     module = native_module()
     return module is not None and bool(module.available())
+
+
+def available_float32() -> bool:
+    """Whether :class:`AMXForward` can run float32 here (the extension, AVX-512 F/BW/VL)."""
+    module = native_module()
+    return module is not None and bool(module.available_f32())
 
 
 def default_threads() -> int:
@@ -93,17 +102,21 @@ def prefix_ops(net: PlainNet) -> Tuple[List[tuple], int, str]:
     return ops, index, blob
 
 
+#: The arithmetics :meth:`AMXForward.forward` offers.
+PRECISIONS = ("bfloat16", "float32")
+
+
 class AMXForward:
-    """``net``'s forward pass with its convolution prefix on AMX (module docstring)."""
+    """``net``'s forward pass with its convolution prefix native (module docstring)."""
 
     def __init__(self, net: PlainNet, threads: Optional[int] = None):
         module = native_module()
         if module is None or not module.available():
             raise UnsupportedNet("no AMX bfloat16 here (CPU, kernel, `make native` or LYMPH_CV_NATIVE=0)")
         self.net = net
-        ops, self.end, self.top = prefix_ops(net)
+        self._ops, self.end, self.top = prefix_ops(net)
         self._module = module
-        self._program = module.program(ops)
+        self._programs = {"bfloat16": module.program(self._ops)}
         self.threads = threads or default_threads()
         _, c, h, w = net.blob_shapes[net.input]
         _, oc, oh, ow = net.blob_shapes[self.top]
@@ -112,22 +125,36 @@ class AMXForward:
 
     @property
     def layer_names(self) -> List[str]:
-        """The layers that run on AMX."""
+        """The layers that run natively."""
         return [layer.name for layer in self.net.layers[: self.end]]
 
-    def forward(self, crops: np.ndarray, blobs=()) -> dict:
-        """The first output and the named ``blobs`` after the prefix, float32, for N×C×H×W crops."""
+    def _program(self, precision: str):
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r} (expected one of {', '.join(PRECISIONS)})")
+        if precision not in self._programs:
+            # float32 without AVX-512: the numpy prefix (PlainNet's own layers)
+            self._programs[precision] = self._module.program(self._ops, True) if self._module.available_f32() else None
+        return self._programs[precision]
+
+    def forward(self, crops: np.ndarray, blobs=(), precision: str = "bfloat16") -> dict:
+        """The first output and the named ``blobs`` after the prefix, float32, for N×C×H×W crops,
+        the prefix computed in ``precision``."""
         crops = np.ascontiguousarray(crops, dtype=np.float32)
         if crops.ndim != 4 or tuple(crops.shape[1:]) != self.crop_shape:
             raise ValueError(f"crops of shape {crops.shape}, the net takes N×{'×'.join(map(str, self.crop_shape))}")
+        program = self._program(precision)
+        if not len(crops):
+            return {name: np.zeros((0,) + tuple(self.net.blob_shapes[name][1:]), np.float32)
+                    for name in (self.net.output, *blobs)}
+        if program is None:
+            return self.net.forward({self.net.input: crops}, blobs=blobs)
         n = crops.shape[0]
         top = np.empty((n,) + self.top_shape, dtype=np.float32)
-        if n:
-            self._module.run(self._program, crops, n, top, self.threads)
+        self._module.run(program, crops, n, top, self.threads)
         # an N×C×H×W view of channels-last memory, as PlainNet's own blobs are
         return self.net.forward({self.top: top.transpose(0, 3, 1, 2)}, start=self.end, blobs=blobs)
 
-    def predict(self, crops: np.ndarray) -> np.ndarray:
+    def predict(self, crops: np.ndarray, precision: str = "bfloat16") -> np.ndarray:
         """(N, classes) float32 values of the first output for N×C×H×W float32 crops."""
-        out = self.forward(crops)[self.net.output]
-        return out.reshape(out.shape[0], -1)
+        out = self.forward(crops, precision=precision)[self.net.output]
+        return out.reshape(len(out), int(np.prod(out.shape[1:])))
