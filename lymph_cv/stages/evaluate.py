@@ -319,8 +319,8 @@ class WindowClassifier:
 
     ``backend`` (:data:`BACKENDS`): ``torch`` always runs torch's CaffeNet; ``auto`` runs a bfloat16
     classifier on the CPU without torch when :func:`native_engine` allows and lymph_cv.net.plain
-    supports the net (its float32 rechecks then run on :class:`~lymph_cv.net.plain.PlainNet`), else
-    torch.  ``self.backend`` says which; ``self.net`` is the torch CaffeNet (None natively)."""
+    supports the net (its float32 rechecks then run on the engine's float32 prefix, AVX-512, and
+    :class:`~lymph_cv.net.plain.PlainNet`'s float32 rest), else torch.  ``self.backend`` says which; ``self.net`` is the torch CaffeNet (None natively)."""
 
     def __init__(self, deploy: PathLike, model: PathLike, device: str = "cpu", precision: str = "float32",
                  backend: str = "auto"):
@@ -411,8 +411,8 @@ class WindowClassifier:
     def predict(self, crops: np.ndarray, precision: Optional[str] = None) -> np.ndarray:
         """(N, classes) float32 first-output values (``prob``) for N preprocessed crops, computed in
         ``precision`` (default: the classifier's)."""
-        if self._engine is not None and (precision or self.precision) == "bfloat16":
-            out = self._engine.predict(crops)
+        if self._engine is not None:
+            out = self._engine.predict(crops, precision or self.precision)
         else:
             out = self.forward(crops, precision=precision)[self.output]
         return out.reshape(out.shape[0], -1)
@@ -420,10 +420,12 @@ class WindowClassifier:
     def forward(self, crops: np.ndarray, blobs: Sequence[str] = (), precision: Optional[str] = None) -> dict:
         """The first output and the named ``blobs`` (e.g. the features a class activation map
         weighs) of one forward pass over N preprocessed crops, as float32 arrays by name.
-        (Natively the named blobs, and float32, come from the numpy forward.)"""
+        (Natively, blobs inside the native engine's prefix come from the numpy forward, in float32.)"""
         if self.plain is not None:
-            if (precision or self.precision) == "bfloat16" and not blobs:
-                return {self.output: self._engine.predict(crops)}
+            engine = self._engine
+            after = {engine.top} | {top for layer in self.plain.layers[engine.end:] for top in layer.tops}
+            if set(blobs) <= after:
+                return engine.forward(crops, blobs=blobs, precision=precision or self.precision)
             return self.plain.forward({self.input: crops}, blobs=blobs)
         torch = self._torch
         with torch.inference_mode():
