@@ -249,8 +249,11 @@ def main() -> None:
             boxes = crop_boxes(WINDOW_SIZE, WINDOW_SIZE, classifier.crop)
             crops = make_crops(extract_windows(image, grid), boxes, classifier.crop)
             crops -= prepare_mean(mean, classifier.channels, WINDOW_SIZE, classifier.crop, "resize")
+            # the layers of torch's net (a native bfloat16 classifier has none)
+            layered = classifier if classifier.net is not None else WindowClassifier(deploy, model, args.device,
+                                                                                       backend="torch")
             for threads in sorted({1, args.threads}):
-                layer_floor(classifier, crops, args.batch_size or classifier.default_batch_size, threads)
+                layer_floor(layered, crops, args.batch_size or classifier.default_batch_size, threads)
             torch.set_num_threads(args.threads)
         if not args.loop_windows:
             return

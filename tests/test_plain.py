@@ -13,7 +13,7 @@ from lymph_cv.formats.caffe.model import read_caffemodel
 from lymph_cv.formats.caffe.prototxt import parse_net_text, read_net_prototxt
 from lymph_cv.net import amxforward
 from lymph_cv.net.build import build_net
-from lymph_cv.net.plain import PlainNet, UnsupportedNet
+from lymph_cv.net.plain import MICRO_BATCH, PlainNet, UnsupportedNet
 
 from test_evaluate import _render_deploy, published  # noqa: F401  (the module's fixture)
 
@@ -105,6 +105,10 @@ NETS = {
                     + _layer("d", "Dropout", "r", "d")
                     + _layer("r2", "ReLU", "r", "r")
                     + _layer("prob", "Softmax", "d", "prob")),
+    # Softmax across the batch: never split into micro-batches
+    "softmax-batch": ('input: "data" input_dim: 1 input_dim: 2 input_dim: 5 input_dim: 5\n'
+                      + _conv("c1", "data", "c1", 2, "kernel_size: 3")
+                      + _layer("prob", "Softmax", "c1", "prob", "softmax_param { axis: 0 }")),
 }
 
 
@@ -112,7 +116,8 @@ NETS = {
 def test_random_nets_agree_with_torch(name):
     net, plain = _pair(NETS[name], seed=len(name))
     shape = plain.input_shape
-    x = np.random.default_rng(1).normal(0, 2, (5,) + tuple(shape[1:])).astype(np.float32)
+    # more crops than a micro-batch (lymph_cv.net.plain.MICRO_BATCH)
+    x = np.random.default_rng(1).normal(0, 2, (MICRO_BATCH + 6,) + tuple(shape[1:])).astype(np.float32)
     kept = x.copy()
     blobs = [b for b in net.blob_shapes if b not in net.input_blobs and b in plain.blob_shapes]
     ours = plain.forward({plain.input: x}, blobs=blobs)
