@@ -401,17 +401,20 @@ class PlainNet:
         values: Dict[str, np.ndarray] = {name: np.asarray(value, dtype=FLOAT) for name, value in inputs.items()}
         wanted = [self.output, *blobs]
         sizes = {len(v) if v.ndim else 0 for v in values.values()}
-        if len(sizes) == 1 and self._per_item(start) and sizes.pop() > MICRO_BATCH:
+        if len(sizes) == 1 and self._micro_batched(start) and sizes.pop() > MICRO_BATCH:
             size = len(next(iter(values.values())))
             parts = [self._forward({k: v[i:i + MICRO_BATCH] for k, v in values.items()}, start, wanted)
                      for i in range(0, size, MICRO_BATCH)]
             return {name: np.concatenate([part[name] for part in parts]) for name in wanted}
         return self._forward(values, start, wanted)
 
-    def _per_item(self, start: int) -> bool:
-        """Whether layers[start:] compute each batch item on its own (no InnerProduct or Softmax over
-        axis 0), so that micro-batches give the batch's values."""
-        return all(layer.params.get("axis", 1) != 0 for layer in self.layers[start:])
+    def _micro_batched(self, start: int) -> bool:
+        """Whether layers[start:] run in micro-batches: they hold a convolution (whose blobs are what
+        outgrows the caches; a tail of inner products is faster in one pass) and compute each batch
+        item on its own (no InnerProduct or Softmax over axis 0: micro-batches give the batch's values)."""
+        layers = self.layers[start:]
+        return (any(layer.type == "Convolution" for layer in layers)
+                and all(layer.params.get("axis", 1) != 0 for layer in layers))
 
     def _forward(self, values: Dict[str, np.ndarray], start: int, wanted: Sequence[str]) -> Dict[str, np.ndarray]:
         owned = set()  # blobs computed here: an in-place ReLU may overwrite them, never the caller's
