@@ -364,7 +364,8 @@ class WindowClassifier:
         except UnsupportedNet as exc:
             log.debug("torch backend: %s", exc.detail)
             return
-        self.plain, self.backend, self.device_type, self.channels_last = plain, "native", "cpu", True
+        # the engine reads N×C×H×W crops in C order: built so, they reach it without a conversion copy
+        self.plain, self.backend, self.device_type, self.channels_last = plain, "native", "cpu", False
         self.output = plain.output
         self.n_classes = int(np.prod(plain.blob_shapes[self.output][1:]))
 
