@@ -76,8 +76,9 @@ def _assert_refused(ops, f32):
             amxconv.program(ops, f32)
 
 
-# (c, h, w, pad, oc, kernel, stride, relu): im2col (short kernel rows), direct rows, blocks along the
-# padded width, 1×1, strides, channel counts that are no multiple of 16 (masked stores), 1-5 channel blocks
+# (c, h, w, pad, oc, kernel, stride, relu): a first layer's stacked input rows (short kernel rows),
+# direct rows, blocks along the padded width, 1×1, strides, channel counts that are no multiple of 16
+# (masked stores), 1-5 channel blocks
 CONVS = [(3, 32, 32, 2, 32, 5, 1, 0), (3, 9, 40, 1, 20, 3, 1, 1), (32, 16, 16, 2, 32, 5, 1, 1),
          (32, 8, 8, 2, 64, 5, 1, 1), (20, 7, 9, 1, 40, 3, 1, 0), (40, 5, 6, 0, 70, 1, 1, 1),
          (4, 11, 13, 1, 16, 3, 2, 1), (16, 6, 6, 0, 8, 3, 1, 0), (7, 5, 33, 0, 5, 2, 1, 1)]
@@ -103,6 +104,24 @@ def test_a_bfloat16_convolution_rounds_as_its_emulation(c, h, w, pad, oc, k, str
     assert np.all(np.abs(ours - expected) <= np.abs(expected) * 2.0 ** -7 + scale * 1e-6)
     assert np.mean(ours == expected) > 0.97
     assert not relu or ours.min() >= 0
+
+
+def test_a_later_convolution_with_short_kernel_rows_takes_im2col():
+    """After a pooling (so not the first layer, whose input is stacked instead): 3 channels, 5×5."""
+    rng = np.random.default_rng(7)
+    x = _bf16(rng.normal(0, 30, (4, 3, 20, 21)).astype(np.float32))
+    weights = rng.normal(0, 0.2, (24, 3, 5, 5)).astype(np.float32)
+    bias = rng.normal(0, 1, 24).astype(np.float32)
+    pool = (1, 0, 3, 20, 21, 0, 3, 10, 11, 2, 2, 2, 2, 0, 0, None, None)  # exact: a maximum of bfloat16s
+    conv = (0, 1, 3, 10, 11, 2, 24, 10, 11, 5, 5, 1, 1, 0, 0, weights, bias)
+    if not _have():
+        _assert_refused([pool, conv], False)
+        return
+    ours = _run([pool, conv], x)
+    pooled = _pool_ref(x, 1, 2, 2, 0, False).astype(np.float32)
+    expected = _bf16(_conv_ref(pooled, _bf16(weights), bias, 2, 1, True).astype(np.float32))
+    scale = _conv_ref(np.abs(pooled), np.abs(_bf16(weights)), np.zeros(24), 2, 1, False)
+    assert np.all(np.abs(ours - expected) <= np.abs(expected) * 2.0 ** -7 + scale * 1e-6)
 
 
 @pytest.mark.parametrize("c,h,w,pad,oc,k,stride,relu", CONVS)

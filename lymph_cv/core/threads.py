@@ -62,3 +62,34 @@ def quiet_numpy_blas() -> bool:
     for key, value in DATA_TOOL_BLAS.items():
         os.environ.setdefault(key, value)
     return True
+
+
+#: OpenBLAS's thread-count setters, by build (numpy's scipy-openblas prefixes and suffixes its symbols).
+OPENBLAS_SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads_64_",
+                    "scipy_openblas_set_num_threads", "openblas_set_num_threads64_", "openblas_set_num_threads")
+
+
+def set_blas_threads(count: int) -> bool:
+    """Give the OpenBLAS this process loaded (numpy's) ``count`` threads, after numpy loaded, by its
+    own setter (ctypes on the mapped library): for callers whose own threads do the heavy work while
+    numpy multiplies small matrices, where OpenBLAS's idle threads spin and take a core from them.
+    False where no OpenBLAS is mapped (or /proc/self/maps is absent)."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            paths = {line.split(maxsplit=5)[-1].strip() for line in maps if "openblas" in line.lower()}
+    except OSError:
+        return False
+    for path in sorted(p for p in paths if p.startswith("/")):
+        try:
+            library = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in OPENBLAS_SETTERS:
+            setter = getattr(library, name, None)
+            if setter is not None:
+                setter(ctypes.c_int(count))
+                return True
+    return False
+
