@@ -302,23 +302,30 @@ AMX_TARGET static void pool_crop(const Op *op, const uint16_t *src, uint16_t *ds
                 const int width = c - c0 < 32 ? c - c0 : 32;
                 const __mmask32 mask = (__mmask32)(width == 32 ? 0xffffffffu : ((1u << width) - 1u));
                 const __mmask16 lo = (__mmask16)mask, hi = (__mmask16)(mask >> 16);
+                /* the window's first pixel; rows op->w pixels apart */
+                const uint16_t *first = src + ((size_t)top * op->w + left) * c + c0;
+                const size_t row = (size_t)op->w * c;
+                const int taps_y = bottom - top, taps_x = right - left;
                 if (op->kind == OP_POOL_MAX && op->relu) {
                     __m512i best = _mm512_setzero_si512();
-                    for (int y = top; y < bottom; y++)
-                        for (int x = left; x < right; x++)
-                            best = _mm512_max_epi16(best, _mm512_maskz_loadu_epi16(mask, src + ((size_t)y * op->w + x) * c + c0));
+                    for (int y = 0; y < taps_y; y++, first += row) {
+                        const uint16_t *pixel = first;
+                        for (int x = 0; x < taps_x; x++, pixel += c)
+                            best = _mm512_max_epi16(best, _mm512_maskz_loadu_epi16(mask, pixel));
+                    }
                     _mm512_mask_storeu_epi16(out + c0, mask, best);
                     continue;
                 }
                 const int ave = op->kind == OP_POOL_AVE;
                 __m512 a = ave ? zero : _mm512_set1_ps(-__FLT_MAX__), b = a;
-                for (int y = top; y < bottom; y++)
-                    for (int x = left; x < right; x++) {
-                        const uint16_t *pixel = src + ((size_t)y * op->w + x) * c + c0;
+                for (int y = 0; y < taps_y; y++, first += row) {
+                    const uint16_t *pixel = first;
+                    for (int x = 0; x < taps_x; x++, pixel += c) {
                         const __m512 u = load16(pixel, lo), v = load16(pixel + 16, hi);
                         a = ave ? _mm512_add_ps(a, u) : _mm512_max_ps(a, u);
                         b = ave ? _mm512_add_ps(b, v) : _mm512_max_ps(b, v);
                     }
+                }
                 if (ave) {
                     a = _mm512_div_ps(a, divisor);
                     b = _mm512_div_ps(b, divisor);
