@@ -61,6 +61,10 @@ OVERSAMPLE_CROPS = 10
 #: Crops per forward call by device type: on a CPU small batches stay in cache (measured best
 #: around 320 in benchmarks/bench_eval.py); a GPU wants many.
 DEFAULT_BATCH_SIZES = {"cpu": 320, "cuda": 5120}
+#: The native backend's (lymph_cv.net.amxforward: one crop at a time per core, so the batch only sets
+#: how often Python and the crop-cutting thread take turns): 640 measured 1.04-1.27 s per full image
+#: against 1.10-1.23 s with 320 and 1.18-1.38 s with 160 (benchmarks/bench_eval.py --batch-size).
+NATIVE_BATCH_SIZE = 640
 #: Caffe's raw scale for images read as [0, 1] floats.
 RAW_SCALE = 255.0
 #: Channel swap RGB → BGR (the order of Caffe's Datum and mean files).
@@ -346,7 +350,7 @@ class WindowClassifier:
             self._native(engine, net_param, weights, deploy, model)
         if self.plain is None:
             self._torch_net(net_param, weights, deploy, model, device)
-        self.default_batch_size = DEFAULT_BATCH_SIZES[self.device_type]
+        self.default_batch_size = NATIVE_BATCH_SIZE if self.backend == "native" else DEFAULT_BATCH_SIZES[self.device_type]
         log.debug("window classifier: %s backend, %s", self.backend, precision)
 
     def _native(self, engine, net_param, weights, deploy: PathLike, model: PathLike) -> None:
