@@ -77,11 +77,12 @@ def _assert_refused(ops, f32):
 
 
 # (c, h, w, pad, oc, kernel, stride, relu): a first layer's stacked input rows (short kernel rows),
-# direct rows, blocks along the padded width, 1×1, strides, channel counts that are no multiple of 16
-# (masked stores), 1-5 channel blocks
+# direct rows (an odd number of them), blocks along the padded width, 1×1, strides, channel counts
+# that are no multiple of 16 (masked stores), 1-5 channel blocks
 CONVS = [(3, 32, 32, 2, 32, 5, 1, 0), (3, 9, 40, 1, 20, 3, 1, 1), (32, 16, 16, 2, 32, 5, 1, 1),
          (32, 8, 8, 2, 64, 5, 1, 1), (20, 7, 9, 1, 40, 3, 1, 0), (40, 5, 6, 0, 70, 1, 1, 1),
-         (4, 11, 13, 1, 16, 3, 2, 1), (16, 6, 6, 0, 8, 3, 1, 0), (7, 5, 33, 0, 5, 2, 1, 1)]
+         (4, 11, 13, 1, 16, 3, 2, 1), (16, 6, 6, 0, 8, 3, 1, 0), (7, 5, 33, 0, 5, 2, 1, 1),
+         (8, 7, 16, 1, 32, 3, 1, 1)]
 
 
 @pytest.mark.parametrize("c,h,w,pad,oc,k,stride,relu", CONVS)
