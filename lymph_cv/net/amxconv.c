@@ -497,26 +497,54 @@ AVX512_TARGET static void run_crops_f32(const Program *p, const float *src, floa
     }
 }
 
-/* One float32 C×H×W crop into the first blob: bfloat16, channels-last, inside its zero border. */
+/* Three bfloat16 channel rows of 16 pixels (ch0 and ch1 in `low`'s halves, ch2 in `high`'s low
+ * half) as 48 interleaved values: pixel x's channels at 3x, 3x+1, 3x+2. */
+AMX_TARGET static inline void interleave3(__m512i low, __m512i high, uint16_t *to, int pixels) {
+    static const uint16_t order[48] = {0,  16, 32, 1,  17, 33, 2,  18, 34, 3,  19, 35, 4,  20, 36, 5,
+                                       21, 37, 6,  22, 38, 7,  23, 39, 8,  24, 40, 9,  25, 41, 10, 26,
+                                       42, 11, 27, 43, 12, 28, 44, 13, 29, 45, 14, 30, 46, 15, 31, 47};
+    const __m512i first = _mm512_loadu_si512(order), second = _mm512_maskz_loadu_epi16(0xffff, order + 32);
+    const int values = pixels * 3;
+    const __mmask32 m0 = (__mmask32)(values >= 32 ? 0xffffffffu : ((1u << values) - 1u));
+    const __mmask32 m1 = (__mmask32)(values <= 32 ? 0u : ((1u << (values - 32)) - 1u));
+    _mm512_mask_storeu_epi16(to, m0, _mm512_permutex2var_epi16(low, first, high));
+    _mm512_mask_storeu_epi16(to + 32, m1, _mm512_permutex2var_epi16(low, second, high));
+}
+
+/* One float32 C×H×W crop into the first blob: bfloat16, channels-last, inside its zero border; a
+ * stacked first layer's blob holds, at row Y, rows Y..Y+stack-1 of the padded image side by side.
+ * Each image row is converted and interleaved once (`row`: c×w values), then copied to its places. */
 AMX_TARGET static void to_input(const float *image, const Op *first, uint16_t *input, int pad, int wp, uint16_t *row) {
     const int c = first->c, h = first->h, w = first->w;
+    const int stack = first->kind == OP_CONV ? first->stack : 1, width = stack * c;
     for (int y = 0; y < h; y++) {
-        for (int k = 0; k < c; k++) {
-            const float *from = image + ((size_t)k * h + y) * w;
-            uint16_t *to = row + (size_t)k * w;
+        if (c == 3) {
             for (int x = 0; x < w; x += 16) {
-                const int left = w - x < 16 ? w - x : 16;
-                const __mmask16 mask = (__mmask16)((1u << left) - 1u);
-                const __m512 v = _mm512_maskz_loadu_ps(mask, from + x);
-                _mm256_mask_storeu_epi16(to + x, mask, (__m256i)_mm512_cvtneps_pbh(v));
+                const int pixels = w - x < 16 ? w - x : 16;
+                const __mmask16 mask = (__mmask16)((1u << pixels) - 1u);
+                const float *from = image + (size_t)y * w + x;
+                const __m256i c0 = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, from));
+                const __m256i c1 = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, from + (size_t)h * w));
+                const __m256i c2 = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, from + (size_t)2 * h * w));
+                interleave3(_mm512_inserti64x4(_mm512_castsi256_si512(c0), c1, 1), _mm512_castsi256_si512(c2),
+                            row + (size_t)x * 3, pixels);
+            }
+        } else {
+            for (int k = 0; k < c; k++) {
+                const float *from = image + ((size_t)k * h + y) * w;
+                for (int x = 0; x < w; x++) row[(size_t)x * c + k] = bf16_round(from[x]);
             }
         }
-        /* row y of the padded image is stacked part s of stacked row y + pad - s */
-        const int stack = first->kind == OP_CONV ? first->stack : 1, width = stack * c;
+        /* row y of the padded image is part `part` of stacked row y + pad - part */
         for (int part = 0; part < stack && y + pad - part >= 0; part++) {
-            uint16_t *pixel = input + ((size_t)(y + pad - part) * wp + pad) * width + (size_t)part * c;
-            for (int x = 0; x < w; x++, pixel += width)
-                for (int k = 0; k < c; k++) pixel[k] = row[(size_t)k * w + x];
+            uint16_t *to = input + ((size_t)(y + pad - part) * wp + pad) * width + (size_t)part * c;
+            if (stack == 1) {
+                memcpy(to, row, (size_t)w * c * sizeof(uint16_t));
+            } else if (c == 3) {
+                for (int x = 0; x < w; x++, to += width) memcpy(to, row + (size_t)x * 3, 3 * sizeof(uint16_t));
+            } else {
+                for (int x = 0; x < w; x++, to += width) memcpy(to, row + (size_t)x * c, (size_t)c * sizeof(uint16_t));
+            }
         }
     }
 }
