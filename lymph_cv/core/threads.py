@@ -47,12 +47,13 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, HEAP_KEEP_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, HEAP_KEEP_BYTES))
 
 
-#: numpy's OpenBLAS thread count for the data tools (``compute_image_mean``, ``convert_imageset``).
+#: numpy's OpenBLAS thread count for the data tools (``compute_image_mean``, ``convert_imageset``)
+#: and ``evaluate`` (whose only numpy matrices are small).
 DATA_TOOL_BLAS = {"OPENBLAS_NUM_THREADS": "1"}
 
 
 def quiet_numpy_blas() -> bool:
-    """Set :data:`DATA_TOOL_BLAS` where unset, for entry points that do no linear algebra: OpenBLAS
+    """Set :data:`DATA_TOOL_BLAS` where unset, for entry points that do no large linear algebra: OpenBLAS
     starts its threads when numpy loads and they spin a while, costing those short processes
     40–80 ms of CPU (``benchmarks/bench_tools.py``) and the reading thread a core.  Nothing is set
     once numpy is loaded (called in-process, e.g. by a test: the setting would only reach children);
