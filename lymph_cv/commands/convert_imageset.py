@@ -13,7 +13,7 @@ import os
 from typing import Optional, Sequence
 
 from lymph_cv.core import timeline
-from lymph_cv.core.threads import keep_freed_memory, quiet_numpy_blas
+from lymph_cv.core.threads import keep_freed_memory, quiet_numpy_blas, usable_cores
 from lymph_cv.formats import gflags
 from lymph_cv.formats.caffelog import caffe_log
 from lymph_cv.errors import LymphCVError
@@ -95,7 +95,7 @@ def run(values: dict, positional: list[str]) -> int:
 def _default_readers() -> int:
     """One reader per core, none on a single core: the writer is the lighter side (LevelDB's tables
     written natively take less than reading the files), so it shares a core with a reader."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     return cores if cores > 1 else 0
 
 

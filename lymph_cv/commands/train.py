@@ -1,14 +1,13 @@
 """``lymph-cv train``: train one fold's solver like ``caffe train``."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 import click
 
-from lymph_cv.core.threads import configure_openmp
+from lymph_cv.core.threads import configure_openmp, usable_cores
 
 configure_openmp(keep_memory=False)  # before lymph_cv.stages.train imports torch; the CLI keeps memory
 
@@ -84,7 +83,7 @@ def train(solver: Path, snapshot: Optional[Path], resume: bool, weights: Optiona
         raise click.BadParameter("--gpu trains on CUDA devices; drop --device cpu", param_hint="--gpu")
     if gpu is not None and procs is not None:
         raise click.BadParameter("give --gpu (one process per device) or --procs, not both", param_hint="--procs")
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     if procs is not None and procs > PROCS_PER_CORE * cores:
         raise click.BadParameter(f"{procs} processes on {cores} core(s): at most {PROCS_PER_CORE * cores} "
                                  f"({PROCS_PER_CORE} per core)", param_hint="--procs")

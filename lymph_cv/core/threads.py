@@ -47,6 +47,11 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, HEAP_KEEP_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, HEAP_KEEP_BYTES))
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 #: numpy's OpenBLAS thread count for the data tools (``compute_image_mean``, ``convert_imageset``)
 #: and ``evaluate`` (whose only numpy matrices are small).
 DATA_TOOL_BLAS = {"OPENBLAS_NUM_THREADS": "1"}

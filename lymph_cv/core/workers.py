@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 
 from lymph_cv.core.forkpipe import die_with_parent, quiet_opencv_pool, restore_opencv_pool  # noqa: F401
 from lymph_cv.core.progress import Progress
+from lymph_cv.core.threads import usable_cores
 
 from lymph_cv.errors import LymphCVError
 
@@ -25,7 +26,7 @@ R = TypeVar("R")
 def resolve_workers(workers: Optional[int], tasks: int) -> int:
     """Number of processes to use: ``workers`` (``None``/0 = all cores), at most one per task."""
     if workers is None or workers <= 0:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = usable_cores()
     return max(1, min(workers, tasks))
 
 

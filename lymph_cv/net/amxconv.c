@@ -80,40 +80,41 @@ typedef struct {
 /* ------------------------------------------------------------------------- CPU and kernel support */
 static int amx_state = -1; /* -1 unknown, 0 no, 1 yes */
 
-static int probe_amx(void) {
-    unsigned int a, b, c, d;
-    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(0));
-    if (a < 7) return 0;
-    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(1), "c"(0));
-    if (!(c & (1u << 27))) return 0; /* OSXSAVE */
-    unsigned int xlo, xhi;
-    __asm__ volatile("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));
-    const unsigned int want = (1u << 17) | (1u << 18) | 0xE6u; /* tile state, AVX-512 and AVX state */
-    if ((xlo & want) != want) return 0;
-    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
-    const int amx_bf16 = (d >> 22) & 1, amx_tile = (d >> 24) & 1;
-    const int avx512 = ((b >> 16) & 1) && ((b >> 30) & 1) && ((b >> 31) & 1); /* F, BW, VL */
-    if (!amx_bf16 || !amx_tile || !avx512) return 0;
-    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(1));
-    if (!((a >> 5) & 1)) return 0; /* AVX512_BF16 (the rounding instruction) */
-    /* Linux hands out the tile data state only on request (arch_prctl, 5.16+). */
-    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+static int avx512_state = -1;
+
+static void cpuid(unsigned int leaf, unsigned int sub, unsigned int r[4]) {
+    __asm__ volatile("cpuid" : "=a"(r[0]), "=b"(r[1]), "=c"(r[2]), "=d"(r[3]) : "a"(leaf), "c"(sub));
 }
 
-static int avx512_state = -1;
+/* The OS's XCR0: which register states it saves (0 without OSXSAVE). */
+static unsigned int saved_states(void) {
+    unsigned int r[4], lo, hi;
+    cpuid(1, 0, r);
+    if (!(r[2] & (1u << 27))) return 0; /* OSXSAVE */
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return lo;
+}
 
 /* AVX-512 F/BW/VL with the OS saving its state: what a float32 program needs. */
 static int probe_avx512(void) {
-    unsigned int a, b, c, d;
-    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(0));
-    if (a < 7) return 0;
-    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(1), "c"(0));
-    if (!(c & (1u << 27))) return 0;
-    unsigned int xlo, xhi;
-    __asm__ volatile("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));
-    if ((xlo & 0xE6u) != 0xE6u) return 0;
-    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
-    return ((b >> 16) & 1) && ((b >> 30) & 1) && ((b >> 31) & 1);
+    unsigned int r[4];
+    cpuid(0, 0, r);
+    if (r[0] < 7 || (saved_states() & 0xE6u) != 0xE6u) return 0; /* AVX and AVX-512 state */
+    cpuid(7, 0, r);
+    return ((r[1] >> 16) & 1) && ((r[1] >> 30) & 1) && ((r[1] >> 31) & 1);
+}
+
+/* That, and AMX-TILE, AMX-BF16, AVX512_BF16 (the rounding instruction) and the tile state saved
+ * and granted to this process. */
+static int probe_amx(void) {
+    unsigned int r[4];
+    if (!probe_avx512() || (saved_states() & ((1u << 17) | (1u << 18))) != ((1u << 17) | (1u << 18))) return 0;
+    cpuid(7, 0, r);
+    if (!((r[3] >> 22) & 1) || !((r[3] >> 24) & 1)) return 0;
+    cpuid(7, 1, r);
+    if (!((r[0] >> 5) & 1)) return 0;
+    /* Linux hands out the tile data state only on request (arch_prctl, 5.16+). */
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
 }
 
 static int avx512_ready(void) {
@@ -277,6 +278,22 @@ AMX_TARGET static void conv_crop(const Op *op, const uint16_t *src, uint16_t *ds
     }
 }
 
+/* A pooling output's window, Caffe's: the rows [top, bottom) and columns [left, right) inside the
+ * image, and AVE's divisor, the window cut at the padded image (pad cells count, beyond them not). */
+typedef struct {
+    int top, bottom, left, right;
+    float divisor;
+} Window;
+
+static inline Window pool_window(const Op *op, int oy, int ox) {
+    const int top = oy * op->sh - op->ph, left = ox * op->sw - op->pw;
+    const int bottom = top + op->kh, right = left + op->kw;
+    const int padded_bottom = bottom < op->h + op->ph ? bottom : op->h + op->ph;
+    const int padded_right = right < op->w + op->pw ? right : op->w + op->pw;
+    return (Window){top < 0 ? 0 : top, bottom > op->h ? op->h : bottom, left < 0 ? 0 : left,
+                    right > op->w ? op->w : right, (float)((padded_bottom - top) * (padded_right - left))};
+}
+
 /* 16 bfloat16 values (masked) as float32. */
 AMX_TARGET static inline __m512 load16(const uint16_t *from, __mmask16 mask) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, from)), 16));
@@ -286,17 +303,10 @@ AMX_TARGET static void pool_crop(const Op *op, const uint16_t *src, uint16_t *ds
     const int c = op->c, dst_wp = op->ow + 2 * dst_pad;
     const __m512 zero = _mm512_setzero_ps();
     for (int oy = 0; oy < op->oh; oy++) {
-        int top = oy * op->sh - op->ph, bottom = top + op->kh;
-        const int padded_bottom = bottom < op->h + op->ph ? bottom : op->h + op->ph;
-        const int rows = padded_bottom - top;
-        if (top < 0) top = 0;
-        if (bottom > op->h) bottom = op->h;
         for (int ox = 0; ox < op->ow; ox++) {
-            int left = ox * op->sw - op->pw, right = left + op->kw;
-            const int padded_right = right < op->w + op->pw ? right : op->w + op->pw;
-            const __m512 divisor = _mm512_set1_ps((float)(rows * (padded_right - left)));
-            if (left < 0) left = 0;
-            if (right > op->w) right = op->w;
+            const Window win = pool_window(op, oy, ox);
+            const int top = win.top, bottom = win.bottom, left = win.left, right = win.right;
+            const __m512 divisor = _mm512_set1_ps(win.divisor);
             uint16_t *out = dst + ((size_t)(oy + dst_pad) * dst_wp + ox + dst_pad) * c;
             for (int c0 = 0; c0 < c; c0 += 32) {
                 const int width = c - c0 < 32 ? c - c0 : 32;
@@ -446,17 +456,10 @@ AVX512_TARGET static void pool_crop_f32(const Op *op, const float *src, float *d
     const int c = op->c, dst_wp = op->ow + 2 * dst_pad;
     const __m512 zero = _mm512_setzero_ps();
     for (int oy = 0; oy < op->oh; oy++) {
-        int top = oy * op->sh - op->ph, bottom = top + op->kh;
-        const int padded_bottom = bottom < op->h + op->ph ? bottom : op->h + op->ph;
-        const int rows = padded_bottom - top;
-        if (top < 0) top = 0;
-        if (bottom > op->h) bottom = op->h;
         for (int ox = 0; ox < op->ow; ox++) {
-            int left = ox * op->sw - op->pw, right = left + op->kw;
-            const int padded_right = right < op->w + op->pw ? right : op->w + op->pw;
-            const __m512 divisor = _mm512_set1_ps((float)(rows * (padded_right - left)));
-            if (left < 0) left = 0;
-            if (right > op->w) right = op->w;
+            const Window win = pool_window(op, oy, ox);
+            const int top = win.top, bottom = win.bottom, left = win.left, right = win.right;
+            const __m512 divisor = _mm512_set1_ps(win.divisor);
             float *out = dst + ((size_t)(oy + dst_pad) * dst_wp + ox + dst_pad) * c;
             const int ave = op->kind == OP_POOL_AVE;
             for (int c0 = 0; c0 < c; c0 += 16) {

@@ -17,13 +17,12 @@ convolution, or whose intermediate blobs a later layer reads, is :class:`Unsuppo
 """
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Tuple
 
 import numpy as np
 
 from lymph_cv.core.native import native_enabled
-from lymph_cv.core.threads import set_blas_threads
+from lymph_cv.core.threads import set_blas_threads, usable_cores
 from lymph_cv.net.plain import PlainNet, UnsupportedNet
 
 #: amxconv's layer kinds.
@@ -54,11 +53,6 @@ def available_float32() -> bool:
     """Whether :class:`AMXForward` can run float32 here (the extension, AVX-512 F/BW/VL)."""
     module = native_module()
     return module is not None and bool(module.available_f32())
-
-
-def default_threads() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def prefix_ops(net: PlainNet) -> Tuple[List[tuple], int, str]:
@@ -118,7 +112,7 @@ class AMXForward:
         self._ops, self.end, self.top = prefix_ops(net)
         self._module = module
         self._programs = {"bfloat16": module.program(self._ops)}
-        self.threads = threads or default_threads()
+        self.threads = threads or usable_cores()
         # The rest's matrices are small (a batch × an inner product): OpenBLAS's idle threads would
         # spin beside the engine's own and take a third of its CPU (measured with perf).
         set_blas_threads(1)
@@ -126,6 +120,8 @@ class AMXForward:
         _, oc, oh, ow = net.blob_shapes[self.top]
         self.crop_shape = (c, h, w)
         self.top_shape = (oh, ow, oc)  # channels-last, as amxconv writes it
+        #: The blobs :meth:`forward` can return: the prefix's top and what the float32 rest makes.
+        self.rest_blobs = frozenset({self.top} | {top for layer in net.layers[self.end:] for top in layer.tops})
 
     @property
     def layer_names(self) -> List[str]:
@@ -135,9 +131,8 @@ class AMXForward:
     def _program(self, precision: str):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r} (expected one of {', '.join(PRECISIONS)})")
-        if precision not in self._programs:
-            # float32 without AVX-512: the numpy prefix (PlainNet's own layers)
-            self._programs[precision] = self._module.program(self._ops, True) if self._module.available_f32() else None
+        if precision not in self._programs:  # AMX implies AVX-512 (amxconv's probe checks both)
+            self._programs[precision] = self._module.program(self._ops, precision == "float32")
         return self._programs[precision]
 
     def forward(self, crops: np.ndarray, blobs=(), precision: str = "bfloat16") -> dict:
@@ -150,8 +145,6 @@ class AMXForward:
         if not len(crops):
             return {name: np.zeros((0,) + tuple(self.net.blob_shapes[name][1:]), np.float32)
                     for name in (self.net.output, *blobs)}
-        if program is None:
-            return self.net.forward({self.net.input: crops}, blobs=blobs)
         n = crops.shape[0]
         top = np.empty((n,) + self.top_shape, dtype=np.float32)
         self._module.run(program, crops, n, top, self.threads)

@@ -1,10 +1,12 @@
 """Torch-free facts about a parsed net, shared by the torch layers (lymph_cv.net.build, .layers)
-and the numpy forward (lymph_cv.net.plain): declared inputs and Caffe's pooled sizes."""
+and the numpy forward (lymph_cv.net.plain): declared inputs, Caffe's pooled sizes, and whether a
+model's weights fit a deploy net."""
 from __future__ import annotations
 
-from typing import List, Tuple
+import os
+from typing import Callable, Iterable, List, Optional, Tuple, Union
 
-from lymph_cv.errors import ConfigError
+from lymph_cv.errors import ConfigError, EvaluationError, LymphCVError
 from lymph_cv.formats.caffe import caffe_pb2
 
 Shape = Tuple[int, ...]
@@ -27,6 +29,21 @@ def declared_inputs(net_param: caffe_pb2.NetParameter) -> List[Tuple[str, Shape]
                               f"input_dim values, got {len(dims)}")
         shapes = [tuple(dims[i * INPUT_DIMS:(i + 1) * INPUT_DIMS]) for i in range(len(names))]
     return list(zip(names, shapes))
+
+
+def fit_weights(load: Callable[[caffe_pb2.NetParameter, Optional[str]], Iterable[str]], weights: caffe_pb2.NetParameter,
+                expected: Iterable[str], model: Union[str, os.PathLike], deploy: Union[str, os.PathLike]) -> None:
+    """Copy ``weights`` with a net's ``load_weights`` (which returns the layers it filled) and check
+    that every ``expected`` layer got its blobs: an EvaluationError "model M does not fit deploy net
+    D: …" otherwise (the same words from the torch net and the numpy one)."""
+    mismatch = f"model {model} does not fit deploy net {deploy}"
+    try:
+        copied = set(load(weights, model))
+    except LymphCVError as exc:
+        raise EvaluationError(f"{mismatch}: {exc.detail}") from exc
+    missing = [name for name in expected if name not in copied]
+    if missing:
+        raise EvaluationError(f"{mismatch}: no weights for layer(s) {', '.join(missing)}")
 
 
 def pooled_size(size: int, kernel: int, stride: int, pad: int, ceil: bool = True) -> int:

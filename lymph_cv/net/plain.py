@@ -23,11 +23,11 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from lymph_cv.errors import ConfigError, EvaluationError, FormatError, LymphCVError
+from lymph_cv.errors import ConfigError, FormatError, LymphCVError
 from lymph_cv.formats.caffe import caffe_pb2
 from lymph_cv.formats.caffe.blob import blob_shape, blob_to_array, shape_compatible
 from lymph_cv.formats.caffe.prototxt import filter_net
-from lymph_cv.net.netspec import Shape, declared_inputs, pooled_size
+from lymph_cv.net.netspec import Shape, declared_inputs, fit_weights, pooled_size
 
 PathLike = Union[str, os.PathLike]
 
@@ -379,14 +379,7 @@ class PlainNet:
         """:meth:`parse` then the weights of ``weights`` (a caffemodel's NetParameter); a model that
         does not fit raises the EvaluationError lymph_cv.stages.evaluate.WindowClassifier raises."""
         net = cls.parse(net_param)
-        mismatch = f"model {model} does not fit deploy net {deploy}"
-        try:
-            copied = set(net.load_weights(weights, model))
-        except LymphCVError as exc:
-            raise EvaluationError(f"{mismatch}: {exc.detail}") from exc
-        missing = [layer.name for layer in net.layers if layer.blob_shapes and layer.name not in copied]
-        if missing:
-            raise EvaluationError(f"{mismatch}: no weights for layer(s) {', '.join(missing)}")
+        fit_weights(net.load_weights, weights, [layer.name for layer in net.layers if layer.blob_shapes], model, deploy)
         return net
 
     # -- computation -------------------------------------------------------------------------

@@ -303,6 +303,8 @@ def read_parent_list(path: PathLike, images: PathLike, classes: Sequence[str], s
 #: WindowClassifier backends: torch's CaffeNet (lymph_cv.net.build), or the torch-free pair of the
 #: native bfloat16 engine (lymph_cv.net.amxforward) and the numpy float32 forward (lymph_cv.net.plain).
 BACKENDS = ("torch", "native")
+#: What WindowClassifier(backend=...) takes: ``auto`` picks native where it runs, else torch.
+BACKEND_CHOICES = ("auto", "torch")
 
 
 def native_engine(device: str, precision: str):
@@ -311,10 +313,8 @@ def native_engine(device: str, precision: str):
     else None (the torch backend)."""
     if precision != "bfloat16" or not resolves_to_cpu(device, CONCRETE_DEVICES):
         return None
-    try:
-        from lymph_cv.net import amxforward
-    except ImportError:  # not built here (an optional extension) or not part of this checkout
-        return None
+    from lymph_cv.net import amxforward  # it imports its optional extension itself
+
     return amxforward if amxforward.available() else None
 
 
@@ -333,8 +333,8 @@ class WindowClassifier:
 
         if precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {precision!r}", valid=PRECISIONS)
-        if backend not in ("auto", "torch"):
-            raise ConfigError(f"unknown backend {backend!r}", valid=("auto", "torch"))
+        if backend not in BACKEND_CHOICES:
+            raise ConfigError(f"unknown backend {backend!r}", valid=BACKEND_CHOICES)
         #: The arithmetic of :meth:`predict` by default (``PRECISIONS``).
         self.precision = precision
         net_param = read_net_prototxt(deploy)
@@ -388,6 +388,7 @@ class WindowClassifier:
 
         from lymph_cv.formats.caffe import caffe_pb2
         from lymph_cv.net.build import build_net
+        from lymph_cv.net.netspec import fit_weights
 
         self._torch = torch
         self.backend = "torch"
@@ -396,14 +397,7 @@ class WindowClassifier:
         self.net = build_net(net_param, caffe_pb2.TEST, source=deploy)
         self._shape(self.net.input_blobs, self.net.blob_shapes, deploy)
         self.output = self.net.output_blobs[0]
-        mismatch = f"model {model} does not fit deploy net {deploy}"
-        try:
-            copied = set(self.net.load_weights(weights, model))
-        except LymphCVError as exc:
-            raise EvaluationError(f"{mismatch}: {exc.detail}") from exc
-        missing = [name for name in self.net.params() if name not in copied]
-        if missing:
-            raise EvaluationError(f"{mismatch}: no weights for layer(s) {', '.join(missing)}")
+        fit_weights(self.net.load_weights, weights, list(self.net.params()), model, deploy)
         self.net.to(self.device).eval()
         # NHWC is markedly faster for oneDNN's CPU convolutions and pooling; same values.
         self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
@@ -427,10 +421,8 @@ class WindowClassifier:
         weighs) of one forward pass over N preprocessed crops, as float32 arrays by name.
         (Natively, blobs inside the native engine's prefix come from the numpy forward, in float32.)"""
         if self.plain is not None:
-            engine = self._engine
-            after = {engine.top} | {top for layer in self.plain.layers[engine.end:] for top in layer.tops}
-            if set(blobs) <= after:
-                return engine.forward(crops, blobs=blobs, precision=precision or self.precision)
+            if set(blobs) <= self._engine.rest_blobs:
+                return self._engine.forward(crops, blobs=blobs, precision=precision or self.precision)
             return self.plain.forward({self.input: crops}, blobs=blobs)
         torch = self._torch
         with torch.inference_mode():
