@@ -40,6 +40,7 @@ configure_openmp()  # as lymph-cv does before torch loads: sleeping OpenMP waits
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from lymph_cv.core.devices import cpu_has_bfloat16
 from lymph_cv.formats.caffe import caffe_pb2
 from lymph_cv.formats.caffe.blob import read_mean, write_mean
 from lymph_cv.formats.caffe.model import write_caffemodel
@@ -155,6 +156,18 @@ def compare(classifiers: dict, results: dict, root: Path, mean: np.ndarray) -> N
           f"{worst:.4f} (recorded: {BF16_WORST_DEVIATION}), {flips} window vote(s) changed")
 
 
+def _host() -> str:
+    """The CPU's model name and what the native engine runs on it."""
+    from lymph_cv.net import amxforward
+
+    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
+    module = amxforward.native_module()
+    kernels = module.f32_kernels() if module is not None else "not built"
+    return (f"{names[0] if names else 'unknown CPU'} x{os.cpu_count()}; native engine: "
+            f"{', '.join(amxforward.available_precisions()) or 'none'} (float32 kernels: {kernels or 'none'})")
+
+
 def _import_torch_alone(repeats: int) -> tuple[float, float]:
     """Median wall and CPU seconds of ``python -c 'import torch'``."""
     walls, cpus = [], []
@@ -192,16 +205,27 @@ def main() -> None:
         root = Path(tmp)
         deploy, model, mean_path, parent = prepare(root)
         precisions = PRECISIONS if args.precision == "both" else (args.precision,)
+        if args.precision == "both" and args.device == "cpu" and not cpu_has_bfloat16():
+            # evaluate runs float32 for it here; emulated bfloat16 (--precision bfloat16) is 8-10× slower
+            print("bfloat16   : not timed: this CPU has no bfloat16 arithmetic (evaluate runs float32 instead)")
+            precisions = ("float32",)
         classifiers = {p: WindowClassifier(deploy, model, args.device, precision=p) for p in precisions}
         classifier = classifiers[precisions[0]]
+        # each precision as evaluate runs it (auto), and on torch beside it where that is native
+        timed = []
+        for p, chosen in classifiers.items():
+            timed.append((f"{p} {chosen.backend}", p, chosen))
+            if chosen.backend != "torch":
+                timed.append((f"{p} torch", p, WindowClassifier(deploy, model, args.device, precision=p, backend="torch")))
         entries = read_parent_list(parent, root / "data", list(DEFAULT_CLASSES)).entries
         mean = read_mean(mean_path)
         n_windows = len(window_grid(REAL_HEIGHT, REAL_WIDTH))
         print(f"image {REAL_WIDTH}x{REAL_HEIGHT}: {n_windows} windows x 10 crops; model {model.name}; "
               f"device {args.device}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
+        print(f"host       : {_host()}")
 
         results = {}
-        for precision, chosen in classifiers.items():
+        for label, precision, chosen in timed:
             walls, cpus = [], []
             for _ in range(args.repeats):
                 rechecks = Rechecks()
@@ -210,12 +234,13 @@ def main() -> None:
                                          batch_size=args.batch_size, progress=False, rechecks=rechecks)
                 walls.append(time.perf_counter() - started)
                 cpus.append(time.process_time() - started_cpu)
-            results[precision] = result
+            if chosen is classifiers[precision]:
+                results[precision] = result
             best, best_cpu = statistics.median(walls), statistics.median(cpus)
             batched = n_windows / best
             checked = (f"; {rechecks.rechecked} of {rechecks.windows} windows ({rechecks.rechecked / rechecks.windows:.2%}) "
                        f"rechecked in float32 (margin < {BF16_MARGIN_BOUND:.3g})" if precision == "bfloat16" else "")
-            print(f"batched    : {precision:8s} {best:6.2f} s per image, median of {len(walls)} (incl. reading it; "
+            print(f"batched    : {label:16s} {best:6.2f} s per image, median of {len(walls)} (incl. reading it; "
                   f"{best_cpu:.2f} CPU s; fastest {min(walls):.2f} s), {batched:8.1f} windows/s, {10 * batched:8.1f} crops/s; "
                   f"votes {result[0].votes.tolist()}{checked}")
             print(f"           : issue 17: {BEFORE_IMAGE_S} s before ({best / BEFORE_IMAGE_S:.2f}x of it), target <= "
@@ -227,22 +252,25 @@ def main() -> None:
             compare(classifiers, results, root, mean)
         if args.process_repeats:
             # The whole `lymph-cv evaluate` process on this one image: start-up, torch, model load, outputs.
-            command = [sys.executable, "-m", "lymph_cv", "-q", "evaluate", str(root / "work"), "--fold", "1",
-                       "--model", str(model), "--deploy", str(deploy), "--mean", str(mean_path),
-                       "--parent-list", str(parent), "--images", str(root / "data"),
-                       "--classes", ",".join(DEFAULT_CLASSES), "--device", args.device, "--precision", precisions[-1]]
-            walls, cpus = [], []
-            for _ in range(args.process_repeats):
-                started, cpu = time.perf_counter(), _children_cpu()
-                subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-                walls.append(time.perf_counter() - started)
-                cpus.append(_children_cpu() - cpu)
-            whole = statistics.median(walls)
-            print(f"process    : {whole:6.2f} s median of {len(walls)} whole `lymph-cv evaluate --precision {precisions[-1]}` runs (one image; "
-                  f"{statistics.median(cpus):.2f} CPU s); issue 17: {BEFORE_PROCESS_S} s before "
-                  f"({whole / BEFORE_PROCESS_S:.2f}x of it), target <= {TARGET_PROCESS_S} s: {_verdict(whole, TARGET_PROCESS_S)}")
+            for precision in precisions:
+                command = [sys.executable, "-m", "lymph_cv", "-q", "evaluate", str(root / "work"), "--fold", "1",
+                           "--model", str(model), "--deploy", str(deploy), "--mean", str(mean_path),
+                           "--parent-list", str(parent), "--images", str(root / "data"),
+                           "--classes", ",".join(DEFAULT_CLASSES), "--device", args.device, "--precision", precision]
+                walls, cpus = [], []
+                for _ in range(args.process_repeats):
+                    started, cpu = time.perf_counter(), _children_cpu()
+                    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+                    walls.append(time.perf_counter() - started)
+                    cpus.append(_children_cpu() - cpu)
+                whole = statistics.median(walls)
+                print(f"process    : {whole:6.2f} s median of {len(walls)} whole `lymph-cv evaluate --precision {precision}` runs "
+                      f"({classifiers[precision].backend} backend; one image; {statistics.median(cpus):.2f} CPU s); issue 17: "
+                      f"{BEFORE_PROCESS_S} s before ({whole / BEFORE_PROCESS_S:.2f}x of it), target <= {TARGET_PROCESS_S} s: "
+                      f"{_verdict(whole, TARGET_PROCESS_S)}")
             alone, alone_cpu = _import_torch_alone(args.process_repeats)
-            print(f"           : of it, `import torch` alone takes {alone:.2f} s ({alone_cpu:.2f} CPU s) in a fresh interpreter")
+            print(f"           : of it, `import torch` alone takes {alone:.2f} s ({alone_cpu:.2f} CPU s) in a fresh interpreter "
+                  f"(a native backend's process never imports it)")
         if args.layers:
             image = load_image(entries[0].path)
             grid = window_grid(*image.shape[1:])

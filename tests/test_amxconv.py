@@ -1,5 +1,6 @@
 """The native convolution prefix (lymph_cv.net.amxconv, lymph_cv.net.amxforward): bfloat16 on AMX
-against an exact bfloat16 emulation and against float32; float32 on AVX-512 against PlainNet."""
+against an exact bfloat16 emulation and against float32; float32 on AVX-512 and on AVX2 against
+float64 and PlainNet, and the two float32 kernels bit for bit against each other."""
 from __future__ import annotations
 
 import numpy as np
@@ -57,11 +58,15 @@ def _pool_ref(x, kind, k, s, p, relu):
     return np.maximum(out, 0) if relu else out
 
 
-def _run(ops, x, f32=False):
+def _run(ops, x, f32=False, avx2=False):
     last = ops[-1]
     out = np.empty((x.shape[0], last[7], last[8], last[6]), np.float32)
-    amxconv.run(amxconv.program(ops, f32), np.ascontiguousarray(x, np.float32), x.shape[0], out, 2)
+    amxconv.run(amxconv.program(ops, f32, avx2), np.ascontiguousarray(x, np.float32), x.shape[0], out, 2)
     return out.transpose(0, 3, 1, 2)
+
+
+#: Where the CPU has AVX-512, the float32 tests run its kernels and, forced, the AVX2 ones.
+F32_KERNELS = [False, True]
 
 
 def _have(f32=False) -> bool:
@@ -72,7 +77,7 @@ def _assert_refused(ops, f32):
     """Where the CPU (or the build) lacks it, a program is refused, not run wrong."""
     assert not (amxforward.available_float32() if f32 else amxforward.available())
     if amxconv is not None:
-        with pytest.raises(RuntimeError, match="AVX-512" if f32 else "AMX"):
+        with pytest.raises(RuntimeError, match="AVX" if f32 else "AMX"):
             amxconv.program(ops, f32)
 
 
@@ -125,8 +130,9 @@ def test_a_later_convolution_with_short_kernel_rows_takes_im2col():
     assert np.all(np.abs(ours - expected) <= np.abs(expected) * 2.0 ** -7 + scale * 1e-6)
 
 
+@pytest.mark.parametrize("avx2", F32_KERNELS)
 @pytest.mark.parametrize("c,h,w,pad,oc,k,stride,relu", CONVS)
-def test_a_float32_convolution_is_float32s(c, h, w, pad, oc, k, stride, relu):
+def test_a_float32_convolution_is_float32s(c, h, w, pad, oc, k, stride, relu, avx2):
     rng = np.random.default_rng(c * 100 + oc + 1)
     x = rng.normal(0, 30, (3, c, h, w)).astype(np.float32)
     weights = rng.normal(0, 0.2, (oc, c, k, k)).astype(np.float32)
@@ -136,10 +142,28 @@ def test_a_float32_convolution_is_float32s(c, h, w, pad, oc, k, stride, relu):
     if not _have(f32=True):
         _assert_refused([op], True)
         return
-    ours = _run([op], x, f32=True)
+    ours = _run([op], x, f32=True, avx2=avx2)
     exact = _conv_ref(x, weights, bias, pad, stride, relu)
     scale = _conv_ref(np.abs(x), np.abs(weights), np.zeros(oc), pad, stride, False)
     assert np.all(np.abs(ours - exact) <= scale * 2e-6 + 1e-6)
+
+
+def test_the_float32_kernels_give_the_same_bits():
+    """AVX-512 and AVX2 sum every output in the same order: a whole prefix gives equal bits (where
+    the CPU has AVX-512; elsewhere the default kernels are the AVX2 ones)."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 30, (7, 3, 20, 19)).astype(np.float32)
+    w1, b1 = rng.normal(0, 0.2, (20, 3, 5, 5)).astype(np.float32), rng.normal(0, 1, 20).astype(np.float32)
+    w2, b2 = rng.normal(0, 0.1, (24, 20, 3, 3)).astype(np.float32), rng.normal(0, 1, 24).astype(np.float32)
+    ops = [(0, 1, 3, 20, 19, 2, 20, 20, 19, 5, 5, 1, 1, 0, 0, w1, b1),
+           (1, 0, 20, 20, 19, 0, 20, 10, 9, 3, 3, 2, 2, 0, 0, None, None),
+           (0, 1, 20, 10, 9, 1, 24, 10, 9, 3, 3, 1, 1, 0, 0, w2, b2),
+           (2, 0, 24, 10, 9, 0, 24, 5, 5, 3, 3, 2, 2, 0, 0, None, None)]
+    if not _have(f32=True):
+        _assert_refused(ops, True)
+        return
+    assert amxconv.f32_kernels() in ("avx512", "avx2")
+    assert np.array_equal(_run(ops, x, f32=True), _run(ops, x, f32=True, avx2=True))
 
 
 # (c, h, w, kind, kernel, stride, pad, relu): MAX with ReLU (int16), MAX alone, AVE with and without pad
@@ -147,9 +171,9 @@ POOLS = [(32, 32, 32, 1, 3, 2, 0, 1), (21, 9, 11, 1, 3, 2, 1, 0), (32, 16, 16, 2
          (40, 7, 7, 2, 3, 2, 1, 1), (70, 5, 6, 1, 2, 2, 0, 0)]
 
 
-@pytest.mark.parametrize("f32", [False, True])
+@pytest.mark.parametrize("f32,avx2", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("c,h,w,kind,k,s,p,relu", POOLS)
-def test_poolings_are_caffes(c, h, w, kind, k, s, p, relu, f32):
+def test_poolings_are_caffes(c, h, w, kind, k, s, p, relu, f32, avx2):
     x = np.random.default_rng(c + h).normal(0, 5, (4, c, h, w)).astype(np.float32)
     x = x if f32 else _bf16(x)
     oh, ow = pooled_size(h, k, s, p), pooled_size(w, k, s, p)
@@ -157,7 +181,7 @@ def test_poolings_are_caffes(c, h, w, kind, k, s, p, relu, f32):
     if not _have(f32):
         _assert_refused([op], f32)
         return
-    ours = _run([op], x, f32)
+    ours = _run([op], x, f32, avx2)
     exact = _pool_ref(x, kind, k, s, p, relu)
     if kind == 1:  # a maximum is one of the values: exact
         assert np.array_equal(ours, exact.astype(np.float32))
@@ -193,7 +217,7 @@ def test_native_nets_agree_with_float32(name):
     _, plain = _pair(NATIVE_NETS[name], seed=len(name))
     x = np.random.default_rng(2).normal(0, 20, (plain.input_shape[0],) + tuple(plain.input_shape[1:])).astype(np.float32)
     exact = plain.forward({plain.input: x}, blobs=(plain.layers[-3].tops[0],))
-    if not _have():
+    if not _have(f32=True):
         with pytest.raises(UnsupportedNet):
             AMXForward(plain)
         return
@@ -201,17 +225,23 @@ def test_native_nets_agree_with_float32(name):
     assert forward.layer_names == [layer.name for layer in plain.layers[:forward.end]]
     assert plain.layers[forward.end].type == "InnerProduct"
     top = forward.top
-    low = forward.forward(x, blobs=(top,))
-    assert np.abs(low[top] - exact[top]).max() <= 0.03 * np.abs(exact[top]).max()
-    assert np.abs(low["prob"] - exact["prob"]).max() <= 0.05
-    if _have(f32=True):
-        high = forward.forward(x, blobs=(top,), precision="float32")
-        assert np.allclose(high[top], exact[top], rtol=1e-5, atol=1e-4 * np.abs(exact[top]).max())
-        assert np.abs(high["prob"] - exact["prob"]).max() <= 1e-5
+    high = forward.forward(x, blobs=(top,), precision="float32")
+    assert np.allclose(high[top], exact[top], rtol=1e-5, atol=1e-4 * np.abs(exact[top]).max())
+    assert np.abs(high["prob"] - exact["prob"]).max() <= 1e-5
+    if _have():
+        assert forward.precisions == ("bfloat16", "float32")
+        low = forward.forward(x, blobs=(top,), precision="bfloat16")
+        assert np.abs(low[top] - exact[top]).max() <= 0.03 * np.abs(exact[top]).max()
+        assert np.abs(low["prob"] - exact["prob"]).max() <= 0.05
+    else:  # float32 alone, and the default
+        assert forward.precisions == ("float32",)
+        assert np.array_equal(forward.predict(x), high["prob"].reshape(len(x), -1))
+        with pytest.raises(UnsupportedNet, match="bfloat16"):
+            forward.predict(x, precision="bfloat16")
     assert forward.predict(x[:0]).shape == (0, plain.blob_shapes[plain.output][1])
 
 
-def test_the_published_model_on_amx_is_float32_within_bfloat16(reference, tmp_path):
+def test_the_published_model_natively(reference, tmp_path):
     deploy = _render_deploy(tmp_path)
     model = reference / "1_caffenet_train_w32_iter_600000.caffemodel"
     plain = PlainNet.build(read_net_prototxt(deploy), read_caffemodel(model), deploy, model)
@@ -220,18 +250,18 @@ def test_the_published_model_on_amx_is_float32_within_bfloat16(reference, tmp_pa
     base = rng.normal(0, 40, (64, 3, 4, 4)).astype(np.float32)
     crops = np.kron(base, np.ones((1, 1, 8, 8), np.float32)) + rng.normal(0, 5, (64, 3, 32, 32)).astype(np.float32)
     exact = plain.forward({"data": crops})["prob"]
-    if not _have():
+    if not _have(f32=True):
         with pytest.raises(UnsupportedNet):
             AMXForward(plain)
         return
     forward = AMXForward(plain)
     assert forward.layer_names == ["conv1", "pool1", "relu1", "conv2", "relu2", "pool2", "conv3", "relu3", "pool3"]
-    low = forward.predict(crops)
-    # lymph_cv.stages.evaluate.BF16_WORST_DEVIATION: the largest move measured on full images
-    assert np.abs(low - exact).max() <= 0.065
-    assert not np.array_equal(low, exact)
-    if _have(f32=True):
-        assert np.abs(forward.predict(crops, precision="float32") - exact).max() <= 1e-5
+    assert np.abs(forward.predict(crops, precision="float32") - exact).max() <= 1e-5
+    if _have():
+        low = forward.predict(crops)
+        # lymph_cv.stages.evaluate.BF16_WORST_DEVIATION: the largest move measured on full images
+        assert np.abs(low - exact).max() <= 0.065
+        assert not np.array_equal(low, exact)
 
 
 def test_prefix_rules():

@@ -9,6 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lymph_cv.core import devices
+from lymph_cv.core.devices import cpu_has_bfloat16
+
 from test_evaluate import CLASSES, _published_args, published  # noqa: F401  (the module's fixture)
 
 
@@ -46,7 +49,7 @@ def test_the_prefix_follows_the_deploy_nets_layer_order(published):  # noqa: F81
     from lymph_cv.net.bf16 import BFloat16Forward
     from lymph_cv.stages.evaluate import WindowClassifier
 
-    forward = BFloat16Forward(WindowClassifier(published["deploy"], published["model"]).net)
+    forward = BFloat16Forward(WindowClassifier(published["deploy"], published["model"], backend="torch").net)
     assert forward.layer_names == ["conv1", "pool1", "relu1", "conv2", "relu2", "pool2", "conv3", "relu3", "pool3"]
     names = [layer.name for layer in forward.layers]
     assert {names[p]: names[r] for p, r in forward.pools.items()} == {"pool1": "relu1"}  # ReLU after a MAX pooling
@@ -70,7 +73,7 @@ def test_bfloat16_votes_are_float32s_on_a_full_image(published, tmp_path):  # no
 
     entry = _full_image(tmp_path)
     mean = read_mean(published["mean"])
-    exact = evaluate_images(WindowClassifier(published["deploy"], published["model"]), [entry], mean, progress=False)[0]
+    exact = evaluate_images(WindowClassifier(published["deploy"], published["model"], backend="torch"), [entry], mean, progress=False)[0]
     low = WindowClassifier(published["deploy"], published["model"], precision="bfloat16", backend="torch")
     rechecks = Rechecks()
     ours = evaluate_images(low, [entry], mean, progress=False, rechecks=rechecks)[0]
@@ -94,7 +97,7 @@ def test_a_bound_above_every_margin_rechecks_every_window(published, batch_size)
 
     mean = read_mean(published["mean"])
     entry = ParentEntry(1, "x", published["images"] / published["names"][0], 0)
-    exact = evaluate_images(WindowClassifier(published["deploy"], published["model"]), [entry], mean, progress=False)[0]
+    exact = evaluate_images(WindowClassifier(published["deploy"], published["model"], backend="torch"), [entry], mean, progress=False)[0]
     low = WindowClassifier(published["deploy"], published["model"], precision="bfloat16", backend="torch")
     rechecks = Rechecks()
     ours = evaluate_images(low, [entry], mean, progress=False, batch_size=batch_size, margin_bound=2.0,
@@ -110,10 +113,45 @@ def test_evaluate_precision_option_is_recorded(published, runner, cli, tmp_path)
     result = runner.invoke(cli, _published_args(published, out) + ["--skip-missing", "--precision", "bfloat16"])
     assert result.exit_code == 0, result.stderr
     settings = json.loads((out / "eval" / "fold_1" / "metrics.json").read_text())["settings"]
-    assert settings["precision"] == "bfloat16"
-    assert settings["rechecked"]["windows"] == 36 and settings["rechecked"]["bound"] > 0
+    if cpu_has_bfloat16():
+        assert settings["precision"] == "bfloat16" and "precision_asked" not in settings
+        assert settings["rechecked"]["windows"] == 36 and settings["rechecked"]["bound"] > 0
+    else:  # test_bfloat16_on_a_cpu_without_it_runs_float32
+        assert (settings["precision"], settings["precision_asked"]) == ("float32", "bfloat16")
     result = runner.invoke(cli, _published_args(published, out) + ["--precision", "float16"])
     assert result.exit_code == 2 and "float16" in result.stderr
+
+
+@pytest.mark.parametrize("flags,native", [("fpu sse avx2 fma", False), ("fpu avx512f avx512_bf16", True),
+                                          ("fpu amx_tile amx_bf16", True)])
+def test_bfloat16_on_a_cpu_without_it_runs_float32(published, runner, cli, tmp_path, monkeypatch, caplog, flags, native):  # noqa: F811
+    """Where the CPU lists no bfloat16 arithmetic, `--precision bfloat16` evaluates in float32 (the
+    same votes, not emulated bfloat16's minutes), says so once and records both."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    assert cpu_has_bfloat16(str(cpuinfo)) == native
+    monkeypatch.setattr(devices, "CPUINFO_FILE", str(cpuinfo))
+    out = tmp_path / "w"
+    result = runner.invoke(cli, _published_args(published, out) + ["--skip-missing", "--precision", "bfloat16"])
+    assert result.exit_code == 0, result.stderr
+    settings = json.loads((out / "eval" / "fold_1" / "metrics.json").read_text())["settings"]
+    warned = [r for r in caplog.records if "no bfloat16 arithmetic" in r.getMessage()]
+    if native:
+        assert settings["precision"] == "bfloat16" and "precision_asked" not in settings and not warned
+    else:
+        assert (settings["precision"], settings["precision_asked"]) == ("float32", "bfloat16") and len(warned) == 1
+        exact = runner.invoke(cli, _published_args(published, tmp_path / "f") + ["--skip-missing"])
+        assert exact.exit_code == 0, exact.stderr
+        rows = [(folder / "eval" / "fold_1" / "images.csv").read_text() for folder in (out, tmp_path / "f")]
+        assert rows[0] == rows[1]
+
+
+def test_cpu_features_that_cannot_be_read_assume_nothing_away(tmp_path):
+    assert cpu_has_bfloat16(str(tmp_path / "absent"))
+    (tmp_path / "other").write_text("processor\t: 0\nmodel name\t: no feature list\n")
+    assert cpu_has_bfloat16(str(tmp_path / "other"))
+    (tmp_path / "arm").write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n")
+    assert cpu_has_bfloat16(str(tmp_path / "arm"))
 
 
 def test_bfloat16_without_amx(published):  # noqa: F811

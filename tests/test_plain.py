@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from lymph_cv.core.devices import cpu_has_bfloat16
 from lymph_cv.errors import EvaluationError, FormatError
 from lymph_cv.formats.caffe import caffe_pb2
 from lymph_cv.formats.caffe.model import read_caffemodel
@@ -170,30 +171,36 @@ def test_a_model_that_does_not_fit_raises_the_classifiers_errors():
 
 
 # ----------------------------------------------------------------------------- the torch-free evaluate path
-#: Whether the native engine runs here (AMX, a built lymph_cv.net.amxconv): the wiring below is then
-#: tested on it; elsewhere the same classifiers must take the torch backend.
+#: Whether the native engine runs bfloat16 here (AMX, a built lymph_cv.net.amxconv), and float32
+#: (AVX-512 or AVX2): the wiring below is then tested on it; elsewhere the same classifiers must take
+#: the torch backend.
 NATIVE = amxforward.available()
+NATIVE_F32 = amxforward.available_float32()
 #: The native bfloat16 path's largest probability move (lymph_cv.stages.evaluate.BF16_WORST_DEVIATION).
 BF16_DEVIATION = 0.065
 
 
-def test_bfloat16_on_the_cpu_runs_natively_and_the_rest_on_torch(published):  # noqa: F811
+def test_the_cpu_runs_natively_where_the_engine_does_and_the_rest_on_torch(published):  # noqa: F811
     from lymph_cv.stages.evaluate import WindowClassifier
 
-    native = WindowClassifier(published["deploy"], published["model"], "cpu", "bfloat16")
-    assert native.backend == ("native" if NATIVE else "torch") and native.crop == 32 and native.n_classes == 3
-    assert (native.net is None) == NATIVE
-    for device, precision, backend in (("cpu", "float32", "auto"), ("cpu", "bfloat16", "torch")):
-        assert WindowClassifier(published["deploy"], published["model"], device, precision, backend).backend == "torch"
-    exact = WindowClassifier(published["deploy"], published["model"])
+    low = WindowClassifier(published["deploy"], published["model"], "cpu", "bfloat16")
+    assert low.backend == ("native" if NATIVE else "torch") and low.crop == 32 and low.n_classes == 3
+    assert (low.net is None) == NATIVE
+    native = WindowClassifier(published["deploy"], published["model"], "cpu", "float32")
+    assert native.backend == ("native" if NATIVE_F32 else "torch") and (native.net is None) == NATIVE_F32
+    for precision in ("float32", "bfloat16"):
+        assert WindowClassifier(published["deploy"], published["model"], "cpu", precision, "torch").backend == "torch"
+    exact = WindowClassifier(published["deploy"], published["model"], backend="torch")
     crops = np.random.default_rng(2).uniform(-100, 100, (20, 3, 32, 32)).astype(np.float32)
-    probs = native.predict(crops, precision="float32")
+    probs = native.predict(crops)
     assert probs.shape == (20, 3) and np.abs(probs - exact.predict(crops)).max() <= PROB_TOLERANCE
-    assert np.abs(native.predict(crops) - probs).max() <= BF16_DEVIATION
-    features = native.forward(crops, blobs=("ip1", "conv1"), precision="float32")
+    assert np.array_equal(low.predict(crops, precision="float32"), probs) or not NATIVE  # one float32 engine
+    assert np.abs(low.predict(crops) - probs).max() <= BF16_DEVIATION
     theirs = exact.forward(crops, blobs=("ip1", "conv1"))
-    for name in ("ip1", "conv1"):
-        assert np.allclose(features[name], theirs[name], rtol=1e-4, atol=1e-3), name
+    for classifier in (native, low):
+        features = classifier.forward(crops, blobs=("ip1", "conv1"), precision="float32")
+        for name in ("ip1", "conv1"):
+            assert np.allclose(features[name], theirs[name], rtol=1e-4, atol=1e-3), name
 
 
 @pytest.mark.parametrize("batch_size", [10, 320])
@@ -240,9 +247,10 @@ def test_a_model_that_does_not_fit_says_so_natively_too(published, tmp_path):  #
     assert messages[0] == messages[1] and "does not fit deploy net" in messages[0]
 
 
-def test_bfloat16_evaluate_on_the_cpu_never_imports_torch(published, runner, cli, tmp_path, monkeypatch):  # noqa: F811
-    """`lymph-cv evaluate --precision bfloat16 --device cpu` in a fresh process: no torch in
-    sys.modules at exit (where the native engine runs), and the votes of the torch bfloat16 path."""
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_evaluate_on_the_cpu_never_imports_torch(published, runner, cli, tmp_path, monkeypatch, precision):  # noqa: F811
+    """`lymph-cv evaluate --precision P --device cpu` in a fresh process: no torch in sys.modules at
+    exit (where the native engine runs P), and the votes of the torch path in the same precision."""
     import json
     import os
     import subprocess
@@ -250,7 +258,7 @@ def test_bfloat16_evaluate_on_the_cpu_never_imports_torch(published, runner, cli
 
     from test_evaluate import _published_args
 
-    args = _published_args(published, tmp_path / "native", **{"--precision": "bfloat16", "--device": "cpu"})
+    args = _published_args(published, tmp_path / "native", **{"--precision": precision, "--device": "cpu"})
     code = ("import sys\nfrom lymph_cv.cli import main\n"
             f"try:\n    main({[*args, '--skip-missing']!r})\nexcept SystemExit as exc:\n    status = exc.code\n"
             "else:\n    status = 0\n"
@@ -259,9 +267,11 @@ def test_bfloat16_evaluate_on_the_cpu_never_imports_torch(published, runner, cli
                                                                    os.environ.get("PYTHONPATH")) if p)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert f"TORCH_LOADED={not NATIVE}" in done.stdout  # without the engine: torch's bfloat16
-    monkeypatch.setenv("LYMPH_CV_NATIVE", "0")  # the torch path's bfloat16 (a real amxforward stays off too)
-    torchs = runner.invoke(cli, _published_args(published, tmp_path / "torch", **{"--precision": "bfloat16"})
+    # bfloat16 without bfloat16 arithmetic runs float32 (lymph_cv.stages.evaluate.evaluate_fold)
+    native = NATIVE if precision == "bfloat16" and cpu_has_bfloat16() else NATIVE_F32
+    assert f"TORCH_LOADED={not native}" in done.stdout  # without the engine: torch's
+    monkeypatch.setenv("LYMPH_CV_NATIVE", "0")  # the torch path (a real amxforward stays off too)
+    torchs = runner.invoke(cli, _published_args(published, tmp_path / "torch", **{"--precision": precision})
                            + ["--skip-missing"])
     assert torchs.exit_code == 0, torchs.stderr
     records = [json.loads((tmp_path / name / "eval" / "fold_1" / "metrics.json").read_text())

@@ -52,9 +52,12 @@ def test_cams_average_to_the_class_scores(classifier):
 
 def test_a_net_without_global_pooling_has_no_cam(tmp_path):
     deploy, model, mean = random_net(tmp_path, 36, arch="alexnet32w")
-    alexnet = WindowClassifier(deploy, model)
+    alexnet = WindowClassifier(deploy, model, backend="torch")
     with pytest.raises(UnsupportedError, match="global average pooling"):
         slide_eval.cam_head(alexnet)
+    if WindowClassifier(deploy, model).net is None:  # natively (AVX2 or later): no torch layers to read
+        with pytest.raises(UnsupportedError, match="natively"):
+            slide_eval.cam_head(WindowClassifier(deploy, model))
     svs = wheel_file("cmu_small_region.svs")
     tiles = slide_eval.plan_test_slide(svs, "FL/cmu_small_region.svs", 1, TileParams(512, resize=36))
     with pytest.raises(UnsupportedError):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from lymph_cv.errors import ConfigError
 
@@ -18,6 +18,10 @@ CONCRETE_DEVICES = ("cpu", "cuda")
 NVIDIA_DRIVER_FILE = "/proc/driver/nvidia/version"
 #: The CUDA driver library's name for ctypes.util.find_library.
 CUDA_LIBRARY = "cuda"
+#: Where Linux lists the CPU's features, and the ones that give bfloat16 arithmetic: x86's AMX and
+#: AVX512-BF16 (``flags``), Arm's BF16 (``Features``).
+CPUINFO_FILE = "/proc/cpuinfo"
+BFLOAT16_FEATURES = frozenset({"amx_bf16", "avx512_bf16", "bf16"})
 
 
 def cuda_absent() -> bool:
@@ -28,6 +32,22 @@ def cuda_absent() -> bool:
     import ctypes.util
 
     return ctypes.util.find_library(CUDA_LIBRARY) is None
+
+
+def cpu_has_bfloat16(cpuinfo: Optional[str] = None) -> bool:
+    """Whether the CPU computes in bfloat16 natively (else torch emulates it, several times slower
+    than float32), from ``cpuinfo`` (default :data:`CPUINFO_FILE`); True where the features cannot be
+    read (not Linux: nothing is assumed away)."""
+    try:
+        with open(cpuinfo or CPUINFO_FILE, encoding="utf-8", errors="replace") as handle:
+            text = handle.read()
+    except OSError:
+        return True
+    listed = [line.split(":", 1)[1].split() for line in text.splitlines()
+              if line.split(":", 1)[0].strip() in ("flags", "Features") and ":" in line]
+    if not listed:
+        return True
+    return bool(BFLOAT16_FEATURES.intersection(listed[0]))
 
 
 def resolves_to_cpu(name: str, choices: Sequence[str] = DEVICE_CHOICES) -> bool:

@@ -42,6 +42,8 @@
 #define XFEATURE_XTILEDATA 18
 
 enum { OP_CONV = 0, OP_POOL_MAX = 1, OP_POOL_AVE = 2 };
+/* A float32 program's kernels. */
+enum { F32_AVX2 = 1, F32_AVX512 = 2 };
 
 typedef struct {
     int kind, relu;
@@ -59,6 +61,7 @@ typedef struct {
     ptrdiff_t *block_out; /* [blocks][16]: each row's output pixel in the output buffer, or -1 */
     uint16_t *weights;   /* [rows][chunks][nblocks][16 pairs][16][2] */
     float *weights32;    /* float32 programs: [kh][kw×c][nblocks][16] */
+    ptrdiff_t *pixel_in, *pixel_out; /* AVX2 float32: each output pixel's first input value and its output */
     float *bias;         /* [nblocks*16], zero past oc */
 } Op;
 
@@ -67,7 +70,8 @@ typedef struct {
     Op ops[MAX_OPS];
     size_t elements[MAX_OPS + 1]; /* blob i's buffer size in bfloat16 values, slack included */
     size_t scratch;               /* im2col buffer size in bfloat16 values */
-    int f32;                      /* a float32 program (AVX-512, no AMX): blobs hold float32 values */
+    int f32;                      /* a float32 program (F32_AVX512 or F32_AVX2, no AMX): blobs hold float32
+                                   * values; 0: bfloat16 on AMX */
 } Program;
 
 typedef struct {
@@ -81,6 +85,7 @@ typedef struct {
 static int amx_state = -1; /* -1 unknown, 0 no, 1 yes */
 
 static int avx512_state = -1;
+static int avx2_state = -1;
 
 static void cpuid(unsigned int leaf, unsigned int sub, unsigned int r[4]) {
     __asm__ volatile("cpuid" : "=a"(r[0]), "=b"(r[1]), "=c"(r[2]), "=d"(r[3]) : "a"(leaf), "c"(sub));
@@ -115,6 +120,22 @@ static int probe_amx(void) {
     if (!((r[0] >> 5) & 1)) return 0;
     /* Linux hands out the tile data state only on request (arch_prctl, 5.16+). */
     return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+/* AVX2 and FMA with the OS saving the AVX state: the other float32 kernels. */
+static int probe_avx2(void) {
+    unsigned int r[4];
+    cpuid(0, 0, r);
+    if (r[0] < 7 || (saved_states() & 0x6u) != 0x6u) return 0;
+    cpuid(1, 0, r);
+    if (!((r[2] >> 12) & 1)) return 0; /* FMA */
+    cpuid(7, 0, r);
+    return (r[1] >> 5) & 1;
+}
+
+static int avx2_ready(void) {
+    if (avx2_state < 0) avx2_state = probe_avx2();
+    return avx2_state;
 }
 
 static int avx512_ready(void) {
@@ -479,7 +500,108 @@ AVX512_TARGET static void pool_crop_f32(const Op *op, const float *src, float *d
     }
 }
 
-AVX512_TARGET static void run_crops_f32(const Program *p, const float *src, float *dst, Py_ssize_t first_crop,
+/* ------------------------------------------------------------------------- float32 on AVX2 */
+/* The same float32 programs on AVX2 + FMA (CPUs without AVX-512: AMD Zen 1-3, older Intel): the
+ * weights' 16-channel blocks as two 8-lane vectors, the same blocks, sums and order per output
+ * value, so both ISAs give the same bits. */
+#define AVX2_TARGET __attribute__((target("avx2,fma")))
+
+/* Lane masks: 8 - n leading all-ones words from index n's view (maskstore of the first n lanes). */
+static const int32_t lane_masks[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+
+/* The bias, ReLU and store of one pixel's 8 output channels from `first` (none past oc). */
+AVX2_TARGET static inline void store8_avx2(const Op *op, int first, __m256 v, float *to) {
+    const int valid = op->oc - first;
+    if (valid <= 0) return;
+    v = _mm256_add_ps(v, _mm256_loadu_ps(op->bias + first));
+    if (op->relu) v = _mm256_max_ps(v, _mm256_setzero_ps());
+    if (valid >= 8)
+        _mm256_storeu_ps(to + first, v);
+    else
+        _mm256_maskstore_ps(to + first, _mm256_loadu_si256((const __m256i *)(lane_masks + 8 - valid)), v);
+}
+
+/* `count` (≤ 6) output pixels × output channel block j: 12 accumulators, each input value
+ * broadcast once against the block's two weight vectors.  The pixels are any of the layer's (`in`:
+ * their first input value, `out`: their output pixel), so no lane computes a dropped pixel.
+ * Inlined per literal count. */
+AVX2_TARGET static inline __attribute__((always_inline)) void conv_group_avx2(const Op *op, const float *src,
+                                                                               const ptrdiff_t *in, const ptrdiff_t *out,
+                                                                               int j, const int count, float *dst) {
+    const int wp = op->w + 2 * op->in_pad, span = op->kw * op->c;
+    const size_t row_step = (size_t)wp * op->c, w_step = (size_t)op->nblocks * TILE_N;
+    __m256 lo[6], hi[6];
+    const float *x[6];
+#pragma GCC unroll 6
+    for (int m = 0; m < count; m++) {
+        lo[m] = hi[m] = _mm256_setzero_ps();
+        x[m] = src + in[m];
+    }
+    for (int ky = 0; ky < op->kh; ky++) {
+        const float *w = op->weights32 + ((size_t)ky * span * op->nblocks + j) * TILE_N;
+        for (int k = 0; k < span; k++, w += w_step) {
+            const __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
+#pragma GCC unroll 6
+            for (int m = 0; m < count; m++) {
+                const __m256 v = _mm256_broadcast_ss(x[m] + k);
+                lo[m] = _mm256_fmadd_ps(v, w0, lo[m]);
+                hi[m] = _mm256_fmadd_ps(v, w1, hi[m]);
+            }
+        }
+#pragma GCC unroll 6
+        for (int m = 0; m < count; m++) x[m] += row_step;
+    }
+#pragma GCC unroll 6
+    for (int m = 0; m < count; m++) {
+        store8_avx2(op, j * TILE_N, lo[m], dst + out[m]);
+        store8_avx2(op, j * TILE_N + 8, hi[m], dst + out[m]);
+    }
+}
+
+/* Every output pixel (the layer's `pixels`, in output order) in groups of six. */
+AVX2_TARGET static void conv_crop_avx2(const Op *op, const float *src, float *dst) {
+    const ptrdiff_t *in = op->pixel_in, *out = op->pixel_out;
+    const int pixels = op->oh * op->ow;
+    int m = 0;
+    for (; m + 6 <= pixels; m += 6)
+        for (int j = 0; j < op->nblocks; j++) conv_group_avx2(op, src, in + m, out + m, j, 6, dst);
+    for (int j = 0; j < op->nblocks; j++) switch (pixels - m) {
+        case 5: conv_group_avx2(op, src, in + m, out + m, j, 5, dst); break;
+        case 4: conv_group_avx2(op, src, in + m, out + m, j, 4, dst); break;
+        case 3: conv_group_avx2(op, src, in + m, out + m, j, 3, dst); break;
+        case 2: conv_group_avx2(op, src, in + m, out + m, j, 2, dst); break;
+        case 1: conv_group_avx2(op, src, in + m, out + m, j, 1, dst); break;
+        default: break;
+        }
+}
+
+AVX2_TARGET static void pool_crop_avx2(const Op *op, const float *src, float *dst, int dst_pad) {
+    const int c = op->c, dst_wp = op->ow + 2 * dst_pad;
+    const __m256 zero = _mm256_setzero_ps();
+    for (int oy = 0; oy < op->oh; oy++) {
+        for (int ox = 0; ox < op->ow; ox++) {
+            const Window win = pool_window(op, oy, ox);
+            const __m256 divisor = _mm256_set1_ps(win.divisor);
+            float *out = dst + ((size_t)(oy + dst_pad) * dst_wp + ox + dst_pad) * c;
+            const int ave = op->kind == OP_POOL_AVE;
+            for (int c0 = 0; c0 < c; c0 += 8) {
+                const int width = c - c0 < 8 ? c - c0 : 8;
+                const __m256i mask = _mm256_loadu_si256((const __m256i *)(lane_masks + 8 - width));
+                __m256 acc = ave ? zero : _mm256_set1_ps(-__FLT_MAX__);
+                for (int y = win.top; y < win.bottom; y++)
+                    for (int x = win.left; x < win.right; x++) {
+                        const __m256 v = _mm256_maskload_ps(src + ((size_t)y * op->w + x) * c + c0, mask);
+                        acc = ave ? _mm256_add_ps(acc, v) : _mm256_max_ps(acc, v);
+                    }
+                if (ave) acc = _mm256_div_ps(acc, divisor);
+                if (op->relu) acc = _mm256_max_ps(acc, zero);
+                _mm256_maskstore_ps(out + c0, mask, acc);
+            }
+        }
+    }
+}
+
+static void run_crops_f32(const Program *p, const float *src, float *dst, Py_ssize_t first_crop,
                                         Py_ssize_t last_crop, float **blobs) {
     const Op *first = &p->ops[0], *last = &p->ops[p->count - 1];
     const int in_pad = first->kind == OP_CONV ? first->in_pad : 0;
@@ -495,10 +617,14 @@ AVX512_TARGET static void run_crops_f32(const Program *p, const float *src, floa
                         image[((size_t)k * first->h + y) * first->w + x];
         for (int i = 0; i < p->count; i++) {
             const Op *op = &p->ops[i];
-            if (op->kind == OP_CONV)
+            if (op->kind == OP_CONV && p->f32 == F32_AVX512)
                 conv_crop_f32(op, blobs[i], blobs[i + 1]);
-            else
+            else if (op->kind == OP_CONV)
+                conv_crop_avx2(op, blobs[i], blobs[i + 1]);
+            else if (p->f32 == F32_AVX512)
                 pool_crop_f32(op, blobs[i], blobs[i + 1], dst_pad_of(p, i));
+            else
+                pool_crop_avx2(op, blobs[i], blobs[i + 1], dst_pad_of(p, i));
         }
         memcpy(dst + (size_t)b * out_crop, blobs[p->count], out_crop * sizeof(float));
     }
@@ -649,6 +775,8 @@ static void free_program(Program *p) {
         free(p->ops[i].bias);
         free(p->ops[i].block_a);
         free(p->ops[i].block_out);
+        free(p->ops[i].pixel_in);
+        free(p->ops[i].pixel_out);
     }
     free(p);
 }
@@ -746,6 +874,21 @@ static int plan_blocks(Op *op, int dst_pad) {
     return 0;
 }
 
+/* Where each output pixel of a float32 convolution reads (its first input value) and writes. */
+static int plan_pixels(Op *op, int dst_pad) {
+    const int wp = op->w + 2 * op->in_pad, dst_wp = op->ow + 2 * dst_pad;
+    const size_t pixels = (size_t)op->oh * op->ow;
+    op->pixel_in = malloc(pixels * sizeof(ptrdiff_t));
+    op->pixel_out = malloc(pixels * sizeof(ptrdiff_t));
+    if (op->pixel_in == NULL || op->pixel_out == NULL) return -1;
+    for (int oy = 0, k = 0; oy < op->oh; oy++)
+        for (int ox = 0; ox < op->ow; ox++, k++) {
+            op->pixel_in[k] = ((ptrdiff_t)oy * op->sh * wp + (ptrdiff_t)ox * op->sw) * op->c;
+            op->pixel_out[k] = ((ptrdiff_t)(oy + dst_pad) * dst_wp + dst_pad + ox) * op->oc;
+        }
+    return 0;
+}
+
 static int item_int(PyObject *seq, Py_ssize_t index, int *out) {
     PyObject *item = PySequence_GetItem(seq, index);
     if (item == NULL) return -1;
@@ -764,11 +907,12 @@ static int item_int(PyObject *seq, Py_ssize_t index, int *out) {
  * weights/bias: float32 buffers (convolutions) or None. */
 static PyObject *program(PyObject *self, PyObject *args) {
     PyObject *ops;
-    int f32 = 0;
-    if (!PyArg_ParseTuple(args, "O|p", &ops, &f32)) return NULL;
-    if (f32 ? !avx512_ready() : !amx_ready()) {
-        PyErr_SetString(PyExc_RuntimeError, f32 ? "program: this CPU offers no AVX-512"
-                                                : "program: this CPU or kernel offers no AMX bfloat16");
+    int f32 = 0, avx2 = 0;
+    if (!PyArg_ParseTuple(args, "O|pp", &ops, &f32, &avx2)) return NULL;
+    if (f32 ? !(avx2_ready() || (!avx2 && avx512_ready())) : !amx_ready()) {
+        PyErr_SetString(PyExc_RuntimeError, !f32 ? "program: this CPU or kernel offers no AMX bfloat16"
+                                                 : avx2 ? "program: this CPU offers no AVX2 with FMA"
+                                                        : "program: this CPU offers neither AVX-512 nor AVX2 with FMA");
         return NULL;
     }
     Py_ssize_t count = PySequence_Length(ops);
@@ -778,7 +922,7 @@ static PyObject *program(PyObject *self, PyObject *args) {
     }
     Program *p = calloc(1, sizeof(Program));
     if (p == NULL) return PyErr_NoMemory();
-    p->f32 = f32;
+    p->f32 = !f32 ? 0 : !avx2 && avx512_ready() ? F32_AVX512 : F32_AVX2;
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *spec = PySequence_GetItem(ops, i);
         if (spec == NULL) goto fail;
@@ -858,7 +1002,7 @@ static PyObject *program(PyObject *self, PyObject *args) {
     for (int i = 0; i < p->count; i++) {
         Op *op = &p->ops[i];
         if (op->kind != OP_CONV) continue;
-        if (plan_blocks(op, dst_pad_of(p, i)) < 0) {
+        if (plan_blocks(op, dst_pad_of(p, i)) < 0 || (p->f32 == F32_AVX2 && plan_pixels(op, dst_pad_of(p, i)) < 0)) {
             PyErr_NoMemory();
             goto fail;
         }
@@ -935,7 +1079,13 @@ done:
 
 static PyObject *available(PyObject *self, PyObject *unused) { return PyBool_FromLong(amx_ready()); }
 
-static PyObject *available_f32(PyObject *self, PyObject *unused) { return PyBool_FromLong(avx512_ready()); }
+static PyObject *available_f32(PyObject *self, PyObject *unused) {
+    return PyBool_FromLong(avx512_ready() || avx2_ready());
+}
+
+static PyObject *f32_kernels(PyObject *self, PyObject *unused) {
+    return PyUnicode_FromString(avx512_ready() ? "avx512" : avx2_ready() ? "avx2" : "");
+}
 
 static PyObject *round_bf16(PyObject *self, PyObject *args) {
     Py_buffer src, dst;
@@ -957,9 +1107,11 @@ static PyObject *round_bf16(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"available", available, METH_NOARGS, "available() -> bool: AMX bfloat16 on this CPU, granted by the kernel."},
-    {"available_f32", available_f32, METH_NOARGS, "available_f32() -> bool: AVX-512 for float32 programs."},
+    {"available_f32", available_f32, METH_NOARGS, "available_f32() -> bool: AVX-512 or AVX2 + FMA for float32 programs."},
+    {"f32_kernels", f32_kernels, METH_NOARGS, "f32_kernels() -> str: what float32 programs run on: avx512, avx2 or ''."},
     {"program", program, METH_VARARGS,
-     "program(ops, f32=False) -> capsule (f32: float32 on AVX-512, else bfloat16 on AMX): ops (kind, relu, c, h, w, in_pad, oc, oh, ow, kh, kw, sh, sw, ph, pw, weights, bias);\n"
+     "program(ops, f32=False, avx2=False) -> capsule (f32: float32 on AVX-512, or AVX2 where it lacks\n"
+     "AVX-512 or avx2 is set; else bfloat16 on AMX): ops (kind, relu, c, h, w, in_pad, oc, oh, ow, kh, kw, sh, sw, ph, pw, weights, bias);\n"
      "kind 0 convolution (weights float32 oc×c×kh×kw, bias float32 oc or None), 1 MAX, 2 AVE pooling."},
     {"run", run, METH_VARARGS,
      "run(program, src, n, dst, threads): n float32 crops (c×h×w) through the program into dst (float32 h×w×c)."},

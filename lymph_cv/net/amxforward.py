@@ -1,15 +1,16 @@
 """A plain deploy net's forward pass with its convolution prefix native: bfloat16 on Intel AMX, or
-float32 on AVX-512 (the bfloat16 path's rechecks); no torch.
+float32 on AVX-512 or AVX2 + FMA; no torch.
 
 :class:`AMXForward` runs the leading run of Convolution, Pooling (MAX, AVE) and plain ReLU layers of
 a :class:`lymph_cv.net.plain.PlainNet` in :mod:`lymph_cv.net.amxconv` (``make native``), one crop
 at a time per thread with every blob in L2, and the rest of the net (InnerProduct, Softmax, …) in
-float32 through :meth:`PlainNet.forward`.  The arithmetic is lymph_cv.net.bf16's (oneDNN's): crops,
-weights and blobs bfloat16, products accumulated in float32, the bias added in float32.  So the
-results differ from float32 by bfloat16's 8-bit significand, and lymph_cv.stages.evaluate rechecks
-close windows in float32 as it does for the torch bfloat16 path: ``precision="float32"`` runs the
-same prefix in float32 (AVX-512 FMA; the sums in another order than torch's, so equal to float
-rounding), about 1.7× torch's float32 rate on 2 cores (benchmarks/bench_eval.py).
+float32 through :meth:`PlainNet.forward`.  bfloat16 (AMX only) is lymph_cv.net.bf16's arithmetic
+(oneDNN's): crops, weights and blobs bfloat16, products accumulated in float32, the bias added in
+float32.  So its results differ from float32 by bfloat16's 8-bit significand, and
+lymph_cv.stages.evaluate rechecks close windows in float32 as it does for the torch bfloat16 path.
+``precision="float32"`` runs the same prefix in float32 (FMA; the sums in another order than
+torch's, so equal to float rounding; the AVX-512 and AVX2 kernels give the same bits), faster than
+torch's float32 on 2 cores (benchmarks/bench_eval.py).
 
 A ReLU folds into the layer before it when it reads that layer's top and nothing after it reads
 the blob before the ReLU.  The prefix ends at the first other layer; a prefix without a
@@ -50,9 +51,14 @@ def available() -> bool:
 
 
 def available_float32() -> bool:
-    """Whether :class:`AMXForward` can run float32 here (the extension, AVX-512 F/BW/VL)."""
+    """Whether :class:`AMXForward` can run float32 here (the extension, AVX-512 F/BW/VL or AVX2 + FMA)."""
     module = native_module()
     return module is not None and bool(module.available_f32())
+
+
+def available_precisions() -> Tuple[str, ...]:
+    """The precisions :class:`AMXForward` runs in this process (of :data:`PRECISIONS`)."""
+    return tuple(p for p, ok in (("bfloat16", available()), ("float32", available_float32())) if ok)
 
 
 def prefix_ops(net: PlainNet) -> Tuple[List[tuple], int, str]:
@@ -106,12 +112,14 @@ class AMXForward:
 
     def __init__(self, net: PlainNet, threads: Optional[int] = None):
         module = native_module()
-        if module is None or not module.available():
-            raise UnsupportedNet("no AMX bfloat16 here (CPU, kernel, `make native` or LYMPH_CV_NATIVE=0)")
+        if module is None or not module.available_f32():
+            raise UnsupportedNet("no native engine here (CPU, kernel, `make native` or LYMPH_CV_NATIVE=0)")
         self.net = net
         self._ops, self.end, self.top = prefix_ops(net)
         self._module = module
-        self._programs = {"bfloat16": module.program(self._ops)}
+        #: What :meth:`forward` computes in: bfloat16 where AMX is, float32 everywhere it runs.
+        self.precisions = available_precisions()
+        self._programs = {"bfloat16": module.program(self._ops)} if "bfloat16" in self.precisions else {}
         self.threads = threads or usable_cores()
         # The rest's matrices are small (a batch × an inner product): OpenBLAS's idle threads would
         # spin beside the engine's own and take a third of its CPU (measured with perf).
@@ -131,17 +139,19 @@ class AMXForward:
     def _program(self, precision: str):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r} (expected one of {', '.join(PRECISIONS)})")
-        if precision not in self._programs:  # AMX implies AVX-512 (amxconv's probe checks both)
+        if precision not in self.precisions:
+            raise UnsupportedNet(f"no native {precision} on this CPU (it runs {', '.join(self.precisions)})")
+        if precision not in self._programs:
             self._programs[precision] = self._module.program(self._ops, precision == "float32")
         return self._programs[precision]
 
-    def forward(self, crops: np.ndarray, blobs=(), precision: str = "bfloat16") -> dict:
+    def forward(self, crops: np.ndarray, blobs=(), precision: Optional[str] = None) -> dict:
         """The first output and the named ``blobs`` after the prefix, float32, for N×C×H×W crops,
-        the prefix computed in ``precision``."""
+        the prefix computed in ``precision`` (default: the first of :attr:`precisions`)."""
         crops = np.ascontiguousarray(crops, dtype=np.float32)
         if crops.ndim != 4 or tuple(crops.shape[1:]) != self.crop_shape:
             raise ValueError(f"crops of shape {crops.shape}, the net takes N×{'×'.join(map(str, self.crop_shape))}")
-        program = self._program(precision)
+        program = self._program(precision or self.precisions[0])
         if not len(crops):
             return {name: np.zeros((0,) + tuple(self.net.blob_shapes[name][1:]), np.float32)
                     for name in (self.net.output, *blobs)}
@@ -151,7 +161,7 @@ class AMXForward:
         # an N×C×H×W view of channels-last memory, as PlainNet's own blobs are
         return self.net.forward({self.top: top.transpose(0, 3, 1, 2)}, start=self.end, blobs=blobs)
 
-    def predict(self, crops: np.ndarray, precision: str = "bfloat16") -> np.ndarray:
+    def predict(self, crops: np.ndarray, precision: Optional[str] = None) -> np.ndarray:
         """(N, classes) float32 values of the first output for N×C×H×W float32 crops."""
         out = self.forward(crops, precision=precision)[self.net.output]
         return out.reshape(len(out), int(np.prod(out.shape[1:])))

@@ -31,7 +31,7 @@ import numpy as np
 
 from lymph_cv.core.progress import Progress
 from lymph_cv.core.locks import folder_lock, target_lock_name
-from lymph_cv.core.devices import CONCRETE_DEVICES, resolve_device, resolves_to_cpu
+from lymph_cv.core.devices import CONCRETE_DEVICES, cpu_has_bfloat16, resolve_device, resolves_to_cpu
 from lymph_cv.core.grid import WINDOW_SIZE, WINDOW_STEP, window_grid
 from lymph_cv.core.images import ColourTransform, read_unit
 from lymph_cv.stages.stain import StainRecord, StainTransform, recorded_stain_path
@@ -301,7 +301,8 @@ def read_parent_list(path: PathLike, images: PathLike, classes: Sequence[str], s
 
 # ----------------------------------------------------------------------------- the net
 #: WindowClassifier backends: torch's CaffeNet (lymph_cv.net.build), or the torch-free pair of the
-#: native bfloat16 engine (lymph_cv.net.amxforward) and the numpy float32 forward (lymph_cv.net.plain).
+#: native engine (lymph_cv.net.amxforward: bfloat16 on AMX, float32 on AVX-512 or AVX2) and the numpy
+#: float32 forward (lymph_cv.net.plain).
 BACKENDS = ("torch", "native")
 #: What WindowClassifier(backend=...) takes: ``auto`` picks native where it runs, else torch.
 BACKEND_CHOICES = ("auto", "torch")
@@ -309,22 +310,23 @@ BACKEND_CHOICES = ("auto", "torch")
 
 def native_engine(device: str, precision: str):
     """lymph_cv.net.amxforward when a classifier on ``device`` in ``precision`` may run without torch:
-    bfloat16 on the CPU (decided without importing torch) with the native AMX engine available;
-    else None (the torch backend)."""
-    if precision != "bfloat16" or not resolves_to_cpu(device, CONCRETE_DEVICES):
+    the CPU (decided without importing torch) and the native engine running ``precision`` here
+    (bfloat16: AMX; float32: AVX-512 or AVX2 + FMA); else None (the torch backend)."""
+    if precision not in PRECISIONS or not resolves_to_cpu(device, CONCRETE_DEVICES):
         return None
     from lymph_cv.net import amxforward  # it imports its optional extension itself
 
-    return amxforward if amxforward.available() else None
+    return amxforward if precision in amxforward.available_precisions() else None
 
 
 class WindowClassifier:
     """A deploy net with trained weights, predicting batches of preprocessed crops.
 
-    ``backend`` (:data:`BACKENDS`): ``torch`` always runs torch's CaffeNet; ``auto`` runs a bfloat16
+    ``backend`` (:data:`BACKENDS`): ``torch`` always runs torch's CaffeNet; ``auto`` runs a
     classifier on the CPU without torch when :func:`native_engine` allows and lymph_cv.net.plain
-    supports the net (its float32 rechecks then run on the engine's float32 prefix, AVX-512, and
-    :class:`~lymph_cv.net.plain.PlainNet`'s float32 rest), else torch.  ``self.backend`` says which; ``self.net`` is the torch CaffeNet (None natively)."""
+    supports the net (the native engine's prefix, then :class:`~lymph_cv.net.plain.PlainNet`'s
+    float32 rest; a bfloat16 classifier's float32 rechecks on the engine's float32 prefix), else
+    torch.  ``self.backend`` says which; ``self.net`` is the torch CaffeNet (None natively)."""
 
     def __init__(self, deploy: PathLike, model: PathLike, device: str = "cpu", precision: str = "float32",
                  backend: str = "auto"):
@@ -822,6 +824,12 @@ def evaluate_fold(
     from lymph_cv.formats.caffe.blob import read_mean
 
     mean_array = read_mean(mean_path)
+    asked = precision
+    if precision == "bfloat16" and resolves_to_cpu(device, CONCRETE_DEVICES) and not cpu_has_bfloat16():
+        # bfloat16's votes are float32's (the rechecks): float32 gives them faster here
+        log.warning("warning: this CPU has no bfloat16 arithmetic (neither AMX nor AVX512-BF16): evaluating in "
+                    "float32, which gives the votes bfloat16 would, faster than emulated bfloat16")
+        precision = "float32"
     classifier = WindowClassifier(deploy, model, device, precision)
     if classifier.n_classes != len(classes):
         raise EvaluationError(f"deploy net {deploy} outputs {classifier.n_classes} values per window, "
@@ -849,12 +857,13 @@ def evaluate_fold(
         "crops": len(crop_boxes(window, window, classifier.crop, oversample, tta)), "aggregate": str(aggregate),
         "window": window, "stride": stride, "crop": classifier.crop,
         "batch_size": batch_size or classifier.default_batch_size, "precision": precision,
+        **({"precision_asked": asked} if asked != precision else {}),
         "stain": None if transform is None else {**transform.to_json(), "record": None if stain_source is None else str(stain_source),
                                                  "unchanged": [entries[i].entry for i in unchanged]},
     }
     if precision == "bfloat16":
         settings["rechecked"] = {"bound": BF16_MARGIN_BOUND, "windows": rechecks.windows, "rechecked": rechecks.rechecked}
-        settings["backend"] = classifier.backend  # native: no torch (lymph_cv.net.amxforward, lymph_cv.net.plain)
+    settings["backend"] = classifier.backend  # native: no torch (lymph_cv.net.amxforward, lymph_cv.net.plain)
     return FoldResult(fold, classes, results, settings)
 
 

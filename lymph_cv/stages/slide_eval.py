@@ -139,6 +139,9 @@ def cam_head(classifier: WindowClassifier, head: Optional[str] = None) -> CamHea
     """The CAM head of a deploy net: ``head`` (the architecture's classifier layer) or else the last
     InnerProduct; its bottom must come from a global average pooling, whose bottom are the features.
     UnsupportedError for nets without one (e.g. the tutorial's AlexNet variant)."""
+    if classifier.net is None:
+        raise UnsupportedError("class activation maps read the torch net's layers; this classifier runs natively "
+                               "(WindowClassifier backend='torch')")
     params = classifier.net.layer_params
     if head is None:
         inner = [p for p in params if p.type == "InnerProduct"]
@@ -366,7 +369,8 @@ def evaluate_slide_fold(workdir: PathLike, fold: int, *, model: Optional[PathLik
     model = Path(model) if model else latest_snapshot(fold_dir)
     if not model.is_file():
         raise InputError("model not found", model)
-    classifier = WindowClassifier(deploy, model, device)
+    # class activation maps read the torch net's head (cam_head); without them any backend serves
+    classifier = WindowClassifier(deploy, model, device, backend="auto" if cams is False else "torch")
     stain_path = recorded_stain_path(workdir, fold)
     stain = None if stain_path is None else read_stain_record(stain_path)
     transform = None if stain is None or stain.method == "none" else hook(stain.transform)
