@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 
 from lymph_cv.formats.caffe.datum import serialize_datum
+from lymph_cv.formats.inspect import describe
+from lymph_cv.errors import FormatError
 from lymph_cv.formats.store import BACKENDS, make_key, open_writer
+from lymph_cv.net.archs import arch_names
+from lymph_cv.stages.render import render_deploy_text
+from netutil import rendered
 
 FOLD1_CHANNEL_MEANS = (119.34, 97.27, 118.56)  # B, G, R
 MODEL = "1_caffenet_train_w32_iter_600000.caffemodel"
@@ -150,3 +155,28 @@ def test_database_of_encoded_datums(runner, cli, tmp_path):
             writer.put(make_key(index, "a.png"), encoded_datum(png.tobytes(), index).SerializeToString())
     info = json.loads(_ok(runner, cli, "--json", path))
     assert info["encoded"] == 3 and info["datum_shape"] == [3, 4, 6] and info["records"] == 3
+
+
+def test_unknown_layer_type_is_refused_like_caffe(runner, cli, tmp_path):
+    unknown = 'layer { name: "x" type: "Foo" bottom: "data" top: "x" }\n'
+    for name in ("net.prototxt", "net.txt"):  # a net by its contents, whatever its name
+        (tmp_path / name).write_text('input: "data"\n' + unknown)
+        line = _fails(runner, cli, tmp_path / name, contains="layer 'x' has type 'Foo', not a Caffe layer type")
+        assert "(valid: AbsVal, " in line and "InnerProduct" in line
+    with pytest.raises(FormatError, match="layer 'x' has type 'Foo'"):
+        describe(tmp_path / "net.txt")
+    (tmp_path / "v1.prototxt").write_text('name: "q"\nlayers { name: "x" type: FOO bottom: "data" top: "x" }\n')
+    line = _fails(runner, cli, tmp_path / "v1.prototxt", contains="line 2, column 26: layer 'x' has type FOO")
+    assert "not a Caffe V1 layer type (valid: ABSVAL, " in line
+
+
+@pytest.mark.parametrize("arch", arch_names())
+def test_every_rendered_prototxt_inspects(runner, cli, tmp_path, arch):
+    variants = [{"arch": arch}] + ([{"arch": arch, "legacy_v1": True}] if arch.startswith("alexnet") else [])
+    for index, options in enumerate(variants):
+        files = rendered(tmp_path / str(index), **options)
+        for path in (files.net, files.deploy):
+            assert json.loads(_ok(runner, cli, "--json", path))["kind"] == "net"
+        assert json.loads(_ok(runner, cli, "--json", files.solver))["kind"] == "solver"
+    (tmp_path / "encoder.prototxt").write_text(render_deploy_text(arch, 2, 32))  # the MIL instance encoder
+    assert json.loads(_ok(runner, cli, "--json", tmp_path / "encoder.prototxt"))["kind"] == "net"

@@ -5,6 +5,9 @@ import pytest
 
 from lymph_cv.formats.caffe import caffe_pb2
 from lymph_cv.formats.caffe.prototxt import (
+    CAFFE_LAYER_TYPES,
+    V1_TYPE_NAMES,
+    check_layer_types,
     filter_net,
     format_text,
     parse_net_text,
@@ -122,3 +125,36 @@ def test_errors_name_file_and_line(tmp_path):
     path.write_bytes(b"\xff\xfe\x00binary")
     with pytest.raises(FormatError, match="not a text file"):
         read_net_prototxt(path)
+
+
+def test_unknown_layer_types_are_refused_like_caffe(tmp_path):
+    path = tmp_path / "net.prototxt"
+    path.write_text('layer { name: "d" type: "Input" top: "data" }\nlayer { name: "x" type: "Foo" bottom: "data" top: "x" }\n')
+    with pytest.raises(FormatError) as info:
+        check_layer_types(read_net_prototxt(path), path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: layer 'x' has type 'Foo', not a Caffe layer type (valid: AbsVal, ")
+    assert "InnerProduct" in message and "\n" not in message
+    path.write_text('layer { name: "x" bottom: "data" top: "x" }\n')
+    with pytest.raises(FormatError, match="layer 'x' has no type"):
+        check_layer_types(read_net_prototxt(path), path)
+    check_layer_types(parse_net_text(V1_NET), path)  # every upgraded V1 type is one of Caffe's
+
+
+@pytest.mark.parametrize("token", ["FOO", "77"])
+def test_unknown_v1_layer_type_names_its_layer(tmp_path, token):
+    path = tmp_path / "v1.prototxt"
+    path.write_text(V1_NET.replace("name: \"ip\" type: INNER_PRODUCT", f"name: \"ip\" type: {token}"))
+    with pytest.raises(FormatError) as info:
+        read_net_prototxt(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: line 19, column 27: layer 'ip' has type {token}, not a Caffe V1 layer type")
+    assert "(valid: ABSVAL, ACCURACY, " in message and "INNER_PRODUCT" in message and "NONE" not in message
+
+
+def test_caffe_layer_types_cover_the_v1_types_and_the_engine():
+    from lymph_cv.net.layers import supported_types
+
+    assert len(CAFFE_LAYER_TYPES) == len(set(CAFFE_LAYER_TYPES)) == 61
+    assert set(V1_TYPE_NAMES.values()) - {""} <= set(CAFFE_LAYER_TYPES)
+    assert set(supported_types()) <= set(CAFFE_LAYER_TYPES)  # a net we run is one Caffe knows

@@ -316,3 +316,53 @@ def test_a_tiling_killed_after_a_slide_resumes_with_that_slide_kept(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert "1 slide(s) complete from an earlier run" in resumed.stderr
     assert tiles.read_tile_set(out).slides[0].tiles == 16
+
+
+def test_a_tile_outside_its_slide_is_refused(tmp_path):
+    import dataclasses
+
+    path = pyramid(tmp_path / "CLL_case1_001.tif", side=1024, levels=(1, 2), pink=(0, 512))
+    params = tiles.TileParams(size=64, mpp=1.0, mask_side=256)
+    record, planned, _, _ = tiles.plan_slide(path, params, cls="CLL", label=0)
+    edge = dataclasses.replace(planned[0], x=1024 - planned[0].extent)  # the last whole tile: still inside
+    with slides.open_slide(path) as slide:
+        assert tiles.read_tile(slide, edge).shape == (64, 64, 3)
+        for tile in (dataclasses.replace(edge, x=edge.x + 1), dataclasses.replace(planned[0], y=-1)):
+            with pytest.raises(InputError) as info:
+                tiles.read_tile(slide, tile)
+            assert str(info.value) == (f"{path}: tile 1 ({tile.name}: x {tile.x}, y {tile.y}, extent 128) lies "
+                                       "outside the slide's 1024x1024 level-0 pixels")
+        with pytest.raises(InputError, match=r"tile 1 \(.*\) is read at level 2; the slide has levels 0 to 1"):
+            tiles.read_tile(slide, dataclasses.replace(planned[0], level=2))
+
+    out = tmp_path / "out"
+    out.mkdir()
+    tiles.write_tile_set(out, tiles.TileSet(params, ["CLL"], [record], planned))
+    table = out / "tiles.csv"
+    lines = table.read_text().splitlines(keepends=True)
+    row = lines[3].split(",")
+    row[tiles.TILE_COLUMNS.index("x")] = "2000"  # a hand edit past the slide's right edge
+    lines[3] = ",".join(row)
+    table.write_text("".join(lines))
+    with pytest.raises(FormatError) as info:
+        tiles.read_tile_set(out)
+    assert str(info.value) == (f"{table}: line 4: tile 3 ({planned[2].name}: x 2000, y {planned[2].y}, extent 128) "
+                               "lies outside slide 'CLL_case1_001', 1024x1024 level-0 pixels in tiles.json")
+
+
+def test_a_tile_set_read_against_another_slide_is_one_line(tmp_path, runner, cli):
+    data = slide_set(tmp_path / "data")
+    work = tmp_path / "work"
+    result = runner.invoke(cli, ["slides", "tile", str(data), str(work / "subs"), "--size", "64", "--mpp", "1",
+                                 "--mask-side", "256", "--classes", "CLL,FL", "--workers", "1", "--no-qc",
+                                 "--manifest-only"])
+    assert result.exit_code == 0, result.output
+    folds.make_folds(work / "subs", work, k=2, group_by="case")
+    smaller = data / "FL" / "FL_case1_001.tif"  # replaced by a smaller slide: its tiles reach past it
+    pyramid(smaller, side=512, levels=(1, 2), pink=(0, 512))
+    result = runner.invoke(cli, ["dbs", str(work), "--images", str(data), "--backend", "lmdb", "--workers", "1"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith(f"error: {smaller}: tile ") and "outside the slide's 512x512 level-0 pixels" in lines[0]
+    assert not list(work.glob("DB_*"))

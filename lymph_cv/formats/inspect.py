@@ -18,7 +18,8 @@ from google.protobuf import json_format
 from lymph_cv.formats.caffe import caffe_pb2
 from lymph_cv.formats.caffe.blob import blob_shape, has_legacy_dims, mean_array, parse_blob
 from lymph_cv.formats.caffe.model import layer_type, net_layers, net_params, parse_caffemodel, parse_solverstate
-from lymph_cv.formats.caffe.prototxt import format_text, parse_net_text, parse_solver_text, upgrade_net
+from lymph_cv.formats.caffe.prototxt import (check_layer_types, format_text, parse_net_text, parse_solver_text,
+                                              upgrade_net)
 from lymph_cv.errors import FormatError
 from lymph_cv.formats.inspect_db import DEFAULT_KEY_LIMIT, describe_db, format_db_header, format_db_totals
 from lymph_cv.formats.store import detect_backend
@@ -165,11 +166,14 @@ def _describe_text(data: bytes, path: Path) -> Tuple[Optional[Description], Opti
     try:
         raw = parse_net_text(text, path, upgrade=False)
         net = upgrade_net(raw, path)
-        if len(net.layer) or len(net.input):
-            return _describe_net(net, path, legacy=len(raw.layers) > 0), None
-        errors.append(FormatError("no layers; expected a Caffe net prototxt", path))
     except FormatError as exc:
         errors.append(exc)
+    else:
+        if len(net.layer) or len(net.input):
+            # A net, whatever its name says; Caffe would refuse it at an unknown layer type.
+            check_layer_types(net, path)
+            return _describe_net(net, path, legacy=len(raw.layers) > 0), None
+        errors.append(FormatError("no layers; expected a Caffe net prototxt", path))
     try:
         solver = parse_solver_text(text, path)
         if solver.ListFields():

@@ -131,6 +131,14 @@ class Tile:
         """The tile's key in its slide's database."""
         return DB_KEY.format(index=self.index, name=self.name)
 
+    def outside(self, width: int, height: int) -> bool:
+        """Whether the tile's level-0 square leaves a ``width`` × ``height`` slide."""
+        return self.x < 0 or self.y < 0 or self.x + self.extent > width or self.y + self.extent > height
+
+    def describe(self) -> str:
+        """The tile in an error message: its number, name and level-0 square."""
+        return f"tile {self.index} ({self.name}: x {self.x}, y {self.y}, extent {self.extent})"
+
 
 #: tiles.csv's columns, in order.
 TILE_COLUMNS = tuple(f.name for f in fields(Tile))
@@ -255,7 +263,14 @@ def read_tile_set(path: PathLike) -> TileSet:
                            obj.get("db_backend"), obj.get("stain"), bool(obj.get("files", True)))
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
         raise FormatError(f"not a tile manifest ({type(exc).__name__}: {exc})", json_path) from None
-    tile_set.tiles = read_tiles_csv(json_path.parent / TILE_TABLE)
+    table = json_path.parent / TILE_TABLE
+    tile_set.tiles = read_tiles_csv(table)
+    sizes = {record.slide: (record.width, record.height) for record in tile_set.slides}
+    for number, tile in enumerate(tile_set.tiles, 2):
+        width, height = sizes.get(tile.slide, (None, None))
+        if width is not None and tile.outside(width, height):
+            raise FormatError(f"line {number}: {tile.describe()} lies outside slide {tile.slide!r}, "
+                              f"{width}x{height} level-0 pixels in {TILE_SET}", table)
     return tile_set
 
 
@@ -376,9 +391,17 @@ def plan_slide(slide_path: PathLike, params: TileParams, *, cls: str = "", label
 
 def read_tile(slide, tile: Tile, transform: Optional[ColourTransform] = None) -> np.ndarray:
     """Tile ``tile`` of the open OpenSlide ``slide`` as (size, size, 3) BGR uint8: read at its level,
-    resampled to its size (area averaging down, linear up), then ``transform`` (the colour hook)."""
+    resampled to its size (area averaging down, linear up), then ``transform`` (the colour hook).
+    InputError naming the tile's slide when the tile is not within ``slide`` (OpenSlide would pad
+    what lies outside with transparent pixels: a tile set of another slide, or an edited tiles.csv)."""
     import cv2
 
+    if not 0 <= tile.level < slide.level_count:
+        raise InputError(f"{tile.describe()} is read at level {tile.level}; the slide has levels 0 to "
+                         f"{slide.level_count - 1}", tile.path)
+    width, height = slide.dimensions
+    if tile.outside(width, height):
+        raise InputError(f"{tile.describe()} lies outside the slide's {width}x{height} level-0 pixels", tile.path)
     region = slide.read_region((tile.x, tile.y), tile.level, (tile.read_size, tile.read_size))
     rgba = np.asarray(region)
     if rgba.ndim == 3 and rgba.shape[2] == 4 and rgba[..., 3].min() == 255:

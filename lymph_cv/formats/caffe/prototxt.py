@@ -66,6 +66,19 @@ V1_TYPE_NAMES = {
     _V1.WINDOW_DATA: "WindowData",
     _V1.THRESHOLD: "Threshold",
 }
+#: Every layer type BVLC Caffe registers (REGISTER_LAYER_CLASS / REGISTER_LAYER_CREATOR in
+#: src/caffe/layers/*.cpp and layer_factory.cpp, master 9b89154); Caffe refuses any other type
+#: ("Unknown layer type").
+CAFFE_LAYER_TYPES = (
+    "AbsVal", "Accuracy", "ArgMax", "BNLL", "BatchNorm", "BatchReindex", "Bias", "Clip", "Concat",
+    "ContrastiveLoss", "Convolution", "Crop", "Data", "Deconvolution", "Dropout", "DummyData", "ELU",
+    "Eltwise", "Embed", "EuclideanLoss", "Exp", "Filter", "Flatten", "HDF5Data", "HDF5Output",
+    "HingeLoss", "Im2col", "ImageData", "InfogainLoss", "InnerProduct", "Input", "LRN", "LSTM",
+    "LSTMUnit", "Log", "MVN", "MemoryData", "MultinomialLogisticLoss", "PReLU", "Parameter", "Pooling",
+    "Power", "Python", "RNN", "ReLU", "Reduction", "Reshape", "SPP", "Scale", "Sigmoid",
+    "SigmoidCrossEntropyLoss", "Silence", "Slice", "Softmax", "SoftmaxWithLoss", "Split", "Swish",
+    "TanH", "Threshold", "Tile", "WindowData",
+)
 #: Legacy ``solver_type`` enum → the ``type`` string current Caffe selects solvers by.
 SOLVER_TYPE_NAMES = {
     caffe_pb2.SolverParameter.SGD: "SGD",
@@ -83,6 +96,8 @@ LEGACY_TRANSFORM_FIELDS = {"scale": "scale", "mean_file": "mean_file", "crop_siz
 _V1_SPECIAL_FIELDS = {"type", "param", "blob_share_mode", "blobs_lr", "weight_decay"}
 
 _LINE_RE = re.compile(r"^(\d+):(\d+)\s*:\s*")
+#: text_format's message for a V1 ``type`` that is not a LayerType value (a name or a number).
+_V1_ENUM_RE = re.compile(r'Enum type "caffe\.V1LayerParameter\.LayerType" has no value (?:named|with number) (\S+?)\.?$')
 
 
 def v1_type_name(value: int) -> str:
@@ -100,8 +115,41 @@ def _parse_text(text: str, message, path: Optional[PathLike], expected: str):
         line, column = exc.GetLine(), exc.GetColumn()
         detail = _LINE_RE.sub("", str(exc))
         where = f"line {line}, column {column}: " if line else ""
+        unknown = _V1_ENUM_RE.search(detail) if isinstance(message, caffe_pb2.NetParameter) else None
+        if unknown:
+            detail = _unknown_v1_type(text, line, column, unknown.group(1))
+            raise FormatError(f"{where}{detail}", path) from exc
         raise FormatError(f"{where}{detail.rstrip('.')}; {expected}", path) from exc
     return message
+
+
+def _unknown_v1_type(text: str, line: int, column: int, token: str) -> str:
+    """What is wrong with V1 layer type ``token`` at ``line``/``column``, naming its layer when a
+    reparse with NONE in its place finds the one layer that has it."""
+    valid = ", ".join(sorted(name for name in _V1.LayerType.keys() if name != "NONE"))
+    lines = text.splitlines(keepends=True)
+    name = None
+    start = column - 1
+    if 0 < line <= len(lines) and lines[line - 1][start:].startswith(token):
+        lines[line - 1] = lines[line - 1][:start] + "NONE" + lines[line - 1][start + len(token):]
+        try:
+            net = text_format.Parse("".join(lines), caffe_pb2.NetParameter())
+        except text_format.ParseError:
+            net = None  # another error further on: the type's layer stays unnamed
+        if net is not None:
+            marked = [layer.name for layer in net.layers if layer.HasField("type") and layer.type == _V1.NONE]
+            name = marked[0] if len(marked) == 1 else None
+    layer = f"layer {name!r}" if name is not None else "a layer"
+    return f"{layer} has type {token}, not a Caffe V1 layer type (valid: {valid})"
+
+
+def check_layer_types(net: caffe_pb2.NetParameter, path: Optional[PathLike] = None) -> None:
+    """FormatError at the first layer of (V2) ``net`` whose type Caffe does not register."""
+    for layer in net.layer:
+        if layer.type not in CAFFE_LAYER_TYPES:
+            what = f"type {layer.type!r}" if layer.type else "no type"
+            raise FormatError(f"layer {layer.name!r} has {what}, not a Caffe layer type "
+                              f"(valid: {', '.join(CAFFE_LAYER_TYPES)})", path)
 
 
 # --------------------------------------------------------------------------- nets
