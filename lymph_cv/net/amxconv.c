@@ -57,7 +57,7 @@ typedef struct {
      * side, so one K tile spans as many kernel rows; 1: none) */
     int chunks, nblocks, rows, im2col, stack;
     int blocks;          /* 16-pixel output blocks */
-    ptrdiff_t *block_a;  /* [blocks]: a block's first A row in the input (or im2col) buffer */
+    ptrdiff_t *block_a;  /* [blocks]: a block's first A row in the input (or im2col) buffer (not AVX2) */
     ptrdiff_t *block_out; /* [blocks][16]: each row's output pixel in the output buffer, or -1 */
     uint16_t *weights;   /* [rows][chunks][nblocks][16 pairs][16][2] */
     float *weights32;    /* float32 programs: [kh][kw×c][nblocks][16] */
@@ -1002,7 +1002,8 @@ static PyObject *program(PyObject *self, PyObject *args) {
     for (int i = 0; i < p->count; i++) {
         Op *op = &p->ops[i];
         if (op->kind != OP_CONV) continue;
-        if (plan_blocks(op, dst_pad_of(p, i)) < 0 || (p->f32 == F32_AVX2 && plan_pixels(op, dst_pad_of(p, i)) < 0)) {
+        /* AVX2's kernels take each output pixel from its own plan, the others 16-pixel blocks */
+        if ((p->f32 == F32_AVX2 ? plan_pixels(op, dst_pad_of(p, i)) : plan_blocks(op, dst_pad_of(p, i))) < 0) {
             PyErr_NoMemory();
             goto fail;
         }
