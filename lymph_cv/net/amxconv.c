@@ -61,7 +61,7 @@ typedef struct {
     ptrdiff_t *block_out; /* [blocks][16]: each row's output pixel in the output buffer, or -1 */
     uint16_t *weights;   /* [rows][chunks][nblocks][16 pairs][16][2] */
     float *weights32;    /* float32 programs: [kh][kw×c][nblocks][16] */
-    ptrdiff_t *pixel_in, *pixel_out; /* AVX2 float32: each output pixel's first input value and its output */
+    ptrdiff_t *pixel_in, *pixel_out; /* AVX2 and AVX512-BF16: each output pixel's first input value and its output */
     float *bias;         /* [nblocks*16], zero past oc */
 } Op;
 
@@ -71,7 +71,8 @@ typedef struct {
     size_t elements[MAX_OPS + 1]; /* blob i's buffer size in bfloat16 values, slack included */
     size_t scratch;               /* im2col buffer size in bfloat16 values */
     int f32;                      /* a float32 program (F32_AVX512 or F32_AVX2, no AMX): blobs hold float32
-                                   * values; 0: bfloat16 on AMX */
+                                   * values; 0: bfloat16 */
+    int dp;                       /* a bfloat16 program on AVX512-BF16 (VDPBF16PS) rather than AMX */
 } Program;
 
 typedef struct {
@@ -86,6 +87,7 @@ static int amx_state = -1; /* -1 unknown, 0 no, 1 yes */
 
 static int avx512_state = -1;
 static int avx2_state = -1;
+static int dpbf16_state = -1;
 
 static void cpuid(unsigned int leaf, unsigned int sub, unsigned int r[4]) {
     __asm__ volatile("cpuid" : "=a"(r[0]), "=b"(r[1]), "=c"(r[2]), "=d"(r[3]) : "a"(leaf), "c"(sub));
@@ -122,6 +124,14 @@ static int probe_amx(void) {
     return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
 }
 
+/* AVX-512 and AVX512_BF16 (VDPBF16PS, VCVTNEPS2BF16): bfloat16 programs without AMX. */
+static int probe_dpbf16(void) {
+    unsigned int r[4];
+    if (!probe_avx512()) return 0;
+    cpuid(7, 1, r);
+    return (r[0] >> 5) & 1;
+}
+
 /* AVX2 and FMA with the OS saving the AVX state: the other float32 kernels. */
 static int probe_avx2(void) {
     unsigned int r[4];
@@ -146,6 +156,11 @@ static int avx512_ready(void) {
 static int amx_ready(void) {
     if (amx_state < 0) amx_state = probe_amx();
     return amx_state;
+}
+
+static int dpbf16_ready(void) {
+    if (dpbf16_state < 0) dpbf16_state = probe_dpbf16();
+    return dpbf16_state;
 }
 
 /* ------------------------------------------------------------------------- bfloat16 */
@@ -371,6 +386,101 @@ AMX_TARGET static void pool_crop(const Op *op, const uint16_t *src, uint16_t *ds
         }
     }
 }
+
+/* ------------------------------------------------------------------------- bfloat16 on AVX512-BF16 */
+/* The same bfloat16 programs where AMX is missing (AMD Zen 4 and later, Intel Cooper Lake): the
+ * blobs, the B tiles and the A rows are AMX's, and VDPBF16PS takes the place of TDPBF16PS: each
+ * output pixel's pair of input values broadcast against a B tile row (16 channels × that pair),
+ * the products exact and summed in float32.  The pixels come from a per-pixel plan, so no lane
+ * computes a dropped pixel (AMX's 16-row tiles do). */
+#define DPBF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+/* The bias, ReLU and rounding of one pixel's 16 output channels from j×16 (as store_block). */
+DPBF16_TARGET static inline void store_dp(const Op *op, int j, __m512 v, uint16_t *to) {
+    const int first = j * TILE_N;
+    const int valid = op->oc - first < TILE_N ? op->oc - first : TILE_N;
+    v = _mm512_add_ps(v, _mm512_loadu_ps(op->bias + first));
+    if (op->relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
+    _mm256_mask_storeu_epi16(to + first, (__mmask16)((1u << valid) - 1u), (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+/* `count` (≤ 8) output pixels × `nb` (1 or 2) channel blocks from j: up to 16 accumulators, each
+ * pair broadcast once against the blocks' B rows.  Inlined per literal count and nb. */
+DPBF16_TARGET static inline __attribute__((always_inline)) void conv_group_dp(const Op *op, const uint16_t *src,
+                                                                              const ptrdiff_t *in, const ptrdiff_t *out,
+                                                                              int j, const int nb, const int count,
+                                                                              uint16_t *dst) {
+    const int wp = op->w + 2 * op->in_pad;
+    const size_t row_step = op->im2col ? 0 : (size_t)op->stack * wp * op->c * op->stack;
+    const size_t b_tile = (size_t)TILE_K * TILE_N, q_step = (size_t)op->nblocks * b_tile;
+    /* the pairs a kernel row holds: the rest of its last K tile has zero weights */
+    const int values = op->im2col ? op->kh * op->kw * op->c : op->kw * op->stack * op->c;
+    const int pairs = (values + 1) / 2;
+    __m512 acc[2][8];
+#pragma GCC unroll 8
+    for (int m = 0; m < count; m++) acc[0][m] = acc[1][m] = _mm512_setzero_ps();
+    for (int ky = 0; ky < op->rows; ky++) {
+        const uint16_t *w = op->weights + ((size_t)ky * op->chunks * op->nblocks + j) * b_tile;
+        const size_t shift = (size_t)ky * row_step;
+        for (int k = 0; k < pairs; k++) {
+            const uint16_t *b = w + (size_t)(k / (TILE_K / 2)) * q_step + (size_t)(k % (TILE_K / 2)) * 2 * TILE_N;
+            const __m512bh w0 = (__m512bh)_mm512_loadu_si512(b);
+            const __m512bh w1 = nb > 1 ? (__m512bh)_mm512_loadu_si512(b + b_tile) : w0;
+#pragma GCC unroll 8
+            for (int m = 0; m < count; m++) {
+                int32_t pair;
+                memcpy(&pair, src + in[m] + shift + 2 * (size_t)k, sizeof pair);
+                const __m512bh v = (__m512bh)_mm512_set1_epi32(pair);
+                acc[0][m] = _mm512_dpbf16_ps(acc[0][m], w0, v);
+                if (nb > 1) acc[1][m] = _mm512_dpbf16_ps(acc[1][m], w1, v);
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < count; m++) {
+        store_dp(op, j, acc[0][m], dst + out[m]);
+        if (nb > 1) store_dp(op, j + 1, acc[1][m], dst + out[m]);
+    }
+}
+
+#define DP_GROUP(nb, count) conv_group_dp(op, input, in + m, out + m, j, nb, count, dst)
+#define DP_TAIL(nb)                                                                                          \
+    switch (pixels - m) {                                                                                    \
+    case 7: DP_GROUP(nb, 7); break;                                                                          \
+    case 6: DP_GROUP(nb, 6); break;                                                                          \
+    case 5: DP_GROUP(nb, 5); break;                                                                          \
+    case 4: DP_GROUP(nb, 4); break;                                                                          \
+    case 3: DP_GROUP(nb, 3); break;                                                                          \
+    case 2: DP_GROUP(nb, 2); break;                                                                          \
+    case 1: DP_GROUP(nb, 1); break;                                                                          \
+    default: break;                                                                                          \
+    }
+
+AMX_TARGET static void fill_im2col(const Op *op, const uint16_t *src, uint16_t *buffer);
+
+/* Every output pixel in groups of eight, the channel blocks in pairs (the last alone when odd). */
+DPBF16_TARGET static void conv_crop_dp(const Op *op, const uint16_t *src, uint16_t *dst, uint16_t *scratch) {
+    const uint16_t *input = src;
+    if (op->im2col) {
+        fill_im2col(op, src, scratch);
+        input = scratch;
+    }
+    const ptrdiff_t *in = op->pixel_in, *out = op->pixel_out;
+    const int pixels = op->oh * op->ow;
+    int j = 0;
+    for (; j + 1 < op->nblocks; j += 2) {
+        int m = 0;
+        for (; m + 8 <= pixels; m += 8) DP_GROUP(2, 8);
+        DP_TAIL(2)
+    }
+    if (j < op->nblocks) {
+        int m = 0;
+        for (; m + 8 <= pixels; m += 8) DP_GROUP(1, 8);
+        DP_TAIL(1)
+    }
+}
+#undef DP_TAIL
+#undef DP_GROUP
 
 /* ------------------------------------------------------------------------- running */
 /* Zeroed memory on a cache line: with C a multiple of 32, every A tile row then starts a line
@@ -721,14 +831,16 @@ AMX_TARGET static void *run_job(void *arg) {
             return NULL;
         }
     }
-    TileConfig config;
-    memset(&config, 0, sizeof config);
-    config.palette = 1;
-    for (int t = 0; t < 8; t++) {
-        config.colsb[t] = 64;
-        config.rows[t] = 16;
+    if (!p->dp) {
+        TileConfig config;
+        memset(&config, 0, sizeof config);
+        config.palette = 1;
+        for (int t = 0; t < 8; t++) {
+            config.colsb[t] = 64;
+            config.rows[t] = 16;
+        }
+        _tile_loadconfig(&config);
     }
-    _tile_loadconfig(&config);
     const Op *first = &p->ops[0], *last = &p->ops[p->count - 1];
     const int in_pad = first->kind == OP_CONV ? first->in_pad : 0;
     const int in_wp = first->w + 2 * in_pad;
@@ -748,7 +860,9 @@ AMX_TARGET static void *run_job(void *arg) {
 #ifdef AMX_PROFILE
             unsigned long long t0 = __rdtsc();
 #endif
-            if (op->kind == OP_CONV)
+            if (op->kind == OP_CONV && p->dp)
+                conv_crop_dp(op, blobs[i], blobs[i + 1], scratch);
+            else if (op->kind == OP_CONV)
                 conv_crop(op, blobs[i], blobs[i + 1], scratch);
             else
                 pool_crop(op, blobs[i], blobs[i + 1], dst_pad_of(p, i));
@@ -760,7 +874,7 @@ AMX_TARGET static void *run_job(void *arg) {
         const uint16_t *top = blobs[p->count];
         for (size_t k = 0; k < out_crop; k++) out[k] = bf16_value(top[k]);
     }
-    _tile_release();
+    if (!p->dp) _tile_release();
     for (int i = 0; i <= p->count; i++) free(blobs[i]);
     free(row);
     free(scratch);
@@ -874,16 +988,18 @@ static int plan_blocks(Op *op, int dst_pad) {
     return 0;
 }
 
-/* Where each output pixel of a float32 convolution reads (its first input value) and writes. */
+/* Where each output pixel of a convolution reads (its first input value: in the blob, its stacked
+ * rows or its im2col row) and writes, for the kernels that take pixels one by one. */
 static int plan_pixels(Op *op, int dst_pad) {
-    const int wp = op->w + 2 * op->in_pad, dst_wp = op->ow + 2 * dst_pad;
+    const int wp = op->w + 2 * op->in_pad, dst_wp = op->ow + 2 * dst_pad, c = op->c * op->stack;
     const size_t pixels = (size_t)op->oh * op->ow;
     op->pixel_in = malloc(pixels * sizeof(ptrdiff_t));
     op->pixel_out = malloc(pixels * sizeof(ptrdiff_t));
     if (op->pixel_in == NULL || op->pixel_out == NULL) return -1;
     for (int oy = 0, k = 0; oy < op->oh; oy++)
         for (int ox = 0; ox < op->ow; ox++, k++) {
-            op->pixel_in[k] = ((ptrdiff_t)oy * op->sh * wp + (ptrdiff_t)ox * op->sw) * op->c;
+            op->pixel_in[k] = op->im2col ? (ptrdiff_t)k * op->im2col
+                                         : ((ptrdiff_t)oy * op->sh * wp + (ptrdiff_t)ox * op->sw) * c;
             op->pixel_out[k] = ((ptrdiff_t)(oy + dst_pad) * dst_wp + dst_pad + ox) * op->oc;
         }
     return 0;
@@ -907,12 +1023,14 @@ static int item_int(PyObject *seq, Py_ssize_t index, int *out) {
  * weights/bias: float32 buffers (convolutions) or None. */
 static PyObject *program(PyObject *self, PyObject *args) {
     PyObject *ops;
-    int f32 = 0, avx2 = 0;
-    if (!PyArg_ParseTuple(args, "O|pp", &ops, &f32, &avx2)) return NULL;
-    if (f32 ? !(avx2_ready() || (!avx2 && avx512_ready())) : !amx_ready()) {
-        PyErr_SetString(PyExc_RuntimeError, !f32 ? "program: this CPU or kernel offers no AMX bfloat16"
-                                                 : avx2 ? "program: this CPU offers no AVX2 with FMA"
-                                                        : "program: this CPU offers neither AVX-512 nor AVX2 with FMA");
+    int f32 = 0, fallback = 0;
+    if (!PyArg_ParseTuple(args, "O|pp", &ops, &f32, &fallback)) return NULL;
+    if (f32 ? !(avx2_ready() || (!fallback && avx512_ready())) : !(dpbf16_ready() || (!fallback && amx_ready()))) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        f32 ? (fallback ? "program: this CPU offers no AVX2 with FMA"
+                                        : "program: this CPU offers neither AVX-512 nor AVX2 with FMA")
+                            : (fallback ? "program: this CPU offers no AVX512-BF16"
+                                        : "program: this CPU or kernel offers neither AMX nor AVX512-BF16 bfloat16"));
         return NULL;
     }
     Py_ssize_t count = PySequence_Length(ops);
@@ -922,7 +1040,8 @@ static PyObject *program(PyObject *self, PyObject *args) {
     }
     Program *p = calloc(1, sizeof(Program));
     if (p == NULL) return PyErr_NoMemory();
-    p->f32 = !f32 ? 0 : !avx2 && avx512_ready() ? F32_AVX512 : F32_AVX2;
+    p->f32 = !f32 ? 0 : !fallback && avx512_ready() ? F32_AVX512 : F32_AVX2;
+    p->dp = !f32 && (fallback || !amx_ready());
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *spec = PySequence_GetItem(ops, i);
         if (spec == NULL) goto fail;
@@ -1002,12 +1121,14 @@ static PyObject *program(PyObject *self, PyObject *args) {
     for (int i = 0; i < p->count; i++) {
         Op *op = &p->ops[i];
         if (op->kind != OP_CONV) continue;
-        /* AVX2's kernels take each output pixel from its own plan, the others 16-pixel blocks */
-        if ((p->f32 == F32_AVX2 ? plan_pixels(op, dst_pad_of(p, i)) : plan_blocks(op, dst_pad_of(p, i))) < 0) {
+        /* AVX2's and AVX512-BF16's kernels take each output pixel from its own plan, the others
+         * 16-pixel blocks */
+        const int by_pixel = p->f32 == F32_AVX2 || p->dp;
+        if ((by_pixel ? plan_pixels(op, dst_pad_of(p, i)) : plan_blocks(op, dst_pad_of(p, i))) < 0) {
             PyErr_NoMemory();
             goto fail;
         }
-        const size_t rows = (size_t)op->blocks * TILE_M * op->im2col + TILE_K;
+        const size_t rows = (by_pixel ? (size_t)op->oh * op->ow : (size_t)op->blocks * TILE_M) * op->im2col + TILE_K;
         if (op->im2col && rows > p->scratch) p->scratch = rows;
     }
     for (int i = 0; i <= p->count; i++) {
@@ -1078,7 +1199,13 @@ done:
     return result;
 }
 
-static PyObject *available(PyObject *self, PyObject *unused) { return PyBool_FromLong(amx_ready()); }
+static PyObject *available(PyObject *self, PyObject *unused) { return PyBool_FromLong(amx_ready() || dpbf16_ready()); }
+
+static PyObject *bf16_kernels(PyObject *self, PyObject *unused) {
+    return PyUnicode_FromString(amx_ready() ? "amx" : dpbf16_ready() ? "avx512_bf16" : "");
+}
+
+static PyObject *available_dpbf16(PyObject *self, PyObject *unused) { return PyBool_FromLong(dpbf16_ready()); }
 
 static PyObject *available_f32(PyObject *self, PyObject *unused) {
     return PyBool_FromLong(avx512_ready() || avx2_ready());
@@ -1107,12 +1234,15 @@ static PyObject *round_bf16(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"available", available, METH_NOARGS, "available() -> bool: AMX bfloat16 on this CPU, granted by the kernel."},
+    {"available", available, METH_NOARGS,
+     "available() -> bool: bfloat16 programs run here (AMX granted by the kernel, or AVX512-BF16)."},
+    {"available_dpbf16", available_dpbf16, METH_NOARGS, "available_dpbf16() -> bool: AVX512-BF16 (the bfloat16 fallback)."},
+    {"bf16_kernels", bf16_kernels, METH_NOARGS, "bf16_kernels() -> str: what bfloat16 programs run on: amx, avx512_bf16 or ''."},
     {"available_f32", available_f32, METH_NOARGS, "available_f32() -> bool: AVX-512 or AVX2 + FMA for float32 programs."},
     {"f32_kernels", f32_kernels, METH_NOARGS, "f32_kernels() -> str: what float32 programs run on: avx512, avx2 or ''."},
     {"program", program, METH_VARARGS,
-     "program(ops, f32=False, avx2=False) -> capsule (f32: float32 on AVX-512, or AVX2 where it lacks\n"
-     "AVX-512 or avx2 is set; else bfloat16 on AMX): ops (kind, relu, c, h, w, in_pad, oc, oh, ow, kh, kw, sh, sw, ph, pw, weights, bias);\n"
+     "program(ops, f32=False, fallback=False) -> capsule (f32: float32 on AVX-512, or AVX2 where it lacks\n"
+     "AVX-512 or fallback is set; else bfloat16 on AMX, or AVX512-BF16 where it lacks AMX or fallback is set): ops (kind, relu, c, h, w, in_pad, oc, oh, ow, kh, kw, sh, sw, ph, pw, weights, bias);\n"
      "kind 0 convolution (weights float32 oc×c×kh×kw, bias float32 oc or None), 1 MAX, 2 AVE pooling."},
     {"run", run, METH_VARARGS,
      "run(program, src, n, dst, threads): n float32 crops (c×h×w) through the program into dst (float32 h×w×c)."},
