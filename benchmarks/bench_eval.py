@@ -163,9 +163,11 @@ def _host() -> str:
     names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
              if line.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
     module = amxforward.native_module()
-    kernels = module.f32_kernels() if module is not None else "not built"
+    f32 = module.f32_kernels() if module is not None else "not built"
+    bf16 = module.bf16_kernels() if module is not None else "not built"
     return (f"{names[0] if names else 'unknown CPU'} x{os.cpu_count()}; native engine: "
-            f"{', '.join(amxforward.available_precisions()) or 'none'} (float32 kernels: {kernels or 'none'})")
+            f"{', '.join(amxforward.available_precisions()) or 'none'} (bfloat16 kernels: {bf16 or 'none'}, "
+            f"float32 kernels: {f32 or 'none'})")
 
 
 def _import_torch_alone(repeats: int) -> tuple[float, float]:

@@ -58,27 +58,34 @@ def _pool_ref(x, kind, k, s, p, relu):
     return np.maximum(out, 0) if relu else out
 
 
-def _run(ops, x, f32=False, avx2=False):
+def _run(ops, x, f32=False, fallback=False):
     last = ops[-1]
     out = np.empty((x.shape[0], last[7], last[8], last[6]), np.float32)
-    amxconv.run(amxconv.program(ops, f32, avx2), np.ascontiguousarray(x, np.float32), x.shape[0], out, 2)
+    amxconv.run(amxconv.program(ops, f32, fallback), np.ascontiguousarray(x, np.float32), x.shape[0], out, 2)
     return out.transpose(0, 3, 1, 2)
 
 
 #: Where the CPU has AVX-512, the float32 tests run its kernels and, forced, the AVX2 ones.
 F32_KERNELS = [False, True]
+#: Where it has AMX, the bfloat16 tests run its kernels and, forced, the AVX512-BF16 ones.
+BF16_KERNELS = [False, True]
 
 
-def _have(f32=False) -> bool:
-    return amxconv is not None and bool(amxconv.available_f32() if f32 else amxconv.available())
+def _have(f32=False, fallback=False) -> bool:
+    if amxconv is None:
+        return False
+    if f32:
+        return bool(amxconv.available_f32())
+    return bool(amxconv.available_dpbf16() if fallback else amxconv.available())
 
 
-def _assert_refused(ops, f32):
+def _assert_refused(ops, f32, fallback=False):
     """Where the CPU (or the build) lacks it, a program is refused, not run wrong."""
-    assert not (amxforward.available_float32() if f32 else amxforward.available())
+    if f32 or not fallback:
+        assert not (amxforward.available_float32() if f32 else amxforward.available())
     if amxconv is not None:
-        with pytest.raises(RuntimeError, match="AVX" if f32 else "AMX"):
-            amxconv.program(ops, f32)
+        with pytest.raises(RuntimeError, match="AVX" if f32 or fallback else "AMX"):
+            amxconv.program(ops, f32, fallback)
 
 
 # (c, h, w, pad, oc, kernel, stride, relu): a first layer's stacked input rows (short kernel rows),
@@ -90,29 +97,31 @@ CONVS = [(3, 32, 32, 2, 32, 5, 1, 0), (3, 9, 40, 1, 20, 3, 1, 1), (32, 16, 16, 2
          (8, 7, 16, 1, 32, 3, 1, 1)]
 
 
+@pytest.mark.parametrize("fallback", BF16_KERNELS)
 @pytest.mark.parametrize("c,h,w,pad,oc,k,stride,relu", CONVS)
-def test_a_bfloat16_convolution_rounds_as_its_emulation(c, h, w, pad, oc, k, stride, relu):
+def test_a_bfloat16_convolution_rounds_as_its_emulation(c, h, w, pad, oc, k, stride, relu, fallback):
     rng = np.random.default_rng(c * 100 + oc)
     x = rng.normal(0, 30, (5, c, h, w)).astype(np.float32)
     weights = rng.normal(0, 0.2, (oc, c, k, k)).astype(np.float32)
     bias = rng.normal(0, 1, oc).astype(np.float32)
     oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
     op = (0, relu, c, h, w, pad, oc, oh, ow, k, k, stride, stride, 0, 0, weights, bias)
-    if not _have():
-        _assert_refused([op], False)
+    if not _have(fallback=fallback):
+        _assert_refused([op], False, fallback)
         return
-    ours = _run([op], x)
+    ours = _run([op], x, fallback=fallback)
     # bfloat16 inputs and weights, exact products, the sum in float64 then rounded to bfloat16
     exact = _conv_ref(_bf16(x), _bf16(weights), bias, pad, stride, relu)
     expected = _bf16(exact.astype(np.float32))
     scale = _conv_ref(np.abs(_bf16(x)), np.abs(_bf16(weights)), np.zeros(oc), pad, stride, False)
-    # AMX sums in float32 in its own order: at most one bfloat16 step from the emulation
+    # AMX and VDPBF16PS sum in float32 in their own order: at most one bfloat16 step from the emulation
     assert np.all(np.abs(ours - expected) <= np.abs(expected) * 2.0 ** -7 + scale * 1e-6)
     assert np.mean(ours == expected) > 0.97
     assert not relu or ours.min() >= 0
 
 
-def test_a_later_convolution_with_short_kernel_rows_takes_im2col():
+@pytest.mark.parametrize("fallback", BF16_KERNELS)
+def test_a_later_convolution_with_short_kernel_rows_takes_im2col(fallback):
     """After a pooling (so not the first layer, whose input is stacked instead): 3 channels, 5×5."""
     rng = np.random.default_rng(7)
     x = _bf16(rng.normal(0, 30, (4, 3, 20, 21)).astype(np.float32))
@@ -120,10 +129,10 @@ def test_a_later_convolution_with_short_kernel_rows_takes_im2col():
     bias = rng.normal(0, 1, 24).astype(np.float32)
     pool = (1, 0, 3, 20, 21, 0, 3, 10, 11, 2, 2, 2, 2, 0, 0, None, None)  # exact: a maximum of bfloat16s
     conv = (0, 1, 3, 10, 11, 2, 24, 10, 11, 5, 5, 1, 1, 0, 0, weights, bias)
-    if not _have():
-        _assert_refused([pool, conv], False)
+    if not _have(fallback=fallback):
+        _assert_refused([pool, conv], False, fallback)
         return
-    ours = _run([pool, conv], x)
+    ours = _run([pool, conv], x, fallback=fallback)
     pooled = _pool_ref(x, 1, 2, 2, 0, False).astype(np.float32)
     expected = _bf16(_conv_ref(pooled, _bf16(weights), bias, 2, 1, True).astype(np.float32))
     scale = _conv_ref(np.abs(pooled), np.abs(_bf16(weights)), np.zeros(24), 2, 1, False)
@@ -142,7 +151,7 @@ def test_a_float32_convolution_is_float32s(c, h, w, pad, oc, k, stride, relu, av
     if not _have(f32=True):
         _assert_refused([op], True)
         return
-    ours = _run([op], x, f32=True, avx2=avx2)
+    ours = _run([op], x, f32=True, fallback=avx2)
     exact = _conv_ref(x, weights, bias, pad, stride, relu)
     scale = _conv_ref(np.abs(x), np.abs(weights), np.zeros(oc), pad, stride, False)
     assert np.all(np.abs(ours - exact) <= scale * 2e-6 + 1e-6)
@@ -163,7 +172,7 @@ def test_the_float32_kernels_give_the_same_bits():
         _assert_refused(ops, True)
         return
     assert amxconv.f32_kernels() in ("avx512", "avx2")
-    assert np.array_equal(_run(ops, x, f32=True), _run(ops, x, f32=True, avx2=True))
+    assert np.array_equal(_run(ops, x, f32=True), _run(ops, x, f32=True, fallback=True))
 
 
 # (c, h, w, kind, kernel, stride, pad, relu): MAX with ReLU (int16), MAX alone, AVE with and without pad
@@ -171,17 +180,17 @@ POOLS = [(32, 32, 32, 1, 3, 2, 0, 1), (21, 9, 11, 1, 3, 2, 1, 0), (32, 16, 16, 2
          (40, 7, 7, 2, 3, 2, 1, 1), (70, 5, 6, 1, 2, 2, 0, 0)]
 
 
-@pytest.mark.parametrize("f32,avx2", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("f32,fallback", [(False, False), (False, True), (True, False), (True, True)])
 @pytest.mark.parametrize("c,h,w,kind,k,s,p,relu", POOLS)
-def test_poolings_are_caffes(c, h, w, kind, k, s, p, relu, f32, avx2):
+def test_poolings_are_caffes(c, h, w, kind, k, s, p, relu, f32, fallback):
     x = np.random.default_rng(c + h).normal(0, 5, (4, c, h, w)).astype(np.float32)
     x = x if f32 else _bf16(x)
     oh, ow = pooled_size(h, k, s, p), pooled_size(w, k, s, p)
     op = (kind, relu, c, h, w, 0, c, oh, ow, k, k, s, s, p, p, None, None)
-    if not _have(f32):
-        _assert_refused([op], f32)
+    if not _have(f32, fallback):
+        _assert_refused([op], f32, fallback)
         return
-    ours = _run([op], x, f32, avx2)
+    ours = _run([op], x, f32, fallback)
     exact = _pool_ref(x, kind, k, s, p, relu)
     if kind == 1:  # a maximum is one of the values: exact
         assert np.array_equal(ours, exact.astype(np.float32))
@@ -233,6 +242,10 @@ def test_native_nets_agree_with_float32(name):
         low = forward.forward(x, blobs=(top,), precision="bfloat16")
         assert np.abs(low[top] - exact[top]).max() <= 0.03 * np.abs(exact[top]).max()
         assert np.abs(low["prob"] - exact["prob"]).max() <= 0.05
+        if _have(fallback=True):  # the AVX512-BF16 kernels, on the whole prefix (also where AMX runs it)
+            ops, _, _ = prefix_ops(plain)
+            forced = _run(ops, x, fallback=True)
+            assert np.abs(forced - exact[top]).max() <= 0.03 * np.abs(exact[top]).max()
     else:  # float32 alone, and the default
         assert forward.precisions == ("float32",)
         assert np.array_equal(forward.predict(x), high["prob"].reshape(len(x), -1))

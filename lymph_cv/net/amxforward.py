@@ -1,10 +1,10 @@
-"""A plain deploy net's forward pass with its convolution prefix native: bfloat16 on Intel AMX, or
-float32 on AVX-512 or AVX2 + FMA; no torch.
+"""A plain deploy net's forward pass with its convolution prefix native: bfloat16 on Intel AMX or
+AVX512-BF16 (AMD Zen 4 and later), or float32 on AVX-512 or AVX2 + FMA; no torch.
 
 :class:`AMXForward` runs the leading run of Convolution, Pooling (MAX, AVE) and plain ReLU layers of
 a :class:`lymph_cv.net.plain.PlainNet` in :mod:`lymph_cv.net.amxconv` (``make native``), one crop
 at a time per thread with every blob in L2, and the rest of the net (InnerProduct, Softmax, …) in
-float32 through :meth:`PlainNet.forward`.  bfloat16 (AMX only) is lymph_cv.net.bf16's arithmetic
+float32 through :meth:`PlainNet.forward`.  bfloat16 (AMX, or VDPBF16PS on the same tiles) is lymph_cv.net.bf16's arithmetic
 (oneDNN's): crops, weights and blobs bfloat16, products accumulated in float32, the bias added in
 float32.  So its results differ from float32 by bfloat16's 8-bit significand, and
 lymph_cv.stages.evaluate rechecks close windows in float32 as it does for the torch bfloat16 path.
@@ -44,8 +44,8 @@ def native_module():
 
 
 def available() -> bool:
-    """Whether this process can run :class:`AMXForward`: the extension is built and enabled, the
-    CPU has AMX-BF16 and AVX512-BF16, and the kernel grants the tile state."""
+    """Whether :class:`AMXForward` can run bfloat16 here: the extension is built and enabled, and the
+    CPU has AMX-BF16 (with the kernel granting the tile state) or AVX512-BF16."""
     module = native_module()
     return module is not None and bool(module.available())
 
@@ -54,6 +54,12 @@ def available_float32() -> bool:
     """Whether :class:`AMXForward` can run float32 here (the extension, AVX-512 F/BW/VL or AVX2 + FMA)."""
     module = native_module()
     return module is not None and bool(module.available_f32())
+
+
+def bf16_kernels() -> str:
+    """What bfloat16 programs run on here: ``amx``, ``avx512_bf16`` or ``""`` (none)."""
+    module = native_module()
+    return module.bf16_kernels() if module is not None else ""
 
 
 def available_precisions() -> Tuple[str, ...]:
@@ -117,7 +123,7 @@ class AMXForward:
         self.net = net
         self._ops, self.end, self.top = prefix_ops(net)
         self._module = module
-        #: What :meth:`forward` computes in: bfloat16 where AMX is, float32 everywhere it runs.
+        #: What :meth:`forward` computes in: bfloat16 where AMX or AVX512-BF16 is, float32 everywhere it runs.
         self.precisions = available_precisions()
         self._programs = {"bfloat16": module.program(self._ops)} if "bfloat16" in self.precisions else {}
         self.threads = threads or usable_cores()

@@ -70,7 +70,8 @@ RAW_SCALE = 255.0
 #: Channel swap RGB → BGR (the order of Caffe's Datum and mean files).
 CHANNEL_SWAP = (2, 1, 0)
 #: The forward pass's arithmetic: float32 is Caffe's; bfloat16 runs the convolutions and poolings in
-#: bfloat16 (lymph_cv.net.bf16: AMX on recent Intel CPUs) and rechecks close windows in float32.
+#: bfloat16 (lymph_cv.net.bf16 and the native engine: AMX on recent Intel CPUs, AVX512-BF16 on AMD
+#: Zen 4 and later) and rechecks close windows in float32.
 PRECISIONS = ("float32", "bfloat16")
 #: With bfloat16, a window whose decision margin (top-1 minus top-2 of its crops' mean probabilities,
 #: what decides its vote) is below BF16_MARGIN_BOUND is predicted again in float32 and takes those
@@ -301,7 +302,7 @@ def read_parent_list(path: PathLike, images: PathLike, classes: Sequence[str], s
 
 # ----------------------------------------------------------------------------- the net
 #: WindowClassifier backends: torch's CaffeNet (lymph_cv.net.build), or the torch-free pair of the
-#: native engine (lymph_cv.net.amxforward: bfloat16 on AMX, float32 on AVX-512 or AVX2) and the numpy
+#: native engine (lymph_cv.net.amxforward: bfloat16 on AMX or AVX512-BF16, float32 on AVX-512 or AVX2) and the numpy
 #: float32 forward (lymph_cv.net.plain).
 BACKENDS = ("torch", "native")
 #: What WindowClassifier(backend=...) takes: ``auto`` picks native where it runs, else torch.
@@ -311,7 +312,7 @@ BACKEND_CHOICES = ("auto", "torch")
 def native_engine(device: str, precision: str):
     """lymph_cv.net.amxforward when a classifier on ``device`` in ``precision`` may run without torch:
     the CPU (decided without importing torch) and the native engine running ``precision`` here
-    (bfloat16: AMX; float32: AVX-512 or AVX2 + FMA); else None (the torch backend)."""
+    (bfloat16: AMX or AVX512-BF16; float32: AVX-512 or AVX2 + FMA); else None (the torch backend)."""
     if precision not in PRECISIONS or not resolves_to_cpu(device, CONCRETE_DEVICES):
         return None
     from lymph_cv.net import amxforward  # it imports its optional extension itself
