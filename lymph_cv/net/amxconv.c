@@ -1,5 +1,5 @@
 /* lymph_cv.net.amxconv: a deploy net's leading Convolution / Pooling / ReLU layers in bfloat16 on
- * Intel AMX, one crop at a time, with no torch.
+ * Intel AMX (or AVX512-BF16 where AMX is missing), or in float32, one crop at a time, with no torch.
  *
  * program(ops) compiles a list of layer descriptions (lymph_cv.net.amxforward builds them) into a
  * capsule; run(program, src, n, dst, threads) pushes n float32 C×H×W crops through it and writes
@@ -57,11 +57,11 @@ typedef struct {
      * side, so one K tile spans as many kernel rows; 1: none) */
     int chunks, nblocks, rows, im2col, stack;
     int blocks;          /* 16-pixel output blocks */
-    ptrdiff_t *block_a;  /* [blocks]: a block's first A row in the input (or im2col) buffer (not AVX2) */
+    ptrdiff_t *block_a;  /* [blocks]: a block's first A row in the input (or im2col) buffer (AMX) */
     ptrdiff_t *block_out; /* [blocks][16]: each row's output pixel in the output buffer, or -1 */
     uint16_t *weights;   /* [rows][chunks][nblocks][16 pairs][16][2] */
     float *weights32;    /* float32 programs: [kh][kw×c][nblocks][16] */
-    ptrdiff_t *pixel_in, *pixel_out; /* AVX2 and AVX512-BF16: each output pixel's first input value and its output */
+    ptrdiff_t *pixel_in, *pixel_out; /* the vector kernels: each output pixel's first input value and its output */
     float *bias;         /* [nblocks*16], zero past oc */
 } Op;
 
@@ -528,60 +528,75 @@ AVX512_TARGET static inline void store_f32(const Op *op, int j, __m512 v, float 
     _mm512_mask_storeu_ps(to + first, (__mmask16)((1u << valid) - 1u), v);
 }
 
-/* A float32 convolution with the same 16-pixel blocks: each kernel row's kw×C input values
- * broadcast against the weights' output channels, 16 accumulators: 16 pixels × 16 channels, or,
- * with channel blocks in pairs, 8 pixels × 32 channels (a broadcast then feeds two FMAs). */
-AVX512_TARGET static void conv_crop_f32(const Op *op, const float *src, float *dst) {
-    const int wp = op->w + 2 * op->in_pad, c = op->c, span = op->kw * c;
-    const size_t step = (size_t)op->sw * c, row_step = (size_t)wp * c;
-    const size_t w_step = (size_t)op->nblocks * TILE_N;
-    const __m512 zero = _mm512_setzero_ps();
-    for (int b = 0; b < op->blocks; b++) {
-        const float *a = src + op->block_a[b];
-        const ptrdiff_t *rows = op->block_out + (size_t)b * TILE_M;
-        int j = 0;
-        for (; j + 1 < op->nblocks; j += 2)
-            for (int half = 0; half < TILE_M; half += 8) {
-                __m512 lo[8], hi[8];
+/* `count` (≤ 8) output pixels × `nb` (1 or 2) channel blocks from j in float32: up to 16
+ * accumulators, each input value broadcast once against the blocks' weights.  The pixels come from
+ * the per-pixel plan (as AVX2's), and every output is the same FMA chain as there: the same bits.
+ * Inlined per literal count and nb. */
+AVX512_TARGET static inline __attribute__((always_inline)) void conv_group_f32(const Op *op, const float *src,
+                                                                               const ptrdiff_t *in, const ptrdiff_t *out,
+                                                                               int j, const int nb, const int count,
+                                                                               float *dst) {
+    const int wp = op->w + 2 * op->in_pad, span = op->kw * op->c;
+    const size_t row_step = (size_t)wp * op->c, w_step = (size_t)op->nblocks * TILE_N;
+    __m512 acc[2][8];
+    const float *x[8];
 #pragma GCC unroll 8
-                for (int m = 0; m < 8; m++) lo[m] = hi[m] = zero;
-                for (int ky = 0; ky < op->kh; ky++) {
-                    const float *x = a + (size_t)ky * row_step + half * step;
-                    const float *w = op->weights32 + ((size_t)ky * span * op->nblocks + j) * TILE_N;
-                    for (int k = 0; k < span; k++, w += w_step) {
-                        const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + TILE_N);
+    for (int m = 0; m < count; m++) {
+        acc[0][m] = acc[1][m] = _mm512_setzero_ps();
+        x[m] = src + in[m];
+    }
+    for (int ky = 0; ky < op->kh; ky++) {
+        const float *w = op->weights32 + ((size_t)ky * span * op->nblocks + j) * TILE_N;
+        for (int k = 0; k < span; k++, w += w_step) {
+            const __m512 w0 = _mm512_loadu_ps(w), w1 = nb > 1 ? _mm512_loadu_ps(w + TILE_N) : w0;
 #pragma GCC unroll 8
-                        for (int m = 0; m < 8; m++) {
-                            const __m512 v = _mm512_set1_ps(x[m * step + k]);
-                            lo[m] = _mm512_fmadd_ps(v, w0, lo[m]);
-                            hi[m] = _mm512_fmadd_ps(v, w1, hi[m]);
-                        }
-                    }
-                }
-                for (int m = 0; m < 8; m++) {
-                    if (rows[half + m] < 0) continue;
-                    store_f32(op, j, lo[m], dst + rows[half + m]);
-                    store_f32(op, j + 1, hi[m], dst + rows[half + m]);
-                }
+            for (int m = 0; m < count; m++) {
+                const __m512 v = _mm512_set1_ps(x[m][k]);
+                acc[0][m] = _mm512_fmadd_ps(v, w0, acc[0][m]);
+                if (nb > 1) acc[1][m] = _mm512_fmadd_ps(v, w1, acc[1][m]);
             }
-        for (; j < op->nblocks; j++) {
-            __m512 acc[TILE_M];
-#pragma GCC unroll 16
-            for (int m = 0; m < TILE_M; m++) acc[m] = zero;
-            for (int ky = 0; ky < op->kh; ky++) {
-                const float *x = a + (size_t)ky * row_step;
-                const float *w = op->weights32 + ((size_t)ky * span * op->nblocks + j) * TILE_N;
-                for (int k = 0; k < span; k++, w += w_step) {
-                    const __m512 wv = _mm512_loadu_ps(w);
-#pragma GCC unroll 16
-                    for (int m = 0; m < TILE_M; m++) acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(x[m * step + k]), wv, acc[m]);
-                }
-            }
-            for (int m = 0; m < TILE_M; m++)
-                if (rows[m] >= 0) store_f32(op, j, acc[m], dst + rows[m]);
         }
+#pragma GCC unroll 8
+        for (int m = 0; m < count; m++) x[m] += row_step;
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < count; m++) {
+        store_f32(op, j, acc[0][m], dst + out[m]);
+        if (nb > 1) store_f32(op, j + 1, acc[1][m], dst + out[m]);
     }
 }
+
+#define F32_GROUP(nb, count) conv_group_f32(op, src, in + m, out + m, j, nb, count, dst)
+#define F32_TAIL(nb)                                                                                         \
+    switch (pixels - m) {                                                                                    \
+    case 7: F32_GROUP(nb, 7); break;                                                                         \
+    case 6: F32_GROUP(nb, 6); break;                                                                         \
+    case 5: F32_GROUP(nb, 5); break;                                                                         \
+    case 4: F32_GROUP(nb, 4); break;                                                                         \
+    case 3: F32_GROUP(nb, 3); break;                                                                         \
+    case 2: F32_GROUP(nb, 2); break;                                                                         \
+    case 1: F32_GROUP(nb, 1); break;                                                                         \
+    default: break;                                                                                          \
+    }
+
+/* Every output pixel in groups of eight, the channel blocks in pairs (the last alone when odd). */
+AVX512_TARGET static void conv_crop_f32(const Op *op, const float *src, float *dst) {
+    const ptrdiff_t *in = op->pixel_in, *out = op->pixel_out;
+    const int pixels = op->oh * op->ow;
+    int j = 0;
+    for (; j + 1 < op->nblocks; j += 2) {
+        int m = 0;
+        for (; m + 8 <= pixels; m += 8) F32_GROUP(2, 8);
+        F32_TAIL(2)
+    }
+    if (j < op->nblocks) {
+        int m = 0;
+        for (; m + 8 <= pixels; m += 8) F32_GROUP(1, 8);
+        F32_TAIL(1)
+    }
+}
+#undef F32_TAIL
+#undef F32_GROUP
 
 AVX512_TARGET static void pool_crop_f32(const Op *op, const float *src, float *dst, int dst_pad) {
     const int c = op->c, dst_wp = op->ow + 2 * dst_pad;
@@ -1121,9 +1136,8 @@ static PyObject *program(PyObject *self, PyObject *args) {
     for (int i = 0; i < p->count; i++) {
         Op *op = &p->ops[i];
         if (op->kind != OP_CONV) continue;
-        /* AVX2's and AVX512-BF16's kernels take each output pixel from its own plan, the others
-         * 16-pixel blocks */
-        const int by_pixel = p->f32 == F32_AVX2 || p->dp;
+        /* AMX takes 16-pixel blocks, the vector kernels each output pixel from its own plan */
+        const int by_pixel = p->f32 || p->dp;
         if ((by_pixel ? plan_pixels(op, dst_pad_of(p, i)) : plan_blocks(op, dst_pad_of(p, i))) < 0) {
             PyErr_NoMemory();
             goto fail;
