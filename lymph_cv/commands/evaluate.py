@@ -56,7 +56,7 @@ def _aggregate(ctx, param, value: str):
               help=f"Crops per forward call [default: {', '.join(f'{k} {v}' for k, v in DEFAULT_BATCH_SIZES.items())}].")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="float32", show_default=True,
               help="Forward arithmetic: float32 is Caffe's; bfloat16 runs the convolutions and poolings in bfloat16 "
-                   "(fast on CPUs with AMX, slow on others) and predicts again in float32 every window whose vote it "
+                   "(fast on CPUs with AMX or AVX512-BF16; others run float32 instead) and predicts again in float32 every window whose vote it "
                    "could change, so the votes stay float32's (probabilities differ slightly).")
 @click.option("--heatmaps", is_flag=True, help="Also write a PNG overlay per image (eval/fold_K/heatmaps/).")
 @click.option("--legacy-layout", is_flag=True, help="Print the matrix as the tutorial did: rows predicted, columns actual.")
