@@ -492,13 +492,27 @@ static void *zeroed_lines(size_t count, size_t size) {
     return memory;
 }
 
+/* Crops a thread takes at a time: the threads share the batch through one counter, so a thread
+ * that loses its core for a while (the caller's crop-cutting thread, another process) leaves the
+ * others the rest instead of being waited for. */
+#define CHUNK_CROPS 8
+
 typedef struct {
     const Program *program;
     const float *src;
     float *dst;
-    Py_ssize_t first, last;
+    Py_ssize_t n;
+    Py_ssize_t *next; /* the batch's next crop not yet taken, shared */
     int failed;
 } Job;
+
+/* The next chunk [*first, *last) of the job's batch; 0 when none is left. */
+static int take_chunk(Job *job, Py_ssize_t *first, Py_ssize_t *last) {
+    *first = __atomic_fetch_add(job->next, CHUNK_CROPS, __ATOMIC_RELAXED);
+    if (*first >= job->n) return 0;
+    *last = *first + CHUNK_CROPS < job->n ? *first + CHUNK_CROPS : job->n;
+    return 1;
+}
 
 #ifdef AMX_PROFILE
 /* -DAMX_PROFILE: TSC cycles per layer (and the input's conversion, last), printed at exit. */
@@ -818,7 +832,8 @@ static void *run_job_f32(Job *job) {
             return NULL;
         }
     }
-    run_crops_f32(p, job->src, job->dst, job->first, job->last, blobs);
+    Py_ssize_t first, last;
+    while (take_chunk(job, &first, &last)) run_crops_f32(p, job->src, job->dst, first, last, blobs);
     for (int i = 0; i <= p->count; i++) free(blobs[i]);
     return NULL;
 }
@@ -861,33 +876,36 @@ AMX_TARGET static void *run_job(void *arg) {
     const int in_wp = first->w + 2 * in_pad;
     const size_t crop = (size_t)first->c * first->h * first->w;
     const size_t out_crop = (size_t)last->oc * last->oh * last->ow;
-    for (Py_ssize_t b = job->first; b < job->last; b++) {
-        const float *image = job->src + (size_t)b * crop;
+    Py_ssize_t b, end;
+    while (take_chunk(job, &b, &end)) {
+        for (; b < end; b++) {
+            const float *image = job->src + (size_t)b * crop;
 #ifdef AMX_PROFILE
-        unsigned long long t_input = __rdtsc();
+            unsigned long long t_input = __rdtsc();
 #endif
-        to_input(image, first, blobs[0], in_pad, in_wp, row);
+            to_input(image, first, blobs[0], in_pad, in_wp, row);
 #ifdef AMX_PROFILE
-        __atomic_fetch_add(&profile_cycles[MAX_OPS - 1], __rdtsc() - t_input, __ATOMIC_RELAXED);
+            __atomic_fetch_add(&profile_cycles[MAX_OPS - 1], __rdtsc() - t_input, __ATOMIC_RELAXED);
 #endif
-        for (int i = 0; i < p->count; i++) {
-            const Op *op = &p->ops[i];
+            for (int i = 0; i < p->count; i++) {
+                const Op *op = &p->ops[i];
 #ifdef AMX_PROFILE
-            unsigned long long t0 = __rdtsc();
+                unsigned long long t0 = __rdtsc();
 #endif
-            if (op->kind == OP_CONV && p->dp)
-                conv_crop_dp(op, blobs[i], blobs[i + 1], scratch);
-            else if (op->kind == OP_CONV)
-                conv_crop(op, blobs[i], blobs[i + 1], scratch);
-            else
-                pool_crop(op, blobs[i], blobs[i + 1], dst_pad_of(p, i));
+                if (op->kind == OP_CONV && p->dp)
+                    conv_crop_dp(op, blobs[i], blobs[i + 1], scratch);
+                else if (op->kind == OP_CONV)
+                    conv_crop(op, blobs[i], blobs[i + 1], scratch);
+                else
+                    pool_crop(op, blobs[i], blobs[i + 1], dst_pad_of(p, i));
 #ifdef AMX_PROFILE
-            __atomic_fetch_add(&profile_cycles[i], __rdtsc() - t0, __ATOMIC_RELAXED);
+                __atomic_fetch_add(&profile_cycles[i], __rdtsc() - t0, __ATOMIC_RELAXED);
 #endif
+            }
+            float *out = job->dst + (size_t)b * out_crop;
+            const uint16_t *top = blobs[p->count];
+            for (size_t k = 0; k < out_crop; k++) out[k] = bf16_value(top[k]);
         }
-        float *out = job->dst + (size_t)b * out_crop;
-        const uint16_t *top = blobs[p->count];
-        for (size_t k = 0; k < out_crop; k++) out[k] = bf16_value(top[k]);
     }
     if (!p->dp) _tile_release();
     for (int i = 0; i <= p->count; i++) free(blobs[i]);
@@ -1185,20 +1203,17 @@ static PyObject *run(PyObject *self, PyObject *args) {
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > n) threads = n > 0 ? (int)n : 1;
     Job jobs[MAX_THREADS];
+    Py_ssize_t next = 0;
     pthread_t ids[MAX_THREADS];
     int running[MAX_THREADS] = {0};
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS
     for (int t = 0; t < threads; t++)
-        jobs[t] = (Job){p, src.buf, dst.buf, n * t / threads, n * (t + 1) / threads, 0};
+        jobs[t] = (Job){p, src.buf, dst.buf, n, &next, 0};
     for (int t = 1; t < threads; t++) running[t] = pthread_create(&ids[t], NULL, run_job, &jobs[t]) == 0;
-    run_job(&jobs[0]);
-    for (int t = 1; t < threads; t++) {
-        if (running[t])
-            pthread_join(ids[t], NULL);
-        else
-            run_job(&jobs[t]); /* no thread: this one does that share too */
-    }
+    run_job(&jobs[0]); /* it takes chunks until none is left, so a thread not started loses nothing */
+    for (int t = 1; t < threads; t++)
+        if (running[t]) pthread_join(ids[t], NULL);
     for (int t = 0; t < threads; t++) failed |= jobs[t].failed;
     Py_END_ALLOW_THREADS
     if (failed) {
