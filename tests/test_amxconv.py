@@ -175,6 +175,29 @@ def test_the_float32_kernels_give_the_same_bits():
     assert np.array_equal(_run(ops, x, f32=True), _run(ops, x, f32=True, fallback=True))
 
 
+@pytest.mark.parametrize("f32", [False, True])
+def test_the_thread_count_changes_no_bits(f32):
+    """Threads take a batch's crops a chunk at a time from one counter: any count, any remainder,
+    the same output for every crop."""
+    rng = np.random.default_rng(11)
+    x = rng.normal(0, 30, (37, 3, 12, 12)).astype(np.float32)
+    w1, b1 = rng.normal(0, 0.2, (16, 3, 5, 5)).astype(np.float32), rng.normal(0, 1, 16).astype(np.float32)
+    ops = [(0, 1, 3, 12, 12, 2, 16, 12, 12, 5, 5, 1, 1, 0, 0, w1, b1),
+           (1, 0, 16, 12, 12, 0, 16, 6, 6, 3, 3, 2, 2, 0, 0, None, None)]
+    if not _have(f32):
+        _assert_refused(ops, f32)
+        return
+    program = amxconv.program(ops, f32)
+    outs = []
+    for threads in (1, 2, 3, 8):
+        out = np.full((len(x), 6, 6, 16), np.nan, np.float32)
+        amxconv.run(program, x, len(x), out, threads)
+        outs.append(out)
+    assert not np.isnan(outs[0]).any()
+    for out in outs[1:]:
+        assert np.array_equal(out, outs[0])
+
+
 # (c, h, w, kind, kernel, stride, pad, relu): MAX with ReLU (int16), MAX alone, AVE with and without pad
 POOLS = [(32, 32, 32, 1, 3, 2, 0, 1), (21, 9, 11, 1, 3, 2, 1, 0), (32, 16, 16, 2, 3, 2, 0, 0),
          (40, 7, 7, 2, 3, 2, 1, 1), (70, 5, 6, 1, 2, 2, 0, 0)]
