@@ -217,12 +217,18 @@ class Collective:
 
         self._call(what, lambda: dist.barrier())
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
+        """Leave the run.  ``clean`` (every rank got to its end): the ranks first wait for each other,
+        so none tears its connections down while another still works (gloo then aborted a rank at
+        exit, now and then: "terminate called without an active exception"); after an error no
+        rank waits for the others, which may be gone."""
         if self.group is None:
             return
         import torch.distributed as dist
 
         try:
+            if clean:
+                self.barrier("the end of the run")
             dist.destroy_process_group()
         finally:
             self.group = None

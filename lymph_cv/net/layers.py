@@ -518,6 +518,29 @@ def _broadcast(blob: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
     return blob.reshape((1,) * axis + tuple(blob.shape) + (1,) * (ndim - axis - blob.dim()))
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """A tensor summed over the ranks of the default process group, and its gradient likewise
+    (every rank's loss depends on every rank's tensor).  Unlike torch.distributed.nn's all_reduce it
+    keeps no process group in the graph: a group a live graph held past destroy_process_group was
+    torn down at interpreter exit and now and then aborted a rank there."""
+
+    @staticmethod
+    def forward(ctx, x):
+        import torch.distributed as dist
+
+        out = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad)
+        return grad
+
+
 @register("BatchNorm")
 class BatchNormLayer(Layer):
     """Caffe's BatchNorm: normalisation only (no affine), three statistics blobs, never learned.
@@ -562,18 +585,17 @@ class BatchNormLayer(Layer):
 
     def _synced_batch_norm(self, x):
         """Batch statistics over every rank's batch (two passes, as torch's own: the mean first)."""
-        import torch.distributed.nn.functional as dist_fn
-
         dims = [0] + list(range(2, x.dim()))
         count = torch.tensor([x.numel() // x.shape[1]], dtype=x.dtype, device=x.device)
-        sums = dist_fn.all_reduce(torch.cat([x.sum(dims), count]))
+        sums = _SumOverRanks.apply(torch.cat([x.sum(dims), count]))
         total = sums[-1]
         mean = sums[:-1] / total
         view = (1, -1) + (1,) * (x.dim() - 2)
         centred = x - mean.reshape(view)
-        var = dist_fn.all_reduce((centred * centred).sum(dims)) / total
+        var = _SumOverRanks.apply((centred * centred).sum(dims)) / total
         y = centred / torch.sqrt(var.reshape(view) + self.eps)
-        correction = float(total) / (float(total) - 1.0) if float(total) > 1 else 1.0
+        n = float(total.detach())
+        correction = n / (n - 1.0) if n > 1 else 1.0
         return y, mean, var * correction
 
     def global_stats(self) -> Tuple[torch.Tensor, torch.Tensor]:

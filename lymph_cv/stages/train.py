@@ -643,7 +643,7 @@ class Trainer:
         with contextlib.ExitStack() as stack:
             if quiet is not None:
                 stack.enter_context(quiet)
-            stack.callback(self.collective.close)
+            stack.push(lambda kind, error, trace: self.collective.close(clean=kind is None))
             return self._solve_logged(log_path, resumed, progress, quiet, sigint_effect, sighup_effect)
 
     def _solve_logged(self, log_path, resumed, progress, stream, sigint_effect, sighup_effect) -> TrainResult:
