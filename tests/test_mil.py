@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -186,15 +187,40 @@ def test_run_mil_attention_on_image_bags(tmp_path, runner, cli):
     assert jobs.exit_code == 2 and "MIL splits train in this process" in jobs.stderr
 
 
-def test_mil_train_stopped_by_sigterm_saves_and_exits_143(tmp_path, runner, cli):
+def test_mil_train_stopped_by_sigterm_saves_exits_143_and_a_rerun_goes_on_to_the_same_weights(tmp_path, runner, cli):
     data, work = tmp_path / "data", tmp_path / "work"
     for args in (["synth", "--layout", "bags", str(data), "--patients", "4", "--cells", "3-4", "--cell-size", "24"],
                  ["bags", "make", str(data), str(work)], ["bags", "split", str(work), "--k", "2"]):
         assert runner.invoke(cli, args).exit_code == 0, args
-    env = {**os.environ, FAULT_ENV: "term@mil:batch#1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run([sys.executable, "-m", "lymph_cv", "mil", "train", str(work), "--crop", "24", "--epochs",
-                           "3", "--bags-per-batch", "1"], env=env, capture_output=True, text=True, timeout=300)
+    whole = tmp_path / "whole"
+    shutil.copytree(work, whole)
+    train = ["--crop", "24", "--epochs", "3", "--bags-per-batch", "1"]
+    assert runner.invoke(cli, ["mil", "train", str(whole), *train]).exit_code == 0
+    # 2 training bags a split, so 2 batches an epoch: the 3rd batch is epoch 2's first
+    env = {**os.environ, FAULT_ENV: "term@mil:batch#3", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-m", "lymph_cv", "mil", "train", str(work), *train], env=env,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 143, done.stderr
-    assert "stopped by SIGTERM after epoch 1 of 3" in done.stderr and "Traceback" not in done.stderr
-    record = json.loads((work / "mil" / "attention" / "1" / "mil.json").read_text())
-    assert record["complete"] is False and len(record["history"]) == 1
+    assert "stopped by SIGTERM in epoch 2 of 3 (after batch 1 of 2)" in done.stderr and "Traceback" not in done.stderr
+    folder = work / "mil" / "attention" / "1"
+    record = json.loads((folder / "mil.json").read_text())
+    assert record["complete"] is False and len(record["history"]) == 1 and (folder / "resume.solverstate").is_file()
+    assert record["resume"]["epoch"] == 1 and record["resume"]["next_batch"] == 1
+    # a resume record that does not fit: one line naming the file, and nothing trained over it
+    broken = {**record, "resume": {k: v for k, v in record["resume"].items() if k != "generator"}}
+    (folder / "mil.json").write_text(json.dumps(broken))
+    refused = runner.invoke(cli, ["mil", "train", str(work), *train])
+    assert refused.exit_code == 2 and "mil.json" in refused.stderr and "resume record" in refused.stderr
+    assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    (folder / "mil.json").write_text(json.dumps(record))
+    again = runner.invoke(cli, ["mil", "train", str(work), *train])
+    assert again.exit_code == 0, again.stderr
+    # went on, not again from the start: the stopped run's first epoch is kept as it was timed
+    assert json.loads((folder / "mil.json").read_text())["history"][0] == record["history"][0]
+    for split in ("1", "2"):
+        ours, theirs = work / "mil" / "attention" / split, whole / "mil" / "attention" / split
+        for name in ("encoder.caffemodel", "mil_head.caffemodel"):
+            assert (ours / name).read_bytes() == (theirs / name).read_bytes(), (split, name)
+        ours_record, theirs_record = (json.loads((f / "mil.json").read_text()) for f in (ours, theirs))
+        assert ours_record["complete"] and "resume" not in ours_record
+        assert [h["loss"] for h in ours_record["history"]] == [h["loss"] for h in theirs_record["history"]]

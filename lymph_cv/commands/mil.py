@@ -57,7 +57,7 @@ def mil() -> None:
 @click.option("--folds", callback=folds_option, default=None, help="Splits to train, e.g. 1-5 or 1,3 (default: all).")
 @click.option("--name", default=None, help="Output folder WORKDIR/mil/NAME (default: the method, +FUSION).")
 @click.option("--device", type=DEVICE, default="cpu", show_default=True)
-@click.option("--redo", is_flag=True, help="Retrain splits that are already done.")
+@click.option("--redo", is_flag=True, help="Retrain splits that are already done, and stopped ones from their start.")
 def train(workdir: Path, method: str, arch: str, crop: int, epochs: int, bags_per_batch: int, grad_instances: int,
           lr: float, weight_decay: float, k_train: str, k_agg: str, attention_dim: int, fusion: Optional[str],
           frozen: bool, weights: Optional[Path], seed: int, folds, name: Optional[str], device: str, redo: bool) -> None:

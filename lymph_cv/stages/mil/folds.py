@@ -3,7 +3,8 @@
 ``WORKDIR/mil/NAME/K/``, and the pooled figures in ``WORKDIR/mil/NAME/mil_metrics.json``.
 
 A split is done when its ``mil.json`` is complete, was trained with the same configuration and its
-metrics exist; reruns keep done splits (``redo`` retrains them)."""
+metrics exist; reruns keep done splits (``redo`` retrains them) and go on with a stopped one from
+where it stopped."""
 from __future__ import annotations
 
 import logging
@@ -18,8 +19,8 @@ from lymph_cv.stages.bag_folds import bags_of_split, read_bag_splits
 from lymph_cv.stages.bags import BagSet, read_bags
 from lymph_cv.stages.mil.data import bag_data
 from lymph_cv.stages.mil.evaluate import METRICS_JSON, evaluate_bags, pooled_metrics
-from lymph_cv.stages.mil.train import (CONFIG_JSON, MIL_RECORD, MILConfig, load_model, save_model, stop_error,
-                                       train_mil)
+from lymph_cv.stages.mil.train import (CONFIG_JSON, MIL_RECORD, MILConfig, load_model, resumable, save_model,
+                                       stop_error, train_mil)
 from lymph_cv.workdir.records import read_cache, read_record
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,11 @@ def train_folds(workdir: PathLike, config: MILConfig, *, name: Optional[str] = N
             continue
         train, test = bags_of_split(bag_set, split)
         train_data = bag_data(bag_set, train, config.crop, clinical)
+        resume = folder if not redo and resumable(folder, config) else None
+        if resume is not None:
+            log.info("split %d: going on from where it stopped (%s)", split.index, folder)
         trained = train_mil(train_data, bag_set.classes, config, bag_set.clinical_columns if clinical else None,
-                            weights, device)
+                            weights, device, resume=resume)
         save_model(trained, folder)
         if trained.stopped is not None:
             raise stop_error(trained, folder)

@@ -5,6 +5,12 @@ architecture's deploy net ``deploy.prototxt``, which ``lymph-cv evaluate`` and p
 ``mean.binaryproto``), ``mil_head.caffemodel`` (head, clinical MLP, fusion layer: see
 :mod:`lymph_cv.net.mil.storage`) and ``mil.json`` (the resolved configuration, classes, clinical
 attribute names, seed and the training history).
+
+A training stopped by SIGINT/SIGTERM saves the model so far with ``complete: false``, where it stopped
+(``mil.json``'s ``resume``: epoch, next batch, the epoch's bag order, its losses so far, the random
+generators' states) and Adam's moments (``resume.solverstate``, a Caffe SolverState: exp_avg,
+exp_avg_sq per parameter).  A rerun with the same configuration goes on from there, and ends with
+the weights an uninterrupted training gives.
 """
 from __future__ import annotations
 
@@ -24,7 +30,8 @@ from lymph_cv.core.fsutil import atomic_write_bytes, atomic_write_json, atomic_w
 from lymph_cv.errors import ConfigError, FormatError, Interrupted, signal_name
 from lymph_cv.formats.caffe import caffe_pb2
 from lymph_cv.formats.caffe.blob import array_to_blob, read_mean
-from lymph_cv.formats.caffe.model import read_caffemodel, write_caffemodel
+from lymph_cv.formats.caffe.model import (history_arrays, read_caffemodel, read_solverstate, set_history,
+                                          write_caffemodel, write_solverstate)
 from lymph_cv.formats.caffe.prototxt import parse_net_text
 from lymph_cv.net.archs import get_arch
 from lymph_cv.net.build import build_net
@@ -45,6 +52,8 @@ ENCODER_DEPLOY = "deploy.prototxt"
 ENCODER_MEAN = "mean.binaryproto"
 HEAD_MODEL = "mil_head.caffemodel"
 CONFIG_JSON = "mil.json"
+#: Adam's moments at a stop (only while ``mil.json`` says ``complete: false``).
+RESUME_STATE = "resume.solverstate"
 MODEL_FILES = (ENCODER_MODEL, ENCODER_DEPLOY, ENCODER_MEAN, HEAD_MODEL, CONFIG_JSON)
 MIL_RECORD = RecordSpec(CONFIG_JSON, "the MIL model record", "not a mil.json written by `lymph-cv mil train`",
                         fields={"config": dict, "classes": list, "history": list})
@@ -130,6 +139,28 @@ class MILConfig:
 
 
 @dataclass
+class Progress:
+    """Where a stopped training is: enough to go on exactly as if it had not stopped."""
+
+    epoch: int  #: the epoch to go on with (0-based)
+    next_batch: int  #: the position in ``order`` of its next batch's first bag
+    order: List[int]  #: its bag order ([] when it has not started)
+    losses: List[float]  #: its batches' losses so far
+    instances: int
+    seconds: float
+    generator: bytes  #: the bag order, flip and subset generator's state
+    torch_rng: bytes  #: torch's global generator (dropout)
+    steps: dict  #: parameter index → Adam's step count
+    moments: List[np.ndarray]  #: exp_avg, exp_avg_sq of each parameter in ``steps`` (ascending index)
+
+    def to_json(self) -> dict:
+        return {"epoch": self.epoch, "next_batch": self.next_batch, "order": self.order, "losses": self.losses,
+                "instances": self.instances, "seconds": round(self.seconds, 3), "generator": self.generator.hex(),
+                "torch_rng": self.torch_rng.hex(), "steps": {str(k): v for k, v in self.steps.items()},
+                "state": RESUME_STATE}
+
+
+@dataclass
 class MILTrained:
     """A trained (or loaded) model with what describes it."""
 
@@ -141,6 +172,8 @@ class MILTrained:
     net_param: caffe_pb2.NetParameter
     history: List[dict] = field(default_factory=list)
     stopped: Optional[int] = None
+    #: where a stopped training is (None once complete)
+    progress: Optional[Progress] = None
 
 
 def _seed(seed: int, stream: int) -> int:
@@ -191,17 +224,53 @@ def _trainable(model: MILModel, frozen: bool) -> List[torch.nn.Parameter]:
     return [p for p in params if p.requires_grad] + others
 
 
+def _progress(optimiser: torch.optim.Optimizer, generator: torch.Generator, epoch: int, next_batch: int,
+              order: List[int], losses: List[float], instances: int, seconds: float) -> Progress:
+    state = optimiser.state_dict()["state"]
+    steps, moments = {}, []
+    for index in sorted(state):
+        entry = state[index]
+        steps[int(index)] = int(float(entry["step"]))
+        moments += [entry["exp_avg"].detach().cpu().numpy().astype(np.float32),
+                    entry["exp_avg_sq"].detach().cpu().numpy().astype(np.float32)]
+    return Progress(epoch, next_batch, list(order), list(losses), instances, seconds,
+                    bytes(generator.get_state().numpy()), bytes(torch.get_rng_state().numpy()), steps, moments)
+
+
+def _restore(progress: Progress, optimiser: torch.optim.Optimizer, generator: torch.Generator,
+             params: Sequence[torch.nn.Parameter]) -> None:
+    saved = optimiser.state_dict()
+    state = {}
+    for n, index in enumerate(sorted(progress.steps)):
+        device = params[index].device
+        state[index] = {"step": torch.tensor(float(progress.steps[index])),
+                        "exp_avg": torch.from_numpy(progress.moments[2 * n]).reshape(params[index].shape).to(device),
+                        "exp_avg_sq": torch.from_numpy(progress.moments[2 * n + 1]).reshape(params[index].shape).to(device)}
+    saved["state"] = state
+    optimiser.load_state_dict(saved)
+    generator.set_state(torch.frombuffer(bytearray(progress.generator), dtype=torch.uint8))
+    torch.set_rng_state(torch.frombuffer(bytearray(progress.torch_rng), dtype=torch.uint8))
+
+
 def train_mil(bags: Sequence[BagData], classes: Sequence[str], config: MILConfig,
               clinical_names: Optional[Sequence[str]] = None, weights: Optional[PathLike] = None,
-              device: str = "cpu") -> MILTrained:
-    """Train on ``bags``; ``weights`` initialises the encoder from a caffemodel (by layer name).
+              device: str = "cpu", resume: Optional[PathLike] = None) -> MILTrained:
+    """Train on ``bags``; ``weights`` initialises the encoder from a caffemodel (by layer name);
+    ``resume``: the folder of a stopped training of the same configuration (:func:`resumable`),
+    whose model and progress it goes on from.
 
-    SIGINT/SIGTERM stop after the current batch: the result has ``stopped`` set to the signal."""
+    SIGINT/SIGTERM stop after the current batch: the result has ``stopped`` and ``progress`` set."""
     if not bags:
         raise ConfigError("no training bags")
     n_clinical = len(bags[0].clinical) if bags[0].clinical is not None else None
     model, net_param = build_model(config, len(classes), n_clinical)
-    if weights is not None:
+    progress, history = None, []
+    if resume is not None:
+        folder = Path(resume)
+        model.encoder.load_weights(read_caffemodel(folder / ENCODER_MODEL), folder / ENCODER_MODEL)
+        load_modules(folder / HEAD_MODEL, model.stored_modules())
+        progress, history = read_progress(folder)
+    elif weights is not None:
         model.encoder.load_weights(read_caffemodel(weights), weights)
     mean = image_mean(bags)
     if model.clinical is not None:
@@ -223,15 +292,24 @@ def train_mil(bags: Sequence[BagData], classes: Sequence[str], config: MILConfig
     params = _trainable(model, config.frozen)
     optimiser = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(_seed(config.seed, STREAM_ORDER))
-    history: List[dict] = []
-    stopped = None
+    if progress is not None:
+        _restore(progress, optimiser, generator, params)
+        log.info("resuming at epoch %d of %d, batch %d", progress.epoch + 1, config.epochs,
+                 progress.next_batch // config.bags_per_batch + 1)
+    stopped = stop_at = None
     with signal_actions() as pending:
-        for epoch in range(config.epochs):
+        for epoch in range(progress.epoch if progress else 0, config.epochs):
+            if progress is not None and progress.order:  # the stopped epoch, from its next batch
+                order, start, losses, instances, carried = (progress.order, progress.next_batch,
+                                                            list(progress.losses), progress.instances, progress.seconds)
+            else:
+                order = torch.randperm(len(bags), generator=generator).tolist()
+                start, losses, instances, carried = 0, [], 0, 0.0
+            progress = None
             started = time.perf_counter()
-            order = torch.randperm(len(bags), generator=generator).tolist()
-            losses, instances = [], 0
             model.train()
-            for first in range(0, len(order), config.bags_per_batch):
+            next_batch = len(order)
+            for first in range(start, len(order), config.bags_per_batch):
                 chosen = order[first:first + config.bags_per_batch]
                 if cached is not None:
                     per_bag = [cached[i] for i in chosen]
@@ -256,17 +334,52 @@ def train_mil(bags: Sequence[BagData], classes: Sequence[str], config: MILConfig
                 instances += int(mask.sum())
                 faults.event(BATCH_EVENT)
                 if ACTION_STOP in pending:
+                    next_batch = first + config.bags_per_batch
                     break
-            seconds = time.perf_counter() - started
+            seconds = carried + time.perf_counter() - started
+            if next_batch < len(order):  # stopped inside the epoch
+                stopped = pending.signals[0] if pending.signals else 2
+                stop_at = _progress(optimiser, generator, epoch, next_batch, order, losses, instances, seconds)
+                break
             history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": round(seconds, 3),
                             "instances_per_s": round(instances / seconds, 1) if seconds > 0 else None})
             log.info("epoch %d/%d: loss %.4f (%.1f s)", epoch + 1, config.epochs, history[-1]["loss"], seconds)
             if ACTION_STOP in pending:
                 stopped = pending.signals[0] if pending.signals else 2
+                if epoch + 1 < config.epochs:
+                    stop_at = _progress(optimiser, generator, epoch + 1, 0, [], [], 0, 0.0)
                 break
     model.cpu()
     return MILTrained(model, config, list(classes), list(clinical_names) if clinical_names else None, mean,
-                      net_param, history, stopped)
+                      net_param, history, stopped if stop_at is not None else None, stop_at)
+
+
+def resumable(folder: PathLike, config: MILConfig) -> bool:
+    """Whether ``folder`` holds a stopped training of ``config`` that :func:`train_mil` can go on from."""
+    folder = Path(folder)
+    record = read_record(folder / CONFIG_JSON, MIL_RECORD)
+    return bool(record and record.get("complete") is False and record.get("config") == config.to_json()
+                and isinstance(record.get("resume"), dict) and (folder / RESUME_STATE).is_file())
+
+
+def read_progress(folder: PathLike) -> tuple[Progress, List[dict]]:
+    """The progress and history a stopped training saved in ``folder``; FormatError naming the file
+    when they do not fit together."""
+    folder = Path(folder)
+    record = read_record(folder / CONFIG_JSON, MIL_RECORD, required=True, hint="a model of `lymph-cv mil train`")
+    saved = record.get("resume")
+    state_path = folder / RESUME_STATE
+    moments = history_arrays(read_solverstate(state_path))
+    try:
+        steps = {int(k): int(v) for k, v in saved["steps"].items()}
+        progress = Progress(int(saved["epoch"]), int(saved["next_batch"]), [int(i) for i in saved["order"]],
+                            [float(v) for v in saved["losses"]], int(saved["instances"]), float(saved["seconds"]),
+                            bytes.fromhex(saved["generator"]), bytes.fromhex(saved["torch_rng"]), steps, moments)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise FormatError(f"expected a MIL training's resume record ({exc})", folder / CONFIG_JSON) from None
+    if len(moments) != 2 * len(steps):
+        raise FormatError(f"{len(moments)} moment blobs for {len(steps)} parameters", state_path)
+    return progress, list(record.get("history") or [])
 
 
 def save_model(trained: MILTrained, folder: PathLike) -> Path:
@@ -280,10 +393,17 @@ def save_model(trained: MILTrained, folder: PathLike) -> Path:
     blob = array_to_blob(trained.mean[None], legacy=True)
     atomic_write_bytes(folder / ENCODER_MEAN, blob.SerializeToString())
     write_modules(folder / HEAD_MODEL, model.stored_modules())
+    progress = trained.progress
+    if progress is not None:
+        state = caffe_pb2.SolverState(iter=sum(progress.steps.values()) // max(1, len(progress.steps)))
+        set_history(state, progress.moments, legacy=False)
+        write_solverstate(folder / RESUME_STATE, state)
     record = {"config": trained.config.to_json(), "classes": trained.classes, "clinical": trained.clinical_names,
               "classifier": model.classifier, "feature_blob": model.feature_blob, "history": trained.history,
-              "complete": trained.stopped is None, "seed": trained.config.seed,
+              "complete": progress is None, "seed": trained.config.seed,
               "files": {"encoder": ENCODER_MODEL, "deploy": ENCODER_DEPLOY, "mean": ENCODER_MEAN, "head": HEAD_MODEL}}
+    if progress is not None:
+        record["resume"] = progress.to_json()
     atomic_write_json(folder / CONFIG_JSON, record)
     return folder
 
@@ -324,5 +444,12 @@ def inference_model(trained: MILTrained) -> MILModel:
 
 def stop_error(trained: MILTrained, folder: PathLike) -> Interrupted:
     signum = trained.stopped or 2
-    return Interrupted(f"stopped by {signal_name(signum)} after epoch {len(trained.history)} of "
-                       f"{trained.config.epochs}; the model so far is saved (rerun to train again)", folder, signum=signum)
+    progress = trained.progress
+    if progress is not None and progress.order:
+        batches = -(-len(progress.order) // trained.config.bags_per_batch)
+        where = (f"in epoch {progress.epoch + 1} of {trained.config.epochs} (after batch "
+                 f"{progress.next_batch // trained.config.bags_per_batch} of {batches})")
+    else:
+        where = f"after epoch {len(trained.history)} of {trained.config.epochs}"
+    return Interrupted(f"stopped by {signal_name(signum)} {where}; the model so far is saved (rerun to go on from "
+                       "there)", folder, signum=signum)
