@@ -181,21 +181,27 @@ static inline float bf16_value(uint16_t low) {
 
 /* ------------------------------------------------------------------------- layers */
 #define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+/* The AVX512-BF16 and the float32 AVX-512 kernels' (subsets of AMX's: their helpers inline into
+ * every kernel above them). */
+#define DPBF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl")))
 
-/* The bias, ReLU and rounding of one 16-pixel × 16-channel accumulator block into the rows' pixels. */
+/* The bias, ReLU and rounding of one pixel's 16 output channels from j×16 (none past oc).  (As
+ * store_f32 but for the rounding; sharing the bias and mask as helpers made GCC spill the
+ * AVX512-BF16 kernel's weight registers: 2.1 against 1.0 s for an image's crops on one thread.) */
+DPBF16_TARGET static inline void store_bf16(const Op *op, int j, __m512 v, uint16_t *to) {
+    const int first = j * TILE_N;
+    const int valid = op->oc - first < TILE_N ? op->oc - first : TILE_N;
+    v = _mm512_add_ps(v, _mm512_loadu_ps(op->bias + first));
+    if (op->relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
+    _mm256_mask_storeu_epi16(to + first, (__mmask16)((1u << valid) - 1u), (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+/* One 16-pixel × 16-channel accumulator block into the rows' pixels. */
 AMX_TARGET static inline void store_block(const float *acc, const Op *op, int block, const ptrdiff_t *rows,
                                           uint16_t *dst) {
-    const int first = block * TILE_N;
-    const int valid = op->oc - first < TILE_N ? op->oc - first : TILE_N;
-    const __mmask16 mask = (__mmask16)((1u << valid) - 1u);
-    const __m512 bias = _mm512_loadu_ps(op->bias + first);
-    const __m512 zero = _mm512_setzero_ps();
-    for (int r = 0; r < TILE_M; r++) {
-        if (rows[r] < 0) continue;
-        __m512 v = _mm512_add_ps(_mm512_loadu_ps(acc + r * TILE_N), bias);
-        if (op->relu) v = _mm512_max_ps(v, zero);
-        _mm256_mask_storeu_epi16(dst + rows[r] + first, mask, (__m256i)_mm512_cvtneps_pbh(v));
-    }
+    for (int r = 0; r < TILE_M; r++)
+        if (rows[r] >= 0) store_bf16(op, block, _mm512_loadu_ps(acc + r * TILE_N), dst + rows[r]);
 }
 
 /* One group of output pixel blocks × output channel blocks: MB blocks of 16 pixels (A tiles from
@@ -387,22 +393,39 @@ AMX_TARGET static void pool_crop(const Op *op, const uint16_t *src, uint16_t *ds
     }
 }
 
+/* ------------------------------------------------------------------------- per-pixel kernels */
+/* The AVX-512 kernels' walk over a convolution's output: every output pixel of the per-pixel plan
+ * (op->pixel_in, op->pixel_out) in groups of eight, the channel blocks in pairs (the last alone
+ * when odd).  GROUP(nb, count) runs one group at pixel m, channel block j, with literal nb and
+ * count so each shape is inlined. */
+#define PIXEL_GROUPS(GROUP, nb)                                                                             \
+    {                                                                                                       \
+        int m = 0;                                                                                          \
+        for (; m + 8 <= pixels; m += 8) GROUP(nb, 8);                                                       \
+        switch (pixels - m) {                                                                               \
+        case 7: GROUP(nb, 7); break;                                                                        \
+        case 6: GROUP(nb, 6); break;                                                                        \
+        case 5: GROUP(nb, 5); break;                                                                        \
+        case 4: GROUP(nb, 4); break;                                                                        \
+        case 3: GROUP(nb, 3); break;                                                                        \
+        case 2: GROUP(nb, 2); break;                                                                        \
+        case 1: GROUP(nb, 1); break;                                                                        \
+        default: break;                                                                                     \
+        }                                                                                                   \
+    }
+#define EACH_PIXEL_GROUP(GROUP)                                                                             \
+    const ptrdiff_t *in = op->pixel_in, *out = op->pixel_out;                                               \
+    const int pixels = op->oh * op->ow;                                                                     \
+    int j = 0;                                                                                              \
+    for (; j + 1 < op->nblocks; j += 2) PIXEL_GROUPS(GROUP, 2)                                              \
+    if (j < op->nblocks) PIXEL_GROUPS(GROUP, 1)
+
 /* ------------------------------------------------------------------------- bfloat16 on AVX512-BF16 */
 /* The same bfloat16 programs where AMX is missing (AMD Zen 4 and later, Intel Cooper Lake): the
  * blobs, the B tiles and the A rows are AMX's, and VDPBF16PS takes the place of TDPBF16PS: each
  * output pixel's pair of input values broadcast against a B tile row (16 channels × that pair),
  * the products exact and summed in float32.  The pixels come from a per-pixel plan, so no lane
  * computes a dropped pixel (AMX's 16-row tiles do). */
-#define DPBF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-
-/* The bias, ReLU and rounding of one pixel's 16 output channels from j×16 (as store_block). */
-DPBF16_TARGET static inline void store_dp(const Op *op, int j, __m512 v, uint16_t *to) {
-    const int first = j * TILE_N;
-    const int valid = op->oc - first < TILE_N ? op->oc - first : TILE_N;
-    v = _mm512_add_ps(v, _mm512_loadu_ps(op->bias + first));
-    if (op->relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
-    _mm256_mask_storeu_epi16(to + first, (__mmask16)((1u << valid) - 1u), (__m256i)_mm512_cvtneps_pbh(v));
-}
 
 /* `count` (≤ 8) output pixels × `nb` (1 or 2) channel blocks from j: up to 16 accumulators, each
  * pair broadcast once against the blocks' B rows.  Inlined per literal count and nb. */
@@ -438,48 +461,23 @@ DPBF16_TARGET static inline __attribute__((always_inline)) void conv_group_dp(co
     }
 #pragma GCC unroll 8
     for (int m = 0; m < count; m++) {
-        store_dp(op, j, acc[0][m], dst + out[m]);
-        if (nb > 1) store_dp(op, j + 1, acc[1][m], dst + out[m]);
+        store_bf16(op, j, acc[0][m], dst + out[m]);
+        if (nb > 1) store_bf16(op, j + 1, acc[1][m], dst + out[m]);
     }
 }
 
 #define DP_GROUP(nb, count) conv_group_dp(op, input, in + m, out + m, j, nb, count, dst)
-#define DP_TAIL(nb)                                                                                          \
-    switch (pixels - m) {                                                                                    \
-    case 7: DP_GROUP(nb, 7); break;                                                                          \
-    case 6: DP_GROUP(nb, 6); break;                                                                          \
-    case 5: DP_GROUP(nb, 5); break;                                                                          \
-    case 4: DP_GROUP(nb, 4); break;                                                                          \
-    case 3: DP_GROUP(nb, 3); break;                                                                          \
-    case 2: DP_GROUP(nb, 2); break;                                                                          \
-    case 1: DP_GROUP(nb, 1); break;                                                                          \
-    default: break;                                                                                          \
-    }
 
 AMX_TARGET static void fill_im2col(const Op *op, const uint16_t *src, uint16_t *buffer);
 
-/* Every output pixel in groups of eight, the channel blocks in pairs (the last alone when odd). */
 DPBF16_TARGET static void conv_crop_dp(const Op *op, const uint16_t *src, uint16_t *dst, uint16_t *scratch) {
     const uint16_t *input = src;
     if (op->im2col) {
         fill_im2col(op, src, scratch);
         input = scratch;
     }
-    const ptrdiff_t *in = op->pixel_in, *out = op->pixel_out;
-    const int pixels = op->oh * op->ow;
-    int j = 0;
-    for (; j + 1 < op->nblocks; j += 2) {
-        int m = 0;
-        for (; m + 8 <= pixels; m += 8) DP_GROUP(2, 8);
-        DP_TAIL(2)
-    }
-    if (j < op->nblocks) {
-        int m = 0;
-        for (; m + 8 <= pixels; m += 8) DP_GROUP(1, 8);
-        DP_TAIL(1)
-    }
+    EACH_PIXEL_GROUP(DP_GROUP)
 }
-#undef DP_TAIL
 #undef DP_GROUP
 
 /* ------------------------------------------------------------------------- running */
@@ -531,8 +529,6 @@ static int dst_pad_of(const Program *p, int i) {
 }
 
 /* ------------------------------------------------------------------------- float32 */
-#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl")))
-
 /* The bias, ReLU and store of one pixel's 16 output channels from j×16. */
 AVX512_TARGET static inline void store_f32(const Op *op, int j, __m512 v, float *to) {
     const int first = j * TILE_N;
@@ -581,35 +577,10 @@ AVX512_TARGET static inline __attribute__((always_inline)) void conv_group_f32(c
 }
 
 #define F32_GROUP(nb, count) conv_group_f32(op, src, in + m, out + m, j, nb, count, dst)
-#define F32_TAIL(nb)                                                                                         \
-    switch (pixels - m) {                                                                                    \
-    case 7: F32_GROUP(nb, 7); break;                                                                         \
-    case 6: F32_GROUP(nb, 6); break;                                                                         \
-    case 5: F32_GROUP(nb, 5); break;                                                                         \
-    case 4: F32_GROUP(nb, 4); break;                                                                         \
-    case 3: F32_GROUP(nb, 3); break;                                                                         \
-    case 2: F32_GROUP(nb, 2); break;                                                                         \
-    case 1: F32_GROUP(nb, 1); break;                                                                         \
-    default: break;                                                                                          \
-    }
 
-/* Every output pixel in groups of eight, the channel blocks in pairs (the last alone when odd). */
 AVX512_TARGET static void conv_crop_f32(const Op *op, const float *src, float *dst) {
-    const ptrdiff_t *in = op->pixel_in, *out = op->pixel_out;
-    const int pixels = op->oh * op->ow;
-    int j = 0;
-    for (; j + 1 < op->nblocks; j += 2) {
-        int m = 0;
-        for (; m + 8 <= pixels; m += 8) F32_GROUP(2, 8);
-        F32_TAIL(2)
-    }
-    if (j < op->nblocks) {
-        int m = 0;
-        for (; m + 8 <= pixels; m += 8) F32_GROUP(1, 8);
-        F32_TAIL(1)
-    }
+    EACH_PIXEL_GROUP(F32_GROUP)
 }
-#undef F32_TAIL
 #undef F32_GROUP
 
 AVX512_TARGET static void pool_crop_f32(const Op *op, const float *src, float *dst, int dst_pad) {

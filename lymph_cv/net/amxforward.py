@@ -56,12 +56,6 @@ def available_float32() -> bool:
     return module is not None and bool(module.available_f32())
 
 
-def bf16_kernels() -> str:
-    """What bfloat16 programs run on here: ``amx``, ``avx512_bf16`` or ``""`` (none)."""
-    module = native_module()
-    return module.bf16_kernels() if module is not None else ""
-
-
 def available_precisions() -> Tuple[str, ...]:
     """The precisions :class:`AMXForward` runs in this process (of :data:`PRECISIONS`)."""
     return tuple(p for p, ok in (("bfloat16", available()), ("float32", available_float32())) if ok)

@@ -395,7 +395,7 @@ def save_model(trained: MILTrained, folder: PathLike) -> Path:
     write_modules(folder / HEAD_MODEL, model.stored_modules())
     progress = trained.progress
     if progress is not None:
-        state = caffe_pb2.SolverState(iter=sum(progress.steps.values()) // max(1, len(progress.steps)))
+        state = caffe_pb2.SolverState(iter=max(progress.steps.values(), default=0))  # Adam's steps
         set_history(state, progress.moments, legacy=False)
         write_solverstate(folder / RESUME_STATE, state)
     record = {"config": trained.config.to_json(), "classes": trained.classes, "clinical": trained.clinical_names,
